@@ -1,0 +1,197 @@
+"""Hugging Face checkpoints in and out: resolve a hub id or folder, rename its weights onto our model, export back.
+
+transformers is used only to read configs and tokenizers and, for export, to write a ``BertForMaskedLM`` folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .bert import BertForMaskedLM
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Hugging Face key -> our key. Applied in order; a key mapped to None is dropped.
+RENAMES: list[tuple[str, str | None]] = [
+    (r"^bert\.", ""),  # BertForMaskedLM / BertForPreTraining prefix (a bare BertModel has none)
+    (r"\.gamma$", ".weight"),  # old TF-converted checkpoints (bert-base-uncased) name LayerNorm params gamma/beta
+    (r"\.beta$", ".bias"),
+    (r"^embeddings\.position_ids$", None),  # a buffer, not a weight
+    (r"^pooler\..*", None),  # [CLS] pooler: unused by MLM and by our losses
+    (r"^cls\.seq_relationship\..*", None),  # next-sentence head of BertForPreTraining
+    (r"^cls\.predictions\.decoder\.bias$", None),  # same tensor as cls.predictions.bias
+    (r"^cls\.predictions\.decoder\.weight$", None),  # tied to the word embeddings
+]
+
+
+def rename_key(key: str) -> str | None:
+    for pattern, repl in RENAMES:
+        if repl is None:
+            if re.search(pattern, key):
+                return None
+        else:
+            key = re.sub(pattern, repl, key)
+    if not key.startswith("cls."):
+        key = "bert." + key
+    return key
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is, or a hub id downloaded (config, tokenizer, weights) into the HF cache."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FileNotFoundError(f"teacher '{name_or_path}' is a file; expected a folder with config.json and weights")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"teacher folder '{p}' has no config.json")
+        if not any((p / f).is_file() for f in WEIGHT_FILES):
+            raise FileNotFoundError(f"teacher folder '{p}' has no weights: looked for {', '.join(WEIGHT_FILES)}")
+        return p
+    if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").split("/", 1)[-1]:
+        raise FileNotFoundError(f"teacher folder '{name_or_path}' does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        if not any((local / f).is_file() for f in WEIGHT_FILES):
+            local = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"]))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; the message is what matters
+        raise FileNotFoundError(
+            f"could not load teacher '{name_or_path}': not a local folder, and the Hugging Face Hub did not provide it "
+            f"({type(e).__name__}: {e}). Offline? Pass --teacher LOCAL_FOLDER."
+        ) from None
+    if not any((local / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(f"hub model '{name_or_path}' has none of {', '.join(WEIGHT_FILES)}")
+    return local
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All weights of a HF folder: safetensors preferred, sharded or not; .bin read with weights_only=True."""
+    from safetensors.torch import load_file
+
+    def load_one(f: Path) -> dict[str, torch.Tensor]:
+        if f.suffix == ".safetensors":
+            return load_file(str(f))
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return load_one(folder / single)
+        if (folder / index).is_file():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for s in shards:
+                sd.update(load_one(folder / s))
+            return sd
+    raise FileNotFoundError(f"no weights in '{folder}': looked for {', '.join(WEIGHT_FILES)}")
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rename a HF state dict to ours. Returns (state dict, whether it has an MLM head)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        nk = rename_key(k)
+        if nk is not None:
+            out[nk] = v
+    has_head = any(k.startswith("cls.predictions.transform") for k in out)
+    dec = sd.get("cls.predictions.decoder.weight")
+    emb = out.get("bert.embeddings.word_embeddings.weight")
+    if dec is not None and emb is not None and dec.shape == emb.shape and not torch.equal(dec, emb):
+        raise ValueError("this checkpoint's MLM decoder is not tied to the word embeddings, which we require")
+    if has_head and "cls.predictions.bias" not in out:
+        bias = sd.get("cls.predictions.decoder.bias")
+        out["cls.predictions.bias"] = bias if bias is not None else torch.zeros(emb.shape[0])
+    return out, has_head
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def load_teacher(name_or_path: str | os.PathLike = "bert-base-uncased", device: str | torch.device = "cpu"):
+    """Load a HF BERT checkpoint (hub id or folder) into our model. Returns (model in eval mode, tokenizer)."""
+    from transformers import AutoConfig
+
+    folder = resolve_checkpoint(name_or_path)
+    hf_config = AutoConfig.from_pretrained(str(folder))
+    sd, has_head = convert_hf_state_dict(read_state_dict(folder))
+    cfg = ModelConfig.from_hf(hf_config, has_mlm_head=has_head)
+    model = BertForMaskedLM(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint '{name_or_path}' does not match a BERT of its own config: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    if not has_head:
+        log.info("teacher '%s' has no masked-LM head: MLM metrics and losses are unavailable", name_or_path)
+    model.source = str(name_or_path)
+    tok = load_tokenizer(folder)
+    return model.to(device).eval(), tok
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over parameter names and fp32 bytes: identifies a teacher independently of the file format."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def hf_export_problem(cfg: ModelConfig) -> str | None:
+    """Why this model cannot be written as a HF BertForMaskedLM, or None if it can."""
+    if not cfg.has_mlm_head:
+        return "the model has no masked-LM head"
+    shapes = {(s.num_heads, s.head_dim, s.intermediate_size) for s in cfg.layers}
+    if len(shapes) > 1:
+        return f"layers differ in shape (heads, head_dim, ffn): {sorted(shapes)}; HF BertConfig has one shape for all"
+    heads, hd, _ = shapes.pop()
+    if heads * hd != cfg.hidden_size:
+        return f"heads x head_dim = {heads}x{hd} = {heads * hd} != hidden size {cfg.hidden_size}; HF BERT needs equality"
+    return None
+
+
+def export_hf(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``model`` as a HF ``BertForMaskedLM`` folder loadable by ``from_pretrained``."""
+    from transformers import BertConfig
+    from transformers import BertForMaskedLM as HFBertForMaskedLM
+
+    cfg = model.config
+    problem = hf_export_problem(cfg)
+    if problem:
+        raise ValueError(f"cannot export to Hugging Face format: {problem}")
+    spec = cfg.layers[0]
+    hf_cfg = BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=len(cfg.layers),
+        num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
+        hidden_dropout_prob=cfg.hidden_dropout_prob, attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+    )
+    hf = HFBertForMaskedLM(hf_cfg)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+    sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

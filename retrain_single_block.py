@@ -1,0 +1,173 @@
+"""Retrain smaller attention blocks (fewer heads, smaller head_dim) to mimic the teacher's, block by block.
+
+    python retrain_single_block.py --block 6 --criterion MSE
+    python retrain_single_block.py --block 6 --criterion CrossEntropy --loss_on_logits
+    python retrain_single_block.py --block 6 --criterion CrossEntropy --loss_on_scores
+    python retrain_single_block.py --block all --heads 4 --teacher DIR --data-dir DIR --cache-teacher
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from models.compress import compose, compress_attention, head_importance, random_attention
+from models.bert import extended_mask
+from utils import runtime
+from utils.cli import add_training_args, common_parser, positive_float, positive_int
+from utils.distill import BlockDistill, MLMMasker, describe_losses
+from utils.evaluate import compare_models
+from utils.features import TeacherCache, teacher_features
+from utils.losses import OUTPUT_CRITERIA, SCORE_CRITERIA, normalize_criterion
+from utils.session import Session, run_main, start, teacher_layer_count, write_run_file
+from utils.train import Trainer, Unit, make_train_config
+
+log = logging.getLogger("simplifying_transformers")
+
+
+def criterion_arg(s: str) -> str:
+    try:
+        return normalize_criterion(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def block_arg(s: str) -> str:
+    if s == "all" or s.isdigit():
+        return s
+    raise argparse.ArgumentTypeError(f"--block must be a layer index (0, 1, ...) or 'all', got '{s}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
+    add_training_args(p, epochs=5, lr=5e-4)
+    g = p.add_argument_group("block")
+    g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
+    g.add_argument("--block-heads", "--heads", type=positive_int("--block-heads"), default=None,
+                   help="heads of the new block (default: the teacher's)")
+    g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
+                   help="per-head dimension d_k of the new block (default: the teacher's)")
+    g.add_argument("--criterion", type=criterion_arg, default="MSE",
+                   help=f"loss on the block output: {', '.join(OUTPUT_CRITERIA)}; with --loss_on_scores: "
+                        f"{', '.join(SCORE_CRITERIA)}")
+    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm"], default=None,
+                   help="what is compared: block output (default), attention distributions, both, or the masked-LM "
+                        "output through the frozen rest of the teacher (KL)")
+    g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
+    g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention distributions")
+    g.add_argument("--score-criterion", type=criterion_arg, default=None,
+                   help="criterion for attention distributions when both losses are on (default CrossEntropy)")
+    g.add_argument("--init", choices=["teacher", "random"], default="teacher",
+                   help="start from the teacher's block (important heads, SVD for smaller head_dim) or random")
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="for --loss-on mlm")
+    g.add_argument("--cache-teacher", action="store_true",
+                   help="compute the teacher's features once, store them (fp16, memory-mapped) and reuse them")
+    g.add_argument("--cache-dir", default="checkpoints/cache")
+    g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[str], str, str]:
+    if args.loss_on:
+        loss_on = args.loss_on.split("+")
+    else:
+        loss_on = (["output"] if args.loss_on_logits or not args.loss_on_scores else []) + (
+            ["scores"] if args.loss_on_scores else [])
+    score_criterion = args.score_criterion or ("CrossEntropy" if "output" in loss_on or args.criterion == "cosine"
+                                               else args.criterion)
+    if loss_on == ["scores"] and args.criterion not in SCORE_CRITERIA:
+        parser.error(f"--criterion {args.criterion} does not apply to attention distributions; "
+                     f"choose one of {', '.join(SCORE_CRITERIA)}")
+    if "output" in loss_on and args.criterion not in OUTPUT_CRITERIA:
+        parser.error(f"--criterion {args.criterion} does not apply to block outputs; choose one of "
+                     f"{', '.join(OUTPUT_CRITERIA)}")
+    return loss_on, args.criterion, score_criterion
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    n_layers = teacher_layer_count(args.teacher)
+    if args.block != "all" and int(args.block) >= n_layers:
+        parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
+    loss_on, criterion, score_criterion = loss_plan(args, parser)
+    s: Session = start(args)
+    cfg = s.teacher.config
+    heads = args.block_heads or cfg.num_attention_heads
+    head_dim = args.block_d_k or cfg.head_dim
+    layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
+    tag = "+".join(loss_on) + ("" if loss_on == ["mlm"] else f"_{criterion.lower()}")
+    run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}")
+    write_run_file(run_dir, args)
+
+    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
+    train_loader, sampler = s.loader(train_ds, shuffle=True)
+    valid_loader, _ = s.loader(valid_ds, shuffle=False)
+
+    # students, initialised from the teacher where shapes allow
+    probe = [next(iter(s.loader(train_ds, shuffle=False)[0]))]  # one batch to rank heads on real inputs
+    blocks, notes = {}, {}
+    for i in layers:
+        teacher_attn = s.teacher.layers[i].attention
+        importance = None
+        if args.init == "teacher" and heads < teacher_attn.num_heads:
+            inputs = []
+            for b in probe:
+                ids, att = b["input_ids"].to(s.device), b["attention_mask"].to(s.device)
+                x = teacher_features(s.teacher, ids, att, [f"in_{i}"])[f"in_{i}"]
+                inputs.append((x, extended_mask(att), att.bool()))
+            importance = head_importance(teacher_attn, inputs)
+        if args.init == "teacher":
+            blocks[i], notes[i] = compress_attention(teacher_attn, cfg, heads, head_dim, importance)
+        else:
+            blocks[i], notes[i] = random_attention(teacher_attn, cfg, heads, head_dim), "random"
+        log.info("block %d: %d heads x %d -> %d heads x %d; init %s", i, teacher_attn.num_heads,
+                 teacher_attn.head_dim, heads, head_dim, notes[i])
+
+    cache = None
+    if args.cache_teacher:
+        if loss_on == ["mlm"]:
+            log.warning("--cache-teacher ignored with --loss-on mlm: its inputs are re-masked every epoch")
+        else:
+            cache = TeacherCache(args.cache_dir, s.teacher, s.teacher_hash, train_ds.ids, args.teacher, args.seq_len)
+            names = [f"{k}_{i}" for i in layers for k in ("in", "block")]
+            if runtime.is_main_process():
+                cache.ensure(names, args.batch_size * 4, s.device)
+            runtime.barrier()
+            if not runtime.is_main_process():
+                cache.ensure(names, args.batch_size * 4, s.device)
+    masker = MLMMasker(s.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
+    task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
+                        args.seed).to(s.device)
+    base_meta = {"kind": "block", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
+                 "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim,
+                 "teacher_heads": cfg.num_attention_heads, "teacher_head_dim": cfg.head_dim,
+                 **describe_losses(task)}
+    units = [Unit(f"block_{i}", blocks[i], run_dir / f"block_{i}", {**base_meta, "layer": i, "init": notes[i]})
+             for i in layers]
+
+    def samples() -> str:
+        if not s.teacher.has_mlm_head:
+            return "samples: the teacher has no masked-LM head; nothing to print"
+        view = compose(s.teacher, blocks=blocks)
+        res = compare_models(s.teacher, view, valid_loader, s.tokenizer, s.device, max_batches=1)
+        lines = [f"GT: {r['true']:>15}  TEACHER: {r['teacher']:>15}  PRED: {r['student']:>15}  | {r['masked']}"
+                 for r in res.rows[:8]]
+        return "\n".join(lines)
+
+    trainer = Trainer(task, units, make_train_config(args), run_dir, s.device,
+                      evaluate=lambda: task.evaluate(valid_loader),
+                      samples=samples if args.print_samples else None,
+                      run_meta={"run_dir": str(run_dir)})
+    final = trainer.fit(train_loader, sampler)
+    if runtime.is_main_process():
+        print("| block | init | best val loss | last val loss |\n|---|---|---:|---:|")
+        for u in units:
+            i = int(u.name.split("_")[1])
+            print(f"| {i} | {notes[i][:40]} | {u.best:.5g} | {final.get(u.name + '/loss', float('nan')):.5g} |")
+    return run_dir
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    sys.exit(run_main(lambda a: main(a, parser), parser))

@@ -1,0 +1,95 @@
+"""Tiny teachers and corpora the tests build themselves: nothing is downloaded."""
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+NOUNS = "cat dog bird lobster river city king queen ship song army garden".split()
+ADJS = "small large red blue old young quiet famous".split()
+VERBS = "sees follows likes builds finds carries".split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)}"
+        if rng.random() < 0.5:
+            s += f" near the {rng.choice(ADJS)} {rng.choice(NOUNS)}"
+        out.append(s + " .")
+    return out
+
+
+def make_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIALS + sorted(set(NOUNS + ADJS + VERBS + ["the", "near", ".", ","])) + ["##s", "##ed"]
+    vf = folder / "vocab.txt"
+    vf.write_text("\n".join(vocab) + "\n")
+    # transformers 5 renamed vocab_file= to vocab=
+    key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    tok = BertTokenizerFast(**{key: str(vf)})
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def make_hf_teacher(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 4, ffn: int = 64,
+                    with_head: bool = True, seed: int = 0, vocab_size: int | None = None) -> Path:
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64)
+    model = (BertForMaskedLM if with_head else BertModel)(cfg)
+    # random init leaves LayerNorms at identity and biases at 0; perturb so the parity tests exercise every weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
+def write_corpus(folder: Path, n_train: int = 192, n_valid: int = 48, n_test: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train", n_train, 1), ("valid", n_valid, 2), ("test", n_test, 3)):
+        (folder / f"{name}.txt").write_text("\n".join(make_sentences(n, seed)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return make_hf_teacher(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A teacher without an MLM head (a plain BertModel, like sentence-transformers checkpoints)."""
+    return make_hf_teacher(tmp_path_factory.mktemp("tiny_encoder"), with_head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def installed_model(package_dir: str) -> Path | None:
+    p = Path(sysconfig.get_paths()["purelib"]) / package_dir
+    return p if (p / "config.json").is_file() else None

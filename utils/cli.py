@@ -1,0 +1,120 @@
+"""The one argparse helper every script shares: common flags, underscore spellings, value checks (exit code 2)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser that also accepts ``--foo_bar`` for every ``--foo-bar`` flag (the seed's spellings).
+
+    Underscores in a flag's name are turned into dashes before parsing, so help shows one spelling per flag.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._dash(a) for a in args], namespace)
+
+    def _dash(self, arg: str) -> str:
+        if not arg.startswith("--") or "_" not in arg:
+            return arg
+        name, eq, value = arg.partition("=")
+        dashed = "--" + name[2:].replace("_", "-")
+        return dashed + eq + value if dashed in self._option_string_actions else arg
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{s}'") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return v
+    return parse
+
+
+def non_negative_int(name: str) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{s}'") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{s}'") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got '{s}'") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def ratios(s: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got '{s}'") from None
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three non-negative numbers summing to 1, got '{s}'")
+    return parts  # type: ignore[return-value]
+
+
+def common_parser(description: str, default_out: str) -> Parser:
+    """Flags every script has: teacher, data, sequence length, batch size, device, seed, output, workers."""
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("common")
+    g.add_argument("--teacher", default="bert-base-uncased",
+                   help="Hugging Face hub id or local folder (config.json + weights) of the teacher BERT")
+    g.add_argument("--dataset", default="wikitext2", choices=["wikitext2"], help="corpus from the Hugging Face Hub")
+    g.add_argument("--data-dir", default=None,
+                   help="local text instead: train.txt/valid.txt/test.txt (one sentence per line) or one .txt split "
+                        "by --split-ratio")
+    g.add_argument("--split-ratio", type=ratios, default=(0.8, 0.1, 0.1), help="train,valid,test for a single file")
+    g.add_argument("--seq-len", type=positive_int("--seq-len"), default=40, help="max tokens incl. [CLS]/[SEP]")
+    g.add_argument("--batch-size", type=positive_int("--batch-size"), default=32)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=default_out, help="output folder")
+    g.add_argument("--num-workers", type=non_negative_int("--num-workers"), default=0, help="DataLoader workers")
+    g.add_argument("--verbose", action="store_true")
+    return p
+
+
+def add_training_args(p: Parser, epochs: int, lr: float) -> None:
+    """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged)."""
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int("--epochs"), default=epochs)
+    g.add_argument("--lr", type=positive_float, default=lr)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping per trained module (0: off)")
+    g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of each split to use")
+    g.add_argument("--save-checkpoint-every", type=non_negative_int("--save-checkpoint-every"), default=0,
+                   help="also keep an epoch_K snapshot every K epochs (last and best are always kept)")
+    g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out")
+    g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained modules")
+    g.add_argument("--print-samples", action="store_true",
+                   help="after each epoch, print predictions for a few validation sentences")
+    g.add_argument("--run-name", default=None, help="sub-folder of --out (default: derived from the settings)")
+

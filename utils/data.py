@@ -1,0 +1,294 @@
+"""Text in, padded batches out: WikiText-2 or local files, one sentence per example, deterministic masking.
+
+Evaluation masks exactly one token per sentence at a seeded position (never a special token), computed once in the
+data pipeline so that every model evaluated sees the same masks. Training masking is standard BERT 15% (80/10/10).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+_HEADING = re.compile(r"^\s*=+ .* =+\s*$")
+# WikiText is tokenised with spaces around punctuation: a sentence ends at " . ", " ! " or " ? "
+_SENT_END = re.compile(r"(?<= [.!?]) (?=\S)")
+
+
+class DataError(ValueError):
+    """Unusable text input: the message names the file and what is wrong with it."""
+
+
+def split_sentences(lines: Sequence[str], min_words: int = 3) -> list[str]:
+    """WikiText lines -> sentences: headings and empty lines dropped, paragraphs split at sentence ends."""
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or _HEADING.match(line):
+            continue
+        for s in _SENT_END.split(line):
+            s = s.strip()
+            if len(s.split()) >= min_words:
+                out.append(s)
+    return out
+
+
+def read_text_file(path: Path, min_words: int = 3) -> list[str]:
+    """Sentences of a local text file. Non-UTF-8 bytes are replaced and reported once; no sentence -> DataError."""
+    if not path.is_file():
+        raise DataError(f"text file '{path}' does not exist")
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad:
+        log.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, bad)
+    if not text.strip():
+        raise DataError(f"text file '{path}' is empty")
+    sentences = split_sentences(text.splitlines(), min_words)
+    if not sentences:
+        raise DataError(
+            f"text file '{path}' has no usable sentence (headings, empty lines and sentences under {min_words} words "
+            "are dropped)"
+        )
+    return sentences
+
+
+def split_by_ratio(sentences: list[str], ratios: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Deterministic shuffle then cut into train/valid/test by ``ratios``."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise DataError(f"split ratios must be three non-negative numbers summing to 1, got {list(ratios)}")
+    idx = list(range(len(sentences)))
+    random.Random(seed).shuffle(idx)
+    n_train = int(round(ratios[0] * len(idx)))
+    n_valid = int(round(ratios[1] * len(idx)))
+    cuts = {"train": idx[:n_train], "valid": idx[n_train:n_train + n_valid], "test": idx[n_train + n_valid:]}
+    return {k: [sentences[i] for i in sorted(v)] for k, v in cuts.items()}
+
+
+def load_local_split(data_dir: Path, split: str, seed: int, ratios: Sequence[float], min_words: int = 3) -> list[str]:
+    """``split`` from DIR/{train,valid,test}.txt, or from the single .txt file in DIR cut by ``ratios``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir '{data_dir}' is not a folder")
+    f = data_dir / f"{split}.txt"
+    if f.is_file():
+        return read_text_file(f, min_words)
+    named = [data_dir / f"{s}.txt" for s in SPLITS if (data_dir / f"{s}.txt").is_file()]
+    if named:
+        raise DataError(f"split '{split}' is missing: expected '{f}' (found {', '.join(p.name for p in named)})")
+    txts = sorted(data_dir.glob("*.txt"))
+    if len(txts) != 1:
+        raise DataError(
+            f"--data-dir '{data_dir}' must hold train.txt/valid.txt/test.txt or exactly one .txt file to split by "
+            f"ratio; found {len(txts)} .txt files"
+        )
+    parts = split_by_ratio(read_text_file(txts[0], min_words), ratios, seed)
+    if not parts[split]:
+        raise DataError(f"split '{split}' of '{txts[0]}' is empty with ratios {list(ratios)}")
+    return parts[split]
+
+
+def load_wikitext2(split: str, min_words: int = 3) -> list[str]:
+    """WikiText-2 (raw) from the Hugging Face Hub via ``datasets``, split into sentences."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise DataError("--dataset wikitext2 needs the 'datasets' package; or pass --data-dir DIR") from e
+    hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
+    try:
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+    except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
+        raise DataError(
+            f"could not load WikiText-2 from the Hugging Face Hub ({type(e).__name__}: {e}); offline? pass --data-dir DIR"
+        ) from None
+    return split_sentences(ds["text"], min_words)
+
+
+@dataclass
+class DataSpec:
+    dataset: str = "wikitext2"
+    data_dir: str | None = None
+    split_ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    min_words: int = 3
+
+
+def load_sentences(spec: DataSpec, split: str, fraction: float = 1.0) -> list[str]:
+    """Sentences of one split; ``fraction`` keeps a deterministic leading share (the seed's --percentage_data)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction of data must be in (0, 1], got {fraction}")
+    if spec.data_dir:
+        sents = load_local_split(Path(spec.data_dir), split, spec.seed, spec.split_ratio, spec.min_words)
+    elif spec.dataset == "wikitext2":
+        sents = load_wikitext2(split, spec.min_words)
+    else:
+        raise DataError(f"unknown dataset '{spec.dataset}'; use wikitext2 or --data-dir DIR")
+    n = max(1, int(len(sents) * fraction))
+    return sents[:n]
+
+
+# ---- tokenisation and batching ----
+class TokenizedSentences(Dataset):
+    """Token ids per sentence ([CLS] ... [SEP], truncated to seq_len keeping both), plus an eval mask position."""
+
+    def __init__(self, sentences: list[str], tokenizer, seq_len: int = 40, mask_seed: int | None = 0):
+        if seq_len < 3:
+            raise ValueError(f"--seq-len must be at least 3 ([CLS] token [SEP]), got {seq_len}")
+        enc = tokenizer(sentences, truncation=True, max_length=seq_len, add_special_tokens=True)
+        special = set(tokenizer.all_special_ids)
+        self.sentences: list[str] = []
+        self.ids: list[list[int]] = []
+        self.truncated = 0
+        for s, ids in zip(sentences, enc["input_ids"]):
+            if not any(t not in special for t in ids):
+                continue  # nothing maskable
+            self.truncated += int(ids[-1] == tokenizer.sep_token_id and len(ids) == seq_len)
+            self.sentences.append(s)
+            self.ids.append(list(ids))
+        self.skipped = len(sentences) - len(self.ids)
+        if not self.ids:
+            raise DataError("no sentence has a token that is not special after tokenisation")
+        self.mask_positions: list[int] | None = None
+        if mask_seed is not None:
+            g = random.Random(mask_seed)
+            self.mask_positions = []
+            for ids in self.ids:
+                cand = [i for i, t in enumerate(ids) if t not in special]
+                self.mask_positions.append(cand[g.randrange(len(cand))])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"index": i, "input_ids": self.ids[i]}
+        if self.mask_positions is not None:
+            item["mask_pos"] = self.mask_positions[i]
+        return item
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+
+@dataclass
+class Collator:
+    """Pads per batch (not to a fixed length). With ``mask_token_id`` set, applies the eval mask position."""
+
+    pad_token_id: int
+    mask_token_id: int | None = None
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(it["input_ids"]) for it in items)
+        B = len(items)
+        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        att = torch.zeros((B, T), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[b, :n] = torch.tensor(it["input_ids"])
+            att[b, :n] = 1
+        batch = {"input_ids": ids, "attention_mask": att, "index": torch.tensor([it["index"] for it in items])}
+        if "mask_pos" in items[0]:
+            pos = torch.tensor([it["mask_pos"] for it in items])
+            rows = torch.arange(B)
+            batch["mask_pos"] = pos
+            batch["target"] = ids[rows, pos].clone()
+            if self.mask_token_id is not None:
+                batch["masked_input_ids"] = ids.clone()
+                batch["masked_input_ids"][rows, pos] = self.mask_token_id
+        return batch
+
+
+def bert_mlm_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int], mask_token_id: int,
+    vocab_size: int, generator: torch.Generator, prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard BERT masking: of 15% chosen tokens, 80% -> [MASK], 10% -> random, 10% unchanged.
+
+    Returns (masked input ids, labels with -100 where no prediction is asked). At least one token per sentence.
+    """
+    dev = input_ids.device
+    maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=dev))
+    u = torch.rand(input_ids.shape, generator=generator, device="cpu").to(dev)
+    chosen = maskable & (u < prob)
+    # guarantee one prediction per sentence: the maskable token with the smallest draw
+    first = torch.where(maskable, u, torch.full_like(u, 2.0)).argmin(dim=1)
+    chosen[torch.arange(len(first), device=dev), first] |= maskable[torch.arange(len(first), device=dev), first]
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    r = torch.rand(input_ids.shape, generator=generator, device="cpu").to(dev)
+    rand_tok = torch.randint(vocab_size, input_ids.shape, generator=generator, device="cpu").to(dev)
+    out = input_ids.clone()
+    out[chosen & (r < 0.8)] = mask_token_id
+    swap = chosen & (r >= 0.8) & (r < 0.9)
+    out[swap] = rand_tok[swap]
+    return out, labels
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Length-bucketed batches to cut padding: sort within shuffled chunks, then shuffle batch order.
+
+    Deterministic per (seed, epoch). Under data parallelism the sampler builds global batches of
+    ``batch_size * num_replicas`` sentences, the same on every rank, and rank r takes every k-th sentence of each,
+    so a K-process run sees exactly the batches of a 1-process run with K times the batch size.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 bucket_batches: int = 50, num_replicas: int = 1, rank: int = 0):
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
+        self.bucket, self.num_replicas, self.rank = bucket_batches, num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        n, bs = len(self.lengths), self.batch_size * self.num_replicas
+        if not self.shuffle:
+            batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            chunk = bs * self.bucket
+            batches = []
+            for c in range(0, n, chunk):
+                part = sorted(order[c:c + chunk], key=lambda i: self.lengths[i])
+                batches += [part[i:i + bs] for i in range(0, len(part), bs)]
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        if self.num_replicas > 1:
+            # training: every rank needs a share of every batch, or the gradient all-reduce would hang;
+            # evaluation (no shuffle) keeps every sentence: nothing is reduced per batch
+            k = self.num_replicas
+            batches = [b[self.rank::k] for b in batches if len(b) >= k or not self.shuffle]
+            batches = [b for b in batches if b]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def make_loader(ds: TokenizedSentences, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
+                num_workers: int = 0, pin_memory: bool = False, num_replicas: int = 1, rank: int = 0,
+                with_eval_mask: bool = True) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
+    """DataLoader over length-bucketed batches, padded per batch; the sampler is returned for ``set_epoch``."""
+    from torch.utils.data import DataLoader
+
+    sampler = BucketBatchSampler(ds.lengths(), batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas,
+                                 rank=rank)
+    collate = Collator(tokenizer.pad_token_id, tokenizer.mask_token_id if with_eval_mask else None)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return loader, sampler

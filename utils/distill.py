@@ -1,0 +1,268 @@
+"""Distillation tasks for the shared training loop: retrained attention blocks, merged layer pairs, whole models.
+
+Each task is an ``nn.Module`` holding only the students (the frozen teacher is kept outside the module tree, so
+``.train()`` never turns its dropout on and DDP never syncs it). ``forward(batch)`` returns (total loss, logs);
+``evaluate(loader)`` returns exact token-weighted validation means per unit, reduced over ranks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.bert import BertAttention, BertForMaskedLM, BertLayer, extended_mask
+from models.compress import compose
+from models.config import LayerSpec
+from . import runtime
+from .data import bert_mlm_mask
+from .features import TeacherCache, teacher_features
+from .losses import attention_loss, hidden_loss, kl_logits
+
+log = logging.getLogger(__name__)
+
+
+class MLMMasker:
+    """BERT 15% masking with the tokenizer's special ids; draws from a generator (seeded per epoch by the loop)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.special = list(tokenizer.all_special_ids)
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = vocab_size
+
+    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
+        g = generator if generator is not None else torch.default_generator
+        return bert_mlm_mask(ids, att, self.special, self.mask_id, self.vocab_size, g)
+
+
+class DistillTask(nn.Module):
+    """Shared machinery: students in a ModuleDict, the frozen teacher beside it, loss bookkeeping."""
+
+    def __init__(self, teacher: BertForMaskedLM, students: dict[str, nn.Module], masker: MLMMasker | None,
+                 cache: TeacherCache | None = None, seed: int = 0):
+        super().__init__()
+        teacher.requires_grad_(False).eval()
+        self._frozen = {"teacher": teacher}  # not a submodule: never trained, never put in train mode
+        self.students = nn.ModuleDict(students)
+        for s in self.students.values():
+            for n, p in s.named_parameters():
+                if n.startswith("output.LayerNorm") and isinstance(s, BertAttention):
+                    p.requires_grad_(False)  # a retrained block keeps the teacher's post-attention LayerNorm
+        self.masker = masker
+        self.cache = cache
+        self.seed = seed
+
+    @property
+    def teacher(self) -> BertForMaskedLM:
+        return self._frozen["teacher"]
+
+    def unit_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+                    ) -> dict[str, tuple[torch.Tensor, float]]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = self.unit_losses(batch, None)
+        total = sum(l for l, _ in losses.values())
+        return total, {f"{k}/loss": l.detach() for k, (l, _) in losses.items()}
+
+    @torch.no_grad()
+    def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
+        was = self.training
+        self.eval()
+        g = torch.Generator().manual_seed(self.seed + 12345)  # same validation masks every epoch
+        names = list(self.students)
+        sums = torch.zeros(2 * len(names), dtype=torch.float64)
+        for bi, batch in enumerate(loader):
+            if max_batches is not None and bi >= max_batches:
+                break
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for j, (name, (loss, weight)) in enumerate(self.unit_losses(batch, g).items()):
+                sums[2 * j] += float(loss) * weight
+                sums[2 * j + 1] += weight
+        sums = runtime.all_reduce_sum(sums.to(self.device)).cpu()
+        self.train(was)
+        return {f"{n}/loss": (sums[2 * j] / sums[2 * j + 1].clamp_min(1e-12)).item() for j, n in enumerate(names)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.teacher.parameters()).device
+
+    def _features(self, batch, names: list[str]) -> dict[str, torch.Tensor]:
+        if self.cache is not None and self.training:  # the cache holds the training split only
+            return self.cache.batch(names, batch["index"], batch["input_ids"].shape[1], self.device)
+        return teacher_features(self.teacher, batch["input_ids"], batch["attention_mask"], names)
+
+    def _mlm_targets(self, batch, generator):
+        """Masked input, positions asked for, and the teacher's logits there."""
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        masked, labels = self.masker(ids, att, generator)
+        sel = labels != -100
+        out = self.teacher(masked, att, with_logits=False)
+        return masked, sel, self.teacher.mlm_logits(out.last_hidden_state[sel])
+
+
+class BlockDistill(DistillTask):
+    """Students are attention blocks ``block_<i>``, trained on the teacher's input to layer i.
+
+    ``loss_on``: any of ``output`` (block output vs the teacher's), ``scores`` (attention distributions),
+    ``mlm`` (KL to the teacher's masked-token distribution through the frozen rest of the teacher).
+    """
+
+    def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str],
+                 criterion: str = "MSE", score_criterion: str = "CrossEntropy", masker: MLMMasker | None = None,
+                 cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0):
+        super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker, cache, seed)
+        if "mlm" in loss_on:
+            teacher.require_mlm_head("--loss-on mlm")
+            if len(loss_on) > 1:
+                raise ValueError("--loss-on mlm cannot be combined with output/scores losses")
+        self.layers = sorted(blocks)
+        self.loss_on, self.criterion, self.score_criterion, self.temperature = loss_on, criterion, score_criterion, temperature
+        self.views = {i: compose(teacher, blocks={i: b}) for i, b in blocks.items()} if "mlm" in loss_on else {}
+
+    def feature_names(self) -> list[str]:
+        return [f"{k}_{i}" for i in self.layers for k in ("in", "block")]
+
+    def unit_losses(self, batch, generator):
+        att = batch["attention_mask"]
+        mask, valid = extended_mask(att), att.bool()
+        out = {}
+        if "mlm" in self.loss_on:
+            masked, sel, t_logits = self._mlm_targets(batch, generator)
+            feats = teacher_features(self.teacher, masked, att, [f"in_{i}" for i in self.layers])
+            for i in self.layers:
+                view = self.views[i]
+                h = view.run_layers(feats[f"in_{i}"], mask, start=i)
+                s_logits = view.mlm_logits(h[sel])
+                out[f"block_{i}"] = (kl_logits(s_logits, t_logits, self.temperature), float(sel.sum()))
+            return out
+        feats = self._features(batch, self.feature_names())
+        n_valid = float(valid.sum())
+        for i in self.layers:
+            student = self.students[f"block_{i}"]
+            x = feats[f"in_{i}"]
+            need = "scores" in self.loss_on
+            s_out, s_trace = student.block(x, mask, need_trace=need)
+            loss = s_out.new_zeros(())
+            if "output" in self.loss_on:
+                loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, self.criterion)
+            if need:
+                with torch.no_grad():
+                    _, t_trace = self.teacher.layers[i].attention.block(x, mask, need_trace=True)
+                loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, self.score_criterion)
+            out[f"block_{i}"] = (loss, n_valid)
+        return out
+
+
+class MergeDistill(DistillTask):
+    """Students are layers ``merge_<i>`` replacing teacher layers i and i+1.
+
+    Input: the hidden state entering layer i, from the teacher, or with ``inputs_from`` (conditioned training) from
+    a model whose earlier pairs are already merged. Target: the teacher's hidden state leaving layer i+1.
+    """
+
+    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], loss_on: str,
+                 criterion: str = "MSE", masker: MLMMasker | None = None, cache: TeacherCache | None = None,
+                 inputs_from: BertForMaskedLM | None = None, temperature: float = 1.0, seed: int = 0):
+        super().__init__(teacher, {f"merge_{i}": l for i, (l, _) in layers.items()}, masker, cache, seed)
+        if loss_on == "mlm":
+            teacher.require_mlm_head("--loss-on mlm")
+        self.pairs = sorted(layers)
+        self.loss_on, self.criterion, self.temperature = loss_on, criterion, temperature
+        self._frozen["inputs_from"] = inputs_from
+        if inputs_from is not None:
+            inputs_from.requires_grad_(False).eval()
+        self.views = {i: compose(teacher, merges={i: ls}) for i, ls in layers.items()}
+
+    def feature_names(self) -> list[str]:
+        return [f"in_{i}" for i in self.pairs] + [f"out_{i + 1}" for i in self.pairs]
+
+    def _inputs(self, ids, att) -> dict[int, torch.Tensor]:
+        src = self._frozen["inputs_from"]
+        with torch.no_grad():
+            return {i: src.hidden_before(ids, att, src.layer_index_of([i])) for i in self.pairs}
+
+    def unit_losses(self, batch, generator):
+        att = batch["attention_mask"]
+        mask, valid = extended_mask(att), att.bool()
+        conditioned = self._frozen["inputs_from"] is not None
+        out = {}
+        if self.loss_on == "mlm":
+            masked, sel, t_logits = self._mlm_targets(batch, generator)
+            if conditioned:
+                ins = self._inputs(masked, att)
+            else:
+                feats = teacher_features(self.teacher, masked, att, [f"in_{i}" for i in self.pairs])
+                ins = {i: feats[f"in_{i}"] for i in self.pairs}
+            for i in self.pairs:
+                view = self.views[i]
+                h = view.run_layers(ins[i], mask, start=view.layer_index_of([i, i + 1]))
+                out[f"merge_{i}"] = (kl_logits(view.mlm_logits(h[sel]), t_logits, self.temperature), float(sel.sum()))
+            return out
+        names = [f"out_{i + 1}" for i in self.pairs] + ([] if conditioned else [f"in_{i}" for i in self.pairs])
+        feats = self._features(batch, names)
+        ins = self._inputs(batch["input_ids"], att) if conditioned else {i: feats[f"in_{i}"] for i in self.pairs}
+        for i in self.pairs:
+            h = self.students[f"merge_{i}"](ins[i], mask)
+            out[f"merge_{i}"] = (hidden_loss(h, feats[f"out_{i + 1}"], valid, self.criterion), float(valid.sum()))
+        return out
+
+
+class ModelDistill(DistillTask):
+    """End-to-end distillation of a whole (merged / retrained) model into unit ``model``.
+
+    loss = kl_weight * T^2 KL(teacher || student) at masked positions + mlm_weight * CE(true tokens)
+           + hidden_weight * hidden loss at matched layers (a student layer standing for teacher layers [.., j] is
+           matched with the teacher's output of layer j; the last layer always is).
+    Without an MLM head only the hidden-state terms remain.
+    """
+
+    def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None,
+                 kl_weight: float = 1.0, mlm_weight: float = 0.0, hidden_weight: float = 0.0,
+                 hidden_criterion: str = "cosine", temperature: float = 2.0, seed: int = 0):
+        super().__init__(teacher, {"model": student}, masker, None, seed)
+        self.mlm_ok = teacher.has_mlm_head and student.has_mlm_head
+        if not self.mlm_ok:
+            if hidden_weight <= 0:
+                hidden_weight = 1.0
+            kl_weight = mlm_weight = 0.0
+            log.info("no masked-LM head: fine-tuning on hidden states only (%s, matched layers)", hidden_criterion)
+        if kl_weight <= 0 and mlm_weight <= 0 and hidden_weight <= 0:
+            raise ValueError("all loss weights are zero: nothing to train on")
+        self.kl_weight, self.mlm_weight, self.hidden_weight = kl_weight, mlm_weight, hidden_weight
+        self.hidden_criterion, self.temperature = hidden_criterion, temperature
+        self.matches = [(j, spec.origin[-1] + 1) for j, spec in enumerate(student.config.layers)]
+
+    def unit_losses(self, batch, generator):
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        student = self.students["model"]
+        valid = att.bool()
+        if self.mlm_ok:
+            ids, labels = self.masker(ids, att, generator)
+            sel = labels != -100
+        with torch.no_grad():
+            t = self.teacher(ids, att, output_hidden_states=self.hidden_weight > 0, with_logits=False)
+        s = student(ids, att, output_hidden_states=self.hidden_weight > 0, with_logits=False)
+        loss = s.last_hidden_state.new_zeros(())
+        weight = float(valid.sum())
+        if self.mlm_ok:
+            s_logits = student.mlm_logits(s.last_hidden_state[sel])
+            weight = float(sel.sum())
+            if self.kl_weight > 0:
+                t_logits = self.teacher.mlm_logits(t.last_hidden_state[sel])
+                loss = loss + self.kl_weight * kl_logits(s_logits, t_logits, self.temperature)
+            if self.mlm_weight > 0:
+                loss = loss + self.mlm_weight * nn.functional.cross_entropy(s_logits.float(), labels[sel])
+        if self.hidden_weight > 0:
+            hl = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid, self.hidden_criterion)
+                     for j, tj in self.matches) / len(self.matches)
+            loss = loss + self.hidden_weight * hl
+        return {"model": (loss, weight)}
+
+
+def describe_losses(task: DistillTask) -> dict[str, Any]:
+    """What the task optimises, for checkpoint metadata."""
+    keys = ("loss_on", "criterion", "score_criterion", "temperature", "kl_weight", "mlm_weight", "hidden_weight",
+            "hidden_criterion")
+    return {k: getattr(task, k) for k in keys if hasattr(task, k)}

@@ -1,0 +1,144 @@
+"""What the students learn from: teacher hidden states and block outputs, computed once per batch for all layers,
+or once per dataset with ``--cache-teacher`` (fp16, packed without padding, memory-mapped).
+
+Names of features: ``in_{i}`` hidden state entering teacher layer i; ``block_{i}`` teacher attention block output of
+layer i (before residual + LayerNorm); ``out_{i}`` hidden state leaving layer i (== ``in_{i+1}``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.bert import BertForMaskedLM, extended_mask
+
+log = logging.getLogger(__name__)
+
+
+def _parse(name: str) -> tuple[str, int]:
+    kind, _, idx = name.partition("_")
+    if kind not in ("in", "block", "out") or not idx.isdigit():
+        raise ValueError(f"unknown teacher feature '{name}' (expected in_N, block_N or out_N)")
+    return kind, int(idx)
+
+
+@torch.no_grad()
+def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     names: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass of the teacher, stopping after the last layer any requested feature needs."""
+    wanted = {}
+    for n in names:
+        kind, i = _parse(n)
+        if kind == "out":
+            kind, i = "in", i + 1
+        wanted.setdefault(i, set()).add(kind)
+        if i > len(teacher.layers) or (kind == "block" and i >= len(teacher.layers)):
+            raise IndexError(f"teacher feature '{n}' does not exist: the teacher has {len(teacher.layers)} layers")
+    mask = extended_mask(attention_mask)
+    h = teacher.embed(input_ids)
+    got: dict[str, torch.Tensor] = {}
+    last = max(wanted)
+    for i in range(last + 1):
+        kinds = wanted.get(i, set())
+        if "in" in kinds:
+            got[f"in_{i}"] = h
+        if i == last and "block" not in kinds:
+            break
+        layer = teacher.layers[i]
+        blk, _ = layer.attention.block(h, mask)
+        if "block" in kinds:
+            got[f"block_{i}"] = blk
+        a = layer.attention.finish(h, blk)
+        h = layer.output(layer.intermediate(a), a)
+    out = {}
+    for n in names:
+        kind, i = _parse(n)
+        out[n] = got[f"in_{i + 1}"] if kind == "out" else got[n]
+    return out
+
+
+class TeacherCache:
+    """Teacher features for every sentence of a tokenised split, on disk as fp16 ``.npy`` files (memory-mapped).
+
+    The folder is keyed by a hash of the teacher weights, the token ids and the tokenizer settings, so it is reused
+    across epochs, runs and student configurations and rebuilt when any of those change. Features missing from an
+    existing cache (another block, say) are added in one extra teacher pass.
+    """
+
+    def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, teacher_hash: str, token_ids: list[list[int]],
+                 tokenizer_name: str, seq_len: int):
+        h = hashlib.sha256()
+        h.update(f"{teacher_hash}|{tokenizer_name}|{seq_len}|".encode())
+        for ids in token_ids:
+            h.update(np.asarray(ids, dtype=np.int32).tobytes())
+            h.update(b"|")
+        self.key = h.hexdigest()[:20]
+        self.dir = Path(root) / self.key
+        self.teacher, self.ids = teacher, token_ids
+        lengths = np.array([len(x) for x in token_ids], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def ensure(self, names: list[str], batch_size: int, device: torch.device) -> "TeacherCache":
+        """Load ``names`` from disk, building the missing ones with one teacher pass over the data."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        missing = [n for n in names if not (self.dir / f"{n}.npy").is_file()]
+        if missing:
+            self._build(missing, batch_size, device)
+        for n in names:
+            self.arrays[n] = np.load(self.dir / f"{n}.npy", mmap_mode="r")
+        log.info("teacher cache %s: %s (%d tokens)%s", self.dir, ", ".join(names), self.offsets[-1],
+                 f"; built {', '.join(missing)}" if missing else "; all reused")
+        return self
+
+    @torch.no_grad()
+    def _build(self, names: list[str], batch_size: int, device: torch.device) -> None:
+        from numpy.lib.format import open_memmap
+        from tqdm.auto import tqdm
+
+        D = self.teacher.config.hidden_size
+        total = int(self.offsets[-1])
+        tmp = {n: self.dir / f"{n}.npy.tmp" for n in names}
+        maps = {n: open_memmap(str(p), mode="w+", dtype=np.float16, shape=(total, D)) for n, p in tmp.items()}
+        for start in tqdm(range(0, len(self.ids), batch_size), desc="caching teacher features", unit="batch"):
+            chunk = self.ids[start:start + batch_size]
+            T = max(len(x) for x in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long)
+            att = torch.zeros(len(chunk), T, dtype=torch.long)
+            for b, x in enumerate(chunk):
+                ids[b, :len(x)] = torch.tensor(x)
+                att[b, :len(x)] = 1
+            feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
+            valid = att.bool()
+            lo, hi = int(self.offsets[start]), int(self.offsets[start + len(chunk)])
+            for n, t in feats.items():
+                maps[n][lo:hi] = t.float().cpu()[valid].numpy().astype(np.float16)
+        for n, m in maps.items():
+            m.flush()
+            del m
+            os.replace(tmp[n], self.dir / f"{n}.npy")
+        (self.dir / "info.json").write_text(json.dumps(
+            {"sentences": len(self.ids), "tokens": total, "hidden": D,
+             "features": sorted(p.stem for p in self.dir.glob("*.npy"))}, indent=2))
+
+    def batch(self, names: list[str], index: torch.Tensor, T: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Padded [B, T, D] float tensors for the sentences ``index`` (padding positions are zero)."""
+        out = {}
+        idx = index.tolist()
+        for n in names:
+            arr = self.arrays[n]
+            x = torch.zeros(len(idx), T, arr.shape[1], dtype=torch.float32)
+            for b, i in enumerate(idx):
+                lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+                x[b, :hi - lo] = torch.from_numpy(np.asarray(arr[lo:hi], dtype=np.float32))
+            out[n] = x.to(device, non_blocking=True)
+        return out
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

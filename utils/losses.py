@@ -1,0 +1,82 @@
+"""Distillation losses. Every loss averages over real tokens only (``valid`` = attention mask as bool [B, T])."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+OUTPUT_CRITERIA = ("MSE", "L1", "cosine", "CrossEntropy")
+SCORE_CRITERIA = ("CrossEntropy", "KL", "MSE", "L1")
+
+
+def normalize_criterion(name: str) -> str:
+    """Accept the seed's spellings in any case: mse, l1, cosine/cos, crossentropy/ce, kl."""
+    table = {"mse": "MSE", "l1": "L1", "cosine": "cosine", "cos": "cosine", "crossentropy": "CrossEntropy",
+             "ce": "CrossEntropy", "kl": "KL"}
+    key = name.replace("-", "").replace("_", "").lower()
+    if key not in table:
+        raise ValueError(f"unknown criterion '{name}'; choose from MSE, L1, cosine, CrossEntropy, KL")
+    return table[key]
+
+
+def _masked_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    w = valid.to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp_min(1)
+
+
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Loss between [B, T, D] outputs at valid tokens.
+
+    CrossEntropy follows the seed's idea of a soft-target cross-entropy between the two outputs, taken over the
+    feature dimension: softmax(teacher) as the target distribution, log_softmax(student) as the prediction. (The seed
+    passed [B, T, D] tensors to nn.CrossEntropyLoss, which normalises over dim 1, the sequence; we use features.)
+    """
+    student, teacher = student.float(), teacher.float()
+    if criterion == "MSE":
+        per = (student - teacher).pow(2).mean(-1)
+    elif criterion == "L1":
+        per = (student - teacher).abs().mean(-1)
+    elif criterion == "cosine":
+        per = 1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-6)
+    elif criterion == "CrossEntropy":
+        per = -(teacher.softmax(-1) * student.log_softmax(-1)).sum(-1)
+    else:
+        raise ValueError(f"criterion '{criterion}' is not one of {OUTPUT_CRITERIA}")
+    return _masked_mean(per, valid)
+
+
+def attention_loss(s_scores: torch.Tensor, t_probs: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Loss between attention distributions; student given as pre-softmax scores [B, Hs, T, T], teacher as probs.
+
+    With equal head counts, heads are compared one to one. With different head counts there is no head-to-head
+    correspondence, so both sides are averaged over heads first (a mixture of the heads' distributions, which is
+    what the layer's value-mixing amounts to on average) and those are compared. Query rows of padding are ignored;
+    padded keys carry zero probability on both sides.
+    """
+    s_scores, t_probs = s_scores.float(), t_probs.float()
+    if s_scores.shape[1] == t_probs.shape[1]:
+        s_logp = s_scores.log_softmax(-1)
+        t_p = t_probs
+    else:
+        s_logp = s_scores.softmax(-1).mean(1, keepdim=True).clamp_min(1e-12).log()
+        t_p = t_probs.mean(1, keepdim=True)
+    t_logp = t_p.clamp_min(1e-12).log()
+    if criterion == "CrossEntropy":
+        per = -(t_p * s_logp).sum(-1)
+    elif criterion == "KL":
+        per = (t_p * (t_logp - s_logp)).sum(-1)
+    elif criterion == "MSE":
+        per = (t_p - s_logp.exp()).pow(2).sum(-1)
+    elif criterion == "L1":
+        per = (t_p - s_logp.exp()).abs().sum(-1)
+    else:
+        raise ValueError(f"criterion '{criterion}' is not one of {SCORE_CRITERIA}")
+    per = per.mean(1)  # over heads -> [B, T]
+    return _masked_mean(per, valid)
+
+
+def kl_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean KL(teacher || student) over rows of [N, V] logits, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    s_logp = (student_logits.float() / t).log_softmax(-1)
+    t_logp = (teacher_logits.float() / t).log_softmax(-1)
+    return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * (t * t)

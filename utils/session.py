@@ -1,0 +1,102 @@
+"""Start-up shared by every script: logging, device, process group, seed, teacher, data; and the error wrapper
+that turns expected failures into one clear line and a non-zero exit code."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from models import BertForMaskedLM, NoMLMHeadError, load_teacher, weights_hash
+from . import runtime
+from .checkpoint import CheckpointError
+from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader
+from .train import TrainingDiverged
+
+log = logging.getLogger("simplifying_transformers")
+
+EXPECTED_ERRORS = (DataError, CheckpointError, FileNotFoundError, TrainingDiverged, NoMLMHeadError, ValueError,
+                   IndexError, KeyError, PermissionError, OSError)
+
+
+@dataclass
+class Session:
+    args: argparse.Namespace
+    device: torch.device
+    teacher: BertForMaskedLM
+    tokenizer: object
+    teacher_hash: str
+    data: DataSpec
+
+    def sentences(self, split: str) -> TokenizedSentences:
+        fraction = getattr(self.args, "percentage_data", 1.0)
+        ds = TokenizedSentences(load_sentences(self.data, split, fraction), self.tokenizer, self.args.seq_len,
+                                mask_seed=self.args.seed)
+        log.info("%s: %d sentences (%d truncated to --seq-len %d, %d without a maskable token skipped)", split,
+                 len(ds), ds.truncated, self.args.seq_len, ds.skipped)
+        return ds
+
+    def loader(self, ds: TokenizedSentences, shuffle: bool, batch_size: int | None = None):
+        return make_loader(ds, self.tokenizer, batch_size or self.args.batch_size, shuffle=shuffle,
+                           seed=self.args.seed, num_workers=self.args.num_workers,
+                           pin_memory=self.device.type == "cuda", num_replicas=runtime.world_size(),
+                           rank=runtime.rank())
+
+
+def start(args: argparse.Namespace, need_hash: bool = True) -> Session:
+    runtime.setup_logging(getattr(args, "verbose", False))
+    device = runtime.select_device(args.device)
+    runtime.init_distributed(device)
+    runtime.seed_everything(args.seed)
+    teacher, tok = load_teacher(args.teacher, device)
+    log.info("teacher %s: %d layers, hidden %d, %d heads of %d, %s MLM head, %.1fM parameters", args.teacher,
+             len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
+             teacher.config.head_dim, "with" if teacher.has_mlm_head else "WITHOUT", teacher.num_parameters() / 1e6)
+    spec = DataSpec(dataset=args.dataset, data_dir=args.data_dir, split_ratio=tuple(args.split_ratio), seed=args.seed)
+    return Session(args, device, teacher, tok, weights_hash(teacher) if need_hash else "", spec)
+
+
+def teacher_layer_count(name_or_path: str) -> int:
+    """Number of layers from the teacher's config alone (for validating --block before loading weights)."""
+    from transformers import AutoConfig
+
+    from models.hf import resolve_checkpoint
+
+    return AutoConfig.from_pretrained(str(resolve_checkpoint(name_or_path))).num_hidden_layers
+
+
+def write_run_file(run_dir: Path, args: argparse.Namespace, extra: dict | None = None) -> None:
+    if runtime.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **(extra or {})},
+                                                     indent=2, default=str))
+
+
+def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.ArgumentParser,
+             argv: list[str] | None = None) -> int:
+    """Parse, run, and map failures to exit codes: 2 bad arguments (argparse), 1 expected errors, 130 interrupt.
+
+    The last line printed on success says where the results were written.
+    """
+    args = parser.parse_args(argv)
+    try:
+        where = main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if runtime.is_distributed():
+            torch.distributed.destroy_process_group()
+    if runtime.is_main_process():
+        print(f"results written to {where}")
+    return 0
