@@ -14,13 +14,12 @@ from pathlib import Path
 
 from models.compress import compose, compress_attention, head_importance, random_attention
 from models.bert import extended_mask
-from utils import runtime
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
 from utils.distill import BlockDistill, MLMMasker, describe_losses
-from utils.evaluate import compare_models
-from utils.features import TeacherCache, teacher_features
+from utils.features import teacher_features
 from utils.losses import OUTPUT_CRITERIA, SCORE_CRITERIA, normalize_criterion
-from utils.session import Session, run_main, start, teacher_layer_count, write_run_file
+from utils.session import (Session, print_units, run_main, sample_printer, start, teacher_cache,
+                           teacher_layer_count, write_run_file)
 from utils.train import Trainer, Unit, make_train_config
 
 log = logging.getLogger("simplifying_transformers")
@@ -129,13 +128,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         if loss_on == ["mlm"]:
             log.warning("--cache-teacher ignored with --loss-on mlm: its inputs are re-masked every epoch")
         else:
-            cache = TeacherCache(args.cache_dir, s.teacher, s.teacher_hash, train_ds.ids, args.teacher, args.seq_len)
-            names = [f"{k}_{i}" for i in layers for k in ("in", "block")]
-            if runtime.is_main_process():
-                cache.ensure(names, args.batch_size * 4, s.device)
-            runtime.barrier()
-            if not runtime.is_main_process():
-                cache.ensure(names, args.batch_size * 4, s.device)
+            cache = teacher_cache(s, train_ds, [f"{k}_{i}" for i in layers for k in ("in", "block")])
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
                         args.seed).to(s.device)
@@ -146,25 +139,13 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     units = [Unit(f"block_{i}", blocks[i], run_dir / f"block_{i}", {**base_meta, "layer": i, "init": notes[i]})
              for i in layers]
 
-    def samples() -> str:
-        if not s.teacher.has_mlm_head:
-            return "samples: the teacher has no masked-LM head; nothing to print"
-        view = compose(s.teacher, blocks=blocks)
-        res = compare_models(s.teacher, view, valid_loader, s.tokenizer, s.device, max_batches=1)
-        lines = [f"GT: {r['true']:>15}  TEACHER: {r['teacher']:>15}  PRED: {r['student']:>15}  | {r['masked']}"
-                 for r in res.rows[:8]]
-        return "\n".join(lines)
-
     trainer = Trainer(task, units, make_train_config(args), run_dir, s.device,
                       evaluate=lambda: task.evaluate(valid_loader),
-                      samples=samples if args.print_samples else None,
+                      samples=sample_printer(s, lambda: compose(s.teacher, blocks=blocks), valid_loader)
+                      if args.print_samples else None,
                       run_meta={"run_dir": str(run_dir)})
     final = trainer.fit(train_loader, sampler)
-    if runtime.is_main_process():
-        print("| block | init | best val loss | last val loss |\n|---|---|---:|---:|")
-        for u in units:
-            i = int(u.name.split("_")[1])
-            print(f"| {i} | {notes[i][:40]} | {u.best:.5g} | {final.get(u.name + '/loss', float('nan')):.5g} |")
+    print_units(units, {u.name: notes[int(u.name.split("_")[1])] for u in units}, final)
     return run_dir
 
 

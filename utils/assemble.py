@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -69,9 +69,15 @@ def load_model(directory: str | Path, teacher_hash: str | None = None, force: bo
 
 
 def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher_hash: str, force: bool = False,
-                  which: str = "best") -> tuple[BertForMaskedLM, list[str]]:
-    """Teacher + every block / merged layer / model checkpoint under ``roots``. Returns (independent model, sources)."""
+                  which: str = "best", keep: Callable[[dict[str, Any]], bool] | None = None
+                  ) -> tuple[BertForMaskedLM, list[str]]:
+    """Teacher + every block / merged layer / model checkpoint under ``roots`` (those ``keep`` accepts).
+
+    Returns (an independent model, a description of each source).
+    """
     found = find_checkpoints(list(roots), ("block", "merged_layer", "model"), which)
+    if keep is not None:
+        found = [(p, m) for p, m in found if keep(m)]
     if not found:
         raise CheckpointError(f"no '{which}' block, merged-layer or model checkpoint under {list(map(str, roots))}")
     cfg = teacher.config

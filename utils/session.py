@@ -100,3 +100,38 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
     if runtime.is_main_process():
         print(f"results written to {where}")
     return 0
+
+
+def teacher_cache(s: Session, ds: TokenizedSentences, names: list[str]):
+    """The training split's teacher features, built once by rank 0 (others wait, then map the same files)."""
+    from .features import TeacherCache
+
+    cache = TeacherCache(s.args.cache_dir, s.teacher, s.teacher_hash, ds.ids, str(s.args.teacher), s.args.seq_len)
+    if runtime.is_main_process():
+        cache.ensure(names, s.args.batch_size * 4, s.device)
+    runtime.barrier()
+    if not runtime.is_main_process():
+        cache.ensure(names, s.args.batch_size * 4, s.device)
+    return cache
+
+
+def sample_printer(s: Session, make_student: Callable[[], BertForMaskedLM], loader) -> Callable[[], str]:
+    """--print_samples: true word, teacher's and partially retrained model's prediction for a few sentences."""
+    from .evaluate import compare_models
+
+    def samples() -> str:
+        if not s.teacher.has_mlm_head:
+            return "samples: the teacher has no masked-LM head; nothing to print"
+        res = compare_models(s.teacher, make_student(), loader, s.tokenizer, s.device, max_batches=1)
+        return "\n".join(f"GT: {r['true']:>15}  TEACHER: {r['teacher']:>15}  PRED: {r['student']:>15}  | {r['masked']}"
+                         for r in res.rows[:8])
+    return samples
+
+
+def print_units(units, notes: dict[str, str], final: dict[str, float]) -> None:
+    """Per-unit summary table after training."""
+    if not runtime.is_main_process():
+        return
+    print("| unit | init | best val loss | last val loss |\n|---|---|---:|---:|")
+    for u in units:
+        print(f"| {u.name} | {notes.get(u.name, '')[:60]} | {u.best:.5g} | {final.get(u.name + '/loss', float('nan')):.5g} |")

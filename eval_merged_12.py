@@ -1,0 +1,64 @@
+"""Evaluate teacher vs compressed model on the test split (one seeded [MASK] per sentence).
+
+    python eval_merged_12.py --percentage_data 0.5
+    python eval_merged_12.py --model checkpoints/assembled --teacher DIR --data-dir DIR --judge bert-large-uncased
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models import load_teacher
+from utils import runtime
+from utils.assemble import load_model
+from utils.cli import common_parser, fraction, positive_int
+from utils.evaluate import compare_models, write_report
+from utils.session import Session, run_main, start
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of the test split to use")
+    g.add_argument("--split", choices=["test", "valid"], default="test")
+    g.add_argument("--judge", default=None, help="a larger masked-LM (hub id or folder) judging the predictions")
+    g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
+    g.add_argument("--max-batches", type=positive_int("--max-batches"), default=None, help="stop after N batches")
+
+
+def evaluate_student(s: Session, student, out_dir: Path, extra: dict, judge_name: str | None = None,
+                     split: str = "test", max_batches: int | None = None) -> Path:
+    """Shared by the eval scripts and finetune_merged.py: run the comparison on ``split``, write the report."""
+    args = s.args
+    judge = judge_tok = None
+    if judge_name:
+        judge, judge_tok = load_teacher(judge_name, s.device)
+    ds = s.sentences(split)
+    loader, _ = s.loader(ds, shuffle=False)
+    res = compare_models(s.teacher, student.to(s.device).eval(), loader, s.tokenizer, s.device, judge, judge_tok,
+                         max_batches=max_batches)
+    if runtime.is_main_process():
+        print(student.config.describe())
+        write_report(res, out_dir, {"teacher": args.teacher, "judge": judge_name, "split": split,
+                                    "percentage_data": getattr(args, "percentage_data", 1.0), "seq_len": args.seq_len,
+                                    "mask_seed": args.seed, "device": str(s.device), **extra})
+    return out_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(__doc__.split("\n")[0], default_out="checkpoints/eval_merged_12")
+    p.add_argument("--model", default="checkpoints/assembled",
+                   help="assembled model checkpoint (made by the notebook / python -m utils.assemble)")
+    add_eval_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> Path:
+    s = start(args)
+    student, meta = load_model(args.model, s.teacher_hash, args.force)
+    return evaluate_student(s, student, Path(args.out), {"model": args.model, "sources": meta.get("sources")},
+                            args.judge, args.split, args.max_batches)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))

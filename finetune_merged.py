@@ -1,0 +1,110 @@
+"""Fine-tune a compressed model (merged layers and/or retrained blocks) end to end by distillation.
+
+    python finetune_merged.py                                   # merged layers found under checkpoints/
+    python finetune_merged.py --merged checkpoints/merge_h12_d64_f3072_mse --export-hf checkpoints/finetuned_hf
+    python finetune_merged.py --drop-every-second               # baseline: keep layers 0, 2, 4, ... only
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from models import LayerSpec, export_hf, hf_export_problem
+from models.compress import clone_model, compose, init_merged_layer
+from utils import runtime
+from utils.assemble import build_student, load_model
+from utils.cli import add_training_args, common_parser, positive_float, positive_int
+from utils.distill import MLMMasker, ModelDistill, describe_losses
+from utils.evaluate import compare_models
+from utils.session import run_main, sample_printer, start, write_run_file
+from utils.train import Trainer, Unit, make_train_config
+from eval_merged_12 import evaluate_student
+
+log = logging.getLogger("simplifying_transformers")
+REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
+    add_training_args(p, epochs=3, lr=1e-4)
+    g = p.add_argument_group("student")
+    g.add_argument("--merged", nargs="+", default=["checkpoints"],
+                   help="folders of merged-layer / block / model checkpoints, found by metadata (searched recursively)")
+    g.add_argument("--which", choices=["best", "last"], default="best")
+    g.add_argument("--drop-every-second", action="store_true",
+                   help="baseline student: the teacher with layers 1, 3, 5, ... removed (no checkpoints needed)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--kl-weight", type=float, default=1.0, help="KL(teacher || student) at masked positions")
+    g.add_argument("--mlm-weight", type=float, default=0.0, help="hard-label masked-LM cross-entropy")
+    g.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state loss at matched layers")
+    g.add_argument("--hidden-criterion", choices=["cosine", "MSE", "L1"], default="cosine")
+    g.add_argument("--temperature", type=positive_float, default=2.0)
+    g = p.add_argument_group("output")
+    g.add_argument("--export-hf", default=None, help="also save the best model as a Hugging Face BertForMaskedLM folder")
+    g.add_argument("--eval-batches", type=positive_int("--eval-batches"), default=None,
+                   help="limit the per-epoch validation comparison to N batches")
+    g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def drop_every_second(teacher):
+    """Teacher without layers 1, 3, 5, ...: each pair (i, i+1) is replaced by a copy of layer i."""
+    merges = {}
+    for i in range(0, len(teacher.layers) - 1, 2):
+        s = teacher.config.layers[i]
+        spec = LayerSpec(s.num_heads, s.head_dim, s.intermediate_size, [i, i + 1], "dropped")
+        layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[i], teacher.layers[i + 1], "first")
+        merges[i] = (layer, spec)
+    return clone_model(compose(teacher, merges=merges)), ["dropped layers " + ", ".join(str(i + 1) for i in merges)]
+
+
+def main(args: argparse.Namespace) -> Path:
+    s = start(args)
+    if args.drop_every_second:
+        student, sources = drop_every_second(s.teacher)
+    else:
+        student, sources = build_student(s.teacher, args.merged, s.teacher_hash, args.force, args.which)
+    student = student.to(s.device)
+    for line in sources:
+        log.info("student: %s", line)
+    log.info("student plan:\n%s", student.config.describe())
+    run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
+    write_run_file(run_dir, args, {"sources": sources})
+    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
+    train_loader, sampler = s.loader(train_ds, shuffle=True)
+    valid_loader, _ = s.loader(valid_ds, shuffle=False)
+    masker = MLMMasker(s.tokenizer, s.teacher.config.vocab_size)
+    task = ModelDistill(s.teacher, student, masker, args.kl_weight, args.mlm_weight, args.hidden_weight,
+                        args.hidden_criterion, args.temperature, args.seed).to(s.device)
+    meta = {"kind": "model", "config": student.config.to_dict(), "teacher": args.teacher,
+            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task)}
+    unit = Unit("model", student, run_dir / "model", meta)
+
+    def evaluate() -> dict[str, float]:
+        m = task.evaluate(valid_loader)
+        cmp = compare_models(s.teacher, student, valid_loader, s.tokenizer, s.device, keep_rows=False,
+                             max_batches=args.eval_batches).metrics
+        m.update({f"model/{k}": float(cmp[k]) for k in REPORTED if k in cmp})
+        return m
+
+    trainer = Trainer(task, [unit], make_train_config(args), run_dir, s.device, evaluate,
+                      sample_printer(s, lambda: student, valid_loader) if args.print_samples else None,
+                      {"run_dir": str(run_dir)})
+    trainer.fit(train_loader, sampler)
+    runtime.barrier()  # rank 0 wrote the best checkpoint
+    best, _ = load_model(run_dir / "model" / "best")
+    evaluate_student(s, best, run_dir / "eval", {"model": str(run_dir / "model" / "best"), "sources": sources})
+    if args.export_hf and runtime.is_main_process():
+        problem = hf_export_problem(best.config)
+        if problem:
+            log.warning("not exported to Hugging Face format: %s", problem)
+        else:
+            log.info("Hugging Face BertForMaskedLM written to %s", export_hf(best.cpu(), args.export_hf, s.tokenizer))
+    return run_dir
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))
