@@ -8,15 +8,18 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models run fastest on one thread; several threads per process only contend (also in subprocesses).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 
 NOUNS = "cat dog bird lobster river city king queen ship song army garden".split()
 ADJS = "small large red blue old young quiet famous".split()
@@ -50,13 +53,14 @@ def make_tokenizer(folder: Path):
 
 
 def make_hf_teacher(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 4, ffn: int = 64,
-                    with_head: bool = True, seed: int = 0, vocab_size: int | None = None) -> Path:
+                    with_head: bool = True, seed: int = 0, vocab_size: int | None = None, **config_kwargs) -> Path:
+    """``config_kwargs`` go to BertConfig as they are (e.g. hidden_dropout_prob=0.0)."""
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64)
+                     num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64, **config_kwargs)
     model = (BertForMaskedLM if with_head else BertModel)(cfg)
     # random init leaves LayerNorms at identity and biases at 0; perturb so the parity tests exercise every weight
     with torch.no_grad():

@@ -1,0 +1,115 @@
+"""The data pipeline: sentence splitting, local splits, deterministic masks and batches, BERT masking."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+from utils.data import (BucketBatchSampler, Collator, DataError, DataSpec, TokenizedSentences, bert_mlm_mask,
+                        load_sentences, make_loader, split_sentences)
+
+
+def test_split_sentences_drops_headings_and_splits_paragraphs():
+    lines = [" = Valkyria Chronicles = ", "", " The game began in 2010 . It was a hit ! Fans liked it a lot . ",
+             " = = Plot = = ", "Short ."]
+    assert split_sentences(lines) == ["The game began in 2010 .", "It was a hit !", "Fans liked it a lot ."]
+
+
+def test_single_file_split_by_ratio_is_deterministic(tmp_path):
+    (tmp_path / "all.txt").write_text("\n".join(f"sentence number {i} is here ." for i in range(100)))
+    spec = DataSpec(data_dir=str(tmp_path), split_ratio=(0.8, 0.1, 0.1), seed=3)
+    parts = {s: load_sentences(spec, s) for s in ("train", "valid", "test")}
+    assert [len(p) for p in parts.values()] == [80, 10, 10]
+    assert not set(parts["train"]) & set(parts["test"])
+    assert parts["test"] == load_sentences(spec, "test")
+    assert load_sentences(spec, "test", fraction=0.5) == parts["test"][:5]
+
+
+def test_eval_masks_are_seeded_and_never_special(tmp_path, tiny_corpus):
+    tok = make_tokenizer(tmp_path / "tok")
+    sents = load_sentences(DataSpec(data_dir=str(tiny_corpus)), "test")
+    a = TokenizedSentences(sents, tok, seq_len=8, mask_seed=5)
+    b = TokenizedSentences(sents, tok, seq_len=8, mask_seed=5)
+    c = TokenizedSentences(sents, tok, seq_len=8, mask_seed=6)
+    assert a.mask_positions == b.mask_positions != c.mask_positions
+    special = set(tok.all_special_ids)
+    for ids, p in zip(a.ids, a.mask_positions):
+        assert len(ids) <= 8 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        assert ids[p] not in special
+    assert a.truncated > 0  # long sentences were cut, keeping [CLS]/[SEP]
+
+
+def test_batches_padded_per_batch_and_deterministic(tmp_path, tiny_corpus):
+    tok = make_tokenizer(tmp_path / "tok")
+    ds = TokenizedSentences(load_sentences(DataSpec(data_dir=str(tiny_corpus)), "train"), tok, 40, mask_seed=0)
+    l1, s1 = make_loader(ds, tok, 16, shuffle=True, seed=1)
+    l2, s2 = make_loader(ds, tok, 16, shuffle=True, seed=1)
+    s1.set_epoch(2), s2.set_epoch(2)
+    b1, b2 = list(l1), list(l2)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(b1, b2))
+    s2.set_epoch(3)
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(b1, list(l2)))
+    for b in b1:
+        lengths = b["attention_mask"].sum(1)
+        assert b["input_ids"].shape[1] == lengths.max()  # padded to the batch's longest, not to seq_len
+        rows = torch.arange(len(lengths))
+        assert (b["masked_input_ids"][rows, b["mask_pos"]] == tok.mask_token_id).all()
+        assert torch.equal(b["target"], b["input_ids"][rows, b["mask_pos"]])
+    assert sorted(i for b in b1 for i in b["index"].tolist()) == list(range(len(ds)))
+
+
+def test_sampler_ranks_partition_global_batches():
+    lengths = [5 + (i % 7) for i in range(50)]
+    single = list(BucketBatchSampler(lengths, 8, seed=0))
+    r0 = list(BucketBatchSampler(lengths, 4, seed=0, num_replicas=2, rank=0))
+    r1 = list(BucketBatchSampler(lengths, 4, seed=0, num_replicas=2, rank=1))
+    assert len(r0) == len(r1)
+    for full, a, b in zip(single, r0, r1):
+        assert sorted(a + b) == sorted(full)
+
+
+def test_bert_masking_statistics_and_specials(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    ids = torch.randint(5, len(tok), (400, 30))
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    att = torch.ones_like(ids)
+    att[:, 25:] = 0
+    g = torch.Generator().manual_seed(0)
+    masked, labels = bert_mlm_mask(ids, att, tok.all_special_ids, tok.mask_token_id, len(tok), g)
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and not chosen[:, 25:].any()
+    assert (chosen.sum(1) >= 1).all()
+    frac = chosen[:, 1:25].float().mean().item()
+    assert 0.13 < frac < 0.18
+    to_mask = (masked[chosen] == tok.mask_token_id).float().mean().item()
+    unchanged = (masked[chosen] == ids[chosen]).float().mean().item()
+    assert 0.75 < to_mask < 0.85 and 0.07 < unchanged < 0.16
+
+
+def test_bad_text_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.txt").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        load_sentences(DataSpec(data_dir=str(tmp_path / "empty")), "train")
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "train.txt").write_text(" = Title = \n = = Section = = \n\n")
+    with pytest.raises(DataError, match="no usable sentence"):
+        load_sentences(DataSpec(data_dir=str(tmp_path / "heads")), "train")
+    with pytest.raises(DataError, match="valid.txt"):
+        load_sentences(DataSpec(data_dir=str(tmp_path / "heads")), "valid")
+
+
+def test_non_utf8_bytes_replaced_and_reported(tmp_path, caplog):
+    (tmp_path / "train.txt").write_bytes(b"the cat sat on the mat \xff\xfe today .\nanother fine sentence here .\n")
+    with caplog.at_level("WARNING"):
+        sents = load_sentences(DataSpec(data_dir=str(tmp_path)), "train")
+    assert len(sents) == 2 and "\ufffd" in sents[0]
+    assert sum("not valid UTF-8" in r.message for r in caplog.records) == 1
+    assert "2 bytes" in caplog.text
+
+
+def test_collator_without_eval_mask(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    batch = Collator(tok.pad_token_id)([{"index": 0, "input_ids": [2, 7, 3]}, {"index": 1, "input_ids": [2, 3]}])
+    assert batch["input_ids"].tolist() == [[2, 7, 3], [2, 3, tok.pad_token_id]]
+    assert "masked_input_ids" not in batch
