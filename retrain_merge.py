@@ -105,7 +105,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    probe = next(iter(s.loader(train_ds, shuffle=False)[0]))
+    probe = s.global_batch(train_ds)  # the same on every rank
     layers, notes = make_layers(s, pairs, lambda i: LayerSpec(heads, head_dim, ffn, [i, i + 1], "merged"),
                                 args.init, probe)
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if args.loss_on == "mlm" else None

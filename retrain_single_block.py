@@ -104,7 +104,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
 
     # students, initialised from the teacher where shapes allow
-    probe = [next(iter(s.loader(train_ds, shuffle=False)[0]))]  # one batch to rank heads on real inputs
+    probe = [s.global_batch(train_ds)]  # one batch to rank heads on real inputs, the same on every rank
     blocks, notes = {}, {}
     for i in layers:
         teacher_attn = s.teacher.layers[i].attention

@@ -63,8 +63,29 @@ class DistillTask(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses = self.unit_losses(batch, None)
+        logs = {f"{k}/loss": l.detach() for k, (l, _) in losses.items()}
+        if self.training and runtime.world_size() > 1:
+            losses = self._share_of_global_mean(losses)
         total = sum(l for l, _ in losses.values())
-        return total, {f"{k}/loss": l.detach() for k, (l, _) in losses.items()}
+        return total, logs
+
+    def _share_of_global_mean(self, losses: dict[str, tuple[torch.Tensor, float]]
+                              ) -> dict[str, tuple[torch.Tensor, float]]:
+        """Under DDP: each rank's unit loss (a mean over its ``weight`` tokens) times K * weight / global weight.
+
+        DDP averages gradients over the K ranks, so the result is the gradient of the mean over the whole global
+        batch, as one process with K times the batch size computes it, however unevenly tokens fall on the ranks.
+        A non-finite loss on any rank makes every rank's loss NaN, so all ranks stop together.
+        """
+        k = runtime.world_size()
+        local = [w for _, w in losses.values()]
+        local.append(float(not all(torch.isfinite(l).item() for l, _ in losses.values())))
+        glob = runtime.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        out = {}
+        for (name, (loss, w)), g in zip(losses.items(), glob):
+            loss = loss * (k * w / g if g > 0 else 0.0)
+            out[name] = (loss + float("nan") if glob[-1] > 0 else loss, w)
+        return out
 
     @torch.no_grad()
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:

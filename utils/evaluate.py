@@ -27,7 +27,7 @@ TOPK = (1, 5, 10)
 @dataclass
 class EvalResult:
     metrics: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per sentence (rank 0's share under DDP)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per sentence (all ranks' rows under DDP)
     notes: list[str] = field(default_factory=list)
 
 
@@ -119,6 +119,8 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, t
     keys = list(acc)
     summed = runtime.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=device))
     acc = dict(zip(keys, summed.tolist()))
+    if keep_rows and runtime.is_distributed():  # every rank's sentences, in the order of a single process
+        rows = sorted((r for part in runtime.all_gather_objects(rows) for r in part), key=lambda r: r["index"])
     n, tok = max(acc["sentences"], 1), max(acc["tokens"], 1)
     m: dict[str, Any] = {
         "sentences": int(acc["sentences"]),

@@ -14,7 +14,7 @@ import torch
 
 from models import BertForMaskedLM, NoMLMHeadError, load_teacher, weights_hash
 from . import runtime
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, probe_writable
 from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader
 from .train import TrainingDiverged
 
@@ -47,6 +47,13 @@ class Session:
                            pin_memory=self.device.type == "cuda", num_replicas=runtime.world_size(),
                            rank=runtime.rank())
 
+    def global_batch(self, ds: TokenizedSentences) -> dict:
+        """The first batch of ``ds`` as one process with the global batch size (--batch-size x processes) sees it,
+        the same on every rank: for choices every rank must make alike (which heads to keep)."""
+        loader, _ = make_loader(ds, self.tokenizer, self.args.batch_size * runtime.world_size(), shuffle=False,
+                                seed=self.args.seed)
+        return next(iter(loader))
+
 
 def start(args: argparse.Namespace, need_hash: bool = True) -> Session:
     runtime.setup_logging(getattr(args, "verbose", False))
@@ -72,7 +79,7 @@ def teacher_layer_count(name_or_path: str) -> int:
 
 def write_run_file(run_dir: Path, args: argparse.Namespace, extra: dict | None = None) -> None:
     if runtime.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        probe_writable(run_dir)  # an unwritable or full output folder fails here, before any training
         (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **(extra or {})},
                                                      indent=2, default=str))
 
@@ -95,22 +102,30 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        main_process = runtime.is_main_process()  # asked before the group is gone (then every rank says 0)
         if runtime.is_distributed():
             torch.distributed.destroy_process_group()
-    if runtime.is_main_process():
+    if main_process:
         print(f"results written to {where}")
     return 0
 
 
 def teacher_cache(s: Session, ds: TokenizedSentences, names: list[str]):
-    """The training split's teacher features, built once by rank 0 (others wait, then map the same files)."""
+    """The training split's teacher features, built once by rank 0 (others wait, then map the same files).
+
+    On several machines without a shared --cache-dir, each machine's local rank 0 then builds its own copy before
+    the other local ranks map it; with a shared folder they just find rank 0's files.
+    """
     from .features import TeacherCache
 
     cache = TeacherCache(s.args.cache_dir, s.teacher, s.teacher_hash, ds.ids, str(s.args.teacher), s.args.seq_len)
     if runtime.is_main_process():
         cache.ensure(names, s.args.batch_size * 4, s.device)
     runtime.barrier()
-    if not runtime.is_main_process():
+    if not runtime.is_main_process() and runtime.local_rank() == 0:
+        cache.ensure(names, s.args.batch_size * 4, s.device)
+    runtime.barrier()
+    if runtime.local_rank() != 0:
         cache.ensure(names, s.args.batch_size * 4, s.device)
     return cache
 
