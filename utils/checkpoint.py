@@ -57,6 +57,7 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically write weights (+ metadata, + optional training state) to ``directory``."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if meta.get("kind") not in KINDS:
@@ -86,12 +87,14 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         shutil.rmtree(prev, ignore_errors=True)
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # safetensors reports its I/O errors (disk full...) as SafetensorError, torch.save as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.exists() and prev.exists():
             os.replace(prev, final)
         raise CheckpointError(
-            f"could not write checkpoint '{final}': {e.strerror or e}. The previous checkpoint there (if any) is intact."
+            f"could not write checkpoint '{final}': {getattr(e, 'strerror', None) or e}. The previous checkpoint "
+            "there (if any) is intact."
         ) from e
     return final
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable
 
@@ -24,28 +25,26 @@ class Parser(argparse.ArgumentParser):
         return dashed + eq + value if dashed in self._option_string_actions else arg
 
 
-def positive_int(name: str) -> Callable[[str], int]:
+def int_at_least(name: str, minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``, with an error naming the flag."""
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{s}'") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        if v < minimum:
+            bound = "> 0" if minimum == 1 else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {v}")
         return v
     return parse
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    return int_at_least(name, 1)
 
 
 def non_negative_int(name: str) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{s}'") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
+    return int_at_least(name, 0)
 
 
 def fraction(s: str) -> float:
@@ -63,8 +62,8 @@ def positive_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got '{s}'") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
     return v
 
 

@@ -47,7 +47,7 @@ def read_text_file(path: Path, min_words: int = 3) -> list[str]:
         raise DataError(f"text file '{path}' does not exist")
     raw = path.read_bytes()
     text = raw.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    bad = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))  # invalid bytes, however grouped
     if bad:
         log.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, bad)
     if not text.strip():
@@ -103,12 +103,16 @@ def load_wikitext2(split: str, min_words: int = 3) -> list[str]:
     except ImportError as e:  # pragma: no cover - depends on the install
         raise DataError("--dataset wikitext2 needs the 'datasets' package; or pass --data-dir DIR") from e
     hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
-    try:
-        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
-    except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
-        raise DataError(
-            f"could not load WikiText-2 from the Hugging Face Hub ({type(e).__name__}: {e}); offline? pass --data-dir DIR"
-        ) from None
+    errors = []
+    for repo in ("Salesforce/wikitext", "wikitext"):  # the canonical id moved; older `datasets` know the short one
+        try:
+            ds = load_dataset(repo, "wikitext-2-raw-v1", split=hf_split)
+            break
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
+            errors.append(f"{repo}: {type(e).__name__}: {e}")
+    else:
+        raise DataError("could not load WikiText-2 from the Hugging Face Hub (" + "; ".join(errors)
+                        + "); offline? pass --data-dir DIR")
     return split_sentences(ds["text"], min_words)
 
 
@@ -144,15 +148,19 @@ class TokenizedSentences(Dataset):
     def __init__(self, sentences: list[str], tokenizer, seq_len: int = 40, mask_seed: int | None = 0):
         if seq_len < 3:
             raise ValueError(f"--seq-len must be at least 3 ([CLS] token [SEP]), got {seq_len}")
-        enc = tokenizer(sentences, truncation=True, max_length=seq_len, add_special_tokens=True)
+        # one token more than kept tells a sentence that was cut from one that fits exactly
+        enc = tokenizer(sentences, truncation=True, max_length=seq_len + 1, add_special_tokens=True)
         special = set(tokenizer.all_special_ids)
         self.sentences: list[str] = []
         self.ids: list[list[int]] = []
         self.truncated = 0
         for s, ids in zip(sentences, enc["input_ids"]):
+            cut = len(ids) > seq_len
+            if cut:
+                ids = ids[:seq_len - 1] + ids[-1:]  # keep [CLS] ... [SEP], as truncation to seq_len would
             if not any(t not in special for t in ids):
                 continue  # nothing maskable
-            self.truncated += int(ids[-1] == tokenizer.sep_token_id and len(ids) == seq_len)
+            self.truncated += int(cut)
             self.sentences.append(s)
             self.ids.append(list(ids))
         self.skipped = len(sentences) - len(self.ids)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,13 +23,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import runtime
-from .checkpoint import CheckpointError, load_checkpoint, load_into, probe_writable, save_checkpoint
+from .checkpoint import CheckpointError, check_meta, load_checkpoint, load_into, probe_writable, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# unit metadata a resumed run must share with its resume checkpoint (teacher_hash: unless --force)
+RESUME_CHECKED = ("kind", "teacher_hash", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer",
+                  "layers")
+# test-only hook: seconds to sleep after every training step, so that tests/test_reliability.py can kill a run
+# reliably in the middle of an epoch; unset (0) in normal use
+STEP_DELAY_ENV = "SIMPLIFYING_TRANSFORMERS_TEST_STEP_DELAY"
 
 
 @dataclass
@@ -45,6 +54,7 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 10
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
+    force: bool = False  # resume although the resume checkpoint was made against another teacher
 
 
 @dataclass
@@ -133,6 +143,11 @@ class Trainer:
             raise CheckpointError(
                 f"'{self.resume_dir}' holds units {meta.get('units')}, this run trains {expected}: not the same run"
             )
+        saved = meta.get("unit_meta") or {}  # absent in resume checkpoints written before it was recorded
+        for u in self.units:
+            if u.name in saved:
+                check_meta(saved[u.name], self.resume_dir, force_teacher=self.cfg.force,
+                           **{k: u.meta[k] for k in RESUME_CHECKED if k in u.meta})
         for u in self.units:
             prefix = u.name + "."
             load_into(u.module, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
@@ -164,6 +179,7 @@ class Trainer:
                 save_checkpoint(u.out_dir / f"epoch_{epoch + 1}", sd, meta)
         all_sd = {f"{u.name}.{k}": v for u in self.units for k, v in u.module.state_dict().items()}
         save_checkpoint(self.resume_dir, all_sd, {"kind": "resume", "units": [u.name for u in self.units],
+                                                  "unit_meta": {u.name: u.meta for u in self.units},
                                                   "epoch": epoch + 1, "run": self.run_meta},
                         train_state=self._train_state(epoch))
 
@@ -184,8 +200,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         metrics: dict[str, float] = {}
+        step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
         for epoch in range(self.start_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed * 7919 + epoch)  # dropout & masking replay exactly on resume
+            # dropout & masking replay exactly on resume; each rank draws its own (rank 0 as a single process)
+            torch.manual_seed(cfg.seed * 7919 + epoch + 1_000_003 * runtime.rank())
             if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             self.task.train()
@@ -210,13 +228,25 @@ class Trainer:
                     for u in self.units:
                         torch.nn.utils.clip_grad_norm_([p for p in u.module.parameters() if p.grad is not None],
                                                        cfg.clip)
-                self.optimizer.step()
+                try:
+                    self.optimizer.step()
+                except RuntimeError as e:  # a huge --lr: Adam's step size no longer fits a float
+                    if "overflow" not in str(e):
+                        raise
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} (global step "
+                        f"{self.global_step + 1}): {e}; lower --lr. Stopped; the last good checkpoint in "
+                        f"{self.run_dir} is kept."
+                    ) from None
                 self.scheduler.step()
                 self.global_step += 1
                 lv = loss.item()
                 running = lv if running is None else 0.95 * running + 0.05 * lv
                 bar.set_postfix(loss=f"{running:.4g}")
                 bar.update()
+                if step_delay:
+                    time.sleep(step_delay)
                 if self.writer is not None and self.global_step % cfg.log_every == 0:
                     self.writer.add_scalar("train/loss", lv, self.global_step)
                     self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.global_step)
@@ -226,6 +256,16 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             self.task.eval()
             metrics = self.evaluate()
+            # a last step with finite loss can still leave NaN weights: never save them over a good checkpoint
+            broken = [u.name for u in self.units
+                      if not math.isfinite(metrics.get(f"{u.name}/{u.metric}", 0.0))
+                      or not all(bool(torch.isfinite(p).all()) for p in u.module.parameters())]
+            if broken:
+                raise TrainingDiverged(
+                    f"the weights or validation {', '.join(sorted({u.metric for u in self.units}))} of "
+                    f"{', '.join(broken)} became non-finite in epoch {epoch + 1} (by global step {self.global_step}); "
+                    f"stopped before saving. The last good checkpoint in {self.run_dir} is kept."
+                )
             for u in self.units:
                 u.history.append({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")})
             if self.writer is not None:
@@ -236,10 +276,13 @@ class Trainer:
             log.info("epoch %d/%d  train loss %.4g  %.1fs  %s", epoch + 1, cfg.epochs, running or float("nan"),
                      elapsed, shown)
             self._save(epoch, metrics)
-            if self.samples is not None and runtime.is_main_process():
-                print(self.samples(), flush=True)
+            if self.samples is not None:
+                text = self.samples()  # on every rank: the comparison all-reduces its counts
+                if runtime.is_main_process():
+                    print(text, flush=True)
         if self.writer is not None:
             self.writer.close()
+        runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
         return metrics
 
 
@@ -248,7 +291,8 @@ def make_train_config(args: Any) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                        schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
                        resume=args.resume, compile=args.compile,
-                       max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None))
+                       max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
+                       force=getattr(args, "force", False))
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
