@@ -7,7 +7,6 @@ checkpoint is used as is. A ``model`` checkpoint among them becomes the base the
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path

@@ -93,11 +93,3 @@ def all_gather_objects(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -55,7 +55,7 @@ class Session:
         return next(iter(loader))
 
 
-def start(args: argparse.Namespace, need_hash: bool = True) -> Session:
+def start(args: argparse.Namespace) -> Session:
     runtime.setup_logging(getattr(args, "verbose", False))
     device = runtime.select_device(args.device)
     runtime.init_distributed(device)
@@ -65,7 +65,7 @@ def start(args: argparse.Namespace, need_hash: bool = True) -> Session:
              len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
              teacher.config.head_dim, "with" if teacher.has_mlm_head else "WITHOUT", teacher.num_parameters() / 1e6)
     spec = DataSpec(dataset=args.dataset, data_dir=args.data_dir, split_ratio=tuple(args.split_ratio), seed=args.seed)
-    return Session(args, device, teacher, tok, weights_hash(teacher) if need_hash else "", spec)
+    return Session(args, device, teacher, tok, weights_hash(teacher), spec)
 
 
 def teacher_layer_count(name_or_path: str) -> int:

@@ -14,9 +14,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -67,7 +67,6 @@ class Unit:
     meta: dict[str, Any]  # kind, layer, shapes, teacher, criterion... (epoch and metrics are added at save time)
     metric: str = "loss"  # validation metric of this unit, lower is better
     best: float = math.inf
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -128,7 +127,6 @@ class Trainer:
             "epoch": epoch, "global_step": self.global_step,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "best": {u.name: u.best for u in self.units},
-            "history": {u.name: u.history for u in self.units},
         }
 
     def _try_resume(self) -> None:
@@ -143,11 +141,10 @@ class Trainer:
             raise CheckpointError(
                 f"'{self.resume_dir}' holds units {meta.get('units')}, this run trains {expected}: not the same run"
             )
-        saved = meta.get("unit_meta") or {}  # absent in resume checkpoints written before it was recorded
+        saved = meta.get("unit_meta", {})
         for u in self.units:
-            if u.name in saved:
-                check_meta(saved[u.name], self.resume_dir, force_teacher=self.cfg.force,
-                           **{k: u.meta[k] for k in RESUME_CHECKED if k in u.meta})
+            check_meta(saved.get(u.name, {}), self.resume_dir, force_teacher=self.cfg.force,
+                       **{k: u.meta[k] for k in RESUME_CHECKED if k in u.meta})
         for u in self.units:
             prefix = u.name + "."
             load_into(u.module, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
@@ -158,7 +155,6 @@ class Trainer:
         self.global_step = int(state["global_step"])
         for u in self.units:
             u.best = float(state["best"][u.name])
-            u.history = list(state["history"][u.name])
         log.info("resumed from %s: epoch %d done, continuing at epoch %d", self.resume_dir, state["epoch"] + 1,
                  self.start_epoch + 1)
 
@@ -266,8 +262,6 @@ class Trainer:
                     f"{', '.join(broken)} became non-finite in epoch {epoch + 1} (by global step {self.global_step}); "
                     f"stopped before saving. The last good checkpoint in {self.run_dir} is kept."
                 )
-            for u in self.units:
-                u.history.append({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")})
             if self.writer is not None:
                 for k, v in metrics.items():
                     self.writer.add_scalar(f"val/{k}", v, epoch + 1)
@@ -294,11 +288,3 @@ def make_train_config(args: Any) -> TrainConfig:
                        max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
                        force=getattr(args, "force", False))
 
-
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-def iterate_params(units: Iterable[Unit]) -> Iterable[nn.Parameter]:
-    for u in units:
-        yield from u.module.parameters()
