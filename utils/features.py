@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +105,11 @@ class TeacherCache:
         total = int(self.offsets[-1])
         tmp = {n: self.dir / f"{n}.npy.tmp" for n in names}
         maps = {n: open_memmap(str(p), mode="w+", dtype=np.float16, shape=(total, D)) for n, p in tmp.items()}
-        for start in tqdm(range(0, len(self.ids), batch_size), desc="caching teacher features", unit="batch"):
-            chunk = self.ids[start:start + batch_size]
+        # sentences in length order: each teacher batch is nearly free of padding
+        order = np.argsort(np.diff(self.offsets), kind="stable")
+        for start in tqdm(range(0, len(order), batch_size), desc="caching teacher features", unit="batch"):
+            index = order[start:start + batch_size]
+            chunk = [self.ids[i] for i in index]
             T = max(len(x) for x in chunk)
             ids = torch.zeros(len(chunk), T, dtype=torch.long)
             att = torch.zeros(len(chunk), T, dtype=torch.long)
@@ -115,10 +117,10 @@ class TeacherCache:
                 ids[b, :len(x)] = torch.tensor(x)
                 att[b, :len(x)] = 1
             feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
-            valid = att.bool()
-            lo, hi = int(self.offsets[start]), int(self.offsets[start + len(chunk)])
+            valid = att.bool().to(device)
+            rows = self._rows(index)
             for n, t in feats.items():
-                maps[n][lo:hi] = t.float().cpu()[valid].numpy().astype(np.float16)
+                maps[n][rows] = t[valid].to(torch.float16).cpu().numpy()
         for n, m in maps.items():
             m.flush()
             del m
@@ -127,18 +129,29 @@ class TeacherCache:
             {"sentences": len(self.ids), "tokens": total, "hidden": D,
              "features": sorted(p.stem for p in self.dir.glob("*.npy"))}, indent=2))
 
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        """Packed row numbers of the tokens of sentences ``index``, sentence after sentence."""
+        lo = self.offsets[index]
+        n = self.offsets[index + 1] - lo
+        return np.arange(int(n.sum())) + np.repeat(lo - (np.cumsum(n) - n), n)
+
     def batch(self, names: list[str], index: torch.Tensor, T: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Padded [B, T, D] float tensors for the sentences ``index`` (padding positions are zero)."""
+        """Padded [B, T, D] float tensors for the sentences ``index`` (padding positions are zero).
+
+        One gather per feature: the packed fp16 rows go to ``device`` as they are and are scattered into place there.
+        """
+        idx = index.cpu().numpy()
+        n = self.offsets[idx + 1] - self.offsets[idx]
+        rows = self._rows(idx)
+        # position of each gathered token in the flattened [B * T] batch
+        pos = np.repeat(np.arange(len(idx)) * T - (np.cumsum(n) - n), n) + np.arange(len(rows))
+        pos_t = torch.from_numpy(pos).to(device)
         out = {}
-        idx = index.tolist()
-        for n in names:
-            arr = self.arrays[n]
-            x = torch.zeros(len(idx), T, arr.shape[1], dtype=torch.float32)
-            for b, i in enumerate(idx):
-                lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-                x[b, :hi - lo] = torch.from_numpy(np.asarray(arr[lo:hi], dtype=np.float32))
-            out[n] = x.to(device, non_blocking=True)
+        for name in names:
+            arr = self.arrays[name]
+            src = torch.from_numpy(arr[rows]).to(device, non_blocking=True)
+            x = torch.zeros(len(idx) * T, arr.shape[1], dtype=torch.float32, device=device)
+            x.index_copy_(0, pos_t, src.float())
+            out[name] = x.view(len(idx), T, arr.shape[1])
         return out
 
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Inference speed: a bert-base-shaped teacher vs its compressed variants, at batch 32 x seq 40 by default.
+
+Variants (random teacher weights; the speed does not depend on them), built with the library's own initialisers:
+  blocks 4x64   every attention block with 4 heads of 64      (``compress_attention``: kept heads)
+  blocks 12x32  every attention block with 12 heads of 32     (``compress_attention``: SVD per head)
+  merged 12->6  layer pairs (0,1), (2,3), ... merged into one  (``init_merged_layer``, a full-size layer each)
+Every variant is a ``compose`` view sharing the teacher's embeddings and MLM head.
+
+Per model: parameters, analytic FLOPs per token (2 per multiply-add; matmuls and attention only), and the median
+latency of ``--repeats`` timed calls after ``--warmup`` untimed ones, under ``torch.inference_mode``. Repeats go
+round-robin over the models so that load from other processes falls on all of them alike. Two cases:
+  encoder   the last hidden state (what downstream use runs): the headline number and the target
+  MLM       the encoder plus the masked-LM head's logits at every position (a 30522-way output per token)
+
+    python bench/inference_speed.py                              # CPU, fp32
+    python bench/inference_speed.py --device cuda --dtype bf16 --repeats 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import BertForMaskedLM, LayerSpec, ModelConfig  # noqa: E402
+from models.compress import compose, compress_attention, init_merged_layer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MERGED = "merged 12->6"
+TARGET_SPEEDUP = 1.8  # the merged model's encoder throughput vs the teacher's, on CPU
+
+
+def bert_base_teacher(device: torch.device) -> BertForMaskedLM:
+    cfg = ModelConfig(vocab_size=30522, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                      num_hidden_layers=12)
+    return BertForMaskedLM(cfg).to(device).eval()
+
+
+def build_variants(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
+    cfg = teacher.config
+    out = {"teacher": teacher}
+    for heads, head_dim in ((4, 64), (12, 32)):
+        blocks = {i: compress_attention(layer.attention, cfg, heads, head_dim)[0]
+                  for i, layer in enumerate(teacher.layers)}
+        out[f"blocks {heads}x{head_dim}"] = compose(teacher, blocks=blocks)
+    merges = {}
+    for i in range(0, len(teacher.layers) - 1, 2):
+        spec = LayerSpec(cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size, [i, i + 1], "merged")
+        merges[i] = (init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i + 1], "first")[0], spec)
+    out[MERGED] = compose(teacher, merges=merges)
+    return {k: m.eval() for k, m in out.items()}
+
+
+def encoder_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Matmul FLOPs per token of all encoder layers: q/k/v/output projections, scores and mixing, feed-forward."""
+    D, total = cfg.hidden_size, 0
+    for s in cfg.layers:
+        inner = s.num_heads * s.head_dim
+        total += 2 * D * inner * 4  # q, k, v (D -> inner) and output (inner -> D)
+        total += 2 * 2 * seq_len * inner  # q.k over seq_len keys, and probs @ v
+        total += 2 * 2 * D * s.intermediate_size  # feed-forward up and down
+    return total
+
+
+def head_flops_per_token(cfg: ModelConfig) -> int:
+    """MLM head per token: transform (D -> D) and decoder (D -> vocab)."""
+    return 2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * cfg.vocab_size
+
+
+def encoder_parameters(model: BertForMaskedLM) -> int:
+    return sum(p.numel() for p in model.layers.parameters())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_round_robin(models: dict[str, BertForMaskedLM], ids: torch.Tensor, att: torch.Tensor, with_logits: bool,
+                     warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call for each model; each round calls every model once."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(warmup + repeats):
+        for name, m in models.items():
+            sync(device)
+            t0 = time.perf_counter()
+            m(ids, att, with_logits=with_logits)
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per model and case (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls per model and case first")
+    ap.add_argument("--skip-mlm", action="store_true", help="time the encoder only")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="default: bench/results/inference_speed_<device>.json")
+    args = ap.parse_args()
+    for flag in ("batch_size", "seq_len", "repeats"):
+        if getattr(args, flag) <= 0:
+            ap.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    models = build_variants(bert_base_teacher(device))
+    for m in models.values():
+        m.to(DTYPES[args.dtype])  # shared modules are cast once per view; all end up in the same dtype
+    B, T = args.batch_size, args.seq_len
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(1000, models["teacher"].config.vocab_size, (B, T), generator=gen).to(device)
+    att = torch.ones(B, T, dtype=torch.long, device=device)
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or platform.machine())
+    print(f"device {device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.dtype}, batch {B} x seq {T}, median of {args.repeats} after {args.warmup} warm-up, round-robin",
+          flush=True)
+
+    cases = [("encoder", False)] + ([] if args.skip_mlm else [("MLM", True)])
+    timings = {}
+    for case, with_logits in cases:
+        print(f"timing {case} ...", flush=True)
+        timings[case] = time_round_robin(models, ids, att, with_logits, args.warmup, args.repeats, device)
+
+    rows = {}
+    for name, m in models.items():
+        cfg = m.config
+        enc, head = encoder_flops_per_token(cfg, T), head_flops_per_token(cfg)
+        rows[name] = {"layers": len(cfg.layers), "parameters": m.num_parameters(),
+                      "encoder_parameters": encoder_parameters(m), "encoder_flops_per_token": enc,
+                      "head_flops_per_token": head, "plan": cfg.describe()}
+        for case, _ in cases:
+            lat = statistics.median(timings[case][name])
+            rows[name][case] = {"latency_s": lat, "latency_runs_s": timings[case][name],
+                                "sentences_per_s": B / lat, "tokens_per_s": B * T / lat}
+    base = rows["teacher"]
+    for name, r in rows.items():
+        for case, _ in cases:
+            flops = r["encoder_flops_per_token"] + (r["head_flops_per_token"] if case == "MLM" else 0)
+            base_flops = base["encoder_flops_per_token"] + (base["head_flops_per_token"] if case == "MLM" else 0)
+            r[case]["speedup"] = base[case]["latency_s"] / r[case]["latency_s"]
+            r[case]["flop_ratio"] = base_flops / flops
+
+    print("\n| model | layers | params (M) | encoder params (M) | encoder MFLOP/token | MLM head MFLOP/token |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['layers']} | {r['parameters'] / 1e6:.1f} | {r['encoder_parameters'] / 1e6:.1f} | "
+              f"{r['encoder_flops_per_token'] / 1e6:.1f} | {r['head_flops_per_token'] / 1e6:.1f} |")
+    for case, _ in cases:
+        what = ("encoder only: last hidden state, what downstream use runs" if case == "encoder"
+                else "encoder + MLM logits at every position")
+        print(f"\n{case} ({what}), batch {B} x seq {T}, {args.dtype} on {device}")
+        print("| model | latency ms | sentences/s | tokens/s | speedup | FLOP ratio | speedup / FLOP ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, r in rows.items():
+            c = r[case]
+            print(f"| {name} | {c['latency_s'] * 1e3:.1f} | {c['sentences_per_s']:.1f} | {c['tokens_per_s']:.0f} | "
+                  f"{c['speedup']:.2f}x | {c['flop_ratio']:.2f}x | {c['speedup'] / c['flop_ratio']:.2f} |")
+    merged = rows[MERGED]["encoder"]["speedup"]
+    met = merged >= TARGET_SPEEDUP if device.type == "cpu" else None
+    verdict = f"{'met' if met else 'MISSED'}" if met is not None else f"not judged on {device.type}"
+    print(f"\n{MERGED} encoder throughput vs teacher: {merged:.2f}x (target >= {TARGET_SPEEDUP}x on CPU: {verdict})")
+
+    result = {"benchmark": "inference_speed", "device": str(device), "device_name": device_name,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
+              "batch_size": B, "seq_len": T, "repeats": args.repeats, "warmup": args.warmup, "models": rows,
+              "merged_encoder_speedup": merged, "target": TARGET_SPEEDUP, "target_met": met}
+    path = args.json or ROOT / "bench" / "results" / f"inference_speed_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
