@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from models import LayerSpec, export_hf, hf_export_problem
-from models.compress import clone_model, compose, init_merged_layer
+from models import export_hf, hf_export_problem
+from models.compress import drop_every_second
 from utils import runtime
 from utils.assemble import build_student, load_model
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
@@ -48,17 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
     return p
-
-
-def drop_every_second(teacher):
-    """Teacher without layers 1, 3, 5, ...: each pair (i, i+1) is replaced by a copy of layer i."""
-    merges = {}
-    for i in range(0, len(teacher.layers) - 1, 2):
-        s = teacher.config.layers[i]
-        spec = LayerSpec(s.num_heads, s.head_dim, s.intermediate_size, [i, i + 1], "dropped")
-        layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[i], teacher.layers[i + 1], "first")
-        merges[i] = (layer, spec)
-    return clone_model(compose(teacher, merges=merges)), ["dropped layers " + ", ".join(str(i + 1) for i in merges)]
 
 
 def main(args: argparse.Namespace) -> Path:

@@ -114,7 +114,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
                  "conditioned": args.conditioned}
     cache = None
     if args.cache_teacher and args.loss_on != "mlm":
-        names = [f"out_{i + 1}" for i in pairs] + ([] if args.conditioned else [f"in_{i}" for i in pairs])
+        # a conditioned pair with no earlier pair (N < 2) still takes its input from the teacher, so from the cache
+        names = [f"out_{i + 1}" for i in pairs] + [f"in_{i}" for i in pairs if not args.conditioned or i < 2]
         cache = teacher_cache(s, train_ds, names)
 
     def train(group: list[int], group_dir: Path, inputs_from=None) -> dict[str, float]:

@@ -163,3 +163,14 @@ def compose(teacher: BertForMaskedLM, blocks: dict[int, BertAttention] | None = 
             raise ValueError(f"cannot merge teacher layers {i} and {i + 1}: they are not adjacent, unmerged layers here")
         view.merge_layers(idx, layer, spec)
     return view
+
+
+def drop_every_second(teacher: BertForMaskedLM) -> tuple[BertForMaskedLM, list[str]]:
+    """Teacher without layers 1, 3, 5, ...: each pair (i, i+1) is replaced by a copy of layer i."""
+    merges = {}
+    for i in range(0, len(teacher.layers) - 1, 2):
+        s = teacher.config.layers[i]
+        spec = LayerSpec(s.num_heads, s.head_dim, s.intermediate_size, [i, i + 1], "dropped")
+        layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[i], teacher.layers[i + 1], "first")
+        merges[i] = (layer, spec)
+    return clone_model(compose(teacher, merges=merges)), ["dropped layers " + ", ".join(str(i + 1) for i in merges)]

@@ -87,6 +87,11 @@ def test_merge_eval_conditioned_finetune_export(tmp_path, tiny_corpus, capsys):
                                     "--run-name", "m"]) == 0
     meta = json.loads((tmp_path / "m" / "merge_2" / "best" / "meta.json").read_text())
     assert meta["conditioned"] and meta["layers"] == [2, 3]
+    # all pairs, conditioned, with the teacher cache: pair (0, 1) reads its input from the cache, (2, 3) from it
+    assert _run(retrain_merge, c + ["--block", "all-pairs", "--conditioned", "--cache-teacher", "--cache-dir",
+                                    str(tmp_path / "cache"), "--epochs", "1", "--out", str(tmp_path),
+                                    "--run-name", "mc"]) == 0
+    assert {p.parent.parent.name for p in (tmp_path / "mc").rglob("best/meta.json")} == {"merge_0", "merge_2"}
     # a later pair without its earlier ones is refused
     capsys.readouterr()
     assert _run(retrain_merge, c + ["--block", "2", "--conditioned", "--conditioned-on", str(tmp_path / "empty_run"),
