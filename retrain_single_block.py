@@ -103,19 +103,18 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
 
-    # students, initialised from the teacher where shapes allow
-    probe = [s.global_batch(train_ds)]  # one batch to rank heads on real inputs, the same on every rank
+    # students, initialised from the teacher where shapes allow; heads are ranked on one batch (the same on every
+    # rank) with a single teacher pass for all layers
+    probe = s.global_batch(train_ds)
+    ids, att = probe["input_ids"].to(s.device), probe["attention_mask"].to(s.device)
+    rank_heads = args.init == "teacher" and heads < cfg.num_attention_heads
+    feats = teacher_features(s.teacher, ids, att, [f"in_{i}" for i in layers]) if rank_heads else {}
     blocks, notes = {}, {}
     for i in layers:
         teacher_attn = s.teacher.layers[i].attention
         importance = None
-        if args.init == "teacher" and heads < teacher_attn.num_heads:
-            inputs = []
-            for b in probe:
-                ids, att = b["input_ids"].to(s.device), b["attention_mask"].to(s.device)
-                x = teacher_features(s.teacher, ids, att, [f"in_{i}"])[f"in_{i}"]
-                inputs.append((x, extended_mask(att), att.bool()))
-            importance = head_importance(teacher_attn, inputs)
+        if rank_heads:
+            importance = head_importance(teacher_attn, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
         if args.init == "teacher":
             blocks[i], notes[i] = compress_attention(teacher_attn, cfg, heads, head_dim, importance)
         else:
