@@ -91,8 +91,10 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
     The last line printed on success says where the results were written.
     """
     args = parser.parse_args(argv)
+    ok = False
     try:
         where = main(args)
+        ok = True
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -104,6 +106,8 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
     finally:
         main_process = runtime.is_main_process()  # asked before the group is gone (then every rank says 0)
         if runtime.is_distributed():
+            if ok:  # tear down together: a rank still in gloo while another destroys its group can abort
+                runtime.barrier()
             torch.distributed.destroy_process_group()
     if main_process:
         print(f"results written to {where}")
