@@ -67,15 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
 def make_layers(s: Session, pairs: list[int], spec_of, init: str, probe) -> tuple[dict, dict[str, str]]:
     layers, notes = {}, {}
     cfg = s.teacher.config
+    # heads are ranked on the input of the source layer; one teacher pass gives it for every pair
+    offset = {"first": 0, "second": 1}.get(init)
+    rank_heads = offset is not None and any(spec_of(i).num_heads < cfg.num_attention_heads for i in pairs)
+    ids, att = probe["input_ids"].to(s.device), probe["attention_mask"].to(s.device)
+    feats = teacher_features(s.teacher, ids, att, [f"in_{i + offset}" for i in pairs]) if rank_heads else {}
     for i in pairs:
         spec = spec_of(i)
         first, second = s.teacher.layers[i], s.teacher.layers[i + 1]
-        src = {"first": first, "second": second}.get(init)
         importance = None
-        if src is not None and spec.num_heads < src.attention.num_heads:
-            ids, att = probe["input_ids"].to(s.device), probe["attention_mask"].to(s.device)
-            name = f"in_{i if init == 'first' else i + 1}"
-            x = teacher_features(s.teacher, ids, att, [name])[name]
+        if rank_heads and spec.num_heads < cfg.num_attention_heads:
+            src = (first, second)[offset]
+            x = feats[f"in_{i + offset}"]
             importance = head_importance(src.attention, [(x, extended_mask(att), att.bool())])
         layer, note = init_merged_layer(cfg, spec, first, second, init, importance)
         layers[i] = (layer, spec)
