@@ -18,7 +18,7 @@ from utils.assemble import build_student, load_model
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
 from utils.distill import MLMMasker, ModelDistill, describe_losses
 from utils.evaluate import compare_models
-from utils.session import run_main, sample_printer, start, write_run_file
+from utils.session import claim_units, run_main, run_record, sample_printer, start
 from utils.train import Trainer, Unit, make_train_config
 from eval_merged_12 import evaluate_student
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
+    run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
+    locks = claim_units([run_dir / "model"], "fine-tuned model")
     s = start(args)
     if args.drop_every_second:
         student, sources = drop_every_second(s.teacher)
@@ -60,8 +62,6 @@ def main(args: argparse.Namespace) -> Path:
     for line in sources:
         log.info("student: %s", line)
     log.info("student plan:\n%s", student.config.describe())
-    run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
-    write_run_file(run_dir, args, {"sources": sources})
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> Path:
 
     trainer = Trainer(task, [unit], make_train_config(args), run_dir, s.device, evaluate,
                       sample_printer(s, lambda: student, valid_loader) if args.print_samples else None,
-                      {"run_dir": str(run_dir)})
+                      {"run_dir": str(run_dir)}, setup=s.training_setup(train_ds),
+                      record=run_record(args, {"sources": sources}), locks=locks)
     trainer.fit(train_loader, sampler)
     runtime.barrier()  # rank 0 wrote the best checkpoint
     best, _ = load_model(run_dir / "model" / "best")

@@ -18,8 +18,8 @@ from utils.cli import add_training_args, common_parser, positive_float, positive
 from utils.distill import MergeDistill, MLMMasker, describe_losses
 from utils.features import teacher_features
 from utils.losses import normalize_criterion
-from utils.session import (Session, print_units, run_main, sample_printer, start, teacher_cache, teacher_layer_count,
-                           write_run_file)
+from utils.session import (Session, claim_units, print_units, run_main, run_record, sample_printer, start,
+                           teacher_cache, teacher_config)
 from utils.train import Trainer, Unit, make_train_config
 
 log = logging.getLogger("simplifying_transformers")
@@ -89,22 +89,24 @@ def make_layers(s: Session, pairs: list[int], spec_of, init: str, probe) -> tupl
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
-    n_layers = teacher_layer_count(args.teacher)
+    hf = teacher_config(args.teacher)
+    n_layers = hf.num_hidden_layers
     if args.block != "all-pairs" and int(args.block) + 1 >= n_layers:
         parser.error(f"--block {args.block}: layer {int(args.block) + 1} does not exist, so there is no pair to merge "
                      f"(the teacher has layers 0..{n_layers - 1}; N may be 0..{n_layers - 2})")
     if n_layers < 2:
         parser.error("the teacher has a single layer: nothing to merge")
-    s = start(args)
-    cfg = s.teacher.config
-    heads = args.block_heads or cfg.num_attention_heads
-    head_dim = args.block_d_k or cfg.head_dim
-    ffn = args.ffn_dim or cfg.intermediate_size
+    heads = args.block_heads or hf.num_attention_heads
+    head_dim = args.block_d_k or hf.hidden_size // hf.num_attention_heads
+    ffn = args.ffn_dim or hf.intermediate_size
     pairs = list(range(0, n_layers - 1, 2)) if args.block == "all-pairs" else [int(args.block)]
     tag = "mlm" if args.loss_on == "mlm" else args.criterion.lower()
+    # every pair owns <run_dir>/merge_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or
                                 f"merge_h{heads}_d{head_dim}_f{ffn}_{tag}{'_conditioned' if args.conditioned else ''}")
-    write_run_file(run_dir, args)
+    locks = claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair")
+    s = start(args)
+    cfg = s.teacher.config
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
@@ -131,7 +133,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         trainer = Trainer(task, units, make_train_config(args), group_dir, s.device,
                           evaluate=lambda: task.evaluate(valid_loader),
                           samples=sample_printer(s, view, valid_loader) if args.print_samples else None,
-                          run_meta={"run_dir": str(run_dir)})
+                          run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds),
+                          record=run_record(args), locks=locks)
         final = trainer.fit(train_loader, sampler)
         print_units(units, notes, final)
         return final

@@ -18,8 +18,8 @@ from utils.cli import add_training_args, common_parser, positive_float, positive
 from utils.distill import BlockDistill, MLMMasker, describe_losses
 from utils.features import teacher_features
 from utils.losses import OUTPUT_CRITERIA, SCORE_CRITERIA, normalize_criterion
-from utils.session import (Session, print_units, run_main, sample_printer, start, teacher_cache,
-                           teacher_layer_count, write_run_file)
+from utils.session import (Session, claim_units, print_units, run_main, run_record, sample_printer, start,
+                           teacher_cache, teacher_config)
 from utils.train import Trainer, Unit, make_train_config
 
 log = logging.getLogger("simplifying_transformers")
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=positive_float, default=1.0, help="for --loss-on mlm")
     g.add_argument("--cache-teacher", action="store_true",
                    help="compute the teacher's features once, store them (fp16, memory-mapped) and reuse them")
-    g.add_argument("--cache-dir", default="checkpoints/cache")
+    g.add_argument("--cache-dir", default="checkpoints/cache",
+                   help="teacher feature cache; safe to share between runs, also running at the same time")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
     return p
@@ -86,18 +87,20 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
-    n_layers = teacher_layer_count(args.teacher)
+    hf = teacher_config(args.teacher)
+    n_layers = hf.num_hidden_layers
     if args.block != "all" and int(args.block) >= n_layers:
         parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
     loss_on, criterion, score_criterion = loss_plan(args, parser)
-    s: Session = start(args)
-    cfg = s.teacher.config
-    heads = args.block_heads or cfg.num_attention_heads
-    head_dim = args.block_d_k or cfg.head_dim
+    heads = args.block_heads or hf.num_attention_heads
+    head_dim = args.block_d_k or hf.hidden_size // hf.num_attention_heads
     layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
     tag = "+".join(loss_on) + ("" if loss_on == ["mlm"] else f"_{criterion.lower()}")
+    # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}")
-    write_run_file(run_dir, args)
+    locks = claim_units([run_dir / f"block_{i}" for i in layers], "block")
+    s: Session = start(args)
+    cfg = s.teacher.config
 
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
@@ -142,7 +145,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
                       evaluate=lambda: task.evaluate(valid_loader),
                       samples=sample_printer(s, lambda: compose(s.teacher, blocks=blocks), valid_loader)
                       if args.print_samples else None,
-                      run_meta={"run_dir": str(run_dir)})
+                      run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds), record=run_record(args),
+                      locks=locks)
     final = trainer.fit(train_loader, sampler)
     print_units(units, {u.name: notes[int(u.name.split("_")[1])] for u in units}, final)
     return run_dir

@@ -37,7 +37,10 @@ def test_blocks_assemble_evaluate(tiny_teacher, tiny_corpus, tmp_path, capsys):
     for i in (0, 1):
         meta = json.loads((tmp_path / "r" / f"block_{i}" / "best" / "meta.json").read_text())
         assert meta["kind"] == "block" and meta["layer"] == i and meta["num_heads"] == 2 and meta["head_dim"] == 4
-    assert (tmp_path / "r" / "tb").is_dir()
+    for i in (0, 1):  # each block owns its state: tensorboard log, run record, resume point
+        unit = tmp_path / "r" / f"block_{i}"
+        assert (unit / "tb").is_dir() and (unit / "resume" / "meta.json").is_file()
+        assert json.loads((unit / "run.json").read_text())["unit"] == f"block_{i}"
     assert assemble.main(["--teacher", str(tiny_teacher), "--blocks", str(tmp_path / "r"),
                           "--out", str(tmp_path / "asm")]) == 0
     assert _run(eval_merged_12, c + ["--model", str(tmp_path / "asm"), "--out", str(tmp_path / "ev"),

@@ -23,7 +23,7 @@ from torch import nn
 
 from conftest import make_hf_teacher
 from utils.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from utils.train import STEP_DELAY_ENV, TrainConfig, Trainer, TrainingDiverged, Unit
+from utils.train import TrainConfig, Trainer, TrainingDiverged, Unit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # helpers
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop(STEP_DELAY_ENV, None)
     env.update(extra)
     return env
 
@@ -162,47 +161,46 @@ def all_finite(sd: dict[str, torch.Tensor]) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. kill -9 mid-epoch, rerun with --resume: bitwise the weights of an uninterrupted run
-def test_1_kill9_mid_epoch_then_resume_matches_uninterrupted_run(tiny_teacher, tiny_corpus, tmp_path):
-    args = ["retrain_single_block.py", "--block", "0", *data_args(tiny_teacher, tiny_corpus), "--epochs", "4",
-            "--batch-size", "8", "--seed", "3", "--lr", "1e-3", "--run-name", "run"]
-    # the run to be killed: a test-only per-step sleep keeps each epoch ~1 s long, so the kill lands mid-epoch;
-    # the uninterrupted reference runs meanwhile
+def test_1_kill9_mid_epoch_then_resume_matches_uninterrupted_run(tiny_teacher, tmp_path):
+    from conftest import write_corpus
+
+    # 1200 sentences at batch 8: 150 steps an epoch, long enough to be killed in the middle of one; a resume point
+    # every 7 steps
+    corpus = write_corpus(tmp_path / "corpus", n_train=1200)
+    args = ["retrain_single_block.py", "--block", "0", *data_args(tiny_teacher, corpus), "--epochs", "3",
+            "--batch-size", "8", "--seed", "3", "--lr", "1e-3", "--run-name", "run", "--save-every-steps", "7"]
     killed = tmp_path / "killed"
     log_path = tmp_path / "killed.log"
+    position = None
     with open(log_path, "w") as log_f:
-        proc = subprocess.Popen(_cmd(*args, "--out", killed), cwd=ROOT, env=_env(**{STEP_DELAY_ENV: "0.05"}),
-                                stdout=log_f, stderr=subprocess.STDOUT)
-        ref = subprocess.Popen(_cmd(*args, "--out", tmp_path / "ref"), cwd=ROOT, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        done_epochs, deadline = 0, time.monotonic() + 180
+        proc = subprocess.Popen(_cmd(*args, "--out", killed), cwd=ROOT, env=_env(), stdout=log_f,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
         try:
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
-                    done_epochs = json.loads((killed / "run" / "resume" / "meta.json").read_text())["epoch"]
+                    position = json.loads((killed / "run" / "block_0" / "resume" / "meta.json").read_text())["position"]
                 except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, KeyError):
-                    done_epochs = 0  # not written yet, or being swapped in
-                if done_epochs >= 1:
-                    time.sleep(0.3)  # well into the next epoch's steps
-                    break
-                time.sleep(0.02)
+                    position = None  # not written yet, or being swapped in
+                if position and position["epoch"] >= 1 and position["step"] > 0:
+                    break  # in the middle of epoch 2, past a mid-epoch resume point
+                time.sleep(0.01)
             assert proc.poll() is None, "the run ended before it could be killed: " + log_path.read_text()[-2000:]
             proc.send_signal(signal.SIGKILL)
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
-            ref_out, ref_err = ref.communicate(timeout=240)
     assert proc.returncode == -signal.SIGKILL
-    assert 1 <= done_epochs < 4
     assert "results written" not in log_path.read_text()
-    assert ref.returncode == 0, ref_err[-3000:]
+    ref = run_script(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
 
     resumed = run_script(*args, "--out", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    m = re.search(r"resumed from .*: epoch (\d+) done, continuing at epoch (\d+)", resumed.stderr)
-    assert m and 1 <= done_epochs <= int(m[1]) < 4 and int(m[2]) == int(m[1]) + 1, resumed.stderr[-3000:]
-    assert "epoch 1/4  train loss" not in resumed.stderr  # completed epochs are not trained again
+    m = re.search(r"resumed from .*: epoch (\d+) done, continuing at epoch (\d+) after step (\d+)", resumed.stderr)
+    assert m and int(m[1]) >= 1 and int(m[3]) > 0, resumed.stderr[-3000:]  # mid-epoch
+    assert "epoch 1/3  train loss" not in resumed.stderr  # completed epochs are not trained again
     assert last_line(resumed.stdout) == f"results written to {killed / 'run'}"
 
     for which in ("last", "best"):
@@ -211,7 +209,7 @@ def test_1_kill9_mid_epoch_then_resume_matches_uninterrupted_run(tiny_teacher, t
         assert a.read_bytes() == b.read_bytes(), f"{which}: resumed weights differ from the uninterrupted run"
     sd_a, meta_a, _ = load_checkpoint(killed / "run" / "block_0" / "last")
     sd_b, meta_b, _ = load_checkpoint(tmp_path / "ref" / "run" / "block_0" / "last")
-    assert tensors_equal(sd_a, sd_b) and meta_a["epoch"] == meta_b["epoch"] == 4
+    assert tensors_equal(sd_a, sd_b) and meta_a["epoch"] == meta_b["epoch"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,18 +224,15 @@ def _ckpt(tmp_path: Path, value: float) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import safetensors.torch
+    import utils.checkpoint
 
     path, old = _ckpt(tmp_path, 1.0)
-    real_save = safetensors.torch.save_file
 
-    def half_then_fail(tensors, filename, *a, **kw):
-        real_save(tensors, filename, *a, **kw)
-        with open(filename, "r+b") as f:  # leave half a file behind, as a crash mid-write would
-            f.truncate(os.path.getsize(filename) // 2)
+    def half_then_fail(filename, data):
+        Path(filename).write_bytes(data[: len(data) // 2])  # leave half a file behind, as a crash mid-write would
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    monkeypatch.setattr(utils.checkpoint, "_write_file", half_then_fail)
     with pytest.raises(CheckpointError, match="could not write checkpoint .*ck.*previous checkpoint"):
         save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, {"kind": "block", "layer": 0})
     monkeypatch.undo()
@@ -252,7 +247,7 @@ def test_2_crash_between_the_renames_falls_back_to_prev(tmp_path, monkeypatch, c
     real_replace = os.replace
 
     def replace(src, dst):
-        if str(src).endswith(".tmp"):  # final -> prev went through; tmp -> final is where we die
+        if ".tmp." in Path(src).name:  # final -> prev went through; tmp -> final is where we die
             raise crash("died between the renames")
         return real_replace(src, dst)
 
@@ -261,13 +256,17 @@ def test_2_crash_between_the_renames_falls_back_to_prev(tmp_path, monkeypatch, c
         with pytest.raises(CheckpointError if crash is OSError else Killed):
             save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, {"kind": "block", "layer": 0})
     if crash is Killed:
-        assert not path.exists() and (tmp_path / "ck.prev" / "meta.json").is_file()  # mid-swap state on disk
+        assert not path.exists() and len(list(tmp_path.glob("ck.prev.*/meta.json"))) == 1  # mid-swap state on disk
     sd, _, _ = load_checkpoint(path)  # the previous checkpoint, via .prev where the swap was cut short
     assert tensors_equal(sd, old)
+    if crash is Killed:  # the half-done temporary folder names its writer; as a killed process's, it is dead
+        (left,) = tmp_path.glob("ck.tmp.*")
+        host = left.name.split(".tmp.", 1)[1].rsplit(".", 2)[0]
+        left.rename(tmp_path / f"ck.tmp.{host}.{2**22 + 12345}.0badf00d")
     # the next save recovers the folder layout
     _, new = _ckpt(tmp_path, 3.0)
     sd, _, _ = load_checkpoint(path)
-    assert tensors_equal(sd, new) and not (tmp_path / "ck.prev").exists() and not (tmp_path / "ck.tmp").exists()
+    assert tensors_equal(sd, new) and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +296,7 @@ CORRUPTIONS = {
                     "not valid JSON"),
     "meta-not-utf8": (lambda d: (d / "meta.json").write_bytes(b"\xff\xfe{}"), "meta.json", "not valid JSON"),
     "weights-missing": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors", "missing"),
-    "train-state-truncated": (lambda d: _truncate(d / "train_state.pt"), "train_state.pt", "cannot be read"),
+    "train-state-truncated": (lambda d: _truncate(d / "train_state.pt"), "train_state.pt", "sha256 does not match"),
 }
 
 
@@ -383,9 +382,12 @@ def test_4_resume_checks_units_teacher_and_shape(tmp_path):
     run = tmp_path / "run"
     trainer, _ = toy_trainer(run, epochs=1)
     trainer.fit(toy_batches())
-    # another block
+    # another unit's resume point copied into this unit's folder
+    import shutil
+
+    shutil.copytree(run / "toy" / "resume", run / "other_block" / "resume")
     t, _ = toy_trainer(run, epochs=2, name="other_block", resume=True)
-    with pytest.raises(CheckpointError, match=r"holds units \['toy'\], this run trains \['other_block'\]"):
+    with pytest.raises(CheckpointError, match=r"is the resume point of unit 'toy', not of 'other_block'"):
         t.fit(toy_batches())
     # another teacher: refused, unless forced
     t, _ = toy_trainer(run, epochs=2, resume=True, teacher_hash="teacher-b")
@@ -427,7 +429,7 @@ def test_5_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_pat
     assert task.calls == STEPS + 2
     sd, meta, _ = load_checkpoint(tmp_path / "run" / "toy" / "last")
     assert meta["epoch"] == 1 and all_finite(sd)
-    assert read_meta(tmp_path / "run" / "resume")["epoch"] == 1
+    assert read_meta(tmp_path / "run" / "toy" / "resume")["epoch"] == 1
 
 
 def test_5_nan_weights_after_a_finite_last_step_are_never_saved(tmp_path):
@@ -436,7 +438,7 @@ def test_5_nan_weights_after_a_finite_last_step_are_never_saved(tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite in epoch 2"):
         trainer.fit(toy_batches())
     for which in ("last", "best", "resume"):
-        d = tmp_path / "run" / ("resume" if which == "resume" else f"toy/{which}")
+        d = tmp_path / "run" / "toy" / which
         sd, meta, _ = load_checkpoint(d)
         assert meta["epoch"] == 1 and all_finite(sd), which
 
@@ -476,7 +478,7 @@ def test_6_disk_full_at_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, w
     from safetensors import SafetensorError
 
     calls = {"n": 0}
-    real = safetensors.torch.save_file if where == "weights" else torch.save
+    real = safetensors.torch.save if where == "weights" else torch.save
     fail_at = 4 if where == "weights" else 2  # epoch 2's first weights file / epoch 2's training state
 
     def save(*a, **kw):
@@ -489,21 +491,21 @@ def test_6_disk_full_at_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, w
         return real(*a, **kw)
 
     if where == "weights":
-        monkeypatch.setattr(safetensors.torch, "save_file", save)
+        monkeypatch.setattr(safetensors.torch, "save", save)
     else:
         monkeypatch.setattr(torch, "save", save)
     trainer, _ = toy_trainer(tmp_path / "run", epochs=3)
-    failing = tmp_path / "run" / ("toy/last" if where == "weights" else "resume")
+    failing = tmp_path / "run" / "toy" / ("last" if where == "weights" else "resume")
     with pytest.raises(CheckpointError, match="could not write checkpoint") as e:
         trainer.fit(toy_batches())
     assert str(failing) in str(e.value)
     assert ("No space left on device" if where == "weights" else "file write failed") in str(e.value)
     monkeypatch.undo()
-    sd, meta, state = load_checkpoint(tmp_path / "run" / "resume", with_train_state=True)
-    assert meta["epoch"] == 1 and state["epoch"] == 0
+    sd, meta, state = load_checkpoint(tmp_path / "run" / "toy" / "resume", with_train_state=True)
+    assert meta["epoch"] == 1 and state["position"]["epoch"] == 1
     sd, meta, _ = load_checkpoint(tmp_path / "run" / "toy" / "last")
     assert meta["epoch"] == (1 if where == "weights" else 2) and all_finite(sd)
-    assert not list((tmp_path / "run").rglob("*.tmp"))
+    assert not list((tmp_path / "run").rglob("*.tmp.*"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -633,8 +635,9 @@ class _Payload:
 
 def test_9_checkpoint_loading_never_runs_pickled_code(tmp_path):
     marker = tmp_path / "PWNED"
-    d = save_checkpoint(tmp_path / "run" / "resume", {"toy.weight": torch.zeros(1, 4), "toy.bias": torch.zeros(1)},
-                        {"kind": "resume", "units": ["toy"], "epoch": 1},
+    d = save_checkpoint(tmp_path / "run" / "toy" / "resume", {"weight": torch.zeros(1, 4), "bias": torch.zeros(1)},
+                        {"kind": "resume", "unit": "toy", "epoch": 1,
+                         "position": {"epoch": 1, "step": 0, "global_step": STEPS}},
                         train_state={"epoch": 0, "optimizer": _Payload(marker)})
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="train_state.pt' cannot be read"):

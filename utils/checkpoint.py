@@ -1,17 +1,20 @@
 """One checkpoint format: a folder with ``model.safetensors`` + ``meta.json`` (+ ``train_state.pt`` for resuming).
 
-Writes are atomic: everything goes into a fresh ``<dir>.tmp`` folder that replaces ``<dir>`` by rename, so a crash
-mid-save leaves the previous checkpoint loadable. ``meta.json`` carries the sha256 of the weights file: a truncated or
+Writes are atomic: everything goes into a fresh temporary folder of a unique name that replaces ``<dir>`` by rename,
+so a crash mid-save leaves the previous checkpoint loadable and concurrent readers never see a mix. ``meta.json`` carries the sha256 of the weights file: a truncated or
 corrupted file is refused, never silently replaced by random weights. Training state (optimizer, scheduler) is read
 with ``torch.load(weights_only=True)``, which executes no pickled code.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,14 +34,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -52,41 +47,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unique_suffix() -> str:
+    """A name no other writer (process, thread or machine) picks: host, pid and a random part."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def save_checkpoint(
     directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
-    train_state: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None, keep_previous: bool = False,
 ) -> Path:
-    """Atomically write weights (+ metadata, + optional training state) to ``directory``."""
+    """Atomically write weights (+ metadata, + optional training state) to ``directory``.
+
+    Everything is written to a temporary folder of a unique name, then swapped in by two renames (the old folder
+    moves aside under a unique ``.prev.*`` name, the new one takes its place). A reader sees the old checkpoint or the
+    new one, never a mix; a crash between the renames leaves the ``.prev.*`` folder, which loading falls back to.
+    ``keep_previous`` keeps the replaced checkpoint as ``<dir>.old`` (resume points of several units use it to find a
+    position they all reached).
+    """
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if meta.get("kind") not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {meta.get('kind')!r}")
     final = Path(directory)
-    tmp = final.with_name(final.name + ".tmp")
-    prev = final.with_name(final.name + ".prev")
+    tag = _unique_suffix()
+    tmp = final.with_name(f"{final.name}.tmp.{tag}")
+    prev = final.with_name(f"{final.name}.prev.{tag}")
     final.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS))
+        weights = save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
+        _write_file(tmp / WEIGHTS, weights)
+        extra = {}
         if train_state is not None:
-            torch.save(train_state, tmp / STATE)
-        full_meta = {"format_version": FORMAT_VERSION, **meta, "weights_sha256": _sha256(tmp / WEIGHTS),
-                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str))
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+            buf = io.BytesIO()
+            torch.save(train_state, buf)
+            _write_file(tmp / STATE, buf.getvalue())
+            extra["train_state_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        full_meta = {"format_version": FORMAT_VERSION, **meta, "weights_sha256": hashlib.sha256(weights).hexdigest(),
+                     **extra, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_file(tmp / META, json.dumps(full_meta, indent=2, sort_keys=True, default=str).encode())
         _fsync_dir(tmp)
-        # swap: final -> prev, tmp -> final, drop prev. A crash in between leaves prev, which load() falls back to.
         if final.exists():
-            shutil.rmtree(prev, ignore_errors=True)
             os.replace(final, prev)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        shutil.rmtree(prev, ignore_errors=True)
+        if prev.exists():
+            if keep_previous:
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(prev, old)
+            else:
+                shutil.rmtree(prev, ignore_errors=True)
+        for stale in final.parent.glob(f"{final.name}.prev.*"):  # left by an earlier crash mid-swap
+            shutil.rmtree(stale, ignore_errors=True)
+        for left in final.parent.glob(f"{final.name}.tmp.*"):  # left by a writer that died mid-write
+            if _writer_gone(left.name.split(".tmp.", 1)[1], left):
+                shutil.rmtree(left, ignore_errors=True)
     except (OSError, SafetensorError, RuntimeError) as e:
         # safetensors reports its I/O errors (disk full...) as SafetensorError, torch.save as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,56 +116,119 @@ def save_checkpoint(
     return final
 
 
-def _existing(directory: Path) -> Path:
+def _writer_gone(tag: str, path: Path, max_age: float = 86400.0) -> bool:
+    """Whether the writer named by a ``host.pid.random`` tag is gone: a dead pid on this host, or a day-old file."""
+    host, _, rest = tag.rpartition(".")[0].rpartition(".")
+    try:
+        if host == socket.gethostname():
+            os.kill(int(rest), 0)
+            return False
+        return time.time() - path.stat().st_mtime > max_age
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resolve_dir(directory: str | os.PathLike) -> Path:
+    """The folder that holds the checkpoint ``directory`` names: itself, or, where a save was cut short between its
+    two renames, the newest ``<dir>.prev.*`` beside it. Direct loading and discovery both go through here."""
+    directory = Path(directory)
     if (directory / META).is_file():
         return directory
-    prev = directory.with_name(directory.name + ".prev")
-    if (prev / META).is_file():
-        log.warning("checkpoint '%s' was being replaced when a save was interrupted; using '%s'", directory, prev)
-        return prev
+    prevs = sorted(directory.parent.glob(f"{directory.name}.prev*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for prev in prevs:
+        if (prev / META).is_file():
+            log.warning("checkpoint '%s' was being replaced when a save was interrupted; using '%s'", directory, prev)
+            return prev
     if directory.is_file():
         raise CheckpointError(f"'{directory}' is a file; a checkpoint is a folder with {WEIGHTS} and {META}")
     raise CheckpointError(f"no checkpoint at '{directory}': {META} not found")
 
 
-def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    d = _existing(Path(directory))
+def _parse_meta(raw: bytes, where: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((d / META).read_text())
+        meta = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"'{d / META}' is not valid JSON ({e}); the checkpoint is corrupted") from None
+        raise CheckpointError(f"'{where}' is not valid JSON ({e}); the checkpoint is corrupted") from None
     if not isinstance(meta, dict) or "kind" not in meta:
-        raise CheckpointError(f"'{d / META}' has no 'kind': not a checkpoint of this toolkit")
+        raise CheckpointError(f"'{where}' has no 'kind': not a checkpoint of this toolkit")
     return meta
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    d = resolve_dir(directory)
+    try:
+        raw = (d / META).read_bytes()
+    except FileNotFoundError:  # replaced between resolving and reading: resolve again
+        d = resolve_dir(directory)
+        raw = (d / META).read_bytes()
+    return _parse_meta(raw, d / META)
+
+
+# a reader racing a writer may see the old metadata with the new weights (or a folder that just moved): it retries
+# this often before calling the checkpoint damaged
+READ_RETRIES = 5
 
 
 def load_checkpoint(directory: str | os.PathLike, with_train_state: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
-    """Returns (state dict, metadata, training state or None); verifies the weights' checksum."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Returns (state dict, metadata, training state or None).
 
-    d = _existing(Path(directory))
-    meta = read_meta(d)
-    wf = d / WEIGHTS
-    if not wf.is_file():
-        raise CheckpointError(f"'{wf}' is missing")
+    The bytes that are checked against the metadata's sha256 are the very bytes deserialised, so a concurrent save
+    can never hand out weights that differ from their metadata.
+    """
+    for attempt in range(READ_RETRIES):
+        try:
+            return _load_once(Path(directory), with_train_state)
+        except CheckpointError:
+            if attempt == READ_RETRIES - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _load_once(directory: Path, with_train_state: bool
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    d = resolve_dir(directory)
+    try:
+        meta_raw = (d / META).read_bytes()
+        wf = d / WEIGHTS
+        weights = wf.read_bytes()
+        state_raw = (d / STATE).read_bytes() if with_train_state and (d / STATE).is_file() else None
+    except FileNotFoundError as e:
+        raise CheckpointError(f"'{e.filename}' is missing") from None
+    meta = _parse_meta(meta_raw, d / META)
     expected = meta.get("weights_sha256")
-    if expected and _sha256(wf) != expected:
+    if expected and hashlib.sha256(weights).hexdigest() != expected:
         raise CheckpointError(f"'{wf}' is corrupted or truncated: its sha256 does not match the one in {META}")
     try:
-        sd = load_file(str(wf))
+        sd = load(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"'{wf}' cannot be read as safetensors: {e}") from None
     state = None
     if with_train_state:
         sf = d / STATE
-        if not sf.is_file():
+        if state_raw is None:
             raise CheckpointError(f"'{sf}' is missing: this checkpoint cannot be resumed from")
+        want = meta.get("train_state_sha256")
+        if want and hashlib.sha256(state_raw).hexdigest() != want:
+            raise CheckpointError(f"'{sf}' does not belong to this checkpoint (or is damaged): its sha256 does not "
+                                  f"match the one in {META}")
         try:
-            state = torch.load(sf, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(state_raw), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling errors come in many classes
-            raise CheckpointError(f"'{sf}' cannot be read ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"'{sf}' cannot be read ({type(e).__name__})") from None
     return sd, meta, state
 
 
@@ -193,7 +273,8 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
                      ) -> list[tuple[Path, dict[str, Any]]]:
     """Checkpoints of the given kinds under ``roots`` (searched recursively), found by metadata, not names.
 
-    A root that is itself a checkpoint is taken as is. Below a root, only folders named ``which`` (best|last) count.
+    A root that is itself a checkpoint is taken as is. Below a root, only folders named ``which`` (best|last) count;
+    a ``which`` folder caught mid-swap (only its ``.prev.*`` left) is found and read exactly as direct loading would.
     """
     kinds = set(kinds)
     found: list[tuple[Path, dict[str, Any]]] = []
@@ -202,13 +283,15 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
         if not root.exists():
             raise CheckpointError(f"checkpoint folder '{root}' does not exist")
         if (root / META).is_file():
-            candidates = [root / META]
+            logical = [root]
         else:
-            candidates = sorted(p for p in root.rglob(META) if p.parent.name == which)
-        for m in candidates:
-            meta = read_meta(m.parent)
+            names = {m.parent.parent / which for m in root.rglob(META)
+                     if m.parent.name == which or m.parent.name.startswith(which + ".prev")}
+            logical = sorted(names)
+        for d in logical:
+            meta = read_meta(d)
             if meta["kind"] in kinds:
-                found.append((m.parent, meta))
+                found.append((d, meta))
     return found
 
 
@@ -217,7 +300,7 @@ def probe_writable(directory: str | os.PathLike) -> Path:
     d = Path(directory)
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write_probe_{os.getpid()}"
+        probe = d / f".write_probe.{_unique_suffix()}"
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
             f.flush()

@@ -110,7 +110,14 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of each split to use")
     g.add_argument("--save-checkpoint-every", type=non_negative_int("--save-checkpoint-every"), default=0,
                    help="also keep an epoch_K snapshot every K epochs (last and best are always kept)")
-    g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue each unit from its resume point in --out (end of an epoch, --save-every-steps, or "
+                        "the save made when the job was stopped); nothing there: start from scratch")
+    g.add_argument("--save-every-steps", type=non_negative_int("--save-every-steps"), default=0,
+                   help="also write a mid-epoch resume point every K optimizer steps (0: at epoch ends only); "
+                        "SIGTERM / SIGUSR1 / SIGINT always save one before stopping")
+    g.add_argument("--force-config", action="store_true",
+                   help="--resume although the training setup (criterion, lr, seed, data...) differs; logged")
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained modules")
     g.add_argument("--print-samples", action="store_true",

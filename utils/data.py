@@ -141,6 +141,19 @@ def load_sentences(spec: DataSpec, split: str, fraction: float = 1.0) -> list[st
     return sents[:n]
 
 
+def token_ids_hash(token_ids: Sequence[Sequence[int]], *context: object) -> str:
+    """A short hash of tokenised sentences (and any settings in ``context``): identifies a data split."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256("|".join(map(str, context)).encode() + b"|")
+    for ids in token_ids:
+        h.update(np.asarray(ids, dtype=np.int32).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:20]
+
+
 # ---- tokenisation and batching ----
 class TokenizedSentences(Dataset):
     """Token ids per sentence ([CLS] ... [SEP], truncated to seq_len keeping both), plus an eval mask position."""
@@ -255,6 +268,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
         self.bucket, self.num_replicas, self.rank = bucket_batches, num_replicas, rank
         self.epoch = 0
+        self.skip = 0  # batches of the epoch already done (a mid-epoch resume): not yielded again
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -282,7 +296,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        return iter(self._batches()[self.skip:])
 
     def __len__(self) -> int:
         return len(self._batches())
@@ -297,6 +311,9 @@ def make_loader(ds: TokenizedSentences, tokenizer, batch_size: int, shuffle: boo
     sampler = BucketBatchSampler(ds.lengths(), batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas,
                                  rank=rank)
     collate = Collator(tokenizer.pad_token_id, tokenizer.mask_token_id if with_eval_mask else None)
+    # a generator of its own: creating an iterator must not draw from the global RNG (that would shift dropout and
+    # masking, so that runs with and without workers, or resumed ones, would differ)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, sampler

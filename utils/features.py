@@ -10,14 +10,25 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.bert import BertForMaskedLM, extended_mask
+from .data import token_ids_hash
 
 log = logging.getLogger(__name__)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _parse(name: str) -> tuple[str, int]:
@@ -68,33 +79,65 @@ class TeacherCache:
     The folder is keyed by a hash of the teacher weights, the token ids and the tokenizer settings, so it is reused
     across epochs, runs and student configurations and rebuilt when any of those change. Features missing from an
     existing cache (another block, say) are added in one extra teacher pass.
+
+    Safe for concurrent runs sharing ``root``: features are checked and built under an exclusive lock of the folder
+    (so each is built once; a second run waits, then reuses them), written under unique temporary names and renamed
+    into place. Each feature's size and sha256 are recorded beside it at build time and checked before use: a damaged,
+    truncated or unrecorded file is named in a warning and rebuilt, never used.
     """
 
     def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, teacher_hash: str, token_ids: list[list[int]],
                  tokenizer_name: str, seq_len: int):
-        h = hashlib.sha256()
-        h.update(f"{teacher_hash}|{tokenizer_name}|{seq_len}|".encode())
-        for ids in token_ids:
-            h.update(np.asarray(ids, dtype=np.int32).tobytes())
-            h.update(b"|")
-        self.key = h.hexdigest()[:20]
+        self.key = token_ids_hash(token_ids, teacher_hash, tokenizer_name, seq_len)
         self.dir = Path(root) / self.key
         self.teacher, self.ids = teacher, token_ids
         lengths = np.array([len(x) for x in token_ids], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.arrays: dict[str, np.ndarray] = {}
+        self.rebuilt: dict[str, str] = {}  # feature -> why it had to be rebuilt
 
     def ensure(self, names: list[str], batch_size: int, device: torch.device) -> "TeacherCache":
-        """Load ``names`` from disk, building the missing ones with one teacher pass over the data."""
+        """Load ``names`` from disk, building the missing or damaged ones with one teacher pass over the data."""
+        from .lock import exclusive_file_lock
+
         self.dir.mkdir(parents=True, exist_ok=True)
-        missing = [n for n in names if not (self.dir / f"{n}.npy").is_file()]
-        if missing:
-            self._build(missing, batch_size, device)
-        for n in names:
-            self.arrays[n] = np.load(self.dir / f"{n}.npy", mmap_mode="r")
+        with exclusive_file_lock(self.dir / ".lock", f"teacher cache {self.dir}: another run is using or building "
+                                                     "it; waiting for it"):
+            missing = []
+            for n in names:
+                problem = self._problem(n)
+                if problem == "missing":
+                    missing.append(n)
+                elif problem:
+                    log.warning("teacher cache: '%s' is damaged (%s); rebuilding it", self.dir / f"{n}.npy", problem)
+                    self.rebuilt[n] = problem
+                    missing.append(n)
+            if missing:
+                self._build(missing, batch_size, device)
+            for n in names:
+                self.arrays[n] = np.load(self.dir / f"{n}.npy", mmap_mode="r")
         log.info("teacher cache %s: %s (%d tokens)%s", self.dir, ", ".join(names), self.offsets[-1],
                  f"; built {', '.join(missing)}" if missing else "; all reused")
         return self
+
+    def _problem(self, name: str) -> str | None:
+        """None if feature ``name`` is on disk and intact; 'missing'; or what is wrong with it."""
+        f, rec = self.dir / f"{name}.npy", self.dir / f"{name}.json"
+        if not f.is_file():
+            return "missing"
+        try:
+            want = json.loads(rec.read_text())
+            size, digest = int(want["bytes"]), str(want["sha256"])
+        except FileNotFoundError:
+            return f"no size/checksum record '{rec.name}' beside it"
+        except (ValueError, KeyError, TypeError):
+            return f"its record '{rec.name}' is unreadable"
+        got = f.stat().st_size
+        if got != size:
+            return f"{got} bytes on disk, {size} recorded: truncated or overwritten"
+        if _file_sha256(f) != digest:
+            return "its sha256 differs from the one recorded at build time"
+        return None
 
     @torch.no_grad()
     def _build(self, names: list[str], batch_size: int, device: torch.device) -> None:
@@ -103,31 +146,46 @@ class TeacherCache:
 
         D = self.teacher.config.hidden_size
         total = int(self.offsets[-1])
-        tmp = {n: self.dir / f"{n}.npy.tmp" for n in names}
+        tag = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = {n: self.dir / f"{n}.npy.tmp.{tag}" for n in names}
         maps = {n: open_memmap(str(p), mode="w+", dtype=np.float16, shape=(total, D)) for n, p in tmp.items()}
-        # sentences in length order: each teacher batch is nearly free of padding
-        order = np.argsort(np.diff(self.offsets), kind="stable")
-        for start in tqdm(range(0, len(order), batch_size), desc="caching teacher features", unit="batch"):
-            index = order[start:start + batch_size]
-            chunk = [self.ids[i] for i in index]
-            T = max(len(x) for x in chunk)
-            ids = torch.zeros(len(chunk), T, dtype=torch.long)
-            att = torch.zeros(len(chunk), T, dtype=torch.long)
-            for b, x in enumerate(chunk):
-                ids[b, :len(x)] = torch.tensor(x)
-                att[b, :len(x)] = 1
-            feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
-            valid = att.bool().to(device)
-            rows = self._rows(index)
-            for n, t in feats.items():
-                maps[n][rows] = t[valid].to(torch.float16).cpu().numpy()
-        for n, m in maps.items():
-            m.flush()
-            del m
-            os.replace(tmp[n], self.dir / f"{n}.npy")
-        (self.dir / "info.json").write_text(json.dumps(
+        try:
+            # sentences in length order: each teacher batch is nearly free of padding
+            order = np.argsort(np.diff(self.offsets), kind="stable")
+            for start in tqdm(range(0, len(order), batch_size), desc="caching teacher features", unit="batch"):
+                index = order[start:start + batch_size]
+                chunk = [self.ids[i] for i in index]
+                T = max(len(x) for x in chunk)
+                ids = torch.zeros(len(chunk), T, dtype=torch.long)
+                att = torch.zeros(len(chunk), T, dtype=torch.long)
+                for b, x in enumerate(chunk):
+                    ids[b, :len(x)] = torch.tensor(x)
+                    att[b, :len(x)] = 1
+                feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
+                valid = att.bool().to(device)
+                rows = self._rows(index)
+                for n, t in feats.items():
+                    maps[n][rows] = t[valid].to(torch.float16).cpu().numpy()
+            for n, m in maps.items():
+                m.flush()
+            maps.clear()
+            for n in names:
+                final = self.dir / f"{n}.npy"
+                record = {"bytes": tmp[n].stat().st_size, "sha256": _file_sha256(tmp[n]), "shape": [total, D],
+                          "dtype": "float16"}
+                os.replace(tmp[n], final)
+                rec_tmp = self.dir / f"{n}.json.tmp.{tag}"
+                rec_tmp.write_text(json.dumps(record))
+                os.replace(rec_tmp, self.dir / f"{n}.json")
+        finally:
+            maps.clear()
+            for p in tmp.values():
+                p.unlink(missing_ok=True)
+        info_tmp = self.dir / f"info.json.tmp.{tag}"
+        info_tmp.write_text(json.dumps(
             {"sentences": len(self.ids), "tokens": total, "hidden": D,
              "features": sorted(p.stem for p in self.dir.glob("*.npy"))}, indent=2))
+        os.replace(info_tmp, self.dir / "info.json")
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         """Packed row numbers of the tokens of sentences ``index``, sentence after sentence."""

@@ -3,25 +3,28 @@ that turns expected failures into one clear line and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from models import BertForMaskedLM, NoMLMHeadError, load_teacher, weights_hash
 from . import runtime
 from .checkpoint import CheckpointError, probe_writable
-from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader
-from .train import TrainingDiverged
+from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader, token_ids_hash
+from .lock import UnitBusy, UnitLock
+from .train import STOP_SIGNALS, Stopped, TrainingDiverged
 
 log = logging.getLogger("simplifying_transformers")
 
-EXPECTED_ERRORS = (DataError, CheckpointError, FileNotFoundError, TrainingDiverged, NoMLMHeadError, ValueError,
-                   IndexError, KeyError, PermissionError, OSError)
+EXPECTED_ERRORS = (DataError, CheckpointError, FileNotFoundError, TrainingDiverged, NoMLMHeadError, UnitBusy,
+                   ValueError, IndexError, KeyError, PermissionError, OSError)
 
 
 @dataclass
@@ -47,6 +50,11 @@ class Session:
                            pin_memory=self.device.type == "cuda", num_replicas=runtime.world_size(),
                            rank=runtime.rank())
 
+    def training_setup(self, ds: TokenizedSentences) -> dict[str, Any]:
+        """What a resumed run must share with its resume point beyond the loop's own settings and the unit's metadata
+        (which holds the teacher): the data (a hash of the tokenised training split) and the global batch size."""
+        return {"data_hash": token_ids_hash(ds.ids), "global_batch_size": self.args.batch_size * runtime.world_size()}
+
     def global_batch(self, ds: TokenizedSentences) -> dict:
         """The first batch of ``ds`` as one process with the global batch size (--batch-size x processes) sees it,
         the same on every rank: for choices every rank must make alike (which heads to keep)."""
@@ -68,42 +76,70 @@ def start(args: argparse.Namespace) -> Session:
     return Session(args, device, teacher, tok, weights_hash(teacher), spec)
 
 
-def teacher_layer_count(name_or_path: str) -> int:
-    """Number of layers from the teacher's config alone (for validating --block before loading weights)."""
+def teacher_config(name_or_path: str):
+    """The teacher's Hugging Face config alone (for checking flags and naming outputs before loading weights)."""
     from transformers import AutoConfig
 
     from models.hf import resolve_checkpoint
 
-    return AutoConfig.from_pretrained(str(resolve_checkpoint(name_or_path))).num_hidden_layers
+    return AutoConfig.from_pretrained(str(resolve_checkpoint(name_or_path)))
 
 
-def write_run_file(run_dir: Path, args: argparse.Namespace, extra: dict | None = None) -> None:
-    if runtime.is_main_process():
-        probe_writable(run_dir)  # an unwritable or full output folder fails here, before any training
-        (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args), **(extra or {})},
-                                                     indent=2, default=str))
+def claim_units(unit_dirs: list[Path], what: str = "unit") -> list[UnitLock]:
+    """Lock every unit folder this job will train (rank 0 only), before any work: a second job for a unit stops here
+    naming the holder. Locks are released when the process ends normally (a dead holder's lock is taken over)."""
+    import atexit
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return []
+    locks = []
+    for d in unit_dirs:
+        probe_writable(d)  # an unwritable or full output folder fails here, before any training
+        lock = UnitLock(d, f"{what} '{d.name}' in '{d.parent}'").acquire()
+        atexit.register(lock.release)
+        locks.append(lock)
+    return locks
+
+
+def run_record(args: argparse.Namespace, extra: dict | None = None) -> dict[str, Any]:
+    """What each unit's run.json records of this invocation besides argv, host and versions."""
+    return {"args": vars(args), **(extra or {})}
+
+
+def _stop_before_training(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    raise Stopped(f"stopped by {name} before training started (nothing to save yet)", STOP_SIGNALS[name])
 
 
 def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.ArgumentParser,
              argv: list[str] | None = None) -> int:
-    """Parse, run, and map failures to exit codes: 2 bad arguments (argparse), 1 expected errors, 130 interrupt.
+    """Parse, run, and map failures to exit codes: 2 bad arguments (argparse), 1 expected errors, 143 stopped by
+    SIGTERM / SIGUSR1 (after saving a resume point when training), 130 interrupted (SIGINT).
 
     The last line printed on success says where the results were written.
     """
     args = parser.parse_args(argv)
     ok = False
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # the loop takes these over while it trains
+        previous = {sig: signal.signal(sig, _stop_before_training) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         where = main(args)
         ok = True
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return e.code
     except EXPECTED_ERRORS as e:
         if getattr(args, "verbose", False):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         main_process = runtime.is_main_process()  # asked before the group is gone (then every rank says 0)
         if runtime.is_distributed():
             if ok:  # tear down together: a rank still in gloo while another destroys its group can abort

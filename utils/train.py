@@ -1,29 +1,41 @@
 """The one training loop every script uses.
 
 A *task* is an ``nn.Module`` whose ``forward(batch)`` returns ``(loss, logs)`` and whose trainable parts are listed as
-*units* (one per retrained block / merged layer / model); each unit keeps its own ``last`` and ``best`` checkpoint.
-The loop owns everything else: AdamW, warm-up + decay, per-unit gradient clipping, bf16 autocast and fused AdamW on
-CUDA, DistributedDataParallel under torchrun, tqdm, tensorboard, NaN checks, atomic checkpoints and exact resume.
+*units* (one per retrained block / merged layer / model). Each unit owns its folder and everything in it: ``last`` and
+``best`` checkpoints, its resume point (``resume/``), its run record (``run.json``), its tensorboard log (``tb/``), its
+optimizer and schedule. So ``--block 0`` ... ``--block 11`` run as separate jobs into one output folder never touch
+each other's state, and ``--block all`` trains all units on one shared teacher pass.
 
-Exact resume: each epoch re-seeds the global RNG from (seed, epoch) and the samplers are seeded by epoch, so
-restarting from the end of epoch k replays epoch k+1 bit for bit on CPU.
+The loop owns everything else: AdamW, warm-up + decay, per-unit gradient clipping, bf16 autocast and fused AdamW on
+CUDA, DistributedDataParallel under torchrun, tqdm, tensorboard, NaN checks, atomic checkpoints, preemption and exact
+resume.
+
+Exact resume: each epoch re-seeds the global RNG from (seed, epoch) and the samplers are seeded by epoch; a resume
+point also stores the RNG states and the position inside the epoch. Restarting from any resume point (end of an epoch,
+``--save-every-steps``, or the save made on SIGTERM / SIGUSR1 / SIGINT) replays the rest bit for bit on CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
-import os
+import random
+import signal
+import socket
+import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import runtime
-from .checkpoint import CheckpointError, check_meta, load_checkpoint, load_into, probe_writable, save_checkpoint
+from .checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable, read_meta,
+                         save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +44,23 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-# unit metadata a resumed run must share with its resume checkpoint (teacher_hash: unless --force)
-RESUME_CHECKED = ("kind", "teacher_hash", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer",
-                  "layers")
-# test-only hook: seconds to sleep after every training step, so that tests/test_reliability.py can kill a run
-# reliably in the middle of an epoch; unset (0) in normal use
-STEP_DELAY_ENV = "SIMPLIFYING_TRANSFORMERS_TEST_STEP_DELAY"
+class Stopped(Exception):
+    """The job was asked to stop (SIGTERM / SIGUSR1 from a scheduler, SIGINT from a user); ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# exit codes of a stop on each signal: 128 + SIGTERM for the scheduler's signals (what requeue logic expects), 130 Ctrl-C
+STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
+
+# unit metadata that fixes a unit's shape: a resume point with other values never fits, even with --force-config
+SHAPE_KEYS = ("kind", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer", "layers")
+# training settings a resumed run must share with its resume point (epochs may grow); --force-config accepts others
+SETUP_FIELDS = ("lr", "weight_decay", "warmup", "schedule", "clip", "seed", "max_steps_per_epoch")
+# unit metadata that is not part of the training setup (paths: where the teacher lies may differ between machines)
+NOT_SETUP = ("teacher", "init", "sources")
 
 
 @dataclass
@@ -49,17 +72,19 @@ class TrainConfig:
     schedule: str = "linear"
     clip: float = 1.0
     seed: int = 0
-    save_every: int = 0
+    save_every: int = 0  # keep an epoch_K snapshot every K epochs
+    save_every_steps: int = 0  # write a mid-epoch resume point every K optimizer steps
     resume: bool = False
     compile: bool = False
     log_every: int = 10
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
-    force: bool = False  # resume although the resume checkpoint was made against another teacher
+    force: bool = False  # resume although the resume point was made against another teacher
+    force_config: bool = False  # resume although the training setup differs (logged)
 
 
 @dataclass
 class Unit:
-    """One independently checkpointed trainable module."""
+    """One independently checkpointed trainable module, owning ``out_dir``."""
 
     name: str
     module: nn.Module
@@ -67,6 +92,22 @@ class Unit:
     meta: dict[str, Any]  # kind, layer, shapes, teacher, criterion... (epoch and metrics are added at save time)
     metric: str = "loss"  # validation metric of this unit, lower is better
     best: float = math.inf
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = field(default=None, repr=False)
+    writer: Any = field(default=None, repr=False)
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.out_dir / "resume"
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where training stands: ``step`` batches of epoch ``epoch`` (0-based) are done; ``global_step`` in all."""
+
+    epoch: int
+    step: int
+    global_step: int
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -82,28 +123,108 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return f
 
 
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; fused on CUDA."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    kw = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, **kw)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class StopRequests:
+    """While installed, SIGTERM / SIGUSR1 / SIGINT only record that a stop was asked for; the loop stops at the next
+    step boundary after saving. A second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal = self.signal or name
+        log.warning("%s received: saving a resume point at the end of this step, then stopping", name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopRequests"]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        try:
+            yield self
+        finally:
+            for sig, h in self._previous.items():
+                signal.signal(sig, h)
+            self._previous.clear()
+
+    def requested(self) -> str | None:
+        """The signal asked for, agreed on by every rank (any rank's request stops all)."""
+        if runtime.is_distributed():
+            flag = torch.tensor([float(self.signal is not None)], device=_reduce_device())
+            if runtime.all_reduce_sum(flag).item() > 0 and self.signal is None:
+                self.signal = "SIGTERM"
+        return self.signal
+
+
+def _reduce_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if (
+        torch.distributed.get_backend() == "nccl") else torch.device("cpu")
+
+
 class Trainer:
+    """Trains ``units`` on ``task``. ``record`` (argv, arguments, ...) goes into each unit's ``run.json``;
+    ``setup`` (batch size, data hash, ...) is the part of the training setup the loop cannot see, checked on resume."""
+
     def __init__(self, task: nn.Module, units: list[Unit], cfg: TrainConfig, run_dir: str | Path,
                  device: torch.device, evaluate: Callable[[], dict[str, float]],
-                 samples: Callable[[], str] | None = None, run_meta: dict[str, Any] | None = None):
+                 samples: Callable[[], str] | None = None, run_meta: dict[str, Any] | None = None,
+                 setup: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
+                 locks: list | None = None, after_step: Callable[[Position], None] | None = None):
         self.task, self.units, self.cfg, self.device = task, units, cfg, device
         self.run_dir = Path(run_dir)
         self.evaluate, self.samples = evaluate, samples
         self.run_meta = run_meta or {}
+        self.setup = {**{k: getattr(cfg, k) for k in SETUP_FIELDS}, **(setup or {})}
+        self.record = record or {}
+        self.locks = locks or []
+        self.after_step = after_step  # a hook called after every optimizer step (tests use it to stop at a step)
         self.amp = device.type == "cuda"
         if runtime.is_main_process():
             probe_writable(self.run_dir)
             for u in units:
                 probe_writable(u.out_dir)
-        params = [p for u in units for p in u.module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: the units have no parameter that requires a gradient")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        kw = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, **kw)
+        for u in units:
+            params = [p for p in u.module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"nothing to train in unit {u.name}: it has no parameter that requires a gradient")
+            u.optimizer = make_optimizer(params, cfg, device)
         self.model: nn.Module = task
         if runtime.is_distributed():
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -112,59 +233,126 @@ class Trainer:
             self.model = DDP(task, device_ids=ids)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        self.start_epoch = 0
-        self.global_step = 0
-        self.writer = None
+        self.run_id = uuid.uuid4().hex[:16]
+        self.start = self.position = Position(0, 0, 0)
+        self.resumed_rng: dict[str, Any] | None = None
+        self.stops = StopRequests()
 
-    # ---- resume state ----
     @property
-    def resume_dir(self) -> Path:
-        return self.run_dir / "resume"
+    def start_epoch(self) -> int:
+        return self.start.epoch
 
-    def _train_state(self, epoch: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch, "global_step": self.global_step,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "best": {u.name: u.best for u in self.units},
-        }
+    @property
+    def global_step(self) -> int:
+        return self.position.global_step
+
+    # ---- resume points ----
+    def _train_state(self, u: Unit, pos: Position) -> dict[str, Any]:
+        from models.hf import weights_hash
+
+        return {"position": asdict(pos), "optimizer": u.optimizer.state_dict(), "scheduler": u.scheduler.state_dict(),
+                "best": u.best, "rng": rng_state(), "run_id": self.run_id, "unit": u.name,
+                "weights_hash": weights_hash(u.module)}
+
+    def _save_resume(self, pos: Position) -> None:
+        if not runtime.is_main_process():
+            return
+        for u in self.units:
+            meta = {"kind": "resume", "unit": u.name, "unit_meta": u.meta, "setup": self.setup, "run_id": self.run_id,
+                    "position": asdict(pos), "epoch": pos.epoch, "run": self.run_meta}
+            # keep the previous point too: with several units, a stop between their saves leaves a common point
+            save_checkpoint(u.resume_dir, u.module.state_dict(), meta, train_state=self._train_state(u, pos),
+                            keep_previous=len(self.units) > 1)
+
+    def _resume_candidates(self, u: Unit) -> list[Path]:
+        return [d for d in (u.resume_dir, u.out_dir / "resume.old")
+                if (d / "meta.json").is_file() or list(d.parent.glob(d.name + ".prev*"))]
+
+    def _check_resume_meta(self, u: Unit, meta: dict[str, Any], where: Path) -> None:
+        if meta.get("unit") != u.name:
+            raise CheckpointError(f"'{where}' is the resume point of unit {meta.get('unit')!r}, not of {u.name!r}")
+        saved = meta.get("unit_meta", {})
+        check_meta(saved, where, force_teacher=self.cfg.force,
+                   **{k: u.meta[k] for k in (*SHAPE_KEYS, "teacher_hash") if k in u.meta})
+        now = {**{k: v for k, v in u.meta.items() if k not in (*SHAPE_KEYS, "teacher_hash", *NOT_SETUP)},
+               **self.setup}
+        before = {**{k: v for k, v in saved.items() if k not in (*SHAPE_KEYS, "teacher_hash", *NOT_SETUP)},
+                  **meta.get("setup", {})}
+        diffs = [f"{k}: resume point has {before.get(k)!r}, this run has {now.get(k)!r}"
+                 for k in sorted(set(now) | set(before)) if _differs(before.get(k), now.get(k))]
+        if diffs and not self.cfg.force_config:
+            raise CheckpointError(
+                f"--resume: the training setup differs from the one of '{where}': " + "; ".join(diffs)
+                + ". Rerun with the original settings, train into another --run-name, or pass --force-config to "
+                "continue with the new settings")
+        for d in diffs:
+            log.warning("--force-config: %s: %s", u.name, d)
+
+    def _load_resume(self, u: Unit, where: Path) -> tuple[dict, dict, dict]:
+        from models.hf import weights_hash
+
+        sd, meta, state = load_checkpoint(where, with_train_state=True)
+        self._check_resume_meta(u, meta, where)
+        for key in ("run_id", "unit", "position", "optimizer", "scheduler", "weights_hash", "rng"):
+            if key not in state:
+                raise CheckpointError(f"'{where}/train_state.pt' has no '{key}': not a resume point of this toolkit")
+        if state["run_id"] != meta.get("run_id") or state["unit"] != u.name:
+            raise CheckpointError(f"'{where}/train_state.pt' belongs to another run (run {state['run_id']}, unit "
+                                  f"{state['unit']}), not to this resume point (run {meta.get('run_id')}, unit {u.name})")
+        probe = u.module  # load, then verify that the weights are the ones the training state was saved with
+        load_into(probe, sd, where)
+        if weights_hash(probe) != state["weights_hash"]:
+            raise CheckpointError(f"'{where}': the weights are not the ones its train_state.pt was saved with")
+        return sd, meta, state
 
     def _try_resume(self) -> None:
         if not self.cfg.resume:
             return
-        if not (self.resume_dir / "meta.json").is_file() and not (self.run_dir / "resume.prev" / "meta.json").is_file():
-            log.warning("--resume: nothing to resume in %s; starting from scratch", self.run_dir)
+        found = {u.name: self._resume_candidates(u) for u in self.units}
+        if not any(found.values()):
+            log.warning("--resume: nothing to resume for %s in %s; starting from scratch",
+                        ", ".join(u.name for u in self.units), self.run_dir)
             return
-        sd, meta, state = load_checkpoint(self.resume_dir, with_train_state=True)
-        expected = sorted(u.name for u in self.units)
-        if sorted(meta.get("units", [])) != expected:
-            raise CheckpointError(
-                f"'{self.resume_dir}' holds units {meta.get('units')}, this run trains {expected}: not the same run"
-            )
-        saved = meta.get("unit_meta", {})
+        missing = [n for n, c in found.items() if not c]
+        if missing:
+            raise CheckpointError(f"--resume: units {missing} have no resume point while "
+                                  f"{[n for n, c in found.items() if c]} do: these were not trained together")
+        # the newest position every unit has (several units save one after the other; each keeps its previous point)
+        points: dict[str, dict[Position, Path]] = {}
         for u in self.units:
-            check_meta(saved.get(u.name, {}), self.resume_dir, force_teacher=self.cfg.force,
-                       **{k: u.meta[k] for k in RESUME_CHECKED if k in u.meta})
+            points[u.name] = {}
+            for d in found[u.name]:
+                meta = read_meta(d)
+                if not isinstance(meta.get("position"), dict):
+                    raise CheckpointError(f"'{d}' has no position: not a resume point of this version of the toolkit")
+                points[u.name][Position(**meta["position"])] = d
+        common = set.intersection(*(set(p) for p in points.values()))
+        if not common:
+            raise CheckpointError("--resume: the units' resume points are at different positions: "
+                                  + "; ".join(f"{n}: {sorted(p)}" for n, p in points.items()))
+        pos = max(common)
+        run_ids = set()
         for u in self.units:
-            prefix = u.name + "."
-            load_into(u.module, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
-                      self.resume_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch = int(state["epoch"]) + 1
-        self.global_step = int(state["global_step"])
-        for u in self.units:
-            u.best = float(state["best"][u.name])
-        log.info("resumed from %s: epoch %d done, continuing at epoch %d", self.resume_dir, state["epoch"] + 1,
-                 self.start_epoch + 1)
+            _, meta, state = self._load_resume(u, points[u.name][pos])
+            u.optimizer.load_state_dict(state["optimizer"])
+            u.scheduler.load_state_dict(state["scheduler"])
+            u.best = float(state["best"])
+            run_ids.add(state["run_id"])
+            self.resumed_rng = state["rng"]
+        if len(run_ids) > 1:
+            raise CheckpointError(f"--resume: the units' resume points come from different runs {sorted(run_ids)}")
+        self.run_id = run_ids.pop()
+        self.start = pos
+        log.info("resumed from %s: epoch %d done, continuing at epoch %d%s", self.units[0].resume_dir, pos.epoch,
+                 pos.epoch + 1, f" after step {pos.step}" if pos.step else "")
 
     # ---- checkpoints ----
-    def _save(self, epoch: int, metrics: dict[str, float]) -> None:
+    def _save_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if not runtime.is_main_process():
             return
         for u in self.units:
             m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")}
-            meta = {**u.meta, "epoch": epoch + 1, "metrics": m, "run": self.run_meta}
+            meta = {**u.meta, "epoch": epoch + 1, "metrics": m, "run": {**self.run_meta, "run_id": self.run_id}}
             sd = u.module.state_dict()
             save_checkpoint(u.out_dir / "last", sd, meta)
             value = m.get(u.metric, math.inf)
@@ -173,118 +361,214 @@ class Trainer:
                 save_checkpoint(u.out_dir / "best", sd, meta)
             if self.cfg.save_every and (epoch + 1) % self.cfg.save_every == 0:
                 save_checkpoint(u.out_dir / f"epoch_{epoch + 1}", sd, meta)
-        all_sd = {f"{u.name}.{k}": v for u in self.units for k, v in u.module.state_dict().items()}
-        save_checkpoint(self.resume_dir, all_sd, {"kind": "resume", "units": [u.name for u in self.units],
-                                                  "unit_meta": {u.name: u.meta for u in self.units},
-                                                  "epoch": epoch + 1, "run": self.run_meta},
-                        train_state=self._train_state(epoch))
+
+    def _write_records(self) -> None:
+        """``run.json`` of each unit: the run id, the setup, and one entry per invocation (first run, resumes)."""
+        import json
+
+        import transformers
+
+        if not runtime.is_main_process():
+            return
+        invocation = {"argv": sys.argv, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "from_position": asdict(self.start), "world_size": runtime.world_size(),
+                      "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                                   "transformers": transformers.__version__}, **self.record}
+        for u in self.units:
+            f = u.out_dir / "run.json"
+            previous = []
+            if self.start != Position(0, 0, 0) and f.is_file():
+                with contextlib.suppress(ValueError, KeyError):
+                    previous = json.loads(f.read_text())["invocations"]
+            body = {"unit": u.name, "run_id": self.run_id, "setup": self.setup, "unit_meta": u.meta,
+                    "invocations": previous + [invocation]}
+            tmp = f.with_name(f"run.json.tmp.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps(body, indent=2, default=str))
+            tmp.replace(f)
 
     # ---- the loop ----
-    def fit(self, loader: DataLoader, sampler=None) -> dict[str, float]:
+    def fit(self, loader, sampler=None) -> dict[str, float]:
         cfg = self.cfg
         steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
         if steps_per_epoch == 0:
             raise ValueError("the training split yields no batch (too few sentences for the batch size and ranks?)")
         total = steps_per_epoch * cfg.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.schedule, int(cfg.warmup * total), total))
+        for u in self.units:
+            u.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                u.optimizer, lr_lambda(cfg.schedule, int(cfg.warmup * total), total))
         self._try_resume()
+        self._write_records()
         if runtime.is_main_process():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            for u in self.units:
+                u.writer = SummaryWriter(str(u.out_dir / "tb"))
+        metrics: dict[str, float] = {}
+        self.position = self.start
+        try:
+            with self.stops.installed():
+                for epoch in range(self.start.epoch, cfg.epochs):
+                    metrics = self._epoch(epoch, loader, sampler, steps_per_epoch) or metrics
+        finally:
+            for u in self.units:
+                if u.writer is not None:
+                    u.writer.close()
+        runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
+        return metrics
+
+    def _epoch(self, epoch: int, loader, sampler, steps_per_epoch: int) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        metrics: dict[str, float] = {}
-        step_delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
-        for epoch in range(self.start_epoch, cfg.epochs):
+        cfg = self.cfg
+        skip = self.start.step if epoch == self.start.epoch else 0
+        if skip and self.resumed_rng is not None:
+            set_rng_state(self.resumed_rng)  # mid-epoch: the RNG exactly as it was after step `skip`
+        else:
             # dropout & masking replay exactly on resume; each rank draws its own (rank 0 as a single process)
             torch.manual_seed(cfg.seed * 7919 + epoch + 1_000_003 * runtime.rank())
-            if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            self.task.train()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                       disable=not runtime.is_main_process(), dynamic_ncols=True)
-            running, t0 = None, time.perf_counter()
-            for step, batch in enumerate(loader):
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batches = _skip(loader, sampler, skip)
+        self.task.train()
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   leave=False, disable=not runtime.is_main_process(), dynamic_ncols=True)
+        running, t0 = None, time.perf_counter()
+        try:
+            for step, batch in enumerate(batches, start=skip):
                 if step >= steps_per_epoch:
                     break
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    loss, logs = self.model(batch)
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
-                        f"{self.global_step + 1}); stopped. The last good checkpoint in {self.run_dir} is kept."
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip > 0:
-                    for u in self.units:
-                        torch.nn.utils.clip_grad_norm_([p for p in u.module.parameters() if p.grad is not None],
-                                                       cfg.clip)
-                try:
-                    self.optimizer.step()
-                except RuntimeError as e:  # a huge --lr: Adam's step size no longer fits a float
-                    if "overflow" not in str(e):
-                        raise
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} (global step "
-                        f"{self.global_step + 1}): {e}; lower --lr. Stopped; the last good checkpoint in "
-                        f"{self.run_dir} is kept."
-                    ) from None
-                self.scheduler.step()
-                self.global_step += 1
-                lv = loss.item()
+                lv = self._step(batch, epoch, step)
                 running = lv if running is None else 0.95 * running + 0.05 * lv
                 bar.set_postfix(loss=f"{running:.4g}")
                 bar.update()
-                if step_delay:
-                    time.sleep(step_delay)
-                if self.writer is not None and self.global_step % cfg.log_every == 0:
-                    self.writer.add_scalar("train/loss", lv, self.global_step)
-                    self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.global_step)
-                    for k, v in logs.items():
-                        self.writer.add_scalar(f"train/{k}", float(v), self.global_step)
+                self.position = Position(epoch, step + 1, self.position.global_step + 1)
+                for lock in self.locks:
+                    lock.heartbeat()
+                if self.after_step is not None:
+                    self.after_step(self.position)
+                last = step + 1 == steps_per_epoch
+                stop = self.stops.requested()
+                if stop or (cfg.save_every_steps and self.position.global_step % cfg.save_every_steps == 0
+                            and not last):
+                    self._save_resume(self.position)
+                if stop:
+                    bar.close()
+                    self._stop(stop)
+        finally:
             bar.close()
-            elapsed = time.perf_counter() - t0
-            self.task.eval()
-            metrics = self.evaluate()
-            # a last step with finite loss can still leave NaN weights: never save them over a good checkpoint
-            broken = [u.name for u in self.units
-                      if not math.isfinite(metrics.get(f"{u.name}/{u.metric}", 0.0))
-                      or not all(bool(torch.isfinite(p).all()) for p in u.module.parameters())]
-            if broken:
-                raise TrainingDiverged(
-                    f"the weights or validation {', '.join(sorted({u.metric for u in self.units}))} of "
-                    f"{', '.join(broken)} became non-finite in epoch {epoch + 1} (by global step {self.global_step}); "
-                    f"stopped before saving. The last good checkpoint in {self.run_dir} is kept."
-                )
-            if self.writer is not None:
-                for k, v in metrics.items():
-                    self.writer.add_scalar(f"val/{k}", v, epoch + 1)
-                self.writer.flush()
-            shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-            log.info("epoch %d/%d  train loss %.4g  %.1fs  %s", epoch + 1, cfg.epochs, running or float("nan"),
-                     elapsed, shown)
-            self._save(epoch, metrics)
-            if self.samples is not None:
-                text = self.samples()  # on every rank: the comparison all-reduces its counts
-                if runtime.is_main_process():
-                    print(text, flush=True)
-        if self.writer is not None:
-            self.writer.close()
-        runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
+        elapsed = time.perf_counter() - t0
+        metrics = self._validate(epoch)
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        loss_text = "n/a (no step)" if running is None else f"{running:.4g}"
+        log.info("epoch %d/%d  train loss %s  %.1fs  %s", epoch + 1, cfg.epochs, loss_text, elapsed, shown)
+        self._save_epoch(epoch, metrics)
+        self.position = Position(epoch + 1, 0, self.position.global_step)
+        self._save_resume(self.position)
+        if self.samples is not None:
+            text = self.samples()  # on every rank: the comparison all-reduces its counts
+            if runtime.is_main_process():
+                print(text, flush=True)
+        stop = self.stops.requested()
+        if stop:
+            self._stop(stop)
         return metrics
+
+    def _stop(self, name: str) -> None:
+        where = ", ".join(str(u.resume_dir) for u in self.units)
+        p = self.position
+        raise Stopped(f"stopped by {name} at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step}); "
+                      f"resume point saved to {where}: rerun the same command with --resume to continue",
+                      STOP_SIGNALS.get(name, 143))
+
+    def _step(self, batch, epoch: int, step: int) -> float:
+        cfg = self.cfg
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, logs = self.model(batch)
+        gs = self.position.global_step + 1
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step {gs}); stopped. "
+                f"The last good checkpoint in {self.run_dir} is kept."
+            )
+        for u in self.units:
+            u.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for u in self.units:
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in u.module.parameters() if p.grad is not None], cfg.clip)
+            try:
+                u.optimizer.step()
+            except RuntimeError as e:  # a huge --lr: Adam's step size no longer fits a float
+                if "overflow" not in str(e):
+                    raise
+                raise TrainingDiverged(
+                    f"the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} (global step {gs}): {e}; "
+                    f"lower --lr. Stopped; the last good checkpoint in {self.run_dir} is kept."
+                ) from None
+            u.scheduler.step()
+        lv = loss.item()
+        if gs % cfg.log_every == 0:
+            for u in self.units:
+                if u.writer is None:
+                    continue
+                own = logs.get(f"{u.name}/loss", lv)
+                u.writer.add_scalar("train/loss", float(own), gs)
+                u.writer.add_scalar("train/lr", u.scheduler.get_last_lr()[0], gs)
+                for k, v in logs.items():
+                    if "/" not in k or k.startswith(u.name + "/"):
+                        u.writer.add_scalar(f"train/{k.split('/', 1)[-1]}", float(v), gs)
+        return lv
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        self.task.eval()
+        metrics = self.evaluate()
+        # a last step with finite loss can still leave NaN weights: never save them over a good checkpoint
+        broken = [u.name for u in self.units
+                  if not math.isfinite(metrics.get(f"{u.name}/{u.metric}", 0.0))
+                  or not all(bool(torch.isfinite(p).all()) for p in u.module.parameters())]
+        if broken:
+            raise TrainingDiverged(
+                f"the weights or validation {', '.join(sorted({u.metric for u in self.units}))} of "
+                f"{', '.join(broken)} became non-finite in epoch {epoch + 1} (by global step "
+                f"{self.position.global_step}); stopped before saving. The last good checkpoint in {self.run_dir} "
+                "is kept."
+            )
+        for u in self.units:
+            if u.writer is not None:
+                for k, v in metrics.items():
+                    if k.startswith(u.name + "/"):
+                        u.writer.add_scalar(f"val/{k.split('/', 1)[1]}", v, epoch + 1)
+                u.writer.flush()
+        return metrics
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return not math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) != list(b)
+    return a != b
+
+
+def _skip(loader, sampler, n: int):
+    """The loader's batches from batch ``n`` on: a sampler that can skip does (no batch is built for nothing)."""
+    if n and sampler is not None and hasattr(sampler, "skip"):
+        sampler.skip = n
+        return loader
+    if sampler is not None and hasattr(sampler, "skip"):
+        sampler.skip = 0
+    return itertools.islice(loader, n, None) if n else loader
 
 
 def make_train_config(args: Any) -> TrainConfig:
     """TrainConfig from the shared argparse namespace."""
     return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                        schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
+                       save_every_steps=getattr(args, "save_every_steps", 0),
                        resume=args.resume, compile=args.compile,
                        max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
-                       force=getattr(args, "force", False))
-
+                       force=getattr(args, "force", False), force_config=getattr(args, "force_config", False))
