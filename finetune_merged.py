@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
-    locks = claim_units([run_dir / "model"], "fine-tuned model")
+    with claim_units([run_dir / "model"], "fine-tuned model") as locks:
+        return finetune(args, run_dir, locks)
+
+
+def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
     s = start(args)
     if args.drop_every_second:
         student, sources = drop_every_second(s.teacher)

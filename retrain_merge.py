@@ -104,7 +104,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     # every pair owns <run_dir>/merge_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or
                                 f"merge_h{heads}_d{head_dim}_f{ffn}_{tag}{'_conditioned' if args.conditioned else ''}")
-    locks = claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair")
+    with claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair") as locks:
+        return train_merges(args, run_dir, pairs, heads, head_dim, ffn, locks)
+
+
+def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], heads: int, head_dim: int, ffn: int,
+                 locks: list) -> Path:
     s = start(args)
     cfg = s.teacher.config
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")

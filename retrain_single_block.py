@@ -98,7 +98,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     tag = "+".join(loss_on) + ("" if loss_on == ["mlm"] else f"_{criterion.lower()}")
     # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}")
-    locks = claim_units([run_dir / f"block_{i}" for i in layers], "block")
+    with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
+        return train_blocks(args, run_dir, layers, heads, head_dim, loss_on, criterion, score_criterion, locks)
+
+
+def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], heads: int, head_dim: int,
+                 loss_on: list[str], criterion: str, score_criterion: str, locks: list) -> Path:
     s: Session = start(args)
     cfg = s.teacher.config
 

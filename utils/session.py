@@ -3,6 +3,7 @@ that turns expected failures into one clear line and a non-zero exit code."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -10,7 +11,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -85,20 +86,18 @@ def teacher_config(name_or_path: str):
     return AutoConfig.from_pretrained(str(resolve_checkpoint(name_or_path)))
 
 
-def claim_units(unit_dirs: list[Path], what: str = "unit") -> list[UnitLock]:
-    """Lock every unit folder this job will train (rank 0 only), before any work: a second job for a unit stops here
-    naming the holder. Locks are released when the process ends normally (a dead holder's lock is taken over)."""
-    import atexit
-
-    if int(os.environ.get("RANK", 0)) != 0:
-        return []
-    locks = []
-    for d in unit_dirs:
-        probe_writable(d)  # an unwritable or full output folder fails here, before any training
-        lock = UnitLock(d, f"{what} '{d.name}' in '{d.parent}'").acquire()
-        atexit.register(lock.release)
-        locks.append(lock)
-    return locks
+@contextlib.contextmanager
+def claim_units(unit_dirs: list[Path], what: str = "unit") -> Iterator[list[UnitLock]]:
+    """Lock every unit folder this job will train (rank 0 only) for the duration of the ``with`` block, before any
+    work: a second job for a unit stops here naming the holder. A holder that dies leaves a lock that the next job
+    takes over (see ``utils.lock``)."""
+    with contextlib.ExitStack() as stack:
+        locks = []
+        if int(os.environ.get("RANK", 0)) == 0:
+            for d in unit_dirs:
+                probe_writable(d)  # an unwritable or full output folder fails here, before any training
+                locks.append(stack.enter_context(UnitLock(d, f"{what} '{d.name}' in '{d.parent}'")))
+        yield locks
 
 
 def run_record(args: argparse.Namespace, extra: dict | None = None) -> dict[str, Any]:
@@ -119,6 +118,7 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
     The last line printed on success says where the results were written.
     """
     args = parser.parse_args(argv)
+    runtime.setup_logging(getattr(args, "verbose", False))
     ok = False
     previous = {}
     if threading.current_thread() is threading.main_thread():  # the loop takes these over while it trains

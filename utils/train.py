@@ -336,6 +336,7 @@ class Trainer:
             _, meta, state = self._load_resume(u, points[u.name][pos])
             u.optimizer.load_state_dict(state["optimizer"])
             u.scheduler.load_state_dict(state["scheduler"])
+            self._apply_settings(u)
             u.best = float(state["best"])
             run_ids.add(state["run_id"])
             self.resumed_rng = state["rng"]
@@ -345,6 +346,17 @@ class Trainer:
         self.start = pos
         log.info("resumed from %s: epoch %d done, continuing at epoch %d%s", self.units[0].resume_dir, pos.epoch,
                  pos.epoch + 1, f" after step {pos.step}" if pos.step else "")
+
+    def _apply_settings(self, u: Unit) -> None:
+        """After loading optimizer and schedule states, use this run's lr and weight decay (they are the stored ones
+        unless --force-config accepted new ones): the lr at the resumed step follows the new schedule."""
+        sched = u.scheduler
+        sched.base_lrs = [self.cfg.lr for _ in u.optimizer.param_groups]
+        for g, base, lam in zip(u.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["initial_lr"] = base
+            g["lr"] = base * lam(sched.last_epoch)
+            if g["weight_decay"]:
+                g["weight_decay"] = self.cfg.weight_decay
 
     # ---- checkpoints ----
     def _save_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
