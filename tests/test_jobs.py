@@ -290,3 +290,23 @@ def test_resume_refuses_another_setup_or_a_foreign_train_state(four_layers, tmp_
     (mine / "meta.json").write_text(json.dumps(meta))
     assert _in_process([*base, "--out", tmp_path / "c", "--run-name", "r", "--epochs", "3", "--resume"]) == 1
     assert "belongs to another run" in capsys.readouterr().err
+
+
+def test_discovery_reads_a_checkpoint_caught_mid_swap_like_direct_loading(tiny_teacher, tmp_path):
+    """A kill between the two renames of a save leaves only ``best.prev.*``: assemble uses it, as load does."""
+    from models import BertAttention, load_teacher, weights_hash
+    from utils.assemble import build_student
+    from utils.checkpoint import find_checkpoints
+
+    teacher, _ = load_teacher(tiny_teacher)
+    attn = BertAttention(teacher.config, 2, 8)
+    meta = {"kind": "block", "layer": 1, "num_heads": 2, "head_dim": 8, "hidden_size": teacher.config.hidden_size,
+            "teacher_hash": weights_hash(teacher)}
+    best = save_checkpoint(tmp_path / "run" / "block_1" / "best", attn.state_dict(), meta)
+    best.rename(best.with_name(f"best.prev.{socket.gethostname()}.1.0badf00d"))
+    direct = load_checkpoint(best)[0]
+    (found,) = find_checkpoints([tmp_path / "run"], ["block"])
+    assert found[0] == best and found[1]["layer"] == 1
+    model, sources = build_student(teacher, [tmp_path / "run"], weights_hash(teacher))
+    assert model.config.layers[1].kind == "block" and model.config.layers[1].num_heads == 2
+    assert _equal(direct, {k: v for k, v in model.layers[1].attention.state_dict().items()})
