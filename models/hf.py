@@ -165,7 +165,7 @@ def hf_export_problem(cfg: ModelConfig) -> str | None:
 def export_hf(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write ``model`` as a HF ``BertForMaskedLM`` folder (``BertModel`` without pooler when it has no MLM head).
 
-    Only for models of one plain BERT shape (``hf_export_problem``); ``models.export_hf.export_pretrained`` takes any.
+    Only for models of one plain BERT shape (``hf_export_problem``); ``models.export.export_pretrained`` takes any.
     """
     from transformers import BertConfig
     from transformers import BertForMaskedLM as HFBertForMaskedLM

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .bert import BertForMaskedLM
-from .export_hf import ExportError
+from .export import ExportError
 
 INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 DEFAULT_OPSET = 17

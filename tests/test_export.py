@@ -17,7 +17,7 @@ import torch
 from conftest import make_hf_teacher
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher
 from models.compress import clone_model, compose, compress_attention, init_merged_layer
-from models.export_hf import ExportError, check_writable_target, export_pretrained
+from models.export import ExportError, check_writable_target, export_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "the small cat sees the [MASK] ."

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from models import BertForMaskedLM
-from models.export_hf import check_writable_target, export_pretrained
+from models.export import check_writable_target, export_pretrained
 from models.onnx_export import check_onnx_available, export_onnx
 
 log = logging.getLogger("simplifying_transformers")
