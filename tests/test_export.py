@@ -168,3 +168,15 @@ def test_export_targets_checked_before_work(tmp_path):
     with pytest.raises(ExportError, match="is a folder"):
         check_writable_target(tmp_path, "--export-onnx file", is_dir=False)
     assert check_writable_target(tmp_path / "new" / "dir", "--export-hf folder", is_dir=True) == tmp_path / "new" / "dir"
+
+
+def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_corpus, tmp_path, capsys):
+    import finetune_merged
+    from utils.session import run_main
+
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--drop-every-second", "--out",
+            str(tmp_path / "runs"), "--export-hf", str(tmp_path / "a_file" / "hf")]
+    assert run_main(finetune_merged.main, finetune_merged.build_parser(), argv) == 1
+    assert "--export-hf folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was trained
