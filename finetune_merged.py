@@ -11,13 +11,13 @@ import logging
 import sys
 from pathlib import Path
 
-from models import export_hf, hf_export_problem
 from models.compress import drop_every_second
 from utils import runtime
 from utils.assemble import build_student, load_model
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
 from utils.distill import MLMMasker, ModelDistill, describe_losses
 from utils.evaluate import compare_models
+from utils.export import add_export_args, check_export_targets, run_exports
 from utils.session import claim_units, run_main, run_record, sample_printer, start
 from utils.train import Trainer, Unit, make_train_config
 from eval_merged_12 import evaluate_student
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-criterion", choices=["cosine", "MSE", "L1"], default="cosine")
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g = p.add_argument_group("output")
-    g.add_argument("--export-hf", default=None, help="also save the best model as a Hugging Face BertForMaskedLM folder")
+    add_export_args(g)
     g.add_argument("--eval-batches", type=positive_int("--eval-batches"), default=None,
                    help="limit the per-epoch validation comparison to N batches")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
+    check_export_targets(args)  # an export that cannot be written fails now, not after training
     run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
     with claim_units([run_dir / "model"], "fine-tuned model") as locks:
         return finetune(args, run_dir, locks)
@@ -91,12 +92,8 @@ def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
     runtime.barrier()  # rank 0 wrote the best checkpoint
     best, _ = load_model(run_dir / "model" / "best")
     evaluate_student(s, best, run_dir / "eval", {"model": str(run_dir / "model" / "best"), "sources": sources})
-    if args.export_hf and runtime.is_main_process():
-        problem = hf_export_problem(best.config)
-        if problem:
-            log.warning("not exported to Hugging Face format: %s", problem)
-        else:
-            log.info("Hugging Face BertForMaskedLM written to %s", export_hf(best.cpu(), args.export_hf, s.tokenizer))
+    if runtime.is_main_process():
+        run_exports(best.cpu(), s.tokenizer, args)
     return run_dir
 
 

@@ -6,6 +6,10 @@ Variants (random teacher weights; the speed does not depend on them), built with
   merged 12->6  layer pairs (0,1), (2,3), ... merged into one  (``init_merged_layer``, a full-size layer each)
 Every variant is a ``compose`` view sharing the teacher's embeddings and MLM head.
 
+With ``--teacher DIR`` the teacher is a real checkpoint (e.g. the English MLM teacher) and ``--blocks`` picks the
+block shapes; ``--onnx`` adds an ONNX Runtime row per model (``models.onnx_export``: the encoder and masked-LM graphs,
+each checked against PyTorch, run by onnxruntime's CPU provider with as many threads as torch).
+
 Per model: parameters, analytic FLOPs per token (2 per multiply-add; matmuls and attention only), and the median
 latency of ``--repeats`` timed calls after ``--warmup`` untimed ones, under ``torch.inference_mode``. Repeats go
 round-robin over the models so that load from other processes falls on all of them alike. Two cases:
@@ -14,6 +18,7 @@ round-robin over the models so that load from other processes falls on all of th
 
     python bench/inference_speed.py                              # CPU, fp32
     python bench/inference_speed.py --device cuda --dtype bf16 --repeats 30
+    python bench/inference_speed.py --teacher ../shared/models/minilm-mlm-wikitext2 --blocks 4x32 6x32 --onnx
 """
 from __future__ import annotations
 
@@ -22,19 +27,28 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import BertForMaskedLM, LayerSpec, ModelConfig  # noqa: E402
+from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher  # noqa: E402
 from models.compress import compose, compress_attention, init_merged_layer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MERGED = "merged 12->6"
+ORT = " [ONNX Runtime]"
+
+
+def merged_name(teacher: BertForMaskedLM) -> str:
+    n = len(teacher.layers)
+    return f"merged {n}->{n - n // 2}"
+
+
 TARGET_SPEEDUP = 1.8  # the merged model's encoder throughput vs the teacher's, on CPU
 
 
@@ -44,10 +58,11 @@ def bert_base_teacher(device: torch.device) -> BertForMaskedLM:
     return BertForMaskedLM(cfg).to(device).eval()
 
 
-def build_variants(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
+def build_variants(teacher: BertForMaskedLM, block_shapes: tuple[tuple[int, int], ...] = ((4, 64), (12, 32))
+                   ) -> dict[str, BertForMaskedLM]:
     cfg = teacher.config
     out = {"teacher": teacher}
-    for heads, head_dim in ((4, 64), (12, 32)):
+    for heads, head_dim in block_shapes:
         blocks = {i: compress_attention(layer.attention, cfg, heads, head_dim)[0]
                   for i, layer in enumerate(teacher.layers)}
         out[f"blocks {heads}x{head_dim}"] = compose(teacher, blocks=blocks)
@@ -55,7 +70,7 @@ def build_variants(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     for i in range(0, len(teacher.layers) - 1, 2):
         spec = LayerSpec(cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size, [i, i + 1], "merged")
         merges[i] = (init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i + 1], "first")[0], spec)
-    out[MERGED] = compose(teacher, merges=merges)
+    out[merged_name(teacher)] = compose(teacher, merges=merges)
     return {k: m.eval() for k, m in out.items()}
 
 
@@ -85,19 +100,39 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def time_round_robin(models: dict[str, BertForMaskedLM], ids: torch.Tensor, att: torch.Tensor, with_logits: bool,
-                     warmup: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call for each model; each round calls every model once."""
-    times: dict[str, list[float]] = {k: [] for k in models}
+def time_round_robin(runners: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
+                     ) -> dict[str, list[float]]:
+    """Seconds per call for each runner; each round calls every runner once."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
     for r in range(warmup + repeats):
-        for name, m in models.items():
+        for name, run in runners.items():
             sync(device)
             t0 = time.perf_counter()
-            m(ids, att, with_logits=with_logits)
+            run()
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+def onnx_sessions(models: dict[str, BertForMaskedLM], folder: Path, threads: int, with_mlm: bool) -> dict:
+    """{(name, case): onnxruntime session} for each model's encoder (and masked-LM) graph, parity-checked."""
+    import onnxruntime as ort
+
+    from models.onnx_export import export_onnx
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sessions = {}
+    for i, (name, m) in enumerate(models.items()):
+        print(f"exporting {name} to ONNX ...", flush=True)
+        done = export_onnx(m.float(), folder / f"model{i}.onnx")
+        graphs = {"encoder": done["encoder"][0]}
+        if with_mlm:
+            graphs["MLM"] = done["masked-LM"][0]
+        for case, path in graphs.items():
+            sessions[name, case] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sessions
 
 
 def main() -> None:
@@ -111,6 +146,10 @@ def main() -> None:
     ap.add_argument("--skip-mlm", action="store_true", help="time the encoder only")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", default=None, help="a real checkpoint (default: a random bert-base-shaped BERT)")
+    ap.add_argument("--blocks", nargs="+", default=["4x64", "12x32"], metavar="HxD",
+                    help="block-retrained variants: every attention block with H heads of D")
+    ap.add_argument("--onnx", action="store_true", help="also time each model with ONNX Runtime (CPU, fp32)")
     ap.add_argument("--json", type=Path, default=None, help="default: bench/results/inference_speed_<device>.json")
     args = ap.parse_args()
     for flag in ("batch_size", "seq_len", "repeats"):
@@ -118,6 +157,13 @@ def main() -> None:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    try:
+        shapes = tuple(tuple(int(v) for v in b.lower().split("x")) for b in args.blocks)
+        assert all(len(t) == 2 and min(t) > 0 for t in shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--blocks takes HxD pairs such as 4x32, got {args.blocks}")
+    if args.onnx and (args.device != "cpu" or args.dtype != "fp32"):
+        ap.error("--onnx times ONNX Runtime's CPU provider in fp32: use --device cpu --dtype fp32")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,28 +171,41 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    models = build_variants(bert_base_teacher(device))
+    teacher = load_teacher(args.teacher, device)[0] if args.teacher else bert_base_teacher(device)
+    models = build_variants(teacher, shapes)
+    merged = merged_name(teacher)
     for m in models.values():
         m.to(DTYPES[args.dtype])  # shared modules are cast once per view; all end up in the same dtype
     B, T = args.batch_size, args.seq_len
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(1000, models["teacher"].config.vocab_size, (B, T), generator=gen).to(device)
     att = torch.ones(B, T, dtype=torch.long, device=device)
+    cases = [("encoder", False)] + ([] if args.skip_mlm else [("MLM", True)])
+    tmp = tempfile.TemporaryDirectory(prefix="onnx_bench_")
+    sessions = onnx_sessions(models, Path(tmp.name), torch.get_num_threads(), not args.skip_mlm) if args.onnx else {}
+    feed = {"input_ids": ids.cpu().numpy(), "token_type_ids": torch.zeros_like(ids).cpu().numpy(),
+            "attention_mask": att.cpu().numpy()}
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else platform.processor() or platform.machine())
     print(f"device {device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.dtype}, batch {B} x seq {T}, median of {args.repeats} after {args.warmup} warm-up, round-robin",
           flush=True)
 
-    cases = [("encoder", False)] + ([] if args.skip_mlm else [("MLM", True)])
     timings = {}
     for case, with_logits in cases:
         print(f"timing {case} ...", flush=True)
-        timings[case] = time_round_robin(models, ids, att, with_logits, args.warmup, args.repeats, device)
+        runners: dict[str, Callable[[], object]] = {}
+        for name, m in models.items():
+            runners[name] = lambda m=m, w=with_logits: m(ids, att, with_logits=w)
+            if (name, case) in sessions:
+                runners[name + ORT] = lambda s=sessions[name, case]: s.run(None, feed)
+        timings[case] = time_round_robin(runners, args.warmup, args.repeats, device)
+    tmp.cleanup()
 
     rows = {}
-    for name, m in models.items():
-        cfg = m.config
+    for name in timings[cases[0][0]]:
+        cfg = models[name.removesuffix(ORT)].config
+        m = models[name.removesuffix(ORT)]
         enc, head = encoder_flops_per_token(cfg, T), head_flops_per_token(cfg)
         rows[name] = {"layers": len(cfg.layers), "parameters": m.num_parameters(),
                       "encoder_parameters": encoder_parameters(m), "encoder_flops_per_token": enc,
@@ -155,42 +214,57 @@ def main() -> None:
             lat = statistics.median(timings[case][name])
             rows[name][case] = {"latency_s": lat, "latency_runs_s": timings[case][name],
                                 "sentences_per_s": B / lat, "tokens_per_s": B * T / lat}
-    base = rows["teacher"]
     for name, r in rows.items():
+        base = rows["teacher" + (ORT if name.endswith(ORT) else "")]  # speed-up within the same runtime
         for case, _ in cases:
             flops = r["encoder_flops_per_token"] + (r["head_flops_per_token"] if case == "MLM" else 0)
             base_flops = base["encoder_flops_per_token"] + (base["head_flops_per_token"] if case == "MLM" else 0)
             r[case]["speedup"] = base[case]["latency_s"] / r[case]["latency_s"]
+            r[case]["speedup_vs_pytorch_teacher"] = rows["teacher"][case]["latency_s"] / r[case]["latency_s"]
             r[case]["flop_ratio"] = base_flops / flops
 
     print("\n| model | layers | params (M) | encoder params (M) | encoder MFLOP/token | MLM head MFLOP/token |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
+        if name.endswith(ORT):
+            continue
         print(f"| {name} | {r['layers']} | {r['parameters'] / 1e6:.1f} | {r['encoder_parameters'] / 1e6:.1f} | "
               f"{r['encoder_flops_per_token'] / 1e6:.1f} | {r['head_flops_per_token'] / 1e6:.1f} |")
     for case, _ in cases:
         what = ("encoder only: last hidden state, what downstream use runs" if case == "encoder"
                 else "encoder + MLM logits at every position")
         print(f"\n{case} ({what}), batch {B} x seq {T}, {args.dtype} on {device}")
-        print("| model | latency ms | sentences/s | tokens/s | speedup | FLOP ratio | speedup / FLOP ratio |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| model | latency ms | sentences/s | tokens/s | speedup | FLOP ratio | speedup / FLOP ratio | "
+              "vs PyTorch teacher |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, r in rows.items():
             c = r[case]
             print(f"| {name} | {c['latency_s'] * 1e3:.1f} | {c['sentences_per_s']:.1f} | {c['tokens_per_s']:.0f} | "
-                  f"{c['speedup']:.2f}x | {c['flop_ratio']:.2f}x | {c['speedup'] / c['flop_ratio']:.2f} |")
-    merged = rows[MERGED]["encoder"]["speedup"]
-    met = merged >= TARGET_SPEEDUP if device.type == "cpu" else None
-    verdict = f"{'met' if met else 'MISSED'}" if met is not None else f"not judged on {device.type}"
-    print(f"\n{MERGED} encoder throughput vs teacher: {merged:.2f}x (target >= {TARGET_SPEEDUP}x on CPU: {verdict})")
+                  f"{c['speedup']:.2f}x | {c['flop_ratio']:.2f}x | {c['speedup'] / c['flop_ratio']:.2f} | "
+                  f"{c['speedup_vs_pytorch_teacher']:.2f}x |")
+        if sessions:
+            print("(speedup: vs the teacher in the same runtime; ONNX Runtime rows run the exported graphs)")
+    merged_speedup = rows[merged]["encoder"]["speedup"]
+    met = merged_speedup >= TARGET_SPEEDUP if device.type == "cpu" and not args.teacher else None
+    verdict = (f"{'met' if met else 'MISSED'}" if met is not None
+               else "judged only for the bert-base-shaped teacher on CPU")
+    print(f"\n{merged} encoder throughput vs teacher: {merged_speedup:.2f}x (target >= {TARGET_SPEEDUP}x on CPU: {verdict})")
 
     result = {"benchmark": "inference_speed", "device": str(device), "device_name": device_name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
               "batch_size": B, "seq_len": T, "repeats": args.repeats, "warmup": args.warmup, "models": rows,
-              "merged_encoder_speedup": merged, "target": TARGET_SPEEDUP, "target_met": met}
+              "teacher": args.teacher or "random bert-base-shaped", "onnxruntime": _ort_version() if args.onnx else None,
+              "merged_encoder_speedup": merged_speedup, "target": TARGET_SPEEDUP, "target_met": met}
     path = args.json or ROOT / "bench" / "results" / f"inference_speed_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"written {path}")
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

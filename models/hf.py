@@ -152,9 +152,7 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def hf_export_problem(cfg: ModelConfig) -> str | None:
-    """Why this model cannot be written as a HF BertForMaskedLM, or None if it can."""
-    if not cfg.has_mlm_head:
-        return "the model has no masked-LM head"
+    """Why this model cannot be written as a plain HF BERT (BertForMaskedLM, or BertModel without a head), or None."""
     shapes = {(s.num_heads, s.head_dim, s.intermediate_size) for s in cfg.layers}
     if len(shapes) > 1:
         return f"layers differ in shape (heads, head_dim, ffn): {sorted(shapes)}; HF BertConfig has one shape for all"
@@ -165,9 +163,13 @@ def hf_export_problem(cfg: ModelConfig) -> str | None:
 
 
 def export_hf(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` as a HF ``BertForMaskedLM`` folder loadable by ``from_pretrained``."""
+    """Write ``model`` as a HF ``BertForMaskedLM`` folder (``BertModel`` without pooler when it has no MLM head).
+
+    Only for models of one plain BERT shape (``hf_export_problem``); ``models.export.export_pretrained`` takes any.
+    """
     from transformers import BertConfig
     from transformers import BertForMaskedLM as HFBertForMaskedLM
+    from transformers import BertModel as HFBertModel
 
     cfg = model.config
     problem = hf_export_problem(cfg)
@@ -181,10 +183,14 @@ def export_hf(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None
         layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
         hidden_dropout_prob=cfg.hidden_dropout_prob, attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
     )
-    hf = HFBertForMaskedLM(hf_cfg)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
-    sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
+    if cfg.has_mlm_head:
+        hf = HFBertForMaskedLM(hf_cfg)
+        sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+        sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"]
+    else:
+        hf = HFBertModel(hf_cfg, add_pooling_layer=False)
+        sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:

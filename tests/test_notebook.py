@@ -24,6 +24,7 @@ def test_notebook_assembles(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("ST_BLOCKS", str(tmp_path))
     monkeypatch.setenv("ST_OUT", str(out))
     monkeypatch.setenv("ST_FILL_MASK", "the small cat sees the [MASK] .")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))  # where remote code is imported from
     nb = nbformat.read(ROOT / "notebooks" / "build_bert_from_retrained_12.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
@@ -31,3 +32,7 @@ def test_notebook_assembles(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
     assert "block" in text and "heads= 2" in text  # the per-layer plan shows the retrained layer
     assert "reloaded model gives identical outputs: True" in text
     assert (out / "model.safetensors").is_file() and (out / "meta.json").is_file()
+    assert "CompactBertForMaskedLM" in text and "fill-mask pipeline:" in text  # 2 heads of 4: remote code
+    assert (tmp_path / "assembled_hf" / "modeling_compact_bert.py").is_file()
+    if "ONNX Runtime top-5" not in text:
+        assert "pip install onnx onnxruntime" in text

@@ -116,6 +116,7 @@ def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import Parser
+    from .export import add_export_args, check_export_targets, run_exports
     from .runtime import select_device, setup_logging
 
     p = Parser(description="Assemble a BERT from the teacher plus retrained blocks / merged layers.")
@@ -125,16 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    add_export_args(p)
     args = p.parse_args(argv)
     setup_logging()
     try:
+        check_export_targets(args)
         report = assemble(args.teacher, args.blocks, args.out, args.which, args.force, select_device(args.device))
+        exported = run_exports(report["model"].cpu(), report["tokenizer"], args)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(report["plan"])
     print(f"parameters: teacher {report['teacher_params']:,} -> assembled {report['student_params']:,} "
           f"({report['student_params'] / report['teacher_params']:.1%})")
+    for line in exported:
+        print(line)
     print(f"results written to {report['out']}")
     return 0
 

@@ -96,22 +96,61 @@ def load_local_split(data_dir: Path, split: str, seed: int, ratios: Sequence[flo
     return parts[split]
 
 
-def load_wikitext2(split: str, min_words: int = 3) -> list[str]:
-    """WikiText-2 (raw) from the Hugging Face Hub via ``datasets``, split into sentences."""
-    try:
-        from datasets import load_dataset
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise DataError("--dataset wikitext2 needs the 'datasets' package; or pass --data-dir DIR") from e
+WIKITEXT2_REPOS = ("Salesforce/wikitext", "wikitext")  # the canonical id moved; the short one redirects
+WIKITEXT2_CONFIG = "wikitext-2-raw-v1"
+
+
+def wikitext2_parquet_files(split: str) -> list[Path]:
+    """The Hub dataset's parquet files of one split (``wikitext-2-raw-v1/<split>-*.parquet``), via the HF cache.
+
+    ``snapshot_download`` fetches them when online and, under HF_HUB_OFFLINE=1, finds them in HF_HUB_CACHE, which
+    ``datasets.load_dataset`` offline does not look at (it only reuses its own processed cache).
+    """
+    from huggingface_hub import snapshot_download
+
     hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
+    pattern = f"{WIKITEXT2_CONFIG}/{hf_split}-*.parquet"
     errors = []
-    for repo in ("Salesforce/wikitext", "wikitext"):  # the canonical id moved; older `datasets` know the short one
+    for repo in WIKITEXT2_REPOS:
         try:
-            ds = load_dataset(repo, "wikitext-2-raw-v1", split=hf_split)
-            break
+            local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[pattern]))
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
             errors.append(f"{repo}: {type(e).__name__}: {e}")
+            continue
+        files = sorted(local.glob(pattern))
+        if files:
+            return files
+        errors.append(f"{repo}: no {pattern} in {local}")
+    raise DataError("; ".join(errors))
+
+
+def load_wikitext2(split: str, min_words: int = 3) -> list[str]:
+    """WikiText-2 (raw) from the Hugging Face Hub (or its local cache), split into sentences.
+
+    The parquet files are read through the hub cache; a ``datasets`` cache from an earlier ``load_dataset`` is the
+    fallback.
+    """
+    try:
+        import pyarrow.parquet as pq
+
+        files = wikitext2_parquet_files(split)
+        lines = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+        return split_sentences(lines, min_words)
+    except (DataError, ImportError) as e:
+        errors = [f"parquet files: {e}"]
+    try:
+        from datasets import load_dataset
+    except ImportError:  # pragma: no cover - depends on the install
+        raise DataError(f"could not load WikiText-2 ({errors[0]}); pass --data-dir DIR") from None
+    hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
+    for repo in WIKITEXT2_REPOS:
+        try:
+            ds = load_dataset(repo, WIKITEXT2_CONFIG, split=hf_split)
+            break
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
+            errors.append(f"datasets {repo}: {type(e).__name__}: {e}")
     else:
-        raise DataError("could not load WikiText-2 from the Hugging Face Hub (" + "; ".join(errors)
+        raise DataError("could not load WikiText-2 from the Hugging Face Hub or its cache (" + "; ".join(errors)
                         + "); offline? pass --data-dir DIR")
     return split_sentences(ds["text"], min_words)
 

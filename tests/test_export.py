@@ -1,0 +1,182 @@
+"""Every student exports to a Hugging Face folder that loads without this repository, and to ONNX.
+
+The exported folders are loaded in ONE subprocess whose cwd is a temporary folder and whose PYTHONPATH is empty, so
+neither ``models`` nor ``utils`` can be imported there: only transformers and the folder's own files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_hf_teacher
+from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher
+from models.compress import clone_model, compose, compress_attention, init_merged_layer
+from models.export import ExportError, check_writable_target, export_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCE = "the small cat sees the [MASK] ."
+
+LOADER = r'''
+import importlib.util, json, sys
+import torch
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
+from transformers import AutoModel, AutoModelForMaskedLM, pipeline
+cases, sentence = json.loads(sys.argv[1]), sys.argv[2]
+report = {}
+for name, c in cases.items():
+    x = torch.load(c["inputs"])
+    remote = c["remote"]
+    if c["mlm"]:
+        m = AutoModelForMaskedLM.from_pretrained(c["dir"], trust_remote_code=remote).eval()
+        with torch.no_grad():
+            out = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        fill = pipeline("fill-mask", model=c["dir"], trust_remote_code=remote)(sentence, top_k=3)
+        report[name] = {"class": type(m).__name__, "fill": [f["token"] for f in fill]}
+    else:
+        m = AutoModel.from_pretrained(c["dir"], trust_remote_code=remote).eval()
+        with torch.no_grad():
+            out = m(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
+        report[name] = {"class": type(m).__name__}
+    torch.save(out, c["out"])
+print("REPORT " + json.dumps(report))
+'''
+
+
+def _perturb(model: BertForMaskedLM, seed: int = 0) -> BertForMaskedLM:
+    """Random-init LayerNorms are identity and biases 0: move them so every weight is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
+    """Teacher: 3 layers, hidden 32, 8 heads of 4, ffn 64."""
+    cfg = teacher.config
+    out = {}
+    blocks = {i: compress_attention(l.attention, cfg, 4, 4)[0] for i, l in enumerate(teacher.layers)}
+    out["blocks_4_heads"] = clone_model(compose(teacher, blocks=blocks))
+    mixed = {0: compress_attention(teacher.layers[0].attention, cfg, 4, 4)[0],
+             1: compress_attention(teacher.layers[1].attention, cfg, 2, 6)[0]}  # layer 2 keeps 8 x 4
+    out["mixed_heads"] = clone_model(compose(teacher, blocks=mixed))
+    spec = LayerSpec(4, 8, 48, [0, 1], "merged")  # 3 layers -> 2, the merged one with its own shape
+    layer, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "average")
+    out["merged_3_to_2"] = clone_model(compose(teacher, merges={0: (layer, spec)}))
+    plain = LayerSpec(8, 4, 64, [1, 2], "merged")  # every layer keeps the teacher's attention shape
+    layer, _ = init_merged_layer(cfg, plain, teacher.layers[1], teacher.layers[2], "first")
+    out["merged_plain"] = clone_model(compose(teacher, merges={1: (layer, plain)}))
+    pruned = ModelConfig.from_dict(cfg.to_dict())
+    pruned.layers = [LayerSpec(8, 4, f, [i], "pruned") for i, f in enumerate((64, 40, 24))]
+    out["pruned_ffn"] = _perturb(BertForMaskedLM(pruned), seed=1)
+    enc = ModelConfig.from_dict({**cfg.to_dict(), "has_mlm_head": False})
+    enc.layers = [LayerSpec(2, 8, 64, [0], "block"), LayerSpec(8, 4, 32, [1], "pruned")]
+    out["encoder_only"] = _perturb(BertForMaskedLM(enc), seed=2)
+    return {k: m.eval() for k, m in out.items()}
+
+
+def _inputs(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    return {"ids": ids, "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    teacher, tok = load_teacher(make_hf_teacher(tmp / "teacher", layers=3, hidden=32, heads=8, ffn=64))
+    students = _students(teacher)
+    x = _inputs(teacher.config.vocab_size)
+    torch.save(x, tmp / "inputs.pt")
+    cases, kinds = {}, {}
+    for name, m in students.items():
+        folder, kinds[name] = export_pretrained(m, tmp / name, tok)
+        cases[name] = {"dir": str(folder), "inputs": str(tmp / "inputs.pt"), "out": str(tmp / f"{name}.pt"),
+                       "mlm": m.has_mlm_head, "remote": "Compact" in kinds[name]}
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), SENTENCE], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("REPORT "))
+    return {"students": students, "tok": tok, "x": x, "cases": cases, "kinds": kinds,
+            "report": json.loads(line[len("REPORT "):])}
+
+
+@pytest.mark.parametrize("name", ["blocks_4_heads", "mixed_heads", "merged_3_to_2", "merged_plain", "pruned_ffn",
+                                  "encoder_only"])
+def test_export_loads_elsewhere_with_same_outputs(exported, name):
+    model, case, x = exported["students"][name], exported["cases"][name], exported["x"]
+    with torch.no_grad():
+        ours = model(x["ids"], x["mask"])
+    ours = ours.logits if model.has_mlm_head else ours.last_hidden_state
+    theirs = torch.load(case["out"])
+    real = x["mask"].bool()
+    assert theirs.shape == ours.shape
+    assert (theirs - ours)[real].abs().max() <= 1e-5
+    report = exported["report"][name]
+    if name == "merged_plain":  # the teacher's attention shape everywhere: a plain BERT, no remote code
+        assert report["class"] == "BertForMaskedLM" and not case["remote"]
+        config = json.loads((Path(case["dir"]) / "config.json").read_text())
+        assert config["model_type"] == "bert" and "auto_map" not in config
+    else:
+        assert case["remote"] and report["class"].startswith("CompactBert")
+        config = json.loads((Path(case["dir"]) / "config.json").read_text())
+        assert config["model_type"] == "compact_bert" and "AutoModel" in config["auto_map"]
+        assert [(p["num_heads"], p["head_dim"], p["intermediate_size"]) for p in config["layer_plan"]] == [
+            (s.num_heads, s.head_dim, s.intermediate_size) for s in model.config.layers]
+    if model.has_mlm_head:  # the fill-mask pipeline ranks tokens as our logits do
+        tok = exported["tok"]
+        enc = tok(SENTENCE, return_tensors="pt")
+        pos = int((enc["input_ids"][0] == tok.mask_token_id).nonzero())
+        with torch.no_grad():
+            top = model(enc["input_ids"], enc["attention_mask"]).logits[0, pos].topk(3).indices.tolist()
+        assert report["fill"] == top
+
+
+@pytest.mark.parametrize("name", ["blocks_4_heads", "mixed_heads", "merged_3_to_2", "pruned_ffn", "encoder_only"])
+def test_onnx_matches_ours(exported, name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from models.onnx_export import encoder_path, export_onnx
+
+    model = exported["students"][name]
+    done = export_onnx(model, tmp_path / "model.onnx")  # raises when ONNX Runtime differs by more than 1e-4
+    assert set(done) == ({"encoder", "masked-LM"} if model.has_mlm_head else {"encoder"})
+    if model.has_mlm_head:
+        assert done["encoder"][0] == encoder_path(tmp_path / "model.onnx")
+    assert all(diff <= 1e-4 for _, diff in done.values())
+
+
+def test_export_targets_checked_before_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ExportError, match="not a folder"):
+        check_writable_target(tmp_path / "a_file", "--export-hf folder", is_dir=True)
+    with pytest.raises(ExportError, match="cannot be created"):
+        check_writable_target(tmp_path / "a_file" / "sub" / "m.onnx", "--export-onnx file", is_dir=False)
+    with pytest.raises(ExportError, match="is a folder"):
+        check_writable_target(tmp_path, "--export-onnx file", is_dir=False)
+    assert check_writable_target(tmp_path / "new" / "dir", "--export-hf folder", is_dir=True) == tmp_path / "new" / "dir"
+
+
+def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_corpus, tmp_path, capsys):
+    import finetune_merged
+    from utils.session import run_main
+
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--drop-every-second", "--out",
+            str(tmp_path / "runs"), "--export-hf", str(tmp_path / "a_file" / "hf")]
+    assert run_main(finetune_merged.main, finetune_merged.build_parser(), argv) == 1
+    assert "--export-hf folder" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was trained
