@@ -18,6 +18,7 @@ from utils.assemble import build_student, load_model
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
 from utils.distill import MLMMasker, ModelDistill, describe_losses
 from utils.evaluate import compare_models
+from utils.recipes import FINETUNE, alias, probability, reject, run_record, set_dropout, use_recipes
 from utils.session import run_main, sample_printer, start, write_run_file
 from utils.train import Trainer, Unit, make_train_config
 from eval_merged_12 import evaluate_student
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merged", nargs="+", default=["checkpoints"],
                    help="folders of merged-layer / block / model checkpoints, found by metadata (searched recursively)")
     g.add_argument("--which", choices=["best", "last"], default="best")
+    g.add_argument("--dropout", type=probability,
+                   help="dropout of the student (attention probabilities and hidden states; default: the teacher's)")
     g.add_argument("--drop-every-second", action="store_true",
                    help="baseline student: the teacher with layers 1, 3, 5, ... removed (no checkpoints needed)")
     g = p.add_argument_group("objective")
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit the per-epoch validation comparison to N batches")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
+    alias(p, "--merged", "--model-checkpoint")
+    reject(p, "no single block is trained here; the student's dropout is --dropout", "--block-dropout")
+    use_recipes(p, FINETUNE)
     return p
 
 
@@ -57,11 +63,13 @@ def main(args: argparse.Namespace) -> Path:
     else:
         student, sources = build_student(s.teacher, args.merged, s.teacher_hash, args.force, args.which)
     student = student.to(s.device)
+    if args.dropout is not None:
+        set_dropout(student, args.dropout)
     for line in sources:
         log.info("student: %s", line)
     log.info("student plan:\n%s", student.config.describe())
     run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
-    write_run_file(run_dir, args, {"sources": sources})
+    write_run_file(run_dir, args, {"sources": sources, **run_record(args, make_train_config(args))})
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)

@@ -55,6 +55,12 @@ class TrainConfig:
     log_every: int = 10
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
     force: bool = False  # resume although the resume checkpoint was made against another teacher
+    optimizer: str = "adamw"  # or "adam": the seed's torch.optim.Adam, weight decay as L2 on every parameter
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None  # absolute warm-up steps; None: ``warmup`` (a fraction of all steps)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup * total_steps)
 
 
 @dataclass
@@ -82,6 +88,21 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return f
 
 
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """``adamw``: AdamW, decoupled weight decay on matrices only (not biases / LayerNorm). ``adam``: the seed's
+    torch.optim.Adam, whose weight decay is an L2 term added to the gradient of every trained parameter."""
+    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'adam', got '{cfg.optimizer}'")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, **kw)
+
+
 class Trainer:
     def __init__(self, task: nn.Module, units: list[Unit], cfg: TrainConfig, run_dir: str | Path,
                  device: torch.device, evaluate: Callable[[], dict[str, float]],
@@ -98,12 +119,7 @@ class Trainer:
         params = [p for u in units for p in u.module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the units have no parameter that requires a gradient")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        kw = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, **kw)
+        self.optimizer = make_optimizer(params, cfg, device)
         self.model: nn.Module = task
         if runtime.is_distributed():
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -187,7 +203,7 @@ class Trainer:
             raise ValueError("the training split yields no batch (too few sentences for the batch size and ranks?)")
         total = steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.schedule, int(cfg.warmup * total), total))
+            self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps_for(total), total))
         self._try_resume()
         if runtime.is_main_process():
             from torch.utils.tensorboard import SummaryWriter
@@ -286,5 +302,7 @@ def make_train_config(args: Any) -> TrainConfig:
                        schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
                        resume=args.resume, compile=args.compile,
                        max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
-                       force=getattr(args, "force", False))
+                       force=getattr(args, "force", False), optimizer=getattr(args, "optimizer", "adamw"),
+                       betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
+                       warmup_steps=getattr(args, "warmup_steps", None), log_every=getattr(args, "log_freq", 10))
 
