@@ -69,7 +69,15 @@ def deep_teacher(tmp_path_factory) -> Path:
 def corpus(tmp_path_factory) -> Path:
     from conftest import write_corpus
 
-    return write_corpus(tmp_path_factory.mktemp("seed_corpus"), n_train=768, n_valid=48, n_test=32)
+    return write_corpus(tmp_path_factory.mktemp("seed_corpus"), n_train=384, n_valid=48, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory) -> Path:
+    """Twice the sentences: the default recipe's 5 epochs at a decaying 5e-4 need the steps to move a random block."""
+    from conftest import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("seed_corpus_big"), n_train=768, n_valid=48, n_test=32)
 
 
 def _floor(teacher_dir: Path, corpus_dir: Path, loss_on: list[str], criterion: str, score_target: str,
@@ -92,10 +100,11 @@ SEED_BLOCK_COMMANDS = [
 
 @pytest.mark.parametrize("recipe", ["default", "seed"])
 @pytest.mark.parametrize("cmd,loss_on,criterion", SEED_BLOCK_COMMANDS)
-def test_seed_readme_block_commands_train(deep_teacher, corpus, tmp_path, monkeypatch, capsys, cmd, loss_on,
-                                          criterion, recipe):
+def test_seed_readme_block_commands_train(deep_teacher, corpus, big_corpus, tmp_path, monkeypatch, capsys, cmd,
+                                          loss_on, criterion, recipe):
     monkeypatch.chdir(tmp_path)  # the commands write to their default ./checkpoints
     extra = ["--recipe", "seed"] if recipe == "seed" else []
+    corpus = corpus if recipe == "seed" else big_corpus
     assert _run(retrain_single_block, cmd + extra + ["--teacher", str(deep_teacher), "--data-dir", str(corpus)]) == 0
     log = capsys.readouterr().err
     rec = _run_record(tmp_path / "checkpoints")
@@ -108,8 +117,10 @@ def test_seed_readme_block_commands_train(deep_teacher, corpus, tmp_path, monkey
     floor = _floor(deep_teacher, corpus, loss_on, criterion, r["score_target"], r["mask_inputs"], r["batch_size"])
     # trains: the distance to what a perfect student reaches shrinks by well over half
     # trains: the distance to what a perfect student reaches (0, or the teacher's entropy for cross-entropy) shrinks
-    # after the first epoch by a third or more (measured: 0.07-0.27 of it is left under the seed recipe; 0.10, 0.10
+    # after the first epoch by a third or more (measured: 0.07-0.33 of it is left under the seed recipe; 0.10, 0.10
     # and 0.64 under the default, whose decaying 5e-4 moves a random block's tiny query/key weights slowly)
+    print(f"{recipe} {' '.join(cmd)}: first {val[0]:.4g} last {val[-1]:.4g} floor {floor:.4g} "
+          f"left {(val[-1] - floor) / (val[0] - floor):.2f}")
     assert val[-1] - floor < (2 / 3) * (val[0] - floor), (val, floor)
 
 
