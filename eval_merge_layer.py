@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import common_parser, positive_int
 from utils.session import run_main, start
-from eval_merged_12 import add_eval_args, evaluate_student
+from utils.recipes import add_heads_alias
+from eval_merged_12 import ROOT, add_eval_args, add_eval_recipe, evaluate_student
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -24,12 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints/eval_merge_layer")
     g = p.add_argument_group("merged layer")
     g.add_argument("--block", type=int, default=None, help="first teacher layer N of the merged pair (N, N+1)")
-    g.add_argument("--block-heads", "--heads", type=positive_int("--block-heads"), default=None)
+    g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None)
     g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None)
-    g.add_argument("--checkpoint", default=None, help="a merged-layer checkpoint folder (else searched by metadata)")
-    g.add_argument("--search", default="checkpoints", help="where to look for merged-layer checkpoints")
+    g.add_argument("--checkpoint", "--model-checkpoint", default=None,
+                   help="a merged-layer checkpoint folder (else searched by metadata)")
+    g.add_argument("--search", default=None,
+                   help="where to look for merged-layer checkpoints (default: --out, ./checkpoints and "
+                        "<repo>/checkpoints, so the same --out as retrain_merge.py finds its layers)")
     g.add_argument("--which", choices=["best", "last"], default="best")
     add_eval_args(p)
+    add_heads_alias(p)
+    add_eval_recipe(p, "eval_merge_layer.py")
     return p
 
 
@@ -39,13 +46,21 @@ def find_merged(args: argparse.Namespace) -> Path:
         return Path(args.checkpoint)
     if args.block is None:
         raise ValueError("give --block N (with --block_heads / --block_d_k to choose among runs) or --checkpoint DIR")
-    hits = [(p, m) for p, m in find_checkpoints([args.search], ["merged_layer"], args.which)
+    if args.search:
+        roots = [Path(args.search)]
+    else:  # the folders retrain_merge.py writes to with the same --out, or its default
+        roots = [r for r in dict.fromkeys(Path(os.path.abspath(r)) for r in (args.out, "checkpoints",
+                                                                                ROOT / "checkpoints")) if r.is_dir()]
+    hits = [(p, m) for p, m in find_checkpoints(roots, ["merged_layer"], args.which)
             if m["layers"][0] == args.block
             and (args.block_heads is None or m["num_heads"] == args.block_heads)
             and (args.block_d_k is None or m["head_dim"] == args.block_d_k)]
+    hits = list({p.resolve(): (p, m) for p, m in hits}.values())  # a folder found under two roots counts once
     if not hits:
         raise CheckpointError(f"no '{args.which}' merged-layer checkpoint for pair ({args.block}, {args.block + 1}) "
-                              f"with heads={args.block_heads} head_dim={args.block_d_k} under '{args.search}'")
+                              f"with heads={args.block_heads} head_dim={args.block_d_k} under "
+                              f"{', '.join(repr(str(r)) for r in roots) or 'no existing folder'}; pass --search DIR "
+                              "(or the --out given to retrain_merge.py)")
     path, meta = max(hits, key=lambda pm: pm[1].get("saved_at", ""))
     if len(hits) > 1:
         log.info("%d matching checkpoints; using the newest: %s", len(hits), path)

@@ -1,11 +1,13 @@
 """Evaluate teacher vs compressed model on the test split (one seeded [MASK] per sentence).
 
-    python eval_merged_12.py --percentage_data 0.5
+    python eval_merged_12.py --percentage_data 0.5                # the model the notebook assembled
     python eval_merged_12.py --model checkpoints/assembled --teacher DIR --data-dir DIR --judge bert-large-uncased
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,16 +16,48 @@ from utils import runtime
 from utils.assemble import load_model
 from utils.cli import common_parser, fraction, positive_int
 from utils.evaluate import compare_models, write_report
+from utils.recipes import EVAL, add_eval_seed_flags, use_recipes
 from utils.session import Session, run_main, start
+
+log = logging.getLogger("simplifying_transformers")
+ROOT = Path(__file__).resolve().parent
+# where notebooks/build_bert_from_retrained_12.ipynb saves the assembled model (its OUT, overridable by ST_OUT)
+NOTEBOOK_OUT = ROOT / "checkpoints" / "assembled"
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of the test split to use")
     g.add_argument("--split", choices=["test", "valid"], default="test")
-    g.add_argument("--judge", default=None, help="a larger masked-LM (hub id or folder) judging the predictions")
+    g.add_argument("--judge", type=judge_arg,
+                   help="a larger masked-LM (hub id or folder) judging the predictions; 'none': no judge")
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
     g.add_argument("--max-batches", type=positive_int("--max-batches"), default=None, help="stop after N batches")
+
+
+def judge_arg(s: str) -> str | None:
+    return None if s.lower() == "none" else s
+
+
+def add_eval_recipe(p: argparse.ArgumentParser, script: str) -> None:
+    """The seed's flags and --recipe (seed: the judge and 50%% of the test split) for an evaluation script."""
+    add_eval_seed_flags(p, script)
+    use_recipes(p, EVAL)
+
+
+def find_assembled(model: str | None) -> Path:
+    """--model, else the notebook's output: $ST_OUT, ./checkpoints/assembled, <repo>/checkpoints/assembled."""
+    if model:
+        return Path(model)
+    candidates = ([Path(os.environ["ST_OUT"])] if os.environ.get("ST_OUT") else []) + [
+        Path("checkpoints") / "assembled", NOTEBOOK_OUT]
+    for c in candidates:
+        if (c / "meta.json").is_file():
+            log.info("evaluating the assembled model in %s", c)
+            return c
+    raise FileNotFoundError(
+        "no assembled model found (looked in " + ", ".join(f"'{c}'" for c in dict.fromkeys(candidates)) + "); run "
+        "notebooks/build_bert_from_retrained_12.ipynb or python -m utils.assemble first, or pass --model DIR")
 
 
 def evaluate_student(s: Session, student, out_dir: Path, extra: dict, judge_name: str | None = None,
@@ -47,16 +81,20 @@ def evaluate_student(s: Session, student, out_dir: Path, extra: dict, judge_name
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints/eval_merged_12")
-    p.add_argument("--model", default="checkpoints/assembled",
-                   help="assembled model checkpoint (made by the notebook / python -m utils.assemble)")
+    p.add_argument("--model", "--model-checkpoint", default=None,
+                   help="assembled model checkpoint (default: where the notebook / python -m utils.assemble saved it: "
+                        "$ST_OUT, ./checkpoints/assembled or <repo>/checkpoints/assembled)")
     add_eval_args(p)
+    add_eval_recipe(p, "eval_merged_12.py")
     return p
 
 
 def main(args: argparse.Namespace) -> Path:
+    model = find_assembled(args.model)
     s = start(args)
-    student, meta = load_model(args.model, s.teacher_hash, args.force)
-    return evaluate_student(s, student, Path(args.out), {"model": args.model, "sources": meta.get("sources")},
+    student, meta = load_model(model, s.teacher_hash, args.force)
+    return evaluate_student(s, student, Path(args.out), {"model": str(model), "sources": meta.get("sources"),
+                                                         "recipe": args.recipe},
                             args.judge, args.split, args.max_batches)
 
 

@@ -18,7 +18,8 @@ from utils.cli import add_training_args, common_parser, positive_float, positive
 from utils.distill import MLMMasker, ModelDistill, describe_losses
 from utils.evaluate import compare_models
 from utils.export import add_export_args, check_export_targets, run_exports
-from utils.session import claim_units, run_main, run_record, sample_printer, start
+from utils.recipes import FINETUNE, alias, probability, reject, run_record, set_dropout, use_recipes
+from utils.session import claim_units, run_main, sample_printer, start
 from utils.train import Trainer, Unit, make_train_config
 from eval_merged_12 import evaluate_student
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merged", nargs="+", default=["checkpoints"],
                    help="folders of merged-layer / block / model checkpoints, found by metadata (searched recursively)")
     g.add_argument("--which", choices=["best", "last"], default="best")
+    g.add_argument("--dropout", type=probability,
+                   help="dropout of the student (attention probabilities and hidden states; default: the teacher's)")
     g.add_argument("--drop-every-second", action="store_true",
                    help="baseline student: the teacher with layers 1, 3, 5, ... removed (no checkpoints needed)")
     g = p.add_argument_group("objective")
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit the per-epoch validation comparison to N batches")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
+    alias(p, "--merged", "--model-checkpoint")
+    reject(p, "no single block is trained here; the student's dropout is --dropout", "--block-dropout")
+    use_recipes(p, FINETUNE)
     return p
 
 
@@ -64,6 +70,8 @@ def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
     else:
         student, sources = build_student(s.teacher, args.merged, s.teacher_hash, args.force, args.which)
     student = student.to(s.device)
+    if args.dropout is not None:
+        set_dropout(student, args.dropout)
     for line in sources:
         log.info("student: %s", line)
     log.info("student plan:\n%s", student.config.describe())
@@ -87,7 +95,7 @@ def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
     trainer = Trainer(task, [unit], make_train_config(args), run_dir, s.device, evaluate,
                       sample_printer(s, lambda: student, valid_loader) if args.print_samples else None,
                       {"run_dir": str(run_dir)}, setup=s.training_setup(train_ds),
-                      record=run_record(args, {"sources": sources}), locks=locks)
+                      record={"sources": sources, **run_record(args, make_train_config(args))}, locks=locks)
     trainer.fit(train_loader, sampler)
     runtime.barrier()  # rank 0 wrote the best checkpoint
     best, _ = load_model(run_dir / "model" / "best")

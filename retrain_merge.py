@@ -13,21 +13,24 @@ from pathlib import Path
 from models import LayerSpec
 from models.compress import compose, head_importance, init_merged_layer
 from models.bert import extended_mask
-from utils.assemble import build_student
+from utils.assemble import build_student, load_merged_layer
+from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
-from utils.distill import MergeDistill, MLMMasker, describe_losses
+from utils.distill import MergeDistill, MLMMasker, OneMasker, describe_losses
 from utils.features import teacher_features
 from utils.losses import normalize_criterion
-from utils.session import (Session, claim_units, print_units, run_main, run_record, sample_printer, start,
-                           teacher_cache, teacher_config)
+from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
+                           teacher_config)
+from utils.recipes import MERGE, add_heads_alias, probability, reject, run_record, set_dropout, use_recipes
 from utils.train import Trainer, Unit, make_train_config
 
 log = logging.getLogger("simplifying_transformers")
-HIDDEN_CRITERIA = ("MSE", "cosine", "L1")
+HIDDEN_CRITERIA = ("MSE", "cosine", "L1", "aRRMSE")
 
 
 def criterion_arg(s: str) -> str:
-    c = normalize_criterion(s) if s.replace("-", "").lower() in ("mse", "l1", "cosine", "cos") else s
+    key = s.replace("-", "").replace("_", "").lower()
+    c = normalize_criterion(s) if key in ("mse", "l1", "cosine", "cos", "cosinesimilarity", "arrmse") else s
     if c not in HIDDEN_CRITERIA:
         raise argparse.ArgumentTypeError(f"--criterion for a merged layer must be one of {', '.join(HIDDEN_CRITERIA)}")
     return c
@@ -45,13 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("merge")
     g.add_argument("--block", type=pair_arg, required=True,
                    help="first teacher layer N of the pair (N, N+1), or 'all-pairs' for (0,1), (2,3), ...")
-    g.add_argument("--block-heads", "--heads", type=positive_int("--block-heads"), default=None)
+    g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None)
     g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None)
     g.add_argument("--ffn-dim", type=positive_int("--ffn-dim"), default=None, help="default: the teacher's")
-    g.add_argument("--criterion", type=criterion_arg, default="MSE", help="loss on the hidden state: MSE, cosine, L1")
+    g.add_argument("--criterion", type=criterion_arg, default="MSE",
+                   help="loss on the hidden state: MSE, cosine, L1, aRRMSE")
     g.add_argument("--loss-on", choices=["hidden", "mlm"], default="hidden",
                    help="hidden state leaving N+1, or KL on the masked-LM output through the frozen rest")
-    g.add_argument("--init", choices=["first", "second", "average", "random"], default="first")
+    g.add_argument("--init", choices=["first", "second", "average", "random"])
+    g.add_argument("--mask-inputs", action=argparse.BooleanOptionalAction,
+                   help="one [MASK] per training sentence, redrawn every step (the seed's training data)")
+    g.add_argument("--dropout", type=probability,
+                   help="dropout of the merged layer (attention probabilities and hidden states; default: the "
+                        "teacher's)")
+    g.add_argument("--model-checkpoint", default=None,
+                   help="start the merged layer(s) from this merged-layer checkpoint (or a run folder, searched by "
+                        "metadata)")
     g.add_argument("--conditioned", action="store_true",
                    help="inputs come from the teacher whose earlier pairs are already merged (found by metadata)")
     g.add_argument("--conditioned-on", default=None,
@@ -61,7 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default="checkpoints/cache")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
+    add_heads_alias(p)
+    reject(p, "the seed stored it for merged layers but never used it; the merged layer's dropout is --dropout",
+           "--block-dropout")
+    use_recipes(p, MERGE)
     return p
+
+
+def starting_layers(path: str, pairs: list[int]) -> dict[int, tuple[Path, dict]]:
+    """--model_checkpoint: the newest merged-layer checkpoint (path, metadata) for each pair under ``path``."""
+    newest: dict[int, tuple[Path, dict]] = {}
+    for p, m in find_checkpoints([path], ["merged_layer"], "best"):
+        first = m["layers"][0]
+        if first in pairs and m.get("saved_at", "") >= newest.get(first, (None, {}))[1].get("saved_at", ""):
+            newest[first] = (p, m)
+    missing = [i for i in pairs if i not in newest]
+    if missing:
+        raise CheckpointError(f"--model_checkpoint '{path}' holds no merged-layer checkpoint for pair(s) starting at "
+                              f"{missing}")
+    return newest
 
 
 def make_layers(s: Session, pairs: list[int], spec_of, init: str, probe) -> tuple[dict, dict[str, str]]:
@@ -96,41 +126,67 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
                      f"(the teacher has layers 0..{n_layers - 1}; N may be 0..{n_layers - 2})")
     if n_layers < 2:
         parser.error("the teacher has a single layer: nothing to merge")
-    heads = args.block_heads or hf.num_attention_heads
-    head_dim = args.block_d_k or hf.hidden_size // hf.num_attention_heads
-    ffn = args.ffn_dim or hf.intermediate_size
+    if args.mask_inputs and args.loss_on == "mlm":
+        parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     pairs = list(range(0, n_layers - 1, 2)) if args.block == "all-pairs" else [int(args.block)]
+    start_from = starting_layers(args.model_checkpoint, pairs) if args.model_checkpoint else {}
+    shapes = {(m["num_heads"], m["head_dim"], m["intermediate_size"]) for _, m in start_from.values()}
+    if len(shapes) > 1:
+        raise CheckpointError(f"the --model_checkpoint layers have different shapes {sorted(shapes)}; train them in "
+                              "separate runs (one --block each)")
+    heads, head_dim, ffn = shapes.pop() if shapes else (args.block_heads or hf.num_attention_heads,
+                                                        args.block_d_k or hf.hidden_size // hf.num_attention_heads,
+                                                        args.ffn_dim or hf.intermediate_size)
+    for flag, want, have in (("--block_heads", args.block_heads, heads), ("--block_d_k", args.block_d_k, head_dim),
+                             ("--ffn-dim", args.ffn_dim, ffn)):
+        if want is not None and want != have:
+            raise CheckpointError(f"{flag} {want} does not match the --model_checkpoint layer's {have}")
     tag = "mlm" if args.loss_on == "mlm" else args.criterion.lower()
     # every pair owns <run_dir>/merge_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or
-                                f"merge_h{heads}_d{head_dim}_f{ffn}_{tag}{'_conditioned' if args.conditioned else ''}")
+                                f"merge_h{heads}_d{head_dim}_f{ffn}_{tag}{'_conditioned' if args.conditioned else ''}"
+                                + ("_seed" if args.recipe == "seed" else ""))
+    record = run_record(args, make_train_config(args), init=args.init, heads=heads, head_dim=head_dim, ffn_dim=ffn,
+                        criterion=args.criterion)
     with claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair") as locks:
-        return train_merges(args, run_dir, pairs, heads, head_dim, ffn, locks)
+        return train_merges(args, run_dir, pairs, heads, head_dim, ffn, start_from, record, locks)
 
 
 def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], heads: int, head_dim: int, ffn: int,
-                 locks: list) -> Path:
+                 start_paths: dict[int, tuple[Path, dict]], record: dict, locks: list) -> Path:
     s = start(args)
     cfg = s.teacher.config
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
     probe = s.global_batch(train_ds)  # the same on every rank
-    layers, notes = make_layers(s, pairs, lambda i: LayerSpec(heads, head_dim, ffn, [i, i + 1], "merged"),
-                                args.init, probe)
+    if start_paths:
+        layers, notes = {}, {}
+        for i, (p, _) in start_paths.items():
+            _, layer, spec = load_merged_layer(p, cfg, s.teacher_hash, args.force)
+            layers[i], notes[f"merge_{i}"] = (layer.to(s.device), spec), f"from {p}"
+    else:
+        layers, notes = make_layers(s, pairs, lambda i: LayerSpec(heads, head_dim, ffn, [i, i + 1], "merged"),
+                                    args.init, probe)
+    if args.dropout is not None:
+        for layer, _ in layers.values():
+            set_dropout(layer, args.dropout)
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if args.loss_on == "mlm" else None
     base_meta = {"kind": "merged_layer", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
                  "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim, "intermediate_size": ffn,
                  "conditioned": args.conditioned}
     cache = None
-    if args.cache_teacher and args.loss_on != "mlm":
+    if args.cache_teacher and args.mask_inputs:
+        log.warning("--cache-teacher ignored with --mask-inputs: the inputs are re-masked every step")
+    elif args.cache_teacher and args.loss_on != "mlm":
         # a conditioned pair with no earlier pair (N < 2) still takes its input from the teacher, so from the cache
         names = [f"out_{i + 1}" for i in pairs] + [f"in_{i}" for i in pairs if not args.conditioned or i < 2]
         cache = teacher_cache(s, train_ds, names)
 
     def train(group: list[int], group_dir: Path, inputs_from=None) -> dict[str, float]:
         task = MergeDistill(s.teacher, {i: layers[i] for i in group}, args.loss_on, args.criterion, masker, cache,
-                            inputs_from, args.temperature, args.seed).to(s.device)
+                            inputs_from, args.temperature, args.seed,
+                            OneMasker(s.tokenizer) if args.mask_inputs else None).to(s.device)
         units = [Unit(f"merge_{i}", layers[i][0], run_dir / f"merge_{i}",
                       {**base_meta, **describe_losses(task), "layers": [i, i + 1], "init": notes[f"merge_{i}"]})
                  for i in group]
@@ -138,8 +194,8 @@ def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], head
         trainer = Trainer(task, units, make_train_config(args), group_dir, s.device,
                           evaluate=lambda: task.evaluate(valid_loader),
                           samples=sample_printer(s, view, valid_loader) if args.print_samples else None,
-                          run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds),
-                          record=run_record(args), locks=locks)
+                          run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds), record=record,
+                          locks=locks)
         final = trainer.fit(train_loader, sampler)
         print_units(units, notes, final)
         return final

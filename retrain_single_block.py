@@ -3,7 +3,8 @@
     python retrain_single_block.py --block 6 --criterion MSE
     python retrain_single_block.py --block 6 --criterion CrossEntropy --loss_on_logits
     python retrain_single_block.py --block 6 --criterion CrossEntropy --loss_on_scores
-    python retrain_single_block.py --block all --heads 4 --teacher DIR --data-dir DIR --cache-teacher
+    python retrain_single_block.py --block all --block_heads 4 --teacher DIR --data-dir DIR --cache-teacher
+    python retrain_single_block.py --block 6 --criterion MSE --recipe seed      # the seed project's setup
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from pathlib import Path
 
 from models.compress import compose, compress_attention, head_importance, random_attention
 from models.bert import extended_mask
+from utils.assemble import load_block
+from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
-from utils.distill import BlockDistill, MLMMasker, describe_losses
+from utils.distill import BlockDistill, MLMMasker, OneMasker, describe_losses
 from utils.features import teacher_features
 from utils.losses import OUTPUT_CRITERIA, SCORE_CRITERIA, normalize_criterion
-from utils.session import (Session, claim_units, print_units, run_main, run_record, sample_printer, start,
-                           teacher_cache, teacher_config)
+from utils.recipes import BLOCK, add_heads_alias, given, probability, reject, run_record, set_dropout, use_recipes
+from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
+                           teacher_config)
 from utils.train import Trainer, Unit, make_train_config
 
 log = logging.getLogger("simplifying_transformers")
@@ -43,22 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(p, epochs=5, lr=5e-4)
     g = p.add_argument_group("block")
     g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
-    g.add_argument("--block-heads", "--heads", type=positive_int("--block-heads"), default=None,
+    g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None,
                    help="heads of the new block (default: the teacher's)")
     g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
                    help="per-head dimension d_k of the new block (default: the teacher's)")
     g.add_argument("--criterion", type=criterion_arg, default="MSE",
                    help=f"loss on the block output: {', '.join(OUTPUT_CRITERIA)}; with --loss_on_scores: "
                         f"{', '.join(SCORE_CRITERIA)}")
-    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm"], default=None,
-                   help="what is compared: block output (default), attention distributions, both, or the masked-LM "
-                        "output through the frozen rest of the teacher (KL)")
+    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm"],
+                   help="what is compared: block output, attention scores (see --score-target), both, or the "
+                        "masked-LM output through the frozen rest of the teacher (KL)")
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
-    g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention distributions")
+    g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention scores")
+    g.add_argument("--score-target", choices=["probs", "logits"],
+                   help="scores loss on the attention distributions (softmax over keys), or on the raw scaled "
+                        "pre-softmax scores QK^T/sqrt(d_k) as in the seed (MSE / L1; padding excluded)")
+    g.add_argument("--mask-inputs", action=argparse.BooleanOptionalAction,
+                   help="one [MASK] per training sentence, redrawn every step (the seed's training data)")
+    g.add_argument("--block-dropout", type=probability,
+                   help="dropout of the new block's attention probabilities (default: the teacher's)")
+    g.add_argument("--model-checkpoint", default=None,
+                   help="start the new block(s) from this block checkpoint (or a run folder, searched by metadata)")
     g.add_argument("--score-criterion", type=criterion_arg, default=None,
                    help="criterion for attention distributions when both losses are on (default CrossEntropy)")
-    g.add_argument("--init", choices=["teacher", "random"], default="teacher",
-                   help="start from the teacher's block (important heads, SVD for smaller head_dim) or random")
+    g.add_argument("--init", choices=["teacher", "random"],
+                   help="start from the teacher's block (important heads, SVD for smaller head_dim) or random; a block "
+                        "of the teacher's own shape starts random unless --init teacher is given explicitly")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="for --loss-on mlm")
     g.add_argument("--cache-teacher", action="store_true",
                    help="compute the teacher's features once, store them (fp16, memory-mapped) and reuse them")
@@ -66,15 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher feature cache; safe to share between runs, also running at the same time")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
+    add_heads_alias(p)
+    reject(p, "the seed's --dropout was the teacher BERT's dropout, which is always off here (the teacher runs in "
+              "eval mode); the new block's is --block_dropout", "--dropout")
+    use_recipes(p, BLOCK)
     return p
 
 
 def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[str], str, str]:
-    if args.loss_on:
-        loss_on = args.loss_on.split("+")
+    if given(args, "loss_on") or not (args.loss_on_logits or args.loss_on_scores):
+        loss_on = args.loss_on.split("+")  # --loss-on, or the recipe's (seed: scores, default: output)
     else:
-        loss_on = (["output"] if args.loss_on_logits or not args.loss_on_scores else []) + (
-            ["scores"] if args.loss_on_scores else [])
+        loss_on = (["output"] if args.loss_on_logits else []) + (["scores"] if args.loss_on_scores else [])
     score_criterion = args.score_criterion or ("CrossEntropy" if "output" in loss_on or args.criterion == "cosine"
                                                else args.criterion)
     if loss_on == ["scores"] and args.criterion not in SCORE_CRITERIA:
@@ -86,26 +103,74 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     return loss_on, args.criterion, score_criterion
 
 
+def starting_blocks(path: str, layers: list[int]) -> dict[int, tuple[Path, dict]]:
+    """--model_checkpoint: the newest block checkpoint (path, metadata) for each of ``layers`` under ``path``."""
+    newest: dict[int, tuple[Path, dict]] = {}
+    for p, m in find_checkpoints([path], ["block"], "best"):
+        if m["layer"] in layers and m.get("saved_at", "") >= newest.get(m["layer"], (None, {}))[1].get("saved_at", ""):
+            newest[m["layer"]] = (p, m)
+    missing = [i for i in layers if i not in newest]
+    if missing:
+        raise CheckpointError(f"--model_checkpoint '{path}' holds no block checkpoint for layer(s) {missing}")
+    return newest
+
+
+def block_shape(args: argparse.Namespace, hf, start_from: dict[int, tuple[Path, dict]]) -> tuple[int, int]:
+    """(heads, head_dim) of the new blocks: the flags, else the starting checkpoint's, else the teacher's."""
+    if not start_from:
+        return args.block_heads or hf.num_attention_heads, args.block_d_k or hf.hidden_size // hf.num_attention_heads
+    shapes = {(m["num_heads"], m["head_dim"]) for _, m in start_from.values()}
+    if len(shapes) > 1:
+        raise CheckpointError(f"the --model_checkpoint blocks have different shapes {sorted(shapes)}; train them in "
+                              "separate runs (one --block each)")
+    heads, head_dim = shapes.pop()
+    for flag, want, have in (("--block_heads", args.block_heads, heads), ("--block_d_k", args.block_d_k, head_dim)):
+        if want is not None and want != have:
+            raise CheckpointError(f"{flag} {want} does not match the --model_checkpoint block's {have}")
+    return heads, head_dim
+
+
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     hf = teacher_config(args.teacher)
     n_layers = hf.num_hidden_layers
     if args.block != "all" and int(args.block) >= n_layers:
         parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
     loss_on, criterion, score_criterion = loss_plan(args, parser)
-    heads = args.block_heads or hf.num_attention_heads
-    head_dim = args.block_d_k or hf.hidden_size // hf.num_attention_heads
+    if args.mask_inputs and loss_on == ["mlm"]:
+        parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
+    start_from = starting_blocks(args.model_checkpoint, layers) if args.model_checkpoint else {}
+    heads, head_dim = block_shape(args, hf, start_from)
+    init = args.init
+    teacher_shape = (hf.num_attention_heads, hf.hidden_size // hf.num_attention_heads)
+    if init == "teacher" and not start_from and (heads, head_dim) == teacher_shape:
+        if given(args, "init"):
+            parser.error(f"--init teacher with the teacher's own shape ({heads} heads x {head_dim}) makes an exact "
+                         "copy of the teacher's block: nothing to train. Give a smaller --block_heads / --block_d_k "
+                         "(e.g. --block_heads 4), or --init random")
+        log.info("the new block has the teacher's shape (%d heads x %d): starting it random, as an exact copy of the "
+                 "teacher's block would train nothing (a smaller --block_heads / --block_d_k starts from the "
+                 "teacher's most important heads)", heads, head_dim)
+        init = "random"
     tag = "+".join(loss_on) + ("" if loss_on == ["mlm"] else f"_{criterion.lower()}")
+    if "scores" in loss_on and args.score_target == "logits" and score_criterion in ("MSE", "L1"):
+        tag += "_logits"
     # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
-    run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}")
+    run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}"
+                                + ("_seed" if args.recipe == "seed" else ""))
+    record = run_record(args, make_train_config(args), init=init, loss_on=loss_on, criterion=criterion,
+                        score_criterion=score_criterion, heads=heads, head_dim=head_dim)
     with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
-        return train_blocks(args, run_dir, layers, heads, head_dim, loss_on, criterion, score_criterion, locks)
+        return train_blocks(args, run_dir, layers, heads, head_dim, loss_on, criterion, score_criterion, init,
+                            start_from, record, locks)
 
 
 def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], heads: int, head_dim: int,
-                 loss_on: list[str], criterion: str, score_criterion: str, locks: list) -> Path:
+                 loss_on: list[str], criterion: str, score_criterion: str, init: str,
+                 start_paths: dict[int, tuple[Path, dict]], record: dict, locks: list) -> Path:
     s: Session = start(args)
     cfg = s.teacher.config
+    start_from = {i: load_block(p, cfg, s.teacher_hash, args.force)[1] for i, (p, _) in start_paths.items()}
 
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
@@ -115,7 +180,7 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
     # rank) with a single teacher pass for all layers
     probe = s.global_batch(train_ds)
     ids, att = probe["input_ids"].to(s.device), probe["attention_mask"].to(s.device)
-    rank_heads = args.init == "teacher" and heads < cfg.num_attention_heads
+    rank_heads = init == "teacher" and not start_from and heads < cfg.num_attention_heads
     feats = teacher_features(s.teacher, ids, att, [f"in_{i}" for i in layers]) if rank_heads else {}
     blocks, notes = {}, {}
     for i in layers:
@@ -123,22 +188,28 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
         importance = None
         if rank_heads:
             importance = head_importance(teacher_attn, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
-        if args.init == "teacher":
+        if start_from:
+            blocks[i], notes[i] = start_from[i].to(s.device), f"from {args.model_checkpoint}"
+        elif init == "teacher":
             blocks[i], notes[i] = compress_attention(teacher_attn, cfg, heads, head_dim, importance)
         else:
             blocks[i], notes[i] = random_attention(teacher_attn, cfg, heads, head_dim), "random"
+        if args.block_dropout is not None:
+            set_dropout(blocks[i], args.block_dropout, hidden=False)
         log.info("block %d: %d heads x %d -> %d heads x %d; init %s", i, teacher_attn.num_heads,
                  teacher_attn.head_dim, heads, head_dim, notes[i])
 
     cache = None
     if args.cache_teacher:
-        if loss_on == ["mlm"]:
-            log.warning("--cache-teacher ignored with --loss-on mlm: its inputs are re-masked every epoch")
+        if loss_on == ["mlm"] or args.mask_inputs:
+            log.warning("--cache-teacher ignored with %s: the inputs are re-masked every step",
+                        "--mask-inputs" if args.mask_inputs else "--loss-on mlm")
         else:
             cache = teacher_cache(s, train_ds, [f"{k}_{i}" for i in layers for k in ("in", "block")])
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
-                        args.seed).to(s.device)
+                        args.seed, args.score_target, OneMasker(s.tokenizer) if args.mask_inputs else None
+                        ).to(s.device)
     base_meta = {"kind": "block", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
                  "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim,
                  "teacher_heads": cfg.num_attention_heads, "teacher_head_dim": cfg.head_dim,
@@ -150,7 +221,7 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
                       evaluate=lambda: task.evaluate(valid_loader),
                       samples=sample_printer(s, lambda: compose(s.teacher, blocks=blocks), valid_loader)
                       if args.print_samples else None,
-                      run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds), record=run_record(args),
+                      run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds), record=record,
                       locks=locks)
     final = trainer.fit(train_loader, sampler)
     print_units(units, {u.name: notes[int(u.name.split("_")[1])] for u in units}, final)

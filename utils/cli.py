@@ -6,6 +6,8 @@ import math
 import sys
 from typing import Callable
 
+from .recipes import add_common_seed_flags, add_training_seed_flags
+
 
 class Parser(argparse.ArgumentParser):
     """ArgumentParser that also accepts ``--foo_bar`` for every ``--foo-bar`` flag (the seed's spellings).
@@ -13,9 +15,15 @@ class Parser(argparse.ArgumentParser):
     Underscores in a flag's name are turned into dashes before parsing, so help shows one spelling per flag.
     """
 
+    recipes: dict | None = None  # set by utils.recipes.use_recipes: --recipe NAME fills the settings not given
+
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args([self._dash(a) for a in args], namespace)
+        args = [self._dash(a) for a in (sys.argv[1:] if args is None else list(args))]
+        if self.recipes and namespace is None:
+            from .recipes import parse_with_recipe
+
+            return parse_with_recipe(self, super().parse_known_args, args)
+        return super().parse_known_args(args, namespace)
 
     def _dash(self, arg: str) -> str:
         if not arg.startswith("--") or "_" not in arg:
@@ -95,6 +103,7 @@ def common_parser(description: str, default_out: str) -> Parser:
     g.add_argument("--out", default=default_out, help="output folder")
     g.add_argument("--num-workers", type=non_negative_int("--num-workers"), default=0, help="DataLoader workers")
     g.add_argument("--verbose", action="store_true")
+    add_common_seed_flags(p)
     return p
 
 
@@ -123,4 +132,5 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--print-samples", action="store_true",
                    help="after each epoch, print predictions for a few validation sentences")
     g.add_argument("--run-name", default=None, help="sub-folder of --out (default: derived from the settings)")
+    add_training_seed_flags(p)
 

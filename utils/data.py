@@ -292,6 +292,19 @@ def bert_mlm_mask(
     return out, labels
 
 
+def mask_one_token(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int],
+                   mask_token_id: int, generator: torch.Generator) -> torch.Tensor:
+    """One [MASK] per sentence at a uniformly drawn non-special real token (the seed's training sentences)."""
+    dev = input_ids.device
+    maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=dev))
+    u = torch.rand(input_ids.shape, generator=generator, device="cpu").to(dev)
+    pos = torch.where(maskable, u, torch.full_like(u, 2.0)).argmin(dim=1)
+    rows = torch.arange(len(pos), device=dev)
+    out = input_ids.clone()
+    out[rows, pos] = torch.where(maskable[rows, pos], torch.full_like(pos, mask_token_id), out[rows, pos])
+    return out
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Length-bucketed batches to cut padding: sort within shuffled chunks, then shuffle batch order.
 

@@ -16,9 +16,9 @@ from models.bert import BertAttention, BertForMaskedLM, BertLayer, extended_mask
 from models.compress import compose
 from models.config import LayerSpec
 from . import runtime
-from .data import bert_mlm_mask
+from .data import bert_mlm_mask, mask_one_token
 from .features import TeacherCache, teacher_features
-from .losses import attention_loss, hidden_loss, kl_logits
+from .losses import attention_loss, hidden_loss, kl_logits, raw_score_loss
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,18 @@ class MLMMasker:
     def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
         g = generator if generator is not None else torch.default_generator
         return bert_mlm_mask(ids, att, self.special, self.mask_id, self.vocab_size, g)
+
+
+class OneMasker:
+    """--mask-inputs: one [MASK] per training sentence, redrawn every step (the seed's dataset drew it per item)."""
+
+    def __init__(self, tokenizer):
+        self.special = list(tokenizer.all_special_ids)
+        self.mask_id = tokenizer.mask_token_id
+
+    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        g = generator if generator is not None else torch.default_generator
+        return mask_one_token(ids, att, self.special, self.mask_id, g)
 
 
 class DistillTask(nn.Module):
@@ -52,6 +64,7 @@ class DistillTask(nn.Module):
         self.masker = masker
         self.cache = cache
         self.seed = seed
+        self.input_masker: OneMasker | None = None
 
     @property
     def teacher(self) -> BertForMaskedLM:
@@ -114,6 +127,13 @@ class DistillTask(nn.Module):
             return self.cache.batch(names, batch["index"], batch["input_ids"].shape[1], self.device)
         return teacher_features(self.teacher, batch["input_ids"], batch["attention_mask"], names)
 
+    def _masked_features(self, batch, names: list[str], generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Input ids (with one [MASK] per sentence under --mask-inputs) and the teacher's features for them."""
+        if self.input_masker is None:
+            return batch["input_ids"], self._features(batch, names)
+        ids = self.input_masker(batch["input_ids"], batch["attention_mask"], generator)
+        return ids, teacher_features(self.teacher, ids, batch["attention_mask"], names)
+
     def _mlm_targets(self, batch, generator):
         """Masked input, positions asked for, and the teacher's logits there."""
         ids, att = batch["input_ids"], batch["attention_mask"]
@@ -132,8 +152,14 @@ class BlockDistill(DistillTask):
 
     def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str],
                  criterion: str = "MSE", score_criterion: str = "CrossEntropy", masker: MLMMasker | None = None,
-                 cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0):
+                 cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0,
+                 score_target: str = "probs", input_masker: OneMasker | None = None):
         super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker, cache, seed)
+        if score_target not in ("probs", "logits"):
+            raise ValueError(f"score target must be 'probs' or 'logits', got '{score_target}'")
+        self.score_target, self.input_masker = score_target, input_masker
+        if input_masker is not None and "mlm" in loss_on:
+            raise ValueError("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
         if "mlm" in loss_on:
             teacher.require_mlm_head("--loss-on mlm")
             if len(loss_on) > 1:
@@ -158,7 +184,7 @@ class BlockDistill(DistillTask):
                 s_logits = view.mlm_logits(h[sel])
                 out[f"block_{i}"] = (kl_logits(s_logits, t_logits, self.temperature), float(sel.sum()))
             return out
-        feats = self._features(batch, self.feature_names())
+        _, feats = self._masked_features(batch, self.feature_names(), generator)
         n_valid = float(valid.sum())
         for i in self.layers:
             student = self.students[f"block_{i}"]
@@ -171,7 +197,10 @@ class BlockDistill(DistillTask):
             if need:
                 with torch.no_grad():
                     _, t_trace = self.teacher.layers[i].attention.block(x, mask, need_trace=True)
-                loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, self.score_criterion)
+                if self.score_target == "logits" and self.score_criterion in ("MSE", "L1"):
+                    loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, self.score_criterion)
+                else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)
+                    loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, self.score_criterion)
             out[f"block_{i}"] = (loss, n_valid)
         return out
 
@@ -185,8 +214,12 @@ class MergeDistill(DistillTask):
 
     def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], loss_on: str,
                  criterion: str = "MSE", masker: MLMMasker | None = None, cache: TeacherCache | None = None,
-                 inputs_from: BertForMaskedLM | None = None, temperature: float = 1.0, seed: int = 0):
+                 inputs_from: BertForMaskedLM | None = None, temperature: float = 1.0, seed: int = 0,
+                 input_masker: OneMasker | None = None):
         super().__init__(teacher, {f"merge_{i}": l for i, (l, _) in layers.items()}, masker, cache, seed)
+        if input_masker is not None and loss_on == "mlm":
+            raise ValueError("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
+        self.input_masker = input_masker
         if loss_on == "mlm":
             teacher.require_mlm_head("--loss-on mlm")
         self.pairs = sorted(layers)
@@ -222,8 +255,8 @@ class MergeDistill(DistillTask):
                 out[f"merge_{i}"] = (kl_logits(view.mlm_logits(h[sel]), t_logits, self.temperature), float(sel.sum()))
             return out
         names = [f"out_{i + 1}" for i in self.pairs] + ([] if conditioned else [f"in_{i}" for i in self.pairs])
-        feats = self._features(batch, names)
-        ins = self._inputs(batch["input_ids"], att) if conditioned else {i: feats[f"in_{i}"] for i in self.pairs}
+        ids, feats = self._masked_features(batch, names, generator)
+        ins = self._inputs(ids, att) if conditioned else {i: feats[f"in_{i}"] for i in self.pairs}
         for i in self.pairs:
             h = self.students[f"merge_{i}"](ins[i], mask)
             out[f"merge_{i}"] = (hidden_loss(h, feats[f"out_{i + 1}"], valid, self.criterion), float(valid.sum()))
@@ -284,6 +317,9 @@ class ModelDistill(DistillTask):
 
 def describe_losses(task: DistillTask) -> dict[str, Any]:
     """What the task optimises, for checkpoint metadata."""
-    keys = ("loss_on", "criterion", "score_criterion", "temperature", "kl_weight", "mlm_weight", "hidden_weight",
-            "hidden_criterion")
-    return {k: getattr(task, k) for k in keys if hasattr(task, k)}
+    keys = ("loss_on", "criterion", "score_criterion", "score_target", "temperature", "kl_weight", "mlm_weight",
+            "hidden_weight", "hidden_criterion")
+    out = {k: getattr(task, k) for k in keys if hasattr(task, k)}
+    if task.input_masker is not None:
+        out["mask_inputs"] = True
+    return out

@@ -4,18 +4,55 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OUTPUT_CRITERIA = ("MSE", "L1", "cosine", "CrossEntropy")
+OUTPUT_CRITERIA = ("MSE", "L1", "cosine", "CrossEntropy", "aRRMSE")
 SCORE_CRITERIA = ("CrossEntropy", "KL", "MSE", "L1")
 
 
 def normalize_criterion(name: str) -> str:
-    """Accept the seed's spellings in any case: mse, l1, cosine/cos, crossentropy/ce, kl."""
-    table = {"mse": "MSE", "l1": "L1", "cosine": "cosine", "cos": "cosine", "crossentropy": "CrossEntropy",
-             "ce": "CrossEntropy", "kl": "KL"}
+    """Accept the seed's spellings in any case: mse, l1, cosine/cos/CosineSimilarity, crossentropy/ce, kl, aRRMSE."""
+    table = {"mse": "MSE", "l1": "L1", "cosine": "cosine", "cos": "cosine", "cosinesimilarity": "cosine",
+             "crossentropy": "CrossEntropy", "ce": "CrossEntropy", "kl": "KL", "arrmse": "aRRMSE"}
     key = name.replace("-", "").replace("_", "").lower()
     if key not in table:
-        raise ValueError(f"unknown criterion '{name}'; choose from MSE, L1, cosine, CrossEntropy, KL")
+        raise ValueError(f"unknown criterion '{name}'; choose from MSE, L1, cosine, CrossEntropy, KL, aRRMSE")
     return table[key]
+
+
+def arrmse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Average relative RMSE over the D output features of [B, T, D] tensors, the real tokens being the samples:
+
+        aRRMSE = 1/D * sum_j sqrt( sum_i (s_ij - t_ij)^2 / sum_i (t_ij - mean_i t_ij)^2 )
+
+    i.e. each feature's RMSE relative to the RMSE of always predicting that feature's mean (< 1: better than the
+    mean). Computed over the tokens of the batch, so it is a batch statistic, not a per-token mean. A feature that is
+    (nearly) constant over the batch is divided by a floor of 1e-6 x the mean spread instead of by ~0.
+    """
+    s, t = student.float()[valid], teacher.float()[valid]  # [N, D]
+    err = (s - t).pow(2).sum(0)
+    spread = (t - t.mean(0, keepdim=True)).pow(2).sum(0)
+    spread = spread.clamp_min(1e-6 * float(spread.mean()) + 1e-12)
+    return ((err + 1e-12) / spread).sqrt().mean()
+
+
+def raw_score_loss(s_scores: torch.Tensor, t_scores: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
+    """MSE or L1 between raw attention scores QK^T/sqrt(d_k) [B, H, T, T] (pre-softmax, the seed's loss target).
+
+    The mean is over real (query, key) pairs and heads: pairs with a padded query or key are left out (their scores
+    hold the mask's fill value). With different head counts both sides are averaged over heads first.
+    """
+    s, t = s_scores.float(), t_scores.float()
+    if s.shape[1] != t.shape[1]:
+        s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    pair = (valid[:, :, None] & valid[:, None, :])[:, None].expand_as(s)  # [B, H, T, T]
+    diff = torch.where(pair, s - t, torch.zeros((), dtype=s.dtype, device=s.device))
+    if criterion == "MSE":
+        per = diff.pow(2)
+    elif criterion == "L1":
+        per = diff.abs()
+    else:
+        raise ValueError(f"criterion '{criterion}' does not apply to raw attention scores; choose MSE or L1 (or use "
+                         "CrossEntropy / KL, which compare the softmax distributions)")
+    return per.sum() / pair.sum().clamp_min(1)
 
 
 def _masked_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -39,6 +76,8 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tenso
         per = 1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-6)
     elif criterion == "CrossEntropy":
         per = -(teacher.softmax(-1) * student.log_softmax(-1)).sum(-1)
+    elif criterion == "aRRMSE":
+        return arrmse(student, teacher, valid)
     else:
         raise ValueError(f"criterion '{criterion}' is not one of {OUTPUT_CRITERIA}")
     return _masked_mean(per, valid)

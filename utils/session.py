@@ -100,11 +100,6 @@ def claim_units(unit_dirs: list[Path], what: str = "unit") -> Iterator[list[Unit
         yield locks
 
 
-def run_record(args: argparse.Namespace, extra: dict | None = None) -> dict[str, Any]:
-    """What each unit's run.json records of this invocation besides argv, host and versions."""
-    return {"args": vars(args), **(extra or {})}
-
-
 def _stop_before_training(signum, frame) -> None:
     name = signal.Signals(signum).name
     raise Stopped(f"stopped by {name} before training started (nothing to save yet)", STOP_SIGNALS[name])

@@ -58,7 +58,8 @@ STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
 # unit metadata that fixes a unit's shape: a resume point with other values never fits, even with --force-config
 SHAPE_KEYS = ("kind", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer", "layers")
 # training settings a resumed run must share with its resume point (epochs may grow); --force-config accepts others
-SETUP_FIELDS = ("lr", "weight_decay", "warmup", "schedule", "clip", "seed", "max_steps_per_epoch")
+SETUP_FIELDS = ("lr", "weight_decay", "warmup", "warmup_steps", "schedule", "clip", "seed", "max_steps_per_epoch",
+                "optimizer", "betas")
 # unit metadata that is not part of the training setup (paths: where the teacher lies may differ between machines)
 NOT_SETUP = ("teacher", "init", "sources")
 
@@ -76,10 +77,17 @@ class TrainConfig:
     save_every_steps: int = 0  # write a mid-epoch resume point every K optimizer steps
     resume: bool = False
     compile: bool = False
-    log_every: int = 10
+    log_every: int = 10  # tensorboard scalars every N steps
+    print_every: int = 0  # also print the loss every N steps (the seed's --log_freq); 0: the progress bar only
     max_steps_per_epoch: int | None = None  # for smoke tests and benchmarks
     force: bool = False  # resume although the resume point was made against another teacher
     force_config: bool = False  # resume although the training setup differs (logged)
+    optimizer: str = "adamw"  # or "adam": the seed's torch.optim.Adam, weight decay as L2 on every parameter
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None  # absolute warm-up steps; None: ``warmup`` (a fraction of all steps)
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup * total_steps)
 
 
 @dataclass
@@ -124,13 +132,18 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only; fused on CUDA."""
+    """``adamw``: AdamW, decoupled weight decay on matrices only (not biases / LayerNorm). ``adam``: the seed's
+    torch.optim.Adam, whose weight decay is an L2 term added to the gradient of every trained parameter."""
+    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'adam', got '{cfg.optimizer}'")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    kw = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, **kw)
+        lr=cfg.lr, betas=cfg.betas, **kw)
 
 
 def rng_state() -> dict[str, Any]:
@@ -407,7 +420,7 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         for u in self.units:
             u.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                u.optimizer, lr_lambda(cfg.schedule, int(cfg.warmup * total), total))
+                u.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps_for(total), total))
         self._try_resume()
         self._write_records()
         if runtime.is_main_process():
@@ -453,6 +466,10 @@ class Trainer:
                 running = lv if running is None else 0.95 * running + 0.05 * lv
                 bar.set_postfix(loss=f"{running:.4g}")
                 bar.update()
+                if cfg.print_every and (self.position.global_step + 1) % cfg.print_every == 0 \
+                        and runtime.is_main_process():
+                    bar.write(f"epoch {epoch + 1}, step {step + 1} (global step {self.position.global_step + 1}): "
+                              f"loss {lv:.4g}, running {running:.4g}, lr {self.units[0].scheduler.get_last_lr()[0]:.3g}")
                 self.position = Position(epoch, step + 1, self.position.global_step + 1)
                 for lock in self.locks:
                     lock.heartbeat()
@@ -583,4 +600,8 @@ def make_train_config(args: Any) -> TrainConfig:
                        save_every_steps=getattr(args, "save_every_steps", 0),
                        resume=args.resume, compile=args.compile,
                        max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
-                       force=getattr(args, "force", False), force_config=getattr(args, "force_config", False))
+                       force=getattr(args, "force", False), force_config=getattr(args, "force_config", False),
+                       optimizer=getattr(args, "optimizer", "adamw"),
+                       betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
+                       warmup_steps=getattr(args, "warmup_steps", None), log_every=getattr(args, "log_freq", 10),
+                       print_every=getattr(args, "log_freq", 0) if "log_freq" in getattr(args, "explicit", ()) else 0)
