@@ -170,8 +170,9 @@ def add_training_seed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=probability, help="Adam beta2")
     g.add_argument("--warmup-steps", type=non_negative_int("--warmup-steps"), default=None,
                    help="linear warm-up over this many optimizer steps (overrides --warmup); 0: none")
-    g.add_argument("--log-freq", type=positive_int("--log-freq"), default=10, help="print the loss, and write training scalars to tensorboard, every N steps "
-                        "(tensorboard every 10 steps when not given)")
+    g.add_argument("--log-freq", type=positive_int("--log-freq"), default=10,
+                   help="print the loss, and write training scalars to tensorboard, every N steps (tensorboard every "
+                        "10 steps when not given)")
     alias(p, "--weight-decay", "--adam-weight-decay")
     alias(p, "--resume", "--block-load-checkpoint")
     _seed_group(p).add_argument("--block-no-checkpoint", dest="resume", action="store_false",
