@@ -14,7 +14,8 @@ from utils import runtime
 from utils.assemble import load_model
 from utils.cli import common_parser, fraction, positive_int
 from utils.evaluate import compare_models, write_report
-from utils.session import Session, run_main, start
+from utils.cli import UsageError
+from utils.session import Session, check_output_dir, run_main, start
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -53,9 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_student(student, s: Session, where: str) -> None:
+    """A student evaluated against this teacher must read the same token ids at --seq-len positions."""
+    if student.config.max_position_embeddings < s.args.seq_len:
+        raise UsageError(f"--seq-len {s.args.seq_len} is longer than the model '{where}' allows: its "
+                         f"max_position_embeddings is {student.config.max_position_embeddings}")
+
+
 def main(args: argparse.Namespace) -> Path:
+    check_output_dir(args.out)  # before any work: results that cannot be written are lost
     s = start(args)
-    student, meta = load_model(args.model, s.teacher_hash, args.force)
+    student, meta = load_model(args.model, s.teacher_hash, args.force, s.teacher.config)
+    check_student(student, s, args.model)
     return evaluate_student(s, student, Path(args.out), {"model": args.model, "sources": meta.get("sources")},
                             args.judge, args.split, args.max_batches)
 

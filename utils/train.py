@@ -267,7 +267,8 @@ class Trainer:
                     self.writer.add_scalar(f"val/{k}", v, epoch + 1)
                 self.writer.flush()
             shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-            log.info("epoch %d/%d  train loss %.4g  %.1fs  %s", epoch + 1, cfg.epochs, running or float("nan"),
+            log.info("epoch %d/%d  train loss %.4g  %.1fs  %s", epoch + 1, cfg.epochs,
+                     float("nan") if running is None else running,
                      elapsed, shown)
             self._save(epoch, metrics)
             if self.samples is not None:
