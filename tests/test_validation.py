@@ -286,6 +286,15 @@ def test_6_numeric_flags_are_range_checked(tiny_teacher, tiny_corpus, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_6_cuda_asked_without_cuda_exits_2(tiny_teacher, tiny_corpus, saved_model, tmp_path, capsys):
+    code, err = _in_process("eval_merged_12", ["--model", str(saved_model), "--teacher", str(tiny_teacher),
+                                               "--data-dir", str(tiny_corpus), "--device", "cuda",
+                                               "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    one_error_line(err, "--device cuda was asked for, but torch sees no CUDA device")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 7. run names stay inside --out; the teacher cache defaults to <--out>/cache
 @pytest.mark.parametrize("name", ["../../x", "/tmp/abs_run", "a/../../b", ""])

@@ -46,16 +46,16 @@ def is_expected(e: BaseException) -> bool:
         return True
     if isinstance(e, OSError) and e.errno in OS_ERRNOS:
         return True
-    import torch
+    return isinstance(e, _out_of_memory())
 
-    return isinstance(e, torch.OutOfMemoryError)
+
+def _out_of_memory() -> type:
+    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # the former since torch 2.5
 
 
 def error_line(e: BaseException) -> str:
     """The one line printed for an expected error."""
-    import torch
-
-    if isinstance(e, torch.OutOfMemoryError):
+    if isinstance(e, _out_of_memory()):
         return "error: out of memory on the device; lower --batch-size or --seq-len"
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
         what = write_failure(e, Path(e.filename).parent) if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename \
@@ -145,16 +145,22 @@ def check_seq_len(seq_len: int, name_or_path: str, flag: str) -> None:
                          f"max_position_embeddings is {positions}; use --seq-len {positions} or less")
 
 
-def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Fail before any work if results cannot be written to ``path``; leaves no folder behind that it created."""
+def check_output_dir(path: str | os.PathLike, flag: str = "--out", keep: bool = False) -> Path:
+    """Fail before any work if results cannot be written to ``path``; removes the folders it created unless ``keep``.
+
+    Under torchrun only rank 0 probes (it alone writes results; the process group may not exist yet), unless
+    ``keep``: every process may write there (each machine's teacher cache), and nothing is removed under another.
+    """
     d = Path(path)
+    if not keep and int(os.environ.get("RANK", 0)) != 0:
+        return d
     created = []
     try:
         if d.exists() and not d.is_dir():
             raise OutputError(f"{flag} '{d}' is an existing file; expected a folder (or a path to create one)")
         for parent in reversed([d, *d.parents]):
             if not parent.exists():
-                parent.mkdir()
+                parent.mkdir(exist_ok=keep)
                 created.append(parent)
         probe = d / f".write_probe_{os.getpid()}"
         with open(probe, "wb") as f:
@@ -165,7 +171,7 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     except OSError as e:
         raise OutputError(f"{flag} '{d}' is not writable: {write_failure(e, d)}") from None
     finally:
-        for c in reversed(created):
+        for c in reversed(created if not keep else []):
             try:
                 c.rmdir()
             except OSError:
@@ -186,7 +192,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     if hasattr(args, "cache_dir") and args.cache_dir is None:
         args.cache_dir = str(Path(args.out) / "cache")
     if getattr(args, "cache_teacher", False):
-        check_output_dir(args.cache_dir, "--cache-dir")
+        check_output_dir(args.cache_dir, "--cache-dir", keep=True)
 
 
 def write_run_file(run_dir: Path, args: argparse.Namespace, extra: dict | None = None) -> None:
