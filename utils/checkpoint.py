@@ -217,10 +217,10 @@ KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
 REQUIRED: dict[str, tuple[str, ...]] = {
     "block": ("layer", "num_heads", "head_dim", "hidden_size", "teacher_hash"),
     "merged_layer": ("layers", "num_heads", "head_dim", "intermediate_size", "hidden_size", "teacher_hash"),
-    "model": ("config", "teacher_hash"),
+    "model": ("config",),  # a model reloads from its folder alone; compared with a teacher when one is given
     "resume": ("units", "unit_meta"),
 }
-LAYER_KINDS = ("teacher", "block", "merged", "pruned")
+LAYER_KINDS = ("teacher", "block", "merged", "pruned", "dropped")  # LayerSpec.kind values models/ writes
 _PRESENT, _MISSING = "present", object()
 
 
