@@ -23,7 +23,8 @@ log = logging.getLogger("simplifying_transformers")
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints/eval_merge_layer")
     g = p.add_argument_group("merged layer")
-    g.add_argument("--block", type=non_negative_int("--block"), default=None, help="first teacher layer N of the merged pair (N, N+1)")
+    g.add_argument("--block", type=non_negative_int("--block"), default=None,
+                   help="first teacher layer N of the merged pair (N, N+1)")
     g.add_argument("--block-heads", "--heads", type=positive_int("--block-heads"), default=None)
     g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None)
     g.add_argument("--checkpoint", default=None, help="a merged-layer checkpoint folder (else searched by metadata)")

@@ -36,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-every-second", action="store_true",
                    help="baseline student: the teacher with layers 1, 3, 5, ... removed (no checkpoints needed)")
     g = p.add_argument_group("objective")
-    g.add_argument("--kl-weight", type=non_negative_float("--kl-weight"), default=1.0, help="KL(teacher || student) at masked positions")
-    g.add_argument("--mlm-weight", type=non_negative_float("--mlm-weight"), default=0.0, help="hard-label masked-LM cross-entropy")
-    g.add_argument("--hidden-weight", type=non_negative_float("--hidden-weight"), default=0.0, help="hidden-state loss at matched layers")
+    g.add_argument("--kl-weight", type=non_negative_float("--kl-weight"), default=1.0,
+                   help="KL(teacher || student) at masked positions")
+    g.add_argument("--mlm-weight", type=non_negative_float("--mlm-weight"), default=0.0,
+                   help="hard-label masked-LM cross-entropy")
+    g.add_argument("--hidden-weight", type=non_negative_float("--hidden-weight"), default=0.0,
+                   help="hidden-state loss at matched layers")
     g.add_argument("--hidden-criterion", choices=["cosine", "MSE", "L1"], default="cosine")
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g = p.add_argument_group("output")

@@ -22,7 +22,7 @@ import torch
 from conftest import make_hf_teacher
 from test_reliability import (_flip, _in_process, assert_clean_failure, data_args, last_line, restored_logging,
                               run_script, toy_batches, toy_trainer)
-from utils.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -242,7 +242,7 @@ def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
     }
     out: list[tuple[str, str, Any]] = []
     for key in sorted(set(cfg) - set(fields)):
-        out.append((f"config.{key}", "no such field (not a field of a model config)", cfg[key]))
+        out.append((f"config.{key}", "absent (not a field of a model config)", cfg[key]))
     for key, check in fields.items():
         if key not in cfg:
             out.append((f"config.{key}", _PRESENT, _MISSING))
@@ -256,7 +256,7 @@ def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
             out.append((name, "an object", spec))
             continue
         for key in sorted(set(spec) - set(layer_fields)):
-            out.append((f"{name}.{key}", "no such field (not a field of a layer plan)", spec[key]))
+            out.append((f"{name}.{key}", "absent (not a field of a layer plan)", spec[key]))
         for key, check in layer_fields.items():
             if key not in spec:
                 out.append((f"{name}.{key}", _PRESENT, _MISSING))

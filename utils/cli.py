@@ -163,7 +163,8 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--weight-decay", type=non_negative_float("--weight-decay"), default=0.01)
     g.add_argument("--warmup", type=warmup_fraction, default=0.06, help="fraction of steps of linear warm-up")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    g.add_argument("--clip", type=non_negative_float("--clip"), default=1.0, help="gradient-norm clipping per trained module (0: off)")
+    g.add_argument("--clip", type=non_negative_float("--clip"), default=1.0,
+                   help="gradient-norm clipping per trained module (0: off)")
     g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of each split to use")
     g.add_argument("--save-checkpoint-every", type=non_negative_int("--save-checkpoint-every"), default=0,
                    help="also keep an epoch_K snapshot every K epochs (last and best are always kept)")
@@ -172,5 +173,6 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the trained modules")
     g.add_argument("--print-samples", action="store_true",
                    help="after each epoch, print predictions for a few validation sentences")
-    g.add_argument("--run-name", type=run_name, default=None, help="sub-folder of --out (default: derived from the settings)")
+    g.add_argument("--run-name", type=run_name, default=None,
+                   help="sub-folder of --out (default: derived from the settings)")
 
