@@ -14,8 +14,8 @@ from pathlib import Path
 from models.compress import clone_model, compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import common_parser, positive_int
-from utils.session import run_main, start
+from utils.cli import UsageError, common_parser, non_negative_int, positive_int
+from utils.session import check_output_dir, run_main, start
 from utils.recipes import add_heads_alias
 from eval_merged_12 import ROOT, add_eval_args, add_eval_recipe, evaluate_student
 
@@ -25,7 +25,8 @@ log = logging.getLogger("simplifying_transformers")
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints/eval_merge_layer")
     g = p.add_argument_group("merged layer")
-    g.add_argument("--block", type=int, default=None, help="first teacher layer N of the merged pair (N, N+1)")
+    g.add_argument("--block", type=non_negative_int("--block"), default=None,
+                   help="first teacher layer N of the merged pair (N, N+1)")
     g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None)
     g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None)
     g.add_argument("--checkpoint", "--model-checkpoint", default=None,
@@ -45,7 +46,7 @@ def find_merged(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
     if args.block is None:
-        raise ValueError("give --block N (with --block_heads / --block_d_k to choose among runs) or --checkpoint DIR")
+        raise UsageError("give --block N (with --block_heads / --block_d_k to choose among runs) or --checkpoint DIR")
     if args.search:
         roots = [Path(args.search)]
     else:  # the folders retrain_merge.py writes to with the same --out, or its default
@@ -68,6 +69,7 @@ def find_merged(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace) -> Path:
+    check_output_dir(args.out)  # before any work: results that cannot be written are lost
     path = find_merged(args)
     s = start(args)
     first, layer, spec = load_merged_layer(path, s.teacher.config, s.teacher_hash, args.force)

@@ -16,8 +16,9 @@ from utils import runtime
 from utils.assemble import load_model
 from utils.cli import common_parser, fraction, positive_int
 from utils.evaluate import compare_models, write_report
+from utils.cli import UsageError
 from utils.recipes import EVAL, add_eval_seed_flags, use_recipes
-from utils.session import Session, run_main, start
+from utils.session import Session, check_output_dir, run_main, start
 
 log = logging.getLogger("simplifying_transformers")
 ROOT = Path(__file__).resolve().parent
@@ -89,10 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_student(student, s: Session, where: str) -> None:
+    """A student evaluated against this teacher must read the same token ids at --seq-len positions."""
+    if student.config.max_position_embeddings < s.args.seq_len:
+        raise UsageError(f"--seq-len {s.args.seq_len} is longer than the model '{where}' allows: its "
+                         f"max_position_embeddings is {student.config.max_position_embeddings}")
+
+
 def main(args: argparse.Namespace) -> Path:
     model = find_assembled(args.model)
+    check_output_dir(args.out)  # before any work: results that cannot be written are lost
     s = start(args)
-    student, meta = load_model(model, s.teacher_hash, args.force)
+    student, meta = load_model(model, s.teacher_hash, args.force, s.teacher.config)
+    check_student(student, s, str(model))
     return evaluate_student(s, student, Path(args.out), {"model": str(model), "sources": meta.get("sources"),
                                                          "recipe": args.recipe},
                             args.judge, args.split, args.max_batches)

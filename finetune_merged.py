@@ -14,7 +14,7 @@ from pathlib import Path
 from models.compress import drop_every_second
 from utils import runtime
 from utils.assemble import build_student, load_model
-from utils.cli import add_training_args, common_parser, positive_float, positive_int
+from utils.cli import UsageError, add_training_args, common_parser, non_negative_float, positive_float, positive_int
 from utils.distill import MLMMasker, ModelDistill, describe_losses
 from utils.evaluate import compare_models
 from utils.export import add_export_args, check_export_targets, run_exports
@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-every-second", action="store_true",
                    help="baseline student: the teacher with layers 1, 3, 5, ... removed (no checkpoints needed)")
     g = p.add_argument_group("objective")
-    g.add_argument("--kl-weight", type=float, default=1.0, help="KL(teacher || student) at masked positions")
-    g.add_argument("--mlm-weight", type=float, default=0.0, help="hard-label masked-LM cross-entropy")
-    g.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state loss at matched layers")
+    g.add_argument("--kl-weight", type=non_negative_float("--kl-weight"), default=1.0,
+                   help="KL(teacher || student) at masked positions")
+    g.add_argument("--mlm-weight", type=non_negative_float("--mlm-weight"), default=0.0,
+                   help="hard-label masked-LM cross-entropy")
+    g.add_argument("--hidden-weight", type=non_negative_float("--hidden-weight"), default=0.0,
+                   help="hidden-state loss at matched layers")
     g.add_argument("--hidden-criterion", choices=["cosine", "MSE", "L1"], default="cosine")
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g = p.add_argument_group("output")
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
+    if args.kl_weight == args.mlm_weight == args.hidden_weight == 0:
+        raise UsageError("--kl-weight, --mlm-weight and --hidden-weight are all 0: nothing to train on")
     check_export_targets(args)  # an export that cannot be written fails now, not after training
     run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
     with claim_units([run_dir / "model"], "fine-tuned model") as locks:

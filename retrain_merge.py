@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the earlier merged layers (default: this run's folder)")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="for --loss-on mlm")
     g.add_argument("--cache-teacher", action="store_true", help="compute teacher features once and reuse them")
-    g.add_argument("--cache-dir", default="checkpoints/cache")
+    g.add_argument("--cache-dir", default=None, help="teacher feature cache (default: <--out>/cache)")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
     add_heads_alias(p)

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=positive_float, default=1.0, help="for --loss-on mlm")
     g.add_argument("--cache-teacher", action="store_true",
                    help="compute the teacher's features once, store them (fp16, memory-mapped) and reuse them")
-    g.add_argument("--cache-dir", default="checkpoints/cache",
-                   help="teacher feature cache; safe to share between runs, also running at the same time")
+    g.add_argument("--cache-dir", default=None,
+                   help="teacher feature cache (default: <--out>/cache); safe to share between runs, also running "
+                        "at the same time")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
     add_heads_alias(p)

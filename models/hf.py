@@ -18,6 +18,10 @@ from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+class TeacherError(RuntimeError):
+    """A teacher (or judge) folder that cannot be used: the message names the folder or file and the problem."""
+
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # Hugging Face key -> our key. Applied in order; a key mapped to None is dropped.
@@ -74,6 +78,53 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     return local
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # a fast tokenizer, or the word-piece vocabulary of a slow one
+
+
+def load_error_reason(e: BaseException) -> str:
+    """One line saying why a weights file could not be deserialised.
+
+    PyTorch's weights-only refusal explains how to load the file anyway (``weights_only=False``, which would run
+    arbitrary pickled code): that advice is never repeated to the user; only its diagnosis is kept.
+    """
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = "holds objects that are not plain tensors (" + text[text.index(marker):].split("\n")[0].strip() + ")"
+    elif "weights_only" in text:
+        text = "not a file of plain tensors"
+    first = " ".join(text.split())
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def read_hf_config(name_or_path: str | os.PathLike):
+    """The transformers config of a teacher (no weights are read); TeacherError when config.json is unusable."""
+    from transformers import AutoConfig
+
+    folder = resolve_checkpoint(name_or_path)
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TeacherError(f"'{folder / 'config.json'}' cannot be read: {' '.join(str(e).split())}") from None
+    if getattr(cfg, "model_type", None) != "bert":
+        raise TeacherError(f"'{folder / 'config.json'}': expected a BERT checkpoint (model_type 'bert'), found "
+                           f"model_type '{getattr(cfg, 'model_type', None)}'")
+    for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "max_position_embeddings"):
+        v = getattr(cfg, key, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise TeacherError(f"'{folder / 'config.json'}': {key} must be a positive integer, found {v!r}")
+    return cfg
+
+
+def check_teacher_files(name_or_path: str | os.PathLike, what: str = "teacher") -> Path:
+    """Config, weights and tokenizer files present (nothing is deserialised); returns the folder."""
+    folder = resolve_checkpoint(name_or_path)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise TeacherError(f"{what} folder '{folder}' has no tokenizer: looked for {', '.join(TOKENIZER_FILES)}")
+    return folder
+
+
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All weights of a HF folder: safetensors preferred, sharded or not; .bin read with weights_only=True."""
     from safetensors.torch import load_file
@@ -114,31 +165,65 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     return out, has_head
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
+def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = None):
+    """The folder's tokenizer; TeacherError when it is missing, unreadable, lacks BERT's special tokens, or makes
+    token ids the model's embedding (``vocab_size`` rows) does not have."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise TeacherError(f"folder '{folder}' has no tokenizer: looked for {', '.join(TOKENIZER_FILES)}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be loaded: {' '.join(str(e).split())}") from None
+    missing = [t for t in ("cls_token", "sep_token", "pad_token", "mask_token") if getattr(tok, t + "_id") is None]
+    if missing:
+        raise TeacherError(f"the tokenizer in '{name_or_path}' lacks BERT's {', '.join(missing)}")
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise TeacherError(f"the tokenizer in '{name_or_path}' has {len(tok)} tokens, more than the {vocab_size} rows "
+                           "of the model's word embedding (config.json vocab_size): not this model's tokenizer")
+    return tok
 
 
 def load_teacher(name_or_path: str | os.PathLike = "bert-base-uncased", device: str | torch.device = "cpu"):
-    """Load a HF BERT checkpoint (hub id or folder) into our model. Returns (model in eval mode, tokenizer)."""
-    from transformers import AutoConfig
+    """Load a HF BERT checkpoint (hub id or folder) into our model. Returns (model in eval mode, tokenizer).
 
-    folder = resolve_checkpoint(name_or_path)
-    hf_config = AutoConfig.from_pretrained(str(folder))
-    sd, has_head = convert_hf_state_dict(read_state_dict(folder))
-    cfg = ModelConfig.from_hf(hf_config, has_mlm_head=has_head)
-    model = BertForMaskedLM(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint '{name_or_path}' does not match a BERT of its own config: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}"
+    Anything wrong with the folder (config, weights, tokenizer, or weights that do not fit the config) raises
+    TeacherError (FileNotFoundError when something is missing) naming the file and the problem.
+    """
+    folder = check_teacher_files(name_or_path)
+    hf_config = read_hf_config(folder)
+    try:
+        raw = read_state_dict(folder)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip readers fail in many classes
+        weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), folder)
+        raise TeacherError(f"teacher weights '{weights}' cannot be read: {load_error_reason(e)}") from None
+    try:
+        sd, has_head = convert_hf_state_dict(raw)
+        cfg = ModelConfig.from_hf(hf_config, has_mlm_head=has_head)
+        model = BertForMaskedLM(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise TeacherError(f"teacher '{name_or_path}' cannot be used: {e}") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} is {list(sd[k].shape)} in the weights, {list(own[k].shape)} by config.json"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise TeacherError(
+            f"the weights in '{folder}' do not match its config.json: "
+            + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
+                                      f"unexpected {unexpected[:5]}" if unexpected else "",
+                                      ", ".join(shapes[:3])]))
         )
+    model.load_state_dict(sd)
     if not has_head:
         log.info("teacher '%s' has no masked-LM head: MLM metrics and losses are unavailable", name_or_path)
     model.source = str(name_or_path)
-    tok = load_tokenizer(folder)
+    tok = load_tokenizer(folder, cfg.vocab_size)
     return model.to(device).eval(), tok
 
 

@@ -60,7 +60,8 @@ def make_hf_teacher(folder: Path, layers: int = 2, hidden: int = 32, heads: int 
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64, **config_kwargs)
+                     num_attention_heads=heads, intermediate_size=ffn,
+                     **{"max_position_embeddings": 64, **config_kwargs})
     model = (BertForMaskedLM if with_head else BertModel)(cfg)
     # random init leaves LayerNorms at identity and biases at 0; perturb so the parity tests exercise every weight
     with torch.no_grad():

@@ -265,7 +265,7 @@ def test_resume_refuses_another_setup_or_a_foreign_train_state(four_layers, tmp_
         capsys.readouterr()
         assert _in_process(argv) == 1
         err = capsys.readouterr().err
-        assert f"the training setup differs" in err and f"{field}: resume point has" in err, err
+        assert "the training setup differs" in err and f"{field}: resume point has" in err, err
         assert "--force-config" in err
     # more epochs is fine; --force-config accepts a change and logs it
     assert _in_process([*base, "--out", tmp_path / "a", "--run-name", "r", "--epochs", "2", "--resume",

@@ -150,7 +150,8 @@ def toy_trainer(run_dir: Path, task: Toy | None = None, epochs: int = 3, name: s
                 force: bool = False, **meta) -> tuple[Trainer, Toy]:
     task = task or Toy()
     unit = Unit(name, task.lin, run_dir / name,
-                {"kind": "block", "teacher_hash": "teacher-a", "num_heads": 1, "layer": 0, **meta})
+                {"kind": "block", "teacher_hash": "teacher-a", "num_heads": 1, "head_dim": 4, "hidden_size": 4,
+                 "layer": 0, **meta})
     cfg = TrainConfig(epochs=epochs, lr=1e-2, warmup=0.0, seed=0, resume=resume, force=force)
     return Trainer(task, [unit], cfg, run_dir, torch.device("cpu"), evaluate=task.evaluate), task
 
@@ -218,9 +219,13 @@ class Killed(BaseException):
     """Stands for the process dying at that instant: nothing after it runs, no handler catches it."""
 
 
+BLOCK_META = {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 4, "hidden_size": 4,
+              "teacher_hash": "teacher-a"}
+
+
 def _ckpt(tmp_path: Path, value: float) -> tuple[Path, dict[str, torch.Tensor]]:
     sd = {"w": torch.full((64, 64), value), "b": torch.arange(5.0) * value}
-    return save_checkpoint(tmp_path / "ck", sd, {"kind": "block", "layer": 0}), sd
+    return save_checkpoint(tmp_path / "ck", sd, BLOCK_META), sd
 
 
 def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -234,7 +239,7 @@ def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(utils.checkpoint, "_write_file", half_then_fail)
     with pytest.raises(CheckpointError, match="could not write checkpoint .*ck.*previous checkpoint"):
-        save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, {"kind": "block", "layer": 0})
+        save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, BLOCK_META)
     monkeypatch.undo()
     sd, meta, _ = load_checkpoint(path)
     assert tensors_equal(sd, old) and meta["layer"] == 0
@@ -254,7 +259,7 @@ def test_2_crash_between_the_renames_falls_back_to_prev(tmp_path, monkeypatch, c
     with monkeypatch.context() as m:
         m.setattr(os, "replace", replace)
         with pytest.raises(CheckpointError if crash is OSError else Killed):
-            save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, {"kind": "block", "layer": 0})
+            save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, BLOCK_META)
     if crash is Killed:
         assert not path.exists() and len(list(tmp_path.glob("ck.prev.*/meta.json"))) == 1  # mid-swap state on disk
     sd, _, _ = load_checkpoint(path)  # the previous checkpoint, via .prev where the swap was cut short
@@ -290,8 +295,9 @@ def _drop_sha(d: Path) -> None:
 CORRUPTIONS = {
     "truncated": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors", "corrupted or truncated"),
     "flipped-bytes": (lambda d: _flip(d / "model.safetensors"), "model.safetensors", "corrupted or truncated"),
-    "truncated-no-checksum": (lambda d: (_drop_sha(d), _truncate(d / "model.safetensors")), "model.safetensors",
-                              "cannot be read as safetensors"),
+    # without its checksum nothing vouches for the weights: refused (issue 12), whatever state they are in
+    "truncated-no-checksum": (lambda d: (_drop_sha(d), _truncate(d / "model.safetensors")), "meta.json",
+                              "required field 'weights_sha256' is missing"),
     "broken-meta": (lambda d: (d / "meta.json").write_text('{"kind": "block", "lay'), "meta.json",
                     "not valid JSON"),
     "meta-not-utf8": (lambda d: (d / "meta.json").write_bytes(b"\xff\xfe{}"), "meta.json", "not valid JSON"),
@@ -303,7 +309,8 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_3_corrupted_checkpoint_is_refused_naming_file(tmp_path, kind):
     corrupt, fname, problem = CORRUPTIONS[kind]
-    d = save_checkpoint(tmp_path / "ck", {"w": torch.randn(32, 32)}, {"kind": "resume", "units": ["u"]},
+    d = save_checkpoint(tmp_path / "ck", {"w": torch.randn(32, 32)},
+                        {"kind": "resume", "units": ["u"], "unit_meta": {"u": BLOCK_META}},
                         train_state={"epoch": 0, "step": torch.tensor(3)})
     corrupt(d)
     with pytest.raises(CheckpointError) as e:
@@ -636,8 +643,8 @@ class _Payload:
 def test_9_checkpoint_loading_never_runs_pickled_code(tmp_path):
     marker = tmp_path / "PWNED"
     d = save_checkpoint(tmp_path / "run" / "toy" / "resume", {"weight": torch.zeros(1, 4), "bias": torch.zeros(1)},
-                        {"kind": "resume", "unit": "toy", "epoch": 1,
-                         "position": {"epoch": 1, "step": 0, "global_step": STEPS}},
+                        {"kind": "resume", "unit": "toy", "unit_meta": BLOCK_META, "epoch": 1, "run_id": "r1",
+                         "setup": {}, "position": {"epoch": 1, "step": 0, "global_step": STEPS}},
                         train_state={"epoch": 0, "optimizer": _Payload(marker)})
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="train_state.pt' cannot be read"):

@@ -55,13 +55,28 @@ def save_model(model: BertForMaskedLM, directory: str | Path, meta: dict[str, An
                            {"kind": "model", "config": model.config.to_dict(), **meta})
 
 
-def load_model(directory: str | Path, teacher_hash: str | None = None, force: bool = False
-               ) -> tuple[BertForMaskedLM, dict[str, Any]]:
-    """A saved compressed model, rebuilt from its checkpoint alone (the per-layer plan is in the metadata)."""
+def check_fits(cfg: ModelConfig, teacher_cfg: ModelConfig, where: str | Path) -> None:
+    """A model used with (compared to, or built on) a teacher shares its vocabulary and hidden size; --force accepts
+    another teacher's weights, never another shape."""
+    problems = [f"{key}: the model has {getattr(cfg, key)}, the teacher {getattr(teacher_cfg, key)}"
+                for key in ("vocab_size", "hidden_size") if getattr(cfg, key) != getattr(teacher_cfg, key)]
+    if problems:
+        raise CheckpointError(f"model '{where}' does not fit this teacher: " + "; ".join(problems)
+                              + " (it was built from a teacher of another shape or vocabulary)")
+
+
+def load_model(directory: str | Path, teacher_hash: str | None = None, force: bool = False,
+               teacher_config: ModelConfig | None = None) -> tuple[BertForMaskedLM, dict[str, Any]]:
+    """A saved compressed model, rebuilt from its checkpoint alone (the per-layer plan is in the metadata).
+
+    With ``teacher_config``, the model must also fit that teacher (vocabulary and hidden size, see check_fits).
+    """
     sd, meta, _ = load_checkpoint(directory)
     check_meta(meta, directory, kind="model")
     if teacher_hash is not None:
         check_meta(meta, directory, force_teacher=force, teacher_hash=teacher_hash)
+    if teacher_config is not None:
+        check_fits(ModelConfig.from_dict(meta["config"]), teacher_config, directory)
     model = BertForMaskedLM(ModelConfig.from_dict(meta["config"]))
     load_into(model, sd, directory)
     return model.eval(), meta
@@ -85,7 +100,7 @@ def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher
     if len(models) > 1:
         raise CheckpointError(f"more than one model checkpoint to start from: {[str(p) for p, _ in models]}")
     if models:
-        base, _ = load_model(models[0][0], teacher_hash, force)
+        base, _ = load_model(models[0][0], teacher_hash, force, cfg)
         base = base.to(next(teacher.parameters()).device)
         sources.append(f"base model {models[0][0]}")
     blocks: dict[int, BertAttention] = {}
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import Parser
     from .export import add_export_args, check_export_targets, run_exports
     from .runtime import select_device, setup_logging
+    from .session import check_output_dir, run_main
 
     p = Parser(description="Assemble a BERT from the teacher plus retrained blocks / merged layers.")
     p.add_argument("--teacher", default="bert-base-uncased")
@@ -127,22 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     add_export_args(p)
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
+
+    def run(args) -> Path:
+        setup_logging()
+        check_output_dir(args.out)
         check_export_targets(args)
         report = assemble(args.teacher, args.blocks, args.out, args.which, args.force, select_device(args.device))
         exported = run_exports(report["model"].cpu(), report["tokenizer"], args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(report["plan"])
-    print(f"parameters: teacher {report['teacher_params']:,} -> assembled {report['student_params']:,} "
-          f"({report['student_params'] / report['teacher_params']:.1%})")
-    for line in exported:
-        print(line)
-    print(f"results written to {report['out']}")
-    return 0
+        print(report["plan"])
+        print(f"parameters: teacher {report['teacher_params']:,} -> assembled {report['student_params']:,} "
+              f"({report['student_params'] / report['teacher_params']:.1%})")
+        for line in exported:
+            print(line)
+        return Path(report["out"])
+
+    return run_main(run, p, argv)  # errors: one line (exit 1), or a traceback asking for a bug report
 
 
 def assemble(teacher_name: str, roots: list[str], out: str | Path, which: str = "best", force: bool = False,

@@ -7,17 +7,19 @@ with ``torch.load(weights_only=True)``, which executes no pickled code.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -52,6 +54,28 @@ def _unique_suffix() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
+def _free_bytes(folder: Path) -> float:
+    for d in [folder, *folder.parents]:
+        try:
+            return shutil.disk_usage(d).free
+        except OSError:
+            continue
+    return math.inf
+
+
+def write_failure(e: BaseException, folder: str | os.PathLike, needed_bytes: int = 0) -> str:
+    """Why a write into ``folder`` failed, in words; a full disk is named as such.
+
+    safetensors and torch.save report a full disk in their own words ("unexpected pos ...", "file write failed"):
+    their errors are recognised by errno ENOSPC / EDQUOT, or by the free space left where they were writing.
+    """
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e)
+    free = _free_bytes(Path(folder))
+    if full or free < max(needed_bytes, 1 << 20):
+        return f"No space left on device ({free / 2**20:.1f} MiB free in '{folder}')"
+    return getattr(e, "strerror", None) or " ".join(str(e).split())
+
+
 def save_checkpoint(
     directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
     train_state: dict[str, Any] | None = None, keep_previous: bool = False,
@@ -70,6 +94,8 @@ def save_checkpoint(
     if meta.get("kind") not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {meta.get('kind')!r}")
     final = Path(directory)
+    # the schema is checked on every load: refuse now what could not be read back
+    validate_meta({"format_version": FORMAT_VERSION, **meta, "weights_sha256": "0" * 64}, final)
     tag = _unique_suffix()
     tmp = final.with_name(f"{final.name}.tmp.{tag}")
     prev = final.with_name(f"{final.name}.prev.{tag}")
@@ -110,8 +136,9 @@ def save_checkpoint(
         if not final.exists() and prev.exists():
             os.replace(prev, final)
         raise CheckpointError(
-            f"could not write checkpoint '{final}': {getattr(e, 'strerror', None) or e}. The previous checkpoint "
-            "there (if any) is intact."
+            f"could not write checkpoint '{final}': "
+            f"{write_failure(e, final.parent, sum(v.numel() * v.element_size() for v in state_dict.values()))}. "
+            "The previous checkpoint there (if any) is intact."
         ) from e
     return final
 
@@ -153,14 +180,217 @@ def resolve_dir(directory: str | os.PathLike) -> Path:
     raise CheckpointError(f"no checkpoint at '{directory}': {META} not found")
 
 
+# ---- metadata schema: every field this toolkit writes, its type and range; checked on every read ----
+def _show(v: Any) -> str:
+    return f"{type(v).__name__} {json.dumps(v, default=str)[:60]}"
+
+
+def _int(lo: int = 0) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, int) or isinstance(v, bool):
+            return f"an integer >= {lo}"
+        return None if v >= lo else f"an integer >= {lo}"
+    return check
+
+
+def _num(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[[Any], str | None]:
+    want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return want
+        return None if (v > lo if lo_open else v >= lo) and v <= hi else want
+    return check
+
+
+def _is(t: type, what: str, nonempty: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, t) or (isinstance(v, bool) and t is not bool) or (nonempty and not v):
+            return what
+        return None
+    return check
+
+
+def _one_of(options: Iterable[str]) -> Callable[[Any], str | None]:
+    options = tuple(options)
+    return lambda v: None if isinstance(v, str) and v in options else f"one of {', '.join(options)}"
+
+
+def _sha256_hex(v: Any) -> str | None:
+    ok = isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+    return None if ok else ("the sha256 of the weights file (64 hex digits); if you trust the weights, run "
+                            "`python -m utils.checkpoint rehash DIR`")
+
+
+def _str_list(v: Any) -> str | None:
+    return None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "a list of strings"
+
+
+def _position(v: Any) -> str | None:
+    ok = (isinstance(v, dict) and set(v) == {"epoch", "step", "global_step"}
+          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v.values()))
+    return None if ok else "a position {epoch, step, global_step} of non-negative integers"
+
+
+def _float_or_inf(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    return None if ok else "a number (inf allowed)"
+
+
+def _pair(v: Any) -> str | None:
+    ok = (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+          and v[0] >= 0 and v[1] == v[0] + 1)
+    return None if ok else "two consecutive layer indices [N, N+1]"
+
+
+_STR = _is(str, "a string")
+_TEXT = _is(str, "a non-empty string", nonempty=True)
+_DICT = _is(dict, "an object")
+_BOOL = _is(bool, "true or false")
+_POS, _NONNEG = _int(1), _int(0)
+
+# field -> check, for every kind; then the fields each kind requires and its own fields
+COMMON_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "format_version": lambda v: _int(1)(v) or (None if v <= FORMAT_VERSION else
+                                               f"a format version up to {FORMAT_VERSION} (a newer toolkit wrote it)"),
+    "kind": _one_of(KINDS), "weights_sha256": _sha256_hex, "train_state_sha256": _sha256_hex, "saved_at": _STR, "teacher": _STR, "teacher_hash": _TEXT,
+    "epoch": _NONNEG, "metrics": _DICT, "run": _DICT, "init": _STR,
+}
+KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "block": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "hidden_size": _POS,
+              "teacher_heads": _POS, "teacher_head_dim": _POS},
+    "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS,
+                     "hidden_size": _POS, "conditioned": _BOOL},
+    "model": {"config": _DICT, "sources": _str_list},
+    "resume": {"unit": _TEXT, "unit_meta": _DICT, "setup": _DICT, "run_id": _TEXT, "position": _position},
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "block": ("layer", "num_heads", "head_dim", "hidden_size", "teacher_hash"),
+    "merged_layer": ("layers", "num_heads", "head_dim", "intermediate_size", "hidden_size", "teacher_hash"),
+    "model": ("config",),  # a model reloads from its folder alone; compared with a teacher when one is given
+    "resume": ("unit", "unit_meta", "setup", "run_id", "position"),
+}
+LAYER_KINDS = ("teacher", "block", "merged", "pruned", "dropped")  # LayerSpec.kind values models/ writes
+_PRESENT, _MISSING = "present", object()
+
+
+def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(field, expected, found) for a saved ModelConfig (``config`` of a model checkpoint)."""
+    from models.bert import _ACTIVATIONS
+
+    fields: dict[str, Callable[[Any], str | None]] = {
+        "vocab_size": _POS, "hidden_size": _POS, "num_attention_heads": _POS, "intermediate_size": _POS,
+        "num_hidden_layers": _POS, "max_position_embeddings": _POS, "type_vocab_size": _POS,
+        "layer_norm_eps": _num(0, lo_open=True), "hidden_act": _one_of(sorted(_ACTIVATIONS)), "pad_token_id": _NONNEG,
+        "hidden_dropout_prob": _num(0, 1), "attention_probs_dropout_prob": _num(0, 1), "has_mlm_head": _BOOL,
+        "layers": lambda v: None if isinstance(v, list) and v else "a non-empty list of layer plans",
+    }
+    layer_fields: dict[str, Callable[[Any], str | None]] = {
+        "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "kind": _one_of(LAYER_KINDS),
+        "origin": lambda v: None if isinstance(v, list) and v and all(_NONNEG(x) is None for x in v)
+        else "a non-empty list of teacher layer indices",
+    }
+    out: list[tuple[str, str, Any]] = []
+    for key in sorted(set(cfg) - set(fields)):
+        out.append((f"config.{key}", "absent (not a field of a model config)", cfg[key]))
+    for key, check in fields.items():
+        if key not in cfg:
+            out.append((f"config.{key}", _PRESENT, _MISSING))
+        elif (want := check(cfg[key])) is not None:
+            out.append((f"config.{key}", want, cfg[key]))
+    if out:
+        return out
+    for i, spec in enumerate(cfg["layers"]):
+        name = f"config.layers[{i}]"
+        if not isinstance(spec, dict):
+            out.append((name, "an object", spec))
+            continue
+        for key in sorted(set(spec) - set(layer_fields)):
+            out.append((f"{name}.{key}", "absent (not a field of a layer plan)", spec[key]))
+        for key, check in layer_fields.items():
+            if key not in spec:
+                out.append((f"{name}.{key}", _PRESENT, _MISSING))
+            elif (want := check(spec[key])) is not None:
+                out.append((f"{name}.{key}", want, spec[key]))
+    if cfg["num_hidden_layers"] != len(cfg["layers"]):
+        out.append(("config.num_hidden_layers", f"the number of layer plans ({len(cfg['layers'])})",
+                    cfg["num_hidden_layers"]))
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        out.append(("config.num_attention_heads", f"a divisor of hidden_size {cfg['hidden_size']}",
+                    cfg["num_attention_heads"]))
+    if cfg["pad_token_id"] >= cfg["vocab_size"]:
+        out.append(("config.pad_token_id", f"a token id below vocab_size {cfg['vocab_size']}", cfg["pad_token_id"]))
+    return out
+
+
+def _meta_problems(meta: dict[str, Any], prefix: str = "", unit: bool = False) -> list[tuple[str, str, Any]]:
+    """(field, expected, found) for metadata; ``unit``: a resume checkpoint's copy of one unit's metadata (which has
+    no weights of its own, so no hash or format version)."""
+    problems: list[tuple[str, str, Any]] = []
+    kinds = [k for k in KINDS if not (unit and k == "resume")]
+    kind_ok = meta.get("kind") in kinds and isinstance(meta.get("kind"), str)
+    fields = {**COMMON_FIELDS, "kind": _one_of(kinds), **(KIND_FIELDS[meta["kind"]] if kind_ok else {})}
+    required = ("kind",) if unit else ("format_version", "kind", "weights_sha256")
+    required += REQUIRED[meta["kind"]] if kind_ok else ()
+    for key in required:
+        if key not in meta:
+            problems.append((prefix + key, _PRESENT, _MISSING))
+    for key, check in fields.items():
+        if key in meta and (want := check(meta[key])) is not None:
+            problems.append((prefix + key, want, meta[key]))
+    if not problems and meta["kind"] == "model":
+        problems = [(prefix + k, want, got) for k, want, got in _config_problems(meta["config"])]
+    if not problems and meta["kind"] == "resume":
+        problems += _meta_problems(meta["unit_meta"], f"{prefix}unit_meta.", unit=True)
+    return problems
+
+
+def validate_meta(meta: Any, where: str | os.PathLike) -> dict[str, Any]:
+    """Check checkpoint metadata against the schema; CheckpointError naming the first bad field otherwise.
+
+    Every field this toolkit writes is type- and range-checked when present (booleans are not integers); the fields
+    a kind's loader relies on, and the weights' sha256, are required. Unknown top-level fields are allowed.
+    """
+    f = Path(where) / META if Path(where).name != META else Path(where)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"'{f}' is not a JSON object: not a checkpoint of this toolkit")
+    if "kind" not in meta:
+        raise CheckpointError(f"'{f}' has no 'kind': not a checkpoint of this toolkit")
+    problems = _meta_problems(meta)
+    if problems:
+        key, want, got = problems[0]
+        more = f" (and {len(problems) - 1} more problem{'s' * (len(problems) > 2)})" if len(problems) > 1 else ""
+        if got is _MISSING:
+            raise CheckpointError(f"'{f}': required field '{key}' is missing{more}")
+        raise CheckpointError(f"'{f}': field '{key}' must be {want}, found {_show(got)}{more}")
+    return meta
+
+
+TRAIN_STATE_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "position": _position, "optimizer": _DICT, "scheduler": _DICT, "best": _float_or_inf, "rng": _DICT,
+    "run_id": _TEXT, "unit": _TEXT, "weights_hash": _TEXT,
+}
+
+
+def validate_train_state(state: Any, where: str | os.PathLike) -> dict[str, Any]:
+    """The training state a resume needs (what the training loop saves): CheckpointError naming a bad field."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{where}' does not hold a training state (found {type(state).__name__})")
+    for key, check in TRAIN_STATE_FIELDS.items():
+        if key not in state:
+            raise CheckpointError(f"'{where}': required field '{key}' of the training state is missing")
+        if (want := check(state[key])) is not None:
+            raise CheckpointError(f"'{where}': field '{key}' of the training state must be {want}, found "
+                                  f"{type(state[key]).__name__}")
+    return state
+
+
 def _parse_meta(raw: bytes, where: Path) -> dict[str, Any]:
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"'{where}' is not valid JSON ({e}); the checkpoint is corrupted") from None
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise CheckpointError(f"'{where}' has no 'kind': not a checkpoint of this toolkit")
-    return meta
+    return validate_meta(meta, where)
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -228,7 +458,10 @@ def _load_once(directory: Path, with_train_state: bool
         try:
             state = torch.load(io.BytesIO(state_raw), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling errors come in many classes
-            raise CheckpointError(f"'{sf}' cannot be read ({type(e).__name__})") from None
+            from models.hf import load_error_reason
+
+            raise CheckpointError(f"'{sf}' cannot be read ({load_error_reason(e)})") from None
+        validate_train_state(state, sf)
     return sd, meta, state
 
 
@@ -307,5 +540,66 @@ def probe_writable(directory: str | os.PathLike) -> Path:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"output folder '{d}' is not writable: {e.strerror or e}") from None
+        raise CheckpointError(f"output folder '{d}' is not writable: {write_failure(e, d)}") from None
     return d
+
+
+def rehash(directory: str | os.PathLike) -> list[str]:
+    """Record the sha256 of each checkpoint's weights under ``directory`` (itself, or searched recursively).
+
+    For checkpoints whose hash is missing or stale because their files were made or edited by hand, and whose
+    weights the user vouches for. A weights file that safetensors cannot read, or metadata that is wrong in another
+    field, is refused (CheckpointError) and nothing is written for it. Returns one line per checkpoint.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    root = Path(directory)
+    metas = [root / META] if (root / META).is_file() else sorted(root.rglob(META))
+    if not metas:
+        raise CheckpointError(f"no checkpoint ({META}) in or under '{root}'")
+    lines = []
+    for m in metas:
+        d = m.parent
+        try:
+            meta = json.loads(m.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"'{m}' is not valid JSON ({e}); fix it first") from None
+        try:
+            weights = (d / WEIGHTS).read_bytes()
+            load(weights)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"'{d / WEIGHTS}' cannot be read as safetensors ({e}): not rehashed") from None
+        digest = hashlib.sha256(weights).hexdigest()
+        if isinstance(meta, dict) and meta.get("weights_sha256") == digest:
+            lines.append(f"{d}: hash already correct")
+            continue
+        validate_meta({**meta, "weights_sha256": digest} if isinstance(meta, dict) else meta, d)
+        tmp = m.with_name(f".{META}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**meta, "weights_sha256": digest}, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, m)
+        lines.append(f"{d}: weights_sha256 set to {digest}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m utils.checkpoint rehash DIR``: see :func:`rehash`."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m utils.checkpoint", description="Checkpoint maintenance.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("rehash", help="record the sha256 of weights you vouch for (hand-made or edited checkpoints)")
+    r.add_argument("directory", help="a checkpoint folder, or a folder searched recursively for checkpoints")
+    args = p.parse_args(argv)
+    try:
+        lines = rehash(args.directory)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

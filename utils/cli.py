@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import PurePath
 from typing import Callable
 
 from .recipes import add_common_seed_flags, add_training_seed_flags
@@ -80,9 +81,65 @@ def ratios(s: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in s.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got '{s}'") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
-        raise argparse.ArgumentTypeError(f"expected three non-negative numbers summing to 1, got '{s}'")
+    if (len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts)
+            or abs(sum(parts) - 1) > 1e-6):
+        raise argparse.ArgumentTypeError(f"expected three finite non-negative numbers summing to 1, got '{s}'")
     return parts  # type: ignore[return-value]
+
+
+def _number(name: str, s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a number, got '{s}'") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {s}")
+    return v
+
+
+def non_negative_float(name: str) -> Callable[[str], float]:
+    """argparse type: a finite number >= 0 (nan and inf refused), with an error naming the flag."""
+    def parse(s: str) -> float:
+        v = _number(name, s)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def warmup_fraction(s: str) -> float:
+    """argparse type of --warmup: the fraction of all steps spent warming up, in [0, 1)."""
+    v = _number("--warmup", s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"--warmup is a fraction of the training steps in [0, 1), got {v}")
+    return v
+
+
+SEED_MAX = 2**32 - 1  # the seed is multiplied into per-epoch and per-rank seeds, which must fit torch's int64
+
+
+def seed(s: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**32 - 1]."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got '{s}'") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, {SEED_MAX}], got {v}")
+    return v
+
+
+def run_name(s: str) -> str:
+    """argparse type of --run-name: a relative path that stays inside --out (no '..', not absolute, not empty)."""
+    parts = PurePath(s).parts
+    if not s.strip() or PurePath(s).is_absolute() or s.startswith("~") or ".." in parts or not parts:
+        raise argparse.ArgumentTypeError(f"--run-name must be a relative folder name inside --out (no '..', not "
+                                         f"absolute), got '{s}'")
+    return s
+
+
+class UsageError(Exception):
+    """Arguments that are valid one by one but not together, or not for this teacher: exit code 2, like argparse."""
 
 
 def common_parser(description: str, default_out: str) -> Parser:
@@ -96,10 +153,10 @@ def common_parser(description: str, default_out: str) -> Parser:
                    help="local text instead: train.txt/valid.txt/test.txt (one sentence per line) or one .txt split "
                         "by --split-ratio")
     g.add_argument("--split-ratio", type=ratios, default=(0.8, 0.1, 0.1), help="train,valid,test for a single file")
-    g.add_argument("--seq-len", type=positive_int("--seq-len"), default=40, help="max tokens incl. [CLS]/[SEP]")
+    g.add_argument("--seq-len", type=int_at_least("--seq-len", 3), default=40, help="max tokens incl. [CLS]/[SEP]")
     g.add_argument("--batch-size", type=positive_int("--batch-size"), default=32)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--out", default=default_out, help="output folder")
     g.add_argument("--num-workers", type=non_negative_int("--num-workers"), default=0, help="DataLoader workers")
     g.add_argument("--verbose", action="store_true")
@@ -112,10 +169,11 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int("--epochs"), default=epochs)
     g.add_argument("--lr", type=positive_float, default=lr)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
+    g.add_argument("--weight-decay", type=non_negative_float("--weight-decay"), default=0.01)
+    g.add_argument("--warmup", type=warmup_fraction, default=0.06, help="fraction of steps of linear warm-up")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping per trained module (0: off)")
+    g.add_argument("--clip", type=non_negative_float("--clip"), default=1.0,
+                   help="gradient-norm clipping per trained module (0: off)")
     g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of each split to use")
     g.add_argument("--save-checkpoint-every", type=non_negative_int("--save-checkpoint-every"), default=0,
                    help="also keep an epoch_K snapshot every K epochs (last and best are always kept)")
@@ -131,6 +189,7 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the trained modules")
     g.add_argument("--print-samples", action="store_true",
                    help="after each epoch, print predictions for a few validation sentences")
-    g.add_argument("--run-name", default=None, help="sub-folder of --out (default: derived from the settings)")
+    g.add_argument("--run-name", type=run_name, default=None,
+                   help="sub-folder of --out (default: derived from the settings)")
     add_training_seed_flags(p)
 

@@ -199,7 +199,7 @@ class TokenizedSentences(Dataset):
 
     def __init__(self, sentences: list[str], tokenizer, seq_len: int = 40, mask_seed: int | None = 0):
         if seq_len < 3:
-            raise ValueError(f"--seq-len must be at least 3 ([CLS] token [SEP]), got {seq_len}")
+            raise DataError(f"--seq-len must be at least 3 ([CLS] token [SEP]), got {seq_len}")
         # one token more than kept tells a sentence that was cut from one that fits exactly
         enc = tokenizer(sentences, truncation=True, max_length=seq_len + 1, add_special_tokens=True)
         special = set(tokenizer.all_special_ids)

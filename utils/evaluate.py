@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.bert import BertForMaskedLM
+from models.hf import TeacherError
 from . import runtime
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class EvalResult:
 
 def _judge_id_map(tokenizer, judge_tokenizer) -> None:
     if judge_tokenizer is not None and judge_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError("the judge's tokenizer has a different vocabulary from the teacher's: predictions cannot be "
+        raise TeacherError("the judge's tokenizer has a different vocabulary from the teacher's: predictions cannot be "
                          "compared token by token; choose a judge with the same vocabulary (e.g. bert-large-uncased "
                          "for bert-base-uncased)")
 
@@ -50,7 +51,7 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, t
         notes.append("no masked-LM head on " + ("the teacher" if not teacher.has_mlm_head else "the student")
                      + ": masked-token metrics (accuracy, agreement, KL, judge) skipped; fidelity metrics reported")
     if judge is not None and not judge.has_mlm_head:
-        raise ValueError("the judge model has no masked-LM head")
+        raise TeacherError("the judge model has no masked-LM head; choose a BertForMaskedLM checkpoint")
     teacher.eval(), student.eval()
     if judge is not None:
         judge.eval()

@@ -30,7 +30,9 @@ def select_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            from .cli import UsageError
+
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
         if name == "cuda":
             name = f"cuda:{local_rank()}"
         torch.cuda.set_device(torch.device(name))

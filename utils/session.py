@@ -4,28 +4,82 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
 import sys
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from models import BertForMaskedLM, NoMLMHeadError, load_teacher, weights_hash
+from models import BertForMaskedLM, NoMLMHeadError, TeacherError, load_teacher, weights_hash
 from . import runtime
-from .checkpoint import CheckpointError, probe_writable
+from .checkpoint import CheckpointError, probe_writable, write_failure
+from .cli import UsageError
 from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader, token_ids_hash
 from .lock import UnitBusy, UnitLock
 from .train import STOP_SIGNALS, Stopped, TrainingDiverged
 
 log = logging.getLogger("simplifying_transformers")
 
-EXPECTED_ERRORS = (DataError, CheckpointError, FileNotFoundError, TrainingDiverged, NoMLMHeadError, UnitBusy,
-                   ValueError, IndexError, KeyError, PermissionError, OSError)
+
+class OutputError(RuntimeError):
+    """An output folder that cannot be written; the message names the flag and the folder."""
+
+
+# What a user can cause: the project's own exceptions, raised with a message wherever a user mistake is possible,
+# plus missing files and the operating system refusing a write. Anything else is a bug: traceback + a request to
+# report it. (UsageError is mapped to exit code 2 separately.)
+PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy)
+OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENAMETOOLONG)
+EXPECTED_ERRORS = PROJECT_ERRORS + OS_ERRORS
+BUG_REPORT = ("this is a bug in simplifying-transformers, not a problem with your input: please report it with the "
+              "command line and the traceback above")
+
+
+def is_expected(e: BaseException) -> bool:
+    """True for errors a user can cause and fix (printed as one line), False for bugs (printed with a traceback)."""
+    if isinstance(e, EXPECTED_ERRORS):
+        return True
+    if isinstance(e, OSError) and e.errno in OS_ERRNOS:
+        return True
+    return isinstance(e, _out_of_memory())
+
+
+def _out_of_memory() -> type:
+    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # the former since torch 2.5
+
+
+def error_line(e: BaseException) -> str:
+    """The one line printed for an expected error."""
+    if isinstance(e, _out_of_memory()):
+        return "error: out of memory on the device; lower --batch-size or --seq-len"
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        what = write_failure(e, Path(e.filename).parent) if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename \
+            else e.strerror
+        return f"error: {what}" + (f": '{e.filename}'" if e.filename else "")
+    return "error: " + " ".join(str(e).split())
+
+
+def close_progress_bars() -> None:
+    """End any tqdm bar still drawn, so that what follows starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    drawn = False
+    for bar in list(getattr(tqdm, "_instances", ())):
+        drawn |= not bar.disable
+        bar.close()
+    if drawn:  # a bar that is not left on screen ends with a carriage return: end its line
+        sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 @dataclass
@@ -46,10 +100,14 @@ class Session:
         return ds
 
     def loader(self, ds: TokenizedSentences, shuffle: bool, batch_size: int | None = None):
-        return make_loader(ds, self.tokenizer, batch_size or self.args.batch_size, shuffle=shuffle,
-                           seed=self.args.seed, num_workers=self.args.num_workers,
-                           pin_memory=self.device.type == "cuda", num_replicas=runtime.world_size(),
-                           rank=runtime.rank())
+        loader, sampler = make_loader(ds, self.tokenizer, batch_size or self.args.batch_size, shuffle=shuffle,
+                                      seed=self.args.seed, num_workers=self.args.num_workers,
+                                      pin_memory=self.device.type == "cuda", num_replicas=runtime.world_size(),
+                                      rank=runtime.rank())
+        if shuffle and len(sampler) == 0:  # training: DDP drops batches smaller than the number of processes
+            raise DataError(f"the training split ({len(ds)} sentences) yields no batch for {runtime.world_size()} "
+                            "processes; use more text or fewer processes")
+        return loader, sampler
 
     def training_setup(self, ds: TokenizedSentences) -> dict[str, Any]:
         """What a resumed run must share with its resume point beyond the loop's own settings and the unit's metadata
@@ -66,6 +124,7 @@ class Session:
 
 def start(args: argparse.Namespace) -> Session:
     runtime.setup_logging(getattr(args, "verbose", False))
+    check_inputs(args)
     device = runtime.select_device(args.device)
     runtime.init_distributed(device)
     runtime.seed_everything(args.seed)
@@ -79,11 +138,69 @@ def start(args: argparse.Namespace) -> Session:
 
 def teacher_config(name_or_path: str):
     """The teacher's Hugging Face config alone (for checking flags and naming outputs before loading weights)."""
-    from transformers import AutoConfig
+    from models.hf import read_hf_config
 
-    from models.hf import resolve_checkpoint
+    return read_hf_config(name_or_path)
 
-    return AutoConfig.from_pretrained(str(resolve_checkpoint(name_or_path)))
+
+def check_seq_len(seq_len: int, name_or_path: str, flag: str) -> None:
+    """--seq-len must fit the position embeddings of the model given by ``flag`` (UsageError: exit code 2)."""
+    from models.hf import read_hf_config
+
+    positions = read_hf_config(name_or_path).max_position_embeddings
+    if seq_len > positions:
+        raise UsageError(f"--seq-len {seq_len} is longer than {flag} '{name_or_path}' allows: its "
+                         f"max_position_embeddings is {positions}; use --seq-len {positions} or less")
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out", keep: bool = False) -> Path:
+    """Fail before any work if results cannot be written to ``path``; removes the folders it created unless ``keep``.
+
+    Under torchrun only rank 0 probes (it alone writes results; the process group may not exist yet), unless
+    ``keep``: every process may write there (each machine's teacher cache), and nothing is removed under another.
+    """
+    d = Path(path)
+    if not keep and int(os.environ.get("RANK", 0)) != 0:
+        return d
+    created = []
+    try:
+        if d.exists() and not d.is_dir():
+            raise OutputError(f"{flag} '{d}' is an existing file; expected a folder (or a path to create one)")
+        for parent in reversed([d, *d.parents]):
+            if not parent.exists():
+                parent.mkdir(exist_ok=keep)
+                created.append(parent)
+        probe = d / f".write_probe_{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{flag} '{d}' is not writable: {write_failure(e, d)}") from None
+    finally:
+        for c in reversed(created if not keep else []):
+            try:
+                c.rmdir()
+            except OSError:
+                pass
+    return d
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """What can be checked before loading weights or data: teacher (and judge) folders complete, --seq-len within
+    their position embeddings, the teacher cache folder writable; --cache-dir defaults to <--out>/cache."""
+    from models.hf import check_teacher_files
+
+    check_teacher_files(args.teacher)
+    check_seq_len(args.seq_len, args.teacher, "--teacher")
+    if getattr(args, "judge", None):
+        check_teacher_files(args.judge, "judge")
+        check_seq_len(args.seq_len, args.judge, "--judge")
+    if hasattr(args, "cache_dir") and args.cache_dir is None:
+        args.cache_dir = str(Path(args.out) / "cache")
+    if getattr(args, "cache_teacher", False):
+        check_output_dir(args.cache_dir, "--cache-dir", keep=True)
 
 
 @contextlib.contextmanager
@@ -125,12 +242,23 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
         print("interrupted", file=sys.stderr)
         return 130
     except Stopped as e:
+        close_progress_bars()
         print(str(e), file=sys.stderr)
         return e.code
-    except EXPECTED_ERRORS as e:
+    except UsageError as e:  # arguments valid one by one but not together, or not for this teacher: as argparse
+        close_progress_bars()
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - sorted into expected errors (one line) and bugs (traceback)
+        close_progress_bars()
+        if not is_expected(e):
+            traceback.print_exc()
+            print(f"error: {BUG_REPORT}", file=sys.stderr)
+            return 1
         if getattr(args, "verbose", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     finally:
         for sig, handler in previous.items():
