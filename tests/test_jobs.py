@@ -146,13 +146,14 @@ def test_second_job_for_a_running_unit_is_refused_and_a_stale_lock_taken_over(fo
 
 def test_readers_never_see_a_mix_while_a_writer_saves(tmp_path):
     d = tmp_path / "ck"
-    save_checkpoint(d, {"w": torch.zeros(256, 256)}, {"kind": "block", "layer": 0, "version": 0})
+    meta = {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 4, "hidden_size": 4, "teacher_hash": "t"}
+    save_checkpoint(d, {"w": torch.zeros(256, 256)}, {**meta, "version": 0})
     stop = threading.Event()
 
     def writer():
         v = 1
         while not stop.is_set():
-            save_checkpoint(d, {"w": torch.full((256, 256), float(v))}, {"kind": "block", "layer": 0, "version": v})
+            save_checkpoint(d, {"w": torch.full((256, 256), float(v))}, {**meta, "version": v})
             v += 1
 
     t = threading.Thread(target=writer)
@@ -301,7 +302,7 @@ def test_discovery_reads_a_checkpoint_caught_mid_swap_like_direct_loading(tiny_t
     teacher, _ = load_teacher(tiny_teacher)
     attn = BertAttention(teacher.config, 2, 8)
     meta = {"kind": "block", "layer": 1, "num_heads": 2, "head_dim": 8, "hidden_size": teacher.config.hidden_size,
-            "teacher_hash": weights_hash(teacher)}
+            "teacher_hash": weights_hash(teacher), "teacher_heads": 4, "teacher_head_dim": 8}
     best = save_checkpoint(tmp_path / "run" / "block_1" / "best", attn.state_dict(), meta)
     best.rename(best.with_name(f"best.prev.{socket.gethostname()}.1.0badf00d"))
     direct = load_checkpoint(best)[0]

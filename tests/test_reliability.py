@@ -221,6 +221,11 @@ class Killed(BaseException):
 
 BLOCK_META = {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 4, "hidden_size": 4,
               "teacher_hash": "teacher-a"}
+POSITION = {"epoch": 1, "step": 0, "global_step": 4}
+RESUME_META = {"kind": "resume", "unit": "u", "unit_meta": BLOCK_META, "run_id": "r1", "setup": {},
+               "position": POSITION, "epoch": 1}
+TRAIN_STATE = {"position": POSITION, "optimizer": {}, "scheduler": {}, "best": float("inf"), "rng": {}, "run_id": "r1",
+               "unit": "u", "weights_hash": "0"}
 
 
 def _ckpt(tmp_path: Path, value: float) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -309,9 +314,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_3_corrupted_checkpoint_is_refused_naming_file(tmp_path, kind):
     corrupt, fname, problem = CORRUPTIONS[kind]
-    d = save_checkpoint(tmp_path / "ck", {"w": torch.randn(32, 32)},
-                        {"kind": "resume", "units": ["u"], "unit_meta": {"u": BLOCK_META}},
-                        train_state={"epoch": 0, "step": torch.tensor(3)})
+    d = save_checkpoint(tmp_path / "ck", {"w": torch.randn(32, 32)}, RESUME_META, train_state=TRAIN_STATE)
     corrupt(d)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(d, with_train_state=True)

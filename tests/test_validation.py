@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -167,9 +168,11 @@ def _edit_meta(d: Path, **changes) -> None:
 
 
 _DELETE = object()
-RESUME_META = {"kind": "resume", "units": ["u"],
-               "unit_meta": {"u": {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 2, "hidden_size": 2,
-                                   "teacher_hash": "t"}}}
+UNIT_META = {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 2, "hidden_size": 2, "teacher_hash": "t"}
+RESUME_META = {"kind": "resume", "unit": "u", "unit_meta": UNIT_META, "run_id": "r1", "setup": {},
+               "position": {"epoch": 1, "step": 0, "global_step": 4}}
+TRAIN_STATE = {"position": {"epoch": 1, "step": 0, "global_step": 4}, "optimizer": {}, "scheduler": {},
+               "best": float("inf"), "rng": {}, "run_id": "r1", "unit": "u", "weights_hash": "0"}
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -315,7 +318,8 @@ def test_7_cache_dir_defaults_to_out(tiny_teacher, tiny_corpus, tmp_path, capsys
                                                      "--cache-teacher", "--run-name", "r"], capsys)
     assert code == 0, err[-3000:]
     assert any((out / "cache").iterdir()) and not (tmp_path / "checkpoints").exists()
-    assert json.loads((out / "r" / "run.json").read_text())["args"]["cache_dir"] == str(out / "cache")
+    record = json.loads((out / "r" / "block_0" / "run.json").read_text())["invocations"][-1]
+    assert record["args"]["cache_dir"] == str(out / "cache")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,10 +379,10 @@ def test_8_disk_full_is_named(tmp_path, monkeypatch):
     def odd_failure(*a, **kw):  # what safetensors said when the disk filled up
         raise SafetensorError("Error while serializing: unexpected pos 69120 vs 69012")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", odd_failure)
+    monkeypatch.setattr(safetensors.torch, "save", odd_failure)
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(CheckpointError, match=r"No space left on device \(0.0 MiB free"):
-        save_checkpoint(tmp_path / "ck", {"w": torch.zeros(64, 64)}, {"kind": "model", "config": {}})
+        save_checkpoint(tmp_path / "ck", {"w": torch.zeros(64, 64)}, UNIT_META)
     monkeypatch.undo()
 
     def enospc(*a, **kw):  # torch.save's own words on a full disk, with the errno behind them
@@ -386,15 +390,18 @@ def test_8_disk_full_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", enospc)
     with pytest.raises(CheckpointError, match="No space left on device"):
-        save_checkpoint(tmp_path / "ck2", {"w": torch.zeros(2)}, RESUME_META,
-                        train_state={"epoch": 0})
+        save_checkpoint(tmp_path / "ck2", {"w": torch.zeros(2)}, RESUME_META, train_state=TRAIN_STATE)
 
 
 @pytest.mark.parametrize("content", [b"garbage, not a checkpoint" * 10, pickle.dumps({"epoch": 0, "f": print})])
 def test_8_garbage_train_state_never_suggests_unsafe_loading(tmp_path, content):
-    d = save_checkpoint(tmp_path / "resume", {"u.w": torch.zeros(2)}, RESUME_META,
-                        train_state={"epoch": 0})
+    d = save_checkpoint(tmp_path / "resume", {"u.w": torch.zeros(2)}, RESUME_META, train_state=TRAIN_STATE)
     (d / "train_state.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match="sha256 does not match"):  # not the state this checkpoint saved
+        load_checkpoint(d, with_train_state=True)
+    meta = json.loads((d / "meta.json").read_text())  # as if the garbage had been saved with it
+    meta["train_state_sha256"] = hashlib.sha256(content).hexdigest()
+    (d / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(d, with_train_state=True)
     msg = str(e.value)
@@ -402,8 +409,8 @@ def test_8_garbage_train_state_never_suggests_unsafe_loading(tmp_path, content):
 
 
 def test_8_train_state_missing_a_field_is_named(tmp_path):
-    d = save_checkpoint(tmp_path / "resume", {"u.w": torch.zeros(2)}, RESUME_META,
-                        train_state={"epoch": 0, "global_step": 4, "optimizer": {}, "best": {}})
+    state = {k: v for k, v in TRAIN_STATE.items() if k != "scheduler"}
+    d = save_checkpoint(tmp_path / "resume", {"u.w": torch.zeros(2)}, RESUME_META, train_state=state)
     with pytest.raises(CheckpointError, match="required field 'scheduler' of the training state is missing"):
         load_checkpoint(d, with_train_state=True)
 
@@ -454,9 +461,9 @@ def test_9_bug_from_a_process_shows_traceback(tiny_teacher, tiny_corpus, tmp_pat
     code = ("import runpy, sys, utils.session as s\n"
             "def start(args): raise KeyError('layers')\n"
             "s.start = start\n"
-            "sys.argv = ['eval_merged_12.py'] + sys.argv[1:]\n"
-            "runpy.run_path('eval_merged_12.py', run_name='__main__')\n")
-    r = subprocess.run([sys.executable, "-c", code, *map(str, data_args(tiny_teacher, tiny_corpus)),
+            "sys.argv = ['retrain_single_block.py'] + sys.argv[1:]\n"
+            "runpy.run_path('retrain_single_block.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code, "--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
                         "--out", str(tmp_path / "o")], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
@@ -490,7 +497,7 @@ def real_checkpoints(tiny_teacher, tiny_corpus, tmp_path_factory):
     save_model(teacher, out / "model", {"teacher": str(tiny_teacher), "teacher_hash": weights_hash(teacher),
                                         "sources": ["base teacher"]})
     return {"block": out / "blocks" / "block_0" / "best", "merged_layer": out / "merge" / "merge_0" / "best",
-            "model": out / "model", "resume": out / "blocks" / "resume"}, teacher
+            "model": out / "model", "resume": out / "blocks" / "block_0" / "resume"}, teacher
 
 
 def _leaves(obj, path=()):
@@ -573,11 +580,12 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
     # resume: the training loop's own loader and checks, for the unit the run was started with
     attn, _ = compress_attention(teacher.layers[0].attention, teacher.config, unit_meta["num_heads"],
                                  unit_meta["head_dim"])  # as retrain_single_block builds it
-    unit = Unit("block_0", attn, d.parent / "block_0", unit_meta)
+    unit = Unit("block_0", attn, d.parent, unit_meta)
     task = BlockDistill(teacher, {0: attn}, ["output"])
-    trainer = Trainer(task, [unit], TrainConfig(epochs=2, resume=True), d.parent,
+    # another lr, seed, data...: accepted (and logged) with --force-config, so only the unit's own fields decide
+    trainer = Trainer(task, [unit], TrainConfig(epochs=2, resume=True, force_config=True), d.parent,
                       torch.device("cpu"), evaluate=dict)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
+    unit.scheduler = torch.optim.lr_scheduler.LambdaLR(unit.optimizer, lambda s: 1.0)
     trainer._try_resume()
     return trainer.start_epoch, attn.state_dict()
 
@@ -601,7 +609,7 @@ def test_fuzz_every_metadata_field(real_checkpoints, tmp_path, capsys, kind):
     dirs, teacher = real_checkpoints
     src = dirs[kind]
     original = json.loads((src / "meta.json").read_text())
-    unit_meta = original.get("unit_meta", {}).get("block_0")
+    unit_meta = original.get("unit_meta")
     work = tmp_path / "ck"
 
     def attempt(meta) -> tuple[int, str, object]:

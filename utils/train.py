@@ -481,8 +481,10 @@ class Trainer:
                             and not last):
                     self._save_resume(self.position)
                 if stop:
-                    bar.close()
                     self._stop(stop)
+        except BaseException:
+            bar.leave = True  # keep the bar where it stopped, so that the error / stop line starts a line of its own
+            raise
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
