@@ -50,9 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", type=criterion_arg, default="MSE",
                    help=f"loss on the block output: {', '.join(OUTPUT_CRITERIA)}; with --loss_on_scores: "
                         f"{', '.join(SCORE_CRITERIA)}")
-    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm"], default=None,
+    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm", "relations", "output+relations"],
+                   default=None,
                    help="what is compared: block output (default), attention distributions, both, or the masked-LM "
-                        "output through the frozen rest of the teacher (KL)")
+                        "output through the frozen rest of the teacher (KL); relations: MiniLMv2 query-query, "
+                        "key-key, value-value self-attention relations (KL, any student head count)")
+    g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
+                   help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
+                        "head_dim; default: the largest such divisor up to the teacher's head count)")
+    g.add_argument("--relation-weight", type=positive_float, default=1.0,
+                   help="weight of the relation loss (with --loss-on ...relations)")
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
     g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention distributions")
     g.add_argument("--score-criterion", type=criterion_arg, default=None,
@@ -95,7 +102,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     heads = args.block_heads or hf.num_attention_heads
     head_dim = args.block_d_k or hf.hidden_size // hf.num_attention_heads
     layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
-    tag = "+".join(loss_on) + ("" if loss_on == ["mlm"] else f"_{criterion.lower()}")
+    tag = "+".join(loss_on) + ("" if loss_on in (["mlm"], ["relations"]) else f"_{criterion.lower()}")
     # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}")
     with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
@@ -138,7 +145,7 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
             cache = teacher_cache(s, train_ds, [f"{k}_{i}" for i in layers for k in ("in", "block")])
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
-                        args.seed).to(s.device)
+                        args.seed, args.relation_heads, args.relation_weight).to(s.device)
     base_meta = {"kind": "block", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
                  "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim,
                  "teacher_heads": cfg.num_attention_heads, "teacher_head_dim": cfg.head_dim,
