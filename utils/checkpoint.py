@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 STATE = "train_state.pt"
-KINDS = ("block", "merged_layer", "model", "resume")
+KINDS = ("block", "merged_layer", "model", "resume", "layer")  # layer: one whole layer of a new shape (ffn)
 
 
 class CheckpointError(RuntimeError):

@@ -333,3 +333,25 @@ def describe_losses(task: DistillTask) -> dict[str, Any]:
     keys = ("loss_on", "criterion", "score_criterion", "temperature", "kl_weight", "mlm_weight", "hidden_weight",
             "hidden_criterion", "relation_heads", "relation_weight")
     return {k: getattr(task, k) for k in keys if hasattr(task, k)}
+
+
+class LayerDistill(DistillTask):
+    """Students are whole layers ``layer_<i>`` of any shape (e.g. a narrower feed-forward) standing for teacher layer
+    i alone: input the hidden state entering layer i, target the hidden state leaving it."""
+
+    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]],
+                 criterion: str = "MSE", cache: TeacherCache | None = None, seed: int = 0):
+        super().__init__(teacher, {f"layer_{i}": l for i, (l, _) in layers.items()}, None, cache, seed)
+        self.indices = sorted(layers)
+        self.loss_on, self.criterion = "hidden", criterion
+
+    def feature_names(self) -> list[str]:
+        return [f"in_{i}" for i in self.indices] + [f"out_{i}" for i in self.indices]
+
+    def unit_losses(self, batch, generator):
+        att = batch["attention_mask"]
+        mask, valid = extended_mask(att), att.bool()
+        feats = self._features(batch, self.feature_names())
+        return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask), feats[f"out_{i}"],
+                                           valid, self.criterion), float(valid.sum()))
+                for i in self.indices}
