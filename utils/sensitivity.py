@@ -461,7 +461,7 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
             cands[e["layer"]].append(e)
     lines.append("candidates (cost per " + unit + " saved, lowest first):")
     for e in sorted((e for c in cands.values() for e in c), key=lambda e: e["cost"] / e[gain_key]):
-        lines.append(f"  layer {e['layer']} {e['option']:<12} cost {e['cost']:.4f}  saves {e[gain_key]:,.2f} {unit}"
+        lines.append(f"  layer {e['layer']} {e['option']:<12} cost {e['cost']:.4g}  saves {e[gain_key]:,.2f} {unit}"
                      f"  ratio {e['cost'] / e[gain_key]:.3g}")
     if needed <= 0:
         lines.append("the teacher already meets the budget: nothing to simplify")
@@ -501,12 +501,12 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
         saved += e[gain_key]
         total_cost += e["cost"]
         alts = sorted((a for a in cands[i] if a["option"] != e["option"]), key=lambda a: a["cost"])[:2]
-        alt = "; ".join(f"{a['option']} cost {a['cost']:.4f} saves {a[gain_key]:,.2f}" for a in alts)
+        alt = "; ".join(f"{a['option']} cost {a['cost']:.4g} saves {a[gain_key]:,.2f}" for a in alts)
         lines.append(f"  layer {i}{'+' + str(i + 1) if e['kind'] == 'merge' else ''}: {e['option']} — cost "
-                     f"{e['cost']:.4f}, saves {e[gain_key]:,.2f} {unit}" + (f" (cheapest others: {alt})" if alt else ""))
+                     f"{e['cost']:.4g}, saves {e[gain_key]:,.2f} {unit}" + (f" (cheapest others: {alt})" if alt else ""))
         g = max(0, g - int(math.floor(e[gain_key] / step + 1e-9)))
         i += len(e["covers"])
-    lines.append(f"total: cost {total_cost:.4f}, saves {saved:,.2f} of {needed:,.2f} {unit} needed")
+    lines.append(f"total: cost {total_cost:.4g}, saves {saved:,.2f} of {needed:,.2f} {unit} needed")
     return Plan(choices, total_cost, saved, needed, budget, lines)
 
 
