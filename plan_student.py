@@ -18,8 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from models.compress import clone_model
 from sensitivity_map import add_map_args, make_map
 from utils.assemble import load_model, save_model

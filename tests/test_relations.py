@@ -10,7 +10,6 @@ import torch
 import finetune_merged
 import retrain_single_block
 from models import load_teacher
-from models.bert import extended_mask
 from models.compress import compress_attention, random_attention
 from utils.distill import BlockDistill, block_relation_heads
 from utils.losses import attention_vectors, relation_heads_for, relation_loss
