@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden-state loss at matched layers")
     g.add_argument("--hidden-criterion", choices=["cosine", "MSE", "L1"], default="cosine")
     g.add_argument("--temperature", type=positive_float, default=2.0)
+    g.add_argument("--relation-weight", type=float, default=0.0,
+                   help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts)")
+    g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
+                   help="relation heads (must divide teacher and student heads x head_dim; default: automatic)")
     g = p.add_argument_group("output")
     add_export_args(g)
     g.add_argument("--eval-batches", type=positive_int("--eval-batches"), default=None,
@@ -85,7 +89,8 @@ def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
     masker = MLMMasker(s.tokenizer, s.teacher.config.vocab_size)
     task = ModelDistill(s.teacher, student, masker, args.kl_weight, args.mlm_weight, args.hidden_weight,
-                        args.hidden_criterion, args.temperature, args.seed).to(s.device)
+                        args.hidden_criterion, args.temperature, args.seed, args.relation_weight,
+                        args.relation_heads).to(s.device)
     meta = {"kind": "model", "config": student.config.to_dict(), "teacher": args.teacher,
             "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task)}
     unit = Unit("model", student, run_dir / "model", meta)

@@ -54,9 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", type=criterion_arg, default="MSE",
                    help=f"loss on the block output: {', '.join(OUTPUT_CRITERIA)}; with --loss_on_scores: "
                         f"{', '.join(SCORE_CRITERIA)}")
-    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm"],
-                   help="what is compared: block output, attention scores (see --score-target), both, or the "
-                        "masked-LM output through the frozen rest of the teacher (KL)")
+    g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm", "relations", "output+relations"],
+                   help="what is compared: block output, attention scores (see --score-target), both, the masked-LM "
+                        "output through the frozen rest of the teacher (KL), or relations: MiniLMv2 query-query, "
+                        "key-key, value-value self-attention relations (KL, any student head count)")
+    g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
+                   help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
+                        "head_dim; default: the largest such divisor up to the teacher's head count)")
+    g.add_argument("--relation-weight", type=positive_float, default=1.0,
+                   help="weight of the relation loss (with --loss-on ...relations)")
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
     g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention scores")
     g.add_argument("--score-target", choices=["probs", "logits"],
@@ -153,7 +159,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
                  "teacher's block would train nothing (a smaller --block_heads / --block_d_k starts from the "
                  "teacher's most important heads)", heads, head_dim)
         init = "random"
-    tag = "+".join(loss_on) + ("" if loss_on == ["mlm"] else f"_{criterion.lower()}")
+    tag = "+".join(loss_on) + ("" if loss_on in (["mlm"], ["relations"]) else f"_{criterion.lower()}")
     if "scores" in loss_on and args.score_target == "logits" and score_criterion in ("MSE", "L1"):
         tag += "_logits"
     # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
@@ -209,8 +215,8 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
             cache = teacher_cache(s, train_ds, [f"{k}_{i}" for i in layers for k in ("in", "block")])
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
-                        args.seed, args.score_target, OneMasker(s.tokenizer) if args.mask_inputs else None
-                        ).to(s.device)
+                        args.seed, args.score_target, OneMasker(s.tokenizer) if args.mask_inputs else None,
+                        args.relation_heads, args.relation_weight).to(s.device)
     base_meta = {"kind": "block", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
                  "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim,
                  "teacher_heads": cfg.num_attention_heads, "teacher_head_dim": cfg.head_dim,

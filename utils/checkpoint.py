@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 STATE = "train_state.pt"
-KINDS = ("block", "merged_layer", "model", "resume")
+KINDS = ("block", "merged_layer", "model", "resume", "layer")  # layer: one whole layer of a new shape (ffn)
 
 
 class CheckpointError(RuntimeError):
@@ -262,15 +262,17 @@ KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS,
                      "hidden_size": _POS, "conditioned": _BOOL},
     "model": {"config": _DICT, "sources": _str_list},
+    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "hidden_size": _POS},
     "resume": {"unit": _TEXT, "unit_meta": _DICT, "setup": _DICT, "run_id": _TEXT, "position": _position},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "block": ("layer", "num_heads", "head_dim", "hidden_size", "teacher_hash"),
     "merged_layer": ("layers", "num_heads", "head_dim", "intermediate_size", "hidden_size", "teacher_hash"),
     "model": ("config",),  # a model reloads from its folder alone; compared with a teacher when one is given
+    "layer": ("layer", "num_heads", "head_dim", "intermediate_size", "hidden_size", "teacher_hash"),
     "resume": ("unit", "unit_meta", "setup", "run_id", "position"),
 }
-LAYER_KINDS = ("teacher", "block", "merged", "pruned", "dropped")  # LayerSpec.kind values models/ writes
+LAYER_KINDS = ("teacher", "block", "merged", "pruned", "dropped", "layer")  # LayerSpec.kind values models/ writes
 _PRESENT, _MISSING = "present", object()
 
 

@@ -18,7 +18,8 @@ from models.config import LayerSpec
 from . import runtime
 from .data import bert_mlm_mask, mask_one_token
 from .features import TeacherCache, teacher_features
-from .losses import attention_loss, hidden_loss, kl_logits, raw_score_loss
+from .losses import (attention_loss, attention_vectors, hidden_loss, kl_logits, raw_score_loss, relation_heads_for,
+                     relation_loss)
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +148,16 @@ class BlockDistill(DistillTask):
     """Students are attention blocks ``block_<i>``, trained on the teacher's input to layer i.
 
     ``loss_on``: any of ``output`` (block output vs the teacher's), ``scores`` (attention distributions),
-    ``mlm`` (KL to the teacher's masked-token distribution through the frozen rest of the teacher).
+    ``relations`` (MiniLMv2 query-query / key-key / value-value relations in ``relation_heads`` relation heads,
+    times ``relation_weight``; any student head count), or ``mlm`` (KL to the teacher's masked-token distribution
+    through the frozen rest of the teacher).
     """
 
     def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str],
                  criterion: str = "MSE", score_criterion: str = "CrossEntropy", masker: MLMMasker | None = None,
                  cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0,
-                 score_target: str = "probs", input_masker: OneMasker | None = None):
+                 score_target: str = "probs", input_masker: OneMasker | None = None,
+                 relation_heads: int | None = None, relation_weight: float = 1.0):
         super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker, cache, seed)
         if score_target not in ("probs", "logits"):
             raise ValueError(f"score target must be 'probs' or 'logits', got '{score_target}'")
@@ -163,7 +167,12 @@ class BlockDistill(DistillTask):
         if "mlm" in loss_on:
             teacher.require_mlm_head("--loss-on mlm")
             if len(loss_on) > 1:
-                raise ValueError("--loss-on mlm cannot be combined with output/scores losses")
+                raise ValueError("--loss-on mlm cannot be combined with output/scores/relations losses")
+        if "relations" in loss_on:  # set only when used: the metadata of other runs stays as it was
+            self.relation_weight = relation_weight
+            self.rel_heads = {i: block_relation_heads(teacher.layers[i].attention, b, relation_heads)
+                              for i, b in blocks.items()}
+            self.relation_heads = relation_heads if relation_heads else "auto"
         self.layers = sorted(blocks)
         self.loss_on, self.criterion, self.score_criterion, self.temperature = loss_on, criterion, score_criterion, temperature
         self.views = {i: compose(teacher, blocks={i: b}) for i, b in blocks.items()} if "mlm" in loss_on else {}
@@ -201,8 +210,26 @@ class BlockDistill(DistillTask):
                     loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, self.score_criterion)
                 else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)
                     loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, self.score_criterion)
+            if "relations" in self.loss_on:
+                with torch.no_grad():
+                    t_vec = attention_vectors(self.teacher.layers[i].attention, x)
+                loss = loss + self.relation_weight * relation_loss(attention_vectors(student, x), t_vec, valid,
+                                                                   self.rel_heads[i])
             out[f"block_{i}"] = (loss, n_valid)
         return out
+
+
+def block_relation_heads(teacher_attn: BertAttention, student_attn: BertAttention, heads: int | None) -> int:
+    """Relation heads for a teacher / student block pair: ``heads`` if it divides both inner sizes, else an error;
+    None: the default of ``relation_heads_for``."""
+    t_inner = teacher_attn.num_heads * teacher_attn.head_dim
+    s_inner = student_attn.num_heads * student_attn.head_dim
+    if heads is None:
+        return relation_heads_for(t_inner, s_inner, teacher_attn.num_heads)
+    if t_inner % heads or s_inner % heads:
+        raise ValueError(f"--relation-heads {heads} must divide both the teacher's ({t_inner}) and the student's "
+                         f"({s_inner}) heads x head_dim")
+    return heads
 
 
 class MergeDistill(DistillTask):
@@ -268,21 +295,32 @@ class ModelDistill(DistillTask):
 
     loss = kl_weight * T^2 KL(teacher || student) at masked positions + mlm_weight * CE(true tokens)
            + hidden_weight * hidden loss at matched layers (a student layer standing for teacher layers [.., j] is
-           matched with the teacher's output of layer j; the last layer always is).
-    Without an MLM head only the hidden-state terms remain.
+           matched with the teacher's output of layer j; the last layer always is)
+           + relation_weight * MiniLMv2 query/key/value self-attention relation KL, averaged over the same matched
+           layers (student layer standing for [.., j] vs teacher layer j, each fed its own model's hidden state).
+    Without an MLM head only the hidden-state (and relation) terms remain.
     """
 
     def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None,
                  kl_weight: float = 1.0, mlm_weight: float = 0.0, hidden_weight: float = 0.0,
-                 hidden_criterion: str = "cosine", temperature: float = 2.0, seed: int = 0):
+                 hidden_criterion: str = "cosine", temperature: float = 2.0, seed: int = 0,
+                 relation_weight: float = 0.0, relation_heads: int | None = None):
         super().__init__(teacher, {"model": student}, masker, None, seed)
+        self.rel_pairs: list[tuple[int, int, int]] = []  # (student layer, teacher layer, relation heads)
+        if relation_weight > 0:  # set only when used: the metadata of other runs stays as it was
+            self.relation_weight = relation_weight
+            self.relation_heads = relation_heads if relation_heads else "auto"
+            for j, spec in enumerate(student.config.layers):
+                tj = spec.origin[-1]
+                r = block_relation_heads(teacher.layers[tj].attention, student.layers[j].attention, relation_heads)
+                self.rel_pairs.append((j, tj, r))
         self.mlm_ok = teacher.has_mlm_head and student.has_mlm_head
         if not self.mlm_ok:
             if hidden_weight <= 0:
                 hidden_weight = 1.0
             kl_weight = mlm_weight = 0.0
             log.info("no masked-LM head: fine-tuning on hidden states only (%s, matched layers)", hidden_criterion)
-        if kl_weight <= 0 and mlm_weight <= 0 and hidden_weight <= 0:
+        if kl_weight <= 0 and mlm_weight <= 0 and hidden_weight <= 0 and relation_weight <= 0:
             raise ValueError("all loss weights are zero: nothing to train on")
         self.kl_weight, self.mlm_weight, self.hidden_weight = kl_weight, mlm_weight, hidden_weight
         self.hidden_criterion, self.temperature = hidden_criterion, temperature
@@ -295,9 +333,10 @@ class ModelDistill(DistillTask):
         if self.mlm_ok:
             ids, labels = self.masker(ids, att, generator)
             sel = labels != -100
+        need_hidden = self.hidden_weight > 0 or bool(self.rel_pairs)
         with torch.no_grad():
-            t = self.teacher(ids, att, output_hidden_states=self.hidden_weight > 0, with_logits=False)
-        s = student(ids, att, output_hidden_states=self.hidden_weight > 0, with_logits=False)
+            t = self.teacher(ids, att, output_hidden_states=need_hidden, with_logits=False)
+        s = student(ids, att, output_hidden_states=need_hidden, with_logits=False)
         loss = s.last_hidden_state.new_zeros(())
         weight = float(valid.sum())
         if self.mlm_ok:
@@ -312,14 +351,44 @@ class ModelDistill(DistillTask):
             hl = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid, self.hidden_criterion)
                      for j, tj in self.matches) / len(self.matches)
             loss = loss + self.hidden_weight * hl
+        if self.rel_pairs:
+            rl = 0.0
+            for j, tj, r in self.rel_pairs:
+                with torch.no_grad():
+                    t_vec = attention_vectors(self.teacher.layers[tj].attention, t.hidden_states[tj])
+                rl = rl + relation_loss(attention_vectors(student.layers[j].attention, s.hidden_states[j]), t_vec,
+                                        valid, r)
+            loss = loss + self.relation_weight * rl / len(self.rel_pairs)
         return {"model": (loss, weight)}
 
 
 def describe_losses(task: DistillTask) -> dict[str, Any]:
     """What the task optimises, for checkpoint metadata."""
     keys = ("loss_on", "criterion", "score_criterion", "score_target", "temperature", "kl_weight", "mlm_weight",
-            "hidden_weight", "hidden_criterion")
+            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight")
     out = {k: getattr(task, k) for k in keys if hasattr(task, k)}
     if task.input_masker is not None:
         out["mask_inputs"] = True
     return out
+
+
+class LayerDistill(DistillTask):
+    """Students are whole layers ``layer_<i>`` of any shape (e.g. a narrower feed-forward) standing for teacher layer
+    i alone: input the hidden state entering layer i, target the hidden state leaving it."""
+
+    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]],
+                 criterion: str = "MSE", cache: TeacherCache | None = None, seed: int = 0):
+        super().__init__(teacher, {f"layer_{i}": l for i, (l, _) in layers.items()}, None, cache, seed)
+        self.indices = sorted(layers)
+        self.loss_on, self.criterion = "hidden", criterion
+
+    def feature_names(self) -> list[str]:
+        return [f"in_{i}" for i in self.indices] + [f"out_{i}" for i in self.indices]
+
+    def unit_losses(self, batch, generator):
+        att = batch["attention_mask"]
+        mask, valid = extended_mask(att), att.bool()
+        feats = self._features(batch, self.feature_names())
+        return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask), feats[f"out_{i}"],
+                                           valid, self.criterion), float(valid.sum()))
+                for i in self.indices}

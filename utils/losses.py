@@ -1,6 +1,8 @@
 """Distillation losses. Every loss averages over real tokens only (``valid`` = attention mask as bool [B, T])."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,3 +121,56 @@ def kl_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     s_logp = (student_logits.float() / t).log_softmax(-1)
     t_logp = (teacher_logits.float() / t).log_softmax(-1)
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * (t * t)
+
+
+RELATIONS = ("query", "key", "value")
+
+
+def relation_heads_for(teacher_inner: int, student_inner: int, teacher_heads: int) -> int:
+    """Default number of relation heads: the largest divisor of both inner sizes (heads x head_dim) that is at most
+    the teacher's head count (MiniLMv2 uses the teacher's head count when the sizes allow it)."""
+    g = math.gcd(teacher_inner, student_inner)
+    return max(r for r in range(1, min(g, teacher_heads) + 1) if g % r == 0)
+
+
+def self_relations(vectors: torch.Tensor, heads: int, valid: torch.Tensor) -> torch.Tensor:
+    """Log-softmax self-attention relations of [B, T, D] vectors split into ``heads`` relation heads of D / heads
+    dims: log softmax(V_r V_r^T / sqrt(D / heads)) over keys, padded keys excluded. Returns [B, heads, T, T]."""
+    B, T, D = vectors.shape
+    if D % heads:
+        raise ValueError(f"{heads} relation heads do not divide the vector size {D}; choose a divisor of {D}")
+    d = D // heads
+    v = vectors.float().view(B, T, heads, d).transpose(1, 2)  # [B, R, T, d]
+    scores = (v @ v.transpose(-1, -2)) / math.sqrt(d)
+    scores = scores.masked_fill(~valid[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores.log_softmax(-1)
+
+
+def relation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], valid: torch.Tensor,
+                  heads: int) -> torch.Tensor:
+    """MiniLMv2 self-attention relation distillation, summed over the relation types present in both dicts.
+
+    ``student`` / ``teacher`` map a relation type (query, key, value) to that layer's projected vectors [B, T, D_s]
+    / [B, T, D_t] (all heads concatenated, before splitting into attention heads). Both sides are re-split into the
+    same number ``heads`` of relation heads, so the student may have any number of attention heads and any head_dim:
+    only D_s and D_t must be divisible by ``heads``. Per relation type: KL(teacher || student) of each query row's
+    relation distribution over the keys, averaged over relation heads and real query tokens (padding rows ignored,
+    padded keys excluded on both sides).
+    """
+    kinds = [k for k in RELATIONS if k in student and k in teacher]
+    if not kinds:
+        raise ValueError(f"no relation type in common: student has {sorted(student)}, teacher has {sorted(teacher)}")
+    total = None
+    for k in kinds:
+        s_logp = self_relations(student[k], heads, valid)
+        t_logp = self_relations(teacher[k], heads, valid)
+        keys = valid[:, None, None, :]
+        per = torch.where(keys, t_logp.exp() * (t_logp - s_logp), torch.zeros_like(t_logp)).sum(-1)  # [B, R, T]
+        term = _masked_mean(per.mean(1), valid)
+        total = term if total is None else total + term
+    return total
+
+
+def attention_vectors(attention, x: torch.Tensor, kinds: tuple[str, ...] = RELATIONS) -> dict[str, torch.Tensor]:
+    """The query / key / value projections [B, T, heads * head_dim] of a ``BertAttention`` block on input ``x``."""
+    return {k: getattr(attention.self, k)(x) for k in kinds}

@@ -163,11 +163,11 @@ def add_training_seed_flags(p: argparse.ArgumentParser) -> None:
     from .cli import non_negative_int, positive_int
 
     g = p.add_argument_group("optimiser (seed flags)")
-    g.add_argument("--optimizer", choices=["adamw", "adam"],
+    g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw",
                    help="adamw: decoupled weight decay on matrices only; adam: the seed's torch.optim.Adam, weight "
                         "decay as an L2 term on every trained parameter")
-    g.add_argument("--adam-beta1", type=probability, help="Adam beta1")
-    g.add_argument("--adam-beta2", type=probability, help="Adam beta2")
+    g.add_argument("--adam-beta1", type=probability, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=probability, default=0.999, help="Adam beta2")
     g.add_argument("--warmup-steps", type=non_negative_int("--warmup-steps"), default=None,
                    help="linear warm-up over this many optimizer steps (overrides --warmup); 0: none")
     g.add_argument("--log-freq", type=positive_int("--log-freq"), default=10,

@@ -1,0 +1,127 @@
+"""Sensitivity map and planner on the tiny teacher: the map's shape and numbers, the planner's budgets."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+import plan_student
+import sensitivity_map
+from utils.assemble import load_model
+from utils.sensitivity import choose_plan
+from utils.session import run_main
+
+FAST = ["--device", "cpu", "--batch-size", "16", "--epochs", "1", "--max-steps-per-epoch", "3", "--latency-reps", "2",
+        "--eval-sentences", "32", "--valid-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_map(tiny_teacher, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("map")
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(out), "--run-name", "m",
+            "--cache-dir", str(out / "cache")] + FAST
+    assert run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv) == 0
+    return out / "m"
+
+
+def test_map_shape_keys_and_numbers(tiny_map):
+    smap = json.loads((tiny_map / "sensitivity.json").read_text())
+    names = [o["name"] for o in smap["options"]]
+    assert names == ["heads 3", "heads 2", "heads 1", "head_dim 4", "merge next", "ffn 32"]  # 4 heads of 8, ffn 64
+    cells = {(e["layer"], e["option"]) for e in smap["entries"]}
+    want = {(i, n) for i in (0, 1) for n in names if not (n == "merge next" and i == 1)}  # no layer after the last
+    assert cells == want and len(smap["entries"]) == len(want)
+    t = smap["timing"]
+    assert len(t["layer_ms"]) == 2 and t["encoder_ms"] > 0
+    for e in smap["entries"]:
+        for k in ("top1_drop", "agreement_top1", "kl_teacher_student", "hidden_cosine", "latency_saved_ms", "unit_ms"):
+            assert isinstance(e[k], float) and math.isfinite(e[k]), (e["option"], k)
+        assert 0 <= e["agreement_top1"] <= 1 and e["kl_teacher_student"] > -1e-6 and e["unit_ms"] > 0
+        covered = sum(t["layer_ms"][j] for j in e["covers"])
+        assert e["latency_saved_ms"] == pytest.approx(covered - e["unit_ms"])
+    by = {(e["layer"], e["option"]): e for e in smap["entries"]}
+    # 2 of 4 heads removed: q, k, v rows (32 x 8 + 8 each) and 8 output columns of 32, per head
+    assert by[0, "heads 2"]["params_saved"] == 2 * (3 * (32 * 8 + 8) + 8 * 32)
+    assert by[0, "ffn 32"]["params_saved"] == 32 * (32 + 1) + 32 * 32  # 32 neurons: input row + bias, output column
+    assert by[0, "merge next"]["params_saved"] > by[0, "heads 1"]["params_saved"]
+    md = (tiny_map / "sensitivity.md").read_text().splitlines()
+    assert sum(1 for line in md if line.startswith("| 0 (") or line.startswith("| 1 (")) == 2
+    assert (tiny_map / "sensitivity.png").stat().st_size > 1000
+
+
+def _synthetic_map(n: int = 4) -> dict:
+    entries = []
+    for i in range(n):
+        for name, kind, cost, ms, params in (("heads 2", "block", 0.01 * (i + 1), 2.0, 100),
+                                             ("ffn", "ffn", 0.03, 3.0, 150),
+                                             ("merge next", "merge", 0.05 + 0.01 * i, 9.0, 500)):
+            if kind == "merge" and i + 1 >= n:
+                continue
+            entries.append({"layer": i, "option": name, "kind": kind, "covers": [i, i + 1] if kind == "merge" else [i],
+                            "kl_teacher_student": cost, "latency_saved_ms": ms + 0.1 * i, "params_saved": params + i})
+    return {"layers": n, "timing": {"encoder_ms": 50.0}, "teacher_params": 10_000, "entries": entries,
+            "options": []}
+
+
+def _brute_force(smap, key, needed):
+    n, best = smap["layers"], (math.inf, None)
+    per = {i: [None] + [e for e in smap["entries"] if e["layer"] == i] for i in range(n)}
+    for combo in itertools.product(*(per[i] for i in range(n))):
+        used, ok = set(), True
+        for e in filter(None, combo):
+            if used & set(e["covers"]):
+                ok = False
+            used |= set(e["covers"])
+        if ok and sum(e[key] for e in filter(None, combo)) >= needed:
+            cost = sum(e["kl_teacher_student"] for e in filter(None, combo))
+            best = min(best, (cost, combo), key=lambda x: x[0])
+    return best[0]
+
+
+@pytest.mark.parametrize("speedup", [1.1, 1.3, 1.5])
+def test_plan_meets_speed_budget_at_least_cost(speedup):
+    smap = _synthetic_map()
+    plan = choose_plan(smap, target_speedup=speedup)
+    chosen = [e for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"]]
+    saved = sum(e["latency_saved_ms"] for e in chosen)
+    assert 50.0 - saved <= 50.0 / speedup  # the map's latencies meet the budget
+    layers = [j for e in chosen for j in e["covers"]]
+    assert len(layers) == len(set(layers))  # a merged pair's second layer gets no option of its own
+    assert plan.cost == pytest.approx(_brute_force(smap, "latency_saved_ms", 50.0 * (1 - 1 / speedup)), abs=0.011)
+    assert any(line.startswith("plan (") for line in plan.lines) and any("candidates" in l for l in plan.lines)
+
+
+def test_plan_meets_params_budget_exactly():
+    smap = _synthetic_map()
+    for target in (9_900, 9_700, 9_400, 9_000):
+        plan = choose_plan(smap, target_params=target)
+        saved = sum(e["params_saved"] for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"])
+        assert 10_000 - saved <= target
+    with pytest.raises(ValueError, match="cannot be met"):
+        choose_plan(smap, target_params=100)
+    assert choose_plan(smap, target_params=20_000).choices == {}
+
+
+def test_planner_end_to_end(tiny_teacher, tiny_corpus, tiny_map, tmp_path):
+    smap = json.loads((tiny_map / "sensitivity.json").read_text())
+    target = smap["teacher_params"] - 3000  # needs more than one head or the ffn cut
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name",
+            "p", "--cache-dir", str(tmp_path / "cache"), "--map", str(tiny_map), "--target-params", str(target),
+            "--ft-epochs", "1", "--test-sentences", "32"] + FAST
+    assert run_main(plan_student.main, plan_student.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert res["target_met"] and res["student_params"] <= target and res["plan"]
+    chosen = [e for e in smap["entries"] if res["plan"].get(str(e["layer"])) == e["option"]]
+    assert res["student_params"] == smap["teacher_params"] - sum(e["params_saved"] for e in chosen)
+    model, meta = load_model(tmp_path / "p" / "model" / "best")
+    assert model.num_parameters() == res["student_params"] and meta["plan"] == res["plan"]
+    log = (tmp_path / "p" / "plan.log").read_text()
+    assert "budget: parameters <=" in log and "total: cost" in log
+    for k in ("student_top1", "agreement_top1", "kl_teacher_student"):
+        assert math.isfinite(res["metrics"][k])
+    assert res["measured_speedup"] > 0 and res["test_sentences"] == 32
+    bad = argv[:argv.index("--target-params")] + ["--target-params", "1000"] + argv[argv.index("--target-params") + 2:]
+    bad[bad.index("p")] = "p2"
+    assert run_main(plan_student.main, plan_student.build_parser(), bad) == 1

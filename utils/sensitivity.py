@@ -1,0 +1,551 @@
+"""Which layers can be simplified, and by how much: a per-layer sensitivity map and a planner over it.
+
+The map: for every teacher layer and every option (fewer heads, half the head_dim, merged with the next layer, half
+the feed-forward width) one unit is initialised from the teacher (``models.compress``), retrained alone against the
+teacher's features (the distillation tasks of ``utils.distill`` on the one ``Trainer``, one shared teacher cache),
+put alone into the teacher, and measured on the validation split (``utils.evaluate.compare_models``): top-1 drop,
+agreement, KL. Each unit's latency and the teacher layers' it replaces are timed round-robin on the device.
+
+The planner picks one option per layer (a merge takes two) that meets a latency or parameter budget with the least
+summed cost (a knapsack over layers, solved exactly on a conservative grid), then the plan is trained the same way,
+composed, fine-tuned end to end and evaluated by ``plan_student.py``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models.bert import BertForMaskedLM, extended_mask
+from models.compress import compose, compress_attention, head_importance, init_merged_layer
+from models.config import LayerSpec
+from .checkpoint import load_checkpoint, load_into
+from .distill import BlockDistill, LayerDistill, MergeDistill, describe_losses
+from .evaluate import compare_models
+from .features import TeacherCache, teacher_features
+from .train import TrainConfig, Trainer, Unit
+
+log = logging.getLogger(__name__)
+
+KINDS = ("block", "merge", "ffn")
+COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to simplify one layer: ``kind`` block (attention heads x head_dim), merge (this layer and the next
+    become one layer of the teacher's shape) or ffn (feed-forward width)."""
+
+    name: str
+    kind: str
+    num_heads: int
+    head_dim: int
+    ffn: int
+
+    def applies(self, layer: int, n_layers: int) -> bool:
+        return self.kind != "merge" or layer + 1 < n_layers
+
+    def covers(self, layer: int) -> list[int]:
+        return [layer, layer + 1] if self.kind == "merge" else [layer]
+
+
+def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] = ("heads", "head_dim", "merge",
+                                                                                    "ffn")) -> list[Option]:
+    """Options adapted to the teacher: head counts 2/3, 1/2, 1/3, 1/6 of its own (12 -> 8, 6, 4, 2) unless
+    ``heads`` is given, head_dim halved, merge with the next layer, FFN width halved."""
+    H, d, f = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+    if heads is None:
+        heads = sorted({max(1, round(H * r)) for r in (2 / 3, 1 / 2, 1 / 3, 1 / 6)} - {H}, reverse=True)
+    out = []
+    if "heads" in kinds:
+        out += [Option(f"heads {h}", "block", h, d, f) for h in heads]
+    if "head_dim" in kinds and d >= 2:
+        out.append(Option(f"head_dim {d // 2}", "block", H, d // 2, f))
+    if "merge" in kinds:
+        out.append(Option("merge next", "merge", H, d, f))
+    if "ffn" in kinds and f >= 2:
+        out.append(Option(f"ffn {f // 2}", "ffn", H, d, f // 2))
+    if not out:
+        raise ValueError(f"no option to map: choose from heads, head_dim, merge, ffn (got {kinds})")
+    return out
+
+
+def option_from_dict(d: dict[str, Any]) -> Option:
+    return Option(**{k: d[k] for k in ("name", "kind", "num_heads", "head_dim", "ffn")})
+
+
+class AliasedCache:
+    """A ``TeacherCache`` read under every feature name the tasks ask for: ``out_i`` is the stored ``in_{i+1}``
+    (the same tensor), so blocks, merges and whole layers share one copy of each hidden state."""
+
+    def __init__(self, cache: TeacherCache, n_layers: int):
+        self.cache, self.n = cache, n_layers
+
+    def canonical(self, name: str) -> str:
+        kind, _, i = name.partition("_")
+        return f"in_{int(i) + 1}" if kind == "out" and int(i) + 1 < self.n else name
+
+    def batch(self, names: list[str], index: torch.Tensor, T: int, device: torch.device) -> dict[str, torch.Tensor]:
+        real = {n: self.canonical(n) for n in names}
+        got = self.cache.batch(sorted(set(real.values())), index, T, device)
+        return {n: got[r] for n, r in real.items()}
+
+
+def cache_names(n_layers: int) -> list[str]:
+    """Every feature the map's units need, each hidden state once."""
+    return [f"in_{i}" for i in range(n_layers)] + [f"block_{i}" for i in range(n_layers)] + [f"out_{n_layers - 1}"]
+
+
+@dataclass
+class Context:
+    """What training and measuring units needs; built by the scripts from their Session."""
+
+    teacher: BertForMaskedLM
+    teacher_hash: str
+    teacher_name: str
+    tokenizer: Any
+    device: torch.device
+    train_loader: Any
+    sampler: Any
+    valid_loader: Any
+    probe: dict[str, torch.Tensor]
+    train_cfg: TrainConfig
+    cache: AliasedCache | None = None
+    valid_batches: int | None = None  # per-epoch validation loss on this many batches
+    setup: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    block_loss: tuple[str, ...] = ("output",)
+    relation_weight: float = 1.0
+
+
+@dataclass
+class Built:
+    """A unit made for ``layer`` and ``option``: the module, the layer spec it gives the model, how it started."""
+
+    layer: int
+    option: Option
+    module: nn.Module
+    spec: LayerSpec
+    note: str
+
+
+def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
+    """Teacher-initialised units (importance-ranked heads on the probe batch, SVD head_dim, top FFN neurons)."""
+    t, cfg = ctx.teacher, ctx.teacher.config
+    ids, att = ctx.probe["input_ids"].to(ctx.device), ctx.probe["attention_mask"].to(ctx.device)
+    need = sorted(i for i, o in choices.items() if o.num_heads < cfg.layers[i].num_heads)
+    feats = teacher_features(t, ids, att, [f"in_{i}" for i in need]) if need else {}
+    out = {}
+    for i, opt in sorted(choices.items()):
+        if not opt.applies(i, len(t.layers)):
+            raise ValueError(f"option '{opt.name}' does not apply to layer {i} (the teacher has {len(t.layers)} layers)")
+        imp = None
+        if i in need:
+            imp = head_importance(t.layers[i].attention, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
+        if opt.kind == "block":
+            mod, note = compress_attention(t.layers[i].attention, cfg, opt.num_heads, opt.head_dim, imp)
+            spec = LayerSpec(opt.num_heads, opt.head_dim, cfg.layers[i].intermediate_size, [i], "block")
+        elif opt.kind == "merge":
+            spec = LayerSpec(opt.num_heads, opt.head_dim, opt.ffn, [i, i + 1], "merged")
+            mod, note = init_merged_layer(cfg, spec, t.layers[i], t.layers[i + 1], "first", imp)
+        elif opt.kind == "ffn":
+            spec = LayerSpec(opt.num_heads, opt.head_dim, opt.ffn, [i], "layer")
+            mod, note = init_merged_layer(cfg, spec, t.layers[i], t.layers[i], "first", imp)
+        else:
+            raise ValueError(f"unknown option kind '{opt.kind}'; expected one of {KINDS}")
+        out[i] = Built(i, opt, mod.to(ctx.device), spec, note)
+    return out
+
+
+def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[str, float]:
+    """Train every unit against the teacher's features (each kind on its task, all layers of a kind together on one
+    shared teacher pass or the cache) with the shared Trainer; afterwards each module holds its best (validation)
+    weights. Returns the final validation losses."""
+    t, cfg = ctx.teacher, ctx.teacher.config
+    base = {"teacher": ctx.teacher_name, "teacher_hash": ctx.teacher_hash, "hidden_size": cfg.hidden_size}
+    finals: dict[str, float] = {}
+    groups = {k: {i: b for i, b in units.items() if b.option.kind == k} for k in KINDS}
+    for kind, group in groups.items():
+        if not group:
+            continue
+        if kind == "block":
+            task = BlockDistill(t, {i: b.module for i, b in group.items()}, list(ctx.block_loss), cache=ctx.cache,
+                                seed=ctx.train_cfg.seed, relation_weight=ctx.relation_weight)
+            prefix, ukind = "block", "block"
+        elif kind == "merge":
+            task = MergeDistill(t, {i: (b.module, b.spec) for i, b in group.items()}, "hidden", cache=ctx.cache,
+                                seed=ctx.train_cfg.seed)
+            prefix, ukind = "merge", "merged_layer"
+        else:
+            task = LayerDistill(t, {i: (b.module, b.spec) for i, b in group.items()}, cache=ctx.cache,
+                                seed=ctx.train_cfg.seed)
+            prefix, ukind = "layer", "layer"
+        task = task.to(ctx.device)
+        tl = []
+        for i, b in group.items():
+            meta = {**base, **describe_losses(task), "kind": ukind, "num_heads": b.spec.num_heads,
+                    "head_dim": b.spec.head_dim, "intermediate_size": b.spec.intermediate_size, "option": b.option.name,
+                    "init": b.note}
+            meta.update({"layers": b.option.covers(i)} if kind == "merge" else {"layer": i})
+            tl.append(Unit(f"{prefix}_{i}", b.module, run_dir / f"{prefix}_{i}", meta))
+        trainer = Trainer(task, tl, ctx.train_cfg, run_dir, ctx.device,
+                          evaluate=lambda task=task: task.evaluate(ctx.valid_loader, ctx.valid_batches),
+                          run_meta={"run_dir": str(run_dir)}, setup=ctx.setup, record=ctx.record)
+        finals.update(trainer.fit(ctx.train_loader, ctx.sampler))
+        for u in tl:
+            sd, _, _ = load_checkpoint(u.out_dir / "best")
+            load_into(u.module, sd, u.out_dir / "best")
+    return finals
+
+
+def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForMaskedLM:
+    """The teacher with every unit in place (sharing the teacher's other modules; nothing is copied)."""
+    blocks = {i: b.module for i, b in units.items() if b.option.kind == "block"}
+    merges = {i: (b.module, b.spec) for i, b in units.items() if b.option.kind == "merge"}
+    view = compose(teacher, blocks, merges)
+    for i, b in units.items():
+        if b.option.kind == "ffn":
+            idx = view.layer_index_of([i])
+            view.layers[idx] = b.module
+            view.config.layers[idx] = copy.deepcopy(b.spec)
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+@torch.no_grad()
+def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f(), f()  # warm-up
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
+    new = copy.copy(layer)
+    new._modules = dict(layer._modules)
+    new.attention = attention
+    return new
+
+
+def encoder_inputs(teacher: BertForMaskedLM, batch: int, seq: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, teacher.config.vocab_size - 1), teacher.config.vocab_size, (batch, seq), generator=g)
+    return ids.to(device), torch.ones(batch, seq, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def time_units(teacher: BertForMaskedLM, units: list[Built], reps: int, batch: int = 32, seq: int = 40
+               ) -> dict[str, Any]:
+    """Encoder-only latency (embeddings + layers, no vocabulary projection) of the teacher, of its embeddings and of
+    each of its layers, and of each unit as the layer(s) it replaces; all on one batch x seq input."""
+    device = next(teacher.parameters()).device
+    ids, att = encoder_inputs(teacher, batch, seq, device)
+    h = teacher.embed(ids)
+    fns: dict[str, Callable[[], Any]] = {"encoder": lambda: teacher(ids, att, with_logits=False),
+                                         "embeddings": lambda: teacher.embed(ids)}
+    for i, layer in enumerate(teacher.layers):
+        fns[f"layer {i}"] = lambda layer=layer: layer(h, None)
+    for b in units:
+        mod = _layer_with(teacher.layers[b.layer], b.module) if b.option.kind == "block" else b.module
+        mod.eval()
+        fns[f"{b.layer}/{b.option.name}"] = lambda mod=mod: mod(h, None)
+    ms = round_robin_ms(fns, reps, device)
+    return {"encoder_ms": ms["encoder"], "embeddings_ms": ms["embeddings"],
+            "layer_ms": [ms[f"layer {i}"] for i in range(len(teacher.layers))],
+            "unit_ms": {k: v for k, v in ms.items() if "/" in k}, "batch": batch, "seq": seq, "reps": reps}
+
+
+def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
+    """Parameters the unit removes from the model (teacher modules it replaces minus its own)."""
+    own = sum(p.numel() for p in b.module.parameters())
+    if b.option.kind == "block":
+        old = sum(p.numel() for p in teacher.layers[b.layer].attention.parameters())
+    else:
+        old = sum(p.numel() for i in b.option.covers(b.layer) for p in teacher.layers[i].parameters())
+    return old - own
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the map
+REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")
+
+
+def build_map(ctx: Context, options: list[Option], layers: list[int], eval_loader, run_dir: Path,
+              latency_reps: int, latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
+    """Train, measure and time every (layer, option) unit; one option's units (all layers) train together."""
+    teacher = ctx.teacher
+    n = len(teacher.layers)
+    t0 = time.perf_counter()
+    base = compare_models(teacher, teacher, eval_loader, ctx.tokenizer, ctx.device, keep_rows=False).metrics
+    teacher_top1 = base.get("teacher_top1")
+    entries, all_units = [], []
+    for opt in options:
+        choices = {i: opt for i in layers if opt.applies(i, n)}
+        if not choices:
+            continue
+        t1 = time.perf_counter()
+        units = build_units(ctx, choices)
+        finals = train_units(ctx, units, run_dir / opt.name.replace(" ", "_"))
+        train_s = time.perf_counter() - t1
+        for i, b in units.items():
+            model = compose_units(teacher, {i: b}).eval()
+            m = compare_models(teacher, model, eval_loader, ctx.tokenizer, ctx.device, keep_rows=False).metrics
+            e = {"layer": i, "option": opt.name, "kind": opt.kind, "covers": opt.covers(i),
+                 "num_heads": opt.num_heads, "head_dim": opt.head_dim, "ffn": opt.ffn, "init": b.note,
+                 "params_saved": replaced_params(teacher, b), "train_s_option": round(train_s, 1),
+                 "val_loss": next((v for k, v in finals.items() if k.endswith(f"_{i}/loss")), None)}
+            e.update({k: m[k] for k in REPORTED if k in m})
+            if teacher_top1 is not None and "student_top1" in m:
+                e["top1_drop"] = teacher_top1 - m["student_top1"]
+                e["agreement_drop"] = 1.0 - m["agreement_top1"]
+            entries.append(e)
+            log.info("map: layer %d %-12s top-1 drop %s  agreement %s  KL %s", i, opt.name,
+                     _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")))
+        all_units.extend(units.values())
+    timing = time_units(teacher, all_units, latency_reps, latency_batch, latency_seq)
+    for e in entries:
+        covered = sum(timing["layer_ms"][j] for j in e["covers"])
+        e["unit_ms"] = timing["unit_ms"][f"{e['layer']}/{e['option']}"]
+        e["latency_saved_ms"] = covered - e["unit_ms"]
+    return {"teacher": ctx.teacher_name, "teacher_hash": ctx.teacher_hash, "layers": n,
+            "options": [asdict(o) for o in options], "mapped_layers": layers,
+            "teacher_params": teacher.num_parameters(),
+            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "sentences") if k in base},
+            "eval_sentences": base["sentences"], "timing": timing, "entries": entries,
+            "device": str(ctx.device), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _f(v: float | None, fmt: str = "{:.4f}") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def grid(smap: dict[str, Any]) -> tuple[list[str], list[int], dict[tuple[int, str], dict[str, Any]]]:
+    names = [o["name"] for o in smap["options"]]
+    cells = {(e["layer"], e["option"]): e for e in smap["entries"]}
+    return names, list(range(smap["layers"])), cells
+
+
+def map_markdown(smap: dict[str, Any]) -> str:
+    """Layers x options; each cell: top-1 drop / agreement / KL / encoder ms saved."""
+    names, layers, cells = grid(smap)
+    t = smap["timing"]
+    lines = [f"Teacher {smap['teacher']}: top-1 {_f(smap['teacher_metrics'].get('teacher_top1'))} on "
+             f"{smap['eval_sentences']} validation sentences; encoder {t['encoder_ms']:.1f} ms per "
+             f"{t['batch']}x{t['seq']} batch on {smap['device']} (median of {t['reps']}). "
+             "Cell: top-1 drop / agreement / KL(t‖s) / encoder ms saved.", "",
+             "| layer (ms) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for i in layers:
+        row = [f"{i} ({t['layer_ms'][i]:.1f})"]
+        for n in names:
+            e = cells.get((i, n))
+            row.append("—" if e is None else f"{_f(e.get('top1_drop'), '{:+.4f}')} / {_f(e.get('agreement_top1'), '{:.3f}')} / "
+                       f"{_f(e.get('kl_teacher_student'), '{:.3f}')} / {e['latency_saved_ms']:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_map(smap: dict[str, Any], path: Path) -> Path:
+    """Heatmaps layers x options: KL(teacher || student) (or the hidden cosine without an MLM head) and ms saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names, layers, cells = grid(smap)
+    has_kl = any("kl_teacher_student" in e for e in smap["entries"])
+    key, label = ("kl_teacher_student", "KL(teacher ‖ student) at the mask") if has_kl else \
+        ("hidden_cosine", "final hidden-state cosine")
+    panels = [(key, label, "magma_r" if has_kl else "magma"), ("latency_saved_ms", "encoder ms saved", "viridis")]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 1.5 + 0.55 * len(layers)), squeeze=False)
+    for ax, (k, lab, cmap) in zip(axes[0], panels):
+        a = np.full((len(layers), len(names)), np.nan)
+        for (i, n), e in cells.items():
+            if k in e:
+                a[i, names.index(n)] = e[k]
+        im = ax.imshow(a, cmap=cmap, aspect="auto")
+        for (i, n), e in cells.items():
+            if k in e:
+                txt = f"{e[k]:.3f}" if k != "latency_saved_ms" else f"{e[k]:.1f}"
+                if k == key and "top1_drop" in e:
+                    txt += f"\nΔtop1 {e['top1_drop']:+.3f}"
+                ax.text(names.index(n), i, txt, ha="center", va="center", fontsize=7, color="gray")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+        ax.set_title(lab)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"Sensitivity map — {Path(str(smap['teacher'])).name} (one unit retrained and put alone into the "
+                 "teacher; — : not applicable)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "sensitivity.json", "md": out / "sensitivity.md", "png": out / "sensitivity.png"}
+    paths["json"].write_text(json.dumps(smap, indent=2, default=str))
+    paths["md"].write_text(map_markdown(smap) + "\n")
+    plot_map(smap, paths["png"])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the planner
+@dataclass
+class Plan:
+    choices: dict[int, str]  # first teacher layer -> option name
+    cost: float
+    saved: float
+    needed: float
+    budget: str
+    lines: list[str]
+
+
+def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None,
+                cost: str = "kl", grid_steps: int = 1000) -> Plan:
+    """One option (or none) per layer, a merge taking its layer and the next, saving at least the budget's need
+    (encoder ms from the map's timings, or parameters, exactly) at the least summed ``cost`` from the map.
+
+    Exact dynamic programme over layers on a grid of ``grid_steps`` steps of the need; each option's saving is
+    rounded *down* to the grid, so a plan the programme accepts meets the budget with the unrounded values too.
+    """
+    if (target_speedup is None) == (target_params is None):
+        raise ValueError("give exactly one of a target speed-up or a target parameter count")
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(COSTS)}, got '{cost}'")
+    metric = COSTS[cost]
+    n = smap["layers"]
+    if target_speedup is not None:
+        if target_speedup < 1:
+            raise ValueError(f"--target-speedup must be >= 1, got {target_speedup}")
+        total = smap["timing"]["encoder_ms"]
+        needed = total * (1 - 1 / target_speedup)
+        gain_key, unit = "latency_saved_ms", "ms"
+        budget = (f"encoder latency <= {total / target_speedup:.2f} ms ({target_speedup:g}x of the teacher's "
+                  f"{total:.2f} ms, timings of the map)")
+    else:
+        total = smap["teacher_params"]
+        needed = float(total - target_params)
+        gain_key, unit = "params_saved", "parameters"
+        budget = f"parameters <= {target_params:,} (teacher {total:,})"
+    lines = [f"budget: {budget}; need to save {needed:,.2f} {unit}; cost: {metric} of each unit alone in the teacher "
+             "(summed over units: an approximation, units interact)"]
+    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
+    for e in smap["entries"]:
+        if metric not in e:
+            raise ValueError(f"the map has no '{metric}' (a teacher without an MLM head?): use another --cost")
+        e = {**e, "cost": max(0.0, float(e[metric]))}
+        if e[gain_key] > 0:
+            cands[e["layer"]].append(e)
+    lines.append("candidates (cost per " + unit + " saved, lowest first):")
+    for e in sorted((e for c in cands.values() for e in c), key=lambda e: e["cost"] / e[gain_key]):
+        lines.append(f"  layer {e['layer']} {e['option']:<12} cost {e['cost']:.4g}  saves {e[gain_key]:,.2f} {unit}"
+                     f"  ratio {e['cost'] / e[gain_key]:.3g}")
+    if needed <= 0:
+        lines.append("the teacher already meets the budget: nothing to simplify")
+        return Plan({}, 0.0, 0.0, needed, budget, lines)
+    step = needed / grid_steps
+    INF = math.inf
+    # best[i][g]: least cost for layers i.. to still save g grid steps (g capped at the need)
+    best = [[INF] * (grid_steps + 1) for _ in range(n + 2)]
+    pick: list[list[Any]] = [[None] * (grid_steps + 1) for _ in range(n + 2)]
+    for g in range(grid_steps + 1):
+        best[n][g] = 0.0 if g == 0 else INF
+        best[n + 1][g] = best[n][g]
+    for i in range(n - 1, -1, -1):
+        for g in range(grid_steps + 1):
+            b, p = best[i + 1][g], ("keep", None)
+            for e in cands[i]:
+                nxt = i + len(e["covers"])
+                rest = max(0, g - int(math.floor(e[gain_key] / step + 1e-9)))
+                c = e["cost"] + best[nxt][rest]
+                if c < b - 1e-15:
+                    b, p = c, ("take", e)
+            best[i][g], pick[i][g] = b, p
+    if best[0][grid_steps] == INF:
+        most = _max_saving(cands, n, gain_key)
+        raise ValueError(f"the budget cannot be met from this map: {budget} needs {needed:,.2f} {unit} saved, the "
+                         f"map's options save at most {most:,.2f}; map more options (more heads settings, merges) or "
+                         "relax the target")
+    choices, i, g, saved, total_cost = {}, 0, grid_steps, 0.0, 0.0
+    lines.append("plan (exact knapsack over layers on the grid; a merge uses two layers):")
+    while i < n:
+        what, e = pick[i][g]
+        if what == "keep":
+            lines.append(f"  layer {i}: keep (teacher)")
+            i += 1
+            continue
+        choices[i] = e["option"]
+        saved += e[gain_key]
+        total_cost += e["cost"]
+        alts = sorted((a for a in cands[i] if a["option"] != e["option"]), key=lambda a: a["cost"])[:2]
+        alt = "; ".join(f"{a['option']} cost {a['cost']:.4g} saves {a[gain_key]:,.2f}" for a in alts)
+        lines.append(f"  layer {i}{'+' + str(i + 1) if e['kind'] == 'merge' else ''}: {e['option']} — cost "
+                     f"{e['cost']:.4g}, saves {e[gain_key]:,.2f} {unit}" + (f" (cheapest others: {alt})" if alt else ""))
+        g = max(0, g - int(math.floor(e[gain_key] / step + 1e-9)))
+        i += len(e["covers"])
+    lines.append(f"total: cost {total_cost:.4g}, saves {saved:,.2f} of {needed:,.2f} {unit} needed")
+    return Plan(choices, total_cost, saved, needed, budget, lines)
+
+
+def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> float:
+    best = [0.0] * (n + 2)
+    for i in range(n - 1, -1, -1):
+        best[i] = max([best[i + 1]] + [e[key] + best[i + len(e["covers"])] for e in cands[i]])
+    return best[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# set-up shared by sensitivity_map.py and plan_student.py
+def limited_sentences(s, split: str, limit: int | None):
+    """The first ``limit`` sentences of a split (all with None), tokenised as the Session does."""
+    from .data import TokenizedSentences, load_sentences
+
+    sents = load_sentences(s.data, split)
+    if limit:
+        sents = sents[:limit]
+    return TokenizedSentences(sents, s.tokenizer, s.args.seq_len, mask_seed=s.args.seed)
+
+
+def session_context(s, args, train_cfg: TrainConfig) -> Context:
+    """Context from a Session and the shared budget flags (--max-train-sentences, --valid-batches, cache flags)."""
+    from .recipes import run_record
+    from .session import teacher_cache
+
+    train_ds = limited_sentences(s, "train", args.max_train_sentences)
+    valid_ds = limited_sentences(s, "valid", args.eval_sentences)
+    train_loader, sampler = s.loader(train_ds, shuffle=True)
+    valid_loader, _ = s.loader(valid_ds, shuffle=False)
+    log.info("train %d sentences, validation %d sentences", len(train_ds), len(valid_ds))
+    n = len(s.teacher.layers)
+    cache = None
+    if not args.no_cache:
+        cache = AliasedCache(teacher_cache(s, train_ds, cache_names(n)), n)
+    return Context(teacher=s.teacher, teacher_hash=s.teacher_hash, teacher_name=str(args.teacher),
+                   tokenizer=s.tokenizer, device=s.device, train_loader=train_loader, sampler=sampler,
+                   valid_loader=valid_loader, probe=s.global_batch(train_ds), train_cfg=train_cfg, cache=cache,
+                   valid_batches=args.valid_batches, setup=s.training_setup(train_ds),
+                   record=run_record(args, train_cfg),
+                   block_loss=tuple(args.block_loss.split("+")), relation_weight=args.relation_weight)
