@@ -147,6 +147,8 @@ class CompactBertOutput(nn.Module):
 class CompactBertLayer(nn.Module):
     def __init__(self, config, plan):
         super().__init__()
+        if plan.get("attention", "mha") != "mha":
+            raise ValueError(f"this CompactBERT file does not know attention kind '{plan['attention']}'")
         self.attention = CompactBertAttention(config, int(plan["num_heads"]), int(plan["head_dim"]))
         self.intermediate = CompactBertIntermediate(config, int(plan["intermediate_size"]))
         self.output = CompactBertOutput(config, int(plan["intermediate_size"]))
