@@ -120,8 +120,37 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
 
+class GroupedQuerySelfAttention(BertSelfAttention):
+    """Grouped-query attention: ``num_kv_heads`` key/value heads, each shared by ``num_heads / num_kv_heads``
+    consecutive query heads (query head h reads key/value head h // group)."""
+
+    kind = "gqa"
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0,
+                 num_kv_heads: int | None = None):
+        super().__init__(hidden_size, num_heads, head_dim, dropout)
+        if not num_kv_heads or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads {num_heads}, got {num_kv_heads}")
+        self.num_kv_heads = num_kv_heads
+        self.key = nn.Linear(hidden_size, num_kv_heads * head_dim)
+        self.value = nn.Linear(hidden_size, num_kv_heads * head_dim)
+
+    def shape(self) -> dict:
+        return {**super().shape(), "num_kv_heads": self.num_kv_heads}
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        G, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+
+        def shared(t: torch.Tensor) -> torch.Tensor:  # [B, G, T, d] -> [B, G * group, T, d], each kv head repeated
+            return t[:, :, None].expand(B, G, group, T, self.head_dim).reshape(B, G * group, T, self.head_dim)
+
+        return (self._split(self.query(x)), shared(self._split(self.key(x), G)),
+                shared(self._split(self.value(x), G)))
+
+
 # attention module per ``LayerSpec.attention``: the builder chooses the class from the spec
-SELF_ATTENTION: dict[str, type[BertSelfAttention]] = {"mha": BertSelfAttention}
+SELF_ATTENTION: dict[str, type[BertSelfAttention]] = {"mha": BertSelfAttention, "gqa": GroupedQuerySelfAttention}
 
 
 class BertAttention(nn.Module):
@@ -336,8 +365,9 @@ class BertForMaskedLM(nn.Module):
         self._check_index(index)
         self.layers[index].attention = attention
         spec = self.config.layers[index]
-        for key, value in attention.shape().items():
-            setattr(spec, key, value)
+        shape = attention.shape()
+        for key in LayerSpec.ATTENTION_FIELDS:  # fields the new block does not have are reset
+            setattr(spec, key, shape.get(key))
         spec.kind = kind
 
     def merge_layers(self, index: int, layer: BertLayer, spec: LayerSpec) -> None:

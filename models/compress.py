@@ -105,8 +105,55 @@ def _init_mha(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, importa
     return compress_attention(teacher, cfg, spec.num_heads, spec.head_dim, importance)
 
 
+@torch.no_grad()
+def compress_gqa(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
+                 ) -> tuple[BertAttention, str]:
+    """A grouped-query block from a multi-head teacher block.
+
+    The ``num_heads`` most important teacher heads are kept in their order and cut into ``num_kv_heads`` groups of
+    consecutive heads; a group's key and value projections are the mean of its heads' (mean pooling, as in GQA
+    uptraining), its queries and output columns are the heads' own. A smaller head_dim keeps the top ``head_dim``
+    directions of each group's pooled key / value map (SVD), applied to the queries / output columns as well.
+    """
+    H, d, G = spec.num_heads, spec.head_dim, spec.num_kv_heads
+    new = random_attention(teacher, cfg, **spec.attention_shape())
+    Ht, dt = teacher.num_heads, teacher.head_dim
+    if H > Ht or d > dt:
+        return new, f"random (the {H}x{d} block is larger than the teacher's {Ht}x{dt} in heads or head_dim)"
+    score = importance if importance is not None else head_importance(teacher)
+    keep = sorted(torch.topk(score, H).indices.tolist())
+    D, group = cfg.hidden_size, H // G
+    s, t, W_o = new.self, teacher.self, teacher.output.dense.weight
+
+    def aug(lin: nn.Linear, h: int) -> torch.Tensor:  # [dt, D+1]: the head's rows with the bias as last column
+        rows = slice(h * dt, (h + 1) * dt)
+        return torch.cat([lin.weight[rows], lin.bias[rows, None]], dim=1)
+
+    def basis(m: torch.Tensor) -> torch.Tensor:  # [d, dt]: the top-d output directions of m [dt, D+1]
+        return torch.eye(dt, dtype=m.dtype, device=m.device) if d == dt else torch.linalg.svd(m)[0][:, :d].T
+
+    def put(lin: nn.Linear, rows: slice, m: torch.Tensor) -> None:
+        lin.weight[rows], lin.bias[rows] = m[:, :D], m[:, D]
+
+    for g in range(G):
+        members = keep[g * group:(g + 1) * group]
+        k = torch.stack([aug(t.key, h) for h in members]).mean(0)
+        v = torch.stack([aug(t.value, h) for h in members]).mean(0)
+        pk, pv = basis(k), basis(v)
+        put(s.key, slice(g * d, (g + 1) * d), pk @ k)
+        put(s.value, slice(g * d, (g + 1) * d), pv @ v)
+        for j, h in enumerate(members):
+            out = slice((g * group + j) * d, (g * group + j + 1) * d)
+            put(s.query, out, (pk @ aug(t.query, h)) * (d / dt) ** 0.5)  # scores keep their scale under 1/sqrt(d)
+            new.output.dense.weight[:, out] = W_o[:, h * dt:(h + 1) * dt] @ pv.T
+    new.output.dense.bias.copy_(teacher.output.dense.bias)
+    how = "" if d == dt else f", top-{d} SVD directions of each group's keys/values"
+    return new, (f"teacher: kept heads {keep} of {Ht} by importance; {G} key/value heads, each the mean of its "
+                 f"group of {group} heads{how}")
+
+
 # teacher initialiser per ``LayerSpec.attention``: (teacher block, config, spec, head importance) -> (block, note)
-INITIALISERS: dict[str, Callable[..., tuple[BertAttention, str]]] = {"mha": _init_mha}
+INITIALISERS: dict[str, Callable[..., tuple[BertAttention, str]]] = {"mha": _init_mha, "gqa": compress_gqa}
 
 
 @torch.no_grad()

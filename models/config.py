@@ -22,10 +22,11 @@ class LayerSpec:
     intermediate_size: int
     origin: list[int]  # teacher layer indices this layer replaces: [i] for a kept/retrained layer, [i, i+1] merged
     kind: str = "teacher"  # where it came from: teacher | block (retrained attention) | merged | pruned | ...
-    attention: str = "mha"  # which attention module: mha (multi-head)
+    attention: str = "mha"  # which attention module: mha (multi-head) | gqa (grouped-query)
+    num_kv_heads: int | None = None  # gqa: key/value heads, each shared by num_heads / num_kv_heads query heads
 
     # the fields that shape the attention module (``models.bert.BertAttention`` takes them as keywords)
-    ATTENTION_FIELDS = ("num_heads", "head_dim", "attention")
+    ATTENTION_FIELDS = ("num_heads", "head_dim", "attention", "num_kv_heads")
 
     def __post_init__(self) -> None:
         if self.num_heads <= 0 or self.head_dim <= 0 or self.intermediate_size <= 0:
@@ -33,14 +34,20 @@ class LayerSpec:
                 f"layer sizes must be positive, got heads={self.num_heads} head_dim={self.head_dim} "
                 f"intermediate_size={self.intermediate_size}"
             )
+        if self.attention == "gqa" and not (isinstance(self.num_kv_heads, int) and self.num_kv_heads > 0
+                                            and self.num_heads % self.num_kv_heads == 0):
+            raise ValueError(f"grouped-query attention needs num_kv_heads that divide the {self.num_heads} heads, "
+                             f"got num_kv_heads={self.num_kv_heads}")
+        if self.attention != "gqa" and self.num_kv_heads is not None:
+            raise ValueError(f"num_kv_heads is for attention 'gqa', this layer's is '{self.attention}'")
 
     def attention_shape(self) -> dict[str, Any]:
-        """Keyword arguments of ``BertAttention`` for this layer."""
-        return {k: getattr(self, k) for k in self.ATTENTION_FIELDS}
+        """Keyword arguments of ``BertAttention`` for this layer (fields that do not apply, None, left out)."""
+        return {k: v for k in self.ATTENTION_FIELDS if (v := getattr(self, k)) is not None}
 
     def shape_tag(self) -> str:
         """The attention shape in run-folder names: h<heads>_d<head_dim>, plus further attention fields."""
-        return f"h{self.num_heads}_d{self.head_dim}"
+        return f"h{self.num_heads}_d{self.head_dim}" + (f"_kv{self.num_kv_heads}" if self.num_kv_heads else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +63,7 @@ class LayerSpec:
 
     def attention_note(self) -> str:
         """The attention fields beyond heads x head_dim, for plans and logs ('' for plain multi-head)."""
-        extra = [f"{k}={getattr(self, k)}" for k in self.ATTENTION_FIELDS[2:]]
+        extra = [f"{k}={v}" for k, v in self.attention_shape().items() if k not in ("num_heads", "head_dim")]
         return "" if self.attention == "mha" else " " + " ".join(extra)
 
 

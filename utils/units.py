@@ -33,8 +33,13 @@ def unit_spec(cfg: ModelConfig, origin: list[int], kind: str, intermediate_size:
     unknown = sorted(set(given) - set(LayerSpec.ATTENTION_FIELDS))
     if unknown:
         raise ValueError(f"unknown attention field(s) {unknown}; known: {list(LayerSpec.ATTENTION_FIELDS)}")
-    return LayerSpec.from_dict({**base, **given, "origin": list(origin), "kind": kind,
-                                "intermediate_size": intermediate_size or base["intermediate_size"]})
+    from .cli import UsageError
+
+    try:
+        return LayerSpec.from_dict({**base, **given, "origin": list(origin), "kind": kind,
+                                    "intermediate_size": intermediate_size or base["intermediate_size"]})
+    except ValueError as e:  # fields that do not fit together, e.g. --kv-heads not dividing the heads
+        raise UsageError(str(e)) from None
 
 
 def spec_from_meta(meta: dict[str, Any], cfg: ModelConfig | None = None) -> LayerSpec:
@@ -76,7 +81,8 @@ def unit_meta(kind: str, spec: LayerSpec, cfg: ModelConfig, teacher: str, teache
 
 
 # the flag that sets each attention field (for messages); add_shape_args declares them
-SHAPE_FLAGS = {"num_heads": "--block_heads", "head_dim": "--block_d_k"}
+SHAPE_FLAGS = {"num_heads": "--block_heads", "head_dim": "--block_d_k", "attention": "--kv-heads",
+               "num_kv_heads": "--kv-heads"}
 
 
 def add_shape_args(group: argparse._ArgumentGroup, ffn: bool = False) -> None:
@@ -87,13 +93,19 @@ def add_shape_args(group: argparse._ArgumentGroup, ffn: bool = False) -> None:
                        help="heads of the new unit (default: the teacher's)")
     group.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
                        help="per-head dimension d_k of the new unit (default: the teacher's)")
+    group.add_argument("--kv-heads", type=positive_int("--kv-heads"), default=None,
+                       help="grouped-query attention: this many key/value heads, each shared by a group of query "
+                            "heads (must divide the heads; from the teacher: each group's keys/values start as the "
+                            "mean of its heads'); default: plain multi-head attention")
     if ffn:
         group.add_argument("--ffn-dim", type=positive_int("--ffn-dim"), default=None, help="default: the teacher's")
 
 
 def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The attention fields the flags of ``add_shape_args`` give (None where not given)."""
-    return {"num_heads": args.block_heads, "head_dim": args.block_d_k}
+    kv = getattr(args, "kv_heads", None)
+    return {"num_heads": args.block_heads, "head_dim": args.block_d_k, "attention": "gqa" if kv else None,
+            "num_kv_heads": kv}
 
 
 def starting_shape(args: argparse.Namespace, specs: list[LayerSpec], what: str) -> dict[str, Any]:
@@ -105,9 +117,9 @@ def starting_shape(args: argparse.Namespace, specs: list[LayerSpec], what: str) 
                               f"{[dict(s) for s in sorted(shapes)]}; train them in separate runs (one --block each)")
     have = dict(shapes.pop())
     for key, want in shape_from_args(args).items():
-        if want is not None and want != have[key]:
+        if want is not None and want != have.get(key):
             raise CheckpointError(f"{SHAPE_FLAGS[key]} {want} does not match the --model_checkpoint {what}'s "
-                                  f"{have[key]}")
+                                  f"{key} {have.get(key)}")
     return have
 
 
