@@ -14,9 +14,10 @@ from pathlib import Path
 from models.compress import clone_model, compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import UsageError, common_parser, non_negative_int, positive_int
+from utils.cli import UsageError, common_parser, non_negative_int
 from utils.session import check_output_dir, run_main, start
 from utils.recipes import add_heads_alias
+from utils.units import add_shape_args, shape_from_args, spec_from_meta
 from eval_merged_12 import ROOT, add_eval_args, add_eval_recipe, evaluate_student
 
 log = logging.getLogger("simplifying_transformers")
@@ -27,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("merged layer")
     g.add_argument("--block", type=non_negative_int("--block"), default=None,
                    help="first teacher layer N of the merged pair (N, N+1)")
-    g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None)
-    g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None)
+    add_shape_args(g)
     g.add_argument("--checkpoint", "--model-checkpoint", default=None,
                    help="a merged-layer checkpoint folder (else searched by metadata)")
     g.add_argument("--search", default=None,
@@ -52,14 +52,14 @@ def find_merged(args: argparse.Namespace) -> Path:
     else:  # the folders retrain_merge.py writes to with the same --out, or its default
         roots = [r for r in dict.fromkeys(Path(os.path.abspath(r)) for r in (args.out, "checkpoints",
                                                                                 ROOT / "checkpoints")) if r.is_dir()]
+    want = {k: v for k, v in shape_from_args(args).items() if v is not None}
     hits = [(p, m) for p, m in find_checkpoints(roots, ["merged_layer"], args.which)
             if m["layers"][0] == args.block
-            and (args.block_heads is None or m["num_heads"] == args.block_heads)
-            and (args.block_d_k is None or m["head_dim"] == args.block_d_k)]
+            and all(spec_from_meta(m).attention_shape()[k] == v for k, v in want.items())]
     hits = list({p.resolve(): (p, m) for p, m in hits}.values())  # a folder found under two roots counts once
     if not hits:
         raise CheckpointError(f"no '{args.which}' merged-layer checkpoint for pair ({args.block}, {args.block + 1}) "
-                              f"with heads={args.block_heads} head_dim={args.block_d_k} under "
+                              f"with {' '.join(f'{k}={v}' for k, v in shape_from_args(args).items())} under "
                               f"{', '.join(repr(str(r)) for r in roots) or 'no existing folder'}; pass --search DIR "
                               "(or the --out given to retrain_merge.py)")
     path, meta = max(hits, key=lambda pm: pm[1].get("saved_at", ""))

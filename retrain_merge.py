@@ -10,19 +10,19 @@ import logging
 import sys
 from pathlib import Path
 
-from models import LayerSpec
-from models.compress import compose, head_importance, init_merged_layer
-from models.bert import extended_mask
-from utils.assemble import build_student, load_merged_layer
+from models import LayerSpec, ModelConfig
+from models.compress import compose
+from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
 from utils.distill import MergeDistill, MLMMasker, OneMasker, describe_losses
-from utils.features import teacher_features
 from utils.losses import normalize_criterion
-from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
+from utils.session import (claim_units, print_units, run_main, sample_printer, start, teacher_cache,
                            teacher_config)
 from utils.recipes import MERGE, add_heads_alias, probability, reject, run_record, set_dropout, use_recipes
 from utils.train import Trainer, Unit, make_train_config
+from utils.units import (add_shape_args, conditioned_teacher, init_merges, shape_from_args, spec_from_meta,
+                         starting_shape, unit_meta, unit_spec)
 
 log = logging.getLogger("simplifying_transformers")
 HIDDEN_CRITERIA = ("MSE", "cosine", "L1", "aRRMSE")
@@ -48,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("merge")
     g.add_argument("--block", type=pair_arg, required=True,
                    help="first teacher layer N of the pair (N, N+1), or 'all-pairs' for (0,1), (2,3), ...")
-    g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None)
-    g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None)
-    g.add_argument("--ffn-dim", type=positive_int("--ffn-dim"), default=None, help="default: the teacher's")
+    add_shape_args(g, ffn=True)
     g.add_argument("--criterion", type=criterion_arg, default="MSE",
                    help="loss on the hidden state: MSE, cosine, L1, aRRMSE")
     g.add_argument("--loss-on", choices=["hidden", "mlm"], default="hidden",
@@ -94,30 +92,6 @@ def starting_layers(path: str, pairs: list[int]) -> dict[int, tuple[Path, dict]]
     return newest
 
 
-def make_layers(s: Session, pairs: list[int], spec_of, init: str, probe) -> tuple[dict, dict[str, str]]:
-    layers, notes = {}, {}
-    cfg = s.teacher.config
-    # heads are ranked on the input of the source layer; one teacher pass gives it for every pair
-    offset = {"first": 0, "second": 1}.get(init)
-    rank_heads = offset is not None and any(spec_of(i).num_heads < cfg.num_attention_heads for i in pairs)
-    ids, att = probe["input_ids"].to(s.device), probe["attention_mask"].to(s.device)
-    feats = teacher_features(s.teacher, ids, att, [f"in_{i + offset}" for i in pairs]) if rank_heads else {}
-    for i in pairs:
-        spec = spec_of(i)
-        first, second = s.teacher.layers[i], s.teacher.layers[i + 1]
-        importance = None
-        if rank_heads and spec.num_heads < cfg.num_attention_heads:
-            src = (first, second)[offset]
-            x = feats[f"in_{i + offset}"]
-            importance = head_importance(src.attention, [(x, extended_mask(att), att.bool())])
-        layer, note = init_merged_layer(cfg, spec, first, second, init, importance)
-        layers[i] = (layer, spec)
-        notes[f"merge_{i}"] = note
-        log.info("pair (%d, %d) -> one layer, %d heads x %d, ffn %d; init %s", i, i + 1, spec.num_heads,
-                 spec.head_dim, spec.intermediate_size, note)
-    return layers, notes
-
-
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     hf = teacher_config(args.teacher)
     n_layers = hf.num_hidden_layers
@@ -130,32 +104,38 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     pairs = list(range(0, n_layers - 1, 2)) if args.block == "all-pairs" else [int(args.block)]
     start_from = starting_layers(args.model_checkpoint, pairs) if args.model_checkpoint else {}
-    shapes = {(m["num_heads"], m["head_dim"], m["intermediate_size"]) for _, m in start_from.values()}
-    if len(shapes) > 1:
-        raise CheckpointError(f"the --model_checkpoint layers have different shapes {sorted(shapes)}; train them in "
-                              "separate runs (one --block each)")
-    heads, head_dim, ffn = shapes.pop() if shapes else (args.block_heads or hf.num_attention_heads,
-                                                        args.block_d_k or hf.hidden_size // hf.num_attention_heads,
-                                                        args.ffn_dim or hf.intermediate_size)
-    for flag, want, have in (("--block_heads", args.block_heads, heads), ("--block_d_k", args.block_d_k, head_dim),
-                             ("--ffn-dim", args.ffn_dim, ffn)):
-        if want is not None and want != have:
-            raise CheckpointError(f"{flag} {want} does not match the --model_checkpoint layer's {have}")
+    tcfg = ModelConfig.from_hf(hf, has_mlm_head=False)
+    if start_from:
+        started = [spec_from_meta(m, tcfg) for _, m in start_from.values()]
+        shape = starting_shape(args, started, "layer")
+        ffns = {s.intermediate_size for s in started}
+        if len(ffns) > 1:
+            raise CheckpointError(f"the --model_checkpoint layers have different feed-forward sizes {sorted(ffns)}; "
+                                  "train them in separate runs (one --block each)")
+        ffn = ffns.pop()
+        if args.ffn_dim is not None and args.ffn_dim != ffn:
+            raise CheckpointError(f"--ffn-dim {args.ffn_dim} does not match the --model_checkpoint layer's {ffn}")
+    else:
+        shape, ffn = shape_from_args(args), args.ffn_dim
+    specs = {i: unit_spec(tcfg, [i, i + 1], "merged", ffn, **shape) for i in pairs}
+    spec = specs[pairs[0]]
+    heads, head_dim, ffn = spec.num_heads, spec.head_dim, spec.intermediate_size
     tag = "mlm" if args.loss_on == "mlm" else args.criterion.lower()
     # every pair owns <run_dir>/merge_N: separate --block N jobs share run_dir, never a unit's state
     run_dir = Path(args.out) / (args.run_name or
-                                f"merge_h{heads}_d{head_dim}_f{ffn}_{tag}{'_conditioned' if args.conditioned else ''}"
+                                f"merge_{spec.shape_tag()}_f{ffn}_{tag}{'_conditioned' if args.conditioned else ''}"
                                 + ("_seed" if args.recipe == "seed" else ""))
     record = run_record(args, make_train_config(args), init=args.init, heads=heads, head_dim=head_dim, ffn_dim=ffn,
                         criterion=args.criterion)
     with claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair") as locks:
-        return train_merges(args, run_dir, pairs, heads, head_dim, ffn, start_from, record, locks)
+        return train_merges(args, run_dir, specs, start_from, record, locks)
 
 
-def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], heads: int, head_dim: int, ffn: int,
+def train_merges(args: argparse.Namespace, run_dir: Path, specs: dict[int, LayerSpec],
                  start_paths: dict[int, tuple[Path, dict]], record: dict, locks: list) -> Path:
     s = start(args)
     cfg = s.teacher.config
+    pairs = list(specs)
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
@@ -166,15 +146,16 @@ def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], head
             _, layer, spec = load_merged_layer(p, cfg, s.teacher_hash, args.force)
             layers[i], notes[f"merge_{i}"] = (layer.to(s.device), spec), f"from {p}"
     else:
-        layers, notes = make_layers(s, pairs, lambda i: LayerSpec(heads, head_dim, ffn, [i, i + 1], "merged"),
-                                    args.init, probe)
+        made, why = init_merges(s.teacher, specs, args.init, probe)
+        layers, notes = {i: (l.to(s.device), spec) for i, (l, spec) in made.items()}, {}
+        for i, (_, spec) in layers.items():
+            notes[f"merge_{i}"] = why[i]
+            log.info("pair (%d, %d) -> one layer, %d heads x %d%s, ffn %d; init %s", i, i + 1, spec.num_heads,
+                     spec.head_dim, spec.attention_note(), spec.intermediate_size, why[i])
     if args.dropout is not None:
         for layer, _ in layers.values():
             set_dropout(layer, args.dropout)
     masker = MLMMasker(s.tokenizer, cfg.vocab_size) if args.loss_on == "mlm" else None
-    base_meta = {"kind": "merged_layer", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
-                 "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim, "intermediate_size": ffn,
-                 "conditioned": args.conditioned}
     cache = None
     if args.cache_teacher and args.mask_inputs:
         log.warning("--cache-teacher ignored with --mask-inputs: the inputs are re-masked every step")
@@ -188,7 +169,8 @@ def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], head
                             inputs_from, args.temperature, args.seed,
                             OneMasker(s.tokenizer) if args.mask_inputs else None).to(s.device)
         units = [Unit(f"merge_{i}", layers[i][0], run_dir / f"merge_{i}",
-                      {**base_meta, **describe_losses(task), "layers": [i, i + 1], "init": notes[f"merge_{i}"]})
+                      unit_meta("merged_layer", layers[i][1], cfg, args.teacher, s.teacher_hash,
+                                conditioned=args.conditioned, **describe_losses(task), init=notes[f"merge_{i}"]))
                  for i in group]
         view = lambda: compose(inputs_from or s.teacher, merges={i: layers[i] for i in group})  # noqa: E731
         trainer = Trainer(task, units, make_train_config(args), group_dir, s.device,
@@ -206,19 +188,10 @@ def train_merges(args: argparse.Namespace, run_dir: Path, pairs: list[int], head
     # conditioned: pair by pair, each fed by the model whose earlier pairs are merged already
     source = Path(args.conditioned_on) if args.conditioned_on else run_dir
     for i in pairs:
-        earlier = list(range(i % 2, i, 2))
-        if earlier:
-            inputs_from, used = build_student(
-                s.teacher, [source], s.teacher_hash, args.force,
-                keep=lambda m: m["kind"] == "merged_layer" and m["layers"][0] in earlier)
-            got = sorted(l for l, spec in enumerate(inputs_from.config.layers) if spec.kind == "merged")
-            if len(got) != len(earlier):
-                raise FileNotFoundError(f"conditioned training of pair ({i}, {i + 1}) needs merged layers for pairs "
-                                        f"starting at {earlier} in '{source}'; found {len(got)}: {used}")
+        inputs_from, used = conditioned_teacher(s.teacher, source, i, s.teacher_hash, args.force)
+        if inputs_from is not None:
             log.info("pair (%d, %d) conditioned on: %s", i, i + 1, "; ".join(used))
-        else:
-            inputs_from = s.teacher
-        train([i], run_dir / f"merge_{i}", inputs_from if earlier else None)
+        train([i], run_dir / f"merge_{i}", inputs_from)
     return run_dir
 
 

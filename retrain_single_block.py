@@ -13,18 +13,19 @@ import logging
 import sys
 from pathlib import Path
 
-from models.compress import compose, compress_attention, head_importance, random_attention
-from models.bert import extended_mask
+from models import LayerSpec, ModelConfig
+from models.compress import compose
 from utils.assemble import load_block
 from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
 from utils.distill import BlockDistill, MLMMasker, OneMasker, describe_losses
-from utils.features import teacher_features
 from utils.losses import OUTPUT_CRITERIA, SCORE_CRITERIA, normalize_criterion
 from utils.recipes import BLOCK, add_heads_alias, given, probability, reject, run_record, set_dropout, use_recipes
 from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
                            teacher_config)
 from utils.train import Trainer, Unit, make_train_config
+from utils.units import (add_shape_args, init_blocks, shape_from_args, spec_from_meta, starting_shape, unit_meta,
+                         unit_spec)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -47,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(p, epochs=5, lr=5e-4)
     g = p.add_argument_group("block")
     g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
-    g.add_argument("--block-heads", type=positive_int("--block-heads"), default=None,
-                   help="heads of the new block (default: the teacher's)")
-    g.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
-                   help="per-head dimension d_k of the new block (default: the teacher's)")
+    add_shape_args(g)
     g.add_argument("--criterion", type=criterion_arg, default="MSE",
                    help=f"loss on the block output: {', '.join(OUTPUT_CRITERIA)}; with --loss_on_scores: "
                         f"{', '.join(SCORE_CRITERIA)}")
@@ -122,19 +120,12 @@ def starting_blocks(path: str, layers: list[int]) -> dict[int, tuple[Path, dict]
     return newest
 
 
-def block_shape(args: argparse.Namespace, hf, start_from: dict[int, tuple[Path, dict]]) -> tuple[int, int]:
-    """(heads, head_dim) of the new blocks: the flags, else the starting checkpoint's, else the teacher's."""
-    if not start_from:
-        return args.block_heads or hf.num_attention_heads, args.block_d_k or hf.hidden_size // hf.num_attention_heads
-    shapes = {(m["num_heads"], m["head_dim"]) for _, m in start_from.values()}
-    if len(shapes) > 1:
-        raise CheckpointError(f"the --model_checkpoint blocks have different shapes {sorted(shapes)}; train them in "
-                              "separate runs (one --block each)")
-    heads, head_dim = shapes.pop()
-    for flag, want, have in (("--block_heads", args.block_heads, heads), ("--block_d_k", args.block_d_k, head_dim)):
-        if want is not None and want != have:
-            raise CheckpointError(f"{flag} {want} does not match the --model_checkpoint block's {have}")
-    return heads, head_dim
+def block_specs(args: argparse.Namespace, cfg: ModelConfig, layers: list[int],
+                start_from: dict[int, tuple[Path, dict]]) -> dict[int, LayerSpec]:
+    """The spec of each new block: the flags, else the starting checkpoint's, else the teacher's."""
+    shape = (starting_shape(args, [spec_from_meta(m, cfg) for _, m in start_from.values()], "block") if start_from
+             else shape_from_args(args))
+    return {i: unit_spec(cfg, [i], "block", **shape) for i in layers}
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
@@ -147,10 +138,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
     start_from = starting_blocks(args.model_checkpoint, layers) if args.model_checkpoint else {}
-    heads, head_dim = block_shape(args, hf, start_from)
+    tcfg = ModelConfig.from_hf(hf, has_mlm_head=False)
+    specs = block_specs(args, tcfg, layers, start_from)
+    spec = specs[layers[0]]
+    heads, head_dim = spec.num_heads, spec.head_dim
     init = args.init
-    teacher_shape = (hf.num_attention_heads, hf.hidden_size // hf.num_attention_heads)
-    if init == "teacher" and not start_from and (heads, head_dim) == teacher_shape:
+    if init == "teacher" and not start_from and spec.attention_shape() == tcfg.layers[layers[0]].attention_shape():
         if given(args, "init"):
             parser.error(f"--init teacher with the teacher's own shape ({heads} heads x {head_dim}) makes an exact "
                          "copy of the teacher's block: nothing to train. Give a smaller --block_heads / --block_d_k "
@@ -163,18 +156,20 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     if "scores" in loss_on and args.score_target == "logits" and score_criterion in ("MSE", "L1"):
         tag += "_logits"
     # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
-    run_dir = Path(args.out) / (args.run_name or f"blocks_h{heads}_d{head_dim}_{tag}"
+    run_dir = Path(args.out) / (args.run_name or f"blocks_{spec.shape_tag()}_{tag}"
                                 + ("_seed" if args.recipe == "seed" else ""))
     record = run_record(args, make_train_config(args), init=init, loss_on=loss_on, criterion=criterion,
-                        score_criterion=score_criterion, heads=heads, head_dim=head_dim)
+                        score_criterion=score_criterion, heads=heads, head_dim=head_dim,
+                        **{k: v for k, v in spec.attention_shape().items() if k not in ("num_heads", "head_dim")
+                           and v != "mha"})
     with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
-        return train_blocks(args, run_dir, layers, heads, head_dim, loss_on, criterion, score_criterion, init,
-                            start_from, record, locks)
+        return train_blocks(args, run_dir, specs, loss_on, criterion, score_criterion, init, start_from, record,
+                            locks)
 
 
-def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], heads: int, head_dim: int,
-                 loss_on: list[str], criterion: str, score_criterion: str, init: str,
-                 start_paths: dict[int, tuple[Path, dict]], record: dict, locks: list) -> Path:
+def train_blocks(args: argparse.Namespace, run_dir: Path, specs: dict[int, LayerSpec], loss_on: list[str],
+                 criterion: str, score_criterion: str, init: str, start_paths: dict[int, tuple[Path, dict]],
+                 record: dict, locks: list) -> Path:
     s: Session = start(args)
     cfg = s.teacher.config
     start_from = {i: load_block(p, cfg, s.teacher_hash, args.force)[1] for i, (p, _) in start_paths.items()}
@@ -185,26 +180,19 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
 
     # students, initialised from the teacher where shapes allow; heads are ranked on one batch (the same on every
     # rank) with a single teacher pass for all layers
-    probe = s.global_batch(train_ds)
-    ids, att = probe["input_ids"].to(s.device), probe["attention_mask"].to(s.device)
-    rank_heads = init == "teacher" and not start_from and heads < cfg.num_attention_heads
-    feats = teacher_features(s.teacher, ids, att, [f"in_{i}" for i in layers]) if rank_heads else {}
-    blocks, notes = {}, {}
+    layers = list(specs)
+    probe = s.global_batch(train_ds)  # drawn in every case: its loader draws from the global RNG
+    if start_from:
+        blocks = {i: b.to(s.device) for i, b in start_from.items()}
+        notes = {i: f"from {args.model_checkpoint}" for i in layers}
+    else:
+        blocks, notes = init_blocks(s.teacher, specs, init, probe)
     for i in layers:
-        teacher_attn = s.teacher.layers[i].attention
-        importance = None
-        if rank_heads:
-            importance = head_importance(teacher_attn, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
-        if start_from:
-            blocks[i], notes[i] = start_from[i].to(s.device), f"from {args.model_checkpoint}"
-        elif init == "teacher":
-            blocks[i], notes[i] = compress_attention(teacher_attn, cfg, heads, head_dim, importance)
-        else:
-            blocks[i], notes[i] = random_attention(teacher_attn, cfg, heads, head_dim), "random"
         if args.block_dropout is not None:
             set_dropout(blocks[i], args.block_dropout, hidden=False)
-        log.info("block %d: %d heads x %d -> %d heads x %d; init %s", i, teacher_attn.num_heads,
-                 teacher_attn.head_dim, heads, head_dim, notes[i])
+        teacher_attn = s.teacher.layers[i].attention
+        log.info("block %d: %d heads x %d -> %d heads x %d%s; init %s", i, teacher_attn.num_heads,
+                 teacher_attn.head_dim, specs[i].num_heads, specs[i].head_dim, specs[i].attention_note(), notes[i])
 
     cache = None
     if args.cache_teacher:
@@ -217,11 +205,9 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, layers: list[int], hea
     task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
                         args.seed, args.score_target, OneMasker(s.tokenizer) if args.mask_inputs else None,
                         args.relation_heads, args.relation_weight).to(s.device)
-    base_meta = {"kind": "block", "teacher": args.teacher, "teacher_hash": s.teacher_hash,
-                 "hidden_size": cfg.hidden_size, "num_heads": heads, "head_dim": head_dim,
-                 "teacher_heads": cfg.num_attention_heads, "teacher_head_dim": cfg.head_dim,
-                 **describe_losses(task)}
-    units = [Unit(f"block_{i}", blocks[i], run_dir / f"block_{i}", {**base_meta, "layer": i, "init": notes[i]})
+    units = [Unit(f"block_{i}", blocks[i], run_dir / f"block_{i}",
+                  unit_meta("block", specs[i], cfg, args.teacher, s.teacher_hash, **describe_losses(task),
+                            init=notes[i]))
              for i in layers]
 
     trainer = Trainer(task, units, make_train_config(args), run_dir, s.device,

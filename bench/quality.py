@@ -46,15 +46,8 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from models import LayerSpec, extended_mask, load_teacher, weights_hash
-from models.compress import (
-    clone_model,
-    compose,
-    compress_attention,
-    head_importance,
-    drop_every_second,
-    init_merged_layer,
-)
+from models import load_teacher, weights_hash
+from models.compress import clone_model, compose, drop_every_second
 from utils import runtime
 from utils.assemble import build_student, load_model, save_model
 from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader
@@ -66,9 +59,10 @@ from utils.distill import (
     describe_losses,
 )
 from utils.evaluate import compare_models
-from utils.features import TeacherCache, teacher_features
+from utils.features import TeacherCache
 from utils.losses import normalize_criterion
 from utils.train import TrainConfig, Trainer, Unit
+from utils.units import conditioned_teacher, init_blocks, init_merges, unit_meta, unit_spec
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -129,15 +123,8 @@ def pruned_blocks(teacher, probe: dict[str, torch.Tensor], heads: int, head_dim:
     Same importance (on the same probe batch) and the same initialiser as ``retrain_single_block.py --init teacher``.
     """
     cfg = teacher.config
-    ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
-    feats = teacher_features(teacher, ids, att, [f"in_{i}" for i in range(len(teacher.layers))])
-    blocks, notes = {}, {}
-    for i, layer in enumerate(teacher.layers):
-        importance = None
-        if heads < layer.attention.num_heads:
-            importance = head_importance(layer.attention, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
-        blocks[i], notes[i] = compress_attention(layer.attention, cfg, heads, head_dim, importance)
-    return blocks, notes
+    specs = {i: unit_spec(cfg, [i], "block", num_heads=heads, head_dim=head_dim) for i in range(len(teacher.layers))}
+    return init_blocks(teacher, specs, "teacher", probe)
 
 
 def dropped_model(teacher):
@@ -158,11 +145,9 @@ def retrain_blocks(args, teacher, th: str, data: Data, cache: TeacherCache | Non
     masker = MLMMasker(data.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(teacher, blocks, loss_on, args.criterion, "CrossEntropy", masker,
                         cache if loss_on != ["mlm"] else None, args.temperature, args.seed).to(args.device_obj)
-    b0 = next(iter(blocks.values()))
-    meta = {"kind": "block", "teacher": str(args.teacher), "teacher_hash": th, "hidden_size": cfg.hidden_size,
-            "num_heads": b0.num_heads, "head_dim": b0.head_dim, "teacher_heads": cfg.num_attention_heads,
-            "teacher_head_dim": cfg.head_dim, **describe_losses(task)}
-    units = [Unit(f"block_{i}", b, run_dir / f"block_{i}", {**meta, "layer": i, "init": notes[i]})
+    units = [Unit(f"block_{i}", b, run_dir / f"block_{i}",
+                  unit_meta("block", unit_spec(cfg, [i], "block", **b.shape()), cfg, args.teacher, th,
+                            **describe_losses(task), init=notes[i]))
              for i, b in blocks.items()]
     Trainer(task, units, train_config(args, args.epochs, args.lr), run_dir, args.device_obj,
             evaluate=lambda: task.evaluate(data.valid_loader), run_meta={"run_dir": str(run_dir)}).fit(
@@ -176,25 +161,17 @@ def retrain_merges(args, teacher, th: str, data: Data, cache: TeacherCache | Non
     (conditioned on the already merged earlier pairs with --conditioned); returns the assembled model."""
     cfg = teacher.config
     pairs = list(range(0, len(teacher.layers) - 1, 2))
-    layers, notes = {}, {}
-    for i in pairs:
-        s = cfg.layers[i]
-        spec = LayerSpec(s.num_heads, s.head_dim, s.intermediate_size, [i, i + 1], "merged")
-        layers[i] = init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i + 1], "first")[0], spec
-        notes[i] = "first layer of the pair"
-    base = {"kind": "merged_layer", "teacher": str(args.teacher), "teacher_hash": th, "hidden_size": cfg.hidden_size,
-            "num_heads": cfg.num_attention_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
-            "conditioned": args.conditioned}
+    # the teacher's shape: no head ranking, so no probe batch
+    layers, _ = init_merges(teacher, {i: unit_spec(cfg, [i, i + 1], "merged") for i in pairs}, "first", None)
+    notes = {i: "first layer of the pair" for i in pairs}
     groups = [[i] for i in pairs] if args.conditioned else [pairs]
     for group in groups:
-        inputs_from = None
-        if args.conditioned and group[0] > 0:
-            inputs_from, _ = build_student(teacher, [run_dir], th, keep=lambda m, first=group[0]: m["kind"] == "merged_layer"
-                                           and m["layers"][0] < first)
+        inputs_from = conditioned_teacher(teacher, run_dir, group[0], th)[0] if args.conditioned else None
         task = MergeDistill(teacher, {i: layers[i] for i in group}, "hidden", "MSE", None,
                             None if args.conditioned else cache, inputs_from, 1.0, args.seed).to(args.device_obj)
         units = [Unit(f"merge_{i}", layers[i][0], run_dir / f"merge_{i}",
-                      {**base, **describe_losses(task), "layers": [i, i + 1], "init": notes[i]}) for i in group]
+                      unit_meta("merged_layer", layers[i][1], cfg, args.teacher, th, conditioned=args.conditioned,
+                                **describe_losses(task), init=notes[i])) for i in group]
         sub = run_dir / (f"merge_{group[0]}" if args.conditioned else "")
         Trainer(task, units, train_config(args, args.epochs, args.lr), sub, args.device_obj,
                 evaluate=lambda t=task: t.evaluate(data.valid_loader), run_meta={"run_dir": str(run_dir)}).fit(

@@ -70,6 +70,8 @@ class AttentionTrace:
 class BertSelfAttention(nn.Module):
     """q, k, v projections: hidden -> heads * head_dim, with head_dim independent of the hidden size."""
 
+    kind = "mha"
+
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -79,14 +81,22 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(hidden_size, inner)
         self.dropout_p = dropout
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def shape(self) -> dict:
+        """The attention fields of this module's LayerSpec (``LayerSpec.ATTENTION_FIELDS``)."""
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim, "attention": self.kind}
+
+    def _split(self, x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.view(B, T, heads or self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, heads, T, head_dim]."""
+        return self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, need_trace: bool = False
     ) -> tuple[torch.Tensor, AttentionTrace | None]:
-        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        q, k, v = self._qkv(x)
         p = self.dropout_p if self.training else 0.0
         if not need_trace:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -110,17 +120,62 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
 
+class GroupedQuerySelfAttention(BertSelfAttention):
+    """Grouped-query attention: ``num_kv_heads`` key/value heads, each shared by ``num_heads / num_kv_heads``
+    consecutive query heads (query head h reads key/value head h // group)."""
+
+    kind = "gqa"
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0,
+                 num_kv_heads: int | None = None):
+        super().__init__(hidden_size, num_heads, head_dim, dropout)
+        if not num_kv_heads or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads {num_heads}, got {num_kv_heads}")
+        self.num_kv_heads = num_kv_heads
+        self.key = nn.Linear(hidden_size, num_kv_heads * head_dim)
+        self.value = nn.Linear(hidden_size, num_kv_heads * head_dim)
+
+    def shape(self) -> dict:
+        return {**super().shape(), "num_kv_heads": self.num_kv_heads}
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        G, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+
+        def shared(t: torch.Tensor) -> torch.Tensor:  # [B, G, T, d] -> [B, G * group, T, d], each kv head repeated
+            return t[:, :, None].expand(B, G, group, T, self.head_dim).reshape(B, G * group, T, self.head_dim)
+
+        return (self._split(self.query(x)), shared(self._split(self.key(x), G)),
+                shared(self._split(self.value(x), G)))
+
+
+# attention module per ``LayerSpec.attention``: the builder chooses the class from the spec
+SELF_ATTENTION: dict[str, type[BertSelfAttention]] = {"mha": BertSelfAttention, "gqa": GroupedQuerySelfAttention}
+
+
 class BertAttention(nn.Module):
     """The swappable unit of block retraining: q/k/v + output projection, then residual + LayerNorm.
 
     ``block`` is the part a retrained block has to reproduce: the output projection of the attention, before the
-    residual and the LayerNorm.
+    residual and the LayerNorm. ``attention`` (and its own fields, see ``LayerSpec.ATTENTION_FIELDS``) picks the
+    q/k/v module from ``SELF_ATTENTION``.
     """
 
-    def __init__(self, cfg: ModelConfig, num_heads: int, head_dim: int):
+    def __init__(self, cfg: ModelConfig, num_heads: int, head_dim: int, attention: str = "mha", **fields):
         super().__init__()
-        self.self = BertSelfAttention(cfg.hidden_size, num_heads, head_dim, cfg.attention_probs_dropout_prob)
+        if attention not in SELF_ATTENTION:
+            raise ValueError(f"unknown attention kind '{attention}'; known: {', '.join(SELF_ATTENTION)}")
+        self.self = SELF_ATTENTION[attention](cfg.hidden_size, num_heads, head_dim,
+                                              cfg.attention_probs_dropout_prob, **fields)
         self.output = BertSelfOutput(num_heads * head_dim, cfg)
+
+    @classmethod
+    def from_spec(cls, cfg: ModelConfig, spec: LayerSpec) -> "BertAttention":
+        return cls(cfg, **spec.attention_shape())
+
+    def shape(self) -> dict:
+        """The attention fields of the LayerSpec this block fits."""
+        return self.self.shape()
 
     @property
     def num_heads(self) -> int:
@@ -168,7 +223,7 @@ class BertOutput(nn.Module):
 class BertLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        self.attention = BertAttention(cfg, spec.num_heads, spec.head_dim)
+        self.attention = BertAttention.from_spec(cfg, spec)
         self.intermediate = BertIntermediate(cfg, spec.intermediate_size)
         self.output = BertOutput(cfg, spec.intermediate_size)
 
@@ -304,18 +359,16 @@ class BertForMaskedLM(nn.Module):
         """Hidden state entering ``layer`` (embeddings output for layer 0)."""
         return self.run_layers(self.embed(input_ids, token_type_ids), extended_mask(attention_mask), 0, layer)
 
-    def forward_from(self, h: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> BertOutputs:
-        """Run from the input of ``layer`` to the output (logits when there is an MLM head)."""
-        h = self.run_layers(h, extended_mask(attention_mask), layer)
-        return BertOutputs(last_hidden_state=h, logits=self.mlm_logits(h) if self.cls is not None else None)
-
     # ---- swapping ----
     def replace_attention(self, index: int, attention: BertAttention, kind: str = "block") -> None:
-        """Put ``attention`` (any heads / head_dim) in place of layer ``index``'s attention block."""
+        """Put ``attention`` (any shape) in place of layer ``index``'s attention block; the layer's spec follows."""
         self._check_index(index)
         self.layers[index].attention = attention
         spec = self.config.layers[index]
-        spec.num_heads, spec.head_dim, spec.kind = attention.num_heads, attention.head_dim, kind
+        shape = attention.shape()
+        for key in LayerSpec.ATTENTION_FIELDS:  # fields the new block does not have are reset
+            setattr(spec, key, shape.get(key))
+        spec.kind = kind
 
     def merge_layers(self, index: int, layer: BertLayer, spec: LayerSpec) -> None:
         """Replace layers ``index`` and ``index + 1`` by the single ``layer`` described by ``spec``."""

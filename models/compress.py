@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,9 +50,10 @@ def _low_rank_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.T
 
 
 @torch.no_grad()
-def random_attention(teacher: BertAttention, cfg: ModelConfig, num_heads: int, head_dim: int) -> BertAttention:
-    """A randomly initialised block that keeps the teacher's post-attention LayerNorm."""
-    new = BertAttention(cfg, num_heads, head_dim).to(teacher.output.dense.weight.device)
+def random_attention(teacher: BertAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
+                     **shape) -> BertAttention:
+    """A randomly initialised block (``shape``: further attention fields) that keeps the teacher's LayerNorm."""
+    new = BertAttention(cfg, num_heads, head_dim, **shape).to(teacher.output.dense.weight.device)
     new.apply(BertForMaskedLM._init_weights)
     new.output.LayerNorm.load_state_dict(teacher.output.LayerNorm.state_dict())
     return new
@@ -98,6 +100,76 @@ def compress_attention(teacher: BertAttention, cfg: ModelConfig, num_heads: int,
     return new, f"teacher: kept heads {keep} of {Ht} by importance, {how} each head"
 
 
+def _init_mha(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None
+              ) -> tuple[BertAttention, str]:
+    return compress_attention(teacher, cfg, spec.num_heads, spec.head_dim, importance)
+
+
+@torch.no_grad()
+def compress_gqa(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
+                 ) -> tuple[BertAttention, str]:
+    """A grouped-query block from a multi-head teacher block.
+
+    The ``num_heads`` most important teacher heads are kept in their order and cut into ``num_kv_heads`` groups of
+    consecutive heads; a group's key and value projections are the mean of its heads' (mean pooling, as in GQA
+    uptraining), its queries and output columns are the heads' own. A smaller head_dim keeps the top ``head_dim``
+    directions of each group's pooled key / value map (SVD), applied to the queries / output columns as well.
+    """
+    H, d, G = spec.num_heads, spec.head_dim, spec.num_kv_heads
+    new = random_attention(teacher, cfg, **spec.attention_shape())
+    Ht, dt = teacher.num_heads, teacher.head_dim
+    if H > Ht or d > dt:
+        return new, f"random (the {H}x{d} block is larger than the teacher's {Ht}x{dt} in heads or head_dim)"
+    score = importance if importance is not None else head_importance(teacher)
+    keep = sorted(torch.topk(score, H).indices.tolist())
+    D, group = cfg.hidden_size, H // G
+    s, t, W_o = new.self, teacher.self, teacher.output.dense.weight
+
+    def aug(lin: nn.Linear, h: int) -> torch.Tensor:  # [dt, D+1]: the head's rows with the bias as last column
+        rows = slice(h * dt, (h + 1) * dt)
+        return torch.cat([lin.weight[rows], lin.bias[rows, None]], dim=1)
+
+    def basis(m: torch.Tensor) -> torch.Tensor:  # [d, dt]: the top-d output directions of m [dt, D+1]
+        return torch.eye(dt, dtype=m.dtype, device=m.device) if d == dt else torch.linalg.svd(m)[0][:, :d].T
+
+    def put(lin: nn.Linear, rows: slice, m: torch.Tensor) -> None:
+        lin.weight[rows], lin.bias[rows] = m[:, :D], m[:, D]
+
+    for g in range(G):
+        members = keep[g * group:(g + 1) * group]
+        k = torch.stack([aug(t.key, h) for h in members]).mean(0)
+        v = torch.stack([aug(t.value, h) for h in members]).mean(0)
+        pk, pv = basis(k), basis(v)
+        put(s.key, slice(g * d, (g + 1) * d), pk @ k)
+        put(s.value, slice(g * d, (g + 1) * d), pv @ v)
+        for j, h in enumerate(members):
+            out = slice((g * group + j) * d, (g * group + j + 1) * d)
+            put(s.query, out, (pk @ aug(t.query, h)) * (d / dt) ** 0.5)  # scores keep their scale under 1/sqrt(d)
+            new.output.dense.weight[:, out] = W_o[:, h * dt:(h + 1) * dt] @ pv.T
+    new.output.dense.bias.copy_(teacher.output.dense.bias)
+    how = "" if d == dt else f", top-{d} SVD directions of each group's keys/values"
+    return new, (f"teacher: kept heads {keep} of {Ht} by importance; {G} key/value heads, each the mean of its "
+                 f"group of {group} heads{how}")
+
+
+# teacher initialiser per ``LayerSpec.attention``: (teacher block, config, spec, head importance) -> (block, note)
+INITIALISERS: dict[str, Callable[..., tuple[BertAttention, str]]] = {"mha": _init_mha, "gqa": compress_gqa}
+
+
+@torch.no_grad()
+def init_attention(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, init: str = "teacher",
+                   importance: torch.Tensor | None = None) -> tuple[BertAttention, str]:
+    """A block of ``spec``'s attention shape: from ``teacher`` (its initialiser for that kind) or random."""
+    if init == "random":
+        return random_attention(teacher, cfg, **spec.attention_shape()), "random"
+    if init != "teacher":
+        raise ValueError(f"a block starts from 'teacher' or 'random', got '{init}'")
+    if spec.attention not in INITIALISERS:
+        raise ValueError(f"no teacher initialiser for attention kind '{spec.attention}'; known: "
+                         f"{', '.join(INITIALISERS)}")
+    return INITIALISERS[spec.attention](teacher, cfg, spec, importance)
+
+
 @torch.no_grad()
 def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: BertLayer, second: BertLayer, mode: str,
                       importance: torch.Tensor | None = None) -> tuple[BertLayer, str]:
@@ -114,8 +186,8 @@ def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: BertLayer, secon
         src.load_state_dict({k: (v + sd2[k]) / 2 for k, v in first.state_dict().items()})
     else:
         src = first if mode == "first" else second
-    layer.attention, note = compress_attention(src.attention, cfg, spec.num_heads, spec.head_dim,
-                                               importance if mode != "average" else None)
+    layer.attention, note = init_attention(src.attention, cfg, spec, "teacher",
+                                           importance if mode != "average" else None)
     layer.output.LayerNorm.load_state_dict(src.output.LayerNorm.state_dict())
     f_t = src.intermediate.dense.out_features
     if spec.intermediate_size <= f_t:
@@ -170,7 +242,7 @@ def drop_every_second(teacher: BertForMaskedLM) -> tuple[BertForMaskedLM, list[s
     merges = {}
     for i in range(0, len(teacher.layers) - 1, 2):
         s = teacher.config.layers[i]
-        spec = LayerSpec(s.num_heads, s.head_dim, s.intermediate_size, [i, i + 1], "dropped")
+        spec = LayerSpec(**{**s.to_dict(), "origin": [i, i + 1], "kind": "dropped"})
         layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[i], teacher.layers[i + 1], "first")
         merges[i] = (layer, spec)
     return clone_model(compose(teacher, merges=merges)), ["dropped layers " + ", ".join(str(i + 1) for i in merges)]

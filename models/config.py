@@ -5,19 +5,28 @@ heads, which per-head dimension and which feed-forward size that layer has, and 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
 @dataclass
 class LayerSpec:
-    """Shape of one encoder layer and where it came from."""
+    """What one encoder layer (a student unit) is, and where it came from: the one description of a unit's shape.
+
+    The model builder chooses the attention class from ``attention``; checkpoints store this spec (``to_dict``) and
+    the loaders, resume checks, discovery and exporters read it back (``from_dict``).
+    """
 
     num_heads: int
     head_dim: int
     intermediate_size: int
     origin: list[int]  # teacher layer indices this layer replaces: [i] for a kept/retrained layer, [i, i+1] merged
-    kind: str = "teacher"  # teacher | block (retrained attention) | merged | pruned
+    kind: str = "teacher"  # where it came from: teacher | block (retrained attention) | merged | pruned | ...
+    attention: str = "mha"  # which attention module: mha (multi-head) | gqa (grouped-query)
+    num_kv_heads: int | None = None  # gqa: key/value heads, each shared by num_heads / num_kv_heads query heads
+
+    # the fields that shape the attention module (``models.bert.BertAttention`` takes them as keywords)
+    ATTENTION_FIELDS = ("num_heads", "head_dim", "attention", "num_kv_heads")
 
     def __post_init__(self) -> None:
         if self.num_heads <= 0 or self.head_dim <= 0 or self.intermediate_size <= 0:
@@ -25,6 +34,37 @@ class LayerSpec:
                 f"layer sizes must be positive, got heads={self.num_heads} head_dim={self.head_dim} "
                 f"intermediate_size={self.intermediate_size}"
             )
+        if self.attention == "gqa" and not (isinstance(self.num_kv_heads, int) and self.num_kv_heads > 0
+                                            and self.num_heads % self.num_kv_heads == 0):
+            raise ValueError(f"grouped-query attention needs num_kv_heads that divide the {self.num_heads} heads, "
+                             f"got num_kv_heads={self.num_kv_heads}")
+        if self.attention != "gqa" and self.num_kv_heads is not None:
+            raise ValueError(f"num_kv_heads is for attention 'gqa', this layer's is '{self.attention}'")
+
+    def attention_shape(self) -> dict[str, Any]:
+        """Keyword arguments of ``BertAttention`` for this layer (fields that do not apply, None, left out)."""
+        return {k: v for k in self.ATTENTION_FIELDS if (v := getattr(self, k)) is not None}
+
+    def shape_tag(self) -> str:
+        """The attention shape in run-folder names: h<heads>_d<head_dim>, plus further attention fields."""
+        return f"h{self.num_heads}_d{self.head_dim}" + (f"_kv{self.num_kv_heads}" if self.num_kv_heads else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerSpec":
+        """A spec from ``to_dict`` output; fields added later take their defaults (older checkpoints load)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown layer spec field(s) {unknown}; known: {sorted(known)}")
+        return cls(**{**d, "origin": list(d.get("origin", []))})
+
+    def attention_note(self) -> str:
+        """The attention fields beyond heads x head_dim, for plans and logs ('' for plain multi-head)."""
+        extra = [f"{k}={v}" for k, v in self.attention_shape().items() if k not in ("num_heads", "head_dim")]
+        return "" if self.attention == "mha" else " " + " ".join(extra)
 
 
 @dataclass
@@ -55,7 +95,7 @@ class ModelConfig:
                 LayerSpec(self.num_attention_heads, hd, self.intermediate_size, [i])
                 for i in range(self.num_hidden_layers)
             ]
-        self.layers = [spec if isinstance(spec, LayerSpec) else LayerSpec(**spec) for spec in self.layers]
+        self.layers = [spec if isinstance(spec, LayerSpec) else LayerSpec.from_dict(spec) for spec in self.layers]
         self.num_hidden_layers = len(self.layers)
 
     @property
@@ -101,6 +141,6 @@ class ModelConfig:
             src = "+".join(str(o) for o in s.origin)
             lines.append(
                 f"layer {i:2d}  from teacher {src:>5}  {s.kind:8s} heads={s.num_heads:2d} head_dim={s.head_dim:3d} "
-                f"ffn={s.intermediate_size}"
+                f"ffn={s.intermediate_size}{s.attention_note()}"
             )
         return "\n".join(lines)

@@ -238,6 +238,9 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def hf_export_problem(cfg: ModelConfig) -> str | None:
     """Why this model cannot be written as a plain HF BERT (BertForMaskedLM, or BertModel without a head), or None."""
+    kinds = sorted({s.attention for s in cfg.layers} - {"mha"})
+    if kinds:
+        return f"layers with attention of kind {kinds}; HF BERT has plain multi-head attention only"
     shapes = {(s.num_heads, s.head_dim, s.intermediate_size) for s in cfg.layers}
     if len(shapes) > 1:
         return f"layers differ in shape (heads, head_dim, ffn): {sorted(shapes)}; HF BertConfig has one shape for all"

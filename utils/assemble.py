@@ -17,6 +17,7 @@ import torch
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig, load_teacher, weights_hash
 from models.compress import clone_model, compose
 from .checkpoint import CheckpointError, check_meta, find_checkpoints, load_checkpoint, load_into, save_checkpoint
+from .units import spec_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def load_block(path: Path, cfg: ModelConfig, teacher_hash: str, force: bool = Fa
     _check(meta, path, cfg, teacher_hash, force)
     if not 0 <= meta["layer"] < len(cfg.layers):
         raise CheckpointError(f"checkpoint '{path}' is for layer {meta['layer']}, the teacher has {len(cfg.layers)}")
-    attn = BertAttention(cfg, meta["num_heads"], meta["head_dim"])
+    attn = BertAttention.from_spec(cfg, spec_from_meta(meta, cfg))
     load_into(attn, sd, path)
     return meta["layer"], attn
 
@@ -44,7 +45,10 @@ def load_merged_layer(path: Path, cfg: ModelConfig, teacher_hash: str, force: bo
     first, second = meta["layers"]
     if second != first + 1 or second >= len(cfg.layers):
         raise CheckpointError(f"checkpoint '{path}' merges layers {meta['layers']}, not a pair of this teacher")
-    spec = LayerSpec(meta["num_heads"], meta["head_dim"], meta["intermediate_size"], [first, second], "merged")
+    spec = spec_from_meta(meta, cfg)
+    if spec.origin != [first, second]:
+        raise CheckpointError(f"checkpoint '{path}': its spec stands for teacher layers {spec.origin}, its metadata "
+                              f"says {meta['layers']}")
     layer = BertLayer(cfg, spec)
     load_into(layer, sd, path)
     return first, layer, spec
@@ -121,7 +125,8 @@ def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher
                                       "pass only one of them")
             where[c] = path
         (blocks if item[0] == "block" else merges)[i] = item[1]
-        sources.append(f"{meta['kind']} {covered} h={meta['num_heads']} d={meta['head_dim']} from {path}")
+        sources.append(f"{meta['kind']} {covered} h={meta['num_heads']} d={meta['head_dim']}"
+                       f"{spec_from_meta(meta, cfg).attention_note()} from {path}")
     device = next(teacher.parameters()).device
     for m in list(blocks.values()) + [l for l, _ in merges.values()]:
         m.to(device)

@@ -7,6 +7,7 @@ with ``torch.load(weights_only=True)``, which executes no pickled code.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -258,11 +259,12 @@ COMMON_FIELDS: dict[str, Callable[[Any], str | None]] = {
 }
 KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "block": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "hidden_size": _POS,
-              "teacher_heads": _POS, "teacher_head_dim": _POS},
+              "teacher_heads": _POS, "teacher_head_dim": _POS, "spec": lambda v: _spec(v)},
     "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS,
-                     "hidden_size": _POS, "conditioned": _BOOL},
+                     "hidden_size": _POS, "conditioned": _BOOL, "spec": lambda v: _spec(v)},
     "model": {"config": _DICT, "sources": _str_list},
-    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "hidden_size": _POS},
+    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "hidden_size": _POS,
+              "spec": lambda v: _spec(v)},
     "resume": {"unit": _TEXT, "unit_meta": _DICT, "setup": _DICT, "run_id": _TEXT, "position": _position},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -276,6 +278,39 @@ LAYER_KINDS = ("teacher", "block", "merged", "pruned", "dropped", "layer")  # La
 _PRESENT, _MISSING = "present", object()
 
 
+def _plan_problems(spec: dict[str, Any], name: str) -> list[tuple[str, str, Any]]:
+    """(field, expected, found) for one layer plan: a ``models.config.LayerSpec`` as ``to_dict`` writes it."""
+    from models.bert import SELF_ATTENTION
+    from models.config import LayerSpec
+
+    checks: dict[str, Callable[[Any], str | None]] = {
+        "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "kind": _one_of(LAYER_KINDS),
+        "origin": lambda v: None if isinstance(v, list) and v and all(_NONNEG(x) is None for x in v)
+        else "a non-empty list of teacher layer indices",
+        "attention": _one_of(SELF_ATTENTION),
+    }
+    required = ("num_heads", "head_dim", "intermediate_size", "kind", "origin")  # older plans lack the rest
+    out = [(f"{name}.{key}", "absent (not a field of a layer plan)", spec[key])
+           for key in sorted(set(spec) - {f.name for f in dataclasses.fields(LayerSpec)})]
+    out += [(f"{name}.{key}", _PRESENT, _MISSING) for key in required if key not in spec]
+    out += [(f"{name}.{key}", want, spec[key]) for key, check in checks.items()
+            if key in spec and (want := check(spec[key])) is not None]
+    if not out:
+        try:  # the spec's own rules: how its fields fit together
+            LayerSpec.from_dict(spec)
+        except (TypeError, ValueError) as e:
+            out.append((name, f"a valid layer plan ({e})", spec))
+    return out
+
+
+def _spec(v: Any) -> str | None:
+    """A unit's whole spec in its checkpoint metadata."""
+    if not isinstance(v, dict):
+        return "a layer plan object (num_heads, head_dim, intermediate_size, origin, kind, ...)"
+    problems = _plan_problems(v, "spec")
+    return None if not problems else "a valid layer plan: " + "; ".join(f"{f} {w}" for f, w, _ in problems)
+
+
 def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """(field, expected, found) for a saved ModelConfig (``config`` of a model checkpoint)."""
     from models.bert import _ACTIVATIONS
@@ -286,11 +321,6 @@ def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
         "layer_norm_eps": _num(0, lo_open=True), "hidden_act": _one_of(sorted(_ACTIVATIONS)), "pad_token_id": _NONNEG,
         "hidden_dropout_prob": _num(0, 1), "attention_probs_dropout_prob": _num(0, 1), "has_mlm_head": _BOOL,
         "layers": lambda v: None if isinstance(v, list) and v else "a non-empty list of layer plans",
-    }
-    layer_fields: dict[str, Callable[[Any], str | None]] = {
-        "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "kind": _one_of(LAYER_KINDS),
-        "origin": lambda v: None if isinstance(v, list) and v and all(_NONNEG(x) is None for x in v)
-        else "a non-empty list of teacher layer indices",
     }
     out: list[tuple[str, str, Any]] = []
     for key in sorted(set(cfg) - set(fields)):
@@ -307,13 +337,7 @@ def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
         if not isinstance(spec, dict):
             out.append((name, "an object", spec))
             continue
-        for key in sorted(set(spec) - set(layer_fields)):
-            out.append((f"{name}.{key}", "absent (not a field of a layer plan)", spec[key]))
-        for key, check in layer_fields.items():
-            if key not in spec:
-                out.append((f"{name}.{key}", _PRESENT, _MISSING))
-            elif (want := check(spec[key])) is not None:
-                out.append((f"{name}.{key}", want, spec[key]))
+        out += _plan_problems(spec, name)
     if cfg["num_hidden_layers"] != len(cfg["layers"]):
         out.append(("config.num_hidden_layers", f"the number of layer plans ({len(cfg['layers'])})",
                     cfg["num_hidden_layers"]))

@@ -56,7 +56,7 @@ class Stopped(Exception):
 STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
 
 # unit metadata that fixes a unit's shape: a resume point with other values never fits, even with --force-config
-SHAPE_KEYS = ("kind", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer", "layers")
+SHAPE_KEYS = ("kind", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer", "layers", "spec")
 # training settings a resumed run must share with its resume point (epochs may grow); --force-config accepts others
 SETUP_FIELDS = ("lr", "weight_decay", "warmup", "warmup_steps", "schedule", "clip", "seed", "max_steps_per_epoch",
                 "optimizer", "betas")
@@ -285,8 +285,10 @@ class Trainer:
         if meta.get("unit") != u.name:
             raise CheckpointError(f"'{where}' is the resume point of unit {meta.get('unit')!r}, not of {u.name!r}")
         saved = meta.get("unit_meta", {})
+        # a resume point written before units stored their whole spec is checked on the flat shape fields
         check_meta(saved, where, force_teacher=self.cfg.force,
-                   **{k: u.meta[k] for k in (*SHAPE_KEYS, "teacher_hash") if k in u.meta})
+                   **{k: u.meta[k] for k in (*SHAPE_KEYS, "teacher_hash") if k in u.meta
+                      and (k != "spec" or k in saved)})
         now = {**{k: v for k, v in u.meta.items() if k not in (*SHAPE_KEYS, "teacher_hash", *NOT_SETUP)},
                **self.setup}
         before = {**{k: v for k, v in saved.items() if k not in (*SHAPE_KEYS, "teacher_hash", *NOT_SETUP)},

@@ -85,22 +85,30 @@ class CompactBertEmbeddings(nn.Module):
 
 
 class CompactBertSelfAttention(nn.Module):
-    def __init__(self, config, num_heads, head_dim):
+    """Multi-head attention, or grouped-query with ``num_kv_heads`` key/value heads shared by consecutive query
+    heads (query head h reads key/value head h // (num_heads / num_kv_heads))."""
+
+    def __init__(self, config, num_heads, head_dim, num_kv_heads=None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
-        inner = num_heads * head_dim
-        self.query = nn.Linear(config.hidden_size, inner)
-        self.key = nn.Linear(config.hidden_size, inner)
-        self.value = nn.Linear(config.hidden_size, inner)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.query = nn.Linear(config.hidden_size, num_heads * head_dim)
+        self.key = nn.Linear(config.hidden_size, self.num_kv_heads * head_dim)
+        self.value = nn.Linear(config.hidden_size, self.num_kv_heads * head_dim)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x, mask=None):
         B, T, _ = x.shape
+        G, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
 
-        def split(t):
-            return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        def split(t, heads):
+            return t.view(B, T, heads, self.head_dim).transpose(1, 2)
 
-        ctx = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+        def shared(t):
+            return t[:, :, None].expand(B, G, group, T, self.head_dim).reshape(B, G * group, T, self.head_dim)
+
+        k, v = shared(split(self.key(x), G)), shared(split(self.value(x), G))
+        ctx = F.scaled_dot_product_attention(split(self.query(x), self.num_heads), k, v,
                                              attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
         return ctx.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
@@ -114,9 +122,9 @@ class CompactBertSelfOutput(nn.Module):
 
 
 class CompactBertAttention(nn.Module):
-    def __init__(self, config, num_heads, head_dim):
+    def __init__(self, config, num_heads, head_dim, num_kv_heads=None):
         super().__init__()
-        self.self = CompactBertSelfAttention(config, num_heads, head_dim)
+        self.self = CompactBertSelfAttention(config, num_heads, head_dim, num_kv_heads)
         self.output = CompactBertSelfOutput(config, num_heads * head_dim)
 
     def forward(self, x, mask=None):
@@ -147,7 +155,11 @@ class CompactBertOutput(nn.Module):
 class CompactBertLayer(nn.Module):
     def __init__(self, config, plan):
         super().__init__()
-        self.attention = CompactBertAttention(config, int(plan["num_heads"]), int(plan["head_dim"]))
+        kind = plan.get("attention", "mha")
+        if kind not in ("mha", "gqa"):
+            raise ValueError(f"this CompactBERT file does not know attention kind '{kind}'")
+        kv = int(plan["num_kv_heads"]) if kind == "gqa" else None
+        self.attention = CompactBertAttention(config, int(plan["num_heads"]), int(plan["head_dim"]), kv)
         self.intermediate = CompactBertIntermediate(config, int(plan["intermediate_size"]))
         self.output = CompactBertOutput(config, int(plan["intermediate_size"]))
 
