@@ -14,7 +14,8 @@ from pathlib import Path
 from models.compress import drop_every_second
 from utils import runtime
 from utils.assemble import build_student, load_model
-from utils.cli import UsageError, add_training_args, common_parser, non_negative_float, positive_float, positive_int
+from utils.cli import (UsageError, add_training_args, common_parser, criterion_arg, non_negative_float, positive_float,
+                       positive_int)
 from utils.distill import MLMMasker, ModelDistill, describe_losses
 from utils.evaluate import compare_models
 from utils.export import add_export_args, check_export_targets, run_exports
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard-label masked-LM cross-entropy")
     g.add_argument("--hidden-weight", type=non_negative_float("--hidden-weight"), default=0.0,
                    help="hidden-state loss at matched layers")
-    g.add_argument("--hidden-criterion", choices=["cosine", "MSE", "L1"], default="cosine")
+    hidden = criterion_arg("--hidden-criterion", "hidden", exclude=("CrossEntropy",))
+    g.add_argument("--hidden-criterion", type=hidden, default="cosine",
+                   help=f"hidden-state loss: {', '.join(hidden.allowed)}")
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g.add_argument("--relation-weight", type=float, default=0.0,
                    help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts)")

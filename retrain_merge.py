@@ -14,9 +14,8 @@ from models import LayerSpec, ModelConfig
 from models.compress import compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import add_training_args, common_parser, positive_float, positive_int
+from utils.cli import add_training_args, common_parser, criterion_arg, positive_float, positive_int
 from utils.distill import MergeDistill, MLMMasker, OneMasker, describe_losses
-from utils.losses import normalize_criterion
 from utils.session import (claim_units, print_units, run_main, sample_printer, start, teacher_cache,
                            teacher_config)
 from utils.recipes import MERGE, add_heads_alias, probability, reject, run_record, set_dropout, use_recipes
@@ -25,15 +24,8 @@ from utils.units import (add_shape_args, conditioned_teacher, init_merges, shape
                          starting_shape, unit_meta, unit_spec)
 
 log = logging.getLogger("simplifying_transformers")
-HIDDEN_CRITERIA = ("MSE", "cosine", "L1", "aRRMSE")
-
-
-def criterion_arg(s: str) -> str:
-    key = s.replace("-", "").replace("_", "").lower()
-    c = normalize_criterion(s) if key in ("mse", "l1", "cosine", "cos", "cosinesimilarity", "arrmse") else s
-    if c not in HIDDEN_CRITERIA:
-        raise argparse.ArgumentTypeError(f"--criterion for a merged layer must be one of {', '.join(HIDDEN_CRITERIA)}")
-    return c
+# a merged layer's output is a hidden state: a softmax over its features (CrossEntropy) means nothing there
+MERGE_CRITERION = criterion_arg("--criterion", "hidden", exclude=("CrossEntropy",), what="a merged layer")
 
 
 def pair_arg(s: str) -> str:
@@ -49,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block", type=pair_arg, required=True,
                    help="first teacher layer N of the pair (N, N+1), or 'all-pairs' for (0,1), (2,3), ...")
     add_shape_args(g, ffn=True)
-    g.add_argument("--criterion", type=criterion_arg, default="MSE",
-                   help="loss on the hidden state: MSE, cosine, L1, aRRMSE")
+    g.add_argument("--criterion", type=MERGE_CRITERION, default="MSE",
+                   help=f"loss on the hidden state: {', '.join(MERGE_CRITERION.allowed)}")
     g.add_argument("--loss-on", choices=["hidden", "mlm"], default="hidden",
                    help="hidden state leaving N+1, or KL on the masked-LM output through the frozen rest")
     g.add_argument("--init", choices=["first", "second", "average", "random"])

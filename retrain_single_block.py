@@ -17,9 +17,9 @@ from models import LayerSpec, ModelConfig
 from models.compress import compose
 from utils.assemble import load_block
 from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import add_training_args, common_parser, positive_float, positive_int
+from utils.cli import add_training_args, common_parser, criterion_arg, positive_float, positive_int
 from utils.distill import BlockDistill, MLMMasker, OneMasker, describe_losses
-from utils.losses import OUTPUT_CRITERIA, SCORE_CRITERIA, normalize_criterion
+from utils.losses import criteria_for
 from utils.recipes import BLOCK, add_heads_alias, given, probability, reject, run_record, set_dropout, use_recipes
 from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
                            teacher_config)
@@ -28,13 +28,6 @@ from utils.units import (add_shape_args, init_blocks, shape_from_args, spec_from
                          unit_spec)
 
 log = logging.getLogger("simplifying_transformers")
-
-
-def criterion_arg(s: str) -> str:
-    try:
-        return normalize_criterion(s)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def block_arg(s: str) -> str:
@@ -49,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("block")
     g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
     add_shape_args(g)
-    g.add_argument("--criterion", type=criterion_arg, default="MSE",
-                   help=f"loss on the block output: {', '.join(OUTPUT_CRITERIA)}; with --loss_on_scores: "
-                        f"{', '.join(SCORE_CRITERIA)}")
+    g.add_argument("--criterion", type=criterion_arg("--criterion", "hidden", "probs", "logits"), default="MSE",
+                   help=f"loss on the block output: {', '.join(criteria_for('hidden'))}; with --loss_on_scores: "
+                        f"{', '.join(criteria_for('probs'))} (raw scores: {', '.join(criteria_for('logits'))})")
     g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm", "relations", "output+relations"],
                    help="what is compared: block output, attention scores (see --score-target), both, the masked-LM "
                         "output through the frozen rest of the teacher (KL), or relations: MiniLMv2 query-query, "
@@ -72,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout of the new block's attention probabilities (default: the teacher's)")
     g.add_argument("--model-checkpoint", default=None,
                    help="start the new block(s) from this block checkpoint (or a run folder, searched by metadata)")
-    g.add_argument("--score-criterion", type=criterion_arg, default=None,
+    g.add_argument("--score-criterion", type=criterion_arg("--score-criterion", "probs", "logits"), default=None,
                    help="criterion for attention distributions when both losses are on (default CrossEntropy)")
     g.add_argument("--init", choices=["teacher", "random"],
                    help="start from the teacher's block (important heads, SVD for smaller head_dim) or random; a block "
@@ -99,12 +92,12 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         loss_on = (["output"] if args.loss_on_logits else []) + (["scores"] if args.loss_on_scores else [])
     score_criterion = args.score_criterion or ("CrossEntropy" if "output" in loss_on or args.criterion == "cosine"
                                                else args.criterion)
-    if loss_on == ["scores"] and args.criterion not in SCORE_CRITERIA:
+    if loss_on == ["scores"] and args.criterion not in criteria_for("probs"):
         parser.error(f"--criterion {args.criterion} does not apply to attention distributions; "
-                     f"choose one of {', '.join(SCORE_CRITERIA)}")
-    if "output" in loss_on and args.criterion not in OUTPUT_CRITERIA:
+                     f"choose one of {', '.join(criteria_for('probs'))}")
+    if "output" in loss_on and args.criterion not in criteria_for("hidden"):
         parser.error(f"--criterion {args.criterion} does not apply to block outputs; choose one of "
-                     f"{', '.join(OUTPUT_CRITERIA)}")
+                     f"{', '.join(criteria_for('hidden'))}")
     return loss_on, args.criterion, score_criterion
 
 

@@ -48,6 +48,26 @@ def int_at_least(name: str, minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def criterion_arg(flag: str, *targets: str, exclude: tuple[str, ...] = (), what: str = "") -> Callable[[str], str]:
+    """argparse type: a criterion of the registry in ``utils.losses`` for ``targets`` (any spelling the seed used),
+    returned in its canonical name; ``allowed`` on the returned function lists the choices (for help texts)."""
+    from .losses import REGISTRY, normalize_criterion
+
+    allowed = tuple(n for n in dict.fromkeys(n for t in targets for n in REGISTRY[t]) if n not in exclude)
+
+    def parse(s: str) -> str:
+        try:
+            c = normalize_criterion(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if c not in allowed:
+            raise argparse.ArgumentTypeError(f"{flag}{' for ' + what if what else ''} must be one of "
+                                             f"{', '.join(allowed)}, got '{s}'")
+        return c
+    parse.allowed = allowed  # type: ignore[attr-defined]
+    return parse
+
+
 def positive_int(name: str) -> Callable[[str], int]:
     return int_at_least(name, 1)
 

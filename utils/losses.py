@@ -2,22 +2,43 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-OUTPUT_CRITERIA = ("MSE", "L1", "cosine", "CrossEntropy", "aRRMSE")
-SCORE_CRITERIA = ("CrossEntropy", "KL", "MSE", "L1")
+# ---- the criterion registry: name -> function, by what is compared ----
+# "hidden": [B, T, D] block outputs / hidden states -> scalar (most are per-token means over real tokens);
+# "probs": attention distributions -> per (head, query) row; "logits": raw pre-softmax scores -> per (query, key) pair.
+HIDDEN: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+PROBS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+LOGITS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+REGISTRY = {"hidden": HIDDEN, "probs": PROBS, "logits": LOGITS}
+# every spelling a user may type (the seed's included), case, dashes and underscores ignored
+_ALIASES = {"mse": "MSE", "l1": "L1", "cosine": "cosine", "cos": "cosine", "cosinesimilarity": "cosine",
+            "crossentropy": "CrossEntropy", "ce": "CrossEntropy", "kl": "KL", "arrmse": "aRRMSE"}
+
+
+def criterion(target: str, name: str):
+    """Decorator: register ``fn`` as criterion ``name`` for ``target`` (hidden | probs | logits)."""
+    def register(fn):
+        REGISTRY[target][name] = fn
+        return fn
+    return register
+
+
+def criteria_for(*targets: str) -> tuple[str, ...]:
+    """Names of the criteria that apply to every one of ``targets`` (argparse choices, error messages)."""
+    return tuple(n for n in REGISTRY[targets[0]] if all(n in REGISTRY[t] for t in targets))
 
 
 def normalize_criterion(name: str) -> str:
     """Accept the seed's spellings in any case: mse, l1, cosine/cos/CosineSimilarity, crossentropy/ce, kl, aRRMSE."""
-    table = {"mse": "MSE", "l1": "L1", "cosine": "cosine", "cos": "cosine", "cosinesimilarity": "cosine",
-             "crossentropy": "CrossEntropy", "ce": "CrossEntropy", "kl": "KL", "arrmse": "aRRMSE"}
     key = name.replace("-", "").replace("_", "").lower()
-    if key not in table:
-        raise ValueError(f"unknown criterion '{name}'; choose from MSE, L1, cosine, CrossEntropy, KL, aRRMSE")
-    return table[key]
+    if key not in _ALIASES:
+        known = sorted({n for table in REGISTRY.values() for n in table})
+        raise ValueError(f"unknown criterion '{name}'; choose from {', '.join(known)}")
+    return _ALIASES[key]
 
 
 def arrmse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -47,14 +68,10 @@ def raw_score_loss(s_scores: torch.Tensor, t_scores: torch.Tensor, valid: torch.
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
     pair = (valid[:, :, None] & valid[:, None, :])[:, None].expand_as(s)  # [B, H, T, T]
     diff = torch.where(pair, s - t, torch.zeros((), dtype=s.dtype, device=s.device))
-    if criterion == "MSE":
-        per = diff.pow(2)
-    elif criterion == "L1":
-        per = diff.abs()
-    else:
-        raise ValueError(f"criterion '{criterion}' does not apply to raw attention scores; choose MSE or L1 (or use "
-                         "CrossEntropy / KL, which compare the softmax distributions)")
-    return per.sum() / pair.sum().clamp_min(1)
+    if criterion not in LOGITS:
+        raise ValueError(f"criterion '{criterion}' does not apply to raw attention scores; choose "
+                         f"{' or '.join(LOGITS)} (or use CrossEntropy / KL, which compare the softmax distributions)")
+    return LOGITS[criterion](diff).sum() / pair.sum().clamp_min(1)
 
 
 def _masked_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -69,20 +86,32 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tenso
     feature dimension: softmax(teacher) as the target distribution, log_softmax(student) as the prediction. (The seed
     passed [B, T, D] tensors to nn.CrossEntropyLoss, which normalises over dim 1, the sequence; we use features.)
     """
-    student, teacher = student.float(), teacher.float()
-    if criterion == "MSE":
-        per = (student - teacher).pow(2).mean(-1)
-    elif criterion == "L1":
-        per = (student - teacher).abs().mean(-1)
-    elif criterion == "cosine":
-        per = 1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-6)
-    elif criterion == "CrossEntropy":
-        per = -(teacher.softmax(-1) * student.log_softmax(-1)).sum(-1)
-    elif criterion == "aRRMSE":
-        return arrmse(student, teacher, valid)
-    else:
-        raise ValueError(f"criterion '{criterion}' is not one of {OUTPUT_CRITERIA}")
-    return _masked_mean(per, valid)
+    if criterion not in HIDDEN:
+        raise ValueError(f"criterion '{criterion}' is not one of {', '.join(HIDDEN)}")
+    return HIDDEN[criterion](student.float(), teacher.float(), valid)
+
+
+@criterion("hidden", "MSE")
+def _hidden_mse(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return _masked_mean((s - t).pow(2).mean(-1), valid)
+
+
+@criterion("hidden", "L1")
+def _hidden_l1(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return _masked_mean((s - t).abs().mean(-1), valid)
+
+
+@criterion("hidden", "cosine")
+def _hidden_cosine(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return _masked_mean(1 - F.cosine_similarity(s, t, dim=-1, eps=1e-6), valid)
+
+
+@criterion("hidden", "CrossEntropy")
+def _hidden_ce(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return _masked_mean(-(t.softmax(-1) * s.log_softmax(-1)).sum(-1), valid)
+
+
+criterion("hidden", "aRRMSE")(arrmse)
 
 
 def attention_loss(s_scores: torch.Tensor, t_probs: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -100,19 +129,34 @@ def attention_loss(s_scores: torch.Tensor, t_probs: torch.Tensor, valid: torch.T
     else:
         s_logp = s_scores.softmax(-1).mean(1, keepdim=True).clamp_min(1e-12).log()
         t_p = t_probs.mean(1, keepdim=True)
-    t_logp = t_p.clamp_min(1e-12).log()
-    if criterion == "CrossEntropy":
-        per = -(t_p * s_logp).sum(-1)
-    elif criterion == "KL":
-        per = (t_p * (t_logp - s_logp)).sum(-1)
-    elif criterion == "MSE":
-        per = (t_p - s_logp.exp()).pow(2).sum(-1)
-    elif criterion == "L1":
-        per = (t_p - s_logp.exp()).abs().sum(-1)
-    else:
-        raise ValueError(f"criterion '{criterion}' is not one of {SCORE_CRITERIA}")
-    per = per.mean(1)  # over heads -> [B, T]
+    if criterion not in PROBS:
+        raise ValueError(f"criterion '{criterion}' is not one of {', '.join(PROBS)}")
+    per = PROBS[criterion](t_p, s_logp).mean(1)  # over heads -> [B, T]
     return _masked_mean(per, valid)
+
+
+@criterion("probs", "CrossEntropy")
+def _probs_ce(t_p: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    return -(t_p * s_logp).sum(-1)
+
+
+@criterion("probs", "KL")
+def _probs_kl(t_p: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    return (t_p * (t_p.clamp_min(1e-12).log() - s_logp)).sum(-1)
+
+
+@criterion("probs", "MSE")
+def _probs_mse(t_p: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    return (t_p - s_logp.exp()).pow(2).sum(-1)
+
+
+@criterion("probs", "L1")
+def _probs_l1(t_p: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    return (t_p - s_logp.exp()).abs().sum(-1)
+
+
+criterion("logits", "MSE")(lambda diff: diff.pow(2))
+criterion("logits", "L1")(lambda diff: diff.abs())
 
 
 def kl_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
