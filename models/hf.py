@@ -117,6 +117,19 @@ def read_hf_config(name_or_path: str | os.PathLike):
     return cfg
 
 
+def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], theirs: str = "checkpoint",
+                        ours: str = "model") -> str | None:
+    """What keeps ``sd`` from loading strictly into a module whose state dict is ``own`` (missing and unexpected
+    keys, shape mismatches, a few of each), or None when it fits."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: {theirs} {tuple(sd[k].shape)} vs {ours} {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+             "shape mismatch " + ", ".join(shapes[:5]) if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
 def check_teacher_files(name_or_path: str | os.PathLike, what: str = "teacher") -> Path:
     """Config, weights and tokenizer files present (nothing is deserialised); returns the folder."""
     folder = resolve_checkpoint(name_or_path)
@@ -207,18 +220,9 @@ def load_teacher(name_or_path: str | os.PathLike = "bert-base-uncased", device: 
         model = BertForMaskedLM(cfg)
     except (ValueError, KeyError, TypeError) as e:
         raise TeacherError(f"teacher '{name_or_path}' cannot be used: {e}") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} is {list(sd[k].shape)} in the weights, {list(own[k].shape)} by config.json"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise TeacherError(
-            f"the weights in '{folder}' do not match its config.json: "
-            + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
-                                      f"unexpected {unexpected[:5]}" if unexpected else "",
-                                      ", ".join(shapes[:3])]))
-        )
+    problem = state_dict_mismatch(model.state_dict(), sd, "the weights", "config.json")
+    if problem:
+        raise TeacherError(f"the weights in '{folder}' do not match its config.json: {problem}")
     model.load_state_dict(sd)
     if not has_head:
         log.info("teacher '%s' has no masked-LM head: MLM metrics and losses are unavailable", name_or_path)

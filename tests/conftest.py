@@ -98,3 +98,14 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def installed_model(package_dir: str) -> Path | None:
     p = Path(sysconfig.get_paths()["purelib"]) / package_dir
     return p if (p / "config.json").is_file() else None
+
+
+def run_in_process(module, argv: list[str]) -> int:
+    """A script module's main through run_main in this process: the exit code ``python script.py argv`` gives."""
+    from utils.session import run_main
+
+    parser = module.build_parser()
+    main = module.main
+    if main.__code__.co_argcount == 2:
+        return run_main(lambda a: main(a, parser), parser, argv)
+    return run_main(main, parser, argv)

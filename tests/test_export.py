@@ -82,6 +82,19 @@ def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     return {k: m.eval() for k, m in out.items()}
 
 
+def load_elsewhere(cases: dict, tmp: Path) -> subprocess.CompletedProcess:
+    """LOADER in a fresh process, from a folder outside the repository and with PYTHONPATH cleared, so that only
+    the exported files (and transformers) can be imported; it must succeed."""
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), SENTENCE], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def _inputs(vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(5, vocab, (3, 9), generator=g)
@@ -103,13 +116,7 @@ def exported(tmp_path_factory):
         folder, kinds[name] = export_pretrained(m, tmp / name, tok)
         cases[name] = {"dir": str(folder), "inputs": str(tmp / "inputs.pt"), "out": str(tmp / f"{name}.pt"),
                        "mlm": m.has_mlm_head, "remote": "Compact" in kinds[name]}
-    cwd = tmp / "elsewhere"
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), SENTENCE], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = load_elsewhere(cases, tmp)
     line = next(l for l in run.stdout.splitlines() if l.startswith("REPORT "))
     return {"students": students, "tok": tok, "x": x, "cases": cases, "kinds": kinds,
             "report": json.loads(line[len("REPORT "):])}

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from conftest import make_hf_teacher
 from models import BertAttention, LayerSpec, load_teacher
 from models.bert import extended_mask
 from models.compress import init_attention
-from test_export import LOADER, SENTENCE, _inputs, _perturb
+from test_export import _inputs, _perturb, load_elsewhere
 from test_pipeline import _common, _run
 from utils import assemble
 
@@ -152,13 +149,7 @@ def test_gqa_export_parity(tmp_path):
     torch.save(x, tmp_path / "inputs.pt")
     case = {"gqa": {"dir": str(folder), "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "out.pt"),
                     "mlm": True, "remote": True}}
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(case), SENTENCE], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    load_elsewhere(case, tmp_path)
     with torch.no_grad():
         ours = model(x["ids"], x["mask"]).logits
     theirs = torch.load(tmp_path / "out.pt")

@@ -12,15 +12,7 @@ import finetune_merged
 import retrain_merge
 import retrain_single_block
 from utils import assemble
-from utils.session import run_main
-
-
-def _run(module, argv: list[str]) -> int:
-    parser = module.build_parser()
-    main = module.main
-    if main.__code__.co_argcount == 2:
-        return run_main(lambda a: main(a, parser), parser, argv)
-    return run_main(main, parser, argv)
+from conftest import run_in_process as _run
 
 
 def _common(teacher, corpus):

@@ -22,18 +22,10 @@ from utils import assemble
 from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader, mask_one_token
 from utils.distill import BlockDistill, OneMasker
 from utils.losses import arrmse, raw_score_loss
-from utils.session import run_main
+from conftest import run_in_process as _run
 from utils.train import TrainConfig, make_optimizer, make_train_config
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+train loss \S+.*block_6/loss=(\S+)")
-
-
-def _run(module, argv: list[str]) -> int:
-    parser = module.build_parser()
-    main = module.main
-    if main.__code__.co_argcount == 2:
-        return run_main(lambda a: main(a, parser), parser, argv)
-    return run_main(main, parser, argv)
 
 
 def _parse(module, argv: list[str]):

@@ -513,18 +513,11 @@ def check_meta(meta: dict[str, Any], where: str | os.PathLike, force_teacher: bo
 
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
     """Strict load that reports shape and key mismatches by name."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"checkpoint '{where}' does not match the model: "
-            + "; ".join(filter(None, [f"missing {missing[:5]}" if missing else "",
-                                      f"unexpected {unexpected[:5]}" if unexpected else "",
-                                      "shape mismatch " + ", ".join(shapes[:5]) if shapes else ""]))
-        )
+    from models.hf import state_dict_mismatch
+
+    problem = state_dict_mismatch(module.state_dict(), sd)
+    if problem:
+        raise CheckpointError(f"checkpoint '{where}' does not match the model: {problem}")
     module.load_state_dict(sd)
 
 
@@ -554,17 +547,22 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
     return found
 
 
+def write_probe(folder: Path) -> None:
+    """Write, sync and remove a small file in ``folder``: OSError if the folder (or its disk) cannot take it."""
+    probe = folder / f".write_probe.{_unique_suffix()}"
+    with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    probe.unlink()
+
+
 def probe_writable(directory: str | os.PathLike) -> Path:
     """Fail before any training if ``directory`` cannot be created or written."""
     d = Path(directory)
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write_probe.{_unique_suffix()}"
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        write_probe(d)
     except OSError as e:
         raise CheckpointError(f"output folder '{d}' is not writable: {write_failure(e, d)}") from None
     return d

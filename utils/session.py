@@ -19,7 +19,7 @@ import torch
 
 from models import BertForMaskedLM, NoMLMHeadError, TeacherError, load_teacher, weights_hash
 from . import runtime
-from .checkpoint import CheckpointError, probe_writable, write_failure
+from .checkpoint import CheckpointError, probe_writable, write_failure, write_probe
 from .cli import UsageError
 from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader, token_ids_hash
 from .lock import UnitBusy, UnitLock
@@ -170,12 +170,7 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out", keep: bool = 
             if not parent.exists():
                 parent.mkdir(exist_ok=keep)
                 created.append(parent)
-        probe = d / f".write_probe_{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        write_probe(d)
     except OSError as e:
         raise OutputError(f"{flag} '{d}' is not writable: {write_failure(e, d)}") from None
     finally:
