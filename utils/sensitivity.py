@@ -25,18 +25,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models.bert import BertForMaskedLM, extended_mask
-from models.compress import compose, compress_attention, head_importance, init_merged_layer
+from models.bert import BertForMaskedLM
+from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from .checkpoint import load_checkpoint, load_into
 from .distill import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from .evaluate import compare_models
-from .features import TeacherCache, teacher_features
+from .features import TeacherCache
 from .train import TrainConfig, Trainer, Unit
+from .units import head_rankings, unit_meta, unit_spec
 
 log = logging.getLogger(__name__)
 
 KINDS = ("block", "merge", "ffn")
+SPEC_KIND = {"block": "block", "merge": "merged", "ffn": "layer"}  # option kind -> LayerSpec.kind
 COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}
 
 
@@ -139,29 +141,27 @@ class Built:
 
 
 def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
-    """Teacher-initialised units (importance-ranked heads on the probe batch, SVD head_dim, top FFN neurons)."""
+    """Teacher-initialised units (importance-ranked heads on the probe batch, SVD head_dim, top FFN neurons), built
+    by ``utils.units`` exactly as the training scripts build theirs."""
     t, cfg = ctx.teacher, ctx.teacher.config
-    ids, att = ctx.probe["input_ids"].to(ctx.device), ctx.probe["attention_mask"].to(ctx.device)
-    need = sorted(i for i, o in choices.items() if o.num_heads < cfg.layers[i].num_heads)
-    feats = teacher_features(t, ids, att, [f"in_{i}" for i in need]) if need else {}
-    out = {}
+    specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
         if not opt.applies(i, len(t.layers)):
             raise ValueError(f"option '{opt.name}' does not apply to layer {i} (the teacher has {len(t.layers)} layers)")
-        imp = None
-        if i in need:
-            imp = head_importance(t.layers[i].attention, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
-        if opt.kind == "block":
-            mod, note = compress_attention(t.layers[i].attention, cfg, opt.num_heads, opt.head_dim, imp)
-            spec = LayerSpec(opt.num_heads, opt.head_dim, cfg.layers[i].intermediate_size, [i], "block")
-        elif opt.kind == "merge":
-            spec = LayerSpec(opt.num_heads, opt.head_dim, opt.ffn, [i, i + 1], "merged")
-            mod, note = init_merged_layer(cfg, spec, t.layers[i], t.layers[i + 1], "first", imp)
-        elif opt.kind == "ffn":
-            spec = LayerSpec(opt.num_heads, opt.head_dim, opt.ffn, [i], "layer")
-            mod, note = init_merged_layer(cfg, spec, t.layers[i], t.layers[i], "first", imp)
-        else:
+        if opt.kind not in SPEC_KIND:
             raise ValueError(f"unknown option kind '{opt.kind}'; expected one of {KINDS}")
+        ffn = None if opt.kind == "block" else opt.ffn
+        specs[i] = unit_spec(cfg, opt.covers(i), SPEC_KIND[opt.kind], ffn, num_heads=opt.num_heads,
+                             head_dim=opt.head_dim)
+    importance = head_rankings(t, ctx.probe, [i for i, o in choices.items() if o.num_heads < cfg.layers[i].num_heads])
+    out = {}
+    for i, opt in sorted(choices.items()):
+        spec = specs[i]
+        if opt.kind == "block":
+            mod, note = init_attention(t.layers[i].attention, cfg, spec, "teacher", importance.get(i))
+        else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
+            second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
+            mod, note = init_merged_layer(cfg, spec, t.layers[i], second, "first", importance.get(i))
         out[i] = Built(i, opt, mod.to(ctx.device), spec, note)
     return out
 
@@ -171,7 +171,6 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
     shared teacher pass or the cache) with the shared Trainer; afterwards each module holds its best (validation)
     weights. Returns the final validation losses."""
     t, cfg = ctx.teacher, ctx.teacher.config
-    base = {"teacher": ctx.teacher_name, "teacher_hash": ctx.teacher_hash, "hidden_size": cfg.hidden_size}
     finals: dict[str, float] = {}
     groups = {k: {i: b for i, b in units.items() if b.option.kind == k} for k in KINDS}
     for kind, group in groups.items():
@@ -192,10 +191,8 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
         task = task.to(ctx.device)
         tl = []
         for i, b in group.items():
-            meta = {**base, **describe_losses(task), "kind": ukind, "num_heads": b.spec.num_heads,
-                    "head_dim": b.spec.head_dim, "intermediate_size": b.spec.intermediate_size, "option": b.option.name,
-                    "init": b.note}
-            meta.update({"layers": b.option.covers(i)} if kind == "merge" else {"layer": i})
+            meta = unit_meta(ukind, b.spec, cfg, ctx.teacher_name, ctx.teacher_hash, **describe_losses(task),
+                             option=b.option.name, init=b.note)
             tl.append(Unit(f"{prefix}_{i}", b.module, run_dir / f"{prefix}_{i}", meta))
         trainer = Trainer(task, tl, ctx.train_cfg, run_dir, ctx.device,
                           evaluate=lambda task=task: task.evaluate(ctx.valid_loader, ctx.valid_batches),
