@@ -444,22 +444,32 @@ class Trainer:
         return metrics
 
     def _epoch(self, epoch: int, loader, sampler, steps_per_epoch: int) -> dict[str, float]:
-        from tqdm.auto import tqdm
+        """One epoch: its steps (from the resume position if it is the first), then validation and saves."""
+        skip = self._begin_epoch(epoch, sampler)
+        t0 = time.perf_counter()
+        running = self._steps(epoch, _skip(loader, sampler, skip), skip, steps_per_epoch)
+        return self._end_epoch(epoch, running, time.perf_counter() - t0)
 
-        cfg = self.cfg
+    def _begin_epoch(self, epoch: int, sampler) -> int:
+        """Random state and sampler for ``epoch``; returns the number of its batches already done (a resume)."""
         skip = self.start.step if epoch == self.start.epoch else 0
         if skip and self.resumed_rng is not None:
             set_rng_state(self.resumed_rng)  # mid-epoch: the RNG exactly as it was after step `skip`
         else:
             # dropout & masking replay exactly on resume; each rank draws its own (rank 0 as a single process)
-            torch.manual_seed(cfg.seed * 7919 + epoch + 1_000_003 * runtime.rank())
+            torch.manual_seed(self.cfg.seed * 7919 + epoch + 1_000_003 * runtime.rank())
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        batches = _skip(loader, sampler, skip)
         self.task.train()
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+        return skip
+
+    def _steps(self, epoch: int, batches, skip: int, steps_per_epoch: int) -> float | None:
+        """The optimizer steps of an epoch under a progress bar; returns the running (smoothed) training loss."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
                    leave=False, disable=not runtime.is_main_process(), dynamic_ncols=True)
-        running, t0 = None, time.perf_counter()
+        running = None
         try:
             for step, batch in enumerate(batches, start=skip):
                 if step >= steps_per_epoch:
@@ -468,32 +478,43 @@ class Trainer:
                 running = lv if running is None else 0.95 * running + 0.05 * lv
                 bar.set_postfix(loss=f"{running:.4g}")
                 bar.update()
-                if cfg.print_every and (self.position.global_step + 1) % cfg.print_every == 0 \
-                        and runtime.is_main_process():
-                    bar.write(f"epoch {epoch + 1}, step {step + 1} (global step {self.position.global_step + 1}): "
-                              f"loss {lv:.4g}, running {running:.4g}, lr {self.units[0].scheduler.get_last_lr()[0]:.3g}")
-                self.position = Position(epoch, step + 1, self.position.global_step + 1)
-                for lock in self.locks:
-                    lock.heartbeat()
-                if self.after_step is not None:
-                    self.after_step(self.position)
-                last = step + 1 == steps_per_epoch
-                stop = self.stops.requested()
-                if stop or (cfg.save_every_steps and self.position.global_step % cfg.save_every_steps == 0
-                            and not last):
-                    self._save_resume(self.position)
-                if stop:
-                    self._stop(stop)
+                self._print_loss(bar, epoch, step, lv, running)
+                self._after_step(Position(epoch, step + 1, self.position.global_step + 1), steps_per_epoch)
         except BaseException:
             bar.leave = True  # keep the bar where it stopped, so that the error / stop line starts a line of its own
             raise
         finally:
             bar.close()
-        elapsed = time.perf_counter() - t0
+        return running
+
+    def _print_loss(self, bar, epoch: int, step: int, loss: float, running: float) -> None:
+        """--log_freq: a loss line every N steps (the progress bar shows the running loss anyway)."""
+        gs = self.position.global_step + 1
+        if self.cfg.print_every and gs % self.cfg.print_every == 0 and runtime.is_main_process():
+            bar.write(f"epoch {epoch + 1}, step {step + 1} (global step {gs}): loss {loss:.4g}, running "
+                      f"{running:.4g}, lr {self.units[0].scheduler.get_last_lr()[0]:.3g}")
+
+    def _after_step(self, position: Position, steps_per_epoch: int) -> None:
+        """Advance the position; heartbeat the locks; save a resume point when one is due or a stop was asked."""
+        self.position = position
+        for lock in self.locks:
+            lock.heartbeat()
+        if self.after_step is not None:
+            self.after_step(position)
+        stop = self.stops.requested()
+        due = (self.cfg.save_every_steps and position.global_step % self.cfg.save_every_steps == 0
+               and position.step < steps_per_epoch)  # the epoch's end saves anyway
+        if stop or due:
+            self._save_resume(position)
+        if stop:
+            self._stop(stop)
+
+    def _end_epoch(self, epoch: int, running: float | None, elapsed: float) -> dict[str, float]:
+        """Validate, log, save last / best and the resume point, print samples; stop here if asked to."""
         metrics = self._validate(epoch)
         shown = "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         loss_text = "n/a (no step)" if running is None else f"{running:.4g}"
-        log.info("epoch %d/%d  train loss %s  %.1fs  %s", epoch + 1, cfg.epochs, loss_text, elapsed, shown)
+        log.info("epoch %d/%d  train loss %s  %.1fs  %s", epoch + 1, self.cfg.epochs, loss_text, elapsed, shown)
         self._save_epoch(epoch, metrics)
         self.position = Position(epoch + 1, 0, self.position.global_step)
         self._save_resume(self.position)
