@@ -11,14 +11,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from models.bert import BertForMaskedLM
-from models.hf import TeacherError
+from models.hf import TeacherError, load_teacher
 from . import runtime
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +202,25 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
         print(f"note: {note}")
     print(format_table(result.metrics))
     return out
+
+
+def evaluate_student(s: Session, student: BertForMaskedLM, out_dir: Path, extra: dict[str, Any],
+                     judge_name: str | None = None, split: str = "test", max_batches: int | None = None) -> Path:
+    """Compare ``student`` with the session's teacher on ``split`` and write the report (rank 0) to ``out_dir``.
+
+    The one evaluation of a student shared by eval_merged_12.py, eval_merge_layer.py and finetune_merged.py.
+    """
+    args = s.args
+    judge = judge_tok = None
+    if judge_name:
+        judge, judge_tok = load_teacher(judge_name, s.device)
+    ds = s.sentences(split)
+    loader, _ = s.loader(ds, shuffle=False)
+    res = compare_models(s.teacher, student.to(s.device).eval(), loader, s.tokenizer, s.device, judge, judge_tok,
+                         max_batches=max_batches)
+    if runtime.is_main_process():
+        print(student.config.describe())
+        write_report(res, out_dir, {"teacher": args.teacher, "judge": judge_name, "split": split,
+                                    "percentage_data": getattr(args, "percentage_data", 1.0), "seq_len": args.seq_len,
+                                    "mask_seed": args.seed, "device": str(s.device), **extra})
+    return out_dir
