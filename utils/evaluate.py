@@ -184,8 +184,7 @@ def format_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None,
-                 predictions_name: str = "predictions.tsv") -> Path:
+def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """results.json + predictions file (sentence, true word, teacher, student, judge top-10) + printed table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +192,7 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     if result.rows:
         cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])
-        with open(out / predictions_name, "w", encoding="utf-8") as f:
+        with open(out / "predictions.tsv", "w", encoding="utf-8") as f:
             f.write("\t".join(cols + ["masked sentence"]) + "\n")
             for r in result.rows:
                 vals = [" ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols]
