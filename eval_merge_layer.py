@@ -14,13 +14,14 @@ from pathlib import Path
 from models.compress import clone_model, compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import UsageError, common_parser, non_negative_int
+from utils.cli import UsageError, add_eval_args, add_eval_recipe, common_parser, non_negative_int
+from utils.evaluate import evaluate_student
 from utils.session import check_output_dir, run_main, start
 from utils.recipes import add_heads_alias
 from utils.units import add_shape_args, shape_from_args, spec_from_meta
-from eval_merged_12 import ROOT, add_eval_args, add_eval_recipe, evaluate_student
 
 log = logging.getLogger("simplifying_transformers")
+ROOT = Path(__file__).resolve().parent  # the repository: where retrain_merge.py writes by default
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,39 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-from models import load_teacher
-from utils import runtime
 from utils.assemble import load_model
-from utils.cli import common_parser, fraction, positive_int
-from utils.evaluate import compare_models, write_report
-from utils.cli import UsageError
-from utils.recipes import EVAL, add_eval_seed_flags, use_recipes
+from utils.cli import UsageError, add_eval_args, add_eval_recipe, common_parser
+from utils.evaluate import evaluate_student
 from utils.session import Session, check_output_dir, run_main, start
 
 log = logging.getLogger("simplifying_transformers")
 ROOT = Path(__file__).resolve().parent
 # where notebooks/build_bert_from_retrained_12.ipynb saves the assembled model (its OUT, overridable by ST_OUT)
 NOTEBOOK_OUT = ROOT / "checkpoints" / "assembled"
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of the test split to use")
-    g.add_argument("--split", choices=["test", "valid"], default="test")
-    g.add_argument("--judge", type=judge_arg,
-                   help="a larger masked-LM (hub id or folder) judging the predictions; 'none': no judge")
-    g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
-    g.add_argument("--max-batches", type=positive_int("--max-batches"), default=None, help="stop after N batches")
-
-
-def judge_arg(s: str) -> str | None:
-    return None if s.lower() == "none" else s
-
-
-def add_eval_recipe(p: argparse.ArgumentParser, script: str) -> None:
-    """The seed's flags and --recipe (seed: the judge and 50%% of the test split) for an evaluation script."""
-    add_eval_seed_flags(p, script)
-    use_recipes(p, EVAL)
 
 
 def find_assembled(model: str | None) -> Path:
@@ -59,25 +35,6 @@ def find_assembled(model: str | None) -> Path:
     raise FileNotFoundError(
         "no assembled model found (looked in " + ", ".join(f"'{c}'" for c in dict.fromkeys(candidates)) + "); run "
         "notebooks/build_bert_from_retrained_12.ipynb or python -m utils.assemble first, or pass --model DIR")
-
-
-def evaluate_student(s: Session, student, out_dir: Path, extra: dict, judge_name: str | None = None,
-                     split: str = "test", max_batches: int | None = None) -> Path:
-    """Shared by the eval scripts and finetune_merged.py: run the comparison on ``split``, write the report."""
-    args = s.args
-    judge = judge_tok = None
-    if judge_name:
-        judge, judge_tok = load_teacher(judge_name, s.device)
-    ds = s.sentences(split)
-    loader, _ = s.loader(ds, shuffle=False)
-    res = compare_models(s.teacher, student.to(s.device).eval(), loader, s.tokenizer, s.device, judge, judge_tok,
-                         max_batches=max_batches)
-    if runtime.is_main_process():
-        print(student.config.describe())
-        write_report(res, out_dir, {"teacher": args.teacher, "judge": judge_name, "split": split,
-                                    "percentage_data": getattr(args, "percentage_data", 1.0), "seq_len": args.seq_len,
-                                    "mask_seed": args.seed, "device": str(s.device), **extra})
-    return out_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

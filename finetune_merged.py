@@ -17,12 +17,11 @@ from utils.assemble import build_student, load_model
 from utils.cli import (UsageError, add_training_args, common_parser, criterion_arg, non_negative_float, positive_float,
                        positive_int)
 from utils.distill import MLMMasker, ModelDistill, describe_losses
-from utils.evaluate import compare_models
+from utils.evaluate import compare_models, evaluate_student
 from utils.export import add_export_args, check_export_targets, run_exports
 from utils.recipes import FINETUNE, alias, probability, reject, run_record, set_dropout, use_recipes
 from utils.session import claim_units, run_main, sample_printer, start
 from utils.train import Trainer, Unit, make_train_config
-from eval_merged_12 import evaluate_student
 
 log = logging.getLogger("simplifying_transformers")
 REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")

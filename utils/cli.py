@@ -7,7 +7,7 @@ import sys
 from pathlib import PurePath
 from typing import Callable
 
-from .recipes import add_common_seed_flags, add_training_seed_flags
+from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
 
 
 class Parser(argparse.ArgumentParser):
@@ -213,3 +213,25 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
                    help="sub-folder of --out (default: derived from the settings)")
     add_training_seed_flags(p)
 
+
+
+def judge_arg(s: str) -> str | None:
+    """argparse type of --judge: a hub id or folder; 'none' means no judge."""
+    return None if s.lower() == "none" else s
+
+
+def add_eval_args(p: Parser) -> None:
+    """Flags of the evaluation scripts (eval_merged_12, eval_merge_layer): split, judge, amount of data."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of the test split to use")
+    g.add_argument("--split", choices=["test", "valid"], default="test")
+    g.add_argument("--judge", type=judge_arg,
+                   help="a larger masked-LM (hub id or folder) judging the predictions; 'none': no judge")
+    g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
+    g.add_argument("--max-batches", type=positive_int("--max-batches"), default=None, help="stop after N batches")
+
+
+def add_eval_recipe(p: Parser, script: str) -> None:
+    """The seed's flags and --recipe (seed: the judge and 50%% of the test split) for an evaluation script."""
+    add_eval_seed_flags(p, script)
+    use_recipes(p, EVAL)

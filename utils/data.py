@@ -203,17 +203,15 @@ class TokenizedSentences(Dataset):
         # one token more than kept tells a sentence that was cut from one that fits exactly
         enc = tokenizer(sentences, truncation=True, max_length=seq_len + 1, add_special_tokens=True)
         special = set(tokenizer.all_special_ids)
-        self.sentences: list[str] = []
         self.ids: list[list[int]] = []
         self.truncated = 0
-        for s, ids in zip(sentences, enc["input_ids"]):
+        for ids in enc["input_ids"]:
             cut = len(ids) > seq_len
             if cut:
                 ids = ids[:seq_len - 1] + ids[-1:]  # keep [CLS] ... [SEP], as truncation to seq_len would
             if not any(t not in special for t in ids):
                 continue  # nothing maskable
             self.truncated += int(cut)
-            self.sentences.append(s)
             self.ids.append(list(ids))
         self.skipped = len(sentences) - len(self.ids)
         if not self.ids:
@@ -355,14 +353,14 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 def make_loader(ds: TokenizedSentences, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, pin_memory: bool = False, num_replicas: int = 1, rank: int = 0,
-                with_eval_mask: bool = True) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
+                num_workers: int = 0, pin_memory: bool = False, num_replicas: int = 1,
+                rank: int = 0) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
     """DataLoader over length-bucketed batches, padded per batch; the sampler is returned for ``set_epoch``."""
     from torch.utils.data import DataLoader
 
     sampler = BucketBatchSampler(ds.lengths(), batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas,
                                  rank=rank)
-    collate = Collator(tokenizer.pad_token_id, tokenizer.mask_token_id if with_eval_mask else None)
+    collate = Collator(tokenizer.pad_token_id, tokenizer.mask_token_id)
     # a generator of its own: creating an iterator must not draw from the global RNG (that would shift dropout and
     # masking, so that runs with and without workers, or resumed ones, would differ)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,

@@ -256,9 +256,6 @@ class MergeDistill(DistillTask):
             inputs_from.requires_grad_(False).eval()
         self.views = {i: compose(teacher, merges={i: ls}) for i, ls in layers.items()}
 
-    def feature_names(self) -> list[str]:
-        return [f"in_{i}" for i in self.pairs] + [f"out_{i + 1}" for i in self.pairs]
-
     def _inputs(self, ids, att) -> dict[int, torch.Tensor]:
         src = self._frozen["inputs_from"]
         with torch.no_grad():

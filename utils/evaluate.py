@@ -5,20 +5,25 @@ once, so results are exact under data parallelism too (counts are all-reduced be
 """
 from __future__ import annotations
 
+import abc
+import itertools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from models.bert import BertForMaskedLM
-from models.hf import TeacherError
+from models.hf import TeacherError, load_teacher
 from . import runtime
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -39,118 +44,254 @@ def _judge_id_map(tokenizer, judge_tokenizer) -> None:
                          "for bert-base-uncased)")
 
 
+@dataclass
+class BatchOutputs:
+    """One batch as the metrics read it: both models' final hidden states (float32), the timed forward seconds, and,
+    with masked-LM heads, the logits (float32) and top-``max(TOPK)`` token ids at the masked position (the judge's
+    too, when there is one)."""
+    batch: dict[str, torch.Tensor]
+    valid: torch.Tensor  # [B, T] bool: real tokens
+    target: torch.Tensor  # [B] the masked token's id
+    teacher_hidden: torch.Tensor
+    student_hidden: torch.Tensor
+    teacher_seconds: float
+    student_seconds: float
+    teacher_logits: torch.Tensor | None = None
+    student_logits: torch.Tensor | None = None
+    teacher_top: torch.Tensor | None = None
+    student_top: torch.Tensor | None = None
+    judge_top: torch.Tensor | None = None
+
+
+class Metric(abc.ABC):
+    """Counts summed over batches (``update``), then over ranks, then divided once (``result``)."""
+
+    def __init__(self, *counts: str):
+        self.counts = dict.fromkeys(counts, 0.0)
+
+    @abc.abstractmethod
+    def update(self, out: BatchOutputs) -> None: ...
+
+    @abc.abstractmethod
+    def result(self) -> dict[str, Any]: ...
+
+
+class HiddenFidelity(Metric):
+    """Cosine and MSE of the final hidden states over real tokens; the number of sentences."""
+
+    def __init__(self):
+        super().__init__("sentences", "tokens", "cos_sum", "mse_sum")
+
+    def update(self, out: BatchOutputs) -> None:
+        th, sh, valid, c = out.teacher_hidden, out.student_hidden, out.valid, self.counts
+        c["cos_sum"] += F.cosine_similarity(th, sh, dim=-1)[valid].sum().item()
+        c["mse_sum"] += (th - sh).pow(2).mean(-1)[valid].sum().item()
+        c["tokens"] += valid.sum().item()
+        c["sentences"] += len(valid)
+
+    def result(self) -> dict[str, Any]:
+        tok = max(self.counts["tokens"], 1)
+        return {"sentences": int(self.counts["sentences"]), "hidden_cosine": self.counts["cos_sum"] / tok,
+                "hidden_mse": self.counts["mse_sum"] / tok}
+
+
+class Cost(Metric):
+    """Parameters and forward latency per batch of both models, their ratio and the speed-up."""
+
+    def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM):
+        super().__init__("t_time", "s_time", "batches")
+        self.params = teacher.num_parameters(), student.num_parameters()
+
+    def update(self, out: BatchOutputs) -> None:
+        self.counts["t_time"] += out.teacher_seconds
+        self.counts["s_time"] += out.student_seconds
+        self.counts["batches"] += 1
+
+    def result(self) -> dict[str, Any]:
+        t, s, batches = self.counts["t_time"], self.counts["s_time"], max(self.counts["batches"], 1)
+        return {"teacher_params": self.params[0], "student_params": self.params[1],
+                "teacher_latency_ms_per_batch": 1000 * t / batches, "student_latency_ms_per_batch": 1000 * s / batches,
+                "param_ratio": self.params[1] / self.params[0], "speedup": t / s if s > 0 else math.nan}
+
+
+class PerSentence(Metric):
+    """A masked-token metric: counts per sentence, divided by the number of sentences."""
+
+    def __init__(self, *counts: str):
+        super().__init__("n", *counts)
+
+    def update(self, out: BatchOutputs) -> None:
+        self.counts["n"] += len(out.target)
+        for k, v in self.count(out).items():
+            self.counts[k] += v
+
+    @abc.abstractmethod
+    def count(self, out: BatchOutputs) -> dict[str, float]:
+        """This batch's counts (one per result key)."""
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.counts["n"], 1)
+        return {k: v / n for k, v in self.counts.items() if k != "n"}
+
+
+def _hits(top: torch.Tensor, k: int, want: torch.Tensor) -> float:
+    """Rows whose first ``k`` ids contain ``want`` (one id per row)."""
+    return (top[:, :k] == want[:, None]).any(-1).sum().item()
+
+
+class TopKAccuracy(PerSentence):
+    """Top-k accuracy of teacher and student at the masked position."""
+
+    def __init__(self):
+        super().__init__(*(f"{who}_top{k}" for who in ("teacher", "student") for k in TOPK))
+
+    def count(self, out: BatchOutputs) -> dict[str, float]:
+        tops = {"teacher": out.teacher_top, "student": out.student_top}
+        return {f"{who}_top{k}": _hits(tops[who], k, out.target) for who in tops for k in TOPK}
+
+
+class Agreement(PerSentence):
+    """Student top-1 = teacher top-1."""
+
+    def __init__(self):
+        super().__init__("agreement_top1")
+
+    def count(self, out: BatchOutputs) -> dict[str, float]:
+        return {"agreement_top1": (out.teacher_top[:, 0] == out.student_top[:, 0]).sum().item()}
+
+
+class KLDivergence(PerSentence):
+    """KL(teacher || student) of the vocabulary distributions at the masked position."""
+
+    def __init__(self):
+        super().__init__("kl_teacher_student")
+
+    def count(self, out: BatchOutputs) -> dict[str, float]:
+        kl = F.kl_div(out.student_logits.log_softmax(-1), out.teacher_logits.log_softmax(-1), log_target=True,
+                      reduction="sum")
+        return {"kl_teacher_student": kl.item()}
+
+
+class JudgeAgreement(PerSentence):
+    """The judge's top-1 accuracy; teacher's and student's top-1 within the judge's top-k."""
+
+    def __init__(self):
+        super().__init__("judge_top1", *(f"{who}_in_judge_top{k}" for who in ("teacher", "student") for k in TOPK))
+
+    def count(self, out: BatchOutputs) -> dict[str, float]:
+        j_top, tops = out.judge_top, {"teacher": out.teacher_top, "student": out.student_top}
+        c = {"judge_top1": (j_top[:, 0] == out.target).sum().item()}
+        c.update({f"{who}_in_judge_top{k}": _hits(j_top, k, tops[who][:, 0]) for who in tops for k in TOPK})
+        return c
+
+
+class PredictionRows:
+    """One row per sentence (index, sentence, masked sentence, true/teacher/student token, judge top-10)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.rows = tokenizer, []
+
+    def update(self, out: BatchOutputs) -> None:
+        tok, batch = self.tokenizer, out.batch
+        for b in range(len(out.target)):
+            n = int(out.valid[b].sum())
+            row = {"index": int(batch["index"][b]),
+                   "sentence": tok.decode(batch["input_ids"][b, 1:n - 1].tolist()),
+                   "masked": tok.decode(batch["masked_input_ids"][b, 1:n - 1].tolist()),
+                   "true": tok.convert_ids_to_tokens(int(out.target[b])),
+                   "teacher": tok.convert_ids_to_tokens(int(out.teacher_top[b, 0])),
+                   "student": tok.convert_ids_to_tokens(int(out.student_top[b, 0]))}
+            if out.judge_top is not None:
+                row["judge_top10"] = tok.convert_ids_to_tokens(out.judge_top[b].tolist())
+            self.rows.append(row)
+
+    def result(self) -> list[dict[str, Any]]:
+        if not runtime.is_distributed():
+            return self.rows
+        # every rank's sentences, in the order of a single process
+        return sorted((r for part in runtime.all_gather_objects(self.rows) for r in part), key=lambda r: r["index"])
+
+
+def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None,
+                  tokenizer, judge_tokenizer) -> list[str]:
+    """Refuse a judge that cannot judge; the notes on what will not be measured."""
+    _judge_id_map(tokenizer, judge_tokenizer)
+    notes = []
+    if not (teacher.has_mlm_head and student.has_mlm_head):
+        notes.append("no masked-LM head on " + ("the teacher" if not teacher.has_mlm_head else "the student")
+                     + ": masked-token metrics (accuracy, agreement, KL, judge) skipped; fidelity metrics reported")
+    if judge is not None and not judge.has_mlm_head:
+        raise TeacherError("the judge model has no masked-LM head; choose a BertForMaskedLM checkpoint")
+    return notes
+
+
+def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, mlm: bool, with_judge: bool) -> list[Metric]:
+    """The metrics of one comparison, in the order of their keys in the results."""
+    metrics: list[Metric] = [HiddenFidelity(), Cost(teacher, student)]
+    if mlm:
+        metrics += [TopKAccuracy(), Agreement(), KLDivergence()] + ([JudgeAgreement()] if with_judge else [])
+    return metrics
+
+
+def _forward(model: BertForMaskedLM, ids, att, pos, mlm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder, then the vocabulary projection at the masked position only."""
+    h = model(ids, att, with_logits=False).last_hidden_state
+    return h, (model.mlm_logits(h[torch.arange(len(ids), device=ids.device), pos]) if mlm else None)
+
+
+def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, batch,
+               device: torch.device, mlm: bool, warm_up: bool) -> BatchOutputs:
+    """Both models (timed, each alone) and the judge (untimed) on one batch."""
+    ids, att = batch["masked_input_ids"].to(device), batch["attention_mask"].to(device)
+    pos = batch["mask_pos"].to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if warm_up:  # untimed: the first call of a model pays for allocation and kernel selection
+        _forward(teacher, ids, att, pos, mlm), _forward(student, ids, att, pos, mlm)
+    sync(); t0 = time.perf_counter()
+    th, tl = _forward(teacher, ids, att, pos, mlm)
+    sync(); t1 = time.perf_counter()
+    sh, sl = _forward(student, ids, att, pos, mlm)
+    sync(); t2 = time.perf_counter()
+    out = BatchOutputs(batch, att.bool(), batch["target"].to(device), th.float(), sh.float(), t1 - t0, t2 - t1)
+    if mlm:
+        out.teacher_logits, out.student_logits = tl.float(), sl.float()
+        out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
+        out.student_top = out.student_logits.topk(max(TOPK), -1).indices
+        if judge is not None:
+            _, jl = _forward(judge, ids, att, pos, True)
+            out.judge_top = jl.float().topk(max(TOPK), -1).indices
+    return out
+
+
+def _all_reduce_counts(metrics: list[Metric], device: torch.device) -> None:
+    """Every metric's counts summed over ranks, in one all-reduce (float64: exact for counts)."""
+    keys = [(m, k) for m in metrics for k in m.counts]
+    summed = runtime.all_reduce_sum(torch.tensor([m.counts[k] for m, k in keys], dtype=torch.float64, device=device))
+    for (m, k), v in zip(keys, summed.tolist()):
+        m.counts[k] = v
+
+
 @torch.no_grad()
 def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, tokenizer, device: torch.device,
                    judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,
                    max_batches: int | None = None) -> EvalResult:
     """Masked-token accuracy (top-1/5/10), agreement, KL(teacher||student), hidden-state cosine, latency, params."""
-    _judge_id_map(tokenizer, judge_tokenizer)
+    notes = _check_models(teacher, student, judge, tokenizer, judge_tokenizer)
     mlm = teacher.has_mlm_head and student.has_mlm_head
-    notes = []
-    if not mlm:
-        notes.append("no masked-LM head on " + ("the teacher" if not teacher.has_mlm_head else "the student")
-                     + ": masked-token metrics (accuracy, agreement, KL, judge) skipped; fidelity metrics reported")
-    if judge is not None and not judge.has_mlm_head:
-        raise TeacherError("the judge model has no masked-LM head; choose a BertForMaskedLM checkpoint")
-    teacher.eval(), student.eval()
-    if judge is not None:
-        judge.eval()
-    names = ["sentences", "tokens", "cos_sum", "mse_sum", "kl_sum", "agree", "t_time", "s_time", "batches"]
-    names += [f"{m}_top{k}" for m in ("teacher", "student") for k in TOPK]
-    names += [f"{m}_in_judge_top{k}" for m in ("teacher", "student") for k in TOPK] + ["judge_top1"]
-    acc = dict.fromkeys(names, 0.0)
-    rows = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for bi, batch in enumerate(loader):
-        if max_batches is not None and bi >= max_batches:
-            break
-        ids = batch["masked_input_ids"].to(device)
-        att = batch["attention_mask"].to(device)
-        pos = batch["mask_pos"].to(device)
-        target = batch["target"].to(device)
-        rows_idx = torch.arange(len(ids), device=device)
-
-        def run(model):  # the encoder, then the vocabulary projection at the masked position only
-            h = model(ids, att, with_logits=False).last_hidden_state
-            return h, (model.mlm_logits(h[rows_idx, pos]) if mlm else None)
-
-        if bi == 0:  # warm-up, untimed: the first call of a model pays for allocation and kernel selection
-            run(teacher), run(student)
-        sync(); t0 = time.perf_counter()
-        th, tl = run(teacher)
-        sync(); t1 = time.perf_counter()
-        sh, sl = run(student)
-        sync(); t2 = time.perf_counter()
-        acc["t_time"] += t1 - t0
-        acc["s_time"] += t2 - t1
-        acc["batches"] += 1
-        valid = att.bool()
-        th, sh = th.float(), sh.float()
-        acc["cos_sum"] += F.cosine_similarity(th, sh, dim=-1)[valid].sum().item()
-        acc["mse_sum"] += (th - sh).pow(2).mean(-1)[valid].sum().item()
-        acc["tokens"] += valid.sum().item()
-        acc["sentences"] += len(ids)
-        if not mlm:
-            continue
-        tl, sl = tl.float(), sl.float()
-        t_top = tl.topk(max(TOPK), -1).indices
-        s_top = sl.topk(max(TOPK), -1).indices
-        for k in TOPK:
-            acc[f"teacher_top{k}"] += (t_top[:, :k] == target[:, None]).any(-1).sum().item()
-            acc[f"student_top{k}"] += (s_top[:, :k] == target[:, None]).any(-1).sum().item()
-        acc["agree"] += (t_top[:, 0] == s_top[:, 0]).sum().item()
-        acc["kl_sum"] += F.kl_div(sl.log_softmax(-1), tl.log_softmax(-1), log_target=True, reduction="sum").item()
-        j_top = None
-        if judge is not None:
-            j_h = judge(ids, att, with_logits=False).last_hidden_state[rows_idx, pos]
-            j_top = judge.mlm_logits(j_h).float().topk(max(TOPK), -1).indices
-            acc["judge_top1"] += (j_top[:, 0] == target).sum().item()
-            for k in TOPK:
-                acc[f"teacher_in_judge_top{k}"] += (j_top[:, :k] == t_top[:, :1]).any(-1).sum().item()
-                acc[f"student_in_judge_top{k}"] += (j_top[:, :k] == s_top[:, :1]).any(-1).sum().item()
-        if keep_rows:
-            for b in range(len(ids)):
-                n = int(att[b].sum())
-                row = {
-                    "index": int(batch["index"][b]),
-                    "sentence": tokenizer.decode(batch["input_ids"][b, 1:n - 1].tolist()),
-                    "masked": tokenizer.decode(batch["masked_input_ids"][b, 1:n - 1].tolist()),
-                    "true": tokenizer.convert_ids_to_tokens(int(target[b])),
-                    "teacher": tokenizer.convert_ids_to_tokens(int(t_top[b, 0])),
-                    "student": tokenizer.convert_ids_to_tokens(int(s_top[b, 0])),
-                }
-                if j_top is not None:
-                    row["judge_top10"] = tokenizer.convert_ids_to_tokens(j_top[b].tolist())
-                rows.append(row)
-    keys = list(acc)
-    summed = runtime.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=device))
-    acc = dict(zip(keys, summed.tolist()))
-    if keep_rows and runtime.is_distributed():  # every rank's sentences, in the order of a single process
-        rows = sorted((r for part in runtime.all_gather_objects(rows) for r in part), key=lambda r: r["index"])
-    n, tok = max(acc["sentences"], 1), max(acc["tokens"], 1)
-    m: dict[str, Any] = {
-        "sentences": int(acc["sentences"]),
-        "hidden_cosine": acc["cos_sum"] / tok,
-        "hidden_mse": acc["mse_sum"] / tok,
-        "teacher_params": teacher.num_parameters(),
-        "student_params": student.num_parameters(),
-        "teacher_latency_ms_per_batch": 1000 * acc["t_time"] / max(acc["batches"], 1),
-        "student_latency_ms_per_batch": 1000 * acc["s_time"] / max(acc["batches"], 1),
-    }
-    m["param_ratio"] = m["student_params"] / m["teacher_params"]
-    m["speedup"] = acc["t_time"] / acc["s_time"] if acc["s_time"] > 0 else math.nan
-    if mlm:
-        for who in ("teacher", "student"):
-            for k in TOPK:
-                m[f"{who}_top{k}"] = acc[f"{who}_top{k}"] / n
-        m["agreement_top1"] = acc["agree"] / n
-        m["kl_teacher_student"] = acc["kl_sum"] / n
-        if judge is not None:
-            m["judge_top1"] = acc["judge_top1"] / n
-            for who in ("teacher", "student"):
-                for k in TOPK:
-                    m[f"{who}_in_judge_top{k}"] = acc[f"{who}_in_judge_top{k}"] / n
-    return EvalResult(metrics=m, rows=rows, notes=notes)
+    for model in (teacher, student, judge):
+        if model is not None:
+            model.eval()
+    metrics = make_metrics(teacher, student, mlm, judge is not None)
+    rows = PredictionRows(tokenizer) if keep_rows else None
+    for bi, batch in enumerate(itertools.islice(loader, max_batches)):
+        out = _run_batch(teacher, student, judge, batch, device, mlm, warm_up=bi == 0)
+        for metric in metrics:
+            metric.update(out)
+        if rows is not None and mlm:
+            rows.update(out)
+    _all_reduce_counts(metrics, device)
+    result = {k: v for metric in metrics for k, v in metric.result().items()}
+    return EvalResult(metrics=result, rows=rows.result() if rows is not None else [], notes=notes)
 
 
 def format_table(m: dict[str, Any]) -> str:
@@ -181,8 +322,7 @@ def format_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None,
-                 predictions_name: str = "predictions.tsv") -> Path:
+def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """results.json + predictions file (sentence, true word, teacher, student, judge top-10) + printed table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +330,7 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     if result.rows:
         cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])
-        with open(out / predictions_name, "w", encoding="utf-8") as f:
+        with open(out / "predictions.tsv", "w", encoding="utf-8") as f:
             f.write("\t".join(cols + ["masked sentence"]) + "\n")
             for r in result.rows:
                 vals = [" ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols]
@@ -199,3 +339,25 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
         print(f"note: {note}")
     print(format_table(result.metrics))
     return out
+
+
+def evaluate_student(s: Session, student: BertForMaskedLM, out_dir: Path, extra: dict[str, Any],
+                     judge_name: str | None = None, split: str = "test", max_batches: int | None = None) -> Path:
+    """Compare ``student`` with the session's teacher on ``split`` and write the report (rank 0) to ``out_dir``.
+
+    The one evaluation of a student shared by eval_merged_12.py, eval_merge_layer.py and finetune_merged.py.
+    """
+    args = s.args
+    judge = judge_tok = None
+    if judge_name:
+        judge, judge_tok = load_teacher(judge_name, s.device)
+    ds = s.sentences(split)
+    loader, _ = s.loader(ds, shuffle=False)
+    res = compare_models(s.teacher, student.to(s.device).eval(), loader, s.tokenizer, s.device, judge, judge_tok,
+                         max_batches=max_batches)
+    if runtime.is_main_process():
+        print(student.config.describe())
+        write_report(res, out_dir, {"teacher": args.teacher, "judge": judge_name, "split": split,
+                                    "percentage_data": getattr(args, "percentage_data", 1.0), "seq_len": args.seq_len,
+                                    "mask_seed": args.seed, "device": str(s.device), **extra})
+    return out_dir

@@ -1,0 +1,91 @@
+"""The comparison's metrics: counts summed over batches and divided once, each metric checked by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import load_teacher
+from models.compress import drop_every_second
+from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader
+from utils.evaluate import (Agreement, BatchOutputs, JudgeAgreement, PerSentence, TopKAccuracy, compare_models,
+                            make_metrics)
+
+
+def _outputs(target, teacher_top, student_top, judge_top=None) -> BatchOutputs:
+    t = torch.tensor
+    h = torch.zeros(len(target), 2, 3)
+    return BatchOutputs({}, torch.ones(len(target), 2, dtype=torch.bool), t(target), h, h, 0.0, 0.0,
+                        teacher_top=t(teacher_top), student_top=t(student_top),
+                        judge_top=None if judge_top is None else t(judge_top))
+
+
+def test_masked_token_metrics_count_by_hand():
+    # ids as top-10 lists; only the first few columns matter for top-1/5
+    pad = list(range(100, 108))
+    out = _outputs([1, 2, 3, 4],
+                   teacher_top=[[1, 9] + pad, [9, 2] + pad, [3, 9] + pad, [8, 7] + pad],
+                   student_top=[[1, 9] + pad, [2, 9] + pad, [7, 9] + pad, [6, 7] + pad],
+                   judge_top=[[1, 2] + pad, [2, 9] + pad, [9, 8] + pad, [4, 6] + pad])
+    metrics = [TopKAccuracy(), Agreement(), JudgeAgreement()]
+    for m in metrics:
+        m.update(out)
+        m.update(out)  # two batches: the same fractions
+    r = {k: v for m in metrics for k, v in m.result().items()}
+    assert r["teacher_top1"] == 2 / 4 and r["teacher_top5"] == 3 / 4 and r["teacher_top10"] == 3 / 4
+    assert r["student_top1"] == 2 / 4 and r["student_top5"] == 2 / 4
+    assert r["agreement_top1"] == 1 / 4  # only sentence 0: 1 == 1
+    assert r["judge_top1"] == 3 / 4
+    # top-1s: teacher 1, 9, 3, 8; student 1, 2, 7, 6; judge top-5s start [1, 2], [2, 9], [9, 8], [4, 6]
+    assert r["teacher_in_judge_top1"] == 1 / 4 and r["teacher_in_judge_top5"] == 2 / 4  # sentences 0; 0, 1
+    assert r["student_in_judge_top1"] == 2 / 4 and r["student_in_judge_top5"] == 3 / 4  # 0, 1; 0, 1, 3
+
+
+def test_a_new_metric_is_one_class():
+    class TargetIsOne(PerSentence):
+        def __init__(self):
+            super().__init__("target_is_one")
+
+        def count(self, out):
+            return {"target_is_one": (out.target == 1).sum().item()}
+
+    m = TargetIsOne()
+    m.update(_outputs([1, 1, 2], [[0]] * 3, [[0]] * 3))
+    m.update(_outputs([5], [[0]], [[0]]))
+    assert m.result() == {"target_is_one": 2 / 4}
+
+
+@pytest.fixture(scope="module")
+def models_and_data(tiny_teacher, tiny_corpus):
+    teacher, tok = load_teacher(tiny_teacher)
+    student, _ = drop_every_second(teacher)
+    ds = TokenizedSentences(load_sentences(DataSpec(data_dir=str(tiny_corpus)), "test"), tok, 40)
+    return teacher, student, tok, ds
+
+
+def test_results_do_not_depend_on_the_batching(models_and_data):
+    """Counts are summed, then divided once: uneven batches give the fractions of the whole split."""
+    teacher, student, tok, ds = models_and_data
+    res = {}
+    for bs in (7, 64):
+        loader, _ = make_loader(ds, tok, bs, shuffle=False)
+        res[bs] = compare_models(teacher, student, loader, tok, torch.device("cpu"), teacher, tok)
+    a, b = res[7].metrics, res[64].metrics
+    assert a["sentences"] == b["sentences"] == len(ds)
+    for k in ("teacher_top1", "student_top5", "agreement_top1", "judge_top1", "student_in_judge_top10"):
+        assert a[k] == b[k], k
+    for k in ("hidden_cosine", "hidden_mse", "kl_teacher_student"):
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k  # float32 sums in another order
+    assert a["judge_top1"] == a["teacher_top1"]  # the teacher judging itself
+    assert [r["index"] for r in res[7].rows] == sorted(r["index"] for r in res[64].rows) == list(range(len(ds)))
+
+
+def test_metric_order_and_keys(models_and_data):
+    teacher, student, _, _ = models_and_data
+    keys = [k for m in make_metrics(teacher, student, mlm=True, with_judge=True) for k in m.result()]
+    assert keys[:9] == ["sentences", "hidden_cosine", "hidden_mse", "teacher_params", "student_params",
+                        "teacher_latency_ms_per_batch", "student_latency_ms_per_batch", "param_ratio", "speedup"]
+    assert keys[9:] == ["teacher_top1", "teacher_top5", "teacher_top10", "student_top1", "student_top5",
+                        "student_top10", "agreement_top1", "kl_teacher_student", "judge_top1",
+                        "teacher_in_judge_top1", "teacher_in_judge_top5", "teacher_in_judge_top10",
+                        "student_in_judge_top1", "student_in_judge_top5", "student_in_judge_top10"]
+    assert [k for m in make_metrics(teacher, student, mlm=False, with_judge=False) for k in m.result()] == keys[:9]
