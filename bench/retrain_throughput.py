@@ -151,7 +151,7 @@ def seed_style_steps(teacher: BertForMaskedLM, students: dict[int, BertAttention
                 att = b["attention_mask"]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     feats = teacher_features(teacher, b["input_ids"], att, [f"in_{i}", f"block_{i}"])
-                    out, _ = student.block(feats[f"in_{i}"], extended_mask(att))
+                    out, _ = student.contribution(feats[f"in_{i}"], extended_mask(att))
                     loss = hidden_loss(out, feats[f"block_{i}"], att.bool(), CRITERION)
                 stepper.step(loss)
                 losses.append(loss.item())  # the real loop reads the loss every step too
@@ -214,7 +214,7 @@ def warm_up(teacher: BertForMaskedLM, students: dict[int, BertAttention], batch:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         feats = teacher_features(teacher, b["input_ids"], b["attention_mask"],
                                  [f"{k}_{i}" for i in students for k in ("in", "block")])
-        out, _ = probe.block(feats["in_0"], extended_mask(b["attention_mask"]))
+        out, _ = probe.contribution(feats["in_0"], extended_mask(b["attention_mask"]))
         loss = hidden_loss(out, feats["block_0"], b["attention_mask"].bool(), CRITERION)
     Stepper([probe], device, 1e-4, 1.0).step(loss)
     sync(device)

@@ -156,7 +156,7 @@ SELF_ATTENTION: dict[str, type[BertSelfAttention]] = {"mha": BertSelfAttention, 
 class BertAttention(nn.Module):
     """The swappable unit of block retraining: q/k/v + output projection, then residual + LayerNorm.
 
-    ``block`` is the part a retrained block has to reproduce: the output projection of the attention, before the
+    ``contribution`` is what a retrained block has to reproduce: the output projection of the attention, before the
     residual and the LayerNorm. ``attention`` (and its own fields, see ``LayerSpec.ATTENTION_FIELDS``) picks the
     q/k/v module from ``SELF_ATTENTION``.
     """
@@ -185,18 +185,20 @@ class BertAttention(nn.Module):
     def head_dim(self) -> int:
         return self.self.head_dim
 
-    def block(
+    def contribution(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, need_trace: bool = False
     ) -> tuple[torch.Tensor, AttentionTrace | None]:
+        """What the attention adds to the residual stream: heads mixed and projected, before the residual and the
+        LayerNorm (the target of block retraining; the teacher cache stores it as feature ``block_{i}``)."""
         ctx, trace = self.self(x, mask, need_trace)
         return self.output.dense(ctx), trace
 
-    def finish(self, x: torch.Tensor, block_out: torch.Tensor) -> torch.Tensor:
-        """Residual + LayerNorm around a block output."""
-        return self.output.LayerNorm(x + self.output.dropout(block_out))
+    def finish(self, x: torch.Tensor, contribution: torch.Tensor) -> torch.Tensor:
+        """Residual + LayerNorm around the attention's contribution."""
+        return self.output.LayerNorm(x + self.output.dropout(contribution))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.finish(x, self.block(x, mask)[0])
+        return self.finish(x, self.contribution(x, mask)[0])
 
 
 class BertIntermediate(nn.Module):

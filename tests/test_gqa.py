@@ -61,8 +61,8 @@ def test_gqa_block_matches_hand_computation(tiny_teacher):
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 5:] = 0
     with torch.no_grad():
-        fast, _ = attn.block(x, extended_mask(mask))
-        slow, trace = attn.block(x, extended_mask(mask), need_trace=True)
+        fast, _ = attn.contribution(x, extended_mask(mask))
+        slow, trace = attn.contribution(x, extended_mask(mask), need_trace=True)
         hand = _hand_gqa(attn, x, mask)
     real = mask.bool()
     assert (fast - hand)[real].abs().max() < 1e-5
@@ -75,16 +75,16 @@ def test_gqa_init_from_teacher(tiny_teacher):
     cfg, t_attn = teacher.config, teacher.layers[1].attention.eval()
     x = torch.randn(2, 9, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want, _ = t_attn.block(x)
+        want, _ = t_attn.contribution(x)
         # one key/value head per query head and the teacher's head_dim: the teacher's block itself
         same, note = init_attention(t_attn, cfg, LayerSpec(4, 8, 64, [1], attention="gqa", num_kv_heads=4))
-        assert (same.eval().block(x)[0] - want).abs().max() < 1e-5 and "mean" in note
+        assert (same.eval().contribution(x)[0] - want).abs().max() < 1e-5 and "mean" in note
         err = {}
         for kv, d in ((2, 8), (2, 4), (1, 8)):
             spec = LayerSpec(4, d, 64, [1], attention="gqa", num_kv_heads=kv)
             for how in ("teacher", "random"):
                 got, _ = init_attention(t_attn, cfg, spec, how)
-                err[kv, d, how] = float((got.eval().block(x)[0] - want).pow(2).mean())
+                err[kv, d, how] = float((got.eval().contribution(x)[0] - want).pow(2).mean())
     for kv, d in ((2, 8), (2, 4), (1, 8)):  # pooled heads start nearer the teacher than a random block
         assert err[kv, d, "teacher"] < err[kv, d, "random"], err
 
@@ -98,10 +98,10 @@ def test_gqa_block_trains(tiny_teacher):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(8, 10, cfg.hidden_size, generator=g)
     with torch.no_grad():
-        target, _ = t_attn.block(x)
+        target, _ = t_attn.contribution(x)
     losses = []
     for _ in range(40):
-        loss = torch.nn.functional.mse_loss(student.block(x)[0], target)
+        loss = torch.nn.functional.mse_loss(student.contribution(x)[0], target)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -57,7 +57,7 @@ def test_compress_attention_full_shape_is_exact(tiny_teacher):
     new, _ = compress_attention(attn, teacher.config, attn.num_heads, attn.head_dim)
     x = torch.randn(2, 7, teacher.config.hidden_size)
     with torch.no_grad():
-        assert torch.allclose(new.eval().block(x)[0], attn.block(x)[0], atol=1e-6)
+        assert torch.allclose(new.eval().contribution(x)[0], attn.contribution(x)[0], atol=1e-6)
 
 
 def test_svd_head_dim_reduction_beats_truncation(tiny_teacher):
@@ -66,9 +66,9 @@ def test_svd_head_dim_reduction_beats_truncation(tiny_teacher):
     attn = teacher.layers[0].attention
     x = torch.randn(4, 9, teacher.config.hidden_size)
     with torch.no_grad():
-        ref = attn.block(x)[0]
+        ref = attn.contribution(x)[0]
         svd, note = compress_attention(attn, teacher.config, attn.num_heads, attn.head_dim // 2)
-        err_svd = (svd.eval().block(x)[0] - ref).norm()
+        err_svd = (svd.eval().contribution(x)[0] - ref).norm()
         naive = BertAttention(teacher.config, attn.num_heads, attn.head_dim // 2).eval()
         d, dt = attn.head_dim // 2, attn.head_dim
         rows = torch.cat([torch.arange(h * dt, h * dt + d) for h in range(attn.num_heads)])
@@ -77,7 +77,7 @@ def test_svd_head_dim_reduction_beats_truncation(tiny_teacher):
             getattr(naive.self, name).bias.copy_(getattr(attn.self, name).bias[rows])
         naive.output.dense.weight.copy_(attn.output.dense.weight[:, rows])
         naive.output.dense.bias.copy_(attn.output.dense.bias)
-        err_naive = (naive.block(x)[0] - ref).norm()
+        err_naive = (naive.contribution(x)[0] - ref).norm()
     assert "SVD" in note
     assert err_svd < err_naive
 

@@ -199,13 +199,13 @@ class BlockDistill(DistillTask):
             student = self.students[f"block_{i}"]
             x = feats[f"in_{i}"]
             need = "scores" in self.loss_on
-            s_out, s_trace = student.block(x, mask, need_trace=need)
+            s_out, s_trace = student.contribution(x, mask, need_trace=need)
             loss = s_out.new_zeros(())
             if "output" in self.loss_on:
                 loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, self.criterion)
             if need:
                 with torch.no_grad():
-                    _, t_trace = self.teacher.layers[i].attention.block(x, mask, need_trace=True)
+                    _, t_trace = self.teacher.layers[i].attention.contribution(x, mask, need_trace=True)
                 if self.score_target == "logits" and self.score_criterion in ("MSE", "L1"):
                     loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, self.score_criterion)
                 else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)

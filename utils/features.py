@@ -61,7 +61,7 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         if i == last and "block" not in kinds:
             break
         layer = teacher.layers[i]
-        blk, _ = layer.attention.block(h, mask)
+        blk, _ = layer.attention.contribution(h, mask)
         if "block" in kinds:
             got[f"block_{i}"] = blk
         a = layer.attention.finish(h, blk)
