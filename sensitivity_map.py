@@ -4,11 +4,12 @@
 
 For every teacher layer and every option (heads: 2/3, 1/2, 1/3, 1/6 of the teacher's, i.e. 8/6/4/2 of 12; head_dim
 halved; merged with the next layer; FFN width halved; combined in one unit: heads 4 + FFN 768 and heads 2 + FFN 384
-in one layer, a merged pair with 6 heads + FFN 768, for budgets beyond one option per layer) one unit is initialised from the teacher, retrained alone on
-the teacher's cached features (all layers of an option together, one teacher pass for everything), put alone into
-the teacher and compared with it on the validation split (top-1 drop, agreement, KL at one mask per sentence); its
-encoder latency saving is timed round-robin on this device. Writes sensitivity.json, sensitivity.md (layers x
-options table) and sensitivity.png (heatmaps) to --out/--run-name; plan_student.py plans from the JSON.
+in one layer, a merged pair with 6 heads + FFN 768, for budgets beyond one option per layer) one unit is initialised
+from the teacher, retrained alone on the teacher's cached features (all layers of an option together, one teacher
+pass for everything), put alone into the teacher and compared with it on the validation split (top-1 drop,
+agreement, KL at one mask per sentence); its encoder latency saving is timed round-robin on this device. Writes
+sensitivity.json, sensitivity.md (layers x options table) and sensitivity.png (heatmaps) to --out/--run-name;
+plan_student.py plans from the JSON.
 """
 from __future__ import annotations
 

@@ -121,7 +121,8 @@ def candidates(smap: dict[str, Any], target: float, cost: str) -> list[dict[str,
 
 
 def plan_key(choices: dict[int, Option], trained: bool) -> str:
-    body = ", ".join(f"{i}{'+' + str(i + 1) if o.kind == 'merge' else ''}: {o.name}" for i, o in sorted(choices.items()))
+    body = ", ".join(f"{i}{'+' + str(i + 1) if o.kind == 'merge' else ''}: {o.name}"
+                     for i, o in sorted(choices.items()))
     return ("" if trained else "untrained ") + (body or "teacher")
 
 

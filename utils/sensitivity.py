@@ -1,11 +1,12 @@
 """Which layers can be simplified, and by how much: a per-layer sensitivity map and a planner over it.
 
 The map: for every teacher layer and every option (fewer heads, half the head_dim, merged with the next layer, half
-the feed-forward width, and combinations within one unit: fewer heads *and* a narrower FFN in one layer or in a merged
-pair, which reach deeper budgets than one option per layer can) one unit is initialised from the teacher (``models.compress``), retrained alone against the
-teacher's features (the distillation tasks of ``utils.distill`` on the one ``Trainer``, one shared teacher cache),
-put alone into the teacher, and measured on the validation split (``utils.evaluate.compare_models``): top-1 drop,
-agreement, KL. Each unit's latency and the teacher layers' it replaces are timed round-robin on the device.
+the feed-forward width, and combinations within one unit: fewer heads *and* a narrower FFN in one layer or in a
+merged pair, which reach deeper budgets than one option per layer can) one unit is initialised from the teacher
+(``models.compress``), retrained alone against the teacher's features (the distillation tasks of ``utils.distill``
+on the one ``Trainer``, one shared teacher cache), put alone into the teacher, and measured on the validation split
+(``utils.evaluate.compare_models``): top-1 drop, agreement, KL. Each unit's latency and the teacher layers' it
+replaces are timed round-robin on the device.
 
 The planner picks one option per layer (a merge takes two) that meets a latency or parameter budget with the least
 summed cost (a knapsack over layers, solved exactly on a conservative grid), then the plan is trained the same way,
