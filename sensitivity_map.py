@@ -28,7 +28,7 @@ log = logging.getLogger("simplifying_transformers")
 BUDGET = ("Budget: each epoch retrains every unit over the training sentences, and every unit costs one comparison "
           "with the teacher over the --eval-sentences. Measured: the 6-layer MiniLM MLM teacher (hidden 384, 12 "
           "heads) on a shared 2-core CPU, OMP_NUM_THREADS=1, '--epochs 1 --max-train-sentences 2000 "
-          "--eval-sentences 300 --latency-reps 10' mapped 6 layers x 7 options (41 units) in about 6 minutes "
+          "--eval-sentences 300 --latency-reps 10' mapped 6 layers x 10 options (58 units) in about 10 minutes "
           "(docs/results.md). Time grows with layers x options x (sentences x epochs + eval sentences); a bert-base "
           "teacher wants a GPU (--device cuda).")
 
