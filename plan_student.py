@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from models import BertForMaskedLM
 from models.compress import clone_model
 from sensitivity_map import add_map_args, make_map
 from utils.assemble import load_model, save_model
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--map", default=None,
                    help="sensitivity.json or its folder (sensitivity_map.py); default: build it into <run>/map")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
+    add_finetune_args(p)
+    add_map_args(p)
+    return p
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    """The end-to-end fine-tune and test-budget flags (also bench/plans.py's)."""
     g = p.add_argument_group("fine-tune (end to end, KD)")
     g.add_argument("--ft-epochs", type=int, default=1, help="0: no fine-tune")
     g.add_argument("--ft-lr", type=positive_float, default=2e-4)
@@ -64,8 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="evaluate on the first N test sentences (budget; default all)")
-    add_map_args(p)
-    return p
+
+
+def make_student(args: argparse.Namespace, s, ctx, choices: dict, run: Path, origin: str, train: bool = True
+                 ) -> tuple[BertForMaskedLM, dict]:
+    """The student of ``choices`` (first teacher layer -> Option): its units initialised from the teacher and, with
+    ``train``, retrained on the teacher's features (``<run>/units``), composed into a copy of the teacher and
+    fine-tuned end to end by KD (``--ft-epochs``); saved as ``<run>/model/best``. ``train=False`` gives the untrained
+    baseline of the same plan (kept top heads, top FFN neurons, the first layer of a merged pair). Returns
+    (student, units)."""
+    teacher = s.teacher
+    units = build_units(ctx, choices)
+    if units and train:
+        train_units(ctx, units, run / "units")
+    student = clone_model(compose_units(teacher, units)).to(s.device)
+    log.info("student plan:\n%s", student.config.describe())
+    sources = [origin] + [f"layer {i}: {b.option.name} ({b.note}{'' if train else '; untrained'})"
+                          for i, b in sorted(units.items())]
+    meta = {"teacher": str(args.teacher), "teacher_hash": s.teacher_hash, "sources": sources,
+            "plan": {str(i): b.option.name for i, b in units.items()}}
+    if train and args.ft_epochs > 0 and units:
+        masker = MLMMasker(s.tokenizer, teacher.config.vocab_size) if teacher.has_mlm_head else None
+        task = ModelDistill(teacher, student, masker, 1.0, 0.0, 0.0, "cosine", args.temperature, args.seed,
+                            args.ft_relation_weight).to(s.device)
+        cfg = TrainConfig(**{**make_train_config(args).__dict__, "epochs": args.ft_epochs, "lr": args.ft_lr})
+        unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
+                                                      **describe_losses(task)})
+        Trainer(task, [unit], cfg, run, s.device, lambda: task.evaluate(ctx.valid_loader), setup=ctx.setup,
+                record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
+        student, _ = load_model(run / "model" / "best")
+        student = student.to(s.device)
+    else:
+        save_model(student, run / "model" / "best", meta)
+    return student, units
 
 
 def read_map(path: str) -> dict:
@@ -99,28 +138,8 @@ def plan_and_train(args: argparse.Namespace, run: Path) -> Path:
         log.info("plan: %s", line)
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
     ctx = session_context(s, args, make_train_config(args))
-    units = build_units(ctx, {i: options[name] for i, name in plan.choices.items()})
-    if units:
-        train_units(ctx, units, run / "units")
-    student = clone_model(compose_units(teacher, units)).to(s.device)
-    log.info("student plan:\n%s", student.config.describe())
-    sources = [f"plan from {smap.get('teacher')} map: {plan.budget}"] + [
-        f"layer {i}: {b.option.name} ({b.note})" for i, b in sorted(units.items())]
-    meta = {"teacher": str(args.teacher), "teacher_hash": s.teacher_hash, "sources": sources,
-            "plan": {str(i): n for i, n in plan.choices.items()}}
-    if args.ft_epochs > 0 and units:
-        masker = MLMMasker(s.tokenizer, teacher.config.vocab_size) if teacher.has_mlm_head else None
-        task = ModelDistill(teacher, student, masker, 1.0, 0.0, 0.0, "cosine", args.temperature, args.seed,
-                            args.ft_relation_weight).to(s.device)
-        cfg = TrainConfig(**{**make_train_config(args).__dict__, "epochs": args.ft_epochs, "lr": args.ft_lr})
-        unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
-                                                      **describe_losses(task)})
-        Trainer(task, [unit], cfg, run, s.device, lambda: task.evaluate(ctx.valid_loader), setup=ctx.setup,
-                record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
-        student, _ = load_model(run / "model" / "best")
-        student = student.to(s.device)
-    else:
-        save_model(student, run / "model" / "best", meta)
+    student, units = make_student(args, s, ctx, {i: options[name] for i, name in plan.choices.items()}, run,
+                                  f"plan from {smap.get('teacher')} map: {plan.budget}")
     test_loader, _ = s.loader(limited_sentences(s, "test", args.test_sentences), shuffle=False)
     m = compare_models(teacher, student, test_loader, s.tokenizer, s.device, keep_rows=False).metrics
     ids, att = encoder_inputs(teacher, args.latency_batch, args.seq_len, s.device)

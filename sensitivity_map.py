@@ -3,11 +3,13 @@
     python sensitivity_map.py --teacher DIR --data-dir DIR --epochs 1 --max-train-sentences 2000 --eval-sentences 300
 
 For every teacher layer and every option (heads: 2/3, 1/2, 1/3, 1/6 of the teacher's, i.e. 8/6/4/2 of 12; head_dim
-halved; merged with the next layer; FFN width halved) one unit is initialised from the teacher, retrained alone on
-the teacher's cached features (all layers of an option together, one teacher pass for everything), put alone into
-the teacher and compared with it on the validation split (top-1 drop, agreement, KL at one mask per sentence); its
-encoder latency saving is timed round-robin on this device. Writes sensitivity.json, sensitivity.md (layers x
-options table) and sensitivity.png (heatmaps) to --out/--run-name; plan_student.py plans from the JSON.
+halved; merged with the next layer; FFN width halved; combined in one unit: heads 4 + FFN 768 and heads 2 + FFN 384
+in one layer, a merged pair with 6 heads + FFN 768, for budgets beyond one option per layer) one unit is initialised
+from the teacher, retrained alone on the teacher's cached features (all layers of an option together, one teacher
+pass for everything), put alone into the teacher and compared with it on the validation split (top-1 drop,
+agreement, KL at one mask per sentence); its encoder latency saving is timed round-robin on this device. Writes
+sensitivity.json, sensitivity.md (layers x options table) and sensitivity.png (heatmaps) to --out/--run-name;
+plan_student.py plans from the JSON.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import add_training_args, common_parser, positive_float, positive_int
-from utils.sensitivity import build_map, default_options, session_context, write_map
+from utils.sensitivity import OPTION_KINDS, build_map, default_options, session_context, write_map
 from utils.session import claim_units, run_main, start
 from utils.train import make_train_config
 
@@ -26,7 +28,7 @@ log = logging.getLogger("simplifying_transformers")
 BUDGET = ("Budget: each epoch retrains every unit over the training sentences, and every unit costs one comparison "
           "with the teacher over the --eval-sentences. Measured: the 6-layer MiniLM MLM teacher (hidden 384, 12 "
           "heads) on a shared 2-core CPU, OMP_NUM_THREADS=1, '--epochs 1 --max-train-sentences 2000 "
-          "--eval-sentences 300 --latency-reps 10' mapped 6 layers x 7 options (41 units) in about 6 minutes "
+          "--eval-sentences 300 --latency-reps 10' mapped 6 layers x 10 options (58 units) in about 10 minutes "
           "(docs/results.md). Time grows with layers x options x (sentences x epochs + eval sentences); a bert-base "
           "teacher wants a GPU (--device cuda).")
 
@@ -43,17 +45,18 @@ def int_list(s: str) -> list[int]:
 
 def option_kinds(s: str) -> tuple[str, ...]:
     v = tuple(x.strip() for x in s.split(",") if x.strip())
-    bad = [x for x in v if x not in ("heads", "head_dim", "merge", "ffn")]
+    bad = [x for x in v if x not in OPTION_KINDS]
     if not v or bad:
-        raise argparse.ArgumentTypeError(f"options are a comma-separated subset of heads,head_dim,merge,ffn; got '{s}'")
+        raise argparse.ArgumentTypeError(f"options are a comma-separated subset of {','.join(OPTION_KINDS)}; got '{s}'")
     return v
 
 
 def add_map_args(p: argparse.ArgumentParser) -> None:
     """Flags of the map (also the planner's when it builds the map itself)."""
     g = p.add_argument_group("map")
-    g.add_argument("--options", type=option_kinds, default=("heads", "head_dim", "merge", "ffn"),
-                   help="which kinds of option to map")
+    g.add_argument("--options", type=option_kinds, default=OPTION_KINDS,
+                   help="which kinds of option to map (combined: fewer heads and a narrower FFN in one layer or "
+                        "merged pair, for budgets beyond one option per layer)")
     g.add_argument("--heads-set", type=int_list, default=None,
                    help="head counts to map, e.g. 8,6,4,2 (default: 2/3, 1/2, 1/3, 1/6 of the teacher's)")
     g.add_argument("--layers", type=int_list, default=None, help="layers to map (default: all); 0-based")

@@ -1,10 +1,12 @@
 """Which layers can be simplified, and by how much: a per-layer sensitivity map and a planner over it.
 
 The map: for every teacher layer and every option (fewer heads, half the head_dim, merged with the next layer, half
-the feed-forward width) one unit is initialised from the teacher (``models.compress``), retrained alone against the
-teacher's features (the distillation tasks of ``utils.distill`` on the one ``Trainer``, one shared teacher cache),
-put alone into the teacher, and measured on the validation split (``utils.evaluate.compare_models``): top-1 drop,
-agreement, KL. Each unit's latency and the teacher layers' it replaces are timed round-robin on the device.
+the feed-forward width, and combinations within one unit: fewer heads *and* a narrower FFN in one layer or in a
+merged pair, which reach deeper budgets than one option per layer can) one unit is initialised from the teacher
+(``models.compress``), retrained alone against the teacher's features (the distillation tasks of ``utils.distill``
+on the one ``Trainer``, one shared teacher cache), put alone into the teacher, and measured on the validation split
+(``utils.evaluate.compare_models``): top-1 drop, agreement, KL. Each unit's latency and the teacher layers' it
+replaces are timed round-robin on the device.
 
 The planner picks one option per layer (a merge takes two) that meets a latency or parameter budget with the least
 summed cost (a knapsack over layers, solved exactly on a conservative grid), then the plan is trained the same way,
@@ -37,15 +39,18 @@ from .units import head_rankings, unit_meta, unit_spec
 
 log = logging.getLogger(__name__)
 
-KINDS = ("block", "merge", "ffn")
-SPEC_KIND = {"block": "block", "merge": "merged", "ffn": "layer"}  # option kind -> LayerSpec.kind
+KINDS = ("block", "merge", "ffn", "layer")
+SPEC_KIND = {"block": "block", "merge": "merged", "ffn": "layer", "layer": "layer"}  # option kind -> LayerSpec.kind
+TASK_KIND = {"block": "block", "merge": "merge", "ffn": "layer", "layer": "layer"}  # option kind -> training task
+OPTION_KINDS = ("heads", "head_dim", "merge", "ffn", "combined")  # what default_options can map
 COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}
 
 
 @dataclass(frozen=True)
 class Option:
     """One way to simplify one layer: ``kind`` block (attention heads x head_dim), merge (this layer and the next
-    become one layer of the teacher's shape) or ffn (feed-forward width)."""
+    become one layer of the given heads / feed-forward width), ffn (feed-forward width) or layer (a whole layer of
+    the given heads and feed-forward width: several options in one unit)."""
 
     name: str
     kind: str
@@ -60,10 +65,11 @@ class Option:
         return [layer, layer + 1] if self.kind == "merge" else [layer]
 
 
-def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] = ("heads", "head_dim", "merge",
-                                                                                    "ffn")) -> list[Option]:
+def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] = OPTION_KINDS) -> list[Option]:
     """Options adapted to the teacher: head counts 2/3, 1/2, 1/3, 1/6 of its own (12 -> 8, 6, 4, 2) unless
-    ``heads`` is given, head_dim halved, merge with the next layer, FFN width halved."""
+    ``heads`` is given, head_dim halved, merge with the next layer, FFN width halved; combined: 1/3 of the heads with
+    half the FFN and 1/6 of the heads with a quarter of it in one layer, and a merged pair with half the heads and
+    half the FFN (12 heads / 1536: heads 4 ffn 768, heads 2 ffn 384, merge heads 6 ffn 768)."""
     H, d, f = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
     if heads is None:
         heads = sorted({max(1, round(H * r)) for r in (2 / 3, 1 / 2, 1 / 3, 1 / 6)} - {H}, reverse=True)
@@ -76,8 +82,12 @@ def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] 
         out.append(Option("merge next", "merge", H, d, f))
     if "ffn" in kinds and f >= 2:
         out.append(Option(f"ffn {f // 2}", "ffn", H, d, f // 2))
+    if "combined" in kinds and f >= 4:
+        for h, width in ((max(1, round(H / 3)), f // 2), (max(1, round(H / 6)), f // 4)):
+            out.append(Option(f"heads {h} ffn {width}", "layer", h, d, width))
+        out.append(Option(f"merge heads {max(1, H // 2)} ffn {f // 2}", "merge", max(1, H // 2), d, f // 2))
     if not out:
-        raise ValueError(f"no option to map: choose from heads, head_dim, merge, ffn (got {kinds})")
+        raise ValueError(f"no option to map: choose from {', '.join(OPTION_KINDS)} (got {kinds})")
     return out
 
 
@@ -172,7 +182,8 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
     weights. Returns the final validation losses."""
     t, cfg = ctx.teacher, ctx.teacher.config
     finals: dict[str, float] = {}
-    groups = {k: {i: b for i, b in units.items() if b.option.kind == k} for k in KINDS}
+    groups = {k: {i: b for i, b in units.items() if TASK_KIND[b.option.kind] == k}
+              for k in ("block", "merge", "layer")}
     for kind, group in groups.items():
         if not group:
             continue
@@ -210,7 +221,7 @@ def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForM
     merges = {i: (b.module, b.spec) for i, b in units.items() if b.option.kind == "merge"}
     view = compose(teacher, blocks, merges)
     for i, b in units.items():
-        if b.option.kind == "ffn":
+        if TASK_KIND[b.option.kind] == "layer":
             idx = view.layer_index_of([i])
             view.layers[idx] = b.module
             view.config.layers[idx] = copy.deepcopy(b.spec)

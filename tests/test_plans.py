@@ -1,0 +1,146 @@
+"""Combined options (fewer heads and a narrower FFN in one unit) in the map and the planner, and bench/plans.py:
+planned vs uniform students at equal speed-up with paired tests, on the tiny teacher."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import sensitivity_map
+from bench import plans
+from utils.assemble import load_model
+from utils.checkpoint import load_checkpoint
+from utils.sensitivity import Option, choose_plan, default_options
+from utils.session import run_main
+from utils.units import spec_from_meta
+
+FAST = ["--device", "cpu", "--batch-size", "16", "--epochs", "1", "--max-steps-per-epoch", "3", "--latency-reps", "2",
+        "--eval-sentences", "32", "--valid-batches", "1"]
+HEAD = 3 * (32 * 8 + 8) + 8 * 32  # one head of the tiny teacher (hidden 32, 4 heads of 8): q, k, v rows, out columns
+NEURON = (32 + 1) + 32  # one FFN neuron: input row + bias, output column
+
+
+@pytest.fixture(scope="module")
+def combined_map(tiny_teacher, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmap")
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(out), "--run-name", "m",
+            "--cache-dir", str(out / "cache"), "--options", "heads,merge,combined", "--heads-set", "2"] + FAST
+    assert run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv) == 0
+    return out / "m"
+
+
+def test_default_options_combine_heads_and_ffn():
+    class Cfg:
+        num_attention_heads, head_dim, intermediate_size = 12, 64, 3072
+
+    opts = {o.name: o for o in default_options(Cfg)}
+    assert opts["heads 4 ffn 1536"] == Option("heads 4 ffn 1536", "layer", 4, 64, 1536)
+    assert opts["heads 2 ffn 768"] == Option("heads 2 ffn 768", "layer", 2, 64, 768)
+    assert opts["merge heads 6 ffn 1536"] == Option("merge heads 6 ffn 1536", "merge", 6, 64, 1536)
+    assert opts["merge heads 6 ffn 1536"].covers(3) == [3, 4] and opts["heads 2 ffn 768"].covers(3) == [3]
+    assert [o.name for o in default_options(Cfg, kinds=("combined",))] == [
+        "heads 4 ffn 1536", "heads 2 ffn 768", "merge heads 6 ffn 1536"]
+
+
+def test_map_with_combined_options(combined_map):
+    smap = json.loads((combined_map / "sensitivity.json").read_text())
+    names = [o["name"] for o in smap["options"]]
+    assert names == ["heads 2", "merge next", "heads 1 ffn 32", "heads 1 ffn 16", "merge heads 2 ffn 32"]
+    by = {(e["layer"], e["option"]): e for e in smap["entries"]}
+    assert set(by) == {(i, n) for i in (0, 1) for n in names if not (n.startswith("merge") and i == 1)}
+    # one unit: 3 of 4 heads and half / three quarters of the 64 FFN neurons gone
+    assert by[0, "heads 1 ffn 32"]["params_saved"] == 3 * HEAD + 32 * NEURON
+    assert by[1, "heads 1 ffn 16"]["params_saved"] == 3 * HEAD + 48 * NEURON
+    whole_layer = by[0, "merge next"]["params_saved"]  # a merged pair of the teacher's shape removes one layer
+    assert by[0, "merge heads 2 ffn 32"]["params_saved"] == whole_layer + 2 * HEAD + 32 * NEURON
+    assert by[0, "merge heads 2 ffn 32"]["covers"] == [0, 1]
+    for e in smap["entries"]:
+        assert math.isfinite(e["kl_teacher_student"]) and e["unit_ms"] > 0
+    # the units were trained with the combined shape and load back as such
+    _, meta, _ = load_checkpoint(combined_map / "units" / "heads_1_ffn_16" / "layer_1" / "best")
+    spec = spec_from_meta(meta)
+    assert (meta["kind"], spec.num_heads, spec.intermediate_size, spec.origin) == ("layer", 1, 16, [1])
+
+
+def _map(n: int = 4) -> dict:
+    """Synthetic: single options save 2-3 ms of a 10 ms layer; only combined units save enough for 2x and more."""
+    entries = []
+    for i in range(n):
+        for name, kind, cost, ms in (("heads 2", "block", 0.01, 2.0), ("ffn", "ffn", 0.02, 3.0),
+                                     ("heads 2 ffn", "layer", 0.05, 5.5), ("merge heads ffn", "merge", 0.2, 16.0)):
+            if kind == "merge" and i + 1 >= n:
+                continue
+            entries.append({"layer": i, "option": name, "kind": kind, "covers": [i, i + 1] if kind == "merge" else [i],
+                            "kl_teacher_student": cost + 0.001 * i, "latency_saved_ms": ms, "params_saved": 100})
+    return {"layers": n, "timing": {"encoder_ms": 10.0 * n}, "teacher_params": 10_000, "entries": entries,
+            "options": []}
+
+
+@pytest.mark.parametrize("speedup", [2.0, 3.0])
+def test_planner_reaches_deep_budgets_only_with_combined_units(speedup):
+    smap = _map()
+    plan = choose_plan(smap, target_speedup=speedup)
+    chosen = [e for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"]]
+    assert 40.0 - sum(e["latency_saved_ms"] for e in chosen) <= 40.0 / speedup + 1e-9
+    assert any(e["kind"] in ("layer", "merge") for e in chosen)
+    covered = [j for e in chosen for j in e["covers"]]
+    assert len(covered) == len(set(covered))
+    single = {**smap, "entries": [e for e in smap["entries"] if e["option"] in ("heads 2", "ffn")]}
+    with pytest.raises(ValueError, match="cannot be met"):
+        choose_plan(single, target_speedup=speedup)
+
+
+def test_mcnemar_by_hand():
+    r = plans.mcnemar([True, True, False, False, True], [False, False, False, True, True])
+    assert (r["only_a"], r["only_b"]) == (2, 1) and r["p"] == 1.0 and r["z"] == pytest.approx(1 / math.sqrt(3))
+    r = plans.mcnemar([True] * 6 + [False] * 4, [False] * 6 + [False] * 4)
+    assert (r["only_a"], r["only_b"]) == (6, 0) and r["p"] == pytest.approx(2 / 64) and r["z"] == pytest.approx(6 ** .5)
+    assert plans.mcnemar([True], [True])["p"] == 1.0
+    with pytest.raises(ValueError, match="equal lengths"):
+        plans.mcnemar([True], [])
+
+
+def test_uniform_plans():
+    merge = Option("merge next", "merge", 4, 8, 64)
+    assert sorted(plans.uniform(merge, 6)) == [0, 2, 4] and sorted(plans.uniform(merge, 5)) == [0, 2]
+    assert sorted(plans.uniform(Option("heads 2", "block", 2, 8, 64), 3)) == [0, 1, 2]
+
+
+def test_bench_planned_vs_uniform(tiny_teacher, tiny_corpus, combined_map, tmp_path):
+    smap = json.loads((combined_map / "sensitivity.json").read_text())
+    # deterministic latencies (the tiny model's real ones are noise): 10 ms per layer, savings by how much is cut
+    smap["timing"].update(encoder_ms=20.0, layer_ms=[10.0, 10.0])
+    saved = {"heads 2": 2.0, "merge next": 10.0, "heads 1 ffn 32": 5.0, "heads 1 ffn 16": 6.0,
+             "merge heads 2 ffn 32": 14.0}
+    for e in smap["entries"]:
+        e["latency_saved_ms"] = saved[e["option"]] + (0.5 if e["layer"] == 0 else 0.0)
+    (tmp_path / "map.json").write_text(json.dumps(smap))
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name",
+            "b", "--cache-dir", str(tmp_path / "cache"), "--map", str(tmp_path / "map.json"), "--targets", "1.2,3",
+            "--ft-epochs", "1", "--test-sentences", "24"] + FAST
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "b" / "plans.json").read_text())
+    by = {(r["target"], r["method"]): r for r in res["rows"]}
+    # 1.2x needs 3.33 ms: planned and uniform exist, kept top heads (2 x 2 ms) and dropped layers qualify
+    assert {m for t, m in by if t == 1.2} == {"planned", "uniform", "untrained: kept top heads",
+                                              "untrained: dropped layers"}
+    # 3x needs 13.33 ms: only the combined merge reaches it (no kept-heads or dropped-layers baseline does)
+    assert {m for t, m in by if t == 3.0} == {"planned", "uniform"}
+    assert by[3.0, "planned"]["plan"] == "0+1: merge heads 2 ffn 32"
+    for r in res["rows"]:
+        assert r["predicted_speedup"] >= r["target"] - 1e-9
+        assert 0 <= r["metrics"]["agreement_top1"] <= 1 and r["speedup"] > 0 and r["params"] > 0
+    assert by[1.2, "untrained: dropped layers"]["plan"] == "untrained 0+1: merge next"
+    tests = [t for t in res["tests"] if t["target"] == 1.2]
+    assert {t["against"] for t in tests} <= {"uniform", "untrained: kept top heads", "untrained: dropped layers"}
+    assert tests and all(0 <= t["top1"]["p"] <= 1 and t["top1"]["only_a"] + t["top1"]["only_b"] <= 24 for t in tests)
+    # the paired counts agree with the accuracies: (only planned - only other) / n = top-1 difference
+    for t in tests:
+        a = by[1.2, "planned"]["metrics"]["student_top1"]
+        b = by[1.2, t["against"]]["metrics"]["student_top1"]
+        assert (t["top1"]["only_a"] - t["top1"]["only_b"]) / res["test_sentences"] == pytest.approx(a - b)
+    model, meta = load_model(next((tmp_path / "b").glob("model_*/model/best")))
+    assert model.num_parameters() in {r["params"] for r in res["rows"]}
+    assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
+    assert "| 3x | planned |" in (tmp_path / "b" / "plans.md").read_text()
