@@ -18,18 +18,14 @@ import logging
 import sys
 from pathlib import Path
 
-from models import BertForMaskedLM
-from models.compress import clone_model
-from sensitivity_map import add_map_args, make_map
-from utils.assemble import load_model, save_model
 from utils.checkpoint import CheckpointError
-from utils.cli import add_training_args, common_parser, positive_float, positive_int
-from utils.distill import MLMMasker, ModelDistill, describe_losses
+from utils.cli import add_training_args, common_parser, positive_float
 from utils.evaluate import compare_models
-from utils.sensitivity import (COSTS, build_units, choose_plan, compose_units, encoder_inputs, limited_sentences,
-                               option_from_dict, round_robin_ms, session_context, train_units)
+from utils.planning import add_finetune_args, add_map_args, make_map, make_student, read_map
+from utils.sensitivity import (COSTS, choose_plan, encoder_inputs, limited_sentences, option_from_dict, round_robin_ms,
+                               session_context)
 from utils.session import claim_units, run_main, start
-from utils.train import Trainer, TrainConfig, Unit, make_train_config
+from utils.train import make_train_config
 
 log = logging.getLogger("simplifying_transformers")
 REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine", "teacher_top1")
@@ -61,58 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_args(p)
     add_map_args(p)
     return p
-
-
-def add_finetune_args(p: argparse.ArgumentParser) -> None:
-    """The end-to-end fine-tune and test-budget flags (also bench/plans.py's)."""
-    g = p.add_argument_group("fine-tune (end to end, KD)")
-    g.add_argument("--ft-epochs", type=int, default=1, help="0: no fine-tune")
-    g.add_argument("--ft-lr", type=positive_float, default=2e-4)
-    g.add_argument("--temperature", type=positive_float, default=2.0)
-    g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
-    g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
-                   help="evaluate on the first N test sentences (budget; default all)")
-
-
-def make_student(args: argparse.Namespace, s, ctx, choices: dict, run: Path, origin: str, train: bool = True
-                 ) -> tuple[BertForMaskedLM, dict]:
-    """The student of ``choices`` (first teacher layer -> Option): its units initialised from the teacher and, with
-    ``train``, retrained on the teacher's features (``<run>/units``), composed into a copy of the teacher and
-    fine-tuned end to end by KD (``--ft-epochs``); saved as ``<run>/model/best``. ``train=False`` gives the untrained
-    baseline of the same plan (kept top heads, top FFN neurons, the first layer of a merged pair). Returns
-    (student, units)."""
-    teacher = s.teacher
-    units = build_units(ctx, choices)
-    if units and train:
-        train_units(ctx, units, run / "units")
-    student = clone_model(compose_units(teacher, units)).to(s.device)
-    log.info("student plan:\n%s", student.config.describe())
-    sources = [origin] + [f"layer {i}: {b.option.name} ({b.note}{'' if train else '; untrained'})"
-                          for i, b in sorted(units.items())]
-    meta = {"teacher": str(args.teacher), "teacher_hash": s.teacher_hash, "sources": sources,
-            "plan": {str(i): b.option.name for i, b in units.items()}}
-    if train and args.ft_epochs > 0 and units:
-        masker = MLMMasker(s.tokenizer, teacher.config.vocab_size) if teacher.has_mlm_head else None
-        task = ModelDistill(teacher, student, masker, 1.0, 0.0, 0.0, "cosine", args.temperature, args.seed,
-                            args.ft_relation_weight).to(s.device)
-        cfg = TrainConfig(**{**make_train_config(args).__dict__, "epochs": args.ft_epochs, "lr": args.ft_lr})
-        unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
-                                                      **describe_losses(task)})
-        Trainer(task, [unit], cfg, run, s.device, lambda: task.evaluate(ctx.valid_loader), setup=ctx.setup,
-                record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
-        student, _ = load_model(run / "model" / "best")
-        student = student.to(s.device)
-    else:
-        save_model(student, run / "model" / "best", meta)
-    return student, units
-
-
-def read_map(path: str) -> dict:
-    p = Path(path)
-    p = p / "sensitivity.json" if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"--map: no sensitivity map at '{p}' (run sensitivity_map.py first, or leave --map out)")
-    return json.loads(p.read_text())
 
 
 def main(args: argparse.Namespace) -> Path:

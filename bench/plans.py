@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from plan_student import add_finetune_args, make_student, read_map  # noqa: E402
-from sensitivity_map import add_map_args  # noqa: E402
+from utils.planning import add_finetune_args, add_map_args, make_student, read_map  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.cli import add_training_args, common_parser  # noqa: E402
 from utils.evaluate import compare_models  # noqa: E402
