@@ -97,28 +97,44 @@ class TeacherCache:
         self.rebuilt: dict[str, str] = {}  # feature -> why it had to be rebuilt
 
     def ensure(self, names: list[str], batch_size: int, device: torch.device) -> "TeacherCache":
-        """Load ``names`` from disk, building the missing or damaged ones with one teacher pass over the data."""
-        from .lock import exclusive_file_lock
+        """Load ``names`` from disk, building the missing or damaged ones with one teacher pass over the data.
+
+        Runs that only read check their features under a shared lock, side by side; a run that has to build takes the
+        lock exclusively, checks again (another run may have built them meanwhile) and builds what is still missing.
+        """
+        from .lock import file_lock
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        with exclusive_file_lock(self.dir / ".lock", f"teacher cache {self.dir}: another run is using or building "
-                                                     "it; waiting for it"):
-            missing = []
-            for n in names:
-                problem = self._problem(n)
-                if problem == "missing":
-                    missing.append(n)
-                elif problem:
-                    log.warning("teacher cache: '%s' is damaged (%s); rebuilding it", self.dir / f"{n}.npy", problem)
-                    self.rebuilt[n] = problem
-                    missing.append(n)
-            if missing:
-                self._build(missing, batch_size, device)
-            for n in names:
-                self.arrays[n] = np.load(self.dir / f"{n}.npy", mmap_mode="r")
+        lock, waiting = self.dir / ".lock", f"teacher cache {self.dir}: another run is building it; waiting for it"
+        with file_lock(lock, waiting, shared=True):
+            missing = self._check(names, report=False)
+            if not missing:
+                self._map(names)
+        if missing:
+            with file_lock(lock, waiting):
+                missing = self._check(names, report=True)
+                if missing:
+                    self._build(missing, batch_size, device)
+                self._map(names)
         log.info("teacher cache %s: %s (%d tokens)%s", self.dir, ", ".join(names), self.offsets[-1],
                  f"; built {', '.join(missing)}" if missing else "; all reused")
         return self
+
+    def _check(self, names: list[str], report: bool) -> list[str]:
+        """The features of ``names`` that are missing or damaged (damaged ones named in a warning with ``report``)."""
+        missing = []
+        for n in names:
+            problem = self._problem(n)
+            if problem and problem != "missing" and report:
+                log.warning("teacher cache: '%s' is damaged (%s); rebuilding it", self.dir / f"{n}.npy", problem)
+                self.rebuilt[n] = problem
+            if problem:
+                missing.append(n)
+        return missing
+
+    def _map(self, names: list[str]) -> None:
+        for n in names:
+            self.arrays[n] = np.load(self.dir / f"{n}.npy", mmap_mode="r")
 
     def _problem(self, name: str) -> str | None:
         """None if feature ``name`` is on disk and intact; 'missing'; or what is wrong with it."""

@@ -139,16 +139,18 @@ class UnitLock:
 
 
 @contextlib.contextmanager
-def exclusive_file_lock(path: str | os.PathLike, waiting_message: str) -> Iterator[None]:
-    """Block until this process holds an exclusive ``flock`` on ``path`` (released when the process dies)."""
+def file_lock(path: str | os.PathLike, waiting_message: str, shared: bool = False) -> Iterator[None]:
+    """Block until this process holds an ``flock`` on ``path``: exclusive, or ``shared`` with other readers (released
+    when the process dies)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with open(path, "a+") as fh:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("%s", waiting_message)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            fcntl.flock(fh.fileno(), mode)
         try:
             yield
         finally:
