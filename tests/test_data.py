@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tokenizer
+from helpers import make_tokenizer
 from utils.data import (BucketBatchSampler, Collator, DataError, DataSpec, TokenizedSentences, bert_mlm_mask,
                         load_sentences, make_loader, split_sentences)
 

@@ -6,57 +6,16 @@ neither ``models`` nor ``utils`` can be imported there: only transformers and th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_hf_teacher
+from helpers import SENTENCE, load_elsewhere, make_hf_teacher, model_inputs, perturb
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher
 from models.compress import clone_model, compose, compress_attention, init_merged_layer
 from models.export import ExportError, check_writable_target, export_pretrained
-
-ROOT = Path(__file__).resolve().parents[1]
-SENTENCE = "the small cat sees the [MASK] ."
-
-LOADER = r'''
-import importlib.util, json, sys
-import torch
-assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
-from transformers import AutoModel, AutoModelForMaskedLM, pipeline
-cases, sentence = json.loads(sys.argv[1]), sys.argv[2]
-report = {}
-for name, c in cases.items():
-    x = torch.load(c["inputs"])
-    remote = c["remote"]
-    if c["mlm"]:
-        m = AutoModelForMaskedLM.from_pretrained(c["dir"], trust_remote_code=remote).eval()
-        with torch.no_grad():
-            out = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
-        fill = pipeline("fill-mask", model=c["dir"], trust_remote_code=remote)(sentence, top_k=3)
-        report[name] = {"class": type(m).__name__, "fill": [f["token"] for f in fill]}
-    else:
-        m = AutoModel.from_pretrained(c["dir"], trust_remote_code=remote).eval()
-        with torch.no_grad():
-            out = m(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
-        report[name] = {"class": type(m).__name__}
-    torch.save(out, c["out"])
-print("REPORT " + json.dumps(report))
-'''
-
-
-def _perturb(model: BertForMaskedLM, seed: int = 0) -> BertForMaskedLM:
-    """Random-init LayerNorms are identity and biases 0: move them so every weight is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
 
 def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     """Teacher: 3 layers, hidden 32, 8 heads of 4, ffn 64."""
@@ -75,33 +34,11 @@ def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     out["merged_plain"] = clone_model(compose(teacher, merges={1: (layer, plain)}))
     pruned = ModelConfig.from_dict(cfg.to_dict())
     pruned.layers = [LayerSpec(8, 4, f, [i], "pruned") for i, f in enumerate((64, 40, 24))]
-    out["pruned_ffn"] = _perturb(BertForMaskedLM(pruned), seed=1)
+    out["pruned_ffn"] = perturb(BertForMaskedLM(pruned), seed=1)
     enc = ModelConfig.from_dict({**cfg.to_dict(), "has_mlm_head": False})
     enc.layers = [LayerSpec(2, 8, 64, [0], "block"), LayerSpec(8, 4, 32, [1], "pruned")]
-    out["encoder_only"] = _perturb(BertForMaskedLM(enc), seed=2)
+    out["encoder_only"] = perturb(BertForMaskedLM(enc), seed=2)
     return {k: m.eval() for k, m in out.items()}
-
-
-def load_elsewhere(cases: dict, tmp: Path) -> subprocess.CompletedProcess:
-    """LOADER in a fresh process, from a folder outside the repository and with PYTHONPATH cleared, so that only
-    the exported files (and transformers) can be imported; it must succeed."""
-    cwd = tmp / "elsewhere"
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), SENTENCE], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def _inputs(vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, vocab, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[2, 4:] = 0
-    return {"ids": ids, "mask": mask}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +46,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     teacher, tok = load_teacher(make_hf_teacher(tmp / "teacher", layers=3, hidden=32, heads=8, ffn=64))
     students = _students(teacher)
-    x = _inputs(teacher.config.vocab_size)
+    x = model_inputs(teacher.config.vocab_size)
     torch.save(x, tmp / "inputs.pt")
     cases, kinds = {}, {}
     for name, m in students.items():
@@ -124,6 +61,7 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["blocks_4_heads", "mixed_heads", "merged_3_to_2", "merged_plain", "pruned_ffn",
                                   "encoder_only"])
+@pytest.mark.slow
 def test_export_loads_elsewhere_with_same_outputs(exported, name):
     model, case, x = exported["students"][name], exported["cases"][name], exported["x"]
     with torch.no_grad():
@@ -153,6 +91,7 @@ def test_export_loads_elsewhere_with_same_outputs(exported, name):
         assert report["fill"] == top
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blocks_4_heads", "mixed_heads", "merged_3_to_2", "pruned_ffn", "encoder_only"])
 def test_onnx_matches_ours(exported, name, tmp_path):
     pytest.importorskip("onnxruntime")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hf_teacher
+from helpers import make_hf_teacher
 from models import BertAttention, BertLayer, LayerSpec, export_hf, hf_export_problem, load_teacher
 from models.compress import clone_model, compose, compress_attention, init_merged_layer
 from utils.assemble import load_model, save_model

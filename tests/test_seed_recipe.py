@@ -22,7 +22,7 @@ from utils import assemble
 from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader, mask_one_token
 from utils.distill import BlockDistill, OneMasker
 from utils.losses import arrmse, raw_score_loss
-from conftest import run_in_process as _run
+from helpers import run_in_process as _run
 from utils.train import TrainConfig, make_optimizer, make_train_config
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+train loss \S+.*block_6/loss=(\S+)")
@@ -43,7 +43,7 @@ def _run_record(root: Path) -> dict:
 def deep_teacher(tmp_path_factory) -> Path:
     """8 layers (the seed's commands name block 6), queries and keys scaled up so that attention is far from
     uniform even in layer 6 (a random BERT's attention is nearly uniform: nothing to learn from its scores)."""
-    from conftest import make_hf_teacher
+    from helpers import make_hf_teacher
     from transformers import BertForMaskedLM
 
     folder = make_hf_teacher(tmp_path_factory.mktemp("deep_teacher"), layers=8)
@@ -60,7 +60,7 @@ def deep_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("seed_corpus"), n_train=384, n_valid=48, n_test=32)
 
@@ -68,7 +68,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory) -> Path:
     """Twice the sentences: the default recipe's 5 epochs at a decaying 5e-4 need the steps to move a random block."""
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("seed_corpus_big"), n_train=768, n_valid=48, n_test=32)
 
@@ -158,7 +158,7 @@ def test_eval_merged_12_finds_the_notebook_output_elsewhere(tiny_teacher, tiny_c
 
 
 def test_eval_merge_layer_finds_layers_under_the_same_out(tiny_corpus, tmp_path):
-    from conftest import make_hf_teacher
+    from helpers import make_hf_teacher
 
     teacher = make_hf_teacher(tmp_path / "t4", layers=4)
     c = ["--teacher", str(teacher), "--data-dir", str(tiny_corpus)]
