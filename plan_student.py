@@ -13,22 +13,16 @@ is measured against the teacher's on this device.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 
-from utils.checkpoint import CheckpointError
-from utils.cli import add_training_args, common_parser, positive_float
-from utils.evaluate import compare_models
-from utils.planning import add_finetune_args, add_map_args, make_map, make_student, read_map
-from utils.sensitivity import (COSTS, choose_plan, encoder_inputs, limited_sentences, option_from_dict, round_robin_ms,
-                               session_context)
-from utils.session import claim_units, run_main, start
-from utils.train import make_train_config
-
-log = logging.getLogger("simplifying_transformers")
-REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine", "teacher_top1")
+from utils import api
+from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config
+from utils.cli.groups import add_finetune_args, add_map_args
+from utils.cli.parser import add_training_args, common_parser
+from utils.cli.run import run_main
+from utils.cli.types import positive_float
+from utils.planning.planner import COSTS
 
 
 def params_arg(s: str) -> int:
@@ -62,50 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Path:
     run = Path(args.out) / (args.run_name or (f"plan_speedup{args.target_speedup:g}" if args.target_speedup
                                               else f"plan_params{args.target_params}"))
-    with claim_units([run], "planned student"):
-        return plan_and_train(args, run)
-
-
-def plan_and_train(args: argparse.Namespace, run: Path) -> Path:
-    s = start(args)
-    teacher = s.teacher
-    if args.map:
-        smap = read_map(args.map)
-        if smap.get("teacher_hash") != s.teacher_hash and not args.force:
-            raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
-    else:
-        smap = make_map(args, s, run / "map")
-    plan = choose_plan(smap, args.target_speedup, args.target_params, args.cost)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
-    for line in plan.lines:
-        log.info("plan: %s", line)
-    options = {o["name"]: option_from_dict(o) for o in smap["options"]}
-    ctx = session_context(s, args, make_train_config(args))
-    student, units = make_student(args, s, ctx, {i: options[name] for i, name in plan.choices.items()}, run,
-                                  f"plan from {smap.get('teacher')} map: {plan.budget}")
-    test_loader, _ = s.loader(limited_sentences(s, "test", args.test_sentences), shuffle=False)
-    m = compare_models(teacher, student, test_loader, s.tokenizer, s.device, keep_rows=False).metrics
-    ids, att = encoder_inputs(teacher, args.latency_batch, args.seq_len, s.device)
-    ms = round_robin_ms({"teacher": lambda: teacher(ids, att, with_logits=False),
-                         "student": lambda: student(ids, att, with_logits=False)}, args.latency_reps, s.device)
-    predicted_ms = smap["timing"]["encoder_ms"] - (plan.saved if args.target_speedup else sum(
-        e["latency_saved_ms"] for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"]))
-    res = {"target": plan.budget, "plan": {str(i): n for i, n in plan.choices.items()}, "plan_cost": plan.cost,
-           "metrics": {k: m[k] for k in REPORTED if k in m}, "test_sentences": m["sentences"],
-           "student_params": student.num_parameters(), "teacher_params": teacher.num_parameters(),
-           "map_encoder_ms": smap["timing"]["encoder_ms"], "predicted_encoder_ms": predicted_ms,
-           "predicted_speedup": smap["timing"]["encoder_ms"] / predicted_ms,
-           "measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
-           "measured_speedup": ms["teacher"] / ms["student"], "device": str(s.device),
-           "fine_tune_epochs": args.ft_epochs if units else 0}
-    if args.target_params is not None:
-        res["target_met"] = res["student_params"] <= args.target_params
-    else:
-        res["target_met_by_map"] = res["predicted_speedup"] >= args.target_speedup - 1e-9
-        res["target_met_measured"] = res["measured_speedup"] >= args.target_speedup
-    (run / "results.json").write_text(json.dumps(res, indent=2))
-    print("\n".join(plan.lines))
+    done = api.plan_student(session_config(args), target_speedup=args.target_speedup,
+                            target_params=args.target_params, map=args.map, cost=args.cost, config=map_config(args),
+                            finetune=plan_finetune(args), train=train_config(args), out=run, record=record(args))
+    if done.map_built is not None:
+        print((done.map_built / "sensitivity.md").read_text())
+    res, m = done.results, done.results["metrics"]
+    ms = res["measured_encoder_ms"]
+    print("\n".join(done.plan.lines))
     print(f"| model | params | encoder ms | speed-up | top-1 | agreement | KL |\n|---|---:|---:|---:|---:|---:|---:|\n"
           f"| teacher | {res['teacher_params']:,} | {ms['teacher']:.1f} | 1.00x | {m.get('teacher_top1', float('nan')):.4f}"
           f" | 1 | 0 |\n| planned student | {res['student_params']:,} | {ms['student']:.1f} | "

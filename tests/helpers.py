@@ -83,7 +83,7 @@ def installed_model(package_dir: str) -> Path | None:
 
 def run_in_process(module, argv: list[str]) -> int:
     """A script module's main through run_main in this process: the exit code ``python script.py argv`` gives."""
-    from utils.session import run_main
+    from utils.cli.run import run_main
 
     parser = module.build_parser()
     main = module.main
@@ -211,14 +211,14 @@ def toy_batches() -> list[dict[str, torch.Tensor]]:
 
 def toy_trainer(run_dir: Path, task: Toy | None = None, epochs: int = 3, name: str = "toy", resume: bool = False,
                 force: bool = False, **meta) -> tuple["Trainer", Toy]:
-    from utils.train import TrainConfig, Trainer, Unit
+    from utils.training.loop import TrainConfig, Trainer, Unit
 
     task = task or Toy()
     unit = Unit(name, task.lin, run_dir / name,
                 {"kind": "block", "teacher_hash": "teacher-a", "num_heads": 1, "head_dim": 4, "hidden_size": 4,
                  "layer": 0, **meta})
     cfg = TrainConfig(epochs=epochs, lr=1e-2, warmup=0.0, seed=0, resume=resume, force=force)
-    return Trainer(task, [unit], cfg, run_dir, torch.device("cpu"), evaluate=task.evaluate), task
+    return Trainer(task, [unit], cfg, run_dir=run_dir, device=torch.device("cpu"), evaluate=task.evaluate), task
 
 
 def all_finite(sd: dict[str, torch.Tensor]) -> bool:

@@ -44,7 +44,7 @@ def _in_process(module_name: str, argv: list[str]) -> None:
     mod = importlib.import_module(module_name)
     parser = mod.build_parser()
     main = mod.main if module_name == "eval_merged_12" else (lambda a: mod.main(a, parser))
-    from utils.session import run_main
+    from utils.cli.run import run_main
 
     assert run_main(main, parser, argv) == 0
 

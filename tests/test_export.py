@@ -118,7 +118,7 @@ def test_export_targets_checked_before_work(tmp_path):
 
 def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_corpus, tmp_path, capsys):
     import finetune_merged
-    from utils.session import run_main
+    from utils.cli.run import run_main
 
     (tmp_path / "a_file").write_text("x")
     argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--drop-every-second", "--out",

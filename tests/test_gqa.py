@@ -16,6 +16,7 @@ from models import BertAttention, LayerSpec, load_teacher
 from models.bert import extended_mask
 from models.compress import init_attention
 from utils import assemble
+from utils.training.students import load_model
 
 
 def _hand_gqa(attn: BertAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ def test_gqa_retrain_assemble_evaluate_export(tiny_teacher, tiny_corpus, tmp_pat
                                            "--out", str(tmp_path / "other")]) == 1
     assert assemble.main(["--teacher", str(tiny_teacher), "--blocks", str(run), "--out", str(tmp_path / "asm"),
                           "--export-hf", str(tmp_path / "hf"), "--export-onnx", str(tmp_path / "m.onnx")]) == 0
-    model, _ = assemble.load_model(tmp_path / "asm")
+    model, _ = load_model(tmp_path / "asm")
     assert [s.attention for s in model.config.layers] == ["gqa", "gqa"]
     assert [s.num_kv_heads for s in model.config.layers] == [2, 2]
     assert _run(eval_merged_12, c + ["--model", str(tmp_path / "asm"), "--out", str(tmp_path / "ev")]) == 0

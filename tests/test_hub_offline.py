@@ -89,7 +89,7 @@ def test_readme_defaults_run_offline_from_hub_cache(tmp_path):
 def test_wikitext2_sentences_from_hub_cache(tmp_path):
     """The dataset alone: headings and blank lines dropped, paragraphs cut into sentences, ` @-@ ` kept as is."""
     build_hub_cache(tmp_path / "hf_home")
-    code = ("from utils.data import load_wikitext2; import json; "
+    code = ("from utils.data.text import load_wikitext2; import json; "
             "print(json.dumps({s: load_wikitext2(s) for s in ('train', 'valid', 'test')}))")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_CACHE", None)

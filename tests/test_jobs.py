@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from helpers import ROOT, make_hf_teacher, write_corpus
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.session import run_main
+from utils.cli.run import run_main
+from utils.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _env() -> dict[str, str]:
@@ -45,7 +45,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def _in_process(argv: list[str], after_step=None, monkeypatch=None) -> int:
     """retrain_single_block's main through run_main, in this process; ``after_step`` is injected into the loop."""
     import retrain_single_block
-    from utils import train
+    from utils.training import loop as train
 
     if after_step is not None:
         init = train.Trainer.__init__
@@ -120,7 +120,7 @@ def test_four_block_jobs_at_once_into_one_out(four_layers, tmp_path, monkeypatch
 
 
 def test_second_job_for_a_running_unit_is_refused_and_a_stale_lock_taken_over(four_layers, tmp_path, capsys):
-    from utils.lock import UnitBusy, UnitLock
+    from utils.storage.lock import UnitBusy, UnitLock
 
     teacher, corpus = four_layers
     unit = tmp_path / "out" / "blocks_h2_d8_output_mse" / "block_1"
@@ -301,8 +301,8 @@ def test_resume_refuses_another_setup_or_a_foreign_train_state(four_layers, tmp_
 def test_discovery_reads_a_checkpoint_caught_mid_swap_like_direct_loading(tiny_teacher, tmp_path):
     """A kill between the two renames of a save leaves only ``best.prev.*``: assemble uses it, as load does."""
     from models import BertAttention, load_teacher, weights_hash
-    from utils.assemble import build_student
-    from utils.checkpoint import find_checkpoints
+    from utils.storage.checkpoint import find_checkpoints
+    from utils.training.students import build_student
 
     teacher, _ = load_teacher(tiny_teacher)
     attn = BertAttention(teacher.config, 2, 8)

@@ -12,6 +12,7 @@ import finetune_merged
 import retrain_merge
 import retrain_single_block
 from utils import assemble
+from utils.training.students import load_model
 from helpers import common_args
 from helpers import run_in_process as _run
 
@@ -100,7 +101,7 @@ def test_merge_eval_conditioned_finetune_export(tmp_path, tiny_corpus, capsys):
     assert [l["origin"] for l in meta["config"]["layers"]] == [[0, 1], [2, 3]]
     assert json.loads((tmp_path / "finetune_merged" / "eval" / "results.json").read_text())["metrics"]["sentences"] == 64
     # the Hugging Face export loads with from_pretrained and gives the same outputs
-    model, _ = assemble.load_model(best)
+    model, _ = load_model(best)
     hf = BertForMaskedLM.from_pretrained(str(hf_dir)).eval()
     ids = torch.randint(5, model.config.vocab_size, (2, 7))
     with torch.no_grad():

@@ -21,8 +21,9 @@ import torch
 from helpers import (ROOT, STEPS, Toy, all_finite, assert_clean_failure, data_args, flip_byte, in_process, last_line,
                      make_hf_teacher, restored_logging, run_parallel, run_script, script_cmd, script_env, tensors_equal,
                      toy_batches, toy_trainer)
-from utils.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from utils.train import TrainingDiverged
+from utils.cli.run import flags_in_errors
+from utils.storage.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from utils.training.loop import TrainingDiverged
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def _ckpt(tmp_path: Path, value: float) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import utils.checkpoint
+    import utils.storage.checkpoint
 
     path, old = _ckpt(tmp_path, 1.0)
 
@@ -108,7 +109,7 @@ def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monke
         Path(filename).write_bytes(data[: len(data) // 2])  # leave half a file behind, as a crash mid-write would
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(utils.checkpoint, "_write_file", half_then_fail)
+    monkeypatch.setattr(utils.storage.checkpoint, "_write_file", half_then_fail)
     with pytest.raises(CheckpointError, match="could not write checkpoint .*ck.*previous checkpoint"):
         save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, BLOCK_META)
     monkeypatch.undo()
@@ -183,7 +184,7 @@ def test_3_corrupted_checkpoint_is_refused_naming_file(tmp_path, kind):
 
 def test_3_library_loaders_refuse_a_corrupted_model(tiny_teacher, tmp_path):
     from models import load_teacher, weights_hash
-    from utils.assemble import load_model, save_model
+    from utils.training.students import load_model, save_model
 
     teacher, _ = load_teacher(tiny_teacher)
     d = save_model(teacher, tmp_path / "model", {"teacher": str(tiny_teacher), "teacher_hash": weights_hash(teacher)})
@@ -196,7 +197,7 @@ def test_3_library_loaders_refuse_a_corrupted_model(tiny_teacher, tmp_path):
 @pytest.mark.slow
 def test_3_eval_script_exits_1_naming_the_truncated_file(tiny_teacher, tiny_corpus, tmp_path):
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
+    from utils.training.students import save_model
 
     teacher, _ = load_teacher(tiny_teacher)
     bad = save_model(teacher, tmp_path / "BAD", {"teacher": str(tiny_teacher), "teacher_hash": weights_hash(teacher)})
@@ -225,13 +226,14 @@ def block_ckpt(tiny_teacher, tmp_path):
 
 
 def test_4_block_checkpoint_mismatches_are_named(block_ckpt):
-    from utils.assemble import load_block, load_merged_layer
+    from utils.training.students import load_block, load_merged_layer
 
     make, cfg, th = block_ckpt
     assert load_block(make("ok"), cfg, th)[0] == 0
     # another teacher: refused, with a hint; --force accepts it
     other = make("other_teacher", teacher_hash="0123456789abcdef")
-    with pytest.raises(CheckpointError, match=r"teacher_hash: checkpoint has '0123456789abcdef'.*--force"):
+    with pytest.raises(CheckpointError, match=r"teacher_hash: checkpoint has '0123456789abcdef'.*--force"), \
+            flags_in_errors():
         load_block(other, cfg, th)
     assert load_block(other, cfg, th, force=True)[0] == 0
     # another shape: refused even with --force
@@ -263,7 +265,8 @@ def test_4_resume_checks_units_teacher_and_shape(tmp_path):
     # another teacher: refused, unless forced
     t, _ = toy_trainer(run, epochs=2, resume=True, teacher_hash="teacher-b")
     with pytest.raises(CheckpointError,
-                       match=r"teacher_hash: checkpoint has 'teacher-a', expected 'teacher-b'.*--force"):
+                       match=r"teacher_hash: checkpoint has 'teacher-a', expected 'teacher-b'.*--force"), \
+            flags_in_errors():
         t.fit(toy_batches())
     # another shape: refused even when forced
     t, _ = toy_trainer(run, epochs=2, resume=True, force=True, num_heads=2)
@@ -438,7 +441,8 @@ def test_7_bad_cli_exit_code_2_from_the_processes(tiny_teacher, tiny_corpus, tmp
 def test_8_data_files_library(tiny_teacher, tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from utils.data import DataError, DataSpec, TokenizedSentences, load_sentences, read_text_file
+    from utils.data.batches import TokenizedSentences
+    from utils.data.text import DataConfig, DataError, load_sentences, read_text_file
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -461,7 +465,7 @@ def test_8_data_files_library(tiny_teacher, tmp_path, caplog):
     (d / "train.txt").write_text("the cat sees the dog .\n")
     (d / "test.txt").write_text("the cat sees the dog .\n")
     with pytest.raises(DataError, match=r"split 'valid' is missing: expected '.*valid.txt' \(found train.txt"):
-        load_sentences(DataSpec(data_dir=str(d)), "valid")
+        load_sentences(DataConfig(data_dir=str(d)), "valid")
     # lines longer than seq_len: cut to seq_len keeping [CLS] ... [SEP], and counted; an exact fit is not counted
     tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
     exact = "the cat sees the dog ."  # 6 tokens + [CLS] [SEP] = 8

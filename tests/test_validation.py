@@ -22,7 +22,7 @@ import torch
 
 from helpers import (ROOT, assert_clean_failure, data_args, flip_byte, in_process, last_line, make_hf_teacher,
                      restored_logging, run_script, script_env, toy_batches, toy_trainer)
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -42,7 +42,7 @@ def one_error_line(err: str, *needles: str) -> str:
 def saved_model(tiny_teacher, tmp_path_factory):
     """An assembled-model checkpoint of the tiny teacher itself (what eval_merged_12 --model reads)."""
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
+    from utils.training.students import save_model
 
     teacher, _ = load_teacher(tiny_teacher)
     return save_model(teacher, tmp_path_factory.mktemp("model") / "model",
@@ -185,7 +185,7 @@ TRAIN_STATE = {"position": {"epoch": 1, "step": 0, "global_step": 4}, "optimizer
     ({"weights_sha256": ""}, "field 'weights_sha256' must be the sha256"),
 ])
 def test_3_bad_block_metadata_is_refused_naming_the_field(block_dir, changes, message):
-    from utils.assemble import build_student, load_block
+    from utils.training.students import build_student, load_block
 
     d, teacher = block_dir
     _edit_meta(d, **changes)
@@ -232,7 +232,7 @@ def test_3_rehash_tool_records_a_vouched_for_hash(block_dir, capsys):
 # 4. eval --force with a student made from a teacher of another vocabulary: one line
 def test_4_force_with_another_vocabulary_is_one_line(tiny_teacher, tiny_corpus, tmp_path, capsys):
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
+    from utils.training.students import save_model
 
     other = make_hf_teacher(tmp_path / "other", vocab_size=137)
     teacher, _ = load_teacher(other)
@@ -346,9 +346,9 @@ def test_8_running_loss_of_zero_prints_as_zero(tmp_path, caplog):
 
 
 def test_8_error_line_starts_after_the_progress_bar(tmp_path, capsys):
-    from utils.cli import Parser
-    from utils.data import DataError
-    from utils.session import run_main
+    from utils.cli.parser import Parser
+    from utils.data.text import DataError
+    from utils.cli.run import run_main
 
     class FailsAtStep3(ZeroLoss):
         calls = 0
@@ -374,7 +374,7 @@ def test_8_disk_full_is_named(tmp_path, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import utils.checkpoint as ck
+    import utils.storage.checkpoint as ck
 
     def odd_failure(*a, **kw):  # what safetensors said when the disk filled up
         raise SafetensorError("Error while serializing: unexpected pos 69120 vs 69012")
@@ -420,8 +420,8 @@ def test_8_train_state_missing_a_field_is_named(tmp_path):
 @pytest.mark.parametrize("bug", [KeyError("layers"), IndexError("list index out of range"), ValueError("x"),
                                  TypeError("y"), OSError(errno.EBADF, "Bad file descriptor")])
 def test_9_a_bug_prints_its_traceback_and_asks_for_a_report(capsys, bug):
-    from utils.cli import Parser
-    from utils.session import run_main
+    from utils.cli.parser import Parser
+    from utils.cli.run import run_main
 
     def main(args):
         raise bug
@@ -440,8 +440,8 @@ def test_9_a_bug_prints_its_traceback_and_asks_for_a_report(capsys, bug):
     (CheckpointError("checkpoint 'c' is broken"), "error: checkpoint 'c' is broken"),
 ])
 def test_9_expected_errors_are_one_line(capsys, expected, line):
-    from utils.cli import Parser
-    from utils.session import run_main
+    from utils.cli.parser import Parser
+    from utils.cli.run import run_main
 
     def main(args):
         raise expected
@@ -476,8 +476,8 @@ def test_9_bug_from_a_process_shows_traceback(tiny_teacher, tiny_corpus, tmp_pat
 def real_checkpoints(tiny_teacher, tiny_corpus, tmp_path_factory):
     """Checkpoints of every kind as the scripts write them: block, merged layer, model, resume."""
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
-    from utils.session import run_main
+    from utils.training.students import save_model
+    from utils.cli.run import run_main
 
     import retrain_merge
     import retrain_single_block
@@ -562,9 +562,9 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
     """What a user's command does with a checkpoint of ``kind``; returns what decides the model that results."""
     from models import weights_hash
     from models.compress import compress_attention
-    from utils.assemble import load_block, load_merged_layer, load_model
-    from utils.distill import BlockDistill
-    from utils.train import TrainConfig, Trainer, Unit
+    from utils.training.loop import TrainConfig, Trainer, Unit
+    from utils.training.students import load_block, load_merged_layer, load_model
+    from utils.training.tasks import BlockDistill
 
     th = weights_hash(teacher)
     if kind == "block":
@@ -574,7 +574,7 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
         first, layer, spec = load_merged_layer(d, teacher.config, th)
         return first, spec, layer.state_dict()
     if kind == "model":
-        model, _ = load_model(d, th, False, teacher.config)
+        model, _ = load_model(d, th, force=False, teacher_config=teacher.config)
         return model.config.to_dict(), model.state_dict()
     # resume: the training loop's own loader and checks, for the unit the run was started with
     attn, _ = compress_attention(teacher.layers[0].attention, teacher.config, unit_meta["num_heads"],
@@ -582,8 +582,8 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
     unit = Unit("block_0", attn, d.parent, unit_meta)
     task = BlockDistill(teacher, {0: attn}, ["output"])
     # another lr, seed, data...: accepted (and logged) with --force-config, so only the unit's own fields decide
-    trainer = Trainer(task, [unit], TrainConfig(epochs=2, resume=True, force_config=True), d.parent,
-                      torch.device("cpu"), evaluate=dict)
+    trainer = Trainer(task, [unit], TrainConfig(epochs=2, resume=True, force_config=True), run_dir=d.parent,
+                      device=torch.device("cpu"), evaluate=dict)
     unit.scheduler = torch.optim.lr_scheduler.LambdaLR(unit.optimizer, lambda s: 1.0)
     trainer._try_resume()
     return trainer.start_epoch, attn.state_dict()
@@ -601,9 +601,9 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("kind", ["block", "merged_layer", "model", "resume"])
 def test_fuzz_every_metadata_field(real_checkpoints, tmp_path, capsys, kind):
-    from utils.checkpoint import REQUIRED
-    from utils.cli import Parser
-    from utils.session import run_main
+    from utils.storage.checkpoint import REQUIRED
+    from utils.cli.parser import Parser
+    from utils.cli.run import run_main
 
     dirs, teacher = real_checkpoints
     src = dirs[kind]

@@ -1,5 +1,5 @@
 """What the students learn from: teacher hidden states and block outputs, computed once per batch for all layers,
-or once per dataset with ``--cache-teacher`` (fp16, packed without padding, memory-mapped).
+or once per dataset into a cache on disk (fp16, packed without padding, memory-mapped).
 
 Names of features: ``in_{i}`` hidden state entering teacher layer i; ``block_{i}`` teacher attention block output of
 layer i (before residual + LayerNorm); ``out_{i}`` hidden state leaving layer i (== ``in_{i+1}``).
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models.bert import BertForMaskedLM, extended_mask
-from .data import token_ids_hash
+from ..data.batches import token_ids_hash
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _parse(name: str) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      names: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass of the teacher, stopping after the last layer any requested feature needs."""
     wanted = {}
@@ -86,8 +86,8 @@ class TeacherCache:
     truncated or unrecorded file is named in a warning and rebuilt, never used.
     """
 
-    def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, teacher_hash: str, token_ids: list[list[int]],
-                 tokenizer_name: str, seq_len: int):
+    def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, *, teacher_hash: str,
+                 token_ids: list[list[int]], tokenizer_name: str, seq_len: int):
         self.key = token_ids_hash(token_ids, teacher_hash, tokenizer_name, seq_len)
         self.dir = Path(root) / self.key
         self.teacher, self.ids = teacher, token_ids
@@ -177,7 +177,7 @@ class TeacherCache:
                 for b, x in enumerate(chunk):
                     ids[b, :len(x)] = torch.tensor(x)
                     att[b, :len(x)] = 1
-                feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
+                feats = teacher_features(self.teacher, ids.to(device), att.to(device), names=names)
                 valid = att.bool().to(device)
                 rows = self._rows(index)
                 for n, t in feats.items():
@@ -209,8 +209,9 @@ class TeacherCache:
         n = self.offsets[index + 1] - lo
         return np.arange(int(n.sum())) + np.repeat(lo - (np.cumsum(n) - n), n)
 
-    def batch(self, names: list[str], index: torch.Tensor, T: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Padded [B, T, D] float tensors for the sentences ``index`` (padding positions are zero).
+    def batch(self, names: list[str], index: torch.Tensor, *, length: int, device: torch.device
+              ) -> dict[str, torch.Tensor]:
+        """Padded [B, length, D] float tensors for the sentences ``index`` (padding positions are zero).
 
         One gather per feature: the packed fp16 rows go to ``device`` as they are and are scattered into place there.
         """
@@ -218,14 +219,14 @@ class TeacherCache:
         n = self.offsets[idx + 1] - self.offsets[idx]
         rows = self._rows(idx)
         # position of each gathered token in the flattened [B * T] batch
-        pos = np.repeat(np.arange(len(idx)) * T - (np.cumsum(n) - n), n) + np.arange(len(rows))
+        pos = np.repeat(np.arange(len(idx)) * length - (np.cumsum(n) - n), n) + np.arange(len(rows))
         pos_t = torch.from_numpy(pos).to(device)
         out = {}
         for name in names:
             arr = self.arrays[name]
             src = torch.from_numpy(arr[rows]).to(device, non_blocking=True)
-            x = torch.zeros(len(idx) * T, arr.shape[1], dtype=torch.float32, device=device)
+            x = torch.zeros(len(idx) * length, arr.shape[1], dtype=torch.float32, device=device)
             x.index_copy_(0, pos_t, src.float())
-            out[name] = x.view(len(idx), T, arr.shape[1])
+            out[name] = x.view(len(idx), length, arr.shape[1])
         return out
 

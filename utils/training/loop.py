@@ -33,9 +33,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from . import runtime
-from .checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable, read_meta,
-                         save_checkpoint)
+from .. import runtime
+from ..storage.checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable,
+                                  read_meta, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ NOT_SETUP = ("teacher", "init", "sources")
 
 @dataclass
 class TrainConfig:
+    """The training loop's settings: schedule, optimiser, checkpoints and resuming (the same for every unit)."""
+
     epochs: int = 3
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -215,7 +217,7 @@ class Trainer:
     """Trains ``units`` on ``task``. ``record`` (argv, arguments, ...) goes into each unit's ``run.json``;
     ``setup`` (batch size, data hash, ...) is the part of the training setup the loop cannot see, checked on resume."""
 
-    def __init__(self, task: nn.Module, units: list[Unit], cfg: TrainConfig, run_dir: str | Path,
+    def __init__(self, task: nn.Module, units: list[Unit], cfg: TrainConfig, *, run_dir: str | Path,
                  device: torch.device, evaluate: Callable[[], dict[str, float]],
                  samples: Callable[[], str] | None = None, run_meta: dict[str, Any] | None = None,
                  setup: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
@@ -297,11 +299,11 @@ class Trainer:
                  for k in sorted(set(now) | set(before)) if _differs(before.get(k), now.get(k))]
         if diffs and not self.cfg.force_config:
             raise CheckpointError(
-                f"--resume: the training setup differs from the one of '{where}': " + "; ".join(diffs)
-                + ". Rerun with the original settings, train into another --run-name, or pass --force-config to "
+                f"`resume`: the training setup differs from the one of '{where}': " + "; ".join(diffs)
+                + ". Rerun with the original settings, train into another `run_name`, or pass `force_config` to "
                 "continue with the new settings")
         for d in diffs:
-            log.warning("--force-config: %s: %s", u.name, d)
+            log.warning("`force_config`: %s: %s", u.name, d)
 
     def _load_resume(self, u: Unit, where: Path) -> tuple[dict, dict, dict]:
         from models.hf import weights_hash
@@ -325,12 +327,12 @@ class Trainer:
             return
         found = {u.name: self._resume_candidates(u) for u in self.units}
         if not any(found.values()):
-            log.warning("--resume: nothing to resume for %s in %s; starting from scratch",
+            log.warning("`resume`: nothing to resume for %s in %s; starting from scratch",
                         ", ".join(u.name for u in self.units), self.run_dir)
             return
         missing = [n for n, c in found.items() if not c]
         if missing:
-            raise CheckpointError(f"--resume: units {missing} have no resume point while "
+            raise CheckpointError(f"`resume`: units {missing} have no resume point while "
                                   f"{[n for n, c in found.items() if c]} do: these were not trained together")
         # the newest position every unit has (several units save one after the other; each keeps its previous point)
         points: dict[str, dict[Position, Path]] = {}
@@ -343,7 +345,7 @@ class Trainer:
                 points[u.name][Position(**meta["position"])] = d
         common = set.intersection(*(set(p) for p in points.values()))
         if not common:
-            raise CheckpointError("--resume: the units' resume points are at different positions: "
+            raise CheckpointError("`resume`: the units' resume points are at different positions: "
                                   + "; ".join(f"{n}: {sorted(p)}" for n, p in points.items()))
         pos = max(common)
         run_ids = set()
@@ -356,7 +358,7 @@ class Trainer:
             run_ids.add(state["run_id"])
             self.resumed_rng = state["rng"]
         if len(run_ids) > 1:
-            raise CheckpointError(f"--resume: the units' resume points come from different runs {sorted(run_ids)}")
+            raise CheckpointError(f"`resume`: the units' resume points come from different runs {sorted(run_ids)}")
         self.run_id = run_ids.pop()
         self.start = pos
         log.info("resumed from %s: epoch %d done, continuing at epoch %d%s", self.units[0].resume_dir, pos.epoch,
@@ -435,7 +437,7 @@ class Trainer:
         try:
             with self.stops.installed():
                 for epoch in range(self.start.epoch, cfg.epochs):
-                    metrics = self._epoch(epoch, loader, sampler, steps_per_epoch) or metrics
+                    metrics = self._epoch(epoch, loader, sampler, steps_per_epoch=steps_per_epoch) or metrics
         finally:
             for u in self.units:
                 if u.writer is not None:
@@ -443,11 +445,11 @@ class Trainer:
         runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
         return metrics
 
-    def _epoch(self, epoch: int, loader, sampler, steps_per_epoch: int) -> dict[str, float]:
+    def _epoch(self, epoch: int, loader, sampler, *, steps_per_epoch: int) -> dict[str, float]:
         """One epoch: its steps (from the resume position if it is the first), then validation and saves."""
         skip = self._begin_epoch(epoch, sampler)
         t0 = time.perf_counter()
-        running = self._steps(epoch, _skip(loader, sampler, skip), skip, steps_per_epoch)
+        running = self._steps(epoch, _skip(loader, sampler, skip), skip=skip, steps_per_epoch=steps_per_epoch)
         return self._end_epoch(epoch, running, time.perf_counter() - t0)
 
     def _begin_epoch(self, epoch: int, sampler) -> int:
@@ -463,7 +465,7 @@ class Trainer:
         self.task.train()
         return skip
 
-    def _steps(self, epoch: int, batches, skip: int, steps_per_epoch: int) -> float | None:
+    def _steps(self, epoch: int, batches, *, skip: int, steps_per_epoch: int) -> float | None:
         """The optimizer steps of an epoch under a progress bar; returns the running (smoothed) training loss."""
         from tqdm.auto import tqdm
 
@@ -478,7 +480,7 @@ class Trainer:
                 running = lv if running is None else 0.95 * running + 0.05 * lv
                 bar.set_postfix(loss=f"{running:.4g}")
                 bar.update()
-                self._print_loss(bar, epoch, step, lv, running)
+                self._print_loss(bar, epoch, step=step, loss=lv, running=running)
                 self._after_step(Position(epoch, step + 1, self.position.global_step + 1), steps_per_epoch)
         except BaseException:
             bar.leave = True  # keep the bar where it stopped, so that the error / stop line starts a line of its own
@@ -487,7 +489,7 @@ class Trainer:
             bar.close()
         return running
 
-    def _print_loss(self, bar, epoch: int, step: int, loss: float, running: float) -> None:
+    def _print_loss(self, bar, epoch: int, *, step: int, loss: float, running: float) -> None:
         """--log_freq: a loss line every N steps (the progress bar shows the running loss anyway)."""
         gs = self.position.global_step + 1
         if self.cfg.print_every and gs % self.cfg.print_every == 0 and runtime.is_main_process():
@@ -531,7 +533,7 @@ class Trainer:
         where = ", ".join(str(u.resume_dir) for u in self.units)
         p = self.position
         raise Stopped(f"stopped by {name} at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step}); "
-                      f"resume point saved to {where}: rerun the same command with --resume to continue",
+                      f"resume point saved to {where}: rerun the same command with `resume` to continue",
                       STOP_SIGNALS.get(name, 143))
 
     def _step(self, batch, epoch: int, step: int) -> float:
@@ -558,7 +560,7 @@ class Trainer:
                     raise
                 raise TrainingDiverged(
                     f"the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} (global step {gs}): {e}; "
-                    f"lower --lr. Stopped; the last good checkpoint in {self.run_dir} is kept."
+                    f"lower `lr`. Stopped; the last good checkpoint in {self.run_dir} is kept."
                 ) from None
             u.scheduler.step()
         lv = loss.item()
@@ -618,15 +620,9 @@ def _skip(loader, sampler, n: int):
     return itertools.islice(loader, n, None) if n else loader
 
 
-def make_train_config(args: Any) -> TrainConfig:
-    """TrainConfig from the shared argparse namespace."""
-    return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-                       schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
-                       save_every_steps=getattr(args, "save_every_steps", 0),
-                       resume=args.resume, compile=args.compile,
-                       max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
-                       force=getattr(args, "force", False), force_config=getattr(args, "force_config", False),
-                       optimizer=getattr(args, "optimizer", "adamw"),
-                       betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
-                       warmup_steps=getattr(args, "warmup_steps", None), log_every=getattr(args, "log_freq", 10),
-                       print_every=getattr(args, "log_freq", 0) if "log_freq" in getattr(args, "explicit", ()) else 0)
+def run_record(caller: dict[str, Any] | None, *, batch_size: int, train: TrainConfig, **resolved: Any
+               ) -> dict[str, Any]:
+    """A run record for ``Trainer`` (each unit's run.json, one entry per invocation): the caller's entries (the
+    command line's arguments, recipe and explicit flags) and the fully resolved settings: the batch size, the
+    training loop's, and what the run decided (``resolved``: the initialisation used, the loss, the shape...)."""
+    return {**(caller or {}), "resolved": {"batch_size": batch_size, **asdict(train), **resolved}}
