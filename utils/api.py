@@ -167,7 +167,7 @@ def _samples(s: Session, make_student: Callable[[], BertForMaskedLM], loader) ->
     return samples
 
 
-def _first_layers(given: Sequence[int] | None, every: list[int], n_layers: int, what: str) -> list[int]:
+def _first_layers(given: Sequence[int] | None, every: list[int], *, n_layers: int, what: str) -> list[int]:
     """The first teacher layer of each unit: ``given`` (checked against the teacher), or ``every``."""
     if given is None:
         return every
@@ -210,7 +210,7 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
     loss, plus ``name_suffix``); ``dropout`` sets the new blocks' attention dropout.
     """
     tcfg = _teacher_plan(session)
-    layers = _first_layers(layers, list(range(len(tcfg.layers))), len(tcfg.layers), "layers")
+    layers = _first_layers(layers, list(range(len(tcfg.layers))), n_layers=len(tcfg.layers), what="layers")
     if loss.mask_inputs and list(loss.loss_on) == ["mlm"]:
         raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
     started = newest_units(start_from, "block", layers) if start_from else {}
@@ -345,13 +345,13 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
     n = len(tcfg.layers)
     if n < 2:
         raise SettingError("the teacher has a single layer: nothing to merge")
-    pairs = _first_layers(pairs, list(range(0, n - 1, 2)), n, "pairs")
+    pairs = _first_layers(pairs, list(range(0, n - 1, 2)), n_layers=n, what="pairs")
     if any(i + 1 >= n for i in pairs):
         raise SettingError(f"`pairs` {pairs}: a pair starts at 0..{n - 2} (the teacher has layers 0..{n - 1})")
     if loss.mask_inputs and loss.loss_on == "mlm":
         raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
     started = newest_units(start_from, "merged_layer", pairs) if start_from else {}
-    specs = _merge_specs(tcfg, pairs, shape, started)
+    specs = _merge_specs(tcfg, pairs, shape=shape, started=started)
     spec = specs[pairs[0]]
     tag = "mlm" if loss.loss_on == "mlm" else loss.criterion.lower()
     run_dir = Path(out) / (run_name or f"merge_{spec.shape_tag()}_f{spec.intermediate_size}_{tag}"
@@ -365,7 +365,7 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
         return _train_merges(_prepare(session, cache_dir=cache_dir), job, locks)
 
 
-def _merge_specs(tcfg: ModelConfig, pairs: list[int], shape: UnitShape, started: dict[int, tuple[Path, dict]]
+def _merge_specs(tcfg: ModelConfig, pairs: list[int], *, shape: UnitShape, started: dict[int, tuple[Path, dict]]
                  ) -> dict[int, LayerSpec]:
     """The spec of each merged layer: ``shape``, else the starting checkpoints' (which ``shape`` must match)."""
     if started:
@@ -638,7 +638,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
                                       origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
                                       finetune=finetune)
-        res = _measure_plan(s, student, smap, plan, finetune=finetune, trained=bool(units), config=config,
+        res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units), config=config,
                             by_latency=target_speedup is not None)
         res.update(_target_met(res, target_speedup, target_params))
         (run / "results.json").write_text(json.dumps(res, indent=2))
@@ -656,7 +656,7 @@ def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig,
     return smap, None
 
 
-def _measure_plan(s: Session, student: BertForMaskedLM, smap: dict[str, Any], plan: Plan, *,
+def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
                   finetune: PlanFinetune, trained: bool, config: MapConfig, by_latency: bool) -> dict[str, Any]:
     """The planned student on the test split and timed against the teacher, beside what the map predicted."""
     teacher = s.teacher

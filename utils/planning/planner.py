@@ -45,19 +45,19 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     b = _budget(smap, target_speedup, target_params)
     lines = [f"budget: {b.text}; need to save {b.needed:,.2f} {b.unit}; cost: {metric} of each unit alone in the "
              "teacher (summed over units: an approximation, units interact)"]
-    cands = _candidates(smap, metric, b, lines)
+    cands = _candidates(smap, metric, budget=b, lines=lines)
     if b.needed <= 0:
         lines.append("the teacher already meets the budget: nothing to simplify")
         return Plan({}, 0.0, 0.0, b.needed, b.text, lines)
     n = smap["layers"]
     step = b.needed / grid_steps
-    best, pick = _knapsack(cands, n, b.gain_key, step, grid_steps)
+    best, pick = _knapsack(cands, n, gain_key=b.gain_key, step=step, grid_steps=grid_steps)
     if best[0][grid_steps] == math.inf:
         most = _max_saving(cands, n, b.gain_key)
         raise ValueError(f"the budget cannot be met from this map: {b.text} needs {b.needed:,.2f} {b.unit} saved, "
                          f"the map's options save at most {most:,.2f}; map more options (more heads settings, "
                          "merges) or relax the target")
-    return _read_plan(pick, cands, b, step, grid_steps, n, lines)
+    return _read_plan(pick, cands, budget=b, step=step, grid_steps=grid_steps, n=n, lines=lines)
 
 
 def _budget(smap: dict[str, Any], target_speedup: float | None, target_params: int | None) -> _Budget:
@@ -73,8 +73,10 @@ def _budget(smap: dict[str, Any], target_speedup: float | None, target_params: i
                    f"parameters <= {target_params:,} (teacher {total:,})")
 
 
-def _candidates(smap: dict[str, Any], metric: str, b: _Budget, lines: list[str]) -> dict[int, list[dict[str, Any]]]:
+def _candidates(smap: dict[str, Any], metric: str, *, budget: _Budget, lines: list[str]
+                ) -> dict[int, list[dict[str, Any]]]:
     """The map's entries that save something, by layer, with their cost; listed in ``lines`` by cost per saving."""
+    b = budget
     cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(smap["layers"])}
     for e in smap["entries"]:
         if metric not in e:
@@ -94,7 +96,7 @@ def _steps(e: dict[str, Any], gain_key: str, step: float) -> int:
     return int(math.floor(e[gain_key] / step + 1e-9))
 
 
-def _knapsack(cands: dict[int, list[dict[str, Any]]], n: int, gain_key: str, step: float, grid_steps: int
+def _knapsack(cands: dict[int, list[dict[str, Any]]], n: int, *, gain_key: str, step: float, grid_steps: int
               ) -> tuple[list[list[float]], list[list[Any]]]:
     """best[i][g]: least cost for layers i.. to still save g grid steps (g capped at the need); pick: the choice."""
     inf = math.inf
@@ -114,9 +116,10 @@ def _knapsack(cands: dict[int, list[dict[str, Any]]], n: int, gain_key: str, ste
     return best, pick
 
 
-def _read_plan(pick: list[list[Any]], cands: dict[int, list[dict[str, Any]]], b: _Budget, step: float,
+def _read_plan(pick: list[list[Any]], cands: dict[int, list[dict[str, Any]]], *, budget: _Budget, step: float,
                grid_steps: int, n: int, lines: list[str]) -> Plan:
     """The choices along the knapsack's picks, each explained in ``lines`` with the cheapest alternatives."""
+    b = budget
     choices, i, g, saved, total_cost = {}, 0, grid_steps, 0.0, 0.0
     lines.append("plan (exact knapsack over layers on the grid; a merge uses two layers):")
     while i < n:

@@ -103,8 +103,8 @@ def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Te
     prev = final.with_name(f"{final.name}.prev.{tag}")
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_folder(tmp, state_dict, meta, train_state)
-        _swap_in(tmp, final, prev, keep_previous)
+        _write_folder(tmp, state_dict, meta, train_state=train_state)
+        _swap_in(tmp, final, prev, keep_previous=keep_previous)
     except (OSError, SafetensorError, RuntimeError) as e:
         # safetensors reports its I/O errors (disk full...) as SafetensorError, torch.save as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -118,7 +118,7 @@ def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Te
     return final
 
 
-def _write_folder(tmp: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+def _write_folder(tmp: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], *,
                   train_state: dict[str, Any] | None) -> None:
     """A complete checkpoint in the new folder ``tmp``: weights, training state, then the metadata with their hashes."""
     from safetensors.torch import save
@@ -138,7 +138,7 @@ def _write_folder(tmp: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
     _fsync_dir(tmp)
 
 
-def _swap_in(tmp: Path, final: Path, prev: Path, keep_previous: bool) -> None:
+def _swap_in(tmp: Path, final: Path, prev: Path, *, keep_previous: bool) -> None:
     """``tmp`` becomes ``final`` by two renames (the old one aside as ``prev``); then what earlier writers left."""
     if final.exists():
         os.replace(final, prev)
