@@ -1,11 +1,12 @@
 """What the students learn from: teacher hidden states and block outputs, computed once per batch for all layers,
-or once per dataset with ``--cache-teacher`` (fp16, packed without padding, memory-mapped).
+or once per dataset with ``--cache-teacher`` (fp16, packed without padding, read memory-mapped).
 
 Names of features: ``in_{i}`` hidden state entering teacher layer i; ``block_{i}`` teacher attention block output of
 layer i (before residual + LayerNorm); ``out_{i}`` hidden state leaving layer i (== ``in_{i+1}``).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,51 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with the file it concerns (os.pwrite and friends report none), so the error line can name it."""
+    return OSError(e.errno, e.strerror, str(path))
+
+
+def _reserve_npy(fd: int, path: Path, shape: tuple[int, int], dtype: type) -> int:
+    """Write a ``.npy`` header for ``shape`` / ``dtype`` to the empty file ``fd`` and reserve the data's space on
+    disk; returns the offset of the data. A disk without room fails here (OSError ENOSPC), before any teacher pass;
+    the data are then written with ``os.pwrite`` (never through a memory map, where a full disk is a SIGBUS)."""
+    import io
+
+    from numpy.lib import format as npy
+
+    head = io.BytesIO()
+    npy.write_array_header_1_0(head, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                      "shape": shape})
+    header = head.getvalue()
+    size = len(header) + shape[0] * shape[1] * np.dtype(dtype).itemsize
+    _pwrite_all(fd, header, 0, path)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no reservation there: writes will tell
+            raise _named(e, path) from None
+        os.ftruncate(fd, size)
+    return len(header)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, path: Path) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as e:
+            raise _named(e, path) from None
+        view, offset = view[n:], offset + n
+
+
+def _fsync(fd: int, path: Path) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise _named(e, path) from None
 
 
 def _parse(name: str) -> tuple[str, int]:
@@ -157,17 +203,20 @@ class TeacherCache:
 
     @torch.no_grad()
     def _build(self, names: list[str], batch_size: int, device: torch.device) -> None:
-        from numpy.lib.format import open_memmap
         from tqdm.auto import tqdm
 
         D = self.teacher.config.hidden_size
         total = int(self.offsets[-1])
         tag = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp = {n: self.dir / f"{n}.npy.tmp.{tag}" for n in names}
-        maps = {n: open_memmap(str(p), mode="w+", dtype=np.float16, shape=(total, D)) for n, p in tmp.items()}
+        files: dict[str, tuple[int, int]] = {}  # feature -> (file descriptor, offset of row 0)
         try:
+            for n, p in tmp.items():
+                files[n] = (os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), 0)
+                files[n] = (files[n][0], _reserve_npy(files[n][0], p, (total, D), np.float16))
             # sentences in length order: each teacher batch is nearly free of padding
             order = np.argsort(np.diff(self.offsets), kind="stable")
+            row_bytes = D * np.dtype(np.float16).itemsize
             for start in tqdm(range(0, len(order), batch_size), desc="caching teacher features", unit="batch"):
                 index = order[start:start + batch_size]
                 chunk = [self.ids[i] for i in index]
@@ -179,12 +228,16 @@ class TeacherCache:
                     att[b, :len(x)] = 1
                 feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
                 valid = att.bool().to(device)
-                rows = self._rows(index)
+                lengths = self.offsets[index + 1] - self.offsets[index]
                 for n, t in feats.items():
-                    maps[n][rows] = t[valid].to(torch.float16).cpu().numpy()
-            for n, m in maps.items():
-                m.flush()
-            maps.clear()
+                    packed = t[valid].to(torch.float16).cpu().numpy()
+                    fd, base = files[n]
+                    at = 0
+                    for i, k in zip(index, lengths):  # each sentence's rows are contiguous in the file
+                        _pwrite_all(fd, packed[at:at + k].tobytes(), base + int(self.offsets[i]) * row_bytes, tmp[n])
+                        at += k
+            for n, (fd, _) in files.items():
+                _fsync(fd, tmp[n])
             for n in names:
                 final = self.dir / f"{n}.npy"
                 record = {"bytes": tmp[n].stat().st_size, "sha256": _file_sha256(tmp[n]), "shape": [total, D],
@@ -194,7 +247,8 @@ class TeacherCache:
                 rec_tmp.write_text(json.dumps(record))
                 os.replace(rec_tmp, self.dir / f"{n}.json")
         finally:
-            maps.clear()
+            for fd, _ in files.values():
+                os.close(fd)
             for p in tmp.values():
                 p.unlink(missing_ok=True)
         info_tmp = self.dir / f"info.json.tmp.{tag}"
