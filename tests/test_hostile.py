@@ -87,3 +87,43 @@ def test_4_disk_full_during_cache_build_is_one_line_and_leaves_no_temporary(tiny
     assert ".npy.tmp." in line  # names the file it could not write
     left = listing.read_text().split()
     assert not [f for f in left if ".tmp." in f], left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. kill -9 during a cache build: the next run removes the dead builder's full-size temporary files
+KILL_DURING_BUILD = r'''
+import os, signal, sys
+from pathlib import Path
+import torch
+import utils.features as F
+from test_hostile import tiny_cache
+
+real = F.teacher_features
+def dying(*args, **kwargs):  # the first batch is computed and written, then the builder dies
+    F.teacher_features = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+F.teacher_features = dying
+tiny_cache(Path(sys.argv[1]), Path(sys.argv[2])).ensure(["in_0", "block_0"], 8, torch.device("cpu"))
+'''
+
+
+def test_5_kill9_during_cache_build_leaves_nothing_for_good(tiny_teacher, tmp_path):
+    root = tmp_path / "cache"
+    r = run_python(KILL_DURING_BUILD, tiny_teacher, root)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    left = sorted(root.rglob("*.tmp.*"))
+    assert [p.name.split(".tmp.")[0] for p in left] == ["block_0.npy", "in_0.npy"]  # the dead builder's files
+    cache = tiny_cache(tiny_teacher, root).ensure(["in_0"], 8, torch.device("cpu"))  # the next run
+    assert not list(root.rglob("*.tmp.*"))  # before: both stayed, full size, for good
+    assert cache.arrays["in_0"].shape == (int(cache.offsets[-1]), 32)
+
+
+def test_5_a_live_builders_temporary_files_are_kept(tiny_teacher, tmp_path):
+    import socket
+
+    cache = tiny_cache(tiny_teacher, tmp_path / "cache")
+    cache.dir.mkdir(parents=True)
+    mine = cache.dir / f"in_1.npy.tmp.{socket.gethostname()}.{os.getpid()}.abcd1234"  # this process: alive
+    mine.write_bytes(b"x")
+    cache.ensure(["in_0"], 8, torch.device("cpu"))
+    assert mine.is_file()

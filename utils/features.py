@@ -153,6 +153,7 @@ class TeacherCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         lock, waiting = self.dir / ".lock", f"teacher cache {self.dir}: another run is building it; waiting for it"
         with file_lock(lock, waiting, shared=True):
+            self._remove_dead_temporaries()
             missing = self._check(names, report=False)
             if not missing:
                 self._map(names)
@@ -165,6 +166,17 @@ class TeacherCache:
         log.info("teacher cache %s: %s (%d tokens)%s", self.dir, ", ".join(names), self.offsets[-1],
                  f"; built {', '.join(missing)}" if missing else "; all reused")
         return self
+
+    def _remove_dead_temporaries(self) -> None:
+        """Delete what builders that died mid-build (kill -9, a lost node) left behind: ``*.tmp.<host>.<pid>.<random>``
+        files whose writer is gone, by the rules of checkpoints' temporary folders (a dead pid on this host, or a day
+        old from another host). A live builder's files are never touched."""
+        from .checkpoint import _writer_gone
+
+        for left in self.dir.glob("*.tmp.*"):
+            if _writer_gone(left.name.split(".tmp.", 1)[1], left):
+                left.unlink(missing_ok=True)
+                log.info("teacher cache: removed '%s', left by a build that died", left)
 
     def _check(self, names: list[str], report: bool) -> list[str]:
         """The features of ``names`` that are missing or damaged (damaged ones named in a warning with ``report``)."""
