@@ -127,3 +127,33 @@ def test_5_a_live_builders_temporary_files_are_kept(tiny_teacher, tmp_path):
     mine.write_bytes(b"x")
     cache.ensure(["in_0"], 8, torch.device("cpu"))
     assert mine.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. a cached array of the wrong dtype or row count, with a matching size/sha record: named and rebuilt, never used
+def _forge(cache, name: str, content: np.ndarray | bytes) -> None:
+    """Replace a feature's file by ``content`` and record its true size and sha256 (as if a build had written it)."""
+    from utils.features import _file_sha256
+
+    f = cache.dir / f"{name}.npy"
+    if isinstance(content, bytes):
+        f.write_bytes(content)
+    else:
+        np.save(f, content, allow_pickle=True)
+    rec = json.loads((cache.dir / f"{name}.json").read_text())
+    rec.update(bytes=f.stat().st_size, sha256=_file_sha256(f))
+    (cache.dir / f"{name}.json").write_text(json.dumps(rec))
+
+
+@pytest.mark.parametrize("forged", ["object-dtype", "rows-missing", "float32", "not-npy"])
+def test_9_cached_array_of_wrong_dtype_or_shape_is_rebuilt(tiny_teacher, tmp_path, caplog, forged):
+    cache = tiny_cache(tiny_teacher, tmp_path / "cache").ensure(["in_0"], 8, torch.device("cpu"))
+    good = np.array(cache.arrays.pop("in_0"))
+    content = {"object-dtype": np.array([{"x": 1}] * len(good), dtype=object), "rows-missing": good[:-3],
+               "float32": good.astype(np.float32), "not-npy": b"\0" * 256}[forged]
+    _forge(cache, "in_0", content)
+    again = tiny_cache(tiny_teacher, tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        again.ensure(["in_0"], 8, torch.device("cpu"))  # before: ValueError / IndexError, "this is a bug"
+    assert "in_0.npy' is damaged" in caplog.text and "this cache needs a float16 array" in caplog.text
+    assert np.array_equal(np.array(again.arrays["in_0"]), good)

@@ -77,6 +77,22 @@ def _fsync(fd: int, path: Path) -> None:
         raise _named(e, path) from None
 
 
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype] | str:
+    """(shape, dtype) from a ``.npy`` file's header, nothing else read; or why it is not a readable ``.npy``."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as fh:
+            version = npy.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                return f"a .npy file of format version {version}"
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+    except (ValueError, EOFError, SyntaxError) as e:
+        return f"no readable .npy header ({' '.join(str(e).split())[:80]})"
+    return (tuple(shape), dtype) if not fortran else "a Fortran-ordered array"
+
+
 def _parse(name: str) -> tuple[str, int]:
     kind, _, idx = name.partition("_")
     if kind not in ("in", "block", "out") or not idx.isdigit():
@@ -211,6 +227,11 @@ class TeacherCache:
             return f"{got} bytes on disk, {size} recorded: truncated or overwritten"
         if _file_sha256(f) != digest:
             return "its sha256 differs from the one recorded at build time"
+        held = _npy_layout(f)  # a file whose record was rewritten to match it (by hand, by another tool)
+        want = ((int(self.offsets[-1]), self.teacher.config.hidden_size), np.dtype(np.float16))
+        if held != want:
+            shown = held if isinstance(held, str) else f"a {held[1]} array of shape {held[0]}"
+            return f"it holds {shown}; this cache needs a float16 array of shape {want[0]}"
         return None
 
     @torch.no_grad()
