@@ -157,3 +157,102 @@ def test_9_cached_array_of_wrong_dtype_or_shape_is_rebuilt(tiny_teacher, tmp_pat
         again.ensure(["in_0"], 8, torch.device("cpu"))  # before: ValueError / IndexError, "this is a bug"
     assert "in_0.npy' is damaged" in caplog.text and "this cache needs a float16 array" in caplog.text
     assert np.array_equal(np.array(again.arrays["in_0"]), good)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. discovery while a job saves: folders that vanish between being listed and being read are skipped
+def _saved_block(d: Path, value: float) -> Path:
+    from utils.checkpoint import save_checkpoint
+
+    meta = {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 4, "hidden_size": 4, "teacher_hash": "t"}
+    return save_checkpoint(d, {"w": torch.full((4, 4), value)}, meta)
+
+
+class _Listing:
+    """What os.scandir returns, listed in full before ``then`` runs (a writer acting between list and enter)."""
+
+    def __init__(self, entries: list, then):
+        self.entries = iter(entries)
+        then()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.entries)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self):
+        pass
+
+
+def test_7_discovery_skips_a_folder_removed_while_it_walks(tmp_path, monkeypatch):
+    from utils.checkpoint import find_checkpoints
+
+    unit = tmp_path / "run" / "block_0"
+    _saved_block(unit / "best", 1.0)
+    prev = _saved_block(unit / "best.prev.otherhost.1.abcd", 0.0)  # a save's old copy, about to be removed
+    real = os.scandir
+
+    def scandir(path="."):
+        with real(path) as it:
+            entries = list(it)
+        listed_unit = isinstance(path, (str, os.PathLike)) and Path(path) == unit
+        then = (lambda: shutil.rmtree(prev)) if listed_unit else (lambda: None)
+        return _Listing(entries, then)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = find_checkpoints([tmp_path / "run"], ["block"])  # before: FileNotFoundError from the walk
+    assert [p for p, _ in found] == [unit / "best"]
+
+
+def test_7_discovery_finds_a_checkpoint_whose_swap_completes_while_it_walks(tmp_path, monkeypatch):
+    from utils.checkpoint import find_checkpoints
+
+    unit = tmp_path / "run" / "block_0"
+    prev = _saved_block(unit / "best.prev.otherhost.1.abcd", 1.0)  # the old copy moved aside...
+    tmp = _saved_block(unit / "best.tmp.otherhost.1.abcd", 2.0)  # ...the new one not yet renamed into place
+    (tmp_path / "run" / "notes" / "best").mkdir(parents=True)  # a folder of that name that is no checkpoint
+    real = os.scandir
+
+    def scandir(path="."):
+        with real(path) as it:
+            entries = list(it)
+
+        def finish_swap():
+            tmp.rename(unit / "best")
+            shutil.rmtree(prev)
+        listed_unit = isinstance(path, (str, os.PathLike)) and Path(path) == unit
+        return _Listing(entries, finish_swap if listed_unit else (lambda: None))
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = find_checkpoints([tmp_path / "run"], ["block"])  # before: the unit was missed (both names vanished)
+    assert [p for p, _ in found] == [unit / "best"]
+
+
+def test_7_resolving_a_swap_that_finishes_while_it_reads(tmp_path, monkeypatch):
+    from utils.checkpoint import load_checkpoint, resolve_dir
+
+    unit = tmp_path / "block_0"
+    _saved_block(unit / "best", 1.0)
+    prev = unit / "best.prev.otherhost.1.abcd"
+    (unit / "best").rename(prev)  # mid-swap: the old copy moved aside, the new one not yet in place
+    new = _saved_block(unit / "new", 2.0)
+    real = Path.glob
+
+    def glob(self, pattern):
+        listed = list(real(self, pattern))
+        if self == unit:  # the writer completes its swap right after the listing
+            new.rename(unit / "best")
+            shutil.rmtree(prev)
+        return iter(listed)
+
+    monkeypatch.setattr(Path, "glob", glob)
+    assert resolve_dir(unit / "best") == unit / "best"  # before: FileNotFoundError from stat
+    monkeypatch.undo()
+    assert float(load_checkpoint(unit / "best")[0]["w"][0, 0]) == 2.0
