@@ -256,3 +256,36 @@ def test_7_resolving_a_swap_that_finishes_while_it_reads(tmp_path, monkeypatch):
     assert resolve_dir(unit / "best") == unit / "best"  # before: FileNotFoundError from stat
     monkeypatch.undo()
     assert float(load_checkpoint(unit / "best")[0]["w"][0, 0]) == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. a job killed before its first resume point keeps its invocation in run.json when it is started again
+class _Killed(BaseException):
+    """Stands for kill -9 in the middle of a step: nothing after it runs (no resume point is saved)."""
+
+
+def test_10_run_json_keeps_the_invocation_of_a_job_that_died_before_a_resume_point(tmp_path):
+    first, _ = toy_trainer(tmp_path, resume=True)
+    first.after_step = lambda position: (_ for _ in ()).throw(_Killed())  # dies after its first step
+    with pytest.raises(_Killed):
+        first.fit(toy_batches())
+    record = tmp_path / "toy" / "run.json"
+    assert len(json.loads(record.read_text())["invocations"]) == 1 and not (tmp_path / "toy" / "resume").exists()
+    again, _ = toy_trainer(tmp_path, resume=True)  # the requeued job: nothing to resume, starts from scratch
+    again.fit(toy_batches())
+    history = json.loads(record.read_text())["invocations"]
+    assert len(history) == 2  # before: 1, the first invocation was lost
+    assert history[0]["run_id"] == first.run_id and history[1]["run_id"] == again.run_id != first.run_id
+    third, _ = toy_trainer(tmp_path, epochs=4, resume=True)  # a real resume appends too
+    third.fit(toy_batches())
+    assert [i["run_id"] for i in json.loads(record.read_text())["invocations"]][1:] == [again.run_id] * 2
+
+
+def test_10_an_unreadable_run_json_is_kept_aside(tmp_path, caplog):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "run.json").write_text('{"invocations": [')
+    trainer, _ = toy_trainer(tmp_path, epochs=1)
+    trainer.fit(toy_batches())
+    (aside,) = (tmp_path / "toy").glob("run.json.unreadable.*")
+    assert aside.read_text() == '{"invocations": [' and "could not be read" in caplog.text
+    assert len(json.loads((tmp_path / "toy" / "run.json").read_text())["invocations"]) == 1

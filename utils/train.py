@@ -206,6 +206,25 @@ class StopRequests:
         return self.signal
 
 
+def _previous_invocations(f: Path) -> list[dict[str, Any]]:
+    """The invocations already recorded in ``run.json`` (none without one). History is only ever appended to: a file
+    that cannot be read is kept aside as ``run.json.unreadable.<time>`` with a warning, never silently replaced."""
+    import json
+
+    try:
+        invocations = json.loads(f.read_text())["invocations"]
+        if isinstance(invocations, list):
+            return invocations
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError):
+        pass
+    aside = f.with_name(f"{f.name}.unreadable.{time.strftime('%Y%m%dT%H%M%S')}")
+    f.replace(aside)
+    log.warning("'%s' could not be read; kept as '%s', a new history starts", f, aside)
+    return []
+
+
 def _reduce_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if (
         torch.distributed.get_backend() == "nccl") else torch.device("cpu")
@@ -398,15 +417,12 @@ class Trainer:
         if not runtime.is_main_process():
             return
         invocation = {"argv": sys.argv, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "from_position": asdict(self.start), "world_size": runtime.world_size(),
+                      "run_id": self.run_id, "from_position": asdict(self.start), "world_size": runtime.world_size(),
                       "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                                    "transformers": transformers.__version__}, **self.record}
         for u in self.units:
             f = u.out_dir / "run.json"
-            previous = []
-            if self.start != Position(0, 0, 0) and f.is_file():
-                with contextlib.suppress(ValueError, KeyError):
-                    previous = json.loads(f.read_text())["invocations"]
+            previous = _previous_invocations(f)  # also of a run that died before its first resume point
             body = {"unit": u.name, "run_id": self.run_id, "setup": self.setup, "unit_meta": u.meta,
                     "invocations": previous + [invocation]}
             tmp = f.with_name(f"run.json.tmp.{uuid.uuid4().hex[:8]}")
