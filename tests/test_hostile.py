@@ -289,3 +289,65 @@ def test_10_an_unreadable_run_json_is_kept_aside(tmp_path, caplog):
     (aside,) = (tmp_path / "toy").glob("run.json.unreadable.*")
     assert aside.read_text() == '{"invocations": [' and "could not be read" in caplog.text
     assert len(json.loads((tmp_path / "toy" / "run.json").read_text())["invocations"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. plan targets: checked at parse time, and against what the map (or, before it is built, its options) can reach
+PLAN_FAST = ["--device", "cpu", "--batch-size", "16", "--epochs", "1", "--max-steps-per-epoch", "2", "--latency-reps",
+             "2", "--eval-sentences", "16", "--valid-batches", "1", "--ft-epochs", "0", "--test-sentences", "16"]
+
+
+def small_map(layers: int = 2) -> dict:
+    """A valid map of the tiny teacher (2 layers, 4 heads of 8, FFN 64) with one option: 2 heads."""
+    entries = [{"layer": i, "option": "heads 2", "kind": "block", "covers": [i], "num_heads": 2, "head_dim": 8,
+                "ffn": 64, "params_saved": 528, "latency_saved_ms": 0.1, "unit_ms": 0.2, "kl_teacher_student": 0.01,
+                "top1_drop": 0.0, "agreement_drop": 0.01} for i in range(layers)]
+    return {"teacher": "tiny", "teacher_hash": "0123456789abcdef", "layers": layers, "teacher_params": 10_000,
+            "options": [{"name": "heads 2", "kind": "block", "num_heads": 2, "head_dim": 8, "ffn": 64}],
+            "mapped_layers": list(range(layers)), "entries": entries, "device": "cpu",
+            "timing": {"encoder_ms": 1.0, "embeddings_ms": 0.1, "layer_ms": [0.45] * layers, "unit_ms": {},
+                       "batch": 32, "seq": 40, "reps": 2}}
+
+
+def _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, *target) -> tuple[int, str]:
+    argv = [*map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(tmp_path / "out"), "--run-name", "p",
+            "--cache-dir", str(tmp_path / "cache"), *PLAN_FAST, *map(str, target)]
+    return _in_process("plan_student", argv, capsys)
+
+
+@pytest.mark.parametrize("value", ["0.5", "0", "-2", "inf", "nan"])
+def test_2_target_speedup_below_one_is_a_usage_error(tiny_teacher, tiny_corpus, tmp_path, capsys, value):
+    code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, "--target-speedup", value)
+    assert code == 2  # before (0.5): accepted, the whole map built, then "this is a bug"
+    one_line(err, "--target-speedup must be a finite number >= 1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target, reach", [(["--target-params", "1"], "the map's options remove at most"),
+                                           (["--target-speedup", "100"], "the map's options reach at most")])
+def test_2_unreachable_target_is_refused_before_a_map_is_built(tiny_teacher, tiny_corpus, tmp_path, capsys, target,
+                                                               reach):
+    code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, *target)
+    assert code == 2, err[-3000:]  # before: the map was built, then a traceback asking for a bug report
+    one_line(err, f"{target[0]} {target[1]} cannot be met", reach)
+    assert not (tmp_path / "out" / "p").exists() and "mapping layers" not in err  # nothing was trained
+
+
+@pytest.mark.parametrize("target, reach", [(["--target-params", "1"], "remove at most 1,056 of the teacher's 10,000"),
+                                           (["--target-speedup", "100"], "reach at most 1.25x")])
+def test_2_unreachable_target_with_a_map_is_one_line(tiny_teacher, tiny_corpus, tmp_path, capsys, target, reach):
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps(small_map()))
+    code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, "--map", f, "--force", *target)
+    assert code == 2, err[-3000:]  # before: "this is a bug" with a traceback
+    one_line(err, "cannot be met", reach)
+
+
+def test_2_planner_says_what_the_map_reaches():
+    from utils.sensitivity import PlanError, choose_plan
+
+    with pytest.raises(PlanError, match=r"reach at most 1\.25x"):
+        choose_plan(small_map(), target_speedup=3.0)
+    with pytest.raises(PlanError, match="smallest student has 8,944"):
+        choose_plan(small_map(), target_params=5_000)
+    assert choose_plan(small_map(), target_speedup=1.2).choices == {0: "heads 2", 1: "heads 2"}

@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, probe_writable, write_failure, write_pr
 from .cli import UsageError
 from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader, token_ids_hash
 from .lock import UnitBusy, UnitLock
+from .sensitivity import PlanError
 from .train import STOP_SIGNALS, Stopped, TrainingDiverged
 
 log = logging.getLogger("simplifying_transformers")
@@ -35,7 +36,8 @@ class OutputError(RuntimeError):
 # What a user can cause: the project's own exceptions, raised with a message wherever a user mistake is possible,
 # plus missing files and the operating system refusing a write. Anything else is a bug: traceback + a request to
 # report it. (UsageError is mapped to exit code 2 separately.)
-PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy)
+PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy,
+                  PlanError)
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENAMETOOLONG)
 EXPECTED_ERRORS = PROJECT_ERRORS + OS_ERRORS
