@@ -351,3 +351,44 @@ def test_2_planner_says_what_the_map_reaches():
     with pytest.raises(PlanError, match="smallest student has 8,944"):
         choose_plan(small_map(), target_params=5_000)
     assert choose_plan(small_map(), target_speedup=1.2).choices == {0: "heads 2", 1: "heads 2"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. a malformed --map: one line naming the file and the field, exit 1
+def _edit(change):
+    smap = small_map()
+    change(smap)
+    return json.dumps(smap)
+
+
+MAP_FAULTS = {
+    "not-json": ("{'layers': 2,", "not valid JSON"),
+    "binary": (b"\xff\xfe\x00garbage", "not valid JSON"),
+    "a-list": (json.dumps([small_map()]), "field '(the whole file)' must be a JSON object"),
+    "layer-a-path": (_edit(lambda m: m["entries"][1].update(layer="../x")), "field 'entries[1].layer' must be a layer"),
+    "layer-out-of-range": (_edit(lambda m: m["entries"][0].update(layer=7)), "'entries[0].layer' must be a layer"),
+    "unknown-option": (_edit(lambda m: m["entries"][0].update(option="heads 9")), "'entries[0].option' must be"),
+    "covers-wrong": (_edit(lambda m: m["entries"][0].update(covers=[0, 1])), "'entries[0].covers' must be [0]"),
+    "saving-a-string": (_edit(lambda m: m["entries"][0].update(latency_saved_ms="fast")), "latency_saved_ms"),
+    "no-timing": (_edit(lambda m: m.pop("timing")), "field 'timing' must be present"),
+    "encoder-ms-zero": (_edit(lambda m: m["timing"].update(encoder_ms=0)), "'timing.encoder_ms' must be a number"),
+    "option-kind": (_edit(lambda m: m["options"][0].update(kind="magic")), "'options[0].kind' must be one of"),
+    "layers-bool": (_edit(lambda m: m.update(layers=True)), "field 'layers' must be an integer"),
+}
+
+
+@pytest.mark.parametrize("fault", list(MAP_FAULTS))
+def test_3_malformed_map_is_one_line_naming_the_field(tiny_teacher, tiny_corpus, tmp_path, capsys, fault):
+    content, message = MAP_FAULTS[fault]
+    f = tmp_path / "sensitivity.json"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, "--map", f, "--force", "--target-params", "9900")
+    assert code == 1, err[-3000:]  # before: a traceback asking for a bug report (or a KeyError deep in the planner)
+    one_line(err, str(f), message)
+
+
+def test_3_a_map_from_sensitivity_map_is_valid(tmp_path):
+    from utils.planning import read_map
+
+    (tmp_path / "sensitivity.json").write_text(json.dumps(small_map()))
+    assert read_map(str(tmp_path)) == small_map()

@@ -423,6 +423,72 @@ def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
+def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first field of a map that the planner cannot use, or None."""
+    from .checkpoint import _int, _is, _num
+
+    if not isinstance(smap, dict):
+        return ("(the whole file)", "a JSON object written by sensitivity_map.py", smap)
+    top = {"layers": _int(1), "teacher": _is(str, "a string"), "teacher_hash": _is(str, "a non-empty string", True),
+           "teacher_params": _int(1), "timing": _is(dict, "an object"), "options": _is(list, "a non-empty list", True),
+           "entries": _is(list, "a list")}
+    for key, check in top.items():
+        if key not in smap:
+            return (key, "present", "nothing")
+        if (want := check(smap[key])) is not None:
+            return (key, want, smap[key])
+    if (want := _num(0, lo_open=True)(smap["timing"].get("encoder_ms"))) is not None:
+        return ("timing.encoder_ms", want, smap["timing"].get("encoder_ms"))
+    n, options = smap["layers"], {}
+    for i, o in enumerate(smap["options"]):
+        name = f"options[{i}]"
+        if not isinstance(o, dict):
+            return (name, "an object", o)
+        fields = {"name": _is(str, "a non-empty string", True), "kind": lambda v: None if v in KINDS else
+                  f"one of {', '.join(KINDS)}", "num_heads": _int(1), "head_dim": _int(1), "ffn": _int(1)}
+        for key, check in fields.items():
+            if (want := check(o.get(key))) is not None:
+                return (f"{name}.{key}", want, o.get(key))
+        if o["name"] in options:
+            return (f"{name}.name", "a name no other option has", o["name"])
+        options[o["name"]] = option_from_dict(o)
+    for k, e in enumerate(smap["entries"]):
+        name = f"entries[{k}]"
+        if not isinstance(e, dict):
+            return (name, "an object", e)
+        layer = e.get("layer")
+        if _int(0)(layer) is not None or layer >= n:
+            return (f"{name}.layer", f"a layer index in [0, {n})", layer)
+        opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
+        if opt is None:
+            return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
+        if e.get("kind") != opt.kind:
+            return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
+        if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
+            return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
+                    e.get("covers"))
+        if _int(-2 ** 62)(e.get("params_saved")) is not None:
+            return (f"{name}.params_saved", "an integer", e.get("params_saved"))
+        numbers = ("latency_saved_ms", *(m for m in COSTS.values() if m in e))
+        for key in numbers:
+            if (want := _num(-math.inf)(e.get(key))) is not None:
+                return (f"{name}.{key}", "a finite number", e.get(key))
+    return None
+
+
+def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
+    """Check a map read from a file against the fields the planner uses (types, ranges, options and layers that
+    exist, what each entry covers); PlanError naming the file, the first bad field, what was expected and found."""
+    from .checkpoint import _show
+
+    problem = _map_problem(smap)
+    if problem:
+        key, want, got = problem
+        raise PlanError(f"'{where}' is not a sensitivity map the planner can use: field '{key}' must be {want}, "
+                        f"found {_show(got)}")
+    return smap
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the planner
 @dataclass
