@@ -6,6 +6,9 @@ heads, merged layers with their own shapes, pruned feed-forward sizes) is writte
 config.json (``model_type`` ``compact_bert``, the per-layer plan, ``auto_map``), ``modeling_compact_bert.py`` (a
 self-contained copy of ``models/remote/modeling_compact_bert.py``), ``model.safetensors`` and the tokenizer, loaded
 with ``trust_remote_code=True``. transformers 5 removed head pruning, so a plain BERT config cannot describe these.
+
+Every export is written into a temporary folder beside its target and renamed into place when complete
+(``models.staging``): a killed or failed export never leaves a half-written folder under the requested name.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from .bert import BertForMaskedLM
 from .hf import export_hf, hf_export_problem
+from .staging import staged_folder
 
 class ExportError(ValueError):
     """A model cannot be exported where or how it was asked; the message says what to change."""
@@ -52,6 +56,9 @@ def check_writable_target(path: str | os.PathLike, what: str, is_dir: bool) -> P
             raise ExportError(f"{what} '{p}' is a folder; expected a file name such as model.onnx")
         if not os.access(p if is_dir else p.parent, os.W_OK):
             raise ExportError(f"{what} '{p}' is not writable")
+        if is_dir and any(p.iterdir()) and not (p / "config.json").is_file():
+            raise ExportError(f"{what} '{p}' holds files but no model (no config.json): an export replaces its folder "
+                              "as a whole, so give a new or empty folder, or a previous export")
         return p
     parent = p.parent
     while not parent.exists():  # the first existing ancestor must let us create the rest
@@ -89,20 +96,21 @@ def export_compact(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if not model.config.has_mlm_head:  # a bare encoder is saved as the base model, without the "bert." prefix
         sd = {k.removeprefix("bert."): v for k, v in sd.items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(compact_config_dict(model, tokenizer), indent=2) + "\n")
-    shutil.copyfile(REMOTE_FILE, out / REMOTE_FILE.name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    with staged_folder(out) as tmp:  # the folder appears under its name only when complete
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(compact_config_dict(model, tokenizer), indent=2) + "\n")
+        shutil.copyfile(REMOTE_FILE, tmp / REMOTE_FILE.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out
 
 
 def export_pretrained(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None) -> tuple[Path, str]:
     """Export any model; returns (folder, what was written: 'BertForMaskedLM', 'CompactBertForMaskedLM', ...)."""
+    check_writable_target(out_dir, "export folder", is_dir=True)
     model = model.cpu().eval()
     if not needs_remote_code(model):
         return export_hf(model, out_dir, tokenizer), ("BertForMaskedLM" if model.config.has_mlm_head else "BertModel")

@@ -287,9 +287,11 @@ def export_hf(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
+    from .staging import staged_folder
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    with staged_folder(out) as tmp:  # the folder appears under its name only when complete
+        hf.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out

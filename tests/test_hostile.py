@@ -392,3 +392,103 @@ def test_3_a_map_from_sensitivity_map_is_valid(tmp_path):
 
     (tmp_path / "sensitivity.json").write_text(json.dumps(small_map()))
     assert read_map(str(tmp_path)) == small_map()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. kill -9 during an export: nothing half-written under the requested name; the next export cleans up and succeeds
+KILL_DURING_EXPORT = r'''
+import os, shutil, signal, sys
+from pathlib import Path
+import models.onnx_export as ox
+from models.export import export_pretrained
+from test_hostile import compact_student
+
+student, tok = compact_student(Path(sys.argv[1]))
+what, out = sys.argv[2], Path(sys.argv[3])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if what == "hf":  # weights and config written, the modeling file created but still empty, no tokenizer yet
+    def copyfile(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"")
+        die()
+    shutil.copyfile = copyfile
+    export_pretrained(student, out, tok)
+else:  # the encoder graph written and checked, the masked-LM graph cut short
+    real, calls = ox.export_graph, []
+    def export_graph(model, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\x08\x07truncat")
+            die()
+        return real(model, path, *args, **kwargs)
+    ox.export_graph = export_graph
+    ox.export_onnx(student, out)
+'''
+
+
+def compact_student(teacher_dir: Path):
+    """The tiny teacher with 2 of the 4 heads in layer 0: a CompactBERT export."""
+    from models import load_teacher
+    from models.compress import clone_model, compose, compress_attention
+
+    teacher, tok = load_teacher(teacher_dir)
+    blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, 2, 8)[0]}
+    return clone_model(compose(teacher, blocks=blocks)).eval(), tok
+
+
+def _export_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp." in p.name or ".old." in p.name)
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["new-folder", "over-a-previous-export"])
+def test_6_kill9_during_hf_export_leaves_no_half_folder(tiny_teacher, tmp_path, previous):
+    from models.export import export_pretrained
+
+    student, tok = compact_student(tiny_teacher)
+    out = tmp_path / "exports" / "hf"
+    if previous:
+        export_pretrained(student, out, tok)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_python(KILL_DURING_EXPORT, tiny_teacher, "hf", out)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    # before: 'hf' held config.json, model.safetensors and an empty modeling file, and no tokenizer
+    if previous:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, untouched
+    else:
+        assert not out.exists()
+    assert [n.split(".tmp.")[0] for n in _export_leftovers(out.parent)] == ["hf"]  # marked incomplete by its name
+    export_pretrained(student, out, tok)  # the next export removes the dead one's folder and completes
+    assert not _export_leftovers(out.parent)
+    assert (out / "modeling_compact_bert.py").stat().st_size > 0 and (out / "tokenizer.json").is_file()
+
+
+def test_6_kill9_during_onnx_export_leaves_no_truncated_graph(tiny_teacher, tmp_path):
+    from models.onnx_export import encoder_path, export_onnx
+
+    out = tmp_path / "onnx" / "model.onnx"
+    r = run_python(KILL_DURING_EXPORT, tiny_teacher, "onnx", out)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not out.exists() and not encoder_path(out).exists()  # before: a truncated model.onnx beside the encoder
+    assert len(_export_leftovers(out.parent)) == 1
+    student, _ = compact_student(tiny_teacher)
+    done = export_onnx(student, out)
+    assert set(done) == {"encoder", "masked-LM"} and not _export_leftovers(out.parent)
+    import onnx
+
+    for graph in (out, encoder_path(out)):
+        onnx.checker.check_model(str(graph))  # complete graphs (raises on a truncated one)
+
+
+def test_6_an_export_never_replaces_a_folder_that_is_not_a_model(tiny_teacher, tiny_corpus, tmp_path, capsys):
+    from models.export import ExportError, export_pretrained
+
+    keep = tmp_path / "my_documents"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    student, tok = compact_student(tiny_teacher)
+    with pytest.raises(ExportError, match="holds files but no model"):
+        export_pretrained(student, keep, tok)
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+    code, err = _in_process("finetune_merged", [*map(str, data_args(tiny_teacher, tiny_corpus)), "--drop-every-second",
+                                                "--out", str(tmp_path / "runs"), "--export-hf", str(keep)], capsys)
+    assert code == 1 and not (tmp_path / "runs").exists()  # refused before any training
+    one_line(err, "--export-hf folder", "holds files but no model")

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from models.staging import writer_gone as _writer_gone  # the one rule for temporaries of dead writers
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -142,20 +144,6 @@ def save_checkpoint(
             "The previous checkpoint there (if any) is intact."
         ) from e
     return final
-
-
-def _writer_gone(tag: str, path: Path, max_age: float = 86400.0) -> bool:
-    """Whether the writer named by a ``host.pid.random`` tag is gone: a dead pid on this host, or a day-old file."""
-    host, _, rest = tag.rpartition(".")[0].rpartition(".")
-    try:
-        if host == socket.gethostname():
-            os.kill(int(rest), 0)
-            return False
-        return time.time() - path.stat().st_mtime > max_age
-    except ProcessLookupError:
-        return True
-    except (ValueError, OSError):
-        return False
 
 
 def _write_file(path: Path, data: bytes) -> None:

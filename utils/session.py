@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from models import BertForMaskedLM, NoMLMHeadError, TeacherError, load_teacher, weights_hash
+from models.export import ExportError
 from . import runtime
 from .checkpoint import CheckpointError, probe_writable, write_failure, write_probe
 from .cli import UsageError
@@ -37,7 +38,7 @@ class OutputError(RuntimeError):
 # plus missing files and the operating system refusing a write. Anything else is a bug: traceback + a request to
 # report it. (UsageError is mapped to exit code 2 separately.)
 PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy,
-                  PlanError)
+                  PlanError, ExportError)
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENAMETOOLONG)
 EXPECTED_ERRORS = PROJECT_ERRORS + OS_ERRORS
