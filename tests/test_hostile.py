@@ -492,3 +492,40 @@ def test_6_an_export_never_replaces_a_folder_that_is_not_a_model(tiny_teacher, t
                                                 "--out", str(tmp_path / "runs"), "--export-hf", str(keep)], capsys)
     assert code == 1 and not (tmp_path / "runs").exists()  # refused before any training
     one_line(err, "--export-hf folder", "holds files but no model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. the tokenizer of a CompactBERT export loads with AutoTokenizer, without remote code
+def test_11_compact_export_tokenizer_loads_without_remote_code(tiny_teacher, tmp_path, monkeypatch):
+    import builtins
+
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+    from models.export import export_pretrained
+
+    student, tok = compact_student(tiny_teacher)
+    out, kind = export_pretrained(student, tmp_path / "hf", tok)
+    assert kind.startswith("CompactBertForMaskedLM")
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "n")
+    loaded = AutoTokenizer.from_pretrained(str(out))  # before: "Do you wish to run the custom code? [y/N]"
+    assert not asked, asked
+    assert loaded("the small cat .")["input_ids"] == tok("the small cat .")["input_ids"]
+    assert type(AutoConfig.from_pretrained(str(out))).__name__ == "BertConfig"
+    model = AutoModelForMaskedLM.from_pretrained(str(out), trust_remote_code=True)
+    assert type(model).__name__ == "CompactBertForMaskedLM" and not asked
+    with pytest.raises(RuntimeError, match="mismatch"):  # without the remote code: refused, never silently wrong
+        AutoModelForMaskedLM.from_pretrained(str(out))
+
+
+def test_11_a_model_plain_bert_would_misread_keeps_a_remote_config(tiny_teacher, tmp_path):
+    from models import LayerSpec, ModelConfig
+    from models.bert import BertForMaskedLM
+    from models.export import export_pretrained
+
+    student, tok = compact_student(tiny_teacher)
+    cfg = ModelConfig.from_dict({**student.config.to_dict(), "layers": [
+        LayerSpec(4, 8, 64, [0]).to_dict(), LayerSpec(8, 4, 64, [1], "block").to_dict()]})  # same shapes, 8 x 4
+    out, _ = export_pretrained(BertForMaskedLM(cfg).eval(), tmp_path / "hf", tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "compact_bert" and "AutoConfig" in config["auto_map"]
