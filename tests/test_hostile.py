@@ -529,3 +529,68 @@ def test_11_a_model_plain_bert_would_misread_keeps_a_remote_config(tiny_teacher,
     out, _ = export_pretrained(BertForMaskedLM(cfg).eval(), tmp_path / "hf", tok)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "compact_bert" and "AutoConfig" in config["auto_map"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. a broken teacher folder: validated in full before any work, one line for each variant
+def _config(**changes):
+    def mutate(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return mutate
+
+
+def _vocab_only(content: bytes):
+    """No tokenizer.json: transformers builds the tokenizer from vocab.txt, which holds ``content``."""
+    def mutate(d: Path) -> None:
+        (d / "tokenizer.json").unlink()
+        (d / "vocab.txt").write_bytes(content)
+    return mutate
+
+
+def _write(name: str, content: bytes):
+    return lambda d: (d / name).write_bytes(content)
+
+
+TEACHER_VARIANTS = {
+    "heads-not-dividing-hidden": (_config(num_attention_heads=5), "num_attention_heads 5 does not divide hidden_size"),
+    "size-not-an-integer": (_config(hidden_size=32.5), "hidden_size must be a positive integer, found float 32.5"),
+    "size-a-string": (_config(intermediate_size="64"), "intermediate_size must be a positive integer, found str"),
+    "size-a-boolean": (_config(num_hidden_layers=True), "num_hidden_layers must be a positive integer, found bool"),
+    "size-negative": (_config(vocab_size=-3), "vocab_size must be a positive integer"),
+    "dropout-out-of-range": (_config(hidden_dropout_prob=1.5), "hidden_dropout_prob must be a number in [0, 1]"),
+    "eps-a-string": (_config(layer_norm_eps="small"), "layer_norm_eps must be a number > 0"),
+    "vocab-random-bytes": (_vocab_only(bytes(range(128, 256)) * 16), "vocab.txt' is not UTF-8 text"),
+    "vocab-empty": (_vocab_only(b""), "vocab.txt' is empty"),
+    "vocab-without-unknown-token": (_vocab_only(b"[PAD]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\n"), "cannot be loaded"),
+    "tokenizer-json-garbage": (_write("tokenizer.json", b'{"version": "1.0", "model": '), "is not valid JSON"),
+    "tokenizer-config-garbage": (_write("tokenizer_config.json", b"not json at all"), "cannot be loaded"),
+}
+
+
+@pytest.mark.parametrize("variant", list(TEACHER_VARIANTS))
+def test_1_broken_teacher_folder_is_one_line_before_any_work(tiny_teacher, tiny_corpus, tmp_path, capsys, variant):
+    mutate, message = TEACHER_VARIANTS[variant]
+    bad = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, bad)
+    mutate(bad)
+    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(bad, tiny_corpus)),
+                                                     "--out", str(tmp_path / "out")], capsys)
+    assert code == 1, err[-3000:]  # before (4 of them): a traceback, or a failure only after the teacher loaded
+    one_line(err, message, str(bad))
+    assert "teacher " + str(bad) + ":" not in err and "sentences" not in err  # refused before loading or reading
+    assert not (tmp_path / "out").exists()
+
+
+def test_1_library_loader_refuses_the_same_folders(tiny_teacher, tmp_path):
+    from models import TeacherError, load_teacher
+    from models.hf import check_teacher_files
+
+    for i, (mutate, message) in enumerate(TEACHER_VARIANTS.values()):
+        bad = tmp_path / str(i)
+        shutil.copytree(tiny_teacher, bad)
+        mutate(bad)
+        for check in (check_teacher_files, load_teacher):
+            with pytest.raises(TeacherError, match=message.replace("[", r"\[").replace("(", r"\(")[:40]):
+                check(bad)
