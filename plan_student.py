@@ -12,6 +12,11 @@ is measured against the teacher's on this device.
 """
 from __future__ import annotations
 
+from utils.stops import install_stop_handlers
+
+if __name__ == "__main__":  # first, before the imports below: a stop while they load is one line, 143 / 130
+    install_stop_handlers()
+
 import argparse
 import json
 import logging

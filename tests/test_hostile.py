@@ -594,3 +594,210 @@ def test_1_library_loader_refuses_the_same_folders(tiny_teacher, tmp_path):
         for check in (check_teacher_files, load_teacher):
             with pytest.raises(TeacherError, match=message.replace("[", r"\[").replace("(", r"\(")[:40]):
                 check(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. a stop in any phase: 143 (SIGTERM / SIGUSR1) or 130 (SIGINT) and one line, also for a second signal
+SIGNAL_AT = r'''
+import os, runpy, signal, sys
+phase, marks, script, argv = sys.argv[1], sys.argv[2].split("|"), sys.argv[3], sys.argv[4:]
+kill = lambda: os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs right after this call returns
+
+if phase == "import":  # while the script imports torch: the old code had no handler yet
+    class Hook:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                sys.meta_path.remove(self)
+                kill()
+            return None
+    sys.meta_path.insert(0, Hook())
+else:  # once per mark, when the script writes it (a log line, the stop line, "results written")
+    class Watch:
+        def __init__(self, inner):
+            self.inner = inner
+        def write(self, text):
+            n = self.inner.write(text)
+            if marks and marks[0] in text:
+                marks.pop(0)
+                self.inner.flush()
+                kill()
+            return n
+        def __getattr__(self, key):
+            return getattr(self.inner, key)
+    sys.stdout, sys.stderr = Watch(sys.stdout), Watch(sys.stderr)
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def _signalled_run(tiny_teacher, tiny_corpus, tmp_path, phase: str, *marks: str) -> subprocess.CompletedProcess:
+    argv = ["--block", "0", *data_args(tiny_teacher, tiny_corpus), "--epochs", "1", "--batch-size", "32",
+            "--out", tmp_path / "out"]
+    return run_python(SIGNAL_AT, phase, "|".join(marks), ROOT / "retrain_single_block.py", *argv)
+
+
+def _stop_lines(err: str) -> list[str]:
+    return [l for l in err.splitlines() if l.startswith(("stopped by", "interrupted"))]
+
+
+def test_8_signal_while_the_script_imports(tiny_teacher, tiny_corpus, tmp_path):
+    r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "import")
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by SIGUSR1 (138 in a shell)
+    assert _stop_lines(r.stderr) == ["stopped by SIGUSR1 while starting (nothing to save yet)"] == [last_line(r.stderr)]
+
+
+def test_8_signal_right_after_results_written(tiny_teacher, tiny_corpus, tmp_path):
+    r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "marks", "results written to")
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by SIGUSR1, no line
+    assert last_line(r.stdout).startswith("results written to")
+    assert _stop_lines(r.stderr) == [last_line(r.stderr)]
+    assert "after the results were written: nothing was left to do" in last_line(r.stderr)
+
+
+def test_8_second_signal_after_the_stop_line_before_training(tiny_teacher, tiny_corpus, tmp_path):
+    r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "marks", "teacher ", "stopped by")
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: a traceback and exit 1 (or 138)
+    assert "Traceback" not in r.stderr
+    assert _stop_lines(r.stderr) == [last_line(r.stderr)]
+    assert last_line(r.stderr).startswith("stopped by SIGUSR1 while not training: nothing to save")
+
+
+def test_8_second_signal_after_the_stop_line_of_training(tiny_teacher, tiny_corpus, tmp_path):
+    r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "marks", "epoch 1/1", "stopped by")
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by the second SIGUSR1, 138
+    assert _stop_lines(r.stderr) == [last_line(r.stderr)]
+    assert last_line(r.stderr).startswith("stopped by SIGUSR1 at epoch 1, step ")
+    assert list((tmp_path / "out").rglob("resume/meta.json"))  # the resume point of the first stop
+
+
+def test_8_signal_while_weights_load_is_a_stop_not_a_teacher_error(tiny_teacher, tiny_corpus, tmp_path, capsys,
+                                                                   monkeypatch):
+    import models.hf
+
+    real = models.hf.read_state_dict
+
+    def read_state_dict(folder):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the reader's `except Exception`
+        return real(folder)
+
+    monkeypatch.setattr(models.hf, "read_state_dict", read_state_dict)
+    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
+                                                     "--out", str(tmp_path / "out")], capsys)
+    assert code == 143, err[-2000:]  # before: "error: teacher weights ... cannot be read: stopped by SIGTERM", exit 1
+    assert last_line(err).startswith("stopped by SIGTERM while not training")
+
+
+def test_8_signal_after_the_loops_last_check_is_not_lost(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from utils.session import run_main
+    from utils.train import Trainer
+
+    real = Trainer._end_epoch
+
+    def end_epoch(self, epoch, *args):
+        metrics = real(self, epoch, *args)
+        if epoch + 1 == self.cfg.epochs:  # after the loop's last look at the stop requests
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch)
+
+    def main(args):
+        trainer, _ = toy_trainer(tmp_path, epochs=1)
+        trainer.fit(toy_batches())
+        return tmp_path
+
+    code = run_main(main, argparse.ArgumentParser(), [])
+    err = capsys.readouterr().err
+    assert code == 143, err[-2000:]  # before: 0, the stop was dropped
+    assert last_line(err).startswith("stopped by SIGTERM while not training")
+
+
+def slurm_script(job: str | None = None) -> str:
+    """The SLURM batch script of docs/jobs.md, its python command replaced by ``job`` if given."""
+    text = (ROOT / "docs" / "jobs.md").read_text()
+    start = text.index("```bash\n#!/bin/bash\n") + len("```bash\n")
+    script = text[start:text.index("```", start)]
+    if job is not None:
+        first = script.index("python retrain_single_block.py")
+        end = script.index("&\n", first)
+        script = script[:first] + job + " " + script[end:]
+    return script
+
+
+FAKE_JOB = r'''
+import os, signal, sys
+mode = os.environ["FAKE_MODE"]
+if mode == "fails-at-once":
+    sys.exit(1)
+if mode == "exits-143":
+    signal.signal(signal.SIGUSR1, lambda *a: sys.exit(143))
+if mode == "finished-anyway":
+    signal.signal(signal.SIGUSR1, lambda *a: sys.exit(0))
+# "killed-by-the-signal": no handler, as Python before its handlers are installed
+open(os.environ["FAKE_READY"], "w").write(str(os.getpid()))
+while True:
+    signal.pause()
+'''
+
+
+def _run_batch_script(tmp_path: Path, script: str, env: dict[str, str], signal_when_ready: bool
+                      ) -> tuple[int, list[str]]:
+    """Run the batch script under bash with a stub `scontrol`; send USR1 to the shell (as SLURM does) once the job
+    has written its ready file. Returns (exit code, the scontrol calls)."""
+    import time
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    calls = tmp_path / "scontrol_calls"
+    (stubs / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (stubs / "scontrol").chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    env = {**_env(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0", "FAKE_READY": str(tmp_path / "ready"),
+           **env, "PATH": os.pathsep.join([str(stubs), env.get("PATH", os.environ["PATH"])])}
+    shell = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    if signal_when_ready:
+        deadline = time.monotonic() + 120  # a bound against hanging, not a phase: the file proves the phase
+        while not (tmp_path / "ready").exists() and shell.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (tmp_path / "ready").exists(), shell.communicate()[0][-2000:]
+        shell.send_signal(signal.SIGUSR1)
+    out, _ = shell.communicate(timeout=240)
+    return shell.returncode, calls.read_text().split("\n")[:-1] if calls.exists() else []
+
+
+@pytest.mark.parametrize("mode, code, requeued", [("exits-143", 143, True), ("killed-by-the-signal", 138, True),
+                                                  ("finished-anyway", 0, False), ("fails-at-once", 1, False)])
+def test_8_slurm_script_requeues_after_a_stop_whatever_the_job_did(tmp_path, mode, code, requeued):
+    fake_bin = tmp_path / "fake_bin"
+    fake_bin.mkdir()
+    (tmp_path / "fake_job.py").write_text(FAKE_JOB)
+    (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "fake_job.py"}" "$@"\n')
+    (fake_bin / "python").chmod(0o755)
+    rc, calls = _run_batch_script(tmp_path, slurm_script(), {"FAKE_MODE": mode, "PATH": f"{fake_bin}:{os.environ['PATH']}"},
+                                  signal_when_ready=mode != "fails-at-once")
+    assert rc == code  # before: killed-by-the-signal was not requeued; fails-at-once could exit 0
+    assert calls == (["requeue 7_0"] if requeued else [])
+
+
+def test_8_slurm_script_requeues_a_real_job_stopped_while_it_starts(tiny_teacher, tiny_corpus, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # the job asks its shell for a stop while it imports torch (as SLURM)
+        "import os, signal, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            open(os.environ['FAKE_READY'], 'w').write('importing torch')\n"
+        "            os.kill(os.getppid(), signal.SIGUSR1)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hook())\n")
+    job = " ".join(["python", str(ROOT / "retrain_single_block.py"), "--block", "0",
+                    *map(str, data_args(tiny_teacher, tiny_corpus)), "--epochs", "1", "--out", str(tmp_path / "out")])
+    env = {"PYTHONPATH": str(hook), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    rc, calls = _run_batch_script(tmp_path, slurm_script(job), env, signal_when_ready=False)
+    assert (tmp_path / "ready").read_text() == "importing torch"
+    assert rc == 143 and calls == ["requeue 7_0"]  # before: 138 and not requeued

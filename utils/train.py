@@ -36,6 +36,7 @@ from torch import nn
 from . import runtime
 from .checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable, read_meta,
                          save_checkpoint)
+from .stops import STOP_SIGNALS, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal (143, 130)
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class Stopped(Exception):
-    """The job was asked to stop (SIGTERM / SIGUSR1 from a scheduler, SIGINT from a user); ``code`` is the exit code."""
+class Stopped(BaseException):
+    """The job was asked to stop (SIGTERM / SIGUSR1 from a scheduler, SIGINT from a user); ``code`` is the exit code.
+
+    Not an ``Exception``: a stop is not an error, and no ``except Exception`` on its way may turn it into one."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
 
-
-# exit codes of a stop on each signal: 128 + SIGTERM for the scheduler's signals (what requeue logic expects), 130 Ctrl-C
-STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
 
 # unit metadata that fixes a unit's shape: a resume point with other values never fits, even with --force-config
 SHAPE_KEYS = ("kind", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer", "layers", "spec")
@@ -196,6 +196,8 @@ class StopRequests:
             for sig, h in self._previous.items():
                 signal.signal(sig, h)
             self._previous.clear()
+        if self.signal is not None:  # asked for after the loop's last check: the handlers outside the loop act on it
+            signal.raise_signal(getattr(signal, self.signal))
 
     def requested(self) -> str | None:
         """The signal asked for, agreed on by every rank (any rank's request stops all)."""
@@ -544,6 +546,7 @@ class Trainer:
         return metrics
 
     def _stop(self, name: str) -> None:
+        note_stop(name)  # a signal while this stop unwinds must not start another
         where = ", ".join(str(u.resume_dir) for u in self.units)
         p = self.position
         raise Stopped(f"stopped by {name} at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step}); "
