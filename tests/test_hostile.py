@@ -626,7 +626,10 @@ else:  # once per mark, when the script writes it (a log line, the stop line, "r
             return getattr(self.inner, key)
     sys.stdout, sys.stderr = Watch(sys.stdout), Watch(sys.stderr)
 sys.argv = [script, *argv]
-runpy.run_path(script, run_name="__main__")
+if script.startswith("-m"):  # a module entry point: python -m utils.assemble
+    runpy.run_module(script[2:], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(script, run_name="__main__")
 '''
 
 
@@ -644,6 +647,13 @@ def test_8_signal_while_the_script_imports(tiny_teacher, tiny_corpus, tmp_path):
     r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "import")
     assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by SIGUSR1 (138 in a shell)
     assert _stop_lines(r.stderr) == ["stopped by SIGUSR1 while starting (nothing to save yet)"] == [last_line(r.stderr)]
+
+
+def test_8_signal_while_python_m_utils_assemble_imports(tiny_teacher, tmp_path):
+    r = run_python(SIGNAL_AT, "import", "", "-mutils.assemble", "--teacher", tiny_teacher, "--blocks", tmp_path,
+                   "--out", tmp_path / "assembled")
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by SIGUSR1 (138 in a shell)
+    assert last_line(r.stderr) == "stopped by SIGUSR1 while starting (nothing to save yet)"
 
 
 def test_8_signal_right_after_results_written(tiny_teacher, tiny_corpus, tmp_path):
