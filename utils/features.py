@@ -185,12 +185,12 @@ class TeacherCache:
 
     def _remove_dead_temporaries(self) -> None:
         """Delete what builders that died mid-build (kill -9, a lost node) left behind: ``*.tmp.<host>.<pid>.<random>``
-        files whose writer is gone, by the rules of checkpoints' temporary folders (a dead pid on this host, or a day
-        old from another host). A live builder's files are never touched."""
-        from .checkpoint import _writer_gone
+        files whose writer is gone, by the one rule for temporaries of dead writers (a dead pid on this host, or a
+        day old from another host). A live builder's files are never touched."""
+        from models.staging import writer_gone
 
         for left in self.dir.glob("*.tmp.*"):
-            if _writer_gone(left.name.split(".tmp.", 1)[1], left):
+            if writer_gone(left.name.split(".tmp.", 1)[1], left):
                 left.unlink(missing_ok=True)
                 log.info("teacher cache: removed '%s', left by a build that died", left)
 
