@@ -12,6 +12,11 @@ is measured against the teacher's on this device.
 """
 from __future__ import annotations
 
+from utils.stops import install_stop_handlers
+
+if __name__ == "__main__":  # first, before the imports below: a stop while they load is one line, 143 / 130
+    install_stop_handlers()
+
 import argparse
 import json
 import logging
@@ -19,11 +24,11 @@ import sys
 from pathlib import Path
 
 from utils.checkpoint import CheckpointError
-from utils.cli import add_training_args, common_parser, positive_float
+from utils.cli import UsageError, add_training_args, common_parser
 from utils.evaluate import compare_models
 from utils.planning import add_finetune_args, add_map_args, make_map, make_student, read_map
-from utils.sensitivity import (COSTS, choose_plan, encoder_inputs, limited_sentences, option_from_dict, round_robin_ms,
-                               session_context)
+from utils.sensitivity import (COSTS, budget_problem, choose_plan, default_options, encoder_inputs, limited_sentences,
+                               option_from_dict, reach_map, round_robin_ms, session_context)
 from utils.session import claim_units, run_main, start
 from utils.train import make_train_config
 
@@ -42,12 +47,36 @@ def params_arg(s: str) -> int:
     return int(v)
 
 
+def speedup_arg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-speedup must be a number such as 1.5, got '{s}'") from None
+    if not 1 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"--target-speedup must be a finite number >= 1 (1: the teacher's own "
+                                         f"speed), got {s}")
+    return v
+
+
+def check_reach(args: argparse.Namespace, s, smap: dict | None) -> None:
+    """Refuse a target the map (``smap``), or before it is built the options it would map, cannot reach, saying what
+    they reach (UsageError: exit code 2); before a map is built, its units are made untrained and timed alone."""
+    if smap is None:
+        n = len(s.teacher.layers)
+        options = default_options(s.teacher.config, args.heads_set, args.options)
+        smap = reach_map(s.teacher, options, [i for i in (args.layers or range(n)) if i < n],
+                         args.latency_reps if args.target_speedup else 0, args.latency_batch, args.seq_len)
+    problem = budget_problem(smap, args.target_speedup, args.target_params)
+    if problem:
+        raise UsageError(problem)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=1, lr=1e-3)
     g = p.add_argument_group("plan")
     t = g.add_mutually_exclusive_group(required=True)
-    t.add_argument("--target-speedup", type=positive_float, default=None,
+    t.add_argument("--target-speedup", type=speedup_arg, default=None,
                    help="encoder speed-up over the teacher (the map's measured latencies, on the map's device)")
     t.add_argument("--target-params", type=params_arg, default=None,
                    help="at most this many parameters in the whole student (e.g. 18e6 or 18M)")
@@ -73,7 +102,9 @@ def plan_and_train(args: argparse.Namespace, run: Path) -> Path:
         smap = read_map(args.map)
         if smap.get("teacher_hash") != s.teacher_hash and not args.force:
             raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
+        check_reach(args, s, smap)
     else:
+        check_reach(args, s, None)  # before the map is built: minutes of training for a target it cannot reach
         smap = make_map(args, s, run / "map")
     plan = choose_plan(smap, args.target_speedup, args.target_params, args.cost)
     run.mkdir(parents=True, exist_ok=True)

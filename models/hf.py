@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -97,15 +98,52 @@ def load_error_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+CONFIG_SIZES = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+
+
+def _config_json_problem(raw: object) -> str | None:
+    """What is wrong with the fields of a BERT config.json that our model reads (types and ranges), or None."""
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(raw, dict):
+        return f"expected a JSON object, found {type(raw).__name__}"
+    for key in CONFIG_SIZES:
+        v = raw.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            return f"{key} must be a positive integer, found {type(v).__name__} {v!r}"
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if key in raw and not (number(raw[key]) and 0 <= raw[key] <= 1):
+            return f"{key} must be a number in [0, 1], found {raw[key]!r}"
+    if "layer_norm_eps" in raw and not (number(raw["layer_norm_eps"]) and raw["layer_norm_eps"] > 0):
+        return f"layer_norm_eps must be a number > 0, found {raw['layer_norm_eps']!r}"
+    if "hidden_act" in raw and not isinstance(raw["hidden_act"], str):
+        return f"hidden_act must be the name of an activation, found {raw['hidden_act']!r}"
+    pad = raw.get("pad_token_id")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+        return f"pad_token_id must be a token id (an integer >= 0), found {pad!r}"
+    return None
+
+
 def read_hf_config(name_or_path: str | os.PathLike):
-    """The transformers config of a teacher (no weights are read); TeacherError when config.json is unusable."""
+    """The transformers config of a teacher (no weights are read); TeacherError when config.json is unusable: not
+    JSON, a size that is not a positive integer, a number of heads that does not divide the hidden size, ..."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     folder = resolve_checkpoint(name_or_path)
+    where = folder / "config.json"
+    try:
+        problem = _config_json_problem(json.loads(where.read_bytes().decode("utf-8")))
+    except (ValueError, UnicodeDecodeError):
+        problem = None  # not JSON: transformers says where below
+    if problem:
+        raise TeacherError(f"'{where}': {problem}")
     try:
         cfg = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TeacherError(f"'{folder / 'config.json'}' cannot be read: {' '.join(str(e).split())}") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # the last: transformers 5 checks
+        raise TeacherError(f"'{where}' cannot be read: {' '.join(str(e).split())}") from None
     if getattr(cfg, "model_type", None) != "bert":
         raise TeacherError(f"'{folder / 'config.json'}': expected a BERT checkpoint (model_type 'bert'), found "
                            f"model_type '{getattr(cfg, 'model_type', None)}'")
@@ -114,6 +152,9 @@ def read_hf_config(name_or_path: str | os.PathLike):
         v = getattr(cfg, key, None)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise TeacherError(f"'{folder / 'config.json'}': {key} must be a positive integer, found {v!r}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise TeacherError(f"'{where}': num_attention_heads {cfg.num_attention_heads} does not divide hidden_size "
+                           f"{cfg.hidden_size}: every head must have hidden_size / num_attention_heads dimensions")
     return cfg
 
 
@@ -131,11 +172,31 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
 
 
 def check_teacher_files(name_or_path: str | os.PathLike, what: str = "teacher") -> Path:
-    """Config, weights and tokenizer files present (nothing is deserialised); returns the folder."""
+    """Everything about a teacher folder that can be checked without reading its weights, before any work: config,
+    weights and tokenizer files present, config.json's fields (``read_hf_config``), and the tokenizer loadable,
+    complete and fitting the embedding (``load_tokenizer``); returns the folder."""
     folder = resolve_checkpoint(name_or_path)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise TeacherError(f"{what} folder '{folder}' has no tokenizer: looked for {', '.join(TOKENIZER_FILES)}")
+    load_tokenizer(folder, read_hf_config(folder).vocab_size)
     return folder
+
+
+def _tokenizer_file_problem(folder: Path) -> str | None:
+    """A tokenizer file that cannot be what it claims: tokenizer.json that is not JSON, vocab.txt that is not a
+    non-empty UTF-8 word list (checked only when it is what transformers builds the tokenizer from)."""
+    fast, vocab = folder / "tokenizer.json", folder / "vocab.txt"
+    try:
+        if fast.is_file():
+            json.loads(fast.read_bytes().decode("utf-8"))
+        elif vocab.is_file():
+            if not vocab.read_bytes().decode("utf-8").strip():
+                return f"'{vocab}' is empty: a word-piece vocabulary has one token per line"
+    except UnicodeDecodeError:
+        return f"'{vocab if not fast.is_file() else fast}' is not UTF-8 text: not a tokenizer file"
+    except ValueError as e:
+        return f"'{fast}' is not valid JSON ({' '.join(str(e).split())[:80]})"
+    return None
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -186,9 +247,13 @@ def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = Non
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise TeacherError(f"folder '{folder}' has no tokenizer: looked for {', '.join(TOKENIZER_FILES)}")
+    problem = _tokenizer_file_problem(folder) if folder.is_dir() else None
+    if problem:
+        raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be used: {problem}")
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        tok("a probe sentence.")  # a vocabulary without the unknown token fails only when it encodes
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for broken files
         raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be loaded: {' '.join(str(e).split())}") from None
     missing = [t for t in ("cls_token", "sep_token", "pad_token", "mask_token") if getattr(tok, t + "_id") is None]
     if missing:
@@ -287,9 +352,11 @@ def export_hf(model: BertForMaskedLM, out_dir: str | os.PathLike, tokenizer=None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
+    from .staging import staged_folder
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    with staged_folder(out) as tmp:  # the folder appears under its name only when complete
+        hf.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out

@@ -14,6 +14,7 @@ from torch import nn
 
 from .bert import BertForMaskedLM
 from .export import ExportError
+from .staging import staged_files
 
 INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 DEFAULT_OPSET = 17
@@ -97,13 +98,14 @@ def export_onnx(model: BertForMaskedLM, path: str | os.PathLike, opset: int = DE
     if model.has_mlm_head:
         graphs["masked-LM"] = (Path(path), True)
     done = {}
-    for what, (file, with_logits) in graphs.items():
-        export_graph(model, file, with_logits, opset)
-        diff = onnx_max_abs_diff(model, file, with_logits)
-        if not diff <= tolerance:
-            raise ExportError(f"ONNX {what} graph '{file}' differs from the PyTorch model by {diff:.2e} "
-                               f"(tolerance {tolerance:.0e})")
-        done[what] = (file, diff)
+    with staged_files([file for file, _ in graphs.values()]) as tmp:  # renamed into place once both are checked
+        for what, (file, with_logits) in graphs.items():
+            export_graph(model, tmp[file], with_logits, opset)
+            diff = onnx_max_abs_diff(model, tmp[file], with_logits)
+            if not diff <= tolerance:
+                raise ExportError(f"ONNX {what} graph '{file}' differs from the PyTorch model by {diff:.2e} "
+                                  f"(tolerance {tolerance:.0e})")
+            done[what] = (file, diff)
     return done
 
 

@@ -7,6 +7,11 @@ checkpoint is used as is. A ``model`` checkpoint among them becomes the base the
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m utils.assemble: stop handlers before the imports below, as in the scripts
+    from utils.stops import install_stop_handlers
+
+    install_stop_handlers()
+
 import logging
 import sys
 from pathlib import Path

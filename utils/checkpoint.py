@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from models.staging import writer_gone as _writer_gone  # the one rule for temporaries of dead writers
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -144,25 +146,19 @@ def save_checkpoint(
     return final
 
 
-def _writer_gone(tag: str, path: Path, max_age: float = 86400.0) -> bool:
-    """Whether the writer named by a ``host.pid.random`` tag is gone: a dead pid on this host, or a day-old file."""
-    host, _, rest = tag.rpartition(".")[0].rpartition(".")
-    try:
-        if host == socket.gethostname():
-            os.kill(int(rest), 0)
-            return False
-        return time.time() - path.stat().st_mtime > max_age
-    except ProcessLookupError:
-        return True
-    except (ValueError, OSError):
-        return False
-
-
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _mtime(path: Path) -> float:
+    """Modification time, or -inf for an entry removed since it was listed (a save cleaning up beside a reader)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -math.inf
 
 
 def resolve_dir(directory: str | os.PathLike) -> Path:
@@ -171,11 +167,13 @@ def resolve_dir(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if (directory / META).is_file():
         return directory
-    prevs = sorted(directory.parent.glob(f"{directory.name}.prev*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    prevs = sorted(directory.parent.glob(f"{directory.name}.prev*"), key=_mtime, reverse=True)
     for prev in prevs:
         if (prev / META).is_file():
             log.warning("checkpoint '%s' was being replaced when a save was interrupted; using '%s'", directory, prev)
             return prev
+    if (directory / META).is_file():  # the save that was under way has finished meanwhile
+        return directory
     if directory.is_file():
         raise CheckpointError(f"'{directory}' is a file; a checkpoint is a folder with {WEIGHTS} and {META}")
     raise CheckpointError(f"no checkpoint at '{directory}': {META} not found")
@@ -521,6 +519,24 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: str |
     module.load_state_dict(sd)
 
 
+def _checkpoint_names(root: Path, which: str) -> set[Path]:
+    """``<folder>/<which>`` for every folder below ``root`` that lists ``which``, or its ``.prev.*`` / ``.tmp.*``
+    copies (a save swapping it in: at the moment of the listing the checkpoint may go by either name). Names are
+    listed, not read: a running job's saves create and remove those folders all the time, and a folder that vanishes
+    between being listed and being entered is skipped (os.walk ignores folders it cannot list)."""
+    names = set()
+    for folder, dirs, _ in os.walk(root, followlinks=True):
+        if any(d == which or d.startswith((f"{which}.prev", f"{which}.tmp.")) for d in dirs):
+            names.add(Path(folder) / which)
+    return names
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` (or the ``.prev`` copy of a save under way) holds a checkpoint now."""
+    return (directory / META).is_file() or any(
+        (p / META).is_file() for p in directory.parent.glob(f"{directory.name}.prev*"))
+
+
 def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], which: str = "best"
                      ) -> list[tuple[Path, dict[str, Any]]]:
     """Checkpoints of the given kinds under ``roots`` (searched recursively), found by metadata, not names.
@@ -537,10 +553,10 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
         if (root / META).is_file():
             logical = [root]
         else:
-            names = {m.parent.parent / which for m in root.rglob(META)
-                     if m.parent.name == which or m.parent.name.startswith(which + ".prev")}
-            logical = sorted(names)
+            logical = sorted(_checkpoint_names(root, which))
         for d in logical:
+            if not _has_checkpoint(d):
+                continue  # a first save still under a temporary name, or a folder of that name that is no checkpoint
             meta = read_meta(d)
             if meta["kind"] in kinds:
                 found.append((d, meta))

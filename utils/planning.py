@@ -128,8 +128,15 @@ def make_student(args: argparse.Namespace, s, ctx, choices: dict, run: Path, ori
 
 
 def read_map(path: str) -> dict:
+    """A map written by sensitivity_map.py, checked against its schema (PlanError naming the file and field)."""
+    from .sensitivity import PlanError, validate_map
+
     p = Path(path)
     p = p / "sensitivity.json" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"--map: no sensitivity map at '{p}' (run sensitivity_map.py first, or leave --map out)")
-    return json.loads(p.read_text())
+    try:
+        smap = json.loads(p.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"'{p}' is not a sensitivity map: not valid JSON ({' '.join(str(e).split())[:100]})") from None
+    return validate_map(smap, p)

@@ -46,6 +46,10 @@ OPTION_KINDS = ("heads", "head_dim", "merge", "ffn", "combined")  # what default
 COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}
 
 
+class PlanError(ValueError):
+    """A budget the map cannot meet, or a map that cannot be planned from; the message says what the map reaches."""
+
+
 @dataclass(frozen=True)
 class Option:
     """One way to simplify one layer: ``kind`` block (attention heads x head_dim), merge (this layer and the next
@@ -419,6 +423,72 @@ def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
+def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first field of a map that the planner cannot use, or None."""
+    from .checkpoint import _int, _is, _num
+
+    if not isinstance(smap, dict):
+        return ("(the whole file)", "a JSON object written by sensitivity_map.py", smap)
+    top = {"layers": _int(1), "teacher": _is(str, "a string"), "teacher_hash": _is(str, "a non-empty string", True),
+           "teacher_params": _int(1), "timing": _is(dict, "an object"), "options": _is(list, "a non-empty list", True),
+           "entries": _is(list, "a list")}
+    for key, check in top.items():
+        if key not in smap:
+            return (key, "present", "nothing")
+        if (want := check(smap[key])) is not None:
+            return (key, want, smap[key])
+    if (want := _num(0, lo_open=True)(smap["timing"].get("encoder_ms"))) is not None:
+        return ("timing.encoder_ms", want, smap["timing"].get("encoder_ms"))
+    n, options = smap["layers"], {}
+    for i, o in enumerate(smap["options"]):
+        name = f"options[{i}]"
+        if not isinstance(o, dict):
+            return (name, "an object", o)
+        fields = {"name": _is(str, "a non-empty string", True), "kind": lambda v: None if v in KINDS else
+                  f"one of {', '.join(KINDS)}", "num_heads": _int(1), "head_dim": _int(1), "ffn": _int(1)}
+        for key, check in fields.items():
+            if (want := check(o.get(key))) is not None:
+                return (f"{name}.{key}", want, o.get(key))
+        if o["name"] in options:
+            return (f"{name}.name", "a name no other option has", o["name"])
+        options[o["name"]] = option_from_dict(o)
+    for k, e in enumerate(smap["entries"]):
+        name = f"entries[{k}]"
+        if not isinstance(e, dict):
+            return (name, "an object", e)
+        layer = e.get("layer")
+        if _int(0)(layer) is not None or layer >= n:
+            return (f"{name}.layer", f"a layer index in [0, {n})", layer)
+        opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
+        if opt is None:
+            return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
+        if e.get("kind") != opt.kind:
+            return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
+        if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
+            return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
+                    e.get("covers"))
+        if _int(-2 ** 62)(e.get("params_saved")) is not None:
+            return (f"{name}.params_saved", "an integer", e.get("params_saved"))
+        numbers = ("latency_saved_ms", *(m for m in COSTS.values() if m in e))
+        for key in numbers:
+            if (want := _num(-math.inf)(e.get(key))) is not None:
+                return (f"{name}.{key}", "a finite number", e.get(key))
+    return None
+
+
+def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
+    """Check a map read from a file against the fields the planner uses (types, ranges, options and layers that
+    exist, what each entry covers); PlanError naming the file, the first bad field, what was expected and found."""
+    from .checkpoint import _show
+
+    problem = _map_problem(smap)
+    if problem:
+        key, want, got = problem
+        raise PlanError(f"'{where}' is not a sensitivity map the planner can use: field '{key}' must be {want}, "
+                        f"found {_show(got)}")
+    return smap
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the planner
 @dataclass
@@ -445,9 +515,10 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
         raise ValueError(f"cost must be one of {', '.join(COSTS)}, got '{cost}'")
     metric = COSTS[cost]
     n = smap["layers"]
+    problem = budget_problem(smap, target_speedup, target_params)
+    if problem:
+        raise PlanError(problem)
     if target_speedup is not None:
-        if target_speedup < 1:
-            raise ValueError(f"--target-speedup must be >= 1, got {target_speedup}")
         total = smap["timing"]["encoder_ms"]
         needed = total * (1 - 1 / target_speedup)
         gain_key, unit = "latency_saved_ms", "ms"
@@ -463,7 +534,7 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
     for e in smap["entries"]:
         if metric not in e:
-            raise ValueError(f"the map has no '{metric}' (a teacher without an MLM head?): use another --cost")
+            raise PlanError(f"the map has no '{metric}' (a teacher without an MLM head?): use another --cost")
         e = {**e, "cost": max(0.0, float(e[metric]))}
         if e[gain_key] > 0:
             cands[e["layer"]].append(e)
@@ -494,9 +565,9 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
             best[i][g], pick[i][g] = b, p
     if best[0][grid_steps] == INF:
         most = _max_saving(cands, n, gain_key)
-        raise ValueError(f"the budget cannot be met from this map: {budget} needs {needed:,.2f} {unit} saved, the "
-                         f"map's options save at most {most:,.2f}; map more options (more heads settings, merges) or "
-                         "relax the target")
+        raise PlanError(f"the budget cannot be met from this map: {budget} needs {needed:,.2f} {unit} saved, the "
+                        f"map's options save at most {most:,.2f}; map more options (more heads settings, merges) or "
+                        "relax the target")
     choices, i, g, saved, total_cost = {}, 0, grid_steps, 0.0, 0.0
     lines.append("plan (exact knapsack over layers on the grid; a merge uses two layers):")
     while i < n:
@@ -516,6 +587,75 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
         i += len(e["covers"])
     lines.append(f"total: cost {total_cost:.4g}, saves {saved:,.2f} of {needed:,.2f} {unit} needed")
     return Plan(choices, total_cost, saved, needed, budget, lines)
+
+
+def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None
+                   ) -> str | None:
+    """Why the budget cannot be met from the options of ``smap``, saying what they reach at most; None if it can
+    (or if the map was not timed and the budget is a speed-up). Works on a map of untrained units too
+    (``reach_map``), so a budget can be refused before any unit is trained."""
+    n = smap["layers"]
+    if target_speedup is not None:
+        if not target_speedup >= 1:
+            return f"--target-speedup must be >= 1 (1 is the teacher itself), got {target_speedup:g}"
+        if "timing" not in smap:
+            return None
+        total, key = smap["timing"]["encoder_ms"], "latency_saved_ms"
+    else:
+        total, key = smap["teacher_params"], "params_saved"
+    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
+    for e in smap["entries"]:
+        if e.get(key, 0) > 0:
+            cands[e["layer"]].append(e)
+    most = _max_saving(cands, n, key)
+    if target_speedup is not None:
+        if total * (1 - 1 / target_speedup) <= most:
+            return None
+        reach = total / (total - most) if most < total else math.inf
+        return (f"--target-speedup {target_speedup:g} cannot be met: the map's options reach at most {reach:.2f}x "
+                f"(encoder {total:.2f} ms, at most {most:.2f} ms saved, timings on {smap.get('device', 'this device')}"
+                "); ask for less, or map more options (--options, --heads-set)")
+    if total - target_params <= most:
+        return None
+    return (f"--target-params {target_params:,} cannot be met: the map's options remove at most {most:,.0f} of the "
+            f"teacher's {total:,} parameters (the smallest student has {total - most:,.0f}); ask for more, or map "
+            "more options (--options, --heads-set)")
+
+
+def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], latency_reps: int = 0,
+              latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
+    """The parameter savings of every (layer, option) of a map and, with ``latency_reps``, its latency savings, from
+    untrained units (random weights: the same shapes, sizes and speed as trained ones), without training or
+    evaluating anything: what ``budget_problem`` needs to refuse a budget before a map is built. The teacher's
+    layers share one shape, so each option's unit is made and timed once, at its first layer."""
+    cfg, n = teacher.config, len(teacher.layers)
+    device = next(teacher.parameters()).device
+    units = []
+    for opt in options:
+        first = next((i for i in layers if opt.applies(i, n)), None)
+        if first is None:
+            continue
+        spec = unit_spec(cfg, opt.covers(first), SPEC_KIND[opt.kind], None if opt.kind == "block" else opt.ffn,
+                         num_heads=opt.num_heads, head_dim=opt.head_dim)
+        if opt.kind == "block":
+            mod, _ = init_attention(teacher.layers[first].attention, cfg, spec, "random")
+        else:
+            mod, _ = init_merged_layer(cfg, spec, teacher.layers[first], teacher.layers[first], "random")
+        units.append(Built(first, opt, mod.to(device).eval(), spec, "random"))
+    smap: dict[str, Any] = {"layers": n, "teacher_params": teacher.num_parameters(), "entries": [],
+                            "device": str(device)}
+    timing = time_units(teacher, units, latency_reps, latency_batch, latency_seq) if latency_reps else None
+    for b in units:
+        for i in (i for i in layers if b.option.applies(i, n)):
+            e = {"layer": i, "option": b.option.name, "covers": b.option.covers(i),
+                 "params_saved": replaced_params(teacher, Built(i, b.option, b.module, b.spec, b.note))}
+            if timing:
+                e["latency_saved_ms"] = (sum(timing["layer_ms"][j] for j in e["covers"])
+                                         - timing["unit_ms"][f"{b.layer}/{b.option.name}"])
+            smap["entries"].append(e)
+    if timing:
+        smap["timing"] = timing
+    return smap
 
 
 def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> float:

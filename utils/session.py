@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from models import BertForMaskedLM, NoMLMHeadError, TeacherError, load_teacher, weights_hash
-from . import runtime
+from models.export import ExportError
+from . import runtime, stops
 from .checkpoint import CheckpointError, probe_writable, write_failure, write_probe
 from .cli import UsageError
 from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader, token_ids_hash
 from .lock import UnitBusy, UnitLock
-from .train import STOP_SIGNALS, Stopped, TrainingDiverged
+from .sensitivity import PlanError
+from .train import Stopped, TrainingDiverged
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -35,7 +36,8 @@ class OutputError(RuntimeError):
 # What a user can cause: the project's own exceptions, raised with a message wherever a user mistake is possible,
 # plus missing files and the operating system refusing a write. Anything else is a bug: traceback + a request to
 # report it. (UsageError is mapped to exit code 2 separately.)
-PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy)
+PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy,
+                  PlanError, ExportError)
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENAMETOOLONG)
 EXPECTED_ERRORS = PROJECT_ERRORS + OS_ERRORS
@@ -220,49 +222,47 @@ def claim_units(unit_dirs: list[Path], what: str = "unit") -> Iterator[list[Unit
         raise
 
 
-def _stop_before_training(signum, frame) -> None:
-    name = signal.Signals(signum).name
-    raise Stopped(f"stopped by {name} before training started (nothing to save yet)", STOP_SIGNALS[name])
-
-
 def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.ArgumentParser,
              argv: list[str] | None = None) -> int:
     """Parse, run, and map failures to exit codes: 2 bad arguments (argparse), 1 expected errors, 143 stopped by
     SIGTERM / SIGUSR1 (after saving a resume point when training), 130 interrupted (SIGINT).
 
-    The last line printed on success says where the results were written.
+    The last line printed on success says where the results were written. Signals: ``utils.stops`` (a script
+    installs its handlers first thing, and they stay until it exits; here they are installed for the call).
     """
     args = parser.parse_args(argv)
     runtime.setup_logging(getattr(args, "verbose", False))
     ok = False
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # the loop takes these over while it trains
-        previous = {sig: signal.signal(sig, _stop_before_training) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = stops.install_stop_handlers()  # the training loop takes them over while it trains
     try:
-        where = main(args)
+        try:
+            stops.enter_main()
+            where = main(args)
+        finally:
+            stops.main_ended()
         ok = True
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return stops.leave_main(130)
     except Stopped as e:
         close_progress_bars()
         print(str(e), file=sys.stderr)
-        return e.code
+        return stops.leave_main(e.code)
     except UsageError as e:  # arguments valid one by one but not together, or not for this teacher: as argparse
         close_progress_bars()
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return stops.leave_main(2)
     except Exception as e:  # noqa: BLE001 - sorted into expected errors (one line) and bugs (traceback)
         close_progress_bars()
         if not is_expected(e):
             traceback.print_exc()
             print(f"error: {BUG_REPORT}", file=sys.stderr)
-            return 1
+            return stops.leave_main(1)
         if getattr(args, "verbose", False):
             raise
         print(error_line(e), file=sys.stderr)
-        return 1
+        return stops.leave_main(1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -272,8 +272,8 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
                 runtime.barrier()
             torch.distributed.destroy_process_group()
     if main_process:
-        print(f"results written to {where}")
-    return 0
+        print(f"results written to {where}", flush=True)
+    return stops.leave_main(0)
 
 
 def teacher_cache(s: Session, ds: TokenizedSentences, names: list[str]):
