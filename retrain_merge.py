@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from models import LayerSpec, ModelConfig
+from models.hf import config_from_hf
 from models.compress import compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
@@ -96,7 +97,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     pairs = list(range(0, n_layers - 1, 2)) if args.block == "all-pairs" else [int(args.block)]
     start_from = starting_layers(args.model_checkpoint, pairs) if args.model_checkpoint else {}
-    tcfg = ModelConfig.from_hf(hf, has_mlm_head=False)
+    tcfg = config_from_hf(hf, has_lm_head=False)
     if start_from:
         started = [spec_from_meta(m, tcfg) for _, m in start_from.values()]
         shape = starting_shape(args, started, "layer")

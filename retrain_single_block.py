@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from models import LayerSpec, ModelConfig
+from models.hf import config_from_hf
 from models.compress import compose
 from utils.assemble import load_block
 from utils.checkpoint import CheckpointError, find_checkpoints
@@ -131,7 +132,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
     start_from = starting_blocks(args.model_checkpoint, layers) if args.model_checkpoint else {}
-    tcfg = ModelConfig.from_hf(hf, has_mlm_head=False)
+    tcfg = config_from_hf(hf, has_lm_head=False)
     specs = block_specs(args, tcfg, layers, start_from)
     spec = specs[layers[0]]
     heads, head_dim = spec.num_heads, spec.head_dim

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bert import BertForMaskedLM, extended_mask
+from models.bert import BertForMaskedLM
 from .data import token_ids_hash
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         wanted.setdefault(i, set()).add(kind)
         if i > len(teacher.layers) or (kind == "block" and i >= len(teacher.layers)):
             raise IndexError(f"teacher feature '{n}' does not exist: the teacher has {len(teacher.layers)} layers")
-    mask = extended_mask(attention_mask)
+    mask = teacher.context(attention_mask)
     h = teacher.embed(input_ids)
     got: dict[str, torch.Tensor] = {}
     last = max(wanted)
@@ -61,11 +61,11 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         if i == last and "block" not in kinds:
             break
         layer = teacher.layers[i]
-        blk, _ = layer.attention.contribution(h, mask)
+        blk, _ = layer.block.contribution(h, mask)
         if "block" in kinds:
             got[f"block_{i}"] = blk
-        a = layer.attention.finish(h, blk)
-        h = layer.output(layer.intermediate(a), a)
+        a = layer.block.finish(h, blk)
+        h = layer.feed_forward(a)
     out = {}
     for n in names:
         kind, i = _parse(n)

@@ -168,7 +168,7 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     for i, opt in sorted(choices.items()):
         spec = specs[i]
         if opt.kind == "block":
-            mod, note = init_attention(t.layers[i].attention, cfg, spec, "teacher", importance.get(i))
+            mod, note = init_attention(t.layers[i].block, cfg, spec, "teacher", importance.get(i))
         else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
             second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
             mod, note = init_merged_layer(cfg, spec, t.layers[i], second, "first", importance.get(i))
@@ -250,7 +250,7 @@ def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.d
 def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
     new = copy.copy(layer)
     new._modules = dict(layer._modules)
-    new.attention = attention
+    new.set_block(attention)
     return new
 
 
@@ -287,7 +287,7 @@ def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
     """Parameters the unit removes from the model (teacher modules it replaces minus its own)."""
     own = sum(p.numel() for p in b.module.parameters())
     if b.option.kind == "block":
-        old = sum(p.numel() for p in teacher.layers[b.layer].attention.parameters())
+        old = sum(p.numel() for p in teacher.layers[b.layer].block.parameters())
     else:
         old = sum(p.numel() for i in b.option.covers(b.layer) for p in teacher.layers[i].parameters())
     return old - own
