@@ -284,7 +284,7 @@ def _plan_problems(spec: dict[str, Any], name: str) -> list[tuple[str, str, Any]
     from models.config import LayerSpec
 
     checks: dict[str, Callable[[Any], str | None]] = {
-        "num_heads": _POS, "head_dim": _POS, "intermediate_size": _NONNEG, "kind": _one_of(LAYER_KINDS),
+        "num_heads": _NONNEG, "head_dim": _NONNEG, "intermediate_size": _NONNEG, "kind": _one_of(LAYER_KINDS),
         "origin": lambda v: None if isinstance(v, list) and v and all(_NONNEG(x) is None for x in v)
         else "a non-empty list of teacher layer indices",
         "attention": _one_of(kinds.KINDS),
