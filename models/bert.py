@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kinds
+from .kinds import get_kind, implements
 from .base import (ACTIVATIONS, AttentionTrace, ModelOutputs, NoLMHeadError, SwappableAttention, SwappableLayer,
                    SwappableModel, activation, attend, init_weights, repeat_kv)
 from .config import LayerSpec, ModelConfig
@@ -89,7 +89,7 @@ class BertEmbeddings(nn.Module):
 SELF_ATTENTION: dict[str, type[nn.Module]] = {}  # attention kind -> q/k/v module of a BERT attention block
 
 
-@kinds.implements(SELF_ATTENTION, "mha")
+@implements(SELF_ATTENTION, "mha")
 class BertSelfAttention(nn.Module):
     """q, k, v projections: hidden -> heads * head_dim, with head_dim independent of the hidden size."""
 
@@ -127,7 +127,7 @@ class BertSelfAttention(nn.Module):
         return ctx.transpose(1, 2).reshape(B, T, H * D), trace
 
 
-@kinds.implements(SELF_ATTENTION, "gqa")
+@implements(SELF_ATTENTION, "gqa")
 class GroupedQuerySelfAttention(BertSelfAttention):
     """Grouped-query attention: ``num_kv_heads`` key/value heads, each shared by ``num_heads / num_kv_heads``
     consecutive query heads (query head h reads key/value head h // group)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from . import kinds
+from .kinds import get_kind
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LayerSpec:
     ATTENTION_FIELDS: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "attention", "num_kv_heads")
 
     def __post_init__(self) -> None:
-        kind = kinds.get(self.attention)
+        kind = get_kind(self.attention)
         sizes = (self.num_heads, self.head_dim)
         if kind.has_heads and (min(sizes) <= 0):
             raise ValueError(f"layer sizes must be positive, got heads={self.num_heads} head_dim={self.head_dim}")
@@ -57,7 +57,7 @@ class LayerSpec:
     @property
     def kv_heads(self) -> int:
         """Key/value heads this layer caches per token (0 for a layer without attention)."""
-        return kinds.get(self.attention).kv_heads(self)
+        return get_kind(self.attention).kv_heads(self)
 
     def attention_shape(self) -> dict[str, Any]:
         """The attention fields of this layer (fields that do not apply, None, left out)."""
@@ -65,7 +65,7 @@ class LayerSpec:
 
     def shape_tag(self) -> str:
         """The attention shape in run-folder names: h<heads>_d<head_dim>, plus further attention fields."""
-        if not kinds.get(self.attention).has_heads:
+        if not get_kind(self.attention).has_heads:
             return f"attn_{self.attention}"
         return f"h{self.num_heads}_d{self.head_dim}" + (f"_kv{self.num_kv_heads}" if self.num_kv_heads else "")
 
@@ -90,7 +90,7 @@ class LayerSpec:
 
     def describe(self) -> str:
         """The layer's shape in one phrase, for plans and logs."""
-        if not kinds.get(self.attention).has_heads:
+        if not get_kind(self.attention).has_heads:
             return f"attention {self.attention} ffn={self.intermediate_size}"
         return f"heads={self.num_heads:2d} head_dim={self.head_dim:3d} ffn={self.intermediate_size}{self.attention_note()}"
 

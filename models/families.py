@@ -7,7 +7,8 @@ needs to know asks the family (``family_of``) or the model (``model.TASK``, ``mo
 Adding a family: write ``models/<name>.py`` with a ``ModelConfig`` subclass (``family = "<name>"``, ``from_hf``), a
 ``SwappableModel`` subclass (``make_block``, ``make_layer``, ``embed``, ``context``, ``lm_logits``), the
 attention kinds it implements (``kinds.implements``), ``from_hf_state_dict`` / ``to_hf_state_dict``,
-``plain_export_problem`` / ``to_hf_config`` / ``hf_class_name``, and a remote-code wrapper ``remote_<name>.py``; then
+``plain_export_problem`` / ``to_hf_config`` / ``hf_class_name``, and a remote-code wrapper
+``modeling_compact_<name>.py``; then
 add its ``Family`` here.
 """
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("bert", bert, ("bert",), bert.BertConfig, bert.BertForMaskedLM, "remote_bert"),
-    Family("llama", llama, llama.MODEL_TYPES, llama.LlamaConfig, llama.LlamaForCausalLM, "remote_llama"),
+    Family("bert", bert, ("bert",), bert.BertConfig, bert.BertForMaskedLM, "modeling_compact_bert"),
+    Family("llama", llama, llama.MODEL_TYPES, llama.LlamaConfig, llama.LlamaForCausalLM, "modeling_compact_llama"),
 )}
 
 

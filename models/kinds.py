@@ -52,7 +52,7 @@ def register(kind: AttentionKind) -> AttentionKind:
     return kind
 
 
-def get(name: str) -> AttentionKind:
+def get_kind(name: str) -> AttentionKind:
     if name not in KINDS:
         raise ValueError(f"unknown attention kind '{name}'; known: {', '.join(KINDS)}")
     return KINDS[name]
@@ -60,7 +60,7 @@ def get(name: str) -> AttentionKind:
 
 def implements(table: dict[str, Any], name: str) -> Callable[[Any], Any]:
     """Decorator: put the decorated class or function into a family's ``table`` under kind ``name``."""
-    get(name)
+    get_kind(name)
 
     def put(obj: Any) -> Any:
         if name in table:

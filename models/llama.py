@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kinds
+from .kinds import get_kind, implements
 from .base import (AttentionTrace, SwappableAttention, SwappableLayer, SwappableModel, activation, attend,
                    init_weights, repeat_kv)
 from .config import LayerSpec, ModelConfig
@@ -223,8 +223,8 @@ class LlamaBlock(SwappableAttention):
         return x + contribution
 
 
-@kinds.implements(ATTENTION, "gqa")
-@kinds.implements(ATTENTION, "mha")
+@implements(ATTENTION, "gqa")
+@implements(ATTENTION, "mha")
 class LlamaAttention(LlamaBlock):
     """Causal grouped-query attention with rotary q/k: ``num_kv_heads`` key/value heads, each shared by
     ``num_heads / num_kv_heads`` consecutive query heads (``mha``: one each)."""
@@ -276,7 +276,7 @@ class LlamaAttention(LlamaBlock):
         return self.o_proj(out), trace
 
 
-@kinds.implements(ATTENTION, "linear")
+@implements(ATTENTION, "linear")
 class LlamaLinearAttention(LlamaBlock):
     """Attention replaced by one linear map of the normalised hidden state, token by token (no mixing of tokens)."""
 
@@ -296,7 +296,7 @@ class LlamaLinearAttention(LlamaBlock):
         return self.proj(self.input_layernorm(x)), None
 
 
-@kinds.implements(ATTENTION, "none")
+@implements(ATTENTION, "none")
 class LlamaNoAttention(SwappableAttention):
     """No attention at all: the layer passes its input straight to its feed-forward part."""
 
@@ -368,7 +368,7 @@ def make_block(cfg: LlamaConfig, spec: LayerSpec) -> SwappableAttention:
     if spec.attention not in ATTENTION:
         raise ValueError(f"attention kind '{spec.attention}' is not available for Llama; available: "
                          f"{', '.join(ATTENTION)}")
-    fields = ("num_heads", "head_dim", *kinds.get(spec.attention).fields) if kinds.get(spec.attention).has_heads else ()
+    fields = ("num_heads", "head_dim", *get_kind(spec.attention).fields) if get_kind(spec.attention).has_heads else ()
     return ATTENTION[spec.attention](cfg, **{k: getattr(spec, k) for k in fields})
 
 
