@@ -165,8 +165,10 @@ class SwappableModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None) -> Any:
-        """What every layer receives besides the hidden state, for a [B, T] 0/1 mask (None: no padding)."""
+    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, always_mask: bool = False
+                ) -> Any:
+        """What every layer receives besides the hidden state, for a [B, T] 0/1 mask (None: no padding);
+        ``always_mask``: apply the mask even when it masks nothing (no data-dependent branch, for tracing)."""
         raise NotImplementedError
 
     @property

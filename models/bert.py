@@ -345,7 +345,10 @@ class BertForMaskedLM(SwappableModel):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert.embeddings(input_ids, token_type_ids)
 
-    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None) -> torch.Tensor | None:
+    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None,
+                always_mask: bool = False) -> torch.Tensor | None:
+        if always_mask:  # no data-dependent branch (a traced graph)
+            return attention_mask.bool()[:, None, None, :]
         return extended_mask(attention_mask)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:

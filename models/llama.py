@@ -403,8 +403,8 @@ class LlamaForCausalLM(SwappableModel):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, cache: KVCache | None = None
-                ) -> LlamaContext:
+    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, cache: KVCache | None = None,
+                always_mask: bool = False) -> LlamaContext:
         """Causal attention over right-padded rows (a [B, T] 0/1 mask; None or all ones: no padding). With a cache,
         the new tokens come after the ``cache.length`` cached ones."""
         T = attention_mask.shape[1] if attention_mask is not None else seq_len
@@ -415,20 +415,20 @@ class LlamaForCausalLM(SwappableModel):
         if window is not None and past + T > window:
             raise ValueError(f"sequences longer than the sliding window ({window} tokens) are not supported")
         device = self.model.embed_tokens.weight.device
+        positions = torch.arange(past, past + T, device=device)
+        keys = torch.arange(past + T, device=device)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and (always_mask or not bool(attention_mask.all())):
             if past:
                 raise ValueError("padding is not supported together with a KV cache")
-            valid = attention_mask.bool()
-            causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+            valid = attention_mask.bool()[:, None, :]
             # a padded query attends to itself at least, so no row is empty (its output is never used)
-            mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+            mask = ((keys[None, :] <= positions[:, None])[None] & valid) | (keys[None, :] == positions[:, None])[None]
             mask = mask[:, None]
         elif past and T > 1:  # several new tokens after cached ones: each sees the cache and the new ones before it
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-        return LlamaContext(mask=mask, positions=torch.arange(past, past + T, device=device),
-                            theta=self.config.rope_theta, scaling=self.config.rope_scaling,
-                            causal=past == 0, cache=cache)
+            mask = keys[None, :] <= positions[:, None]
+        return LlamaContext(mask=mask, positions=positions, theta=self.config.rope_theta,
+                            scaling=self.config.rope_scaling, causal=past == 0, cache=cache)
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h)

@@ -25,6 +25,9 @@ try:  # transformers 5 renamed the base class; the old name is an alias there
 except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as _BaseConfig
 
+# what transformers calls the KV cache it passes around: ``cache`` (5.x), ``past_key_values`` (4.x)
+_CACHE = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class CompactLlamaConfig(_BaseConfig):
     """``student`` and ``layer_plan``: our whole config (``models.llama.LlamaConfig.to_dict()``, its per-layer plan
@@ -84,21 +87,20 @@ class CompactLlamaForCausalLM(PreTrainedModel, GenerationMixin):
 
         return DynamicCache()
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
-                                      **kwargs):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length():]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                "use_cache": use_cache}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, **kwargs):
+        past = kwargs.get(_CACHE)
+        if past is not None and past.get_seq_length() > 0:
+            input_ids = input_ids[:, past.get_seq_length():]  # only the tokens the cache has not seen
+        return {"input_ids": input_ids, _CACHE: past, "attention_mask": attention_mask, "use_cache": use_cache}
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, labels=None,
-                output_hidden_states=None, return_dict=None, logits_to_keep=0, num_logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, labels=None, output_hidden_states=None,
+                return_dict=None, logits_to_keep=0, num_logits_to_keep=0, **kwargs):
         if input_ids is None:
             raise ValueError("CompactLlamaForCausalLM needs input_ids")
-        cache = None
-        if use_cache or past_key_values is not None:
-            past_key_values = past_key_values if past_key_values is not None else self._new_cache()
-            cache = _Cache(past_key_values, self._attention_blocks())
+        past, cache = kwargs.get(_CACHE), None
+        if use_cache or past is not None:
+            past = past if past is not None else self._new_cache()
+            cache = _Cache(past, self._attention_blocks())
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding (a generation step passes ones for the cached tokens too)
         ctx = self._ours.context(attention_mask, input_ids.shape[1], cache)
@@ -111,6 +113,6 @@ class CompactLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        res = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-                                     hidden_states=tuple(hidden) if hidden is not None else None)
+        res = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden is not None else None,
+                                     **{_CACHE: past if use_cache else None})
         return res if return_dict is not False else res.to_tuple()
