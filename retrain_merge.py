@@ -16,7 +16,7 @@ from models.compress import compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, criterion_arg, positive_float, positive_int
-from utils.distill import MergeDistill, MLMMasker, OneMasker, describe_losses
+from utils.distill import MergeDistill, lm_targets, OneMasker, describe_losses
 from utils.session import (claim_units, print_units, run_main, sample_printer, start, teacher_cache,
                            teacher_config)
 from utils.recipes import MERGE, add_heads_alias, probability, reject, run_record, set_dropout, use_recipes
@@ -148,7 +148,7 @@ def train_merges(args: argparse.Namespace, run_dir: Path, specs: dict[int, Layer
     if args.dropout is not None:
         for layer, _ in layers.values():
             set_dropout(layer, args.dropout)
-    masker = MLMMasker(s.tokenizer, cfg.vocab_size) if args.loss_on == "mlm" else None
+    masker = lm_targets(s.tokenizer, s.teacher) if args.loss_on == "mlm" else None
     cache = None
     if args.cache_teacher and args.mask_inputs:
         log.warning("--cache-teacher ignored with --mask-inputs: the inputs are re-masked every step")

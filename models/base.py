@@ -179,6 +179,15 @@ class SwappableModel(nn.Module):
         """Vocabulary logits from last-layer hidden states (any leading shape)."""
         raise NotImplementedError
 
+    # the names of the masked-LM days, kept until every caller says lm
+    has_mlm_head = property(lambda self: self.has_lm_head)
+
+    def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_logits(h)
+
+    def require_mlm_head(self, what: str) -> None:
+        self.require_lm_head(what)
+
     # ---- shared ----
     @property
     def layers(self) -> nn.ModuleList:

@@ -340,8 +340,6 @@ class BertForMaskedLM(SwappableModel):
     def has_lm_head(self) -> bool:
         return self.cls is not None
 
-    has_mlm_head = has_lm_head
-
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert.embeddings(input_ids, token_type_ids)
 
@@ -355,10 +353,6 @@ class BertForMaskedLM(SwappableModel):
         self.require_lm_head("masked-token prediction")
         return self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
 
-    mlm_logits = lm_logits
-
-    def require_mlm_head(self, what: str) -> None:
-        self.require_lm_head(what)
 
 
 # ---------------------------------------------------------------------------------------------------------------

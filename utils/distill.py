@@ -38,6 +38,24 @@ class MLMMasker:
         return bert_mlm_mask(ids, att, self.special, self.mask_id, self.vocab_size, g)
 
 
+class NextTokenLabels:
+    """A causal LM's targets, in a masker's place: the ids unchanged and, at every real token that has a real next
+    token, that next token as its label (-100 elsewhere). Draws nothing."""
+
+    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
+        labels = torch.full_like(ids, -100)
+        has_next = att[:, 1:].bool() & att[:, :-1].bool()
+        labels[:, :-1] = torch.where(has_next, ids[:, 1:], labels[:, :-1])
+        return ids, labels
+
+
+def lm_targets(tokenizer, model) -> "MLMMasker | NextTokenLabels":
+    """What the LM losses and metrics compare at: BERT-masked positions (masked LM) or every next token (causal)."""
+    if model.TASK == "causal":
+        return NextTokenLabels()
+    return MLMMasker(tokenizer, model.config.vocab_size)
+
+
 class OneMasker:
     """--mask-inputs: one [MASK] per training sentence, redrawn every step (the seed's dataset drew it per item)."""
 

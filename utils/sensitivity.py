@@ -32,7 +32,7 @@ from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from .checkpoint import load_checkpoint, load_into
 from .distill import BlockDistill, LayerDistill, MergeDistill, describe_losses
-from .evaluate import compare_models
+from .evaluate import compare_models, round_robin_ms
 from .features import TeacherCache
 from .train import TrainConfig, Trainer, Unit
 from .units import head_rankings, unit_meta, unit_spec
@@ -230,23 +230,6 @@ def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForM
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing
-@torch.no_grad()
-def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f(), f()  # warm-up
-    for _ in range(reps):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
     new = copy.copy(layer)
     new._modules = dict(layer._modules)
