@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
+# transformers 4.x copies only the files this one imports itself: every file the model needs is imported here
+from .base import SwappableModel  # noqa: F401
 from .bert import BertForMaskedLM
 from .config import ModelConfig
+from .kinds import KINDS  # noqa: F401
 
 try:  # transformers 5 renamed the base class; the old name is an alias there
     from transformers import PreTrainedConfig as _BaseConfig

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# transformers 4.x copies only the files this one imports itself: every file the model needs is imported here
 from .base import SwappableAttention
 from .config import ModelConfig
+from .kinds import KINDS  # noqa: F401
 from .llama import LlamaForCausalLM
 
 try:  # transformers 5 renamed the base class; the old name is an alias there
