@@ -200,6 +200,36 @@ def load_teacher(name_or_path: str | os.PathLike = "bert-base-uncased", device: 
     return model.to(device).eval(), tok
 
 
+def dispatch(model: SwappableModel, device_map: str | dict[str, str | int]) -> SwappableModel:
+    """Spread a loaded model over several devices with accelerate: ``device_map`` maps module names (``model.layers.3``)
+    to devices, or is ``auto`` / ``balanced`` / ``sequential`` (accelerate places whole layers by free memory). Every
+    layer then runs on its device and the hidden state follows it (``accelerate.dispatch_model`` moves the inputs of
+    each placed module; ``layer_device`` lets code that calls a layer's parts do the same)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "sequential"):
+            raise ValueError(f"device map must be auto, balanced, sequential or a module -> device mapping, got "
+                             f"'{device_map}'")
+        no_split = [type(model.layers[0]).__name__]
+        memory = get_balanced_memory(model, no_split_module_classes=no_split) if device_map != "sequential" else None
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    bad = sorted({str(d) for d in device_map.values()} & {"disk", "meta"})
+    if bad:
+        raise ValueError(f"device map: {bad} is not supported here (layers are called part by part); place every "
+                         "module on a device")
+    model = dispatch_model(model, device_map=dict(device_map))
+    model.device_map = dict(device_map)
+    return model
+
+
+def layer_device(layer: torch.nn.Module) -> torch.device | None:
+    """The device a layer's weights are on (None for a layer without weights)."""
+    p = next(layer.parameters(), None)
+    return p.device if p is not None else None
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     """sha256 over parameter names and fp32 bytes: identifies a teacher independently of the file format."""
     h = hashlib.sha256()

@@ -176,6 +176,14 @@ class LlamaContext:
     cache: KVCache | None = None
     _rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "LlamaContext":
+        """The context on another device (a teacher spread over several devices moves it with the hidden state)."""
+        if self.positions.device == torch.device(device):
+            return self
+        mask = self.mask.to(device, non_blocking=non_blocking) if self.mask is not None else None
+        return LlamaContext(mask, self.positions.to(device, non_blocking=non_blocking), self.theta, self.scaling,
+                            self.causal, self.cache)
+
     def rotary(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if head_dim not in self._rotary:
             inv = inverse_frequencies(head_dim, self.theta, self.scaling).to(self.positions.device)

@@ -156,3 +156,22 @@ def test_student_of_every_kind_round_trips_through_its_checkpoint(tiny_llama, tm
         assert torch.equal(back(ids, mask).logits, student(ids, mask).logits)
     assert [s.attention for s in back.config.layers] == ["gqa", "none", "gqa", "linear"]
     assert back.num_parameters() < ours.num_parameters()
+
+
+def test_teacher_spread_over_a_device_map_gives_the_same_features(tiny_llama):
+    """The multi-device cache path (accelerate's dispatch, hidden states following the layers), run on CPU."""
+    from models.hf import dispatch
+    from utils.features import teacher_features
+
+    ref, _ = load_teacher(tiny_llama)
+    spread, _ = load_teacher(tiny_llama)
+    spread = dispatch(spread, {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(4)},
+                               "model.norm": "cpu", "lm_head": "cpu"})
+    ids, mask = _padded(ref.config.vocab_size, [10, 7])
+    names = [f"{k}_{i}" for i in range(4) for k in ("in", "block")] + ["out_3"]
+    a, b = teacher_features(ref, ids, mask, names), teacher_features(spread, ids, mask, names)
+    assert all(torch.equal(a[n], b[n]) for n in names)
+    with torch.no_grad():
+        assert torch.equal(ref(ids, mask).logits, spread(ids, mask).logits)
+    with pytest.raises(ValueError, match="disk"):
+        dispatch(ref, {"": "disk"})

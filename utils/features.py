@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models.bert import BertForMaskedLM
+from models.hf import layer_device
 from .data import token_ids_hash
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         if i == last and "block" not in kinds:
             break
         layer = teacher.layers[i]
+        device = layer_device(layer)
+        if device is not None and device != h.device:  # a teacher spread over several devices (models.hf.dispatch)
+            h, mask = h.to(device), mask.to(device) if mask is not None else None
         blk, _ = layer.block.contribution(h, mask)
         if "block" in kinds:
             got[f"block_{i}"] = blk
