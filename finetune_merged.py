@@ -21,7 +21,7 @@ from utils import runtime
 from utils.assemble import build_student, load_model
 from utils.cli import (UsageError, add_training_args, common_parser, criterion_arg, non_negative_float, positive_float,
                        positive_int)
-from utils.distill import MLMMasker, ModelDistill, describe_losses
+from utils.distill import ModelDistill, lm_targets, describe_losses
 from utils.evaluate import compare_models, evaluate_student
 from utils.export import add_export_args, check_export_targets, run_exports
 from utils.recipes import FINETUNE, alias, probability, reject, run_record, set_dropout, use_recipes
@@ -94,7 +94,7 @@ def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    masker = MLMMasker(s.tokenizer, s.teacher.config.vocab_size)
+    masker = lm_targets(s.tokenizer, s.teacher)
     task = ModelDistill(s.teacher, student, masker, args.kl_weight, args.mlm_weight, args.hidden_weight,
                         args.hidden_criterion, args.temperature, args.seed, args.relation_weight,
                         args.relation_heads).to(s.device)

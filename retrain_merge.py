@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 from models import LayerSpec, ModelConfig
+from models.hf import config_from_hf
 from models.compress import compose
 from utils.assemble import load_merged_layer
 from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, criterion_arg, positive_float, positive_int
-from utils.distill import MergeDistill, MLMMasker, OneMasker, describe_losses
+from utils.distill import MergeDistill, lm_targets, OneMasker, describe_losses
 from utils.session import (claim_units, print_units, run_main, sample_printer, start, teacher_cache,
                            teacher_config)
 from utils.recipes import MERGE, add_heads_alias, probability, reject, run_record, set_dropout, use_recipes
@@ -101,7 +102,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     pairs = list(range(0, n_layers - 1, 2)) if args.block == "all-pairs" else [int(args.block)]
     start_from = starting_layers(args.model_checkpoint, pairs) if args.model_checkpoint else {}
-    tcfg = ModelConfig.from_hf(hf, has_mlm_head=False)
+    tcfg = config_from_hf(hf, has_lm_head=False)
     if start_from:
         started = [spec_from_meta(m, tcfg) for _, m in start_from.values()]
         shape = starting_shape(args, started, "layer")
@@ -152,7 +153,7 @@ def train_merges(args: argparse.Namespace, run_dir: Path, specs: dict[int, Layer
     if args.dropout is not None:
         for layer, _ in layers.values():
             set_dropout(layer, args.dropout)
-    masker = MLMMasker(s.tokenizer, cfg.vocab_size) if args.loss_on == "mlm" else None
+    masker = lm_targets(s.tokenizer, s.teacher) if args.loss_on == "mlm" else None
     cache = None
     if args.cache_teacher and args.mask_inputs:
         log.warning("--cache-teacher ignored with --mask-inputs: the inputs are re-masked every step")

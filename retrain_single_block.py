@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 from models import LayerSpec, ModelConfig
+from models.hf import config_from_hf
 from models.compress import compose
 from utils.assemble import load_block
 from utils.checkpoint import CheckpointError, find_checkpoints
 from utils.cli import add_training_args, common_parser, criterion_arg, positive_float, positive_int
-from utils.distill import BlockDistill, MLMMasker, OneMasker, describe_losses
+from utils.distill import BlockDistill, lm_targets, OneMasker, describe_losses
 from utils.losses import criteria_for
 from utils.recipes import BLOCK, add_heads_alias, given, probability, reject, run_record, set_dropout, use_recipes
 from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
@@ -136,7 +137,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
     start_from = starting_blocks(args.model_checkpoint, layers) if args.model_checkpoint else {}
-    tcfg = ModelConfig.from_hf(hf, has_mlm_head=False)
+    tcfg = config_from_hf(hf, has_lm_head=False)
     specs = block_specs(args, tcfg, layers, start_from)
     spec = specs[layers[0]]
     heads, head_dim = spec.num_heads, spec.head_dim
@@ -188,7 +189,7 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, specs: dict[int, Layer
     for i in layers:
         if args.block_dropout is not None:
             set_dropout(blocks[i], args.block_dropout, hidden=False)
-        teacher_attn = s.teacher.layers[i].attention
+        teacher_attn = s.teacher.layers[i].block
         log.info("block %d: %d heads x %d -> %d heads x %d%s; init %s", i, teacher_attn.num_heads,
                  teacher_attn.head_dim, specs[i].num_heads, specs[i].head_dim, specs[i].attention_note(), notes[i])
 
@@ -199,7 +200,7 @@ def train_blocks(args: argparse.Namespace, run_dir: Path, specs: dict[int, Layer
                         "--mask-inputs" if args.mask_inputs else "--loss-on mlm")
         else:
             cache = teacher_cache(s, train_ds, [f"{k}_{i}" for i in layers for k in ("in", "block")])
-    masker = MLMMasker(s.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
+    masker = lm_targets(s.tokenizer, s.teacher) if loss_on == ["mlm"] else None
     task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
                         args.seed, args.score_target, OneMasker(s.tokenizer) if args.mask_inputs else None,
                         args.relation_heads, args.relation_weight).to(s.device)

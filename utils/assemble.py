@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig, load_teacher, weights_hash
-from models.compress import clone_model, compose
+from models import build_model
+from models.compress import clone_model, compose, make_block, make_layer
 from .checkpoint import CheckpointError, check_meta, find_checkpoints, load_checkpoint, load_into, save_checkpoint
 from .units import spec_from_meta
 
@@ -37,7 +38,7 @@ def load_block(path: Path, cfg: ModelConfig, teacher_hash: str, force: bool = Fa
     _check(meta, path, cfg, teacher_hash, force)
     if not 0 <= meta["layer"] < len(cfg.layers):
         raise CheckpointError(f"checkpoint '{path}' is for layer {meta['layer']}, the teacher has {len(cfg.layers)}")
-    attn = BertAttention.from_spec(cfg, spec_from_meta(meta, cfg))
+    attn = make_block(cfg, spec_from_meta(meta, cfg))
     load_into(attn, sd, path)
     return meta["layer"], attn
 
@@ -54,7 +55,7 @@ def load_merged_layer(path: Path, cfg: ModelConfig, teacher_hash: str, force: bo
     if spec.origin != [first, second]:
         raise CheckpointError(f"checkpoint '{path}': its spec stands for teacher layers {spec.origin}, its metadata "
                               f"says {meta['layers']}")
-    layer = BertLayer(cfg, spec)
+    layer = make_layer(cfg, spec)
     load_into(layer, sd, path)
     return first, layer, spec
 
@@ -86,7 +87,7 @@ def load_model(directory: str | Path, teacher_hash: str | None = None, force: bo
         check_meta(meta, directory, force_teacher=force, teacher_hash=teacher_hash)
     if teacher_config is not None:
         check_fits(ModelConfig.from_dict(meta["config"]), teacher_config, directory)
-    model = BertForMaskedLM(ModelConfig.from_dict(meta["config"]))
+    model = build_model(ModelConfig.from_dict(meta["config"]))
     load_into(model, sd, directory)
     return model.eval(), meta
 

@@ -258,10 +258,10 @@ COMMON_FIELDS: dict[str, Callable[[Any], str | None]] = {
 KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "block": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "hidden_size": _POS,
               "teacher_heads": _POS, "teacher_head_dim": _POS, "spec": lambda v: _spec(v)},
-    "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS,
+    "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _NONNEG,
                      "hidden_size": _POS, "conditioned": _BOOL, "spec": lambda v: _spec(v)},
     "model": {"config": _DICT, "sources": _str_list},
-    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "hidden_size": _POS,
+    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _NONNEG, "hidden_size": _POS,
               "spec": lambda v: _spec(v)},
     "resume": {"unit": _TEXT, "unit_meta": _DICT, "setup": _DICT, "run_id": _TEXT, "position": _position},
 }
@@ -278,14 +278,14 @@ _PRESENT, _MISSING = "present", object()
 
 def _plan_problems(spec: dict[str, Any], name: str) -> list[tuple[str, str, Any]]:
     """(field, expected, found) for one layer plan: a ``models.config.LayerSpec`` as ``to_dict`` writes it."""
-    from models.bert import SELF_ATTENTION
+    from models import kinds
     from models.config import LayerSpec
 
     checks: dict[str, Callable[[Any], str | None]] = {
-        "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "kind": _one_of(LAYER_KINDS),
+        "num_heads": _NONNEG, "head_dim": _NONNEG, "intermediate_size": _NONNEG, "kind": _one_of(LAYER_KINDS),
         "origin": lambda v: None if isinstance(v, list) and v and all(_NONNEG(x) is None for x in v)
         else "a non-empty list of teacher layer indices",
-        "attention": _one_of(SELF_ATTENTION),
+        "attention": _one_of(kinds.KINDS),
     }
     required = ("num_heads", "head_dim", "intermediate_size", "kind", "origin")  # older plans lack the rest
     out = [(f"{name}.{key}", "absent (not a field of a layer plan)", spec[key])
@@ -309,24 +309,50 @@ def _spec(v: Any) -> str | None:
     return None if not problems else "a valid layer plan: " + "; ".join(f"{f} {w}" for f, w, _ in problems)
 
 
-def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """(field, expected, found) for a saved ModelConfig (``config`` of a model checkpoint)."""
-    from models.bert import _ACTIVATIONS
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else (None if check(v) is None else f"{check(v)} or null")
 
-    fields: dict[str, Callable[[Any], str | None]] = {
+
+def _token_ids(v: Any) -> str | None:
+    ok = v is None or _NONNEG(v) is None or (isinstance(v, list) and all(_NONNEG(x) is None for x in v))
+    return None if ok else "a token id, a list of token ids, or null"
+
+
+def _config_checks() -> dict[str, Callable[[Any], str | None]]:
+    """field -> check for every field a family's config writes (``models.*Config``)."""
+    from models.base import ACTIVATIONS
+    from models.llama import MODEL_TYPES
+
+    eps = _num(0, lo_open=True)
+    return {
         "vocab_size": _POS, "hidden_size": _POS, "num_attention_heads": _POS, "intermediate_size": _POS,
         "num_hidden_layers": _POS, "max_position_embeddings": _POS, "type_vocab_size": _POS,
-        "layer_norm_eps": _num(0, lo_open=True), "hidden_act": _one_of(sorted(_ACTIVATIONS)), "pad_token_id": _NONNEG,
+        "layer_norm_eps": eps, "rms_norm_eps": eps, "hidden_act": _one_of(sorted(ACTIVATIONS)), "pad_token_id": _NONNEG,
         "hidden_dropout_prob": _num(0, 1), "attention_probs_dropout_prob": _num(0, 1), "has_mlm_head": _BOOL,
         "layers": lambda v: None if isinstance(v, list) and v else "a non-empty list of layer plans",
+        "num_key_value_heads": _POS, "head_dim": _optional(_POS), "rope_theta": eps, "rope_scaling": _optional(_DICT),
+        "attention_bias": _BOOL, "mlp_bias": _BOOL, "tie_word_embeddings": _BOOL, "model_type": _one_of(MODEL_TYPES),
+        "bos_token_id": _token_ids, "eos_token_id": _token_ids, "sliding_window": _optional(_POS),
     }
+
+
+def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(field, expected, found) for a saved model config (``config`` of a model checkpoint): the fields of its
+    family's config class (configs saved before families existed are BERT's)."""
+    from models.config import ModelConfig
+
+    family = cfg.get("family", "bert")
+    if family not in ModelConfig.FAMILIES:
+        return [("config.family", f"one of {', '.join(sorted(ModelConfig.FAMILIES))}", family)]
+    fields = {f.name for f in dataclasses.fields(ModelConfig.FAMILIES[family])}
+    checks = _config_checks()
     out: list[tuple[str, str, Any]] = []
-    for key in sorted(set(cfg) - set(fields)):
+    for key in sorted(set(cfg) - fields - {"family"}):
         out.append((f"config.{key}", "absent (not a field of a model config)", cfg[key]))
-    for key, check in fields.items():
+    for key in sorted(fields, key=lambda k: (k == "layers", k)):
         if key not in cfg:
             out.append((f"config.{key}", _PRESENT, _MISSING))
-        elif (want := check(cfg[key])) is not None:
+        elif (want := checks[key](cfg[key])) is not None:
             out.append((f"config.{key}", want, cfg[key]))
     if out:
         return out
@@ -339,12 +365,23 @@ def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
     if cfg["num_hidden_layers"] != len(cfg["layers"]):
         out.append(("config.num_hidden_layers", f"the number of layer plans ({len(cfg['layers'])})",
                     cfg["num_hidden_layers"]))
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        out.append(("config.num_attention_heads", f"a divisor of hidden_size {cfg['hidden_size']}",
-                    cfg["num_attention_heads"]))
     if cfg["pad_token_id"] >= cfg["vocab_size"]:
         out.append(("config.pad_token_id", f"a token id below vocab_size {cfg['vocab_size']}", cfg["pad_token_id"]))
+    if not out:
+        try:  # the config's own rules: how its fields fit together
+            ModelConfig.from_dict(cfg)
+        except (TypeError, ValueError) as e:
+            out.append(("config", f"a valid model config ({e})", "its fields"))
     return out
+
+
+def _headless_zero(meta: dict[str, Any], key: str) -> bool:
+    """A unit whose spec has an attention kind without heads (``none``, ``linear``) stores 0 heads of size 0."""
+    from models import kinds
+
+    spec = meta.get("spec")
+    return (key in ("num_heads", "head_dim") and meta[key] == 0 and isinstance(spec, dict)
+            and spec.get("attention") in kinds.KINDS and not kinds.KINDS[spec["attention"]].has_heads)
 
 
 def _meta_problems(meta: dict[str, Any], prefix: str = "", unit: bool = False) -> list[tuple[str, str, Any]]:
@@ -360,7 +397,7 @@ def _meta_problems(meta: dict[str, Any], prefix: str = "", unit: bool = False) -
         if key not in meta:
             problems.append((prefix + key, _PRESENT, _MISSING))
     for key, check in fields.items():
-        if key in meta and (want := check(meta[key])) is not None:
+        if key in meta and (want := check(meta[key])) is not None and not _headless_zero(meta, key):
             problems.append((prefix + key, want, meta[key]))
     if not problems and meta["kind"] == "model":
         problems = [(prefix + k, want, got) for k, want, got in _config_problems(meta["config"])]

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.bert import BertAttention, BertForMaskedLM, BertLayer, extended_mask
+from models.base import SwappableAttention
+from models.bert import BertAttention, BertForMaskedLM, BertLayer
 from models.compress import compose
 from models.config import LayerSpec
 from . import runtime
@@ -37,6 +38,24 @@ class MLMMasker:
         return bert_mlm_mask(ids, att, self.special, self.mask_id, self.vocab_size, g)
 
 
+class NextTokenLabels:
+    """A causal LM's targets, in a masker's place: the ids unchanged and, at every real token that has a real next
+    token, that next token as its label (-100 elsewhere). Draws nothing."""
+
+    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
+        labels = torch.full_like(ids, -100)
+        has_next = att[:, 1:].bool() & att[:, :-1].bool()
+        labels[:, :-1] = torch.where(has_next, ids[:, 1:], labels[:, :-1])
+        return ids, labels
+
+
+def lm_targets(tokenizer, model) -> "MLMMasker | NextTokenLabels":
+    """What the LM losses and metrics compare at: BERT-masked positions (masked LM) or every next token (causal)."""
+    if model.TASK == "causal":
+        return NextTokenLabels()
+    return MLMMasker(tokenizer, model.config.vocab_size)
+
+
 class OneMasker:
     """--mask-inputs: one [MASK] per training sentence, redrawn every step (the seed's dataset drew it per item)."""
 
@@ -59,9 +78,9 @@ class DistillTask(nn.Module):
         self._frozen = {"teacher": teacher}  # not a submodule: never trained, never put in train mode
         self.students = nn.ModuleDict(students)
         for s in self.students.values():
-            for n, p in s.named_parameters():
-                if n.startswith("output.LayerNorm") and isinstance(s, BertAttention):
-                    p.requires_grad_(False)  # a retrained block keeps the teacher's post-attention LayerNorm
+            if isinstance(s, SwappableAttention):
+                for p in s.frozen():
+                    p.requires_grad_(False)  # a retrained block keeps the teacher's norm
         self.masker = masker
         self.cache = cache
         self.seed = seed
@@ -170,7 +189,7 @@ class BlockDistill(DistillTask):
                 raise ValueError("--loss-on mlm cannot be combined with output/scores/relations losses")
         if "relations" in loss_on:  # set only when used: the metadata of other runs stays as it was
             self.relation_weight = relation_weight
-            self.rel_heads = {i: block_relation_heads(teacher.layers[i].attention, b, relation_heads)
+            self.rel_heads = {i: block_relation_heads(teacher.layers[i].block, b, relation_heads)
                               for i, b in blocks.items()}
             self.relation_heads = relation_heads if relation_heads else "auto"
         self.layers = sorted(blocks)
@@ -182,7 +201,7 @@ class BlockDistill(DistillTask):
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
-        mask, valid = extended_mask(att), att.bool()
+        mask, valid = self.teacher.context(att), att.bool()
         out = {}
         if "mlm" in self.loss_on:
             masked, sel, t_logits = self._mlm_targets(batch, generator)
@@ -205,14 +224,14 @@ class BlockDistill(DistillTask):
                 loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, self.criterion)
             if need:
                 with torch.no_grad():
-                    _, t_trace = self.teacher.layers[i].attention.contribution(x, mask, need_trace=True)
+                    _, t_trace = self.teacher.layers[i].block.contribution(x, mask, need_trace=True)
                 if self.score_target == "logits" and self.score_criterion in ("MSE", "L1"):
                     loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, self.score_criterion)
                 else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)
                     loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, self.score_criterion)
             if "relations" in self.loss_on:
                 with torch.no_grad():
-                    t_vec = attention_vectors(self.teacher.layers[i].attention, x)
+                    t_vec = attention_vectors(self.teacher.layers[i].block, x)
                 loss = loss + self.relation_weight * relation_loss(attention_vectors(student, x), t_vec, valid,
                                                                    self.rel_heads[i])
             out[f"block_{i}"] = (loss, n_valid)
@@ -263,7 +282,7 @@ class MergeDistill(DistillTask):
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
-        mask, valid = extended_mask(att), att.bool()
+        mask, valid = self.teacher.context(att), att.bool()
         conditioned = self._frozen["inputs_from"] is not None
         out = {}
         if self.loss_on == "mlm":
@@ -309,7 +328,7 @@ class ModelDistill(DistillTask):
             self.relation_heads = relation_heads if relation_heads else "auto"
             for j, spec in enumerate(student.config.layers):
                 tj = spec.origin[-1]
-                r = block_relation_heads(teacher.layers[tj].attention, student.layers[j].attention, relation_heads)
+                r = block_relation_heads(teacher.layers[tj].block, student.layers[j].block, relation_heads)
                 self.rel_pairs.append((j, tj, r))
         self.mlm_ok = teacher.has_mlm_head and student.has_mlm_head
         if not self.mlm_ok:
@@ -352,8 +371,8 @@ class ModelDistill(DistillTask):
             rl = 0.0
             for j, tj, r in self.rel_pairs:
                 with torch.no_grad():
-                    t_vec = attention_vectors(self.teacher.layers[tj].attention, t.hidden_states[tj])
-                rl = rl + relation_loss(attention_vectors(student.layers[j].attention, s.hidden_states[j]), t_vec,
+                    t_vec = attention_vectors(self.teacher.layers[tj].block, t.hidden_states[tj])
+                rl = rl + relation_loss(attention_vectors(student.layers[j].block, s.hidden_states[j]), t_vec,
                                         valid, r)
             loss = loss + self.relation_weight * rl / len(self.rel_pairs)
         return {"model": (loss, weight)}
@@ -384,7 +403,7 @@ class LayerDistill(DistillTask):
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
-        mask, valid = extended_mask(att), att.bool()
+        mask, valid = self.teacher.context(att), att.bool()
         feats = self._features(batch, self.feature_names())
         return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask), feats[f"out_{i}"],
                                            valid, self.criterion), float(valid.sum()))

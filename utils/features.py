@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bert import BertForMaskedLM, extended_mask
+from models.bert import BertForMaskedLM
+from models.hf import layer_device
 from .data import token_ids_hash
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         wanted.setdefault(i, set()).add(kind)
         if i > len(teacher.layers) or (kind == "block" and i >= len(teacher.layers)):
             raise IndexError(f"teacher feature '{n}' does not exist: the teacher has {len(teacher.layers)} layers")
-    mask = extended_mask(attention_mask)
+    mask = teacher.context(attention_mask)
     h = teacher.embed(input_ids)
     got: dict[str, torch.Tensor] = {}
     last = max(wanted)
@@ -123,11 +124,14 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         if i == last and "block" not in kinds:
             break
         layer = teacher.layers[i]
-        blk, _ = layer.attention.contribution(h, mask)
+        device = layer_device(layer)
+        if device is not None and device != h.device:  # a teacher spread over several devices (models.hf.dispatch)
+            h, mask = h.to(device), mask.to(device) if mask is not None else None
+        blk, _ = layer.block.contribution(h, mask)
         if "block" in kinds:
             got[f"block_{i}"] = blk
-        a = layer.attention.finish(h, blk)
-        h = layer.output(layer.intermediate(a), a)
+        a = layer.block.finish(h, blk)
+        h = layer.feed_forward(a)
     out = {}
     for n in names:
         kind, i = _parse(n)

@@ -11,7 +11,7 @@ from models import BertForMaskedLM
 from models.compress import clone_model
 from .assemble import load_model, save_model
 from .cli import positive_float, positive_int
-from .distill import MLMMasker, ModelDistill, describe_losses
+from .distill import ModelDistill, lm_targets, describe_losses
 from .sensitivity import (OPTION_KINDS, build_map, build_units, compose_units, default_options, session_context,
                           train_units, write_map)
 from .train import Trainer, TrainConfig, Unit, make_train_config
@@ -112,7 +112,7 @@ def make_student(args: argparse.Namespace, s, ctx, choices: dict, run: Path, ori
     meta = {"teacher": str(args.teacher), "teacher_hash": s.teacher_hash, "sources": sources,
             "plan": {str(i): b.option.name for i, b in units.items()}}
     if train and args.ft_epochs > 0 and units:
-        masker = MLMMasker(s.tokenizer, teacher.config.vocab_size) if teacher.has_mlm_head else None
+        masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
         task = ModelDistill(teacher, student, masker, 1.0, 0.0, 0.0, "cosine", args.temperature, args.seed,
                             args.ft_relation_weight).to(s.device)
         cfg = TrainConfig(**{**make_train_config(args).__dict__, "epochs": args.ft_epochs, "lr": args.ft_lr})

@@ -32,7 +32,7 @@ from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from .checkpoint import load_checkpoint, load_into
 from .distill import BlockDistill, LayerDistill, MergeDistill, describe_losses
-from .evaluate import compare_models
+from .evaluate import compare_models, round_robin_ms
 from .features import TeacherCache
 from .train import TrainConfig, Trainer, Unit
 from .units import head_rankings, unit_meta, unit_spec
@@ -172,7 +172,7 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     for i, opt in sorted(choices.items()):
         spec = specs[i]
         if opt.kind == "block":
-            mod, note = init_attention(t.layers[i].attention, cfg, spec, "teacher", importance.get(i))
+            mod, note = init_attention(t.layers[i].block, cfg, spec, "teacher", importance.get(i))
         else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
             second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
             mod, note = init_merged_layer(cfg, spec, t.layers[i], second, "first", importance.get(i))
@@ -234,27 +234,10 @@ def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForM
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing
-@torch.no_grad()
-def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f(), f()  # warm-up
-    for _ in range(reps):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
     new = copy.copy(layer)
     new._modules = dict(layer._modules)
-    new.attention = attention
+    new.set_block(attention)
     return new
 
 
@@ -291,7 +274,7 @@ def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
     """Parameters the unit removes from the model (teacher modules it replaces minus its own)."""
     own = sum(p.numel() for p in b.module.parameters())
     if b.option.kind == "block":
-        old = sum(p.numel() for p in teacher.layers[b.layer].attention.parameters())
+        old = sum(p.numel() for p in teacher.layers[b.layer].block.parameters())
     else:
         old = sum(p.numel() for i in b.option.covers(b.layer) for p in teacher.layers[i].parameters())
     return old - own

@@ -21,7 +21,8 @@ from models.export import ExportError
 from . import runtime, stops
 from .checkpoint import CheckpointError, probe_writable, write_failure, write_probe
 from .cli import UsageError
-from .data import DataError, DataSpec, TokenizedSentences, load_sentences, make_loader, token_ids_hash
+from .data import (DataError, DataSpec, TokenizedSentences, TokenWindows, load_sentences, make_loader, token_ids_hash,
+                   tokenize_split)
 from .lock import UnitBusy, UnitLock
 from .sensitivity import PlanError
 from .train import Stopped, TrainingDiverged
@@ -93,12 +94,15 @@ class Session:
     teacher_hash: str
     data: DataSpec
 
-    def sentences(self, split: str) -> TokenizedSentences:
+    def sentences(self, split: str) -> TokenizedSentences | TokenWindows:
         fraction = getattr(self.args, "percentage_data", 1.0)
-        ds = TokenizedSentences(load_sentences(self.data, split, fraction), self.tokenizer, self.args.seq_len,
-                                mask_seed=self.args.seed)
-        log.info("%s: %d sentences (%d truncated to --seq-len %d, %d without a maskable token skipped)", split,
-                 len(ds), ds.truncated, self.args.seq_len, ds.skipped)
+        ds = tokenize_split(load_sentences(self.data, split, fraction), self.tokenizer, self.args.seq_len,
+                            self.teacher.TASK, mask_seed=self.args.seed)
+        if isinstance(ds, TokenWindows):
+            log.info("%s: %s", split, ds.describe())
+        else:
+            log.info("%s: %d sentences (%d truncated to --seq-len %d, %d without a maskable token skipped)", split,
+                     len(ds), ds.truncated, self.args.seq_len, ds.skipped)
         return ds
 
     def loader(self, ds: TokenizedSentences, shuffle: bool, batch_size: int | None = None):
@@ -131,7 +135,8 @@ def start(args: argparse.Namespace) -> Session:
     runtime.init_distributed(device)
     runtime.seed_everything(args.seed)
     teacher, tok = load_teacher(args.teacher, device)
-    log.info("teacher %s: %d layers, hidden %d, %d heads of %d, %s MLM head, %.1fM parameters", args.teacher,
+    log.info("teacher %s: %s, %d layers, hidden %d, %d heads of %d, %s LM head, %.1fM parameters", args.teacher,
+             teacher.config.family,
              len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
              teacher.config.head_dim, "with" if teacher.has_mlm_head else "WITHOUT", teacher.num_parameters() / 1e6)
     spec = DataSpec(dataset=args.dataset, data_dir=args.data_dir, split_ratio=tuple(args.split_ratio), seed=args.seed)
