@@ -12,6 +12,11 @@ is measured against the teacher's on this device.
 """
 from __future__ import annotations
 
+from utils.stops import install_stop_handlers
+
+if __name__ == "__main__":  # first, before the imports below: a stop while they load is one line, 143 / 130
+    install_stop_handlers()
+
 import argparse
 import sys
 from pathlib import Path
@@ -21,7 +26,6 @@ from utils.cli.configs import map_config, plan_finetune, record, session_config,
 from utils.cli.groups import add_finetune_args, add_map_args
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.run import run_main
-from utils.cli.types import positive_float
 from utils.planning.planner import COSTS
 
 
@@ -36,12 +40,23 @@ def params_arg(s: str) -> int:
     return int(v)
 
 
+def speedup_arg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-speedup must be a number such as 1.5, got '{s}'") from None
+    if not 1 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"--target-speedup must be a finite number >= 1 (1: the teacher's own "
+                                         f"speed), got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=1, lr=1e-3)
     g = p.add_argument_group("plan")
     t = g.add_mutually_exclusive_group(required=True)
-    t.add_argument("--target-speedup", type=positive_float, default=None,
+    t.add_argument("--target-speedup", type=speedup_arg, default=None,
                    help="encoder speed-up over the teacher (the map's measured latencies, on the map's device)")
     t.add_argument("--target-params", type=params_arg, default=None,
                    help="at most this many parameters in the whole student (e.g. 18e6 or 18M)")

@@ -8,6 +8,11 @@
 """
 from __future__ import annotations
 
+from utils.stops import install_stop_handlers
+
+if __name__ == "__main__":  # first, before the imports below: a stop while they load is one line, 143 / 130
+    install_stop_handlers()
+
 import argparse
 import sys
 from pathlib import Path
@@ -18,8 +23,9 @@ from utils.cli.groups import add_shape_args
 from utils.cli.output import print_units
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.recipes import BLOCK, add_heads_alias, given, reject, use_recipes
-from utils.cli.run import run_main
+from utils.cli.run import flag_names, run_main
 from utils.cli.types import criterion_arg, positive_float, positive_int, probability
+from utils.errors import SettingError
 from utils.session import teacher_config
 from utils.training.losses import criteria_for
 from utils.training.tasks import BlockLoss
@@ -108,12 +114,15 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     # the recipe's init where it is not the default (seed: random); --init given: as given, so that --init teacher
     # for the teacher's own shape is refused; else teacher, or random for the teacher's own shape
     init = args.init if given(args, "init") or args.init != "teacher" else None
-    done = api.retrain_blocks(session_config(args), layers=None if args.block == "all" else [int(args.block)],
-                              shape=unit_shape(args), loss=loss, train=train_config(args), init=init,
-                              start_from=args.model_checkpoint, dropout=args.block_dropout, out=args.out,
-                              run_name=args.run_name, name_suffix="_seed" if args.recipe == "seed" else "",
-                              cache_dir=cache_dir(args, used=args.cache_teacher), print_samples=args.print_samples,
-                              record=record(args))
+    try:
+        done = api.retrain_blocks(session_config(args), layers=None if args.block == "all" else [int(args.block)],
+                                  shape=unit_shape(args), loss=loss, train=train_config(args), init=init,
+                                  start_from=args.model_checkpoint, dropout=args.block_dropout, out=args.out,
+                                  run_name=args.run_name, name_suffix="_seed" if args.recipe == "seed" else "",
+                                  cache_dir=cache_dir(args, used=args.cache_teacher),
+                                  print_samples=args.print_samples, record=record(args))
+    except SettingError as e:  # e.g. --init teacher for the teacher's own shape: refused as argparse refuses --block
+        parser.error(flag_names(" ".join(str(e).split())))
     print_units(done)
     return done.run_dir
 

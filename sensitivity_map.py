@@ -13,6 +13,11 @@ plan_student.py plans from the JSON.
 """
 from __future__ import annotations
 
+from utils.stops import install_stop_handlers
+
+if __name__ == "__main__":  # first, before the imports below: a stop while they load is one line, 143 / 130
+    install_stop_handlers()
+
 import argparse
 import sys
 from pathlib import Path

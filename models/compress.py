@@ -1,39 +1,78 @@
-"""Initialising smaller blocks and merged layers from the teacher.
+"""Initialising smaller blocks, layers and merged layers from the teacher, for every family.
 
-- Heads are ranked by importance: the mean norm of each head's contribution to the block output on real inputs
-  (or, without data, the product of its value and output weight norms). The top ``k`` heads are kept in their order.
-- A smaller per-head dimension is reached by the best low-rank approximation (truncated SVD) of each kept head's
-  bilinear maps: W_q^T W_k for the attention scores (rescaled for the new 1/sqrt(d)) and W_o W_v for the values,
-  biases folded in as an extra input column. With head_dim equal to the teacher's this reduces to copying the head.
-- Shapes larger than the teacher's cannot be taken from it: those blocks start random, and the returned note says so.
+The initialisers read a block through the names every family gives its parts (``q_proj``, ``k_proj``, ``v_proj``,
+``o_proj``, ``num_heads``, ``head_dim``, ``num_kv_heads``, ``heads``; a layer's ``up_proj``, ``gate_proj``,
+``down_proj``, ``ffn_norm``) and build new ones with the family's ``make_block`` / ``make_layer``, so one
+initialiser per attention kind (``INITIALISERS``) serves BERT and Llama alike.
+
+- Query heads are ranked by importance: the mean norm of each head's contribution to the block output on real inputs
+  (or, without data, the product of its value and output weight norms). The top ``k`` heads are kept in their order;
+  in a grouped-query teacher, each new key/value group keeps the best query heads of its own teacher groups.
+- Fewer key/value heads: a new key/value head is the mean of the heads its query heads read (mean pooling, as in GQA
+  uptraining).
+- A smaller per-head dimension (no rotary embeddings) is reached by the best low-rank approximation (truncated SVD)
+  of each kept head's bilinear maps: W_q^T W_k for the attention scores (rescaled for the new 1/sqrt(d)) and W_o W_v
+  for the values, biases folded in as an extra input column.
+- Attention replaced by a linear map starts as attention to the token itself: W_o W_v.
+- A narrower feed-forward part keeps the most important neurons (by activation on a probe batch, else by weights).
+- Shapes larger than the teacher's cannot be taken from it: those start random, and the returned note says so.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .bert import BertAttention, BertForMaskedLM, BertLayer
+from . import kinds
+from .base import SwappableAttention, SwappableLayer, SwappableModel, init_weights
 from .config import LayerSpec, ModelConfig
+from .families import family_of
+
+
+def make_block(cfg: ModelConfig, spec: LayerSpec) -> SwappableAttention:
+    return family_of(cfg).model_class.make_block(cfg, spec)
+
+
+def make_layer(cfg: ModelConfig, spec: LayerSpec) -> SwappableLayer:
+    return family_of(cfg).model_class.make_layer(cfg, spec)
+
+
+def _kv_of(attn: SwappableAttention, h: int) -> int:
+    """The key/value head query head ``h`` reads."""
+    return h // (attn.num_heads // attn.num_kv_heads)
+
+
+def _rows(lin: nn.Linear, index: int, size: int) -> torch.Tensor:
+    """Rows [index*size, (index+1)*size) of a projection with its bias as the last column: [size, D+1]."""
+    rows = slice(index * size, (index + 1) * size)
+    bias = lin.bias[rows, None] if lin.bias is not None else lin.weight.new_zeros(size, 1)
+    return torch.cat([lin.weight[rows], bias], dim=1)
+
+
+def _put(lin: nn.Linear, rows: slice, m: torch.Tensor) -> None:
+    lin.weight[rows] = m[:, :-1]
+    if lin.bias is not None:
+        lin.bias[rows] = m[:, -1]
 
 
 @torch.no_grad()
-def head_importance(attn: BertAttention, inputs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None
-                    = None) -> torch.Tensor:
-    """Importance per head [H]. ``inputs``: (hidden [B,T,D], extended mask or None, valid [B,T]) triples."""
+def head_importance(attn: SwappableAttention, inputs: list[tuple[torch.Tensor, Any, torch.Tensor]] | None = None
+                    ) -> torch.Tensor:
+    """Importance per query head [H]. ``inputs``: (hidden [B,T,D], the model's ``context`` for it, valid [B,T])."""
     H, d = attn.num_heads, attn.head_dim
-    W_o = attn.output.dense.weight.view(-1, H, d)  # [D, H, d]
+    W_o = attn.o_proj.weight.view(-1, H, d)  # [D, H, d]
     if not inputs:
-        W_v = attn.self.value.weight.view(H, d, -1)
-        return W_v.flatten(1).norm(dim=1) * W_o.permute(1, 0, 2).flatten(1).norm(dim=1)
+        W_v = attn.v_proj.weight.view(attn.num_kv_heads, d, -1)
+        per_head = torch.stack([W_v[_kv_of(attn, h)].flatten() for h in range(H)])
+        return per_head.norm(dim=1) * W_o.permute(1, 0, 2).flatten(1).norm(dim=1)
     total = torch.zeros(H, device=W_o.device)
     count = 0.0
-    for x, mask, valid in inputs:
-        ctx, _ = attn.self(x, mask)
-        B, T, _ = ctx.shape
-        contrib = torch.einsum("bthd,ohd->btho", ctx.view(B, T, H, d), W_o).norm(dim=-1)  # [B, T, H]
+    for x, ctx, valid in inputs:
+        mixed, _ = attn.heads(x, ctx)
+        B, T, _ = mixed.shape
+        contrib = torch.einsum("bthd,ohd->btho", mixed.view(B, T, H, d), W_o).norm(dim=-1)  # [B, T, H]
         w = valid.to(contrib.dtype)[..., None]
         total += (contrib * w).sum((0, 1))
         count += float(w.sum())
@@ -50,118 +89,162 @@ def _low_rank_pair(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.T
 
 
 @torch.no_grad()
-def random_attention(teacher: BertAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
-                     **shape) -> BertAttention:
-    """A randomly initialised block (``shape``: further attention fields) that keeps the teacher's LayerNorm."""
-    new = BertAttention(cfg, num_heads, head_dim, **shape).to(teacher.output.dense.weight.device)
-    new.apply(BertForMaskedLM._init_weights)
-    new.output.LayerNorm.load_state_dict(teacher.output.LayerNorm.state_dict())
+def random_block(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec) -> SwappableAttention:
+    """A randomly initialised block of ``spec``'s shape that keeps the teacher's norm (the block's ``FROZEN`` part)."""
+    new = make_block(cfg, spec).to(_device(teacher, cfg))
+    new.apply(init_weights)
+    kept = {k: v for k, v in teacher.state_dict().items() if k.startswith(new.FROZEN)} if new.FROZEN else {}
+    if kept:
+        new.load_state_dict(kept, strict=False)
     return new
 
 
+def _device(module: nn.Module, cfg: ModelConfig) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def random_attention(teacher: SwappableAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
+                     **shape: Any) -> SwappableAttention:
+    """A randomly initialised ``num_heads`` x ``head_dim`` block (``shape``: further attention fields)."""
+    fields = {"attention": "mha", **shape}
+    return random_block(teacher, cfg, LayerSpec(num_heads, head_dim, 1, [0], **fields))
+
+
+def _kept_heads(teacher: SwappableAttention, score: torch.Tensor, H: int, G: int) -> list[int]:
+    """The query heads of the teacher a block of ``H`` heads in ``G`` key/value groups keeps, group after group.
+
+    A multi-head teacher: the top ``H`` overall, in order (consecutive kept heads then form the groups). A grouped
+    teacher: new group g draws from teacher key/value groups [g * Gt / G, (g + 1) * Gt / G), keeping its best query
+    heads there, so every new group reads keys and values its own query heads were trained with."""
+    Ht, Gt = teacher.num_heads, teacher.num_kv_heads
+    if Gt == Ht:
+        return sorted(torch.topk(score, H).indices.tolist())
+    if Gt % G:
+        raise ValueError(f"{G} key/value heads cannot be pooled from the teacher's {Gt}: they must divide it")
+    per_new, pool = H // G, Gt // G
+    keep = []
+    for g in range(G):
+        members = [h for h in range(Ht) if g * pool <= _kv_of(teacher, h) < (g + 1) * pool]
+        if per_new > len(members):
+            raise ValueError(f"{per_new} query heads per key/value head cannot come from the teacher's {len(members)} "
+                             f"query heads of that group; give at most {len(members) * G} heads")
+        best = torch.topk(score[members], per_new).indices.tolist()
+        keep += sorted(members[i] for i in best)
+    return keep
+
+
+def _check_shrinkable(teacher: SwappableAttention, spec: LayerSpec) -> None:
+    if spec.head_dim < teacher.head_dim and getattr(teacher, "ROTARY", False):
+        raise ValueError(f"head_dim {spec.head_dim} < the teacher's {teacher.head_dim}: a smaller head size cannot be "
+                         "taken from a teacher with rotary position embeddings (start it random, or keep head_dim)")
+
+
+INITIALISERS: dict[str, Callable[..., tuple[SwappableAttention, str]]] = {}  # attention kind -> teacher initialiser
+
+
+@kinds.implements(INITIALISERS, "mha")
 @torch.no_grad()
-def compress_attention(teacher: BertAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
-                       importance: torch.Tensor | None = None) -> tuple[BertAttention, str]:
-    """A ``num_heads`` x ``head_dim`` block initialised from ``teacher``. Returns (block, note on how)."""
-    new = random_attention(teacher, cfg, num_heads, head_dim)
-    Ht, dt = teacher.num_heads, teacher.head_dim
-    if num_heads > Ht or head_dim > dt:
-        return new, (f"random (the {num_heads}x{head_dim} block is larger than the teacher's {Ht}x{dt} in heads or "
-                     "head_dim)")
-    score = importance if importance is not None else head_importance(teacher)
-    keep = sorted(torch.topk(score, num_heads).indices.tolist())
-    D = cfg.hidden_size
-    s, t = new.self, teacher.self
-
-    def aug(lin: nn.Linear, h: int) -> torch.Tensor:  # [dt, D+1]: the head's rows with the bias as last column
-        rows = slice(h * dt, (h + 1) * dt)
-        return torch.cat([lin.weight[rows], lin.bias[rows, None]], dim=1)
-
-    W_o_t = teacher.output.dense.weight
+def init_mha(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
+             ) -> tuple[SwappableAttention, str]:
+    """One key/value head per query head; each kept head copied, or (smaller head_dim) its SVD projection."""
+    new = random_block(teacher, cfg, spec)
+    H, d, Ht, dt = spec.num_heads, spec.head_dim, teacher.num_heads, teacher.head_dim
+    if H > Ht or d > dt:
+        return new, f"random (the {H}x{d} block is larger than the teacher's {Ht}x{dt} in heads or head_dim)"
+    _check_shrinkable(teacher, spec)
+    keep = _kept_heads(teacher, importance if importance is not None else head_importance(teacher), H, H)
     for j, h in enumerate(keep):
-        out = slice(j * head_dim, (j + 1) * head_dim)
-        q, k, v = aug(t.query, h), aug(t.key, h), aug(t.value, h)
-        o = W_o_t[:, h * dt:(h + 1) * dt]  # [D, dt]
-        if head_dim == dt:
+        out = slice(j * d, (j + 1) * d)
+        q, k, v = _rows(teacher.q_proj, h, dt), _rows(teacher.k_proj, _kv_of(teacher, h), dt), \
+            _rows(teacher.v_proj, _kv_of(teacher, h), dt)
+        o = teacher.o_proj.weight[:, h * dt:(h + 1) * dt]  # [D, dt]
+        if d == dt:
             nq, nk, nv, no = q, k, v, o
         else:
             # scores: x~ q^T k x~^T / sqrt(dt)  ->  x~ nq^T nk x~^T / sqrt(d) with nq^T nk ~ q^T k * sqrt(d / dt)
-            xq, xk = _low_rank_pair(q.T, k.T, head_dim)
-            c = (head_dim / dt) ** 0.25
+            xq, xk = _low_rank_pair(q.T, k.T, d)
+            c = (d / dt) ** 0.25
             nq, nk = (xq * c).T, (xk * c).T
-            xo, xv = _low_rank_pair(o, v.T, head_dim)  # o @ v ~ xo @ xv.T
+            xo, xv = _low_rank_pair(o, v.T, d)  # o @ v ~ xo @ xv.T
             no, nv = xo, xv.T
-        for lin, m in ((s.query, nq), (s.key, nk), (s.value, nv)):
-            lin.weight[out] = m[:, :D]
-            lin.bias[out] = m[:, D]
-        new.output.dense.weight[:, out] = no
-    new.output.dense.bias.copy_(teacher.output.dense.bias)
-    how = "copied" if head_dim == dt else f"SVD rank-{head_dim} projection of"
+        for lin, m in ((new.q_proj, nq), (new.k_proj, nk), (new.v_proj, nv)):
+            _put(lin, out, m)
+        new.o_proj.weight[:, out] = no
+    _copy_output_bias(teacher, new)
+    how = "copied" if d == dt else f"SVD rank-{d} projection of"
     return new, f"teacher: kept heads {keep} of {Ht} by importance, {how} each head"
 
 
-def _init_mha(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None
-              ) -> tuple[BertAttention, str]:
-    return compress_attention(teacher, cfg, spec.num_heads, spec.head_dim, importance)
+def _copy_output_bias(teacher: SwappableAttention, new: SwappableAttention) -> None:
+    if new.o_proj.bias is not None and teacher.o_proj.bias is not None:
+        new.o_proj.bias.copy_(teacher.o_proj.bias)
 
 
+@kinds.implements(INITIALISERS, "gqa")
 @torch.no_grad()
-def compress_gqa(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
-                 ) -> tuple[BertAttention, str]:
-    """A grouped-query block from a multi-head teacher block.
-
-    The ``num_heads`` most important teacher heads are kept in their order and cut into ``num_kv_heads`` groups of
-    consecutive heads; a group's key and value projections are the mean of its heads' (mean pooling, as in GQA
-    uptraining), its queries and output columns are the heads' own. A smaller head_dim keeps the top ``head_dim``
-    directions of each group's pooled key / value map (SVD), applied to the queries / output columns as well.
-    """
+def init_gqa(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
+             ) -> tuple[SwappableAttention, str]:
+    """A grouped-query block: the kept query heads (``_kept_heads``) cut into ``num_kv_heads`` groups of consecutive
+    heads; a group's key and value projections are the mean of those its heads read, its queries and output columns
+    are the heads' own. A smaller head_dim keeps the top ``head_dim`` directions of each group's pooled key / value map
+    (SVD), applied to the queries / output columns as well."""
     H, d, G = spec.num_heads, spec.head_dim, spec.num_kv_heads
-    new = random_attention(teacher, cfg, **spec.attention_shape())
+    new = random_block(teacher, cfg, spec)
     Ht, dt = teacher.num_heads, teacher.head_dim
     if H > Ht or d > dt:
         return new, f"random (the {H}x{d} block is larger than the teacher's {Ht}x{dt} in heads or head_dim)"
-    score = importance if importance is not None else head_importance(teacher)
-    keep = sorted(torch.topk(score, H).indices.tolist())
-    D, group = cfg.hidden_size, H // G
-    s, t, W_o = new.self, teacher.self, teacher.output.dense.weight
-
-    def aug(lin: nn.Linear, h: int) -> torch.Tensor:  # [dt, D+1]: the head's rows with the bias as last column
-        rows = slice(h * dt, (h + 1) * dt)
-        return torch.cat([lin.weight[rows], lin.bias[rows, None]], dim=1)
+    _check_shrinkable(teacher, spec)
+    keep = _kept_heads(teacher, importance if importance is not None else head_importance(teacher), H, G)
+    group = H // G
 
     def basis(m: torch.Tensor) -> torch.Tensor:  # [d, dt]: the top-d output directions of m [dt, D+1]
         return torch.eye(dt, dtype=m.dtype, device=m.device) if d == dt else torch.linalg.svd(m)[0][:, :d].T
 
-    def put(lin: nn.Linear, rows: slice, m: torch.Tensor) -> None:
-        lin.weight[rows], lin.bias[rows] = m[:, :D], m[:, D]
-
     for g in range(G):
         members = keep[g * group:(g + 1) * group]
-        k = torch.stack([aug(t.key, h) for h in members]).mean(0)
-        v = torch.stack([aug(t.value, h) for h in members]).mean(0)
+        k = torch.stack([_rows(teacher.k_proj, _kv_of(teacher, h), dt) for h in members]).mean(0)
+        v = torch.stack([_rows(teacher.v_proj, _kv_of(teacher, h), dt) for h in members]).mean(0)
         pk, pv = basis(k), basis(v)
-        put(s.key, slice(g * d, (g + 1) * d), pk @ k)
-        put(s.value, slice(g * d, (g + 1) * d), pv @ v)
+        _put(new.k_proj, slice(g * d, (g + 1) * d), pk @ k)
+        _put(new.v_proj, slice(g * d, (g + 1) * d), pv @ v)
         for j, h in enumerate(members):
             out = slice((g * group + j) * d, (g * group + j + 1) * d)
-            put(s.query, out, (pk @ aug(t.query, h)) * (d / dt) ** 0.5)  # scores keep their scale under 1/sqrt(d)
-            new.output.dense.weight[:, out] = W_o[:, h * dt:(h + 1) * dt] @ pv.T
-    new.output.dense.bias.copy_(teacher.output.dense.bias)
+            _put(new.q_proj, out, (pk @ _rows(teacher.q_proj, h, dt)) * (d / dt) ** 0.5)  # scores keep their scale
+            new.o_proj.weight[:, out] = teacher.o_proj.weight[:, h * dt:(h + 1) * dt] @ pv.T
+    _copy_output_bias(teacher, new)
     how = "" if d == dt else f", top-{d} SVD directions of each group's keys/values"
-    return new, (f"teacher: kept heads {keep} of {Ht} by importance; {G} key/value heads, each the mean of its "
-                 f"group of {group} heads{how}")
+    return new, (f"teacher: kept heads {keep} of {Ht} by importance; {G} key/value heads, each the mean of those its "
+                 f"group of {group} heads read{how}")
 
 
-# teacher initialiser per ``LayerSpec.attention``: (teacher block, config, spec, head importance) -> (block, note)
-INITIALISERS: dict[str, Callable[..., tuple[BertAttention, str]]] = {"mha": _init_mha, "gqa": compress_gqa}
+@kinds.implements(INITIALISERS, "linear")
+@torch.no_grad()
+def init_linear(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec,
+                importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
+    """Attention to the token itself: the map W_o W_v (each query head's value head), biases folded in."""
+    new = random_block(teacher, cfg, spec)
+    dt = teacher.head_dim
+    v = torch.cat([_rows(teacher.v_proj, _kv_of(teacher, h), dt) for h in range(teacher.num_heads)])  # [H*dt, D+1]
+    m = teacher.o_proj.weight @ v  # [D, D+1]
+    new.proj.weight.copy_(m[:, :-1])
+    if new.proj.bias is not None:
+        new.proj.bias.copy_(m[:, -1] + (teacher.o_proj.bias if teacher.o_proj.bias is not None else 0))
+    return new, "teacher: each token attending to itself only (W_o W_v)"
+
+
+@kinds.implements(INITIALISERS, "none")
+def init_none(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
+              ) -> tuple[SwappableAttention, str]:
+    return make_block(cfg, spec), "no attention"
 
 
 @torch.no_grad()
-def init_attention(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, init: str = "teacher",
-                   importance: torch.Tensor | None = None) -> tuple[BertAttention, str]:
-    """A block of ``spec``'s attention shape: from ``teacher`` (its initialiser for that kind) or random."""
+def init_attention(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, init: str = "teacher",
+                   importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
+    """A block of ``spec``'s attention shape: from ``teacher`` (its kind's initialiser) or random."""
     if init == "random":
-        return random_attention(teacher, cfg, **spec.attention_shape()), "random"
+        return random_block(teacher, cfg, spec), "random"
     if init != "teacher":
         raise ValueError(f"a block starts from 'teacher' or 'random', got '{init}'")
     if spec.attention not in INITIALISERS:
@@ -170,14 +253,59 @@ def init_attention(teacher: BertAttention, cfg: ModelConfig, spec: LayerSpec, in
     return INITIALISERS[spec.attention](teacher, cfg, spec, importance)
 
 
+def compress_attention(teacher: SwappableAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
+                       importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
+    """A ``num_heads`` x ``head_dim`` multi-head block initialised from ``teacher``. Returns (block, note on how)."""
+    return init_mha(teacher, cfg, LayerSpec(num_heads, head_dim, 1, [0]), importance)
+
+
 @torch.no_grad()
-def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: BertLayer, second: BertLayer, mode: str,
-                      importance: torch.Tensor | None = None) -> tuple[BertLayer, str]:
-    """One layer standing for ``first`` + ``second``: from first, second, their average, or random."""
+def neuron_scores(layer: SwappableLayer, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of each feed-forward neuron: its mean |activation| times its output weight norm on ``inputs``
+    (the attention block's outputs [N, D]), or without inputs the product of its weight norms."""
+    down = layer.down_proj.weight.norm(dim=0)
+    if inputs is not None and hasattr(getattr(layer, "mlp", None), "neurons"):
+        return layer.mlp.neurons(inputs).abs().flatten(0, -2).mean(0) * down
+    score = layer.up_proj.weight.norm(dim=1) * down
+    return score * layer.gate_proj.weight.norm(dim=1) if layer.gate_proj is not None else score
+
+
+@torch.no_grad()
+def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, size: int, scores: torch.Tensor | None) -> str:
+    """The top ``size`` neurons of ``src``'s feed-forward part into ``layer``'s (and its norm)."""
+    if size == 0:
+        return "no feed-forward part"
+    if src.up_proj is None:
+        return "ffn random (the teacher layer has none)"
+    layer.ffn_norm().load_state_dict(src.ffn_norm().state_dict())
+    width = src.up_proj.out_features
+    if size > width:
+        return f"ffn random ({size} > teacher's {width})"
+    score = scores if scores is not None else neuron_scores(src)
+    keep = sorted(torch.topk(score, size).indices.tolist())
+    for name in ("up_proj", "gate_proj"):
+        a, b = getattr(src, name), getattr(layer, name)
+        if a is not None:
+            b.weight.copy_(a.weight[keep])
+            if b.bias is not None:
+                b.bias.copy_(a.bias[keep])
+    layer.down_proj.weight.copy_(src.down_proj.weight[:, keep])
+    if layer.down_proj.bias is not None:
+        layer.down_proj.bias.copy_(src.down_proj.bias)
+    return "ffn copied" if size == width else f"ffn: top {size} of {width} neurons"
+
+
+@torch.no_grad()
+def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, second: SwappableLayer, mode: str,
+                      importance: torch.Tensor | None = None, neuron_score: torch.Tensor | None = None
+                      ) -> tuple[SwappableLayer, str]:
+    """One layer of ``spec`` standing for ``first`` + ``second`` (the same layer twice for a single-layer unit):
+    from first, second, their average, or random. ``importance``: head importance of the source layer's block;
+    ``neuron_score``: importance of its feed-forward neurons (``neuron_scores``)."""
     if mode not in ("first", "second", "average", "random"):
-        raise ValueError(f"--init for a merged layer must be first, second, average or random, got '{mode}'")
-    layer = BertLayer(cfg, spec).to(first.output.dense.weight.device)
-    layer.apply(BertForMaskedLM._init_weights)
+        raise ValueError(f"a merged layer starts from first, second, average or random, got '{mode}'")
+    layer = make_layer(cfg, spec).to(_device(first, cfg))
+    layer.apply(init_weights)
     if mode == "random":
         return layer, "random"
     if mode == "average":
@@ -186,49 +314,31 @@ def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: BertLayer, secon
         src.load_state_dict({k: (v + sd2[k]) / 2 for k, v in first.state_dict().items()})
     else:
         src = first if mode == "first" else second
-    layer.attention, note = init_attention(src.attention, cfg, spec, "teacher",
-                                           importance if mode != "average" else None)
-    layer.output.LayerNorm.load_state_dict(src.output.LayerNorm.state_dict())
-    f_t = src.intermediate.dense.out_features
-    if spec.intermediate_size <= f_t:
-        score = src.intermediate.dense.weight.norm(dim=1) * src.output.dense.weight.norm(dim=0)
-        keep = sorted(torch.topk(score, spec.intermediate_size).indices.tolist())
-        layer.intermediate.dense.weight.copy_(src.intermediate.dense.weight[keep])
-        layer.intermediate.dense.bias.copy_(src.intermediate.dense.bias[keep])
-        layer.output.dense.weight.copy_(src.output.dense.weight[:, keep])
-        layer.output.dense.bias.copy_(src.output.dense.bias)
-        ffn_note = "ffn copied" if spec.intermediate_size == f_t else f"ffn: top {spec.intermediate_size} of {f_t} neurons"
-    else:
-        ffn_note = f"ffn random ({spec.intermediate_size} > teacher's {f_t})"
+    block, note = init_attention(src.block, cfg, spec, "teacher", importance if mode != "average" else None)
+    layer.set_block(block)
+    ffn_note = _copy_ffn(src, layer, spec.intermediate_size, neuron_score if mode != "average" else None)
     return layer, f"{mode} layer; attention {note}; {ffn_note}"
 
 
-def clone_model(model: BertForMaskedLM) -> BertForMaskedLM:
+def clone_model(model: SwappableModel) -> SwappableModel:
     """An independent copy (weights and per-layer plan)."""
     return copy.deepcopy(model)
 
 
-def compose(teacher: BertForMaskedLM, blocks: dict[int, BertAttention] | None = None,
-            merges: dict[int, tuple[BertLayer, LayerSpec]] | None = None) -> BertForMaskedLM:
+def compose(teacher: SwappableModel, blocks: dict[int, SwappableAttention] | None = None,
+            merges: dict[int, tuple[SwappableLayer, LayerSpec]] | None = None,
+            layers: dict[int, tuple[SwappableLayer, LayerSpec]] | None = None) -> SwappableModel:
     """A model that shares every module of ``teacher`` except the replaced ones: no weights are copied.
 
     ``blocks`` maps a teacher layer index to a new attention block; ``merges`` maps the first index of a teacher pair
-    (i, i+1) to the layer replacing both. Indices are the teacher's, whatever was merged before them.
+    (i, i+1) to the layer replacing both; ``layers`` maps a teacher layer index to a whole new layer standing for it.
+    Indices are the teacher's, whatever was merged before them.
     """
-    view = copy.copy(teacher)
-    view._modules = dict(teacher._modules)
-    view.config = copy.deepcopy(teacher.config)
-    view.bert = copy.copy(teacher.bert)
-    view.bert._modules = dict(teacher.bert._modules)
-    view.bert.encoder = copy.copy(teacher.bert.encoder)
-    view.bert.encoder._modules = dict(teacher.bert.encoder._modules)
-    view.bert.encoder.layer = nn.ModuleList(list(teacher.layers))
+    view = teacher.view()
     for i, attn in sorted((blocks or {}).items()):
-        idx = view.layer_index_of([i])
-        layer = copy.copy(view.layers[idx])
-        layer._modules = dict(layer._modules)
-        view.layers[idx] = layer
-        view.replace_attention(idx, attn)
+        view.replace_attention(view.layer_index_of([i]), attn)
+    for i, (layer, spec) in sorted((layers or {}).items()):
+        view.replace_layer(view.layer_index_of([i]), layer, spec)
     for i, (layer, spec) in sorted((merges or {}).items(), reverse=True):
         idx = view.layer_index_of([i])
         if idx + 1 >= len(view.layers) or view.config.layers[idx + 1].origin != [i + 1]:
@@ -237,7 +347,7 @@ def compose(teacher: BertForMaskedLM, blocks: dict[int, BertAttention] | None = 
     return view
 
 
-def drop_every_second(teacher: BertForMaskedLM) -> tuple[BertForMaskedLM, list[str]]:
+def drop_every_second(teacher: SwappableModel) -> tuple[SwappableModel, list[str]]:
     """Teacher without layers 1, 3, 5, ...: each pair (i, i+1) is replaced by a copy of layer i."""
     merges = {}
     for i in range(0, len(teacher.layers) - 1, 2):

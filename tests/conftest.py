@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from helpers import make_hf_teacher, write_corpus  # noqa: E402
+from helpers import make_decoder_teacher, make_hf_teacher, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +31,12 @@ def tiny_teacher(tmp_path_factory) -> Path:
 def tiny_encoder(tmp_path_factory) -> Path:
     """A teacher without an MLM head (a plain BertModel, like sentence-transformers checkpoints)."""
     return make_hf_teacher(tmp_path_factory.mktemp("tiny_encoder"), with_head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 4-layer grouped-query Llama teacher: 6 query heads over 2 key/value heads of 8, SwiGLU 64."""
+    return make_decoder_teacher(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,46 @@ def make_hf_teacher(folder: Path, layers: int = 2, hidden: int = 32, heads: int 
     return folder
 
 
+def make_decoder_tokenizer(folder: Path):
+    """A word-level tokenizer over the corpus words (what a decoder teacher folder needs besides its weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted(set(NOUNS + ADJS + VERBS + ["the", "near", ".", ","]))
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def make_decoder_teacher(folder: Path, model_type: str = "llama", layers: int = 4, hidden: int = 48, heads: int = 6,
+                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, **config_kwargs) -> Path:
+    """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer;
+    ``config_kwargs`` go to the transformers config as they are (rope_scaling, tie_word_embeddings, ...)."""
+    import transformers
+
+    tok = make_decoder_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg_name, model_name = DECODERS[model_type]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=len(tok) + 8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=ffn, **{"max_position_embeddings": 128, **config_kwargs})
+    model = getattr(transformers, model_name)(cfg)
+    with torch.no_grad():  # random init leaves norms at one and biases at zero: perturb so parity covers them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
 def write_corpus(folder: Path, n_train: int = 192, n_valid: int = 48, n_test: int = 64) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, n, seed in (("train", n_train, 1), ("valid", n_valid, 2), ("test", n_test, 3)):
@@ -290,3 +330,25 @@ def model_inputs(vocab: int) -> dict[str, torch.Tensor]:
     mask[1, 6:] = 0
     mask[2, 4:] = 0
     return {"ids": ids, "mask": mask}
+
+
+# ---- issue 21's cache and export cases (also run in subprocesses) ----
+def tiny_cache(teacher_dir: Path, root: Path, sentences: int = 40):
+    """A TeacherCache of the tiny teacher over a few tokenised sentences."""
+    from models import load_teacher, weights_hash
+    from utils.storage.features import TeacherCache
+
+    teacher, tok = load_teacher(teacher_dir)
+    ids = [tok(s)["input_ids"] for s in make_sentences(sentences, seed=5)]
+    return TeacherCache(root, teacher, teacher_hash=weights_hash(teacher), token_ids=ids,
+                        tokenizer_name=str(teacher_dir), seq_len=40)
+
+
+def compact_student(teacher_dir: Path):
+    """The tiny teacher with 2 of the 4 heads in layer 0: a CompactBERT export."""
+    from models import load_teacher
+    from models.compress import clone_model, compose, compress_attention
+
+    teacher, tok = load_teacher(teacher_dir)
+    blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, 2, 8)[0]}
+    return clone_model(compose(teacher, blocks=blocks)).eval(), tok

@@ -6,7 +6,9 @@ neither ``models`` nor ``utils`` can be imported there: only transformers and th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ import torch
 
 from helpers import SENTENCE, load_elsewhere, make_hf_teacher, model_inputs, perturb
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher
-from models.compress import clone_model, compose, compress_attention, init_merged_layer
+from models.compress import clone_model, compose, compress_attention, init_attention, init_merged_layer
 from models.export import ExportError, check_writable_target, export_pretrained
+
 
 def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     """Teacher: 3 layers, hidden 32, 8 heads of 4, ffn 64."""
@@ -79,7 +82,9 @@ def test_export_loads_elsewhere_with_same_outputs(exported, name):
     else:
         assert case["remote"] and report["class"].startswith("CompactBert")
         config = json.loads((Path(case["dir"]) / "config.json").read_text())
-        assert config["model_type"] == "compact_bert" and "AutoModel" in config["auto_map"]
+        # a plain BertConfig (the tokenizer loads without remote code); plain BERT classes refuse these shapes
+        assert config["model_type"] == "bert" and "AutoModel" in config["auto_map"]
+        assert "AutoConfig" not in config["auto_map"]
         assert [(p["num_heads"], p["head_dim"], p["intermediate_size"]) for p in config["layer_plan"]] == [
             (s.num_heads, s.head_dim, s.intermediate_size) for s in model.config.layers]
     if model.has_mlm_head:  # the fill-mask pipeline ranks tokens as our logits do
@@ -126,3 +131,92 @@ def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_c
     assert run_main(finetune_merged.main, finetune_merged.build_parser(), argv) == 1
     assert "--export-hf folder" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
+# ---- decoders -----------------------------------------------------------------------------------------------------
+DECODER_LOADER = r'''
+import importlib.util, json, sys
+import torch
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
+from transformers import AutoModelForCausalLM
+cases = json.loads(sys.argv[1])
+report = {}
+for name, c in cases.items():
+    x = torch.load(c["inputs"])
+    m = AutoModelForCausalLM.from_pretrained(c["dir"], trust_remote_code=c["remote"]).eval()
+    with torch.no_grad():
+        logits = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        gen = m.generate(x["prompt"], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch.save({"logits": logits, "generated": gen}, c["out"])
+    report[name] = {"class": type(m).__name__}
+print("REPORT " + json.dumps(report))
+'''
+
+
+def _decoder_students(teacher) -> dict:
+    """Teacher: 4 layers, hidden 48, 6 query heads over 2 KV heads of 8, SwiGLU 64."""
+    cfg, t = teacher.config, teacher.layers
+    heads = {0: init_attention(t[0].block, cfg, LayerSpec(6, 8, 64, [0], attention="gqa", num_kv_heads=1))[0],
+             2: init_attention(t[2].block, cfg, LayerSpec(4, 8, 64, [2], attention="gqa", num_kv_heads=2))[0],
+             3: init_attention(t[3].block, cfg, LayerSpec(0, 0, 64, [3], attention="linear"))[0]}
+    no_attn = LayerSpec(0, 0, 32, [1], "layer", attention="none")
+    dropped = LayerSpec(0, 0, 0, [3], "dropped", attention="none")
+    merged = LayerSpec(6, 8, 48, [1, 2], "merged", attention="gqa", num_kv_heads=2)
+    return {
+        "heterogeneous": compose(teacher, blocks=heads, layers={1: (init_merged_layer(cfg, no_attn, t[1], t[1],
+                                                                                      "first")[0], no_attn)}),
+        "merged_and_dropped": compose(teacher, merges={1: (init_merged_layer(cfg, merged, t[1], t[2], "first")[0],
+                                                           merged)},
+                                      layers={3: (init_merged_layer(cfg, dropped, t[3], t[3], "first")[0], dropped)}),
+        "teacher_shape": clone_model(teacher),
+    }
+
+
+@pytest.fixture(scope="module")
+def decoder_exported(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("decoder_export")
+    teacher, tok = load_teacher(tiny_llama)
+    students = {k: clone_model(m).eval() for k, m in _decoder_students(teacher).items()}
+    ids, mask = model_inputs(teacher.config.vocab_size).values()
+    x = {"ids": ids, "mask": mask, "prompt": ids[:2, :5]}
+    torch.save(x, tmp / "inputs.pt")
+    cases, kinds = {}, {}
+    for name, m in students.items():
+        folder, kinds[name] = export_pretrained(m, tmp / name, tok)
+        cases[name] = {"dir": str(folder), "inputs": str(tmp / "inputs.pt"), "out": str(tmp / f"{name}.pt"),
+                       "remote": "Compact" in kinds[name]}
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", DECODER_LOADER, json.dumps(cases)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("REPORT "))
+    return {"students": students, "x": x, "cases": cases, "kinds": kinds,
+            "report": json.loads(line[len("REPORT "):])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["heterogeneous", "merged_and_dropped", "teacher_shape"])
+def test_decoder_export_loads_elsewhere_and_generates_like_ours(decoder_exported, name):
+    model, case, x = decoder_exported["students"][name], decoder_exported["cases"][name], decoder_exported["x"]
+    theirs = torch.load(case["out"])
+    with torch.no_grad():
+        ours = model(x["ids"], x["mask"]).logits
+    real = x["mask"].bool()
+    assert (theirs["logits"] - ours)[real].abs().max() <= 1e-5
+    assert torch.equal(theirs["generated"], model.generate(x["prompt"], 10))  # transformers' KV cache included
+    cls = decoder_exported["report"][name]["class"]
+    assert cls == ("LlamaForCausalLM" if name == "teacher_shape" else "CompactLlamaForCausalLM")
+    assert case["remote"] == (name != "teacher_shape")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["heterogeneous", "merged_and_dropped"])
+def test_decoder_onnx_matches_ours(decoder_exported, name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from models.onnx_export import export_onnx
+
+    done = export_onnx(decoder_exported["students"][name], tmp_path / "model.onnx")
+    assert set(done) == {"encoder", "causal-LM"} and all(diff <= 1e-4 for _, diff in done.values())

@@ -125,4 +125,4 @@ def test_planner_end_to_end(tiny_teacher, tiny_corpus, tiny_map, tmp_path):
     assert res["measured_speedup"] > 0 and res["test_sentences"] == 32
     bad = argv[:argv.index("--target-params")] + ["--target-params", "1000"] + argv[argv.index("--target-params") + 2:]
     bad[bad.index("p")] = "p2"
-    assert run_main(plan_student.main, plan_student.build_parser(), bad) == 1
+    assert run_main(plan_student.main, plan_student.build_parser(), bad) == 2  # a usage error: what the map reaches

@@ -13,7 +13,7 @@ from helpers import ROOT
 PACKAGES = ("utils", "models")
 # the parts of utils/, lowest first: a module may import its own part and the parts below it, never one above
 LEVELS = [
-    ("utils.errors", "utils.runtime"),
+    ("utils.errors", "utils.runtime", "utils.stops"),
     ("utils.data",),
     ("utils.storage",),
     ("utils.session",),

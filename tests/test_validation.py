@@ -340,7 +340,7 @@ class ZeroLoss(torch.nn.Module):
 
 def test_8_running_loss_of_zero_prints_as_zero(tmp_path, caplog):
     trainer, _ = toy_trainer(tmp_path / "run", task=ZeroLoss(), epochs=1)
-    with caplog.at_level(logging.INFO, logger="utils.train"):
+    with caplog.at_level(logging.INFO, logger="utils.training.loop"):
         trainer.fit(toy_batches())
     assert "epoch 1/1  train loss 0 " in caplog.text and "train loss nan" not in caplog.text
 

@@ -29,13 +29,14 @@ from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher as _loa
 from models.compress import clone_model, compose, drop_every_second as _drop_every_second
 from . import runtime
 from . import session as _session
-from .data.masking import MLMMasker, OneMasker
+from .data.masking import OneMasker, lm_targets
 from .data.text import DataConfig
 from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
-from .planning.planner import Plan, choose_plan
-from .planning.sensitivity import encoder_inputs, option_from_dict, round_robin_ms
+from .planning.planner import Plan, budget_problem, choose_plan
+from .evaluation.speed import decoder_costs, round_robin_ms
+from .planning.sensitivity import default_options, encoder_inputs, option_from_dict, reach_map
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
@@ -267,7 +268,7 @@ def _start_blocks(s: Session, job: _BlockRun, probe: dict) -> tuple[dict[int, An
     for i, spec in job.specs.items():
         if job.dropout is not None:
             set_dropout(blocks[i], job.dropout, hidden=False)
-        t_attn = s.teacher.layers[i].attention
+        t_attn = s.teacher.layers[i].block
         log.info("block %d: %d heads x %d -> %d heads x %d%s; init %s", i, t_attn.num_heads, t_attn.head_dim,
                  spec.num_heads, spec.head_dim, spec.attention_note(), notes[i])
     return blocks, notes
@@ -289,7 +290,7 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
             cache = s.teacher_cache(train_ds, [f"{k}_{i}" for i in job.specs for k in ("in", "block")], job.cache_dir)
     task = BlockDistill(s.teacher, blocks, list(loss.loss_on), criterion=loss.criterion,
                         score_criterion=loss.scores_by(), temperature=loss.temperature, seed=job.train.seed,
-                        masker=MLMMasker(s.tokenizer, cfg.vocab_size) if list(loss.loss_on) == ["mlm"] else None,
+                        masker=lm_targets(s.tokenizer, s.teacher) if list(loss.loss_on) == ["mlm"] else None,
                         cache=cache, score_target=loss.score_target,
                         input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None,
                         relation_heads=loss.relation_heads, relation_weight=loss.relation_weight).to(s.device)
@@ -437,7 +438,7 @@ def _train_pairs(s: Session, job: _MergeRun, group: list[int], *, layers: dict, 
     (train_loader, sampler), valid_loader, setup = data
     cfg, loss = s.teacher.config, job.loss
     task = MergeDistill(s.teacher, {i: layers[i] for i in group}, loss.loss_on, criterion=loss.criterion,
-                        masker=MLMMasker(s.tokenizer, cfg.vocab_size) if loss.loss_on == "mlm" else None,
+                        masker=lm_targets(s.tokenizer, s.teacher) if loss.loss_on == "mlm" else None,
                         cache=cache, inputs_from=inputs_from, temperature=loss.temperature, seed=job.train.seed,
                         input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None).to(s.device)
     units = [Unit(f"merge_{i}", layers[i][0], job.run_dir / f"merge_{i}",
@@ -525,7 +526,7 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
     o = job.objective
-    task = ModelDistill(s.teacher, student, MLMMasker(s.tokenizer, s.teacher.config.vocab_size),
+    task = ModelDistill(s.teacher, student, lm_targets(s.tokenizer, s.teacher),
                         kl_weight=o.kl_weight, mlm_weight=o.mlm_weight, hidden_weight=o.hidden_weight,
                         hidden_criterion=o.hidden_criterion, temperature=o.temperature, seed=job.train.seed,
                         relation_weight=o.relation_weight, relation_heads=o.relation_heads).to(s.device)
@@ -587,10 +588,14 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
     judge = judge_tok = None
     if evaluation.judge:
         judge, judge_tok = _load_model_and_tokenizer(evaluation.judge, s.device)
-    loader, _ = s.loader(s.sentences(evaluation.split), shuffle=False)
+    ds = s.sentences(evaluation.split)
+    loader, _ = s.loader(ds, shuffle=False)
     res: EvalResult = compare_models(s.teacher, student.to(s.device).eval(), loader, tokenizer=s.tokenizer,
                                      device=s.device, judge=judge, judge_tokenizer=judge_tok,
                                      max_batches=evaluation.max_batches)
+    if s.teacher.TASK == "causal":  # a decoder's cost is also its KV cache and its prefill / decode speed
+        res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
+        extra = {"windows": ds.describe(), **extra}
     if runtime.is_main_process():
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
@@ -627,7 +632,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     with claim_units([run], "planned student"):
         s = _prepare(session)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
-        smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec)
+        smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec,
+                                target=(target_speedup, target_params))
         plan = choose_plan(smap, target_speedup, target_params, cost=cost)
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
@@ -646,14 +652,33 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
 
 
 def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig, train: TrainConfig, out: Path,
-              record: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
-    """The map to plan from: the one given (made for this teacher, unless ``train.force``), or one built now."""
+              record: dict[str, Any], target: tuple[float | None, int | None]) -> tuple[dict[str, Any], Path | None]:
+    """The map to plan from: the one given (made for this teacher, unless ``train.force``), or one built now; either
+    way, a ``target`` it cannot reach is refused first (before a map is built: its options as untrained units)."""
     if given is None:
+        _check_reach(s, None, config=config, target=target)  # before minutes of training for an unreachable target
         return make_map(s, config, train=train, out=out, record=record), out
     smap = given if isinstance(given, dict) else read_map(given)
     if smap.get("teacher_hash") != s.teacher_hash and not train.force:
         raise CheckpointError(f"`map` was made for another teacher ({smap.get('teacher')}); pass `force` to use it")
+    _check_reach(s, smap, config=config, target=target)
     return smap, None
+
+
+def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig,
+                 target: tuple[float | None, int | None]) -> None:
+    """Refuse a target the map (or, before it is built, the options it would map, made untrained and timed alone)
+    cannot reach, saying what they reach (SettingError)."""
+    speedup, params = target
+    if smap is None:
+        n = len(s.teacher.layers)
+        options = default_options(s.teacher.config, config.heads_set, config.options)
+        smap = reach_map(s.teacher, options, [i for i in (config.layers or range(n)) if i < n],
+                         latency_reps=config.latency_reps if speedup else 0, latency_batch=config.latency_batch,
+                         latency_seq=s.data.seq_len)
+    problem = budget_problem(smap, speedup, params)
+    if problem:
+        raise SettingError(problem)
 
 
 def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,

@@ -5,6 +5,11 @@ their metadata (the command of ``utils.cli.commands``; from Python: ``utils.api.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m utils.assemble: stop handlers before the imports below, as in the scripts
+    from utils.stops import install_stop_handlers
+
+    install_stop_handlers()
+
 import sys
 
 from .cli.commands import assemble_main as main

@@ -10,7 +10,7 @@ import torch
 
 from models import BertForMaskedLM, ModelConfig, load_teacher, weights_hash
 from . import runtime
-from .data.batches import TokenizedSentences, make_loader, token_ids_hash
+from .data.batches import TokenizedSentences, TokenWindows, make_loader, token_ids_hash, tokenize_split
 from .data.text import DataConfig, DataError, load_sentences
 from .errors import SettingError
 from .storage.features import TeacherCache
@@ -38,16 +38,21 @@ class Session:
     teacher_hash: str
     data: DataConfig
 
-    def sentences(self, split: str) -> TokenizedSentences:
-        """The tokenised ``split`` (its leading ``data.fraction``), each sentence with its seeded evaluation mask."""
+    def sentences(self, split: str) -> TokenizedSentences | TokenWindows:
+        """The ``split`` (its leading ``data.fraction``) as the teacher's task reads it: sentences with a seeded
+        evaluation mask each (masked LM), or token windows (causal LM)."""
         d = self.data
-        ds = TokenizedSentences(load_sentences(d, split, d.fraction), self.tokenizer, d.seq_len, mask_seed=d.seed)
-        log.info("%s: %d sentences (%d truncated to `seq_len` %d, %d without a maskable token skipped)", split,
-                 len(ds), ds.truncated, d.seq_len, ds.skipped)
+        ds = tokenize_split(load_sentences(d, split, d.fraction), self.tokenizer, d.seq_len, task=self.teacher.TASK,
+                            mask_seed=d.seed)
+        if isinstance(ds, TokenWindows):
+            log.info("%s: %s", split, ds.describe())
+        else:
+            log.info("%s: %d sentences (%d truncated to `seq_len` %d, %d without a maskable token skipped)", split,
+                     len(ds), ds.truncated, d.seq_len, ds.skipped)
         return ds
 
     def first_sentences(self, split: str, limit: int | None) -> TokenizedSentences:
-        """The first ``limit`` sentences of a split (all with None), tokenised as ``sentences`` does."""
+        """The first ``limit`` sentences of a split (all with None), tokenised with their evaluation masks."""
         sents = load_sentences(self.data, split)
         if limit:
             sents = sents[:limit]
@@ -103,8 +108,8 @@ def start(cfg: SessionConfig) -> Session:
     runtime.init_distributed(device)
     runtime.seed_everything(cfg.data.seed)
     teacher, tok = load_teacher(cfg.teacher, device)
-    log.info("teacher %s: %d layers, hidden %d, %d heads of %d, %s MLM head, %.1fM parameters", cfg.teacher,
-             len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
+    log.info("teacher %s: %s, %d layers, hidden %d, %d heads of %d, %s LM head, %.1fM parameters", cfg.teacher,
+             teacher.config.family, len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
              teacher.config.head_dim, "with" if teacher.has_mlm_head else "WITHOUT", teacher.num_parameters() / 1e6)
     return Session(str(cfg.teacher), device, teacher, tok, weights_hash(teacher), cfg.data)
 
@@ -118,7 +123,9 @@ def teacher_config(name_or_path: str):
 
 def model_config(name_or_path: str) -> ModelConfig:
     """The teacher's per-layer plan, read from its config alone (no weights)."""
-    return ModelConfig.from_hf(teacher_config(name_or_path), has_mlm_head=False)
+    from models.hf import config_from_hf
+
+    return config_from_hf(teacher_config(name_or_path), has_lm_head=False)
 
 
 def check_teacher(name_or_path: str, seq_len: int, what: str = "teacher") -> None:

@@ -3,8 +3,8 @@ on (the flags named in place of the library's field names).
 
 Exit codes: 0 success (the last line says where the results are), 1 an expected error (one line ``error: ...``; a bug
 shows its traceback and asks for a report), 2 a bad argument or settings that do not fit together or this teacher
-(argparse's usage and one line, raised as argparse's SystemExit), 143 stopped by SIGTERM or SIGUSR1 (after saving a
-resume point when training), 130 interrupted (Ctrl-C).
+(argparse's usage and one line), 143 stopped by SIGTERM or SIGUSR1 (after saving a resume point when training), 130
+interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import logging
 import re
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,17 +22,21 @@ from typing import Callable, Iterator
 import torch
 
 from models import NoMLMHeadError, TeacherError
-from .. import runtime
+from models.export import ExportError
+from .. import runtime, stops
 from ..data.text import DataError
 from ..errors import SettingError
+from ..planning.planner import PlanError
+from ..stops import Stopped
 from ..storage.checkpoint import CheckpointError, OutputError, write_failure
 from ..storage.lock import UnitBusy
-from ..training.loop import STOP_SIGNALS, Stopped, TrainingDiverged
+from ..training.loop import TrainingDiverged
 
 # What a user can cause: the project's own exceptions, raised with a message wherever a user mistake is possible,
 # plus missing files and the operating system refusing a write. Anything else is a bug: traceback + a request to
 # report it. (SettingError is mapped to exit code 2 separately.)
-PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy)
+PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy,
+                  PlanError, ExportError)
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENAMETOOLONG)
 EXPECTED_ERRORS = PROJECT_ERRORS + OS_ERRORS
@@ -51,6 +54,7 @@ FLAGS = {
     "kl_weight": "--kl-weight", "mlm_weight": "--mlm-weight", "hidden_weight": "--hidden-weight",
     "hf_dir": "--export-hf", "onnx_file": "--export-onnx", "map": "--map", "layers": "--layers",
     "target_speedup": "--target-speedup", "target_params": "--target-params", "cost": "--cost",
+    "options": "--options", "heads_set": "--heads-set",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
@@ -62,10 +66,11 @@ def flag_names(text: str) -> str:
 
 @contextlib.contextmanager
 def flags_in_errors() -> Iterator[None]:
-    """Exceptions leaving the block name flags where the library named fields (message and traceback alike)."""
+    """Exceptions (and stops) leaving the block name flags where the library named fields (message and traceback
+    alike)."""
     try:
         yield
-    except Exception as e:
+    except BaseException as e:
         if len(e.args) == 1 and isinstance(e.args[0], str):
             e.args = (flag_names(e.args[0]),)
         raise
@@ -127,39 +132,39 @@ def close_progress_bars() -> None:
     sys.stderr.flush()
 
 
-def _stop_before_training(signum, frame) -> None:
-    name = signal.Signals(signum).name
-    raise Stopped(f"stopped by {name} before training started (nothing to save yet)", STOP_SIGNALS[name])
-
-
 def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.ArgumentParser,
              argv: list[str] | None = None) -> int:
     """Parse, run, and map failures to exit codes (see the module's docstring).
 
-    The last line printed on success says where the results were written.
+    The last line printed on success says where the results were written. Signals: ``utils.stops`` (a script
+    installs its handlers first thing, and they stay until it exits; here they are installed for the call).
     """
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     ok = False
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # the loop takes these over while it trains
-        previous = {sig: signal.signal(sig, _stop_before_training) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = stops.install_stop_handlers()  # the training loop takes them over while it trains
     try:
-        with flags_in_errors():
-            where = main(args)
+        try:
+            stops.enter_main()
+            with flags_in_errors():
+                where = main(args)
+        finally:
+            stops.main_ended()
         ok = True
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return stops.leave_main(130)
     except Stopped as e:
         close_progress_bars()
         print(str(e), file=sys.stderr)
-        return e.code
+        return stops.leave_main(e.code)
     except SettingError as e:  # settings valid one by one but not together, or not for this teacher: as argparse
         close_progress_bars()
-        parser.error(" ".join(str(e).split()))  # usage, one line, exit code 2
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return stops.leave_main(2)
     except Exception as e:  # noqa: BLE001 - sorted into expected errors (one line) and bugs (traceback)
-        return _failed(e, verbose=getattr(args, "verbose", False))
+        return stops.leave_main(_failed(e, verbose=getattr(args, "verbose", False)))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -169,8 +174,8 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
                 runtime.barrier()
             torch.distributed.destroy_process_group()
     if main_process:
-        print(f"results written to {where}")
-    return 0
+        print(f"results written to {where}", flush=True)
+    return stops.leave_main(0)
 
 
 def _failed(e: Exception, verbose: bool) -> int:

@@ -22,8 +22,8 @@ def int_at_least(name: str, minimum: int) -> Callable[[str], int]:
 
 
 def criterion_arg(flag: str, *targets: str, exclude: tuple[str, ...] = (), what: str = "") -> Callable[[str], str]:
-    """argparse type: a criterion of the registry in ``utils.losses`` for ``targets`` (any spelling the seed used),
-    returned in its canonical name; ``allowed`` on the returned function lists the choices (for help texts)."""
+    """argparse type: a criterion of the registry in ``utils.training.losses`` for ``targets`` (any spelling the seed
+    used), returned in its canonical name; ``allowed`` on the returned function lists the choices (for help texts)."""
     from ..training.losses import REGISTRY, normalize_criterion
 
     allowed = tuple(n for n in dict.fromkeys(n for t in targets for n in REGISTRY[t]) if n not in exclude)

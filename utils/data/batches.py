@@ -1,5 +1,6 @@
-"""Sentences to padded batches: tokenised sentences with a seeded evaluation mask each, length-bucketed batches
-(data-parallel aware), and a hash that identifies a tokenised split.
+"""Sentences to padded batches: tokenised sentences with a seeded evaluation mask each (a masked LM's), token
+windows (a causal LM's), length-bucketed batches (data-parallel aware), and a hash that identifies a tokenised
+split.
 
 Evaluation masks exactly one token per sentence at a seeded position (never a special token), computed once in the
 data pipeline so that every model evaluated sees the same masks.
@@ -71,6 +72,61 @@ class TokenizedSentences(Dataset):
 
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
+
+
+class TokenWindows(Dataset):
+    """The text of a split as one token stream cut into windows: what a causal LM trains and is evaluated on.
+
+    The sentences are joined with newlines and tokenised without special tokens (no BOS); the stream is cut into
+    windows of ``seq_len`` tokens, one after the other (stride ``seq_len``, no overlap); a last window shorter than
+    two tokens is dropped (nothing to predict). Each window predicts its tokens 2..n from the ones before them.
+    """
+
+    def __init__(self, sentences: list[str], tokenizer, seq_len: int = 256):
+        if seq_len < 2:
+            raise DataError(f"`seq_len` must be at least 2 for a causal LM (a token and its next), got {seq_len}")
+        ids = tokenizer("\n".join(sentences), add_special_tokens=False, verbose=False)["input_ids"]
+        self.ids: list[list[int]] = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+        if self.ids and len(self.ids[-1]) < 2:
+            self.ids.pop()
+        if not self.ids:
+            raise DataError(f"the text gives {len(ids)} token(s): not one window of two tokens to predict from")
+        self.tokens, self.seq_len = len(ids), seq_len
+        self.truncated = self.skipped = 0  # as TokenizedSentences reports them: windows cut nothing away
+        self.mask_positions = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "input_ids": self.ids[i]}
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+    def describe(self) -> str:
+        return (f"{len(self.ids)} windows of {self.seq_len} tokens (stride {self.seq_len}, no BOS) from "
+                f"{self.tokens} tokens")
+
+
+def tokenize_split(sentences: list[str], tokenizer, seq_len: int, *, task: str, mask_seed: int | None = 0
+                   ) -> TokenizedSentences | TokenWindows:
+    """A split as the model's task reads it: sentences with a seeded [MASK] position (``mlm``) or token windows
+    (``causal``)."""
+    if task == "causal":
+        return TokenWindows(sentences, tokenizer, seq_len)
+    if task != "mlm":
+        raise ValueError(f"task must be 'mlm' or 'causal', got '{task}'")
+    return TokenizedSentences(sentences, tokenizer, seq_len, mask_seed=mask_seed)
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding uses: the tokenizer's pad token, else its end-of-text token, else 0 (padding is masked)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
 
 
 @dataclass
@@ -150,7 +206,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
-def make_loader(ds: TokenizedSentences, tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0,
+def make_loader(ds: TokenizedSentences | TokenWindows, tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0,
                 num_workers: int = 0, pin_memory: bool = False, num_replicas: int = 1,
                 rank: int = 0) -> tuple[torch.utils.data.DataLoader, BucketBatchSampler]:
     """DataLoader over length-bucketed batches, padded per batch; the sampler is returned for ``set_epoch``."""
@@ -158,7 +214,7 @@ def make_loader(ds: TokenizedSentences, tokenizer, batch_size: int, *, shuffle: 
 
     sampler = BucketBatchSampler(ds.lengths(), batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas,
                                  rank=rank)
-    collate = Collator(tokenizer.pad_token_id, tokenizer.mask_token_id)
+    collate = Collator(pad_id(tokenizer), getattr(tokenizer, "mask_token_id", None))
     # a generator of its own: creating an iterator must not draw from the global RNG (that would shift dropout and
     # masking, so that runs with and without workers, or resumed ones, would differ)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,

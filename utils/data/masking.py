@@ -1,4 +1,5 @@
-"""Training-time masking: BERT's 15% (80/10/10) for masked-LM objectives, and the seed's one [MASK] per sentence."""
+"""Training-time targets: BERT's 15% masking (80/10/10) for masked-LM objectives, every next token for a causal
+LM, and the seed's one [MASK] per sentence."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -67,3 +68,21 @@ class OneMasker:
     def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         g = generator if generator is not None else torch.default_generator
         return mask_one_token(ids, att, special_ids=self.special, mask_token_id=self.mask_id, generator=g)
+
+
+class NextTokenLabels:
+    """A causal LM's targets, in a masker's place: the ids unchanged and, at every real token that has a real next
+    token, that next token as its label (-100 elsewhere). Draws nothing."""
+
+    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
+        labels = torch.full_like(ids, -100)
+        has_next = att[:, 1:].bool() & att[:, :-1].bool()
+        labels[:, :-1] = torch.where(has_next, ids[:, 1:], labels[:, :-1])
+        return ids, labels
+
+
+def lm_targets(tokenizer, model) -> "MLMMasker | NextTokenLabels":
+    """What the LM losses and metrics compare at: BERT-masked positions (masked LM) or every next token (causal)."""
+    if model.TASK == "causal":
+        return NextTokenLabels()
+    return MLMMasker(tokenizer, model.config.vocab_size)

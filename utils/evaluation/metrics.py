@@ -1,7 +1,9 @@
-"""Teacher vs student on the one-mask-per-sentence protocol: the metrics and the comparison that sums them.
+"""Teacher vs student on the test split: the metrics and the comparison that sums them.
 
-Every model sees the same masked sentences (positions fixed by the dataset's seed). Counts are summed, then divided
-once, so results are exact under data parallelism too (counts are all-reduced before dividing).
+A masked LM is compared on one [MASK] per sentence (every model sees the same masked sentences: positions fixed by
+the dataset's seed); a causal LM on every next token of the split's token windows (perplexity, next-token accuracy,
+agreement, KL per token), and on its prefill and decode speed. Counts are summed, then divided once, so results are
+exact under data parallelism too (counts are all-reduced before dividing).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from models.base import SwappableModel
 from models.bert import BertForMaskedLM
 from models.hf import TeacherError
 from .. import runtime
@@ -176,6 +179,23 @@ class KLDivergence(PerSentence):
         return {"kl_teacher_student": kl.item()}
 
 
+class Perplexity(PerSentence):
+    """A causal LM's perplexity: exp of the mean negative log-likelihood of every predicted next token."""
+
+    def __init__(self):
+        super().__init__("teacher_nll", "student_nll")
+
+    def count(self, out: BatchOutputs) -> dict[str, float]:
+        return {f"{who}_nll": F.cross_entropy(logits, out.target, reduction="sum").item()
+                for who, logits in (("teacher", out.teacher_logits), ("student", out.student_logits))}
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.counts["n"], 1)
+        nll = {who: self.counts[f"{who}_nll"] / n for who in ("teacher", "student")}
+        return {"predicted_tokens": int(self.counts["n"]), **{f"{w}_nll": v for w, v in nll.items()},
+                **{f"{w}_perplexity": math.exp(v) for w, v in nll.items()}}
+
+
 class JudgeAgreement(PerSentence):
     """The judge's top-1 accuracy; teacher's and student's top-1 within the judge's top-k."""
 
@@ -219,6 +239,8 @@ class PredictionRows:
 def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, *,
                   tokenizer, judge_tokenizer) -> list[str]:
     """Refuse a judge that cannot judge; the notes on what will not be measured."""
+    if judge is not None and teacher.TASK != "mlm":
+        raise TeacherError("a judge ranks masked-token predictions: it applies to masked-LM teachers only")
     _judge_id_map(tokenizer, judge_tokenizer)
     notes = []
     if not (teacher.has_mlm_head and student.has_mlm_head):
@@ -232,6 +254,8 @@ def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: Ber
 def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, *, mlm: bool, with_judge: bool) -> list[Metric]:
     """The metrics of one comparison, in the order of their keys in the results."""
     metrics: list[Metric] = [HiddenFidelity(), Cost(teacher, student)]
+    if mlm and teacher.TASK == "causal":
+        return metrics + [Perplexity(), TopKAccuracy(), Agreement(), KLDivergence()]
     if mlm:
         metrics += [TopKAccuracy(), Agreement(), KLDivergence()] + ([JudgeAgreement()] if with_judge else [])
     return metrics
@@ -267,6 +291,34 @@ def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertFo
     return out
 
 
+def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch, device: torch.device,
+                      warm_up: bool) -> BatchOutputs:
+    """Both models (timed, each alone: the whole window and its logits, as a prefill) on one batch of token windows;
+    every real token that has a real next token is one prediction (a row of the per-token metrics)."""
+    from ..data.masking import NextTokenLabels
+
+    ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    _, labels = NextTokenLabels()(ids, att)
+    sel = labels != -100
+
+    def run(model):
+        out = model(ids, att, with_logits=False)
+        return out.last_hidden_state, model.lm_logits(out.last_hidden_state[sel])
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if warm_up:
+        run(teacher), run(student)
+    sync(); t0 = time.perf_counter()
+    th, tl = run(teacher)
+    sync(); t1 = time.perf_counter()
+    sh, sl = run(student)
+    sync(); t2 = time.perf_counter()
+    out = BatchOutputs(batch, att.bool(), labels[sel], th.float(), sh.float(), t1 - t0, t2 - t1, tl.float(), sl.float())
+    out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
+    out.student_top = out.student_logits.topk(max(TOPK), -1).indices
+    return out
+
+
 def _all_reduce_counts(metrics: list[Metric], device: torch.device) -> None:
     """Every metric's counts summed over ranks, in one all-reduce (float64: exact for counts)."""
     keys = [(m, k) for m in metrics for k in m.counts]
@@ -279,7 +331,8 @@ def _all_reduce_counts(metrics: list[Metric], device: torch.device) -> None:
 def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *, tokenizer, device: torch.device,
                    judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,
                    max_batches: int | None = None) -> EvalResult:
-    """Masked-token accuracy (top-1/5/10), agreement, KL(teacher||student), hidden-state cosine, latency, params."""
+    """Masked-token accuracy (top-1/5/10), agreement, KL(teacher||student), hidden-state cosine, latency, params; for a
+    causal LM the same per predicted next token, and both perplexities."""
     notes = _check_models(teacher, student, judge, tokenizer=tokenizer, judge_tokenizer=judge_tokenizer)
     mlm = teacher.has_mlm_head and student.has_mlm_head
     for model in (teacher, student, judge):
@@ -287,11 +340,13 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *
             model.eval()
     metrics = make_metrics(teacher, student, mlm=mlm, with_judge=judge is not None)
     rows = PredictionRows(tokenizer) if keep_rows else None
+    causal = teacher.TASK == "causal"
     for bi, batch in enumerate(itertools.islice(loader, max_batches)):
-        out = _run_batch(teacher, student, judge, batch=batch, device=device, mlm=mlm, warm_up=bi == 0)
+        out = (_run_causal_batch(teacher, student, batch=batch, device=device, warm_up=bi == 0) if causal else
+               _run_batch(teacher, student, judge, batch=batch, device=device, mlm=mlm, warm_up=bi == 0))
         for metric in metrics:
             metric.update(out)
-        if rows is not None and mlm:
+        if rows is not None and mlm and not causal:
             rows.update(out)
     _all_reduce_counts(metrics, device)
     result = {k: v for metric in metrics for k, v in metric.result().items()}

@@ -16,21 +16,31 @@ def format_table(m: dict[str, Any]) -> str:
     def f(v):
         return f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
 
+    causal = "teacher_perplexity" in m
+    if causal:
+        lines.append(f"| perplexity | {m['teacher_perplexity']:.3f} | {m['student_perplexity']:.3f} |")
     for k in TOPK:
         if f"teacher_top{k}" in m:
-            lines.append(f"| top-{k} accuracy | {f(m[f'teacher_top{k}'])} | {f(m[f'student_top{k}'])} |")
+            what = "next-token top-" if causal else "top-"
+            lines.append(f"| {what}{k} accuracy | {f(m[f'teacher_top{k}'])} | {f(m[f'student_top{k}'])} |")
     for k in TOPK:
         if f"teacher_in_judge_top{k}" in m:
             lines.append(f"| top-1 in judge top-{k} | {f(m[f'teacher_in_judge_top{k}'])} | "
                          f"{f(m[f'student_in_judge_top{k}'])} |")
     lines.append(f"| parameters | {f(m['teacher_params'])} | {f(m['student_params'])} |")
+    for key, label in (("kv_cache_bytes_per_token", "KV-cache bytes / token (fp16)"),
+                       ("prefill_tokens_per_s", "prefill tokens / s"), ("decode_tokens_per_s", "decode tokens / s")):
+        if f"teacher_{key}" in m:
+            lines.append(f"| {label} | {m[f'teacher_{key}']:,.0f} | {m[f'student_{key}']:,.0f} |")
     lines.append(f"| latency ms / batch | {m['teacher_latency_ms_per_batch']:.2f} | "
                  f"{m['student_latency_ms_per_batch']:.2f} |")
     single = [("agreement (student top-1 = teacher top-1)", "agreement_top1"),
-              ("KL(teacher ‖ student) at the mask", "kl_teacher_student"),  # '|' would split the table cell
+              ("KL(teacher ‖ student) at the mask" if not causal else "KL(teacher ‖ student) per token",
+               "kl_teacher_student"),  # '|' would split the table cell
               ("final hidden-state cosine", "hidden_cosine"), ("final hidden-state MSE", "hidden_mse"),
               ("judge top-1 accuracy", "judge_top1"), ("parameter ratio", "param_ratio"), ("speed-up", "speedup"),
-              ("sentences", "sentences")]
+              ("prefill speed-up", "prefill_speedup"), ("decode speed-up", "decode_speedup"),
+              ("predicted tokens" if causal else "sentences", "predicted_tokens" if causal else "sentences")]
     for label, key in single:
         if key in m:
             lines.append(f"| {label} | {f(m[key])} | |")

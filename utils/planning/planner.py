@@ -9,6 +9,10 @@ from typing import Any
 COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}  # --cost -> map metric
 
 
+class PlanError(ValueError):
+    """A budget the map cannot meet, or a map that cannot be planned from; the message says what the map reaches."""
+
+
 @dataclass
 class Plan:
     choices: dict[int, str]  # first teacher layer -> option name
@@ -42,6 +46,9 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {', '.join(COSTS)}, got '{cost}'")
     metric = COSTS[cost]
+    problem = budget_problem(smap, target_speedup, target_params)
+    if problem:
+        raise PlanError(problem)
     b = _budget(smap, target_speedup, target_params)
     lines = [f"budget: {b.text}; need to save {b.needed:,.2f} {b.unit}; cost: {metric} of each unit alone in the "
              "teacher (summed over units: an approximation, units interact)"]
@@ -54,16 +61,14 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     best, pick = _knapsack(cands, n, gain_key=b.gain_key, step=step, grid_steps=grid_steps)
     if best[0][grid_steps] == math.inf:
         most = _max_saving(cands, n, b.gain_key)
-        raise ValueError(f"the budget cannot be met from this map: {b.text} needs {b.needed:,.2f} {b.unit} saved, "
-                         f"the map's options save at most {most:,.2f}; map more options (more heads settings, "
-                         "merges) or relax the target")
+        raise PlanError(f"the budget cannot be met from this map: {b.text} needs {b.needed:,.2f} {b.unit} saved, "
+                        f"the map's options save at most {most:,.2f}; map more options (more heads settings, "
+                        "merges) or relax the target")
     return _read_plan(pick, cands, budget=b, step=step, grid_steps=grid_steps, n=n, lines=lines)
 
 
 def _budget(smap: dict[str, Any], target_speedup: float | None, target_params: int | None) -> _Budget:
     if target_speedup is not None:
-        if target_speedup < 1:
-            raise ValueError(f"`target_speedup` must be >= 1, got {target_speedup}")
         total = smap["timing"]["encoder_ms"]
         return _Budget(total * (1 - 1 / target_speedup), "latency_saved_ms", "ms",
                        f"encoder latency <= {total / target_speedup:.2f} ms ({target_speedup:g}x of the teacher's "
@@ -80,7 +85,7 @@ def _candidates(smap: dict[str, Any], metric: str, *, budget: _Budget, lines: li
     cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(smap["layers"])}
     for e in smap["entries"]:
         if metric not in e:
-            raise ValueError(f"the map has no '{metric}' (a teacher without an MLM head?): use another `cost`")
+            raise PlanError(f"the map has no '{metric}' (a teacher without an MLM head?): use another `cost`")
         e = {**e, "cost": max(0.0, float(e[metric]))}
         if e[b.gain_key] > 0:
             cands[e["layer"]].append(e)
@@ -140,6 +145,39 @@ def _read_plan(pick: list[list[Any]], cands: dict[int, list[dict[str, Any]]], *,
         i += len(e["covers"])
     lines.append(f"total: cost {total_cost:.4g}, saves {saved:,.2f} of {b.needed:,.2f} {b.unit} needed")
     return Plan(choices, total_cost, saved, b.needed, b.text, lines)
+
+
+def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None
+                   ) -> str | None:
+    """Why the budget cannot be met from the options of ``smap``, saying what they reach at most; None if it can
+    (or if the map was not timed and the budget is a speed-up). Works on a map of untrained units too
+    (``reach_map``), so a budget can be refused before any unit is trained."""
+    n = smap["layers"]
+    if target_speedup is not None:
+        if not target_speedup >= 1:
+            return f"`target_speedup` must be >= 1 (1 is the teacher itself), got {target_speedup:g}"
+        if "timing" not in smap:
+            return None
+        total, key = smap["timing"]["encoder_ms"], "latency_saved_ms"
+    else:
+        total, key = smap["teacher_params"], "params_saved"
+    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
+    for e in smap["entries"]:
+        if e.get(key, 0) > 0:
+            cands[e["layer"]].append(e)
+    most = _max_saving(cands, n, key)
+    if target_speedup is not None:
+        if total * (1 - 1 / target_speedup) <= most:
+            return None
+        reach = total / (total - most) if most < total else math.inf
+        return (f"`target_speedup` {target_speedup:g} cannot be met: the map's options reach at most {reach:.2f}x "
+                f"(encoder {total:.2f} ms, at most {most:.2f} ms saved, timings on {smap.get('device', 'this device')}"
+                "); ask for less, or map more options (`options`, `heads_set`)")
+    if total - target_params <= most:
+        return None
+    return (f"`target_params` {target_params:,} cannot be met: the map's options remove at most {most:,.0f} of the "
+            f"teacher's {total:,} parameters (the smallest student has {total - most:,.0f}); ask for more, or map "
+            "more options (`options`, `heads_set`)")
 
 
 def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> float:

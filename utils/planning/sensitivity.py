@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +26,13 @@ from models.bert import BertForMaskedLM
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from ..evaluation.metrics import compare_models
+from ..evaluation.speed import round_robin_ms
 from ..storage.checkpoint import load_checkpoint, load_into
 from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from ..training.units import head_rankings, unit_meta, unit_spec
+from .planner import COSTS, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Built:
 
 def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     """Teacher-initialised units (importance-ranked heads on the probe batch, SVD head_dim, top FFN neurons), built
-    by ``utils.units`` exactly as the training scripts build theirs."""
+    by ``utils.training.units`` exactly as the training scripts build theirs."""
     t, cfg = ctx.teacher, ctx.teacher.config
     specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
@@ -164,7 +165,7 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     for i, opt in sorted(choices.items()):
         spec = specs[i]
         if opt.kind == "block":
-            mod, note = init_attention(t.layers[i].attention, cfg, spec, "teacher", importance.get(i))
+            mod, note = init_attention(t.layers[i].block, cfg, spec, "teacher", importance.get(i))
         else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
             second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
             mod, note = init_merged_layer(cfg, spec, t.layers[i], second, "first", importance.get(i))
@@ -226,27 +227,10 @@ def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForM
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing
-@torch.no_grad()
-def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f(), f()  # warm-up
-    for _ in range(reps):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
     new = copy.copy(layer)
     new._modules = dict(layer._modules)
-    new.attention = attention
+    new.set_block(attention)
     return new
 
 
@@ -283,7 +267,7 @@ def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
     """Parameters the unit removes from the model (teacher modules it replaces minus its own)."""
     own = sum(p.numel() for p in b.module.parameters())
     if b.option.kind == "block":
-        old = sum(p.numel() for p in teacher.layers[b.layer].attention.parameters())
+        old = sum(p.numel() for p in teacher.layers[b.layer].block.parameters())
     else:
         old = sum(p.numel() for i in b.option.covers(b.layer) for p in teacher.layers[i].parameters())
     return old - own
@@ -415,3 +399,107 @@ def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["md"].write_text(map_markdown(smap) + "\n")
     plot_map(smap, paths["png"])
     return paths
+
+
+def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first field of a map that the planner cannot use, or None."""
+    from ..storage.checkpoint import _int, _is, _num
+
+    if not isinstance(smap, dict):
+        return ("(the whole file)", "a JSON object written by sensitivity_map.py", smap)
+    top = {"layers": _int(1), "teacher": _is(str, "a string"), "teacher_hash": _is(str, "a non-empty string", True),
+           "teacher_params": _int(1), "timing": _is(dict, "an object"), "options": _is(list, "a non-empty list", True),
+           "entries": _is(list, "a list")}
+    for key, check in top.items():
+        if key not in smap:
+            return (key, "present", "nothing")
+        if (want := check(smap[key])) is not None:
+            return (key, want, smap[key])
+    if (want := _num(0, lo_open=True)(smap["timing"].get("encoder_ms"))) is not None:
+        return ("timing.encoder_ms", want, smap["timing"].get("encoder_ms"))
+    n, options = smap["layers"], {}
+    for i, o in enumerate(smap["options"]):
+        name = f"options[{i}]"
+        if not isinstance(o, dict):
+            return (name, "an object", o)
+        fields = {"name": _is(str, "a non-empty string", True), "kind": lambda v: None if v in KINDS else
+                  f"one of {', '.join(KINDS)}", "num_heads": _int(1), "head_dim": _int(1), "ffn": _int(1)}
+        for key, check in fields.items():
+            if (want := check(o.get(key))) is not None:
+                return (f"{name}.{key}", want, o.get(key))
+        if o["name"] in options:
+            return (f"{name}.name", "a name no other option has", o["name"])
+        options[o["name"]] = option_from_dict(o)
+    for k, e in enumerate(smap["entries"]):
+        name = f"entries[{k}]"
+        if not isinstance(e, dict):
+            return (name, "an object", e)
+        layer = e.get("layer")
+        if _int(0)(layer) is not None or layer >= n:
+            return (f"{name}.layer", f"a layer index in [0, {n})", layer)
+        opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
+        if opt is None:
+            return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
+        if e.get("kind") != opt.kind:
+            return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
+        if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
+            return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
+                    e.get("covers"))
+        if _int(-2 ** 62)(e.get("params_saved")) is not None:
+            return (f"{name}.params_saved", "an integer", e.get("params_saved"))
+        numbers = ("latency_saved_ms", *(m for m in COSTS.values() if m in e))
+        for key in numbers:
+            if (want := _num(-math.inf)(e.get(key))) is not None:
+                return (f"{name}.{key}", "a finite number", e.get(key))
+    return None
+
+
+def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
+    """Check a map read from a file against the fields the planner uses (types, ranges, options and layers that
+    exist, what each entry covers); PlanError naming the file, the first bad field, what was expected and found."""
+    from ..storage.checkpoint import _show
+
+    problem = _map_problem(smap)
+    if problem:
+        key, want, got = problem
+        raise PlanError(f"'{where}' is not a sensitivity map the planner can use: field '{key}' must be {want}, "
+                        f"found {_show(got)}")
+    return smap
+
+
+def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], *, latency_reps: int = 0,
+              latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
+    """The parameter savings of every (layer, option) of a map and, with ``latency_reps``, its latency savings, from
+    untrained units (random weights: the same shapes, sizes and speed as trained ones), without training or
+    evaluating anything: what ``budget_problem`` needs to refuse a budget before a map is built. The teacher's
+    layers share one shape, so each option's unit is made and timed once, at its first layer."""
+    cfg, n = teacher.config, len(teacher.layers)
+    device = next(teacher.parameters()).device
+    units = []
+    for opt in options:
+        first = next((i for i in layers if opt.applies(i, n)), None)
+        if first is None:
+            continue
+        spec = unit_spec(cfg, opt.covers(first), SPEC_KIND[opt.kind],
+                         intermediate_size=None if opt.kind == "block" else opt.ffn, num_heads=opt.num_heads,
+                         head_dim=opt.head_dim)
+        if opt.kind == "block":
+            mod, _ = init_attention(teacher.layers[first].block, cfg, spec, "random")
+        else:
+            mod, _ = init_merged_layer(cfg, spec, teacher.layers[first], teacher.layers[first], "random")
+        units.append(Built(first, opt, mod.to(device).eval(), spec, "random"))
+    smap: dict[str, Any] = {"layers": n, "teacher_params": teacher.num_parameters(), "entries": [],
+                            "device": str(device)}
+    timing = (time_units(teacher, units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
+              if latency_reps else None)
+    for b in units:
+        for i in (i for i in layers if b.option.applies(i, n)):
+            e = {"layer": i, "option": b.option.name, "covers": b.option.covers(i),
+                 "params_saved": replaced_params(teacher, Built(i, b.option, b.module, b.spec, b.note))}
+            if timing:
+                e["latency_saved_ms"] = (sum(timing["layer_ms"][j] for j in e["covers"])
+                                         - timing["unit_ms"][f"{b.layer}/{b.option.name}"])
+            smap["entries"].append(e)
+    if timing:
+        smap["timing"] = timing
+    return smap

@@ -11,13 +11,14 @@ from typing import Any
 
 from models import BertForMaskedLM
 from models.compress import clone_model
-from ..data.masking import MLMMasker
+from ..data.masking import lm_targets
 from ..session import Session
 from ..training.loop import Trainer, TrainConfig, Unit
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
+from .planner import PlanError
 from .sensitivity import (OPTION_KINDS, AliasedCache, Context, Option, build_map, build_units, cache_names,
-                          compose_units, default_options, train_units, write_map)
+                          compose_units, default_options, train_units, validate_map, write_map)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -109,7 +110,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     if not (train and finetune.epochs > 0 and units):
         save_model(student, run / "model" / "best", meta)
         return student, units
-    masker = MLMMasker(s.tokenizer, teacher.config.vocab_size) if teacher.has_mlm_head else None
+    masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
     task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
                         hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
                         relation_weight=finetune.relation_weight).to(s.device)
@@ -123,10 +124,15 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
 
 
 def read_map(path: str | Path) -> dict:
-    """A map written by ``make_map``: its sensitivity.json, or the folder holding it."""
+    """A map written by ``make_map`` (its sensitivity.json, or the folder holding it), checked against its schema
+    (PlanError naming the file and field)."""
     p = Path(path)
     p = p / "sensitivity.json" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"`map`: no sensitivity map at '{p}' (run sensitivity_map.py first, or leave `map` "
                                 "out)")
-    return json.loads(p.read_text())
+    try:
+        smap = json.loads(p.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"'{p}' is not a sensitivity map: not valid JSON ({' '.join(str(e).split())[:100]})") from None
+    return validate_map(smap, p)

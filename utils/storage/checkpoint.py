@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from models.staging import writer_gone as _writer_gone  # the one rule for temporaries of dead writers
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -158,25 +160,19 @@ def _swap_in(tmp: Path, final: Path, prev: Path, *, keep_previous: bool) -> None
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _writer_gone(tag: str, path: Path, max_age: float = 86400.0) -> bool:
-    """Whether the writer named by a ``host.pid.random`` tag is gone: a dead pid on this host, or a day-old file."""
-    host, _, rest = tag.rpartition(".")[0].rpartition(".")
-    try:
-        if host == socket.gethostname():
-            os.kill(int(rest), 0)
-            return False
-        return time.time() - path.stat().st_mtime > max_age
-    except ProcessLookupError:
-        return True
-    except (ValueError, OSError):
-        return False
-
-
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _mtime(path: Path) -> float:
+    """Modification time, or -inf for an entry removed since it was listed (a save cleaning up beside a reader)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -math.inf
 
 
 def resolve_dir(directory: str | os.PathLike) -> Path:
@@ -185,11 +181,13 @@ def resolve_dir(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if (directory / META).is_file():
         return directory
-    prevs = sorted(directory.parent.glob(f"{directory.name}.prev*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    prevs = sorted(directory.parent.glob(f"{directory.name}.prev*"), key=_mtime, reverse=True)
     for prev in prevs:
         if (prev / META).is_file():
             log.warning("checkpoint '%s' was being replaced when a save was interrupted; using '%s'", directory, prev)
             return prev
+    if (directory / META).is_file():  # the save that was under way has finished meanwhile
+        return directory
     if directory.is_file():
         raise CheckpointError(f"'{directory}' is a file; a checkpoint is a folder with {WEIGHTS} and {META}")
     raise CheckpointError(f"no checkpoint at '{directory}': {META} not found")
@@ -274,10 +272,10 @@ COMMON_FIELDS: dict[str, Callable[[Any], str | None]] = {
 KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "block": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "hidden_size": _POS,
               "teacher_heads": _POS, "teacher_head_dim": _POS, "spec": lambda v: _spec(v)},
-    "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS,
+    "merged_layer": {"layers": _pair, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _NONNEG,
                      "hidden_size": _POS, "conditioned": _BOOL, "spec": lambda v: _spec(v)},
     "model": {"config": _DICT, "sources": _str_list},
-    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "hidden_size": _POS,
+    "layer": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "intermediate_size": _NONNEG, "hidden_size": _POS,
               "spec": lambda v: _spec(v)},
     "resume": {"unit": _TEXT, "unit_meta": _DICT, "setup": _DICT, "run_id": _TEXT, "position": _position},
 }
@@ -294,14 +292,14 @@ _PRESENT, _MISSING = "present", object()
 
 def _plan_problems(spec: dict[str, Any], name: str) -> list[tuple[str, str, Any]]:
     """(field, expected, found) for one layer plan: a ``models.config.LayerSpec`` as ``to_dict`` writes it."""
-    from models.bert import SELF_ATTENTION
+    from models import kinds
     from models.config import LayerSpec
 
     checks: dict[str, Callable[[Any], str | None]] = {
-        "num_heads": _POS, "head_dim": _POS, "intermediate_size": _POS, "kind": _one_of(LAYER_KINDS),
+        "num_heads": _NONNEG, "head_dim": _NONNEG, "intermediate_size": _NONNEG, "kind": _one_of(LAYER_KINDS),
         "origin": lambda v: None if isinstance(v, list) and v and all(_NONNEG(x) is None for x in v)
         else "a non-empty list of teacher layer indices",
-        "attention": _one_of(SELF_ATTENTION),
+        "attention": _one_of(kinds.KINDS),
     }
     required = ("num_heads", "head_dim", "intermediate_size", "kind", "origin")  # older plans lack the rest
     out = [(f"{name}.{key}", "absent (not a field of a layer plan)", spec[key])
@@ -325,24 +323,50 @@ def _spec(v: Any) -> str | None:
     return None if not problems else "a valid layer plan: " + "; ".join(f"{f} {w}" for f, w, _ in problems)
 
 
-def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """(field, expected, found) for a saved ModelConfig (``config`` of a model checkpoint)."""
-    from models.bert import _ACTIVATIONS
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else (None if check(v) is None else f"{check(v)} or null")
 
-    fields: dict[str, Callable[[Any], str | None]] = {
+
+def _token_ids(v: Any) -> str | None:
+    ok = v is None or _NONNEG(v) is None or (isinstance(v, list) and all(_NONNEG(x) is None for x in v))
+    return None if ok else "a token id, a list of token ids, or null"
+
+
+def _config_checks() -> dict[str, Callable[[Any], str | None]]:
+    """field -> check for every field a family's config writes (``models.*Config``)."""
+    from models.base import ACTIVATIONS
+    from models.llama import MODEL_TYPES
+
+    eps = _num(0, lo_open=True)
+    return {
         "vocab_size": _POS, "hidden_size": _POS, "num_attention_heads": _POS, "intermediate_size": _POS,
         "num_hidden_layers": _POS, "max_position_embeddings": _POS, "type_vocab_size": _POS,
-        "layer_norm_eps": _num(0, lo_open=True), "hidden_act": _one_of(sorted(_ACTIVATIONS)), "pad_token_id": _NONNEG,
+        "layer_norm_eps": eps, "rms_norm_eps": eps, "hidden_act": _one_of(sorted(ACTIVATIONS)), "pad_token_id": _NONNEG,
         "hidden_dropout_prob": _num(0, 1), "attention_probs_dropout_prob": _num(0, 1), "has_mlm_head": _BOOL,
         "layers": lambda v: None if isinstance(v, list) and v else "a non-empty list of layer plans",
+        "num_key_value_heads": _POS, "head_dim": _optional(_POS), "rope_theta": eps, "rope_scaling": _optional(_DICT),
+        "attention_bias": _BOOL, "mlp_bias": _BOOL, "tie_word_embeddings": _BOOL, "model_type": _one_of(MODEL_TYPES),
+        "bos_token_id": _token_ids, "eos_token_id": _token_ids, "sliding_window": _optional(_POS),
     }
+
+
+def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(field, expected, found) for a saved model config (``config`` of a model checkpoint): the fields of its
+    family's config class (configs saved before families existed are BERT's)."""
+    from models.config import ModelConfig
+
+    family = cfg.get("family", "bert")
+    if family not in ModelConfig.FAMILIES:
+        return [("config.family", f"one of {', '.join(sorted(ModelConfig.FAMILIES))}", family)]
+    fields = {f.name for f in dataclasses.fields(ModelConfig.FAMILIES[family])}
+    checks = _config_checks()
     out: list[tuple[str, str, Any]] = []
-    for key in sorted(set(cfg) - set(fields)):
+    for key in sorted(set(cfg) - fields - {"family"}):
         out.append((f"config.{key}", "absent (not a field of a model config)", cfg[key]))
-    for key, check in fields.items():
+    for key in sorted(fields, key=lambda k: (k == "layers", k)):
         if key not in cfg:
             out.append((f"config.{key}", _PRESENT, _MISSING))
-        elif (want := check(cfg[key])) is not None:
+        elif (want := checks[key](cfg[key])) is not None:
             out.append((f"config.{key}", want, cfg[key]))
     if out:
         return out
@@ -355,12 +379,23 @@ def _config_problems(cfg: dict[str, Any]) -> list[tuple[str, str, Any]]:
     if cfg["num_hidden_layers"] != len(cfg["layers"]):
         out.append(("config.num_hidden_layers", f"the number of layer plans ({len(cfg['layers'])})",
                     cfg["num_hidden_layers"]))
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        out.append(("config.num_attention_heads", f"a divisor of hidden_size {cfg['hidden_size']}",
-                    cfg["num_attention_heads"]))
     if cfg["pad_token_id"] >= cfg["vocab_size"]:
         out.append(("config.pad_token_id", f"a token id below vocab_size {cfg['vocab_size']}", cfg["pad_token_id"]))
+    if not out:
+        try:  # the config's own rules: how its fields fit together
+            ModelConfig.from_dict(cfg)
+        except (TypeError, ValueError) as e:
+            out.append(("config", f"a valid model config ({e})", "its fields"))
     return out
+
+
+def _headless_zero(meta: dict[str, Any], key: str) -> bool:
+    """A unit whose spec has an attention kind without heads (``none``, ``linear``) stores 0 heads of size 0."""
+    from models import kinds
+
+    spec = meta.get("spec")
+    return (key in ("num_heads", "head_dim") and meta[key] == 0 and isinstance(spec, dict)
+            and spec.get("attention") in kinds.KINDS and not kinds.KINDS[spec["attention"]].has_heads)
 
 
 def _meta_problems(meta: dict[str, Any], prefix: str = "", unit: bool = False) -> list[tuple[str, str, Any]]:
@@ -376,7 +411,7 @@ def _meta_problems(meta: dict[str, Any], prefix: str = "", unit: bool = False) -
         if key not in meta:
             problems.append((prefix + key, _PRESENT, _MISSING))
     for key, check in fields.items():
-        if key in meta and (want := check(meta[key])) is not None:
+        if key in meta and (want := check(meta[key])) is not None and not _headless_zero(meta, key):
             problems.append((prefix + key, want, meta[key]))
     if not problems and meta["kind"] == "model":
         problems = [(prefix + k, want, got) for k, want, got in _config_problems(meta["config"])]
@@ -535,6 +570,24 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], where: str |
     module.load_state_dict(sd)
 
 
+def _checkpoint_names(root: Path, which: str) -> set[Path]:
+    """``<folder>/<which>`` for every folder below ``root`` that lists ``which``, or its ``.prev.*`` / ``.tmp.*``
+    copies (a save swapping it in: at the moment of the listing the checkpoint may go by either name). Names are
+    listed, not read: a running job's saves create and remove those folders all the time, and a folder that vanishes
+    between being listed and being entered is skipped (os.walk ignores folders it cannot list)."""
+    names = set()
+    for folder, dirs, _ in os.walk(root, followlinks=True):
+        if any(d == which or d.startswith((f"{which}.prev", f"{which}.tmp.")) for d in dirs):
+            names.add(Path(folder) / which)
+    return names
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` (or the ``.prev`` copy of a save under way) holds a checkpoint now."""
+    return (directory / META).is_file() or any(
+        (p / META).is_file() for p in directory.parent.glob(f"{directory.name}.prev*"))
+
+
 def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], which: str = "best"
                      ) -> list[tuple[Path, dict[str, Any]]]:
     """Checkpoints of the given kinds under ``roots`` (searched recursively), found by metadata, not names.
@@ -551,10 +604,10 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
         if (root / META).is_file():
             logical = [root]
         else:
-            names = {m.parent.parent / which for m in root.rglob(META)
-                     if m.parent.name == which or m.parent.name.startswith(which + ".prev")}
-            logical = sorted(names)
+            logical = sorted(_checkpoint_names(root, which))
         for d in logical:
+            if not _has_checkpoint(d):
+                continue  # a first save still under a temporary name, or a folder of that name that is no checkpoint
             meta = read_meta(d)
             if meta["kind"] in kinds:
                 found.append((d, meta))

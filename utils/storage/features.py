@@ -1,11 +1,12 @@
 """What the students learn from: teacher hidden states and block outputs, computed once per batch for all layers,
-or once per dataset into a cache on disk (fp16, packed without padding, memory-mapped).
+or once per dataset into a cache on disk (fp16, packed without padding, read memory-mapped).
 
 Names of features: ``in_{i}`` hidden state entering teacher layer i; ``block_{i}`` teacher attention block output of
 layer i (before residual + LayerNorm); ``out_{i}`` hidden state leaving layer i (== ``in_{i+1}``).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bert import BertForMaskedLM, extended_mask
+from models.bert import BertForMaskedLM
+from models.hf import layer_device
 from ..data.batches import token_ids_hash
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,67 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with the file it concerns (os.pwrite and friends report none), so the error line can name it."""
+    return OSError(e.errno, e.strerror, str(path))
+
+
+def _reserve_npy(fd: int, path: Path, *, shape: tuple[int, int], dtype: type) -> int:
+    """Write a ``.npy`` header for ``shape`` / ``dtype`` to the empty file ``fd`` and reserve the data's space on
+    disk; returns the offset of the data. A disk without room fails here (OSError ENOSPC), before any teacher pass;
+    the data are then written with ``os.pwrite`` (never through a memory map, where a full disk is a SIGBUS)."""
+    import io
+
+    from numpy.lib import format as npy
+
+    head = io.BytesIO()
+    npy.write_array_header_1_0(head, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                      "shape": shape})
+    header = head.getvalue()
+    size = len(header) + shape[0] * shape[1] * np.dtype(dtype).itemsize
+    _pwrite_all(fd, header, offset=0, path=path)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no reservation there: writes will tell
+            raise _named(e, path) from None
+        os.ftruncate(fd, size)
+    return len(header)
+
+
+def _pwrite_all(fd: int, data: bytes, *, offset: int, path: Path) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as e:
+            raise _named(e, path) from None
+        view, offset = view[n:], offset + n
+
+
+def _fsync(fd: int, path: Path) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise _named(e, path) from None
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype] | str:
+    """(shape, dtype) from a ``.npy`` file's header, nothing else read; or why it is not a readable ``.npy``."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as fh:
+            version = npy.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                return f"a .npy file of format version {version}"
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+    except (ValueError, EOFError, SyntaxError) as e:
+        return f"no readable .npy header ({' '.join(str(e).split())[:80]})"
+    return (tuple(shape), dtype) if not fortran else "a Fortran-ordered array"
 
 
 def _parse(name: str) -> tuple[str, int]:
@@ -50,7 +113,7 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         wanted.setdefault(i, set()).add(kind)
         if i > len(teacher.layers) or (kind == "block" and i >= len(teacher.layers)):
             raise IndexError(f"teacher feature '{n}' does not exist: the teacher has {len(teacher.layers)} layers")
-    mask = extended_mask(attention_mask)
+    mask = teacher.context(attention_mask)
     h = teacher.embed(input_ids)
     got: dict[str, torch.Tensor] = {}
     last = max(wanted)
@@ -61,11 +124,14 @@ def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attentio
         if i == last and "block" not in kinds:
             break
         layer = teacher.layers[i]
-        blk, _ = layer.attention.contribution(h, mask)
+        device = layer_device(layer)
+        if device is not None and device != h.device:  # a teacher spread over several devices (models.hf.dispatch)
+            h, mask = h.to(device), mask.to(device) if mask is not None else None
+        blk, _ = layer.block.contribution(h, mask)
         if "block" in kinds:
             got[f"block_{i}"] = blk
-        a = layer.attention.finish(h, blk)
-        h = layer.output(layer.intermediate(a), a)
+        a = layer.block.finish(h, blk)
+        h = layer.feed_forward(a)
     out = {}
     for n in names:
         kind, i = _parse(n)
@@ -107,6 +173,7 @@ class TeacherCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         lock, waiting = self.dir / ".lock", f"teacher cache {self.dir}: another run is building it; waiting for it"
         with file_lock(lock, waiting, shared=True):
+            self._remove_dead_temporaries()
             missing = self._check(names, report=False)
             if not missing:
                 self._map(names)
@@ -119,6 +186,17 @@ class TeacherCache:
         log.info("teacher cache %s: %s (%d tokens)%s", self.dir, ", ".join(names), self.offsets[-1],
                  f"; built {', '.join(missing)}" if missing else "; all reused")
         return self
+
+    def _remove_dead_temporaries(self) -> None:
+        """Delete what builders that died mid-build (kill -9, a lost node) left behind: ``*.tmp.<host>.<pid>.<random>``
+        files whose writer is gone, by the one rule for temporaries of dead writers (a dead pid on this host, or a
+        day old from another host). A live builder's files are never touched."""
+        from models.staging import writer_gone
+
+        for left in self.dir.glob("*.tmp.*"):
+            if writer_gone(left.name.split(".tmp.", 1)[1], left):
+                left.unlink(missing_ok=True)
+                log.info("teacher cache: removed '%s', left by a build that died", left)
 
     def _check(self, names: list[str], report: bool) -> list[str]:
         """The features of ``names`` that are missing or damaged (damaged ones named in a warning with ``report``)."""
@@ -153,21 +231,29 @@ class TeacherCache:
             return f"{got} bytes on disk, {size} recorded: truncated or overwritten"
         if _file_sha256(f) != digest:
             return "its sha256 differs from the one recorded at build time"
+        held = _npy_layout(f)  # a file whose record was rewritten to match it (by hand, by another tool)
+        want = ((int(self.offsets[-1]), self.teacher.config.hidden_size), np.dtype(np.float16))
+        if held != want:
+            shown = held if isinstance(held, str) else f"a {held[1]} array of shape {held[0]}"
+            return f"it holds {shown}; this cache needs a float16 array of shape {want[0]}"
         return None
 
     @torch.no_grad()
     def _build(self, names: list[str], batch_size: int, device: torch.device) -> None:
-        from numpy.lib.format import open_memmap
         from tqdm.auto import tqdm
 
         D = self.teacher.config.hidden_size
         total = int(self.offsets[-1])
         tag = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp = {n: self.dir / f"{n}.npy.tmp.{tag}" for n in names}
-        maps = {n: open_memmap(str(p), mode="w+", dtype=np.float16, shape=(total, D)) for n, p in tmp.items()}
+        files: dict[str, tuple[int, int]] = {}  # feature -> (file descriptor, offset of row 0)
         try:
+            for n, p in tmp.items():
+                files[n] = (os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), 0)
+                files[n] = (files[n][0], _reserve_npy(files[n][0], p, shape=(total, D), dtype=np.float16))
             # sentences in length order: each teacher batch is nearly free of padding
             order = np.argsort(np.diff(self.offsets), kind="stable")
+            row_bytes = D * np.dtype(np.float16).itemsize
             for start in tqdm(range(0, len(order), batch_size), desc="caching teacher features", unit="batch"):
                 index = order[start:start + batch_size]
                 chunk = [self.ids[i] for i in index]
@@ -179,12 +265,17 @@ class TeacherCache:
                     att[b, :len(x)] = 1
                 feats = teacher_features(self.teacher, ids.to(device), att.to(device), names=names)
                 valid = att.bool().to(device)
-                rows = self._rows(index)
+                lengths = self.offsets[index + 1] - self.offsets[index]
                 for n, t in feats.items():
-                    maps[n][rows] = t[valid].to(torch.float16).cpu().numpy()
-            for n, m in maps.items():
-                m.flush()
-            maps.clear()
+                    packed = t[valid].to(torch.float16).cpu().numpy()
+                    fd, base = files[n]
+                    at = 0
+                    for i, k in zip(index, lengths):  # each sentence's rows are contiguous in the file
+                        _pwrite_all(fd, packed[at:at + k].tobytes(), offset=base + int(self.offsets[i]) * row_bytes,
+                                    path=tmp[n])
+                        at += k
+            for n, (fd, _) in files.items():
+                _fsync(fd, tmp[n])
             for n in names:
                 final = self.dir / f"{n}.npy"
                 record = {"bytes": tmp[n].stat().st_size, "sha256": _file_sha256(tmp[n]), "shape": [total, D],
@@ -194,7 +285,8 @@ class TeacherCache:
                 rec_tmp.write_text(json.dumps(record))
                 os.replace(rec_tmp, self.dir / f"{n}.json")
         finally:
-            maps.clear()
+            for fd, _ in files.values():
+                os.close(fd)
             for p in tmp.values():
                 p.unlink(missing_ok=True)
         info_tmp = self.dir / f"info.json.tmp.{tag}"

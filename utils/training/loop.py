@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import runtime
+from ..stops import STOP_SIGNALS, Stopped, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal
 from ..storage.checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable,
                                   read_meta, save_checkpoint)
 
@@ -43,17 +44,6 @@ log = logging.getLogger(__name__)
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
-
-class Stopped(Exception):
-    """The job was asked to stop (SIGTERM / SIGUSR1 from a scheduler, SIGINT from a user); ``code`` is the exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-# exit codes of a stop on each signal: 128 + SIGTERM for the scheduler's signals (what requeue logic expects), 130 Ctrl-C
-STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
 
 # unit metadata that fixes a unit's shape: a resume point with other values never fits, even with --force-config
 SHAPE_KEYS = ("kind", "hidden_size", "num_heads", "head_dim", "intermediate_size", "layer", "layers", "spec")
@@ -198,6 +188,8 @@ class StopRequests:
             for sig, h in self._previous.items():
                 signal.signal(sig, h)
             self._previous.clear()
+        if self.signal is not None:  # asked for after the loop's last check: the handlers outside the loop act on it
+            signal.raise_signal(getattr(signal, self.signal))
 
     def requested(self) -> str | None:
         """The signal asked for, agreed on by every rank (any rank's request stops all)."""
@@ -206,6 +198,25 @@ class StopRequests:
             if runtime.all_reduce_sum(flag).item() > 0 and self.signal is None:
                 self.signal = "SIGTERM"
         return self.signal
+
+
+def _previous_invocations(f: Path) -> list[dict[str, Any]]:
+    """The invocations already recorded in ``run.json`` (none without one). History is only ever appended to: a file
+    that cannot be read is kept aside as ``run.json.unreadable.<time>`` with a warning, never silently replaced."""
+    import json
+
+    try:
+        invocations = json.loads(f.read_text())["invocations"]
+        if isinstance(invocations, list):
+            return invocations
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError):
+        pass
+    aside = f.with_name(f"{f.name}.unreadable.{time.strftime('%Y%m%dT%H%M%S')}")
+    f.replace(aside)
+    log.warning("'%s' could not be read; kept as '%s', a new history starts", f, aside)
+    return []
 
 
 def _reduce_device() -> torch.device:
@@ -400,15 +411,12 @@ class Trainer:
         if not runtime.is_main_process():
             return
         invocation = {"argv": sys.argv, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "from_position": asdict(self.start), "world_size": runtime.world_size(),
+                      "run_id": self.run_id, "from_position": asdict(self.start), "world_size": runtime.world_size(),
                       "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                                    "transformers": transformers.__version__}, **self.record}
         for u in self.units:
             f = u.out_dir / "run.json"
-            previous = []
-            if self.start != Position(0, 0, 0) and f.is_file():
-                with contextlib.suppress(ValueError, KeyError):
-                    previous = json.loads(f.read_text())["invocations"]
+            previous = _previous_invocations(f)  # also of a run that died before its first resume point
             body = {"unit": u.name, "run_id": self.run_id, "setup": self.setup, "unit_meta": u.meta,
                     "invocations": previous + [invocation]}
             tmp = f.with_name(f"run.json.tmp.{uuid.uuid4().hex[:8]}")
@@ -530,6 +538,7 @@ class Trainer:
         return metrics
 
     def _stop(self, name: str) -> None:
+        note_stop(name)  # a signal while this stop unwinds must not start another
         where = ", ".join(str(u.resume_dir) for u in self.units)
         p = self.position
         raise Stopped(f"stopped by {name} at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step}); "

@@ -218,5 +218,6 @@ def relation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Ten
 
 
 def attention_vectors(attention, x: torch.Tensor, kinds: tuple[str, ...] = RELATIONS) -> dict[str, torch.Tensor]:
-    """The query / key / value projections [B, T, heads * head_dim] of a ``BertAttention`` block on input ``x``."""
-    return {k: getattr(attention.self, k)(x) for k in kinds}
+    """The query / key / value projections [B, T, heads * head_dim] of an attention block on input ``x``."""
+    h = attention.projection_input(x)
+    return {k: getattr(attention, f"{k[0]}_proj")(h) for k in kinds}

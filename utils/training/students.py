@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig
-from models.compress import clone_model, compose
+from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig, build_model
+from models.compress import clone_model, compose, make_block, make_layer
 from ..storage.checkpoint import (CheckpointError, check_meta, find_checkpoints, load_checkpoint, load_into,
                                   save_checkpoint)
 from .units import spec_from_meta
@@ -31,7 +31,7 @@ def load_block(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool =
     _check(meta, path, cfg, teacher_hash=teacher_hash, force=force)
     if not 0 <= meta["layer"] < len(cfg.layers):
         raise CheckpointError(f"checkpoint '{path}' is for layer {meta['layer']}, the teacher has {len(cfg.layers)}")
-    attn = BertAttention.from_spec(cfg, spec_from_meta(meta, cfg))
+    attn = make_block(cfg, spec_from_meta(meta, cfg))
     load_into(attn, sd, path)
     return meta["layer"], attn
 
@@ -49,7 +49,7 @@ def load_merged_layer(path: Path, cfg: ModelConfig, teacher_hash: str, *, force:
     if spec.origin != [first, second]:
         raise CheckpointError(f"checkpoint '{path}': its spec stands for teacher layers {spec.origin}, its metadata "
                               f"says {meta['layers']}")
-    layer = BertLayer(cfg, spec)
+    layer = make_layer(cfg, spec)
     load_into(layer, sd, path)
     return first, layer, spec
 
@@ -82,7 +82,7 @@ def load_model(directory: str | Path, teacher_hash: str | None = None, *, force:
         check_meta(meta, directory, force_teacher=force, teacher_hash=teacher_hash)
     if teacher_config is not None:
         check_fits(ModelConfig.from_dict(meta["config"]), teacher_config, directory)
-    model = BertForMaskedLM(ModelConfig.from_dict(meta["config"]))
+    model = build_model(ModelConfig.from_dict(meta["config"]))
     load_into(model, sd, directory)
     return model.eval(), meta
 

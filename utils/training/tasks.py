@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.bert import BertAttention, BertForMaskedLM, BertLayer, extended_mask
+from models.base import SwappableAttention
+from models.bert import BertAttention, BertForMaskedLM, BertLayer
 from models.compress import compose
 from models.config import LayerSpec
 from .. import runtime
@@ -79,9 +80,9 @@ class DistillTask(nn.Module):
         self._frozen = {"teacher": teacher}  # not a submodule: never trained, never put in train mode
         self.students = nn.ModuleDict(students)
         for s in self.students.values():
-            for n, p in s.named_parameters():
-                if n.startswith("output.LayerNorm") and isinstance(s, BertAttention):
-                    p.requires_grad_(False)  # a retrained block keeps the teacher's post-attention LayerNorm
+            if isinstance(s, SwappableAttention):
+                for p in s.frozen():
+                    p.requires_grad_(False)  # a retrained block keeps the teacher's norm
         self.masker = masker
         self.cache = cache
         self.seed = seed
@@ -190,7 +191,7 @@ class BlockDistill(DistillTask):
                 raise ValueError("`loss_on` mlm cannot be combined with output/scores/relations losses")
         if "relations" in loss_on:  # set only when used: the metadata of other runs stays as it was
             self.relation_weight = relation_weight
-            self.rel_heads = {i: block_relation_heads(teacher.layers[i].attention, b, relation_heads)
+            self.rel_heads = {i: block_relation_heads(teacher.layers[i].block, b, relation_heads)
                               for i, b in blocks.items()}
             self.relation_heads = relation_heads if relation_heads else "auto"
         self.layers = sorted(blocks)
@@ -203,7 +204,7 @@ class BlockDistill(DistillTask):
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
-        mask, valid = extended_mask(att), att.bool()
+        mask, valid = self.teacher.context(att), att.bool()
         out = {}
         if "mlm" in self.loss_on:
             masked, sel, t_logits = self._mlm_targets(batch, generator)
@@ -226,14 +227,14 @@ class BlockDistill(DistillTask):
                 loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, criterion=self.criterion)
             if need:
                 with torch.no_grad():
-                    _, t_trace = self.teacher.layers[i].attention.contribution(x, mask, need_trace=True)
+                    _, t_trace = self.teacher.layers[i].block.contribution(x, mask, need_trace=True)
                 if self.score_target == "logits" and self.score_criterion in ("MSE", "L1"):
                     loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, criterion=self.score_criterion)
                 else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)
                     loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, criterion=self.score_criterion)
             if "relations" in self.loss_on:
                 with torch.no_grad():
-                    t_vec = attention_vectors(self.teacher.layers[i].attention, x)
+                    t_vec = attention_vectors(self.teacher.layers[i].block, x)
                 loss = loss + self.relation_weight * relation_loss(attention_vectors(student, x), t_vec, valid,
                                                                    heads=self.rel_heads[i])
             out[f"block_{i}"] = (loss, n_valid)
@@ -285,7 +286,7 @@ class MergeDistill(DistillTask):
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
-        mask, valid = extended_mask(att), att.bool()
+        mask, valid = self.teacher.context(att), att.bool()
         conditioned = self._frozen["inputs_from"] is not None
         out = {}
         if self.loss_on == "mlm":
@@ -332,7 +333,7 @@ class ModelDistill(DistillTask):
             self.relation_heads = relation_heads if relation_heads else "auto"
             for j, spec in enumerate(student.config.layers):
                 tj = spec.origin[-1]
-                r = block_relation_heads(teacher.layers[tj].attention, student.layers[j].attention, relation_heads)
+                r = block_relation_heads(teacher.layers[tj].block, student.layers[j].block, relation_heads)
                 self.rel_pairs.append((j, tj, r))
         self.mlm_ok = teacher.has_mlm_head and student.has_mlm_head
         if not self.mlm_ok:
@@ -375,8 +376,8 @@ class ModelDistill(DistillTask):
             rl = 0.0
             for j, tj, r in self.rel_pairs:
                 with torch.no_grad():
-                    t_vec = attention_vectors(self.teacher.layers[tj].attention, t.hidden_states[tj])
-                rl = rl + relation_loss(attention_vectors(student.layers[j].attention, s.hidden_states[j]), t_vec,
+                    t_vec = attention_vectors(self.teacher.layers[tj].block, t.hidden_states[tj])
+                rl = rl + relation_loss(attention_vectors(student.layers[j].block, s.hidden_states[j]), t_vec,
                                         valid, heads=r)
             loss = loss + self.relation_weight * rl / len(self.rel_pairs)
         return {"model": (loss, weight)}
@@ -407,7 +408,7 @@ class LayerDistill(DistillTask):
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
-        mask, valid = extended_mask(att), att.bool()
+        mask, valid = self.teacher.context(att), att.bool()
         feats = self._features(batch, self.feature_names())
         return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask), feats[f"out_{i}"],
                                            valid, criterion=self.criterion), float(valid.sum()))

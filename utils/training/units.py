@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig
-from models.bert import BertSelfAttention, extended_mask
+from models.bert import BertSelfAttention
 from models.compress import head_importance, init_attention, init_merged_layer
 from ..errors import SettingError
 from ..storage.checkpoint import CheckpointError
@@ -123,7 +123,7 @@ def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], laye
     device = next(teacher.parameters()).device
     ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
     feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
-    return {i: head_importance(teacher.layers[i].attention, [(feats[f"in_{i}"], extended_mask(att), att.bool())])
+    return {i: head_importance(teacher.layers[i].block, [(feats[f"in_{i}"], teacher.context(att), att.bool())])
             for i in layers}
 
 
@@ -137,7 +137,7 @@ def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     importance = head_rankings(teacher, probe, rank) if rank else {}
     blocks, notes = {}, {}
     for i, spec in specs.items():
-        blocks[i], notes[i] = init_attention(teacher.layers[i].attention, cfg, spec, init, importance.get(i))
+        blocks[i], notes[i] = init_attention(teacher.layers[i].block, cfg, spec, init, importance.get(i))
     return blocks, notes
 
 

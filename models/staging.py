@@ -1,0 +1,109 @@
+"""Writing a result all at once: into a temporary place of a unique name, renamed into place only when complete.
+
+Every exporter writes through here (Hugging Face folders, CompactBERT folders, ONNX graphs), so what a kill -9, a
+full disk or an error leaves behind is a ``<name>.tmp.<host>.<pid>.<random>`` entry that nothing mistakes for a
+result, never a half-written result under the requested name. The next writer of the same name removes what writers
+that are gone left (a dead pid on this host, or a day old from another host); a live writer's entries are kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+def unique_tag() -> str:
+    """A name part no other writer (process, thread or machine) picks: host, pid and a random part."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def writer_gone(tag: str, path: Path, max_age: float = 86400.0) -> bool:
+    """Whether the writer named by a ``host.pid.random`` tag is gone: a dead pid on this host, or a day-old entry."""
+    host, _, rest = tag.rpartition(".")[0].rpartition(".")
+    try:
+        if host == socket.gethostname():
+            os.kill(int(rest), 0)
+            return False
+        return time.time() - path.stat().st_mtime > max_age
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_dead_stages(final: Path) -> None:
+    """Remove the temporaries of writers of ``final`` that are gone. A replaced result that such a writer had moved
+    aside (``<name>.old.<tag>``) goes back into place when nothing took its place, else it is removed."""
+    for left in final.parent.glob(f"{final.name}.tmp.*"):
+        if writer_gone(left.name.split(".tmp.", 1)[1], left):
+            _remove(left)
+    for old in final.parent.glob(f"{final.name}.old.*"):
+        if writer_gone(old.name.split(".old.", 1)[1], old):
+            if not final.exists():
+                os.replace(old, final)
+            else:
+                _remove(old)
+
+
+def _install(tmp: Path, final: Path, tag: str) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed once the new one is in."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f"{final.name}.old.{tag}")
+    os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder beside ``final`` to write into; when the ``with`` block completes it becomes
+    ``final`` (an existing ``final`` is replaced as a whole), on any error or kill it never does."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_stages(final)
+    tag = unique_tag()
+    tmp = final.with_name(f"{final.name}.tmp.{tag}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _install(tmp, final, tag)
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def staged_files(finals: list[Path]) -> Iterator[dict[Path, Path]]:
+    """Temporary paths for ``finals`` (files of one folder), in one temporary folder beside them; when the ``with``
+    block completes, every file written there (with any side files a writer adds, such as ONNX external data) is
+    renamed into the final folder, the ``finals`` last and in their order; on any error or kill none is."""
+    finals = [Path(f) for f in finals]
+    parent = finals[0].parent
+    if any(f.parent != parent for f in finals):
+        raise ValueError(f"staged files must share one folder, got {[str(f) for f in finals]}")
+    parent.mkdir(parents=True, exist_ok=True)
+    for f in finals:
+        remove_dead_stages(f)
+    tag = unique_tag()
+    tmp = finals[0].with_name(f"{finals[0].name}.tmp.{tag}")
+    tmp.mkdir()
+    try:
+        yield {f: tmp / f.name for f in finals}
+        names = [f.name for f in finals]
+        for p in sorted(tmp.iterdir(), key=lambda p: names.index(p.name) if p.name in names else -1):
+            _install(p, parent / p.name, tag)
+    finally:
+        _remove(tmp)

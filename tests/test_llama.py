@@ -1,0 +1,177 @@
+"""The Llama family (models/llama.py): parity with transformers' Llama, Qwen2 and Mistral, greedy generation with and
+without the KV cache, and every decoder unit kind initialised from the teacher."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import make_decoder_teacher
+from models import LayerSpec, load_teacher
+from models.compress import compose, head_importance, init_attention, init_merged_layer, neuron_scores
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def _padded(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500.0)),
+    ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, kv_heads=6)),
+    ("qwen2", dict()),
+    ("mistral", dict(sliding_window=None)),
+], ids=["llama3-rope", "llama-tied-bias-mha", "qwen2", "mistral"])
+def test_parity_with_transformers(tmp_path, model_type, kw):
+    import transformers
+
+    from helpers import DECODERS
+
+    folder = make_decoder_teacher(tmp_path / "t", model_type, **kw)
+    hf = getattr(transformers, DECODERS[model_type][1]).from_pretrained(str(folder)).eval()
+    ours, _ = load_teacher(folder)
+    assert ours.config.model_type == model_type
+    ids, mask = _padded(hf.config.vocab_size, [20, 13, 6])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        out = ours(ids, mask, output_hidden_states=True)
+    real = mask.bool()
+    logits = (ref.logits - out.logits)[real].abs().max().item()
+    # transformers' last hidden state is after the final norm; ours before it (lm_logits applies it)
+    hidden = max((a - b)[real].abs().max().item() for a, b in zip(ref.hidden_states[:-1], out.hidden_states[:-1]))
+    print(f"{model_type} {sorted(kw)}: max |logit diff| {logits:.2e}, max |hidden diff| {hidden:.2e}")
+    assert logits < 1e-4 and hidden < 1e-4
+
+
+def test_generate_with_and_without_cache_equals_transformers(tmp_path):
+    import transformers
+
+    folder = make_decoder_teacher(tmp_path / "t", rope_scaling=LLAMA3_ROPE)
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    ours, _ = load_teacher(folder)
+    prompt, _ = _padded(hf.config.vocab_size, [7, 7], seed=3)
+    ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 12), ref)
+    assert torch.equal(ours.generate(prompt, 12, use_cache=False), ref)
+
+
+def test_kv_cache_bytes_per_token(tiny_llama):
+    ours, _ = load_teacher(tiny_llama)
+    cfg = ours.config  # 4 layers x 2 KV heads x head_dim 8, keys and values, 2 bytes
+    assert cfg.kv_cache_bytes_per_token() == 4 * 2 * 2 * 8 * 2
+    cfg.layers[1] = LayerSpec(0, 0, 64, [1], attention="none")
+    cfg.layers[2] = LayerSpec(6, 8, 64, [2], attention="gqa", num_kv_heads=1)
+    assert cfg.kv_cache_bytes_per_token() == (2 * 2 + 1) * 2 * 8 * 2
+
+
+def _contribution(block, x, ours):
+    with torch.no_grad():
+        return block.contribution(x, ours.context(None, x.shape[1]))[0]
+
+
+def test_fewer_kv_heads_pool_their_groups(tmp_path):
+    """With both teacher KV heads equal, the pooled single KV head loses nothing: the block is the teacher's."""
+    ours, _ = load_teacher(make_decoder_teacher(tmp_path / "t"))
+    attn = ours.layers[1].block
+    with torch.no_grad():
+        attn.k_proj.weight[8:] = attn.k_proj.weight[:8]
+        attn.v_proj.weight[8:] = attn.v_proj.weight[:8]
+    spec = LayerSpec(6, 8, 64, [1], "block", attention="gqa", num_kv_heads=1)
+    new, note = init_attention(attn, ours.config, spec)
+    assert new.num_kv_heads == 1 and "1 key/value heads" in note
+    x = torch.randn(2, 9, 48)
+    assert torch.allclose(_contribution(new, x, ours), _contribution(attn, x, ours), atol=1e-5)
+
+
+def test_fewer_query_heads_keep_the_important_ones_of_each_group(tiny_llama):
+    ours, _ = load_teacher(tiny_llama)
+    attn = ours.layers[2].block
+    x = torch.randn(2, 9, 48)
+    importance = torch.tensor([5.0, 1.0, 4.0, 0.5, 3.0, 2.0])  # group 0: heads 0,1,2; group 1: heads 3,4,5
+    new, note = init_attention(attn, ours.config, LayerSpec(4, 8, 64, [2], attention="gqa", num_kv_heads=2),
+                               importance=importance)
+    assert "kept heads [0, 2, 4, 5]" in note
+    with torch.no_grad():  # the dropped heads (1 and 3) silenced in the teacher: the two blocks agree
+        for h in (1, 3):
+            attn.o_proj.weight[:, h * 8:(h + 1) * 8] = 0
+    assert torch.allclose(_contribution(new, x, ours), _contribution(attn, x, ours), atol=1e-5)
+    with pytest.raises(ValueError, match="num_kv_heads that divide"):
+        LayerSpec(4, 8, 64, [2], attention="gqa", num_kv_heads=3)
+    with pytest.raises(ValueError, match="rotary"):
+        init_attention(attn, ours.config, LayerSpec(6, 4, 64, [2], attention="gqa", num_kv_heads=2))
+    scores = head_importance(attn, [(x, ours.context(None, 9), torch.ones(2, 9, dtype=torch.bool))])
+    assert scores.shape == (6,) and scores[1] == 0 and scores[3] == 0
+
+
+def test_linear_block_starts_as_attention_to_self(tiny_llama):
+    """On one token, attention can only attend to that token: the linear map's start is exact there."""
+    ours, _ = load_teacher(tiny_llama)
+    attn = ours.layers[0].block
+    new, note = init_attention(attn, ours.config, LayerSpec(0, 0, 64, [0], attention="linear"))
+    x = torch.randn(3, 1, 48)
+    assert torch.allclose(_contribution(new, x, ours), _contribution(attn, x, ours), atol=1e-5), note
+    assert not torch.allclose(_contribution(new, torch.randn(1, 6, 48), ours),
+                              _contribution(attn, torch.randn(1, 6, 48), ours), atol=1e-3)
+
+
+def test_layer_units_without_attention_narrower_ffn_and_dropped(tiny_llama):
+    ours, _ = load_teacher(tiny_llama)
+    t = ours.layers[1]
+    x = torch.randn(2, 5, 48)
+    ctx = ours.context(None, 5)
+    same, _ = init_merged_layer(ours.config, ours.config.layers[1], t, t, "first")
+    no_attn, note = init_merged_layer(ours.config, LayerSpec(0, 0, 64, [1], "layer", attention="none"), t, t, "first")
+    narrow, narrow_note = init_merged_layer(ours.config, LayerSpec(6, 8, 32, [1], "layer", attention="gqa",
+                                                                   num_kv_heads=2), t, t, "first",
+                                            neuron_score=neuron_scores(t, torch.randn(4, 48)))
+    dropped, _ = init_merged_layer(ours.config, LayerSpec(0, 0, 0, [1], "dropped", attention="none"), t, t, "first")
+    with torch.no_grad():
+        assert torch.allclose(same(x, ctx), t(x, ctx), atol=1e-6)
+        assert torch.allclose(no_attn(x, ctx), t.feed_forward(x), atol=1e-6), note
+        assert narrow.mlp.up_proj.out_features == 32 and "top 32 of 64" in narrow_note
+        assert torch.equal(dropped(x, ctx), x) and sum(p.numel() for p in dropped.parameters()) == 0
+
+
+def test_student_of_every_kind_round_trips_through_its_checkpoint(tiny_llama, tmp_path):
+    from utils.training.students import load_model, save_model
+
+    ours, _ = load_teacher(tiny_llama)
+    cfg = ours.config
+    t = ours.layers
+    blocks = {0: init_attention(t[0].block, cfg, LayerSpec(6, 8, 64, [0], attention="gqa", num_kv_heads=1))[0],
+              3: init_attention(t[3].block, cfg, LayerSpec(0, 0, 64, [3], attention="linear"))[0]}
+    layers = {1: (init_merged_layer(cfg, s := LayerSpec(0, 0, 32, [1], "layer", attention="none"), t[1], t[1],
+                                    "first")[0], s)}
+    student = compose(ours, blocks=blocks, layers=layers)
+    save_model(student, tmp_path / "m", {"teacher": "tiny", "teacher_hash": "x"})
+    back, _ = load_model(tmp_path / "m")
+    ids, mask = _padded(cfg.vocab_size, [9, 4])
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask).logits, student(ids, mask).logits)
+    assert [s.attention for s in back.config.layers] == ["gqa", "none", "gqa", "linear"]
+    assert back.num_parameters() < ours.num_parameters()
+
+
+def test_teacher_spread_over_a_device_map_gives_the_same_features(tiny_llama):
+    """The multi-device cache path (accelerate's dispatch, hidden states following the layers), run on CPU."""
+    from models.hf import dispatch
+    from utils.storage.features import teacher_features
+
+    ref, _ = load_teacher(tiny_llama)
+    spread, _ = load_teacher(tiny_llama)
+    spread = dispatch(spread, {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(4)},
+                               "model.norm": "cpu", "lm_head": "cpu"})
+    ids, mask = _padded(ref.config.vocab_size, [10, 7])
+    names = [f"{k}_{i}" for i in range(4) for k in ("in", "block")] + ["out_3"]
+    a, b = teacher_features(ref, ids, mask, names=names), teacher_features(spread, ids, mask, names=names)
+    assert all(torch.equal(a[n], b[n]) for n in names)
+    with torch.no_grad():
+        assert torch.equal(ref(ids, mask).logits, spread(ids, mask).logits)
+    with pytest.raises(ValueError, match="disk"):
+        dispatch(ref, {"": "disk"})
