@@ -182,18 +182,24 @@ def _first_layers(given: Sequence[int] | None, every: list[int], *, n_layers: in
 
 # ---- retraining attention blocks ----
 @dataclass
-class _BlockRun:
+class _UnitRun:
+    """What a retraining run decided before it claims its units (its units' specs, how they start, where they go)."""
+
     specs: dict[int, LayerSpec]
-    loss: BlockLoss
     train: TrainConfig
     init: str
-    started: dict[int, tuple[Path, dict]]
-    start_from: str | Path | None
+    started: dict[int, tuple[Path, dict]]  # first teacher layer -> the checkpoint (path, metadata) it starts from
     dropout: float | None
     run_dir: Path
     cache_dir: str | None
     print_samples: bool
     record: dict[str, Any]
+
+
+@dataclass
+class _BlockRun(_UnitRun):
+    loss: BlockLoss
+    start_from: str | Path | None
 
 
 def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | None = None,
@@ -226,7 +232,8 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
                      score_target=loss.score_target, block_dropout=dropout, percentage_data=session.data.fraction,
                      init=init, loss_on=list(loss.loss_on), criterion=loss.criterion,
                      score_criterion=loss.scores_by(), heads=spec.num_heads, head_dim=spec.head_dim, **extras)
-    job = _BlockRun(specs, loss, train, init, started, start_from, dropout, run_dir, cache_dir, print_samples, rec)
+    job = _BlockRun(specs=specs, train=train, init=init, started=started, dropout=dropout, run_dir=run_dir,
+                    cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss, start_from=start_from)
     with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
         return _train_blocks(_prepare(session, cache_dir=cache_dir), job, locks)
 
@@ -312,19 +319,10 @@ def _unit_results(units: list[Unit], notes: dict[str, str], final: dict[str, flo
 
 # ---- retraining merged pairs ----
 @dataclass
-class _MergeRun:
-    specs: dict[int, LayerSpec]
+class _MergeRun(_UnitRun):
     loss: MergeLoss
-    train: TrainConfig
-    init: str
-    started: dict[int, tuple[Path, dict]]
-    dropout: float | None
     conditioned: bool
     conditioned_on: Path
-    run_dir: Path
-    cache_dir: str | None
-    print_samples: bool
-    record: dict[str, Any]
 
 
 def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | None = None,
@@ -360,8 +358,9 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
     rec = run_record(record, batch_size=session.data.batch_size, train=train, mask_inputs=loss.mask_inputs,
                      dropout=dropout, percentage_data=session.data.fraction, init=init, heads=spec.num_heads,
                      head_dim=spec.head_dim, ffn_dim=spec.intermediate_size, criterion=loss.criterion)
-    job = _MergeRun(specs, loss, train, init, started, dropout, conditioned,
-                    Path(conditioned_on) if conditioned_on else run_dir, run_dir, cache_dir, print_samples, rec)
+    job = _MergeRun(specs=specs, train=train, init=init, started=started, dropout=dropout, run_dir=run_dir,
+                    cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss,
+                    conditioned=conditioned, conditioned_on=Path(conditioned_on) if conditioned_on else run_dir)
     with claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair") as locks:
         return _train_merges(_prepare(session, cache_dir=cache_dir), job, locks)
 

@@ -49,24 +49,22 @@ def non_negative_int(name: str) -> Callable[[str], int]:
     return int_at_least(name, 0)
 
 
-def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{s}'") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
+def _float_in(range_: str, ok: Callable[[float], bool], number: str) -> Callable[[str], float]:
+    """argparse type: a number that ``ok`` accepts; the errors say ``number`` (what to type) and ``range_``."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {number}, got '{s}'") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {range_}, got {v}")
+        return v
+    return parse
 
 
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got '{s}'") from None
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
-    return v
+fraction = _float_in("in (0, 1]", lambda v: 0 < v <= 1, "a number in (0, 1]")  # a share of the data
+probability = _float_in("in [0, 1)", lambda v: 0 <= v < 1, "a number in [0, 1)")  # an Adam beta, a dropout
+positive_float = _float_in("a finite number > 0", lambda v: 0 < v < math.inf, "a number")
 
 
 def ratios(s: str) -> tuple[float, float, float]:
@@ -129,17 +127,6 @@ def run_name(s: str) -> str:
         raise argparse.ArgumentTypeError(f"--run-name must be a relative folder name inside --out (no '..', not "
                                          f"absolute), got '{s}'")
     return s
-
-
-def probability(s: str) -> float:
-    """argparse type: a number in [0, 1) (an Adam beta, a dropout probability)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got '{s}'") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
 
 
 def judge_arg(s: str) -> str | None:

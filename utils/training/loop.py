@@ -377,7 +377,7 @@ class Trainer:
 
     def _apply_settings(self, u: Unit) -> None:
         """After loading optimizer and schedule states, use this run's lr and weight decay (they are the stored ones
-        unless --force-config accepted new ones): the lr at the resumed step follows the new schedule."""
+        unless ``force_config`` accepted new ones): the lr at the resumed step follows the new schedule."""
         sched = u.scheduler
         sched.base_lrs = [self.cfg.lr for _ in u.optimizer.param_groups]
         for g, base, lam in zip(u.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
@@ -498,7 +498,8 @@ class Trainer:
         return running
 
     def _print_loss(self, bar, epoch: int, *, step: int, loss: float, running: float) -> None:
-        """--log_freq: a loss line every N steps (the progress bar shows the running loss anyway)."""
+        """``print_every`` (the seed's --log_freq): a loss line every N steps (the progress bar shows the running loss
+        anyway)."""
         gs = self.position.global_step + 1
         if self.cfg.print_every and gs % self.cfg.print_every == 0 and runtime.is_main_process():
             bar.write(f"epoch {epoch + 1}, step {step + 1} (global step {gs}): loss {loss:.4g}, running "
