@@ -92,7 +92,8 @@ class LayerSpec:
         """The layer's shape in one phrase, for plans and logs."""
         if not get_kind(self.attention).has_heads:
             return f"attention {self.attention} ffn={self.intermediate_size}"
-        return f"heads={self.num_heads:2d} head_dim={self.head_dim:3d} ffn={self.intermediate_size}{self.attention_note()}"
+        return (f"heads={self.num_heads:2d} head_dim={self.head_dim:3d} ffn={self.intermediate_size}"
+                f"{self.attention_note()}")
 
 
 @dataclass
@@ -121,7 +122,8 @@ class ModelConfig:
             ModelConfig.FAMILIES[cls.family] = cls
 
     def __post_init__(self) -> None:
-        if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads and not self.explicit_head_dim():
+        heads = self.num_attention_heads
+        if heads <= 0 or self.hidden_size % heads and not self.explicit_head_dim():
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )

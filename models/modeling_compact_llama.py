@@ -115,6 +115,6 @@ class CompactLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        res = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden is not None else None,
-                                     **{_CACHE: past if use_cache else None})
+        res = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE: past if use_cache else None},
+                                     hidden_states=tuple(hidden) if hidden is not None else None)
         return res if return_dict is not False else res.to_tuple()
