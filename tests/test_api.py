@@ -44,6 +44,8 @@ def session(tiny_teacher, tiny_corpus):
 def test_settings_are_checked_before_any_work_and_named_as_fields(session, tmp_path):
     with pytest.raises(api.SettingError, match=r"`layers` \[7\]: the teacher has layers 0..1"):
         api.retrain_blocks(session, layers=[7], out=tmp_path)
+    with pytest.raises(api.SettingError, match=r"`pairs` \[1\]: .* \(a pair starts at 0..0\)"):
+        api.retrain_merges(session, pairs=[1], out=tmp_path)
     with pytest.raises(api.SettingError, match="`init` teacher with the teacher's own shape .* exact copy"):
         api.retrain_blocks(session, layers=[0], init="teacher", out=tmp_path)
     with pytest.raises(api.SettingError, match="`kl_weight`, `mlm_weight` and `hidden_weight` are all 0"):

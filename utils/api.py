@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -168,15 +169,17 @@ def _samples(s: Session, make_student: Callable[[], BertForMaskedLM], loader) ->
     return samples
 
 
-def _first_layers(given: Sequence[int] | None, every: list[int], *, n_layers: int, what: str) -> list[int]:
-    """The first teacher layer of each unit: ``given`` (checked against the teacher), or ``every``."""
+def _first_layers(given: Sequence[int] | None, *, n_layers: int, what: str) -> list[int]:
+    """The first teacher layer of each unit (``what``: layers, one per block; pairs, N of each (N, N+1)): ``given``,
+    checked against the teacher; None: every layer, or the pairs (0, 1), (2, 3), ..."""
+    span = 2 if what == "pairs" else 1
     if given is None:
-        return every
+        return list(range(0, n_layers - span + 1, span))
     firsts = list(given)
-    bad = [i for i in firsts if i not in every]
+    bad = [i for i in firsts if not 0 <= i <= n_layers - span]
     if not firsts or bad:
         raise SettingError(f"`{what}` {bad or firsts}: the teacher has layers 0..{n_layers - 1}"
-                           + (" (a pair starts at 0..{})".format(n_layers - 2) if what == "pairs" else ""))
+                           + (f" (a pair starts at 0..{n_layers - 2})" if span == 2 else ""))
     return firsts
 
 
@@ -217,7 +220,7 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
     loss, plus ``name_suffix``); ``dropout`` sets the new blocks' attention dropout.
     """
     tcfg = _teacher_plan(session)
-    layers = _first_layers(layers, list(range(len(tcfg.layers))), n_layers=len(tcfg.layers), what="layers")
+    layers = _first_layers(layers, n_layers=len(tcfg.layers), what="layers")
     if loss.mask_inputs and list(loss.loss_on) == ["mlm"]:
         raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
     started = newest_units(start_from, "block", layers) if start_from else {}
@@ -344,9 +347,7 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
     n = len(tcfg.layers)
     if n < 2:
         raise SettingError("the teacher has a single layer: nothing to merge")
-    pairs = _first_layers(pairs, list(range(0, n - 1, 2)), n_layers=n, what="pairs")
-    if any(i + 1 >= n for i in pairs):
-        raise SettingError(f"`pairs` {pairs}: a pair starts at 0..{n - 2} (the teacher has layers 0..{n - 1})")
+    pairs = _first_layers(pairs, n_layers=n, what="pairs")
     if loss.mask_inputs and loss.loss_on == "mlm":
         raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
     started = newest_units(start_from, "merged_layer", pairs) if start_from else {}
@@ -563,7 +564,7 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
     check_output_dir(out)  # before any work: results that cannot be written are lost
     s = _prepare(session, judge=evaluation.judge)
     found: dict[str, Any] = {}
-    if not isinstance(model, BertForMaskedLM):
+    if isinstance(model, (str, os.PathLike)):
         model, found = _student_from(s, Path(model), force=force)
     return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})})
 
