@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher as _load_model_and_tokenizer
 from models.compress import clone_model, compose, drop_every_second as _drop_every_second
 from . import runtime
@@ -35,8 +34,8 @@ from .data.text import DataConfig
 from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
-from .planning.planner import Plan, budget_problem, choose_plan
 from .evaluation.speed import decoder_costs, round_robin_ms
+from .planning.planner import Plan, budget_problem, choose_plan
 from .planning.sensitivity import default_options, encoder_inputs, option_from_dict, reach_map
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map
 from .session import Session, SessionConfig, check_teacher
