@@ -8,6 +8,6 @@ training/               the one training loop, the distillation tasks and losses
 evaluation/             teacher vs student (metrics), the report, speed
 planning/               the sensitivity map, the planner, planned students
 api                     the Python API: what the scripts do, as functions
-cli/                    the command-line layer (argparse, flags to settings, exit codes); assemble, checkpoint: the
+cli/                    the command-line layer (flags, flags to settings, exit codes); assemble, checkpoint: the
                         ``python -m utils.assemble`` and ``python -m utils.checkpoint rehash`` commands
 """
