@@ -16,14 +16,17 @@ import os
 import sys
 from pathlib import Path
 
-from models.compress import clone_model, compose
-from utils.assemble import load_merged_layer
-from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import UsageError, add_eval_args, add_eval_recipe, common_parser, non_negative_int
-from utils.evaluate import evaluate_student
-from utils.session import check_output_dir, run_main, start
-from utils.recipes import add_heads_alias
-from utils.units import add_shape_args, shape_from_args, spec_from_meta
+from utils import api
+from utils.cli.configs import eval_config, session_config, unit_shape
+from utils.cli.groups import add_shape_args
+from utils.cli.output import print_evaluation
+from utils.cli.parser import add_eval_args, add_eval_recipe, common_parser
+from utils.cli.recipes import add_heads_alias
+from utils.cli.run import run_main
+from utils.cli.types import non_negative_int
+from utils.errors import SettingError
+from utils.storage.checkpoint import CheckpointError, check_output_dir, find_checkpoints
+from utils.training.units import spec_from_meta
 
 log = logging.getLogger("simplifying_transformers")
 ROOT = Path(__file__).resolve().parent  # the repository: where retrain_merge.py writes by default
@@ -52,20 +55,21 @@ def find_merged(args: argparse.Namespace) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
     if args.block is None:
-        raise UsageError("give --block N (with --block_heads / --block_d_k to choose among runs) or --checkpoint DIR")
+        raise SettingError("give --block N (with --block_heads / --block_d_k to choose among runs) or --checkpoint DIR")
     if args.search:
         roots = [Path(args.search)]
     else:  # the folders retrain_merge.py writes to with the same --out, or its default
         roots = [r for r in dict.fromkeys(Path(os.path.abspath(r)) for r in (args.out, "checkpoints",
                                                                                 ROOT / "checkpoints")) if r.is_dir()]
-    want = {k: v for k, v in shape_from_args(args).items() if v is not None}
+    shape = unit_shape(args).attention_fields()
+    want = {k: v for k, v in shape.items() if v is not None}
     hits = [(p, m) for p, m in find_checkpoints(roots, ["merged_layer"], args.which)
             if m["layers"][0] == args.block
             and all(spec_from_meta(m).attention_shape()[k] == v for k, v in want.items())]
     hits = list({p.resolve(): (p, m) for p, m in hits}.values())  # a folder found under two roots counts once
     if not hits:
         raise CheckpointError(f"no '{args.which}' merged-layer checkpoint for pair ({args.block}, {args.block + 1}) "
-                              f"with {' '.join(f'{k}={v}' for k, v in shape_from_args(args).items())} under "
+                              f"with {' '.join(f'{k}={v}' for k, v in shape.items())} under "
                               f"{', '.join(repr(str(r)) for r in roots) or 'no existing folder'}; pass --search DIR "
                               "(or the --out given to retrain_merge.py)")
     path, meta = max(hits, key=lambda pm: pm[1].get("saved_at", ""))
@@ -75,13 +79,11 @@ def find_merged(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace) -> Path:
-    check_output_dir(args.out)  # before any work: results that cannot be written are lost
-    path = find_merged(args)
-    s = start(args)
-    first, layer, spec = load_merged_layer(path, s.teacher.config, s.teacher_hash, args.force)
-    student = clone_model(compose(s.teacher, merges={first: (layer.to(s.device), spec)}))
-    return evaluate_student(s, student, Path(args.out), {"merged_layer": str(path), "pair": [first, first + 1]},
-                            args.judge, args.split, args.max_batches)
+    check_output_dir(args.out)  # before any work (searching included): results that cannot be written are lost
+    ev = api.evaluate(session_config(args), find_merged(args), evaluation=eval_config(args), out=args.out,
+                      force=args.force)
+    print_evaluation(ev)
+    return ev.out
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from utils.assemble import load_model
-from utils.cli import UsageError, add_eval_args, add_eval_recipe, common_parser
-from utils.evaluate import evaluate_student
-from utils.session import Session, check_output_dir, run_main, start
+from utils import api
+from utils.cli.configs import eval_config, session_config
+from utils.cli.output import print_evaluation
+from utils.cli.parser import add_eval_args, add_eval_recipe, common_parser
+from utils.cli.run import run_main
 
 log = logging.getLogger("simplifying_transformers")
 ROOT = Path(__file__).resolve().parent
@@ -52,22 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_student(student, s: Session, where: str) -> None:
-    """A student evaluated against this teacher must read the same token ids at --seq-len positions."""
-    if student.config.max_position_embeddings < s.args.seq_len:
-        raise UsageError(f"--seq-len {s.args.seq_len} is longer than the model '{where}' allows: its "
-                         f"max_position_embeddings is {student.config.max_position_embeddings}")
-
-
 def main(args: argparse.Namespace) -> Path:
     model = find_assembled(args.model)
-    check_output_dir(args.out)  # before any work: results that cannot be written are lost
-    s = start(args)
-    student, meta = load_model(model, s.teacher_hash, args.force, s.teacher.config)
-    check_student(student, s, str(model))
-    return evaluate_student(s, student, Path(args.out), {"model": str(model), "sources": meta.get("sources"),
-                                                         "recipe": args.recipe},
-                            args.judge, args.split, args.max_batches)
+    ev = api.evaluate(session_config(args), model, evaluation=eval_config(args), out=args.out, force=args.force,
+                      extra={"recipe": args.recipe})
+    print_evaluation(ev)
+    return ev.out
 
 
 if __name__ == "__main__":

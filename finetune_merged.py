@@ -12,24 +12,17 @@ if __name__ == "__main__":  # first, before the imports below: a stop while they
     install_stop_handlers()
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from models.compress import drop_every_second
-from utils import runtime
-from utils.assemble import build_student, load_model
-from utils.cli import (UsageError, add_training_args, common_parser, criterion_arg, non_negative_float, positive_float,
-                       positive_int)
-from utils.distill import ModelDistill, lm_targets, describe_losses
-from utils.evaluate import compare_models, evaluate_student
-from utils.export import add_export_args, check_export_targets, run_exports
-from utils.recipes import FINETUNE, alias, probability, reject, run_record, set_dropout, use_recipes
-from utils.session import claim_units, run_main, sample_printer, start
-from utils.train import Trainer, Unit, make_train_config
-
-log = logging.getLogger("simplifying_transformers")
-REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")
+from utils import api
+from utils.cli.configs import export_config, finetune_loss, record, session_config, train_config
+from utils.cli.groups import add_export_args
+from utils.cli.output import print_evaluation
+from utils.cli.parser import add_training_args, common_parser
+from utils.cli.recipes import FINETUNE, alias, reject, use_recipes
+from utils.cli.run import run_main
+from utils.cli.types import criterion_arg, non_negative_float, positive_float, positive_int, probability
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,55 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
-    if args.kl_weight == args.mlm_weight == args.hidden_weight == 0:
-        raise UsageError("--kl-weight, --mlm-weight and --hidden-weight are all 0: nothing to train on")
-    check_export_targets(args)  # an export that cannot be written fails now, not after training
-    run_dir = Path(args.out) / (args.run_name or ("finetune_dropped" if args.drop_every_second else "finetune_merged"))
-    with claim_units([run_dir / "model"], "fine-tuned model") as locks:
-        return finetune(args, run_dir, locks)
-
-
-def finetune(args: argparse.Namespace, run_dir: Path, locks: list) -> Path:
-    s = start(args)
-    if args.drop_every_second:
-        student, sources = drop_every_second(s.teacher)
-    else:
-        student, sources = build_student(s.teacher, args.merged, s.teacher_hash, args.force, args.which)
-    student = student.to(s.device)
-    if args.dropout is not None:
-        set_dropout(student, args.dropout)
-    for line in sources:
-        log.info("student: %s", line)
-    log.info("student plan:\n%s", student.config.describe())
-    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
-    train_loader, sampler = s.loader(train_ds, shuffle=True)
-    valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    masker = lm_targets(s.tokenizer, s.teacher)
-    task = ModelDistill(s.teacher, student, masker, args.kl_weight, args.mlm_weight, args.hidden_weight,
-                        args.hidden_criterion, args.temperature, args.seed, args.relation_weight,
-                        args.relation_heads).to(s.device)
-    meta = {"kind": "model", "config": student.config.to_dict(), "teacher": args.teacher,
-            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task)}
-    unit = Unit("model", student, run_dir / "model", meta)
-
-    def evaluate() -> dict[str, float]:
-        m = task.evaluate(valid_loader)
-        cmp = compare_models(s.teacher, student, valid_loader, s.tokenizer, s.device, keep_rows=False,
-                             max_batches=args.eval_batches).metrics
-        m.update({f"model/{k}": float(cmp[k]) for k in REPORTED if k in cmp})
-        return m
-
-    trainer = Trainer(task, [unit], make_train_config(args), run_dir, s.device, evaluate,
-                      sample_printer(s, lambda: student, valid_loader) if args.print_samples else None,
-                      {"run_dir": str(run_dir)}, setup=s.training_setup(train_ds),
-                      record={"sources": sources, **run_record(args, make_train_config(args))}, locks=locks)
-    trainer.fit(train_loader, sampler)
-    runtime.barrier()  # rank 0 wrote the best checkpoint
-    best, _ = load_model(run_dir / "model" / "best")
-    evaluate_student(s, best, run_dir / "eval", {"model": str(run_dir / "model" / "best"), "sources": sources})
-    if runtime.is_main_process():
-        run_exports(best.cpu(), s.tokenizer, args)
-    return run_dir
+    done = api.finetune(session_config(args), checkpoints=args.merged, drop_every_second=args.drop_every_second,
+                        which=args.which, objective=finetune_loss(args), train=train_config(args),
+                        dropout=args.dropout, out=args.out, run_name=args.run_name, eval_batches=args.eval_batches,
+                        export=export_config(args), print_samples=args.print_samples, record=record(args))
+    print_evaluation(done.evaluation)
+    return done.run_dir
 
 
 if __name__ == "__main__":

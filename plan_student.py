@@ -18,22 +18,15 @@ if __name__ == "__main__":  # first, before the imports below: a stop while they
     install_stop_handlers()
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 
-from utils.checkpoint import CheckpointError
-from utils.cli import UsageError, add_training_args, common_parser
-from utils.evaluate import compare_models
-from utils.planning import add_finetune_args, add_map_args, make_map, make_student, read_map
-from utils.sensitivity import (COSTS, budget_problem, choose_plan, default_options, encoder_inputs, limited_sentences,
-                               option_from_dict, reach_map, round_robin_ms, session_context)
-from utils.session import claim_units, run_main, start
-from utils.train import make_train_config
-
-log = logging.getLogger("simplifying_transformers")
-REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine", "teacher_top1")
+from utils import api
+from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config
+from utils.cli.groups import add_finetune_args, add_map_args
+from utils.cli.parser import add_training_args, common_parser
+from utils.cli.run import run_main
+from utils.planning.planner import COSTS
 
 
 def params_arg(s: str) -> int:
@@ -58,19 +51,6 @@ def speedup_arg(s: str) -> float:
     return v
 
 
-def check_reach(args: argparse.Namespace, s, smap: dict | None) -> None:
-    """Refuse a target the map (``smap``), or before it is built the options it would map, cannot reach, saying what
-    they reach (UsageError: exit code 2); before a map is built, its units are made untrained and timed alone."""
-    if smap is None:
-        n = len(s.teacher.layers)
-        options = default_options(s.teacher.config, args.heads_set, args.options)
-        smap = reach_map(s.teacher, options, [i for i in (args.layers or range(n)) if i < n],
-                         args.latency_reps if args.target_speedup else 0, args.latency_batch, args.seq_len)
-    problem = budget_problem(smap, args.target_speedup, args.target_params)
-    if problem:
-        raise UsageError(problem)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=1, lr=1e-3)
@@ -91,52 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Path:
     run = Path(args.out) / (args.run_name or (f"plan_speedup{args.target_speedup:g}" if args.target_speedup
                                               else f"plan_params{args.target_params}"))
-    with claim_units([run], "planned student"):
-        return plan_and_train(args, run)
-
-
-def plan_and_train(args: argparse.Namespace, run: Path) -> Path:
-    s = start(args)
-    teacher = s.teacher
-    if args.map:
-        smap = read_map(args.map)
-        if smap.get("teacher_hash") != s.teacher_hash and not args.force:
-            raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
-        check_reach(args, s, smap)
-    else:
-        check_reach(args, s, None)  # before the map is built: minutes of training for a target it cannot reach
-        smap = make_map(args, s, run / "map")
-    plan = choose_plan(smap, args.target_speedup, args.target_params, args.cost)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
-    for line in plan.lines:
-        log.info("plan: %s", line)
-    options = {o["name"]: option_from_dict(o) for o in smap["options"]}
-    ctx = session_context(s, args, make_train_config(args))
-    student, units = make_student(args, s, ctx, {i: options[name] for i, name in plan.choices.items()}, run,
-                                  f"plan from {smap.get('teacher')} map: {plan.budget}")
-    test_loader, _ = s.loader(limited_sentences(s, "test", args.test_sentences), shuffle=False)
-    m = compare_models(teacher, student, test_loader, s.tokenizer, s.device, keep_rows=False).metrics
-    ids, att = encoder_inputs(teacher, args.latency_batch, args.seq_len, s.device)
-    ms = round_robin_ms({"teacher": lambda: teacher(ids, att, with_logits=False),
-                         "student": lambda: student(ids, att, with_logits=False)}, args.latency_reps, s.device)
-    predicted_ms = smap["timing"]["encoder_ms"] - (plan.saved if args.target_speedup else sum(
-        e["latency_saved_ms"] for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"]))
-    res = {"target": plan.budget, "plan": {str(i): n for i, n in plan.choices.items()}, "plan_cost": plan.cost,
-           "metrics": {k: m[k] for k in REPORTED if k in m}, "test_sentences": m["sentences"],
-           "student_params": student.num_parameters(), "teacher_params": teacher.num_parameters(),
-           "map_encoder_ms": smap["timing"]["encoder_ms"], "predicted_encoder_ms": predicted_ms,
-           "predicted_speedup": smap["timing"]["encoder_ms"] / predicted_ms,
-           "measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
-           "measured_speedup": ms["teacher"] / ms["student"], "device": str(s.device),
-           "fine_tune_epochs": args.ft_epochs if units else 0}
-    if args.target_params is not None:
-        res["target_met"] = res["student_params"] <= args.target_params
-    else:
-        res["target_met_by_map"] = res["predicted_speedup"] >= args.target_speedup - 1e-9
-        res["target_met_measured"] = res["measured_speedup"] >= args.target_speedup
-    (run / "results.json").write_text(json.dumps(res, indent=2))
-    print("\n".join(plan.lines))
+    done = api.plan_student(session_config(args), target_speedup=args.target_speedup,
+                            target_params=args.target_params, map=args.map, cost=args.cost, config=map_config(args),
+                            finetune=plan_finetune(args), train=train_config(args), out=run, record=record(args))
+    if done.map_built is not None:
+        print((done.map_built / "sensitivity.md").read_text())
+    res, m = done.results, done.results["metrics"]
+    ms = res["measured_encoder_ms"]
+    print("\n".join(done.plan.lines))
     print(f"| model | params | encoder ms | speed-up | top-1 | agreement | KL |\n|---|---:|---:|---:|---:|---:|---:|\n"
           f"| teacher | {res['teacher_params']:,} | {ms['teacher']:.1f} | 1.00x | {m.get('teacher_top1', float('nan')):.4f}"
           f" | 1 | 0 |\n| planned student | {res['student_params']:,} | {ms['student']:.1f} | "

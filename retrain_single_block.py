@@ -14,26 +14,21 @@ if __name__ == "__main__":  # first, before the imports below: a stop while they
     install_stop_handlers()
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from models import LayerSpec, ModelConfig
-from models.hf import config_from_hf
-from models.compress import compose
-from utils.assemble import load_block
-from utils.checkpoint import CheckpointError, find_checkpoints
-from utils.cli import add_training_args, common_parser, criterion_arg, positive_float, positive_int
-from utils.distill import BlockDistill, lm_targets, OneMasker, describe_losses
-from utils.losses import criteria_for
-from utils.recipes import BLOCK, add_heads_alias, given, probability, reject, run_record, set_dropout, use_recipes
-from utils.session import (Session, claim_units, print_units, run_main, sample_printer, start, teacher_cache,
-                           teacher_config)
-from utils.train import Trainer, Unit, make_train_config
-from utils.units import (add_shape_args, init_blocks, shape_from_args, spec_from_meta, starting_shape, unit_meta,
-                         unit_spec)
-
-log = logging.getLogger("simplifying_transformers")
+from utils import api
+from utils.cli.configs import cache_dir, record, session_config, train_config, unit_shape
+from utils.cli.groups import add_shape_args
+from utils.cli.output import print_units
+from utils.cli.parser import add_training_args, common_parser
+from utils.cli.recipes import BLOCK, add_heads_alias, given, reject, use_recipes
+from utils.cli.run import flag_names, run_main
+from utils.cli.types import criterion_arg, positive_float, positive_int, probability
+from utils.errors import SettingError
+from utils.session import teacher_config
+from utils.training.losses import criteria_for
+from utils.training.tasks import BlockLoss
 
 
 def block_arg(s: str) -> str:
@@ -91,133 +86,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[str], str, str]:
+def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BlockLoss:
+    """What the blocks are compared on: --loss-on (or the recipe's), or the seed's --loss_on_logits /
+    --loss_on_scores; a --criterion that does not apply to it is an argument error."""
     if given(args, "loss_on") or not (args.loss_on_logits or args.loss_on_scores):
         loss_on = args.loss_on.split("+")  # --loss-on, or the recipe's (seed: scores, default: output)
     else:
         loss_on = (["output"] if args.loss_on_logits else []) + (["scores"] if args.loss_on_scores else [])
-    score_criterion = args.score_criterion or ("CrossEntropy" if "output" in loss_on or args.criterion == "cosine"
-                                               else args.criterion)
     if loss_on == ["scores"] and args.criterion not in criteria_for("probs"):
         parser.error(f"--criterion {args.criterion} does not apply to attention distributions; "
                      f"choose one of {', '.join(criteria_for('probs'))}")
     if "output" in loss_on and args.criterion not in criteria_for("hidden"):
         parser.error(f"--criterion {args.criterion} does not apply to block outputs; choose one of "
                      f"{', '.join(criteria_for('hidden'))}")
-    return loss_on, args.criterion, score_criterion
-
-
-def starting_blocks(path: str, layers: list[int]) -> dict[int, tuple[Path, dict]]:
-    """--model_checkpoint: the newest block checkpoint (path, metadata) for each of ``layers`` under ``path``."""
-    newest: dict[int, tuple[Path, dict]] = {}
-    for p, m in find_checkpoints([path], ["block"], "best"):
-        if m["layer"] in layers and m.get("saved_at", "") >= newest.get(m["layer"], (None, {}))[1].get("saved_at", ""):
-            newest[m["layer"]] = (p, m)
-    missing = [i for i in layers if i not in newest]
-    if missing:
-        raise CheckpointError(f"--model_checkpoint '{path}' holds no block checkpoint for layer(s) {missing}")
-    return newest
-
-
-def block_specs(args: argparse.Namespace, cfg: ModelConfig, layers: list[int],
-                start_from: dict[int, tuple[Path, dict]]) -> dict[int, LayerSpec]:
-    """The spec of each new block: the flags, else the starting checkpoint's, else the teacher's."""
-    shape = (starting_shape(args, [spec_from_meta(m, cfg) for _, m in start_from.values()], "block") if start_from
-             else shape_from_args(args))
-    return {i: unit_spec(cfg, [i], "block", **shape) for i in layers}
+    if args.mask_inputs and loss_on == ["mlm"]:
+        parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
+    return BlockLoss(loss_on=tuple(loss_on), criterion=args.criterion, score_criterion=args.score_criterion,
+                     score_target=args.score_target, temperature=args.temperature, relation_heads=args.relation_heads,
+                     relation_weight=args.relation_weight, mask_inputs=bool(args.mask_inputs))
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
-    hf = teacher_config(args.teacher)
-    n_layers = hf.num_hidden_layers
+    n_layers = teacher_config(args.teacher).num_hidden_layers
     if args.block != "all" and int(args.block) >= n_layers:
         parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
-    loss_on, criterion, score_criterion = loss_plan(args, parser)
-    if args.mask_inputs and loss_on == ["mlm"]:
-        parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
-    layers = list(range(n_layers)) if args.block == "all" else [int(args.block)]
-    start_from = starting_blocks(args.model_checkpoint, layers) if args.model_checkpoint else {}
-    tcfg = config_from_hf(hf, has_lm_head=False)
-    specs = block_specs(args, tcfg, layers, start_from)
-    spec = specs[layers[0]]
-    heads, head_dim = spec.num_heads, spec.head_dim
-    init = args.init
-    if init == "teacher" and not start_from and spec.attention_shape() == tcfg.layers[layers[0]].attention_shape():
-        if given(args, "init"):
-            parser.error(f"--init teacher with the teacher's own shape ({heads} heads x {head_dim}) makes an exact "
-                         "copy of the teacher's block: nothing to train. Give a smaller --block_heads / --block_d_k "
-                         "(e.g. --block_heads 4), or --init random")
-        log.info("the new block has the teacher's shape (%d heads x %d): starting it random, as an exact copy of the "
-                 "teacher's block would train nothing (a smaller --block_heads / --block_d_k starts from the "
-                 "teacher's most important heads)", heads, head_dim)
-        init = "random"
-    tag = "+".join(loss_on) + ("" if loss_on in (["mlm"], ["relations"]) else f"_{criterion.lower()}")
-    if "scores" in loss_on and args.score_target == "logits" and score_criterion in ("MSE", "L1"):
-        tag += "_logits"
-    # every block owns <run_dir>/block_N: separate --block N jobs share run_dir, never a unit's state
-    run_dir = Path(args.out) / (args.run_name or f"blocks_{spec.shape_tag()}_{tag}"
-                                + ("_seed" if args.recipe == "seed" else ""))
-    record = run_record(args, make_train_config(args), init=init, loss_on=loss_on, criterion=criterion,
-                        score_criterion=score_criterion, heads=heads, head_dim=head_dim,
-                        **{k: v for k, v in spec.attention_shape().items() if k not in ("num_heads", "head_dim")
-                           and v != "mha"})
-    with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
-        return train_blocks(args, run_dir, specs, loss_on, criterion, score_criterion, init, start_from, record,
-                            locks)
-
-
-def train_blocks(args: argparse.Namespace, run_dir: Path, specs: dict[int, LayerSpec], loss_on: list[str],
-                 criterion: str, score_criterion: str, init: str, start_paths: dict[int, tuple[Path, dict]],
-                 record: dict, locks: list) -> Path:
-    s: Session = start(args)
-    cfg = s.teacher.config
-    start_from = {i: load_block(p, cfg, s.teacher_hash, args.force)[1] for i, (p, _) in start_paths.items()}
-
-    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
-    train_loader, sampler = s.loader(train_ds, shuffle=True)
-    valid_loader, _ = s.loader(valid_ds, shuffle=False)
-
-    # students, initialised from the teacher where shapes allow; heads are ranked on one batch (the same on every
-    # rank) with a single teacher pass for all layers
-    layers = list(specs)
-    probe = s.global_batch(train_ds)  # drawn in every case: its loader draws from the global RNG
-    if start_from:
-        blocks = {i: b.to(s.device) for i, b in start_from.items()}
-        notes = {i: f"from {args.model_checkpoint}" for i in layers}
-    else:
-        blocks, notes = init_blocks(s.teacher, specs, init, probe)
-    for i in layers:
-        if args.block_dropout is not None:
-            set_dropout(blocks[i], args.block_dropout, hidden=False)
-        teacher_attn = s.teacher.layers[i].block
-        log.info("block %d: %d heads x %d -> %d heads x %d%s; init %s", i, teacher_attn.num_heads,
-                 teacher_attn.head_dim, specs[i].num_heads, specs[i].head_dim, specs[i].attention_note(), notes[i])
-
-    cache = None
-    if args.cache_teacher:
-        if loss_on == ["mlm"] or args.mask_inputs:
-            log.warning("--cache-teacher ignored with %s: the inputs are re-masked every step",
-                        "--mask-inputs" if args.mask_inputs else "--loss-on mlm")
-        else:
-            cache = teacher_cache(s, train_ds, [f"{k}_{i}" for i in layers for k in ("in", "block")])
-    masker = lm_targets(s.tokenizer, s.teacher) if loss_on == ["mlm"] else None
-    task = BlockDistill(s.teacher, blocks, loss_on, criterion, score_criterion, masker, cache, args.temperature,
-                        args.seed, args.score_target, OneMasker(s.tokenizer) if args.mask_inputs else None,
-                        args.relation_heads, args.relation_weight).to(s.device)
-    units = [Unit(f"block_{i}", blocks[i], run_dir / f"block_{i}",
-                  unit_meta("block", specs[i], cfg, args.teacher, s.teacher_hash, **describe_losses(task),
-                            init=notes[i]))
-             for i in layers]
-
-    trainer = Trainer(task, units, make_train_config(args), run_dir, s.device,
-                      evaluate=lambda: task.evaluate(valid_loader),
-                      samples=sample_printer(s, lambda: compose(s.teacher, blocks=blocks), valid_loader)
-                      if args.print_samples else None,
-                      run_meta={"run_dir": str(run_dir)}, setup=s.training_setup(train_ds), record=record,
-                      locks=locks)
-    final = trainer.fit(train_loader, sampler)
-    print_units(units, {u.name: notes[int(u.name.split("_")[1])] for u in units}, final)
-    return run_dir
+    loss = loss_plan(args, parser)
+    # the recipe's init where it is not the default (seed: random); --init given: as given, so that --init teacher
+    # for the teacher's own shape is refused; else teacher, or random for the teacher's own shape
+    init = args.init if given(args, "init") or args.init != "teacher" else None
+    try:
+        done = api.retrain_blocks(session_config(args), layers=None if args.block == "all" else [int(args.block)],
+                                  shape=unit_shape(args), loss=loss, train=train_config(args), init=init,
+                                  start_from=args.model_checkpoint, dropout=args.block_dropout, out=args.out,
+                                  run_name=args.run_name, name_suffix="_seed" if args.recipe == "seed" else "",
+                                  cache_dir=cache_dir(args, used=args.cache_teacher),
+                                  print_samples=args.print_samples, record=record(args))
+    except SettingError as e:  # e.g. --init teacher for the teacher's own shape: refused as argparse refuses --block
+        parser.error(flag_names(" ".join(str(e).split())))
+    print_units(done)
+    return done.run_dir
 
 
 if __name__ == "__main__":

@@ -19,15 +19,14 @@ if __name__ == "__main__":  # first, before the imports below: a stop while they
     install_stop_handlers()
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from utils.cli import add_training_args, common_parser
-from utils.planning import add_map_args, make_map
-from utils.session import claim_units, run_main, start
-
-log = logging.getLogger("simplifying_transformers")
+from utils import api
+from utils.cli.configs import map_config, record, session_config, train_config
+from utils.cli.groups import add_map_args
+from utils.cli.parser import add_training_args, common_parser
+from utils.cli.run import run_main
 
 BUDGET = ("Budget: each epoch retrains every unit over the training sentences, and every unit costs one comparison "
           "with the teacher over the --eval-sentences. Measured: the 6-layer MiniLM MLM teacher (hidden 384, 12 "
@@ -47,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> Path:
     out = Path(args.out) / (args.run_name or "sensitivity")
-    with claim_units([out], "sensitivity map"):
-        make_map(args, start(args), out)
+    api.sensitivity_map(session_config(args), config=map_config(args), train=train_config(args), out=out,
+                        record=record(args))
+    print((out / "sensitivity.md").read_text())
     return out
 
 

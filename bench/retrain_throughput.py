@@ -7,11 +7,11 @@ falls on all of them alike; a method's time is the sum of its steps.
 
   (a) seed-style: for each block, for each epoch, for each batch: recompute the teacher prefix (embeddings, layers
       0..i-1 and the teacher's block i as the target), then one student step. Teacher work per batch ~ 12*13/2 layers.
-  (b) shared:     ``utils.distill.BlockDistill`` without a cache: one teacher pass per batch feeds all 12 students.
-  (c) cached:     the same task on a ``utils.features.TeacherCache`` (fp16, memory-mapped); the one-off build
+  (b) shared:     ``utils.training.tasks.BlockDistill`` without a cache: one teacher pass per batch feeds all 12 students.
+  (c) cached:     the same task on a ``utils.storage.features.TeacherCache`` (fp16, memory-mapped); the one-off build
       (weights hash + one teacher pass over the data + writing the files) is counted in (c) and also shown apart.
 
-A student step is the one ``utils.train.Trainer`` takes: autocast (bf16 on CUDA; ``--amp on`` forces it on CPU too),
+A student step is the one ``utils.training.loop.Trainer`` takes: autocast (bf16 on CUDA; ``--amp on`` forces it on CPU too),
 backward, per-unit gradient clipping, AdamW (fused on CUDA), the loss read back. The learning-rate schedule is left
 out (a scalar per step, the same for all three). The mean final-epoch loss is printed per method: the three do the
 same training, so these agree closely (not bit for bit: dropout draws interleave, and (c) reads fp16 features).
@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from models import BertAttention, BertForMaskedLM, ModelConfig, extended_mask, weights_hash  # noqa: E402
 from models.compress import compress_attention  # noqa: E402
-from utils.data import BucketBatchSampler, Collator  # noqa: E402
-from utils.distill import BlockDistill  # noqa: E402
-from utils.features import TeacherCache, teacher_features  # noqa: E402
-from utils.losses import hidden_loss  # noqa: E402
+from utils.data.batches import BucketBatchSampler, Collator  # noqa: E402
+from utils.training.tasks import BlockDistill  # noqa: E402
+from utils.storage.features import TeacherCache, teacher_features  # noqa: E402
+from utils.training.losses import hidden_loss  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DEFAULT_TEXT = SHARED / "data" / "wikitext2" / "valid.txt"
@@ -68,7 +68,8 @@ def load_token_ids(n: int, seq_len: int, vocab_size: int, seed: int, text: Path,
     if text.is_file() and tokenizer_dir.is_dir():
         from transformers import AutoTokenizer
 
-        from utils.data import TokenizedSentences, read_text_file
+        from utils.data.batches import TokenizedSentences
+        from utils.data.text import read_text_file
 
         sentences = read_text_file(text)
         rng.shuffle(sentences)
@@ -150,9 +151,9 @@ def seed_style_steps(teacher: BertForMaskedLM, students: dict[int, BertAttention
                 b = to_device(batch, device)
                 att = b["attention_mask"]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    feats = teacher_features(teacher, b["input_ids"], att, [f"in_{i}", f"block_{i}"])
+                    feats = teacher_features(teacher, b["input_ids"], att, names=[f"in_{i}", f"block_{i}"])
                     out, _ = student.contribution(feats[f"in_{i}"], extended_mask(att))
-                    loss = hidden_loss(out, feats[f"block_{i}"], att.bool(), CRITERION)
+                    loss = hidden_loss(out, feats[f"block_{i}"], att.bool(), criterion=CRITERION)
                 stepper.step(loss)
                 losses.append(loss.item())  # the real loop reads the loss every step too
                 yield
@@ -213,9 +214,9 @@ def warm_up(teacher: BertForMaskedLM, students: dict[int, BertAttention], batch:
     probe = copy.deepcopy(students[0]).train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         feats = teacher_features(teacher, b["input_ids"], b["attention_mask"],
-                                 [f"{k}_{i}" for i in students for k in ("in", "block")])
+                                 names=[f"{k}_{i}" for i in students for k in ("in", "block")])
         out, _ = probe.contribution(feats["in_0"], extended_mask(b["attention_mask"]))
-        loss = hidden_loss(out, feats["block_0"], b["attention_mask"].bool(), CRITERION)
+        loss = hidden_loss(out, feats["block_0"], b["attention_mask"].bool(), criterion=CRITERION)
     Stepper([probe], device, 1e-4, 1.0).step(loss)
     sync(device)
 
@@ -235,7 +236,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                    help="bf16 autocast for all three methods; auto: on CUDA only, as utils.train.Trainer does")
+                    help="bf16 autocast for all three methods; auto: on CUDA only, as utils.training.loop.Trainer does")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     ap.add_argument("--cache-root", type=Path, default=ROOT / "bench" / "results",
@@ -284,11 +285,12 @@ def main() -> None:
     args.cache_root.mkdir(parents=True, exist_ok=True)
     for r in range(args.repeats):
         with tempfile.TemporaryDirectory(dir=args.cache_root, prefix="bench_cache_") as root:
-            task_b = BlockDistill(teacher, fresh(), ["output"], CRITERION, seed=args.seed).to(device)
-            task_c = BlockDistill(teacher, fresh(), ["output"], CRITERION, seed=args.seed).to(device)
+            task_b = BlockDistill(teacher, fresh(), ["output"], criterion=CRITERION, seed=args.seed).to(device)
+            task_c = BlockDistill(teacher, fresh(), ["output"], criterion=CRITERION, seed=args.seed).to(device)
 
             def build() -> TeacherCache:
-                cache = TeacherCache(root, teacher, weights_hash(teacher), ids, str(args.tokenizer), args.seq_len)
+                cache = TeacherCache(root, teacher, teacher_hash=weights_hash(teacher), token_ids=ids,
+                                     tokenizer_name=str(args.tokenizer), seq_len=args.seq_len)
                 return cache.ensure(task_c.feature_names(), args.batch_size * 4, device)
 
             print(f"run {r + 1}/{args.repeats}: building the teacher cache for (c) ...", flush=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tokenizer
-from utils.data import (BucketBatchSampler, Collator, DataError, DataSpec, TokenizedSentences, bert_mlm_mask,
-                        load_sentences, make_loader, split_sentences)
+from helpers import make_tokenizer
+from utils.data.batches import BucketBatchSampler, Collator, TokenizedSentences, make_loader
+from utils.data.masking import bert_mlm_mask
+from utils.data.text import DataConfig, DataError, load_sentences, split_sentences
 
 
 def test_split_sentences_drops_headings_and_splits_paragraphs():
@@ -17,7 +18,7 @@ def test_split_sentences_drops_headings_and_splits_paragraphs():
 
 def test_single_file_split_by_ratio_is_deterministic(tmp_path):
     (tmp_path / "all.txt").write_text("\n".join(f"sentence number {i} is here ." for i in range(100)))
-    spec = DataSpec(data_dir=str(tmp_path), split_ratio=(0.8, 0.1, 0.1), seed=3)
+    spec = DataConfig(data_dir=str(tmp_path), split_ratio=(0.8, 0.1, 0.1), seed=3)
     parts = {s: load_sentences(spec, s) for s in ("train", "valid", "test")}
     assert [len(p) for p in parts.values()] == [80, 10, 10]
     assert not set(parts["train"]) & set(parts["test"])
@@ -27,7 +28,7 @@ def test_single_file_split_by_ratio_is_deterministic(tmp_path):
 
 def test_eval_masks_are_seeded_and_never_special(tmp_path, tiny_corpus):
     tok = make_tokenizer(tmp_path / "tok")
-    sents = load_sentences(DataSpec(data_dir=str(tiny_corpus)), "test")
+    sents = load_sentences(DataConfig(data_dir=str(tiny_corpus)), "test")
     a = TokenizedSentences(sents, tok, seq_len=8, mask_seed=5)
     b = TokenizedSentences(sents, tok, seq_len=8, mask_seed=5)
     c = TokenizedSentences(sents, tok, seq_len=8, mask_seed=6)
@@ -41,7 +42,7 @@ def test_eval_masks_are_seeded_and_never_special(tmp_path, tiny_corpus):
 
 def test_batches_padded_per_batch_and_deterministic(tmp_path, tiny_corpus):
     tok = make_tokenizer(tmp_path / "tok")
-    ds = TokenizedSentences(load_sentences(DataSpec(data_dir=str(tiny_corpus)), "train"), tok, 40, mask_seed=0)
+    ds = TokenizedSentences(load_sentences(DataConfig(data_dir=str(tiny_corpus)), "train"), tok, 40, mask_seed=0)
     l1, s1 = make_loader(ds, tok, 16, shuffle=True, seed=1)
     l2, s2 = make_loader(ds, tok, 16, shuffle=True, seed=1)
     s1.set_epoch(2), s2.set_epoch(2)
@@ -75,7 +76,8 @@ def test_bert_masking_statistics_and_specials(tmp_path):
     att = torch.ones_like(ids)
     att[:, 25:] = 0
     g = torch.Generator().manual_seed(0)
-    masked, labels = bert_mlm_mask(ids, att, tok.all_special_ids, tok.mask_token_id, len(tok), g)
+    masked, labels = bert_mlm_mask(ids, att, special_ids=tok.all_special_ids, mask_token_id=tok.mask_token_id,
+                                   vocab_size=len(tok), generator=g)
     chosen = labels != -100
     assert not chosen[:, 0].any() and not chosen[:, 25:].any()
     assert (chosen.sum(1) >= 1).all()
@@ -90,19 +92,19 @@ def test_bad_text_files(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.txt").write_text("")
     with pytest.raises(DataError, match="empty"):
-        load_sentences(DataSpec(data_dir=str(tmp_path / "empty")), "train")
+        load_sentences(DataConfig(data_dir=str(tmp_path / "empty")), "train")
     (tmp_path / "heads").mkdir()
     (tmp_path / "heads" / "train.txt").write_text(" = Title = \n = = Section = = \n\n")
     with pytest.raises(DataError, match="no usable sentence"):
-        load_sentences(DataSpec(data_dir=str(tmp_path / "heads")), "train")
+        load_sentences(DataConfig(data_dir=str(tmp_path / "heads")), "train")
     with pytest.raises(DataError, match="valid.txt"):
-        load_sentences(DataSpec(data_dir=str(tmp_path / "heads")), "valid")
+        load_sentences(DataConfig(data_dir=str(tmp_path / "heads")), "valid")
 
 
 def test_non_utf8_bytes_replaced_and_reported(tmp_path, caplog):
     (tmp_path / "train.txt").write_bytes(b"the cat sat on the mat \xff\xfe today .\nanother fine sentence here .\n")
     with caplog.at_level("WARNING"):
-        sents = load_sentences(DataSpec(data_dir=str(tmp_path)), "train")
+        sents = load_sentences(DataConfig(data_dir=str(tmp_path)), "train")
     assert len(sents) == 2 and "\ufffd" in sents[0]
     assert sum("not valid UTF-8" in r.message for r in caplog.records) == 1
     assert "2 bytes" in caplog.text

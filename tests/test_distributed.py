@@ -17,14 +17,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, make_hf_teacher, write_corpus
+from helpers import ROOT, make_hf_teacher, write_corpus
 
 # measured on 2 CPU cores: max |single - two processes| ~1e-8; without the per-rank token weighting ~1e-5
 WEIGHT_TOL = 1e-6
 TEST_SENTENCES = 41  # odd, and not a multiple of the global batch: the two ranks get unequal shares
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available in this build")
+pytestmark = [pytest.mark.slow,  # torchrun: several processes per test
+              pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="torch.distributed with the gloo backend is not available in this build")]
 
 
 def _torchrun(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -43,7 +44,7 @@ def _in_process(module_name: str, argv: list[str]) -> None:
     mod = importlib.import_module(module_name)
     parser = mod.build_parser()
     main = mod.main if module_name == "eval_merged_12" else (lambda a: mod.main(a, parser))
-    from utils.session import run_main
+    from utils.cli.run import run_main
 
     assert run_main(main, parser, argv) == 0
 

@@ -14,48 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_hf_teacher
+from helpers import SENTENCE, load_elsewhere, make_hf_teacher, model_inputs, perturb
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher
 from models.compress import clone_model, compose, compress_attention, init_attention, init_merged_layer
 from models.export import ExportError, check_writable_target, export_pretrained
-
-ROOT = Path(__file__).resolve().parents[1]
-SENTENCE = "the small cat sees the [MASK] ."
-
-LOADER = r'''
-import importlib.util, json, sys
-import torch
-assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
-from transformers import AutoModel, AutoModelForMaskedLM, pipeline
-cases, sentence = json.loads(sys.argv[1]), sys.argv[2]
-report = {}
-for name, c in cases.items():
-    x = torch.load(c["inputs"])
-    remote = c["remote"]
-    if c["mlm"]:
-        m = AutoModelForMaskedLM.from_pretrained(c["dir"], trust_remote_code=remote).eval()
-        with torch.no_grad():
-            out = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
-        fill = pipeline("fill-mask", model=c["dir"], trust_remote_code=remote)(sentence, top_k=3)
-        report[name] = {"class": type(m).__name__, "fill": [f["token"] for f in fill]}
-    else:
-        m = AutoModel.from_pretrained(c["dir"], trust_remote_code=remote).eval()
-        with torch.no_grad():
-            out = m(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
-        report[name] = {"class": type(m).__name__}
-    torch.save(out, c["out"])
-print("REPORT " + json.dumps(report))
-'''
-
-
-def _perturb(model: BertForMaskedLM, seed: int = 0) -> BertForMaskedLM:
-    """Random-init LayerNorms are identity and biases 0: move them so every weight is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
@@ -75,33 +37,11 @@ def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     out["merged_plain"] = clone_model(compose(teacher, merges={1: (layer, plain)}))
     pruned = ModelConfig.from_dict(cfg.to_dict())
     pruned.layers = [LayerSpec(8, 4, f, [i], "pruned") for i, f in enumerate((64, 40, 24))]
-    out["pruned_ffn"] = _perturb(BertForMaskedLM(pruned), seed=1)
+    out["pruned_ffn"] = perturb(BertForMaskedLM(pruned), seed=1)
     enc = ModelConfig.from_dict({**cfg.to_dict(), "has_mlm_head": False})
     enc.layers = [LayerSpec(2, 8, 64, [0], "block"), LayerSpec(8, 4, 32, [1], "pruned")]
-    out["encoder_only"] = _perturb(BertForMaskedLM(enc), seed=2)
+    out["encoder_only"] = perturb(BertForMaskedLM(enc), seed=2)
     return {k: m.eval() for k, m in out.items()}
-
-
-def load_elsewhere(cases: dict, tmp: Path) -> subprocess.CompletedProcess:
-    """LOADER in a fresh process, from a folder outside the repository and with PYTHONPATH cleared, so that only
-    the exported files (and transformers) can be imported; it must succeed."""
-    cwd = tmp / "elsewhere"
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), SENTENCE], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def _inputs(vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, vocab, (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[2, 4:] = 0
-    return {"ids": ids, "mask": mask}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +49,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     teacher, tok = load_teacher(make_hf_teacher(tmp / "teacher", layers=3, hidden=32, heads=8, ffn=64))
     students = _students(teacher)
-    x = _inputs(teacher.config.vocab_size)
+    x = model_inputs(teacher.config.vocab_size)
     torch.save(x, tmp / "inputs.pt")
     cases, kinds = {}, {}
     for name, m in students.items():
@@ -124,6 +64,7 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["blocks_4_heads", "mixed_heads", "merged_3_to_2", "merged_plain", "pruned_ffn",
                                   "encoder_only"])
+@pytest.mark.slow
 def test_export_loads_elsewhere_with_same_outputs(exported, name):
     model, case, x = exported["students"][name], exported["cases"][name], exported["x"]
     with torch.no_grad():
@@ -155,6 +96,7 @@ def test_export_loads_elsewhere_with_same_outputs(exported, name):
         assert report["fill"] == top
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blocks_4_heads", "mixed_heads", "merged_3_to_2", "pruned_ffn", "encoder_only"])
 def test_onnx_matches_ours(exported, name, tmp_path):
     pytest.importorskip("onnxruntime")
@@ -181,7 +123,7 @@ def test_export_targets_checked_before_work(tmp_path):
 
 def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_corpus, tmp_path, capsys):
     import finetune_merged
-    from utils.session import run_main
+    from utils.cli.run import run_main
 
     (tmp_path / "a_file").write_text("x")
     argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--drop-every-second", "--out",
@@ -235,7 +177,7 @@ def decoder_exported(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("decoder_export")
     teacher, tok = load_teacher(tiny_llama)
     students = {k: clone_model(m).eval() for k, m in _decoder_students(teacher).items()}
-    ids, mask = _inputs(teacher.config.vocab_size).values()
+    ids, mask = model_inputs(teacher.config.vocab_size).values()
     x = {"ids": ids, "mask": mask, "prompt": ids[:2, :5]}
     torch.save(x, tmp / "inputs.pt")
     cases, kinds = {}, {}
@@ -255,6 +197,7 @@ def decoder_exported(tmp_path_factory, tiny_llama):
             "report": json.loads(line[len("REPORT "):])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["heterogeneous", "merged_and_dropped", "teacher_shape"])
 def test_decoder_export_loads_elsewhere_and_generates_like_ours(decoder_exported, name):
     model, case, x = decoder_exported["students"][name], decoder_exported["cases"][name], decoder_exported["x"]
@@ -269,6 +212,7 @@ def test_decoder_export_loads_elsewhere_and_generates_like_ours(decoder_exported
     assert case["remote"] == (name != "teacher_shape")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["heterogeneous", "merged_and_dropped"])
 def test_decoder_onnx_matches_ours(decoder_exported, name, tmp_path):
     pytest.importorskip("onnxruntime")

@@ -10,13 +10,13 @@ import torch
 
 import eval_merged_12
 import retrain_single_block
-from conftest import make_hf_teacher
+from helpers import common_args, load_elsewhere, make_hf_teacher, model_inputs, perturb
+from helpers import run_in_process as _run
 from models import BertAttention, LayerSpec, load_teacher
 from models.bert import extended_mask
 from models.compress import init_attention
-from test_export import _inputs, _perturb, load_elsewhere
-from test_pipeline import _common, _run
 from utils import assemble
+from utils.training.students import load_model
 
 
 def _hand_gqa(attn: BertAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_gqa_block_trains(tiny_teacher):
 
 
 def test_gqa_retrain_assemble_evaluate_export(tiny_teacher, tiny_corpus, tmp_path):
-    c = _common(tiny_teacher, tiny_corpus)
+    c = common_args(tiny_teacher, tiny_corpus)
     assert _run(retrain_single_block, c + ["--block", "all", "--heads", "4", "--kv-heads", "2", "--epochs", "2",
                                            "--init", "teacher", "--head-dim", "6", "--out", str(tmp_path)]) == 0
     run = tmp_path / "blocks_h4_d6_kv2_output_mse"
@@ -123,7 +123,7 @@ def test_gqa_retrain_assemble_evaluate_export(tiny_teacher, tiny_corpus, tmp_pat
                                            "--out", str(tmp_path / "other")]) == 1
     assert assemble.main(["--teacher", str(tiny_teacher), "--blocks", str(run), "--out", str(tmp_path / "asm"),
                           "--export-hf", str(tmp_path / "hf"), "--export-onnx", str(tmp_path / "m.onnx")]) == 0
-    model, _ = assemble.load_model(tmp_path / "asm")
+    model, _ = load_model(tmp_path / "asm")
     assert [s.attention for s in model.config.layers] == ["gqa", "gqa"]
     assert [s.num_kv_heads for s in model.config.layers] == [2, 2]
     assert _run(eval_merged_12, c + ["--model", str(tmp_path / "asm"), "--out", str(tmp_path / "ev")]) == 0
@@ -132,6 +132,7 @@ def test_gqa_retrain_assemble_evaluate_export(tiny_teacher, tiny_corpus, tmp_pat
     assert any(tmp_path.glob("m*.onnx"))  # written, and checked against ours (1e-4) by the exporter itself
 
 
+@pytest.mark.slow
 def test_gqa_export_parity(tmp_path):
     teacher, tok = load_teacher(make_hf_teacher(tmp_path / "teacher", layers=2, hidden=32, heads=8, ffn=64))
     cfg = teacher.config
@@ -142,10 +143,10 @@ def test_gqa_export_parity(tmp_path):
     from models.compress import clone_model, compose
     from models.export import export_pretrained
 
-    model = _perturb(clone_model(compose(teacher, blocks=blocks)), seed=4)
+    model = perturb(clone_model(compose(teacher, blocks=blocks)), seed=4)
     folder, kind = export_pretrained(model, tmp_path / "hf", tok)
     assert kind.startswith("CompactBertForMaskedLM")
-    x = _inputs(cfg.vocab_size)
+    x = model_inputs(cfg.vocab_size)
     torch.save(x, tmp_path / "inputs.pt")
     case = {"gqa": {"dir": str(folder), "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "out.pt"),
                     "mlm": True, "remote": True}}

@@ -20,11 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_hf_teacher
-from test_reliability import (_env, _in_process, assert_clean_failure, data_args, last_line, run_script, toy_batches,
-                              toy_trainer)
+from helpers import (ROOT, compact_student, data_args, in_process, last_line, script_env, tiny_cache, toy_batches,
+                     toy_trainer)
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -40,20 +38,9 @@ def one_line(err: str, *needles: str) -> str:
 
 def run_python(code: str, *args, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -c code args`` from the repository root (tests/ importable too)."""
-    env = _env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = script_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def tiny_cache(teacher_dir: Path, root: Path, sentences: int = 40):
-    """A TeacherCache of the tiny teacher over a few tokenised sentences."""
-    from conftest import make_sentences
-    from models import load_teacher, weights_hash
-    from utils.features import TeacherCache
-
-    teacher, tok = load_teacher(teacher_dir)
-    ids = [tok(s)["input_ids"] for s in make_sentences(sentences, seed=5)]
-    return TeacherCache(root, teacher, weights_hash(teacher), ids, str(teacher_dir), 40)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,7 +68,7 @@ def test_4_disk_full_during_cache_build_is_one_line_and_leaves_no_temporary(tiny
         sys.executable, str(ROOT / "retrain_single_block.py"), "--block", "0",
         *map(str, data_args(tiny_teacher, tiny_corpus)), "--epochs", "1", "--out", str(tmp_path / "out"),
         "--cache-teacher", "--cache-dir", str(mount)]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 1, (r.returncode, r.stderr[-3000:])  # before: 135 (Bus error), no line
     line = one_line(r.stderr, "No space left on device", str(mount))
     assert ".npy.tmp." in line  # names the file it could not write
@@ -95,8 +82,8 @@ KILL_DURING_BUILD = r'''
 import os, signal, sys
 from pathlib import Path
 import torch
-import utils.features as F
-from test_hostile import tiny_cache
+import utils.storage.features as F
+from helpers import tiny_cache
 
 real = F.teacher_features
 def dying(*args, **kwargs):  # the first batch is computed and written, then the builder dies
@@ -107,6 +94,7 @@ tiny_cache(Path(sys.argv[1]), Path(sys.argv[2])).ensure(["in_0", "block_0"], 8, 
 '''
 
 
+@pytest.mark.slow
 def test_5_kill9_during_cache_build_leaves_nothing_for_good(tiny_teacher, tmp_path):
     root = tmp_path / "cache"
     r = run_python(KILL_DURING_BUILD, tiny_teacher, root)
@@ -133,7 +121,7 @@ def test_5_a_live_builders_temporary_files_are_kept(tiny_teacher, tmp_path):
 # 9. a cached array of the wrong dtype or row count, with a matching size/sha record: named and rebuilt, never used
 def _forge(cache, name: str, content: np.ndarray | bytes) -> None:
     """Replace a feature's file by ``content`` and record its true size and sha256 (as if a build had written it)."""
-    from utils.features import _file_sha256
+    from utils.storage.features import _file_sha256
 
     f = cache.dir / f"{name}.npy"
     if isinstance(content, bytes):
@@ -162,7 +150,7 @@ def test_9_cached_array_of_wrong_dtype_or_shape_is_rebuilt(tiny_teacher, tmp_pat
 # ---------------------------------------------------------------------------------------------------------------
 # 7. discovery while a job saves: folders that vanish between being listed and being read are skipped
 def _saved_block(d: Path, value: float) -> Path:
-    from utils.checkpoint import save_checkpoint
+    from utils.storage.checkpoint import save_checkpoint
 
     meta = {"kind": "block", "layer": 0, "num_heads": 1, "head_dim": 4, "hidden_size": 4, "teacher_hash": "t"}
     return save_checkpoint(d, {"w": torch.full((4, 4), value)}, meta)
@@ -192,7 +180,7 @@ class _Listing:
 
 
 def test_7_discovery_skips_a_folder_removed_while_it_walks(tmp_path, monkeypatch):
-    from utils.checkpoint import find_checkpoints
+    from utils.storage.checkpoint import find_checkpoints
 
     unit = tmp_path / "run" / "block_0"
     _saved_block(unit / "best", 1.0)
@@ -212,7 +200,7 @@ def test_7_discovery_skips_a_folder_removed_while_it_walks(tmp_path, monkeypatch
 
 
 def test_7_discovery_finds_a_checkpoint_whose_swap_completes_while_it_walks(tmp_path, monkeypatch):
-    from utils.checkpoint import find_checkpoints
+    from utils.storage.checkpoint import find_checkpoints
 
     unit = tmp_path / "run" / "block_0"
     prev = _saved_block(unit / "best.prev.otherhost.1.abcd", 1.0)  # the old copy moved aside...
@@ -236,7 +224,7 @@ def test_7_discovery_finds_a_checkpoint_whose_swap_completes_while_it_walks(tmp_
 
 
 def test_7_resolving_a_swap_that_finishes_while_it_reads(tmp_path, monkeypatch):
-    from utils.checkpoint import load_checkpoint, resolve_dir
+    from utils.storage.checkpoint import load_checkpoint, resolve_dir
 
     unit = tmp_path / "block_0"
     _saved_block(unit / "best", 1.0)
@@ -312,7 +300,7 @@ def small_map(layers: int = 2) -> dict:
 def _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, *target) -> tuple[int, str]:
     argv = [*map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(tmp_path / "out"), "--run-name", "p",
             "--cache-dir", str(tmp_path / "cache"), *PLAN_FAST, *map(str, target)]
-    return _in_process("plan_student", argv, capsys)
+    return in_process("plan_student", argv, capsys)
 
 
 @pytest.mark.parametrize("value", ["0.5", "0", "-2", "inf", "nan"])
@@ -344,7 +332,7 @@ def test_2_unreachable_target_with_a_map_is_one_line(tiny_teacher, tiny_corpus, 
 
 
 def test_2_planner_says_what_the_map_reaches():
-    from utils.sensitivity import PlanError, choose_plan
+    from utils.planning.planner import PlanError, choose_plan
 
     with pytest.raises(PlanError, match=r"reach at most 1\.25x"):
         choose_plan(small_map(), target_speedup=3.0)
@@ -388,7 +376,7 @@ def test_3_malformed_map_is_one_line_naming_the_field(tiny_teacher, tiny_corpus,
 
 
 def test_3_a_map_from_sensitivity_map_is_valid(tmp_path):
-    from utils.planning import read_map
+    from utils.planning.students import read_map
 
     (tmp_path / "sensitivity.json").write_text(json.dumps(small_map()))
     assert read_map(str(tmp_path)) == small_map()
@@ -401,7 +389,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 import models.onnx_export as ox
 from models.export import export_pretrained
-from test_hostile import compact_student
+from helpers import compact_student
 
 student, tok = compact_student(Path(sys.argv[1]))
 what, out = sys.argv[2], Path(sys.argv[3])
@@ -425,20 +413,11 @@ else:  # the encoder graph written and checked, the masked-LM graph cut short
 '''
 
 
-def compact_student(teacher_dir: Path):
-    """The tiny teacher with 2 of the 4 heads in layer 0: a CompactBERT export."""
-    from models import load_teacher
-    from models.compress import clone_model, compose, compress_attention
-
-    teacher, tok = load_teacher(teacher_dir)
-    blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, 2, 8)[0]}
-    return clone_model(compose(teacher, blocks=blocks)).eval(), tok
-
-
 def _export_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp." in p.name or ".old." in p.name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("previous", [False, True], ids=["new-folder", "over-a-previous-export"])
 def test_6_kill9_during_hf_export_leaves_no_half_folder(tiny_teacher, tmp_path, previous):
     from models.export import export_pretrained
@@ -461,6 +440,7 @@ def test_6_kill9_during_hf_export_leaves_no_half_folder(tiny_teacher, tmp_path, 
     assert (out / "modeling_compact_bert.py").stat().st_size > 0 and (out / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_6_kill9_during_onnx_export_leaves_no_truncated_graph(tiny_teacher, tmp_path):
     from models.onnx_export import encoder_path, export_onnx
 
@@ -488,7 +468,7 @@ def test_6_an_export_never_replaces_a_folder_that_is_not_a_model(tiny_teacher, t
     with pytest.raises(ExportError, match="holds files but no model"):
         export_pretrained(student, keep, tok)
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
-    code, err = _in_process("finetune_merged", [*map(str, data_args(tiny_teacher, tiny_corpus)), "--drop-every-second",
+    code, err = in_process("finetune_merged", [*map(str, data_args(tiny_teacher, tiny_corpus)), "--drop-every-second",
                                                 "--out", str(tmp_path / "runs"), "--export-hf", str(keep)], capsys)
     assert code == 1 and not (tmp_path / "runs").exists()  # refused before any training
     one_line(err, "--export-hf folder", "holds files but no model")
@@ -575,7 +555,7 @@ def test_1_broken_teacher_folder_is_one_line_before_any_work(tiny_teacher, tiny_
     bad = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, bad)
     mutate(bad)
-    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(bad, tiny_corpus)),
+    code, err = in_process("retrain_single_block", ["--block", "0", *map(str, data_args(bad, tiny_corpus)),
                                                      "--out", str(tmp_path / "out")], capsys)
     assert code == 1, err[-3000:]  # before (4 of them): a traceback, or a failure only after the teacher loaded
     one_line(err, message, str(bad))
@@ -643,12 +623,14 @@ def _stop_lines(err: str) -> list[str]:
     return [l for l in err.splitlines() if l.startswith(("stopped by", "interrupted"))]
 
 
+@pytest.mark.slow
 def test_8_signal_while_the_script_imports(tiny_teacher, tiny_corpus, tmp_path):
     r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "import")
     assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by SIGUSR1 (138 in a shell)
     assert _stop_lines(r.stderr) == ["stopped by SIGUSR1 while starting (nothing to save yet)"] == [last_line(r.stderr)]
 
 
+@pytest.mark.slow
 def test_8_signal_while_python_m_utils_assemble_imports(tiny_teacher, tmp_path):
     r = run_python(SIGNAL_AT, "import", "", "-mutils.assemble", "--teacher", tiny_teacher, "--blocks", tmp_path,
                    "--out", tmp_path / "assembled")
@@ -656,6 +638,7 @@ def test_8_signal_while_python_m_utils_assemble_imports(tiny_teacher, tmp_path):
     assert last_line(r.stderr) == "stopped by SIGUSR1 while starting (nothing to save yet)"
 
 
+@pytest.mark.slow
 def test_8_signal_right_after_results_written(tiny_teacher, tiny_corpus, tmp_path):
     r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "marks", "results written to")
     assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by SIGUSR1, no line
@@ -664,6 +647,7 @@ def test_8_signal_right_after_results_written(tiny_teacher, tiny_corpus, tmp_pat
     assert "after the results were written: nothing was left to do" in last_line(r.stderr)
 
 
+@pytest.mark.slow
 def test_8_second_signal_after_the_stop_line_before_training(tiny_teacher, tiny_corpus, tmp_path):
     r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "marks", "teacher ", "stopped by")
     assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: a traceback and exit 1 (or 138)
@@ -672,6 +656,7 @@ def test_8_second_signal_after_the_stop_line_before_training(tiny_teacher, tiny_
     assert last_line(r.stderr).startswith("stopped by SIGUSR1 while not training: nothing to save")
 
 
+@pytest.mark.slow
 def test_8_second_signal_after_the_stop_line_of_training(tiny_teacher, tiny_corpus, tmp_path):
     r = _signalled_run(tiny_teacher, tiny_corpus, tmp_path, "marks", "epoch 1/1", "stopped by")
     assert r.returncode == 143, (r.returncode, r.stderr[-2000:])  # before: killed by the second SIGUSR1, 138
@@ -691,7 +676,7 @@ def test_8_signal_while_weights_load_is_a_stop_not_a_teacher_error(tiny_teacher,
         return real(folder)
 
     monkeypatch.setattr(models.hf, "read_state_dict", read_state_dict)
-    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
+    code, err = in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
                                                      "--out", str(tmp_path / "out")], capsys)
     assert code == 143, err[-2000:]  # before: "error: teacher weights ... cannot be read: stopped by SIGTERM", exit 1
     assert last_line(err).startswith("stopped by SIGTERM while not training")
@@ -700,8 +685,8 @@ def test_8_signal_while_weights_load_is_a_stop_not_a_teacher_error(tiny_teacher,
 def test_8_signal_after_the_loops_last_check_is_not_lost(tmp_path, capsys, monkeypatch):
     import argparse
 
-    from utils.session import run_main
-    from utils.train import Trainer
+    from utils.cli.run import run_main
+    from utils.training.loop import Trainer
 
     real = Trainer._end_epoch
 
@@ -764,7 +749,7 @@ def _run_batch_script(tmp_path: Path, script: str, env: dict[str, str], signal_w
     (stubs / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
     (stubs / "scontrol").chmod(0o755)
     (tmp_path / "job.sh").write_text(script)
-    env = {**_env(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0", "FAKE_READY": str(tmp_path / "ready"),
+    env = {**script_env(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0", "FAKE_READY": str(tmp_path / "ready"),
            **env, "PATH": os.pathsep.join([str(stubs), env.get("PATH", os.environ["PATH"])])}
     shell = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -780,6 +765,7 @@ def _run_batch_script(tmp_path: Path, script: str, env: dict[str, str], signal_w
 
 @pytest.mark.parametrize("mode, code, requeued", [("exits-143", 143, True), ("killed-by-the-signal", 138, True),
                                                   ("finished-anyway", 0, False), ("fails-at-once", 1, False)])
+@pytest.mark.slow
 def test_8_slurm_script_requeues_after_a_stop_whatever_the_job_did(tmp_path, mode, code, requeued):
     fake_bin = tmp_path / "fake_bin"
     fake_bin.mkdir()
@@ -792,6 +778,7 @@ def test_8_slurm_script_requeues_after_a_stop_whatever_the_job_did(tmp_path, mod
     assert calls == (["requeue 7_0"] if requeued else [])
 
 
+@pytest.mark.slow
 def test_8_slurm_script_requeues_a_real_job_stopped_while_it_starts(tiny_teacher, tiny_corpus, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()

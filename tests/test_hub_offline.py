@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ADJS, NOUNS, make_hf_teacher, make_sentences
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ADJS, NOUNS, ROOT, make_hf_teacher, make_sentences
 REV = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id: refs/main points at it
 
 
@@ -53,6 +53,7 @@ def build_hub_cache(hf_home: Path) -> Path:
     return hub
 
 
+@pytest.mark.slow
 def test_readme_defaults_run_offline_from_hub_cache(tmp_path):
     hf_home = tmp_path / "hf_home"
     build_hub_cache(hf_home)
@@ -84,10 +85,11 @@ def test_readme_defaults_run_offline_from_hub_cache(tmp_path):
     assert (ckpt / "assembled_hf" / "modeling_compact_bert.py").is_file()
 
 
+@pytest.mark.slow
 def test_wikitext2_sentences_from_hub_cache(tmp_path):
     """The dataset alone: headings and blank lines dropped, paragraphs cut into sentences, ` @-@ ` kept as is."""
     build_hub_cache(tmp_path / "hf_home")
-    code = ("from utils.data import load_wikitext2; import json; "
+    code = ("from utils.data.text import load_wikitext2; import json; "
             "print(json.dumps({s: load_wikitext2(s) for s in ('train', 'valid', 'test')}))")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_CACHE", None)

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_hf_teacher, write_corpus
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.session import run_main
+from helpers import ROOT, make_hf_teacher, write_corpus
+from utils.cli.run import run_main
+from utils.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _env() -> dict[str, str]:
@@ -45,7 +45,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def _in_process(argv: list[str], after_step=None, monkeypatch=None) -> int:
     """retrain_single_block's main through run_main, in this process; ``after_step`` is injected into the loop."""
     import retrain_single_block
-    from utils import train
+    from utils.training import loop as train
 
     if after_step is not None:
         init = train.Trainer.__init__
@@ -79,6 +79,7 @@ def _block_args(teacher: Path, corpus: Path, *extra) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_four_block_jobs_at_once_into_one_out(four_layers, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -119,7 +120,7 @@ def test_four_block_jobs_at_once_into_one_out(four_layers, tmp_path, monkeypatch
 
 
 def test_second_job_for_a_running_unit_is_refused_and_a_stale_lock_taken_over(four_layers, tmp_path, capsys):
-    from utils.lock import UnitBusy, UnitLock
+    from utils.storage.lock import UnitBusy, UnitLock
 
     teacher, corpus = four_layers
     unit = tmp_path / "out" / "blocks_h2_d8_output_mse" / "block_1"
@@ -177,6 +178,7 @@ def test_readers_never_see_a_mix_while_a_writer_saves(tmp_path):
     assert loads >= 300 and not failures, failures[:3]
 
 
+@pytest.mark.slow
 def test_shared_cache_built_once_and_damaged_files_rebuilt(four_layers, tmp_path):
     teacher, corpus = four_layers
     cache = tmp_path / "cache"
@@ -237,16 +239,19 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_the_uninterrupted_run(four_lay
             assert _equal(ref, got), (workers, b, which)
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_saves_and_exits_143(four_layers, tmp_path):
     teacher, corpus = four_layers
     corpus = write_corpus(tmp_path / "big", n_train=1500, n_valid=24)  # long enough to be stopped while training
-    args = ["--block", "2", *_block_args(teacher, corpus, "--out", tmp_path / "o", "--epochs", "1", "--batch-size", "4")]
+    # a resume point every 5 steps: the first one proves that training has started (no guess at how long set-up takes)
+    args = ["--block", "2", *_block_args(teacher, corpus, "--out", tmp_path / "o", "--epochs", "1", "--batch-size", "4",
+                                         "--save-every-steps", "5")]
     p = subprocess.Popen(_cmd(*args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     record = tmp_path / "o" / "blocks_h2_d8_output_mse" / "block_2" / "run.json"
-    deadline = time.monotonic() + 120
-    while not record.exists() and p.poll() is None and time.monotonic() < deadline:
+    first_step = record.parent / "resume" / "meta.json"
+    deadline = time.monotonic() + 300
+    while not first_step.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     so, se = p.communicate(timeout=120)
     assert p.returncode == 143, se[-3000:]
@@ -296,8 +301,8 @@ def test_resume_refuses_another_setup_or_a_foreign_train_state(four_layers, tmp_
 def test_discovery_reads_a_checkpoint_caught_mid_swap_like_direct_loading(tiny_teacher, tmp_path):
     """A kill between the two renames of a save leaves only ``best.prev.*``: assemble uses it, as load does."""
     from models import BertAttention, load_teacher, weights_hash
-    from utils.assemble import build_student
-    from utils.checkpoint import find_checkpoints
+    from utils.storage.checkpoint import find_checkpoints
+    from utils.training.students import build_student
 
     teacher, _ = load_teacher(tiny_teacher)
     attn = BertAttention(teacher.config, 2, 8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_decoder_teacher
+from helpers import make_decoder_teacher
 from models import LayerSpec, load_teacher
 from models.compress import compose, head_importance, init_attention, init_merged_layer, neuron_scores
 
@@ -31,7 +31,7 @@ def _padded(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor
 def test_parity_with_transformers(tmp_path, model_type, kw):
     import transformers
 
-    from conftest import DECODERS
+    from helpers import DECODERS
 
     folder = make_decoder_teacher(tmp_path / "t", model_type, **kw)
     hf = getattr(transformers, DECODERS[model_type][1]).from_pretrained(str(folder)).eval()
@@ -139,7 +139,7 @@ def test_layer_units_without_attention_narrower_ffn_and_dropped(tiny_llama):
 
 
 def test_student_of_every_kind_round_trips_through_its_checkpoint(tiny_llama, tmp_path):
-    from utils.assemble import load_model, save_model
+    from utils.training.students import load_model, save_model
 
     ours, _ = load_teacher(tiny_llama)
     cfg = ours.config
@@ -161,7 +161,7 @@ def test_student_of_every_kind_round_trips_through_its_checkpoint(tiny_llama, tm
 def test_teacher_spread_over_a_device_map_gives_the_same_features(tiny_llama):
     """The multi-device cache path (accelerate's dispatch, hidden states following the layers), run on CPU."""
     from models.hf import dispatch
-    from utils.features import teacher_features
+    from utils.storage.features import teacher_features
 
     ref, _ = load_teacher(tiny_llama)
     spread, _ = load_teacher(tiny_llama)
@@ -169,7 +169,7 @@ def test_teacher_spread_over_a_device_map_gives_the_same_features(tiny_llama):
                                "model.norm": "cpu", "lm_head": "cpu"})
     ids, mask = _padded(ref.config.vocab_size, [10, 7])
     names = [f"{k}_{i}" for i in range(4) for k in ("in", "block")] + ["out_3"]
-    a, b = teacher_features(ref, ids, mask, names), teacher_features(spread, ids, mask, names)
+    a, b = teacher_features(ref, ids, mask, names=names), teacher_features(spread, ids, mask, names=names)
     assert all(torch.equal(a[n], b[n]) for n in names)
     with torch.no_grad():
         assert torch.equal(ref(ids, mask).logits, spread(ids, mask).logits)

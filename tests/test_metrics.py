@@ -6,9 +6,10 @@ import torch
 
 from models import load_teacher
 from models.compress import drop_every_second
-from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader
-from utils.evaluate import (Agreement, BatchOutputs, JudgeAgreement, PerSentence, TopKAccuracy, compare_models,
-                            make_metrics)
+from utils.data.batches import TokenizedSentences, make_loader
+from utils.data.text import DataConfig, load_sentences
+from utils.evaluation.metrics import (Agreement, BatchOutputs, JudgeAgreement, PerSentence, TopKAccuracy,
+                                      compare_models, make_metrics)
 
 
 def _outputs(target, teacher_top, student_top, judge_top=None) -> BatchOutputs:
@@ -58,7 +59,7 @@ def test_a_new_metric_is_one_class():
 def models_and_data(tiny_teacher, tiny_corpus):
     teacher, tok = load_teacher(tiny_teacher)
     student, _ = drop_every_second(teacher)
-    ds = TokenizedSentences(load_sentences(DataSpec(data_dir=str(tiny_corpus)), "test"), tok, 40)
+    ds = TokenizedSentences(load_sentences(DataConfig(data_dir=str(tiny_corpus)), "test"), tok, 40)
     return teacher, student, tok, ds
 
 
@@ -68,7 +69,8 @@ def test_results_do_not_depend_on_the_batching(models_and_data):
     res = {}
     for bs in (7, 64):
         loader, _ = make_loader(ds, tok, bs, shuffle=False)
-        res[bs] = compare_models(teacher, student, loader, tok, torch.device("cpu"), teacher, tok)
+        res[bs] = compare_models(teacher, student, loader, tokenizer=tok, device=torch.device("cpu"), judge=teacher,
+                                 judge_tokenizer=tok)
     a, b = res[7].metrics, res[64].metrics
     assert a["sentences"] == b["sentences"] == len(ds)
     for k in ("teacher_top1", "student_top5", "agreement_top1", "judge_top1", "student_in_judge_top10"):

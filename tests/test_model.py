@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hf_teacher
+from helpers import make_hf_teacher
 from models import BertAttention, BertLayer, LayerSpec, export_hf, hf_export_problem, load_teacher
 from models.compress import clone_model, compose, compress_attention, init_merged_layer
-from utils.assemble import load_model, save_model
+from utils.training.students import load_model, save_model
 
 
 def _batch(vocab: int):

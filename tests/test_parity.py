@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import installed_model, make_hf_teacher
+from helpers import installed_model, make_hf_teacher
 from models import load_teacher
 
 

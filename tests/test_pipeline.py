@@ -12,15 +12,17 @@ import finetune_merged
 import retrain_merge
 import retrain_single_block
 from utils import assemble
-from conftest import run_in_process as _run
+from utils.training.students import load_model
+from helpers import common_args
+from helpers import run_in_process as _run
 
 
-def _common(teacher, corpus):
+def common_args(teacher, corpus):
     return ["--teacher", str(teacher), "--data-dir", str(corpus), "--device", "cpu", "--batch-size", "16"]
 
 
 def test_blocks_assemble_evaluate(tiny_teacher, tiny_corpus, tmp_path, capsys):
-    c = _common(tiny_teacher, tiny_corpus)
+    c = common_args(tiny_teacher, tiny_corpus)
     assert _run(retrain_single_block, c + ["--block", "all", "--heads", "2", "--head-dim", "4", "--epochs", "2",
                                            "--out", str(tmp_path), "--run-name", "r", "--cache-teacher",
                                            "--cache-dir", str(tmp_path / "cache"), "--print-samples"]) == 0
@@ -49,7 +51,7 @@ def test_blocks_assemble_evaluate(tiny_teacher, tiny_corpus, tmp_path, capsys):
 
 
 def test_teacher_without_mlm_head_end_to_end(tiny_encoder, tiny_corpus, tmp_path, capsys):
-    c = _common(tiny_encoder, tiny_corpus)
+    c = common_args(tiny_encoder, tiny_corpus)
     assert _run(retrain_single_block, c + ["--block", "all", "--heads", "2", "--epochs", "1", "--out", str(tmp_path),
                                            "--run-name", "r"]) == 0
     assert assemble.main(["--teacher", str(tiny_encoder), "--blocks", str(tmp_path / "r"),
@@ -65,11 +67,11 @@ def test_teacher_without_mlm_head_end_to_end(tiny_encoder, tiny_corpus, tmp_path
 
 
 def test_merge_eval_conditioned_finetune_export(tmp_path, tiny_corpus, capsys):
-    from conftest import make_hf_teacher
+    from helpers import make_hf_teacher
     from transformers import BertForMaskedLM
 
     teacher = make_hf_teacher(tmp_path / "t4", layers=4)
-    c = _common(teacher, tiny_corpus)
+    c = common_args(teacher, tiny_corpus)
     assert _run(retrain_merge, c + ["--block", "0", "--block_heads", "4", "--block_d_k", "8", "--epochs", "1",
                                     "--out", str(tmp_path), "--run-name", "m"]) == 0
     assert _run(eval_merge_layer, c + ["--block", "0", "--block_heads", "4", "--block_d_k", "8",
@@ -99,7 +101,7 @@ def test_merge_eval_conditioned_finetune_export(tmp_path, tiny_corpus, capsys):
     assert [l["origin"] for l in meta["config"]["layers"]] == [[0, 1], [2, 3]]
     assert json.loads((tmp_path / "finetune_merged" / "eval" / "results.json").read_text())["metrics"]["sentences"] == 64
     # the Hugging Face export loads with from_pretrained and gives the same outputs
-    model, _ = assemble.load_model(best)
+    model, _ = load_model(best)
     hf = BertForMaskedLM.from_pretrained(str(hf_dir)).eval()
     ids = torch.randint(5, model.config.vocab_size, (2, 7))
     with torch.no_grad():

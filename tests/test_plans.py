@@ -9,11 +9,12 @@ import pytest
 
 import sensitivity_map
 from bench import plans
-from utils.assemble import load_model
-from utils.checkpoint import load_checkpoint
-from utils.sensitivity import Option, choose_plan, default_options
-from utils.session import run_main
-from utils.units import spec_from_meta
+from utils.cli.run import run_main
+from utils.planning.planner import choose_plan
+from utils.planning.sensitivity import Option, default_options
+from utils.storage.checkpoint import load_checkpoint
+from utils.training.students import load_model
+from utils.training.units import spec_from_meta
 
 FAST = ["--device", "cpu", "--batch-size", "16", "--epochs", "1", "--max-steps-per-epoch", "3", "--latency-reps", "2",
         "--eval-sentences", "32", "--valid-batches", "1"]

@@ -11,9 +11,9 @@ import finetune_merged
 import retrain_single_block
 from models import load_teacher
 from models.compress import compress_attention, random_attention
-from utils.distill import BlockDistill, block_relation_heads
-from utils.losses import attention_vectors, relation_heads_for, relation_loss
-from utils.session import run_main
+from utils.cli.run import flags_in_errors, run_main
+from utils.training.losses import attention_vectors, relation_heads_for, relation_loss
+from utils.training.tasks import BlockDistill, block_relation_heads
 
 
 def _hand_relation_kl(s: torch.Tensor, t: torch.Tensor, n_valid: list[int], heads: int) -> float:
@@ -78,13 +78,13 @@ def test_relations_across_head_counts(tiny_teacher):
     valid = att.bool()
     t_vec = attention_vectors(t_attn, x)
     copy, _ = compress_attention(t_attn, cfg, 4, 8)
-    assert relation_loss(attention_vectors(copy, x), t_vec, valid, 4).item() == pytest.approx(0.0, abs=1e-5)
+    assert relation_loss(attention_vectors(copy, x), t_vec, valid, heads=4).item() == pytest.approx(0.0, abs=1e-5)
     for heads, head_dim in ((2, 8), (1, 8), (2, 4), (8, 8)):
         student = random_attention(t_attn, cfg, heads, head_dim)
         r = block_relation_heads(t_attn, student, None)
-        loss = relation_loss(attention_vectors(student, x), t_vec, valid, r)
+        loss = relation_loss(attention_vectors(student, x), t_vec, valid, heads=r)
         assert torch.isfinite(loss) and loss.item() > 0
-    with pytest.raises(ValueError, match="--relation-heads 3 must divide"):
+    with pytest.raises(ValueError, match="--relation-heads 3 must divide"), flags_in_errors():
         block_relation_heads(t_attn, random_attention(t_attn, cfg, 2, 8), 3)
 
 

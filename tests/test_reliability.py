@@ -5,7 +5,6 @@ teacher and corpus of conftest.py; the training loop's failure paths run in-proc
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -13,157 +12,25 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import make_hf_teacher
-from utils.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from utils.train import TrainConfig, Trainer, TrainingDiverged, Unit
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# helpers
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.update(extra)
-    return env
-
-
-def _cmd(script: str, *args) -> list[str]:
-    head = [sys.executable, "-m", script] if not script.endswith(".py") else [sys.executable, str(ROOT / script)]
-    return head + [str(a) for a in args]
-
-
-def run_script(script: str, *args, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(script, *args), cwd=ROOT, env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_parallel(jobs: list[tuple[str, list]], timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Several short script runs at once (each mostly waits on imports)."""
-    procs = [(subprocess.Popen(_cmd(s, *a), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True), s, a) for s, a in jobs]
-    out = []
-    for p, s, a in procs:
-        so, se = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(_cmd(s, *a), p.returncode, so, se))
-    return out
-
-
-def last_line(text: str) -> str:
-    lines = [l for l in text.splitlines() if l.strip()]
-    return lines[-1] if lines else ""
-
-
-@contextlib.contextmanager
-def restored_logging():
-    """Scripts run in-process point the root logger at the (captured) stderr of the moment: undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-def _in_process(module_name: str, argv: list[str], capsys) -> tuple[int, str]:
-    """A script's main through run_main in this process: (exit code, stderr)."""
-    import importlib
-
-    from utils.session import run_main
-
-    mod = importlib.import_module(module_name)
-    parser = mod.build_parser()
-    main = (lambda a: mod.main(a, parser)) if module_name.startswith("retrain") else mod.main
-    with restored_logging():
-        try:
-            code = run_main(main, parser, argv)  # what the script passes to sys.exit
-        except SystemExit as e:  # argparse errors
-            code = e.code
-    return code, capsys.readouterr().err
-
-
-def data_args(teacher: Path, corpus: Path) -> list:
-    return ["--teacher", teacher, "--data-dir", corpus, "--device", "cpu"]
-
-
-def assert_clean_failure(r: subprocess.CompletedProcess, code: int = 1, *needles: str) -> str:
-    """Non-zero exit with one 'error: ...' line naming the problem, no traceback, no claim of results."""
-    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "results written to" not in r.stdout
-    err = last_line(r.stderr)
-    assert err.startswith("error:") or (code == 2 and ": error:" in err), err
-    for n in needles:
-        assert n in r.stderr, (n, r.stderr[-2000:])
-    return err
-
-
-def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-# ---- a toy task for the training loop's failure paths ----
-class Toy(nn.Module):
-    """Linear regression; can poison the loss (NaN) or only the gradient (finite loss, NaN weights) at a call."""
-
-    def __init__(self, nan_loss_at: int | None = None, nan_grad_at: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(4, 1)
-        self.nan_loss_at, self.nan_grad_at, self.calls = nan_loss_at, nan_grad_at, 0
-        g = torch.Generator().manual_seed(1)
-        self.valid = {"x": torch.randn(16, 4, generator=g), "y": torch.randn(16, generator=g)}
-
-    def forward(self, batch):
-        self.calls += 1
-        loss = ((self.lin(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
-        if self.calls == self.nan_loss_at:
-            loss = loss * float("nan")
-        if self.calls == self.nan_grad_at:
-            w = self.lin.weight  # sqrt at 0: the loss stays finite, its gradient is 0 * inf = NaN
-            loss = loss + torch.sqrt(((w - w.detach()) ** 2).sum())
-        return loss, {}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        return {"toy/loss": float(((self.lin(self.valid["x"]).squeeze(-1) - self.valid["y"]) ** 2).mean())}
-
-
-STEPS = 4  # batches per toy epoch
-
-
-def toy_batches() -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    return [{"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, generator=g)} for _ in range(STEPS)]
-
-
-def toy_trainer(run_dir: Path, task: Toy | None = None, epochs: int = 3, name: str = "toy", resume: bool = False,
-                force: bool = False, **meta) -> tuple[Trainer, Toy]:
-    task = task or Toy()
-    unit = Unit(name, task.lin, run_dir / name,
-                {"kind": "block", "teacher_hash": "teacher-a", "num_heads": 1, "head_dim": 4, "hidden_size": 4,
-                 "layer": 0, **meta})
-    cfg = TrainConfig(epochs=epochs, lr=1e-2, warmup=0.0, seed=0, resume=resume, force=force)
-    return Trainer(task, [unit], cfg, run_dir, torch.device("cpu"), evaluate=task.evaluate), task
-
-
-def all_finite(sd: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in sd.values())
+from helpers import (ROOT, STEPS, Toy, all_finite, assert_clean_failure, data_args, flip_byte, in_process, last_line,
+                     make_hf_teacher, restored_logging, run_parallel, run_script, script_cmd, script_env, tensors_equal,
+                     toy_batches, toy_trainer)
+from utils.cli.run import flags_in_errors
+from utils.storage.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from utils.training.loop import TrainingDiverged
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. kill -9 mid-epoch, rerun with --resume: bitwise the weights of an uninterrupted run
+@pytest.mark.slow
 def test_1_kill9_mid_epoch_then_resume_matches_uninterrupted_run(tiny_teacher, tmp_path):
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     # 1200 sentences at batch 8: 150 steps an epoch, long enough to be killed in the middle of one; a resume point
     # every 7 steps
@@ -174,7 +41,7 @@ def test_1_kill9_mid_epoch_then_resume_matches_uninterrupted_run(tiny_teacher, t
     log_path = tmp_path / "killed.log"
     position = None
     with open(log_path, "w") as log_f:
-        proc = subprocess.Popen(_cmd(*args, "--out", killed), cwd=ROOT, env=_env(), stdout=log_f,
+        proc = subprocess.Popen(script_cmd(*args, "--out", killed), cwd=ROOT, env=script_env(), stdout=log_f,
                                 stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         try:
@@ -234,7 +101,7 @@ def _ckpt(tmp_path: Path, value: float) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    import utils.checkpoint
+    import utils.storage.checkpoint
 
     path, old = _ckpt(tmp_path, 1.0)
 
@@ -242,7 +109,7 @@ def test_2_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monke
         Path(filename).write_bytes(data[: len(data) // 2])  # leave half a file behind, as a crash mid-write would
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(utils.checkpoint, "_write_file", half_then_fail)
+    monkeypatch.setattr(utils.storage.checkpoint, "_write_file", half_then_fail)
     with pytest.raises(CheckpointError, match="could not write checkpoint .*ck.*previous checkpoint"):
         save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, BLOCK_META)
     monkeypatch.undo()
@@ -285,12 +152,6 @@ def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
-def _flip(p: Path) -> None:
-    b = bytearray(p.read_bytes())
-    b[len(b) - 100] ^= 0xFF  # a byte of tensor data: only the checksum can tell
-    p.write_bytes(bytes(b))
-
-
 def _drop_sha(d: Path) -> None:
     meta = json.loads((d / "meta.json").read_text())
     del meta["weights_sha256"]
@@ -299,7 +160,7 @@ def _drop_sha(d: Path) -> None:
 
 CORRUPTIONS = {
     "truncated": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors", "corrupted or truncated"),
-    "flipped-bytes": (lambda d: _flip(d / "model.safetensors"), "model.safetensors", "corrupted or truncated"),
+    "flipped-bytes": (lambda d: flip_byte(d / "model.safetensors"), "model.safetensors", "corrupted or truncated"),
     # without its checksum nothing vouches for the weights: refused (issue 12), whatever state they are in
     "truncated-no-checksum": (lambda d: (_drop_sha(d), _truncate(d / "model.safetensors")), "meta.json",
                               "required field 'weights_sha256' is missing"),
@@ -323,19 +184,20 @@ def test_3_corrupted_checkpoint_is_refused_naming_file(tmp_path, kind):
 
 def test_3_library_loaders_refuse_a_corrupted_model(tiny_teacher, tmp_path):
     from models import load_teacher, weights_hash
-    from utils.assemble import load_model, save_model
+    from utils.training.students import load_model, save_model
 
     teacher, _ = load_teacher(tiny_teacher)
     d = save_model(teacher, tmp_path / "model", {"teacher": str(tiny_teacher), "teacher_hash": weights_hash(teacher)})
     load_model(d, weights_hash(teacher))  # intact: loads
-    _flip(d / "model.safetensors")
+    flip_byte(d / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors' is corrupted or truncated"):
         load_model(d, weights_hash(teacher))
 
 
+@pytest.mark.slow
 def test_3_eval_script_exits_1_naming_the_truncated_file(tiny_teacher, tiny_corpus, tmp_path):
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
+    from utils.training.students import save_model
 
     teacher, _ = load_teacher(tiny_teacher)
     bad = save_model(teacher, tmp_path / "BAD", {"teacher": str(tiny_teacher), "teacher_hash": weights_hash(teacher)})
@@ -364,13 +226,14 @@ def block_ckpt(tiny_teacher, tmp_path):
 
 
 def test_4_block_checkpoint_mismatches_are_named(block_ckpt):
-    from utils.assemble import load_block, load_merged_layer
+    from utils.training.students import load_block, load_merged_layer
 
     make, cfg, th = block_ckpt
     assert load_block(make("ok"), cfg, th)[0] == 0
     # another teacher: refused, with a hint; --force accepts it
     other = make("other_teacher", teacher_hash="0123456789abcdef")
-    with pytest.raises(CheckpointError, match=r"teacher_hash: checkpoint has '0123456789abcdef'.*--force"):
+    with pytest.raises(CheckpointError, match=r"teacher_hash: checkpoint has '0123456789abcdef'.*--force"), \
+            flags_in_errors():
         load_block(other, cfg, th)
     assert load_block(other, cfg, th, force=True)[0] == 0
     # another shape: refused even with --force
@@ -402,7 +265,8 @@ def test_4_resume_checks_units_teacher_and_shape(tmp_path):
     # another teacher: refused, unless forced
     t, _ = toy_trainer(run, epochs=2, resume=True, teacher_hash="teacher-b")
     with pytest.raises(CheckpointError,
-                       match=r"teacher_hash: checkpoint has 'teacher-a', expected 'teacher-b'.*--force"):
+                       match=r"teacher_hash: checkpoint has 'teacher-a', expected 'teacher-b'.*--force"), \
+            flags_in_errors():
         t.fit(toy_batches())
     # another shape: refused even when forced
     t, _ = toy_trainer(run, epochs=2, resume=True, force=True, num_heads=2)
@@ -453,6 +317,7 @@ def test_5_nan_weights_after_a_finite_last_step_are_never_saved(tmp_path):
         assert meta["epoch"] == 1 and all_finite(sd), which
 
 
+@pytest.mark.slow
 def test_5_script_with_exploding_lr_exits_1_naming_the_step(tiny_teacher, tiny_corpus, tmp_path):
     cases = {"1e30": "loss became nan at epoch 1, step 2", "1e38": "the optimizer step overflowed at epoch 1, step 1"}
     runs = run_parallel([("retrain_single_block.py", ["--block", "0", *data_args(tiny_teacher, tiny_corpus),
@@ -464,6 +329,7 @@ def test_5_script_with_exploding_lr_exits_1_naming_the_step(tiny_teacher, tiny_c
 
 # ---------------------------------------------------------------------------------------------------------------
 # 6. output not writable / disk full
+@pytest.mark.slow
 def test_6_unwritable_output_fails_before_training(tiny_teacher, tiny_corpus, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -539,7 +405,7 @@ BAD_BLOCK_ARGS = {
 def test_7_bad_cli_values_exit_2_and_write_nothing(tiny_teacher, tiny_corpus, tmp_path, capsys, case):
     argv, message = BAD_BLOCK_ARGS[case]
     out = tmp_path / "out"
-    code, err = _in_process("retrain_single_block",
+    code, err = in_process("retrain_single_block",
                             [*argv, *map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(out)], capsys)
     assert code == 2 and "error:" in err and message in err, err
     assert not out.exists()
@@ -554,12 +420,13 @@ def test_7_bad_cli_values_exit_2_and_write_nothing(tiny_teacher, tiny_corpus, tm
 ])
 def test_7_bad_cli_values_other_scripts(tiny_teacher, tiny_corpus, tmp_path, capsys, module, argv, message):
     out = tmp_path / "out"
-    code, err = _in_process(module, [*argv, *map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(out)],
+    code, err = in_process(module, [*argv, *map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(out)],
                             capsys)
     assert code == 2 and message in err, err
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_7_bad_cli_exit_code_2_from_the_processes(tiny_teacher, tiny_corpus, tmp_path):
     jobs = [("retrain_merge.py", ["--block", "1", *data_args(tiny_teacher, tiny_corpus), "--out", tmp_path / "m"]),
             ("retrain_single_block.py", ["--block", "7", *data_args(tiny_teacher, tiny_corpus),
@@ -574,7 +441,8 @@ def test_7_bad_cli_exit_code_2_from_the_processes(tiny_teacher, tiny_corpus, tmp
 def test_8_data_files_library(tiny_teacher, tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from utils.data import DataError, DataSpec, TokenizedSentences, load_sentences, read_text_file
+    from utils.data.batches import TokenizedSentences
+    from utils.data.text import DataConfig, DataError, load_sentences, read_text_file
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -597,7 +465,7 @@ def test_8_data_files_library(tiny_teacher, tmp_path, caplog):
     (d / "train.txt").write_text("the cat sees the dog .\n")
     (d / "test.txt").write_text("the cat sees the dog .\n")
     with pytest.raises(DataError, match=r"split 'valid' is missing: expected '.*valid.txt' \(found train.txt"):
-        load_sentences(DataSpec(data_dir=str(d)), "valid")
+        load_sentences(DataConfig(data_dir=str(d)), "valid")
     # lines longer than seq_len: cut to seq_len keeping [CLS] ... [SEP], and counted; an exact fit is not counted
     tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
     exact = "the cat sees the dog ."  # 6 tokens + [CLS] [SEP] = 8
@@ -618,6 +486,7 @@ def _corpus_variant(src: Path, dst: Path, **replace: bytes | None) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_8_scripts_report_data_errors_cleanly(tiny_teacher, tiny_corpus, tmp_path, capsys):
     empty = _corpus_variant(tiny_corpus, tmp_path / "empty", train=b"")
     headings = _corpus_variant(tiny_corpus, tmp_path / "headings", valid=b" = A = \n = = B = = \n")
@@ -627,7 +496,7 @@ def test_8_scripts_report_data_errors_cleanly(tiny_teacher, tiny_corpus, tmp_pat
     assert_clean_failure(r, 1, f"text file '{empty / 'train.txt'}' is empty")
     for d, message in ((headings, f"'{headings / 'valid.txt'}' has no usable sentence"),
                        (missing, f"split 'valid' is missing: expected '{missing / 'valid.txt'}'")):
-        code, err = _in_process("retrain_single_block", [*base, "--data-dir", str(d), "--out", str(tmp_path / d.name)],
+        code, err = in_process("retrain_single_block", [*base, "--data-dir", str(d), "--out", str(tmp_path / d.name)],
                                 capsys)
         assert code == 1 and last_line(err).startswith("error: ") and message in err, err
         assert "epoch 1/" not in err
@@ -665,6 +534,7 @@ def test_9_checkpoint_loading_never_runs_pickled_code(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 10. every script: exit 0 and 'results written to ...' last, non-zero on failure
+@pytest.mark.slow
 def test_10_every_script_reports_where_results_went(tiny_teacher, tiny_corpus, tmp_path):
     out = tmp_path / "ck"
     common = [*data_args(tiny_teacher, tiny_corpus), "--batch-size", "16"]

@@ -19,11 +19,14 @@ from models import load_teacher
 from models.bert import extended_mask
 from models.compress import random_attention
 from utils import assemble
-from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader, mask_one_token
-from utils.distill import BlockDistill, OneMasker
-from utils.losses import arrmse, raw_score_loss
-from conftest import run_in_process as _run
-from utils.train import TrainConfig, make_optimizer, make_train_config
+from utils.cli.configs import train_config as make_train_config
+from utils.data.batches import TokenizedSentences, make_loader
+from utils.data.masking import OneMasker, mask_one_token
+from utils.data.text import DataConfig, load_sentences
+from utils.training.losses import arrmse, raw_score_loss
+from utils.training.tasks import BlockDistill
+from helpers import run_in_process as _run
+from utils.training.loop import TrainConfig, make_optimizer
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+train loss \S+.*block_6/loss=(\S+)")
 
@@ -43,7 +46,7 @@ def _run_record(root: Path) -> dict:
 def deep_teacher(tmp_path_factory) -> Path:
     """8 layers (the seed's commands name block 6), queries and keys scaled up so that attention is far from
     uniform even in layer 6 (a random BERT's attention is nearly uniform: nothing to learn from its scores)."""
-    from conftest import make_hf_teacher
+    from helpers import make_hf_teacher
     from transformers import BertForMaskedLM
 
     folder = make_hf_teacher(tmp_path_factory.mktemp("deep_teacher"), layers=8)
@@ -60,7 +63,7 @@ def deep_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("seed_corpus"), n_train=384, n_valid=48, n_test=32)
 
@@ -68,7 +71,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory) -> Path:
     """Twice the sentences: the default recipe's 5 epochs at a decaying 5e-4 need the steps to move a random block."""
-    from conftest import write_corpus
+    from helpers import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("seed_corpus_big"), n_train=768, n_valid=48, n_test=32)
 
@@ -77,10 +80,11 @@ def _floor(teacher_dir: Path, corpus_dir: Path, loss_on: list[str], criterion: s
            mask_inputs: bool, batch_size: int) -> float:
     """Validation loss of the teacher's own block: what a perfect student reaches (0 except for cross-entropy)."""
     teacher, tok = load_teacher(str(teacher_dir))
-    ds = TokenizedSentences(load_sentences(DataSpec(data_dir=str(corpus_dir)), "valid"), tok, 40)
+    ds = TokenizedSentences(load_sentences(DataConfig(data_dir=str(corpus_dir)), "valid"), tok, 40)
     loader, _ = make_loader(ds, tok, batch_size, shuffle=False)
-    task = BlockDistill(teacher, {6: teacher.layers[6].attention}, loss_on, criterion, criterion, None, None, 1.0, 0,
-                        score_target, OneMasker(tok) if mask_inputs else None)
+    task = BlockDistill(teacher, {6: teacher.layers[6].attention}, loss_on, criterion=criterion,
+                        score_criterion=criterion, temperature=1.0, seed=0, score_target=score_target,
+                        input_masker=OneMasker(tok) if mask_inputs else None)
     return task.evaluate(loader)["block_6/loss"]
 
 
@@ -158,7 +162,7 @@ def test_eval_merged_12_finds_the_notebook_output_elsewhere(tiny_teacher, tiny_c
 
 
 def test_eval_merge_layer_finds_layers_under_the_same_out(tiny_corpus, tmp_path):
-    from conftest import make_hf_teacher
+    from helpers import make_hf_teacher
 
     teacher = make_hf_teacher(tmp_path / "t4", layers=4)
     c = ["--teacher", str(teacher), "--data-dir", str(tiny_corpus)]
@@ -322,7 +326,8 @@ def test_raw_score_loss_matches_a_hand_computation(tiny_teacher):
     student.self.dropout_p = 0.0
     ids = torch.tensor([[2, 6, 7, 8, 9, 3], [2, 10, 11, 3, 0, 0]])
     att = (ids != 0).long()
-    task = BlockDistill(teacher, {0: student}, ["scores"], "MSE", "MSE", score_target="logits")
+    task = BlockDistill(teacher, {0: student}, ["scores"], criterion="MSE", score_criterion="MSE",
+                        score_target="logits")
     loss = task.unit_losses({"input_ids": ids, "attention_mask": att}, None)["block_0"][0]
 
     x = teacher.embed(ids)
@@ -344,7 +349,7 @@ def test_raw_score_loss_matches_a_hand_computation(tiny_teacher):
     assert abs(loss.item() - total / count) < 1e-5 * max(1.0, total / count)
     # L1 and a padded batch: the fill value of masked scores never enters
     assert torch.isfinite(raw_score_loss(torch.randn(2, H, 6, 6), torch.randn(2, H, 6, 6).masked_fill(
-        ~extended_mask(att), torch.finfo(torch.float32).min), att.bool(), "L1"))
+        ~extended_mask(att), torch.finfo(torch.float32).min), att.bool(), criterion="L1"))
 
 
 def test_arrmse_by_hand():
@@ -359,6 +364,7 @@ def test_arrmse_by_hand():
 def test_mask_one_token_per_sentence():
     ids = torch.tensor([[2, 6, 7, 8, 3], [2, 9, 3, 0, 0]])
     att = (ids != 0).long()
-    out = mask_one_token(ids, att, [0, 1, 2, 3, 4], 4, torch.Generator().manual_seed(0))
+    out = mask_one_token(ids, att, special_ids=[0, 1, 2, 3, 4], mask_token_id=4,
+                         generator=torch.Generator().manual_seed(0))
     assert ((out == 4).sum(1) == 1).all()
     assert out[1, 1] == 4 and (out[:, 0] == 2).all()  # only real, non-special tokens are masked

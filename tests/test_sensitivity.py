@@ -9,9 +9,9 @@ import pytest
 
 import plan_student
 import sensitivity_map
-from utils.assemble import load_model
-from utils.sensitivity import choose_plan
-from utils.session import run_main
+from utils.cli.run import run_main
+from utils.planning.planner import choose_plan
+from utils.training.students import load_model
 
 FAST = ["--device", "cpu", "--batch-size", "16", "--epochs", "1", "--max-steps-per-epoch", "3", "--latency-reps", "2",
         "--eval-sentences", "32", "--valid-batches", "1"]

@@ -7,7 +7,7 @@ import torch
 
 from bench.make_mlm_teacher import build
 from bench.prepare_wikitext2 import prepare, source_lines, teacher_split
-from conftest import make_sentences
+from helpers import make_sentences
 from models import load_teacher
 
 

@@ -6,16 +6,18 @@ import torch
 
 from models import LayerSpec, load_teacher
 from models.compress import clone_model, compress_attention, init_merged_layer, random_attention
-from utils.data import DataSpec, TokenizedSentences, load_sentences, make_loader
-from utils.distill import BlockDistill, MergeDistill, MLMMasker, ModelDistill
-from utils.features import TeacherCache, teacher_features
-from utils.losses import attention_loss, hidden_loss
+from utils.data.batches import TokenizedSentences, make_loader
+from utils.data.masking import MLMMasker
+from utils.data.text import DataConfig, load_sentences
+from utils.storage.features import TeacherCache, teacher_features
+from utils.training.losses import attention_loss, hidden_loss
+from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_teacher, tiny_corpus):
     teacher, tok = load_teacher(tiny_teacher)
-    ds = TokenizedSentences(load_sentences(DataSpec(data_dir=str(tiny_corpus)), "train"), tok, 40)
+    ds = TokenizedSentences(load_sentences(DataConfig(data_dir=str(tiny_corpus)), "train"), tok, 40)
     loader, _ = make_loader(ds, tok, 32, shuffle=False)
     return teacher, tok, ds, next(iter(loader))
 
@@ -46,10 +48,10 @@ def test_block_losses_fall(setup, loss_on, criterion):
     for b in blocks.values():
         b.self.dropout_p = 0.0
     masker = MLMMasker(tok, cfg.vocab_size) if loss_on == ["mlm"] else None
-    task = BlockDistill(teacher, blocks, loss_on, criterion, "KL", masker)
+    task = BlockDistill(teacher, blocks, loss_on, criterion=criterion, score_criterion="KL", masker=masker)
     floor = 0.0
     if criterion == "CrossEntropy":  # cross-entropy bottoms out at the teacher's entropy, not at 0
-        perfect = BlockDistill(teacher, {i: teacher.layers[i].attention for i in blocks}, loss_on, criterion)
+        perfect = BlockDistill(teacher, {i: teacher.layers[i].attention for i in blocks}, loss_on, criterion=criterion)
         with torch.no_grad():
             floor = sum(l.item() for l, _ in perfect.unit_losses(batch, None).values())
     first, last = _falls(task, batch)
@@ -65,8 +67,8 @@ def test_merge_losses_fall(setup, loss_on, criterion):
     spec = LayerSpec(2, 8, 32, [0, 1], "merged")
     layer, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "random")
     layer.attention.self.dropout_p = 0.0
-    task = MergeDistill(teacher, {0: (layer, spec)}, loss_on, criterion,
-                        MLMMasker(tok, cfg.vocab_size) if loss_on == "mlm" else None)
+    task = MergeDistill(teacher, {0: (layer, spec)}, loss_on, criterion=criterion,
+                        masker=MLMMasker(tok, cfg.vocab_size) if loss_on == "mlm" else None)
     for m in task.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -107,15 +109,17 @@ def test_mlm_objectives_refuse_teacher_without_head(tiny_encoder, tiny_corpus):
 def test_cache_matches_live_teacher(setup, tmp_path):
     teacher, tok, ds, batch = setup
     names = ["in_0", "block_0", "in_1", "block_1", "out_1"]
-    cache = TeacherCache(tmp_path, teacher, "hash", ds.ids, "tok", 40).ensure(names[:2], 16, torch.device("cpu"))
+    cache = TeacherCache(tmp_path, teacher, teacher_hash="hash", token_ids=ds.ids, tokenizer_name="tok",
+                         seq_len=40).ensure(names[:2], 16, torch.device("cpu"))
     cache.ensure(names, 16, torch.device("cpu"))  # adds the missing features, keeps the others
-    live = teacher_features(teacher, batch["input_ids"], batch["attention_mask"], names)
-    cached = cache.batch(names, batch["index"], batch["input_ids"].shape[1], torch.device("cpu"))
+    live = teacher_features(teacher, batch["input_ids"], batch["attention_mask"], names=names)
+    cached = cache.batch(names, batch["index"], length=batch["input_ids"].shape[1], device=torch.device("cpu"))
     valid = batch["attention_mask"].bool()
     for n in names:
         assert torch.allclose(live[n][valid], cached[n][valid], atol=2e-3, rtol=1e-2), n
         assert (cached[n][~valid] == 0).all()
-    other = TeacherCache(tmp_path, teacher, "other-hash", ds.ids, "tok", 40)
+    other = TeacherCache(tmp_path, teacher, teacher_hash="other-hash", token_ids=ds.ids, tokenizer_name="tok",
+                         seq_len=40)
     assert other.key != cache.key  # different teacher weights -> a different cache
 
 
@@ -124,10 +128,10 @@ def test_attention_loss_handles_head_mismatch():
     s = torch.randn(2, 2, 5, 5, requires_grad=True)
     valid = torch.ones(2, 5, dtype=torch.bool)
     for crit in ("CrossEntropy", "KL", "MSE", "L1"):
-        loss = attention_loss(s, t, valid, crit)
+        loss = attention_loss(s, t, valid, criterion=crit)
         loss.backward()
         assert torch.isfinite(loss)
-    same = attention_loss(t.log(), t, valid, "KL")
+    same = attention_loss(t.log(), t, valid, criterion="KL")
     assert same.abs() < 1e-5
 
 
@@ -136,4 +140,4 @@ def test_hidden_loss_ignores_padding():
     b[0, 2] = 100.0
     valid = torch.tensor([[True, True, False]])
     for crit in ("MSE", "L1", "CrossEntropy"):
-        assert hidden_loss(a, b, valid, crit) == hidden_loss(a, a, valid, crit)
+        assert hidden_loss(a, b, valid, criterion=crit) == hidden_loss(a, a, valid, criterion=crit)

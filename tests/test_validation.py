@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_hf_teacher
-from test_reliability import (_flip, _in_process, assert_clean_failure, data_args, last_line, restored_logging,
-                              run_script, toy_batches, toy_trainer)
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from helpers import (ROOT, assert_clean_failure, data_args, flip_byte, in_process, last_line, make_hf_teacher,
+                     restored_logging, run_script, script_env, toy_batches, toy_trainer)
+from utils.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -43,7 +42,7 @@ def one_error_line(err: str, *needles: str) -> str:
 def saved_model(tiny_teacher, tmp_path_factory):
     """An assembled-model checkpoint of the tiny teacher itself (what eval_merged_12 --model reads)."""
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
+    from utils.training.students import save_model
 
     teacher, _ = load_teacher(tiny_teacher)
     return save_model(teacher, tmp_path_factory.mktemp("model") / "model",
@@ -62,7 +61,7 @@ def test_1_seq_len_beyond_position_embeddings_exits_2(tiny_teacher, tiny_corpus,
     argv = [*extra, *map(str, data_args(tiny_teacher, tiny_corpus)), "--seq-len", "200", "--out", str(out)]
     if module == "eval_merged_12":
         argv += ["--model", str(saved_model)]
-    code, err = _in_process(module, argv, capsys)
+    code, err = in_process(module, argv, capsys)
     assert code == 2, err[-3000:]
     one_error_line(err, "--seq-len 200", "max_position_embeddings is 64")
     assert "epoch 1/" not in err and "sentences" not in err  # refused before any data or training work
@@ -71,7 +70,7 @@ def test_1_seq_len_beyond_position_embeddings_exits_2(tiny_teacher, tiny_corpus,
 
 def test_1_judge_with_fewer_positions_exits_2(tiny_teacher, tiny_corpus, saved_model, tmp_path, capsys):
     judge = make_hf_teacher(tmp_path / "judge", max_position_embeddings=16)
-    code, err = _in_process("eval_merged_12", [*map(str, data_args(tiny_teacher, tiny_corpus)), "--model",
+    code, err = in_process("eval_merged_12", [*map(str, data_args(tiny_teacher, tiny_corpus)), "--model",
                                                str(saved_model), "--judge", str(judge), "--out", str(tmp_path / "o")],
                             capsys)
     assert code == 2 and "--judge" in one_error_line(err, "--seq-len 40", "max_position_embeddings is 16")
@@ -129,7 +128,7 @@ TEACHER_FAULTS = {
 def test_2_broken_teacher_folder_is_one_line_exit_1(tiny_teacher, tiny_corpus, tmp_path, capsys, fault):
     mutate, message = TEACHER_FAULTS[fault]
     bad = _teacher_variant(tiny_teacher, tmp_path / "teacher", mutate)
-    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(bad, tiny_corpus)),
+    code, err = in_process("retrain_single_block", ["--block", "0", *map(str, data_args(bad, tiny_corpus)),
                                                      "--out", str(tmp_path / "out")], capsys)
     assert code == 1, err[-3000:]
     line = one_error_line(err, message, str(bad))
@@ -137,6 +136,7 @@ def test_2_broken_teacher_folder_is_one_line_exit_1(tiny_teacher, tiny_corpus, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_2_broken_teacher_from_a_process(tiny_teacher, tiny_corpus, tmp_path):
     bad = _teacher_variant(tiny_teacher, tmp_path / "teacher", _config_not_matching)
     r = run_script("eval_merged_12.py", "--model", tmp_path / "none", *data_args(bad, tiny_corpus),
@@ -185,12 +185,12 @@ TRAIN_STATE = {"position": {"epoch": 1, "step": 0, "global_step": 4}, "optimizer
     ({"weights_sha256": ""}, "field 'weights_sha256' must be the sha256"),
 ])
 def test_3_bad_block_metadata_is_refused_naming_the_field(block_dir, changes, message):
-    from utils.assemble import build_student, load_block
+    from utils.training.students import build_student, load_block
 
     d, teacher = block_dir
     _edit_meta(d, **changes)
     if "weights_sha256" in changes:
-        _flip(d / "model.safetensors")  # without a checksum, nothing could tell
+        flip_byte(d / "model.safetensors")  # without a checksum, nothing could tell
     for load in (lambda: load_block(d, teacher.config, "x", force=True),
                  lambda: build_student(teacher, [d.parent.parent], "x", force=True)):
         with pytest.raises(CheckpointError) as e:
@@ -202,7 +202,7 @@ def test_3_model_metadata_without_config_is_one_line(tiny_teacher, tiny_corpus, 
     d = tmp_path / "model"
     shutil.copytree(saved_model, d)
     _edit_meta(d, config=_DELETE)
-    code, err = _in_process("eval_merged_12", ["--model", str(d), *map(str, data_args(tiny_teacher, tiny_corpus)),
+    code, err = in_process("eval_merged_12", ["--model", str(d), *map(str, data_args(tiny_teacher, tiny_corpus)),
                                                "--out", str(tmp_path / "o")], capsys)
     assert code == 1
     assert one_error_line(err, "required field 'config' is missing") != "error: 'config'"
@@ -232,12 +232,12 @@ def test_3_rehash_tool_records_a_vouched_for_hash(block_dir, capsys):
 # 4. eval --force with a student made from a teacher of another vocabulary: one line
 def test_4_force_with_another_vocabulary_is_one_line(tiny_teacher, tiny_corpus, tmp_path, capsys):
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
+    from utils.training.students import save_model
 
     other = make_hf_teacher(tmp_path / "other", vocab_size=137)
     teacher, _ = load_teacher(other)
     model = save_model(teacher, tmp_path / "model", {"teacher": str(other), "teacher_hash": weights_hash(teacher)})
-    code, err = _in_process("eval_merged_12", ["--model", str(model), "--force",
+    code, err = in_process("eval_merged_12", ["--model", str(model), "--force",
                                                *map(str, data_args(tiny_teacher, tiny_corpus)),
                                                "--out", str(tmp_path / "o")], capsys)
     assert code == 1
@@ -253,7 +253,7 @@ def test_5_eval_out_checked_before_evaluating(tiny_teacher, tiny_corpus, saved_m
     for module, extra in (("eval_merged_12", ["--model", str(saved_model)]),
                           ("eval_merge_layer", ["--checkpoint", str(tmp_path / "none")])):
         for out in (blocker, blocker / "sub"):
-            code, err = _in_process(module, [*extra, *map(str, data_args(tiny_teacher, tiny_corpus)),
+            code, err = in_process(module, [*extra, *map(str, data_args(tiny_teacher, tiny_corpus)),
                                              "--out", str(out)], capsys)
             assert code == 1, err[-2000:]
             one_error_line(err, "--out", str(out))
@@ -282,7 +282,7 @@ def test_6_numeric_flags_are_range_checked(tiny_teacher, tiny_corpus, tmp_path, 
     if module.startswith("retrain"):
         argv = ["--block", "0", *argv]
     out = tmp_path / "out"
-    code, err = _in_process(module, [*argv, *map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(out)],
+    code, err = in_process(module, [*argv, *map(str, data_args(tiny_teacher, tiny_corpus)), "--out", str(out)],
                             capsys)
     assert code == 2, err[-2000:]
     one_error_line(err, message)
@@ -291,7 +291,7 @@ def test_6_numeric_flags_are_range_checked(tiny_teacher, tiny_corpus, tmp_path, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_6_cuda_asked_without_cuda_exits_2(tiny_teacher, tiny_corpus, saved_model, tmp_path, capsys):
-    code, err = _in_process("eval_merged_12", ["--model", str(saved_model), "--teacher", str(tiny_teacher),
+    code, err = in_process("eval_merged_12", ["--model", str(saved_model), "--teacher", str(tiny_teacher),
                                                "--data-dir", str(tiny_corpus), "--device", "cuda",
                                                "--out", str(tmp_path / "o")], capsys)
     assert code == 2
@@ -303,7 +303,7 @@ def test_6_cuda_asked_without_cuda_exits_2(tiny_teacher, tiny_corpus, saved_mode
 @pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "a/../../b", ""])
 def test_7_run_name_must_stay_inside_out(tiny_teacher, tiny_corpus, tmp_path, capsys, name):
     name = str(tmp_path / "abs_run") if name == "ABSOLUTE" else name
-    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
+    code, err = in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
                                                      "--out", str(tmp_path / "a" / "b"), "--run-name", name], capsys)
     assert code == 2
     one_error_line(err, "--run-name must be a relative folder name inside --out")
@@ -313,7 +313,7 @@ def test_7_run_name_must_stay_inside_out(tiny_teacher, tiny_corpus, tmp_path, ca
 def test_7_cache_dir_defaults_to_out(tiny_teacher, tiny_corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the old default, ./checkpoints/cache, would appear here
     out = tmp_path / "runs"
-    code, err = _in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
+    code, err = in_process("retrain_single_block", ["--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
                                                      "--epochs", "1", "--max-steps-per-epoch", "1", "--out", str(out),
                                                      "--cache-teacher", "--run-name", "r"], capsys)
     assert code == 0, err[-3000:]
@@ -340,15 +340,15 @@ class ZeroLoss(torch.nn.Module):
 
 def test_8_running_loss_of_zero_prints_as_zero(tmp_path, caplog):
     trainer, _ = toy_trainer(tmp_path / "run", task=ZeroLoss(), epochs=1)
-    with caplog.at_level(logging.INFO, logger="utils.train"):
+    with caplog.at_level(logging.INFO, logger="utils.training.loop"):
         trainer.fit(toy_batches())
     assert "epoch 1/1  train loss 0 " in caplog.text and "train loss nan" not in caplog.text
 
 
 def test_8_error_line_starts_after_the_progress_bar(tmp_path, capsys):
-    from utils.cli import Parser
-    from utils.data import DataError
-    from utils.session import run_main
+    from utils.cli.parser import Parser
+    from utils.data.text import DataError
+    from utils.cli.run import run_main
 
     class FailsAtStep3(ZeroLoss):
         calls = 0
@@ -374,7 +374,7 @@ def test_8_disk_full_is_named(tmp_path, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import utils.checkpoint as ck
+    import utils.storage.checkpoint as ck
 
     def odd_failure(*a, **kw):  # what safetensors said when the disk filled up
         raise SafetensorError("Error while serializing: unexpected pos 69120 vs 69012")
@@ -420,8 +420,8 @@ def test_8_train_state_missing_a_field_is_named(tmp_path):
 @pytest.mark.parametrize("bug", [KeyError("layers"), IndexError("list index out of range"), ValueError("x"),
                                  TypeError("y"), OSError(errno.EBADF, "Bad file descriptor")])
 def test_9_a_bug_prints_its_traceback_and_asks_for_a_report(capsys, bug):
-    from utils.cli import Parser
-    from utils.session import run_main
+    from utils.cli.parser import Parser
+    from utils.cli.run import run_main
 
     def main(args):
         raise bug
@@ -440,8 +440,8 @@ def test_9_a_bug_prints_its_traceback_and_asks_for_a_report(capsys, bug):
     (CheckpointError("checkpoint 'c' is broken"), "error: checkpoint 'c' is broken"),
 ])
 def test_9_expected_errors_are_one_line(capsys, expected, line):
-    from utils.cli import Parser
-    from utils.session import run_main
+    from utils.cli.parser import Parser
+    from utils.cli.run import run_main
 
     def main(args):
         raise expected
@@ -451,11 +451,10 @@ def test_9_expected_errors_are_one_line(capsys, expected, line):
     assert "Traceback" not in err and last_line(err).startswith(line) and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_9_bug_from_a_process_shows_traceback(tiny_teacher, tiny_corpus, tmp_path):
     import subprocess
     import sys
-
-    from test_reliability import ROOT, _env
 
     # an internal KeyError (planted: start-up crashes) is a bug: its traceback is shown and a report asked for
     code = ("import runpy, sys, utils.session as s\n"
@@ -464,7 +463,7 @@ def test_9_bug_from_a_process_shows_traceback(tiny_teacher, tiny_corpus, tmp_pat
             "sys.argv = ['retrain_single_block.py'] + sys.argv[1:]\n"
             "runpy.run_path('retrain_single_block.py', run_name='__main__')\n")
     r = subprocess.run([sys.executable, "-c", code, "--block", "0", *map(str, data_args(tiny_teacher, tiny_corpus)),
-                        "--out", str(tmp_path / "o")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        "--out", str(tmp_path / "o")], cwd=ROOT, env=script_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" in r.stderr and "KeyError: 'layers'" in r.stderr
@@ -477,8 +476,8 @@ def test_9_bug_from_a_process_shows_traceback(tiny_teacher, tiny_corpus, tmp_pat
 def real_checkpoints(tiny_teacher, tiny_corpus, tmp_path_factory):
     """Checkpoints of every kind as the scripts write them: block, merged layer, model, resume."""
     from models import load_teacher, weights_hash
-    from utils.assemble import save_model
-    from utils.session import run_main
+    from utils.training.students import save_model
+    from utils.cli.run import run_main
 
     import retrain_merge
     import retrain_single_block
@@ -563,9 +562,9 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
     """What a user's command does with a checkpoint of ``kind``; returns what decides the model that results."""
     from models import weights_hash
     from models.compress import compress_attention
-    from utils.assemble import load_block, load_merged_layer, load_model
-    from utils.distill import BlockDistill
-    from utils.train import TrainConfig, Trainer, Unit
+    from utils.training.loop import TrainConfig, Trainer, Unit
+    from utils.training.students import load_block, load_merged_layer, load_model
+    from utils.training.tasks import BlockDistill
 
     th = weights_hash(teacher)
     if kind == "block":
@@ -575,7 +574,7 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
         first, layer, spec = load_merged_layer(d, teacher.config, th)
         return first, spec, layer.state_dict()
     if kind == "model":
-        model, _ = load_model(d, th, False, teacher.config)
+        model, _ = load_model(d, th, force=False, teacher_config=teacher.config)
         return model.config.to_dict(), model.state_dict()
     # resume: the training loop's own loader and checks, for the unit the run was started with
     attn, _ = compress_attention(teacher.layers[0].attention, teacher.config, unit_meta["num_heads"],
@@ -583,8 +582,8 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
     unit = Unit("block_0", attn, d.parent, unit_meta)
     task = BlockDistill(teacher, {0: attn}, ["output"])
     # another lr, seed, data...: accepted (and logged) with --force-config, so only the unit's own fields decide
-    trainer = Trainer(task, [unit], TrainConfig(epochs=2, resume=True, force_config=True), d.parent,
-                      torch.device("cpu"), evaluate=dict)
+    trainer = Trainer(task, [unit], TrainConfig(epochs=2, resume=True, force_config=True), run_dir=d.parent,
+                      device=torch.device("cpu"), evaluate=dict)
     unit.scheduler = torch.optim.lr_scheduler.LambdaLR(unit.optimizer, lambda s: 1.0)
     trainer._try_resume()
     return trainer.start_epoch, attn.state_dict()
@@ -602,9 +601,9 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("kind", ["block", "merged_layer", "model", "resume"])
 def test_fuzz_every_metadata_field(real_checkpoints, tmp_path, capsys, kind):
-    from utils.checkpoint import REQUIRED
-    from utils.cli import Parser
-    from utils.session import run_main
+    from utils.storage.checkpoint import REQUIRED
+    from utils.cli.parser import Parser
+    from utils.cli.run import run_main
 
     dirs, teacher = real_checkpoints
     src = dirs[kind]

@@ -9,6 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .errors import SettingError
+
 log = logging.getLogger("simplifying_transformers")
 
 
@@ -25,14 +27,12 @@ def setup_logging(verbose: bool = False) -> None:
 def select_device(name: str = "auto") -> torch.device:
     """auto -> cuda if available (the local rank's GPU under torchrun), else cpu."""
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got '{name}'")
+        raise SettingError(f"`device` must be auto, cpu or cuda, got '{name}'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            from .cli import UsageError
-
-            raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+            raise SettingError("`device` cuda was asked for, but torch sees no CUDA device; use `device` cpu or auto")
         if name == "cuda":
             name = f"cuda:{local_rank()}"
         torch.cuda.set_device(torch.device(name))

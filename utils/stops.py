@@ -1,15 +1,16 @@
 """Stops by signal in every phase of a script: one line, exit code 143 (SIGTERM / SIGUSR1) or 130 (SIGINT).
 
 Every script calls ``install_stop_handlers()`` as its first statement, before its heavy imports, and the handlers stay
-until the process exits; ``utils.session.run_main`` installs them too (for scripts run in-process). What a signal
+until the process exits; ``utils.cli.run.run_main`` installs them too (for scripts run in-process). What a signal
 does depends on the phase:
 
 - starting (imports, argument parsing): nothing is written yet; the line ``stopped by SIGTERM while starting (nothing
   to save yet)`` and the exit code, at once;
 - running (inside the script's main, outside the training loop): ``Stopped`` (SIGINT: ``KeyboardInterrupt``) is
   raised where the program is; ``run_main`` prints its line. Everything written so far is complete (all writes are
-  atomic), so nothing needs saving. The training loop takes the signals over while it trains (``utils.train``: it
-  saves a resume point first) and hands a signal that came after its last check back to these handlers;
+  atomic), so nothing needs saving. The training loop takes the signals over while it trains
+  (``utils.training.loop``: it saves a resume point first) and hands a signal that came after its last check back to
+  these handlers;
 - stopping (a stop is under way, its line not yet printed): SIGTERM / SIGUSR1 again change nothing; SIGINT again
   exits at once;
 - leaving (the main has ended, ``run_main`` prints the outcome): the signal waits for that line; after a success
@@ -17,7 +18,8 @@ does depends on the phase:
 - done (``run_main`` has returned): after a stop line or an error line the process exits at once with that code and
   no further line; after "results written", with the signal's code and a line saying that nothing was left to do.
 
-Imports only the standard library, so that installing costs nothing before the heavy imports.
+Imports only the standard library, so that installing costs nothing before the heavy imports; defines ``Stopped``,
+what the training loop raises too.
 """
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ import threading
 
 # exit codes of a stop on each signal: 128 + SIGTERM for the scheduler's signals (what requeue logic expects), 130 Ctrl-C
 STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
+
+
+class Stopped(BaseException):
+    """The job was asked to stop (SIGTERM / SIGUSR1 from a scheduler, SIGINT from a user); ``code`` is the exit code.
+
+    Not an ``Exception``: a stop is not an error, and no ``except Exception`` on its way may turn it into one."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 class _State:
@@ -72,10 +84,8 @@ def handler(signum: int, frame) -> None:
     _state.stopping = name
     if name == "SIGINT":
         raise KeyboardInterrupt
-    from .train import Stopped
-
     raise Stopped(f"stopped by {name} while not training: nothing to save (what was written so far is complete); "
-                  "rerun the same command (with --resume) to continue", code)
+                  "rerun the same command (with `resume`) to continue", code)
 
 
 def install_stop_handlers() -> dict[int, object]:

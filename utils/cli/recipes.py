@@ -5,9 +5,9 @@ experimental setup where it is well defined (random init, loss on raw attention 
 sentence, Adam with L2 weight decay and a constant learning rate, its learning rates, batch size and epochs, the judge
 and half the test split in evaluation). Flags given on the command line always win over the recipe.
 
-How it works: ``Parser`` (utils/cli.py) parses into a namespace whose every field starts as an "unset" marker, so the
-fields still unset afterwards are exactly those the user did not give; those take the chosen recipe's value, or the
-parser's own default where the recipe says nothing. ``args.recipe`` names the recipe, ``args.explicit`` lists the
+How it works: ``Parser`` (utils/cli/parser.py) parses into a namespace whose every field starts as an "unset" marker,
+so the fields still unset afterwards are exactly those the user did not give; those take the chosen recipe's value, or
+the parser's own default where the recipe says nothing. ``args.recipe`` names the recipe, ``args.explicit`` lists the
 settings given on the command line.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from torch import nn
+from .types import non_negative_int, positive_int, probability
 
 RECIPES = ("default", "seed")
 
@@ -89,17 +89,6 @@ def given(args: argparse.Namespace, dest: str) -> bool:
 
 
 # ---- seed flag spellings ----
-def probability(s: str) -> float:
-    """argparse type: a number in [0, 1) (an Adam beta, a dropout probability)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got '{s}'") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
-
-
 def alias(p: argparse.ArgumentParser, target: str, *names: str) -> None:
     """Accept ``names`` as further spellings of the existing option ``target`` (same setting, same checks)."""
     a = p._option_string_actions[target]
@@ -160,8 +149,6 @@ def add_common_seed_flags(p: argparse.ArgumentParser) -> None:
 
 def add_training_seed_flags(p: argparse.ArgumentParser) -> None:
     """Optimiser, warm-up, logging and checkpoint-loading flags of the seed's training configs."""
-    from .cli import non_negative_int, positive_int
-
     g = p.add_argument_group("optimiser (seed flags)")
     g.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw",
                    help="adamw: decoupled weight decay on matrices only; adam: the seed's torch.optim.Adam, weight "
@@ -192,34 +179,3 @@ def add_eval_seed_flags(p: argparse.ArgumentParser, script: str) -> None:
     _seed_group(p).add_argument("--print-no-samples", dest="print_samples", action="store_false", default=False,
                                 help="accepted for the seed's command lines: evaluation prints no samples to stdout, "
                                      "it writes predictions.tsv")
-
-
-def set_dropout(module: nn.Module, p: float, hidden: bool = True) -> nn.Module:
-    """Set the dropout probability of ``module``: attention probabilities always, hidden-state dropout if ``hidden``."""
-    from models.bert import BertSelfAttention
-
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
-    for m in module.modules():
-        if isinstance(m, BertSelfAttention):
-            m.dropout_p = p
-        elif hidden and isinstance(m, nn.Dropout):
-            m.p = p
-    return module
-
-
-def run_record(args: argparse.Namespace, train_cfg: Any = None, **settings: Any) -> dict[str, Any]:
-    """What the run record (each unit's run.json, one entry per invocation) keeps besides argv, host and versions:
-    the arguments, the recipe, the flags given explicitly, and the fully resolved settings (training loop config +
-    what the script decided, e.g. the init actually used)."""
-    from dataclasses import asdict
-
-    resolved: dict[str, Any] = {"batch_size": args.batch_size}
-    if train_cfg is not None:
-        resolved.update(asdict(train_cfg))
-    for k in ("mask_inputs", "score_target", "block_dropout", "dropout", "judge", "percentage_data"):
-        if hasattr(args, k):
-            resolved[k] = getattr(args, k)
-    resolved.update(settings)
-    return {"args": vars(args), "recipe": getattr(args, "recipe", "default"),
-            "explicit": getattr(args, "explicit", []), "resolved": resolved}

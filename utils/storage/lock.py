@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .checkpoint import probe_writable
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lock"
@@ -155,3 +157,25 @@ def file_lock(path: str | os.PathLike, waiting_message: str, shared: bool = Fals
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def claim_units(unit_dirs: list[Path], what: str = "unit") -> Iterator[list[UnitLock]]:
+    """Lock every unit folder this job will train (rank 0 only) for the duration of the ``with`` block, before any
+    work: a second job for a unit stops here naming the holder. A holder that dies leaves a lock that the next job
+    takes over (see ``UnitLock``). A job that fails leaves no empty folder behind that it created."""
+    created = sorted({p for d in unit_dirs for p in (Path(d), *Path(d).parents) if not p.exists()},
+                     key=lambda p: len(p.parts), reverse=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            locks = []
+            if int(os.environ.get("RANK", 0)) == 0:
+                for d in unit_dirs:
+                    probe_writable(d)  # an unwritable or full output folder fails here, before any training
+                    locks.append(stack.enter_context(UnitLock(d, f"{what} '{d.name}' in '{d.parent}'")))
+            yield locks
+    except BaseException:
+        for p in created:  # deepest first; a folder something was written to stays
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise

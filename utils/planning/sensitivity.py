@@ -3,14 +3,10 @@
 The map: for every teacher layer and every option (fewer heads, half the head_dim, merged with the next layer, half
 the feed-forward width, and combinations within one unit: fewer heads *and* a narrower FFN in one layer or in a
 merged pair, which reach deeper budgets than one option per layer can) one unit is initialised from the teacher
-(``models.compress``), retrained alone against the teacher's features (the distillation tasks of ``utils.distill``
-on the one ``Trainer``, one shared teacher cache), put alone into the teacher, and measured on the validation split
-(``utils.evaluate.compare_models``): top-1 drop, agreement, KL. Each unit's latency and the teacher layers' it
-replaces are timed round-robin on the device.
-
-The planner picks one option per layer (a merge takes two) that meets a latency or parameter budget with the least
-summed cost (a knapsack over layers, solved exactly on a conservative grid), then the plan is trained the same way,
-composed, fine-tuned end to end and evaluated by ``plan_student.py``.
+(``models.compress``), retrained alone against the teacher's features (the distillation tasks of
+``utils.training.tasks`` on the one ``Trainer``, one shared teacher cache), put alone into the teacher, and measured on
+the validation split (``utils.evaluation.metrics.compare_models``): top-1 drop, agreement, KL. Each unit's latency and
+the teacher layers' it replaces are timed round-robin on the device. The planner over the map is ``planner``.
 """
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ import copy
 import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +25,14 @@ from torch import nn
 from models.bert import BertForMaskedLM
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
-from .checkpoint import load_checkpoint, load_into
-from .distill import BlockDistill, LayerDistill, MergeDistill, describe_losses
-from .evaluate import compare_models, round_robin_ms
-from .features import TeacherCache
-from .train import TrainConfig, Trainer, Unit
-from .units import head_rankings, unit_meta, unit_spec
+from ..evaluation.metrics import compare_models
+from ..evaluation.speed import round_robin_ms
+from ..storage.checkpoint import load_checkpoint, load_into
+from ..storage.features import TeacherCache
+from ..training.loop import TrainConfig, Trainer, Unit
+from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
+from ..training.units import head_rankings, unit_meta, unit_spec
+from .planner import COSTS, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +40,6 @@ KINDS = ("block", "merge", "ffn", "layer")
 SPEC_KIND = {"block": "block", "merge": "merged", "ffn": "layer", "layer": "layer"}  # option kind -> LayerSpec.kind
 TASK_KIND = {"block": "block", "merge": "merge", "ffn": "layer", "layer": "layer"}  # option kind -> training task
 OPTION_KINDS = ("heads", "head_dim", "merge", "ffn", "combined")  # what default_options can map
-COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}
-
-
-class PlanError(ValueError):
-    """A budget the map cannot meet, or a map that cannot be planned from; the message says what the map reaches."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +102,10 @@ class AliasedCache:
         kind, _, i = name.partition("_")
         return f"in_{int(i) + 1}" if kind == "out" and int(i) + 1 < self.n else name
 
-    def batch(self, names: list[str], index: torch.Tensor, T: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, names: list[str], index: torch.Tensor, *, length: int, device: torch.device
+              ) -> dict[str, torch.Tensor]:
         real = {n: self.canonical(n) for n in names}
-        got = self.cache.batch(sorted(set(real.values())), index, T, device)
+        got = self.cache.batch(sorted(set(real.values())), index, length=length, device=device)
         return {n: got[r] for n, r in real.items()}
 
 
@@ -123,7 +116,7 @@ def cache_names(n_layers: int) -> list[str]:
 
 @dataclass
 class Context:
-    """What training and measuring units needs; built by the scripts from their Session."""
+    """What training and measuring units needs; built from a Session by ``utils.planning.students.context``."""
 
     teacher: BertForMaskedLM
     teacher_hash: str
@@ -156,7 +149,7 @@ class Built:
 
 def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     """Teacher-initialised units (importance-ranked heads on the probe batch, SVD head_dim, top FFN neurons), built
-    by ``utils.units`` exactly as the training scripts build theirs."""
+    by ``utils.training.units`` exactly as the training scripts build theirs."""
     t, cfg = ctx.teacher, ctx.teacher.config
     specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
@@ -165,8 +158,8 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
         if opt.kind not in SPEC_KIND:
             raise ValueError(f"unknown option kind '{opt.kind}'; expected one of {KINDS}")
         ffn = None if opt.kind == "block" else opt.ffn
-        specs[i] = unit_spec(cfg, opt.covers(i), SPEC_KIND[opt.kind], ffn, num_heads=opt.num_heads,
-                             head_dim=opt.head_dim)
+        specs[i] = unit_spec(cfg, opt.covers(i), SPEC_KIND[opt.kind], intermediate_size=ffn,
+                             num_heads=opt.num_heads, head_dim=opt.head_dim)
     importance = head_rankings(t, ctx.probe, [i for i, o in choices.items() if o.num_heads < cfg.layers[i].num_heads])
     out = {}
     for i, opt in sorted(choices.items()):
@@ -206,10 +199,10 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
         task = task.to(ctx.device)
         tl = []
         for i, b in group.items():
-            meta = unit_meta(ukind, b.spec, cfg, ctx.teacher_name, ctx.teacher_hash, **describe_losses(task),
-                             option=b.option.name, init=b.note)
+            meta = unit_meta(ukind, b.spec, cfg, teacher=ctx.teacher_name, teacher_hash=ctx.teacher_hash,
+                             **describe_losses(task), option=b.option.name, init=b.note)
             tl.append(Unit(f"{prefix}_{i}", b.module, run_dir / f"{prefix}_{i}", meta))
-        trainer = Trainer(task, tl, ctx.train_cfg, run_dir, ctx.device,
+        trainer = Trainer(task, tl, ctx.train_cfg, run_dir=run_dir, device=ctx.device,
                           evaluate=lambda task=task: task.evaluate(ctx.valid_loader, ctx.valid_batches),
                           run_meta={"run_dir": str(run_dir)}, setup=ctx.setup, record=ctx.record)
         finals.update(trainer.fit(ctx.train_loader, ctx.sampler))
@@ -241,7 +234,7 @@ def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
     return new
 
 
-def encoder_inputs(teacher: BertForMaskedLM, batch: int, seq: int, device: torch.device
+def encoder_inputs(teacher: BertForMaskedLM, *, batch: int, seq: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, teacher.config.vocab_size - 1), teacher.config.vocab_size, (batch, seq), generator=g)
@@ -249,12 +242,12 @@ def encoder_inputs(teacher: BertForMaskedLM, batch: int, seq: int, device: torch
 
 
 @torch.no_grad()
-def time_units(teacher: BertForMaskedLM, units: list[Built], reps: int, batch: int = 32, seq: int = 40
+def time_units(teacher: BertForMaskedLM, units: list[Built], *, reps: int, batch: int = 32, seq: int = 40
                ) -> dict[str, Any]:
     """Encoder-only latency (embeddings + layers, no vocabulary projection) of the teacher, of its embeddings and of
     each of its layers, and of each unit as the layer(s) it replaces; all on one batch x seq input."""
     device = next(teacher.parameters()).device
-    ids, att = encoder_inputs(teacher, batch, seq, device)
+    ids, att = encoder_inputs(teacher, batch=batch, seq=seq, device=device)
     h = teacher.embed(ids)
     fns: dict[str, Callable[[], Any]] = {"encoder": lambda: teacher(ids, att, with_logits=False),
                                          "embeddings": lambda: teacher.embed(ids)}
@@ -285,13 +278,14 @@ def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
 REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")
 
 
-def build_map(ctx: Context, options: list[Option], layers: list[int], eval_loader, run_dir: Path,
+def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_loader, run_dir: Path,
               latency_reps: int, latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
     """Train, measure and time every (layer, option) unit; one option's units (all layers) train together."""
     teacher = ctx.teacher
     n = len(teacher.layers)
     t0 = time.perf_counter()
-    base = compare_models(teacher, teacher, eval_loader, ctx.tokenizer, ctx.device, keep_rows=False).metrics
+    base = compare_models(teacher, teacher, eval_loader, tokenizer=ctx.tokenizer, device=ctx.device,
+                          keep_rows=False).metrics
     teacher_top1 = base.get("teacher_top1")
     entries, all_units = [], []
     for opt in options:
@@ -304,7 +298,8 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], eval_loade
         train_s = time.perf_counter() - t1
         for i, b in units.items():
             model = compose_units(teacher, {i: b}).eval()
-            m = compare_models(teacher, model, eval_loader, ctx.tokenizer, ctx.device, keep_rows=False).metrics
+            m = compare_models(teacher, model, eval_loader, tokenizer=ctx.tokenizer, device=ctx.device,
+                               keep_rows=False).metrics
             e = {"layer": i, "option": opt.name, "kind": opt.kind, "covers": opt.covers(i),
                  "num_heads": opt.num_heads, "head_dim": opt.head_dim, "ffn": opt.ffn, "init": b.note,
                  "params_saved": replaced_params(teacher, b), "train_s_option": round(train_s, 1),
@@ -317,7 +312,7 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], eval_loade
             log.info("map: layer %d %-12s top-1 drop %s  agreement %s  KL %s", i, opt.name,
                      _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")))
         all_units.extend(units.values())
-    timing = time_units(teacher, all_units, latency_reps, latency_batch, latency_seq)
+    timing = time_units(teacher, all_units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
     for e in entries:
         covered = sum(timing["layer_ms"][j] for j in e["covers"])
         e["unit_ms"] = timing["unit_ms"][f"{e['layer']}/{e['option']}"]
@@ -408,7 +403,7 @@ def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
 
 def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
     """(field, expected, found) of the first field of a map that the planner cannot use, or None."""
-    from .checkpoint import _int, _is, _num
+    from ..storage.checkpoint import _int, _is, _num
 
     if not isinstance(smap, dict):
         return ("(the whole file)", "a JSON object written by sensitivity_map.py", smap)
@@ -462,7 +457,7 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
 def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
     """Check a map read from a file against the fields the planner uses (types, ranges, options and layers that
     exist, what each entry covers); PlanError naming the file, the first bad field, what was expected and found."""
-    from .checkpoint import _show
+    from ..storage.checkpoint import _show
 
     problem = _map_problem(smap)
     if problem:
@@ -472,140 +467,7 @@ def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
     return smap
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the planner
-@dataclass
-class Plan:
-    choices: dict[int, str]  # first teacher layer -> option name
-    cost: float
-    saved: float
-    needed: float
-    budget: str
-    lines: list[str]
-
-
-def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None,
-                cost: str = "kl", grid_steps: int = 1000) -> Plan:
-    """One option (or none) per layer, a merge taking its layer and the next, saving at least the budget's need
-    (encoder ms from the map's timings, or parameters, exactly) at the least summed ``cost`` from the map.
-
-    Exact dynamic programme over layers on a grid of ``grid_steps`` steps of the need; each option's saving is
-    rounded *down* to the grid, so a plan the programme accepts meets the budget with the unrounded values too.
-    """
-    if (target_speedup is None) == (target_params is None):
-        raise ValueError("give exactly one of a target speed-up or a target parameter count")
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {', '.join(COSTS)}, got '{cost}'")
-    metric = COSTS[cost]
-    n = smap["layers"]
-    problem = budget_problem(smap, target_speedup, target_params)
-    if problem:
-        raise PlanError(problem)
-    if target_speedup is not None:
-        total = smap["timing"]["encoder_ms"]
-        needed = total * (1 - 1 / target_speedup)
-        gain_key, unit = "latency_saved_ms", "ms"
-        budget = (f"encoder latency <= {total / target_speedup:.2f} ms ({target_speedup:g}x of the teacher's "
-                  f"{total:.2f} ms, timings of the map)")
-    else:
-        total = smap["teacher_params"]
-        needed = float(total - target_params)
-        gain_key, unit = "params_saved", "parameters"
-        budget = f"parameters <= {target_params:,} (teacher {total:,})"
-    lines = [f"budget: {budget}; need to save {needed:,.2f} {unit}; cost: {metric} of each unit alone in the teacher "
-             "(summed over units: an approximation, units interact)"]
-    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
-    for e in smap["entries"]:
-        if metric not in e:
-            raise PlanError(f"the map has no '{metric}' (a teacher without an MLM head?): use another --cost")
-        e = {**e, "cost": max(0.0, float(e[metric]))}
-        if e[gain_key] > 0:
-            cands[e["layer"]].append(e)
-    lines.append("candidates (cost per " + unit + " saved, lowest first):")
-    for e in sorted((e for c in cands.values() for e in c), key=lambda e: e["cost"] / e[gain_key]):
-        lines.append(f"  layer {e['layer']} {e['option']:<12} cost {e['cost']:.4g}  saves {e[gain_key]:,.2f} {unit}"
-                     f"  ratio {e['cost'] / e[gain_key]:.3g}")
-    if needed <= 0:
-        lines.append("the teacher already meets the budget: nothing to simplify")
-        return Plan({}, 0.0, 0.0, needed, budget, lines)
-    step = needed / grid_steps
-    INF = math.inf
-    # best[i][g]: least cost for layers i.. to still save g grid steps (g capped at the need)
-    best = [[INF] * (grid_steps + 1) for _ in range(n + 2)]
-    pick: list[list[Any]] = [[None] * (grid_steps + 1) for _ in range(n + 2)]
-    for g in range(grid_steps + 1):
-        best[n][g] = 0.0 if g == 0 else INF
-        best[n + 1][g] = best[n][g]
-    for i in range(n - 1, -1, -1):
-        for g in range(grid_steps + 1):
-            b, p = best[i + 1][g], ("keep", None)
-            for e in cands[i]:
-                nxt = i + len(e["covers"])
-                rest = max(0, g - int(math.floor(e[gain_key] / step + 1e-9)))
-                c = e["cost"] + best[nxt][rest]
-                if c < b - 1e-15:
-                    b, p = c, ("take", e)
-            best[i][g], pick[i][g] = b, p
-    if best[0][grid_steps] == INF:
-        most = _max_saving(cands, n, gain_key)
-        raise PlanError(f"the budget cannot be met from this map: {budget} needs {needed:,.2f} {unit} saved, the "
-                        f"map's options save at most {most:,.2f}; map more options (more heads settings, merges) or "
-                        "relax the target")
-    choices, i, g, saved, total_cost = {}, 0, grid_steps, 0.0, 0.0
-    lines.append("plan (exact knapsack over layers on the grid; a merge uses two layers):")
-    while i < n:
-        what, e = pick[i][g]
-        if what == "keep":
-            lines.append(f"  layer {i}: keep (teacher)")
-            i += 1
-            continue
-        choices[i] = e["option"]
-        saved += e[gain_key]
-        total_cost += e["cost"]
-        alts = sorted((a for a in cands[i] if a["option"] != e["option"]), key=lambda a: a["cost"])[:2]
-        alt = "; ".join(f"{a['option']} cost {a['cost']:.4g} saves {a[gain_key]:,.2f}" for a in alts)
-        lines.append(f"  layer {i}{'+' + str(i + 1) if e['kind'] == 'merge' else ''}: {e['option']} — cost "
-                     f"{e['cost']:.4g}, saves {e[gain_key]:,.2f} {unit}" + (f" (cheapest others: {alt})" if alt else ""))
-        g = max(0, g - int(math.floor(e[gain_key] / step + 1e-9)))
-        i += len(e["covers"])
-    lines.append(f"total: cost {total_cost:.4g}, saves {saved:,.2f} of {needed:,.2f} {unit} needed")
-    return Plan(choices, total_cost, saved, needed, budget, lines)
-
-
-def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None
-                   ) -> str | None:
-    """Why the budget cannot be met from the options of ``smap``, saying what they reach at most; None if it can
-    (or if the map was not timed and the budget is a speed-up). Works on a map of untrained units too
-    (``reach_map``), so a budget can be refused before any unit is trained."""
-    n = smap["layers"]
-    if target_speedup is not None:
-        if not target_speedup >= 1:
-            return f"--target-speedup must be >= 1 (1 is the teacher itself), got {target_speedup:g}"
-        if "timing" not in smap:
-            return None
-        total, key = smap["timing"]["encoder_ms"], "latency_saved_ms"
-    else:
-        total, key = smap["teacher_params"], "params_saved"
-    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
-    for e in smap["entries"]:
-        if e.get(key, 0) > 0:
-            cands[e["layer"]].append(e)
-    most = _max_saving(cands, n, key)
-    if target_speedup is not None:
-        if total * (1 - 1 / target_speedup) <= most:
-            return None
-        reach = total / (total - most) if most < total else math.inf
-        return (f"--target-speedup {target_speedup:g} cannot be met: the map's options reach at most {reach:.2f}x "
-                f"(encoder {total:.2f} ms, at most {most:.2f} ms saved, timings on {smap.get('device', 'this device')}"
-                "); ask for less, or map more options (--options, --heads-set)")
-    if total - target_params <= most:
-        return None
-    return (f"--target-params {target_params:,} cannot be met: the map's options remove at most {most:,.0f} of the "
-            f"teacher's {total:,} parameters (the smallest student has {total - most:,.0f}); ask for more, or map "
-            "more options (--options, --heads-set)")
-
-
-def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], latency_reps: int = 0,
+def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], *, latency_reps: int = 0,
               latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
     """The parameter savings of every (layer, option) of a map and, with ``latency_reps``, its latency savings, from
     untrained units (random weights: the same shapes, sizes and speed as trained ones), without training or
@@ -618,16 +480,18 @@ def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int]
         first = next((i for i in layers if opt.applies(i, n)), None)
         if first is None:
             continue
-        spec = unit_spec(cfg, opt.covers(first), SPEC_KIND[opt.kind], None if opt.kind == "block" else opt.ffn,
-                         num_heads=opt.num_heads, head_dim=opt.head_dim)
+        spec = unit_spec(cfg, opt.covers(first), SPEC_KIND[opt.kind],
+                         intermediate_size=None if opt.kind == "block" else opt.ffn, num_heads=opt.num_heads,
+                         head_dim=opt.head_dim)
         if opt.kind == "block":
-            mod, _ = init_attention(teacher.layers[first].attention, cfg, spec, "random")
+            mod, _ = init_attention(teacher.layers[first].block, cfg, spec, "random")
         else:
             mod, _ = init_merged_layer(cfg, spec, teacher.layers[first], teacher.layers[first], "random")
         units.append(Built(first, opt, mod.to(device).eval(), spec, "random"))
     smap: dict[str, Any] = {"layers": n, "teacher_params": teacher.num_parameters(), "entries": [],
                             "device": str(device)}
-    timing = time_units(teacher, units, latency_reps, latency_batch, latency_seq) if latency_reps else None
+    timing = (time_units(teacher, units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
+              if latency_reps else None)
     for b in units:
         for i in (i for i in layers if b.option.applies(i, n)):
             e = {"layer": i, "option": b.option.name, "covers": b.option.covers(i),
@@ -639,44 +503,3 @@ def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int]
     if timing:
         smap["timing"] = timing
     return smap
-
-
-def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> float:
-    best = [0.0] * (n + 2)
-    for i in range(n - 1, -1, -1):
-        best[i] = max([best[i + 1]] + [e[key] + best[i + len(e["covers"])] for e in cands[i]])
-    return best[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# set-up shared by sensitivity_map.py and plan_student.py
-def limited_sentences(s, split: str, limit: int | None):
-    """The first ``limit`` sentences of a split (all with None), tokenised as the Session does."""
-    from .data import TokenizedSentences, load_sentences
-
-    sents = load_sentences(s.data, split)
-    if limit:
-        sents = sents[:limit]
-    return TokenizedSentences(sents, s.tokenizer, s.args.seq_len, mask_seed=s.args.seed)
-
-
-def session_context(s, args, train_cfg: TrainConfig) -> Context:
-    """Context from a Session and the shared budget flags (--max-train-sentences, --valid-batches, cache flags)."""
-    from .recipes import run_record
-    from .session import teacher_cache
-
-    train_ds = limited_sentences(s, "train", args.max_train_sentences)
-    valid_ds = limited_sentences(s, "valid", args.eval_sentences)
-    train_loader, sampler = s.loader(train_ds, shuffle=True)
-    valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    log.info("train %d sentences, validation %d sentences", len(train_ds), len(valid_ds))
-    n = len(s.teacher.layers)
-    cache = None
-    if not args.no_cache:
-        cache = AliasedCache(teacher_cache(s, train_ds, cache_names(n)), n)
-    return Context(teacher=s.teacher, teacher_hash=s.teacher_hash, teacher_name=str(args.teacher),
-                   tokenizer=s.tokenizer, device=s.device, train_loader=train_loader, sampler=sampler,
-                   valid_loader=valid_loader, probe=s.global_batch(train_ds), train_cfg=train_cfg, cache=cache,
-                   valid_batches=args.valid_batches, setup=s.training_setup(train_ds),
-                   record=run_record(args, train_cfg),
-                   block_loss=tuple(args.block_loss.split("+")), relation_weight=args.relation_weight)

@@ -7,6 +7,7 @@ Each task is an ``nn.Module`` holding only the students (the frozen teacher is k
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,62 +17,63 @@ from models.base import SwappableAttention
 from models.bert import BertAttention, BertForMaskedLM, BertLayer
 from models.compress import compose
 from models.config import LayerSpec
-from . import runtime
-from .data import bert_mlm_mask, mask_one_token
-from .features import TeacherCache, teacher_features
+from .. import runtime
+from ..data.masking import MLMMasker, OneMasker
+from ..storage.features import TeacherCache, teacher_features
 from .losses import (attention_loss, attention_vectors, hidden_loss, kl_logits, raw_score_loss, relation_heads_for,
                      relation_loss)
 
 log = logging.getLogger(__name__)
 
 
-class MLMMasker:
-    """BERT 15% masking with the tokenizer's special ids; draws from a generator (seeded per epoch by the loop)."""
+# ---- what each kind of unit is trained on (the settings of the tasks below) ----
+@dataclass
+class BlockLoss:
+    """What a retrained attention block is compared on (see ``BlockDistill``)."""
 
-    def __init__(self, tokenizer, vocab_size: int):
-        self.special = list(tokenizer.all_special_ids)
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = vocab_size
+    loss_on: tuple[str, ...] = ("output",)  # any of output, scores, relations; or mlm alone
+    criterion: str = "MSE"  # on the block output (scores alone: on the attention distributions)
+    score_criterion: str | None = None  # on attention scores; None: CrossEntropy beside the output, else criterion
+    score_target: str = "probs"  # probs: softmax distributions; logits: the raw scaled scores (MSE / L1)
+    temperature: float = 1.0  # of the mlm loss
+    relation_heads: int | None = None  # None: the largest common divisor up to the teacher's head count
+    relation_weight: float = 1.0
+    mask_inputs: bool = False  # one [MASK] per training sentence, redrawn every step (the seed's data)
 
-    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
-        g = generator if generator is not None else torch.default_generator
-        return bert_mlm_mask(ids, att, self.special, self.mask_id, self.vocab_size, g)
-
-
-class NextTokenLabels:
-    """A causal LM's targets, in a masker's place: the ids unchanged and, at every real token that has a real next
-    token, that next token as its label (-100 elsewhere). Draws nothing."""
-
-    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None):
-        labels = torch.full_like(ids, -100)
-        has_next = att[:, 1:].bool() & att[:, :-1].bool()
-        labels[:, :-1] = torch.where(has_next, ids[:, 1:], labels[:, :-1])
-        return ids, labels
+    def scores_by(self) -> str:
+        """The criterion of the scores loss."""
+        if self.score_criterion:
+            return self.score_criterion
+        return "CrossEntropy" if "output" in self.loss_on or self.criterion == "cosine" else self.criterion
 
 
-def lm_targets(tokenizer, model) -> "MLMMasker | NextTokenLabels":
-    """What the LM losses and metrics compare at: BERT-masked positions (masked LM) or every next token (causal)."""
-    if model.TASK == "causal":
-        return NextTokenLabels()
-    return MLMMasker(tokenizer, model.config.vocab_size)
+@dataclass
+class MergeLoss:
+    """What a merged layer is compared on (see ``MergeDistill``)."""
+
+    loss_on: str = "hidden"  # the hidden state leaving the pair, or mlm (KL through the frozen rest)
+    criterion: str = "MSE"  # MSE, L1, cosine or aRRMSE
+    temperature: float = 1.0  # of the mlm loss
+    mask_inputs: bool = False  # one [MASK] per training sentence, redrawn every step (the seed's data)
 
 
-class OneMasker:
-    """--mask-inputs: one [MASK] per training sentence, redrawn every step (the seed's dataset drew it per item)."""
+@dataclass
+class FinetuneLoss:
+    """The end-to-end objective of a fine-tuned student (see ``ModelDistill``)."""
 
-    def __init__(self, tokenizer):
-        self.special = list(tokenizer.all_special_ids)
-        self.mask_id = tokenizer.mask_token_id
-
-    def __call__(self, ids: torch.Tensor, att: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        g = generator if generator is not None else torch.default_generator
-        return mask_one_token(ids, att, self.special, self.mask_id, g)
+    kl_weight: float = 1.0  # KL(teacher || student) at masked positions
+    mlm_weight: float = 0.0  # hard-label masked-LM cross-entropy
+    hidden_weight: float = 0.0  # hidden-state loss at matched layers
+    hidden_criterion: str = "cosine"
+    temperature: float = 2.0
+    relation_weight: float = 0.0  # MiniLMv2 relations at matched layers
+    relation_heads: int | None = None
 
 
 class DistillTask(nn.Module):
     """Shared machinery: students in a ModuleDict, the frozen teacher beside it, loss bookkeeping."""
 
-    def __init__(self, teacher: BertForMaskedLM, students: dict[str, nn.Module], masker: MLMMasker | None,
+    def __init__(self, teacher: BertForMaskedLM, students: dict[str, nn.Module], *, masker: MLMMasker | None = None,
                  cache: TeacherCache | None = None, seed: int = 0):
         super().__init__()
         teacher.requires_grad_(False).eval()
@@ -144,15 +146,15 @@ class DistillTask(nn.Module):
 
     def _features(self, batch, names: list[str]) -> dict[str, torch.Tensor]:
         if self.cache is not None and self.training:  # the cache holds the training split only
-            return self.cache.batch(names, batch["index"], batch["input_ids"].shape[1], self.device)
-        return teacher_features(self.teacher, batch["input_ids"], batch["attention_mask"], names)
+            return self.cache.batch(names, batch["index"], length=batch["input_ids"].shape[1], device=self.device)
+        return teacher_features(self.teacher, batch["input_ids"], batch["attention_mask"], names=names)
 
     def _masked_features(self, batch, names: list[str], generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Input ids (with one [MASK] per sentence under --mask-inputs) and the teacher's features for them."""
+        """Input ids (with one [MASK] per sentence with an input masker) and the teacher's features for them."""
         if self.input_masker is None:
             return batch["input_ids"], self._features(batch, names)
         ids = self.input_masker(batch["input_ids"], batch["attention_mask"], generator)
-        return ids, teacher_features(self.teacher, ids, batch["attention_mask"], names)
+        return ids, teacher_features(self.teacher, ids, batch["attention_mask"], names=names)
 
     def _mlm_targets(self, batch, generator):
         """Masked input, positions asked for, and the teacher's logits there."""
@@ -172,28 +174,29 @@ class BlockDistill(DistillTask):
     through the frozen rest of the teacher).
     """
 
-    def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str],
+    def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str], *,
                  criterion: str = "MSE", score_criterion: str = "CrossEntropy", masker: MLMMasker | None = None,
                  cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0,
                  score_target: str = "probs", input_masker: OneMasker | None = None,
                  relation_heads: int | None = None, relation_weight: float = 1.0):
-        super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker, cache, seed)
+        super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker=masker, cache=cache, seed=seed)
         if score_target not in ("probs", "logits"):
             raise ValueError(f"score target must be 'probs' or 'logits', got '{score_target}'")
         self.score_target, self.input_masker = score_target, input_masker
         if input_masker is not None and "mlm" in loss_on:
-            raise ValueError("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
+            raise ValueError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
         if "mlm" in loss_on:
-            teacher.require_mlm_head("--loss-on mlm")
+            teacher.require_mlm_head("`loss_on` mlm")
             if len(loss_on) > 1:
-                raise ValueError("--loss-on mlm cannot be combined with output/scores/relations losses")
+                raise ValueError("`loss_on` mlm cannot be combined with output/scores/relations losses")
         if "relations" in loss_on:  # set only when used: the metadata of other runs stays as it was
             self.relation_weight = relation_weight
             self.rel_heads = {i: block_relation_heads(teacher.layers[i].block, b, relation_heads)
                               for i, b in blocks.items()}
             self.relation_heads = relation_heads if relation_heads else "auto"
         self.layers = sorted(blocks)
-        self.loss_on, self.criterion, self.score_criterion, self.temperature = loss_on, criterion, score_criterion, temperature
+        self.loss_on, self.criterion, self.score_criterion = loss_on, criterion, score_criterion
+        self.temperature = temperature
         self.views = {i: compose(teacher, blocks={i: b}) for i, b in blocks.items()} if "mlm" in loss_on else {}
 
     def feature_names(self) -> list[str]:
@@ -205,7 +208,7 @@ class BlockDistill(DistillTask):
         out = {}
         if "mlm" in self.loss_on:
             masked, sel, t_logits = self._mlm_targets(batch, generator)
-            feats = teacher_features(self.teacher, masked, att, [f"in_{i}" for i in self.layers])
+            feats = teacher_features(self.teacher, masked, att, names=[f"in_{i}" for i in self.layers])
             for i in self.layers:
                 view = self.views[i]
                 h = view.run_layers(feats[f"in_{i}"], mask, start=i)
@@ -221,19 +224,19 @@ class BlockDistill(DistillTask):
             s_out, s_trace = student.contribution(x, mask, need_trace=need)
             loss = s_out.new_zeros(())
             if "output" in self.loss_on:
-                loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, self.criterion)
+                loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, criterion=self.criterion)
             if need:
                 with torch.no_grad():
                     _, t_trace = self.teacher.layers[i].block.contribution(x, mask, need_trace=True)
                 if self.score_target == "logits" and self.score_criterion in ("MSE", "L1"):
-                    loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, self.score_criterion)
+                    loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, criterion=self.score_criterion)
                 else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)
-                    loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, self.score_criterion)
+                    loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, criterion=self.score_criterion)
             if "relations" in self.loss_on:
                 with torch.no_grad():
                     t_vec = attention_vectors(self.teacher.layers[i].block, x)
                 loss = loss + self.relation_weight * relation_loss(attention_vectors(student, x), t_vec, valid,
-                                                                   self.rel_heads[i])
+                                                                   heads=self.rel_heads[i])
             out[f"block_{i}"] = (loss, n_valid)
         return out
 
@@ -246,7 +249,7 @@ def block_relation_heads(teacher_attn: BertAttention, student_attn: BertAttentio
     if heads is None:
         return relation_heads_for(t_inner, s_inner, teacher_attn.num_heads)
     if t_inner % heads or s_inner % heads:
-        raise ValueError(f"--relation-heads {heads} must divide both the teacher's ({t_inner}) and the student's "
+        raise ValueError(f"`relation_heads` {heads} must divide both the teacher's ({t_inner}) and the student's "
                          f"({s_inner}) heads x head_dim")
     return heads
 
@@ -258,16 +261,17 @@ class MergeDistill(DistillTask):
     a model whose earlier pairs are already merged. Target: the teacher's hidden state leaving layer i+1.
     """
 
-    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], loss_on: str,
+    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], loss_on: str, *,
                  criterion: str = "MSE", masker: MLMMasker | None = None, cache: TeacherCache | None = None,
                  inputs_from: BertForMaskedLM | None = None, temperature: float = 1.0, seed: int = 0,
                  input_masker: OneMasker | None = None):
-        super().__init__(teacher, {f"merge_{i}": l for i, (l, _) in layers.items()}, masker, cache, seed)
+        super().__init__(teacher, {f"merge_{i}": l for i, (l, _) in layers.items()}, masker=masker, cache=cache,
+                         seed=seed)
         if input_masker is not None and loss_on == "mlm":
-            raise ValueError("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
+            raise ValueError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
         self.input_masker = input_masker
         if loss_on == "mlm":
-            teacher.require_mlm_head("--loss-on mlm")
+            teacher.require_mlm_head("`loss_on` mlm")
         self.pairs = sorted(layers)
         self.loss_on, self.criterion, self.temperature = loss_on, criterion, temperature
         self._frozen["inputs_from"] = inputs_from
@@ -290,7 +294,7 @@ class MergeDistill(DistillTask):
             if conditioned:
                 ins = self._inputs(masked, att)
             else:
-                feats = teacher_features(self.teacher, masked, att, [f"in_{i}" for i in self.pairs])
+                feats = teacher_features(self.teacher, masked, att, names=[f"in_{i}" for i in self.pairs])
                 ins = {i: feats[f"in_{i}"] for i in self.pairs}
             for i in self.pairs:
                 view = self.views[i]
@@ -302,7 +306,8 @@ class MergeDistill(DistillTask):
         ins = self._inputs(ids, att) if conditioned else {i: feats[f"in_{i}"] for i in self.pairs}
         for i in self.pairs:
             h = self.students[f"merge_{i}"](ins[i], mask)
-            out[f"merge_{i}"] = (hidden_loss(h, feats[f"out_{i + 1}"], valid, self.criterion), float(valid.sum()))
+            out[f"merge_{i}"] = (hidden_loss(h, feats[f"out_{i + 1}"], valid, criterion=self.criterion),
+                                 float(valid.sum()))
         return out
 
 
@@ -317,11 +322,11 @@ class ModelDistill(DistillTask):
     Without an MLM head only the hidden-state (and relation) terms remain.
     """
 
-    def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None,
+    def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None, *,
                  kl_weight: float = 1.0, mlm_weight: float = 0.0, hidden_weight: float = 0.0,
                  hidden_criterion: str = "cosine", temperature: float = 2.0, seed: int = 0,
                  relation_weight: float = 0.0, relation_heads: int | None = None):
-        super().__init__(teacher, {"model": student}, masker, None, seed)
+        super().__init__(teacher, {"model": student}, masker=masker, seed=seed)
         self.rel_pairs: list[tuple[int, int, int]] = []  # (student layer, teacher layer, relation heads)
         if relation_weight > 0:  # set only when used: the metadata of other runs stays as it was
             self.relation_weight = relation_weight
@@ -364,7 +369,7 @@ class ModelDistill(DistillTask):
             if self.mlm_weight > 0:
                 loss = loss + self.mlm_weight * nn.functional.cross_entropy(s_logits.float(), labels[sel])
         if self.hidden_weight > 0:
-            hl = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid, self.hidden_criterion)
+            hl = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid, criterion=self.hidden_criterion)
                      for j, tj in self.matches) / len(self.matches)
             loss = loss + self.hidden_weight * hl
         if self.rel_pairs:
@@ -373,7 +378,7 @@ class ModelDistill(DistillTask):
                 with torch.no_grad():
                     t_vec = attention_vectors(self.teacher.layers[tj].block, t.hidden_states[tj])
                 rl = rl + relation_loss(attention_vectors(student.layers[j].block, s.hidden_states[j]), t_vec,
-                                        valid, r)
+                                        valid, heads=r)
             loss = loss + self.relation_weight * rl / len(self.rel_pairs)
         return {"model": (loss, weight)}
 
@@ -392,9 +397,9 @@ class LayerDistill(DistillTask):
     """Students are whole layers ``layer_<i>`` of any shape (e.g. a narrower feed-forward) standing for teacher layer
     i alone: input the hidden state entering layer i, target the hidden state leaving it."""
 
-    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]],
+    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], *,
                  criterion: str = "MSE", cache: TeacherCache | None = None, seed: int = 0):
-        super().__init__(teacher, {f"layer_{i}": l for i, (l, _) in layers.items()}, None, cache, seed)
+        super().__init__(teacher, {f"layer_{i}": l for i, (l, _) in layers.items()}, cache=cache, seed=seed)
         self.indices = sorted(layers)
         self.loss_on, self.criterion = "hidden", criterion
 
@@ -406,5 +411,5 @@ class LayerDistill(DistillTask):
         mask, valid = self.teacher.context(att), att.bool()
         feats = self._features(batch, self.feature_names())
         return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask), feats[f"out_{i}"],
-                                           valid, self.criterion), float(valid.sum()))
+                                           valid, criterion=self.criterion), float(valid.sum()))
                 for i in self.indices}

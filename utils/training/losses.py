@@ -28,7 +28,7 @@ def criterion(target: str, name: str):
 
 
 def criteria_for(*targets: str) -> tuple[str, ...]:
-    """Names of the criteria that apply to every one of ``targets`` (argparse choices, error messages)."""
+    """Names of the criteria that apply to every one of ``targets`` (the choices of a flag, error messages)."""
     return tuple(n for n in REGISTRY[targets[0]] if all(n in REGISTRY[t] for t in targets))
 
 
@@ -57,7 +57,8 @@ def arrmse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) ->
     return ((err + 1e-12) / spread).sqrt().mean()
 
 
-def raw_score_loss(s_scores: torch.Tensor, t_scores: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
+def raw_score_loss(s_scores: torch.Tensor, t_scores: torch.Tensor, valid: torch.Tensor, *, criterion: str
+                   ) -> torch.Tensor:
     """MSE or L1 between raw attention scores QK^T/sqrt(d_k) [B, H, T, T] (pre-softmax, the seed's loss target).
 
     The mean is over real (query, key) pairs and heads: pairs with a padded query or key are left out (their scores
@@ -79,7 +80,7 @@ def _masked_mean(per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (per_token * w).sum() / w.sum().clamp_min(1)
 
 
-def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, *, criterion: str) -> torch.Tensor:
     """Loss between [B, T, D] outputs at valid tokens.
 
     CrossEntropy follows the seed's idea of a soft-target cross-entropy between the two outputs, taken over the
@@ -114,7 +115,8 @@ def _hidden_ce(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> torch.T
 criterion("hidden", "aRRMSE")(arrmse)
 
 
-def attention_loss(s_scores: torch.Tensor, t_probs: torch.Tensor, valid: torch.Tensor, criterion: str) -> torch.Tensor:
+def attention_loss(s_scores: torch.Tensor, t_probs: torch.Tensor, valid: torch.Tensor, *, criterion: str
+                   ) -> torch.Tensor:
     """Loss between attention distributions; student given as pre-softmax scores [B, Hs, T, T], teacher as probs.
 
     With equal head counts, heads are compared one to one. With different head counts there is no head-to-head
@@ -190,7 +192,7 @@ def self_relations(vectors: torch.Tensor, heads: int, valid: torch.Tensor) -> to
     return scores.log_softmax(-1)
 
 
-def relation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], valid: torch.Tensor,
+def relation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], valid: torch.Tensor, *,
                   heads: int) -> torch.Tensor:
     """MiniLMv2 self-attention relation distillation, summed over the relation types present in both dicts.
 

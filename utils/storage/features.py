@@ -1,5 +1,5 @@
 """What the students learn from: teacher hidden states and block outputs, computed once per batch for all layers,
-or once per dataset with ``--cache-teacher`` (fp16, packed without padding, read memory-mapped).
+or once per dataset into a cache on disk (fp16, packed without padding, read memory-mapped).
 
 Names of features: ``in_{i}`` hidden state entering teacher layer i; ``block_{i}`` teacher attention block output of
 layer i (before residual + LayerNorm); ``out_{i}`` hidden state leaving layer i (== ``in_{i+1}``).
@@ -20,7 +20,7 @@ import torch
 
 from models.bert import BertForMaskedLM
 from models.hf import layer_device
-from .data import token_ids_hash
+from ..data.batches import token_ids_hash
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _named(e: OSError, path: Path) -> OSError:
     return OSError(e.errno, e.strerror, str(path))
 
 
-def _reserve_npy(fd: int, path: Path, shape: tuple[int, int], dtype: type) -> int:
+def _reserve_npy(fd: int, path: Path, *, shape: tuple[int, int], dtype: type) -> int:
     """Write a ``.npy`` header for ``shape`` / ``dtype`` to the empty file ``fd`` and reserve the data's space on
     disk; returns the offset of the data. A disk without room fails here (OSError ENOSPC), before any teacher pass;
     the data are then written with ``os.pwrite`` (never through a memory map, where a full disk is a SIGBUS)."""
@@ -51,7 +51,7 @@ def _reserve_npy(fd: int, path: Path, shape: tuple[int, int], dtype: type) -> in
                                       "shape": shape})
     header = head.getvalue()
     size = len(header) + shape[0] * shape[1] * np.dtype(dtype).itemsize
-    _pwrite_all(fd, header, 0, path)
+    _pwrite_all(fd, header, offset=0, path=path)
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
@@ -61,7 +61,7 @@ def _reserve_npy(fd: int, path: Path, shape: tuple[int, int], dtype: type) -> in
     return len(header)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int, path: Path) -> None:
+def _pwrite_all(fd: int, data: bytes, *, offset: int, path: Path) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -102,7 +102,7 @@ def _parse(name: str) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      names: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass of the teacher, stopping after the last layer any requested feature needs."""
     wanted = {}
@@ -152,8 +152,8 @@ class TeacherCache:
     truncated or unrecorded file is named in a warning and rebuilt, never used.
     """
 
-    def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, teacher_hash: str, token_ids: list[list[int]],
-                 tokenizer_name: str, seq_len: int):
+    def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, *, teacher_hash: str,
+                 token_ids: list[list[int]], tokenizer_name: str, seq_len: int):
         self.key = token_ids_hash(token_ids, teacher_hash, tokenizer_name, seq_len)
         self.dir = Path(root) / self.key
         self.teacher, self.ids = teacher, token_ids
@@ -250,7 +250,7 @@ class TeacherCache:
         try:
             for n, p in tmp.items():
                 files[n] = (os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), 0)
-                files[n] = (files[n][0], _reserve_npy(files[n][0], p, (total, D), np.float16))
+                files[n] = (files[n][0], _reserve_npy(files[n][0], p, shape=(total, D), dtype=np.float16))
             # sentences in length order: each teacher batch is nearly free of padding
             order = np.argsort(np.diff(self.offsets), kind="stable")
             row_bytes = D * np.dtype(np.float16).itemsize
@@ -263,7 +263,7 @@ class TeacherCache:
                 for b, x in enumerate(chunk):
                     ids[b, :len(x)] = torch.tensor(x)
                     att[b, :len(x)] = 1
-                feats = teacher_features(self.teacher, ids.to(device), att.to(device), names)
+                feats = teacher_features(self.teacher, ids.to(device), att.to(device), names=names)
                 valid = att.bool().to(device)
                 lengths = self.offsets[index + 1] - self.offsets[index]
                 for n, t in feats.items():
@@ -271,7 +271,8 @@ class TeacherCache:
                     fd, base = files[n]
                     at = 0
                     for i, k in zip(index, lengths):  # each sentence's rows are contiguous in the file
-                        _pwrite_all(fd, packed[at:at + k].tobytes(), base + int(self.offsets[i]) * row_bytes, tmp[n])
+                        _pwrite_all(fd, packed[at:at + k].tobytes(), offset=base + int(self.offsets[i]) * row_bytes,
+                                    path=tmp[n])
                         at += k
             for n, (fd, _) in files.items():
                 _fsync(fd, tmp[n])
@@ -300,8 +301,9 @@ class TeacherCache:
         n = self.offsets[index + 1] - lo
         return np.arange(int(n.sum())) + np.repeat(lo - (np.cumsum(n) - n), n)
 
-    def batch(self, names: list[str], index: torch.Tensor, T: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Padded [B, T, D] float tensors for the sentences ``index`` (padding positions are zero).
+    def batch(self, names: list[str], index: torch.Tensor, *, length: int, device: torch.device
+              ) -> dict[str, torch.Tensor]:
+        """Padded [B, length, D] float tensors for the sentences ``index`` (padding positions are zero).
 
         One gather per feature: the packed fp16 rows go to ``device`` as they are and are scattered into place there.
         """
@@ -309,14 +311,14 @@ class TeacherCache:
         n = self.offsets[idx + 1] - self.offsets[idx]
         rows = self._rows(idx)
         # position of each gathered token in the flattened [B * T] batch
-        pos = np.repeat(np.arange(len(idx)) * T - (np.cumsum(n) - n), n) + np.arange(len(rows))
+        pos = np.repeat(np.arange(len(idx)) * length - (np.cumsum(n) - n), n) + np.arange(len(rows))
         pos_t = torch.from_numpy(pos).to(device)
         out = {}
         for name in names:
             arr = self.arrays[name]
             src = torch.from_numpy(arr[rows]).to(device, non_blocking=True)
-            x = torch.zeros(len(idx) * T, arr.shape[1], dtype=torch.float32, device=device)
+            x = torch.zeros(len(idx) * length, arr.shape[1], dtype=torch.float32, device=device)
             x.index_copy_(0, pos_t, src.float())
-            out[name] = x.view(len(idx), T, arr.shape[1])
+            out[name] = x.view(len(idx), length, arr.shape[1])
         return out
 

@@ -1,4 +1,4 @@
-"""Teacher vs student on the test split: the metrics, the timings, the report, and the files.
+"""Teacher vs student on the test split: the metrics and the comparison that sums them.
 
 A masked LM is compared on one [MASK] per sentence (every model sees the same masked sentences: positions fixed by
 the dataset's seed); a causal LM on every next token of the split's token windows (perplexity, next-token accuracy,
@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import abc
 import itertools
-import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from models.base import SwappableModel
 from models.bert import BertForMaskedLM
-from models.hf import TeacherError, load_teacher
-from . import runtime
-
-if TYPE_CHECKING:
-    from .session import Session
+from models.hf import TeacherError
+from .. import runtime
 
 log = logging.getLogger(__name__)
 
 TOPK = (1, 5, 10)
+
+
+@dataclass
+class EvalConfig:
+    """How a student is compared with its teacher (the data settings say how much of the split is read)."""
+
+    split: str = "test"  # or valid
+    judge: str | None = None  # a larger masked-LM (hub id or folder, same vocabulary) judging the predictions
+    max_batches: int | None = None  # stop after this many batches
 
 
 @dataclass
@@ -233,7 +236,7 @@ class PredictionRows:
         return sorted((r for part in runtime.all_gather_objects(self.rows) for r in part), key=lambda r: r["index"])
 
 
-def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None,
+def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, *,
                   tokenizer, judge_tokenizer) -> list[str]:
     """Refuse a judge that cannot judge; the notes on what will not be measured."""
     if judge is not None and teacher.TASK != "mlm":
@@ -248,7 +251,7 @@ def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: Ber
     return notes
 
 
-def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, mlm: bool, with_judge: bool) -> list[Metric]:
+def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, *, mlm: bool, with_judge: bool) -> list[Metric]:
     """The metrics of one comparison, in the order of their keys in the results."""
     metrics: list[Metric] = [HiddenFidelity(), Cost(teacher, student)]
     if mlm and teacher.TASK == "causal":
@@ -258,24 +261,24 @@ def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, mlm: bool, 
     return metrics
 
 
-def _forward(model: BertForMaskedLM, ids, att, pos, mlm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(model: BertForMaskedLM, ids, att, *, pos, mlm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The encoder, then the vocabulary projection at the masked position only."""
     h = model(ids, att, with_logits=False).last_hidden_state
     return h, (model.mlm_logits(h[torch.arange(len(ids), device=ids.device), pos]) if mlm else None)
 
 
-def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, batch,
+def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, *, batch,
                device: torch.device, mlm: bool, warm_up: bool) -> BatchOutputs:
     """Both models (timed, each alone) and the judge (untimed) on one batch."""
     ids, att = batch["masked_input_ids"].to(device), batch["attention_mask"].to(device)
     pos = batch["mask_pos"].to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if warm_up:  # untimed: the first call of a model pays for allocation and kernel selection
-        _forward(teacher, ids, att, pos, mlm), _forward(student, ids, att, pos, mlm)
+        _forward(teacher, ids, att, pos=pos, mlm=mlm), _forward(student, ids, att, pos=pos, mlm=mlm)
     sync(); t0 = time.perf_counter()
-    th, tl = _forward(teacher, ids, att, pos, mlm)
+    th, tl = _forward(teacher, ids, att, pos=pos, mlm=mlm)
     sync(); t1 = time.perf_counter()
-    sh, sl = _forward(student, ids, att, pos, mlm)
+    sh, sl = _forward(student, ids, att, pos=pos, mlm=mlm)
     sync(); t2 = time.perf_counter()
     out = BatchOutputs(batch, att.bool(), batch["target"].to(device), th.float(), sh.float(), t1 - t0, t2 - t1)
     if mlm:
@@ -283,16 +286,16 @@ def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertFo
         out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
         out.student_top = out.student_logits.topk(max(TOPK), -1).indices
         if judge is not None:
-            _, jl = _forward(judge, ids, att, pos, True)
+            _, jl = _forward(judge, ids, att, pos=pos, mlm=True)
             out.judge_top = jl.float().topk(max(TOPK), -1).indices
     return out
 
 
-def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, batch, device: torch.device,
+def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch, device: torch.device,
                       warm_up: bool) -> BatchOutputs:
     """Both models (timed, each alone: the whole window and its logits, as a prefill) on one batch of token windows;
     every real token that has a real next token is one prediction (a row of the per-token metrics)."""
-    from .distill import NextTokenLabels
+    from ..data.masking import NextTokenLabels
 
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     _, labels = NextTokenLabels()(ids, att)
@@ -325,22 +328,22 @@ def _all_reduce_counts(metrics: list[Metric], device: torch.device) -> None:
 
 
 @torch.no_grad()
-def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, tokenizer, device: torch.device,
+def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *, tokenizer, device: torch.device,
                    judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,
                    max_batches: int | None = None) -> EvalResult:
     """Masked-token accuracy (top-1/5/10), agreement, KL(teacher||student), hidden-state cosine, latency, params; for a
     causal LM the same per predicted next token, and both perplexities."""
-    notes = _check_models(teacher, student, judge, tokenizer, judge_tokenizer)
+    notes = _check_models(teacher, student, judge, tokenizer=tokenizer, judge_tokenizer=judge_tokenizer)
     mlm = teacher.has_mlm_head and student.has_mlm_head
     for model in (teacher, student, judge):
         if model is not None:
             model.eval()
-    metrics = make_metrics(teacher, student, mlm, judge is not None)
+    metrics = make_metrics(teacher, student, mlm=mlm, with_judge=judge is not None)
     rows = PredictionRows(tokenizer) if keep_rows else None
     causal = teacher.TASK == "causal"
     for bi, batch in enumerate(itertools.islice(loader, max_batches)):
-        out = (_run_causal_batch(teacher, student, batch, device, warm_up=bi == 0) if causal else
-               _run_batch(teacher, student, judge, batch, device, mlm, warm_up=bi == 0))
+        out = (_run_causal_batch(teacher, student, batch=batch, device=device, warm_up=bi == 0) if causal else
+               _run_batch(teacher, student, judge, batch=batch, device=device, mlm=mlm, warm_up=bi == 0))
         for metric in metrics:
             metric.update(out)
         if rows is not None and mlm and not causal:
@@ -348,141 +351,3 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, t
     _all_reduce_counts(metrics, device)
     result = {k: v for metric in metrics for k, v in metric.result().items()}
     return EvalResult(metrics=result, rows=rows.result() if rows is not None else [], notes=notes)
-
-
-@torch.no_grad()
-def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f(), f()  # warm-up
-    for _ in range(reps):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-@torch.no_grad()
-def lm_speed(models: dict[str, SwappableModel], prompt: torch.Tensor, decode_tokens: int = 32, reps: int = 5
-             ) -> dict[str, dict[str, float]]:
-    """Prefill and decode tokens/s of causal LMs, timed round-robin (median of ``reps``).
-
-    Prefill: one forward over the ``prompt`` batch [B, T] and the logits of its last position. Decode: greedy
-    generation with the KV cache from the first prompt row; the tokens after the first, over the time beyond that
-    row's own prefill."""
-    device = prompt.device
-    fns: dict[str, Callable[[], Any]] = {}
-    for who, m in models.items():
-        m.eval()
-        fns[f"{who}/prefill"] = lambda m=m: m.lm_logits(m(prompt, with_logits=False).last_hidden_state[:, -1])
-        fns[f"{who}/prefill_one"] = lambda m=m: m.lm_logits(m(prompt[:1], with_logits=False).last_hidden_state[:, -1])
-        fns[f"{who}/generate"] = lambda m=m: m.generate(prompt[:1], decode_tokens)
-    ms = round_robin_ms(fns, reps, device)
-    out = {}
-    for who in models:
-        decode_ms = max(ms[f"{who}/generate"] - ms[f"{who}/prefill_one"], 1e-6)
-        out[who] = {"prefill_tokens_per_s": 1000 * prompt.numel() / ms[f"{who}/prefill"],
-                    "decode_tokens_per_s": 1000 * (decode_tokens - 1) / decode_ms,
-                    "prefill_ms": ms[f"{who}/prefill"], "decode_ms_per_token": decode_ms / (decode_tokens - 1)}
-    return out
-
-
-def decoder_costs(teacher: SwappableModel, student: SwappableModel, prompt: torch.Tensor, decode_tokens: int = 32,
-                  reps: int = 5) -> dict[str, float]:
-    """KV-cache bytes per token and prefill / decode tokens/s of a decoder teacher and student (``lm_speed``, on
-    ``prompt``: at most 4 windows)."""
-    speed = lm_speed({"teacher": teacher, "student": student}, prompt[:4], decode_tokens, reps)
-    out = {f"{who}_kv_cache_bytes_per_token": m.config.kv_cache_bytes_per_token()
-           for who, m in (("teacher", teacher), ("student", student))}
-    for who, v in speed.items():
-        out.update({f"{who}_{k}": x for k, x in v.items()})
-    out["prefill_speedup"] = speed["student"]["prefill_tokens_per_s"] / speed["teacher"]["prefill_tokens_per_s"]
-    out["decode_speedup"] = speed["student"]["decode_tokens_per_s"] / speed["teacher"]["decode_tokens_per_s"]
-    return out
-
-
-def format_table(m: dict[str, Any]) -> str:
-    """Teacher and student side by side, markdown (pastes into a paper draft or an issue)."""
-    lines = ["| metric | teacher | student |", "|---|---:|---:|"]
-
-    def f(v):
-        return f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-
-    causal = "teacher_perplexity" in m
-    if causal:
-        lines.append(f"| perplexity | {m['teacher_perplexity']:.3f} | {m['student_perplexity']:.3f} |")
-    for k in TOPK:
-        if f"teacher_top{k}" in m:
-            what = "next-token top-" if causal else "top-"
-            lines.append(f"| {what}{k} accuracy | {f(m[f'teacher_top{k}'])} | {f(m[f'student_top{k}'])} |")
-    for k in TOPK:
-        if f"teacher_in_judge_top{k}" in m:
-            lines.append(f"| top-1 in judge top-{k} | {f(m[f'teacher_in_judge_top{k}'])} | "
-                         f"{f(m[f'student_in_judge_top{k}'])} |")
-    lines.append(f"| parameters | {f(m['teacher_params'])} | {f(m['student_params'])} |")
-    for key, label in (("kv_cache_bytes_per_token", "KV-cache bytes / token (fp16)"),
-                       ("prefill_tokens_per_s", "prefill tokens / s"), ("decode_tokens_per_s", "decode tokens / s")):
-        if f"teacher_{key}" in m:
-            lines.append(f"| {label} | {m[f'teacher_{key}']:,.0f} | {m[f'student_{key}']:,.0f} |")
-    lines.append(f"| latency ms / batch | {m['teacher_latency_ms_per_batch']:.2f} | "
-                 f"{m['student_latency_ms_per_batch']:.2f} |")
-    single = [("agreement (student top-1 = teacher top-1)", "agreement_top1"),
-              ("KL(teacher ‖ student) at the mask" if not causal else "KL(teacher ‖ student) per token",
-               "kl_teacher_student"),  # '|' would split the table cell
-              ("final hidden-state cosine", "hidden_cosine"), ("final hidden-state MSE", "hidden_mse"),
-              ("judge top-1 accuracy", "judge_top1"), ("parameter ratio", "param_ratio"), ("speed-up", "speedup"),
-              ("prefill speed-up", "prefill_speedup"), ("decode speed-up", "decode_speedup"),
-              ("predicted tokens" if causal else "sentences", "predicted_tokens" if causal else "sentences")]
-    for label, key in single:
-        if key in m:
-            lines.append(f"| {label} | {f(m[key])} | |")
-    return "\n".join(lines)
-
-
-def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """results.json + predictions file (sentence, true word, teacher, student, judge top-10) + printed table."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"metrics": result.metrics, "notes": result.notes, **(extra or {})}
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
-    if result.rows:
-        cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])
-        with open(out / "predictions.tsv", "w", encoding="utf-8") as f:
-            f.write("\t".join(cols + ["masked sentence"]) + "\n")
-            for r in result.rows:
-                vals = [" ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols]
-                f.write("\t".join(vals + [r["masked"]]) + "\n")
-    for note in result.notes:
-        print(f"note: {note}")
-    print(format_table(result.metrics))
-    return out
-
-
-def evaluate_student(s: Session, student: BertForMaskedLM, out_dir: Path, extra: dict[str, Any],
-                     judge_name: str | None = None, split: str = "test", max_batches: int | None = None) -> Path:
-    """Compare ``student`` with the session's teacher on ``split`` and write the report (rank 0) to ``out_dir``.
-
-    The one evaluation of a student shared by eval_merged_12.py, eval_merge_layer.py and finetune_merged.py.
-    """
-    args = s.args
-    judge = judge_tok = None
-    if judge_name:
-        judge, judge_tok = load_teacher(judge_name, s.device)
-    ds = s.sentences(split)
-    loader, _ = s.loader(ds, shuffle=False)
-    res = compare_models(s.teacher, student.to(s.device).eval(), loader, s.tokenizer, s.device, judge, judge_tok,
-                         max_batches=max_batches)
-    if s.teacher.TASK == "causal":
-        res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
-        extra = {"windows": ds.describe(), **extra}
-    if runtime.is_main_process():
-        print(student.config.describe())
-        write_report(res, out_dir, {"teacher": args.teacher, "judge": judge_name, "split": split,
-                                    "percentage_data": getattr(args, "percentage_data", 1.0), "seq_len": args.seq_len,
-                                    "mask_seed": args.seed, "device": str(s.device), **extra})
-    return out_dir

@@ -33,26 +33,16 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from . import runtime
-from .checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable, read_meta,
-                         save_checkpoint)
-from .stops import STOP_SIGNALS, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal (143, 130)
+from .. import runtime
+from ..stops import STOP_SIGNALS, Stopped, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal
+from ..storage.checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable,
+                                  read_meta, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class Stopped(BaseException):
-    """The job was asked to stop (SIGTERM / SIGUSR1 from a scheduler, SIGINT from a user); ``code`` is the exit code.
-
-    Not an ``Exception``: a stop is not an error, and no ``except Exception`` on its way may turn it into one."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 # unit metadata that fixes a unit's shape: a resume point with other values never fits, even with --force-config
@@ -66,6 +56,8 @@ NOT_SETUP = ("teacher", "init", "sources")
 
 @dataclass
 class TrainConfig:
+    """The training loop's settings: schedule, optimiser, checkpoints and resuming (the same for every unit)."""
+
     epochs: int = 3
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -236,7 +228,7 @@ class Trainer:
     """Trains ``units`` on ``task``. ``record`` (argv, arguments, ...) goes into each unit's ``run.json``;
     ``setup`` (batch size, data hash, ...) is the part of the training setup the loop cannot see, checked on resume."""
 
-    def __init__(self, task: nn.Module, units: list[Unit], cfg: TrainConfig, run_dir: str | Path,
+    def __init__(self, task: nn.Module, units: list[Unit], cfg: TrainConfig, *, run_dir: str | Path,
                  device: torch.device, evaluate: Callable[[], dict[str, float]],
                  samples: Callable[[], str] | None = None, run_meta: dict[str, Any] | None = None,
                  setup: dict[str, Any] | None = None, record: dict[str, Any] | None = None,
@@ -318,11 +310,11 @@ class Trainer:
                  for k in sorted(set(now) | set(before)) if _differs(before.get(k), now.get(k))]
         if diffs and not self.cfg.force_config:
             raise CheckpointError(
-                f"--resume: the training setup differs from the one of '{where}': " + "; ".join(diffs)
-                + ". Rerun with the original settings, train into another --run-name, or pass --force-config to "
+                f"`resume`: the training setup differs from the one of '{where}': " + "; ".join(diffs)
+                + ". Rerun with the original settings, train into another `run_name`, or pass `force_config` to "
                 "continue with the new settings")
         for d in diffs:
-            log.warning("--force-config: %s: %s", u.name, d)
+            log.warning("`force_config`: %s: %s", u.name, d)
 
     def _load_resume(self, u: Unit, where: Path) -> tuple[dict, dict, dict]:
         from models.hf import weights_hash
@@ -346,12 +338,12 @@ class Trainer:
             return
         found = {u.name: self._resume_candidates(u) for u in self.units}
         if not any(found.values()):
-            log.warning("--resume: nothing to resume for %s in %s; starting from scratch",
+            log.warning("`resume`: nothing to resume for %s in %s; starting from scratch",
                         ", ".join(u.name for u in self.units), self.run_dir)
             return
         missing = [n for n, c in found.items() if not c]
         if missing:
-            raise CheckpointError(f"--resume: units {missing} have no resume point while "
+            raise CheckpointError(f"`resume`: units {missing} have no resume point while "
                                   f"{[n for n, c in found.items() if c]} do: these were not trained together")
         # the newest position every unit has (several units save one after the other; each keeps its previous point)
         points: dict[str, dict[Position, Path]] = {}
@@ -364,7 +356,7 @@ class Trainer:
                 points[u.name][Position(**meta["position"])] = d
         common = set.intersection(*(set(p) for p in points.values()))
         if not common:
-            raise CheckpointError("--resume: the units' resume points are at different positions: "
+            raise CheckpointError("`resume`: the units' resume points are at different positions: "
                                   + "; ".join(f"{n}: {sorted(p)}" for n, p in points.items()))
         pos = max(common)
         run_ids = set()
@@ -377,7 +369,7 @@ class Trainer:
             run_ids.add(state["run_id"])
             self.resumed_rng = state["rng"]
         if len(run_ids) > 1:
-            raise CheckpointError(f"--resume: the units' resume points come from different runs {sorted(run_ids)}")
+            raise CheckpointError(f"`resume`: the units' resume points come from different runs {sorted(run_ids)}")
         self.run_id = run_ids.pop()
         self.start = pos
         log.info("resumed from %s: epoch %d done, continuing at epoch %d%s", self.units[0].resume_dir, pos.epoch,
@@ -385,7 +377,7 @@ class Trainer:
 
     def _apply_settings(self, u: Unit) -> None:
         """After loading optimizer and schedule states, use this run's lr and weight decay (they are the stored ones
-        unless --force-config accepted new ones): the lr at the resumed step follows the new schedule."""
+        unless ``force_config`` accepted new ones): the lr at the resumed step follows the new schedule."""
         sched = u.scheduler
         sched.base_lrs = [self.cfg.lr for _ in u.optimizer.param_groups]
         for g, base, lam in zip(u.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
@@ -453,7 +445,7 @@ class Trainer:
         try:
             with self.stops.installed():
                 for epoch in range(self.start.epoch, cfg.epochs):
-                    metrics = self._epoch(epoch, loader, sampler, steps_per_epoch) or metrics
+                    metrics = self._epoch(epoch, loader, sampler, steps_per_epoch=steps_per_epoch) or metrics
         finally:
             for u in self.units:
                 if u.writer is not None:
@@ -461,11 +453,11 @@ class Trainer:
         runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
         return metrics
 
-    def _epoch(self, epoch: int, loader, sampler, steps_per_epoch: int) -> dict[str, float]:
+    def _epoch(self, epoch: int, loader, sampler, *, steps_per_epoch: int) -> dict[str, float]:
         """One epoch: its steps (from the resume position if it is the first), then validation and saves."""
         skip = self._begin_epoch(epoch, sampler)
         t0 = time.perf_counter()
-        running = self._steps(epoch, _skip(loader, sampler, skip), skip, steps_per_epoch)
+        running = self._steps(epoch, _skip(loader, sampler, skip), skip=skip, steps_per_epoch=steps_per_epoch)
         return self._end_epoch(epoch, running, time.perf_counter() - t0)
 
     def _begin_epoch(self, epoch: int, sampler) -> int:
@@ -481,7 +473,7 @@ class Trainer:
         self.task.train()
         return skip
 
-    def _steps(self, epoch: int, batches, skip: int, steps_per_epoch: int) -> float | None:
+    def _steps(self, epoch: int, batches, *, skip: int, steps_per_epoch: int) -> float | None:
         """The optimizer steps of an epoch under a progress bar; returns the running (smoothed) training loss."""
         from tqdm.auto import tqdm
 
@@ -496,7 +488,7 @@ class Trainer:
                 running = lv if running is None else 0.95 * running + 0.05 * lv
                 bar.set_postfix(loss=f"{running:.4g}")
                 bar.update()
-                self._print_loss(bar, epoch, step, lv, running)
+                self._print_loss(bar, epoch, step=step, loss=lv, running=running)
                 self._after_step(Position(epoch, step + 1, self.position.global_step + 1), steps_per_epoch)
         except BaseException:
             bar.leave = True  # keep the bar where it stopped, so that the error / stop line starts a line of its own
@@ -505,8 +497,9 @@ class Trainer:
             bar.close()
         return running
 
-    def _print_loss(self, bar, epoch: int, step: int, loss: float, running: float) -> None:
-        """--log_freq: a loss line every N steps (the progress bar shows the running loss anyway)."""
+    def _print_loss(self, bar, epoch: int, *, step: int, loss: float, running: float) -> None:
+        """``print_every`` (the seed's --log_freq): a loss line every N steps (the progress bar shows the running loss
+        anyway)."""
         gs = self.position.global_step + 1
         if self.cfg.print_every and gs % self.cfg.print_every == 0 and runtime.is_main_process():
             bar.write(f"epoch {epoch + 1}, step {step + 1} (global step {gs}): loss {loss:.4g}, running "
@@ -550,7 +543,7 @@ class Trainer:
         where = ", ".join(str(u.resume_dir) for u in self.units)
         p = self.position
         raise Stopped(f"stopped by {name} at epoch {p.epoch + 1}, step {p.step} (global step {p.global_step}); "
-                      f"resume point saved to {where}: rerun the same command with --resume to continue",
+                      f"resume point saved to {where}: rerun the same command with `resume` to continue",
                       STOP_SIGNALS.get(name, 143))
 
     def _step(self, batch, epoch: int, step: int) -> float:
@@ -577,7 +570,7 @@ class Trainer:
                     raise
                 raise TrainingDiverged(
                     f"the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} (global step {gs}): {e}; "
-                    f"lower --lr. Stopped; the last good checkpoint in {self.run_dir} is kept."
+                    f"lower `lr`. Stopped; the last good checkpoint in {self.run_dir} is kept."
                 ) from None
             u.scheduler.step()
         lv = loss.item()
@@ -637,15 +630,9 @@ def _skip(loader, sampler, n: int):
     return itertools.islice(loader, n, None) if n else loader
 
 
-def make_train_config(args: Any) -> TrainConfig:
-    """TrainConfig from the shared argparse namespace."""
-    return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-                       schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
-                       save_every_steps=getattr(args, "save_every_steps", 0),
-                       resume=args.resume, compile=args.compile,
-                       max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
-                       force=getattr(args, "force", False), force_config=getattr(args, "force_config", False),
-                       optimizer=getattr(args, "optimizer", "adamw"),
-                       betas=(getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)),
-                       warmup_steps=getattr(args, "warmup_steps", None), log_every=getattr(args, "log_freq", 10),
-                       print_every=getattr(args, "log_freq", 0) if "log_freq" in getattr(args, "explicit", ()) else 0)
+def run_record(caller: dict[str, Any] | None, *, batch_size: int, train: TrainConfig, **resolved: Any
+               ) -> dict[str, Any]:
+    """A run record for ``Trainer`` (each unit's run.json, one entry per invocation): the caller's entries (the
+    command line's arguments, recipe and explicit flags) and the fully resolved settings: the batch size, the
+    training loop's, and what the run decided (``resolved``: the initialisation used, the loss, the shape...)."""
+    return {**(caller or {}), "resolved": {"batch_size": batch_size, **asdict(train), **resolved}}

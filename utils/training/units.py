@@ -8,22 +8,24 @@ and read back by ``spec_from_meta``.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig
+from models.bert import BertSelfAttention
 from models.compress import head_importance, init_attention, init_merged_layer
-from .checkpoint import CheckpointError
-from .features import teacher_features
+from ..errors import SettingError
+from ..storage.checkpoint import CheckpointError
+from ..storage.features import teacher_features
 
 UNIT_PREFIX = {"block": "block", "merged_layer": "merge", "layer": "layer"}  # checkpoint kind -> unit folder prefix
 
 
 # ---- specs ----
-def unit_spec(cfg: ModelConfig, origin: list[int], kind: str, intermediate_size: int | None = None,
+def unit_spec(cfg: ModelConfig, origin: list[int], kind: str, *, intermediate_size: int | None = None,
               **attention: Any) -> LayerSpec:
     """The spec of a unit standing for teacher layers ``origin``: the given attention fields (None = the first
     teacher layer's) and feed-forward size (None = that layer's)."""
@@ -32,13 +34,11 @@ def unit_spec(cfg: ModelConfig, origin: list[int], kind: str, intermediate_size:
     unknown = sorted(set(given) - set(LayerSpec.ATTENTION_FIELDS))
     if unknown:
         raise ValueError(f"unknown attention field(s) {unknown}; known: {list(LayerSpec.ATTENTION_FIELDS)}")
-    from .cli import UsageError
-
     try:
         return LayerSpec.from_dict({**base, **given, "origin": list(origin), "kind": kind,
                                     "intermediate_size": intermediate_size or base["intermediate_size"]})
-    except ValueError as e:  # fields that do not fit together, e.g. --kv-heads not dividing the heads
-        raise UsageError(str(e)) from None
+    except ValueError as e:  # fields that do not fit together, e.g. kv_heads not dividing the heads
+        raise SettingError(str(e)) from None
 
 
 def spec_from_meta(meta: dict[str, Any], cfg: ModelConfig | None = None) -> LayerSpec:
@@ -63,7 +63,7 @@ def spec_from_meta(meta: dict[str, Any], cfg: ModelConfig | None = None) -> Laye
     raise CheckpointError(f"a '{kind}' checkpoint holds no unit spec (expected block, merged_layer or layer)")
 
 
-def unit_meta(kind: str, spec: LayerSpec, cfg: ModelConfig, teacher: str, teacher_hash: str,
+def unit_meta(kind: str, spec: LayerSpec, cfg: ModelConfig, *, teacher: str, teacher_hash: str,
               **extra: Any) -> dict[str, Any]:
     """Checkpoint metadata of a unit: its kind, teacher, spec, and the flat fields discovery filters read."""
     if kind not in UNIT_PREFIX:
@@ -79,45 +79,36 @@ def unit_meta(kind: str, spec: LayerSpec, cfg: ModelConfig, teacher: str, teache
     return {**meta, "spec": spec.to_dict(), **extra}
 
 
-# the flag that sets each attention field (for messages); add_shape_args declares them
-SHAPE_FLAGS = {"num_heads": "--block_heads", "head_dim": "--block_d_k", "attention": "--kv-heads",
-               "num_kv_heads": "--kv-heads"}
+@dataclass(frozen=True)
+class UnitShape:
+    """The shape of new units; None keeps the teacher's (or, starting from checkpoints, theirs)."""
+
+    num_heads: int | None = None  # attention heads
+    head_dim: int | None = None  # per-head dimension d_k
+    kv_heads: int | None = None  # grouped-query attention: key/value heads, each shared by a group of query heads
+    ffn_dim: int | None = None  # feed-forward width (merged layers)
+
+    def attention_fields(self) -> dict[str, Any]:
+        """The attention fields of ``LayerSpec`` this shape sets (None where it keeps the teacher's)."""
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim,
+                "attention": "gqa" if self.kv_heads else None, "num_kv_heads": self.kv_heads}
 
 
-def add_shape_args(group: argparse._ArgumentGroup, ffn: bool = False) -> None:
-    """The flags that give a unit's attention shape (and feed-forward size with ``ffn``); see ``shape_from_args``."""
-    from .cli import positive_int
-
-    group.add_argument("--block-heads", type=positive_int("--block-heads"), default=None,
-                       help="heads of the new unit (default: the teacher's)")
-    group.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
-                       help="per-head dimension d_k of the new unit (default: the teacher's)")
-    group.add_argument("--kv-heads", type=positive_int("--kv-heads"), default=None,
-                       help="grouped-query attention: this many key/value heads, each shared by a group of query "
-                            "heads (must divide the heads; from the teacher: each group's keys/values start as the "
-                            "mean of its heads'); default: plain multi-head attention")
-    if ffn:
-        group.add_argument("--ffn-dim", type=positive_int("--ffn-dim"), default=None, help="default: the teacher's")
+# the UnitShape field that sets each attention field of a LayerSpec (for messages)
+SHAPE_FIELDS = {"num_heads": "num_heads", "head_dim": "head_dim", "attention": "kv_heads", "num_kv_heads": "kv_heads"}
 
 
-def shape_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The attention fields the flags of ``add_shape_args`` give (None where not given)."""
-    kv = getattr(args, "kv_heads", None)
-    return {"num_heads": args.block_heads, "head_dim": args.block_d_k, "attention": "gqa" if kv else None,
-            "num_kv_heads": kv}
-
-
-def starting_shape(args: argparse.Namespace, specs: list[LayerSpec], what: str) -> dict[str, Any]:
+def starting_shape(shape: UnitShape, specs: list[LayerSpec], what: str) -> dict[str, Any]:
     """The attention fields of new units that start from checkpoints of ``specs``: theirs (one shape for all), which
-    the flags, where given, must match."""
+    ``shape``, where it sets a field, must match."""
     shapes = {tuple(sorted(s.attention_shape().items())) for s in specs}
     if len(shapes) > 1:
-        raise CheckpointError(f"the --model_checkpoint {what}s have different shapes "
-                              f"{[dict(s) for s in sorted(shapes)]}; train them in separate runs (one --block each)")
+        raise CheckpointError(f"the `start_from` {what}s have different shapes "
+                              f"{[dict(s) for s in sorted(shapes)]}; train them in separate runs (one each)")
     have = dict(shapes.pop())
-    for key, want in shape_from_args(args).items():
+    for key, want in shape.attention_fields().items():
         if want is not None and want != have.get(key):
-            raise CheckpointError(f"{SHAPE_FLAGS[key]} {want} does not match the --model_checkpoint {what}'s "
+            raise CheckpointError(f"`{SHAPE_FIELDS[key]}` {want} does not match the `start_from` {what}'s "
                                   f"{key} {have.get(key)}")
     return have
 
@@ -131,12 +122,12 @@ def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], laye
         return {}
     device = next(teacher.parameters()).device
     ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
-    feats = teacher_features(teacher, ids, att, [f"in_{i}" for i in layers])
+    feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
     return {i: head_importance(teacher.layers[i].block, [(feats[f"in_{i}"], teacher.context(att), att.bool())])
             for i in layers}
 
 
-def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], init: str,
+def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
                 probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, BertAttention], dict[int, str]]:
     """Blocks for teacher layers ``specs`` (layer -> spec): from the teacher (heads ranked on ``probe`` where a block
     keeps fewer of them; smaller head_dim by SVD; see ``models.compress``) or random. Returns (blocks, notes)."""
@@ -150,7 +141,7 @@ def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], init: str
     return blocks, notes
 
 
-def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], init: str,
+def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
                 probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, tuple[BertLayer, LayerSpec]], dict[int, str]]:
     """One layer per pair (i, i+1) in ``specs`` (first index -> spec), from the pair's first or second layer (heads
     ranked on ``probe`` on that layer's input), their average, or random. Returns ({i: (layer, spec)}, notes)."""
@@ -167,25 +158,13 @@ def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], init: str
     return layers, notes
 
 
-# ---- conditioned merges ----
-def earlier_pairs(first: int) -> list[int]:
-    """The pairs merged before pair (first, first+1) in a conditioned run: (first % 2, +1), ... up to first - 2."""
-    return list(range(first % 2, first, 2))
-
-
-def conditioned_teacher(teacher: BertForMaskedLM, source: str | Path, first: int, teacher_hash: str,
-                        force: bool = False) -> tuple[BertForMaskedLM | None, list[str]]:
-    """The teacher with the earlier pairs of ``first`` merged (their merged-layer checkpoints under ``source``):
-    the model whose hidden states a conditioned pair learns from. (None, []) when there is no earlier pair."""
-    from .assemble import build_student
-
-    earlier = earlier_pairs(first)
-    if not earlier:
-        return None, []
-    model, used = build_student(teacher, [source], teacher_hash, force,
-                                keep=lambda m: m["kind"] == "merged_layer" and m["layers"][0] in earlier)
-    got = [s.origin[0] for s in model.config.layers if s.kind == "merged"]
-    if sorted(got) != earlier:
-        raise FileNotFoundError(f"conditioned training of pair ({first}, {first + 1}) needs merged layers for pairs "
-                                f"starting at {earlier} in '{source}'; found {len(got)}: {used}")
-    return model, used
+def set_dropout(module: nn.Module, p: float, hidden: bool = True) -> nn.Module:
+    """Set the dropout probability of ``module``: attention probabilities always, hidden-state dropout if ``hidden``."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    for m in module.modules():
+        if isinstance(m, BertSelfAttention):
+            m.dropout_p = p
+        elif hidden and isinstance(m, nn.Dropout):
+            m.p = p
+    return module

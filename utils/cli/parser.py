@@ -1,13 +1,13 @@
-"""The one argparse helper every script shares: common flags, underscore spellings, value checks (exit code 2)."""
+"""The one argparse parser every script shares: underscore spellings of every flag, the common, training and
+evaluation flags (the scripts' own groups are in ``utils.cli.groups``)."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from pathlib import PurePath
-from typing import Callable
 
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
+from .types import (fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
+                    positive_int, ratios, run_name, seed, warmup_fraction)
 
 
 class Parser(argparse.ArgumentParser):
@@ -16,7 +16,7 @@ class Parser(argparse.ArgumentParser):
     Underscores in a flag's name are turned into dashes before parsing, so help shows one spelling per flag.
     """
 
-    recipes: dict | None = None  # set by utils.recipes.use_recipes: --recipe NAME fills the settings not given
+    recipes: dict | None = None  # set by utils.cli.recipes.use_recipes: --recipe NAME fills the settings not given
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         args = [self._dash(a) for a in (sys.argv[1:] if args is None else list(args))]
@@ -32,134 +32,6 @@ class Parser(argparse.ArgumentParser):
         name, eq, value = arg.partition("=")
         dashed = "--" + name[2:].replace("_", "-")
         return dashed + eq + value if dashed in self._option_string_actions else arg
-
-
-def int_at_least(name: str, minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= ``minimum``, with an error naming the flag."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{s}'") from None
-        if v < minimum:
-            bound = "> 0" if minimum == 1 else f">= {minimum}"
-            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {v}")
-        return v
-    return parse
-
-
-def criterion_arg(flag: str, *targets: str, exclude: tuple[str, ...] = (), what: str = "") -> Callable[[str], str]:
-    """argparse type: a criterion of the registry in ``utils.losses`` for ``targets`` (any spelling the seed used),
-    returned in its canonical name; ``allowed`` on the returned function lists the choices (for help texts)."""
-    from .losses import REGISTRY, normalize_criterion
-
-    allowed = tuple(n for n in dict.fromkeys(n for t in targets for n in REGISTRY[t]) if n not in exclude)
-
-    def parse(s: str) -> str:
-        try:
-            c = normalize_criterion(s)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        if c not in allowed:
-            raise argparse.ArgumentTypeError(f"{flag}{' for ' + what if what else ''} must be one of "
-                                             f"{', '.join(allowed)}, got '{s}'")
-        return c
-    parse.allowed = allowed  # type: ignore[attr-defined]
-    return parse
-
-
-def positive_int(name: str) -> Callable[[str], int]:
-    return int_at_least(name, 1)
-
-
-def non_negative_int(name: str) -> Callable[[str], int]:
-    return int_at_least(name, 0)
-
-
-def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{s}'") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got '{s}'") from None
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
-    return v
-
-
-def ratios(s: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got '{s}'") from None
-    if (len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts)
-            or abs(sum(parts) - 1) > 1e-6):
-        raise argparse.ArgumentTypeError(f"expected three finite non-negative numbers summing to 1, got '{s}'")
-    return parts  # type: ignore[return-value]
-
-
-def _number(name: str, s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be a number, got '{s}'") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {s}")
-    return v
-
-
-def non_negative_float(name: str) -> Callable[[str], float]:
-    """argparse type: a finite number >= 0 (nan and inf refused), with an error naming the flag."""
-    def parse(s: str) -> float:
-        v = _number(name, s)
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
-
-
-def warmup_fraction(s: str) -> float:
-    """argparse type of --warmup: the fraction of all steps spent warming up, in [0, 1)."""
-    v = _number("--warmup", s)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"--warmup is a fraction of the training steps in [0, 1), got {v}")
-    return v
-
-
-SEED_MAX = 2**32 - 1  # the seed is multiplied into per-epoch and per-rank seeds, which must fit torch's int64
-
-
-def seed(s: str) -> int:
-    """argparse type of --seed: an integer in [0, 2**32 - 1]."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, got '{s}'") from None
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"--seed must be in [0, {SEED_MAX}], got {v}")
-    return v
-
-
-def run_name(s: str) -> str:
-    """argparse type of --run-name: a relative path that stays inside --out (no '..', not absolute, not empty)."""
-    parts = PurePath(s).parts
-    if not s.strip() or PurePath(s).is_absolute() or s.startswith("~") or ".." in parts or not parts:
-        raise argparse.ArgumentTypeError(f"--run-name must be a relative folder name inside --out (no '..', not "
-                                         f"absolute), got '{s}'")
-    return s
-
-
-class UsageError(Exception):
-    """Arguments that are valid one by one but not together, or not for this teacher: exit code 2, like argparse."""
 
 
 def common_parser(description: str, default_out: str) -> Parser:
@@ -213,11 +85,6 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
                    help="sub-folder of --out (default: derived from the settings)")
     add_training_seed_flags(p)
 
-
-
-def judge_arg(s: str) -> str | None:
-    """argparse type of --judge: a hub id or folder; 'none' means no judge."""
-    return None if s.lower() == "none" else s
 
 
 def add_eval_args(p: Parser) -> None:

@@ -1,0 +1,354 @@
+"""What the tests share: tiny teachers and corpora built on the fly, scripts run in-process or in subprocesses,
+a toy task for the training loop, and loading an export in a clean process. No test file imports another."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NOUNS = "cat dog bird lobster river city king queen ship song army garden".split()
+ADJS = "small large red blue old young quiet famous".split()
+VERBS = "sees follows likes builds finds carries".split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)}"
+        if rng.random() < 0.5:
+            s += f" near the {rng.choice(ADJS)} {rng.choice(NOUNS)}"
+        out.append(s + " .")
+    return out
+
+
+def make_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIALS + sorted(set(NOUNS + ADJS + VERBS + ["the", "near", ".", ","])) + ["##s", "##ed"]
+    vf = folder / "vocab.txt"
+    vf.write_text("\n".join(vocab) + "\n")
+    # transformers 5 renamed vocab_file= to vocab=
+    key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    tok = BertTokenizerFast(**{key: str(vf)})
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def make_hf_teacher(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 4, ffn: int = 64,
+                    with_head: bool = True, seed: int = 0, vocab_size: int | None = None, **config_kwargs) -> Path:
+    """``config_kwargs`` go to BertConfig as they are (e.g. hidden_dropout_prob=0.0)."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=ffn,
+                     **{"max_position_embeddings": 64, **config_kwargs})
+    model = (BertForMaskedLM if with_head else BertModel)(cfg)
+    # random init leaves LayerNorms at identity and biases at 0; perturb so the parity tests exercise every weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
+def make_decoder_tokenizer(folder: Path):
+    """A word-level tokenizer over the corpus words (what a decoder teacher folder needs besides its weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted(set(NOUNS + ADJS + VERBS + ["the", "near", ".", ","]))
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def make_decoder_teacher(folder: Path, model_type: str = "llama", layers: int = 4, hidden: int = 48, heads: int = 6,
+                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, **config_kwargs) -> Path:
+    """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer;
+    ``config_kwargs`` go to the transformers config as they are (rope_scaling, tie_word_embeddings, ...)."""
+    import transformers
+
+    tok = make_decoder_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg_name, model_name = DECODERS[model_type]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=len(tok) + 8, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=ffn, **{"max_position_embeddings": 128, **config_kwargs})
+    model = getattr(transformers, model_name)(cfg)
+    with torch.no_grad():  # random init leaves norms at one and biases at zero: perturb so parity covers them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
+def write_corpus(folder: Path, n_train: int = 192, n_valid: int = 48, n_test: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train", n_train, 1), ("valid", n_valid, 2), ("test", n_test, 3)):
+        (folder / f"{name}.txt").write_text("\n".join(make_sentences(n, seed)) + "\n")
+    return folder
+
+
+def installed_model(package_dir: str) -> Path | None:
+    p = Path(sysconfig.get_paths()["purelib"]) / package_dir
+    return p if (p / "config.json").is_file() else None
+
+
+def run_in_process(module, argv: list[str]) -> int:
+    """A script module's main through run_main in this process: the exit code ``python script.py argv`` gives."""
+    from utils.cli.run import run_main
+
+    parser = module.build_parser()
+    main = module.main
+    if main.__code__.co_argcount == 2:
+        return run_main(lambda a: main(a, parser), parser, argv)
+    return run_main(main, parser, argv)
+
+
+# ---- scripts in subprocesses and in-process ----
+def script_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra)
+    return env
+
+
+def script_cmd(script: str, *args) -> list[str]:
+    head = [sys.executable, "-m", script] if not script.endswith(".py") else [sys.executable, str(ROOT / script)]
+    return head + [str(a) for a in args]
+
+
+def run_script(script: str, *args, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(script_cmd(script, *args), cwd=ROOT, env=script_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_parallel(jobs: list[tuple[str, list]], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Several short script runs at once (each mostly waits on imports)."""
+    procs = [(subprocess.Popen(script_cmd(s, *a), cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True), s, a) for s, a in jobs]
+    out = []
+    for p, s, a in procs:
+        so, se = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(script_cmd(s, *a), p.returncode, so, se))
+    return out
+
+
+def last_line(text: str) -> str:
+    lines = [l for l in text.splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+@contextlib.contextmanager
+def restored_logging():
+    """Scripts run in-process point the root logger at the (captured) stderr of the moment: undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def in_process(module_name: str, argv: list[str], capsys) -> tuple[int, str]:
+    """A script's main through run_main in this process: (exit code, stderr); argparse errors give their code."""
+    import importlib
+
+    with restored_logging():
+        try:
+            code = run_in_process(importlib.import_module(module_name), argv)
+        except SystemExit as e:  # argparse errors
+            code = e.code
+    return code, capsys.readouterr().err
+
+
+def common_args(teacher, corpus) -> list[str]:
+    """Teacher, corpus, CPU and a small batch: the start of most in-process script command lines."""
+    return ["--teacher", str(teacher), "--data-dir", str(corpus), "--device", "cpu", "--batch-size", "16"]
+
+
+def data_args(teacher: Path, corpus: Path) -> list:
+    return ["--teacher", teacher, "--data-dir", corpus, "--device", "cpu"]
+
+
+def assert_clean_failure(r: subprocess.CompletedProcess, code: int = 1, *needles: str) -> str:
+    """Non-zero exit with one 'error: ...' line naming the problem, no traceback, no claim of results."""
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "results written to" not in r.stdout
+    err = last_line(r.stderr)
+    assert err.startswith("error:") or (code == 2 and ": error:" in err), err
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr[-2000:])
+    return err
+
+
+def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- a toy task for the training loop's failure paths ----
+class Toy(nn.Module):
+    """Linear regression; can poison the loss (NaN) or only the gradient (finite loss, NaN weights) at a call."""
+
+    def __init__(self, nan_loss_at: int | None = None, nan_grad_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 1)
+        self.nan_loss_at, self.nan_grad_at, self.calls = nan_loss_at, nan_grad_at, 0
+        g = torch.Generator().manual_seed(1)
+        self.valid = {"x": torch.randn(16, 4, generator=g), "y": torch.randn(16, generator=g)}
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = ((self.lin(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+        if self.calls == self.nan_loss_at:
+            loss = loss * float("nan")
+        if self.calls == self.nan_grad_at:
+            w = self.lin.weight  # sqrt at 0: the loss stays finite, its gradient is 0 * inf = NaN
+            loss = loss + torch.sqrt(((w - w.detach()) ** 2).sum())
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return {"toy/loss": float(((self.lin(self.valid["x"]).squeeze(-1) - self.valid["y"]) ** 2).mean())}
+
+
+STEPS = 4  # batches per toy epoch
+
+
+def toy_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(8, 4, generator=g), "y": torch.randn(8, generator=g)} for _ in range(STEPS)]
+
+
+def toy_trainer(run_dir: Path, task: Toy | None = None, epochs: int = 3, name: str = "toy", resume: bool = False,
+                force: bool = False, **meta) -> tuple["Trainer", Toy]:
+    from utils.training.loop import TrainConfig, Trainer, Unit
+
+    task = task or Toy()
+    unit = Unit(name, task.lin, run_dir / name,
+                {"kind": "block", "teacher_hash": "teacher-a", "num_heads": 1, "head_dim": 4, "hidden_size": 4,
+                 "layer": 0, **meta})
+    cfg = TrainConfig(epochs=epochs, lr=1e-2, warmup=0.0, seed=0, resume=resume, force=force)
+    return Trainer(task, [unit], cfg, run_dir=run_dir, device=torch.device("cpu"), evaluate=task.evaluate), task
+
+
+def all_finite(sd: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in sd.values())
+
+
+def flip_byte(p: Path) -> None:
+    b = bytearray(p.read_bytes())
+    b[len(b) - 100] ^= 0xFF  # a byte of tensor data: only the checksum can tell
+    p.write_bytes(bytes(b))
+
+
+# ---- exports loaded in a clean process ----
+SENTENCE = "the small cat sees the [MASK] ."
+
+LOADER = r'''
+import importlib.util, json, sys
+import torch
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
+from transformers import AutoModel, AutoModelForMaskedLM, pipeline
+cases, sentence = json.loads(sys.argv[1]), sys.argv[2]
+report = {}
+for name, c in cases.items():
+    x = torch.load(c["inputs"])
+    remote = c["remote"]
+    if c["mlm"]:
+        m = AutoModelForMaskedLM.from_pretrained(c["dir"], trust_remote_code=remote).eval()
+        with torch.no_grad():
+            out = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        fill = pipeline("fill-mask", model=c["dir"], trust_remote_code=remote)(sentence, top_k=3)
+        report[name] = {"class": type(m).__name__, "fill": [f["token"] for f in fill]}
+    else:
+        m = AutoModel.from_pretrained(c["dir"], trust_remote_code=remote).eval()
+        with torch.no_grad():
+            out = m(input_ids=x["ids"], attention_mask=x["mask"]).last_hidden_state
+        report[name] = {"class": type(m).__name__}
+    torch.save(out, c["out"])
+print("REPORT " + json.dumps(report))
+'''
+
+
+def perturb(model, seed: int = 0):
+    """Random-init LayerNorms are identity and biases 0: move them so every weight is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def load_elsewhere(cases: dict, tmp: Path) -> subprocess.CompletedProcess:
+    """LOADER in a fresh process, from a folder outside the repository and with PYTHONPATH cleared, so that only
+    the exported files (and transformers) can be imported; it must succeed."""
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases), SENTENCE], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def model_inputs(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    return {"ids": ids, "mask": mask}
+
+
+# ---- issue 21's cache and export cases (also run in subprocesses) ----
+def tiny_cache(teacher_dir: Path, root: Path, sentences: int = 40):
+    """A TeacherCache of the tiny teacher over a few tokenised sentences."""
+    from models import load_teacher, weights_hash
+    from utils.storage.features import TeacherCache
+
+    teacher, tok = load_teacher(teacher_dir)
+    ids = [tok(s)["input_ids"] for s in make_sentences(sentences, seed=5)]
+    return TeacherCache(root, teacher, teacher_hash=weights_hash(teacher), token_ids=ids,
+                        tokenizer_name=str(teacher_dir), seq_len=40)
+
+
+def compact_student(teacher_dir: Path):
+    """The tiny teacher with 2 of the 4 heads in layer 0: a CompactBERT export."""
+    from models import load_teacher
+    from models.compress import clone_model, compose, compress_attention
+
+    teacher, tok = load_teacher(teacher_dir)
+    blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, 2, 8)[0]}
+    return clone_model(compose(teacher, blocks=blocks)).eval(), tok

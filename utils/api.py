@@ -1,0 +1,720 @@
+"""The Python API: what the scripts do, as functions a notebook calls with keyword arguments and dataclasses.
+
+    from utils import api
+
+    s = api.load_teacher("path/to/teacher", data=api.DataConfig(data_dir="path/to/text", batch_size=16))
+    run = api.retrain_blocks(s, layers=[0, 1], shape=api.UnitShape(num_heads=2), train=api.TrainConfig(epochs=1),
+                             out="runs")
+    model = api.assemble(s, [run.run_dir], out="runs/assembled").model
+    print(api.evaluate(s, model, out="runs/eval").metrics["student_top1"])
+
+Every function takes a started ``Session`` (``load_teacher``), or the ``SessionConfig`` to start one from; from a
+config the teacher is loaded only after the units are claimed and everything that can be checked is checked, as the
+scripts do (the scripts are thin front ends over these functions). The guarantees are the library's, whoever calls:
+one job per unit (a lock naming the holder), settings checked before any work (``SettingError``, a ValueError,
+naming the setting), atomic checkpoints, exact resume. Messages name settings as `field` (a keyword argument here or
+a dataclass field); the command line shows its flag instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher as _load_model_and_tokenizer
+from models.compress import clone_model, compose, drop_every_second as _drop_every_second
+from . import runtime
+from . import session as _session
+from .data.masking import OneMasker, lm_targets
+from .data.text import DataConfig
+from .errors import SettingError
+from .evaluation.metrics import EvalConfig, EvalResult, compare_models
+from .evaluation.report import write_report
+from .evaluation.speed import decoder_costs, round_robin_ms
+from .planning.planner import Plan, budget_problem, choose_plan
+from .planning.sensitivity import default_options, encoder_inputs, option_from_dict, reach_map
+from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map
+from .session import Session, SessionConfig, check_teacher
+from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
+from .storage.export import ExportConfig, check_export_targets, run_exports
+from .storage.lock import claim_units
+from .training.loop import TrainConfig, Trainer, Unit, run_record
+from .training.students import (build_student, conditioned_teacher, load_block, load_merged_layer, load_model,
+                                newest_units, save_model)
+from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, MergeDistill, MergeLoss, ModelDistill,
+                             describe_losses)
+from .training.units import (UnitShape, init_blocks, init_merges, set_dropout, spec_from_meta, starting_shape,
+                             unit_meta, unit_spec)
+
+__all__ = [
+    "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
+    "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
+    "load_teacher", "retrain_blocks", "retrain_merges", "assemble", "finetune", "evaluate", "sensitivity_map",
+    "plan_student", "export", "load_model",
+]
+
+log = logging.getLogger("simplifying_transformers")
+REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")  # per-epoch fine-tune metrics
+PLAN_REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
+                 "teacher_top1")
+
+
+# ---- results ----
+@dataclass
+class UnitResult:
+    """One trained unit: its name (block_3, merge_0, model), how it started, its best and last validation loss."""
+
+    name: str
+    init: str
+    best: float
+    last: float
+
+
+@dataclass
+class TrainedUnits:
+    """A training run: its folder (what ``assemble`` and ``finetune`` take), its units, the final validation
+    metrics."""
+
+    run_dir: Path
+    units: list[UnitResult]
+    metrics: dict[str, float]
+
+
+@dataclass
+class Assembled:
+    """A model built from the teacher and trained units, saved in ``out`` (reload with ``load_model``)."""
+
+    model: BertForMaskedLM
+    out: Path
+    sources: list[str]
+    plan: str  # the per-layer plan, one line per layer
+    teacher_params: int
+    student_params: int
+    exports: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """A comparison with the teacher: metrics, one row per sentence, notes; written to ``out``."""
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+    notes: list[str]
+    out: Path
+    model: BertForMaskedLM
+
+
+@dataclass
+class FineTuned:
+    """A fine-tuned student: its run folder, the best model, its evaluation on the test split, the exports."""
+
+    run_dir: Path
+    model: BertForMaskedLM
+    evaluation: Evaluation
+    sources: list[str]
+    exports: list[str]
+
+
+@dataclass
+class PlannedStudent:
+    """A planned student: the plan, the results written to ``run/results.json``, and the map it came from."""
+
+    run: Path
+    plan: Plan
+    results: dict[str, Any]
+    model: BertForMaskedLM
+    map: dict[str, Any]
+    map_built: Path | None  # where the map was built for this plan (None: it was given)
+
+
+# ---- starting ----
+def load_teacher(teacher: str = "bert-base-uncased", *, data: DataConfig | None = None,
+                 device: str = "auto") -> Session:
+    """The teacher (a Hugging Face hub id or a local folder) with its tokenizer on ``device``, and the data settings
+    every later call reads: what the other functions take first."""
+    return _session.start(SessionConfig(teacher=teacher, data=data or DataConfig(), device=device))
+
+
+def _prepare(session: Session | SessionConfig, *, judge: str | None = None, cache_dir: str | None = None) -> Session:
+    """The session to work in: a started one as it is, or one started from its config once what can be checked
+    without loading weights is checked (teacher and judge files and positions, the cache folder)."""
+    seq_len = session.data.seq_len
+    if isinstance(session, SessionConfig):
+        check_teacher(session.teacher, seq_len)
+    if judge:
+        check_teacher(judge, seq_len, "judge")
+    if cache_dir is not None:
+        check_output_dir(cache_dir, "cache_dir", keep=True)
+    return session if isinstance(session, Session) else _session.start(session)
+
+
+def _teacher_plan(session: Session | SessionConfig) -> ModelConfig:
+    """The teacher's per-layer plan: the loaded teacher's, or read from its config alone."""
+    return session.teacher.config if isinstance(session, Session) else _session.model_config(session.teacher)
+
+
+def _samples(s: Session, make_student: Callable[[], BertForMaskedLM], loader) -> Callable[[], str]:
+    """``print_samples``: true word, teacher's and partially retrained model's prediction for a few sentences."""
+    def samples() -> str:
+        if not s.teacher.has_mlm_head:
+            return "samples: the teacher has no masked-LM head; nothing to print"
+        res = compare_models(s.teacher, make_student(), loader, tokenizer=s.tokenizer, device=s.device, max_batches=1)
+        return "\n".join(f"GT: {r['true']:>15}  TEACHER: {r['teacher']:>15}  PRED: {r['student']:>15}  | {r['masked']}"
+                         for r in res.rows[:8])
+    return samples
+
+
+def _first_layers(given: Sequence[int] | None, *, n_layers: int, what: str) -> list[int]:
+    """The first teacher layer of each unit (``what``: layers, one per block; pairs, N of each (N, N+1)): ``given``,
+    checked against the teacher; None: every layer, or the pairs (0, 1), (2, 3), ..."""
+    span = 2 if what == "pairs" else 1
+    if given is None:
+        return list(range(0, n_layers - span + 1, span))
+    firsts = list(given)
+    bad = [i for i in firsts if not 0 <= i <= n_layers - span]
+    if not firsts or bad:
+        raise SettingError(f"`{what}` {bad or firsts}: the teacher has layers 0..{n_layers - 1}"
+                           + (f" (a pair starts at 0..{n_layers - 2})" if span == 2 else ""))
+    return firsts
+
+
+# ---- retraining attention blocks ----
+@dataclass
+class _UnitRun:
+    """What a retraining run decided before it claims its units (its units' specs, how they start, where they go)."""
+
+    specs: dict[int, LayerSpec]
+    train: TrainConfig
+    init: str
+    started: dict[int, tuple[Path, dict]]  # first teacher layer -> the checkpoint (path, metadata) it starts from
+    dropout: float | None
+    run_dir: Path
+    cache_dir: str | None
+    print_samples: bool
+    record: dict[str, Any]
+
+
+@dataclass
+class _BlockRun(_UnitRun):
+    loss: BlockLoss
+    start_from: str | Path | None
+
+
+def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | None = None,
+                   shape: UnitShape = UnitShape(), loss: BlockLoss = BlockLoss(), train: TrainConfig = TrainConfig(),
+                   init: str | None = None, start_from: str | Path | None = None, dropout: float | None = None,
+                   out: str | Path = "checkpoints", run_name: str | None = None, name_suffix: str = "",
+                   cache_dir: str | None = None, print_samples: bool = False,
+                   record: dict[str, Any] | None = None) -> TrainedUnits:
+    """Retrain smaller attention blocks (``shape``) to mimic the teacher's of ``layers`` (None: every layer), all on
+    one teacher pass per batch (or the teacher cache under ``cache_dir``).
+
+    ``init``: teacher (its most important heads, SVD to a smaller head_dim), random, or None: teacher, but random for
+    the teacher's own shape (an exact copy would train nothing). ``start_from``: a folder of block checkpoints the
+    blocks start from instead. Each block owns ``<out>/<run_name>/block_<i>`` (default run name from the shape and
+    loss, plus ``name_suffix``); ``dropout`` sets the new blocks' attention dropout.
+    """
+    tcfg = _teacher_plan(session)
+    layers = _first_layers(layers, n_layers=len(tcfg.layers), what="layers")
+    if loss.mask_inputs and list(loss.loss_on) == ["mlm"]:
+        raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
+    started = newest_units(start_from, "block", layers) if start_from else {}
+    shape_fields = (starting_shape(shape, [spec_from_meta(m, tcfg) for _, m in started.values()], "block")
+                    if started else shape.attention_fields())
+    specs = {i: unit_spec(tcfg, [i], "block", **shape_fields) for i in layers}
+    spec = specs[layers[0]]
+    init = _block_init(init, spec, tcfg.layers[layers[0]], started=bool(started))
+    run_dir = Path(out) / (run_name or f"blocks_{spec.shape_tag()}_{_loss_tag(loss)}{name_suffix}")
+    extras = {k: v for k, v in spec.attention_shape().items() if k not in ("num_heads", "head_dim") and v != "mha"}
+    rec = run_record(record, batch_size=session.data.batch_size, train=train, mask_inputs=loss.mask_inputs,
+                     score_target=loss.score_target, block_dropout=dropout, percentage_data=session.data.fraction,
+                     init=init, loss_on=list(loss.loss_on), criterion=loss.criterion,
+                     score_criterion=loss.scores_by(), heads=spec.num_heads, head_dim=spec.head_dim, **extras)
+    job = _BlockRun(specs=specs, train=train, init=init, started=started, dropout=dropout, run_dir=run_dir,
+                    cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss, start_from=start_from)
+    with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
+        return _train_blocks(_prepare(session, cache_dir=cache_dir), job, locks)
+
+
+def _block_init(init: str | None, spec: LayerSpec, teacher_spec: LayerSpec, *, started: bool) -> str:
+    """The initialisation of new blocks: ``init``; None: teacher, but random for the teacher's own shape."""
+    if started or spec.attention_shape() != teacher_spec.attention_shape():
+        return init or "teacher"
+    if init == "teacher":
+        raise SettingError(f"`init` teacher with the teacher's own shape ({spec.num_heads} heads x {spec.head_dim}) "
+                           "makes an exact copy of the teacher's block: nothing to train. Give a smaller `num_heads` / "
+                           "`head_dim` (e.g. `num_heads` 4), or `init` random")
+    if init is None:
+        log.info("the new block has the teacher's shape (%d heads x %d): starting it random, as an exact copy of the "
+                 "teacher's block would train nothing (a smaller `num_heads` / `head_dim` starts from the "
+                 "teacher's most important heads)", spec.num_heads, spec.head_dim)
+        return "random"
+    return init
+
+
+def _loss_tag(loss: BlockLoss) -> str:
+    """The loss part of a block run's default name: output_mse, scores_crossentropy_logits, relations, ..."""
+    loss_on = list(loss.loss_on)
+    tag = "+".join(loss_on) + ("" if loss_on in (["mlm"], ["relations"]) else f"_{loss.criterion.lower()}")
+    if "scores" in loss_on and loss.score_target == "logits" and loss.scores_by() in ("MSE", "L1"):
+        tag += "_logits"
+    return tag
+
+
+def _start_blocks(s: Session, job: _BlockRun, probe: dict) -> tuple[dict[int, Any], dict[int, str]]:
+    """The new blocks, from their starting checkpoints or initialised (heads ranked on ``probe``)."""
+    cfg = s.teacher.config
+    if job.started:
+        blocks = {i: load_block(p, cfg, s.teacher_hash, force=job.train.force)[1].to(s.device)
+                  for i, (p, _) in job.started.items()}
+        notes = {i: f"from {job.start_from}" for i in job.specs}
+    else:
+        blocks, notes = init_blocks(s.teacher, job.specs, init=job.init, probe=probe)
+    for i, spec in job.specs.items():
+        if job.dropout is not None:
+            set_dropout(blocks[i], job.dropout, hidden=False)
+        t_attn = s.teacher.layers[i].block
+        log.info("block %d: %d heads x %d -> %d heads x %d%s; init %s", i, t_attn.num_heads, t_attn.head_dim,
+                 spec.num_heads, spec.head_dim, spec.attention_note(), notes[i])
+    return blocks, notes
+
+
+def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
+    cfg, loss = s.teacher.config, job.loss
+    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
+    train_loader, sampler = s.loader(train_ds, shuffle=True)
+    valid_loader, _ = s.loader(valid_ds, shuffle=False)
+    probe = s.global_batch(train_ds)  # drawn in every case: its loader draws from the global RNG
+    blocks, notes = _start_blocks(s, job, probe)
+    cache = None
+    if job.cache_dir is not None:
+        if list(loss.loss_on) == ["mlm"] or loss.mask_inputs:
+            log.warning("`cache_dir` ignored with %s: the inputs are re-masked every step",
+                        "`mask_inputs`" if loss.mask_inputs else "`loss_on` mlm")
+        else:
+            cache = s.teacher_cache(train_ds, [f"{k}_{i}" for i in job.specs for k in ("in", "block")], job.cache_dir)
+    task = BlockDistill(s.teacher, blocks, list(loss.loss_on), criterion=loss.criterion,
+                        score_criterion=loss.scores_by(), temperature=loss.temperature, seed=job.train.seed,
+                        masker=lm_targets(s.tokenizer, s.teacher) if list(loss.loss_on) == ["mlm"] else None,
+                        cache=cache, score_target=loss.score_target,
+                        input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None,
+                        relation_heads=loss.relation_heads, relation_weight=loss.relation_weight).to(s.device)
+    units = [Unit(f"block_{i}", blocks[i], job.run_dir / f"block_{i}",
+                  unit_meta("block", job.specs[i], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
+                            **describe_losses(task), init=notes[i]))
+             for i in job.specs]
+    samples = _samples(s, lambda: compose(s.teacher, blocks=blocks), valid_loader) if job.print_samples else None
+    final = Trainer(task, units, job.train, run_dir=job.run_dir, device=s.device, samples=samples,
+                    evaluate=lambda: task.evaluate(valid_loader), run_meta={"run_dir": str(job.run_dir)},
+                    setup=s.training_setup(train_ds), record=job.record, locks=locks).fit(train_loader, sampler)
+    return TrainedUnits(job.run_dir, _unit_results(units, {f"block_{i}": n for i, n in notes.items()}, final), final)
+
+
+def _unit_results(units: list[Unit], notes: dict[str, str], final: dict[str, float]) -> list[UnitResult]:
+    return [UnitResult(u.name, notes.get(u.name, ""), u.best, final.get(u.name + "/loss", float("nan")))
+            for u in units]
+
+
+# ---- retraining merged pairs ----
+@dataclass
+class _MergeRun(_UnitRun):
+    loss: MergeLoss
+    conditioned: bool
+    conditioned_on: Path
+
+
+def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | None = None,
+                   shape: UnitShape = UnitShape(), loss: MergeLoss = MergeLoss(), train: TrainConfig = TrainConfig(),
+                   init: str = "first", start_from: str | Path | None = None, dropout: float | None = None,
+                   conditioned: bool = False, conditioned_on: str | Path | None = None,
+                   out: str | Path = "checkpoints", run_name: str | None = None, name_suffix: str = "",
+                   cache_dir: str | None = None, print_samples: bool = False,
+                   record: dict[str, Any] | None = None) -> TrainedUnits:
+    """Replace each pair of teacher layers (N, N+1), N in ``pairs`` (None: 0, 2, 4, ...), by one trained layer of
+    ``shape`` (``shape.ffn_dim``: its feed-forward width), initialised from the pair's ``init`` layer (first, second,
+    average, random) or from the merged-layer checkpoints under ``start_from``.
+
+    ``conditioned``: pair by pair, each trained on the hidden states of the model whose earlier pairs are merged
+    already (their checkpoints under ``conditioned_on``, default this run's folder). Each pair owns
+    ``<out>/<run_name>/merge_<N>``; ``dropout`` sets the merged layers' dropout.
+    """
+    tcfg = _teacher_plan(session)
+    n = len(tcfg.layers)
+    if n < 2:
+        raise SettingError("the teacher has a single layer: nothing to merge")
+    pairs = _first_layers(pairs, n_layers=n, what="pairs")
+    if loss.mask_inputs and loss.loss_on == "mlm":
+        raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
+    started = newest_units(start_from, "merged_layer", pairs) if start_from else {}
+    specs = _merge_specs(tcfg, pairs, shape=shape, started=started)
+    spec = specs[pairs[0]]
+    tag = "mlm" if loss.loss_on == "mlm" else loss.criterion.lower()
+    run_dir = Path(out) / (run_name or f"merge_{spec.shape_tag()}_f{spec.intermediate_size}_{tag}"
+                                       f"{'_conditioned' if conditioned else ''}{name_suffix}")
+    rec = run_record(record, batch_size=session.data.batch_size, train=train, mask_inputs=loss.mask_inputs,
+                     dropout=dropout, percentage_data=session.data.fraction, init=init, heads=spec.num_heads,
+                     head_dim=spec.head_dim, ffn_dim=spec.intermediate_size, criterion=loss.criterion)
+    job = _MergeRun(specs=specs, train=train, init=init, started=started, dropout=dropout, run_dir=run_dir,
+                    cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss,
+                    conditioned=conditioned, conditioned_on=Path(conditioned_on) if conditioned_on else run_dir)
+    with claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair") as locks:
+        return _train_merges(_prepare(session, cache_dir=cache_dir), job, locks)
+
+
+def _merge_specs(tcfg: ModelConfig, pairs: list[int], *, shape: UnitShape, started: dict[int, tuple[Path, dict]]
+                 ) -> dict[int, LayerSpec]:
+    """The spec of each merged layer: ``shape``, else the starting checkpoints' (which ``shape`` must match)."""
+    if started:
+        specs = [spec_from_meta(m, tcfg) for _, m in started.values()]
+        fields = starting_shape(shape, specs, "layer")
+        ffns = {s.intermediate_size for s in specs}
+        if len(ffns) > 1:
+            raise CheckpointError(f"the `start_from` layers have different feed-forward sizes {sorted(ffns)}; "
+                                  "train them in separate runs (one each)")
+        ffn = ffns.pop()
+        if shape.ffn_dim is not None and shape.ffn_dim != ffn:
+            raise CheckpointError(f"`ffn_dim` {shape.ffn_dim} does not match the `start_from` layer's {ffn}")
+    else:
+        fields, ffn = shape.attention_fields(), shape.ffn_dim
+    return {i: unit_spec(tcfg, [i, i + 1], "merged", intermediate_size=ffn, **fields) for i in pairs}
+
+
+def _start_merges(s: Session, job: _MergeRun, probe: dict) -> tuple[dict[int, tuple[Any, LayerSpec]], dict[str, str]]:
+    """The merged layers, from their starting checkpoints or initialised from the teacher."""
+    layers, notes = {}, {}
+    if job.started:
+        for i, (p, _) in job.started.items():
+            _, layer, spec = load_merged_layer(p, s.teacher.config, s.teacher_hash, force=job.train.force)
+            layers[i], notes[f"merge_{i}"] = (layer.to(s.device), spec), f"from {p}"
+    else:
+        made, why = init_merges(s.teacher, job.specs, init=job.init, probe=probe)
+        for i, (layer, spec) in made.items():
+            layers[i], notes[f"merge_{i}"] = (layer.to(s.device), spec), why[i]
+            log.info("pair (%d, %d) -> one layer, %d heads x %d%s, ffn %d; init %s", i, i + 1, spec.num_heads,
+                     spec.head_dim, spec.attention_note(), spec.intermediate_size, why[i])
+    if job.dropout is not None:
+        for layer, _ in layers.values():
+            set_dropout(layer, job.dropout)
+    return layers, notes
+
+
+def _train_merges(s: Session, job: _MergeRun, locks: list) -> TrainedUnits:
+    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
+    data = (s.loader(train_ds, shuffle=True), s.loader(valid_ds, shuffle=False)[0], s.training_setup(train_ds))
+    probe = s.global_batch(train_ds)  # the same on every rank
+    layers, notes = _start_merges(s, job, probe)
+    cache = None
+    if job.cache_dir is not None and job.loss.mask_inputs:
+        log.warning("`cache_dir` ignored with `mask_inputs`: the inputs are re-masked every step")
+    elif job.cache_dir is not None and job.loss.loss_on != "mlm":
+        # a conditioned pair with no earlier pair (N < 2) still takes its input from the teacher, so from the cache
+        names = ([f"out_{i + 1}" for i in job.specs]
+                 + [f"in_{i}" for i in job.specs if not job.conditioned or i < 2])
+        cache = s.teacher_cache(train_ds, names, job.cache_dir)
+    if not job.conditioned:
+        return _train_pairs(s, job, list(job.specs), layers=layers, notes=notes, cache=cache, data=data, locks=locks)
+    results, final = [], {}
+    for i in job.specs:  # conditioned: pair by pair, each fed by the model whose earlier pairs are merged already
+        inputs_from, used = conditioned_teacher(s.teacher, job.conditioned_on, i, teacher_hash=s.teacher_hash,
+                                                force=job.train.force)
+        if inputs_from is not None:
+            log.info("pair (%d, %d) conditioned on: %s", i, i + 1, "; ".join(used))
+        done = _train_pairs(s, job, [i], layers=layers, notes=notes, cache=cache, data=data, locks=locks,
+                            inputs_from=inputs_from, group_dir=job.run_dir / f"merge_{i}")
+        results += done.units
+        final.update(done.metrics)
+    return TrainedUnits(job.run_dir, results, final)
+
+
+def _train_pairs(s: Session, job: _MergeRun, group: list[int], *, layers: dict, notes: dict[str, str], cache,
+                 data: tuple, locks: list, inputs_from: BertForMaskedLM | None = None,
+                 group_dir: Path | None = None) -> TrainedUnits:
+    """One Trainer over the merged layers of ``group`` (all pairs, or one pair of a conditioned run)."""
+    (train_loader, sampler), valid_loader, setup = data
+    cfg, loss = s.teacher.config, job.loss
+    task = MergeDistill(s.teacher, {i: layers[i] for i in group}, loss.loss_on, criterion=loss.criterion,
+                        masker=lm_targets(s.tokenizer, s.teacher) if loss.loss_on == "mlm" else None,
+                        cache=cache, inputs_from=inputs_from, temperature=loss.temperature, seed=job.train.seed,
+                        input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None).to(s.device)
+    units = [Unit(f"merge_{i}", layers[i][0], job.run_dir / f"merge_{i}",
+                  unit_meta("merged_layer", layers[i][1], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
+                            conditioned=job.conditioned, **describe_losses(task), init=notes[f"merge_{i}"]))
+             for i in group]
+    view = lambda: compose(inputs_from or s.teacher, merges={i: layers[i] for i in group})  # noqa: E731
+    final = Trainer(task, units, job.train, run_dir=group_dir or job.run_dir, device=s.device,
+                    evaluate=lambda: task.evaluate(valid_loader),
+                    samples=_samples(s, view, valid_loader) if job.print_samples else None,
+                    run_meta={"run_dir": str(job.run_dir)}, setup=setup, record=job.record,
+                    locks=locks).fit(train_loader, sampler)
+    return TrainedUnits(job.run_dir, _unit_results(units, notes, final), final)
+
+
+# ---- a student from trained units, its fine-tune, its evaluation ----
+def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path], *,
+             out: str | Path = "checkpoints/assembled", which: str = "best", force: bool = False,
+             export: ExportConfig = ExportConfig()) -> Assembled:
+    """A model from the teacher plus every block / merged-layer / model checkpoint under ``checkpoints`` (found by
+    their metadata; ``which``: best or last), saved to ``out`` with the tokenizer, and exported where ``export``
+    says. ``force`` accepts checkpoints made against another teacher (never another shape)."""
+    check_output_dir(out)
+    check_export_targets(export)
+    s = _prepare(session)
+    model, sources = build_student(s.teacher, checkpoints, s.teacher_hash, force=force, which=which)
+    save_model(model, out, {"teacher": s.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources})
+    s.tokenizer.save_pretrained(str(Path(out) / "tokenizer"))
+    exports = run_exports(model.cpu(), s.tokenizer, export) if export.hf_dir or export.onnx_file else []
+    return Assembled(model, Path(out), sources, model.config.describe(), s.teacher.num_parameters(),
+                     model.num_parameters(), exports)
+
+
+@dataclass
+class _FinetuneRun:
+    checkpoints: Sequence[str | Path]
+    drop_every_second: bool
+    which: str
+    objective: FinetuneLoss
+    train: TrainConfig
+    dropout: float | None
+    run_dir: Path
+    eval_batches: int | None
+    export: ExportConfig
+    print_samples: bool
+    record: dict[str, Any]
+
+
+def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Path] = ("checkpoints",),
+             drop_every_second: bool = False, which: str = "best", objective: FinetuneLoss = FinetuneLoss(),
+             train: TrainConfig = TrainConfig(), dropout: float | None = None, out: str | Path = "checkpoints",
+             run_name: str | None = None, eval_batches: int | None = None, export: ExportConfig = ExportConfig(),
+             print_samples: bool = False, record: dict[str, Any] | None = None) -> FineTuned:
+    """Fine-tune a compressed model end to end by distillation: the teacher with the merged layers / blocks / model
+    under ``checkpoints`` (or, with ``drop_every_second``, the teacher without layers 1, 3, 5, ...), trained on
+    ``objective``, evaluated on the test split (``<run>/eval``) and exported where ``export`` says. The run folder is
+    ``<out>/<run_name>`` (default finetune_merged, or finetune_dropped); ``eval_batches`` limits the per-epoch
+    comparison with the teacher."""
+    o = objective
+    if o.kl_weight == o.mlm_weight == o.hidden_weight == 0:
+        raise SettingError("`kl_weight`, `mlm_weight` and `hidden_weight` are all 0: nothing to train on")
+    check_export_targets(export)  # an export that cannot be written fails now, not after training
+    run_dir = Path(out) / (run_name or ("finetune_dropped" if drop_every_second else "finetune_merged"))
+    rec = run_record(record, batch_size=session.data.batch_size, train=train, dropout=dropout,
+                     percentage_data=session.data.fraction)
+    job = _FinetuneRun(checkpoints, drop_every_second, which, objective, train, dropout, run_dir, eval_batches,
+                       export, print_samples, rec)
+    with claim_units([run_dir / "model"], "fine-tuned model") as locks:
+        return _finetune(_prepare(session), job, locks)
+
+
+def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
+    if job.drop_every_second:
+        student, sources = _drop_every_second(s.teacher)
+    else:
+        student, sources = build_student(s.teacher, job.checkpoints, s.teacher_hash, force=job.train.force,
+                                         which=job.which)
+    student = student.to(s.device)
+    if job.dropout is not None:
+        set_dropout(student, job.dropout)
+    for line in sources:
+        log.info("student: %s", line)
+    log.info("student plan:\n%s", student.config.describe())
+    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
+    train_loader, sampler = s.loader(train_ds, shuffle=True)
+    valid_loader, _ = s.loader(valid_ds, shuffle=False)
+    o = job.objective
+    task = ModelDistill(s.teacher, student, lm_targets(s.tokenizer, s.teacher),
+                        kl_weight=o.kl_weight, mlm_weight=o.mlm_weight, hidden_weight=o.hidden_weight,
+                        hidden_criterion=o.hidden_criterion, temperature=o.temperature, seed=job.train.seed,
+                        relation_weight=o.relation_weight, relation_heads=o.relation_heads).to(s.device)
+    meta = {"kind": "model", "config": student.config.to_dict(), "teacher": s.teacher_name,
+            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task)}
+
+    def evaluate() -> dict[str, float]:
+        m = task.evaluate(valid_loader)
+        cmp = compare_models(s.teacher, student, valid_loader, tokenizer=s.tokenizer, device=s.device,
+                             keep_rows=False, max_batches=job.eval_batches).metrics
+        m.update({f"model/{k}": float(cmp[k]) for k in REPORTED if k in cmp})
+        return m
+
+    Trainer(task, [Unit("model", student, job.run_dir / "model", meta)], job.train, run_dir=job.run_dir,
+            device=s.device, evaluate=evaluate,
+            samples=_samples(s, lambda: student, valid_loader) if job.print_samples else None,
+            run_meta={"run_dir": str(job.run_dir)}, setup=s.training_setup(train_ds),
+            record={"sources": sources, **job.record}, locks=locks).fit(train_loader, sampler)
+    runtime.barrier()  # rank 0 wrote the best checkpoint
+    best, _ = load_model(job.run_dir / "model" / "best")
+    ev = _evaluate(s, best, EvalConfig(), out=job.run_dir / "eval",
+                   extra={"model": str(job.run_dir / "model" / "best"), "sources": sources})
+    exports = run_exports(best.cpu(), s.tokenizer, job.export) if runtime.is_main_process() else []
+    return FineTuned(job.run_dir, best, ev, sources, exports)
+
+
+def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
+             evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
+             extra: dict[str, Any] | None = None) -> Evaluation:
+    """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` and write
+    results.json and predictions.tsv to ``out`` (checked first).
+
+    ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
+    pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json."""
+    check_output_dir(out)  # before any work: results that cannot be written are lost
+    s = _prepare(session, judge=evaluation.judge)
+    found: dict[str, Any] = {}
+    if isinstance(model, (str, os.PathLike)):
+        model, found = _student_from(s, Path(model), force=force)
+    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})})
+
+
+def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
+    """The model a checkpoint folder stands for, and what results.json says about where it came from."""
+    if read_meta(path)["kind"] == "merged_layer":
+        first, layer, spec = load_merged_layer(path, s.teacher.config, s.teacher_hash, force=force)
+        model = clone_model(compose(s.teacher, merges={first: (layer.to(s.device), spec)}))
+        return model, {"merged_layer": str(path), "pair": [first, first + 1]}
+    model, meta = load_model(path, s.teacher_hash, force=force, teacher_config=s.teacher.config)
+    if model.config.max_position_embeddings < s.data.seq_len:  # it must read the same token ids at seq_len positions
+        raise SettingError(f"`seq_len` {s.data.seq_len} is longer than the model '{path}' allows: its "
+                           f"max_position_embeddings is {model.config.max_position_embeddings}")
+    return model, {"model": str(path), "sources": meta.get("sources")}
+
+
+def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
+              extra: dict[str, Any]) -> Evaluation:
+    """The one comparison of a student with the session's teacher, and its report (rank 0) in ``out``."""
+    judge = judge_tok = None
+    if evaluation.judge:
+        judge, judge_tok = _load_model_and_tokenizer(evaluation.judge, s.device)
+    ds = s.sentences(evaluation.split)
+    loader, _ = s.loader(ds, shuffle=False)
+    res: EvalResult = compare_models(s.teacher, student.to(s.device).eval(), loader, tokenizer=s.tokenizer,
+                                     device=s.device, judge=judge, judge_tokenizer=judge_tok,
+                                     max_batches=evaluation.max_batches)
+    if s.teacher.TASK == "causal":  # a decoder's cost is also its KV cache and its prefill / decode speed
+        res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
+        extra = {"windows": ds.describe(), **extra}
+    if runtime.is_main_process():
+        write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
+                                "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
+                                "mask_seed": s.data.seed, "device": str(s.device), **extra})
+    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student)
+
+
+# ---- the sensitivity map and the planner ----
+def sensitivity_map(session: Session | SessionConfig, *, config: MapConfig = MapConfig(),
+                    train: TrainConfig = TrainConfig(), out: str | Path = "checkpoints/sensitivity",
+                    record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every layer x option of ``config``: one unit retrained alone (``train``), put alone into the teacher,
+    measured and timed; written to ``out`` (sensitivity.json, .md, .png) and returned (what ``plan_student``
+    takes)."""
+    out = Path(out)
+    with claim_units([out], "sensitivity map"):
+        s = _prepare(session)
+        return make_map(s, config, train=train, out=out,
+                        record=run_record(record, batch_size=s.data.batch_size, train=train,
+                                          percentage_data=s.data.fraction))
+
+
+def plan_student(session: Session | SessionConfig, *, target_speedup: float | None = None,
+                 target_params: int | None = None, map: dict | str | Path | None = None, cost: str = "kl",
+                 config: MapConfig = MapConfig(), finetune: PlanFinetune = PlanFinetune(),
+                 train: TrainConfig = TrainConfig(), out: str | Path = "checkpoints/plan",
+                 record: dict[str, Any] | None = None) -> PlannedStudent:
+    """A student that meets one target (an encoder speed-up, or at most ``target_params`` parameters) at the least
+    summed ``cost`` of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with
+    ``config``): its units retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the
+    test split and timed against the teacher. Writes plan.log and results.json to ``out``; ``train.force`` accepts
+    a map made for another teacher."""
+    run = Path(out)
+    with claim_units([run], "planned student"):
+        s = _prepare(session)
+        rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
+        smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec,
+                                target=(target_speedup, target_params))
+        plan = choose_plan(smap, target_speedup, target_params, cost=cost)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
+        for line in plan.lines:
+            log.info("plan: %s", line)
+        options = {o["name"]: option_from_dict(o) for o in smap["options"]}
+        ctx = context(s, config, train=train, record=rec)
+        student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
+                                      origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
+                                      finetune=finetune)
+        res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units), config=config,
+                            by_latency=target_speedup is not None)
+        res.update(_target_met(res, target_speedup, target_params))
+        (run / "results.json").write_text(json.dumps(res, indent=2))
+        return PlannedStudent(run, plan, res, student, smap, built)
+
+
+def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig, train: TrainConfig, out: Path,
+              record: dict[str, Any], target: tuple[float | None, int | None]) -> tuple[dict[str, Any], Path | None]:
+    """The map to plan from: the one given (made for this teacher, unless ``train.force``), or one built now; either
+    way, a ``target`` it cannot reach is refused first (before a map is built: its options as untrained units)."""
+    if given is None:
+        _check_reach(s, None, config=config, target=target)  # before minutes of training for an unreachable target
+        return make_map(s, config, train=train, out=out, record=record), out
+    smap = given if isinstance(given, dict) else read_map(given)
+    if smap.get("teacher_hash") != s.teacher_hash and not train.force:
+        raise CheckpointError(f"`map` was made for another teacher ({smap.get('teacher')}); pass `force` to use it")
+    _check_reach(s, smap, config=config, target=target)
+    return smap, None
+
+
+def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig,
+                 target: tuple[float | None, int | None]) -> None:
+    """Refuse a target the map (or, before it is built, the options it would map, made untrained and timed alone)
+    cannot reach, saying what they reach (SettingError)."""
+    speedup, params = target
+    if smap is None:
+        n = len(s.teacher.layers)
+        options = default_options(s.teacher.config, config.heads_set, config.options)
+        smap = reach_map(s.teacher, options, [i for i in (config.layers or range(n)) if i < n],
+                         latency_reps=config.latency_reps if speedup else 0, latency_batch=config.latency_batch,
+                         latency_seq=s.data.seq_len)
+    problem = budget_problem(smap, speedup, params)
+    if problem:
+        raise SettingError(problem)
+
+
+def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
+                  finetune: PlanFinetune, trained: bool, config: MapConfig, by_latency: bool) -> dict[str, Any]:
+    """The planned student on the test split and timed against the teacher, beside what the map predicted."""
+    teacher = s.teacher
+    test_loader, _ = s.loader(s.first_sentences("test", finetune.test_sentences), shuffle=False)
+    m = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
+    ids, att = encoder_inputs(teacher, batch=config.latency_batch, seq=s.data.seq_len, device=s.device)
+    ms = round_robin_ms({"teacher": lambda: teacher(ids, att, with_logits=False),
+                         "student": lambda: student(ids, att, with_logits=False)}, config.latency_reps, s.device)
+    saved = plan.saved if by_latency else sum(
+        e["latency_saved_ms"] for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"])
+    predicted_ms = smap["timing"]["encoder_ms"] - saved
+    return {"target": plan.budget, "plan": {str(i): n for i, n in plan.choices.items()}, "plan_cost": plan.cost,
+            "metrics": {k: m[k] for k in PLAN_REPORTED if k in m}, "test_sentences": m["sentences"],
+            "student_params": student.num_parameters(), "teacher_params": teacher.num_parameters(),
+            "map_encoder_ms": smap["timing"]["encoder_ms"], "predicted_encoder_ms": predicted_ms,
+            "predicted_speedup": smap["timing"]["encoder_ms"] / predicted_ms,
+            "measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
+            "measured_speedup": ms["teacher"] / ms["student"], "device": str(s.device),
+            "fine_tune_epochs": finetune.epochs if trained else 0}
+
+
+def _target_met(res: dict[str, Any], target_speedup: float | None, target_params: int | None) -> dict[str, Any]:
+    if target_params is not None:
+        return {"target_met": res["student_params"] <= target_params}
+    return {"target_met_by_map": res["predicted_speedup"] >= target_speedup - 1e-9,
+            "target_met_measured": res["measured_speedup"] >= target_speedup}
+
+
+# ---- export ----
+def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None,
+           onnx_file: str | Path | None = None) -> list[str]:
+    """Write ``model`` for use outside this repository: a Hugging Face folder (plain BertForMaskedLM, or CompactBERT
+    loaded with trust_remote_code=True) and / or ONNX graphs checked against PyTorch with ONNX Runtime. Returns one
+    line per file written."""
+    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, onnx_file=str(onnx_file) if onnx_file else None)
+    check_export_targets(cfg)
+    return run_exports(model, tokenizer, cfg)

@@ -1,0 +1,94 @@
+"""The edge where flags become the library's typed settings: one function per configuration dataclass, and the
+command line's part of a run record. Nothing below this layer sees an argparse namespace."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..data.text import DataConfig
+from ..evaluation.metrics import EvalConfig
+from ..planning.students import MapConfig, PlanFinetune
+from ..session import SessionConfig
+from ..storage.export import ExportConfig
+from ..training.loop import TrainConfig
+from ..training.tasks import FinetuneLoss, MergeLoss
+from ..training.units import UnitShape
+from .recipes import given
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """--dataset / --data-dir / --split-ratio, --seq-len, --batch-size, --num-workers, --seed, --percentage-data."""
+    return DataConfig(dataset=args.dataset, data_dir=args.data_dir, split_ratio=tuple(args.split_ratio),
+                      seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.num_workers,
+                      fraction=args.percentage_data)
+
+
+def session_config(args: argparse.Namespace) -> SessionConfig:
+    """--teacher, --device and the data flags."""
+    return SessionConfig(teacher=args.teacher, data=data_config(args), device=args.device)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training loop's flags (``add_training_args`` and the seed's optimiser flags)."""
+    return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                       schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
+                       save_every_steps=args.save_every_steps, resume=args.resume, compile=args.compile,
+                       max_steps_per_epoch=args.max_steps_per_epoch, force=args.force,
+                       force_config=args.force_config, optimizer=args.optimizer,
+                       betas=(args.adam_beta1, args.adam_beta2), warmup_steps=args.warmup_steps,
+                       log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0)
+
+
+def unit_shape(args: argparse.Namespace) -> UnitShape:
+    """--block-heads, --block-d-k, --kv-heads (and --ffn-dim where the script has it)."""
+    return UnitShape(num_heads=args.block_heads, head_dim=args.block_d_k, kv_heads=args.kv_heads,
+                     ffn_dim=vars(args).get("ffn_dim"))
+
+
+def cache_dir(args: argparse.Namespace, used: bool) -> str | None:
+    """The teacher cache folder when one is ``used``: --cache-dir, by default <--out>/cache (resolved in ``args``
+    too, so the run record shows the folder used)."""
+    if args.cache_dir is None:
+        args.cache_dir = str(Path(args.out) / "cache")
+    return args.cache_dir if used else None
+
+
+def merge_loss(args: argparse.Namespace) -> MergeLoss:
+    return MergeLoss(loss_on=args.loss_on, criterion=args.criterion, temperature=args.temperature,
+                     mask_inputs=bool(args.mask_inputs))
+
+
+def finetune_loss(args: argparse.Namespace) -> FinetuneLoss:
+    return FinetuneLoss(kl_weight=args.kl_weight, mlm_weight=args.mlm_weight, hidden_weight=args.hidden_weight,
+                        hidden_criterion=args.hidden_criterion, temperature=args.temperature,
+                        relation_weight=args.relation_weight, relation_heads=args.relation_heads)
+
+
+def export_config(args: argparse.Namespace) -> ExportConfig:
+    return ExportConfig(hf_dir=args.export_hf, onnx_file=args.export_onnx)
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(split=args.split, judge=args.judge, max_batches=args.max_batches)
+
+
+def map_config(args: argparse.Namespace) -> MapConfig:
+    """The map's flags (``add_map_args``); the teacher cache unless --no-cache."""
+    return MapConfig(options=args.options, heads_set=args.heads_set, layers=args.layers, block_loss=args.block_loss,
+                     relation_weight=args.relation_weight, max_train_sentences=args.max_train_sentences,
+                     eval_sentences=args.eval_sentences, valid_batches=args.valid_batches,
+                     latency_reps=args.latency_reps, latency_batch=args.latency_batch,
+                     cache_dir=cache_dir(args, used=not args.no_cache))
+
+
+def plan_finetune(args: argparse.Namespace) -> PlanFinetune:
+    """The planned student's fine-tune flags (``add_finetune_args``)."""
+    return PlanFinetune(epochs=args.ft_epochs, lr=args.ft_lr, temperature=args.temperature,
+                        relation_weight=args.ft_relation_weight, test_sentences=args.test_sentences)
+
+
+def record(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's part of each unit's run record: the arguments, the recipe, the flags given explicitly (the
+    library adds the fully resolved settings)."""
+    return {"args": vars(args), "recipe": getattr(args, "recipe", "default"), "explicit": getattr(args, "explicit", [])}

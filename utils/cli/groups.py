@@ -1,0 +1,70 @@
+"""The flag groups several scripts share beyond the common ones: a unit's shape, exports, the sensitivity map, the
+fine-tune of a planned student."""
+from __future__ import annotations
+
+import argparse
+
+from ..planning.sensitivity import OPTION_KINDS
+from .types import int_list, option_kinds, positive_float, positive_int
+
+
+def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None:
+    """The flags that give a unit's attention shape (and feed-forward size with ``ffn``): a ``UnitShape``."""
+    group.add_argument("--block-heads", type=positive_int("--block-heads"), default=None,
+                       help="heads of the new unit (default: the teacher's)")
+    group.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
+                       help="per-head dimension d_k of the new unit (default: the teacher's)")
+    group.add_argument("--kv-heads", type=positive_int("--kv-heads"), default=None,
+                       help="grouped-query attention: this many key/value heads, each shared by a group of query "
+                            "heads (must divide the heads; from the teacher: each group's keys/values start as the "
+                            "mean of its heads'); default: plain multi-head attention")
+    if ffn:
+        group.add_argument("--ffn-dim", type=positive_int("--ffn-dim"), default=None, help="default: the teacher's")
+
+
+def add_export_args(p: argparse._ActionsContainer) -> None:
+    """--export-hf / --export-onnx: an ``ExportConfig``."""
+    p.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="also write the model as a Hugging Face folder: plain BertForMaskedLM when every layer keeps "
+                        "the teacher's attention shape, else CompactBERT (load with trust_remote_code=True)")
+    p.add_argument("--export-onnx", default=None, metavar="FILE",
+                   help="also write ONNX graphs: masked-LM to FILE, encoder to <FILE stem>_encoder.onnx, each "
+                        "checked against the PyTorch model with ONNX Runtime")
+
+
+def add_map_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the map (also the planner's when it builds the map itself)."""
+    g = p.add_argument_group("map")
+    g.add_argument("--options", type=option_kinds, default=OPTION_KINDS,
+                   help="which kinds of option to map (combined: fewer heads and a narrower FFN in one layer or "
+                        "merged pair, for budgets beyond one option per layer)")
+    g.add_argument("--heads-set", type=int_list, default=None,
+                   help="head counts to map, e.g. 8,6,4,2 (default: 2/3, 1/2, 1/3, 1/6 of the teacher's)")
+    g.add_argument("--layers", type=int_list, default=None, help="layers to map (default: all); 0-based")
+    g.add_argument("--block-loss", choices=["output", "relations", "output+relations"], default="output",
+                   help="loss of the attention-block units (see retrain_single_block.py --loss-on)")
+    g.add_argument("--relation-weight", type=positive_float, default=1.0, help="with --block-loss ...relations")
+    g.add_argument("--max-train-sentences", type=positive_int("--max-train-sentences"), default=None,
+                   help="train on the first N sentences of the training split (budget)")
+    g.add_argument("--eval-sentences", type=positive_int("--eval-sentences"), default=None,
+                   help="measure on the first N sentences of the validation split (budget; default all)")
+    g.add_argument("--valid-batches", type=positive_int("--valid-batches"), default=4,
+                   help="batches of the per-epoch validation loss (best-checkpoint choice)")
+    g.add_argument("--latency-reps", type=positive_int("--latency-reps"), default=20,
+                   help="timed round-robin repeats per module (median)")
+    g.add_argument("--latency-batch", type=positive_int("--latency-batch"), default=32)
+    g.add_argument("--no-cache", action="store_true", help="recompute teacher features every batch")
+    g.add_argument("--cache-dir", default=None, help="teacher feature cache (default: <--out>/cache; shared, safe)")
+    g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
+                   help="cap on training steps per epoch (budget)")
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    """The end-to-end fine-tune and test-budget flags (also bench/plans.py's)."""
+    g = p.add_argument_group("fine-tune (end to end, KD)")
+    g.add_argument("--ft-epochs", type=int, default=1, help="0: no fine-tune")
+    g.add_argument("--ft-lr", type=positive_float, default=2e-4)
+    g.add_argument("--temperature", type=positive_float, default=2.0)
+    g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
+    g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
+                   help="evaluate on the first N test sentences (budget; default all)")

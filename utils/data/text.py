@@ -1,0 +1,183 @@
+"""Text in: WikiText-2 from the Hugging Face Hub or local files, cut into sentences and splits; what a run reads
+(``DataConfig``)."""
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+_HEADING = re.compile(r"^\s*=+ .* =+\s*$")
+# WikiText is tokenised with spaces around punctuation: a sentence ends at " . ", " ! " or " ? "
+_SENT_END = re.compile(r"(?<= [.!?]) (?=\S)")
+
+
+class DataError(ValueError):
+    """Unusable text input: the message names the file and what is wrong with it."""
+
+
+def split_sentences(lines: Sequence[str], min_words: int = 3) -> list[str]:
+    """WikiText lines -> sentences: headings and empty lines dropped, paragraphs split at sentence ends."""
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or _HEADING.match(line):
+            continue
+        for s in _SENT_END.split(line):
+            s = s.strip()
+            if len(s.split()) >= min_words:
+                out.append(s)
+    return out
+
+
+def read_text_file(path: Path, min_words: int = 3) -> list[str]:
+    """Sentences of a local text file. Non-UTF-8 bytes are replaced and reported once; no sentence -> DataError."""
+    if not path.is_file():
+        raise DataError(f"text file '{path}' does not exist")
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))  # invalid bytes, however grouped
+    if bad:
+        log.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, bad)
+    if not text.strip():
+        raise DataError(f"text file '{path}' is empty")
+    sentences = split_sentences(text.splitlines(), min_words)
+    if not sentences:
+        raise DataError(
+            f"text file '{path}' has no usable sentence (headings, empty lines and sentences under {min_words} words "
+            "are dropped)"
+        )
+    return sentences
+
+
+def split_by_ratio(sentences: list[str], ratios: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Deterministic shuffle then cut into train/valid/test by ``ratios``."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise DataError(f"split ratios must be three non-negative numbers summing to 1, got {list(ratios)}")
+    idx = list(range(len(sentences)))
+    random.Random(seed).shuffle(idx)
+    n_train = int(round(ratios[0] * len(idx)))
+    n_valid = int(round(ratios[1] * len(idx)))
+    cuts = {"train": idx[:n_train], "valid": idx[n_train:n_train + n_valid], "test": idx[n_train + n_valid:]}
+    return {k: [sentences[i] for i in sorted(v)] for k, v in cuts.items()}
+
+
+def load_local_split(data_dir: Path, split: str, *, seed: int, ratios: Sequence[float], min_words: int = 3
+                     ) -> list[str]:
+    """``split`` from DIR/{train,valid,test}.txt, or from the single .txt file in DIR cut by ``ratios``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"`data_dir` '{data_dir}' is not a folder")
+    f = data_dir / f"{split}.txt"
+    if f.is_file():
+        return read_text_file(f, min_words)
+    named = [data_dir / f"{s}.txt" for s in SPLITS if (data_dir / f"{s}.txt").is_file()]
+    if named:
+        raise DataError(f"split '{split}' is missing: expected '{f}' (found {', '.join(p.name for p in named)})")
+    txts = sorted(data_dir.glob("*.txt"))
+    if len(txts) != 1:
+        raise DataError(
+            f"`data_dir` '{data_dir}' must hold train.txt/valid.txt/test.txt or exactly one .txt file to split by "
+            f"ratio; found {len(txts)} .txt files"
+        )
+    parts = split_by_ratio(read_text_file(txts[0], min_words), ratios, seed)
+    if not parts[split]:
+        raise DataError(f"split '{split}' of '{txts[0]}' is empty with ratios {list(ratios)}")
+    return parts[split]
+
+
+WIKITEXT2_REPOS = ("Salesforce/wikitext", "wikitext")  # the canonical id moved; the short one redirects
+WIKITEXT2_CONFIG = "wikitext-2-raw-v1"
+
+
+def wikitext2_parquet_files(split: str) -> list[Path]:
+    """The Hub dataset's parquet files of one split (``wikitext-2-raw-v1/<split>-*.parquet``), via the HF cache.
+
+    ``snapshot_download`` fetches them when online and, under HF_HUB_OFFLINE=1, finds them in HF_HUB_CACHE, which
+    ``datasets.load_dataset`` offline does not look at (it only reuses its own processed cache).
+    """
+    from huggingface_hub import snapshot_download
+
+    hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
+    pattern = f"{WIKITEXT2_CONFIG}/{hf_split}-*.parquet"
+    errors = []
+    for repo in WIKITEXT2_REPOS:
+        try:
+            local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[pattern]))
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
+            errors.append(f"{repo}: {type(e).__name__}: {e}")
+            continue
+        files = sorted(local.glob(pattern))
+        if files:
+            return files
+        errors.append(f"{repo}: no {pattern} in {local}")
+    raise DataError("; ".join(errors))
+
+
+def load_wikitext2(split: str, min_words: int = 3) -> list[str]:
+    """WikiText-2 (raw) from the Hugging Face Hub (or its local cache), split into sentences.
+
+    The parquet files are read through the hub cache; a ``datasets`` cache from an earlier ``load_dataset`` is the
+    fallback.
+    """
+    try:
+        import pyarrow.parquet as pq
+
+        files = wikitext2_parquet_files(split)
+        lines = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+        return split_sentences(lines, min_words)
+    except (DataError, ImportError) as e:
+        errors = [f"parquet files: {e}"]
+    try:
+        from datasets import load_dataset
+    except ImportError:  # pragma: no cover - depends on the install
+        raise DataError(f"could not load WikiText-2 ({errors[0]}); pass `data_dir` DIR") from None
+    hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
+    for repo in WIKITEXT2_REPOS:
+        try:
+            ds = load_dataset(repo, WIKITEXT2_CONFIG, split=hf_split)
+            break
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many classes
+            errors.append(f"datasets {repo}: {type(e).__name__}: {e}")
+    else:
+        raise DataError("could not load WikiText-2 from the Hugging Face Hub or its cache (" + "; ".join(errors)
+                        + "); offline? pass `data_dir` DIR")
+    return split_sentences(ds["text"], min_words)
+
+
+@dataclass
+class DataConfig:
+    """What a run reads and how: the text (a Hub corpus or a local folder), its splits, tokenisation and batches."""
+
+    dataset: str = "wikitext2"  # the corpus from the Hugging Face Hub, when there is no data_dir
+    data_dir: str | None = None  # local text: train.txt/valid.txt/test.txt, or one .txt file cut by split_ratio
+    split_ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, valid, test of a single file
+    seed: int = 0  # the cut of a single file, the evaluation mask positions and the batch order (and the run's RNG)
+    min_words: int = 3  # shorter sentences are dropped
+    seq_len: int = 40  # tokens per sentence, [CLS] and [SEP] included
+    batch_size: int = 32  # sentences per batch and process
+    num_workers: int = 0  # DataLoader worker processes
+    fraction: float = 1.0  # the leading share of each split that is used (the seed's --percentage_data)
+
+
+def load_sentences(spec: DataConfig, split: str, fraction: float = 1.0) -> list[str]:
+    """Sentences of one split; ``fraction`` keeps a deterministic leading share (``spec.fraction`` is not applied
+    here: a caller that limits the split in another way reads the whole split)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction of data must be in (0, 1], got {fraction}")
+    if spec.data_dir:
+        sents = load_local_split(Path(spec.data_dir), split, seed=spec.seed, ratios=spec.split_ratio,
+                                 min_words=spec.min_words)
+    elif spec.dataset == "wikitext2":
+        sents = load_wikitext2(split, spec.min_words)
+    else:
+        raise DataError(f"unknown dataset '{spec.dataset}'; use wikitext2 or `data_dir` DIR")
+    n = max(1, int(len(sents) * fraction))
+    return sents[:n]

@@ -1,0 +1,68 @@
+"""The report of a comparison: a markdown table (teacher and student side by side), results.json and
+predictions.tsv."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .metrics import TOPK, EvalResult
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """Teacher and student side by side, markdown (pastes into a paper draft or an issue)."""
+    lines = ["| metric | teacher | student |", "|---|---:|---:|"]
+
+    def f(v):
+        return f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+    causal = "teacher_perplexity" in m
+    if causal:
+        lines.append(f"| perplexity | {m['teacher_perplexity']:.3f} | {m['student_perplexity']:.3f} |")
+    for k in TOPK:
+        if f"teacher_top{k}" in m:
+            what = "next-token top-" if causal else "top-"
+            lines.append(f"| {what}{k} accuracy | {f(m[f'teacher_top{k}'])} | {f(m[f'student_top{k}'])} |")
+    for k in TOPK:
+        if f"teacher_in_judge_top{k}" in m:
+            lines.append(f"| top-1 in judge top-{k} | {f(m[f'teacher_in_judge_top{k}'])} | "
+                         f"{f(m[f'student_in_judge_top{k}'])} |")
+    lines.append(f"| parameters | {f(m['teacher_params'])} | {f(m['student_params'])} |")
+    for key, label in (("kv_cache_bytes_per_token", "KV-cache bytes / token (fp16)"),
+                       ("prefill_tokens_per_s", "prefill tokens / s"), ("decode_tokens_per_s", "decode tokens / s")):
+        if f"teacher_{key}" in m:
+            lines.append(f"| {label} | {m[f'teacher_{key}']:,.0f} | {m[f'student_{key}']:,.0f} |")
+    lines.append(f"| latency ms / batch | {m['teacher_latency_ms_per_batch']:.2f} | "
+                 f"{m['student_latency_ms_per_batch']:.2f} |")
+    single = [("agreement (student top-1 = teacher top-1)", "agreement_top1"),
+              ("KL(teacher ‖ student) at the mask" if not causal else "KL(teacher ‖ student) per token",
+               "kl_teacher_student"),  # '|' would split the table cell
+              ("final hidden-state cosine", "hidden_cosine"), ("final hidden-state MSE", "hidden_mse"),
+              ("judge top-1 accuracy", "judge_top1"), ("parameter ratio", "param_ratio"), ("speed-up", "speedup"),
+              ("prefill speed-up", "prefill_speedup"), ("decode speed-up", "decode_speedup"),
+              ("predicted tokens" if causal else "sentences", "predicted_tokens" if causal else "sentences")]
+    for label, key in single:
+        if key in m:
+            lines.append(f"| {label} | {f(m[key])} | |")
+    return "\n".join(lines)
+
+
+def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """results.json + predictions file (sentence, true word, teacher, student, judge top-10) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"metrics": result.metrics, "notes": result.notes, **(extra or {})}
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    if result.rows:
+        cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])
+        with open(out / "predictions.tsv", "w", encoding="utf-8") as f:
+            f.write("\t".join(cols + ["masked sentence"]) + "\n")
+            for r in result.rows:
+                vals = [" ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols]
+                f.write("\t".join(vals + [r["masked"]]) + "\n")
+    return out
+
+
+def report_text(result: EvalResult) -> str:
+    """What is printed of a comparison: its notes, then the table."""
+    return "\n".join([f"note: {note}" for note in result.notes] + [format_table(result.metrics)])

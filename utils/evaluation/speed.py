@@ -1,0 +1,67 @@
+"""Speed: callables timed round-robin (so that load from other jobs hits them alike), and a causal LM's prefill and
+decode tokens/s and KV-cache bytes beside its teacher's."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from models.base import SwappableModel
+
+
+@torch.no_grad()
+def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f(), f()  # warm-up
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.no_grad()
+def lm_speed(models: dict[str, SwappableModel], prompt: torch.Tensor, *, decode_tokens: int = 32, reps: int = 5
+             ) -> dict[str, dict[str, float]]:
+    """Prefill and decode tokens/s of causal LMs, timed round-robin (median of ``reps``).
+
+    Prefill: one forward over the ``prompt`` batch [B, T] and the logits of its last position. Decode: greedy
+    generation with the KV cache from the first prompt row; the tokens after the first, over the time beyond that
+    row's own prefill."""
+    device = prompt.device
+    fns: dict[str, Callable[[], Any]] = {}
+    for who, m in models.items():
+        m.eval()
+        fns[f"{who}/prefill"] = lambda m=m: m.lm_logits(m(prompt, with_logits=False).last_hidden_state[:, -1])
+        fns[f"{who}/prefill_one"] = lambda m=m: m.lm_logits(m(prompt[:1], with_logits=False).last_hidden_state[:, -1])
+        fns[f"{who}/generate"] = lambda m=m: m.generate(prompt[:1], decode_tokens)
+    ms = round_robin_ms(fns, reps, device)
+    out = {}
+    for who in models:
+        decode_ms = max(ms[f"{who}/generate"] - ms[f"{who}/prefill_one"], 1e-6)
+        out[who] = {"prefill_tokens_per_s": 1000 * prompt.numel() / ms[f"{who}/prefill"],
+                    "decode_tokens_per_s": 1000 * (decode_tokens - 1) / decode_ms,
+                    "prefill_ms": ms[f"{who}/prefill"], "decode_ms_per_token": decode_ms / (decode_tokens - 1)}
+    return out
+
+
+def decoder_costs(teacher: SwappableModel, student: SwappableModel, prompt: torch.Tensor, *, decode_tokens: int = 32,
+                  reps: int = 5) -> dict[str, float]:
+    """KV-cache bytes per token and prefill / decode tokens/s of a decoder teacher and student (``lm_speed``, on
+    ``prompt``: at most 4 windows)."""
+    speed = lm_speed({"teacher": teacher, "student": student}, prompt[:4], decode_tokens=decode_tokens, reps=reps)
+    out = {f"{who}_kv_cache_bytes_per_token": m.config.kv_cache_bytes_per_token()
+           for who, m in (("teacher", teacher), ("student", student))}
+    for who, v in speed.items():
+        out.update({f"{who}_{k}": x for k, x in v.items()})
+    out["prefill_speedup"] = speed["student"]["prefill_tokens_per_s"] / speed["teacher"]["prefill_tokens_per_s"]
+    out["decode_speedup"] = speed["student"]["decode_tokens_per_s"] / speed["teacher"]["decode_tokens_per_s"]
+    return out

@@ -1,0 +1,138 @@
+"""What the map, the planner and bench/plans.py share: the map's settings and its making, and building a (planned or
+uniform, trained or untrained) student from map options, fine-tuned end to end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models import BertForMaskedLM
+from models.compress import clone_model
+from ..data.masking import lm_targets
+from ..session import Session
+from ..training.loop import Trainer, TrainConfig, Unit
+from ..training.students import load_model, save_model
+from ..training.tasks import ModelDistill, describe_losses
+from .planner import PlanError
+from .sensitivity import (OPTION_KINDS, AliasedCache, Context, Option, build_map, build_units, cache_names,
+                          compose_units, default_options, train_units, validate_map, write_map)
+
+log = logging.getLogger("simplifying_transformers")
+
+
+@dataclass
+class MapConfig:
+    """How the sensitivity map is made: which layers and options, on how much data, timed how (the training loop's
+    settings are a ``TrainConfig`` beside it)."""
+
+    options: tuple[str, ...] = OPTION_KINDS  # kinds of option: heads, head_dim, merge, ffn, combined
+    heads_set: list[int] | None = None  # head counts to map; None: 2/3, 1/2, 1/3, 1/6 of the teacher's
+    layers: list[int] | None = None  # layers to map; None: all
+    block_loss: str = "output"  # loss of the attention-block units: output, relations or output+relations
+    relation_weight: float = 1.0
+    max_train_sentences: int | None = None  # train on the first N sentences of the training split
+    eval_sentences: int | None = None  # measure on the first N sentences of the validation split
+    valid_batches: int = 4  # batches of the per-epoch validation loss (best-checkpoint choice)
+    latency_reps: int = 20  # timed round-robin repeats per module (median)
+    latency_batch: int = 32
+    cache_dir: str | None = None  # the teacher feature cache; None: the features are recomputed every batch
+
+
+@dataclass
+class PlanFinetune:
+    """The end-to-end fine-tune of a planned student (KD at masked positions) and its test budget."""
+
+    epochs: int = 1  # 0: no fine-tune
+    lr: float = 2e-4
+    temperature: float = 2.0
+    relation_weight: float = 0.0  # relation distillation in the fine-tune
+    test_sentences: int | None = None  # evaluate on the first N test sentences; None: all
+
+
+def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str, Any]) -> Context:
+    """What training and measuring the map's units needs, from a Session: loaders of the (first sentences of the)
+    training and validation splits, the probe batch, the shared teacher cache."""
+    train_ds = s.first_sentences("train", cfg.max_train_sentences)
+    valid_ds = s.first_sentences("valid", cfg.eval_sentences)
+    train_loader, sampler = s.loader(train_ds, shuffle=True)
+    valid_loader, _ = s.loader(valid_ds, shuffle=False)
+    log.info("train %d sentences, validation %d sentences", len(train_ds), len(valid_ds))
+    n = len(s.teacher.layers)
+    cache = None
+    if cfg.cache_dir is not None:
+        cache = AliasedCache(s.teacher_cache(train_ds, cache_names(n), cfg.cache_dir), n)
+    return Context(teacher=s.teacher, teacher_hash=s.teacher_hash, teacher_name=s.teacher_name,
+                   tokenizer=s.tokenizer, device=s.device, train_loader=train_loader, sampler=sampler,
+                   valid_loader=valid_loader, probe=s.global_batch(train_ds), train_cfg=train, cache=cache,
+                   valid_batches=cfg.valid_batches, setup=s.training_setup(train_ds), record=record,
+                   block_loss=tuple(cfg.block_loss.split("+")), relation_weight=cfg.relation_weight)
+
+
+def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, record: dict[str, Any]) -> dict:
+    """Build and write the map (sensitivity.json, .md, .png) for the teacher of Session ``s`` into ``out``; returns
+    it. ``record`` is the units' run record; its ``args`` (the command line's, else these settings) go into the map."""
+    n = len(s.teacher.layers)
+    layers = cfg.layers or list(range(n))
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise IndexError(f"`layers` {bad}: the teacher has layers 0..{n - 1}")
+    options = default_options(s.teacher.config, cfg.heads_set, cfg.options)
+    log.info("mapping layers %s x options %s", layers, [o.name for o in options])
+    ctx = context(s, cfg, train=train, record=record)
+    smap = build_map(ctx, options, layers, eval_loader=ctx.valid_loader, run_dir=out / "units",
+                     latency_reps=cfg.latency_reps, latency_batch=cfg.latency_batch, latency_seq=s.data.seq_len)
+    smap["args"] = dict(record.get("args") or {"map": dataclasses.asdict(cfg), "train": dataclasses.asdict(train)})
+    paths = write_map(smap, out)
+    log.info("map written: %s", ", ".join(str(p) for p in paths.values()))
+    return smap
+
+
+def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: Path, origin: str,
+                 finetune: PlanFinetune, train: bool = True) -> tuple[BertForMaskedLM, dict]:
+    """The student of ``choices`` (first teacher layer -> Option): its units initialised from the teacher and, with
+    ``train``, retrained on the teacher's features (``<run>/units``), composed into a copy of the teacher and
+    fine-tuned end to end by KD (``finetune.epochs``); saved as ``<run>/model/best``. ``train=False`` gives the
+    untrained baseline of the same plan (kept top heads, top FFN neurons, the first layer of a merged pair). Returns
+    (student, units)."""
+    teacher = s.teacher
+    units = build_units(ctx, choices)
+    if units and train:
+        train_units(ctx, units, run / "units")
+    student = clone_model(compose_units(teacher, units)).to(s.device)
+    log.info("student plan:\n%s", student.config.describe())
+    sources = [origin] + [f"layer {i}: {b.option.name} ({b.note}{'' if train else '; untrained'})"
+                          for i, b in sorted(units.items())]
+    meta = {"teacher": ctx.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources,
+            "plan": {str(i): b.option.name for i, b in units.items()}}
+    if not (train and finetune.epochs > 0 and units):
+        save_model(student, run / "model" / "best", meta)
+        return student, units
+    masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
+    task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
+                        hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
+                        relation_weight=finetune.relation_weight).to(s.device)
+    cfg = dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr)
+    unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
+                                                  **describe_losses(task)})
+    Trainer(task, [unit], cfg, run_dir=run, device=s.device, evaluate=lambda: task.evaluate(ctx.valid_loader),
+            setup=ctx.setup, record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
+    student, _ = load_model(run / "model" / "best")
+    return student.to(s.device), units
+
+
+def read_map(path: str | Path) -> dict:
+    """A map written by ``make_map`` (its sensitivity.json, or the folder holding it), checked against its schema
+    (PlanError naming the file and field)."""
+    p = Path(path)
+    p = p / "sensitivity.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"`map`: no sensitivity map at '{p}' (run sensitivity_map.py first, or leave `map` "
+                                "out)")
+    try:
+        smap = json.loads(p.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"'{p}' is not a sensitivity map: not valid JSON ({' '.join(str(e).split())[:100]})") from None
+    return validate_map(smap, p)
