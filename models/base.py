@@ -150,6 +150,11 @@ class SwappableLayer(nn.Module):
         """The layer's output from the attention block's output ``a``."""
         raise NotImplementedError
 
+    def neurons(self, a: torch.Tensor) -> torch.Tensor:
+        """The feed-forward part's hidden activations [..., width] for the attention block's output ``a`` (what its
+        output projection reads; for ranking its neurons)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self.feed_forward(self.block(x, ctx))
 

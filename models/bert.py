@@ -270,6 +270,9 @@ class BertLayer(SwappableLayer):
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.output(self.intermediate(a), a)
 
+    def neurons(self, a: torch.Tensor) -> torch.Tensor:
+        return self.intermediate(a)
+
 
 class BertEncoder(nn.Module):
     def __init__(self, cfg: BertConfig):

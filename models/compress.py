@@ -118,26 +118,68 @@ def _kept_heads(teacher: SwappableAttention, score: torch.Tensor, H: int, G: int
     teacher: new group g draws from teacher key/value groups [g * Gt / G, (g + 1) * Gt / G), keeping its best query
     heads there, so every new group reads keys and values its own query heads were trained with."""
     Ht, Gt = teacher.num_heads, teacher.num_kv_heads
-    if Gt == Ht:
+    if Gt == Ht or G == H:  # each kept head keeps its own key/value head: any heads will do
         return sorted(torch.topk(score, H).indices.tolist())
-    if Gt % G:
-        raise ValueError(f"{G} key/value heads cannot be pooled from the teacher's {Gt}: they must divide it")
+    problem = _grouping_problem((Ht, Gt), (H, G))
+    if problem:
+        raise ValueError(problem)
     per_new, pool = H // G, Gt // G
     keep = []
     for g in range(G):
         members = [h for h in range(Ht) if g * pool <= _kv_of(teacher, h) < (g + 1) * pool]
-        if per_new > len(members):
-            raise ValueError(f"{per_new} query heads per key/value head cannot come from the teacher's {len(members)} "
-                             f"query heads of that group; give at most {len(members) * G} heads")
         best = torch.topk(score[members], per_new).indices.tolist()
         keep += sorted(members[i] for i in best)
     return keep
 
 
+def _grouping_problem(teacher: tuple[int, int], student: tuple[int, int]) -> str | None:
+    """Why a block of (heads, key/value heads) ``student`` cannot keep its heads from a teacher block of ``teacher``
+    group by group (see ``_kept_heads``), or None."""
+    (Ht, Gt), (H, G) = teacher, student
+    if Gt == Ht or G == H:
+        return None
+    if Gt % G:
+        return f"{G} key/value heads cannot be pooled from the teacher's {Gt}: they must divide it"
+    return None  # each new group draws its H / G heads from the teacher's Ht / G of its groups (H <= Ht)
+
+
 def _check_shrinkable(teacher: SwappableAttention, spec: LayerSpec) -> None:
     if spec.head_dim < teacher.head_dim and getattr(teacher, "ROTARY", False):
-        raise ValueError(f"head_dim {spec.head_dim} < the teacher's {teacher.head_dim}: a smaller head size cannot be "
-                         "taken from a teacher with rotary position embeddings (start it random, or keep head_dim)")
+        raise ValueError(_rotary_problem(spec.head_dim, teacher.head_dim) + " (start it random, or keep head_dim)")
+
+
+def _rotary_problem(d: int, dt: int) -> str:
+    return (f"head_dim {d} < the teacher's {dt}: a smaller head size cannot be taken from a teacher with rotary "
+            "position embeddings")
+
+
+def fit_problem(cfg: ModelConfig, spec: LayerSpec) -> str | None:
+    """Why a layer of ``spec`` cannot be part of a model of ``cfg``'s family (an attention kind the family does not
+    implement, a layer it cannot build), or None. Built on the meta device: no weights are made, none are needed."""
+    family = family_of(cfg)
+    if spec.attention not in family.attention_kinds:
+        return (f"attention kind '{spec.attention}' is not implemented for {family.name} models (they implement "
+                f"{', '.join(family.attention_kinds)})")
+    try:
+        with torch.device("meta"):
+            make_layer(cfg, spec)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def teacher_start_problem(cfg: ModelConfig, spec: LayerSpec, source: LayerSpec) -> str | None:
+    """Why a unit of ``spec`` cannot start from a teacher layer of shape ``source`` (its heads kept, each new key/value
+    head pooled from its group's, a smaller head size by SVD), or None; read from the shapes alone, before any
+    weights are loaded. A unit larger than the teacher's starts random (and says so): no problem."""
+    if not kinds.get_kind(spec.attention).has_heads or spec.num_heads > source.num_heads \
+            or spec.head_dim > source.head_dim:
+        return None
+    with torch.device("meta"):
+        teacher = make_block(cfg, source)
+    if spec.head_dim < source.head_dim and getattr(teacher, "ROTARY", False):
+        return _rotary_problem(spec.head_dim, source.head_dim)
+    return _grouping_problem((source.num_heads, source.kv_heads), (spec.num_heads, spec.kv_heads))
 
 
 INITIALISERS: dict[str, Callable[..., tuple[SwappableAttention, str]]] = {}  # attention kind -> teacher initialiser
@@ -264,8 +306,8 @@ def neuron_scores(layer: SwappableLayer, inputs: torch.Tensor | None = None) -> 
     """Importance of each feed-forward neuron: its mean |activation| times its output weight norm on ``inputs``
     (the attention block's outputs [N, D]), or without inputs the product of its weight norms."""
     down = layer.down_proj.weight.norm(dim=0)
-    if inputs is not None and hasattr(getattr(layer, "mlp", None), "neurons"):
-        return layer.mlp.neurons(inputs).abs().flatten(0, -2).mean(0) * down
+    if inputs is not None:
+        return layer.neurons(inputs).abs().flatten(0, -2).mean(0) * down
     score = layer.up_proj.weight.norm(dim=1) * down
     return score * layer.gate_proj.weight.norm(dim=1) if layer.gate_proj is not None else score
 
@@ -317,7 +359,8 @@ def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, 
     block, note = init_attention(src.block, cfg, spec, "teacher", importance if mode != "average" else None)
     layer.set_block(block)
     ffn_note = _copy_ffn(src, layer, spec.intermediate_size, neuron_score if mode != "average" else None)
-    return layer, f"{mode} layer; attention {note}; {ffn_note}"
+    source = "teacher layer" if first is second and mode != "average" else f"{mode} layer"
+    return layer, f"{source}; attention {note}; {ffn_note}"
 
 
 def clone_model(model: SwappableModel) -> SwappableModel:

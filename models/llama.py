@@ -370,6 +370,11 @@ class LlamaDecoderLayer(SwappableLayer):
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
         return a if self.mlp is None else a + self.mlp(a)
 
+    def neurons(self, a: torch.Tensor) -> torch.Tensor:
+        if self.mlp is None:
+            raise ValueError("a layer without a feed-forward part has no neurons")
+        return self.mlp.neurons(a)
+
 
 def make_block(cfg: LlamaConfig, spec: LayerSpec) -> SwappableAttention:
     """The attention block of ``spec``'s kind."""
