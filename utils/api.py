@@ -655,7 +655,8 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
     else:
         student, sources = build_student(s.teacher, job.checkpoints, s.teacher_hash, force=job.train.force,
                                          which=job.which, drop=job.drop_layers)
-    student = student.to(s.device)
+    # the whole student trains (its copies of the teacher's modules come frozen once a task has frozen the teacher)
+    student = student.to(s.device).requires_grad_(True)
     if job.dropout is not None:
         set_dropout(student, job.dropout)
     for line in sources:

@@ -155,7 +155,7 @@ def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher
     layers = {**units.layers, **dropped_layers(cfg, drop)}
     for m in list(units.blocks.values()) + [l for l, _ in [*units.merges.values(), *layers.values()]]:
         m.to(device)
-    model = clone_model(compose(base, units.blocks, units.merges, layers)).eval()
+    model = clone_model(compose(base, units.blocks, units.merges, layers=layers)).eval()
     return model, sources
 
 

@@ -193,7 +193,8 @@ def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     importance = head_rankings(teacher, probe, rank) if rank else {}
     blocks, notes = {}, {}
     for i, spec in specs.items():
-        blocks[i], notes[i] = init_attention(teacher.layers[i].block, cfg, spec, init, importance.get(i))
+        blocks[i], notes[i] = init_attention(teacher.layers[i].block, cfg, spec, init=init,
+                                              importance=importance.get(i))
     return blocks, notes
 
 
@@ -209,7 +210,8 @@ def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     layers, notes = {}, {}
     for i, spec in specs.items():
         imp = importance.get(i + offset) if i in rank else None
-        layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i + 1], init, imp)
+        layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], second=teacher.layers[i + 1], mode=init,
+                                             importance=imp)
         layers[i] = (layer, spec)
     return layers, notes
 
@@ -228,9 +230,8 @@ def init_layers(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     scores = neuron_rankings(teacher, probe, narrow) if narrow else {}
     layers, notes = {}, {}
     for i, spec in specs.items():
-        t = teacher.layers[i]
-        layer, notes[i] = init_merged_layer(cfg, spec, t, t, "first" if init == "teacher" else init,
-                                            importance.get(i), scores.get(i))
+        layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], mode="first" if init == "teacher" else init,
+                                            importance=importance.get(i), neuron_score=scores.get(i))
         layers[i] = (layer, spec)
     return layers, notes
 
