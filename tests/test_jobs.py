@@ -119,6 +119,46 @@ def test_four_block_jobs_at_once_into_one_out(four_layers, tmp_path, monkeypatch
     assert len([s for s in meta["sources"] if s.startswith("block")]) == 4
 
 
+@pytest.mark.slow
+def test_four_decoder_block_jobs_at_once_into_one_out(tiny_llama, tiny_corpus, tmp_path, monkeypatch):
+    """The decoder version: four multi-query blocks of the tiny Llama (6 query heads, 1 key/value head) as four
+    jobs at once into one --out equal the same blocks trained alone; the notebook assembles and exports them."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    out = tmp_path / "shared"
+
+    def args(*extra) -> list:
+        return ["--teacher", tiny_llama, "--data-dir", tiny_corpus, "--device", "cpu", "--kv-heads", "1",
+                "--epochs", "2", "--batch-size", "16", "--seq-len", "32", "--seed", "5", *extra]
+
+    common = args("--out", out, "--cache-teacher", "--cache-dir", tmp_path / "cache")
+    procs = [subprocess.Popen(_cmd("--block", b, *common), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for b in range(4)]
+    for p, (so, se) in zip(procs, [p.communicate(timeout=300) for p in procs]):
+        assert p.returncode == 0, se[-3000:]
+    run = out / "blocks_h6_d8_kv1_output_mse"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [f"block_{i}" for i in range(4)]
+    for b in range(4):
+        alone_args = args("--out", tmp_path / f"alone_{b}", "--cache-teacher", "--cache-dir", tmp_path / "cache_alone")
+        assert _in_process(["--block", b, *alone_args]) == 0
+        alone = tmp_path / f"alone_{b}" / run.name / f"block_{b}"
+        for which in ("best", "last"):
+            assert _equal(_weights(run / f"block_{b}" / which), _weights(alone / which)), (b, which)
+    monkeypatch.setenv("ST_TEACHER", str(tiny_llama))
+    monkeypatch.setenv("ST_BLOCKS", str(out))
+    monkeypatch.setenv("ST_OUT", str(tmp_path / "assembled"))
+    monkeypatch.setenv("ST_PROMPT", "the small cat sees")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    nb = nbformat.read(ROOT / "notebooks" / "build_bert_from_retrained_12.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    meta = json.loads((tmp_path / "assembled" / "meta.json").read_text())
+    assert [(spec["kind"], spec["num_kv_heads"]) for spec in meta["config"]["layers"]] == [("block", 1)] * 4
+    assert "reloaded model gives identical outputs: True" in text
+    assert "CompactLlamaForCausalLM" in text and "the same greedy tokens: True" in text
+
+
 def test_second_job_for_a_running_unit_is_refused_and_a_stale_lock_taken_over(four_layers, tmp_path, capsys):
     from utils.storage.lock import UnitBusy, UnitLock
 
