@@ -13,7 +13,7 @@ import torch
 
 from helpers import in_process, load_decoders_elsewhere, make_hf_teacher, model_inputs, restored_logging
 from utils import api
-from utils.storage.checkpoint import load_checkpoint
+from utils.storage.checkpoint import CheckpointError, load_checkpoint
 from utils.training.students import load_block, load_layer, load_merged_layer, load_model
 
 # name -> (trained by, first teacher layer, UnitShape fields, what its spec must say); each on its own layer of the
@@ -74,6 +74,17 @@ def test_unit_trains_and_round_trips_through_its_checkpoint(trained, session, na
     sd, _, _ = load_checkpoint(trained[name] / "best")
     assert module.state_dict().keys() == sd.keys()
     assert all(torch.equal(module.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_whole_layers_start_from_their_checkpoints(session, trained, tmp_path):
+    """``start_from`` for whole layers: found by their metadata, their shape taken over; another width refused."""
+    start = trained["attention_none"].parent
+    run = api.retrain_blocks(session, layers=[1], shape=api.UnitShape(attention="none"), start_from=start,
+                             train=api.TrainConfig(epochs=1), out=tmp_path)
+    assert run.units[0].init == f"from {start}" and run.run_dir.name == "layers_attn_none_f64_output_mse"
+    with pytest.raises(CheckpointError, match="`ffn_dim` 32 does not match the `start_from` layer's 64"):
+        api.retrain_blocks(session, layers=[1], shape=api.UnitShape(attention="none", ffn_dim=32), start_from=start,
+                           out=tmp_path / "other")
 
 
 def test_lm_loss_of_a_decoder_block_is_next_token_kl(session, tmp_path):
