@@ -204,7 +204,6 @@ class _UnitRun:
 class _BlockRun(_UnitRun):
     loss: BlockLoss
     start_from: str | Path | None
-    unit: str = "block"  # the checkpoint kind of the units: block, or layer (whole layers)
 
 
 def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | None = None,
@@ -245,8 +244,7 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
                      init=init, loss_on=list(loss.loss_on), criterion=loss.criterion,
                      score_criterion=loss.scores_by(), heads=spec.num_heads, head_dim=spec.head_dim, **extras)
     job = _BlockRun(specs=specs, train=train, init=init, started=started, dropout=dropout, run_dir=run_dir,
-                    cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss, start_from=start_from,
-                    unit=unit)
+                    cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss, start_from=start_from)
     with claim_units([run_dir / f"{UNIT_PREFIX[unit]}_{i}" for i in layers], unit) as locks:
         return (_train_blocks if unit == "block" else _train_layers)(_prepare(session, cache_dir=cache_dir), job,
                                                                     locks)
