@@ -3,6 +3,7 @@
     python finetune_merged.py                                   # merged layers found under checkpoints/
     python finetune_merged.py --merged checkpoints/merge_h12_d64_f3072_mse --export-hf checkpoints/finetuned_hf
     python finetune_merged.py --drop-every-second               # baseline: keep layers 0, 2, 4, ... only
+    python finetune_merged.py --teacher DIR --drop-layers 3,17  # a decoder without layers 3 and 17
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from utils.cli.configs import export_config, finetune_loss, record, session_conf
 from utils.cli.groups import add_export_args
 from utils.cli.output import print_evaluation
 from utils.cli.parser import add_training_args, common_parser
-from utils.cli.recipes import FINETUNE, alias, reject, use_recipes
+from utils.cli.recipes import FINETUNE, alias, given, reject, use_recipes
 from utils.cli.run import run_main
-from utils.cli.types import criterion_arg, non_negative_float, positive_float, positive_int, probability
+from utils.cli.types import criterion_arg, layer_list, non_negative_float, positive_float, positive_int, probability
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout of the student (attention probabilities and hidden states; default: the teacher's)")
     g.add_argument("--drop-every-second", action="store_true",
                    help="baseline student: the teacher with layers 1, 3, 5, ... removed (no checkpoints needed)")
+    g.add_argument("--drop-layers", type=layer_list, default=[], metavar="I,J,...",
+                   help="teacher layers to drop (0-based, e.g. 3,17; decoders): each becomes a layer with no attention "
+                        "and no feed-forward part; with the checkpoints of --merged when it is given, else alone")
     g = p.add_argument_group("objective")
     g.add_argument("--kl-weight", type=non_negative_float("--kl-weight"), default=1.0,
                    help="KL(teacher || student) at masked positions")
@@ -64,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Path:
-    done = api.finetune(session_config(args), checkpoints=args.merged, drop_every_second=args.drop_every_second,
+    checkpoints = [] if args.drop_layers and not given(args, "merged") else args.merged
+    done = api.finetune(session_config(args), checkpoints=checkpoints, drop_every_second=args.drop_every_second,
+                        drop_layers=args.drop_layers,
                         which=args.which, objective=finetune_loss(args), train=train_config(args),
                         dropout=args.dropout, out=args.out, run_name=args.run_name, eval_batches=args.eval_batches,
                         export=export_config(args), print_samples=args.print_samples, record=record(args))

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", type=MERGE_CRITERION, default="MSE",
                    help=f"loss on the hidden state: {', '.join(MERGE_CRITERION.allowed)}")
     g.add_argument("--loss-on", choices=["hidden", "mlm"], default="hidden",
-                   help="hidden state leaving N+1, or KL on the masked-LM output through the frozen rest")
+                   help="hidden state leaving N+1, or KL on the teacher's language-model output through its frozen "
+                        "rest (mlm: masked-LM distributions for BERT, next-token distributions for a decoder)")
     g.add_argument("--init", choices=["first", "second", "average", "random"])
     g.add_argument("--mask-inputs", action=argparse.BooleanOptionalAction,
                    help="one [MASK] per training sentence, redrawn every step (the seed's training data)")

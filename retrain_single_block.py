@@ -5,6 +5,11 @@
     python retrain_single_block.py --block 6 --criterion CrossEntropy --loss_on_scores
     python retrain_single_block.py --block all --block_heads 4 --teacher DIR --data-dir DIR --cache-teacher
     python retrain_single_block.py --block 6 --criterion MSE --recipe seed      # the seed project's setup
+
+Decoder units (a Llama-family --teacher): --kv-heads 1 (multi-query), --attention linear (the attention replaced by
+one linear map) are blocks; --attention none (the layer keeps only its feed-forward part) and --ffn-dim N (a
+narrower SwiGLU) are whole layers, trained on the layer's output (checkpoint kind "layer"). A layer dropped outright
+has nothing to train: python -m utils.assemble --drop-layers 3,17, or finetune_merged.py --drop-layers 3,17.
 """
 from __future__ import annotations
 
@@ -42,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(p, epochs=5, lr=5e-4)
     g = p.add_argument_group("block")
     g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
-    add_shape_args(g)
+    add_shape_args(g, ffn=True)
     g.add_argument("--criterion", type=criterion_arg("--criterion", "hidden", "probs", "logits"), default="MSE",
                    help=f"loss on the block output: {', '.join(criteria_for('hidden'))}; with --loss_on_scores: "
                         f"{', '.join(criteria_for('probs'))} (raw scores: {', '.join(criteria_for('logits'))})")
     g.add_argument("--loss-on", choices=["output", "scores", "output+scores", "mlm", "relations", "output+relations"],
-                   help="what is compared: block output, attention scores (see --score-target), both, the masked-LM "
-                        "output through the frozen rest of the teacher (KL), or relations: MiniLMv2 query-query, "
-                        "key-key, value-value self-attention relations (KL, any student head count)")
+                   help="what is compared: block output, attention scores (see --score-target), both, the "
+                        "teacher's language-model output through its frozen rest (KL; mlm: masked-LM distributions "
+                        "for BERT, next-token distributions for a decoder), or relations: MiniLMv2 query-query, "
+                        "key-key, value-value self-attention relations (KL, any student head count). Whole-layer "
+                        "units (--attention none, --ffn-dim) are compared on the layer output only")
     g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
                    help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
                         "head_dim; default: the largest such divisor up to the teacher's head count)")

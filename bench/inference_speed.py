@@ -63,13 +63,14 @@ def build_variants(teacher: BertForMaskedLM, block_shapes: tuple[tuple[int, int]
     cfg = teacher.config
     out = {"teacher": teacher}
     for heads, head_dim in block_shapes:
-        blocks = {i: compress_attention(layer.attention, cfg, heads, head_dim)[0]
+        blocks = {i: compress_attention(layer.attention, cfg, num_heads=heads, head_dim=head_dim)[0]
                   for i, layer in enumerate(teacher.layers)}
         out[f"blocks {heads}x{head_dim}"] = compose(teacher, blocks=blocks)
     merges = {}
     for i in range(0, len(teacher.layers) - 1, 2):
         spec = LayerSpec(cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size, [i, i + 1], "merged")
-        merges[i] = (init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i + 1], "first")[0], spec)
+        merges[i] = (init_merged_layer(cfg, spec, teacher.layers[i], second=teacher.layers[i + 1], mode="first")[0],
+                     spec)
     out[merged_name(teacher)] = compose(teacher, merges=merges)
     return {k: m.eval() for k, m in out.items()}
 

@@ -99,7 +99,7 @@ def make_epochs(ids: list[list[int]], batch_size: int, epochs: int, seed: int) -
 
 def make_students(teacher: BertForMaskedLM, heads: int, head_dim: int) -> dict[int, BertAttention]:
     """One student block per teacher layer, initialised from the teacher (kept heads / SVD)."""
-    return {i: compress_attention(layer.attention, teacher.config, heads, head_dim)[0]
+    return {i: compress_attention(layer.attention, teacher.config, num_heads=heads, head_dim=head_dim)[0]
             for i, layer in enumerate(teacher.layers)}
 
 

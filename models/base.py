@@ -62,7 +62,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[name]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, dropout: float,
            training: bool, need_trace: bool, causal: bool = False) -> tuple[torch.Tensor, "AttentionTrace | None"]:
     """Scaled dot-product attention of [B, H, T, d] q and [B, H, S, d] k, v: the fused kernel, or with ``need_trace``
     the explicit softmax whose probabilities and scores are returned too. ``mask``: boolean, True = attend;
@@ -150,6 +150,11 @@ class SwappableLayer(nn.Module):
         """The layer's output from the attention block's output ``a``."""
         raise NotImplementedError
 
+    def neurons(self, a: torch.Tensor) -> torch.Tensor:
+        """The feed-forward part's hidden activations [..., width] for the attention block's output ``a`` (what its
+        output projection reads; for ranking its neurons)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return self.feed_forward(self.block(x, ctx))
 
@@ -165,7 +170,7 @@ class SwappableModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, always_mask: bool = False
+    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, *, always_mask: bool = False
                 ) -> Any:
         """What every layer receives besides the hidden state, for a [B, T] 0/1 mask (None: no padding);
         ``always_mask``: apply the mask even when it masks nothing (no data-dependent branch, for tracing)."""
@@ -211,7 +216,7 @@ class SwappableModel(nn.Module):
             raise NoLMHeadError(f"{what} needs {head}, but this checkpoint has none ({without}); use {use} or a "
                                 "hidden-state objective")
 
-    def run_layers(self, h: torch.Tensor, ctx: Any, start: int = 0, end: int | None = None,
+    def run_layers(self, h: torch.Tensor, ctx: Any, start: int = 0, *, end: int | None = None,
                    collect: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run layers [start, end) on hidden state ``h`` (the input of layer ``start``); ``ctx`` from ``context``."""
         for layer in self.layers[start:end]:
@@ -221,7 +226,7 @@ class SwappableModel(nn.Module):
         return h
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                token_type_ids: torch.Tensor | None = None, *, output_hidden_states: bool = False,
                 with_logits: bool = True) -> ModelOutputs:
         ctx = self.context(attention_mask, input_ids.shape[1])
         h = self.embed(input_ids, token_type_ids)
@@ -230,11 +235,11 @@ class SwappableModel(nn.Module):
         logits = self.lm_logits(h) if (with_logits and self.has_lm_head) else None
         return ModelOutputs(last_hidden_state=h, logits=logits, hidden_states=hidden)
 
-    def hidden_before(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int,
+    def hidden_before(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int, *,
                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden state entering ``layer`` (embeddings output for layer 0)."""
         ctx = self.context(attention_mask, input_ids.shape[1])
-        return self.run_layers(self.embed(input_ids, token_type_ids), ctx, 0, layer)
+        return self.run_layers(self.embed(input_ids, token_type_ids), ctx, 0, end=layer)
 
     # ---- swapping ----
     def replace_attention(self, index: int, attention: SwappableAttention, kind: str = "block") -> None:

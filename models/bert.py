@@ -95,7 +95,7 @@ class BertSelfAttention(nn.Module):
 
     kind = "mha"
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, dropout: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         inner = num_heads * head_dim
@@ -122,7 +122,7 @@ class BertSelfAttention(nn.Module):
         q = self._split(self.query(x), self.num_heads)
         k = repeat_kv(self._split(self.key(x), self.num_kv_heads), group)
         v = repeat_kv(self._split(self.value(x), self.num_kv_heads), group)
-        ctx, trace = attend(q, k, v, mask, self.dropout_p, self.training, need_trace)
+        ctx, trace = attend(q, k, v, mask=mask, dropout=self.dropout_p, training=self.training, need_trace=need_trace)
         B, H, T, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, T, H * D), trace
 
@@ -134,9 +134,9 @@ class GroupedQuerySelfAttention(BertSelfAttention):
 
     kind = "gqa"
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0,
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, dropout: float = 0.0,
                  num_kv_heads: int | None = None):
-        super().__init__(hidden_size, num_heads, head_dim, dropout)
+        super().__init__(hidden_size, num_heads, head_dim, dropout=dropout)
         if not num_kv_heads or num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads must divide num_heads {num_heads}, got {num_kv_heads}")
         self._kv = num_kv_heads
@@ -169,13 +169,13 @@ class BertAttention(SwappableAttention):
 
     FROZEN = ("output.LayerNorm",)
 
-    def __init__(self, cfg: BertConfig, num_heads: int, head_dim: int, attention: str = "mha", **fields):
+    def __init__(self, cfg: BertConfig, num_heads: int, head_dim: int, *, attention: str = "mha", **fields):
         super().__init__()
         if attention not in SELF_ATTENTION:
             raise ValueError(f"attention kind '{attention}' is not available for BERT; available: "
                              f"{', '.join(SELF_ATTENTION)}")
         self.self = SELF_ATTENTION[attention](cfg.hidden_size, num_heads, head_dim,
-                                              cfg.attention_probs_dropout_prob, **fields)
+                                              dropout=cfg.attention_probs_dropout_prob, **fields)
         self.output = BertSelfOutput(num_heads * head_dim, cfg)
 
     @classmethod
@@ -270,6 +270,9 @@ class BertLayer(SwappableLayer):
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.output(self.intermediate(a), a)
 
+    def neurons(self, a: torch.Tensor) -> torch.Tensor:
+        return self.intermediate(a)
+
 
 class BertEncoder(nn.Module):
     def __init__(self, cfg: BertConfig):
@@ -343,7 +346,7 @@ class BertForMaskedLM(SwappableModel):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert.embeddings(input_ids, token_type_ids)
 
-    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None,
+    def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, *,
                 always_mask: bool = False) -> torch.Tensor | None:
         if always_mask:  # no data-dependent branch (a traced graph)
             return attention_mask.bool()[:, None, None, :]

@@ -104,40 +104,83 @@ def _device(module: nn.Module, cfg: ModelConfig) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def random_attention(teacher: SwappableAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
+def random_attention(teacher: SwappableAttention, cfg: ModelConfig, *, num_heads: int, head_dim: int,
                      **shape: Any) -> SwappableAttention:
     """A randomly initialised ``num_heads`` x ``head_dim`` block (``shape``: further attention fields)."""
     fields = {"attention": "mha", **shape}
     return random_block(teacher, cfg, LayerSpec(num_heads, head_dim, 1, [0], **fields))
 
 
-def _kept_heads(teacher: SwappableAttention, score: torch.Tensor, H: int, G: int) -> list[int]:
-    """The query heads of the teacher a block of ``H`` heads in ``G`` key/value groups keeps, group after group.
+def _kept_heads(teacher: SwappableAttention, score: torch.Tensor, groups: tuple[int, int]) -> list[int]:
+    """The query heads of the teacher a block of ``groups`` = (``H`` heads, ``G`` key/value groups) keeps, group after
+    group.
 
     A multi-head teacher: the top ``H`` overall, in order (consecutive kept heads then form the groups). A grouped
     teacher: new group g draws from teacher key/value groups [g * Gt / G, (g + 1) * Gt / G), keeping its best query
     heads there, so every new group reads keys and values its own query heads were trained with."""
-    Ht, Gt = teacher.num_heads, teacher.num_kv_heads
-    if Gt == Ht:
+    (H, G), Ht, Gt = groups, teacher.num_heads, teacher.num_kv_heads
+    if Gt == Ht or G == H:  # each kept head keeps its own key/value head: any heads will do
         return sorted(torch.topk(score, H).indices.tolist())
-    if Gt % G:
-        raise ValueError(f"{G} key/value heads cannot be pooled from the teacher's {Gt}: they must divide it")
+    problem = _grouping_problem((Ht, Gt), (H, G))
+    if problem:
+        raise ValueError(problem)
     per_new, pool = H // G, Gt // G
     keep = []
     for g in range(G):
         members = [h for h in range(Ht) if g * pool <= _kv_of(teacher, h) < (g + 1) * pool]
-        if per_new > len(members):
-            raise ValueError(f"{per_new} query heads per key/value head cannot come from the teacher's {len(members)} "
-                             f"query heads of that group; give at most {len(members) * G} heads")
         best = torch.topk(score[members], per_new).indices.tolist()
         keep += sorted(members[i] for i in best)
     return keep
 
 
+def _grouping_problem(teacher: tuple[int, int], student: tuple[int, int]) -> str | None:
+    """Why a block of (heads, key/value heads) ``student`` cannot keep its heads from a teacher block of ``teacher``
+    group by group (see ``_kept_heads``), or None."""
+    (Ht, Gt), (H, G) = teacher, student
+    if Gt == Ht or G == H:
+        return None
+    if Gt % G:
+        return f"{G} key/value heads cannot be pooled from the teacher's {Gt}: they must divide it"
+    return None  # each new group draws its H / G heads from the teacher's Ht / G of its groups (H <= Ht)
+
+
 def _check_shrinkable(teacher: SwappableAttention, spec: LayerSpec) -> None:
     if spec.head_dim < teacher.head_dim and getattr(teacher, "ROTARY", False):
-        raise ValueError(f"head_dim {spec.head_dim} < the teacher's {teacher.head_dim}: a smaller head size cannot be "
-                         "taken from a teacher with rotary position embeddings (start it random, or keep head_dim)")
+        raise ValueError(_rotary_problem(spec.head_dim, teacher.head_dim) + " (start it random, or keep head_dim)")
+
+
+def _rotary_problem(d: int, dt: int) -> str:
+    return (f"head_dim {d} < the teacher's {dt}: a smaller head size cannot be taken from a teacher with rotary "
+            "position embeddings")
+
+
+def fit_problem(cfg: ModelConfig, spec: LayerSpec) -> str | None:
+    """Why a layer of ``spec`` cannot be part of a model of ``cfg``'s family (an attention kind the family does not
+    implement, a layer it cannot build), or None. Built on the meta device: no weights are made, none are needed."""
+    family = family_of(cfg)
+    if spec.attention not in family.attention_kinds:
+        return (f"attention kind '{spec.attention}' is not implemented for {family.name} models (they implement "
+                f"{', '.join(family.attention_kinds)})")
+    try:
+        with torch.device("meta"):
+            make_layer(cfg, spec)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def teacher_start_problem(cfg: ModelConfig, spec: LayerSpec, source: LayerSpec) -> str | None:
+    """Why a unit of ``spec`` cannot start from a teacher layer of shape ``source`` (its heads kept, each new key/value
+    head pooled from its group's, a smaller head size by SVD), or None; read from the shapes alone, before any
+    weights are loaded. A unit larger than the teacher's starts random (and says so): no problem."""
+    if not kinds.get_kind(spec.attention).has_heads or spec.num_heads > source.num_heads \
+            or spec.head_dim > source.head_dim:
+        return None
+    with torch.device("meta"):
+        teacher = make_block(cfg, source)
+    if spec.head_dim < source.head_dim and getattr(teacher, "ROTARY", False):
+        return _rotary_problem(spec.head_dim, source.head_dim)
+    return _grouping_problem((source.num_heads, source.kv_heads), (spec.num_heads, spec.kv_heads))
 
 
 INITIALISERS: dict[str, Callable[..., tuple[SwappableAttention, str]]] = {}  # attention kind -> teacher initialiser
@@ -145,15 +188,15 @@ INITIALISERS: dict[str, Callable[..., tuple[SwappableAttention, str]]] = {}  # a
 
 @kinds.implements(INITIALISERS, "mha")
 @torch.no_grad()
-def init_mha(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
-             ) -> tuple[SwappableAttention, str]:
+def init_mha(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, *,
+             importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
     """One key/value head per query head; each kept head copied, or (smaller head_dim) its SVD projection."""
     new = random_block(teacher, cfg, spec)
     H, d, Ht, dt = spec.num_heads, spec.head_dim, teacher.num_heads, teacher.head_dim
     if H > Ht or d > dt:
         return new, f"random (the {H}x{d} block is larger than the teacher's {Ht}x{dt} in heads or head_dim)"
     _check_shrinkable(teacher, spec)
-    keep = _kept_heads(teacher, importance if importance is not None else head_importance(teacher), H, H)
+    keep = _kept_heads(teacher, importance if importance is not None else head_importance(teacher), (H, H))
     for j, h in enumerate(keep):
         out = slice(j * d, (j + 1) * d)
         q, k, v = _rows(teacher.q_proj, h, dt), _rows(teacher.k_proj, _kv_of(teacher, h), dt), \
@@ -183,8 +226,8 @@ def _copy_output_bias(teacher: SwappableAttention, new: SwappableAttention) -> N
 
 @kinds.implements(INITIALISERS, "gqa")
 @torch.no_grad()
-def init_gqa(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
-             ) -> tuple[SwappableAttention, str]:
+def init_gqa(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, *,
+             importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
     """A grouped-query block: the kept query heads (``_kept_heads``) cut into ``num_kv_heads`` groups of consecutive
     heads; a group's key and value projections are the mean of those its heads read, its queries and output columns
     are the heads' own. A smaller head_dim keeps the top ``head_dim`` directions of each group's pooled key / value map
@@ -195,7 +238,7 @@ def init_gqa(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, imp
     if H > Ht or d > dt:
         return new, f"random (the {H}x{d} block is larger than the teacher's {Ht}x{dt} in heads or head_dim)"
     _check_shrinkable(teacher, spec)
-    keep = _kept_heads(teacher, importance if importance is not None else head_importance(teacher), H, G)
+    keep = _kept_heads(teacher, importance if importance is not None else head_importance(teacher), (H, G))
     group = H // G
 
     def basis(m: torch.Tensor) -> torch.Tensor:  # [d, dt]: the top-d output directions of m [dt, D+1]
@@ -220,7 +263,7 @@ def init_gqa(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, imp
 
 @kinds.implements(INITIALISERS, "linear")
 @torch.no_grad()
-def init_linear(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec,
+def init_linear(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, *,
                 importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
     """Attention to the token itself: the map W_o W_v (each query head's value head), biases folded in."""
     new = random_block(teacher, cfg, spec)
@@ -234,13 +277,13 @@ def init_linear(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec,
 
 
 @kinds.implements(INITIALISERS, "none")
-def init_none(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, importance: torch.Tensor | None = None
-              ) -> tuple[SwappableAttention, str]:
+def init_none(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, *,
+              importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
     return make_block(cfg, spec), "no attention"
 
 
 @torch.no_grad()
-def init_attention(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, init: str = "teacher",
+def init_attention(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpec, *, init: str = "teacher",
                    importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
     """A block of ``spec``'s attention shape: from ``teacher`` (its kind's initialiser) or random."""
     if init == "random":
@@ -250,13 +293,13 @@ def init_attention(teacher: SwappableAttention, cfg: ModelConfig, spec: LayerSpe
     if spec.attention not in INITIALISERS:
         raise ValueError(f"no teacher initialiser for attention kind '{spec.attention}'; known: "
                          f"{', '.join(INITIALISERS)}")
-    return INITIALISERS[spec.attention](teacher, cfg, spec, importance)
+    return INITIALISERS[spec.attention](teacher, cfg, spec, importance=importance)
 
 
-def compress_attention(teacher: SwappableAttention, cfg: ModelConfig, num_heads: int, head_dim: int,
+def compress_attention(teacher: SwappableAttention, cfg: ModelConfig, *, num_heads: int, head_dim: int,
                        importance: torch.Tensor | None = None) -> tuple[SwappableAttention, str]:
     """A ``num_heads`` x ``head_dim`` multi-head block initialised from ``teacher``. Returns (block, note on how)."""
-    return init_mha(teacher, cfg, LayerSpec(num_heads, head_dim, 1, [0]), importance)
+    return init_mha(teacher, cfg, LayerSpec(num_heads, head_dim, 1, [0]), importance=importance)
 
 
 @torch.no_grad()
@@ -264,14 +307,14 @@ def neuron_scores(layer: SwappableLayer, inputs: torch.Tensor | None = None) -> 
     """Importance of each feed-forward neuron: its mean |activation| times its output weight norm on ``inputs``
     (the attention block's outputs [N, D]), or without inputs the product of its weight norms."""
     down = layer.down_proj.weight.norm(dim=0)
-    if inputs is not None and hasattr(getattr(layer, "mlp", None), "neurons"):
-        return layer.mlp.neurons(inputs).abs().flatten(0, -2).mean(0) * down
+    if inputs is not None:
+        return layer.neurons(inputs).abs().flatten(0, -2).mean(0) * down
     score = layer.up_proj.weight.norm(dim=1) * down
     return score * layer.gate_proj.weight.norm(dim=1) if layer.gate_proj is not None else score
 
 
 @torch.no_grad()
-def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, size: int, scores: torch.Tensor | None) -> str:
+def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, *, size: int, scores: torch.Tensor | None) -> str:
     """The top ``size`` neurons of ``src``'s feed-forward part into ``layer``'s (and its norm)."""
     if size == 0:
         return "no feed-forward part"
@@ -296,14 +339,15 @@ def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, size: int, scores: tor
 
 
 @torch.no_grad()
-def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, second: SwappableLayer, mode: str,
-                      importance: torch.Tensor | None = None, neuron_score: torch.Tensor | None = None
-                      ) -> tuple[SwappableLayer, str]:
-    """One layer of ``spec`` standing for ``first`` + ``second`` (the same layer twice for a single-layer unit):
+def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, *,
+                      second: SwappableLayer | None = None, mode: str, importance: torch.Tensor | None = None,
+                      neuron_score: torch.Tensor | None = None) -> tuple[SwappableLayer, str]:
+    """One layer of ``spec`` standing for ``first`` + ``second`` (None: ``first`` alone, a single-layer unit):
     from first, second, their average, or random. ``importance``: head importance of the source layer's block;
     ``neuron_score``: importance of its feed-forward neurons (``neuron_scores``)."""
     if mode not in ("first", "second", "average", "random"):
         raise ValueError(f"a merged layer starts from first, second, average or random, got '{mode}'")
+    second = first if second is None else second
     layer = make_layer(cfg, spec).to(_device(first, cfg))
     layer.apply(init_weights)
     if mode == "random":
@@ -314,10 +358,11 @@ def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, 
         src.load_state_dict({k: (v + sd2[k]) / 2 for k, v in first.state_dict().items()})
     else:
         src = first if mode == "first" else second
-    block, note = init_attention(src.block, cfg, spec, "teacher", importance if mode != "average" else None)
+    block, note = init_attention(src.block, cfg, spec, importance=importance if mode != "average" else None)
     layer.set_block(block)
-    ffn_note = _copy_ffn(src, layer, spec.intermediate_size, neuron_score if mode != "average" else None)
-    return layer, f"{mode} layer; attention {note}; {ffn_note}"
+    ffn_note = _copy_ffn(src, layer, size=spec.intermediate_size, scores=neuron_score if mode != "average" else None)
+    source = "teacher layer" if second is first and mode != "average" else f"{mode} layer"
+    return layer, f"{source}; attention {note}; {ffn_note}"
 
 
 def clone_model(model: SwappableModel) -> SwappableModel:
@@ -326,7 +371,7 @@ def clone_model(model: SwappableModel) -> SwappableModel:
 
 
 def compose(teacher: SwappableModel, blocks: dict[int, SwappableAttention] | None = None,
-            merges: dict[int, tuple[SwappableLayer, LayerSpec]] | None = None,
+            merges: dict[int, tuple[SwappableLayer, LayerSpec]] | None = None, *,
             layers: dict[int, tuple[SwappableLayer, LayerSpec]] | None = None) -> SwappableModel:
     """A model that shares every module of ``teacher`` except the replaced ones: no weights are copied.
 
@@ -353,6 +398,7 @@ def drop_every_second(teacher: SwappableModel) -> tuple[SwappableModel, list[str
     for i in range(0, len(teacher.layers) - 1, 2):
         s = teacher.config.layers[i]
         spec = LayerSpec(**{**s.to_dict(), "origin": [i, i + 1], "kind": "dropped"})
-        layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[i], teacher.layers[i + 1], "first")
+        layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[i], second=teacher.layers[i + 1],
+                                     mode="first")
         merges[i] = (layer, spec)
     return clone_model(compose(teacher, merges=merges)), ["dropped layers " + ", ".join(str(i + 1) for i in merges)]

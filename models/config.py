@@ -64,10 +64,12 @@ class LayerSpec:
         return {k: v for k in self.ATTENTION_FIELDS if (v := getattr(self, k)) is not None}
 
     def shape_tag(self) -> str:
-        """The attention shape in run-folder names: h<heads>_d<head_dim>, plus further attention fields."""
-        if not get_kind(self.attention).has_heads:
+        """The attention shape in run-folder names: h<heads>_d<head_dim> and the kind's part (``_kv2``; ``attn_none``
+        for a kind without heads)."""
+        kind = get_kind(self.attention)
+        if not kind.has_heads:
             return f"attn_{self.attention}"
-        return f"h{self.num_heads}_d{self.head_dim}" + (f"_kv{self.num_kv_heads}" if self.num_kv_heads else "")
+        return f"h{self.num_heads}_d{self.head_dim}{kind.folder_tag(self)}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

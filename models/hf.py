@@ -50,7 +50,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     except Exception as e:  # noqa: BLE001 - hub errors come in many classes; the message is what matters
         raise FileNotFoundError(
             f"could not load teacher '{name_or_path}': not a local folder, and the Hugging Face Hub did not provide it "
-            f"({type(e).__name__}: {e}). Offline? Pass --teacher LOCAL_FOLDER."
+            f"({type(e).__name__}: {e}). Offline? Give a local folder as `teacher`."
         ) from None
     if not any((local / f).is_file() for f in WEIGHT_FILES):
         raise FileNotFoundError(f"hub model '{name_or_path}' has none of {', '.join(WEIGHT_FILES)}")
@@ -143,7 +143,7 @@ def config_from_hf(hf_config: Any, has_lm_head: bool = True) -> ModelConfig:
     return family_for_model_type(hf_config.model_type).config_from_hf(hf_config, has_lm_head)
 
 
-def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], theirs: str = "checkpoint",
+def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], *, theirs: str = "checkpoint",
                         ours: str = "model") -> str | None:
     """What keeps ``sd`` from loading strictly into a module whose state dict is ``own`` (missing and unexpected
     keys, shape mismatches, a few of each), or None when it fits."""
@@ -260,7 +260,7 @@ def load_teacher(name_or_path: str | os.PathLike = "bert-base-uncased", device: 
         model = family.model_class(cfg)
     except (ValueError, KeyError, TypeError) as e:
         raise TeacherError(f"teacher '{name_or_path}' cannot be used: {e}") from None
-    problem = state_dict_mismatch(model.state_dict(), sd, "the weights", "config.json")
+    problem = state_dict_mismatch(model.state_dict(), sd, theirs="the weights", ours="config.json")
     if problem:
         raise TeacherError(f"the weights in '{folder}' do not match its config.json: {problem}")
     model.load_state_dict(sd)

@@ -239,7 +239,7 @@ class LlamaAttention(LlamaBlock):
 
     ROTARY = True  # q and k are rotated by position: a smaller head size cannot be projected from the teacher's
 
-    def __init__(self, cfg: LlamaConfig, num_heads: int, head_dim: int, num_kv_heads: int | None = None):
+    def __init__(self, cfg: LlamaConfig, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None):
         super().__init__(cfg)
         kv = num_kv_heads or num_heads
         if num_heads % kv:
@@ -274,8 +274,8 @@ class LlamaAttention(LlamaBlock):
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)
         group = self.num_heads // self.num_kv_heads
-        out, trace = attend(q, repeat_kv(k, group), repeat_kv(v, group), ctx.mask, self.dropout_p, self.training,
-                            need_trace, causal=ctx.causal)
+        out, trace = attend(q, repeat_kv(k, group), repeat_kv(v, group), mask=ctx.mask, dropout=self.dropout_p,
+                            training=self.training, need_trace=need_trace, causal=ctx.causal)
         return out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), trace
 
     def contribution(self, x: torch.Tensor, ctx: LlamaContext, need_trace: bool = False
@@ -370,6 +370,11 @@ class LlamaDecoderLayer(SwappableLayer):
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
         return a if self.mlp is None else a + self.mlp(a)
 
+    def neurons(self, a: torch.Tensor) -> torch.Tensor:
+        if self.mlp is None:
+            raise ValueError("a layer without a feed-forward part has no neurons")
+        return self.mlp.neurons(a)
+
 
 def make_block(cfg: LlamaConfig, spec: LayerSpec) -> SwappableAttention:
     """The attention block of ``spec``'s kind."""
@@ -412,7 +417,7 @@ class LlamaForCausalLM(SwappableModel):
         return self.model.embed_tokens(input_ids)
 
     def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, cache: KVCache | None = None,
-                always_mask: bool = False) -> LlamaContext:
+                *, always_mask: bool = False) -> LlamaContext:
         """Causal attention over right-padded rows (a [B, T] 0/1 mask; None or all ones: no padding). With a cache,
         the new tokens come after the ``cache.length`` cached ones."""
         T = attention_mask.shape[1] if attention_mask is not None else seq_len

@@ -72,7 +72,7 @@ class CompactBertModel(_CompactBertBase):
         self.embeddings, self.encoder = ours.bert.embeddings, ours.bert.encoder
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, output_hidden_states=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *, output_hidden_states=None,
                 return_dict=None, **kwargs):
         if input_ids is None:
             raise ValueError("CompactBertModel needs input_ids")
@@ -92,7 +92,7 @@ class CompactBertForMaskedLM(_CompactBertBase):
         self.bert, self.cls = ours.bert, ours.cls
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *, labels=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
         out = self._ours(input_ids, attention_mask, token_type_ids, output_hidden_states=bool(output_hidden_states))
         loss = None

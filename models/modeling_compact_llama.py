@@ -95,7 +95,7 @@ class CompactLlamaForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, past.get_seq_length():]  # only the tokens the cache has not seen
         return {"input_ids": input_ids, _CACHE: past, "attention_mask": attention_mask, "use_cache": use_cache}
 
-    def forward(self, input_ids=None, attention_mask=None, use_cache=None, labels=None, output_hidden_states=None,
+    def forward(self, input_ids=None, attention_mask=None, *, use_cache=None, labels=None, output_hidden_states=None,
                 return_dict=None, logits_to_keep=0, num_logits_to_keep=0, **kwargs):
         if input_ids is None:
             raise ValueError("CompactLlamaForCausalLM needs input_ids")

@@ -48,7 +48,7 @@ def encoder_path(path: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}_encoder{p.suffix or '.onnx'}")
 
 
-def example_inputs(model: SwappableModel, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(model: SwappableModel, *, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random ids, padding at the end of all but the first row, in the graph's input order."""
     vocab_size = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +61,7 @@ def example_inputs(model: SwappableModel, batch: int, seq: int, seed: int = 0) -
     return {k: every[k] for k in input_names(model)}
 
 
-def export_graph(model: SwappableModel, path: str | os.PathLike, with_logits: bool,
+def export_graph(model: SwappableModel, path: str | os.PathLike, *, with_logits: bool,
                  opset: int = DEFAULT_OPSET) -> Path:
     """Trace one graph (output ``logits`` or ``last_hidden_state``) to ``path``."""
     if with_logits:
@@ -69,7 +69,7 @@ def export_graph(model: SwappableModel, path: str | os.PathLike, with_logits: bo
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     graph = OnnxGraph(model.cpu().eval(), with_logits).eval()
-    x = example_inputs(model, 2, 8)
+    x = example_inputs(model, batch=2, seq=8)
     name = "logits" if with_logits else "last_hidden_state"
     axes = {k: {0: "batch", 1: "sequence"} for k in [*x, name]}
     with torch.no_grad(), warnings.catch_warnings():
@@ -80,7 +80,7 @@ def export_graph(model: SwappableModel, path: str | os.PathLike, with_logits: bo
     return out
 
 
-def onnx_max_abs_diff(model: SwappableModel, path: str | os.PathLike, with_logits: bool,
+def onnx_max_abs_diff(model: SwappableModel, path: str | os.PathLike, *, with_logits: bool,
                       shapes: tuple[tuple[int, int], ...] = ((1, 5), (3, 11))) -> float:
     """Largest |ONNX Runtime - ours| over inputs of several (batch, sequence) shapes, at real (unpadded) tokens."""
     import onnxruntime as ort
@@ -89,7 +89,7 @@ def onnx_max_abs_diff(model: SwappableModel, path: str | os.PathLike, with_logit
     model = model.cpu().eval()
     worst = 0.0
     for i, (b, t) in enumerate(shapes):
-        x = example_inputs(model, b, t, seed=i + 1)
+        x = example_inputs(model, batch=b, seq=t, seed=i + 1)
         (got,) = sess.run(None, {k: v.numpy() for k, v in x.items()})
         with torch.no_grad():
             ref = model(x["input_ids"], x["attention_mask"], x.get("token_type_ids"), with_logits=with_logits)
@@ -99,7 +99,7 @@ def onnx_max_abs_diff(model: SwappableModel, path: str | os.PathLike, with_logit
     return worst
 
 
-def export_onnx(model: SwappableModel, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+def export_onnx(model: SwappableModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 tolerance: float = PARITY_TOLERANCE) -> dict[str, tuple[Path, float]]:
     """LM graph (masked-LM or causal-LM logits) to ``path`` and hidden-state graph to ``<stem>_encoder.onnx`` (the
     hidden states only to ``path`` when the model has no LM head); each checked with ONNX Runtime. Returns
@@ -110,8 +110,8 @@ def export_onnx(model: SwappableModel, path: str | os.PathLike, opset: int = DEF
     done = {}
     with staged_files([file for file, _ in graphs.values()]) as tmp:  # renamed into place once both are checked
         for what, (file, with_logits) in graphs.items():
-            export_graph(model, tmp[file], with_logits, opset)
-            diff = onnx_max_abs_diff(model, tmp[file], with_logits)
+            export_graph(model, tmp[file], with_logits=with_logits, opset=opset)
+            diff = onnx_max_abs_diff(model, tmp[file], with_logits=with_logits)
             if not diff <= tolerance:
                 raise ExportError(f"ONNX {what} graph '{file}' differs from the PyTorch model by {diff:.2e} "
                                   f"(tolerance {tolerance:.0e})")
@@ -124,4 +124,5 @@ def check_onnx_available() -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ExportError("--export-onnx needs onnxruntime (and onnx): pip install onnx onnxruntime") from None
+        raise ExportError("an ONNX export (`onnx_file`) needs onnxruntime (and onnx): pip install onnx onnxruntime"
+                          ) from None

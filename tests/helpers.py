@@ -300,6 +300,40 @@ print("REPORT " + json.dumps(report))
 '''
 
 
+DECODER_LOADER = r'''
+import importlib.util, json, sys
+import torch
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
+from transformers import AutoModelForCausalLM
+cases = json.loads(sys.argv[1])
+report = {}
+for name, c in cases.items():
+    x = torch.load(c["inputs"])
+    m = AutoModelForCausalLM.from_pretrained(c["dir"], trust_remote_code=c["remote"]).eval()
+    with torch.no_grad():
+        logits = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
+        gen = m.generate(x["prompt"], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch.save({"logits": logits, "generated": gen}, c["out"])
+    report[name] = {"class": type(m).__name__}
+print("REPORT " + json.dumps(report))
+'''
+
+
+def load_decoders_elsewhere(cases: dict, tmp: Path) -> dict:
+    """DECODER_LOADER in a fresh process (as ``load_elsewhere``): each case's folder loaded with
+    AutoModelForCausalLM, its logits and 10 greedy tokens (transformers' generate and cache) saved to the case's
+    ``out``; returns the report (the class loaded, per case)."""
+    cwd = tmp / "elsewhere_decoders"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", DECODER_LOADER, json.dumps(cases)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
 def perturb(model, seed: int = 0):
     """Random-init LayerNorms are identity and biases 0: move them so every weight is exercised."""
     g = torch.Generator().manual_seed(seed)
@@ -350,5 +384,5 @@ def compact_student(teacher_dir: Path):
     from models.compress import clone_model, compose, compress_attention
 
     teacher, tok = load_teacher(teacher_dir)
-    blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, 2, 8)[0]}
+    blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, num_heads=2, head_dim=8)[0]}
     return clone_model(compose(teacher, blocks=blocks)).eval(), tok

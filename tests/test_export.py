@@ -6,15 +6,12 @@ neither ``models`` nor ``utils`` can be imported there: only transformers and th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import SENTENCE, load_elsewhere, make_hf_teacher, model_inputs, perturb
+from helpers import SENTENCE, load_decoders_elsewhere, load_elsewhere, make_hf_teacher, model_inputs, perturb
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher
 from models.compress import clone_model, compose, compress_attention, init_attention, init_merged_layer
 from models.export import ExportError, check_writable_target, export_pretrained
@@ -24,16 +21,17 @@ def _students(teacher: BertForMaskedLM) -> dict[str, BertForMaskedLM]:
     """Teacher: 3 layers, hidden 32, 8 heads of 4, ffn 64."""
     cfg = teacher.config
     out = {}
-    blocks = {i: compress_attention(l.attention, cfg, 4, 4)[0] for i, l in enumerate(teacher.layers)}
+    blocks = {i: compress_attention(l.attention, cfg, num_heads=4, head_dim=4)[0]
+              for i, l in enumerate(teacher.layers)}
     out["blocks_4_heads"] = clone_model(compose(teacher, blocks=blocks))
-    mixed = {0: compress_attention(teacher.layers[0].attention, cfg, 4, 4)[0],
-             1: compress_attention(teacher.layers[1].attention, cfg, 2, 6)[0]}  # layer 2 keeps 8 x 4
+    mixed = {0: compress_attention(teacher.layers[0].attention, cfg, num_heads=4, head_dim=4)[0],
+             1: compress_attention(teacher.layers[1].attention, cfg, num_heads=2, head_dim=6)[0]}  # layer 2: 8 x 4
     out["mixed_heads"] = clone_model(compose(teacher, blocks=mixed))
     spec = LayerSpec(4, 8, 48, [0, 1], "merged")  # 3 layers -> 2, the merged one with its own shape
-    layer, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "average")
+    layer, _ = init_merged_layer(cfg, spec, teacher.layers[0], second=teacher.layers[1], mode="average")
     out["merged_3_to_2"] = clone_model(compose(teacher, merges={0: (layer, spec)}))
     plain = LayerSpec(8, 4, 64, [1, 2], "merged")  # every layer keeps the teacher's attention shape
-    layer, _ = init_merged_layer(cfg, plain, teacher.layers[1], teacher.layers[2], "first")
+    layer, _ = init_merged_layer(cfg, plain, teacher.layers[1], second=teacher.layers[2], mode="first")
     out["merged_plain"] = clone_model(compose(teacher, merges={1: (layer, plain)}))
     pruned = ModelConfig.from_dict(cfg.to_dict())
     pruned.layers = [LayerSpec(8, 4, f, [i], "pruned") for i, f in enumerate((64, 40, 24))]
@@ -134,25 +132,6 @@ def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_c
 
 
 # ---- decoders -----------------------------------------------------------------------------------------------------
-DECODER_LOADER = r'''
-import importlib.util, json, sys
-import torch
-assert importlib.util.find_spec("models") is None and importlib.util.find_spec("utils") is None, sys.path
-from transformers import AutoModelForCausalLM
-cases = json.loads(sys.argv[1])
-report = {}
-for name, c in cases.items():
-    x = torch.load(c["inputs"])
-    m = AutoModelForCausalLM.from_pretrained(c["dir"], trust_remote_code=c["remote"]).eval()
-    with torch.no_grad():
-        logits = m(input_ids=x["ids"], attention_mask=x["mask"]).logits
-        gen = m.generate(x["prompt"], max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-    torch.save({"logits": logits, "generated": gen}, c["out"])
-    report[name] = {"class": type(m).__name__}
-print("REPORT " + json.dumps(report))
-'''
-
-
 def _decoder_students(teacher) -> dict:
     """Teacher: 4 layers, hidden 48, 6 query heads over 2 KV heads of 8, SwiGLU 64."""
     cfg, t = teacher.config, teacher.layers
@@ -163,11 +142,11 @@ def _decoder_students(teacher) -> dict:
     dropped = LayerSpec(0, 0, 0, [3], "dropped", attention="none")
     merged = LayerSpec(6, 8, 48, [1, 2], "merged", attention="gqa", num_kv_heads=2)
     return {
-        "heterogeneous": compose(teacher, blocks=heads, layers={1: (init_merged_layer(cfg, no_attn, t[1], t[1],
-                                                                                      "first")[0], no_attn)}),
-        "merged_and_dropped": compose(teacher, merges={1: (init_merged_layer(cfg, merged, t[1], t[2], "first")[0],
-                                                           merged)},
-                                      layers={3: (init_merged_layer(cfg, dropped, t[3], t[3], "first")[0], dropped)}),
+        "heterogeneous": compose(teacher, blocks=heads,
+                                 layers={1: (init_merged_layer(cfg, no_attn, t[1], mode="first")[0], no_attn)}),
+        "merged_and_dropped": compose(
+            teacher, merges={1: (init_merged_layer(cfg, merged, t[1], second=t[2], mode="first")[0], merged)},
+            layers={3: (init_merged_layer(cfg, dropped, t[3], mode="first")[0], dropped)}),
         "teacher_shape": clone_model(teacher),
     }
 
@@ -185,16 +164,7 @@ def decoder_exported(tmp_path_factory, tiny_llama):
         folder, kinds[name] = export_pretrained(m, tmp / name, tok)
         cases[name] = {"dir": str(folder), "inputs": str(tmp / "inputs.pt"), "out": str(tmp / f"{name}.pt"),
                        "remote": "Compact" in kinds[name]}
-    cwd = tmp / "elsewhere"
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", DECODER_LOADER, json.dumps(cases)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(l for l in run.stdout.splitlines() if l.startswith("REPORT "))
-    return {"students": students, "x": x, "cases": cases, "kinds": kinds,
-            "report": json.loads(line[len("REPORT "):])}
+    return {"students": students, "x": x, "cases": cases, "kinds": kinds, "report": load_decoders_elsewhere(cases, tmp)}
 
 
 @pytest.mark.slow

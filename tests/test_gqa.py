@@ -52,7 +52,7 @@ def test_gqa_block_matches_hand_computation(tiny_teacher):
     teacher, _ = load_teacher(tiny_teacher)
     cfg = teacher.config
     spec = LayerSpec(4, 6, 64, [0], "block", attention="gqa", num_kv_heads=2)
-    attn, _ = init_attention(teacher.layers[0].attention, cfg, spec, "random")
+    attn, _ = init_attention(teacher.layers[0].attention, cfg, spec, init="random")
     attn.eval()
     assert type(attn.self).__name__ == "GroupedQuerySelfAttention"  # chosen from the spec
     assert attn.self.key.out_features == 2 * 6 and attn.self.query.out_features == 4 * 6
@@ -83,7 +83,7 @@ def test_gqa_init_from_teacher(tiny_teacher):
         for kv, d in ((2, 8), (2, 4), (1, 8)):
             spec = LayerSpec(4, d, 64, [1], attention="gqa", num_kv_heads=kv)
             for how in ("teacher", "random"):
-                got, _ = init_attention(t_attn, cfg, spec, how)
+                got, _ = init_attention(t_attn, cfg, spec, init=how)
                 err[kv, d, how] = float((got.eval().contribution(x)[0] - want).pow(2).mean())
     for kv, d in ((2, 8), (2, 4), (1, 8)):  # pooled heads start nearer the teacher than a random block
         assert err[kv, d, "teacher"] < err[kv, d, "random"], err
@@ -93,7 +93,7 @@ def test_gqa_block_trains(tiny_teacher):
     teacher, _ = load_teacher(tiny_teacher)
     cfg, t_attn = teacher.config, teacher.layers[0].attention.eval()
     spec = LayerSpec(4, 8, 64, [0], attention="gqa", num_kv_heads=2)
-    student, _ = init_attention(t_attn, cfg, spec, "random")
+    student, _ = init_attention(t_attn, cfg, spec, init="random")
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(8, 10, cfg.hidden_size, generator=g)

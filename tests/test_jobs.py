@@ -79,44 +79,77 @@ def _block_args(teacher: Path, corpus: Path, *extra) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_four_block_jobs_at_once_into_one_out(four_layers, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    teacher, corpus = four_layers
-    out = tmp_path / "shared"
-    # the four jobs share --out, the derived run folder and the teacher cache, and start together
-    common = _block_args(teacher, corpus, "--out", out, "--cache-teacher", "--cache-dir", tmp_path / "cache")
+def _four_jobs_then_alone(args, out: Path, tmp_path: Path, run_name: str) -> Path:
+    """Blocks 0-3 as four jobs started at once into one ``out`` (sharing the derived run folder and the teacher
+    cache), then each block trained alone in this process: bit for bit the same, best and last. ``args(*extra)``:
+    the command line of a job. Returns the shared run folder."""
+    common = args("--out", out, "--cache-teacher", "--cache-dir", tmp_path / "cache")
     procs = [subprocess.Popen(_cmd("--block", b, *common), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for b in range(4)]
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (so, se) in zip(procs, results):
+    for p, (so, se) in zip(procs, [p.communicate(timeout=300) for p in procs]):
         assert p.returncode == 0, se[-3000:]
-    run = out / "blocks_h2_d8_output_mse"
+    run = out / run_name
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [f"block_{i}" for i in range(4)]
+    for b in range(4):
+        alone_args = args("--out", tmp_path / f"alone_{b}", "--cache-teacher", "--cache-dir", tmp_path / "cache_alone")
+        assert _in_process(["--block", b, *alone_args]) == 0
+        alone = tmp_path / f"alone_{b}" / run_name / f"block_{b}"
+        for which in ("best", "last"):
+            assert _equal(_weights(run / f"block_{b}" / which), _weights(alone / which)), (b, which)
+    return run
+
+
+def _run_notebook(monkeypatch, **env: str) -> str:
+    """The assembling notebook, top to bottom, with its ST_* settings ``env``; returns what its cells printed."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(ROOT / "notebooks" / "build_bert_from_retrained_12.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_four_block_jobs_at_once_into_one_out(four_layers, tmp_path, monkeypatch):
+    pytest.importorskip("nbclient")
+    teacher, corpus = four_layers
+    out = tmp_path / "shared"
+    run = _four_jobs_then_alone(lambda *extra: _block_args(teacher, corpus, *extra), out, tmp_path,
+                                "blocks_h2_d8_output_mse")
     for b in range(4):  # each unit is whole: its own run record, resume point, log; no lock left behind
         unit = run / f"block_{b}"
         assert json.loads((unit / "run.json").read_text())["unit"] == f"block_{b}"
         assert (unit / "resume" / "meta.json").is_file() and any((unit / "tb").iterdir())
         assert not (unit / "lock").exists()
-    # each block equals, bit for bit, the same block trained alone
-    for b in range(4):
-        assert _in_process(["--block", b, *_block_args(teacher, corpus, "--out", tmp_path / f"alone_{b}",
-                                                       "--cache-teacher", "--cache-dir", tmp_path / "cache_alone")]) == 0
-        alone = tmp_path / f"alone_{b}" / "blocks_h2_d8_output_mse" / f"block_{b}"
-        for which in ("best", "last"):
-            assert _equal(_weights(run / f"block_{b}" / which), _weights(alone / which)), (b, which)
     # the notebook collects all four
-    monkeypatch.setenv("ST_TEACHER", str(teacher))
-    monkeypatch.setenv("ST_BLOCKS", str(out))
-    monkeypatch.setenv("ST_OUT", str(tmp_path / "assembled"))
-    monkeypatch.setenv("ST_FILL_MASK", "the small cat sees the [MASK] .")
-    nb = nbformat.read(ROOT / "notebooks" / "build_bert_from_retrained_12.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    _run_notebook(monkeypatch, ST_TEACHER=str(teacher), ST_BLOCKS=str(out), ST_OUT=str(tmp_path / "assembled"),
+                  ST_FILL_MASK="the small cat sees the [MASK] .")
     meta = json.loads((tmp_path / "assembled" / "meta.json").read_text())
     assert [spec["kind"] for spec in meta["config"]["layers"]] == ["block"] * 4
     assert len([s for s in meta["sources"] if s.startswith("block")]) == 4
+
+
+@pytest.mark.slow
+def test_four_decoder_block_jobs_at_once_into_one_out(tiny_llama, tiny_corpus, tmp_path, monkeypatch):
+    """The decoder version: four multi-query blocks of the tiny Llama (6 query heads, 1 key/value head) as four
+    jobs at once into one --out equal the same blocks trained alone; the notebook assembles and exports them."""
+    pytest.importorskip("nbclient")
+
+    def args(*extra) -> list:
+        return ["--teacher", tiny_llama, "--data-dir", tiny_corpus, "--device", "cpu", "--kv-heads", "1",
+                "--epochs", "2", "--batch-size", "16", "--seq-len", "32", "--seed", "5", *extra]
+
+    out = tmp_path / "shared"
+    _four_jobs_then_alone(args, out, tmp_path, "blocks_h6_d8_kv1_output_mse")
+    text = _run_notebook(monkeypatch, ST_TEACHER=str(tiny_llama), ST_BLOCKS=str(out),
+                         ST_OUT=str(tmp_path / "assembled"), ST_PROMPT="the small cat sees",
+                         HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    meta = json.loads((tmp_path / "assembled" / "meta.json").read_text())
+    assert [(spec["kind"], spec["num_kv_heads"]) for spec in meta["config"]["layers"]] == [("block", 1)] * 4
+    assert "reloaded model gives identical outputs: True" in text
+    assert "CompactLlamaForCausalLM" in text and "the same greedy tokens: True" in text
 
 
 def test_second_job_for_a_running_unit_is_refused_and_a_stale_lock_taken_over(four_layers, tmp_path, capsys):

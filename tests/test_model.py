@@ -40,7 +40,7 @@ def test_swap_and_merge_then_reload_identical(tiny_teacher, tmp_path):
 def test_swapped_block_changes_only_that_layer(tiny_teacher):
     teacher, _ = load_teacher(tiny_teacher)
     ids, mask = _batch(teacher.config.vocab_size)
-    new, note = compress_attention(teacher.layers[1].attention, teacher.config, 2, 8)
+    new, note = compress_attention(teacher.layers[1].attention, teacher.config, num_heads=2, head_dim=8)
     view = compose(teacher, blocks={1: new})
     assert view.config.layers[1].num_heads == 2 and teacher.config.layers[1].num_heads == 4
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_swapped_block_changes_only_that_layer(tiny_teacher):
 def test_compress_attention_full_shape_is_exact(tiny_teacher):
     teacher, _ = load_teacher(tiny_teacher)
     attn = teacher.layers[0].attention
-    new, _ = compress_attention(attn, teacher.config, attn.num_heads, attn.head_dim)
+    new, _ = compress_attention(attn, teacher.config, num_heads=attn.num_heads, head_dim=attn.head_dim)
     x = torch.randn(2, 7, teacher.config.hidden_size)
     with torch.no_grad():
         assert torch.allclose(new.eval().contribution(x)[0], attn.contribution(x)[0], atol=1e-6)
@@ -67,7 +67,7 @@ def test_svd_head_dim_reduction_beats_truncation(tiny_teacher):
     x = torch.randn(4, 9, teacher.config.hidden_size)
     with torch.no_grad():
         ref = attn.contribution(x)[0]
-        svd, note = compress_attention(attn, teacher.config, attn.num_heads, attn.head_dim // 2)
+        svd, note = compress_attention(attn, teacher.config, num_heads=attn.num_heads, head_dim=attn.head_dim // 2)
         err_svd = (svd.eval().contribution(x)[0] - ref).norm()
         naive = BertAttention(teacher.config, attn.num_heads, attn.head_dim // 2).eval()
         d, dt = attn.head_dim // 2, attn.head_dim
@@ -87,16 +87,16 @@ def test_merged_layer_init_modes(tiny_teacher):
     cfg = teacher.config
     spec = LayerSpec(4, 8, 64, [0, 1], "merged")
     x = torch.randn(2, 5, cfg.hidden_size)
-    first, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "first")
-    second, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "second")
+    first, _ = init_merged_layer(cfg, spec, teacher.layers[0], second=teacher.layers[1], mode="first")
+    second, _ = init_merged_layer(cfg, spec, teacher.layers[0], second=teacher.layers[1], mode="second")
     with torch.no_grad():
         assert torch.allclose(first.eval()(x), teacher.layers[0](x), atol=1e-6)
         assert torch.allclose(second.eval()(x), teacher.layers[1](x), atol=1e-6)
-    avg, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "average")
+    avg, _ = init_merged_layer(cfg, spec, teacher.layers[0], second=teacher.layers[1], mode="average")
     w = (teacher.layers[0].intermediate.dense.weight + teacher.layers[1].intermediate.dense.weight) / 2
     assert torch.allclose(avg.intermediate.dense.weight, w)
     with pytest.raises(ValueError, match="first, second, average or random"):
-        init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "middle")
+        init_merged_layer(cfg, spec, teacher.layers[0], second=teacher.layers[1], mode="middle")
 
 
 def test_merge_last_layer_refused(tiny_teacher):
@@ -112,7 +112,7 @@ def test_hf_export_round_trip(tiny_teacher, tmp_path):
     teacher, tok = load_teacher(tiny_teacher)
     model = clone_model(teacher)
     spec = LayerSpec(4, 8, 64, [0, 1], "merged")
-    layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[0], teacher.layers[1], "average")
+    layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[0], second=teacher.layers[1], mode="average")
     model.merge_layers(0, layer, spec)
     export_hf(model.eval(), tmp_path / "hf", tok)
     hf = BertForMaskedLM.from_pretrained(str(tmp_path / "hf")).eval()

@@ -77,21 +77,21 @@ def test_relations_across_head_counts(tiny_teacher):
     cfg, t_attn = teacher.config, teacher.layers[1].attention  # 4 heads of 8
     valid = att.bool()
     t_vec = attention_vectors(t_attn, x)
-    copy, _ = compress_attention(t_attn, cfg, 4, 8)
+    copy, _ = compress_attention(t_attn, cfg, num_heads=4, head_dim=8)
     assert relation_loss(attention_vectors(copy, x), t_vec, valid, heads=4).item() == pytest.approx(0.0, abs=1e-5)
     for heads, head_dim in ((2, 8), (1, 8), (2, 4), (8, 8)):
-        student = random_attention(t_attn, cfg, heads, head_dim)
+        student = random_attention(t_attn, cfg, num_heads=heads, head_dim=head_dim)
         r = block_relation_heads(t_attn, student, None)
         loss = relation_loss(attention_vectors(student, x), t_vec, valid, heads=r)
         assert torch.isfinite(loss) and loss.item() > 0
     with pytest.raises(ValueError, match="--relation-heads 3 must divide"), flags_in_errors():
-        block_relation_heads(t_attn, random_attention(t_attn, cfg, 2, 8), 3)
+        block_relation_heads(t_attn, random_attention(t_attn, cfg, num_heads=2, head_dim=8), 3)
 
 
 def test_training_on_relations_lowers_them(tiny_teacher):
     teacher, ids, att, x = _tiny(tiny_teacher)
     torch.manual_seed(0)
-    student = random_attention(teacher.layers[1].attention, teacher.config, 2, 8)
+    student = random_attention(teacher.layers[1].attention, teacher.config, num_heads=2, head_dim=8)
     task = BlockDistill(teacher, {1: student}, ["relations"])
     batch = {"input_ids": ids, "attention_mask": att, "index": torch.arange(2)}
     task.eval()

@@ -322,7 +322,8 @@ def test_raw_score_loss_matches_a_hand_computation(tiny_teacher):
     teacher, tok = load_teacher(str(tiny_teacher))
     cfg = teacher.config
     torch.manual_seed(0)
-    student = random_attention(teacher.layers[0].attention, cfg, cfg.num_attention_heads, cfg.head_dim)
+    student = random_attention(teacher.layers[0].attention, cfg, num_heads=cfg.num_attention_heads,
+                               head_dim=cfg.head_dim)
     student.self.dropout_p = 0.0
     ids = torch.tensor([[2, 6, 7, 8, 9, 3], [2, 10, 11, 3, 0, 0]])
     att = (ids != 0).long()

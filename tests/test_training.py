@@ -44,7 +44,8 @@ def test_block_losses_fall(setup, loss_on, criterion):
     teacher, tok, _, batch = setup
     torch.manual_seed(0)
     cfg = teacher.config
-    blocks = {i: random_attention(teacher.layers[i].attention, cfg, 2, 4) for i in range(len(teacher.layers))}
+    blocks = {i: random_attention(teacher.layers[i].attention, cfg, num_heads=2, head_dim=4)
+              for i in range(len(teacher.layers))}
     for b in blocks.values():
         b.self.dropout_p = 0.0
     masker = MLMMasker(tok, cfg.vocab_size) if loss_on == ["mlm"] else None
@@ -65,7 +66,7 @@ def test_merge_losses_fall(setup, loss_on, criterion):
     torch.manual_seed(0)
     cfg = teacher.config
     spec = LayerSpec(2, 8, 32, [0, 1], "merged")
-    layer, _ = init_merged_layer(cfg, spec, teacher.layers[0], teacher.layers[1], "random")
+    layer, _ = init_merged_layer(cfg, spec, teacher.layers[0], second=teacher.layers[1], mode="random")
     layer.attention.self.dropout_p = 0.0
     task = MergeDistill(teacher, {0: (layer, spec)}, loss_on, criterion=criterion,
                         masker=MLMMasker(tok, cfg.vocab_size) if loss_on == "mlm" else None)
@@ -80,7 +81,7 @@ def test_finetune_losses_fall(setup, tiny_encoder):
     teacher, tok, _, batch = setup
     student = clone_model(teacher)
     spec = LayerSpec(4, 8, 64, [0, 1], "merged")
-    layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[0], teacher.layers[1], "first")
+    layer, _ = init_merged_layer(teacher.config, spec, teacher.layers[0], second=teacher.layers[1], mode="first")
     student.merge_layers(0, layer, spec)
     task = ModelDistill(teacher, student, MLMMasker(tok, teacher.config.vocab_size), kl_weight=1.0, mlm_weight=0.0,
                         hidden_weight=1.0, temperature=1.0)
@@ -92,7 +93,8 @@ def test_finetune_losses_fall(setup, tiny_encoder):
     # a teacher without an MLM head: hidden-state objective only
     enc, _ = load_teacher(tiny_encoder)
     enc_student = clone_model(enc)
-    enc_student.merge_layers(0, init_merged_layer(enc.config, spec, enc.layers[0], enc.layers[1], "first")[0], spec)
+    merged, _ = init_merged_layer(enc.config, spec, enc.layers[0], second=enc.layers[1], mode="first")
+    enc_student.merge_layers(0, merged, spec)
     task = ModelDistill(enc, enc_student, None)
     assert task.kl_weight == 0 and task.hidden_weight > 0
     first, last = _falls(task, batch, lr=1e-3)
@@ -101,7 +103,7 @@ def test_finetune_losses_fall(setup, tiny_encoder):
 
 def test_mlm_objectives_refuse_teacher_without_head(tiny_encoder, tiny_corpus):
     enc, tok = load_teacher(tiny_encoder)
-    blocks = {0: compress_attention(enc.layers[0].attention, enc.config, 2, 8)[0]}
+    blocks = {0: compress_attention(enc.layers[0].attention, enc.config, num_heads=2, head_dim=8)[0]}
     with pytest.raises(RuntimeError, match="masked-LM head"):
         BlockDistill(enc, blocks, ["mlm"], masker=MLMMasker(tok, enc.config.vocab_size))
 

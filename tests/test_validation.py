@@ -577,8 +577,8 @@ def _loader(kind: str, d: Path, teacher, unit_meta: dict):
         model, _ = load_model(d, th, force=False, teacher_config=teacher.config)
         return model.config.to_dict(), model.state_dict()
     # resume: the training loop's own loader and checks, for the unit the run was started with
-    attn, _ = compress_attention(teacher.layers[0].attention, teacher.config, unit_meta["num_heads"],
-                                 unit_meta["head_dim"])  # as retrain_single_block builds it
+    attn, _ = compress_attention(teacher.layers[0].attention, teacher.config, num_heads=unit_meta["num_heads"],
+                                 head_dim=unit_meta["head_dim"])  # as retrain_single_block builds it
     unit = Unit("block_0", attn, d.parent, unit_meta)
     task = BlockDistill(teacher, {0: attn}, ["output"])
     # another lr, seed, data...: accepted (and logged) with --force-config, so only the unit's own fields decide

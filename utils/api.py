@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher as _load_model_and_tokenizer
-from models.compress import clone_model, compose, drop_every_second as _drop_every_second
+from models import BertForMaskedLM, LayerSpec, ModelConfig, family_of, load_teacher as _load_model_and_tokenizer
+from models.compress import (clone_model, compose, drop_every_second as _drop_every_second, fit_problem,
+                             teacher_start_problem)
+from models.kinds import get_kind
 from . import runtime
 from . import session as _session
 from .data.masking import OneMasker, lm_targets
@@ -43,12 +45,12 @@ from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, run_exports
 from .storage.lock import claim_units
 from .training.loop import TrainConfig, Trainer, Unit, run_record
-from .training.students import (build_student, conditioned_teacher, load_block, load_merged_layer, load_model,
-                                newest_units, save_model)
-from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, MergeDistill, MergeLoss, ModelDistill,
-                             describe_losses)
-from .training.units import (UnitShape, init_blocks, init_merges, set_dropout, spec_from_meta, starting_shape,
-                             unit_meta, unit_spec)
+from .training.students import (build_student, conditioned_teacher, dropped_layers, load_block, load_layer,
+                                load_merged_layer, load_model, newest_units, save_model)
+from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, LayerDistill, MergeDistill, MergeLoss,
+                             ModelDistill, describe_losses)
+from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, init_merges, set_dropout,
+                             spec_from_meta, starting_shape, unit_meta, unit_spec)
 
 __all__ = [
     "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
@@ -210,39 +212,114 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
                    out: str | Path = "checkpoints", run_name: str | None = None, name_suffix: str = "",
                    cache_dir: str | None = None, print_samples: bool = False,
                    record: dict[str, Any] | None = None) -> TrainedUnits:
-    """Retrain smaller attention blocks (``shape``) to mimic the teacher's of ``layers`` (None: every layer), all on
-    one teacher pass per batch (or the teacher cache under ``cache_dir``).
+    """Retrain smaller units of ``shape`` to mimic the teacher's layers ``layers`` (None: every layer), all on one
+    teacher pass per batch (or the teacher cache under ``cache_dir``).
 
-    ``init``: teacher (its most important heads, SVD to a smaller head_dim), random, or None: teacher, but random for
-    the teacher's own shape (an exact copy would train nothing). ``start_from``: a folder of block checkpoints the
-    blocks start from instead. Each block owns ``<out>/<run_name>/block_<i>`` (default run name from the shape and
-    loss, plus ``name_suffix``); ``dropout`` sets the new blocks' attention dropout.
+    The units are attention blocks (fewer heads or key/value heads, a smaller head_dim, another kind of attention:
+    ``shape.attention``, e.g. linear) trained on the block output as ``loss`` says; or, where
+    ``shape.whole_layers()`` (attention none, or a feed-forward width ``shape.ffn_dim`` of their own), whole layers
+    trained on the layer output (a whole layer keeps the teacher's attention unless ``shape`` says otherwise; its
+    feed-forward part keeps the neurons most active on a probe batch). ``init``: teacher (its most important heads,
+    SVD to a smaller head_dim), random, or None: teacher, but random for the teacher's own shape (an exact copy would
+    train nothing). ``start_from``: a folder of unit checkpoints the units start from instead. Each unit owns
+    ``<out>/<run_name>/block_<i>`` (``layer_<i>``; default run name from the shape and loss, plus ``name_suffix``);
+    ``dropout`` sets the new units' dropout. Shapes this teacher cannot take are refused before it loads.
     """
     tcfg = _teacher_plan(session)
     layers = _first_layers(layers, n_layers=len(tcfg.layers), what="layers")
-    if loss.mask_inputs and list(loss.loss_on) == ["mlm"]:
-        raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
-    started = newest_units(start_from, "block", layers) if start_from else {}
-    shape_fields = (starting_shape(shape, [spec_from_meta(m, tcfg) for _, m in started.values()], "block")
-                    if started else shape.attention_fields())
-    specs = {i: unit_spec(tcfg, [i], "block", **shape_fields) for i in layers}
+    unit = "layer" if shape.whole_layers() else "block"
+    started = newest_units(start_from, unit, layers) if start_from else {}
+    specs = _unit_specs(tcfg, layers, unit=unit, shape=shape, started=started)
     spec = specs[layers[0]]
+    _check_block_loss(tcfg, spec, loss, unit=unit)
     init = _block_init(init, spec, tcfg.layers[layers[0]], started=bool(started))
-    run_dir = Path(out) / (run_name or f"blocks_{spec.shape_tag()}_{_loss_tag(loss)}{name_suffix}")
+    _check_fit(tcfg, specs, shape=shape, init=None if started else init)
+    name = (f"blocks_{spec.shape_tag()}" if unit == "block" else f"layers_{spec.shape_tag()}_f{spec.intermediate_size}")
+    run_dir = Path(out) / (run_name or f"{name}_{_loss_tag(loss)}{name_suffix}")
     extras = {k: v for k, v in spec.attention_shape().items() if k not in ("num_heads", "head_dim") and v != "mha"}
+    if unit == "layer":
+        extras["ffn_dim"] = spec.intermediate_size
     rec = run_record(record, batch_size=session.data.batch_size, train=train, mask_inputs=loss.mask_inputs,
                      score_target=loss.score_target, block_dropout=dropout, percentage_data=session.data.fraction,
                      init=init, loss_on=list(loss.loss_on), criterion=loss.criterion,
                      score_criterion=loss.scores_by(), heads=spec.num_heads, head_dim=spec.head_dim, **extras)
     job = _BlockRun(specs=specs, train=train, init=init, started=started, dropout=dropout, run_dir=run_dir,
                     cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss, start_from=start_from)
-    with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
-        return _train_blocks(_prepare(session, cache_dir=cache_dir), job, locks)
+    with claim_units([run_dir / f"{UNIT_PREFIX[unit]}_{i}" for i in layers], unit) as locks:
+        return (_train_blocks if unit == "block" else _train_layers)(_prepare(session, cache_dir=cache_dir), job,
+                                                                    locks)
+
+
+def _check_block_loss(tcfg: ModelConfig, spec: LayerSpec, loss: BlockLoss, *, unit: str) -> None:
+    """Refuse a loss that cannot apply to these units or this teacher (SettingError), before any work."""
+    loss_on = list(loss.loss_on)
+    if spec.intermediate_size == 0 and not get_kind(spec.attention).has_block:
+        raise SettingError("`attention` none with `ffn_dim` 0 is a dropped layer: nothing to train. Drop layers with "
+                           "`drop_layers` when assembling (python -m utils.assemble) or fine-tuning "
+                           "(finetune_merged.py)")
+    if loss.mask_inputs:
+        _need_masked_lm(tcfg, "`mask_inputs` puts one [MASK] token into each training sentence")
+        if loss_on == ["mlm"]:
+            raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
+    if unit == "layer" and (loss_on != ["output"] or loss.mask_inputs):
+        what = "`mask_inputs`" if loss.mask_inputs else f"`loss_on` {'+'.join(loss_on)}"
+        raise SettingError(f"{what} does not apply to whole-layer units (`attention` {spec.attention}, `ffn_dim` "
+                           f"{spec.intermediate_size}): they are trained on the layer's output (`loss_on` output)")
+    needs_heads = [x for x in loss_on if x in ("scores", "relations")]
+    if needs_heads and not get_kind(spec.attention).has_heads:
+        raise SettingError(f"`loss_on` {needs_heads[0]} compares what attention heads compute; `attention` "
+                           f"{spec.attention} has no heads (use output, or mlm)")
+
+
+def _need_masked_lm(tcfg: ModelConfig, what: str) -> None:
+    """Refuse a setting (``what`` it does) that only a masked-LM teacher has a use for."""
+    if family_of(tcfg).task != "mlm":
+        raise SettingError(f"{what}: that needs a masked-LM teacher, and this teacher is a causal LM "
+                           f"({family_of(tcfg).name} family)")
+
+
+def _unit_specs(tcfg: ModelConfig, firsts: list[int], *, unit: str, shape: UnitShape,
+                started: dict[int, tuple[Path, dict]]) -> dict[int, LayerSpec]:
+    """The spec of each unit (``unit``: block, layer or merged_layer, standing for teacher layer i, or i and i+1):
+    ``shape``, else the starting checkpoints' (which ``shape`` must match)."""
+    ffn = None if unit == "block" else shape.ffn_dim
+    if started:
+        specs = [spec_from_meta(m, tcfg) for _, m in started.values()]
+        fields = starting_shape(shape, specs, "block" if unit == "block" else "layer")
+        if unit != "block":
+            ffns = {s.intermediate_size for s in specs}
+            if len(ffns) > 1:
+                raise CheckpointError(f"the `start_from` layers have different feed-forward sizes {sorted(ffns)}; "
+                                      "train them in separate runs (one each)")
+            if ffn is not None and ffn != min(ffns):
+                raise CheckpointError(f"`ffn_dim` {ffn} does not match the `start_from` layer's {min(ffns)}")
+            ffn = ffns.pop()
+    else:
+        fields = shape.attention_fields()
+    span, kind = (2, "merged") if unit == "merged_layer" else (1, unit)
+    return {i: unit_spec(tcfg, list(range(i, i + span)), kind, intermediate_size=ffn, **fields) for i in firsts}
+
+
+def _check_fit(tcfg: ModelConfig, specs: dict[int, LayerSpec], *, shape: UnitShape, init: str | None) -> None:
+    """Refuse units this teacher's family cannot build, or that cannot start from the teacher layer ``init`` names
+    (teacher, first, second, average): from the shapes alone, before the teacher loads (SettingError)."""
+    for spec in specs.values():
+        problem = fit_problem(tcfg, spec)
+        if problem is None and init in ("teacher", "first", "second", "average"):
+            source = tcfg.layers[spec.origin[-1] if init == "second" else spec.origin[0]]
+            problem = teacher_start_problem(tcfg, spec, source)
+            problem = problem and f"{problem} (keep the teacher's, or start the unit with `init` random)"
+        if problem:
+            given = {**shape.attention_fields(), "ffn_dim": shape.ffn_dim}
+            asked = ", ".join(f"`{k}` {v}" for k, v in given.items() if v is not None) or "the teacher's shape"
+            raise SettingError(f"the unit asked for ({asked}) does not fit this teacher: {problem}")
 
 
 def _block_init(init: str | None, spec: LayerSpec, teacher_spec: LayerSpec, *, started: bool) -> str:
-    """The initialisation of new blocks: ``init``; None: teacher, but random for the teacher's own shape."""
-    if started or spec.attention_shape() != teacher_spec.attention_shape():
+    """The initialisation of new units: ``init``; None: teacher, but random for the teacher's own shape."""
+    same = (spec.attention_shape() == teacher_spec.attention_shape()
+            and spec.intermediate_size == teacher_spec.intermediate_size)
+    if started or not same:
         return init or "teacher"
     if init == "teacher":
         raise SettingError(f"`init` teacher with the teacher's own shape ({spec.num_heads} heads x {spec.head_dim}) "
@@ -283,12 +360,38 @@ def _start_blocks(s: Session, job: _BlockRun, probe: dict) -> tuple[dict[int, An
     return blocks, notes
 
 
-def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
-    cfg, loss = s.teacher.config, job.loss
+@dataclass
+class _Data:
+    """The loaders of a training run and what a resume must share (``Session.training_setup``)."""
+
+    train_ds: Any
+    train_loader: Any
+    sampler: Any
+    valid_loader: Any
+    setup: dict[str, Any]
+
+
+def _data(s: Session) -> _Data:
     train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
     train_loader, sampler = s.loader(train_ds, shuffle=True)
-    valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    probe = s.global_batch(train_ds)  # drawn in every case: its loader draws from the global RNG
+    return _Data(train_ds, train_loader, sampler, s.loader(valid_ds, shuffle=False)[0], s.training_setup(train_ds))
+
+
+def _fit(s: Session, job: _UnitRun, *, task: Any, units: list[Unit], data: _Data, locks: list,
+         view: Callable[[], Any], notes: dict[str, str], run_dir: Path | None = None) -> TrainedUnits:
+    """Train ``units`` of ``task`` with the one training loop (its records in ``run_dir``, default the job's);
+    ``view``: the teacher with the units in place (for printed samples)."""
+    samples = _samples(s, view, data.valid_loader) if job.print_samples else None
+    final = Trainer(task, units, job.train, run_dir=run_dir or job.run_dir, device=s.device, samples=samples,
+                    evaluate=lambda: task.evaluate(data.valid_loader), run_meta={"run_dir": str(job.run_dir)},
+                    setup=data.setup, record=job.record, locks=locks).fit(data.train_loader, data.sampler)
+    return TrainedUnits(job.run_dir, _unit_results(units, notes, final), final)
+
+
+def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
+    cfg, loss = s.teacher.config, job.loss
+    data = _data(s)
+    probe = s.global_batch(data.train_ds)  # drawn in every case: its loader draws from the global RNG
     blocks, notes = _start_blocks(s, job, probe)
     cache = None
     if job.cache_dir is not None:
@@ -296,7 +399,8 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
             log.warning("`cache_dir` ignored with %s: the inputs are re-masked every step",
                         "`mask_inputs`" if loss.mask_inputs else "`loss_on` mlm")
         else:
-            cache = s.teacher_cache(train_ds, [f"{k}_{i}" for i in job.specs for k in ("in", "block")], job.cache_dir)
+            cache = s.teacher_cache(data.train_ds, [f"{k}_{i}" for i in job.specs for k in ("in", "block")],
+                                    job.cache_dir)
     task = BlockDistill(s.teacher, blocks, list(loss.loss_on), criterion=loss.criterion,
                         score_criterion=loss.scores_by(), temperature=loss.temperature, seed=job.train.seed,
                         masker=lm_targets(s.tokenizer, s.teacher) if list(loss.loss_on) == ["mlm"] else None,
@@ -307,11 +411,43 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
                   unit_meta("block", job.specs[i], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
                             **describe_losses(task), init=notes[i]))
              for i in job.specs]
-    samples = _samples(s, lambda: compose(s.teacher, blocks=blocks), valid_loader) if job.print_samples else None
-    final = Trainer(task, units, job.train, run_dir=job.run_dir, device=s.device, samples=samples,
-                    evaluate=lambda: task.evaluate(valid_loader), run_meta={"run_dir": str(job.run_dir)},
-                    setup=s.training_setup(train_ds), record=job.record, locks=locks).fit(train_loader, sampler)
-    return TrainedUnits(job.run_dir, _unit_results(units, {f"block_{i}": n for i, n in notes.items()}, final), final)
+    return _fit(s, job, task=task, units=units, data=data, locks=locks, view=lambda: compose(s.teacher, blocks=blocks),
+                notes={f"block_{i}": n for i, n in notes.items()})
+
+
+def _start_layers(s: Session, job: _BlockRun, probe: dict) -> tuple[dict[int, tuple[Any, LayerSpec]], dict[int, str]]:
+    """The new whole layers, from their starting checkpoints or initialised (heads and neurons ranked on ``probe``)."""
+    if job.started:
+        layers = {}
+        for i, (p, _) in job.started.items():
+            _, layer, spec = load_layer(p, s.teacher.config, s.teacher_hash, force=job.train.force)
+            layers[i] = (layer.to(s.device), spec)
+        notes = {i: f"from {job.start_from}" for i in job.specs}
+    else:
+        layers, notes = init_layers(s.teacher, job.specs, init=job.init, probe=probe)
+        layers = {i: (layer.to(s.device), spec) for i, (layer, spec) in layers.items()}
+    for i, (layer, spec) in layers.items():
+        if job.dropout is not None:
+            set_dropout(layer, job.dropout)
+        log.info("layer %d -> %s; init %s", i, spec.describe(), notes[i])
+    return layers, notes
+
+
+def _train_layers(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
+    """Whole layers, each trained on its teacher layer's input and output (``LayerDistill``)."""
+    cfg = s.teacher.config
+    data = _data(s)
+    probe = s.global_batch(data.train_ds)  # drawn in every case: its loader draws from the global RNG
+    layers, notes = _start_layers(s, job, probe)
+    names = LayerDistill.features_of(list(job.specs), len(cfg.layers))
+    cache = s.teacher_cache(data.train_ds, names, job.cache_dir) if job.cache_dir is not None else None
+    task = LayerDistill(s.teacher, layers, criterion=job.loss.criterion, cache=cache, seed=job.train.seed).to(s.device)
+    units = [Unit(f"layer_{i}", layers[i][0], job.run_dir / f"layer_{i}",
+                  unit_meta("layer", job.specs[i], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
+                            **describe_losses(task), init=notes[i]))
+             for i in job.specs]
+    return _fit(s, job, task=task, units=units, data=data, locks=locks, view=lambda: compose(s.teacher, layers=layers),
+                notes={f"layer_{i}": n for i, n in notes.items()})
 
 
 def _unit_results(units: list[Unit], notes: dict[str, str], final: dict[str, float]) -> list[UnitResult]:
@@ -347,10 +483,13 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
     if n < 2:
         raise SettingError("the teacher has a single layer: nothing to merge")
     pairs = _first_layers(pairs, n_layers=n, what="pairs")
-    if loss.mask_inputs and loss.loss_on == "mlm":
-        raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
+    if loss.mask_inputs:
+        _need_masked_lm(tcfg, "`mask_inputs` puts one [MASK] token into each training sentence")
+        if loss.loss_on == "mlm":
+            raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
     started = newest_units(start_from, "merged_layer", pairs) if start_from else {}
-    specs = _merge_specs(tcfg, pairs, shape=shape, started=started)
+    specs = _unit_specs(tcfg, pairs, unit="merged_layer", shape=shape, started=started)
+    _check_fit(tcfg, specs, shape=shape, init=None if started else init)
     spec = specs[pairs[0]]
     tag = "mlm" if loss.loss_on == "mlm" else loss.criterion.lower()
     run_dir = Path(out) / (run_name or f"merge_{spec.shape_tag()}_f{spec.intermediate_size}_{tag}"
@@ -363,24 +502,6 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
                     conditioned=conditioned, conditioned_on=Path(conditioned_on) if conditioned_on else run_dir)
     with claim_units([run_dir / f"merge_{i}" for i in pairs], "merged pair") as locks:
         return _train_merges(_prepare(session, cache_dir=cache_dir), job, locks)
-
-
-def _merge_specs(tcfg: ModelConfig, pairs: list[int], *, shape: UnitShape, started: dict[int, tuple[Path, dict]]
-                 ) -> dict[int, LayerSpec]:
-    """The spec of each merged layer: ``shape``, else the starting checkpoints' (which ``shape`` must match)."""
-    if started:
-        specs = [spec_from_meta(m, tcfg) for _, m in started.values()]
-        fields = starting_shape(shape, specs, "layer")
-        ffns = {s.intermediate_size for s in specs}
-        if len(ffns) > 1:
-            raise CheckpointError(f"the `start_from` layers have different feed-forward sizes {sorted(ffns)}; "
-                                  "train them in separate runs (one each)")
-        ffn = ffns.pop()
-        if shape.ffn_dim is not None and shape.ffn_dim != ffn:
-            raise CheckpointError(f"`ffn_dim` {shape.ffn_dim} does not match the `start_from` layer's {ffn}")
-    else:
-        fields, ffn = shape.attention_fields(), shape.ffn_dim
-    return {i: unit_spec(tcfg, [i, i + 1], "merged", intermediate_size=ffn, **fields) for i in pairs}
 
 
 def _start_merges(s: Session, job: _MergeRun, probe: dict) -> tuple[dict[int, tuple[Any, LayerSpec]], dict[str, str]]:
@@ -403,9 +524,8 @@ def _start_merges(s: Session, job: _MergeRun, probe: dict) -> tuple[dict[int, tu
 
 
 def _train_merges(s: Session, job: _MergeRun, locks: list) -> TrainedUnits:
-    train_ds, valid_ds = s.sentences("train"), s.sentences("valid")
-    data = (s.loader(train_ds, shuffle=True), s.loader(valid_ds, shuffle=False)[0], s.training_setup(train_ds))
-    probe = s.global_batch(train_ds)  # the same on every rank
+    data = _data(s)
+    probe = s.global_batch(data.train_ds)  # the same on every rank
     layers, notes = _start_merges(s, job, probe)
     cache = None
     if job.cache_dir is not None and job.loss.mask_inputs:
@@ -414,7 +534,7 @@ def _train_merges(s: Session, job: _MergeRun, locks: list) -> TrainedUnits:
         # a conditioned pair with no earlier pair (N < 2) still takes its input from the teacher, so from the cache
         names = ([f"out_{i + 1}" for i in job.specs]
                  + [f"in_{i}" for i in job.specs if not job.conditioned or i < 2])
-        cache = s.teacher_cache(train_ds, names, job.cache_dir)
+        cache = s.teacher_cache(data.train_ds, names, job.cache_dir)
     if not job.conditioned:
         return _train_pairs(s, job, list(job.specs), layers=layers, notes=notes, cache=cache, data=data, locks=locks)
     results, final = [], {}
@@ -431,10 +551,9 @@ def _train_merges(s: Session, job: _MergeRun, locks: list) -> TrainedUnits:
 
 
 def _train_pairs(s: Session, job: _MergeRun, group: list[int], *, layers: dict, notes: dict[str, str], cache,
-                 data: tuple, locks: list, inputs_from: BertForMaskedLM | None = None,
+                 data: _Data, locks: list, inputs_from: BertForMaskedLM | None = None,
                  group_dir: Path | None = None) -> TrainedUnits:
     """One Trainer over the merged layers of ``group`` (all pairs, or one pair of a conditioned run)."""
-    (train_loader, sampler), valid_loader, setup = data
     cfg, loss = s.teacher.config, job.loss
     task = MergeDistill(s.teacher, {i: layers[i] for i in group}, loss.loss_on, criterion=loss.criterion,
                         masker=lm_targets(s.tokenizer, s.teacher) if loss.loss_on == "mlm" else None,
@@ -444,26 +563,25 @@ def _train_pairs(s: Session, job: _MergeRun, group: list[int], *, layers: dict, 
                   unit_meta("merged_layer", layers[i][1], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
                             conditioned=job.conditioned, **describe_losses(task), init=notes[f"merge_{i}"]))
              for i in group]
-    view = lambda: compose(inputs_from or s.teacher, merges={i: layers[i] for i in group})  # noqa: E731
-    final = Trainer(task, units, job.train, run_dir=group_dir or job.run_dir, device=s.device,
-                    evaluate=lambda: task.evaluate(valid_loader),
-                    samples=_samples(s, view, valid_loader) if job.print_samples else None,
-                    run_meta={"run_dir": str(job.run_dir)}, setup=setup, record=job.record,
-                    locks=locks).fit(train_loader, sampler)
-    return TrainedUnits(job.run_dir, _unit_results(units, notes, final), final)
+    return _fit(s, job, task=task, units=units, data=data, locks=locks, notes=notes, run_dir=group_dir,
+                view=lambda: compose(inputs_from or s.teacher, merges={i: layers[i] for i in group}))
 
 
 # ---- a student from trained units, its fine-tune, its evaluation ----
-def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path], *,
+def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path] = (), *,
              out: str | Path = "checkpoints/assembled", which: str = "best", force: bool = False,
-             export: ExportConfig = ExportConfig()) -> Assembled:
-    """A model from the teacher plus every block / merged-layer / model checkpoint under ``checkpoints`` (found by
-    their metadata; ``which``: best or last), saved to ``out`` with the tokenizer, and exported where ``export``
-    says. ``force`` accepts checkpoints made against another teacher (never another shape)."""
+             drop_layers: Sequence[int] = (), export: ExportConfig = ExportConfig()) -> Assembled:
+    """A model from the teacher plus every block / merged-layer / whole-layer / model checkpoint under
+    ``checkpoints`` (found by their metadata; ``which``: best or last), with the teacher layers ``drop_layers``
+    dropped (no attention, no feed-forward part: nothing to train), saved to ``out`` with the tokenizer, and
+    exported where ``export`` says. ``force`` accepts checkpoints made against another teacher (never another
+    shape)."""
     check_output_dir(out)
     check_export_targets(export)
+    _check_drop(session, drop_layers, checkpoints)
     s = _prepare(session)
-    model, sources = build_student(s.teacher, checkpoints, s.teacher_hash, force=force, which=which)
+    model, sources = build_student(s.teacher, checkpoints, s.teacher_hash, force=force, which=which,
+                                   drop=drop_layers)
     save_model(model, out, {"teacher": s.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources})
     s.tokenizer.save_pretrained(str(Path(out) / "tokenizer"))
     exports = run_exports(model.cpu(), s.tokenizer, export) if export.hf_dir or export.onnx_file else []
@@ -471,10 +589,20 @@ def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path]
                      model.num_parameters(), exports)
 
 
+def _check_drop(session: Session | SessionConfig, drop_layers: Sequence[int], checkpoints: Sequence) -> None:
+    """Layers to drop that this teacher does not have or cannot drop are refused before it loads; so is a student
+    of nothing (no checkpoint folder and no layer dropped)."""
+    if not checkpoints and not drop_layers:
+        raise SettingError("nothing to build a student from: give checkpoint folders or `drop_layers`")
+    if drop_layers:
+        dropped_layers(_teacher_plan(session), drop_layers)
+
+
 @dataclass
 class _FinetuneRun:
     checkpoints: Sequence[str | Path]
     drop_every_second: bool
+    drop_layers: Sequence[int]
     which: str
     objective: FinetuneLoss
     train: TrainConfig
@@ -487,24 +615,34 @@ class _FinetuneRun:
 
 
 def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Path] = ("checkpoints",),
-             drop_every_second: bool = False, which: str = "best", objective: FinetuneLoss = FinetuneLoss(),
-             train: TrainConfig = TrainConfig(), dropout: float | None = None, out: str | Path = "checkpoints",
-             run_name: str | None = None, eval_batches: int | None = None, export: ExportConfig = ExportConfig(),
-             print_samples: bool = False, record: dict[str, Any] | None = None) -> FineTuned:
-    """Fine-tune a compressed model end to end by distillation: the teacher with the merged layers / blocks / model
-    under ``checkpoints`` (or, with ``drop_every_second``, the teacher without layers 1, 3, 5, ...), trained on
-    ``objective``, evaluated on the test split (``<run>/eval``) and exported where ``export`` says. The run folder is
-    ``<out>/<run_name>`` (default finetune_merged, or finetune_dropped); ``eval_batches`` limits the per-epoch
-    comparison with the teacher."""
+             drop_every_second: bool = False, drop_layers: Sequence[int] = (), which: str = "best",
+             objective: FinetuneLoss = FinetuneLoss(), train: TrainConfig = TrainConfig(),
+             dropout: float | None = None, out: str | Path = "checkpoints", run_name: str | None = None,
+             eval_batches: int | None = None, export: ExportConfig = ExportConfig(), print_samples: bool = False,
+             record: dict[str, Any] | None = None) -> FineTuned:
+    """Fine-tune a compressed model end to end by distillation: the teacher with the merged layers / blocks / whole
+    layers / model under ``checkpoints`` and the layers ``drop_layers`` dropped (or, with ``drop_every_second``, the
+    teacher without layers 1, 3, 5, ...), trained on ``objective``, evaluated on the test split (``<run>/eval``) and
+    exported where ``export`` says. The run folder is ``<out>/<run_name>`` (default finetune_merged, finetune_dropped,
+    or finetune_dropped_layers for dropped layers alone); ``eval_batches`` limits the per-epoch comparison with the
+    teacher."""
     o = objective
     if o.kl_weight == o.mlm_weight == o.hidden_weight == 0:
         raise SettingError("`kl_weight`, `mlm_weight` and `hidden_weight` are all 0: nothing to train on")
+    if drop_every_second and drop_layers:
+        raise SettingError("`drop_layers` does not combine with `drop_every_second`: give the layers to drop in one")
     check_export_targets(export)  # an export that cannot be written fails now, not after training
-    run_dir = Path(out) / (run_name or ("finetune_dropped" if drop_every_second else "finetune_merged"))
+    if not drop_every_second:
+        _check_drop(session, drop_layers, checkpoints)
+    default = ("finetune_dropped" if drop_every_second else
+               "finetune_dropped_layers" if drop_layers and not checkpoints else "finetune_merged")
+    run_dir = Path(out) / (run_name or default)
     rec = run_record(record, batch_size=session.data.batch_size, train=train, dropout=dropout,
-                     percentage_data=session.data.fraction)
-    job = _FinetuneRun(checkpoints, drop_every_second, which, objective, train, dropout, run_dir, eval_batches,
-                       export, print_samples, rec)
+                     percentage_data=session.data.fraction,
+                     **({"drop_layers": sorted(set(drop_layers))} if drop_layers else {}))
+    job = _FinetuneRun(checkpoints=checkpoints, drop_every_second=drop_every_second, drop_layers=drop_layers,
+                       which=which, objective=objective, train=train, dropout=dropout, run_dir=run_dir,
+                       eval_batches=eval_batches, export=export, print_samples=print_samples, record=rec)
     with claim_units([run_dir / "model"], "fine-tuned model") as locks:
         return _finetune(_prepare(session), job, locks)
 
@@ -514,8 +652,9 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
         student, sources = _drop_every_second(s.teacher)
     else:
         student, sources = build_student(s.teacher, job.checkpoints, s.teacher_hash, force=job.train.force,
-                                         which=job.which)
-    student = student.to(s.device)
+                                         which=job.which, drop=job.drop_layers)
+    # the whole student trains (its copies of the teacher's modules come frozen once a task has frozen the teacher)
+    student = student.to(s.device).requires_grad_(True)
     if job.dropout is not None:
         set_dropout(student, job.dropout)
     for line in sources:
@@ -561,6 +700,8 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
     ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
     pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json."""
     check_output_dir(out)  # before any work: results that cannot be written are lost
+    if evaluation.judge:
+        _need_masked_lm(_teacher_plan(session), "`judge` ranks the predictions of masked tokens")
     s = _prepare(session, judge=evaluation.judge)
     found: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):

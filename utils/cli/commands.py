@@ -13,12 +13,17 @@ from .configs import export_config
 from .groups import add_export_args
 from .parser import Parser
 from .run import run_main, setup_logging
+from .types import layer_list
 
 
 def assemble_parser() -> Parser:
-    p = Parser(description="Assemble a BERT from the teacher plus retrained blocks / merged layers.")
+    p = Parser(description="Assemble a model from the teacher plus retrained blocks / whole layers / merged layers, "
+                           "with layers dropped.")
     p.add_argument("--teacher", default="bert-base-uncased")
-    p.add_argument("--blocks", nargs="+", required=True, help="checkpoint folders (searched recursively)")
+    p.add_argument("--blocks", nargs="+", default=[], help="checkpoint folders (searched recursively)")
+    p.add_argument("--drop-layers", type=layer_list, default=[], metavar="I,J,...",
+                   help="teacher layers to drop (0-based, e.g. 3,17): each becomes a layer with no attention and no "
+                        "feed-forward part, the identity (decoders)")
     p.add_argument("--out", default="checkpoints/assembled")
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
@@ -31,7 +36,7 @@ def assemble(args: argparse.Namespace) -> Path:
     setup_logging()
     session = api.SessionConfig(teacher=args.teacher, data=DataConfig(), device=args.device)
     done = api.assemble(session, args.blocks, out=args.out, which=args.which, force=args.force,
-                        export=export_config(args))
+                        drop_layers=args.drop_layers, export=export_config(args))
     print(done.plan)
     print(f"parameters: teacher {done.teacher_params:,} -> assembled {done.student_params:,} "
           f"({done.student_params / done.teacher_params:.1%})")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from models import LayerSpec
 from ..data.text import DataConfig
 from ..evaluation.metrics import EvalConfig
 from ..planning.students import MapConfig, PlanFinetune
@@ -41,9 +42,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def unit_shape(args: argparse.Namespace) -> UnitShape:
-    """--block-heads, --block-d-k, --kv-heads (and --ffn-dim where the script has it)."""
-    return UnitShape(num_heads=args.block_heads, head_dim=args.block_d_k, kv_heads=args.kv_heads,
-                     ffn_dim=vars(args).get("ffn_dim"))
+    """--block-heads, --block-d-k, --attention and the kinds' own flags (``add_shape_args``; each sets the spec field
+    it names), and --ffn-dim where the script has it."""
+    fields = {f: vars(args).get(f) for f in LayerSpec.ATTENTION_FIELDS[3:]}
+    return UnitShape(num_heads=args.block_heads, head_dim=args.block_d_k, attention=args.attention,
+                     ffn_dim=vars(args).get("ffn_dim"), **fields)
 
 
 def cache_dir(args: argparse.Namespace, used: bool) -> str | None:

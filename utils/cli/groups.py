@@ -5,21 +5,27 @@ from __future__ import annotations
 import argparse
 
 from ..planning.sensitivity import OPTION_KINDS
-from .types import int_list, option_kinds, positive_float, positive_int
+from models import kinds
+from .types import int_list, non_negative_int, option_kinds, positive_float, positive_int
 
 
 def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None:
-    """The flags that give a unit's attention shape (and feed-forward size with ``ffn``): a ``UnitShape``."""
+    """The flags that give a unit's attention shape (and feed-forward size with ``ffn``): a ``UnitShape``.
+    ``--attention`` and each kind's own flag come from the kinds' records (``models.kinds``)."""
     group.add_argument("--block-heads", type=positive_int("--block-heads"), default=None,
                        help="heads of the new unit (default: the teacher's)")
     group.add_argument("--block-d-k", "--head-dim", type=positive_int("--block-d-k"), default=None,
                        help="per-head dimension d_k of the new unit (default: the teacher's)")
-    group.add_argument("--kv-heads", type=positive_int("--kv-heads"), default=None,
-                       help="grouped-query attention: this many key/value heads, each shared by a group of query "
-                            "heads (must divide the heads; from the teacher: each group's keys/values start as the "
-                            "mean of its heads'); default: plain multi-head attention")
+    group.add_argument("--attention", choices=list(kinds.KINDS), default=None,
+                       help="the kind of attention of the new unit (default: the teacher's, or the kind whose own "
+                            "flag is given): " + "; ".join(f"{k.name}: {k.summary}" for k in kinds.KINDS.values()))
+    for kind in kinds.KINDS.values():
+        if kind.flag is not None:
+            group.add_argument(kind.flag.name, dest=kind.flag.field, type=positive_int(kind.flag.name), default=None,
+                               help=f"{kind.flag.help} (selects --attention {kind.name})")
     if ffn:
-        group.add_argument("--ffn-dim", type=positive_int("--ffn-dim"), default=None, help="default: the teacher's")
+        group.add_argument("--ffn-dim", type=non_negative_int("--ffn-dim"), default=None,
+                           help="feed-forward width of the new unit (default: the teacher's; 0: none)")
 
 
 def add_export_args(p: argparse._ActionsContainer) -> None:

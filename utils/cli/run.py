@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from models import NoMLMHeadError, TeacherError
+from models import NoMLMHeadError, TeacherError, kinds
 from models.export import ExportError
 from .. import runtime, stops
 from ..data.text import DataError
@@ -50,18 +50,25 @@ FLAGS = {
     "cache_dir": "--cache-dir", "resume": "--resume", "force": "--force", "force_config": "--force-config",
     "lr": "--lr", "init": "--init", "loss_on": "--loss-on", "mask_inputs": "--mask-inputs",
     "relation_heads": "--relation-heads", "num_heads": "--block_heads", "head_dim": "--block_d_k",
-    "kv_heads": "--kv-heads", "ffn_dim": "--ffn-dim", "start_from": "--model_checkpoint",
+    "ffn_dim": "--ffn-dim", "start_from": "--model_checkpoint",
     "kl_weight": "--kl-weight", "mlm_weight": "--mlm-weight", "hidden_weight": "--hidden-weight",
     "hf_dir": "--export-hf", "onnx_file": "--export-onnx", "map": "--map", "layers": "--layers",
     "target_speedup": "--target-speedup", "target_params": "--target-params", "cost": "--cost",
-    "options": "--options", "heads_set": "--heads-set",
+    "options": "--options", "heads_set": "--heads-set", "attention": "--attention", "drop_layers": "--drop-layers",
+    "drop_every_second": "--drop-every-second",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
+def flag_of(field: str) -> str | None:
+    """The flag of a setting: the table above, or an attention kind's own flag (``models.kinds``)."""
+    kind_flags = {k.flag.field: k.flag.name for k in kinds.KINDS.values() if k.flag is not None}
+    return FLAGS.get(field) or kind_flags.get(field)
+
+
 def flag_names(text: str) -> str:
     """``text`` with every setting it names (`field`) replaced by its flag; a field without a flag stays as it is."""
-    return _FIELD.sub(lambda m: FLAGS.get(m.group(1), m.group(0)), text)
+    return _FIELD.sub(lambda m: flag_of(m.group(1)) or m.group(0), text)
 
 
 @contextlib.contextmanager

@@ -144,6 +144,17 @@ def int_list(s: str) -> list[int]:
     return v
 
 
+def layer_list(s: str) -> list[int]:
+    """argparse type: comma-separated 0-based layer indices (3,17)."""
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices (0-based), got '{s}'") from None
+    if not v or any(x < 0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected layer indices 0, 1, 2, ..., got '{s}'")
+    return v
+
+
 def option_kinds(s: str) -> tuple[str, ...]:
     from ..planning.sensitivity import OPTION_KINDS
 

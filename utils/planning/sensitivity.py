@@ -165,10 +165,11 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     for i, opt in sorted(choices.items()):
         spec = specs[i]
         if opt.kind == "block":
-            mod, note = init_attention(t.layers[i].block, cfg, spec, "teacher", importance.get(i))
+            mod, note = init_attention(t.layers[i].block, cfg, spec, importance=importance.get(i))
         else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
             second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
-            mod, note = init_merged_layer(cfg, spec, t.layers[i], second, "first", importance.get(i))
+            mod, note = init_merged_layer(cfg, spec, t.layers[i], second=second, mode="first",
+                                             importance=importance.get(i))
         out[i] = Built(i, opt, mod.to(ctx.device), spec, note)
     return out
 
@@ -484,9 +485,9 @@ def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int]
                          intermediate_size=None if opt.kind == "block" else opt.ffn, num_heads=opt.num_heads,
                          head_dim=opt.head_dim)
         if opt.kind == "block":
-            mod, _ = init_attention(teacher.layers[first].block, cfg, spec, "random")
+            mod, _ = init_attention(teacher.layers[first].block, cfg, spec, init="random")
         else:
-            mod, _ = init_merged_layer(cfg, spec, teacher.layers[first], teacher.layers[first], "random")
+            mod, _ = init_merged_layer(cfg, spec, teacher.layers[first], mode="random")
         units.append(Built(first, opt, mod.to(device).eval(), spec, "random"))
     smap: dict[str, Any] = {"layers": n, "teacher_params": teacher.num_parameters(), "entries": [],
                             "device": str(device)}

@@ -7,14 +7,20 @@ is itself a checkpoint is used as is. A ``model`` checkpoint among them becomes 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from torch import nn
+
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig, build_model
-from models.compress import clone_model, compose, make_block, make_layer
+from models.compress import clone_model, compose, fit_problem, make_block, make_layer
+from ..errors import SettingError
 from ..storage.checkpoint import (CheckpointError, check_meta, find_checkpoints, load_checkpoint, load_into,
                                   save_checkpoint)
 from .units import spec_from_meta
+
+UNIT_KINDS = ("block", "merged_layer", "layer", "model")  # the checkpoint kinds a student is assembled from
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,37 @@ def load_merged_layer(path: Path, cfg: ModelConfig, teacher_hash: str, *, force:
     return first, layer, spec
 
 
+def load_layer(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool = False
+               ) -> tuple[int, BertLayer, LayerSpec]:
+    """A whole-layer unit, the teacher layer it stands for and its spec, checked against the teacher."""
+    sd, meta, _ = load_checkpoint(path)
+    check_meta(meta, path, kind="layer")
+    _check(meta, path, cfg, teacher_hash=teacher_hash, force=force)
+    spec = spec_from_meta(meta, cfg)
+    if not 0 <= meta["layer"] < len(cfg.layers) or spec.origin != [meta["layer"]]:
+        raise CheckpointError(f"checkpoint '{path}' is for layer {meta['layer']} (its spec: teacher layers "
+                              f"{spec.origin}); the teacher has layers 0..{len(cfg.layers) - 1}")
+    layer = make_layer(cfg, spec)
+    load_into(layer, sd, path)
+    return meta["layer"], layer, spec
+
+
+def dropped_layers(cfg: ModelConfig, drop: Iterable[int]) -> dict[int, tuple[nn.Module, LayerSpec]]:
+    """Teacher layer -> (an empty layer, its spec) for each layer of ``drop``: no attention, no feed-forward part, the
+    identity (LayerSpec kind ``dropped``); for ``compose(layers=...)``."""
+    out = {}
+    for i in sorted(set(drop)):
+        if not 0 <= i < len(cfg.layers):
+            raise SettingError(f"`drop_layers`: layer {i} does not exist; the teacher has layers "
+                               f"0..{len(cfg.layers) - 1}")
+        spec = LayerSpec(0, 0, 0, [i], "dropped", attention="none")
+        problem = fit_problem(cfg, spec)
+        if problem:
+            raise SettingError(f"`drop_layers`: a {cfg.family} model cannot drop a layer: {problem}")
+        out[i] = (make_layer(cfg, spec), spec)
+    return out
+
+
 def save_model(model: BertForMaskedLM, directory: str | Path, meta: dict[str, Any]) -> Path:
     """A whole model as a ``model`` checkpoint carrying its per-layer plan (``load_model`` rebuilds it alone)."""
     return save_checkpoint(directory, model.state_dict(),
@@ -88,17 +125,20 @@ def load_model(directory: str | Path, teacher_hash: str | None = None, *, force:
 
 
 def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher_hash: str, *, force: bool = False,
-                  which: str = "best", keep: Callable[[dict[str, Any]], bool] | None = None
-                  ) -> tuple[BertForMaskedLM, list[str]]:
-    """Teacher + every block / merged layer / model checkpoint under ``roots`` (those ``keep`` accepts).
+                  which: str = "best", keep: Callable[[dict[str, Any]], bool] | None = None,
+                  drop: Iterable[int] = ()) -> tuple[BertForMaskedLM, list[str]]:
+    """Teacher + every block / merged layer / whole layer / model checkpoint under ``roots`` (those ``keep``
+    accepts), with the teacher layers ``drop`` dropped (``dropped_layers``).
 
     Returns (an independent model, a description of each source).
     """
-    found = find_checkpoints(list(roots), ("block", "merged_layer", "model"), which)
+    drop = sorted(set(drop))
+    found = find_checkpoints(list(roots), UNIT_KINDS, which) if roots else []
     if keep is not None:
         found = [(p, m) for p, m in found if keep(m)]
-    if not found:
-        raise CheckpointError(f"no '{which}' block, merged-layer or model checkpoint under {list(map(str, roots))}")
+    if not found and not drop:
+        raise CheckpointError(f"no '{which}' block, merged-layer, layer or model checkpoint under "
+                              f"{list(map(str, roots))}")
     cfg = teacher.config
     base, sources = teacher, []
     models = [(p, m) for p, m in found if m["kind"] == "model"]
@@ -108,31 +148,60 @@ def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher
         base, _ = load_model(models[0][0], teacher_hash, force=force, teacher_config=cfg)
         base = base.to(next(teacher.parameters()).device)
         sources.append(f"base model {models[0][0]}")
-    blocks: dict[int, BertAttention] = {}
-    merges: dict[int, tuple[BertLayer, LayerSpec]] = {}
-    where: dict[int, Path] = {}
+    units = _load_units([(p, m) for p, m in found if m["kind"] != "model"], cfg, teacher_hash=teacher_hash,
+                        force=force, drop=drop)
+    sources += units.sources + [f"dropped layer {i}" for i in drop]
+    device = next(teacher.parameters()).device
+    layers = {**units.layers, **dropped_layers(cfg, drop)}
+    for m in list(units.blocks.values()) + [l for l, _ in [*units.merges.values(), *layers.values()]]:
+        m.to(device)
+    model = clone_model(compose(base, units.blocks, units.merges, layers=layers)).eval()
+    return model, sources
+
+
+@dataclass
+class _Units:
+    """Trained units read from checkpoints, by the first teacher layer each stands for."""
+
+    blocks: dict[int, nn.Module] = field(default_factory=dict)
+    merges: dict[int, tuple[nn.Module, LayerSpec]] = field(default_factory=dict)
+    layers: dict[int, tuple[nn.Module, LayerSpec]] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+
+def _load_units(found: list[tuple[Path, dict[str, Any]]], cfg: ModelConfig, *, teacher_hash: str, force: bool,
+                drop: list[int]) -> _Units:
+    """The block, merged-layer and whole-layer checkpoints ``found``; a teacher layer replaced twice (or replaced and
+    dropped) is refused."""
+    units = _Units()
+    where: dict[int, Path | str] = {i: "`drop_layers`" for i in drop}
     for path, meta in found:
-        if meta["kind"] == "model":
-            continue
         if meta["kind"] == "block":
             i, attn = load_block(path, cfg, teacher_hash, force=force)
-            covered, item = [i], ("block", attn)
+            covered = [i]
+            units.blocks[i] = attn
+        elif meta["kind"] == "layer":
+            i, layer, spec = load_layer(path, cfg, teacher_hash, force=force)
+            covered = [i]
+            units.layers[i] = (layer, spec)
         else:
             i, layer, spec = load_merged_layer(path, cfg, teacher_hash, force=force)
-            covered, item = [i, i + 1], ("merge", (layer, spec))
+            covered = [i, i + 1]
+            units.merges[i] = (layer, spec)
         for c in covered:
             if c in where:
-                raise CheckpointError(f"teacher layer {c} is replaced twice: by '{where[c]}' and '{path}'; "
+                raise CheckpointError(f"teacher layer {c} is replaced twice: by {_named(where[c])} and '{path}'; "
                                       "pass only one of them")
             where[c] = path
-        (blocks if item[0] == "block" else merges)[i] = item[1]
-        sources.append(f"{meta['kind']} {covered} h={meta['num_heads']} d={meta['head_dim']}"
-                       f"{spec_from_meta(meta, cfg).attention_note()} from {path}")
-    device = next(teacher.parameters()).device
-    for m in list(blocks.values()) + [l for l, _ in merges.values()]:
-        m.to(device)
-    model = clone_model(compose(base, blocks, merges)).eval()
-    return model, sources
+        spec = spec_from_meta(meta, cfg)
+        ffn = "" if meta["kind"] == "block" else f" ffn={spec.intermediate_size}"
+        units.sources.append(f"{meta['kind']} {covered} h={spec.num_heads} d={spec.head_dim}"
+                             f"{spec.attention_note()}{ffn} from {path}")
+    return units
+
+
+def _named(where: Path | str) -> str:
+    return where if isinstance(where, str) else f"'{where}'"
 
 
 def newest_units(path: str | Path, kind: str, firsts: list[int]) -> dict[int, tuple[Path, dict[str, Any]]]:
@@ -140,13 +209,13 @@ def newest_units(path: str | Path, kind: str, firsts: list[int]) -> dict[int, tu
     first teacher layer in ``firsts``: where new units start from."""
     newest: dict[int, tuple[Path, dict[str, Any]]] = {}
     for p, m in find_checkpoints([path], [kind], "best"):
-        first = m["layer"] if kind == "block" else m["layers"][0]
+        first = m["layers"][0] if kind == "merged_layer" else m["layer"]
         if first in firsts and m.get("saved_at", "") >= newest.get(first, (None, {}))[1].get("saved_at", ""):
             newest[first] = (p, m)
     missing = [i for i in firsts if i not in newest]
     if missing:
-        what = ("block checkpoint for layer(s)" if kind == "block"
-                else "merged-layer checkpoint for pair(s) starting at")
+        what = ("merged-layer checkpoint for pair(s) starting at" if kind == "merged_layer"
+                else f"{kind} checkpoint for layer(s)")
         raise CheckpointError(f"`start_from` '{path}' holds no {what} {missing}")
     return newest
 

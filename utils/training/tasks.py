@@ -394,22 +394,35 @@ def describe_losses(task: DistillTask) -> dict[str, Any]:
 
 
 class LayerDistill(DistillTask):
-    """Students are whole layers ``layer_<i>`` of any shape (e.g. a narrower feed-forward) standing for teacher layer
-    i alone: input the hidden state entering layer i, target the hidden state leaving it."""
+    """Students are whole layers ``layer_<i>`` of any shape (a narrower feed-forward, no attention, fewer heads...)
+    standing for teacher layer i alone: input the hidden state entering layer i, target the hidden state leaving
+    it (read as ``in_<i+1>`` where there is a next layer, so that a cache holds each hidden state once)."""
 
     def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], *,
                  criterion: str = "MSE", cache: TeacherCache | None = None, seed: int = 0):
         super().__init__(teacher, {f"layer_{i}": l for i, (l, _) in layers.items()}, cache=cache, seed=seed)
         self.indices = sorted(layers)
         self.loss_on, self.criterion = "hidden", criterion
+        self.targets = {i: self.target_of(i, len(teacher.layers)) for i in self.indices}
+
+    @staticmethod
+    def target_of(i: int, n_layers: int) -> str:
+        """The teacher feature a unit for layer ``i`` is trained to reproduce: the hidden state leaving layer i."""
+        return f"in_{i + 1}" if i + 1 < n_layers else f"out_{i}"
+
+    @classmethod
+    def features_of(cls, indices: list[int], n_layers: int) -> list[str]:
+        """The teacher features units for the layers ``indices`` read (for building the teacher cache)."""
+        return sorted({f"in_{i}" for i in indices} | {cls.target_of(i, n_layers) for i in indices})
 
     def feature_names(self) -> list[str]:
-        return [f"in_{i}" for i in self.indices] + [f"out_{i}" for i in self.indices]
+        return self.features_of(self.indices, len(self.teacher.layers))
 
     def unit_losses(self, batch, generator):
         att = batch["attention_mask"]
         mask, valid = self.teacher.context(att), att.bool()
         feats = self._features(batch, self.feature_names())
-        return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask), feats[f"out_{i}"],
-                                           valid, criterion=self.criterion), float(valid.sum()))
+        return {f"layer_{i}": (hidden_loss(self.students[f"layer_{i}"](feats[f"in_{i}"], mask),
+                                           feats[self.targets[i]], valid, criterion=self.criterion),
+                               float(valid.sum()))
                 for i in self.indices}

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig
-from models.bert import BertSelfAttention
-from models.compress import head_importance, init_attention, init_merged_layer
+from models.compress import head_importance, init_attention, init_merged_layer, neuron_scores
+from models.kinds import flagged_kind, get_kind
 from ..errors import SettingError
 from ..storage.checkpoint import CheckpointError
 from ..storage.features import teacher_features
@@ -28,17 +28,43 @@ UNIT_PREFIX = {"block": "block", "merged_layer": "merge", "layer": "layer"}  # c
 def unit_spec(cfg: ModelConfig, origin: list[int], kind: str, *, intermediate_size: int | None = None,
               **attention: Any) -> LayerSpec:
     """The spec of a unit standing for teacher layers ``origin``: the given attention fields (None = the first
-    teacher layer's) and feed-forward size (None = that layer's)."""
+    teacher layer's) and feed-forward size (None = that layer's). Another attention kind than the teacher layer's
+    takes none of its fields (heads of a kind without heads are 0)."""
     base = cfg.layers[origin[0]].to_dict()
     given = {k: v for k, v in attention.items() if v is not None}
     unknown = sorted(set(given) - set(LayerSpec.ATTENTION_FIELDS))
     if unknown:
         raise ValueError(f"unknown attention field(s) {unknown}; known: {list(LayerSpec.ATTENTION_FIELDS)}")
+    want = given.get("attention", base["attention"])
+    if want != base["attention"]:
+        _switch_kind(base, given, want)
     try:
         return LayerSpec.from_dict({**base, **given, "origin": list(origin), "kind": kind,
-                                    "intermediate_size": intermediate_size or base["intermediate_size"]})
+                                    "intermediate_size": base["intermediate_size"] if intermediate_size is None
+                                    else intermediate_size})
     except ValueError as e:  # fields that do not fit together, e.g. kv_heads not dividing the heads
-        raise SettingError(str(e)) from None
+        shape = ", ".join(f"`{k}` {v}" for k, v in given.items()) or "the teacher's shape"
+        raise SettingError(f"the unit asked for ({shape}) is not a valid layer: {e}") from None
+
+
+def _switch_kind(base: dict[str, Any], given: dict[str, Any], want: str) -> None:
+    """``base`` (a teacher layer's spec) made a starting point for attention ``want``: the teacher kind's own fields
+    dropped, and no heads for a kind without them (which ``given`` must not set)."""
+    try:
+        kind = get_kind(want)
+    except ValueError as e:
+        raise SettingError(f"`attention`: {e}") from None
+    foreign = [f for f in LayerSpec.ATTENTION_FIELDS[3:] if f in given and f not in kind.fields]
+    if not kind.has_heads:
+        foreign = [f for f in ("num_heads", "head_dim") if given.get(f)] + foreign  # 0 (a checkpoint's): none
+    if foreign:
+        raise SettingError(f"`{foreign[0]}` does not apply to `attention` {want}"
+                           + ("" if kind.has_heads else ", which has no heads"))
+    for f in LayerSpec.ATTENTION_FIELDS[3:]:
+        if f not in kind.fields:
+            base[f] = None
+    if not kind.has_heads:
+        base.update(num_heads=0, head_dim=0)
 
 
 def spec_from_meta(meta: dict[str, Any], cfg: ModelConfig | None = None) -> LayerSpec:
@@ -81,21 +107,33 @@ def unit_meta(kind: str, spec: LayerSpec, cfg: ModelConfig, *, teacher: str, tea
 
 @dataclass(frozen=True)
 class UnitShape:
-    """The shape of new units; None keeps the teacher's (or, starting from checkpoints, theirs)."""
+    """The shape of new units; None keeps the teacher's (or, starting from checkpoints, theirs).
+
+    ``attention`` is a kind of ``models.kinds`` (None: the kind whose own field is set here, e.g. ``num_kv_heads``
+    selects gqa; else the teacher's). Units are attention blocks, or whole layers (``whole_layers``) when their
+    kind has no block to train alone (attention none) or when ``ffn_dim`` sets their own feed-forward width.
+    """
 
     num_heads: int | None = None  # attention heads
     head_dim: int | None = None  # per-head dimension d_k
-    kv_heads: int | None = None  # grouped-query attention: key/value heads, each shared by a group of query heads
-    ffn_dim: int | None = None  # feed-forward width (merged layers)
+    attention: str | None = None  # the kind of attention (models.kinds)
+    num_kv_heads: int | None = None  # grouped-query attention: key/value heads, each shared by a group of query heads
+    ffn_dim: int | None = None  # feed-forward width (merged pairs, whole layers)
 
     def attention_fields(self) -> dict[str, Any]:
         """The attention fields of ``LayerSpec`` this shape sets (None where it keeps the teacher's)."""
-        return {"num_heads": self.num_heads, "head_dim": self.head_dim,
-                "attention": "gqa" if self.kv_heads else None, "num_kv_heads": self.kv_heads}
+        fields = {f: getattr(self, f) for f in LayerSpec.ATTENTION_FIELDS}
+        if fields["attention"] is None:
+            try:
+                fields["attention"] = flagged_kind(fields)
+            except ValueError as e:
+                raise SettingError(str(e)) from None
+        return fields
 
-
-# the UnitShape field that sets each attention field of a LayerSpec (for messages)
-SHAPE_FIELDS = {"num_heads": "num_heads", "head_dim": "head_dim", "attention": "kv_heads", "num_kv_heads": "kv_heads"}
+    def whole_layers(self) -> bool:
+        """Whether units of this shape (standing for one teacher layer) are whole layers rather than blocks."""
+        kind = self.attention_fields()["attention"]
+        return self.ffn_dim is not None or (kind is not None and not get_kind(kind).has_block)
 
 
 def starting_shape(shape: UnitShape, specs: list[LayerSpec], what: str) -> dict[str, Any]:
@@ -108,8 +146,8 @@ def starting_shape(shape: UnitShape, specs: list[LayerSpec], what: str) -> dict[
     have = dict(shapes.pop())
     for key, want in shape.attention_fields().items():
         if want is not None and want != have.get(key):
-            raise CheckpointError(f"`{SHAPE_FIELDS[key]}` {want} does not match the `start_from` {what}'s "
-                                  f"{key} {have.get(key)}")
+            raise CheckpointError(f"`{key}` {want} does not match the `start_from` {what}'s {key} "
+                                  f"{have.get(key)}")
     return have
 
 
@@ -127,17 +165,36 @@ def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], laye
             for i in layers}
 
 
+@torch.no_grad()
+def neuron_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], layers: list[int]
+                    ) -> dict[int, torch.Tensor]:
+    """Importance of the feed-forward neurons of each teacher layer in ``layers``: their activation on the probe
+    batch (``models.compress.neuron_scores``; one teacher pass)."""
+    device = next(teacher.parameters()).device
+    ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
+    feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
+    ctx, valid = teacher.context(att), att.bool()
+    return {i: neuron_scores(teacher.layers[i], teacher.layers[i].block(feats[f"in_{i}"], ctx)[valid])
+            for i in layers}
+
+
+def _fewer_heads(spec: LayerSpec, teacher_spec: LayerSpec) -> bool:
+    """Whether a unit keeps some, not all, of the teacher layer's heads (those are ranked on real inputs)."""
+    return 0 < spec.num_heads < teacher_spec.num_heads
+
+
 def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
                 probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, BertAttention], dict[int, str]]:
     """Blocks for teacher layers ``specs`` (layer -> spec): from the teacher (heads ranked on ``probe`` where a block
     keeps fewer of them; smaller head_dim by SVD; see ``models.compress``) or random. Returns (blocks, notes)."""
     cfg = teacher.config
     rank = [i for i, s in specs.items() if init == "teacher" and probe is not None
-            and s.num_heads < cfg.layers[i].num_heads]
+            and _fewer_heads(s, cfg.layers[i])]
     importance = head_rankings(teacher, probe, rank) if rank else {}
     blocks, notes = {}, {}
     for i, spec in specs.items():
-        blocks[i], notes[i] = init_attention(teacher.layers[i].block, cfg, spec, init, importance.get(i))
+        blocks[i], notes[i] = init_attention(teacher.layers[i].block, cfg, spec, init=init,
+                                              importance=importance.get(i))
     return blocks, notes
 
 
@@ -148,12 +205,33 @@ def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     cfg = teacher.config
     offset = {"first": 0, "second": 1}.get(init)
     rank = [i for i, s in specs.items() if offset is not None and probe is not None
-            and s.num_heads < cfg.num_attention_heads]
+            and _fewer_heads(s, cfg.layers[i + offset])]
     importance = head_rankings(teacher, probe, [i + offset for i in rank]) if rank else {}
     layers, notes = {}, {}
     for i, spec in specs.items():
         imp = importance.get(i + offset) if i in rank else None
-        layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i + 1], init, imp)
+        layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], second=teacher.layers[i + 1], mode=init,
+                                             importance=imp)
+        layers[i] = (layer, spec)
+    return layers, notes
+
+
+def init_layers(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
+                probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, tuple[BertLayer, LayerSpec]], dict[int, str]]:
+    """Whole layers standing for teacher layers ``specs`` (layer -> spec): from the teacher layer (heads ranked on
+    ``probe`` where fewer are kept; feed-forward neurons kept by their activation on ``probe`` where fewer are kept)
+    or random. Returns ({i: (layer, spec)}, notes)."""
+    cfg = teacher.config
+    probe = probe if init == "teacher" else None
+    rank = [i for i, s in specs.items() if probe is not None and _fewer_heads(s, cfg.layers[i])]
+    narrow = [i for i, s in specs.items() if probe is not None
+              and 0 < s.intermediate_size < cfg.layers[i].intermediate_size]
+    importance = head_rankings(teacher, probe, rank) if rank else {}
+    scores = neuron_rankings(teacher, probe, narrow) if narrow else {}
+    layers, notes = {}, {}
+    for i, spec in specs.items():
+        layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], mode="first" if init == "teacher" else init,
+                                            importance=importance.get(i), neuron_score=scores.get(i))
         layers[i] = (layer, spec)
     return layers, notes
 
@@ -163,7 +241,7 @@ def set_dropout(module: nn.Module, p: float, hidden: bool = True) -> nn.Module:
     if not 0 <= p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     for m in module.modules():
-        if isinstance(m, BertSelfAttention):
+        if hasattr(m, "dropout_p"):  # an attention module of any family
             m.dropout_p = p
         elif hidden and isinstance(m, nn.Dropout):
             m.p = p
