@@ -54,7 +54,7 @@ FLAGS = {
     "kl_weight": "--kl-weight", "mlm_weight": "--mlm-weight", "hidden_weight": "--hidden-weight",
     "hf_dir": "--export-hf", "onnx_file": "--export-onnx", "map": "--map", "layers": "--layers",
     "target_speedup": "--target-speedup", "target_params": "--target-params", "cost": "--cost",
-    "options": "--options", "heads_set": "--heads-set",
+    "options": "--options", "heads_set": "--heads-set", "teacher_device_map": "--teacher-device-map",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
