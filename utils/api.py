@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher as _load_model_and_tokenizer
 from models.compress import clone_model, compose, drop_every_second as _drop_every_second
+from models.families import family_of
 from . import runtime
 from . import session as _session
 from .data.masking import OneMasker, lm_targets
@@ -224,6 +225,7 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
     layers = _first_layers(layers, n_layers=len(tcfg.layers), what="layers")
     if loss.mask_inputs and list(loss.loss_on) == ["mlm"]:
         raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
+    _check_mask_inputs(loss.mask_inputs, tcfg)
     started = newest_units(start_from, "block", layers) if start_from else {}
     shape_fields = (starting_shape(shape, [spec_from_meta(m, tcfg) for _, m in started.values()], "block")
                     if started else shape.attention_fields())
@@ -240,6 +242,14 @@ def retrain_blocks(session: Session | SessionConfig, *, layers: Sequence[int] | 
                     cache_dir=cache_dir, print_samples=print_samples, record=rec, loss=loss, start_from=start_from)
     with claim_units([run_dir / f"block_{i}" for i in layers], "block") as locks:
         return _train_blocks(_prepare(session, cache_dir=cache_dir), job, locks)
+
+
+def _check_mask_inputs(mask_inputs: bool, tcfg: ModelConfig) -> None:
+    """``mask_inputs`` (one [MASK] per training sentence, the seed's data) needs a masked-LM teacher."""
+    if mask_inputs and family_of(tcfg).task != "mlm":
+        raise SettingError(f"`mask_inputs` puts one [MASK] in each training sentence: it applies to masked-LM teachers "
+                           f"only, and this teacher ({tcfg.family}) is a causal LM trained on its token windows as "
+                           "they are")
 
 
 def _block_init(init: str | None, spec: LayerSpec, teacher_spec: LayerSpec, *, started: bool) -> str:
@@ -351,6 +361,7 @@ def retrain_merges(session: Session | SessionConfig, *, pairs: Sequence[int] | N
     pairs = _first_layers(pairs, n_layers=n, what="pairs")
     if loss.mask_inputs and loss.loss_on == "mlm":
         raise SettingError("`mask_inputs` does not combine with `loss_on` mlm, which masks its inputs itself")
+    _check_mask_inputs(loss.mask_inputs, tcfg)
     started = newest_units(start_from, "merged_layer", pairs) if start_from else {}
     specs = _merge_specs(tcfg, pairs, shape=shape, started=started)
     spec = specs[pairs[0]]
