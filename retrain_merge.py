@@ -2,6 +2,7 @@
 
     python retrain_merge.py --block 6 --block_heads 12 --block_d_k 64
     python retrain_merge.py --block all-pairs --conditioned --teacher DIR --data-dir DIR
+    python retrain_merge.py --block all-pairs --cache-only --teacher-device-map auto --teacher DIR   # the cache alone
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 from utils import api
 from utils.cli.configs import cache_dir, merge_loss, record, session_config, train_config, unit_shape
 from utils.cli.groups import add_shape_args
-from utils.cli.output import print_units
-from utils.cli.parser import add_training_args, common_parser
+from utils.cli.output import print_cached, print_units
+from utils.cli.parser import add_cache_only_arg, add_training_args, common_parser
 from utils.cli.recipes import MERGE, add_heads_alias, reject, use_recipes
 from utils.cli.run import run_main
 from utils.cli.types import criterion_arg, positive_float, positive_int, probability
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=positive_float, default=1.0, help="for --loss-on mlm")
     g.add_argument("--cache-teacher", action="store_true", help="compute teacher features once and reuse them")
     g.add_argument("--cache-dir", default=None, help="teacher feature cache (default: <--out>/cache)")
+    add_cache_only_arg(g, "in_N and out_N+1 of each pair")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
     add_heads_alias(p)
@@ -80,6 +82,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("the teacher has a single layer: nothing to merge")
     if args.mask_inputs and args.loss_on == "mlm":
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
+    if args.cache_only:
+        cached = api.cache_features(session_config(args), units="pairs",
+                                    layers=None if args.block == "all-pairs" else [int(args.block)],
+                                    conditioned=args.conditioned, cache_dir=cache_dir(args, used=True))
+        print_cached(cached)
+        return cached.folder
     done = api.retrain_merges(session_config(args), pairs=None if args.block == "all-pairs" else [int(args.block)],
                               shape=unit_shape(args), loss=merge_loss(args), train=train_config(args),
                               init=args.init, start_from=args.model_checkpoint, dropout=args.dropout,

@@ -5,6 +5,7 @@
     python retrain_single_block.py --block 6 --criterion CrossEntropy --loss_on_scores
     python retrain_single_block.py --block all --block_heads 4 --teacher DIR --data-dir DIR --cache-teacher
     python retrain_single_block.py --block 6 --criterion MSE --recipe seed      # the seed project's setup
+    python retrain_single_block.py --block all --cache-only --teacher-device-map auto --teacher DIR   # the cache alone
 
 Decoder units (a Llama-family --teacher): --kv-heads 1 (multi-query), --attention linear (the attention replaced by
 one linear map) are blocks; --attention none (the layer keeps only its feed-forward part) and --ffn-dim N (a
@@ -25,8 +26,8 @@ from pathlib import Path
 from utils import api
 from utils.cli.configs import cache_dir, record, session_config, train_config, unit_shape
 from utils.cli.groups import add_shape_args
-from utils.cli.output import print_units
-from utils.cli.parser import add_training_args, common_parser
+from utils.cli.output import print_cached, print_units
+from utils.cli.parser import add_cache_only_arg, add_training_args, common_parser
 from utils.cli.recipes import BLOCK, add_heads_alias, given, reject, use_recipes
 from utils.cli.run import flag_names, run_main
 from utils.cli.types import criterion_arg, positive_float, positive_int, probability
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None,
                    help="teacher feature cache (default: <--out>/cache); safe to share between runs, also running "
                         "at the same time")
+    add_cache_only_arg(g, "in_N and block_N of each block")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help=argparse.SUPPRESS)
     add_heads_alias(p)
@@ -117,6 +119,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     n_layers = teacher_config(args.teacher).num_hidden_layers
     if args.block != "all" and int(args.block) >= n_layers:
         parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
+    if args.cache_only:
+        cached = api.cache_features(session_config(args), units="blocks",
+                                    layers=None if args.block == "all" else [int(args.block)],
+                                    cache_dir=cache_dir(args, used=True))
+        print_cached(cached)
+        return cached.folder
     loss = loss_plan(args, parser)
     # the recipe's init where it is not the default (seed: random); --init given: as given, so that --init teacher
     # for the teacher's own shape is refused; else teacher, or random for the teacher's own shape

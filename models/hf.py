@@ -290,6 +290,16 @@ def dispatch(model: SwappableModel, device_map: str | dict[str, str | int]) -> S
     if bad:
         raise ValueError(f"device map: {bad} is not supported here (layers are called part by part); place every "
                          "module on a device")
+    def owner(n: str) -> str:  # the layer (model.layers.3) or module (lm_head) a parameter belongs to
+        layer = re.match(r"(.*?layers\.\d+)\.", n)
+        return layer.group(1) if layer else (n.rpartition(".")[0] or n)
+
+    unplaced = list(dict.fromkeys(owner(n) for n, _ in model.named_parameters()
+                                  if not any(k in ("", n) or n.startswith(k + ".") for k in device_map)))
+    if unplaced:
+        raise ValueError(f"device map: no device for {', '.join(unplaced[:4])}"
+                         f"{f' and {len(unplaced) - 4} more modules' if len(unplaced) > 4 else ''}; place every "
+                         "module (model.embed_tokens, model.layers.N, model.norm, lm_head, ...)")
     model = dispatch_model(model, device_map=dict(device_map))
     model.device_map = dict(device_map)
     return model

@@ -55,8 +55,8 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 __all__ = [
     "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
     "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
-    "load_teacher", "retrain_blocks", "retrain_merges", "assemble", "finetune", "evaluate", "sensitivity_map",
-    "plan_student", "export", "load_model",
+    "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
+    "sensitivity_map", "plan_student", "export", "load_model",
 ]
 
 log = logging.getLogger("simplifying_transformers")
@@ -134,11 +134,13 @@ class PlannedStudent:
 
 
 # ---- starting ----
-def load_teacher(teacher: str = "bert-base-uncased", *, data: DataConfig | None = None,
-                 device: str = "auto") -> Session:
-    """The teacher (a Hugging Face hub id or a local folder) with its tokenizer on ``device``, and the data settings
-    every later call reads: what the other functions take first."""
-    return _session.start(SessionConfig(teacher=teacher, data=data or DataConfig(), device=device))
+def load_teacher(teacher: str = "bert-base-uncased", *, data: DataConfig | None = None, device: str = "auto",
+                 teacher_device_map: str | dict[str, str | int] | None = None) -> Session:
+    """The teacher (a Hugging Face hub id or a local folder) with its tokenizer on ``device`` (or read on the CPU,
+    then spread over the devices of ``teacher_device_map``), and the data settings every later call reads: what the
+    other functions take first."""
+    return _session.start(SessionConfig(teacher=teacher, data=data or DataConfig(), device=device,
+                                        teacher_device_map=teacher_device_map))
 
 
 def _prepare(session: Session | SessionConfig, *, judge: str | None = None, cache_dir: str | None = None) -> Session:
@@ -399,8 +401,7 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
             log.warning("`cache_dir` ignored with %s: the inputs are re-masked every step",
                         "`mask_inputs`" if loss.mask_inputs else "`loss_on` mlm")
         else:
-            cache = s.teacher_cache(data.train_ds, [f"{k}_{i}" for i in job.specs for k in ("in", "block")],
-                                    job.cache_dir)
+            cache = s.teacher_cache(data.train_ds, block_features(list(job.specs)), job.cache_dir)
     task = BlockDistill(s.teacher, blocks, list(loss.loss_on), criterion=loss.criterion,
                         score_criterion=loss.scores_by(), temperature=loss.temperature, seed=job.train.seed,
                         masker=lm_targets(s.tokenizer, s.teacher) if list(loss.loss_on) == ["mlm"] else None,
@@ -531,10 +532,8 @@ def _train_merges(s: Session, job: _MergeRun, locks: list) -> TrainedUnits:
     if job.cache_dir is not None and job.loss.mask_inputs:
         log.warning("`cache_dir` ignored with `mask_inputs`: the inputs are re-masked every step")
     elif job.cache_dir is not None and job.loss.loss_on != "mlm":
-        # a conditioned pair with no earlier pair (N < 2) still takes its input from the teacher, so from the cache
-        names = ([f"out_{i + 1}" for i in job.specs]
-                 + [f"in_{i}" for i in job.specs if not job.conditioned or i < 2])
-        cache = s.teacher_cache(data.train_ds, names, job.cache_dir)
+        cache = s.teacher_cache(data.train_ds, merge_features(list(job.specs), conditioned=job.conditioned),
+                                job.cache_dir)
     if not job.conditioned:
         return _train_pairs(s, job, list(job.specs), layers=layers, notes=notes, cache=cache, data=data, locks=locks)
     results, final = [], {}
@@ -565,6 +564,54 @@ def _train_pairs(s: Session, job: _MergeRun, group: list[int], *, layers: dict, 
              for i in group]
     return _fit(s, job, task=task, units=units, data=data, locks=locks, notes=notes, run_dir=group_dir,
                 view=lambda: compose(inputs_from or s.teacher, merges={i: layers[i] for i in group}))
+
+
+# ---- the teacher cache alone ----
+def block_features(layers: Sequence[int]) -> list[str]:
+    """The teacher features retraining the blocks of ``layers`` reads from the cache: each block's input and
+    output."""
+    return [f"{k}_{i}" for i in layers for k in ("in", "block")]
+
+
+def merge_features(pairs: Sequence[int], *, conditioned: bool = False) -> list[str]:
+    """The teacher features retraining the pairs (N, N+1), N in ``pairs``, reads from the cache: the hidden state
+    leaving N+1, and entering N (a conditioned pair takes its input from the earlier merged pairs instead, except
+    the first: N < 2)."""
+    return [f"out_{i + 1}" for i in pairs] + [f"in_{i}" for i in pairs if not conditioned or i < 2]
+
+
+@dataclass
+class CachedFeatures:
+    """Teacher features on disk: the cache folder (``<cache_dir>/<key>``) and its files, which of them were built now
+    (the others were there), and the training tokens they hold."""
+
+    folder: Path
+    features: list[str]
+    built: list[str]
+    tokens: int
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / f"{n}.npy" for n in self.features]
+
+
+def cache_features(session: Session | SessionConfig, *, units: str = "blocks", layers: Sequence[int] | None = None,
+                   conditioned: bool = False, cache_dir: str = "checkpoints/cache") -> CachedFeatures:
+    """Build the teacher features that retraining ``units`` (blocks, or pairs) of ``layers`` (None: all) reads from
+    the cache under ``cache_dir``, and nothing else; no unit is trained or claimed. The data settings must be those of
+    the jobs that will read them (the cache is keyed by teacher, token ids and sequence length). With the teacher
+    spread over several devices (``SessionConfig.teacher_device_map``) this is the one job that needs them all:
+    the per-unit jobs then read only their own files."""
+    if units not in ("blocks", "pairs"):
+        raise SettingError(f"`units` must be blocks or pairs, got '{units}'")
+    n_layers = len(_teacher_plan(session).layers)
+    if units == "pairs" and n_layers < 2:
+        raise SettingError("the teacher has a single layer: nothing to merge")
+    firsts = _first_layers(layers, n_layers=n_layers, what="layers" if units == "blocks" else "pairs")
+    names = block_features(firsts) if units == "blocks" else merge_features(firsts, conditioned=conditioned)
+    s = _prepare(session, cache_dir=cache_dir)
+    cache = s.teacher_cache(s.sentences("train"), names, cache_dir)
+    return CachedFeatures(cache.dir, names, cache.built, int(cache.offsets[-1]))
 
 
 # ---- a student from trained units, its fine-tune, its evaluation ----

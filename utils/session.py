@@ -2,8 +2,10 @@
 (``start``); and what is checked about a teacher before anything is loaded."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,9 @@ class SessionConfig:
     teacher: str = "bert-base-uncased"  # a Hugging Face hub id or a local folder (config.json + weights + tokenizer)
     data: DataConfig = field(default_factory=DataConfig)
     device: str = "auto"  # auto (cuda if available, else cpu), cpu or cuda
+    # the teacher spread over several devices (models.hf.dispatch): auto, balanced, sequential, a module -> device
+    # mapping, or a JSON file holding one; None: the whole teacher on ``device``
+    teacher_device_map: str | dict[str, str | int] | None = None
 
 
 @dataclass
@@ -104,14 +109,61 @@ class Session:
 def start(cfg: SessionConfig) -> Session:
     """Check the teacher, choose the device (joining the process group under torchrun), seed, load the teacher."""
     check_teacher(cfg.teacher, cfg.data.seq_len)
+    device_map = read_device_map(cfg.teacher_device_map) if cfg.teacher_device_map is not None else None
     device = runtime.select_device(cfg.device)
     runtime.init_distributed(device)
+    if device_map is not None and runtime.is_distributed():
+        raise SettingError("`teacher_device_map` spreads the teacher over several devices in one process; it does not "
+                           "combine with several processes (torchrun): run the cache job as one process")
     runtime.seed_everything(cfg.data.seed)
-    teacher, tok = load_teacher(cfg.teacher, device)
+    teacher, tok = load_teacher(cfg.teacher, "cpu" if device_map is not None else device)
+    if device_map is not None:
+        teacher = _dispatch(teacher, device_map)
     log.info("teacher %s: %s, %d layers, hidden %d, %d heads of %d, %s LM head, %.1fM parameters", cfg.teacher,
              teacher.config.family, len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
              teacher.config.head_dim, "with" if teacher.has_mlm_head else "WITHOUT", teacher.num_parameters() / 1e6)
     return Session(str(cfg.teacher), device, teacher, tok, weights_hash(teacher), cfg.data)
+
+
+def read_device_map(value: str | dict[str, str | int]) -> str | dict[str, str | int]:
+    """A teacher device map as ``models.hf.dispatch`` takes it: auto / balanced / sequential as they are, a mapping
+    checked, or the mapping read from a JSON file (SettingError naming what is wrong)."""
+    if isinstance(value, str) and value in ("auto", "balanced", "sequential"):
+        return value
+    where = ""
+    if isinstance(value, str):
+        path = Path(value)
+        if path.suffix != ".json" or not path.is_file():
+            raise SettingError(f"`teacher_device_map` must be auto, balanced, sequential or a JSON file of module -> "
+                               f"device, got '{value}'" + (" (no such file)" if path.suffix == ".json" else ""))
+        try:
+            value = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SettingError(f"`teacher_device_map` '{path}' is not JSON: {' '.join(str(e).split())}") from None
+        where = f" '{path}'"
+    if not isinstance(value, dict) or not value:
+        raise SettingError(f"`teacher_device_map`{where} must map module names to devices, e.g. "
+                           '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}')
+    bad = {k: v for k, v in value.items() if not isinstance(v, (str, int)) or isinstance(v, bool)}
+    if bad:
+        raise SettingError(f"`teacher_device_map`{where}: devices are names (cuda:1, cpu) or GPU numbers, got {bad}")
+    return value
+
+
+def _dispatch(teacher: BertForMaskedLM, device_map: str | dict[str, str | int]) -> BertForMaskedLM:
+    """The teacher spread over the devices of ``device_map`` (accelerate), each layer's device logged."""
+    from models.hf import dispatch
+
+    try:
+        teacher = dispatch(teacher, device_map)
+    except ValueError as e:  # accelerate's and ours: a module without a device, an unknown one, disk or meta
+        raise SettingError(f"`teacher_device_map`: {' '.join(str(e).split())}") from None
+    placed: dict[str, list[str]] = {}
+    for name, dev in teacher.device_map.items():
+        placed.setdefault(str(dev), []).append(name or "(all)")
+    log.info("teacher spread over %d device(s): %s", len(placed), "; ".join(
+        f"{d}: {m[0]}" + (f" .. {m[-1]} ({len(m)} modules)" if len(m) > 1 else "") for d, m in placed.items()))
+    return teacher
 
 
 def teacher_config(name_or_path: str):

@@ -26,8 +26,9 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 
 def session_config(args: argparse.Namespace) -> SessionConfig:
-    """--teacher, --device and the data flags."""
-    return SessionConfig(teacher=args.teacher, data=data_config(args), device=args.device)
+    """--teacher, --device, --teacher-device-map and the data flags."""
+    return SessionConfig(teacher=args.teacher, data=data_config(args), device=args.device,
+                         teacher_device_map=vars(args).get("teacher_device_map"))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

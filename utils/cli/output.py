@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import runtime
-from ..api import Evaluation, TrainedUnits
+from ..api import CachedFeatures, Evaluation, TrainedUnits
 from ..evaluation.metrics import EvalResult
 from ..evaluation.report import report_text
 
@@ -22,3 +22,11 @@ def print_evaluation(ev: Evaluation) -> None:
         return
     print(ev.model.config.describe())
     print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes)))
+
+
+def print_cached(done: CachedFeatures) -> None:
+    """What a --cache-only job left in the cache (rank 0)."""
+    if not runtime.is_main_process():
+        return
+    built = f"built {', '.join(done.built)}" if done.built else "all were there already"
+    print(f"teacher cache {done.folder}: {', '.join(done.features)} ({done.tokens} tokens each; {built})")

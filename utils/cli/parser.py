@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
-from .types import (fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
+from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
                     positive_int, ratios, run_name, seed, warmup_fraction)
 
 
@@ -48,6 +48,11 @@ def common_parser(description: str, default_out: str) -> Parser:
     g.add_argument("--seq-len", type=int_at_least("--seq-len", 3), default=40, help="max tokens incl. [CLS]/[SEP]")
     g.add_argument("--batch-size", type=positive_int("--batch-size"), default=32)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--teacher-device-map", type=device_map_arg, default=None, metavar="MAP",
+                   help="spread the teacher over several devices (accelerate): auto, balanced or sequential (whole "
+                        "layers placed by free memory), or FILE.json mapping module names (model.layers.3) to devices; "
+                        "the teacher is read on the CPU first. For the cache job (--cache-only) of a teacher too large "
+                        "for one device")
     g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--out", default=default_out, help="output folder")
     g.add_argument("--num-workers", type=non_negative_int("--num-workers"), default=0, help="DataLoader workers")
@@ -85,6 +90,15 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
                    help="sub-folder of --out (default: derived from the settings)")
     add_training_seed_flags(p)
 
+
+
+def add_cache_only_arg(group: argparse._ActionsContainer, features: str) -> None:
+    """--cache-only: build the teacher features the given units read (``features``, named for the help) and exit."""
+    group.add_argument("--cache-only", action="store_true",
+                       help=f"build the teacher features these units read from the cache ({features}) in --cache-dir "
+                            "and exit, training nothing: one job (the teacher over several devices with "
+                            "--teacher-device-map) builds them, then each per-unit job reads only its own files; use "
+                            "the same data flags (--data-dir, --seq-len, --percentage-data) as those jobs")
 
 
 def add_eval_args(p: Parser) -> None:

@@ -55,7 +55,7 @@ FLAGS = {
     "hf_dir": "--export-hf", "onnx_file": "--export-onnx", "map": "--map", "layers": "--layers",
     "target_speedup": "--target-speedup", "target_params": "--target-params", "cost": "--cost",
     "options": "--options", "heads_set": "--heads-set", "attention": "--attention", "drop_layers": "--drop-layers",
-    "drop_every_second": "--drop-every-second",
+    "drop_every_second": "--drop-every-second", "teacher_device_map": "--teacher-device-map",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

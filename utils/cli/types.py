@@ -163,3 +163,14 @@ def option_kinds(s: str) -> tuple[str, ...]:
     if not v or bad:
         raise argparse.ArgumentTypeError(f"options are a comma-separated subset of {','.join(OPTION_KINDS)}; got '{s}'")
     return v
+
+
+def device_map_arg(s: str) -> str | dict[str, str | int]:
+    """--teacher-device-map: auto, balanced, sequential, or a JSON file mapping module names to devices."""
+    from ..errors import SettingError
+    from ..session import read_device_map
+
+    try:
+        return read_device_map(s)
+    except SettingError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("`teacher_device_map`", "--teacher-device-map")) from None

@@ -161,6 +161,7 @@ class TeacherCache:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.arrays: dict[str, np.ndarray] = {}
         self.rebuilt: dict[str, str] = {}  # feature -> why it had to be rebuilt
+        self.built: list[str] = []  # the features the last ``ensure`` built (the others were on disk)
 
     def ensure(self, names: list[str], batch_size: int, device: torch.device) -> "TeacherCache":
         """Load ``names`` from disk, building the missing or damaged ones with one teacher pass over the data.
@@ -183,6 +184,7 @@ class TeacherCache:
                 if missing:
                     self._build(missing, batch_size, device)
                 self._map(names)
+        self.built = list(missing)
         log.info("teacher cache %s: %s (%d tokens)%s", self.dir, ", ".join(names), self.offsets[-1],
                  f"; built {', '.join(missing)}" if missing else "; all reused")
         return self
@@ -264,10 +266,10 @@ class TeacherCache:
                     ids[b, :len(x)] = torch.tensor(x)
                     att[b, :len(x)] = 1
                 feats = teacher_features(self.teacher, ids.to(device), att.to(device), names=names)
-                valid = att.bool().to(device)
+                valid = att.bool()
                 lengths = self.offsets[index + 1] - self.offsets[index]
-                for n, t in feats.items():
-                    packed = t[valid].to(torch.float16).cpu().numpy()
+                for n, t in feats.items():  # each on its layer's device when the teacher is spread over several
+                    packed = t[valid.to(t.device)].to(torch.float16).cpu().numpy()
                     fd, base = files[n]
                     at = 0
                     for i, k in zip(index, lengths):  # each sentence's rows are contiguous in the file
