@@ -9,8 +9,8 @@ from helpers import run_in_process
 
 
 @pytest.mark.parametrize("module,argv,expected", [
-    (retrain_single_block, ["--block", "1", "--block_heads", "3", "--mask-inputs"], "--mask-inputs puts one [MASK]"),
-    (retrain_single_block, ["--block", "1", "--block_heads", "3", "--recipe", "seed"], "--mask-inputs puts one [MASK]"),
+    (retrain_single_block, ["--block", "1", "--block_heads", "2", "--mask-inputs"], "--mask-inputs puts one [MASK]"),
+    (retrain_single_block, ["--block", "1", "--block_heads", "2", "--recipe", "seed"], "--mask-inputs puts one [MASK]"),
     (retrain_merge, ["--block", "0", "--mask-inputs"], "--mask-inputs puts one [MASK]"),
 ], ids=["blocks", "seed-recipe", "merge"])
 def test_masked_inputs_need_a_masked_lm_teacher(tiny_llama, tiny_corpus, tmp_path, capsys, module, argv, expected):
