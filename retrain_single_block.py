@@ -24,11 +24,11 @@ from utils.cli.output import print_units
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.recipes import BLOCK, add_heads_alias, given, reject, use_recipes
 from utils.cli.run import flag_names, run_main
-from utils.cli.types import criterion_arg, positive_float, positive_int, probability
+from utils.cli.types import criterion_arg, positive_float, positive_int, probability, term_weight
 from utils.errors import SettingError
 from utils.session import teacher_config
 from utils.training.losses import criteria_for
-from utils.training.tasks import BlockLoss
+from utils.training.tasks import BALANCED, BlockLoss
 
 
 def block_arg(s: str) -> str:
@@ -53,8 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
                    help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
                         "head_dim; default: the largest such divisor up to the teacher's head count)")
-    g.add_argument("--relation-weight", type=positive_float, default=1.0,
-                   help="weight of the relation loss (with --loss-on ...relations)")
+    g.add_argument("--relation-weight", type=term_weight("--relation-weight"), default=BALANCED,
+                   help="weight of the relation term beside the output term (--loss-on output+relations): "
+                        "'balanced' (the default) scales it to equal the output term at the start: both are measured "
+                        "once per block, on the first training batch, with the block as it starts, and the scale is "
+                        "stored in the block's checkpoint and run.json (a --resume reuses it); a number is a fixed "
+                        "weight (1: the behaviour before balancing, where the relation term, ~100x the output MSE on "
+                        "MiniLM, swamped it)")
+    g.add_argument("--score-weight", type=term_weight("--score-weight"), default=BALANCED,
+                   help="weight of the attention-score term beside the output term (--loss-on output+scores): "
+                        "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
     g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention scores")
     g.add_argument("--score-target", choices=["probs", "logits"],
@@ -103,7 +111,8 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Bloc
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     return BlockLoss(loss_on=tuple(loss_on), criterion=args.criterion, score_criterion=args.score_criterion,
                      score_target=args.score_target, temperature=args.temperature, relation_heads=args.relation_heads,
-                     relation_weight=args.relation_weight, mask_inputs=bool(args.mask_inputs))
+                     relation_weight=args.relation_weight, score_weight=args.score_weight,
+                     mask_inputs=bool(args.mask_inputs))
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:

@@ -42,11 +42,11 @@ from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, run_exports
 from .storage.lock import claim_units
-from .training.loop import TrainConfig, Trainer, Unit, run_record
+from .training.loop import TrainConfig, Trainer, Unit, run_record, stored_unit_meta
 from .training.students import (build_student, conditioned_teacher, load_block, load_merged_layer, load_model,
                                 newest_units, save_model)
 from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, MergeDistill, MergeLoss, ModelDistill,
-                             describe_losses)
+                             balance_terms, describe_losses)
 from .training.units import (UnitShape, init_blocks, init_merges, set_dropout, spec_from_meta, starting_shape,
                              unit_meta, unit_spec)
 
@@ -302,16 +302,32 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
                         masker=lm_targets(s.tokenizer, s.teacher) if list(loss.loss_on) == ["mlm"] else None,
                         cache=cache, score_target=loss.score_target,
                         input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None,
-                        relation_heads=loss.relation_heads, relation_weight=loss.relation_weight).to(s.device)
+                        relation_heads=loss.relation_heads, relation_weight=loss.relation_weight,
+                        score_weight=loss.score_weight).to(s.device)
+    _balance(task, lambda: probe, {f"block_{i}": job.run_dir / f"block_{i}" for i in job.specs},
+             resume=job.train.resume)
     units = [Unit(f"block_{i}", blocks[i], job.run_dir / f"block_{i}",
                   unit_meta("block", job.specs[i], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
-                            **describe_losses(task), init=notes[i]))
+                            **describe_losses(task, f"block_{i}"), init=notes[i]))
              for i in job.specs]
     samples = _samples(s, lambda: compose(s.teacher, blocks=blocks), valid_loader) if job.print_samples else None
     final = Trainer(task, units, job.train, run_dir=job.run_dir, device=s.device, samples=samples,
                     evaluate=lambda: task.evaluate(valid_loader), run_meta={"run_dir": str(job.run_dir)},
                     setup=s.training_setup(train_ds), record=job.record, locks=locks).fit(train_loader, sampler)
     return TrainedUnits(job.run_dir, _unit_results(units, {f"block_{i}": n for i, n in notes.items()}, final), final)
+
+
+def _balance(task: Any, probe: Callable[[], dict], unit_dirs: dict[str, Path], *, resume: bool) -> None:
+    """The scales of the task's balanced loss terms: with ``resume``, those stored with each unit's resume point
+    (never recomputed), else measured on the batch ``probe()`` gives, at the units' start (``balance_terms``)."""
+    if not task.balances():
+        return
+    stored = {}
+    for name, d in unit_dirs.items():
+        meta = stored_unit_meta(d) if resume else None
+        if meta and "loss_balance" in meta:
+            stored[name] = meta["loss_balance"]
+    balance_terms(task, probe(), stored=stored)
 
 
 def _unit_results(units: list[Unit], notes: dict[str, str], final: dict[str, float]) -> list[UnitResult]:
@@ -529,8 +545,9 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
                         kl_weight=o.kl_weight, mlm_weight=o.mlm_weight, hidden_weight=o.hidden_weight,
                         hidden_criterion=o.hidden_criterion, temperature=o.temperature, seed=job.train.seed,
                         relation_weight=o.relation_weight, relation_heads=o.relation_heads).to(s.device)
+    _balance(task, lambda: s.global_batch(train_ds), {"model": job.run_dir / "model"}, resume=job.train.resume)
     meta = {"kind": "model", "config": student.config.to_dict(), "teacher": s.teacher_name,
-            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task)}
+            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task, "model")}
 
     def evaluate() -> dict[str, float]:
         m = task.evaluate(valid_loader)
