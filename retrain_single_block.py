@@ -32,16 +32,24 @@ from utils.training.tasks import BALANCED, BlockLoss
 
 
 def block_arg(s: str) -> str:
-    if s == "all" or s.isdigit():
+    if s == "all" or all(x.strip().isdigit() for x in s.split(",")):
         return s
-    raise argparse.ArgumentTypeError(f"--block must be a layer index (0, 1, ...) or 'all', got '{s}'")
+    raise argparse.ArgumentTypeError(f"--block must be a layer index (0, 1, ...), a comma-separated list of them "
+                                     f"(e.g. 3,9,15) or 'all', got '{s}'")
+
+
+def block_layers(s: str) -> list[int] | None:
+    """The layers of --block: None for 'all', else the indices given (each once, in order)."""
+    return None if s == "all" else list(dict.fromkeys(int(x) for x in s.split(",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=5, lr=5e-4)
     g = p.add_argument_group("block")
-    g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
+    g.add_argument("--block", type=block_arg, required=True,
+                   help="teacher layer index (0-based), a comma-separated list of them (trained together on one "
+                        "teacher pass), or 'all'")
     add_shape_args(g)
     g.add_argument("--criterion", type=criterion_arg("--criterion", "hidden", "probs", "logits"), default="MSE",
                    help=f"loss on the block output: {', '.join(criteria_for('hidden'))}; with --loss_on_scores: "
@@ -117,14 +125,15 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Bloc
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     n_layers = teacher_config(args.teacher).num_hidden_layers
-    if args.block != "all" and int(args.block) >= n_layers:
+    layers = block_layers(args.block)
+    if layers is not None and max(layers) >= n_layers:
         parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
     loss = loss_plan(args, parser)
     # the recipe's init where it is not the default (seed: random); --init given: as given, so that --init teacher
     # for the teacher's own shape is refused; else teacher, or random for the teacher's own shape
     init = args.init if given(args, "init") or args.init != "teacher" else None
     try:
-        done = api.retrain_blocks(session_config(args), layers=None if args.block == "all" else [int(args.block)],
+        done = api.retrain_blocks(session_config(args), layers=layers,
                                   shape=unit_shape(args), loss=loss, train=train_config(args), init=init,
                                   start_from=args.model_checkpoint, dropout=args.block_dropout, out=args.out,
                                   run_name=args.run_name, name_suffix="_seed" if args.recipe == "seed" else "",

@@ -154,3 +154,21 @@ def test_relations_of_grouped_query_blocks(tiny_llama):
     valid = torch.ones(2, 5, dtype=torch.bool)
     loss = relation_loss(attention_vectors(one, x), b, valid, heads=block_relation_heads(t_attn, one, None))
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_decoder_blocks_of_a_list_balanced(tiny_llama, tiny_corpus, tmp_path, capsys):
+    """--block takes a list of layers (trained together); a decoder's one-KV-head blocks train on output+relations,
+    balanced; a bad list is an argument error."""
+    argv = common_args(tiny_llama, tiny_corpus) + ["--seq-len", "16", "--kv-heads", "1", "--loss-on",
+                                                   "output+relations", "--epochs", "1", "--out", str(tmp_path)]
+    code, err = in_process("retrain_single_block", ["--block", "0,2", *argv, "--run-name", "r"], capsys)
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "r").glob("block_*")) == ["block_0", "block_2"]
+    for i in (0, 2):
+        meta = _meta(tmp_path / "r" / f"block_{i}" / "best" / "meta.json")
+        assert meta["layer"] == i and meta["loss_balance"]["scales"]["relations"] > 0
+        assert set(meta["metrics"]) == {"loss", "output", "relations"}
+    code, err = in_process("retrain_single_block", ["--block", "0,x", *argv], capsys)
+    assert code == 2 and "comma-separated list" in err
+    code, err = in_process("retrain_single_block", ["--block", "1,9", *argv], capsys)
+    assert code == 2 and "out of range" in err
