@@ -23,6 +23,7 @@ from utils.cli.parser import add_training_args, common_parser
 from utils.cli.recipes import FINETUNE, alias, reject, use_recipes
 from utils.cli.run import run_main
 from utils.cli.types import criterion_arg, non_negative_float, positive_float, positive_int, probability, term_weight
+from utils.training.tasks import BALANCE_RATIO
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(without a masked-LM head: the hidden-state term) at the start, both measured once on the "
                         "first training batch with the student as it starts; the scale is stored in the checkpoint "
                         "and run.json, and a --resume reuses it")
+    g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a 'balanced' term starts at this many times the KL term (the hidden-state term without a "
+                        "masked-LM head)")
     g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
                    help="relation heads (must divide teacher and student heads x head_dim; default: automatic)")
     g = p.add_argument_group("output")

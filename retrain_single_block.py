@@ -28,7 +28,7 @@ from utils.cli.types import criterion_arg, positive_float, positive_int, probabi
 from utils.errors import SettingError
 from utils.session import teacher_config
 from utils.training.losses import criteria_for
-from utils.training.tasks import BALANCED, BlockLoss
+from utils.training.tasks import BALANCE_RATIO, BALANCED, BlockLoss
 
 
 def block_arg(s: str) -> str:
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-weight", type=term_weight("--score-weight"), default=BALANCED,
                    help="weight of the attention-score term beside the output term (--loss-on output+scores): "
                         "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
+    g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a 'balanced' term starts at this many times the output term")
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
     g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention scores")
     g.add_argument("--score-target", choices=["probs", "logits"],
@@ -120,6 +122,7 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Bloc
     return BlockLoss(loss_on=tuple(loss_on), criterion=args.criterion, score_criterion=args.score_criterion,
                      score_target=args.score_target, temperature=args.temperature, relation_heads=args.relation_heads,
                      relation_weight=args.relation_weight, score_weight=args.score_weight,
+                     balance_ratio=args.balance_ratio,
                      mask_inputs=bool(args.mask_inputs))
 
 

@@ -62,10 +62,11 @@ from utils.data.text import DataConfig, load_sentences
 from utils.evaluation.metrics import compare_models
 from utils.storage.features import TeacherCache
 from utils.training.loop import TrainConfig, Trainer, Unit
-from utils.cli.types import term_weight
+from utils.cli.types import positive_float, term_weight
 from utils.training.losses import normalize_criterion
 from utils.training.students import build_student, conditioned_teacher, load_model, save_model
-from utils.training.tasks import BALANCED, BlockDistill, MergeDistill, ModelDistill, balance_terms, describe_losses
+from utils.training.tasks import (BALANCE_RATIO, BALANCED, BlockDistill, MergeDistill, ModelDistill, balance_terms,
+                                  describe_losses)
 from utils.training.units import init_blocks, init_merges, unit_meta, unit_spec
 
 log = logging.getLogger("simplifying_transformers")
@@ -143,16 +144,17 @@ def train_config(args: argparse.Namespace, epochs: int, lr: float) -> TrainConfi
 
 
 def retrain_blocks(args, teacher, th: str, data: Data, cache: TeacherCache | None, blocks: dict[int, Any],
-                   notes: dict[int, str], run_dir: Path, variant: tuple[str, float | str] | None = None):
-    """Train ``blocks`` (in place) against the teacher's blocks on ``variant`` (loss, weight of the added term;
-    default --block-loss, --term-weight); return the assembled best-checkpoint model."""
+                   notes: dict[int, str], run_dir: Path, variant: tuple[str, float | str, float] | None = None):
+    """Train ``blocks`` (in place) against the teacher's blocks on ``variant`` (loss, weight of the added term, balance
+    ratio; default --block-loss, --term-weight, --balance-ratio); return the assembled best-checkpoint model."""
     cfg = teacher.config
-    loss, weight = variant or (args.block_loss, args.term_weight)
+    loss, weight, ratio = variant or (args.block_loss, args.term_weight, args.balance_ratio)
     loss_on = loss.split("+")
     masker = MLMMasker(data.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(teacher, blocks, loss_on, criterion=args.criterion, score_criterion="CrossEntropy",
                         masker=masker, cache=cache if loss_on != ["mlm"] else None, temperature=args.temperature,
-                        seed=args.seed, relation_weight=weight, score_weight=weight).to(args.device_obj)
+                        seed=args.seed, relation_weight=weight, score_weight=weight,
+                        balance_ratio=ratio).to(args.device_obj)
     balance_terms(task, data.probe)  # the scripts' scales: the same probe batch, the blocks as they start
     units = [Unit(f"block_{i}", b, run_dir / f"block_{i}",
                   unit_meta("block", unit_spec(cfg, [i], "block", **b.shape()), cfg, teacher=args.teacher,
@@ -266,19 +268,24 @@ def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return tests
 
 
-def parse_variant(s: str) -> tuple[str, float | str]:
-    """LOSS[:WEIGHT] of --loss-variants: a --block-loss and the weight of its added term (balanced or a number)."""
+def parse_variant(s: str) -> tuple[str, float | str, float]:
+    """LOSS[:WEIGHT] of --loss-variants: a --block-loss and the weight of its added term: a number, balanced (ratio
+    BALANCE_RATIO) or balanced@R (ratio R)."""
     loss, _, weight = s.strip().partition(":")
-    if loss not in BLOCK_LOSSES:
-        raise argparse.ArgumentTypeError(f"a loss variant is LOSS[:WEIGHT] with LOSS one of {', '.join(BLOCK_LOSSES)}; "
-                                         f"got '{s}'")
-    return loss, term_weight("--loss-variants")(weight) if weight else BALANCED
+    weight, _, ratio = weight.partition("@")
+    if loss not in BLOCK_LOSSES or (ratio and weight != BALANCED):
+        raise argparse.ArgumentTypeError(f"a loss variant is LOSS[:WEIGHT] with LOSS one of {', '.join(BLOCK_LOSSES)} "
+                                         f"and WEIGHT a number, balanced or balanced@RATIO; got '{s}'")
+    return (loss, term_weight("--loss-variants")(weight) if weight else BALANCED,
+            positive_float(ratio) if ratio else BALANCE_RATIO)
 
 
-def variant_name(loss: str, weight: float | str) -> str:
+def variant_name(loss: str, weight: float | str, ratio: float) -> str:
     if "+" not in loss:
         return f"retrained: {loss}"
-    return f"retrained: {loss}, " + ("balanced" if weight == BALANCED else f"weight {weight:g}")
+    if weight != BALANCED:
+        return f"retrained: {loss}, weight {weight:g}"
+    return f"retrained: {loss}, balanced" + ("" if ratio == BALANCE_RATIO else f" x {ratio:g}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--term-weight", type=term_weight("--term-weight"), default=BALANCED,
                    help="weight of the term a combined --block-loss adds to the output term: 'balanced' (equal to it "
                         "at the start) or a number (see retrain_single_block.py --relation-weight / --score-weight)")
+    p.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a balanced term starts at this many times the output term")
     p.add_argument("--loss-variants", default=None, type=lambda v: [parse_variant(x) for x in v.split(",") if x],
                    help="retrain every block setting once per variant LOSS[:WEIGHT], e.g. "
-                        "output,output+relations:balanced,output+relations:1, and compare them paired")
+                        "output,output+relations:balanced,output+relations:balanced@0.1,output+relations:1 "
+                        "(balanced@R: ratio R), and compare them paired")
     p.add_argument("--criterion", default="MSE", type=normalize_criterion,
                    help="criterion on the block output: MSE, L1, cosine, CrossEntropy")
     p.add_argument("--temperature", type=float, default=1.0, help="for --block-loss mlm")
@@ -529,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             name = f"blocks_h{heads}_d{head_dim}"
             if variant is not None:
-                name += "_" + variant[0] + ("" if "+" not in variant[0] else f"_{variant[1]}")
+                loss, weight, ratio = variant
+                name += f"_{loss}" + ("" if "+" not in loss else f"_{weight}")
+                name += "" if weight != BALANCED or ratio == BALANCE_RATIO else f"{ratio:g}"
             model = retrain_blocks(args, teacher, th, data, cache, copy.deepcopy(blocks), notes, runs / name,
                                    variant)
             method = "retrained" if variant is None else variant_name(*variant)

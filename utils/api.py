@@ -303,7 +303,7 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
                         cache=cache, score_target=loss.score_target,
                         input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None,
                         relation_heads=loss.relation_heads, relation_weight=loss.relation_weight,
-                        score_weight=loss.score_weight).to(s.device)
+                        score_weight=loss.score_weight, balance_ratio=loss.balance_ratio).to(s.device)
     _balance(task, lambda: probe, {f"block_{i}": job.run_dir / f"block_{i}" for i in job.specs},
              resume=job.train.resume)
     units = [Unit(f"block_{i}", blocks[i], job.run_dir / f"block_{i}",
@@ -544,7 +544,8 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
     task = ModelDistill(s.teacher, student, lm_targets(s.tokenizer, s.teacher),
                         kl_weight=o.kl_weight, mlm_weight=o.mlm_weight, hidden_weight=o.hidden_weight,
                         hidden_criterion=o.hidden_criterion, temperature=o.temperature, seed=job.train.seed,
-                        relation_weight=o.relation_weight, relation_heads=o.relation_heads).to(s.device)
+                        relation_weight=o.relation_weight, relation_heads=o.relation_heads,
+                        balance_ratio=o.balance_ratio).to(s.device)
     _balance(task, lambda: s.global_batch(train_ds), {"model": job.run_dir / "model"}, resume=job.train.resume)
     meta = {"kind": "model", "config": student.config.to_dict(), "teacher": s.teacher_name,
             "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task, "model")}

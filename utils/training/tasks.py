@@ -28,7 +28,15 @@ from .losses import (attention_loss, attention_vectors, hidden_loss, kl_logits, 
 
 log = logging.getLogger(__name__)
 
-BALANCED = "balanced"  # a term weight: scaled to equal the task's first term at the start (see balance_terms)
+BALANCED = "balanced"  # a term weight: scaled to a share of the task's first term at the start (see balance_terms)
+BALANCE_RATIO = 1.0  # that share: a balanced term starts at this many times the first term
+
+
+def check_ratio(r: float) -> float:
+    """A balance ratio: a finite number > 0."""
+    if isinstance(r, (str, bool)) or not math.isfinite(float(r)) or float(r) <= 0:
+        raise SettingError(f"`balance_ratio` must be a finite number > 0, got {r!r}")
+    return float(r)
 
 
 def check_weight(w: float | str, term: str) -> float | str:
@@ -57,6 +65,7 @@ class BlockLoss:
     relation_heads: int | None = None  # None: the largest common divisor up to the teacher's head count
     relation_weight: float | str = BALANCED  # beside the output term: a fixed weight, or balanced (see balance_terms)
     score_weight: float | str = BALANCED  # the scores term beside the output term, the same way
+    balance_ratio: float = BALANCE_RATIO  # a balanced term starts at this many times the output term
     mask_inputs: bool = False  # one [MASK] per training sentence, redrawn every step (the seed's data)
 
     def scores_by(self) -> str:
@@ -87,6 +96,7 @@ class FinetuneLoss:
     temperature: float = 2.0
     relation_weight: float | str = 0.0  # MiniLMv2 relations at matched layers; balanced: see balance_terms
     relation_heads: int | None = None
+    balance_ratio: float = BALANCE_RATIO  # a balanced term starts at this many times the first term (KL)
 
 
 class DistillTask(nn.Module):
@@ -133,15 +143,18 @@ class DistillTask(nn.Module):
         """Whether a term is to be balanced against the anchor (``balance_terms`` must run before training)."""
         return any(w == BALANCED for t, w in self.term_weights.items() if t != self.anchor_term())
 
-    def _set_terms(self, weights: dict[str, float | str]) -> None:
+    def _set_terms(self, weights: dict[str, float | str], balance_ratio: float) -> None:
         """The task's terms (those with a weight > 0 or BALANCED, in the given order) and their weights; the anchor
-        term keeps its number, or 1 where it was to be balanced (there is nothing to balance it against)."""
+        term keeps its number, or 1 where it was to be balanced (there is nothing to balance it against). With a
+        balanced term, ``balance_ratio`` is its share of the anchor at the start."""
         terms = {t: check_weight(w, t) for t, w in weights.items()}
         terms = {t: w for t, w in terms.items() if w == BALANCED or w > 0}
         anchor = next(iter(terms), None)
         if anchor is not None and terms[anchor] == BALANCED:
             terms[anchor] = 1.0
         self.term_weights = terms
+        if self.balances():  # set only when used: the metadata of other runs stays as it was
+            self.balance_ratio = check_ratio(balance_ratio)
 
     def unit_weights(self, unit: str) -> dict[str, float]:
         """The weight of each term of ``unit``: its fixed weight, or its balanced scale (``balance_terms``)."""
@@ -253,8 +266,8 @@ class BlockDistill(DistillTask):
     ``relations`` (MiniLMv2 query-query / key-key / value-value relations in ``relation_heads`` relation heads; any
     student head count), or ``mlm`` (KL to the teacher's masked-token distribution through the frozen rest of the
     teacher). A block's loss is output + ``score_weight`` x scores + ``relation_weight`` x relations (the terms in
-    ``loss_on``); a weight is a number, or BALANCED: scaled by ``balance_terms`` so that the term equals the first
-    term at the start (without the output term, the first of the others keeps weight 1).
+    ``loss_on``); a weight is a number, or BALANCED: scaled by ``balance_terms`` so that the term starts at
+    ``balance_ratio`` times the first term (without the output term, the first of the others keeps weight 1).
     """
 
     TERMS = ("output", "scores", "relations")
@@ -264,7 +277,7 @@ class BlockDistill(DistillTask):
                  cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0,
                  score_target: str = "probs", input_masker: OneMasker | None = None,
                  relation_heads: int | None = None, relation_weight: float | str = BALANCED,
-                 score_weight: float | str = BALANCED):
+                 score_weight: float | str = BALANCED, balance_ratio: float = BALANCE_RATIO):
         super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker=masker, cache=cache, seed=seed)
         unknown = sorted(set(loss_on) - set(self.TERMS) - {"mlm"})
         if unknown:
@@ -280,7 +293,7 @@ class BlockDistill(DistillTask):
                 raise ValueError("`loss_on` mlm cannot be combined with output/scores/relations losses")
         if "mlm" not in loss_on:
             self._set_terms({t: w for t, w in (("output", 1.0), ("scores", score_weight),
-                                               ("relations", relation_weight)) if t in loss_on})
+                                               ("relations", relation_weight)) if t in loss_on}, balance_ratio)
         if "relations" in loss_on:  # set only when used: the metadata of other runs stays as it was
             self.relation_weight = self.term_weights["relations"]
             self.rel_heads = {i: block_relation_heads(teacher.layers[i].block, b, relation_heads)
@@ -425,7 +438,8 @@ class ModelDistill(DistillTask):
            + relation_weight * MiniLMv2 query/key/value self-attention relation KL, averaged over the same matched
            layers (student layer standing for [.., j] vs teacher layer j, each fed its own model's hidden state).
     Without an MLM head only the hidden-state (and relation) terms remain. A weight of 0 leaves its term out; a term
-    after the first may be BALANCED instead of a number (scaled by ``balance_terms`` to equal the first at the start).
+    after the first may be BALANCED instead of a number (scaled by ``balance_terms`` to start at ``balance_ratio``
+    times the first).
     """
 
     TERMS = ("kl", "mlm", "hidden", "relations")
@@ -433,7 +447,8 @@ class ModelDistill(DistillTask):
     def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None, *,
                  kl_weight: float = 1.0, mlm_weight: float | str = 0.0, hidden_weight: float | str = 0.0,
                  hidden_criterion: str = "cosine", temperature: float = 2.0, seed: int = 0,
-                 relation_weight: float | str = 0.0, relation_heads: int | None = None):
+                 relation_weight: float | str = 0.0, relation_heads: int | None = None,
+                 balance_ratio: float = BALANCE_RATIO):
         super().__init__(teacher, {"model": student}, masker=masker, seed=seed)
         self.rel_pairs: list[tuple[int, int, int]] = []  # (student layer, teacher layer, relation heads)
         if _on(check_weight(relation_weight, "relations")):  # set only when used: other runs' metadata stays as it was
@@ -448,7 +463,8 @@ class ModelDistill(DistillTask):
                 hidden_weight = 1.0
             kl_weight = mlm_weight = 0.0
             log.info("no masked-LM head: fine-tuning on hidden states only (%s, matched layers)", hidden_criterion)
-        self._set_terms({"kl": kl_weight, "mlm": mlm_weight, "hidden": hidden_weight, "relations": relation_weight})
+        self._set_terms({"kl": kl_weight, "mlm": mlm_weight, "hidden": hidden_weight, "relations": relation_weight},
+                        balance_ratio)
         if not self.term_weights:
             raise ValueError("all loss weights are zero: nothing to train on")
         w = self.term_weights
@@ -500,7 +516,7 @@ def describe_losses(task: DistillTask, unit: str | None = None) -> dict[str, Any
     """What the task optimises, for checkpoint metadata; with ``unit``, also how that unit's balanced terms were
     scaled (``loss_balance``: what was used and from what)."""
     keys = ("loss_on", "criterion", "score_criterion", "score_target", "temperature", "kl_weight", "mlm_weight",
-            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight", "score_weight")
+            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight", "score_weight", "balance_ratio")
     out = {k: getattr(task, k) for k in keys if hasattr(task, k)}
     if task.input_masker is not None:
         out["mask_inputs"] = True
@@ -512,22 +528,25 @@ def describe_losses(task: DistillTask, unit: str | None = None) -> dict[str, Any
 @torch.no_grad()
 def balance_terms(task: DistillTask, probe: dict[str, torch.Tensor], *,
                   stored: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """Scale every BALANCED term of every unit so that at the start it equals the task's first (anchor) term:
-    scale = anchor weight x anchor(0) / term(0), both measured once on ``probe`` (the batch every rank shares) with
-    the units as they are now (their starting weights), the teacher's features computed afresh, the model in eval
-    mode and the masks, where the task draws any, from a generator seeded by the task's seed, so the scales are the
+    """Scale every BALANCED term of every unit so that at the start it is ``task.balance_ratio`` times the task's
+    first (anchor) term: scale = ratio x anchor weight x anchor(0) / term(0), both measured once on ``probe`` (the
+    batch every rank shares) with the units as they are now (their starting weights), the teacher's features
+    computed afresh, the model in eval mode and the masks, where the task draws any, from a generator seeded by the task's seed, so the scales are the
     same on every rank and in every rerun.
 
     ``stored``: unit -> a balance recorded before (``loss_balance`` of a resume point's unit metadata); a unit that
-    has one uses it as it is, never a recomputed one. Returns (and sets as ``task.balance``) unit -> {by, anchor,
-    start (each term's value at the start), scales, probe (what the batch was)}; {} when no term is balanced.
+    has one for the same terms and ratio uses it as it is, never a recomputed one (for other settings the units get
+    fresh scales, and resuming refuses the changed setup). Returns (and sets as ``task.balance``) unit -> {by, anchor,
+    ratio, start (each term's value at the start), scales, probe (what the batch was)}; {} when no term is balanced.
     """
     anchor = task.anchor_term()
     balanced = [t for t, w in task.term_weights.items() if w == BALANCED and t != anchor]
     task.balance = {}
     if not task.balances():
         return {}
-    stored = {u: b for u, b in (stored or {}).items() if set(balanced) <= set(b.get("scales", {}))}
+    ratio = task.balance_ratio
+    stored = {u: b for u, b in (stored or {}).items()
+              if set(balanced) <= set(b.get("scales", {})) and b.get("ratio") == ratio}
     fresh = [u for u in task.students if u not in stored]
     values: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
     if fresh:
@@ -539,7 +558,7 @@ def balance_terms(task: DistillTask, probe: dict[str, torch.Tensor], *,
         finally:
             task.train(was)
         note = {"batch": "the first training batch (shared by every rank)", **_batch_note(probe)}
-    w_anchor = float(task.term_weights[anchor])
+    w_anchor = ratio * float(task.term_weights[anchor])
     for unit in task.students:
         if unit in stored:
             task.balance[unit] = stored[unit]
@@ -554,7 +573,8 @@ def balance_terms(task: DistillTask, probe: dict[str, torch.Tensor], *,
                                    f"on the probe batch, they are {v:.4g} and {a:.4g}; give the {t} term a fixed "
                                    "weight instead")
             scales[t] = w_anchor * a / v
-        task.balance[unit] = {"by": "start", "anchor": anchor, "start": start, "scales": scales, "probe": note}
+        task.balance[unit] = {"by": "start", "anchor": anchor, "ratio": ratio, "start": start, "scales": scales,
+                              "probe": note}
         log.info("%s: balanced loss terms: %s (start values %s)", unit,
                  {t: f"{x:.4g}" for t, x in scales.items()}, {t: f"{x:.4g}" for t, x in start.items()})
     return task.balance
