@@ -62,6 +62,13 @@ def test_scale_is_the_ratio_of_the_terms_at_the_start(tiny):
     # deterministic: a second task from the same start gives the same scales to the bit
     again = balance_terms(BlockDistill(teacher, _blocks(teacher), ["output", "relations"]), probe)
     assert {u: r["scales"] for u, r in again.items()} == {u: r["scales"] for u, r in got.items()}
+    # a ratio R: the term starts at R times the output term
+    tenth = balance_terms(BlockDistill(teacher, _blocks(teacher), ["output", "relations"], balance_ratio=0.1), probe)
+    for unit, rec in tenth.items():
+        assert rec["ratio"] == 0.1
+        assert rec["scales"]["relations"] == pytest.approx(0.1 * got[unit]["scales"]["relations"], rel=1e-12)
+    with pytest.raises(ValueError, match="balance_ratio"):
+        BlockDistill(teacher, _blocks(teacher), ["output", "relations"], balance_ratio=0.0)
 
 
 def test_combined_loss_is_the_weighted_sum_of_its_terms(tiny):
@@ -127,9 +134,10 @@ def test_balance_is_recorded_and_reused_on_resume(tiny_teacher, tiny_corpus, tmp
     other = _meta(tmp_path / "r" / "block_1" / "last" / "meta.json")["loss_balance"]
     assert other == _meta(tmp_path / "r" / "block_1" / "best" / "meta.json")["loss_balance"]  # unchanged there
     # a resume with another weight is refused like any other changed setting
-    code, err = in_process("retrain_single_block", argv + ["--epochs", "3", "--resume", "--relation-weight", "1"],
-                           capsys)
-    assert code == 1 and "training setup differs" in err and "relation_weight" in err
+    for flag, value, field in (("--relation-weight", "1", "relation_weight"), ("--balance-ratio", "0.5",
+                                                                                  "balance_ratio")):
+        code, err = in_process("retrain_single_block", argv + ["--epochs", "3", "--resume", flag, value], capsys)
+        assert code == 1 and "training setup differs" in err and field in err, err[-2000:]
 
 
 def test_relations_of_grouped_query_blocks(tiny_llama):
