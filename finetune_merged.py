@@ -23,7 +23,9 @@ from utils.cli.output import print_evaluation
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.recipes import FINETUNE, alias, given, reject, use_recipes
 from utils.cli.run import run_main
-from utils.cli.types import criterion_arg, layer_list, non_negative_float, positive_float, positive_int, probability
+from utils.cli.types import (criterion_arg, layer_list, non_negative_float, positive_float, positive_int, probability,
+                             term_weight)
+from utils.training.tasks import BALANCE_RATIO
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,16 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("objective")
     g.add_argument("--kl-weight", type=non_negative_float("--kl-weight"), default=1.0,
                    help="KL(teacher || student) at masked positions")
-    g.add_argument("--mlm-weight", type=non_negative_float("--mlm-weight"), default=0.0,
-                   help="hard-label masked-LM cross-entropy")
-    g.add_argument("--hidden-weight", type=non_negative_float("--hidden-weight"), default=0.0,
-                   help="hidden-state loss at matched layers")
+    g.add_argument("--mlm-weight", type=term_weight("--mlm-weight", zero=True), default=0.0,
+                   help="hard-label masked-LM cross-entropy (0: off; 'balanced': see --relation-weight)")
+    g.add_argument("--hidden-weight", type=term_weight("--hidden-weight", zero=True), default=0.0,
+                   help="hidden-state loss at matched layers (0: off; 'balanced': see --relation-weight)")
     hidden = criterion_arg("--hidden-criterion", "hidden", exclude=("CrossEntropy",))
     g.add_argument("--hidden-criterion", type=hidden, default="cosine",
                    help=f"hidden-state loss: {', '.join(hidden.allowed)}")
     g.add_argument("--temperature", type=positive_float, default=2.0)
-    g.add_argument("--relation-weight", type=float, default=0.0,
-                   help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts)")
+    g.add_argument("--relation-weight", type=term_weight("--relation-weight", zero=True), default=0.0,
+                   help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts); "
+                        "0: off (the default); a number: that fixed weight; 'balanced': scaled to equal the KL term "
+                        "(without a masked-LM head: the hidden-state term) at the start, both measured once on the "
+                        "first training batch with the student as it starts; the scale is stored in the checkpoint "
+                        "and run.json, and a --resume reuses it")
+    g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a 'balanced' term starts at this many times the KL term (the hidden-state term without a "
+                        "masked-LM head)")
     g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
                    help="relation heads (must divide teacher and student heads x head_dim; default: automatic)")
     g = p.add_argument_group("output")

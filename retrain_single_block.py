@@ -30,24 +30,32 @@ from utils.cli.output import print_cached, print_units
 from utils.cli.parser import add_cache_only_arg, add_training_args, common_parser
 from utils.cli.recipes import BLOCK, add_heads_alias, given, reject, use_recipes
 from utils.cli.run import flag_names, run_main
-from utils.cli.types import criterion_arg, positive_float, positive_int, probability
+from utils.cli.types import criterion_arg, positive_float, positive_int, probability, term_weight
 from utils.errors import SettingError
 from utils.session import teacher_config
 from utils.training.losses import criteria_for
-from utils.training.tasks import BlockLoss
+from utils.training.tasks import BALANCE_RATIO, BALANCED, BlockLoss
 
 
 def block_arg(s: str) -> str:
-    if s == "all" or s.isdigit():
+    if s == "all" or all(x.strip().isdigit() for x in s.split(",")):
         return s
-    raise argparse.ArgumentTypeError(f"--block must be a layer index (0, 1, ...) or 'all', got '{s}'")
+    raise argparse.ArgumentTypeError(f"--block must be a layer index (0, 1, ...), a comma-separated list of them "
+                                     f"(e.g. 3,9,15) or 'all', got '{s}'")
+
+
+def block_layers(s: str) -> list[int] | None:
+    """The layers of --block: None for 'all', else the indices given (each once, in order)."""
+    return None if s == "all" else list(dict.fromkeys(int(x) for x in s.split(",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=5, lr=5e-4)
     g = p.add_argument_group("block")
-    g.add_argument("--block", type=block_arg, required=True, help="teacher layer index (0-based) or 'all'")
+    g.add_argument("--block", type=block_arg, required=True,
+                   help="teacher layer index (0-based), a comma-separated list of them (trained together on one "
+                        "teacher pass), or 'all'")
     add_shape_args(g, ffn=True)
     g.add_argument("--criterion", type=criterion_arg("--criterion", "hidden", "probs", "logits"), default="MSE",
                    help=f"loss on the block output: {', '.join(criteria_for('hidden'))}; with --loss_on_scores: "
@@ -61,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
                    help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
                         "head_dim; default: the largest such divisor up to the teacher's head count)")
-    g.add_argument("--relation-weight", type=positive_float, default=1.0,
-                   help="weight of the relation loss (with --loss-on ...relations)")
+    g.add_argument("--relation-weight", type=term_weight("--relation-weight"), default=BALANCED,
+                   help="weight of the relation term beside the output term (--loss-on output+relations): "
+                        "'balanced' (the default) scales it to equal the output term at the start: both are measured "
+                        "once per block, on the first training batch, with the block as it starts, and the scale is "
+                        "stored in the block's checkpoint and run.json (a --resume reuses it); a number is a fixed "
+                        "weight (1: the behaviour before balancing, where the relation term, ~100x the output MSE on "
+                        "MiniLM, swamped it)")
+    g.add_argument("--score-weight", type=term_weight("--score-weight"), default=BALANCED,
+                   help="weight of the attention-score term beside the output term (--loss-on output+scores): "
+                        "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
+    g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a 'balanced' term starts at this many times the output term")
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
     g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention scores")
     g.add_argument("--score-target", choices=["probs", "logits"],
@@ -112,16 +130,18 @@ def loss_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Bloc
         parser.error("--mask-inputs does not combine with --loss-on mlm, which masks its inputs itself")
     return BlockLoss(loss_on=tuple(loss_on), criterion=args.criterion, score_criterion=args.score_criterion,
                      score_target=args.score_target, temperature=args.temperature, relation_heads=args.relation_heads,
-                     relation_weight=args.relation_weight, mask_inputs=bool(args.mask_inputs))
+                     relation_weight=args.relation_weight, score_weight=args.score_weight,
+                     balance_ratio=args.balance_ratio,
+                     mask_inputs=bool(args.mask_inputs))
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     n_layers = teacher_config(args.teacher).num_hidden_layers
-    if args.block != "all" and int(args.block) >= n_layers:
+    layers = block_layers(args.block)
+    if layers is not None and max(layers) >= n_layers:
         parser.error(f"--block {args.block} is out of range: the teacher has layers 0..{n_layers - 1} (or 'all')")
     if args.cache_only:
-        cached = api.cache_features(session_config(args), units="blocks",
-                                    layers=None if args.block == "all" else [int(args.block)],
+        cached = api.cache_features(session_config(args), units="blocks", layers=layers,
                                     cache_dir=cache_dir(args, used=True))
         print_cached(cached)
         return cached.folder
@@ -130,7 +150,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     # for the teacher's own shape is refused; else teacher, or random for the teacher's own shape
     init = args.init if given(args, "init") or args.init != "teacher" else None
     try:
-        done = api.retrain_blocks(session_config(args), layers=None if args.block == "all" else [int(args.block)],
+        done = api.retrain_blocks(session_config(args), layers=layers,
                                   shape=unit_shape(args), loss=loss, train=train_config(args), init=init,
                                   start_from=args.model_checkpoint, dropout=args.block_dropout, out=args.out,
                                   run_name=args.run_name, name_suffix="_seed" if args.recipe == "seed" else "",

@@ -22,6 +22,12 @@ Outputs (in --out): quality.json, quality.md, quality.png.
     python bench/quality.py --teacher ../shared/models/minilm-mlm-wikitext2 --data-dir bench/results/wikitext2_split
     python bench/quality.py --quick --device cuda            # a tiny sweep, a few minutes on a GPU
     python bench/quality.py --save-baseline bench/results/baseline_h4 --heads 4 --head-dim 32   # one untrained model
+    python bench/quality.py --blocks 4x32 --no-merge --epochs 3 \
+        --loss-variants output,output+relations:balanced,output+relations:1   # block losses side by side, paired
+
+With ``--loss-variants`` every block setting is retrained once per variant (LOSS[:WEIGHT], the weight of the term
+added to the output term: 'balanced' or a number) from the same starting blocks, and every pair of variants of a
+setting is compared by McNemar's exact test over the same test sentences (top-1 correct, agreement).
 
 Only the library is called (models/, utils/); nothing here imports ``datasets``.
 """
@@ -47,6 +53,7 @@ if str(ROOT) not in sys.path:
 import torch
 
 from models import load_teacher, weights_hash
+from bench.plans import mcnemar
 from models.compress import clone_model, compose, drop_every_second
 from utils import runtime
 from utils.data.batches import TokenizedSentences, make_loader
@@ -55,9 +62,11 @@ from utils.data.text import DataConfig, load_sentences
 from utils.evaluation.metrics import compare_models
 from utils.storage.features import TeacherCache
 from utils.training.loop import TrainConfig, Trainer, Unit
+from utils.cli.types import positive_float, term_weight
 from utils.training.losses import normalize_criterion
 from utils.training.students import build_student, conditioned_teacher, load_model, save_model
-from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill, describe_losses
+from utils.training.tasks import (BALANCE_RATIO, BALANCED, BlockDistill, MergeDistill, ModelDistill, balance_terms,
+                                  describe_losses)
 from utils.training.units import init_blocks, init_merges, unit_meta, unit_spec
 
 log = logging.getLogger("simplifying_transformers")
@@ -65,6 +74,7 @@ log = logging.getLogger("simplifying_transformers")
 DEFAULT_TEACHER = ROOT.parent / "shared" / "models" / "minilm-mlm-wikitext2"
 DEFAULT_DATA = ROOT / "bench" / "results" / "wikitext2_split"
 FULL_BLOCKS = "12x32,6x32,4x32,12x16,6x16"
+BLOCK_LOSSES = ("output", "scores", "output+scores", "mlm", "relations", "output+relations")
 QUICK_BLOCKS = "4x32,6x16"
 
 
@@ -134,17 +144,21 @@ def train_config(args: argparse.Namespace, epochs: int, lr: float) -> TrainConfi
 
 
 def retrain_blocks(args, teacher, th: str, data: Data, cache: TeacherCache | None, blocks: dict[int, Any],
-                   notes: dict[int, str], run_dir: Path):
-    """Train ``blocks`` (in place) against the teacher's blocks; return the assembled best-checkpoint model."""
+                   notes: dict[int, str], run_dir: Path, variant: tuple[str, float | str, float] | None = None):
+    """Train ``blocks`` (in place) against the teacher's blocks on ``variant`` (loss, weight of the added term, balance
+    ratio; default --block-loss, --term-weight, --balance-ratio); return the assembled best-checkpoint model."""
     cfg = teacher.config
-    loss_on = args.block_loss.split("+")
+    loss, weight, ratio = variant or (args.block_loss, args.term_weight, args.balance_ratio)
+    loss_on = loss.split("+")
     masker = MLMMasker(data.tokenizer, cfg.vocab_size) if loss_on == ["mlm"] else None
     task = BlockDistill(teacher, blocks, loss_on, criterion=args.criterion, score_criterion="CrossEntropy",
                         masker=masker, cache=cache if loss_on != ["mlm"] else None, temperature=args.temperature,
-                        seed=args.seed).to(args.device_obj)
+                        seed=args.seed, relation_weight=weight, score_weight=weight,
+                        balance_ratio=ratio).to(args.device_obj)
+    balance_terms(task, data.probe)  # the scripts' scales: the same probe batch, the blocks as they start
     units = [Unit(f"block_{i}", b, run_dir / f"block_{i}",
                   unit_meta("block", unit_spec(cfg, [i], "block", **b.shape()), cfg, teacher=args.teacher,
-                            teacher_hash=th, **describe_losses(task), init=notes[i]))
+                            teacher_hash=th, **describe_losses(task, f"block_{i}"), init=notes[i]))
              for i, b in blocks.items()]
     Trainer(task, units, train_config(args, args.epochs, args.lr), run_dir=run_dir, device=args.device_obj,
             evaluate=lambda: task.evaluate(data.valid_loader), run_meta={"run_dir": str(run_dir)}).fit(
@@ -209,7 +223,7 @@ def latencies(models: dict[str, Any], device: torch.device, reps: int, batch: in
     The MLM decoder (hidden x 30522 for every token) costs more than MiniLM's whole encoder and is the same for every
     student, so it is left out. Models are timed round-robin, so a slow-down of a shared machine hits all alike."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g).to(device)
+    ids = torch.randint(min(1000, vocab - 1), vocab, (batch, seq), generator=g).to(device)  # a tiny vocabulary too
     att = torch.ones(batch, seq, dtype=torch.long, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -227,12 +241,51 @@ def latencies(models: dict[str, Any], device: torch.device, reps: int, batch: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def evaluate(teacher, student, data: Data, device: torch.device) -> dict[str, Any]:
-    m = compare_models(teacher, student.to(device).eval(), data.test_loader, tokenizer=data.tokenizer, device=device,
-                       keep_rows=False).metrics
+def evaluate(teacher, student, data: Data, device: torch.device, per_sentence: bool = False) -> dict[str, Any]:
+    """The test-split metrics; with ``per_sentence`` also ``right`` / ``agree`` (per test sentence: the student's
+    top-1 is the true token / the teacher's), for paired tests."""
+    res = compare_models(teacher, student.to(device).eval(), data.test_loader, tokenizer=data.tokenizer,
+                         device=device, keep_rows=per_sentence)
+    m = res.metrics
     keep = ("student_params", "student_top1", "student_top5", "student_top10", "agreement_top1",
             "kl_teacher_student", "hidden_cosine", "hidden_mse", "teacher_top1", "teacher_params", "sentences")
-    return {k: m[k] for k in keep if k in m}
+    out = {k: m[k] for k in keep if k in m}
+    if per_sentence and res.rows:
+        out["right"] = [r["student"] == r["true"] for r in res.rows]
+        out["agree"] = [r["student"] == r["teacher"] for r in res.rows]
+    return out
+
+
+def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """McNemar (exact, two-sided) between every two retrained variants of a setting, on top-1 and agreement."""
+    tests = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        done = [r for r in rows if r["setting"] == setting and "right" in r and r["method"] != "untrained"]
+        for i, a in enumerate(done):
+            for b in done[i + 1:]:
+                tests.append({"setting": setting, "a": a["method"], "b": b["method"],
+                              "top1": mcnemar(a["right"], b["right"]), "agreement": mcnemar(a["agree"], b["agree"])})
+    return tests
+
+
+def parse_variant(s: str) -> tuple[str, float | str, float]:
+    """LOSS[:WEIGHT] of --loss-variants: a --block-loss and the weight of its added term: a number, balanced (ratio
+    BALANCE_RATIO) or balanced@R (ratio R)."""
+    loss, _, weight = s.strip().partition(":")
+    weight, _, ratio = weight.partition("@")
+    if loss not in BLOCK_LOSSES or (ratio and weight != BALANCED):
+        raise argparse.ArgumentTypeError(f"a loss variant is LOSS[:WEIGHT] with LOSS one of {', '.join(BLOCK_LOSSES)} "
+                                         f"and WEIGHT a number, balanced or balanced@RATIO; got '{s}'")
+    return (loss, term_weight("--loss-variants")(weight) if weight else BALANCED,
+            positive_float(ratio) if ratio else BALANCE_RATIO)
+
+
+def variant_name(loss: str, weight: float | str, ratio: float) -> str:
+    if "+" not in loss:
+        return f"retrained: {loss}"
+    if weight != BALANCED:
+        return f"retrained: {loss}, weight {weight:g}"
+    return f"retrained: {loss}, balanced" + ("" if ratio == BALANCE_RATIO else f" x {ratio:g}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,8 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-merge", action="store_true", help="leave the merged-pairs setting out")
     p.add_argument("--epochs", type=int, default=None, help="block / merged-layer epochs (default 2, quick 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="block / merged-layer learning rate")
-    p.add_argument("--block-loss", default="output", choices=["output", "scores", "output+scores", "mlm"],
+    p.add_argument("--block-loss", default="output", choices=BLOCK_LOSSES,
                    help="what a retrained block is trained on (see retrain_single_block.py --loss-on)")
+    p.add_argument("--term-weight", type=term_weight("--term-weight"), default=BALANCED,
+                   help="weight of the term a combined --block-loss adds to the output term: 'balanced' (equal to it "
+                        "at the start) or a number (see retrain_single_block.py --relation-weight / --score-weight)")
+    p.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a balanced term starts at this many times the output term")
+    p.add_argument("--loss-variants", default=None, type=lambda v: [parse_variant(x) for x in v.split(",") if x],
+                   help="retrain every block setting once per variant LOSS[:WEIGHT], e.g. "
+                        "output,output+relations:balanced,output+relations:balanced@0.1,output+relations:1 "
+                        "(balanced@R: ratio R), and compare them paired")
     p.add_argument("--criterion", default="MSE", type=normalize_criterion,
                    help="criterion on the block output: MSE, L1, cosine, CrossEntropy")
     p.add_argument("--temperature", type=float, default=1.0, help="for --block-loss mlm")
@@ -456,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(setting: str, method: str, model, train_s: float | None, note: str = "") -> None:
         t0 = time.perf_counter()
-        r = {"setting": setting, "method": method, **evaluate(teacher, model, data, device),
+        paired = args.loss_variants is not None and method.startswith("retrained")
+        r = {"setting": setting, "method": method, **evaluate(teacher, model, data, device, per_sentence=paired),
              "train_s": None if train_s is None else round(train_s, 1), "arch": arch_key(model), "note": note}
         models.setdefault(r["arch"], model)
         encoder_params[r["arch"]] = sum(p.numel() for p in model.layers.parameters())
@@ -464,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%-12s %-24s top1 %.4f  agree %.4f  cos %.4f  (eval %.0fs)", setting, method,
                  r.get("student_top1", float("nan")), r.get("agreement_top1", float("nan")), r["hidden_cosine"],
                  time.perf_counter() - t0)
-        (out / "quality.partial.json").write_text(json.dumps(rows, indent=2, default=str))
+        (out / "quality.partial.json").write_text(json.dumps(public(rows), indent=2, default=str))
 
     record("teacher", "teacher", teacher, None)
     for heads, head_dim in args.shapes:
@@ -472,10 +535,20 @@ def main(argv: list[str] | None = None) -> int:
         blocks, notes = pruned_blocks(teacher, data.probe, heads, head_dim, device)
         record(setting, "untrained", clone_model(compose(teacher, blocks=copy.deepcopy(blocks))), None,
                "importance pruning" + (", SVD head_dim" if head_dim < teacher.config.head_dim else ""))
-        t0 = time.perf_counter()
-        model = retrain_blocks(args, teacher, th, data, cache, blocks, notes, runs / f"blocks_h{heads}_d{head_dim}")
-        record(setting, "retrained", model, time.perf_counter() - t0, f"loss {args.block_loss} {args.criterion}")
-        del blocks, model
+        for variant in args.loss_variants or [None]:
+            t0 = time.perf_counter()
+            name = f"blocks_h{heads}_d{head_dim}"
+            if variant is not None:
+                loss, weight, ratio = variant
+                name += f"_{loss}" + ("" if "+" not in loss else f"_{weight}")
+                name += "" if weight != BALANCED or ratio == BALANCE_RATIO else f"{ratio:g}"
+            model = retrain_blocks(args, teacher, th, data, cache, copy.deepcopy(blocks), notes, runs / name,
+                                   variant)
+            method = "retrained" if variant is None else variant_name(*variant)
+            loss = variant[0] if variant else args.block_loss
+            record(setting, method, model, time.perf_counter() - t0, f"loss {loss} {args.criterion}")
+            del model
+        del blocks
     if not args.no_merge and len(teacher.layers) >= 2:
         setting = "merged pairs"
         dropped = dropped_model(teacher)
@@ -507,11 +580,29 @@ def main(argv: list[str] | None = None) -> int:
               "data_dir": str(args.data_dir), "train_sentences": len(data.train), "quick": args.quick,
               "latency": f"median of {args.latency_reps} round-robin repeats, encoder only, batch 32 x seq 40",
               "args": {k: v for k, v in vars(args).items() if k not in ("device_obj", "shapes")},
-              "wall_s": round(time.perf_counter() - t_start, 1), "rows": rows}
+              "wall_s": round(time.perf_counter() - t_start, 1), "rows": public(rows), "tests": paired_tests(rows)}
     (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "quality.partial.json").unlink(missing_ok=True)
     report(result, out)
     return 0
+
+
+def public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without their per-sentence outcomes (kept in memory for the paired tests only)."""
+    return [{k: v for k, v in r.items() if k not in ("right", "agree")} for r in rows]
+
+
+def tests_markdown(tests: list[dict[str, Any]]) -> str:
+    """The paired tests as a table: sentences only a / only b gets right (agrees with the teacher), z, p."""
+    if not tests:
+        return ""
+    lines = ["| setting | a | b | top-1: only a / only b, z, p | agreement: only a / only b, z, p |",
+             "|---|---|---|---:|---:|"]
+    for t in tests:
+        cells = [f"{t[m]['only_a']} / {t[m]['only_b']}, z = {t[m]['z']:+.2f}, p = {t[m]['p']:.3g}"
+                 for m in ("top1", "agreement")]
+        lines.append(f"| {t['setting']} | {t['a']} | {t['b']} | {cells[0]} | {cells[1]} |")
+    return "\n\nPaired tests (McNemar, exact two-sided, over the same test sentences):\n\n" + "\n".join(lines)
 
 
 def report(result: dict[str, Any], out: Path) -> None:
@@ -520,7 +611,7 @@ def report(result: dict[str, Any], out: Path) -> None:
     head = (f"Teacher {result['teacher']}; data {result['data_dir']} (train {result['train_sentences']}, test "
             f"{rows[0]['sentences']} sentences); {result['machine']}; latency: {result['latency']}; "
             f"sweep wall time {result['wall_s']:.0f} s")
-    table = markdown(rows)
+    table = markdown(rows) + tests_markdown(result.get("tests", []))
     (out / "quality.md").write_text(f"{head}\n\n{table}\n")
     plot(rows, out / "quality.png", f"Quality vs size and speed — {Path(result['teacher']).name}, "
                                     f"{result['machine'].split(',')[0]}")

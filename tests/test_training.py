@@ -11,7 +11,7 @@ from utils.data.masking import MLMMasker
 from utils.data.text import DataConfig, load_sentences
 from utils.storage.features import TeacherCache, teacher_features
 from utils.training.losses import attention_loss, hidden_loss
-from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill
+from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill, balance_terms
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,10 @@ def _falls(task, batch, steps=40, lr=3e-3) -> tuple[float, float]:
 @pytest.mark.parametrize("loss_on,criterion", [
     (["output"], "MSE"), (["output"], "L1"), (["output"], "cosine"), (["output"], "CrossEntropy"),
     (["scores"], "CrossEntropy"), (["scores"], "KL"), (["output", "scores"], "MSE"), (["mlm"], "MSE"),
+    (["output", "relations"], "MSE"),
 ])
 def test_block_losses_fall(setup, loss_on, criterion):
+    """Every block loss falls on a fixed batch; the combined ones with their default, balanced weights."""
     teacher, tok, _, batch = setup
     torch.manual_seed(0)
     cfg = teacher.config
@@ -55,6 +57,8 @@ def test_block_losses_fall(setup, loss_on, criterion):
         perfect = BlockDistill(teacher, {i: teacher.layers[i].attention for i in blocks}, loss_on, criterion=criterion)
         with torch.no_grad():
             floor = sum(l.item() for l, _ in perfect.unit_losses(batch, None).values())
+    assert task.balances() == (len(loss_on) > 1)
+    balance_terms(task, batch)
     first, last = _falls(task, batch)
     assert last - floor < 0.7 * (first - floor), (first, last, floor)
 

@@ -44,11 +44,11 @@ from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, run_exports
 from .storage.lock import claim_units
-from .training.loop import TrainConfig, Trainer, Unit, run_record
+from .training.loop import TrainConfig, Trainer, Unit, run_record, stored_unit_meta
 from .training.students import (build_student, conditioned_teacher, dropped_layers, load_block, load_layer,
                                 load_merged_layer, load_model, newest_units, save_model)
 from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, LayerDistill, MergeDistill, MergeLoss,
-                             ModelDistill, describe_losses)
+                             ModelDistill, balance_terms, describe_losses)
 from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, init_merges, set_dropout,
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
@@ -407,10 +407,13 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
                         masker=lm_targets(s.tokenizer, s.teacher) if list(loss.loss_on) == ["mlm"] else None,
                         cache=cache, score_target=loss.score_target,
                         input_masker=OneMasker(s.tokenizer) if loss.mask_inputs else None,
-                        relation_heads=loss.relation_heads, relation_weight=loss.relation_weight).to(s.device)
+                        relation_heads=loss.relation_heads, relation_weight=loss.relation_weight,
+                        score_weight=loss.score_weight, balance_ratio=loss.balance_ratio).to(s.device)
+    _balance(task, lambda: probe, {f"block_{i}": job.run_dir / f"block_{i}" for i in job.specs},
+             resume=job.train.resume)
     units = [Unit(f"block_{i}", blocks[i], job.run_dir / f"block_{i}",
                   unit_meta("block", job.specs[i], cfg, teacher=s.teacher_name, teacher_hash=s.teacher_hash,
-                            **describe_losses(task), init=notes[i]))
+                            **describe_losses(task, f"block_{i}"), init=notes[i]))
              for i in job.specs]
     return _fit(s, job, task=task, units=units, data=data, locks=locks, view=lambda: compose(s.teacher, blocks=blocks),
                 notes={f"block_{i}": n for i, n in notes.items()})
@@ -449,6 +452,19 @@ def _train_layers(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
              for i in job.specs]
     return _fit(s, job, task=task, units=units, data=data, locks=locks, view=lambda: compose(s.teacher, layers=layers),
                 notes={f"layer_{i}": n for i, n in notes.items()})
+
+
+def _balance(task: Any, probe: Callable[[], dict], unit_dirs: dict[str, Path], *, resume: bool) -> None:
+    """The scales of the task's balanced loss terms: with ``resume``, those stored with each unit's resume point
+    (never recomputed), else measured on the batch ``probe()`` gives, at the units' start (``balance_terms``)."""
+    if not task.balances():
+        return
+    stored = {}
+    for name, d in unit_dirs.items():
+        meta = stored_unit_meta(d) if resume else None
+        if meta and "loss_balance" in meta:
+            stored[name] = meta["loss_balance"]
+    balance_terms(task, probe(), stored=stored)
 
 
 def _unit_results(units: list[Unit], notes: dict[str, str], final: dict[str, float]) -> list[UnitResult]:
@@ -714,9 +730,11 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
     task = ModelDistill(s.teacher, student, lm_targets(s.tokenizer, s.teacher),
                         kl_weight=o.kl_weight, mlm_weight=o.mlm_weight, hidden_weight=o.hidden_weight,
                         hidden_criterion=o.hidden_criterion, temperature=o.temperature, seed=job.train.seed,
-                        relation_weight=o.relation_weight, relation_heads=o.relation_heads).to(s.device)
+                        relation_weight=o.relation_weight, relation_heads=o.relation_heads,
+                        balance_ratio=o.balance_ratio).to(s.device)
+    _balance(task, lambda: s.global_batch(train_ds), {"model": job.run_dir / "model"}, resume=job.train.resume)
     meta = {"kind": "model", "config": student.config.to_dict(), "teacher": s.teacher_name,
-            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task)}
+            "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task, "model")}
 
     def evaluate() -> dict[str, float]:
         m = task.evaluate(valid_loader)

@@ -66,7 +66,8 @@ def merge_loss(args: argparse.Namespace) -> MergeLoss:
 def finetune_loss(args: argparse.Namespace) -> FinetuneLoss:
     return FinetuneLoss(kl_weight=args.kl_weight, mlm_weight=args.mlm_weight, hidden_weight=args.hidden_weight,
                         hidden_criterion=args.hidden_criterion, temperature=args.temperature,
-                        relation_weight=args.relation_weight, relation_heads=args.relation_heads)
+                        relation_weight=args.relation_weight, relation_heads=args.relation_heads,
+                        balance_ratio=args.balance_ratio)
 
 
 def export_config(args: argparse.Namespace) -> ExportConfig:

@@ -98,6 +98,25 @@ def non_negative_float(name: str) -> Callable[[str], float]:
     return parse
 
 
+def term_weight(name: str, zero: bool = False) -> Callable[[str], float | str]:
+    """argparse type of a loss term's weight: 'balanced' (scaled to the first term at the start, see
+    ``utils.training.tasks.balance_terms``) or a finite number > 0 (>= 0 with ``zero``: 0 leaves the term out)."""
+    from ..training.tasks import BALANCED
+
+    def parse(s: str) -> float | str:
+        if s.strip().lower() == BALANCED:
+            return BALANCED
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be '{BALANCED}' or a number, got '{s}'") from None
+        if not math.isfinite(v) or v < 0 or (v == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"{name} must be '{BALANCED}' or a finite number "
+                                             f"{'>= 0' if zero else '> 0'}, got {s}")
+        return v
+    return parse
+
+
 def warmup_fraction(s: str) -> float:
     """argparse type of --warmup: the fraction of all steps spent warming up, in [0, 1)."""
     v = _number("--warmup", s)

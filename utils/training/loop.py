@@ -630,6 +630,18 @@ def _skip(loader, sampler, n: int):
     return itertools.islice(loader, n, None) if n else loader
 
 
+def stored_unit_meta(unit_dir: str | Path) -> dict[str, Any] | None:
+    """The unit metadata stored with the resume point in ``unit_dir`` (``resume``, else the previous one kept as
+    ``resume.old``), or None where there is none: what a resumed run reuses instead of recomputing (the scales of
+    balanced loss terms)."""
+    for d in (Path(unit_dir) / "resume", Path(unit_dir) / "resume.old"):
+        if (d / "meta.json").is_file() or list(d.parent.glob(d.name + ".prev*")):
+            meta = read_meta(d).get("unit_meta")
+            if isinstance(meta, dict):
+                return meta
+    return None
+
+
 def run_record(caller: dict[str, Any] | None, *, batch_size: int, train: TrainConfig, **resolved: Any
                ) -> dict[str, Any]:
     """A run record for ``Trainer`` (each unit's run.json, one entry per invocation): the caller's entries (the

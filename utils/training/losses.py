@@ -218,6 +218,19 @@ def relation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Ten
 
 
 def attention_vectors(attention, x: torch.Tensor, kinds: tuple[str, ...] = RELATIONS) -> dict[str, torch.Tensor]:
-    """The query / key / value projections [B, T, heads * head_dim] of an attention block on input ``x``."""
+    """The query / key / value projections [B, T, heads * head_dim] of an attention block on input ``x``.
+
+    Grouped-query attention's keys and values are repeated for each query head that reads them, as the attention
+    does, so every kind has heads x head_dim features and a block with fewer key/value heads than its teacher still
+    splits into the same relation heads (each teacher key/value head's relations then count once per query head).
+    """
     h = attention.projection_input(x)
-    return {k: getattr(attention, f"{k[0]}_proj")(h) for k in kinds}
+    group = attention.num_heads // getattr(attention, "num_kv_heads", attention.num_heads)
+    out = {}
+    for k in kinds:
+        v = getattr(attention, f"{k[0]}_proj")(h)
+        if k != "query" and group > 1:
+            B, T, _ = v.shape
+            v = v.view(B, T, -1, 1, attention.head_dim).expand(-1, -1, -1, group, -1).reshape(B, T, -1)
+        out[k] = v
+    return out

@@ -6,7 +6,9 @@ Each task is an ``nn.Module`` holding only the students (the frozen teacher is k
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +20,36 @@ from models.bert import BertAttention, BertForMaskedLM, BertLayer
 from models.compress import compose
 from models.config import LayerSpec
 from .. import runtime
+from ..errors import SettingError
 from ..data.masking import MLMMasker, OneMasker
 from ..storage.features import TeacherCache, teacher_features
 from .losses import (attention_loss, attention_vectors, hidden_loss, kl_logits, raw_score_loss, relation_heads_for,
                      relation_loss)
 
 log = logging.getLogger(__name__)
+
+BALANCED = "balanced"  # a term weight: scaled to a share of the task's first term at the start (see balance_terms)
+BALANCE_RATIO = 1.0  # that share: a balanced term starts at this many times the first term
+
+
+def check_ratio(r: float) -> float:
+    """A balance ratio: a finite number > 0."""
+    if isinstance(r, (str, bool)) or not math.isfinite(float(r)) or float(r) <= 0:
+        raise SettingError(f"`balance_ratio` must be a finite number > 0, got {r!r}")
+    return float(r)
+
+
+def check_weight(w: float | str, term: str) -> float | str:
+    """A term weight: a finite number >= 0 (0: the term is off), or BALANCED."""
+    if w == BALANCED:
+        return BALANCED
+    if isinstance(w, str) or isinstance(w, bool) or not math.isfinite(float(w)) or float(w) < 0:
+        raise SettingError(f"the weight of the {term} term must be a number >= 0 or '{BALANCED}', got {w!r}")
+    return float(w)
+
+
+def _on(w: float | str) -> bool:
+    return w == BALANCED or float(w) > 0
 
 
 # ---- what each kind of unit is trained on (the settings of the tasks below) ----
@@ -37,7 +63,9 @@ class BlockLoss:
     score_target: str = "probs"  # probs: softmax distributions; logits: the raw scaled scores (MSE / L1)
     temperature: float = 1.0  # of the mlm loss
     relation_heads: int | None = None  # None: the largest common divisor up to the teacher's head count
-    relation_weight: float = 1.0
+    relation_weight: float | str = BALANCED  # beside the output term: a fixed weight, or balanced (see balance_terms)
+    score_weight: float | str = BALANCED  # the scores term beside the output term, the same way
+    balance_ratio: float = BALANCE_RATIO  # a balanced term starts at this many times the output term
     mask_inputs: bool = False  # one [MASK] per training sentence, redrawn every step (the seed's data)
 
     def scores_by(self) -> str:
@@ -62,12 +90,13 @@ class FinetuneLoss:
     """The end-to-end objective of a fine-tuned student (see ``ModelDistill``)."""
 
     kl_weight: float = 1.0  # KL(teacher || student) at masked positions
-    mlm_weight: float = 0.0  # hard-label masked-LM cross-entropy
-    hidden_weight: float = 0.0  # hidden-state loss at matched layers
+    mlm_weight: float | str = 0.0  # hard-label masked-LM cross-entropy (a weight may be BALANCED, see balance_terms)
+    hidden_weight: float | str = 0.0  # hidden-state loss at matched layers
     hidden_criterion: str = "cosine"
     temperature: float = 2.0
-    relation_weight: float = 0.0  # MiniLMv2 relations at matched layers
+    relation_weight: float | str = 0.0  # MiniLMv2 relations at matched layers; balanced: see balance_terms
     relation_heads: int | None = None
+    balance_ratio: float = BALANCE_RATIO  # a balanced term starts at this many times the first term (KL)
 
 
 class DistillTask(nn.Module):
@@ -87,14 +116,68 @@ class DistillTask(nn.Module):
         self.cache = cache
         self.seed = seed
         self.input_masker: OneMasker | None = None
+        # combined losses (tasks with ``unit_terms``): term -> its fixed weight or BALANCED, in TERMS order; and per
+        # unit, how its balanced terms were scaled (``balance_terms``)
+        self.term_weights: dict[str, float | str] = {}
+        self.balance: dict[str, dict[str, Any]] = {}
 
     @property
     def teacher(self) -> BertForMaskedLM:
         return self._frozen["teacher"]
 
+    def unit_terms(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+                   ) -> dict[str, tuple[dict[str, torch.Tensor], float]]:
+        """Per unit: its loss terms (unweighted, named as in ``term_weights``) and its weight (tokens). Tasks whose
+        loss combines terms implement this; ``unit_losses`` then weighs and sums them."""
+        raise NotImplementedError
+
+    def combines(self) -> bool:
+        """Whether the task's loss is a weighted sum of named terms (``unit_terms``)."""
+        return type(self).unit_terms is not DistillTask.unit_terms
+
+    def anchor_term(self) -> str | None:
+        """The term the others are balanced against: the first one the task has."""
+        return next(iter(self.term_weights), None)
+
+    def balances(self) -> bool:
+        """Whether a term is to be balanced against the anchor (``balance_terms`` must run before training)."""
+        return any(w == BALANCED for t, w in self.term_weights.items() if t != self.anchor_term())
+
+    def _set_terms(self, weights: dict[str, float | str], balance_ratio: float) -> None:
+        """The task's terms (those with a weight > 0 or BALANCED, in the given order) and their weights; the anchor
+        term keeps its number, or 1 where it was to be balanced (there is nothing to balance it against). With a
+        balanced term, ``balance_ratio`` is its share of the anchor at the start."""
+        terms = {t: check_weight(w, t) for t, w in weights.items()}
+        terms = {t: w for t, w in terms.items() if w == BALANCED or w > 0}
+        anchor = next(iter(terms), None)
+        if anchor is not None and terms[anchor] == BALANCED:
+            terms[anchor] = 1.0
+        self.term_weights = terms
+        if self.balances():  # set only when used: the metadata of other runs stays as it was
+            self.balance_ratio = check_ratio(balance_ratio)
+
+    def unit_weights(self, unit: str) -> dict[str, float]:
+        """The weight of each term of ``unit``: its fixed weight, or its balanced scale (``balance_terms``)."""
+        out = {}
+        for term, w in self.term_weights.items():
+            if w != BALANCED:
+                out[term] = float(w)
+                continue
+            scales = self.balance.get(unit, {}).get("scales", {})
+            if term not in scales:
+                raise RuntimeError(f"the {term} term of {unit} is balanced but has no scale yet: call "
+                                   "balance_terms(task, probe) before training, or give the term a fixed weight")
+            out[term] = float(scales[term])
+        return out
+
     def unit_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
                     ) -> dict[str, tuple[torch.Tensor, float]]:
-        raise NotImplementedError
+        """Per unit: its loss (the weighted sum of its terms) and its weight (tokens)."""
+        out = {}
+        for name, (terms, weight) in self.unit_terms(batch, generator).items():
+            w = self.unit_weights(name)
+            out[name] = (sum(w[k] * v for k, v in terms.items()), weight)
+        return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses = self.unit_losses(batch, None)
@@ -127,18 +210,29 @@ class DistillTask(nn.Module):
         was = self.training
         self.eval()
         g = torch.Generator().manual_seed(self.seed + 12345)  # same validation masks every epoch
-        names = list(self.students)
-        sums = torch.zeros(2 * len(names), dtype=torch.float64)
+        # each unit's loss, and with several terms each term alone too (e.g. the block-output MSE of a combined run)
+        parts = ["loss"] + (list(self.term_weights) if self.combines() and len(self.term_weights) > 1 else [])
+        keys = [f"{n}/{p}" for n in self.students for p in parts]
+        sums = torch.zeros(len(keys) + len(self.students), dtype=torch.float64)  # the weighted sums, then the weights
         for bi, batch in enumerate(loader):
             if max_batches is not None and bi >= max_batches:
                 break
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            for j, (name, (loss, weight)) in enumerate(self.unit_losses(batch, g).items()):
-                sums[2 * j] += float(loss) * weight
-                sums[2 * j + 1] += weight
+            if self.combines():
+                terms = self.unit_terms(batch, g)
+                values = {n: ({"loss": sum(w * ts[t] for t, w in self.unit_weights(n).items()), **ts}, weight)
+                          for n, (ts, weight) in terms.items()}
+            else:
+                values = {n: ({"loss": loss}, weight) for n, (loss, weight) in self.unit_losses(batch, g).items()}
+            for j, name in enumerate(self.students):
+                vals, weight = values[name]
+                for k, p in enumerate(parts):
+                    sums[j * len(parts) + k] += float(vals[p]) * weight
+                sums[len(keys) + j] += weight
         sums = runtime.all_reduce_sum(sums.to(self.device)).cpu()
         self.train(was)
-        return {f"{n}/loss": (sums[2 * j] / sums[2 * j + 1].clamp_min(1e-12)).item() for j, n in enumerate(names)}
+        n_parts = len(parts)
+        return {key: (sums[i] / sums[len(keys) + i // n_parts].clamp_min(1e-12)).item() for i, key in enumerate(keys)}
 
     @property
     def device(self) -> torch.device:
@@ -169,17 +263,25 @@ class BlockDistill(DistillTask):
     """Students are attention blocks ``block_<i>``, trained on the teacher's input to layer i.
 
     ``loss_on``: any of ``output`` (block output vs the teacher's), ``scores`` (attention distributions),
-    ``relations`` (MiniLMv2 query-query / key-key / value-value relations in ``relation_heads`` relation heads,
-    times ``relation_weight``; any student head count), or ``mlm`` (KL to the teacher's masked-token distribution
-    through the frozen rest of the teacher).
+    ``relations`` (MiniLMv2 query-query / key-key / value-value relations in ``relation_heads`` relation heads; any
+    student head count), or ``mlm`` (KL to the teacher's masked-token distribution through the frozen rest of the
+    teacher). A block's loss is output + ``score_weight`` x scores + ``relation_weight`` x relations (the terms in
+    ``loss_on``); a weight is a number, or BALANCED: scaled by ``balance_terms`` so that the term starts at
+    ``balance_ratio`` times the first term (without the output term, the first of the others keeps weight 1).
     """
+
+    TERMS = ("output", "scores", "relations")
 
     def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str], *,
                  criterion: str = "MSE", score_criterion: str = "CrossEntropy", masker: MLMMasker | None = None,
                  cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0,
                  score_target: str = "probs", input_masker: OneMasker | None = None,
-                 relation_heads: int | None = None, relation_weight: float = 1.0):
+                 relation_heads: int | None = None, relation_weight: float | str = BALANCED,
+                 score_weight: float | str = BALANCED, balance_ratio: float = BALANCE_RATIO):
         super().__init__(teacher, {f"block_{i}": b for i, b in blocks.items()}, masker=masker, cache=cache, seed=seed)
+        unknown = sorted(set(loss_on) - set(self.TERMS) - {"mlm"})
+        if unknown:
+            raise ValueError(f"`loss_on` {unknown} unknown; choose from {', '.join(self.TERMS)} or mlm")
         if score_target not in ("probs", "logits"):
             raise ValueError(f"score target must be 'probs' or 'logits', got '{score_target}'")
         self.score_target, self.input_masker = score_target, input_masker
@@ -189,11 +291,16 @@ class BlockDistill(DistillTask):
             teacher.require_mlm_head("`loss_on` mlm")
             if len(loss_on) > 1:
                 raise ValueError("`loss_on` mlm cannot be combined with output/scores/relations losses")
+        if "mlm" not in loss_on:
+            self._set_terms({t: w for t, w in (("output", 1.0), ("scores", score_weight),
+                                               ("relations", relation_weight)) if t in loss_on}, balance_ratio)
         if "relations" in loss_on:  # set only when used: the metadata of other runs stays as it was
-            self.relation_weight = relation_weight
+            self.relation_weight = self.term_weights["relations"]
             self.rel_heads = {i: block_relation_heads(teacher.layers[i].block, b, relation_heads)
                               for i, b in blocks.items()}
             self.relation_heads = relation_heads if relation_heads else "auto"
+        if "scores" in loss_on and len(loss_on) > 1:  # likewise: a weight only where the scores term is combined
+            self.score_weight = self.term_weights["scores"]
         self.layers = sorted(blocks)
         self.loss_on, self.criterion, self.score_criterion = loss_on, criterion, score_criterion
         self.temperature = temperature
@@ -203,41 +310,52 @@ class BlockDistill(DistillTask):
         return [f"{k}_{i}" for i in self.layers for k in ("in", "block")]
 
     def unit_losses(self, batch, generator):
+        if "mlm" not in self.loss_on:
+            return super().unit_losses(batch, generator)
+        att = batch["attention_mask"]
+        mask = self.teacher.context(att)
+        out = {}
+        masked, sel, t_logits = self._mlm_targets(batch, generator)
+        feats = teacher_features(self.teacher, masked, att, names=[f"in_{i}" for i in self.layers])
+        for i in self.layers:
+            view = self.views[i]
+            h = view.run_layers(feats[f"in_{i}"], mask, start=i)
+            s_logits = view.mlm_logits(h[sel])
+            out[f"block_{i}"] = (kl_logits(s_logits, t_logits, self.temperature), float(sel.sum()))
+        return out
+
+    def combines(self) -> bool:
+        return "mlm" not in self.loss_on
+
+    def unit_terms(self, batch, generator):
         att = batch["attention_mask"]
         mask, valid = self.teacher.context(att), att.bool()
-        out = {}
-        if "mlm" in self.loss_on:
-            masked, sel, t_logits = self._mlm_targets(batch, generator)
-            feats = teacher_features(self.teacher, masked, att, names=[f"in_{i}" for i in self.layers])
-            for i in self.layers:
-                view = self.views[i]
-                h = view.run_layers(feats[f"in_{i}"], mask, start=i)
-                s_logits = view.mlm_logits(h[sel])
-                out[f"block_{i}"] = (kl_logits(s_logits, t_logits, self.temperature), float(sel.sum()))
-            return out
         _, feats = self._masked_features(batch, self.feature_names(), generator)
         n_valid = float(valid.sum())
+        out = {}
         for i in self.layers:
             student = self.students[f"block_{i}"]
             x = feats[f"in_{i}"]
             need = "scores" in self.loss_on
             s_out, s_trace = student.contribution(x, mask, need_trace=need)
-            loss = s_out.new_zeros(())
+            terms = {}
             if "output" in self.loss_on:
-                loss = loss + hidden_loss(s_out, feats[f"block_{i}"], valid, criterion=self.criterion)
+                terms["output"] = hidden_loss(s_out, feats[f"block_{i}"], valid, criterion=self.criterion)
             if need:
                 with torch.no_grad():
                     _, t_trace = self.teacher.layers[i].block.contribution(x, mask, need_trace=True)
                 if self.score_target == "logits" and self.score_criterion in ("MSE", "L1"):
-                    loss = loss + raw_score_loss(s_trace.scores, t_trace.scores, valid, criterion=self.score_criterion)
+                    terms["scores"] = raw_score_loss(s_trace.scores, t_trace.scores, valid,
+                                                     criterion=self.score_criterion)
                 else:  # distributions (CrossEntropy / KL compare softmaxes whichever the target)
-                    loss = loss + attention_loss(s_trace.scores, t_trace.probs, valid, criterion=self.score_criterion)
+                    terms["scores"] = attention_loss(s_trace.scores, t_trace.probs, valid,
+                                                     criterion=self.score_criterion)
             if "relations" in self.loss_on:
                 with torch.no_grad():
                     t_vec = attention_vectors(self.teacher.layers[i].block, x)
-                loss = loss + self.relation_weight * relation_loss(attention_vectors(student, x), t_vec, valid,
-                                                                   heads=self.rel_heads[i])
-            out[f"block_{i}"] = (loss, n_valid)
+                terms["relations"] = relation_loss(attention_vectors(student, x), t_vec, valid,
+                                                   heads=self.rel_heads[i])
+            out[f"block_{i}"] = (terms, n_valid)
         return out
 
 
@@ -319,17 +437,21 @@ class ModelDistill(DistillTask):
            matched with the teacher's output of layer j; the last layer always is)
            + relation_weight * MiniLMv2 query/key/value self-attention relation KL, averaged over the same matched
            layers (student layer standing for [.., j] vs teacher layer j, each fed its own model's hidden state).
-    Without an MLM head only the hidden-state (and relation) terms remain.
+    Without an MLM head only the hidden-state (and relation) terms remain. A weight of 0 leaves its term out; a term
+    after the first may be BALANCED instead of a number (scaled by ``balance_terms`` to start at ``balance_ratio``
+    times the first).
     """
 
+    TERMS = ("kl", "mlm", "hidden", "relations")
+
     def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None, *,
-                 kl_weight: float = 1.0, mlm_weight: float = 0.0, hidden_weight: float = 0.0,
+                 kl_weight: float = 1.0, mlm_weight: float | str = 0.0, hidden_weight: float | str = 0.0,
                  hidden_criterion: str = "cosine", temperature: float = 2.0, seed: int = 0,
-                 relation_weight: float = 0.0, relation_heads: int | None = None):
+                 relation_weight: float | str = 0.0, relation_heads: int | None = None,
+                 balance_ratio: float = BALANCE_RATIO):
         super().__init__(teacher, {"model": student}, masker=masker, seed=seed)
         self.rel_pairs: list[tuple[int, int, int]] = []  # (student layer, teacher layer, relation heads)
-        if relation_weight > 0:  # set only when used: the metadata of other runs stays as it was
-            self.relation_weight = relation_weight
+        if _on(check_weight(relation_weight, "relations")):  # set only when used: other runs' metadata stays as it was
             self.relation_heads = relation_heads if relation_heads else "auto"
             for j, spec in enumerate(student.config.layers):
                 tj = spec.origin[-1]
@@ -337,41 +459,48 @@ class ModelDistill(DistillTask):
                 self.rel_pairs.append((j, tj, r))
         self.mlm_ok = teacher.has_mlm_head and student.has_mlm_head
         if not self.mlm_ok:
-            if hidden_weight <= 0:
+            if not _on(check_weight(hidden_weight, "hidden")):
                 hidden_weight = 1.0
             kl_weight = mlm_weight = 0.0
             log.info("no masked-LM head: fine-tuning on hidden states only (%s, matched layers)", hidden_criterion)
-        if kl_weight <= 0 and mlm_weight <= 0 and hidden_weight <= 0 and relation_weight <= 0:
+        self._set_terms({"kl": kl_weight, "mlm": mlm_weight, "hidden": hidden_weight, "relations": relation_weight},
+                        balance_ratio)
+        if not self.term_weights:
             raise ValueError("all loss weights are zero: nothing to train on")
-        self.kl_weight, self.mlm_weight, self.hidden_weight = kl_weight, mlm_weight, hidden_weight
+        w = self.term_weights
+        self.kl_weight, self.mlm_weight = w.get("kl", 0.0), w.get("mlm", 0.0)
+        self.hidden_weight = w.get("hidden", 0.0)
+        if self.rel_pairs:
+            self.relation_weight = w["relations"]
         self.hidden_criterion, self.temperature = hidden_criterion, temperature
         self.matches = [(j, spec.origin[-1] + 1) for j, spec in enumerate(student.config.layers)]
 
-    def unit_losses(self, batch, generator):
+    def unit_terms(self, batch, generator):
         ids, att = batch["input_ids"], batch["attention_mask"]
         student = self.students["model"]
         valid = att.bool()
         if self.mlm_ok:
             ids, labels = self.masker(ids, att, generator)
             sel = labels != -100
-        need_hidden = self.hidden_weight > 0 or bool(self.rel_pairs)
+        terms = self.term_weights
+        need_hidden = "hidden" in terms or bool(self.rel_pairs)
         with torch.no_grad():
             t = self.teacher(ids, att, output_hidden_states=need_hidden, with_logits=False)
         s = student(ids, att, output_hidden_states=need_hidden, with_logits=False)
-        loss = s.last_hidden_state.new_zeros(())
+        out: dict[str, torch.Tensor] = {}
         weight = float(valid.sum())
         if self.mlm_ok:
             s_logits = student.mlm_logits(s.last_hidden_state[sel])
             weight = float(sel.sum())
-            if self.kl_weight > 0:
+            if "kl" in terms:
                 t_logits = self.teacher.mlm_logits(t.last_hidden_state[sel])
-                loss = loss + self.kl_weight * kl_logits(s_logits, t_logits, self.temperature)
-            if self.mlm_weight > 0:
-                loss = loss + self.mlm_weight * nn.functional.cross_entropy(s_logits.float(), labels[sel])
-        if self.hidden_weight > 0:
-            hl = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid, criterion=self.hidden_criterion)
-                     for j, tj in self.matches) / len(self.matches)
-            loss = loss + self.hidden_weight * hl
+                out["kl"] = kl_logits(s_logits, t_logits, self.temperature)
+            if "mlm" in terms:
+                out["mlm"] = nn.functional.cross_entropy(s_logits.float(), labels[sel])
+        if "hidden" in terms:
+            out["hidden"] = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid,
+                                            criterion=self.hidden_criterion)
+                                for j, tj in self.matches) / len(self.matches)
         if self.rel_pairs:
             rl = 0.0
             for j, tj, r in self.rel_pairs:
@@ -379,18 +508,83 @@ class ModelDistill(DistillTask):
                     t_vec = attention_vectors(self.teacher.layers[tj].block, t.hidden_states[tj])
                 rl = rl + relation_loss(attention_vectors(student.layers[j].block, s.hidden_states[j]), t_vec,
                                         valid, heads=r)
-            loss = loss + self.relation_weight * rl / len(self.rel_pairs)
-        return {"model": (loss, weight)}
+            out["relations"] = rl / len(self.rel_pairs)
+        return {"model": (out, weight)}
 
 
-def describe_losses(task: DistillTask) -> dict[str, Any]:
-    """What the task optimises, for checkpoint metadata."""
+def describe_losses(task: DistillTask, unit: str | None = None) -> dict[str, Any]:
+    """What the task optimises, for checkpoint metadata; with ``unit``, also how that unit's balanced terms were
+    scaled (``loss_balance``: what was used and from what)."""
     keys = ("loss_on", "criterion", "score_criterion", "score_target", "temperature", "kl_weight", "mlm_weight",
-            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight")
+            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight", "score_weight", "balance_ratio")
     out = {k: getattr(task, k) for k in keys if hasattr(task, k)}
     if task.input_masker is not None:
         out["mask_inputs"] = True
+    if unit is not None and unit in task.balance:
+        out["loss_balance"] = task.balance[unit]
     return out
+
+
+@torch.no_grad()
+def balance_terms(task: DistillTask, probe: dict[str, torch.Tensor], *,
+                  stored: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Scale every BALANCED term of every unit so that at the start it is ``task.balance_ratio`` times the task's
+    first (anchor) term: scale = ratio x anchor weight x anchor(0) / term(0), both measured once on ``probe`` (the
+    batch every rank shares) with the units as they are now (their starting weights), the teacher's features
+    computed afresh, the model in eval mode and the masks, where the task draws any, from a generator seeded by the task's seed, so the scales are the
+    same on every rank and in every rerun.
+
+    ``stored``: unit -> a balance recorded before (``loss_balance`` of a resume point's unit metadata); a unit that
+    has one for the same terms and ratio uses it as it is, never a recomputed one (for other settings the units get
+    fresh scales, and resuming refuses the changed setup). Returns (and sets as ``task.balance``) unit -> {by, anchor,
+    ratio, start (each term's value at the start), scales, probe (what the batch was)}; {} when no term is balanced.
+    """
+    anchor = task.anchor_term()
+    balanced = [t for t, w in task.term_weights.items() if w == BALANCED and t != anchor]
+    task.balance = {}
+    if not task.balances():
+        return {}
+    ratio = task.balance_ratio
+    stored = {u: b for u, b in (stored or {}).items()
+              if set(balanced) <= set(b.get("scales", {})) and b.get("ratio") == ratio}
+    fresh = [u for u in task.students if u not in stored]
+    values: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
+    if fresh:
+        was = task.training
+        task.eval()
+        try:
+            batch = {k: v.to(task.device) if torch.is_tensor(v) else v for k, v in probe.items()}
+            values = task.unit_terms(batch, torch.Generator().manual_seed(task.seed + 4242))
+        finally:
+            task.train(was)
+        note = {"batch": "the first training batch (shared by every rank)", **_batch_note(probe)}
+    w_anchor = ratio * float(task.term_weights[anchor])
+    for unit in task.students:
+        if unit in stored:
+            task.balance[unit] = stored[unit]
+            log.info("%s: balanced loss terms as stored: %s", unit, stored[unit]["scales"])
+            continue
+        start = {t: float(v) for t, v in values[unit][0].items()}
+        scales = {}
+        for t in balanced:
+            a, v = start[anchor], start[t]
+            if not (math.isfinite(a) and math.isfinite(v) and a > 0 and v > 0):
+                raise SettingError(f"cannot balance the {t} term of {unit} against the {anchor} term: at the start, "
+                                   f"on the probe batch, they are {v:.4g} and {a:.4g}; give the {t} term a fixed "
+                                   "weight instead")
+            scales[t] = w_anchor * a / v
+        task.balance[unit] = {"by": "start", "anchor": anchor, "ratio": ratio, "start": start, "scales": scales,
+                              "probe": note}
+        log.info("%s: balanced loss terms: %s (start values %s)", unit,
+                 {t: f"{x:.4g}" for t, x in scales.items()}, {t: f"{x:.4g}" for t, x in start.items()})
+    return task.balance
+
+
+def _batch_note(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a batch was: its size, real tokens, and a hash of its token ids."""
+    ids, att = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+    digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return {"sequences": int(ids.shape[0]), "tokens": int(att.sum()), "ids_sha256": digest}
 
 
 class LayerDistill(DistillTask):
