@@ -49,6 +49,25 @@ def block_layers(s: str) -> list[int] | None:
     return None if s == "all" else list(dict.fromkeys(int(x) for x in s.split(",")))
 
 
+def _add_term_weights(g: argparse._ArgumentGroup) -> None:
+    """The flags that weigh a combined loss's added term (relations, attention scores) against the output term."""
+    g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
+                   help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
+                        "head_dim; default: the largest such divisor up to the teacher's head count)")
+    g.add_argument("--relation-weight", type=term_weight("--relation-weight"), default=BALANCED,
+                   help="weight of the relation term beside the output term (--loss-on output+relations): "
+                        "'balanced' (the default) scales it to equal the output term at the start: both are measured "
+                        "once per block, on the first training batch, with the block as it starts, and the scale is "
+                        "stored in the block's checkpoint and run.json (a --resume reuses it); a number is a fixed "
+                        "weight (1: the behaviour before balancing, where the relation term, ~100x the output MSE on "
+                        "MiniLM, swamped it)")
+    g.add_argument("--score-weight", type=term_weight("--score-weight"), default=BALANCED,
+                   help="weight of the attention-score term beside the output term (--loss-on output+scores): "
+                        "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
+    g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
+                   help="a 'balanced' term starts at this many times the output term")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=5, lr=5e-4)
@@ -66,21 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for BERT, next-token distributions for a decoder), or relations: MiniLMv2 query-query, "
                         "key-key, value-value self-attention relations (KL, any student head count). Whole-layer "
                         "units (--attention none, --ffn-dim) are compared on the layer output only")
-    g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
-                   help="relation heads the q/k/v vectors are split into (must divide teacher and student heads x "
-                        "head_dim; default: the largest such divisor up to the teacher's head count)")
-    g.add_argument("--relation-weight", type=term_weight("--relation-weight"), default=BALANCED,
-                   help="weight of the relation term beside the output term (--loss-on output+relations): "
-                        "'balanced' (the default) scales it to equal the output term at the start: both are measured "
-                        "once per block, on the first training batch, with the block as it starts, and the scale is "
-                        "stored in the block's checkpoint and run.json (a --resume reuses it); a number is a fixed "
-                        "weight (1: the behaviour before balancing, where the relation term, ~100x the output MSE on "
-                        "MiniLM, swamped it)")
-    g.add_argument("--score-weight", type=term_weight("--score-weight"), default=BALANCED,
-                   help="weight of the attention-score term beside the output term (--loss-on output+scores): "
-                        "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
-    g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
-                   help="a 'balanced' term starts at this many times the output term")
+    _add_term_weights(g)
     g.add_argument("--loss-on-logits", action="store_true", help="the seed's flag: loss on the block output")
     g.add_argument("--loss-on-scores", action="store_true", help="the seed's flag: loss on attention scores")
     g.add_argument("--score-target", choices=["probs", "logits"],

@@ -27,7 +27,7 @@ def tiny(tiny_teacher, tiny_corpus):
 
 
 def _blocks(teacher) -> dict:
-    return {i: compress_attention(l.attention, teacher.config, 2, 8)[0] for i, l in enumerate(teacher.layers)}
+    return {i: compress_attention(l.attention, teacher.config, num_heads=2, head_dim=8)[0] for i, l in enumerate(teacher.layers)}
 
 
 def test_scale_is_the_ratio_of_the_terms_at_the_start(tiny):
@@ -147,7 +147,7 @@ def test_relations_of_grouped_query_blocks(tiny_llama):
     teacher, _ = load_teacher(str(tiny_llama))
     t_attn, cfg = teacher.layers[1].block, teacher.config
     assert (t_attn.num_heads, t_attn.num_kv_heads, t_attn.head_dim) == (6, 2, 8)
-    mha = LlamaAttention(cfg, 6, 8, 6)
+    mha = LlamaAttention(cfg, 6, 8, num_kv_heads=6)
     with torch.no_grad():
         mha.load_state_dict({k: v for k, v in t_attn.state_dict().items() if not k.startswith(("k_proj", "v_proj"))},
                             strict=False)
@@ -158,7 +158,7 @@ def test_relations_of_grouped_query_blocks(tiny_llama):
     a, b = attention_vectors(mha, x), attention_vectors(t_attn, x)
     for kind in ("query", "key", "value"):
         assert a[kind].shape == (2, 5, 48) and torch.allclose(a[kind], b[kind], atol=1e-6)
-    one = LlamaAttention(cfg, 6, 8, 1)
+    one = LlamaAttention(cfg, 6, 8, num_kv_heads=1)
     valid = torch.ones(2, 5, dtype=torch.bool)
     loss = relation_loss(attention_vectors(one, x), b, valid, heads=block_relation_heads(t_attn, one, None))
     assert torch.isfinite(loss) and loss.item() > 0
