@@ -16,7 +16,7 @@ from torch import nn
 
 from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig
 from models.bert import BertSelfAttention
-from models.compress import head_importance, init_attention, init_merged_layer
+from models.compress import head_importance, neuron_scores, init_attention, init_merged_layer
 from ..errors import SettingError
 from ..storage.checkpoint import CheckpointError
 from ..storage.features import teacher_features
@@ -125,6 +125,25 @@ def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], laye
     feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
     return {i: head_importance(teacher.layers[i].block, [(feats[f"in_{i}"], teacher.context(att), att.bool())])
             for i in layers}
+
+
+@torch.no_grad()
+def neuron_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], layers: list[int]
+                    ) -> dict[int, torch.Tensor]:
+    """Importance of the feed-forward neurons of each teacher layer in ``layers`` on the probe batch: the mean size of
+    each neuron's activation on the real tokens, times its output weights' norm (``models.compress.neuron_scores``)."""
+    if not layers:
+        return {}
+    device = next(teacher.parameters()).device
+    ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
+    feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
+    ctx, valid = teacher.context(att), att.bool()
+    out = {}
+    for i in layers:
+        layer = teacher.layers[i]
+        if layer.up_proj is not None:
+            out[i] = neuron_scores(layer, layer.block(feats[f"in_{i}"], ctx)[valid])
+    return out
 
 
 def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
