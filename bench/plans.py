@@ -40,6 +40,7 @@ from utils.cli.groups import add_finetune_args, add_map_args  # noqa: E402
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.evaluation.metrics import compare_models  # noqa: E402
+from utils.evaluation.stats import mcnemar  # noqa: E402
 from utils.planning.planner import COSTS, choose_plan  # noqa: E402
 from utils.planning.sensitivity import Option, encoder_inputs, option_from_dict, round_robin_ms  # noqa: E402
 from utils.planning.students import context, make_student, read_map  # noqa: E402
@@ -127,19 +128,6 @@ def plan_key(choices: dict[int, Option], trained: bool) -> str:
     body = ", ".join(f"{i}{'+' + str(i + 1) if o.kind == 'merge' else ''}: {o.name}"
                      for i, o in sorted(choices.items()))
     return ("" if trained else "untrained ") + (body or "teacher")
-
-
-# ---- statistics ----
-def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
-    """Exact two-sided McNemar test of paired outcomes: only a (a right, b wrong) vs only b; z with no correction."""
-    if len(a) != len(b):
-        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
-    only_a = sum(1 for x, y in zip(a, b) if x and not y)
-    only_b = sum(1 for x, y in zip(a, b) if y and not x)
-    n = only_a + only_b
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
-    z = 0.0 if n == 0 else (only_a - only_b) / math.sqrt(n)
-    return {"only_a": only_a, "only_b": only_b, "z": z, "p": p}
 
 
 # ---- the bench ----

@@ -91,3 +91,31 @@ def test_metric_order_and_keys(models_and_data):
                         "teacher_in_judge_top1", "teacher_in_judge_top5", "teacher_in_judge_top10",
                         "student_in_judge_top1", "student_in_judge_top5", "student_in_judge_top10"]
     assert [k for m in make_metrics(teacher, student, mlm=False, with_judge=False) for k in m.result()] == keys[:9]
+
+
+def test_token_scores_sum_to_the_comparison(tiny_llama, tiny_corpus):
+    """Per-token NLL, agreement and KL (for paired tests) average to what compare_models reports for the same
+    windows; a student identical to the teacher agrees everywhere at zero KL."""
+    from models.compress import compose, init_attention
+    from utils.data.batches import TokenWindows
+    from utils.evaluation.metrics import token_scores
+    from utils.training.units import unit_spec
+
+    teacher, tok = load_teacher(tiny_llama)
+    spec = unit_spec(teacher.config, [1], "block", num_kv_heads=1)
+    student = compose(teacher, blocks={1: init_attention(teacher.layers[1].block, teacher.config, spec)[0]})
+    ds = TokenWindows(load_sentences(DataConfig(data_dir=str(tiny_corpus)), "test"), tok, 16)
+    loader, _ = make_loader(ds, tok, 5, shuffle=False)
+    cpu = torch.device("cpu")
+    sc = token_scores(teacher, {"s": student, "same": teacher}, loader, device=cpu)
+    m = compare_models(teacher, student, loader, tokenizer=tok, device=cpu).metrics
+    assert len(sc.teacher_nll) == len(sc.nll["s"]) == len(sc.window) == m["predicted_tokens"]
+    assert sc.mean(sc.teacher_nll) == pytest.approx(m["teacher_nll"], rel=1e-6)
+    assert sc.mean(sc.nll["s"]) == pytest.approx(m["student_nll"], rel=1e-6)
+    assert sc.perplexity("s") == pytest.approx(m["student_perplexity"], rel=1e-6)
+    assert sc.mean([float(a) for a in sc.agree["s"]]) == pytest.approx(m["agreement_top1"])
+    assert sc.mean(sc.kl["s"]) == pytest.approx(m["kl_teacher_student"], rel=1e-5)
+    assert 0 < m["agreement_top1"] < 1 and all(sc.agree["same"]) and max(map(abs, sc.kl["same"])) < 1e-6
+    assert sc.nll["same"] == sc.teacher_nll
+    assert len(sc.per_window(sc.nll["s"])) == len(ds)  # one mean per window, windows in loader order
+    assert sorted(set(sc.window)) == list(range(len(ds)))

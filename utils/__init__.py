@@ -5,7 +5,7 @@ data/                   text and splits (DataConfig), tokenised sentences / toke
 storage/                the checkpoint format and schema, locks, the teacher feature cache, exports
 session                 a loaded teacher with its tokenizer and the data settings (SessionConfig, start)
 training/               the one training loop, the distillation tasks and losses, units, students from checkpoints
-evaluation/             teacher vs student (metrics), the report, speed
+evaluation/             teacher vs student (metrics), the report, speed, paired tests (stats)
 planning/               the sensitivity map, the planner, planned students
 api                     the Python API: what the scripts do, as functions
 cli/                    the command-line layer (flags, flags to settings, exit codes); assemble, checkpoint: the

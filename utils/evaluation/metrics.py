@@ -291,15 +291,22 @@ def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertFo
     return out
 
 
-def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch, device: torch.device,
-                      warm_up: bool) -> BatchOutputs:
-    """Both models (timed, each alone: the whole window and its logits, as a prefill) on one batch of token windows;
-    every real token that has a real next token is one prediction (a row of the per-token metrics)."""
+def _next_tokens(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of token windows on ``device``: ids, attention mask, which positions predict a real next token, and
+    those next tokens (one per prediction, in row-major order)."""
     from ..data.masking import NextTokenLabels
 
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     _, labels = NextTokenLabels()(ids, att)
     sel = labels != -100
+    return ids, att, sel, labels[sel]
+
+
+def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch, device: torch.device,
+                      warm_up: bool) -> BatchOutputs:
+    """Both models (timed, each alone: the whole window and its logits, as a prefill) on one batch of token windows;
+    every real token that has a real next token is one prediction (a row of the per-token metrics)."""
+    ids, att, sel, target = _next_tokens(batch, device)
 
     def run(model):
         out = model(ids, att, with_logits=False)
@@ -313,7 +320,7 @@ def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch
     sync(); t1 = time.perf_counter()
     sh, sl = run(student)
     sync(); t2 = time.perf_counter()
-    out = BatchOutputs(batch, att.bool(), labels[sel], th.float(), sh.float(), t1 - t0, t2 - t1, tl.float(), sl.float())
+    out = BatchOutputs(batch, att.bool(), target, th.float(), sh.float(), t1 - t0, t2 - t1, tl.float(), sl.float())
     out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
     out.student_top = out.student_logits.topk(max(TOPK), -1).indices
     return out
@@ -417,3 +424,58 @@ class UnitEvaluator:
             for metric in metrics:
                 metric.update(out)
         return {k: v for metric in metrics for k, v in metric.result().items()}
+
+
+class TokenScores:
+    """Per predicted next token of a causal LM's windows (one entry per token, in loader order): the teacher's NLL,
+    and for each student its NLL, whether its top-1 equals the teacher's, and KL(teacher || student); ``window``:
+    the dataset index of the window each token is in (for tests over windows instead of tokens)."""
+
+    window: list[int]
+    teacher_nll: list[float]
+    nll: dict[str, list[float]]
+    agree: dict[str, list[bool]]
+    kl: dict[str, list[float]]
+
+    def mean(self, values: list[float]) -> float:
+        return math.fsum(values) / max(len(values), 1)
+
+    def perplexity(self, who: str = "teacher") -> float:
+        return math.exp(self.mean(self.teacher_nll if who == "teacher" else self.nll[who]))
+
+    def per_window(self, values: list[float]) -> list[float]:
+        """The mean of ``values`` over each window's tokens, window by window."""
+        sums: dict[int, list[float]] = {}
+        for w, v in zip(self.window, values):
+            sums.setdefault(w, []).append(v)
+        return [math.fsum(v) / len(v) for v in sums.values()]
+
+
+@torch.no_grad()
+def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], loader, *, device: torch.device,
+                 max_batches: int | None = None) -> TokenScores:
+    """Every next-token prediction of ``loader``'s token windows, scored token by token: the teacher's NLL, and each
+    student's NLL, top-1 agreement with the teacher and KL(teacher || student) (one teacher pass per batch; the
+    sums are those of ``compare_models``). For paired tests over tokens; one process (no reduction over ranks)."""
+    if teacher.TASK != "causal":
+        raise TeacherError("token_scores compares next-token predictions: it needs a causal-LM teacher")
+    res = TokenScores([], [], {k: [] for k in students}, {k: [] for k in students}, {k: [] for k in students})
+    for model in (teacher, *students.values()):
+        model.eval()
+    for batch in itertools.islice(loader, max_batches):
+        ids, att, sel, target = _next_tokens(batch, device)
+        res.window += batch["index"][:, None].expand_as(sel)[sel.cpu()].tolist()
+
+        def log_probs(model: SwappableModel) -> torch.Tensor:
+            h = model(ids, att, with_logits=False).last_hidden_state
+            return model.lm_logits(h[sel]).float().log_softmax(-1)
+
+        t_lp = log_probs(teacher)
+        res.teacher_nll += (-t_lp.gather(1, target[:, None])[:, 0]).tolist()
+        t_top = t_lp.argmax(-1)
+        for name, student in students.items():
+            s_lp = log_probs(student)
+            res.nll[name] += (-s_lp.gather(1, target[:, None])[:, 0]).tolist()
+            res.agree[name] += (s_lp.argmax(-1) == t_top).tolist()
+            res.kl[name] += F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1).tolist()
+    return res
