@@ -121,28 +121,29 @@ def test_bench_planned_vs_uniform(tiny_teacher, tiny_corpus, combined_map, tmp_p
     (tmp_path / "map.json").write_text(json.dumps(smap))
     argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name",
             "b", "--cache-dir", str(tmp_path / "cache"), "--map", str(tmp_path / "map.json"), "--targets", "1.2,3",
-            "--ft-epochs", "1", "--test-sentences", "24"] + FAST
+            "--ft-epochs", "1", "--test-sentences", "24", "--no-untrained", "--retime-rounds", "0"] + FAST
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     res = json.loads((tmp_path / "b" / "plans.json").read_text())
     by = {(r["target"], r["method"]): r for r in res["rows"]}
+    t12, t3 = "prefill_speedup1.2", "prefill_speedup3"
     # 1.2x needs 3.33 ms: planned and uniform exist, kept top heads (2 x 2 ms) and dropped layers qualify
-    assert {m for t, m in by if t == 1.2} == {"planned", "uniform", "untrained: kept top heads",
+    assert {m for t, m in by if t == t12} == {"planned", "uniform", "untrained: kept top heads",
                                               "untrained: dropped layers"}
     # 3x needs 13.33 ms: only the combined merge reaches it (no kept-heads or dropped-layers baseline does)
-    assert {m for t, m in by if t == 3.0} == {"planned", "uniform"}
-    assert by[3.0, "planned"]["plan"] == "0+1: merge heads 2 ffn 32"
+    assert {m for t, m in by if t == t3} == {"planned", "uniform"}
+    assert by[t3, "planned"]["plan"] == "0+1: merge heads 2 ffn 32"
     for r in res["rows"]:
-        assert r["predicted_speedup"] >= r["target"] - 1e-9
+        assert r["predicted"] >= float(r["target"].removeprefix("prefill_speedup")) - 1e-9
         assert 0 <= r["metrics"]["agreement_top1"] <= 1 and r["speedup"] > 0 and r["params"] > 0
-    assert by[1.2, "untrained: dropped layers"]["plan"] == "untrained 0+1: merge next"
-    tests = [t for t in res["tests"] if t["target"] == 1.2]
+    assert by[t12, "untrained: dropped layers"]["plan"] == "untrained 0+1: merge next"
+    tests = [t for t in res["tests"] if t["target"] == t12]
     assert {t["against"] for t in tests} <= {"uniform", "untrained: kept top heads", "untrained: dropped layers"}
     assert tests and all(0 <= t["top1"]["p"] <= 1 and t["top1"]["only_a"] + t["top1"]["only_b"] <= 24 for t in tests)
     # the paired counts agree with the accuracies: (only planned - only other) / n = top-1 difference
     for t in tests:
-        a = by[1.2, "planned"]["metrics"]["student_top1"]
-        b = by[1.2, t["against"]]["metrics"]["student_top1"]
-        assert (t["top1"]["only_a"] - t["top1"]["only_b"]) / res["test_sentences"] == pytest.approx(a - b)
+        a = by[t12, "planned"]["metrics"]["student_top1"]
+        b = by[t12, t["against"]]["metrics"]["student_top1"]
+        assert (t["top1"]["only_a"] - t["top1"]["only_b"]) / res["test_items"] == pytest.approx(a - b)
     model, meta = load_model(next((tmp_path / "b").glob("model_*/model/best")))
     assert model.num_parameters() in {r["params"] for r in res["rows"]}
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
@@ -248,3 +249,31 @@ def test_layer_removal_baselines(tiny_llama, tiny_corpus):
         for i in (0, 3):
             h = teacher.layers[i](h, ctx)
         assert torch.allclose(view(ids).last_hidden_state, h, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, tmp_path):
+    """The decoder bench end to end on a tiny Llama: planned, uniform, ShortGPT and SLEB students at a prefill target
+    and a KV-cache target, healed alike, their untrained versions, paired tests over the same test tokens."""
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
+            "--map", str(mp), "--targets", "1.2", "--kv-targets", "0.5", "--seq-len", "16", "--batch-size", "8",
+            "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "2", "--latency-reps", "3",
+            "--latency-batch", "1", "--max-train-sentences", "48", "--eval-sentences", "16", "--valid-batches", "1",
+            "--ft-epochs", "1", "--test-sentences", "24", "--calibration-sentences", "16"]
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "b" / "plans.json").read_text())
+    assert res["causal"] and res["targets"] == ["prefill_speedup1.2", "kv_cache0.5"]
+    kv = {r["method"]: r for r in res["rows"] if r["target"] == "kv_cache0.5"}
+    assert {"planned", "ShortGPT", "SLEB", "planned, untrained", "ShortGPT, untrained"} <= set(kv)
+    for r in kv.values():  # every student keeps at most half the teacher's KV cache
+        assert r["kv_bytes"] <= 0.5 * res["teacher_kv_bytes"] and r["metrics"]["student_perplexity"] > 1
+    assert kv["ShortGPT"]["plan"].count("drop") == 2  # 2 of 4 layers: the fewest that keep half the KV cache
+    tests = [t for t in res["tests"] if t["target"] == "kv_cache0.5"]
+    assert {(t["planned"], t["against"]) for t in tests} >= {("planned", "ShortGPT"), ("planned", "SLEB"),
+                                                              ("planned, untrained", "SLEB, untrained")}
+    n = res["test_items"]
+    assert all(t["agreement"]["only_a"] + t["agreement"]["only_b"] <= n and 0 <= t["nll_t"]["p"] <= 1
+               and t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n for t in tests)
+    assert "| KV 0.5 | planned |" in (tmp_path / "b" / "plans.md").read_text()
+    assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000

@@ -426,6 +426,7 @@ class UnitEvaluator:
         return {k: v for metric in metrics for k, v in metric.result().items()}
 
 
+@dataclass
 class TokenScores:
     """Per predicted next token of a causal LM's windows (one entry per token, in loader order): the teacher's NLL,
     and for each student its NLL, whether its top-1 equals the teacher's, and KL(teacher || student); ``window``:

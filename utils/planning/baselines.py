@@ -75,21 +75,22 @@ def calibration_nll(model: SwappableModel, loader, *, device: torch.device) -> f
     return total / max(count, 1)
 
 
-def sleb_order(teacher: SwappableModel, loader, *, device: torch.device, steps: int
+def sleb_order(teacher: SwappableModel, loader, *, device: torch.device, steps: int, start: list[int] | None = None
                ) -> tuple[list[int], list[float]]:
-    """SLEB-style greedy removal of ``steps`` layers: each step drops the remaining layer whose removal (on top of
-    the ones dropped so far) gives the lowest calibration perplexity. Returns (the order, the perplexity after each
-    step)."""
+    """SLEB-style greedy removal of ``steps`` more layers after ``start`` (the order so far): each step drops the
+    remaining layer whose removal (on top of the ones dropped so far) gives the lowest calibration perplexity.
+    Returns (the new layers in order, the perplexity after each of their steps)."""
+    done = list(start or [])
     order: list[int] = []
     trace: list[float] = []
-    remaining = list(range(len(teacher.layers)))
-    for step in range(min(steps, len(remaining) - 1)):
-        scores = {i: calibration_nll(dropped(teacher, order + [i]), loader, device=device) for i in remaining}
+    remaining = [i for i in range(len(teacher.layers)) if i not in done]
+    for _ in range(min(steps, len(remaining) - 1)):
+        scores = {i: calibration_nll(dropped(teacher, done + order + [i]), loader, device=device) for i in remaining}
         best = min(scores, key=scores.get)
         order.append(best)
         remaining.remove(best)
         trace.append(math.exp(scores[best]))
-        log.info("SLEB step %d: drop layer %d (calibration perplexity %.3f)", step + 1, best, trace[-1])
+        log.info("SLEB step %d: drop layer %d (calibration perplexity %.3f)", len(done) + len(order), best, trace[-1])
     return order, trace
 
 
@@ -98,12 +99,20 @@ def drop_choices(order: list[int], n: int) -> dict[int, Option]:
     return {i: DROP for i in sorted(order[:n])}
 
 
-def fewest_drops(order: list[int], meets: Callable[[dict[int, Option]], bool], *, start: int = 1) -> int | None:
-    """The fewest layers of ``order`` to drop (from ``start`` on) for ``meets`` (a measured target) to hold; None if
-    even dropping all but one does not."""
-    for n in range(start, len(order)):
+def fewest_drops(order: list[int], meets: Callable[[dict[int, Option]], bool], *, start: int = 1,
+                 limit: int | None = None, extend: Callable[[], bool] | None = None) -> int | None:
+    """The fewest layers of ``order`` to drop (from ``start`` on, at most ``limit``: default all but one) for
+    ``meets`` (a measured target) to hold; None if no number does. ``extend`` lengthens ``order`` by one layer when it
+    is too short (False: it cannot)."""
+    limit = len(order) - 1 if limit is None else limit
+    n = max(1, start)
+    while n <= limit:
+        while len(order) < n:
+            if extend is None or not extend():
+                return None
         if meets(drop_choices(order, n)):
             return n
+        n += 1
     return None
 
 

@@ -52,6 +52,13 @@ class Target:
             raise ValueError(f"`speed` must be prefill or decode, got '{self.speed}'")
 
     @property
+    def label(self) -> str:
+        """For tables: 1.5x (prefill), decode 2x, KV 0.333, params 18,000,000."""
+        if self.speedup is not None:
+            return f"{self.speedup:g}x" if self.speed == "prefill" else f"decode {self.speedup:g}x"
+        return f"params {self.params:,}" if self.params is not None else f"KV {self.kv_cache:g}"
+
+    @property
     def name(self) -> str:
         if self.speedup is not None:
             return f"{self.speed}_speedup{self.speedup:g}"

@@ -114,6 +114,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     if not (train and finetune.epochs > 0 and units):
         save_model(student, run / "model" / "best", meta)
         return student, units
+    student.requires_grad_(True)  # end to end: the teacher's layers it kept (frozen in the teacher) train too
     masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
     task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
                         hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
@@ -135,7 +136,7 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
     Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
-    if target.speedup is None:
+    if target.speedup is None or rounds == 0:
         return plan, []
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
     ask, rounds_done, lines = target.speedup, [], []
