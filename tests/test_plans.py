@@ -277,3 +277,23 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
                and t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n for t in tests)
     assert "| KV 0.5 | planned |" in (tmp_path / "b" / "plans.md").read_text()
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-kv-cache", "1.5"], "--target-kv-cache is a fraction of the teacher's KV cache in [0, 1)"),
+    (["--target-kv-cache", "0.5", "--target-speedup", "2"], "not allowed with argument"),
+    (["--target-speedup", "2", "--speed", "fast"], "invalid choice: 'fast'"),
+])
+def test_plan_student_budget_flags_are_checked(tiny_llama, tiny_corpus, tmp_path, capsys, flags, message):
+    import plan_student
+
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as e:
+        plan_student.build_parser().parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_masked_lm_map_has_no_decode_budget(tiny_teacher, tiny_corpus, combined_map):
+    smap = json.loads((combined_map / "sensitivity.json").read_text())
+    with pytest.raises(ValueError, match="no decode step timings"):
+        choose_plan(smap, target_speedup=1.2, speed="decode")

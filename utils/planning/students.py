@@ -63,7 +63,8 @@ def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str,
     valid_ds = s.first_sentences("valid", cfg.eval_sentences)
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    log.info("train %d sentences, validation %d sentences", len(train_ds), len(valid_ds))
+    what = "windows" if s.teacher.TASK == "causal" else "sentences"
+    log.info("train %d %s, validation %d %s", len(train_ds), what, len(valid_ds), what)
     n = len(s.teacher.layers)
     cache = None
     if cfg.cache_dir is not None:
