@@ -1,14 +1,19 @@
-"""Plan, train, fine-tune and evaluate a student under a speed or size budget, from a per-layer sensitivity map.
+"""Plan, train, fine-tune and evaluate a student under a speed, size or memory budget, from a sensitivity map.
 
     python plan_student.py --target-speedup 1.5 --map checkpoints/sensitivity --teacher DIR --data-dir DIR
     python plan_student.py --target-params 18e6 --teacher DIR --data-dir DIR   # builds the map first (map flags)
+    python plan_student.py --target-speedup 2 --speed decode --map DIR ...       # a decoder: one token after a cache
+    python plan_student.py --target-kv-cache 0.33 --map DIR ... --export-hf DIR  # a third of the teacher's KV cache
 
-The plan takes one option per layer (a merge takes two) from the map so that the encoder latency (the map's
-timings on its device) or the parameter count meets the target, at the least summed cost (--cost: the units' KL,
-top-1 drop or disagreement measured alone in the teacher); the choice is explained in <run>/plan.log. Then the
-plan's units are retrained from the teacher cache, put together, the whole student is fine-tuned end to end by KD
-(KL at masked positions, optionally + relation distillation), evaluated on the test split, and its encoder latency
-is measured against the teacher's on this device.
+The plan takes one option per layer (a merge takes two) from the map so that the latency (prefill: a whole sequence,
+the encoder of a masked LM; decode: one new token after a KV cache; the map's timings on its device), the parameter
+count or the KV-cache bytes per token meet the target, at the least summed cost (--cost: the units' KL, top-1 drop,
+disagreement or perplexity increase measured alone in the teacher). A speed plan is re-timed before anything is
+trained: its units composed into the teacher and timed against it, planned again while the measured speed-up falls
+short. Everything is explained in <run>/plan.log. Then the plan's units are retrained from the teacher cache, put
+together, the whole student is fine-tuned end to end by KD (KL at masked positions or at every next token,
+optionally + relation distillation), evaluated on the test split, timed against the teacher on this device and,
+with --export-hf / --export-onnx, exported.
 """
 from __future__ import annotations
 
@@ -22,11 +27,12 @@ import sys
 from pathlib import Path
 
 from utils import api
-from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config
-from utils.cli.groups import add_finetune_args, add_map_args
+from utils.cli.configs import export_config, map_config, plan_finetune, record, session_config, train_config
+from utils.cli.groups import add_export_args, add_finetune_args, add_map_args
+from utils.cli.output import plan_table
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.run import run_main
-from utils.planning.planner import COSTS
+from utils.planning.planner import COSTS, Target
 
 
 def params_arg(s: str) -> int:
@@ -51,39 +57,53 @@ def speedup_arg(s: str) -> float:
     return v
 
 
+def kv_fraction_arg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-kv-cache must be a fraction such as 0.33, got '{s}'") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"--target-kv-cache is a fraction of the teacher's KV cache in [0, 1), got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=1, lr=1e-3)
     g = p.add_argument_group("plan")
     t = g.add_mutually_exclusive_group(required=True)
     t.add_argument("--target-speedup", type=speedup_arg, default=None,
-                   help="encoder speed-up over the teacher (the map's measured latencies, on the map's device)")
+                   help="speed-up over the teacher in --speed (the map's measured latencies, on the map's device, then "
+                        "re-timed)")
     t.add_argument("--target-params", type=params_arg, default=None,
                    help="at most this many parameters in the whole student (e.g. 18e6 or 18M)")
+    t.add_argument("--target-kv-cache", type=kv_fraction_arg, default=None,
+                   help="at most this fraction of the teacher's KV-cache bytes per token (a decoder), e.g. 0.33")
+    g.add_argument("--speed", choices=["prefill", "decode"], default="prefill",
+                   help="what --target-speedup times: prefill (a whole sequence; a masked LM's encoder pass) or decode "
+                        "(one new token after --seq-len cached ones; decoders)")
     g.add_argument("--map", default=None,
                    help="sensitivity.json or its folder (sensitivity_map.py); default: build it into <run>/map")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
     add_finetune_args(p)
     add_map_args(p)
+    add_export_args(p.add_argument_group("export"))
     return p
 
 
 def main(args: argparse.Namespace) -> Path:
-    run = Path(args.out) / (args.run_name or (f"plan_speedup{args.target_speedup:g}" if args.target_speedup
-                                              else f"plan_params{args.target_params}"))
+    target = Target(args.target_speedup, args.target_params, args.target_kv_cache, args.speed)
+    run = Path(args.out) / (args.run_name or f"plan_{target.name}")
     done = api.plan_student(session_config(args), target_speedup=args.target_speedup,
-                            target_params=args.target_params, map=args.map, cost=args.cost, config=map_config(args),
-                            finetune=plan_finetune(args), train=train_config(args), out=run, record=record(args))
+                            target_params=args.target_params, target_kv_cache=args.target_kv_cache, speed=args.speed,
+                            map=args.map, cost=args.cost, config=map_config(args), finetune=plan_finetune(args),
+                            train=train_config(args), out=run, record=record(args), export=export_config(args))
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
-    res, m = done.results, done.results["metrics"]
-    ms = res["measured_encoder_ms"]
     print("\n".join(done.plan.lines))
-    print(f"| model | params | encoder ms | speed-up | top-1 | agreement | KL |\n|---|---:|---:|---:|---:|---:|---:|\n"
-          f"| teacher | {res['teacher_params']:,} | {ms['teacher']:.1f} | 1.00x | {m.get('teacher_top1', float('nan')):.4f}"
-          f" | 1 | 0 |\n| planned student | {res['student_params']:,} | {ms['student']:.1f} | "
-          f"{res['measured_speedup']:.2f}x | {m.get('student_top1', float('nan')):.4f} | "
-          f"{m.get('agreement_top1', float('nan')):.4f} | {m.get('kl_teacher_student', float('nan')):.4f} |")
+    print(plan_table(done.results))
+    for line in done.results.get("exports", []):
+        print(line)
     return run
 
 

@@ -65,7 +65,7 @@ from utils.data.text import load_sentences  # noqa: E402
 from utils.evaluation.metrics import TokenScores, token_scores  # noqa: E402
 from utils.evaluation.speed import lm_speed  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
-from utils.storage.checkpoint import CheckpointError, find_checkpoints, read_meta  # noqa: E402
+from utils.storage.checkpoint import CheckpointError, find_checkpoints  # noqa: E402
 from utils.training.students import build_student, load_model  # noqa: E402
 from utils.training.units import init_blocks, init_merges, spec_from_meta  # noqa: E402
 

@@ -1,24 +1,33 @@
-"""Planned against uniform students at equal encoder speed-up, from one sensitivity map (issue 15, item 4).
+"""Planned students against uniform ones and layer-removal baselines at equal measured speed (issues 15 and 22).
 
-For every target speed-up S (--targets, default 1.3,1.5,2,3) of the map's encoder latency:
+For every target (--targets: speed-ups of the map's --speed latency; for a decoder also --kv-targets: fractions of
+the teacher's KV cache per token) these students are built from one sensitivity map:
 
-  planned     the planner's per-layer plan (utils.planning.planner.choose_plan, cost = the map's --cost);
-  uniform     the same option in every layer (a merge in every pair), among those the map says meet S the one
-              with the least summed map cost ("best uniform" by the map: only that one is trained, for the budget);
-  untrained   baselines without any training: the uniform plan's units as initialised from the teacher, i.e. kept
-              top heads (heads options; importance-ranked) and dropped layers (merge option: the first layer of
-              each pair), each with the fewest cuts that meet S.
+  planned     the planner's per-layer plan (utils.planning.planner.choose_plan, cost = --cost), re-timed before
+              training: its units composed into the teacher and timed against it, planned again while it falls
+              short (utils.planning.students.retimed_plan), so it meets the target as measured;
+  uniform     the same option in every layer (a merge in every pair), among those the map says meet the target the
+              one with the least summed map cost;
+  ShortGPT    (decoders) the n layers of lowest Block Influence dropped, n the fewest that meet the target as
+              measured (utils.planning.baselines);
+  SLEB        (decoders) layers dropped one at a time, each time the one whose removal raises calibration perplexity
+              least, n the fewest that meet the target as measured;
+  untrained   every method's student again without any training: units as initialised from the teacher, no KD
+              fine-tune (for a masked LM as before: kept top heads and dropped layers).
 
-Trained students are built exactly as plan_student.py builds its one (units retrained from the teacher cache,
-composed, fine-tuned end to end by KD: ``plan_student.make_student``); a plan reached by several targets or methods is
-trained once. Every model is evaluated on the same test sentences with one seeded [MASK] each
-(``utils.evaluation.metrics.compare_models``: top-1 / top-5, agreement with the teacher, KL, hidden cosine), its encoder
-latency is timed round-robin with the teacher's on this device, and at each target the planned student is compared
-with every other method by McNemar's exact test on the same masked sentences (top-1 correct, and agreement).
+Calibration windows (ShortGPT, SLEB) are the first --calibration-sentences of the training split, never the test
+split. Trained students are built as plan_student.py builds its one (units retrained from the teacher cache,
+composed, fine-tuned end to end by KD with --ft-epochs / --ft-lr: the same healing for every method); a plan reached
+by several targets or methods is built once. Every model is evaluated on the same test sentences or windows, timed
+round-robin with the teacher on this device (prefill; decoders also decode), and at each target the planned student
+is compared with every other method by paired tests: McNemar's exact test (masked LM: top-1 right and agreement per
+sentence; decoder: agreement per token) and, for a decoder, the paired t-test and sign test of per-token NLL.
 Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
 
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
+    python bench/plans.py --map runs/smolmap/sensitivity --teacher bench/results/smollm2-135m-instruct \\
+        --data-dir bench/results/wikitext2_split --seq-len 256 --batch-size 4 --targets 1.3,1.5,2 --kv-targets 0.333
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -39,28 +48,33 @@ from utils.cli.configs import map_config, plan_finetune, record, session_config,
 from utils.cli.groups import add_finetune_args, add_map_args  # noqa: E402
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
-from utils.evaluation.metrics import compare_models  # noqa: E402
-from utils.evaluation.stats import mcnemar  # noqa: E402
-from utils.planning.planner import COSTS, choose_plan  # noqa: E402
-from utils.planning.sensitivity import Option, encoder_inputs, option_from_dict, round_robin_ms  # noqa: E402
-from utils.planning.students import context, make_student, read_map  # noqa: E402
+from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
+from utils.evaluation.speed import round_robin_ms  # noqa: E402
+from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
+from utils.planning import baselines  # noqa: E402
+from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target  # noqa: E402
+from utils.planning.sensitivity import (Option, compose_units, option_from_dict, random_unit,  # noqa: E402
+                                        speed_fn)
+from utils.planning.students import context, make_student, read_map, retimed_plan  # noqa: E402
 from utils.storage.checkpoint import CheckpointError  # noqa: E402
 from utils.storage.lock import claim_units  # noqa: E402
 from utils.training.loop import run_record  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
-METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine")
+METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
+           "student_perplexity", "teacher_perplexity")
 
 
-def speedups(s: str) -> list[float]:
-    try:
-        v = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--targets must be comma-separated speed-ups such as 1.5,2; got '{s}'"
-                                         ) from None
-    if not v or any(x <= 1 for x in v):
-        raise argparse.ArgumentTypeError(f"--targets must be speed-ups above 1, got '{s}'")
-    return v
+def numbers(name: str, lo: float, hi: float) -> Callable[[str], list[float]]:
+    def parse(s: str) -> list[float]:
+        try:
+            v = [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got '{s}'") from None
+        if any(not lo < x < hi for x in v):
+            raise argparse.ArgumentTypeError(f"{name} must lie in ({lo:g}, {hi:g}), got '{s}'")
+        return v
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(p, epochs=1, lr=1e-3)
     g = p.add_argument_group("plans")
     g.add_argument("--map", required=True, help="sensitivity.json or its folder (sensitivity_map.py)")
-    g.add_argument("--targets", type=speedups, default=[1.3, 1.5, 2.0, 3.0], help="encoder speed-ups to plan for")
+    g.add_argument("--targets", type=numbers("--targets", 1, math.inf), default=None,
+                   help="speed-ups to plan for (default: 1.3,1.5,2,3 for a masked LM, 1.3,1.5,2 for a decoder)")
+    g.add_argument("--speed", choices=["prefill", "decode"], default="prefill", help="what --targets times")
+    g.add_argument("--kv-targets", type=numbers("--kv-targets", 0, 1), default=None,
+                   help="decoders: KV-cache fractions to plan for (default 0.333)")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
+    g.add_argument("--calibration-sentences", type=int, default=32,
+                   help="ShortGPT / SLEB calibration: the first N sentences of the training split")
+    g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
+    g.add_argument("--retime-rounds", type=int, default=5,
+                   help="re-timings of a planned speed plan before training (0: the map's plan as it is)")
     add_finetune_args(p)
     add_map_args(p)
     return p
@@ -83,7 +106,7 @@ def uniform(opt: Option, n: int) -> dict[int, Option]:
 
 
 def predicted(smap: dict[str, Any], choices: dict[int, Option], key: str) -> float:
-    """The map's summed ``key`` (latency_saved_ms, a cost) over the plan's units."""
+    """The map's summed ``key`` (a saving, a cost) over the plan's units."""
     cells = {(e["layer"], e["option"]): e for e in smap["entries"]}
     missing = [(i, o.name) for i, o in choices.items() if (i, o.name) not in cells]
     if missing:
@@ -91,37 +114,127 @@ def predicted(smap: dict[str, Any], choices: dict[int, Option], key: str) -> flo
     return sum(float(cells[i, o.name][key]) for i, o in choices.items())
 
 
-def candidates(smap: dict[str, Any], target: float, cost: str) -> list[dict[str, Any]]:
-    """The methods at one target: the planned plan, the best uniform plan by the map, the untrained baselines."""
-    n = smap["layers"]
-    enc = smap["timing"]["encoder_ms"]
-    need = enc * (1 - 1 / target)
-    options = [option_from_dict(o) for o in smap["options"]]
-    out: list[dict[str, Any]] = []
-    try:
-        plan = choose_plan(smap, target_speedup=target, cost=cost)
-        byname = {o.name: o for o in options}
-        out.append({"method": "planned", "trained": True, "choices": {i: byname[c] for i, c in plan.choices.items()},
-                    "why": plan.lines})
-    except ValueError as e:
-        log.warning("target %gx: no planned plan (%s)", target, e)
-    feasible = [(o, uniform(o, n)) for o in options]
-    feasible = [(o, c) for o, c in feasible if c and predicted(smap, c, "latency_saved_ms") >= need]
-    if feasible:
-        o, c = min(feasible, key=lambda oc: predicted(smap, oc[1], COSTS[cost]))
-        out.append({"method": "uniform", "trained": True, "choices": c,
-                    "why": [f"least map cost of {len(feasible)} uniform plans meeting {target:g}x"]})
-    full_dim = max(o.head_dim for o in options)  # the teacher's: only the head_dim options halve it
-    heads = [(o, c) for o, c in feasible if o.kind == "block" and o.head_dim == full_dim]
-    if heads:
-        o, c = max(heads, key=lambda oc: oc[0].num_heads)
-        out.append({"method": "untrained: kept top heads", "trained": False, "choices": c, "why": []})
-    drops = [(o, c) for o, c in feasible if o.name == "merge next"]
-    if drops:
-        out.append({"method": "untrained: dropped layers", "trained": False, "choices": drops[0][1], "why": []})
-    for m in out:
-        m["predicted_speedup"] = enc / (enc - predicted(smap, m["choices"], "latency_saved_ms"))
-    return out
+def _need(smap: dict[str, Any], target: Target) -> tuple[str, float]:
+    """(the map's saving key, how much the target needs saved)."""
+    if target.kv_cache is not None:
+        total = smap["teacher_kv_bytes_per_token"]
+        return "kv_bytes_saved", total * (1 - target.kv_cache)
+    total_key, gain_key, _ = SPEED_KEYS[target.speed]
+    return gain_key, smap["timing"][total_key] * (1 - 1 / target.speedup)
+
+
+class Bench:
+    """One bench run: the session, the map, the context that trains units, the measuring helpers."""
+
+    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx):
+        self.args, self.s, self.smap, self.ctx = args, s, smap, ctx
+        self.teacher = s.teacher
+        self.causal = s.teacher.TASK == "causal"
+        self.options = [option_from_dict(o) for o in smap["options"]]
+        self.n = smap["layers"]
+        self.orders: dict[str, list[int]] = {}
+        self.why: dict[str, list[str]] = {}
+
+    def measured_speedup(self, choices: dict[int, Option], speed: str) -> float:
+        """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin."""
+        t = self.teacher
+        student = compose_units(t, {i: random_unit(t, o, i) for i, o in choices.items()})
+        b, q = self.args.latency_batch, self.args.seq_len
+        ms = round_robin_ms({"teacher": speed_fn(t, speed, batch=b, seq=q),
+                             "student": speed_fn(student, speed, batch=b, seq=q)}, self.args.latency_reps,
+                            self.s.device)
+        return ms["teacher"] / ms["student"]
+
+    def meets(self, target: Target) -> Callable[[dict[int, Option]], bool]:
+        if target.kv_cache is not None:
+            return lambda c: baselines.kv_fraction(self.teacher, c) <= target.kv_cache + 1e-9
+        return lambda c: self.measured_speedup(c, target.speed) >= target.speedup
+
+    def removal_orders(self) -> None:
+        """ShortGPT's order of the layers, on the calibration windows; SLEB's is grown step by step as targets
+        need it (``_extend_sleb``)."""
+        if self.orders or not self.causal:
+            return
+        calib = self.s.first_sentences("train", self.args.calibration_sentences)
+        self.calibration, _ = self.s.loader(calib, shuffle=False)
+        order, bi = baselines.shortgpt_order(self.teacher, self.calibration, device=self.s.device)
+        self.orders["ShortGPT"] = order
+        self.why["ShortGPT"] = [f"Block Influence (1 - cos(in, out)) on {len(calib)} calibration windows: "
+                                + ", ".join(f"{i}: {bi[i]:.4f}" for i in order)]
+        self.orders["SLEB"], self.sleb_trace = [], []
+
+    def _extend_sleb(self) -> bool:
+        new, trace = baselines.sleb_order(self.teacher, self.calibration, device=self.s.device, steps=1,
+                                          start=self.orders["SLEB"])
+        self.orders["SLEB"] += new
+        self.sleb_trace += trace
+        return bool(new)
+
+    def _first_guess(self, target: Target) -> int:
+        """Where to start looking for the fewest drops: a layer under the proportional guess."""
+        if target.kv_cache is not None:
+            return max(1, math.floor(self.n * (1 - target.kv_cache)) - 1)
+        return max(1, math.floor(self.n * (1 - 1 / target.speedup)) - 1)
+
+    def candidates(self, target: Target) -> list[dict[str, Any]]:
+        """The methods at one target: planned, best uniform by the map, the layer-removal baselines (decoders), and
+        (a masked LM) the untrained kept-heads and dropped-layers baselines."""
+        out = self._planned(target) + self._uniform(target)
+        if self.causal:
+            self.removal_orders()
+            for method, order in self.orders.items():
+                n = baselines.fewest_drops(order, self.meets(target), start=self._first_guess(target),
+                                           limit=self.n - 1, extend=self._extend_sleb if method == "SLEB" else None)
+                if n is None:
+                    log.warning("%s: %s cannot meet it", target.name, method)
+                    continue
+                why = self.why.get(method) or ["greedy removal, calibration perplexity after each step: " + ", ".join(
+                    f"-{i}: {p:.3f}" for i, p in zip(self.orders['SLEB'], self.sleb_trace))]
+                out.append({"method": method, "trained": True, "choices": baselines.drop_choices(order, n),
+                            "why": why + [f"drop the first {n}: {sorted(order[:n])}"]})
+        elif target.speedup is not None:
+            out += self._bert_untrained(target)
+        if not self.args.no_untrained:
+            out += [{**m, "method": f"{m['method']}, untrained", "trained": False} for m in list(out)
+                    if m["trained"]]
+        return out
+
+    def _planned(self, target: Target) -> list[dict[str, Any]]:
+        try:
+            plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost,
+                                   reps=self.args.latency_reps, batch=self.args.latency_batch, seq=self.args.seq_len,
+                                   rounds=self.args.retime_rounds)
+        except PlanError as e:
+            log.warning("%s: no planned plan (%s)", target.name, e)
+            return []
+        byname = {o.name: o for o in self.options}
+        return [{"method": "planned", "trained": True, "choices": {i: byname[c] for i, c in plan.choices.items()},
+                 "why": plan.lines}]
+
+    def _uniform(self, target: Target) -> list[dict[str, Any]]:
+        key, need = _need(self.smap, target)
+        feasible = [(o, uniform(o, self.n)) for o in self.options]
+        feasible = [(o, c) for o, c in feasible if c and predicted(self.smap, c, key) >= need]
+        if not feasible:
+            return []
+        o, c = min(feasible, key=lambda oc: predicted(self.smap, oc[1], COSTS[self.args.cost]))
+        return [{"method": "uniform", "trained": True, "choices": c,
+                 "why": [f"least map cost of {len(feasible)} uniform plans meeting {target.name} by the map: {o.name}"]}]
+
+    def _bert_untrained(self, target: Target) -> list[dict[str, Any]]:
+        key, need = _need(self.smap, target)
+        feasible = [(o, uniform(o, self.n)) for o in self.options]
+        feasible = [(o, c) for o, c in feasible if c and predicted(self.smap, c, key) >= need]
+        full_dim = max(o.head_dim for o in self.options)  # the teacher's: only the head_dim options halve it
+        out = []
+        heads = [(o, c) for o, c in feasible if o.kind == "block" and o.head_dim == full_dim]
+        if heads:
+            out.append({"method": "untrained: kept top heads", "trained": False,
+                        "choices": max(heads, key=lambda oc: oc[0].num_heads)[1], "why": []})
+        drops = [c for o, c in feasible if o.name == "merge next"]
+        if drops:
+            out.append({"method": "untrained: dropped layers", "trained": False, "choices": drops[0], "why": []})
+        return out
 
 
 def plan_key(choices: dict[int, Option], trained: bool) -> str:
@@ -139,7 +252,6 @@ def main(args: argparse.Namespace) -> Path:
 
 def bench(args: argparse.Namespace, out: Path) -> Path:
     s = session.start(session_config(args))
-    teacher = s.teacher
     smap = read_map(args.map)
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
         raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
@@ -147,70 +259,179 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     ctx = context(s, map_config(args), train=train,
                   record=run_record(record(args), batch_size=s.data.batch_size, train=train,
                                     percentage_data=s.data.fraction))
-    test_loader, _ = s.loader(s.first_sentences("test", args.test_sentences), shuffle=False)
-    per_target = {t: candidates(smap, t, args.cost) for t in args.targets}
-    models: dict[str, dict[str, Any]] = {}
-    for t, methods in per_target.items():
-        for m in methods:
-            key = m["key"] = plan_key(m["choices"], m["trained"])
-            if key in models:
-                continue
-            run = out / f"model_{len(models)}"
-            student, _ = make_student(s, ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
-                                      finetune=plan_finetune(args), train=m["trained"])
-            res = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=True)
-            models[key] = {"key": key, "run": str(run), "trained": m["trained"], "model": student,
-                           "metrics": {k: res.metrics[k] for k in METRICS if k in res.metrics},
-                           "params": student.num_parameters(), "predicted_speedup": m["predicted_speedup"],
-                           "right": [r["student"] == r["true"] for r in res.rows],
-                           "agree": [r["student"] == r["teacher"] for r in res.rows]}
-            log.info("%s: %s", key, {k: round(v, 4) for k, v in models[key]["metrics"].items()})
-    base = compare_models(teacher, teacher, test_loader, tokenizer=s.tokenizer, device=s.device,
-                          keep_rows=False).metrics
-    ids, att = encoder_inputs(teacher, batch=args.latency_batch, seq=args.seq_len, device=s.device)
-    fns = {"teacher": lambda: teacher(ids, att, with_logits=False)}
-    fns.update({k: (lambda m=v["model"]: m(ids, att, with_logits=False)) for k, v in models.items()})
-    ms = round_robin_ms(fns, args.latency_reps, s.device)
-    for k, v in models.items():
-        v.update(encoder_ms=ms[k], speedup=ms["teacher"] / ms[k])
-    rows, tests = [], []
-    for t, methods in per_target.items():
-        for m in methods:
-            v = models[m["key"]]
-            rows.append({"target": t, "method": m["method"], "plan": m["key"], "why": m["why"],
-                         **{k: v[k] for k in ("params", "encoder_ms", "speedup", "predicted_speedup", "metrics")}})
-        planned = next((m for m in methods if m["method"] == "planned"), None)
-        for m in methods:
-            if planned is None or m is planned or m["key"] == planned["key"]:
-                continue
-            a, b = models[planned["key"]], models[m["key"]]
-            tests.append({"target": t, "against": m["method"], "plan": m["key"],
-                          "top1": mcnemar(a["right"], b["right"]), "agreement": mcnemar(a["agree"], b["agree"])})
-    result = {"teacher": str(args.teacher), "map": str(args.map), "device": str(s.device),
-              "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5") if k in base},
-              "teacher_params": teacher.num_parameters(), "teacher_encoder_ms": ms["teacher"],
-              "test_sentences": base["sentences"], "targets": args.targets, "rows": rows, "tests": tests,
-              "budget": {"max_train_sentences": args.max_train_sentences, "epochs": args.epochs,
-                         "ft_epochs": args.ft_epochs, "eval_sentences": args.eval_sentences,
-                         "latency_reps": args.latency_reps}}
+    b = Bench(args, s, smap, ctx)
+    targets = [Target(speedup=t, speed=args.speed) for t in (args.targets or
+                                                             ([1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]))]
+    if b.causal:
+        targets += [Target(kv_cache=f) for f in (args.kv_targets or [0.333])]
+    per_target = {t.name: b.candidates(t) for t in targets}
+    models = build_models(b, per_target, out)
+    test = s.first_sentences("test", args.test_sentences)
+    scored = score(b, models, test)
+    timed = time_models(b, models)
+    result = summarise(b, per_target, models, scored, timed, targets)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plans.json").write_text(json.dumps(result, indent=2))
+    (out / "plans.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "plans.md").write_text(markdown(result) + "\n")
     plot(result, out / "pareto.png")
     print((out / "plans.md").read_text())
     return out
 
 
+def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Path) -> dict[str, dict[str, Any]]:
+    """Every distinct student of every target, built once (trained ones retrained and healed alike); each saved as
+    <out>/model_<k>/model/best and kept on the CPU between uses."""
+    models: dict[str, dict[str, Any]] = {}
+    for name, methods in per_target.items():
+        for m in methods:
+            key = m["key"] = plan_key(m["choices"], m["trained"])
+            if key in models:
+                continue
+            run = out / f"model_{len(models)}"
+            student, _ = make_student(b.s, b.ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
+                                      finetune=plan_finetune(b.args), train=m["trained"])
+            models[key] = {"key": key, "run": str(run), "trained": m["trained"], "model": student.cpu(),
+                           "params": student.num_parameters(),
+                           "kv_bytes": student.config.kv_cache_bytes_per_token()}
+            log.info("built %s", key)
+    return models
+
+
+def score(b: Bench, models: dict[str, dict[str, Any]], test) -> dict[str, Any]:
+    """Every model on the same test items: metrics, and per item what the paired tests read. A decoder's students
+    are scored token by token, four to a teacher pass."""
+    s, t = b.s, b.teacher
+    loader, _ = s.loader(test, shuffle=False)
+    per: dict[str, Any] = {}
+    if b.causal:
+        keys = list(models)
+        base: dict[str, Any] = {}
+        for k in range(0, len(keys), 4):
+            group = {key: models[key]["model"].to(s.device) for key in keys[k:k + 4]}
+            tok = token_scores(t, group, loader, device=s.device)
+            base = {"teacher_perplexity": tok.perplexity(), "predicted_tokens": len(tok.teacher_nll)}
+            for key in group:
+                models[key]["metrics"] = {"student_perplexity": tok.perplexity(key),
+                                          "teacher_perplexity": base["teacher_perplexity"],
+                                          "agreement_top1": tok.mean(tok.agree[key]),
+                                          "kl_teacher_student": tok.mean(tok.kl[key])}
+                per[key] = {"nll": tok.nll[key], "agree": tok.agree[key]}
+                models[key]["model"].cpu()
+                log.info("%s: %s", key, {k: round(x, 4) for k, x in models[key]["metrics"].items()})
+        return {"base": base, "per": per}
+    base = compare_models(t, t, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
+    for key, v in models.items():
+        student = v["model"].to(s.device)
+        res = compare_models(t, student, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=True)
+        v["metrics"] = {k: res.metrics[k] for k in METRICS if k in res.metrics}
+        per[key] = {"right": [r["student"] == r["true"] for r in res.rows],
+                    "agree": [r["student"] == r["teacher"] for r in res.rows]}
+        v["model"] = student.cpu()
+        log.info("%s: %s", key, {k: round(x, 4) for k, x in v["metrics"].items()})
+    return {"base": base, "per": per}
+
+
+def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Prefill (and for a decoder decode) ms of the teacher and every model, round-robin in one run (an untrained
+    model whose trained twin is timed has its shapes, so its speed: it is not timed again)."""
+    s = b.s
+    out: dict[str, dict[str, float]] = {}
+    for speed in ("prefill", "decode") if b.causal else ("prefill",):
+        fns = {"teacher": speed_fn(b.teacher, speed, batch=b.args.latency_batch, seq=b.args.seq_len)}
+        for key, v in models.items():
+            if v["trained"] or key.removeprefix("untrained ") not in models:
+                fns[key] = speed_fn(v["model"].to(s.device), speed, batch=b.args.latency_batch, seq=b.args.seq_len)
+        out[speed] = round_robin_ms(fns, b.args.latency_reps, s.device)
+    for v in models.values():
+        v["model"].cpu()
+    return out
+
+
+def _ms(timed: dict[str, dict[str, float]], key: str, speed: str) -> float:
+    trained = key.removeprefix("untrained ")
+    return timed[speed].get(key, timed[speed].get(trained, math.nan))
+
+
+def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]) -> dict[str, Any]:
+    rows, tests = [], []
+    for t in targets:
+        methods = per_target[t.name]
+        for m in methods:
+            v = models[m["key"]]
+            row = {"target": t.name, "label": t.label, "method": m["method"], "plan": m["key"], "why": m["why"],
+                   "params": v["params"], "kv_bytes": v["kv_bytes"], "metrics": v["metrics"],
+                   "predicted": _predicted(b.smap, m["choices"], t),
+                   "prefill_ms": _ms(timed, m["key"], "prefill"),
+                   "speedup": timed["prefill"]["teacher"] / _ms(timed, m["key"], "prefill")}
+            if b.causal:
+                row["decode_ms"] = _ms(timed, m["key"], "decode")
+                row["decode_speedup"] = timed["decode"]["teacher"] / row["decode_ms"]
+            rows.append(row)
+        tests += paired_tests(b, t, methods, scored["per"])
+    base = scored["base"]
+    return {"teacher": str(b.args.teacher), "map": str(b.args.map), "device": str(b.s.device), "causal": b.causal,
+            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity") if k in base},
+            "teacher_params": b.teacher.num_parameters(),
+            "teacher_kv_bytes": b.teacher.config.kv_cache_bytes_per_token(),
+            "teacher_prefill_ms": timed["prefill"]["teacher"],
+            "teacher_decode_ms": timed.get("decode", {}).get("teacher"),
+            "test_items": base.get("predicted_tokens", base.get("sentences")),
+            "targets": [t.name for t in targets], "rows": rows, "tests": tests,
+            "budget": {"max_train_sentences": b.args.max_train_sentences, "epochs": b.args.epochs,
+                       "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr, "eval_sentences": b.args.eval_sentences,
+                       "test_sentences": b.args.test_sentences, "latency_reps": b.args.latency_reps,
+                       "calibration_sentences": b.args.calibration_sentences, "seq_len": b.args.seq_len}}
+
+
+def _predicted(smap: dict[str, Any], choices: dict[int, Option], target: Target) -> float:
+    """What the map predicts for a plan in the target's terms: its speed-up, or the KV-cache fraction it keeps."""
+    key, _ = _need(smap, target)
+    saved = predicted(smap, choices, key)
+    if target.kv_cache is not None:
+        return 1 - saved / smap["teacher_kv_bytes_per_token"]
+    total = smap["timing"][SPEED_KEYS[target.speed][0]]
+    return total / (total - saved)
+
+
+def paired_tests(b: Bench, target: Target, methods: list[dict[str, Any]], per: dict[str, Any]) -> list[dict[str, Any]]:
+    """The planned student against every other method at one target: healed against healed (and a masked LM's
+    untrained baselines), and the untrained versions against each other."""
+    out = []
+    for suffix in ("", ", untrained"):  # healed against healed (and the masked-LM untrained baselines); raw vs raw
+        name = "planned" + suffix
+        planned = next((m for m in methods if m["method"] == name), None)
+        if planned is None:
+            continue
+        a = per[planned["key"]]
+        for m in methods:
+            if m["method"].endswith(", untrained") != bool(suffix) or m is planned or m["key"] == planned["key"]:
+                continue
+            o = per[m["key"]]
+            x = {"target": target.name, "label": target.label, "planned": name, "against": m["method"], "plan": m["key"],
+                 "agreement": mcnemar(a["agree"], o["agree"])}
+            if b.causal:
+                x["nll_t"] = paired_t(a["nll"], o["nll"])
+                x["nll_sign"] = sign_test(a["nll"], o["nll"])
+            else:
+                x["top1"] = mcnemar(a["right"], o["right"])
+            out.append(x)
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
+    return (_markdown_causal if r["causal"] else _markdown_mlm)(r)
+
+
+def _markdown_mlm(r: dict[str, Any]) -> str:
     t1 = r["teacher_metrics"].get("teacher_top1", float("nan"))
     lines = [f"Teacher {Path(r['teacher']).name}: top-1 {t1:.4f}, {r['teacher_params'] / 1e6:.2f} M parameters, "
-             f"encoder {r['teacher_encoder_ms']:.1f} ms ({r['device']}); {r['test_sentences']} test sentences.", "",
-             "| target | method | plan | params (M) | encoder ms | speed-up measured / map | top-1 (x teacher) | top-5 "
+             f"encoder {r['teacher_prefill_ms']:.1f} ms ({r['device']}); {r['test_items']} test sentences.", "",
+             "| target | method | plan | params (M) | encoder ms | speed-up measured | top-1 (x teacher) | top-5 "
              "| agreement | KL | hidden cos |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         m = row["metrics"]
-        lines.append(f"| {row['target']:g}x | {row['method']} | {row['plan']} | {row['params'] / 1e6:.2f} | "
-                     f"{row['encoder_ms']:.1f} | {row['speedup']:.2f}x / {row['predicted_speedup']:.2f}x | "
+        lines.append(f"| {row['label']} | {row['method']} | {row['plan']} | {row['params'] / 1e6:.2f} | "
+                     f"{row['prefill_ms']:.1f} | {row['speedup']:.2f}x | "
                      f"{m.get('student_top1', math.nan):.4f} ({m.get('student_top1', math.nan) / t1:.3f}) | "
                      f"{m.get('student_top5', math.nan):.4f} | {m.get('agreement_top1', math.nan):.4f} | "
                      f"{m.get('kl_teacher_student', math.nan):.4f} | {m.get('hidden_cosine', math.nan):.4f} |")
@@ -220,43 +441,84 @@ def markdown(r: dict[str, Any]) -> str:
               "other, z, p |", "|---|---|---:|---:|"]
     for x in r["tests"]:
         a, b = x["top1"], x["agreement"]
-        lines.append(f"| {x['target']:g}x | {x['against']} ({x['plan']}) | {a['only_a']} / {a['only_b']}, "
+        lines.append(f"| {x['label']} | {x['against']} ({x['plan']}) | {a['only_a']} / {a['only_b']}, "
                      f"z = {a['z']:+.2f}, p = {a['p']:.3g} | {b['only_a']} / {b['only_b']}, z = {b['z']:+.2f}, "
                      f"p = {b['p']:.3g} |")
     return "\n".join(lines)
 
 
+def _markdown_causal(r: dict[str, Any]) -> str:
+    ppl = r["teacher_metrics"].get("teacher_perplexity", float("nan"))
+    lines = [f"Teacher {Path(r['teacher']).name}: perplexity {ppl:.3f}, {r['teacher_params'] / 1e6:.2f} M parameters, "
+             f"KV cache {r['teacher_kv_bytes']:,} bytes per token, prefill {r['teacher_prefill_ms']:.1f} ms, decode "
+             f"{r['teacher_decode_ms']:.2f} ms per token ({r['device']}); {r['test_items']} predicted test tokens.", "",
+             "| target | method | params (M) | KV (x teacher) | prefill speed-up | decode speed-up | perplexity "
+             "(x teacher) | agreement | KL |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        m = row["metrics"]
+        sp = m.get("student_perplexity", math.nan)
+        lines.append(f"| {row['label']} | {row['method']} | {row['params'] / 1e6:.2f} | "
+                     f"{row['kv_bytes'] / r['teacher_kv_bytes']:.3f} | {row['speedup']:.2f}x | "
+                     f"{row['decode_speedup']:.2f}x | {sp:.3f} ({sp / ppl:.3f}) | "
+                     f"{m.get('agreement_top1', math.nan):.4f} | {m.get('kl_teacher_student', math.nan):.4f} |")
+    lines += ["", "Plans:", ""] + [f"- {row['label']} {row['method']}: {row['plan']}" for row in r["rows"]
+                                   if "untrained" not in row["method"]]
+    lines += ["", "Paired tests over the test tokens, planned vs each other method at the same target (agreement with "
+              "the teacher's top-1: McNemar, exact two-sided; NLL per token: paired t-test and sign test, two-sided; "
+              "a negative mean difference: planned is better):", "",
+              "| target | planned vs | agreement: only planned / only other, p | NLL: mean diff, t, p | NLL sign: "
+              "planned lower / higher, p |", "|---|---|---:|---:|---:|"]
+    for x in r["tests"]:
+        a, t, sg = x["agreement"], x["nll_t"], x["nll_sign"]
+        lines.append(f"| {x['label']} | {x['planned']} vs {x['against']} | {a['only_a']} / {a['only_b']}, "
+                     f"p = {a['p']:.3g} | {t['mean_diff']:+.4f}, {t['t']:+.1f}, p = {t['p']:.3g} | "
+                     f"{sg['a_lower']} / {sg['a_higher']}, p = {sg['p']:.3g} |")
+    return "\n".join(lines)
+
+
+STYLE = {"planned": ("o", "tab:red"), "uniform": ("s", "tab:blue"), "ShortGPT": ("^", "tab:green"),
+         "SLEB": ("D", "tab:purple"), "untrained: kept top heads": ("v", "tab:gray"),
+         "untrained: dropped layers": ("x", "black")}
+
+
 def plot(r: dict[str, Any], path: Path) -> Path:
-    """Top-1 and agreement against measured encoder speed-up, one marker per method, one point per model."""
+    """Quality against measured speed-up (prefill; a decoder also decode), one marker per method, hollow untrained."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    style = {"planned": ("o", "tab:red"), "uniform": ("s", "tab:blue"),
-             "untrained: kept top heads": ("v", "tab:gray"), "untrained: dropped layers": ("x", "black")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    t1 = r["teacher_metrics"].get("teacher_top1")
-    for ax, key, label in ((axes[0], "student_top1", "masked-token top-1"),
-                           (axes[1], "agreement_top1", "agreement with the teacher's top-1")):
-        for method, (marker, color) in style.items():
-            pts = {row["plan"]: row for row in r["rows"] if row["method"] == method and key in row["metrics"]}
-            ax.scatter([row["speedup"] for row in pts.values()], [row["metrics"][key] for row in pts.values()],
-                       marker=marker, color=color, label=method, s=45)
-        ref = t1 if key == "student_top1" else 1.0
+    causal = r["causal"]
+    panels = ([("speedup", "student_perplexity", "perplexity"), ("speedup", "agreement_top1", "agreement"),
+               ("decode_speedup", "student_perplexity", "perplexity"), ("decode_speedup", "agreement_top1",
+                                                                       "agreement")]
+              if causal else [("speedup", "student_top1", "masked-token top-1"),
+                              ("speedup", "agreement_top1", "agreement with the teacher's top-1")])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (xk, yk, label) in zip(axes[0], panels):
+        for row in r["rows"]:
+            base = row["method"].removesuffix(", untrained")
+            marker, color = STYLE.get(base, ("o", "tab:orange"))
+            hollow = "untrained" in row["method"] and base in ("planned", "uniform", "ShortGPT", "SLEB")
+            if yk in row["metrics"]:
+                look = ({"c": color} if marker == "x" else
+                        {"facecolors": "none" if hollow else color, "edgecolors": color})
+                ax.scatter([row[xk]], [row["metrics"][yk]], marker=marker, s=45, label=row["method"], **look)
+        ref = r["teacher_metrics"].get("teacher_perplexity" if yk == "student_perplexity" else "teacher_top1") \
+            if yk != "agreement_top1" else 1.0
         if ref is not None:
             ax.scatter([1.0], [ref], marker="*", s=120, color="gold", edgecolor="k", label="teacher")
-            if key == "student_top1":
-                ax.axhline(0.97 * ref, ls="--", lw=0.8, color="tab:green", label="0.97 x teacher")
-                ax.axhline(0.90 * ref, ls=":", lw=0.8, color="tab:green", label="0.90 x teacher")
-        for t in r["targets"]:
-            ax.axvline(t, lw=0.5, color="lightgray")
-        ax.set_xlabel(f"measured encoder speed-up over the teacher ({r['device']})")
+        if yk == "student_perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel(("decode" if xk == "decode_speedup" else "prefill" if causal else "encoder")
+                      + f" speed-up, measured ({r['device']})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Planned vs uniform students and untrained baselines — {Path(r['teacher']).name}, "
-                 f"{r['test_sentences']} test sentences", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    axes[0][0].legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.suptitle(f"Planned students vs uniform and layer-removal baselines — {Path(r['teacher']).name}, "
+                 f"{r['test_items']} test {'tokens' if causal else 'sentences'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,9 +3,11 @@ planned vs uniform students at equal speed-up with paired tests, on the tiny tea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
+import torch
 
 import sensitivity_map
 from bench import plans
@@ -119,29 +121,179 @@ def test_bench_planned_vs_uniform(tiny_teacher, tiny_corpus, combined_map, tmp_p
     (tmp_path / "map.json").write_text(json.dumps(smap))
     argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name",
             "b", "--cache-dir", str(tmp_path / "cache"), "--map", str(tmp_path / "map.json"), "--targets", "1.2,3",
-            "--ft-epochs", "1", "--test-sentences", "24"] + FAST
+            "--ft-epochs", "1", "--test-sentences", "24", "--no-untrained", "--retime-rounds", "0"] + FAST
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     res = json.loads((tmp_path / "b" / "plans.json").read_text())
     by = {(r["target"], r["method"]): r for r in res["rows"]}
+    t12, t3 = "prefill_speedup1.2", "prefill_speedup3"
     # 1.2x needs 3.33 ms: planned and uniform exist, kept top heads (2 x 2 ms) and dropped layers qualify
-    assert {m for t, m in by if t == 1.2} == {"planned", "uniform", "untrained: kept top heads",
+    assert {m for t, m in by if t == t12} == {"planned", "uniform", "untrained: kept top heads",
                                               "untrained: dropped layers"}
     # 3x needs 13.33 ms: only the combined merge reaches it (no kept-heads or dropped-layers baseline does)
-    assert {m for t, m in by if t == 3.0} == {"planned", "uniform"}
-    assert by[3.0, "planned"]["plan"] == "0+1: merge heads 2 ffn 32"
+    assert {m for t, m in by if t == t3} == {"planned", "uniform"}
+    assert by[t3, "planned"]["plan"] == "0+1: merge heads 2 ffn 32"
     for r in res["rows"]:
-        assert r["predicted_speedup"] >= r["target"] - 1e-9
+        assert r["predicted"] >= float(r["target"].removeprefix("prefill_speedup")) - 1e-9
         assert 0 <= r["metrics"]["agreement_top1"] <= 1 and r["speedup"] > 0 and r["params"] > 0
-    assert by[1.2, "untrained: dropped layers"]["plan"] == "untrained 0+1: merge next"
-    tests = [t for t in res["tests"] if t["target"] == 1.2]
+    assert by[t12, "untrained: dropped layers"]["plan"] == "untrained 0+1: merge next"
+    tests = [t for t in res["tests"] if t["target"] == t12]
     assert {t["against"] for t in tests} <= {"uniform", "untrained: kept top heads", "untrained: dropped layers"}
     assert tests and all(0 <= t["top1"]["p"] <= 1 and t["top1"]["only_a"] + t["top1"]["only_b"] <= 24 for t in tests)
     # the paired counts agree with the accuracies: (only planned - only other) / n = top-1 difference
     for t in tests:
-        a = by[1.2, "planned"]["metrics"]["student_top1"]
-        b = by[1.2, t["against"]]["metrics"]["student_top1"]
-        assert (t["top1"]["only_a"] - t["top1"]["only_b"]) / res["test_sentences"] == pytest.approx(a - b)
+        a = by[t12, "planned"]["metrics"]["student_top1"]
+        b = by[t12, t["against"]]["metrics"]["student_top1"]
+        assert (t["top1"]["only_a"] - t["top1"]["only_b"]) / res["test_items"] == pytest.approx(a - b)
     model, meta = load_model(next((tmp_path / "b").glob("model_*/model/best")))
     assert model.num_parameters() in {r["params"] for r in res["rows"]}
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
     assert "| 3x | planned |" in (tmp_path / "b" / "plans.md").read_text()
+
+
+# ---- decoders: the map's options, budgets, re-timing and the layer-removal baselines ----
+def test_decoder_options_follow_the_teacher(tiny_llama):
+    from models import load_teacher
+
+    teacher, _ = load_teacher(tiny_llama)  # 6 query heads over 2 KV heads of 8, FFN 64
+    opts = {o.name: o for o in default_options(teacher.config, task=teacher.TASK)}
+    assert list(opts) == ["kv 1", "heads 4", "heads 2", "linear", "ffn 48", "ffn 32", "ffn 16", "no attention",
+                          "no attention ffn 32", "drop", "merge next"]
+    assert (opts["kv 1"].attention, opts["kv 1"].num_kv_heads) == ("gqa", 1)
+    assert (opts["heads 2"].attention, opts["heads 2"].num_kv_heads) == ("mha", None)  # one query head per group
+    spec = opts["drop"].spec(3, teacher.config)
+    assert (spec.attention, spec.intermediate_size, spec.kind) == ("none", 0, "dropped")
+    assert opts["linear"].spec(0, teacher.config).intermediate_size == 64  # a block keeps the layer's FFN
+
+
+def _decoder_map(tiny_llama, tiny_corpus, tmp_path) -> Path:
+    from utils import api
+
+    out = tmp_path / "map"
+    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
+                                          data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)),
+                        config=api.MapConfig(options=("kv", "ffn", "drop"), max_train_sentences=48, eval_sentences=16,
+                                             valid_batches=1, latency_reps=3, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=out)
+    return out
+
+
+def test_decoder_map_has_prefill_decode_and_kv_savings(tiny_llama, tiny_corpus, tmp_path):
+    smap = json.loads((_decoder_map(tiny_llama, tiny_corpus, tmp_path) / "sensitivity.json").read_text())
+    assert smap["task"] == "causal" and {"decode_ms", "decode_layer_ms", "decode_unit_ms"} <= set(smap["timing"])
+    cells = {(e["layer"], e["option"]): e for e in smap["entries"]}
+    assert len(cells) == 4 * 5  # kv 1, ffn x 3, drop on every layer
+    from models import load_teacher
+
+    teacher, _ = load_teacher(tiny_llama)
+    drop = cells[(2, "drop")]  # the whole layer: its 2 KV heads of 8, keys and values in fp16, and all its weights
+    assert drop["kv_bytes_saved"] == 2 * 2 * 2 * 8
+    assert drop["params_saved"] == sum(p.numel() for p in teacher.layers[2].parameters())
+    assert cells[(2, "kv 1")]["kv_bytes_saved"] == 2 * 2 * 8 and cells[(2, "ffn 32")]["kv_bytes_saved"] == 0
+    assert all({"perplexity_ratio", "kl_teacher_student", "agreement_top1", "decode_saved_ms"} <= set(e)
+               for e in smap["entries"])
+    plan = choose_plan(smap, target_kv_cache=0.5)
+    kept = 1 - sum(cells[(i, o)]["kv_bytes_saved"] for i, o in plan.choices.items()) / smap[
+        "teacher_kv_bytes_per_token"]
+    assert kept <= 0.5 and plan.choices
+    with pytest.raises(ValueError, match="cannot be met"):
+        choose_plan({**smap, "entries": [e for e in smap["entries"] if e["option"] == "kv 1"]}, target_kv_cache=0.4)
+
+
+def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_path):
+    from utils import api
+
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    done = api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
+                                              data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
+                                                                  batch_size=8)),
+                            target_speedup=1.2, speed="decode", map=mp,
+                            config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
+                                                 latency_reps=5, latency_batch=1),
+                            finetune=api.PlanFinetune(epochs=1, test_sentences=16),
+                            train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=tmp_path / "plan",
+                            export=api.ExportConfig(hf_dir=str(tmp_path / "hf")))
+    log = (tmp_path / "plan" / "plan.log").read_text()
+    assert "re-timing 1: planned for 1.200x" in log
+    res = done.results
+    assert res["retiming"] and res["retiming"][-1]["measured_speedup"] > 0
+    assert {"decode_measured_speedup", "measured_speedup", "student_kv_bytes_per_token"} <= set(res)
+    assert res["target_met_measured"] == (res["decode_measured_speedup"] >= 1.2)
+    assert "student_perplexity" in res["metrics"] and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_layer_removal_baselines(tiny_llama, tiny_corpus):
+    from models import load_teacher
+    from utils.data.batches import TokenWindows, make_loader
+    from utils.planning.baselines import (block_influence, calibration_nll, drop_choices, dropped, fewest_drops,
+                                          kv_fraction, shortgpt_order, sleb_order)
+
+    teacher, tok = load_teacher(tiny_llama)
+    windows = TokenWindows((tiny_corpus / "train.txt").read_text().splitlines()[:40], tok, 16)
+    loader, _ = make_loader(windows, tok, 8, shuffle=False)
+    cpu = torch.device("cpu")
+    bi = block_influence(teacher, loader, device=cpu)
+    order, values = shortgpt_order(teacher, loader, device=cpu)
+    assert len(bi) == 4 and values == bi and [bi[i] for i in order] == sorted(bi)
+    sleb, trace = sleb_order(teacher, loader, device=cpu, steps=2)
+    assert len(set(sleb)) == 2 and len(trace) == 2
+    # the first step's choice is the layer whose removal alone costs least
+    alone = {i: calibration_nll(dropped(teacher, [i]), loader, device=cpu) for i in range(4)}
+    assert sleb[0] == min(alone, key=alone.get)
+    assert kv_fraction(teacher, drop_choices(order, 1)) == pytest.approx(0.75)
+    assert fewest_drops(order, lambda c: kv_fraction(teacher, c) <= 0.5) == 2
+    with torch.no_grad():  # dropped layers pass their input on: the view equals running the kept layers alone
+        ids, att = next(iter(loader))["input_ids"], None
+        view = dropped(teacher, [1, 2])
+        ctx = teacher.context(None, ids.shape[1])
+        h = teacher.embed(ids)
+        for i in (0, 3):
+            h = teacher.layers[i](h, ctx)
+        assert torch.allclose(view(ids).last_hidden_state, h, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, tmp_path):
+    """The decoder bench end to end on a tiny Llama: planned, uniform, ShortGPT and SLEB students at a prefill target
+    and a KV-cache target, healed alike, their untrained versions, paired tests over the same test tokens."""
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
+            "--map", str(mp), "--targets", "1.2", "--kv-targets", "0.5", "--seq-len", "16", "--batch-size", "8",
+            "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "2", "--latency-reps", "3",
+            "--latency-batch", "1", "--max-train-sentences", "48", "--eval-sentences", "16", "--valid-batches", "1",
+            "--ft-epochs", "1", "--test-sentences", "24", "--calibration-sentences", "16"]
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "b" / "plans.json").read_text())
+    assert res["causal"] and res["targets"] == ["prefill_speedup1.2", "kv_cache0.5"]
+    kv = {r["method"]: r for r in res["rows"] if r["target"] == "kv_cache0.5"}
+    assert {"planned", "ShortGPT", "SLEB", "planned, untrained", "ShortGPT, untrained"} <= set(kv)
+    for r in kv.values():  # every student keeps at most half the teacher's KV cache
+        assert r["kv_bytes"] <= 0.5 * res["teacher_kv_bytes"] and r["metrics"]["student_perplexity"] > 1
+    assert kv["ShortGPT"]["plan"].count("drop") == 2  # 2 of 4 layers: the fewest that keep half the KV cache
+    tests = [t for t in res["tests"] if t["target"] == "kv_cache0.5"]
+    assert {(t["planned"], t["against"]) for t in tests} >= {("planned", "ShortGPT"), ("planned", "SLEB"),
+                                                              ("planned, untrained", "SLEB, untrained")}
+    n = res["test_items"]
+    assert all(t["agreement"]["only_a"] + t["agreement"]["only_b"] <= n and 0 <= t["nll_t"]["p"] <= 1
+               and t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n for t in tests)
+    assert "| KV 0.5 | planned |" in (tmp_path / "b" / "plans.md").read_text()
+    assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-kv-cache", "1.5"], "--target-kv-cache is a fraction of the teacher's KV cache in [0, 1)"),
+    (["--target-kv-cache", "0.5", "--target-speedup", "2"], "not allowed with argument"),
+    (["--target-speedup", "2", "--speed", "fast"], "invalid choice: 'fast'"),
+])
+def test_plan_student_budget_flags_are_checked(tiny_llama, tiny_corpus, tmp_path, capsys, flags, message):
+    import plan_student
+
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as e:
+        plan_student.build_parser().parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_masked_lm_map_has_no_decode_budget(tiny_teacher, tiny_corpus, combined_map):
+    smap = json.loads((combined_map / "sensitivity.json").read_text())
+    with pytest.raises(ValueError, match="no decode step timings"):
+        choose_plan(smap, target_speedup=1.2, speed="decode")

@@ -17,7 +17,6 @@ a dataclass field); the command line shows its flag instead.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -37,9 +36,9 @@ from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
 from .evaluation.speed import decoder_costs, round_robin_ms
-from .planning.planner import Plan, budget_problem, choose_plan
-from .planning.sensitivity import default_options, encoder_inputs, option_from_dict, reach_map
-from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map
+from .planning.planner import SPEED_KEYS, Plan, Target, budget_problem
+from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn
+from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, run_exports
@@ -62,7 +61,7 @@ __all__ = [
 log = logging.getLogger("simplifying_transformers")
 REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")  # per-epoch fine-tune metrics
 PLAN_REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
-                 "teacher_top1")
+                 "teacher_top1", "teacher_perplexity", "student_perplexity", "predicted_tokens")
 
 
 # ---- results ----
@@ -824,22 +823,28 @@ def sensitivity_map(session: Session | SessionConfig, *, config: MapConfig = Map
 
 
 def plan_student(session: Session | SessionConfig, *, target_speedup: float | None = None,
-                 target_params: int | None = None, map: dict | str | Path | None = None, cost: str = "kl",
-                 config: MapConfig = MapConfig(), finetune: PlanFinetune = PlanFinetune(),
-                 train: TrainConfig = TrainConfig(), out: str | Path = "checkpoints/plan",
-                 record: dict[str, Any] | None = None) -> PlannedStudent:
-    """A student that meets one target (an encoder speed-up, or at most ``target_params`` parameters) at the least
-    summed ``cost`` of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with
-    ``config``): its units retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the
-    test split and timed against the teacher. Writes plan.log and results.json to ``out``; ``train.force`` accepts
-    a map made for another teacher."""
+                 target_params: int | None = None, target_kv_cache: float | None = None, speed: str = "prefill",
+                 map: dict | str | Path | None = None, cost: str = "kl", config: MapConfig = MapConfig(),
+                 finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
+                 out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
+                 export: ExportConfig | None = None) -> PlannedStudent:
+    """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
+    parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
+    of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
+    re-timed before training (its untrained units composed and timed against the teacher; planned again while it
+    falls short). Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
+    evaluated on the test split, timed against the teacher and exported (``export``). Writes plan.log and
+    results.json to ``out``; ``train.force`` accepts a map made for another teacher."""
+    target = Target(target_speedup, target_params, target_kv_cache, speed)
     run = Path(out)
+    if export is not None:
+        check_export_targets(export)
     with claim_units([run], "planned student"):
         s = _prepare(session)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
-        smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec,
-                                target=(target_speedup, target_params))
-        plan = choose_plan(smap, target_speedup, target_params, cost=cost)
+        smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
+        plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, reps=config.latency_reps,
+                                    batch=config.latency_batch, seq=s.data.seq_len)
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:
@@ -850,14 +855,17 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                                       origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
                                       finetune=finetune)
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units), config=config,
-                            by_latency=target_speedup is not None)
-        res.update(_target_met(res, target_speedup, target_params))
+                            target=target)
+        res.update(retiming=rounds, **_target_met(res, target))
+        if export is not None:
+            res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
+            student.to(s.device)
         (run / "results.json").write_text(json.dumps(res, indent=2))
         return PlannedStudent(run, plan, res, student, smap, built)
 
 
 def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig, train: TrainConfig, out: Path,
-              record: dict[str, Any], target: tuple[float | None, int | None]) -> tuple[dict[str, Any], Path | None]:
+              record: dict[str, Any], target: Target) -> tuple[dict[str, Any], Path | None]:
     """The map to plan from: the one given (made for this teacher, unless ``train.force``), or one built now; either
     way, a ``target`` it cannot reach is refused first (before a map is built: its options as untrained units)."""
     if given is None:
@@ -870,49 +878,59 @@ def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig,
     return smap, None
 
 
-def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig,
-                 target: tuple[float | None, int | None]) -> None:
+def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, target: Target) -> None:
     """Refuse a target the map (or, before it is built, the options it would map, made untrained and timed alone)
     cannot reach, saying what they reach (SettingError)."""
-    speedup, params = target
     if smap is None:
         n = len(s.teacher.layers)
-        options = default_options(s.teacher.config, config.heads_set, config.options)
+        options = default_options(s.teacher.config, config.heads_set, config.options, task=s.teacher.TASK)
         smap = reach_map(s.teacher, options, [i for i in (config.layers or range(n)) if i < n],
-                         latency_reps=config.latency_reps if speedup else 0, latency_batch=config.latency_batch,
+                         latency_reps=config.latency_reps if target.speedup else 0, latency_batch=config.latency_batch,
                          latency_seq=s.data.seq_len)
-    problem = budget_problem(smap, speedup, params)
+    problem = budget_problem(smap, target.speedup, target.params, target_kv_cache=target.kv_cache,
+                             speed=target.speed)
     if problem:
         raise SettingError(problem)
 
 
 def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
-                  finetune: PlanFinetune, trained: bool, config: MapConfig, by_latency: bool) -> dict[str, Any]:
-    """The planned student on the test split and timed against the teacher, beside what the map predicted."""
+                  finetune: PlanFinetune, trained: bool, config: MapConfig, target: Target) -> dict[str, Any]:
+    """The planned student on the test split and timed against the teacher (prefill and, for a decoder, decode),
+    beside what the map predicted."""
     teacher = s.teacher
     test_loader, _ = s.loader(s.first_sentences("test", finetune.test_sentences), shuffle=False)
     m = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
-    ids, att = encoder_inputs(teacher, batch=config.latency_batch, seq=s.data.seq_len, device=s.device)
-    ms = round_robin_ms({"teacher": lambda: teacher(ids, att, with_logits=False),
-                         "student": lambda: student(ids, att, with_logits=False)}, config.latency_reps, s.device)
-    saved = plan.saved if by_latency else sum(
-        e["latency_saved_ms"] for e in smap["entries"] if plan.choices.get(e["layer"]) == e["option"])
-    predicted_ms = smap["timing"]["encoder_ms"] - saved
-    return {"target": plan.budget, "plan": {str(i): n for i, n in plan.choices.items()}, "plan_cost": plan.cost,
-            "metrics": {k: m[k] for k in PLAN_REPORTED if k in m}, "test_sentences": m["sentences"],
-            "student_params": student.num_parameters(), "teacher_params": teacher.num_parameters(),
-            "map_encoder_ms": smap["timing"]["encoder_ms"], "predicted_encoder_ms": predicted_ms,
-            "predicted_speedup": smap["timing"]["encoder_ms"] / predicted_ms,
-            "measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
-            "measured_speedup": ms["teacher"] / ms["student"], "device": str(s.device),
-            "fine_tune_epochs": finetune.epochs if trained else 0}
+    res = {"target": plan.budget, "target_kind": target.name, "plan": {str(i): n for i, n in plan.choices.items()},
+           "plan_cost": plan.cost, "metrics": {k: m[k] for k in PLAN_REPORTED if k in m},
+           "test_sentences": m["sentences"], "student_params": student.num_parameters(),
+           "teacher_params": teacher.num_parameters(), "device": str(s.device),
+           "teacher_kv_bytes_per_token": teacher.config.kv_cache_bytes_per_token(),
+           "student_kv_bytes_per_token": student.config.kv_cache_bytes_per_token(),
+           "fine_tune_epochs": finetune.epochs if trained else 0}
+    for speed in ("prefill", "decode") if teacher.TASK == "causal" else ("prefill",):
+        total_key, gain_key, _ = SPEED_KEYS[speed]
+        ms = round_robin_ms({who: speed_fn(model, speed, batch=config.latency_batch, seq=s.data.seq_len)
+                             for who, model in (("teacher", teacher), ("student", student))}, config.latency_reps,
+                            s.device)
+        predicted = smap["timing"][total_key] - sum(e[gain_key] for e in smap["entries"]
+                                                   if plan.choices.get(e["layer"]) == e["option"])
+        prefix = "" if speed == "prefill" else "decode_"  # the prefill keys keep their names of the BERT days
+        res.update({f"{prefix}map_encoder_ms": smap["timing"][total_key], f"{prefix}predicted_encoder_ms": predicted,
+                    f"{prefix}predicted_speedup": smap["timing"][total_key] / predicted,
+                    f"{prefix}measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
+                    f"{prefix}measured_speedup": ms["teacher"] / ms["student"]})
+    return res
 
 
-def _target_met(res: dict[str, Any], target_speedup: float | None, target_params: int | None) -> dict[str, Any]:
-    if target_params is not None:
-        return {"target_met": res["student_params"] <= target_params}
-    return {"target_met_by_map": res["predicted_speedup"] >= target_speedup - 1e-9,
-            "target_met_measured": res["measured_speedup"] >= target_speedup}
+def _target_met(res: dict[str, Any], target: Target) -> dict[str, Any]:
+    if target.params is not None:
+        return {"target_met": res["student_params"] <= target.params}
+    if target.kv_cache is not None:
+        return {"target_met": res["student_kv_bytes_per_token"]
+                <= target.kv_cache * res["teacher_kv_bytes_per_token"] + 1e-9}
+    prefix = "" if target.speed == "prefill" else "decode_"
+    return {"target_met_by_map": res[f"{prefix}predicted_speedup"] >= target.speedup - 1e-9,
+            "target_met_measured": res[f"{prefix}measured_speedup"] >= target.speedup}
 
 
 # ---- export ----

@@ -56,12 +56,13 @@ class Session:
                      len(ds), ds.truncated, d.seq_len, ds.skipped)
         return ds
 
-    def first_sentences(self, split: str, limit: int | None) -> TokenizedSentences:
-        """The first ``limit`` sentences of a split (all with None), tokenised with their evaluation masks."""
+    def first_sentences(self, split: str, limit: int | None) -> TokenizedSentences | TokenWindows:
+        """The first ``limit`` sentences of a split (all with None), as the teacher's task reads them (sentences with
+        their evaluation masks, or the token windows of those sentences)."""
         sents = load_sentences(self.data, split)
         if limit:
             sents = sents[:limit]
-        return TokenizedSentences(sents, self.tokenizer, self.data.seq_len, mask_seed=self.data.seed)
+        return tokenize_split(sents, self.tokenizer, self.data.seq_len, task=self.teacher.TASK, mask_seed=self.data.seed)
 
     def loader(self, ds: TokenizedSentences, shuffle: bool, batch_size: int | None = None):
         d = self.data

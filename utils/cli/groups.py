@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..planning.sensitivity import OPTION_KINDS
+from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
 from .types import int_list, non_negative_int, option_kinds, positive_float, positive_int
 
@@ -41,9 +41,13 @@ def add_export_args(p: argparse._ActionsContainer) -> None:
 def add_map_args(p: argparse.ArgumentParser) -> None:
     """Flags of the map (also the planner's when it builds the map itself)."""
     g = p.add_argument_group("map")
-    g.add_argument("--options", type=option_kinds, default=OPTION_KINDS,
-                   help="which kinds of option to map (combined: fewer heads and a narrower FFN in one layer or "
-                        "merged pair, for budgets beyond one option per layer)")
+    g.add_argument("--options", type=option_kinds, default=None,
+                   help=f"which kinds of option to map; a masked LM's: {','.join(OPTION_KINDS)} (combined: fewer heads "
+                        "and a narrower FFN in one layer or merged pair, for budgets beyond one option per layer); a "
+                        f"decoder's: {','.join(DECODER_OPTION_KINDS)} (kv: one key/value head; heads: fewer query "
+                        "heads; linear: attention as one linear map; ffn: 3/4, 1/2, 1/4 of the FFN; no_attention: "
+                        "attention removed, with the whole or half the FFN; drop: the layer removed; merge: with the "
+                        "next layer) (default: all of the teacher's task)")
     g.add_argument("--heads-set", type=int_list, default=None,
                    help="head counts to map, e.g. 8,6,4,2 (default: 2/3, 1/2, 1/3, 1/6 of the teacher's)")
     g.add_argument("--layers", type=int_list, default=None, help="layers to map (default: all); 0-based")

@@ -30,3 +30,25 @@ def print_cached(done: CachedFeatures) -> None:
         return
     built = f"built {', '.join(done.built)}" if done.built else "all were there already"
     print(f"teacher cache {done.folder}: {', '.join(done.features)} ({done.tokens} tokens each; {built})")
+def plan_table(res: dict) -> str:
+    """The planned student beside the teacher: size, measured speed (and KV cache), quality on the test split."""
+    m, nan = res["metrics"], float("nan")
+    decode = "decode_measured_speedup" in res
+    head = "| model | params | prefill ms | speed-up |" + (" decode speed-up | KV bytes / token |" if decode else "")
+    quality = (("perplexity", "teacher_perplexity", "student_perplexity"),) if "student_perplexity" in m else ()
+    quality += (("top-1", "teacher_top1", "student_top1"),)
+    head += " " + " | ".join(q[0] for q in quality) + " | agreement | KL |"
+    ms = res["measured_encoder_ms"]
+    rows = []
+    for who, speed, extra in (("teacher", "1.00x", (" 1.00x | " + f"{res['teacher_kv_bytes_per_token']:,} |")
+                               if decode else ""), ("planned student", f"{res['measured_speedup']:.2f}x",
+                                                    (f" {res.get('decode_measured_speedup', nan):.2f}x | "
+                                                     f"{res['student_kv_bytes_per_token']:,} |") if decode else "")):
+        params = res["teacher_params" if who == "teacher" else "student_params"]
+        q = " | ".join(f"{m.get(k[1] if who == 'teacher' else k[2], nan):.4f}" for k in quality)
+        tail = "1 | 0 |" if who == "teacher" else (f"{m.get('agreement_top1', nan):.4f} | "
+                                                  f"{m.get('kl_teacher_student', nan):.4f} |")
+        rows.append(f"| {who} | {params:,} | {ms['teacher' if who == 'teacher' else 'student']:.1f} | {speed} |"
+                    f"{extra} {q} | {tail}")
+    sep = "|---" + "|---:" * (head.count("|") - 2) + "|"
+    return "\n".join([head, sep, *rows])

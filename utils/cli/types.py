@@ -175,7 +175,7 @@ def layer_list(s: str) -> list[int]:
 
 
 def option_kinds(s: str) -> tuple[str, ...]:
-    from ..planning.sensitivity import OPTION_KINDS
+    from ..planning.sensitivity import ALL_OPTION_KINDS as OPTION_KINDS
 
     v = tuple(x.strip() for x in s.split(",") if x.strip())
     bad = [x for x in v if x not in OPTION_KINDS]

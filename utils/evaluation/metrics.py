@@ -361,6 +361,72 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *
 
 
 @dataclass
+class _TeacherBatch:
+    """One batch as the teacher saw it: the hidden state entering every layer, and its outputs where the metrics
+    read them (the masked position of each sentence, or every predicted next token)."""
+
+    batch: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    att: torch.Tensor
+    select: torch.Tensor  # [B, T] bool: the positions the LM metrics read
+    target: torch.Tensor
+    hidden: list[torch.Tensor]  # embeddings output, then each layer's output
+    logits: torch.Tensor | None
+    top: torch.Tensor | None
+
+
+class UnitEvaluator:
+    """Compares many students that each differ from the teacher from one layer on (a unit put alone into the
+    teacher: the sensitivity map) on one loader, as ``compare_models`` does, but runs the teacher once: its outputs
+    and the hidden state entering every layer are kept, and each student runs from its first changed layer only."""
+
+    def __init__(self, teacher: SwappableModel, loader, *, device: torch.device, max_batches: int | None = None):
+        from ..data.masking import NextTokenLabels
+
+        self.teacher, self.device = teacher.eval(), device
+        self.causal, self.mlm = teacher.TASK == "causal", teacher.has_lm_head
+        self.batches: list[_TeacherBatch] = []
+        with torch.no_grad():
+            for batch in itertools.islice(loader, max_batches):
+                key = "input_ids" if self.causal else "masked_input_ids"
+                ids, att = batch[key].to(device), batch["attention_mask"].to(device)
+                if self.causal:
+                    labels = NextTokenLabels()(ids, att)[1]
+                    select, target = labels != -100, labels[labels != -100]
+                else:
+                    select = torch.zeros_like(att, dtype=torch.bool)
+                    select[torch.arange(len(ids)), batch["mask_pos"].to(device)] = True
+                    target = batch["target"].to(device)
+                out = teacher(ids, att, output_hidden_states=True, with_logits=False)
+                logits = teacher.lm_logits(out.last_hidden_state[select]).float() if self.mlm else None
+                top = logits.topk(max(TOPK), -1).indices if logits is not None else None
+                self.batches.append(_TeacherBatch(batch, ids, att, select, target, out.hidden_states, logits, top))
+
+    @torch.no_grad()
+    def teacher_metrics(self) -> dict[str, Any]:
+        """The teacher against itself: its accuracies (and perplexity), the reference the map's drops are taken from."""
+        return self.measure(self.teacher, 0)
+
+    @torch.no_grad()
+    def measure(self, student: SwappableModel, start: int) -> dict[str, Any]:
+        """The metrics of ``compare_models`` (without timings) for ``student``, whose layers before ``start`` are the
+        teacher's own (their output is taken from the teacher's run)."""
+        student.eval()
+        metrics = [m for m in make_metrics(self.teacher, student, mlm=self.mlm, with_judge=False)
+                   if not isinstance(m, Cost)]
+        for tb in self.batches:
+            h = student.run_layers(tb.hidden[start], student.context(tb.att), start=start)
+            out = BatchOutputs(tb.batch, tb.att.bool(), tb.target, tb.hidden[-1].float(), h.float(), 0.0, 0.0)
+            if self.mlm:
+                out.teacher_logits, out.teacher_top = tb.logits, tb.top
+                out.student_logits = student.lm_logits(h[tb.select]).float()
+                out.student_top = out.student_logits.topk(max(TOPK), -1).indices
+            for metric in metrics:
+                metric.update(out)
+        return {k: v for metric in metrics for k, v in metric.result().items()}
+
+
+@dataclass
 class TokenScores:
     """Per predicted next token of a causal LM's windows (one entry per token, in loader order): the teacher's NLL,
     and for each student its NLL, whether its top-1 equals the teacher's, and KL(teacher || student); ``window``:

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop"}  # --cost -> map metric
+# --cost -> map metric (perplexity: the student's over the teacher's, minus 1; causal LMs)
+COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop", "ppl": "perplexity_increase"}
 
 
 class PlanError(ValueError):
@@ -33,23 +34,54 @@ class _Budget:
     text: str
 
 
+@dataclass(frozen=True)
+class Target:
+    """One budget: a ``speedup`` over the teacher in ``speed`` (``prefill``: a whole sequence at once, the encoder
+    pass of a masked LM; ``decode``: one new token after a KV cache), at most ``params`` parameters, or at most
+    ``kv_cache`` times the teacher's KV-cache bytes per token."""
+
+    speedup: float | None = None
+    params: int | None = None
+    kv_cache: float | None = None
+    speed: str = "prefill"
+
+    def __post_init__(self) -> None:
+        if sum(v is not None for v in (self.speedup, self.params, self.kv_cache)) != 1:
+            raise ValueError("give exactly one of a target speed-up, parameter count or KV-cache fraction")
+        if self.speed not in ("prefill", "decode"):
+            raise ValueError(f"`speed` must be prefill or decode, got '{self.speed}'")
+
+    @property
+    def label(self) -> str:
+        """For tables: 1.5x (prefill), decode 2x, KV 0.333, params 18,000,000."""
+        if self.speedup is not None:
+            return f"{self.speedup:g}x" if self.speed == "prefill" else f"decode {self.speedup:g}x"
+        return f"params {self.params:,}" if self.params is not None else f"KV {self.kv_cache:g}"
+
+    @property
+    def name(self) -> str:
+        if self.speedup is not None:
+            return f"{self.speed}_speedup{self.speedup:g}"
+        return f"params{self.params}" if self.params is not None else f"kv_cache{self.kv_cache:g}"
+
+
 def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None, *,
-                cost: str = "kl", grid_steps: int = 1000) -> Plan:
+                target_kv_cache: float | None = None, speed: str = "prefill", cost: str = "kl",
+                grid_steps: int = 1000) -> Plan:
     """One option (or none) per layer, a merge taking its layer and the next, saving at least the budget's need
-    (encoder ms from the map's timings, or parameters, exactly) at the least summed ``cost`` from the map.
+    (ms of the map's timings, parameters or KV-cache bytes per token) at the least summed ``cost`` from the map.
 
     Exact dynamic programme over layers on a grid of ``grid_steps`` steps of the need; each option's saving is
     rounded *down* to the grid, so a plan the programme accepts meets the budget with the unrounded values too.
     """
-    if (target_speedup is None) == (target_params is None):
-        raise ValueError("give exactly one of a target speed-up or a target parameter count")
+    target = Target(target_speedup, target_params, target_kv_cache, speed)
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {', '.join(COSTS)}, got '{cost}'")
     metric = COSTS[cost]
-    problem = budget_problem(smap, target_speedup, target_params)
+    problem = budget_problem(smap, target_speedup, target_params, target_kv_cache=target_kv_cache, speed=speed)
     if problem:
         raise PlanError(problem)
-    b = _budget(smap, target_speedup, target_params)
+    b = _budget(smap, target)
     lines = [f"budget: {b.text}; need to save {b.needed:,.2f} {b.unit}; cost: {metric} of each unit alone in the "
              "teacher (summed over units: an approximation, units interact)"]
     cands = _candidates(smap, metric, budget=b, lines=lines)
@@ -67,15 +99,27 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     return _read_plan(pick, cands, budget=b, step=step, grid_steps=grid_steps, n=n, lines=lines)
 
 
-def _budget(smap: dict[str, Any], target_speedup: float | None, target_params: int | None) -> _Budget:
-    if target_speedup is not None:
-        total = smap["timing"]["encoder_ms"]
-        return _Budget(total * (1 - 1 / target_speedup), "latency_saved_ms", "ms",
-                       f"encoder latency <= {total / target_speedup:.2f} ms ({target_speedup:g}x of the teacher's "
-                       f"{total:.2f} ms, timings of the map)")
+SPEED_KEYS = {"prefill": ("encoder_ms", "latency_saved_ms", "prefill"),
+              "decode": ("decode_ms", "decode_saved_ms", "decode step")}
+
+
+def _budget(smap: dict[str, Any], target: Target) -> _Budget:
+    if target.speedup is not None:
+        total_key, gain_key, what = SPEED_KEYS[target.speed]
+        if total_key not in smap.get("timing", {}):
+            raise PlanError(f"the map has no {what} timings (a masked LM has no decode step); plan for prefill")
+        total, s = smap["timing"][total_key], target.speedup
+        return _Budget(total * (1 - 1 / s), gain_key, "ms",
+                       f"{what} latency <= {total / s:.2f} ms ({s:g}x of the teacher's {total:.2f} ms, timings of "
+                       "the map)")
+    if target.kv_cache is not None:
+        total = smap["teacher_kv_bytes_per_token"]
+        return _Budget(total * (1 - target.kv_cache), "kv_bytes_saved", "KV-cache bytes per token",
+                       f"KV cache <= {total * target.kv_cache:,.0f} bytes per token ({target.kv_cache:g} of the "
+                       f"teacher's {total:,})")
     total = smap["teacher_params"]
-    return _Budget(float(total - target_params), "params_saved", "parameters",
-                   f"parameters <= {target_params:,} (teacher {total:,})")
+    return _Budget(float(total - target.params), "params_saved", "parameters",
+                   f"parameters <= {target.params:,} (teacher {total:,})")
 
 
 def _candidates(smap: dict[str, Any], metric: str, *, budget: _Budget, lines: list[str]
@@ -147,34 +191,43 @@ def _read_plan(pick: list[list[Any]], cands: dict[int, list[dict[str, Any]]], *,
     return Plan(choices, total_cost, saved, b.needed, b.text, lines)
 
 
-def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None
-                   ) -> str | None:
+def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, target_params: int | None = None, *,
+                   target_kv_cache: float | None = None, speed: str = "prefill") -> str | None:
     """Why the budget cannot be met from the options of ``smap``, saying what they reach at most; None if it can
     (or if the map was not timed and the budget is a speed-up). Works on a map of untrained units too
     (``reach_map``), so a budget can be refused before any unit is trained."""
-    n = smap["layers"]
-    if target_speedup is not None:
-        if not target_speedup >= 1:
-            return f"`target_speedup` must be >= 1 (1 is the teacher itself), got {target_speedup:g}"
-        if "timing" not in smap:
-            return None
-        total, key = smap["timing"]["encoder_ms"], "latency_saved_ms"
-    else:
-        total, key = smap["teacher_params"], "params_saved"
-    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
+    target = Target(target_speedup, target_params, target_kv_cache, speed)
+    if target_speedup is not None and not target_speedup >= 1:
+        return f"`target_speedup` must be >= 1 (1 is the teacher itself), got {target_speedup:g}"
+    if target_kv_cache is not None and not 0 <= target_kv_cache <= 1:
+        return f"`target_kv_cache` is a fraction of the teacher's KV cache in [0, 1], got {target_kv_cache:g}"
+    if target_speedup is not None and "timing" not in smap:
+        return None
+    try:
+        b = _budget(smap, target)
+    except PlanError as e:
+        return str(e)
+    cands: dict[int, list[dict[str, Any]]] = {i: [] for i in range(smap["layers"])}
     for e in smap["entries"]:
-        if e.get(key, 0) > 0:
+        if e.get(b.gain_key, 0) > 0:
             cands[e["layer"]].append(e)
-    most = _max_saving(cands, n, key)
+    most = _max_saving(cands, smap["layers"], b.gain_key)
+    if target_speedup is not None:  # timing noise cannot save more than the layers take: the rest of the model stays
+        layer_key = "layer_ms" if speed == "prefill" else "decode_layer_ms"
+        most = min(most, sum(smap["timing"].get(layer_key, [])) or most)
+    if b.needed <= most:
+        return None
     if target_speedup is not None:
-        if total * (1 - 1 / target_speedup) <= most:
-            return None
+        total = b.needed / (1 - 1 / target_speedup)
         reach = total / (total - most) if most < total else math.inf
         return (f"`target_speedup` {target_speedup:g} cannot be met: the map's options reach at most {reach:.2f}x "
-                f"(encoder {total:.2f} ms, at most {most:.2f} ms saved, timings on {smap.get('device', 'this device')}"
-                "); ask for less, or map more options (`options`, `heads_set`)")
-    if total - target_params <= most:
-        return None
+                f"({SPEED_KEYS[speed][2]} {total:.2f} ms, at most {most:.2f} ms saved, timings on "
+                f"{smap.get('device', 'this device')}); ask for less, or map more options (`options`, `heads_set`)")
+    if target_kv_cache is not None:
+        total = smap["teacher_kv_bytes_per_token"]
+        return (f"`target_kv_cache` {target_kv_cache:g} cannot be met: the map's options keep at least "
+                f"{(total - most) / total:.3f} of the teacher's KV cache; ask for more, or map more options")
+    total = smap["teacher_params"]
     return (f"`target_params` {target_params:,} cannot be met: the map's options remove at most {most:,.0f} of the "
             f"teacher's {total:,} parameters (the smallest student has {total - most:,.0f}); ask for more, or map "
             "more options (`options`, `heads_set`)")

@@ -25,34 +25,41 @@ from torch import nn
 from models.bert import BertForMaskedLM
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
-from ..evaluation.metrics import compare_models
+from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import round_robin_ms
 from ..storage.checkpoint import load_checkpoint, load_into
 from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
-from ..training.units import head_rankings, unit_meta, unit_spec
+from ..errors import SettingError
+from ..training.units import head_rankings, neuron_rankings, unit_meta
 from .planner import COSTS, PlanError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("block", "merge", "ffn", "layer")
-SPEC_KIND = {"block": "block", "merge": "merged", "ffn": "layer", "layer": "layer"}  # option kind -> LayerSpec.kind
+KINDS = ("block", "merge", "ffn", "layer", "drop")
+SPEC_KIND = {"block": "block", "merge": "merged", "ffn": "layer", "layer": "layer", "drop": "dropped"}  # -> LayerSpec
 TASK_KIND = {"block": "block", "merge": "merge", "ffn": "layer", "layer": "layer"}  # option kind -> training task
-OPTION_KINDS = ("heads", "head_dim", "merge", "ffn", "combined")  # what default_options can map
+OPTION_KINDS = ("heads", "head_dim", "merge", "ffn", "combined")  # what default_options maps for a masked LM
+DECODER_OPTION_KINDS = ("kv", "heads", "linear", "ffn", "no_attention", "drop", "merge")  # ... for a causal LM
+ALL_OPTION_KINDS = tuple(dict.fromkeys(OPTION_KINDS + DECODER_OPTION_KINDS))
 
 
 @dataclass(frozen=True)
 class Option:
-    """One way to simplify one layer: ``kind`` block (attention heads x head_dim), merge (this layer and the next
-    become one layer of the given heads / feed-forward width), ffn (feed-forward width) or layer (a whole layer of
-    the given heads and feed-forward width: several options in one unit)."""
+    """One way to simplify one layer: ``kind`` block (the attention block of the given shape), merge (this layer and
+    the next become one layer of the given shape / feed-forward width), ffn (feed-forward width; the teacher's
+    attention), layer (a whole layer of the given attention and feed-forward width: several options in one unit) or
+    drop (the layer removed: attention none, no feed-forward part; nothing to train). ``attention`` and
+    ``num_kv_heads`` are the attention kind's (``models.kinds``); kinds without heads have 0 heads of size 0."""
 
     name: str
     kind: str
     num_heads: int
     head_dim: int
     ffn: int
+    attention: str = "mha"
+    num_kv_heads: int | None = None
 
     def applies(self, layer: int, n_layers: int) -> bool:
         return self.kind != "merge" or layer + 1 < n_layers
@@ -60,12 +67,30 @@ class Option:
     def covers(self, layer: int) -> list[int]:
         return [layer, layer + 1] if self.kind == "merge" else [layer]
 
+    def spec(self, layer: int, teacher_cfg) -> LayerSpec:
+        """The unit's whole layer spec at ``layer`` (a block keeps the teacher layer's feed-forward size)."""
+        ffn = teacher_cfg.layers[layer].intermediate_size if self.kind == "block" else self.ffn
+        return LayerSpec(self.num_heads, self.head_dim, ffn, self.covers(layer), SPEC_KIND[self.kind],
+                         attention=self.attention, num_kv_heads=self.num_kv_heads)
 
-def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] = OPTION_KINDS) -> list[Option]:
-    """Options adapted to the teacher: head counts 2/3, 1/2, 1/3, 1/6 of its own (12 -> 8, 6, 4, 2) unless
-    ``heads`` is given, head_dim halved, merge with the next layer, FFN width halved; combined: 1/3 of the heads with
-    half the FFN and 1/6 of the heads with a quarter of it in one layer, and a merged pair with half the heads and
-    half the FFN (12 heads / 1536: heads 4 ffn 768, heads 2 ffn 384, merge heads 6 ffn 768)."""
+    @property
+    def trained(self) -> bool:
+        return self.kind != "drop"
+
+
+def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] | None = None, *, task: str = "mlm"
+                    ) -> list[Option]:
+    """Options adapted to the teacher (``task``: its ``TASK``; ``kinds``: which of them, default all of the task's)."""
+    if task == "causal":
+        return decoder_options(cfg, heads, kinds or DECODER_OPTION_KINDS)
+    return encoder_options(cfg, heads, kinds or OPTION_KINDS)
+
+
+def encoder_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] = OPTION_KINDS) -> list[Option]:
+    """A masked LM's options: head counts 2/3, 1/2, 1/3, 1/6 of its own (12 -> 8, 6, 4, 2) unless ``heads`` is
+    given, head_dim halved, merge with the next layer, FFN width halved; combined: 1/3 of the heads with half the FFN
+    and 1/6 of the heads with a quarter of it in one layer, and a merged pair with half the heads and half the FFN
+    (12 heads / 1536: heads 4 ffn 768, heads 2 ffn 384, merge heads 6 ffn 768)."""
     H, d, f = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
     if heads is None:
         heads = sorted({max(1, round(H * r)) for r in (2 / 3, 1 / 2, 1 / 3, 1 / 6)} - {H}, reverse=True)
@@ -87,8 +112,47 @@ def default_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] 
     return out
 
 
+def _gqa(heads: int, kv: int) -> dict[str, Any]:
+    """The attention fields of ``heads`` query heads over ``kv`` key/value heads (one each: plain multi-head)."""
+    return {"attention": "mha"} if kv == heads else {"attention": "gqa", "num_kv_heads": kv}
+
+
+def decoder_options(cfg, heads: list[int] | None = None, kinds: tuple[str, ...] = DECODER_OPTION_KINDS
+                    ) -> list[Option]:
+    """A decoder's options (the teacher: H query heads over G key/value heads, FFN f): one key/value head (multi-query);
+    fewer query heads (2/3 and 1/3 of H, multiples of G, unless ``heads`` is given), each group keeping its best;
+    attention replaced by a linear map; FFN at 3/4, 1/2, 1/4; attention removed (the FFN retrained), and removed with
+    half the FFN; the layer dropped; merged with the next layer (SmolLM2, 9 / 3 heads, FFN 1536: kv 1, heads 6,
+    heads 3, linear, ffn 1152 / 768 / 384, no attention, no attention ffn 768, drop, merge next)."""
+    H, d, f = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+    G = cfg.layers[0].kv_heads
+    teacher = _gqa(H, G)
+    if heads is None:
+        heads = sorted({max(G, round(H * r / G) * G) for r in (2 / 3, 1 / 3)} - {H}, reverse=True)
+    out = []
+    if "kv" in kinds and G > 1:
+        out.append(Option("kv 1", "block", H, d, f, "gqa", 1))
+    if "heads" in kinds:
+        out += [Option(f"heads {h}", "block", h, d, f, **_gqa(h, G)) for h in heads if h % G == 0]
+    if "linear" in kinds:
+        out.append(Option("linear", "block", 0, 0, f, "linear"))
+    if "ffn" in kinds:
+        out += [Option(f"ffn {w}", "ffn", H, d, w, **teacher) for w in (f * 3 // 4, f // 2, f // 4) if w > 0]
+    if "no_attention" in kinds:
+        out += [Option("no attention", "layer", 0, 0, f, "none"),
+                Option(f"no attention ffn {f // 2}", "layer", 0, 0, f // 2, "none")]
+    if "drop" in kinds:
+        out.append(Option("drop", "drop", 0, 0, 0, "none"))
+    if "merge" in kinds:
+        out.append(Option("merge next", "merge", H, d, f, **teacher))
+    if not out:
+        raise ValueError(f"no option to map: choose from {', '.join(DECODER_OPTION_KINDS)} (got {kinds})")
+    return out
+
+
 def option_from_dict(d: dict[str, Any]) -> Option:
-    return Option(**{k: d[k] for k in ("name", "kind", "num_heads", "head_dim", "ffn")})
+    return Option(**{k: d[k] for k in ("name", "kind", "num_heads", "head_dim", "ffn")},
+                  attention=d.get("attention", "mha"), num_kv_heads=d.get("num_kv_heads"))
 
 
 class AliasedCache:
@@ -148,8 +212,9 @@ class Built:
 
 
 def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
-    """Teacher-initialised units (importance-ranked heads on the probe batch, SVD head_dim, top FFN neurons), built
-    by ``utils.training.units`` exactly as the training scripts build theirs."""
+    """Teacher-initialised units (query heads ranked on the probe batch, SVD head_dim, feed-forward neurons ranked by
+    activation on it, a merged pair from its first layer), built by ``models.compress`` as the scripts build theirs;
+    a dropped layer is an empty layer."""
     t, cfg = ctx.teacher, ctx.teacher.config
     specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
@@ -157,10 +222,14 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
             raise ValueError(f"option '{opt.name}' does not apply to layer {i} (the teacher has {len(t.layers)} layers)")
         if opt.kind not in SPEC_KIND:
             raise ValueError(f"unknown option kind '{opt.kind}'; expected one of {KINDS}")
-        ffn = None if opt.kind == "block" else opt.ffn
-        specs[i] = unit_spec(cfg, opt.covers(i), SPEC_KIND[opt.kind], intermediate_size=ffn,
-                             num_heads=opt.num_heads, head_dim=opt.head_dim)
-    importance = head_rankings(t, ctx.probe, [i for i, o in choices.items() if o.num_heads < cfg.layers[i].num_heads])
+        try:
+            specs[i] = opt.spec(i, cfg)
+        except ValueError as e:
+            raise SettingError(f"option '{opt.name}' at layer {i}: {e}") from None
+    importance = head_rankings(t, ctx.probe, [i for i, s in specs.items() if s.attention in ("mha", "gqa")
+                                              and s.num_heads < cfg.layers[i].num_heads])
+    neurons = neuron_rankings(t, ctx.probe, [i for i, s in specs.items() if 0 < s.intermediate_size
+                                             < cfg.layers[i].intermediate_size])
     out = {}
     for i, opt in sorted(choices.items()):
         spec = specs[i]
@@ -169,7 +238,7 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
         else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
             second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
             mod, note = init_merged_layer(cfg, spec, t.layers[i], second=second, mode="first",
-                                             importance=importance.get(i))
+                                          importance=importance.get(i), neuron_score=neurons.get(i))
         out[i] = Built(i, opt, mod.to(ctx.device), spec, note)
     return out
 
@@ -180,8 +249,8 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
     weights. Returns the final validation losses."""
     t, cfg = ctx.teacher, ctx.teacher.config
     finals: dict[str, float] = {}
-    groups = {k: {i: b for i, b in units.items() if TASK_KIND[b.option.kind] == k}
-              for k in ("block", "merge", "layer")}
+    groups = {k: {i: b for i, b in units.items() if TASK_KIND.get(b.option.kind) == k}
+              for k in ("block", "merge", "layer")}  # a dropped layer has nothing to train
     for kind, group in groups.items():
         if not group:
             continue
@@ -215,15 +284,9 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
 
 def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForMaskedLM:
     """The teacher with every unit in place (sharing the teacher's other modules; nothing is copied)."""
-    blocks = {i: b.module for i, b in units.items() if b.option.kind == "block"}
-    merges = {i: (b.module, b.spec) for i, b in units.items() if b.option.kind == "merge"}
-    view = compose(teacher, blocks, merges)
-    for i, b in units.items():
-        if TASK_KIND[b.option.kind] == "layer":
-            idx = view.layer_index_of([i])
-            view.layers[idx] = b.module
-            view.config.layers[idx] = copy.deepcopy(b.spec)
-    return view
+    return compose(teacher, blocks={i: b.module for i, b in units.items() if b.option.kind == "block"},
+                   merges={i: (b.module, b.spec) for i, b in units.items() if b.option.kind == "merge"},
+                   layers={i: (b.module, b.spec) for i, b in units.items() if b.option.kind in ("ffn", "layer", "drop")})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,26 +305,90 @@ def encoder_inputs(teacher: BertForMaskedLM, *, batch: int, seq: int, device: to
     return ids.to(device), torch.ones(batch, seq, dtype=torch.long, device=device)
 
 
+def speed_fn(model: BertForMaskedLM, speed: str, *, batch: int, seq: int) -> Callable[[], Any]:
+    """What ``speed`` times for a whole model: ``prefill``, a batch x seq pass without the vocabulary projection (the
+    encoder pass of a masked LM); ``decode``, one new token after ``seq`` cached ones, its logits included."""
+    device = next(model.parameters()).device
+    ids, att = encoder_inputs(model, batch=batch, seq=seq, device=device)
+    if speed == "prefill":
+        return lambda: model(ids, att, with_logits=False)
+    one, step = ids[:1, :1], model.context(None, 1, cache=PastCache(seq))
+    return lambda: model.lm_logits(model.run_layers(model.embed(one), step)[:, -1])
+
+
+class PastCache:
+    """A KV cache holding ``length`` random past tokens per attention block, for timing one decode step: a new
+    token attends to them and its own key and value, and nothing is kept, so every call costs the same."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.past: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, block: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if block not in self.past:
+            shape = (k.shape[0], k.shape[1], self.length, k.shape[3])
+            self.past[block] = (torch.randn(shape, dtype=k.dtype, device=k.device),
+                                torch.randn(shape, dtype=v.dtype, device=v.device))
+        pk, pv = self.past[block]
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+
+def _unit_module(teacher: BertForMaskedLM, b: Built) -> nn.Module:
+    """What a unit replaces, as a whole layer (a block inside a copy of its teacher layer)."""
+    mod = _layer_with(teacher.layers[b.layer], b.module) if b.option.kind == "block" else b.module
+    return mod.eval()
+
+
 @torch.no_grad()
 def time_units(teacher: BertForMaskedLM, units: list[Built], *, reps: int, batch: int = 32, seq: int = 40
                ) -> dict[str, Any]:
-    """Encoder-only latency (embeddings + layers, no vocabulary projection) of the teacher, of its embeddings and of
-    each of its layers, and of each unit as the layer(s) it replaces; all on one batch x seq input."""
+    """Latency of the teacher (embeddings + layers, no vocabulary projection), of its embeddings and of each of its
+    layers, and of each unit as the layer(s) it replaces, on one batch x seq input, timed round-robin. For a causal
+    LM also one decode step: one new token after ``seq`` cached ones (``decode_ms`` for the whole model, its
+    vocabulary projection included, ``decode_layer_ms``, ``decode_unit_ms``)."""
     device = next(teacher.parameters()).device
     ids, att = encoder_inputs(teacher, batch=batch, seq=seq, device=device)
-    h = teacher.embed(ids)
+    h, ctx = teacher.embed(ids), teacher.context(None, seq)
     fns: dict[str, Callable[[], Any]] = {"encoder": lambda: teacher(ids, att, with_logits=False),
                                          "embeddings": lambda: teacher.embed(ids)}
-    for i, layer in enumerate(teacher.layers):
-        fns[f"layer {i}"] = lambda layer=layer: layer(h, None)
-    for b in units:
-        mod = _layer_with(teacher.layers[b.layer], b.module) if b.option.kind == "block" else b.module
-        mod.eval()
-        fns[f"{b.layer}/{b.option.name}"] = lambda mod=mod: mod(h, None)
+    mods = {f"layer {i}": layer for i, layer in enumerate(teacher.layers)}
+    mods.update({f"{b.layer}/{b.option.name}": _unit_module(teacher, b) for b in units})
+    fns.update({k: (lambda m=m: m(h, ctx)) for k, m in mods.items()})
+    causal = teacher.TASK == "causal"
+    if causal:
+        one, past = ids[:1, :1], PastCache(seq)
+        step = teacher.context(None, 1, cache=past)
+        h1 = teacher.embed(one)
+        fns["decode"] = lambda: teacher.lm_logits(teacher.run_layers(teacher.embed(one), step)[:, -1])
+        fns.update({f"decode {k}": (lambda m=m: m(h1, step)) for k, m in mods.items()})
     ms = round_robin_ms(fns, reps, device)
-    return {"encoder_ms": ms["encoder"], "embeddings_ms": ms["embeddings"],
-            "layer_ms": [ms[f"layer {i}"] for i in range(len(teacher.layers))],
-            "unit_ms": {k: v for k, v in ms.items() if "/" in k}, "batch": batch, "seq": seq, "reps": reps}
+    n = len(teacher.layers)
+    out = {"encoder_ms": ms["encoder"], "embeddings_ms": ms["embeddings"],
+           "layer_ms": [ms[f"layer {i}"] for i in range(n)],
+           "unit_ms": {k: v for k, v in ms.items() if "/" in k and not k.startswith("decode")},
+           "batch": batch, "seq": seq, "reps": reps}
+    if causal:
+        out.update(decode_ms=ms["decode"], decode_layer_ms=[ms[f"decode layer {i}"] for i in range(n)],
+                   decode_unit_ms={k[len("decode "):]: v for k, v in ms.items() if k.startswith("decode ") and "/" in k},
+                   decode_past=seq)
+    return out
+
+
+def unit_savings(teacher: BertForMaskedLM, b: Built, timing: dict[str, Any] | None) -> dict[str, float]:
+    """What a unit saves against the teacher layer(s) it replaces: parameters, KV-cache bytes per token (fp16) and,
+    with ``timing``, prefill (encoder) ms and decode ms."""
+    covers = b.option.covers(b.layer)
+    kv = sum(teacher.config.layers[j].kv_heads * teacher.config.layers[j].head_dim for j in covers)
+    out: dict[str, float] = {"params_saved": replaced_params(teacher, b),
+                             "kv_bytes_saved": 2 * 2 * (kv - b.spec.kv_heads * b.spec.head_dim)}
+    key = f"{b.layer}/{b.option.name}"
+    if timing:
+        out["unit_ms"] = timing["unit_ms"][key]
+        out["latency_saved_ms"] = sum(timing["layer_ms"][j] for j in covers) - out["unit_ms"]
+    if timing and "decode_ms" in timing:
+        out["decode_unit_ms"] = timing["decode_unit_ms"][key]
+        out["decode_saved_ms"] = sum(timing["decode_layer_ms"][j] for j in covers) - out["decode_unit_ms"]
+    return out
 
 
 def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
@@ -285,9 +412,8 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_lo
     teacher = ctx.teacher
     n = len(teacher.layers)
     t0 = time.perf_counter()
-    base = compare_models(teacher, teacher, eval_loader, tokenizer=ctx.tokenizer, device=ctx.device,
-                          keep_rows=False).metrics
-    teacher_top1 = base.get("teacher_top1")
+    judge = UnitEvaluator(teacher, eval_loader, device=ctx.device)
+    base = judge.teacher_metrics()
     entries, all_units = [], []
     for opt in options:
         choices = {i: opt for i in layers if opt.applies(i, n)}
@@ -298,32 +424,42 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_lo
         finals = train_units(ctx, units, run_dir / opt.name.replace(" ", "_"))
         train_s = time.perf_counter() - t1
         for i, b in units.items():
-            model = compose_units(teacher, {i: b}).eval()
-            m = compare_models(teacher, model, eval_loader, tokenizer=ctx.tokenizer, device=ctx.device,
-                               keep_rows=False).metrics
+            m = judge.measure(compose_units(teacher, {i: b}), start=i)
             e = {"layer": i, "option": opt.name, "kind": opt.kind, "covers": opt.covers(i),
-                 "num_heads": opt.num_heads, "head_dim": opt.head_dim, "ffn": opt.ffn, "init": b.note,
-                 "params_saved": replaced_params(teacher, b), "train_s_option": round(train_s, 1),
+                 "num_heads": opt.num_heads, "head_dim": opt.head_dim, "ffn": opt.ffn, "attention": opt.attention,
+                 "num_kv_heads": opt.num_kv_heads, "init": b.note, "train_s_option": round(train_s, 1),
                  "val_loss": next((v for k, v in finals.items() if k.endswith(f"_{i}/loss")), None)}
-            e.update({k: m[k] for k in REPORTED if k in m})
-            if teacher_top1 is not None and "student_top1" in m:
-                e["top1_drop"] = teacher_top1 - m["student_top1"]
-                e["agreement_drop"] = 1.0 - m["agreement_top1"]
+            e.update(_quality(m, base))
             entries.append(e)
-            log.info("map: layer %d %-12s top-1 drop %s  agreement %s  KL %s", i, opt.name,
-                     _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")))
+            log.info("map: layer %d %-12s top-1 drop %s  agreement %s  KL %s%s", i, opt.name,
+                     _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")),
+                     f"  perplexity x{e['perplexity_ratio']:.4f}" if "perplexity_ratio" in e else "")
         all_units.extend(units.values())
     timing = time_units(teacher, all_units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
+    by_key = {(b.layer, b.option.name): b for b in all_units}
     for e in entries:
-        covered = sum(timing["layer_ms"][j] for j in e["covers"])
-        e["unit_ms"] = timing["unit_ms"][f"{e['layer']}/{e['option']}"]
-        e["latency_saved_ms"] = covered - e["unit_ms"]
-    return {"teacher": ctx.teacher_name, "teacher_hash": ctx.teacher_hash, "layers": n,
+        e.update(unit_savings(teacher, by_key[(e["layer"], e["option"])], timing))
+    return {"teacher": ctx.teacher_name, "teacher_hash": ctx.teacher_hash, "layers": n, "task": teacher.TASK,
             "options": [asdict(o) for o in options], "mapped_layers": layers,
             "teacher_params": teacher.num_parameters(),
-            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "sentences") if k in base},
-            "eval_sentences": base["sentences"], "timing": timing, "entries": entries,
+            "teacher_kv_bytes_per_token": teacher.config.kv_cache_bytes_per_token(),
+            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "sentences", "teacher_perplexity",
+                                                      "predicted_tokens") if k in base},
+            "eval_sentences": base.get("predicted_tokens", base["sentences"]), "timing": timing, "entries": entries,
             "device": str(ctx.device), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _quality(m: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A unit's map entry from its metrics: the reported ones and the drops against the teacher (``COSTS``)."""
+    e = {k: m[k] for k in REPORTED if k in m}
+    if "student_top1" in m and "teacher_top1" in base:
+        e["top1_drop"] = base["teacher_top1"] - m["student_top1"]
+        e["agreement_drop"] = 1.0 - m["agreement_top1"]
+    if "student_perplexity" in m:
+        e["student_perplexity"] = m["student_perplexity"]
+        e["perplexity_ratio"] = m["student_perplexity"] / base["teacher_perplexity"]
+        e["perplexity_increase"] = e["perplexity_ratio"] - 1.0
+    return e
 
 
 def _f(v: float | None, fmt: str = "{:.4f}") -> str:
@@ -337,20 +473,35 @@ def grid(smap: dict[str, Any]) -> tuple[list[str], list[int], dict[tuple[int, st
 
 
 def map_markdown(smap: dict[str, Any]) -> str:
-    """Layers x options; each cell: top-1 drop / agreement / KL / encoder ms saved."""
+    """Layers x options; each cell: top-1 drop (a decoder: perplexity ratio) / agreement / KL / ms saved (a decoder:
+    prefill and decode ms saved)."""
     names, layers, cells = grid(smap)
-    t = smap["timing"]
-    lines = [f"Teacher {smap['teacher']}: top-1 {_f(smap['teacher_metrics'].get('teacher_top1'))} on "
-             f"{smap['eval_sentences']} validation sentences; encoder {t['encoder_ms']:.1f} ms per "
-             f"{t['batch']}x{t['seq']} batch on {smap['device']} (median of {t['reps']}). "
-             "Cell: top-1 drop / agreement / KL(t‖s) / encoder ms saved.", "",
-             "| layer (ms) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    t, tm = smap["timing"], smap["teacher_metrics"]
+    causal = "decode_ms" in t
+    if causal:
+        head = (f"Teacher {smap['teacher']}: perplexity {_f(tm.get('teacher_perplexity'), '{:.3f}')} on "
+                f"{smap['eval_sentences']} predicted validation tokens; prefill {t['encoder_ms']:.1f} ms per "
+                f"{t['batch']}x{t['seq']} batch, decode {t['decode_ms']:.2f} ms per token after {t['seq']} on "
+                f"{smap['device']} (median of {t['reps']}). Cell: perplexity ratio / agreement / KL(t‖s) per token / "
+                "prefill ms saved / decode ms saved.")
+    else:
+        head = (f"Teacher {smap['teacher']}: top-1 {_f(tm.get('teacher_top1'))} on {smap['eval_sentences']} "
+                f"validation sentences; encoder {t['encoder_ms']:.1f} ms per {t['batch']}x{t['seq']} batch on "
+                f"{smap['device']} (median of {t['reps']}). Cell: top-1 drop / agreement / KL(t‖s) / encoder ms saved.")
+    lines = [head, "", "| layer (ms) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in layers:
         row = [f"{i} ({t['layer_ms'][i]:.1f})"]
         for n in names:
             e = cells.get((i, n))
-            row.append("—" if e is None else f"{_f(e.get('top1_drop'), '{:+.4f}')} / {_f(e.get('agreement_top1'), '{:.3f}')} / "
-                       f"{_f(e.get('kl_teacher_student'), '{:.3f}')} / {e['latency_saved_ms']:.1f}")
+            if e is None:
+                row.append("—")
+            elif causal:
+                row.append(f"{_f(e.get('perplexity_ratio'), '{:.3f}')} / {_f(e.get('agreement_top1'), '{:.3f}')} / "
+                           f"{_f(e.get('kl_teacher_student'), '{:.3f}')} / {e['latency_saved_ms']:.1f} / "
+                           f"{e['decode_saved_ms']:.2f}")
+            else:
+                row.append(f"{_f(e.get('top1_drop'), '{:+.4f}')} / {_f(e.get('agreement_top1'), '{:.3f}')} / "
+                           f"{_f(e.get('kl_teacher_student'), '{:.3f}')} / {e['latency_saved_ms']:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -365,10 +516,15 @@ def plot_map(smap: dict[str, Any], path: Path) -> Path:
 
     names, layers, cells = grid(smap)
     has_kl = any("kl_teacher_student" in e for e in smap["entries"])
-    key, label = ("kl_teacher_student", "KL(teacher ‖ student) at the mask") if has_kl else \
-        ("hidden_cosine", "final hidden-state cosine")
-    panels = [(key, label, "magma_r" if has_kl else "magma"), ("latency_saved_ms", "encoder ms saved", "viridis")]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 1.5 + 0.55 * len(layers)), squeeze=False)
+    causal = "decode_ms" in smap["timing"]
+    key, label = ("kl_teacher_student", "KL(teacher ‖ student) " + ("per token" if causal else "at the mask")) \
+        if has_kl else ("hidden_cosine", "final hidden-state cosine")
+    panels = [(key, label, "magma_r" if has_kl else "magma"),
+              ("latency_saved_ms", "prefill ms saved" if causal else "encoder ms saved", "viridis")]
+    if causal:
+        panels.append(("decode_saved_ms", "decode ms saved (one token)", "viridis"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 2.2 * len(names) * len(panels) / 2, 1.5 + 0.35 * len(layers)),
+                             squeeze=False)
     for ax, (k, lab, cmap) in zip(axes[0], panels):
         a = np.full((len(layers), len(names)), np.nan)
         for (i, n), e in cells.items():
@@ -377,7 +533,7 @@ def plot_map(smap: dict[str, Any], path: Path) -> Path:
         im = ax.imshow(a, cmap=cmap, aspect="auto")
         for (i, n), e in cells.items():
             if k in e:
-                txt = f"{e[k]:.3f}" if k != "latency_saved_ms" else f"{e[k]:.1f}"
+                txt = f"{e[k]:.3f}" if k not in ("latency_saved_ms", "decode_saved_ms") else f"{e[k]:.2f}"
                 if k == key and "top1_drop" in e:
                     txt += f"\nΔtop1 {e['top1_drop']:+.3f}"
                 ax.text(names.index(n), i, txt, ha="center", va="center", fontsize=7, color="gray")
@@ -424,13 +580,18 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
         if not isinstance(o, dict):
             return (name, "an object", o)
         fields = {"name": _is(str, "a non-empty string", True), "kind": lambda v: None if v in KINDS else
-                  f"one of {', '.join(KINDS)}", "num_heads": _int(1), "head_dim": _int(1), "ffn": _int(1)}
+                  f"one of {', '.join(KINDS)}", "num_heads": _int(0), "head_dim": _int(0), "ffn": _int(0)}
         for key, check in fields.items():
             if (want := check(o.get(key))) is not None:
                 return (f"{name}.{key}", want, o.get(key))
         if o["name"] in options:
             return (f"{name}.name", "a name no other option has", o["name"])
-        options[o["name"]] = option_from_dict(o)
+        try:
+            options[o["name"]] = option_from_dict(o)
+            opt = options[o["name"]]
+            LayerSpec(opt.num_heads, opt.head_dim, opt.ffn, [0], attention=opt.attention, num_kv_heads=opt.num_kv_heads)
+        except (TypeError, ValueError) as e:
+            return (name, f"an option of a valid layer shape ({e})", o)
     for k, e in enumerate(smap["entries"]):
         name = f"entries[{k}]"
         if not isinstance(e, dict):
@@ -448,7 +609,8 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
                     e.get("covers"))
         if _int(-2 ** 62)(e.get("params_saved")) is not None:
             return (f"{name}.params_saved", "an integer", e.get("params_saved"))
-        numbers = ("latency_saved_ms", *(m for m in COSTS.values() if m in e))
+        numbers = ("latency_saved_ms", *(k for k in ("decode_saved_ms", "kv_bytes_saved") if k in e),
+                   *(m for m in COSTS.values() if m in e))
         for key in numbers:
             if (want := _num(-math.inf)(e.get(key))) is not None:
                 return (f"{name}.{key}", "a finite number", e.get(key))
@@ -470,37 +632,43 @@ def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
 
 def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], *, latency_reps: int = 0,
               latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
-    """The parameter savings of every (layer, option) of a map and, with ``latency_reps``, its latency savings, from
-    untrained units (random weights: the same shapes, sizes and speed as trained ones), without training or
-    evaluating anything: what ``budget_problem`` needs to refuse a budget before a map is built. The teacher's
-    layers share one shape, so each option's unit is made and timed once, at its first layer."""
+    """The parameter and KV-cache savings of every (layer, option) of a map and, with ``latency_reps``, its latency
+    savings, from untrained units (random weights: the same shapes, sizes and speed as trained ones), without
+    training or evaluating anything: what ``budget_problem`` needs to refuse a budget before a map is built, and
+    what the planner's re-timing composes. The teacher's layers share one shape, so each option's unit is made and
+    timed once, at its first layer."""
     cfg, n = teacher.config, len(teacher.layers)
     device = next(teacher.parameters()).device
     units = []
     for opt in options:
         first = next((i for i in layers if opt.applies(i, n)), None)
-        if first is None:
-            continue
-        spec = unit_spec(cfg, opt.covers(first), SPEC_KIND[opt.kind],
-                         intermediate_size=None if opt.kind == "block" else opt.ffn, num_heads=opt.num_heads,
-                         head_dim=opt.head_dim)
-        if opt.kind == "block":
-            mod, _ = init_attention(teacher.layers[first].block, cfg, spec, init="random")
-        else:
-            mod, _ = init_merged_layer(cfg, spec, teacher.layers[first], mode="random")
-        units.append(Built(first, opt, mod.to(device).eval(), spec, "random"))
+        if first is not None:
+            units.append(random_unit(teacher, opt, first))
     smap: dict[str, Any] = {"layers": n, "teacher_params": teacher.num_parameters(), "entries": [],
-                            "device": str(device)}
+                            "teacher_kv_bytes_per_token": cfg.kv_cache_bytes_per_token(), "device": str(device)}
     timing = (time_units(teacher, units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
               if latency_reps else None)
     for b in units:
         for i in (i for i in layers if b.option.applies(i, n)):
-            e = {"layer": i, "option": b.option.name, "covers": b.option.covers(i),
-                 "params_saved": replaced_params(teacher, Built(i, b.option, b.module, b.spec, b.note))}
-            if timing:
-                e["latency_saved_ms"] = (sum(timing["layer_ms"][j] for j in e["covers"])
-                                         - timing["unit_ms"][f"{b.layer}/{b.option.name}"])
+            e = {"layer": i, "option": b.option.name, "covers": b.option.covers(i)}
+            moved = Built(i, b.option, b.module, b.option.spec(i, cfg), b.note)
+            saved = unit_savings(teacher, moved, None)
+            if timing:  # timed at the option's first layer: the same shapes at every layer
+                saved.update({k: v for k, v in unit_savings(teacher, b, timing).items() if k not in saved})
+            e.update(saved)
             smap["entries"].append(e)
     if timing:
         smap["timing"] = timing
     return smap
+
+
+def random_unit(teacher: BertForMaskedLM, opt: Option, layer: int) -> Built:
+    """An untrained unit of ``opt`` at ``layer`` (random weights): for sizes and timings."""
+    cfg = teacher.config
+    spec = opt.spec(layer, cfg)
+    device = next(teacher.parameters()).device
+    if opt.kind == "block":
+        mod, _ = init_attention(teacher.layers[layer].block, cfg, spec, init="random")
+    else:
+        mod, _ = init_merged_layer(cfg, spec, teacher.layers[layer], second=teacher.layers[layer], mode="random")
+    return Built(layer, opt, mod.to(device).eval(), spec, "random")

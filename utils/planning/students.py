@@ -16,9 +16,11 @@ from ..session import Session
 from ..training.loop import Trainer, TrainConfig, Unit
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
-from .planner import PlanError
-from .sensitivity import (OPTION_KINDS, AliasedCache, Context, Option, build_map, build_units, cache_names,
-                          compose_units, default_options, train_units, validate_map, write_map)
+from ..evaluation.speed import round_robin_ms
+from .planner import Plan, PlanError, Target, choose_plan
+from .sensitivity import (AliasedCache, Context, Option, build_map, build_units, cache_names, compose_units,
+                          default_options, option_from_dict, random_unit, speed_fn, train_units, validate_map,
+                          write_map)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -28,7 +30,9 @@ class MapConfig:
     """How the sensitivity map is made: which layers and options, on how much data, timed how (the training loop's
     settings are a ``TrainConfig`` beside it)."""
 
-    options: tuple[str, ...] = OPTION_KINDS  # kinds of option: heads, head_dim, merge, ffn, combined
+    # kinds of option; None: the teacher's task's (masked LM: heads, head_dim, merge, ffn, combined; causal LM: kv,
+    # heads, linear, ffn, no_attention, drop, merge)
+    options: tuple[str, ...] | None = None
     heads_set: list[int] | None = None  # head counts to map; None: 2/3, 1/2, 1/3, 1/6 of the teacher's
     layers: list[int] | None = None  # layers to map; None: all
     block_loss: str = "output"  # loss of the attention-block units: output, relations or output+relations
@@ -59,7 +63,8 @@ def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str,
     valid_ds = s.first_sentences("valid", cfg.eval_sentences)
     train_loader, sampler = s.loader(train_ds, shuffle=True)
     valid_loader, _ = s.loader(valid_ds, shuffle=False)
-    log.info("train %d sentences, validation %d sentences", len(train_ds), len(valid_ds))
+    what = "windows" if s.teacher.TASK == "causal" else "sentences"
+    log.info("train %d %s, validation %d %s", len(train_ds), what, len(valid_ds), what)
     n = len(s.teacher.layers)
     cache = None
     if cfg.cache_dir is not None:
@@ -79,7 +84,7 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
     bad = [i for i in layers if i >= n]
     if bad:
         raise IndexError(f"`layers` {bad}: the teacher has layers 0..{n - 1}")
-    options = default_options(s.teacher.config, cfg.heads_set, cfg.options)
+    options = default_options(s.teacher.config, cfg.heads_set, cfg.options, task=s.teacher.TASK)
     log.info("mapping layers %s x options %s", layers, [o.name for o in options])
     ctx = context(s, cfg, train=train, record=record)
     smap = build_map(ctx, options, layers, eval_loader=ctx.valid_loader, run_dir=out / "units",
@@ -110,6 +115,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     if not (train and finetune.epochs > 0 and units):
         save_model(student, run / "model" / "best", meta)
         return student, units
+    student.requires_grad_(True)  # end to end: the teacher's layers it kept (frozen in the teacher) train too
     masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
     task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
                         hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
@@ -121,6 +127,42 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
             setup=ctx.setup, record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
     student, _ = load_model(run / "model" / "best")
     return student.to(s.device), units
+
+
+def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
+                 seq: int, rounds: int = 5) -> tuple[Plan, list[dict[str, float]]]:
+    """The plan for ``target``; for a speed-up, re-timed before anything is trained: the plan's units (untrained:
+    the same shapes and speed) composed into the teacher and timed against it round-robin; while the measured
+    speed-up falls short, the plan is made again for a target raised by the shortfall (at most ``rounds`` times).
+    Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
+    kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
+    plan = choose_plan(smap, target.speedup, **kw)
+    if target.speedup is None or rounds == 0:
+        return plan, []
+    options = {o["name"]: option_from_dict(o) for o in smap["options"]}
+    ask, rounds_done, lines = target.speedup, [], []
+    for r in range(rounds):
+        student = compose_units(teacher, {i: random_unit(teacher, options[name], i) for i, name in plan.choices.items()})
+        ms = round_robin_ms({"teacher": speed_fn(teacher, target.speed, batch=batch, seq=seq),
+                             "student": speed_fn(student, target.speed, batch=batch, seq=seq)}, reps,
+                            next(teacher.parameters()).device)
+        measured = ms["teacher"] / ms["student"]
+        rounds_done.append({"asked": ask, "measured_speedup": measured, **{f"{k}_ms": v for k, v in ms.items()}})
+        lines.append(f"re-timing {r + 1}: planned for {ask:.3f}x, measured {measured:.3f}x ({target.speed}, "
+                     f"teacher {ms['teacher']:.2f} ms, student {ms['student']:.2f} ms, median of {reps})")
+        if measured >= target.speedup:
+            lines.append(f"re-timing: the plan meets {target.speedup:g}x as measured")
+            break
+        ask *= target.speedup / measured * 1.005  # the shortfall, and a little more
+        try:
+            plan = choose_plan(smap, ask, **kw)
+        except PlanError as e:
+            lines.append(f"re-timing: cannot ask for {ask:.3f}x ({e}); keeping the last plan, which falls short")
+            break
+    else:
+        lines.append(f"re-timing: still short of {target.speedup:g}x after {rounds} rounds")
+    plan.lines += lines
+    return plan, rounds_done
 
 
 def read_map(path: str | Path) -> dict:

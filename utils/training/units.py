@@ -168,14 +168,20 @@ def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], laye
 @torch.no_grad()
 def neuron_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], layers: list[int]
                     ) -> dict[int, torch.Tensor]:
-    """Importance of the feed-forward neurons of each teacher layer in ``layers``: their activation on the probe
-    batch (``models.compress.neuron_scores``; one teacher pass)."""
+    """Importance of the feed-forward neurons of each teacher layer in ``layers`` on the probe batch: the mean size of
+    each neuron's activation on the real tokens, times its output weights' norm (``models.compress.neuron_scores``)."""
+    if not layers:
+        return {}
     device = next(teacher.parameters()).device
     ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
     feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
     ctx, valid = teacher.context(att), att.bool()
-    return {i: neuron_scores(teacher.layers[i], teacher.layers[i].block(feats[f"in_{i}"], ctx)[valid])
-            for i in layers}
+    out = {}
+    for i in layers:
+        layer = teacher.layers[i]
+        if layer.up_proj is not None:
+            out[i] = neuron_scores(layer, layer.block(feats[f"in_{i}"], ctx)[valid])
+    return out
 
 
 def _fewer_heads(spec: LayerSpec, teacher_spec: LayerSpec) -> bool:
