@@ -274,7 +274,7 @@ def test_5_eval_out_checked_before_evaluating(tiny_teacher, tiny_corpus, saved_m
     ("eval_merged_12", ["--split-ratio", "nan,0,1"], "expected three finite non-negative numbers summing to 1"),
     ("eval_merged_12", ["--seq-len", "2"], "--seq-len must be >= 3"),
     ("finetune_merged", ["--kl-weight", "nan"], "--kl-weight must be a finite number"),
-    ("finetune_merged", ["--hidden-weight", "-1"], "--hidden-weight must be >= 0"),
+    ("finetune_merged", ["--hidden-weight", "-1"], "--hidden-weight must be 'balanced' or a finite number >= 0"),
     ("finetune_merged", ["--kl-weight", "0"], "all 0: nothing to train on"),
     ("eval_merge_layer", ["--block", "-1"], "--block must be >= 0"),
 ])

@@ -56,7 +56,7 @@ def dropped(teacher: SwappableModel, layers: list[int]) -> SwappableModel:
     empty = {}
     for i in layers:
         spec = LayerSpec(0, 0, 0, [i], "dropped", attention="none")
-        empty[i] = (init_merged_layer(cfg, spec, teacher.layers[i], teacher.layers[i], "first")[0], spec)
+        empty[i] = (init_merged_layer(cfg, spec, teacher.layers[i], mode="first")[0], spec)
     return compose(teacher, layers=empty)
 
 
