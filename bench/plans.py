@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-sentences", type=int, default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
+    g.add_argument("--retrain-units", action="store_true",
+                   help="train every student's units again (default: load those the map trained with this same "
+                        "teacher and training setup, from the map's units/ folder)")
     g.add_argument("--retime-rounds", type=int, default=5,
                    help="re-timings of a planned speed plan before training (0: the map's plan as it is)")
     add_finetune_args(p)
@@ -289,12 +292,20 @@ def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Pat
                 continue
             run = out / f"model_{len(models)}"
             student, _ = make_student(b.s, b.ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
-                                      finetune=plan_finetune(b.args), train=m["trained"])
+                                      finetune=plan_finetune(b.args), train=m["trained"], map_units=map_units(b.args))
             models[key] = {"key": key, "run": str(run), "trained": m["trained"], "model": student.cpu(),
                            "params": student.num_parameters(),
                            "kv_bytes": student.config.kv_cache_bytes_per_token()}
             log.info("built %s", key)
     return models
+
+
+def map_units(args: argparse.Namespace) -> Path | None:
+    """The map's trained units (next to its sensitivity.json), unless --retrain-units."""
+    if args.retrain_units:
+        return None
+    p = Path(args.map)
+    return (p if p.is_dir() else p.parent) / "units"
 
 
 def score(b: Bench, models: dict[str, dict[str, Any]], test) -> dict[str, Any]:

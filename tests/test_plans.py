@@ -14,7 +14,7 @@ from bench import plans
 from utils.cli.run import run_main
 from utils.planning.planner import choose_plan
 from utils.planning.sensitivity import Option, default_options
-from utils.storage.checkpoint import load_checkpoint
+from utils.storage.checkpoint import load_checkpoint, read_meta
 from utils.training.students import load_model
 from utils.training.units import spec_from_meta
 
@@ -277,6 +277,10 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
                and t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n for t in tests)
     assert "| KV 0.5 | planned |" in (tmp_path / "b" / "plans.md").read_text()
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
+    # the units the map trained with this same setup are loaded, not trained again
+    assert not list((tmp_path / "b").glob("model_*/units"))
+    sources = [x for d in (tmp_path / "b").glob("model_*/model/best") for x in read_meta(d)["sources"]]
+    assert any("trained by the map" in x for x in sources), sources
 
 
 @pytest.mark.parametrize("flags, message", [

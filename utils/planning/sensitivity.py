@@ -29,7 +29,7 @@ from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import round_robin_ms
 from ..storage.checkpoint import load_checkpoint, load_into
 from ..storage.features import TeacherCache
-from ..training.loop import TrainConfig, Trainer, Unit
+from ..training.loop import SETUP_FIELDS, TrainConfig, Trainer, Unit
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from ..errors import SettingError
 from ..training.units import head_rankings, neuron_rankings, unit_meta
@@ -280,6 +280,43 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
             sd, _, _ = load_checkpoint(u.out_dir / "best")
             load_into(u.module, sd, u.out_dir / "best")
     return finals
+
+
+def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[int, Built]:
+    """Load into ``units`` the ones a map already trained in ``folder`` (its ``units/``: same option, layer, teacher
+    and training setup, trained for all the epochs asked); returns the others, which still need training."""
+    rest = {}
+    setup = json.loads(json.dumps({**{k: getattr(ctx.train_cfg, k) for k in SETUP_FIELDS}, **ctx.setup}))
+    for i, b in units.items():
+        kind = TASK_KIND.get(b.option.kind)
+        if kind is None:  # a dropped layer: nothing to train
+            continue
+        d = folder / b.option.name.replace(" ", "_") / f"{kind}_{i}"
+        why = _trained_elsewhere(d, b, ctx, setup)
+        if why:
+            rest[i] = b
+            log.info("layer %d %s: training it (%s)", i, b.option.name, why)
+            continue
+        sd, _, _ = load_checkpoint(d / "best")
+        load_into(b.module, sd, d / "best")
+        b.note += f"; trained by the map ({d})"
+    return rest
+
+
+def _trained_elsewhere(d: Path, b: Built, ctx: Context, setup: dict[str, Any]) -> str | None:
+    """Why the unit in ``d`` cannot stand for ``b`` (None: it can)."""
+    if not (d / "best" / "meta.json").is_file() or not (d / "run.json").is_file():
+        return f"no trained unit in '{d}'"
+    last = json.loads((d / "last" / "meta.json").read_text()) if (d / "last" / "meta.json").is_file() else {}
+    if last.get("teacher_hash") != ctx.teacher_hash or last.get("option") != b.option.name:
+        return f"'{d}' holds another teacher's or option's unit"
+    if last.get("epoch", 0) < ctx.train_cfg.epochs:
+        return f"'{d}' trained {last.get('epoch', 0)} of {ctx.train_cfg.epochs} epochs"
+    theirs = json.loads((d / "run.json").read_text()).get("setup") or {}
+    diffs = sorted(k for k in set(theirs) | set(setup) if theirs.get(k) != setup.get(k))
+    if diffs:
+        return f"'{d}' was trained with another {', '.join(f'{k} ({theirs.get(k)!r})' for k in diffs)}"
+    return None
 
 
 def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForMaskedLM:

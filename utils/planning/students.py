@@ -19,8 +19,8 @@ from ..training.tasks import ModelDistill, describe_losses
 from ..evaluation.speed import round_robin_ms
 from .planner import Plan, PlanError, Target, choose_plan
 from .sensitivity import (AliasedCache, Context, Option, build_map, build_units, cache_names, compose_units,
-                          default_options, option_from_dict, random_unit, speed_fn, train_units, validate_map,
-                          write_map)
+                          default_options, option_from_dict, random_unit, reuse_trained, speed_fn, train_units,
+                          validate_map, write_map)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -96,16 +96,19 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
 
 
 def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: Path, origin: str,
-                 finetune: PlanFinetune, train: bool = True) -> tuple[BertForMaskedLM, dict]:
+                 finetune: PlanFinetune, train: bool = True, map_units: Path | None = None
+                 ) -> tuple[BertForMaskedLM, dict]:
     """The student of ``choices`` (first teacher layer -> Option): its units initialised from the teacher and, with
     ``train``, retrained on the teacher's features (``<run>/units``), composed into a copy of the teacher and
     fine-tuned end to end by KD (``finetune.epochs``); saved as ``<run>/model/best``. ``train=False`` gives the
-    untrained baseline of the same plan (kept top heads, top FFN neurons, the first layer of a merged pair). Returns
+    untrained baseline of the same plan (kept top heads, top FFN neurons, the first layer of a merged pair).
+    ``map_units``: a map's ``units/`` folder; units it trained with this setup are loaded, not trained again. Returns
     (student, units)."""
     teacher = s.teacher
     units = build_units(ctx, choices)
-    if units and train:
-        train_units(ctx, units, run / "units")
+    rest = reuse_trained(ctx, units, map_units) if train and map_units is not None else units
+    if rest and train:
+        train_units(ctx, rest, run / "units")
     student = clone_model(compose_units(teacher, units)).to(s.device)
     log.info("student plan:\n%s", student.config.describe())
     sources = [origin] + [f"layer {i}: {b.option.name} ({b.note}{'' if train else '; untrained'})"
