@@ -312,7 +312,7 @@ def test_2_target_speedup_below_one_is_a_usage_error(tiny_teacher, tiny_corpus, 
 
 
 @pytest.mark.parametrize("target, reach", [(["--target-params", "1"], "the map's options remove at most"),
-                                           (["--target-speedup", "100"], "the map's options reach at most")])
+                                           (["--target-speedup", "1000"], "the map's options reach at most")])
 def test_2_unreachable_target_is_refused_before_a_map_is_built(tiny_teacher, tiny_corpus, tmp_path, capsys, target,
                                                                reach):
     code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, *target)

@@ -213,8 +213,11 @@ def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, ta
             cands[e["layer"]].append(e)
     most = _max_saving(cands, smap["layers"], b.gain_key)
     if target_speedup is not None:  # timing noise cannot save more than the layers take: the rest of the model stays
+        timing = smap["timing"]
         layer_key = "layer_ms" if speed == "prefill" else "decode_layer_ms"
-        most = min(most, sum(smap["timing"].get(layer_key, [])) or most)
+        most = min(most, sum(timing.get(layer_key, [])) or most)
+        if speed == "prefill" and timing.get("embeddings_ms"):  # layers timed alone can add up to more than the model
+            most = min(most, timing["encoder_ms"] - timing["embeddings_ms"])
     if b.needed <= most:
         return None
     if target_speedup is not None:

@@ -292,7 +292,7 @@ def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[i
         if kind is None:  # a dropped layer: nothing to train
             continue
         d = folder / b.option.name.replace(" ", "_") / f"{kind}_{i}"
-        why = _trained_elsewhere(d, b, ctx, setup)
+        why = _trained_elsewhere(d, b, ctx, setup=setup)
         if why:
             rest[i] = b
             log.info("layer %d %s: training it (%s)", i, b.option.name, why)
@@ -303,7 +303,7 @@ def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[i
     return rest
 
 
-def _trained_elsewhere(d: Path, b: Built, ctx: Context, setup: dict[str, Any]) -> str | None:
+def _trained_elsewhere(d: Path, b: Built, ctx: Context, *, setup: dict[str, Any]) -> str | None:
     """Why the unit in ``d`` cannot stand for ``b`` (None: it can)."""
     if not (d / "best" / "meta.json").is_file() or not (d / "run.json").is_file():
         return f"no trained unit in '{d}'"
