@@ -165,3 +165,15 @@ def test_more_than_three_parameters_are_keyword_only():
             if len(positional) > 3 and (str(f.relative_to(ROOT)), fn.name) not in POSITIONAL_ALLOWED:
                 wide.append(f"{f.relative_to(ROOT)}:{fn.lineno} {fn.name}({', '.join(positional)})")
     assert wide == []
+
+
+def test_tests_mirror_the_code_and_share_only_helpers():
+    """Test files live beside the part of the code they test and import no other test file (only conftest's
+    fixtures and helpers.py)."""
+    files = sorted((ROOT / "tests").rglob("test_*.py"))
+    assert {f.parent.relative_to(ROOT / "tests").parts[:1] for f in files} >= {("models",), ("utils",), ("scripts",)}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[-1].startswith(("test_", "conftest"))], f
