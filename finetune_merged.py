@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g.add_argument("--relation-weight", type=term_weight("--relation-weight", zero=True), default=0.0,
                    help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts); "
-                        "0: off (the default); a number: that fixed weight; 'balanced': scaled to equal the KL term "
+                        "0: off (the default); a number: that fixed weight; 'balanced': scaled to --balance-ratio times the KL term "
                         "(without a masked-LM head: the hidden-state term) at the start, both measured once on the "
                         "first training batch with the student as it starts; the scale is stored in the checkpoint "
                         "and run.json, and a --resume reuses it")

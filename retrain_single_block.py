@@ -56,16 +56,18 @@ def _add_term_weights(g: argparse._ArgumentGroup) -> None:
                         "head_dim; default: the largest such divisor up to the teacher's head count)")
     g.add_argument("--relation-weight", type=term_weight("--relation-weight"), default=BALANCED,
                    help="weight of the relation term beside the output term (--loss-on output+relations): "
-                        "'balanced' (the default) scales it to equal the output term at the start: both are measured "
-                        "once per block, on the first training batch, with the block as it starts, and the scale is "
-                        "stored in the block's checkpoint and run.json (a --resume reuses it); a number is a fixed "
+                        "'balanced' (the default) scales it to --balance-ratio times the output term at the start: "
+                        "both are measured once per block, on the first training batch, with the block as it starts, "
+                        "and the scale is stored in the block's checkpoint and run.json (a --resume reuses it); a "
+                        "number is a fixed "
                         "weight (1: the behaviour before balancing, where the relation term, ~100x the output MSE on "
                         "MiniLM, swamped it)")
     g.add_argument("--score-weight", type=term_weight("--score-weight"), default=BALANCED,
                    help="weight of the attention-score term beside the output term (--loss-on output+scores): "
                         "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
     g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
-                   help="a 'balanced' term starts at this many times the output term")
+                   help="a 'balanced' term starts at this many times the output term (the default, 0.1, measured "
+                        "best on MiniLM: docs/results.md, issue 22)")
 
 
 def build_parser() -> argparse.ArgumentParser:

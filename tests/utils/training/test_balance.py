@@ -13,7 +13,7 @@ from models.llama import LlamaAttention
 from utils.data.batches import TokenizedSentences, make_loader
 from utils.data.text import DataConfig, load_sentences
 from utils.training.losses import attention_vectors, relation_loss
-from utils.training.tasks import BALANCED, BlockDistill, ModelDistill, balance_terms, block_relation_heads
+from utils.training.tasks import BALANCE_RATIO, BALANCED, BlockDistill, ModelDistill, balance_terms, block_relation_heads
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +27,15 @@ def tiny(tiny_teacher, tiny_corpus):
 
 
 def _blocks(teacher) -> dict:
-    return {i: compress_attention(l.attention, teacher.config, num_heads=2, head_dim=8)[0] for i, l in enumerate(teacher.layers)}
+    return {i: compress_attention(l.attention, teacher.config, num_heads=2, head_dim=8)[0]
+            for i, l in enumerate(teacher.layers)}
 
 
 def test_scale_is_the_ratio_of_the_terms_at_the_start(tiny):
     teacher, probe = tiny
     blocks = _blocks(teacher)
-    task = BlockDistill(teacher, blocks, ["output", "relations"])
+    assert BlockDistill(teacher, blocks, ["output", "relations"]).balance_ratio == BALANCE_RATIO  # the default
+    task = BlockDistill(teacher, blocks, ["output", "relations"], balance_ratio=1.0)
     assert task.term_weights == {"output": 1.0, "relations": BALANCED} and task.balances()
     with pytest.raises(RuntimeError, match="balanced but has no scale yet"):
         task.unit_losses(probe, None)
@@ -60,7 +62,7 @@ def test_scale_is_the_ratio_of_the_terms_at_the_start(tiny):
         assert rec["scales"]["relations"] == pytest.approx(mse / rel, rel=1e-5)
         assert rec["probe"]["sequences"] == ids.shape[0] and rec["probe"]["tokens"] == int(att.sum())
     # deterministic: a second task from the same start gives the same scales to the bit
-    again = balance_terms(BlockDistill(teacher, _blocks(teacher), ["output", "relations"]), probe)
+    again = balance_terms(BlockDistill(teacher, _blocks(teacher), ["output", "relations"], balance_ratio=1.0), probe)
     assert {u: r["scales"] for u, r in again.items()} == {u: r["scales"] for u, r in got.items()}
     # a ratio R: the term starts at R times the output term
     tenth = balance_terms(BlockDistill(teacher, _blocks(teacher), ["output", "relations"], balance_ratio=0.1), probe)
@@ -84,7 +86,7 @@ def test_combined_loss_is_the_weighted_sum_of_its_terms(tiny):
             assert losses[unit][0].item() == pytest.approx(want.item(), rel=1e-6) and losses[unit][1] == n
             if weight == BALANCED:  # at the start every term weighs what the output term does
                 for term in ("scores", "relations"):
-                    assert (scales[term] * t[term]).item() == pytest.approx(t["output"].item(), rel=1e-5)
+                    assert (scales[term] * t[term]).item() == pytest.approx(BALANCE_RATIO * t["output"].item(), rel=1e-5)
         # validation reports each term beside the combined loss
         metrics = task.evaluate([probe])
         assert set(metrics) == {f"block_{i}/{k}" for i in range(2) for k in ("loss", "output", "scores", "relations")}
@@ -93,7 +95,7 @@ def test_combined_loss_is_the_weighted_sum_of_its_terms(tiny):
     assert alone.term_weights == {"relations": 1.0} and not alone.balances() and balance_terms(alone, probe) == {}
 
 
-def test_balanced_fine_tune_term_equals_the_kl_at_the_start(tiny, tiny_teacher):
+def test_balanced_fine_tune_term_is_the_ratio_of_the_kl_at_the_start(tiny, tiny_teacher):
     teacher, probe = tiny
     from models.compress import clone_model, drop_every_second
     from utils.data.masking import lm_targets
@@ -103,7 +105,7 @@ def test_balanced_fine_tune_term_equals_the_kl_at_the_start(tiny, tiny_teacher):
     task = ModelDistill(teacher, student, lm_targets(tok, teacher), relation_weight=BALANCED, kl_weight=2.0)
     rec = balance_terms(task, probe)["model"]
     assert rec["anchor"] == "kl"
-    assert rec["scales"]["relations"] == pytest.approx(2.0 * rec["start"]["kl"] / rec["start"]["relations"])
+    assert rec["scales"]["relations"] == pytest.approx(BALANCE_RATIO * 2.0 * rec["start"]["kl"] / rec["start"]["relations"])
     assert task.unit_weights("model") == {"kl": 2.0, "relations": rec["scales"]["relations"]}
 
 
@@ -119,7 +121,7 @@ def test_balance_is_recorded_and_reused_on_resume(tiny_teacher, tiny_corpus, tmp
     meta = _meta(unit / "best" / "meta.json")
     lb = meta["loss_balance"]
     assert meta["relation_weight"] == BALANCED
-    assert lb["scales"]["relations"] == pytest.approx(lb["start"]["output"] / lb["start"]["relations"])
+    assert lb["scales"]["relations"] == pytest.approx(BALANCE_RATIO * lb["start"]["output"] / lb["start"]["relations"])
     assert _meta(unit / "run.json")["unit_meta"]["loss_balance"] == lb
     # the resume point's stored scale is what a resumed run uses: change it there, and the run goes on with it
     point = unit / "resume" / "meta.json"
