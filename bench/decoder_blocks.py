@@ -64,7 +64,6 @@ from utils.cli.types import fraction, positive_int  # noqa: E402
 from utils.data.text import load_sentences  # noqa: E402
 from utils.evaluation.metrics import TokenScores, token_scores  # noqa: E402
 from utils.evaluation.speed import lm_speed  # noqa: E402
-from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.storage.checkpoint import CheckpointError, find_checkpoints  # noqa: E402
 from utils.training.students import build_student, load_model  # noqa: E402
 from utils.training.units import init_blocks, init_merges, spec_from_meta  # noqa: E402
@@ -239,17 +238,6 @@ def hf_nll(teacher_dir: str, windows: list[list[int]]) -> list[float]:
     return out
 
 
-def paired(sc: TokenScores, a: str, b: str) -> dict[str, Any]:
-    """Model ``a`` against ``b`` on the same tokens: NLL (t over tokens and over window means; sign test),
-    agreement with the teacher (McNemar), KL (t over tokens)."""
-    return {"a": a, "b": b,
-            "nll_t_tokens": paired_t(sc.nll[a], sc.nll[b]),
-            "nll_t_windows": paired_t(sc.per_window(sc.nll[a]), sc.per_window(sc.nll[b])),
-            "nll_sign": sign_test(sc.nll[a], sc.nll[b]),
-            "agreement_mcnemar": mcnemar(sc.agree[a], sc.agree[b]),
-            "kl_t_tokens": paired_t(sc.kl[a], sc.kl[b])}
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     s = _session.start(session_config(args))
@@ -274,9 +262,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rows = {"teacher": _row(s.teacher, sc, None, sources=["the teacher"], speed=speed.get("teacher"))}
     for name, model in students.items():
         rows[name] = _row(model, sc, name, sources=sources[name], speed=speed.get(name))
-    tests = [dict(paired(sc, tr, un), student=name) for name, _, tr, un in PAIRS]
-    tests.append(dict(paired(sc, "merged+ft", "dropped+ft"), student="merged vs dropped"))
-    tests.append(dict(paired(sc, "merged", "merged untrained"), student="merged pairs retrained, no fine-tune"))
+    tests = [dict(sc.paired(tr, un), student=name) for name, _, tr, un in PAIRS]
+    tests.append(dict(sc.paired("merged+ft", "dropped+ft"), student="merged vs dropped"))
+    tests.append(dict(sc.paired("merged", "merged untrained"), student="merged pairs retrained, no fine-tune"))
     return {"teacher": args.teacher, "device": str(s.device), "threads": args.threads,
             "windows": test.describe(), "test_fraction": args.test_fraction,
             "test_sentences": [len(load_sentences(test_s.data, "test", args.test_fraction)),

@@ -451,6 +451,18 @@ class TokenScores:
             sums.setdefault(w, []).append(v)
         return [math.fsum(v) / len(v) for v in sums.values()]
 
+    def paired(self, a: str, b: str) -> dict[str, Any]:
+        """Student ``a`` against ``b`` on the same tokens: NLL (t over tokens and over window means; sign test),
+        agreement with the teacher (McNemar), KL (t over tokens)."""
+        from .stats import mcnemar, paired_t, sign_test
+
+        return {"a": a, "b": b,
+                "nll_t_tokens": paired_t(self.nll[a], self.nll[b]),
+                "nll_t_windows": paired_t(self.per_window(self.nll[a]), self.per_window(self.nll[b])),
+                "nll_sign": sign_test(self.nll[a], self.nll[b]),
+                "agreement_mcnemar": mcnemar(self.agree[a], self.agree[b]),
+                "kl_t_tokens": paired_t(self.kl[a], self.kl[b])}
+
 
 @torch.no_grad()
 def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], loader, *, device: torch.device,

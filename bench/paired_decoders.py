@@ -1,0 +1,101 @@
+"""Saved decoder students side by side on the same test tokens, each against a reference student by paired tests.
+
+For variants of one recipe (a loss, a ratio, a seed): perplexity, agreement and KL per student, and for each one
+against --reference the paired t-test of per-token NLL (over tokens and over window means), the sign test and
+McNemar's exact test on top-1 agreement with the teacher (``TokenScores.paired``). The windows are those of the
+leading --test-fraction of the test split (window = stride = --seq-len, no BOS), the same for every model.
+
+    OMP_NUM_THREADS=1 python bench/paired_decoders.py --teacher bench/results/smollm2-135m-instruct \\
+        --data-dir bench/results/wikitext2_split --seq-len 256 --test-fraction 0.25 --reference output \\
+        --models output=runs/models/output rel=runs/models/rel_bal0.1
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils import session as _session  # noqa: E402
+from utils.cli.configs import session_config  # noqa: E402
+from utils.cli.parser import common_parser  # noqa: E402
+from utils.cli.run import run_main  # noqa: E402
+from utils.cli.types import fraction  # noqa: E402
+from utils.evaluation.metrics import token_scores  # noqa: E402
+from utils.training.students import load_model  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser(__doc__.split("\n")[0], default_out="bench/results/paired_decoders")
+    p.set_defaults(seq_len=256, batch_size=4, device="cpu", percentage_data=1.0)
+    g = p.add_argument_group("students")
+    g.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
+                   help="saved models (python -m utils.assemble, finetune_merged.py) to compare")
+    g.add_argument("--reference", required=True, help="the NAME every other model is tested against")
+    g.add_argument("--test-fraction", type=fraction, default=0.25, help="leading fraction of the test split")
+    return p
+
+
+def _named(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    pairs = [s.partition("=") for s in specs]
+    bad = [s for s, (_, eq, d) in zip(specs, pairs) if not eq or not d]
+    if bad:
+        parser.error(f"--models takes NAME=DIR, got {bad[0]!r}")
+    return {name: d for name, _, d in pairs}
+
+
+def _p(p: float) -> str:
+    return "< 1e-300" if p == 0 else f"{p:.2g}"
+
+
+def markdown(res: dict) -> str:
+    ref = res["reference"]
+    lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}); reference: {ref}", "",
+             "| model | perplexity | agreement | KL(t‖s) | NLL − ref | t tokens (p) | t windows (p) | sign: lower / "
+             "higher | agreement only model / only ref (p) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in res["rows"].items():
+        cells = [name, f"{row['perplexity']:.3f}", f"{row['agreement']:.4f}", f"{row['kl']:.4f}"]
+        t = res["tests"].get(name)
+        if t is None:
+            cells += ["", "", "", "", ""]
+        else:
+            tt, tw, sg, mc = t["nll_t_tokens"], t["nll_t_windows"], t["nll_sign"], t["agreement_mcnemar"]
+            cells += [f"{tt['mean_diff']:+.4f}", f"{tt['t']:+.2f} ({_p(tt['p'])})", f"{tw['t']:+.2f} ({_p(tw['p'])})",
+                      f"{sg['a_lower']:,} / {sg['a_higher']:,}",
+                      f"{mc['only_a']:,} / {mc['only_b']:,} ({_p(mc['p'])})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    named = _named(args.models, parser)
+    if args.reference not in named:
+        parser.error(f"--reference {args.reference!r} is not one of the --models names {sorted(named)}")
+    s = _session.start(session_config(args))
+    students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
+                for name, d in named.items()}
+    test_s = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction))
+    loader, _ = test_s.loader(test_s.sentences("test"), shuffle=False)
+    sc = token_scores(s.teacher, students, loader, device=s.device)
+    rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0}}
+    rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
+                     "kl": sc.mean(sc.kl[n])} for n in students})
+    res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
+           "test_fraction": args.test_fraction, "tokens": len(sc.teacher_nll), "windows": len(set(sc.window)),
+           "rows": rows, "tests": {n: sc.paired(n, args.reference) for n in students if n != args.reference}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paired.json").write_text(json.dumps(res, indent=2))
+    (out / "paired.md").write_text(markdown(res) + "\n")
+    print(markdown(res))
+    return out
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    sys.exit(run_main(lambda a: main(a, parser), parser))

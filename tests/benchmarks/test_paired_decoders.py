@@ -1,0 +1,48 @@
+"""bench/paired_decoders.py: saved decoder students against a reference on the same test tokens."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models import load_teacher
+from models.hf import weights_hash
+from models.compress import clone_model, drop_every_second
+from utils.cli.run import run_main
+from utils.training.students import save_model
+
+
+def test_students_are_compared_token_by_token(tiny_llama, tiny_corpus, tmp_path, capsys):
+    from bench import paired_decoders
+
+    teacher, _ = load_teacher(str(tiny_llama))
+    meta = {"teacher": str(tiny_llama), "teacher_hash": weights_hash(teacher)}
+    save_model(clone_model(teacher), tmp_path / "same", meta)
+    save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half", meta)
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--seq-len", "16", "--test-fraction", "1",
+            "--models", f"same={tmp_path / 'same'}", f"half={tmp_path / 'half'}", "--reference", "same",
+            "--out", str(tmp_path / "out")]
+    parser = paired_decoders.build_parser()
+    assert run_main(lambda a: paired_decoders.main(a, parser), parser, argv) == 0
+    res = json.loads((tmp_path / "out" / "paired.json").read_text())
+    n = res["tokens"]
+    # the teacher's own copy: its perplexity, full agreement; the half model is tested against it on every token
+    assert res["rows"]["same"]["perplexity"] == res["rows"]["teacher"]["perplexity"]
+    assert res["rows"]["same"]["agreement"] == 1.0 and set(res["tests"]) == {"half"}
+    t = res["tests"]["half"]
+    assert t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n
+    assert t["agreement_mcnemar"]["only_b"] == n - round(res["rows"]["half"]["agreement"] * n)
+    assert t["agreement_mcnemar"]["only_a"] == 0 and 0 <= t["nll_t_tokens"]["p"] <= 1
+    assert "| half |" in capsys.readouterr().out
+
+
+def test_a_reference_that_is_not_a_model_is_refused(tiny_llama, tiny_corpus, tmp_path, capsys):
+    from bench import paired_decoders
+
+    parser = paired_decoders.build_parser()
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--models", f"a={tmp_path}",
+            "--reference", "b"]
+    with pytest.raises(SystemExit) as e:  # argparse's refusal, as from the command line
+        run_main(lambda a: paired_decoders.main(a, parser), parser, argv)
+    assert e.value.code == 2
+    assert "--reference 'b' is not one of the --models names ['a']" in capsys.readouterr().err
