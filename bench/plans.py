@@ -389,7 +389,8 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
             "test_items": base.get("predicted_tokens", base.get("sentences")),
             "targets": [t.name for t in targets], "rows": rows, "tests": tests,
             "budget": {"max_train_sentences": b.args.max_train_sentences, "epochs": b.args.epochs,
-                       "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr, "eval_sentences": b.args.eval_sentences,
+                       "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr, "ft_max_steps": b.args.ft_max_steps,
+                       "max_steps_per_epoch": b.args.max_steps_per_epoch, "eval_sentences": b.args.eval_sentences,
                        "test_sentences": b.args.test_sentences, "latency_reps": b.args.latency_reps,
                        "calibration_sentences": b.args.calibration_sentences, "seq_len": b.args.seq_len}}
 

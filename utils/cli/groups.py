@@ -74,6 +74,9 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tune (end to end, KD)")
     g.add_argument("--ft-epochs", type=int, default=1, help="0: no fine-tune")
     g.add_argument("--ft-lr", type=positive_float, default=2e-4)
+    g.add_argument("--ft-max-steps", type=positive_int("--ft-max-steps"), default=None,
+                   help="at most this many optimizer steps per fine-tune epoch (budget; default: the units' "
+                        "--max-steps-per-epoch, else the whole training split)")
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,

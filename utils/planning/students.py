@@ -54,6 +54,7 @@ class PlanFinetune:
     temperature: float = 2.0
     relation_weight: float = 0.0  # relation distillation in the fine-tune
     test_sentences: int | None = None  # evaluate on the first N test sentences; None: all
+    max_steps: int | None = None  # optimizer steps per epoch at most; None: the units' limit (TrainConfig)
 
 
 def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str, Any]) -> Context:
@@ -123,7 +124,8 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
                         hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
                         relation_weight=finetune.relation_weight).to(s.device)
-    cfg = dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr)
+    cfg = dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr,
+                              max_steps_per_epoch=finetune.max_steps or ctx.train_cfg.max_steps_per_epoch)
     unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
                                                   **describe_losses(task)})
     Trainer(task, [unit], cfg, run_dir=run, device=s.device, evaluate=lambda: task.evaluate(ctx.valid_loader),

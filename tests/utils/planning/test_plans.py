@@ -260,7 +260,7 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
             "--map", str(mp), "--targets", "1.2", "--kv-targets", "0.5", "--seq-len", "16", "--batch-size", "8",
             "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "2", "--latency-reps", "3",
             "--latency-batch", "1", "--max-train-sentences", "48", "--eval-sentences", "16", "--valid-batches", "1",
-            "--ft-epochs", "1", "--test-sentences", "24", "--calibration-sentences", "16"]
+            "--ft-epochs", "1", "--ft-max-steps", "1", "--test-sentences", "24", "--calibration-sentences", "16"]
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     res = json.loads((tmp_path / "b" / "plans.json").read_text())
     assert res["causal"] and res["targets"] == ["prefill_speedup1.2", "kv_cache0.5"]
@@ -281,6 +281,9 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
     assert not list((tmp_path / "b").glob("model_*/units"))
     sources = [x for d in (tmp_path / "b").glob("model_*/model/best") for x in read_meta(d)["sources"]]
     assert any("trained by the map" in x for x in sources), sources
+    # the fine-tunes stop at --ft-max-steps; the units kept the map's --max-steps-per-epoch
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "b").glob("model_*/model/run.json")]
+    assert runs and all(r["setup"]["max_steps_per_epoch"] == 1 for r in runs)
 
 
 @pytest.mark.parametrize("flags, message", [
