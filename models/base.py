@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -302,3 +303,16 @@ class SwappableModel(nn.Module):
             layers.append(own)
         owner._modules[self.LAYERS[-1]] = nn.ModuleList(layers)
         return view
+
+
+def apply_renames(key: str, renames: list[tuple[str, str | None]]) -> str | None:
+    """A checkpoint key through a family's table of (regex, replacement) in order; None: the key matches a pattern
+    whose replacement is None (a tensor our model does not keep: tied, or recomputed)."""
+    for pattern, repl in renames:
+        if repl is None:
+            if re.search(pattern, key):
+                return None
+        else:
+            key = re.sub(pattern, repl, key)
+    return key
+

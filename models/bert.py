@@ -10,7 +10,6 @@ torch only (transformers inside the conversion functions): this file is copied n
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kinds import get_kind, implements
+from .kinds import implements
 from .base import (ACTIVATIONS, AttentionTrace, ModelOutputs, NoLMHeadError, SwappableAttention, SwappableLayer,
-                   SwappableModel, activation, attend, init_weights, repeat_kv)
+                   SwappableModel, activation, apply_renames, attend, init_weights, repeat_kv)
 from .config import LayerSpec, ModelConfig
 
 _ACTIVATIONS = ACTIVATIONS  # (older name)
@@ -373,12 +372,9 @@ RENAMES: list[tuple[str, str | None]] = [
 
 
 def rename_key(key: str) -> str | None:
-    for pattern, repl in RENAMES:
-        if repl is None:
-            if re.search(pattern, key):
-                return None
-        else:
-            key = re.sub(pattern, repl, key)
+    key = apply_renames(key, RENAMES)
+    if key is None:
+        return None
     if not key.startswith("cls."):
         key = "bert." + key
     return key

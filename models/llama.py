@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kinds import get_kind, implements
-from .base import (AttentionTrace, SwappableAttention, SwappableLayer, SwappableModel, activation, attend,
-                   init_weights, repeat_kv)
+from .base import (AttentionTrace, SwappableAttention, SwappableLayer, SwappableModel, activation, apply_renames,
+                   attend, init_weights, repeat_kv)
 from .config import LayerSpec, ModelConfig
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -475,13 +475,7 @@ RENAMES: list[tuple[str, str | None]] = [
 
 
 def rename_key(key: str) -> str | None:
-    for pattern, repl in RENAMES:
-        if repl is None:
-            if re.search(pattern, key):
-                return None
-        else:
-            key = re.sub(pattern, repl, key)
-    return key
+    return apply_renames(key, RENAMES)
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig | None = None
