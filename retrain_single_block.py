@@ -66,8 +66,8 @@ def _add_term_weights(g: argparse._ArgumentGroup) -> None:
                    help="weight of the attention-score term beside the output term (--loss-on output+scores): "
                         "'balanced' (the default) or a fixed number (1: the behaviour before), as --relation-weight")
     g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
-                   help="a 'balanced' term starts at this many times the output term (the default, 0.1, measured "
-                        "best on MiniLM: docs/results.md, issue 22)")
+                   help="a 'balanced' term starts at this many times the output term (the default, 0.01, the "
+                        "largest that never measurably hurt on MiniLM and SmolLM2: docs/results.md, issue 22)")
 
 
 def build_parser() -> argparse.ArgumentParser:
