@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> Path:
     done = api.plan_student(session_config(args), target_speedup=args.target_speedup,
                             target_params=args.target_params, target_kv_cache=args.target_kv_cache, speed=args.speed,
                             map=args.map, cost=args.cost, config=map_config(args), finetune=plan_finetune(args),
-                            train=train_config(args), out=run, record=record(args), export=export_config(args))
+                            train=train_config(args), out=run, record=record(args), export=export_config(args),
+                            reuse_map_units=not args.retrain_units)
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
     print("\n".join(done.plan.lines))

@@ -91,9 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-sentences", type=int, default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
-    g.add_argument("--retrain-units", action="store_true",
-                   help="train every student's units again (default: load those the map trained with this same "
-                        "teacher and training setup, from the map's units/ folder)")
     g.add_argument("--retime-rounds", type=int, default=5,
                    help="re-timings of a planned speed plan before training (0: the map's plan as it is)")
     add_finetune_args(p)

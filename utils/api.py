@@ -827,13 +827,14 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  map: dict | str | Path | None = None, cost: str = "kl", config: MapConfig = MapConfig(),
                  finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
-                 export: ExportConfig | None = None) -> PlannedStudent:
+                 export: ExportConfig | None = None, reuse_map_units: bool = True) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
     re-timed before training (its untrained units composed and timed against the teacher; planned again while it
     falls short). Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
-    evaluated on the test split, timed against the teacher and exported (``export``). Writes plan.log and
+    evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
+    units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
     results.json to ``out``; ``train.force`` accepts a map made for another teacher."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     run = Path(out)
@@ -853,7 +854,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         ctx = context(s, config, train=train, record=rec)
         student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
                                       origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
-                                      finetune=finetune)
+                                      finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units), config=config,
                             target=target)
         res.update(retiming=rounds, **_target_met(res, target))
@@ -862,6 +863,16 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
             student.to(s.device)
         (run / "results.json").write_text(json.dumps(res, indent=2))
         return PlannedStudent(run, plan, res, student, smap, built)
+
+
+def _map_units(given: dict | str | Path | None, built: Path | None) -> Path | None:
+    """The trained units beside the map: in the map built now, or next to the sensitivity.json given."""
+    if built is not None:
+        return built / "units"
+    if isinstance(given, (str, Path)):
+        p = Path(given)
+        return (p if p.is_dir() else p.parent) / "units"
+    return None
 
 
 def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig, train: TrainConfig, out: Path,

@@ -74,6 +74,9 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tune (end to end, KD)")
     g.add_argument("--ft-epochs", type=int, default=1, help="0: no fine-tune")
     g.add_argument("--ft-lr", type=positive_float, default=2e-4)
+    g.add_argument("--retrain-units", action="store_true",
+                   help="train the student's units again (default: load those the map trained with this same "
+                        "teacher and training setup, from the map's units/ folder)")
     g.add_argument("--ft-max-steps", type=positive_int("--ft-max-steps"), default=None,
                    help="at most this many optimizer steps per fine-tune epoch (budget; default: the units' "
                         "--max-steps-per-epoch, else the whole training split)")

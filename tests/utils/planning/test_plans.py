@@ -219,6 +219,10 @@ def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_
     assert {"decode_measured_speedup", "measured_speedup", "student_kv_bytes_per_token"} <= set(res)
     assert res["target_met_measured"] == (res["decode_measured_speedup"] >= 1.2)
     assert "student_perplexity" in res["metrics"] and (tmp_path / "hf" / "config.json").is_file()
+    # units the map trained with this setup are loaded from its units/ folder, not trained again
+    trained = [x for x in read_meta(tmp_path / "plan" / "model" / "best")["sources"] if "trained by the map" in x]
+    assert not (tmp_path / "plan" / "units").exists() and len(trained) == sum(
+        1 for name in done.plan.choices.values() if name != "drop")
 
 
 def test_layer_removal_baselines(tiny_llama, tiny_corpus):
