@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import logging
 import re
 import signal
@@ -177,9 +178,13 @@ def run_main(main: Callable[[argparse.Namespace], Path], parser: argparse.Argume
             signal.signal(sig, handler)
         main_process = runtime.is_main_process()  # asked before the group is gone (then every rank says 0)
         if runtime.is_distributed():
+            # free what still holds the group (a DDP wrapper in a reference cycle, pending work) while the
+            # interpreter is whole: freed during its shutdown instead, gloo's threads can abort the process (-6)
+            gc.collect()
             if ok:  # tear down together: a rank still in gloo while another destroys its group can abort
                 runtime.barrier()
             torch.distributed.destroy_process_group()
+            gc.collect()
     if main_process:
         print(f"results written to {where}", flush=True)
     return stops.leave_main(0)
