@@ -62,7 +62,7 @@ from utils.cli.parser import common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from utils.data.text import load_sentences  # noqa: E402
-from utils.evaluation.metrics import TokenScores, token_scores  # noqa: E402
+from utils.evaluation.metrics import TokenScores, token_scores, transformers_nll  # noqa: E402
 from utils.evaluation.speed import lm_speed  # noqa: E402
 from utils.storage.checkpoint import CheckpointError, find_checkpoints  # noqa: E402
 from utils.training.students import build_student, load_model  # noqa: E402
@@ -224,20 +224,6 @@ def models(s, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[
 
 
 # ---- measuring ----
-def hf_nll(teacher_dir: str, windows: list[list[int]]) -> list[float]:
-    """Per predicted token NLL of plain transformers' model of ``teacher_dir``, window by window (fp32, no cache)."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    out: list[float] = []
-    with torch.no_grad():
-        for w in windows:
-            x = torch.tensor([w])
-            logits = hf(x, use_cache=False).logits[0, :-1].float()
-            out += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none").tolist()
-    return out
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     s = _session.start(session_config(args))
@@ -250,7 +236,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     score_s = time.perf_counter() - t0
     log.info("scored %d tokens of %d models in %.0f s", len(sc.teacher_nll), len(students) + 1, score_s)
     t0 = time.perf_counter()
-    theirs = hf_nll(args.teacher, test.ids)
+    theirs = transformers_nll(args.teacher, test.ids)
     hf_s = time.perf_counter() - t0
     ours_ppl, hf_ppl = sc.perplexity(), math.exp(math.fsum(theirs) / len(theirs))
     parity = {"ours": ours_ppl, "transformers": hf_ppl, "relative_difference": abs(ours_ppl - hf_ppl) / hf_ppl,

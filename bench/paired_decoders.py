@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from utils import session as _session  # noqa: E402
 from utils.cli.configs import session_config  # noqa: E402
 from utils.cli.parser import common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
-from utils.cli.types import fraction  # noqa: E402
-from utils.evaluation.metrics import token_scores  # noqa: E402
+from utils.cli.types import fraction, positive_int  # noqa: E402
+from models.export import export_pretrained  # noqa: E402
+from utils.evaluation.metrics import token_scores, transformers_nll  # noqa: E402
 from utils.training.students import load_model  # noqa: E402
 
 
@@ -38,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saved models (python -m utils.assemble, finetune_merged.py) to compare")
     g.add_argument("--reference", required=True, help="the NAME every other model is tested against")
     g.add_argument("--test-fraction", type=fraction, default=0.25, help="leading fraction of the test split")
+    g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
+                   help="the first N test sentences instead (bench/plans.py's --test-sentences: its windows)")
+    g.add_argument("--hf-check", action="store_true",
+                   help="also export every model (HF format, remote code where needed) and compute its perplexity "
+                        "with plain transformers on the same windows")
     return p
 
 
@@ -47,6 +54,15 @@ def _named(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
     if bad:
         parser.error(f"--models takes NAME=DIR, got {bad[0]!r}")
     return {name: d for name, _, d in pairs}
+
+
+def _hf_perplexity(model, tokenizer, windows: list[list[int]], folder: Path, *, ours: float) -> dict:
+    """``model`` exported to ``folder`` and scored by plain transformers on ``windows``, beside our perplexity."""
+    _, kind = export_pretrained(model.cpu(), folder, tokenizer)
+    nll = transformers_nll(folder, windows, trust_remote_code=True)
+    theirs = math.exp(math.fsum(nll) / len(nll))
+    return {"export": kind, "ours": ours, "transformers": theirs, "relative_difference": abs(ours - theirs) / theirs,
+            "tokens": len(nll)}
 
 
 def _p(p: float) -> str:
@@ -69,6 +85,11 @@ def markdown(res: dict) -> str:
                       f"{sg['a_lower']:,} / {sg['a_higher']:,}",
                       f"{mc['only_a']:,} / {mc['only_b']:,} ({_p(mc['p'])})"]
         lines.append("| " + " | ".join(cells) + " |")
+    if "transformers" in res:
+        lines += ["", "Perplexity of the exported models by plain transformers on the same windows:", "",
+                  "| model | export | ours | transformers | relative difference |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {n} | {h['export']} | {h['ours']:.4f} | {h['transformers']:.4f} | {h['relative_difference']:.1e} |"
+                  for n, h in res["transformers"].items()]
     return "\n".join(lines)
 
 
@@ -79,8 +100,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     s = _session.start(session_config(args))
     students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
                 for name, d in named.items()}
-    test_s = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction))
-    loader, _ = test_s.loader(test_s.sentences("test"), shuffle=False)
+    if args.test_sentences:
+        test = s.first_sentences("test", args.test_sentences)
+    else:
+        test = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction)).sentences("test")
+    loader, _ = s.loader(test, shuffle=False)
     sc = token_scores(s.teacher, students, loader, device=s.device)
     rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0}}
     rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
@@ -90,6 +114,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
            "rows": rows, "tests": {n: sc.paired(n, args.reference) for n in students if n != args.reference}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.hf_check:
+        res["transformers"] = {n: _hf_perplexity(m, s.tokenizer, test.ids, out / "hf" / n, ours=sc.perplexity(n))
+                               for n, m in students.items()}
     (out / "paired.json").write_text(json.dumps(res, indent=2))
     (out / "paired.md").write_text(markdown(res) + "\n")
     print(markdown(res))

@@ -21,7 +21,7 @@ def test_students_are_compared_token_by_token(tiny_llama, tiny_corpus, tmp_path,
     save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half", meta)
     argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--seq-len", "16", "--test-fraction", "1",
             "--models", f"same={tmp_path / 'same'}", f"half={tmp_path / 'half'}", "--reference", "same",
-            "--out", str(tmp_path / "out")]
+            "--out", str(tmp_path / "out"), "--hf-check"]
     parser = paired_decoders.build_parser()
     assert run_main(lambda a: paired_decoders.main(a, parser), parser, argv) == 0
     res = json.loads((tmp_path / "out" / "paired.json").read_text())
@@ -34,6 +34,10 @@ def test_students_are_compared_token_by_token(tiny_llama, tiny_corpus, tmp_path,
     assert t["agreement_mcnemar"]["only_b"] == n - round(res["rows"]["half"]["agreement"] * n)
     assert t["agreement_mcnemar"]["only_a"] == 0 and 0 <= t["nll_t_tokens"]["p"] <= 1
     assert "| half |" in capsys.readouterr().out
+    # plain transformers on the exported models (both keep one layer shape: plain LlamaForCausalLM), same windows
+    hf = res["transformers"]
+    assert all(h["export"].startswith("LlamaForCausalLM") for h in hf.values())
+    assert all(h["relative_difference"] < 1e-4 and h["tokens"] == n for h in hf.values())
 
 
 def test_a_reference_that_is_not_a_model_is_refused(tiny_llama, tiny_corpus, tmp_path, capsys):

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -492,3 +493,20 @@ def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], l
             res.agree[name] += (s_lp.argmax(-1) == t_top).tolist()
             res.kl[name] += F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1).tolist()
     return res
+
+
+@torch.no_grad()
+def transformers_nll(folder: str | Path, windows: list[list[int]], *, trust_remote_code: bool = False) -> list[float]:
+    """Per predicted token NLL of plain transformers' causal LM in ``folder`` (a checkpoint, or one of our exports:
+    ``trust_remote_code`` for a remote-code one), window by window, fp32, no cache: a check of our evaluator."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                              trust_remote_code=trust_remote_code).eval()
+    out: list[float] = []
+    for w in windows:
+        x = torch.tensor([w])
+        logits = hf(x, use_cache=False).logits[0, :-1].float()
+        out += F.cross_entropy(logits, x[0, 1:], reduction="none").tolist()
+    return out
+
