@@ -310,6 +310,8 @@ def _trained_elsewhere(d: Path, b: Built, ctx: Context, *, setup: dict[str, Any]
     last = json.loads((d / "last" / "meta.json").read_text()) if (d / "last" / "meta.json").is_file() else {}
     if last.get("teacher_hash") != ctx.teacher_hash or last.get("option") != b.option.name:
         return f"'{d}' holds another teacher's or option's unit"
+    if b.option.kind == "block" and last.get("loss_on") != list(ctx.block_loss):
+        return f"'{d}' was trained on {last.get('loss_on')}, not {list(ctx.block_loss)}"
     if last.get("epoch", 0) < ctx.train_cfg.epochs:
         return f"'{d}' trained {last.get('epoch', 0)} of {ctx.train_cfg.epochs} epochs"
     theirs = json.loads((d / "run.json").read_text()).get("setup") or {}
