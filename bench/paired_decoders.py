@@ -110,7 +110,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
                      "kl": sc.mean(sc.kl[n])} for n in students})
     res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
-           "test_fraction": args.test_fraction, "tokens": len(sc.teacher_nll), "windows": len(set(sc.window)),
+           "test_fraction": None if args.test_sentences else args.test_fraction, "test_sentences": args.test_sentences,
+           "tokens": len(sc.teacher_nll), "windows": len(set(sc.window)),
            "rows": rows, "tests": {n: sc.paired(n, args.reference) for n in students if n != args.reference}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
