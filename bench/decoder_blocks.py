@@ -64,6 +64,7 @@ from utils.cli.types import fraction, positive_int  # noqa: E402
 from utils.data.text import load_sentences  # noqa: E402
 from utils.evaluation.metrics import TokenScores, token_scores, transformers_nll  # noqa: E402
 from utils.evaluation.speed import lm_speed  # noqa: E402
+from utils.evaluation.stats import format_p as _p  # noqa: E402
 from utils.storage.checkpoint import CheckpointError, find_checkpoints  # noqa: E402
 from utils.training.students import build_student, load_model  # noqa: E402
 from utils.training.units import init_blocks, init_merges, spec_from_meta  # noqa: E402
@@ -274,10 +275,6 @@ def _row(model, sc: TokenScores, name: str | None, *, sources: list[str], speed:
 
 
 # ---- the report ----
-def _p(p: float) -> str:
-    return "< 1e-300" if p == 0 else f"{p:.2g}"
-
-
 def markdown(r: dict[str, Any]) -> str:
     par, rows = r["parity"], r["rows"]
     t = rows["teacher"]

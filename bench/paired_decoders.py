@@ -29,6 +29,7 @@ from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from models.export import export_pretrained  # noqa: E402
 from utils.evaluation.metrics import token_scores, transformers_nll  # noqa: E402
+from utils.evaluation.stats import format_p as _p  # noqa: E402
 from utils.training.students import load_model  # noqa: E402
 
 
@@ -63,10 +64,6 @@ def _hf_perplexity(model, tokenizer, windows: list[list[int]], folder: Path, *, 
     theirs = math.exp(math.fsum(nll) / len(nll))
     return {"export": kind, "ours": ours, "transformers": theirs, "relative_difference": abs(ours - theirs) / theirs,
             "tokens": len(nll)}
-
-
-def _p(p: float) -> str:
-    return "< 1e-300" if p == 0 else f"{p:.2g}"
 
 
 def markdown(res: dict) -> str:

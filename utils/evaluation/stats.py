@@ -101,3 +101,9 @@ def _beta_fraction(a: float, b: float, x: float, *, eps: float = 1e-15, tiny: fl
         if abs(d * c - 1) < eps:
             return h
     raise ArithmeticError(f"the incomplete beta fraction did not converge for a={a}, b={b}, x={x}")
+
+
+def format_p(p: float) -> str:
+    """A p-value for a table: two significant digits, or "< 1e-300" where it underflows to 0."""
+    return "< 1e-300" if p == 0 else f"{p:.2g}"
+

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from models.base import SwappableModel
-from models.compress import compose, init_merged_layer
-from models.config import LayerSpec
+from models.compress import compose
 from ..data.masking import NextTokenLabels
-from .sensitivity import Option
+from ..training.students import dropped_layers
+from .sensitivity import Option, kv_bytes_saved
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,7 @@ def shortgpt_order(teacher: SwappableModel, loader, *, device: torch.device) -> 
 
 def dropped(teacher: SwappableModel, layers: list[int]) -> SwappableModel:
     """A view of the teacher with ``layers`` dropped (empty layers in their place; no weights copied)."""
-    cfg = teacher.config
-    empty = {}
-    for i in layers:
-        spec = LayerSpec(0, 0, 0, [i], "dropped", attention="none")
-        empty[i] = (init_merged_layer(cfg, spec, teacher.layers[i], mode="first")[0], spec)
-    return compose(teacher, layers=empty)
+    return compose(teacher, layers=dropped_layers(teacher.config, layers))
 
 
 @torch.no_grad()
@@ -119,10 +114,5 @@ def fewest_drops(order: list[int], meets: Callable[[dict[int, Option]], bool], *
 def kv_fraction(teacher: SwappableModel, choices: dict[int, Option]) -> float:
     """The KV-cache bytes per token a student of ``choices`` keeps, as a fraction of the teacher's."""
     cfg = teacher.config
-    total = cfg.kv_cache_bytes_per_token()
-    saved = 0
-    for i, opt in choices.items():
-        covers = opt.covers(i)
-        spec = opt.spec(i, cfg)
-        saved += sum(cfg.layers[j].kv_heads * cfg.layers[j].head_dim for j in covers) - spec.kv_heads * spec.head_dim
-    return 1.0 - 2 * 2 * saved / total
+    saved = sum(kv_bytes_saved(cfg, opt.covers(i), opt.spec(i, cfg)) for i, opt in choices.items())
+    return 1.0 - saved / cfg.kv_cache_bytes_per_token()

@@ -413,13 +413,18 @@ def time_units(teacher: BertForMaskedLM, units: list[Built], *, reps: int, batch
     return out
 
 
+def kv_bytes_saved(cfg, covers: list[int], spec: LayerSpec) -> int:
+    """KV-cache bytes per token (fp16 keys and values) a unit of ``spec`` saves against the teacher layers it covers."""
+    kv = sum(cfg.layers[j].kv_heads * cfg.layers[j].head_dim for j in covers)
+    return 2 * 2 * (kv - spec.kv_heads * spec.head_dim)
+
+
 def unit_savings(teacher: BertForMaskedLM, b: Built, timing: dict[str, Any] | None) -> dict[str, float]:
     """What a unit saves against the teacher layer(s) it replaces: parameters, KV-cache bytes per token (fp16) and,
     with ``timing``, prefill (encoder) ms and decode ms."""
     covers = b.option.covers(b.layer)
-    kv = sum(teacher.config.layers[j].kv_heads * teacher.config.layers[j].head_dim for j in covers)
     out: dict[str, float] = {"params_saved": replaced_params(teacher, b),
-                             "kv_bytes_saved": 2 * 2 * (kv - b.spec.kv_heads * b.spec.head_dim)}
+                             "kv_bytes_saved": kv_bytes_saved(teacher.config, covers, b.spec)}
     key = f"{b.layer}/{b.option.name}"
     if timing:
         out["unit_ms"] = timing["unit_ms"][key]
