@@ -292,7 +292,7 @@ def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertFo
     return out
 
 
-def _next_tokens(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def next_tokens(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch of token windows on ``device``: ids, attention mask, which positions predict a real next token, and
     those next tokens (one per prediction, in row-major order)."""
     from ..data.masking import NextTokenLabels
@@ -307,7 +307,7 @@ def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch
                       warm_up: bool) -> BatchOutputs:
     """Both models (timed, each alone: the whole window and its logits, as a prefill) on one batch of token windows;
     every real token that has a real next token is one prediction (a row of the per-token metrics)."""
-    ids, att, sel, target = _next_tokens(batch, device)
+    ids, att, sel, target = next_tokens(batch, device)
 
     def run(model):
         out = model(ids, att, with_logits=False)
@@ -382,19 +382,15 @@ class UnitEvaluator:
     and the hidden state entering every layer are kept, and each student runs from its first changed layer only."""
 
     def __init__(self, teacher: SwappableModel, loader, *, device: torch.device, max_batches: int | None = None):
-        from ..data.masking import NextTokenLabels
-
         self.teacher, self.device = teacher.eval(), device
         self.causal, self.mlm = teacher.TASK == "causal", teacher.has_lm_head
         self.batches: list[_TeacherBatch] = []
         with torch.no_grad():
             for batch in itertools.islice(loader, max_batches):
-                key = "input_ids" if self.causal else "masked_input_ids"
-                ids, att = batch[key].to(device), batch["attention_mask"].to(device)
                 if self.causal:
-                    labels = NextTokenLabels()(ids, att)[1]
-                    select, target = labels != -100, labels[labels != -100]
+                    ids, att, select, target = next_tokens(batch, device)
                 else:
+                    ids, att = batch["masked_input_ids"].to(device), batch["attention_mask"].to(device)
                     select = torch.zeros_like(att, dtype=torch.bool)
                     select[torch.arange(len(ids)), batch["mask_pos"].to(device)] = True
                     target = batch["target"].to(device)
@@ -477,7 +473,7 @@ def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], l
     for model in (teacher, *students.values()):
         model.eval()
     for batch in itertools.islice(loader, max_batches):
-        ids, att, sel, target = _next_tokens(batch, device)
+        ids, att, sel, target = next_tokens(batch, device)
         res.window += batch["index"][:, None].expand_as(sel)[sel.cpu()].tolist()
 
         def log_probs(model: SwappableModel) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.base import SwappableModel
 from models.compress import compose
-from ..data.masking import NextTokenLabels
+from ..evaluation.metrics import next_tokens
 from ..training.students import dropped_layers
 from .sensitivity import Option, kv_bytes_saved
 
@@ -60,13 +60,11 @@ def calibration_nll(model: SwappableModel, loader, *, device: torch.device) -> f
     """Mean next-token negative log-likelihood of a causal LM over ``loader``."""
     total, count = 0.0, 0
     for batch in loader:
-        ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        _, labels = NextTokenLabels()(ids, att)
-        sel = labels != -100
+        ids, att, sel, target = next_tokens(batch, device)
         out = model(ids, att, with_logits=False)
         logits = model.lm_logits(out.last_hidden_state[sel]).float()
-        total += F.cross_entropy(logits, labels[sel], reduction="sum").item()
-        count += int(sel.sum())
+        total += F.cross_entropy(logits, target, reduction="sum").item()
+        count += len(target)
     return total / max(count, 1)
 
 
