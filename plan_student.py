@@ -32,6 +32,7 @@ from utils.cli.groups import add_export_args, add_finetune_args, add_map_args
 from utils.cli.output import plan_table
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.run import run_main
+from utils.cli.types import number
 from utils.planning.planner import COSTS, Target
 
 
@@ -59,9 +60,10 @@ def speedup_arg(s: str) -> float:
 
 def kv_fraction_arg(s: str) -> float:
     try:
-        v = float(s)
+        v = number(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--target-kv-cache must be a fraction such as 0.33, got '{s}'") from None
+        raise argparse.ArgumentTypeError(f"--target-kv-cache must be a fraction such as 0.33 or 1/3, got '{s}'"
+                                         ) from None
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"--target-kv-cache is a fraction of the teacher's KV cache in [0, 1), got {s}")
     return v
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-params", type=params_arg, default=None,
                    help="at most this many parameters in the whole student (e.g. 18e6 or 18M)")
     t.add_argument("--target-kv-cache", type=kv_fraction_arg, default=None,
-                   help="at most this fraction of the teacher's KV-cache bytes per token (a decoder), e.g. 0.33")
+                   help="at most this fraction of the teacher's KV-cache bytes per token (a decoder), e.g. 1/3 or 0.33")
     g.add_argument("--speed", choices=["prefill", "decode"], default="prefill",
                    help="what --target-speedup times: prefill (a whole sequence; a masked LM's encoder pass) or decode "
                         "(one new token after --seq-len cached ones; decoders)")

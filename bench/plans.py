@@ -48,6 +48,7 @@ from utils.cli.configs import map_config, plan_finetune, record, session_config,
 from utils.cli.groups import add_finetune_args, add_map_args  # noqa: E402
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
+from utils.cli.types import number  # noqa: E402
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.speed import round_robin_ms  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
@@ -68,9 +69,10 @@ METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student
 def numbers(name: str, lo: float, hi: float) -> Callable[[str], list[float]]:
     def parse(s: str) -> list[float]:
         try:
-            v = [float(x) for x in s.split(",") if x.strip()]
+            v = [number(x) for x in s.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got '{s}'") from None
+            raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers (or ratios such as 1/3), got "
+                                             f"'{s}'") from None
         if any(not lo < x < hi for x in v):
             raise argparse.ArgumentTypeError(f"{name} must lie in ({lo:g}, {hi:g}), got '{s}'")
         return v
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed-ups to plan for (default: 1.3,1.5,2,3 for a masked LM, 1.3,1.5,2 for a decoder)")
     g.add_argument("--speed", choices=["prefill", "decode"], default="prefill", help="what --targets times")
     g.add_argument("--kv-targets", type=numbers("--kv-targets", 0, 1), default=None,
-                   help="decoders: KV-cache fractions to plan for (default 0.333)")
+                   help="decoders: KV-cache fractions to plan for (default 1/3)")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
     g.add_argument("--calibration-sentences", type=int, default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
@@ -263,7 +265,7 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     targets = [Target(speedup=t, speed=args.speed) for t in (args.targets or
                                                              ([1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]))]
     if b.causal:
-        targets += [Target(kv_cache=f) for f in (args.kv_targets or [0.333])]
+        targets += [Target(kv_cache=f) for f in (args.kv_targets or [1 / 3])]
     per_target = {t.name: b.candidates(t) for t in targets}
     models = build_models(b, per_target, out)
     test = s.first_sentences("test", args.test_sentences)

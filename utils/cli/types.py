@@ -49,6 +49,17 @@ def non_negative_int(name: str) -> Callable[[str], int]:
     return int_at_least(name, 0)
 
 
+def number(s: str) -> float:
+    """A number as a user types it: ``0.5``, ``2e-3`` or a ratio such as ``1/3`` (ValueError otherwise)."""
+    top, slash, bottom = s.strip().partition("/")
+    if not slash:
+        return float(top)
+    den = float(bottom)
+    if den == 0:
+        raise ValueError(f"division by zero in '{s}'")
+    return float(top) / den
+
+
 def _float_in(range_: str, ok: Callable[[float], bool], number: str) -> Callable[[str], float]:
     """argparse type: a number that ``ok`` accepts; the errors say ``number`` (what to type) and ``range_``."""
     def parse(s: str) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 # --cost -> map metric (perplexity: the student's over the teacher's, minus 1; causal LMs)
 COSTS = {"kl": "kl_teacher_student", "top1": "top1_drop", "agreement": "agreement_drop", "ppl": "perplexity_increase"}
@@ -56,7 +56,7 @@ class Target:
         """For tables: 1.5x (prefill), decode 2x, KV 0.333, params 18,000,000."""
         if self.speedup is not None:
             return f"{self.speedup:g}x" if self.speed == "prefill" else f"decode {self.speedup:g}x"
-        return f"params {self.params:,}" if self.params is not None else f"KV {self.kv_cache:g}"
+        return f"params {self.params:,}" if self.params is not None else f"KV {self.kv_cache:.3g}"
 
     @property
     def name(self) -> str:
@@ -89,7 +89,7 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
         lines.append("the teacher already meets the budget: nothing to simplify")
         return Plan({}, 0.0, 0.0, b.needed, b.text, lines)
     n = smap["layers"]
-    step = b.needed / grid_steps
+    step, grid_steps = _grid(cands, b, grid_steps)
     best, pick = _knapsack(cands, n, gain_key=b.gain_key, step=step, grid_steps=grid_steps)
     if best[0][grid_steps] == math.inf:
         most = _max_saving(cands, n, b.gain_key)
@@ -97,6 +97,19 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
                         f"the map's options save at most {most:,.2f}; map more options (more heads settings, "
                         "merges) or relax the target")
     return _read_plan(pick, cands, budget=b, step=step, grid_steps=grid_steps, n=n, lines=lines)
+
+
+def _grid(cands: dict[int, list[dict[str, Any]]], b: _Budget, grid_steps: int) -> tuple[float, int]:
+    """The knapsack's grid: ``grid_steps`` steps of the need, or, where every saving is a whole number (bytes,
+    parameters) with a common divisor that makes a grid no finer than that, steps of that divisor, exact (1/3 of a
+    KV cache is then reachable by one key/value head in every layer, not lost to rounding)."""
+    savings = [e[b.gain_key] for c in cands.values() for e in c]
+    if savings and all(float(v).is_integer() for v in savings):
+        g = math.gcd(*(int(v) for v in savings))
+        steps = math.ceil(b.needed / g - 1e-6)
+        if 0 < steps <= grid_steps:
+            return float(g), steps
+    return b.needed / grid_steps, grid_steps
 
 
 SPEED_KEYS = {"prefill": ("encoder_ms", "latency_saved_ms", "prefill"),
@@ -218,7 +231,7 @@ def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, ta
         most = min(most, sum(timing.get(layer_key, [])) or most)
         if speed == "prefill" and timing.get("embeddings_ms"):  # layers timed alone can add up to more than the model
             most = min(most, timing["encoder_ms"] - timing["embeddings_ms"])
-    if b.needed <= most:
+    if b.needed <= most + 1e-9 * abs(b.needed):  # 1/3 of a KV cache is 1 - 1/3 in floating point: not quite 2/3
         return None
     if target_speedup is not None:
         total = b.needed / (1 - 1 / target_speedup)
@@ -241,3 +254,56 @@ def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> flo
     for i in range(n - 1, -1, -1):
         best[i] = max([best[i + 1]] + [e[key] + best[i + len(e["covers"])] for e in cands[i]])
     return best[0]
+
+
+def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Plan], dict[str, float]], *,
+        rounds: int, tolerance: float = 0.02) -> tuple[Plan, list[dict[str, float]], list[str]]:
+    """Search the speed-up to ask the planner for, so that the plan's *measured* speed-up meets ``target`` with the
+    least overshoot (the map's summed savings are only a guess at the composed model's). While every plan measured
+    falls short the ask rises by the shortfall; while every plan overshoots it falls by the overshoot; once both
+    are known it bisects between the highest short ask and the lowest ask that met. Stops within ``tolerance``
+    above the target, or after ``rounds`` timings (a plan timed before is not timed again). ``measure`` returns at
+    least ``measured_speedup``. Returns (the plan of the lowest ask that met, else the last; every timing; lines for
+    plan.log)."""
+    ask, short, met = target, None, None  # met: (ask, plan, speed-up) of the lowest ask that met
+    plan = plan_for(ask)
+    timed: dict[tuple, dict[str, float]] = {}
+    trace: list[dict[str, float]] = []
+    lines: list[str] = []
+    for _ in range(3 * rounds):
+        key = tuple(sorted(plan.choices.items()))
+        again = key in timed
+        if not again:
+            if len(timed) == rounds:
+                break
+            timed[key] = measure(plan)
+            trace.append({"asked": ask, **timed[key]})
+        got = timed[key]["measured_speedup"]
+        extra = ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in timed[key].items() if k.endswith("_ms"))
+        lines.append(f"re-timing {len(timed)}: planned for {ask:.3f}x, measured {got:.3f}x"
+                     + (" (this plan, timed before)" if again else f" ({extra})" if extra else ""))
+        if got >= target:
+            if met is None or ask < met[0]:
+                met = (ask, plan, got)
+            if got <= target * (1 + tolerance):
+                break
+        elif short is None or ask > short:
+            short = ask
+        if met is not None and short is not None:
+            if met[0] - short < 1e-3 * target:
+                break
+            nxt = (short + met[0]) / 2
+        else:
+            nxt = ask * target / got * (1.005 if met is None else 1.0)
+        try:
+            plan = plan_for(nxt)
+        except PlanError as e:
+            lines.append(f"re-timing: cannot ask for {nxt:.3f}x ({e})")
+            break
+        ask = nxt
+    if met is None:
+        lines.append(f"re-timing: still short of {target:g}x after {len(timed)} timings; keeping the last plan")
+        return plan, trace, lines
+    lines.append(f"re-timing: the plan asked for {met[0]:.3f}x meets {target:g}x as measured ({met[2]:.3f}x), the "
+                 "lowest ask that did")
+    return met[1], trace, lines

@@ -17,7 +17,7 @@ from ..training.loop import Trainer, TrainConfig, Unit
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
 from ..evaluation.speed import round_robin_ms
-from .planner import Plan, PlanError, Target, choose_plan
+from .planner import Plan, PlanError, Target, aim, choose_plan
 from .sensitivity import (AliasedCache, Context, Option, build_map, build_units, cache_names, compose_units,
                           default_options, option_from_dict, random_unit, reuse_trained, speed_fn, train_units,
                           validate_map, write_map)
@@ -136,38 +136,26 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
                  seq: int, rounds: int = 5) -> tuple[Plan, list[dict[str, float]]]:
-    """The plan for ``target``; for a speed-up, re-timed before anything is trained: the plan's units (untrained:
-    the same shapes and speed) composed into the teacher and timed against it round-robin; while the measured
-    speed-up falls short, the plan is made again for a target raised by the shortfall (at most ``rounds`` times).
-    Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
+    """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
+    (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
+    searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured with the
+    least overshoot. Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
     if target.speedup is None or rounds == 0:
         return plan, []
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
-    ask, rounds_done, lines = target.speedup, [], []
-    for r in range(rounds):
-        student = compose_units(teacher, {i: random_unit(teacher, options[name], i) for i, name in plan.choices.items()})
+    device = next(teacher.parameters()).device
+
+    def measure(p: Plan) -> dict[str, float]:
+        student = compose_units(teacher, {i: random_unit(teacher, options[name], i) for i, name in p.choices.items()})
         ms = round_robin_ms({"teacher": speed_fn(teacher, target.speed, batch=batch, seq=seq),
-                             "student": speed_fn(student, target.speed, batch=batch, seq=seq)}, reps,
-                            next(teacher.parameters()).device)
-        measured = ms["teacher"] / ms["student"]
-        rounds_done.append({"asked": ask, "measured_speedup": measured, **{f"{k}_ms": v for k, v in ms.items()}})
-        lines.append(f"re-timing {r + 1}: planned for {ask:.3f}x, measured {measured:.3f}x ({target.speed}, "
-                     f"teacher {ms['teacher']:.2f} ms, student {ms['student']:.2f} ms, median of {reps})")
-        if measured >= target.speedup:
-            lines.append(f"re-timing: the plan meets {target.speedup:g}x as measured")
-            break
-        ask *= target.speedup / measured * 1.005  # the shortfall, and a little more
-        try:
-            plan = choose_plan(smap, ask, **kw)
-        except PlanError as e:
-            lines.append(f"re-timing: cannot ask for {ask:.3f}x ({e}); keeping the last plan, which falls short")
-            break
-    else:
-        lines.append(f"re-timing: still short of {target.speedup:g}x after {rounds} rounds")
-    plan.lines += lines
-    return plan, rounds_done
+                             "student": speed_fn(student, target.speed, batch=batch, seq=seq)}, reps, device)
+        return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
+
+    best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds)
+    best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs):"] + lines
+    return best, rounds_done
 
 
 def read_map(path: str | Path) -> dict:
