@@ -32,6 +32,7 @@ Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -282,14 +283,15 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
 
 def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Path) -> dict[str, dict[str, Any]]:
     """Every distinct student of every target, built once (trained ones retrained and healed alike); each saved as
-    <out>/model_<k>/model/best and kept on the CPU between uses."""
+    <out>/model_<hash of its plan>/model/best and kept on the CPU between uses. A student that folder already holds,
+    built with the same settings, is loaded (a stopped bench resumes; students of another run can be linked in)."""
     models: dict[str, dict[str, Any]] = {}
     for name, methods in per_target.items():
         for m in methods:
             key = m["key"] = plan_key(m["choices"], m["trained"])
             if key in models:
                 continue
-            run = out / f"model_{len(models)}"
+            run = out / f"model_{hashlib.sha1(key.encode()).hexdigest()[:10]}"  # the same plan: the same folder
             student, _ = make_student(b.s, b.ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
                                       finetune=plan_finetune(b.args), train=m["trained"], map_units=map_units(b.args))
             models[key] = {"key": key, "run": str(run), "trained": m["trained"], "model": student.cpu(),

@@ -13,7 +13,8 @@ from models import BertForMaskedLM
 from models.compress import clone_model
 from ..data.masking import lm_targets
 from ..session import Session
-from ..training.loop import Trainer, TrainConfig, Unit
+from ..storage.checkpoint import read_meta
+from ..training.loop import SETUP_FIELDS, Trainer, TrainConfig, Unit
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
 from ..evaluation.speed import round_robin_ms
@@ -107,6 +108,14 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     (student, units)."""
     teacher = s.teacher
     units = build_units(ctx, choices)
+    build = _build_record(ctx, finetune, train=train, map_units=map_units)
+    why = unfinished_student(run, ctx, {str(i): b.option.name for i, b in units.items()}, build=build,
+                             heal_epochs=finetune.epochs if train and units else 0)
+    if why is None:
+        log.info("student %s: built before with the same plan and settings; loaded", run)
+        student, _ = load_model(run / "model" / "best")
+        return student.to(s.device), units
+    log.info("student %s: building it (%s)", run, why)
     rest = reuse_trained(ctx, units, map_units) if train and map_units is not None else units
     if rest and train:
         train_units(ctx, rest, run / "units")
@@ -115,7 +124,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     sources = [origin] + [f"layer {i}: {b.option.name} ({b.note}{'' if train else '; untrained'})"
                           for i, b in sorted(units.items())]
     meta = {"teacher": ctx.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources,
-            "plan": {str(i): b.option.name for i, b in units.items()}}
+            "plan": {str(i): b.option.name for i, b in units.items()}, "build": build}
     if not (train and finetune.epochs > 0 and units):
         save_model(student, run / "model" / "best", meta)
         return student, units
@@ -124,14 +133,50 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
                         hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
                         relation_weight=finetune.relation_weight).to(s.device)
-    cfg = dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr,
-                              max_steps_per_epoch=finetune.max_steps or ctx.train_cfg.max_steps_per_epoch)
+    cfg = _heal_config(ctx, finetune)
     unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
                                                   **describe_losses(task)})
     Trainer(task, [unit], cfg, run_dir=run, device=s.device, evaluate=lambda: task.evaluate(ctx.valid_loader),
             setup=ctx.setup, record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
     student, _ = load_model(run / "model" / "best")
     return student.to(s.device), units
+
+
+def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, map_units: Path | None) -> dict[str, Any]:
+    """What a student is built with besides its plan (stored in its meta; a different record means build anew): the
+    units' training setup and whose trained units it loads, and the heal's setup."""
+    units = {**{k: getattr(ctx.train_cfg, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": ctx.train_cfg.epochs,
+             "block_loss": list(ctx.block_loss), "relation_weight": ctx.relation_weight}
+    heal = _heal_config(ctx, finetune)
+    return json.loads(json.dumps({
+        "trained": train, "units": units if train else None, "map_units": str(map_units) if train and map_units else None,
+        "heal": {**{k: getattr(heal, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": heal.epochs,
+                 "temperature": finetune.temperature, "relation_weight": finetune.relation_weight} if train else None}))
+
+
+def _heal_config(ctx: Context, finetune: PlanFinetune) -> TrainConfig:
+    return dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr,
+                               max_steps_per_epoch=finetune.max_steps or ctx.train_cfg.max_steps_per_epoch)
+
+
+def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: dict[str, Any], heal_epochs: int
+                       ) -> str | None:
+    """Why ``<run>/model/best`` cannot stand for the student of ``plan`` built as ``build`` says (None: it can): none
+    there, another teacher, plan or build record, or a heal of ``heal_epochs`` epochs not finished. Lets a stopped
+    bench or plan resume, and a bench reuse students another run built alike."""
+    best = run / "model" / "best"
+    if not (best / "meta.json").is_file():
+        return f"no student in '{best}'"
+    meta = read_meta(best)
+    if meta.get("teacher_hash") != ctx.teacher_hash or meta.get("plan") != plan:
+        return f"'{best}' holds another teacher's or plan's student"
+    if meta.get("build") != build:
+        return f"'{best}' was built with other settings"
+    last = run / "model" / "last" / "meta.json"
+    done = json.loads(last.read_text()).get("epoch", 0) if last.is_file() else 0
+    if done < heal_epochs:
+        return f"its fine-tune stopped after {done} of {heal_epochs} epochs"
+    return None
 
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,

@@ -225,6 +225,33 @@ def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_
         1 for name in done.plan.choices.values() if name != "drop")
 
 
+def test_a_planned_student_built_alike_is_loaded_and_one_built_otherwise_is_rebuilt(tiny_llama, tiny_corpus, tmp_path):
+    """plan_student run again (a stopped job requeued) loads the student it finished; other settings build anew."""
+    from utils import api
+
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+
+    def plan(lr: float):
+        return api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
+                                                  data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
+                                                                      batch_size=8)),
+                                target_kv_cache=0.5, map=mp,
+                                config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
+                                                     latency_reps=2, latency_batch=1),
+                                finetune=api.PlanFinetune(epochs=1, lr=lr, test_sentences=16),
+                                train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=tmp_path / "plan")
+
+    def run_id() -> str:
+        return read_meta(tmp_path / "plan" / "model" / "best")["run"]["run_id"]
+
+    first = plan(2e-4)
+    built = run_id()
+    again = plan(2e-4)
+    assert run_id() == built and again.results["metrics"] == first.results["metrics"]
+    plan(1e-3)
+    assert run_id() != built and read_meta(tmp_path / "plan" / "model" / "best")["build"]["heal"]["lr"] == 1e-3
+
+
 def test_layer_removal_baselines(tiny_llama, tiny_corpus):
     from models import load_teacher
     from utils.data.batches import TokenWindows, make_loader
@@ -288,6 +315,13 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
     # the fine-tunes stop at --ft-max-steps; the units kept the map's --max-steps-per-epoch
     runs = [json.loads(f.read_text()) for f in (tmp_path / "b").glob("model_*/model/run.json")]
     assert runs and all(r["setup"]["max_steps_per_epoch"] == 1 for r in runs)
+    # run again (a stopped bench requeued): every student it built is loaded, none trained again
+    ids = {d: read_meta(d).get("run") for d in (tmp_path / "b").glob("model_*/model/best")}
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    assert {d: read_meta(d).get("run") for d in ids} == ids
+    again = json.loads((tmp_path / "b" / "plans.json").read_text())
+    assert [r["metrics"] for r in again["rows"] if r["target"] == "kv_cache0.5"] == [
+        r["metrics"] for r in res["rows"] if r["target"] == "kv_cache0.5"]
 
 
 @pytest.mark.parametrize("flags, message", [
