@@ -19,9 +19,9 @@ from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
 from ..evaluation.speed import round_robin_ms
 from .planner import Plan, PlanError, Target, aim, choose_plan
-from .sensitivity import (AliasedCache, Context, Option, build_map, build_units, cache_names, compose_units,
-                          default_options, option_from_dict, random_unit, reuse_trained, speed_fn, train_units,
-                          validate_map, write_map)
+from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
+                          compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
+                          train_units, validate_map, write_map)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -108,7 +108,8 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     (student, units)."""
     teacher = s.teacher
     units = build_units(ctx, choices)
-    build = _build_record(ctx, finetune, train=train, map_units=map_units)
+    trains = train and any(TASK_KIND.get(b.option.kind) for b in units.values())  # not only dropped layers
+    build = _build_record(ctx, finetune, train=train, units=trains, map_units=map_units if trains else None)
     why = unfinished_student(run, ctx, {str(i): b.option.name for i, b in units.items()}, build=build,
                              heal_epochs=finetune.epochs if train and units else 0)
     if why is None:
@@ -142,14 +143,15 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     return student.to(s.device), units
 
 
-def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, map_units: Path | None) -> dict[str, Any]:
+def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: bool, map_units: Path | None
+                  ) -> dict[str, Any]:
     """What a student is built with besides its plan (stored in its meta; a different record means build anew): the
-    units' training setup and whose trained units it loads, and the heal's setup."""
-    units = {**{k: getattr(ctx.train_cfg, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": ctx.train_cfg.epochs,
+    units' training setup and whose trained units it loads (``units``: it has units to train), the heal's setup."""
+    setup = {**{k: getattr(ctx.train_cfg, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": ctx.train_cfg.epochs,
              "block_loss": list(ctx.block_loss), "relation_weight": ctx.relation_weight}
     heal = _heal_config(ctx, finetune)
     return json.loads(json.dumps({
-        "trained": train, "units": units if train else None, "map_units": str(map_units) if train and map_units else None,
+        "trained": train, "units": setup if units else None, "map_units": str(map_units) if map_units else None,
         "heal": {**{k: getattr(heal, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": heal.epochs,
                  "temperature": finetune.temperature, "relation_weight": finetune.relation_weight} if train else None}))
 

@@ -319,6 +319,9 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
     ids = {d: read_meta(d).get("run") for d in (tmp_path / "b").glob("model_*/model/best")}
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     assert {d: read_meta(d).get("run") for d in ids} == ids
+    # students that only drop layers train no unit: their record names no map, so a bench from another map reuses them
+    drops = [m for m in map(read_meta, ids) if set(m["plan"].values()) == {"drop"}]
+    assert drops and all(m["build"]["map_units"] is None and m["build"]["units"] is None for m in drops)
     again = json.loads((tmp_path / "b" / "plans.json").read_text())
     assert [r["metrics"] for r in again["rows"] if r["target"] == "kv_cache0.5"] == [
         r["metrics"] for r in res["rows"] if r["target"] == "kv_cache0.5"]
