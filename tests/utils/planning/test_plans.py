@@ -110,6 +110,27 @@ def test_uniform_plans():
     assert sorted(plans.uniform(Option("heads 2", "block", 2, 8, 64), 3)) == [0, 1, 2]
 
 
+def test_the_uniform_student_is_the_cheapest_that_meets_the_target_as_measured(monkeypatch):
+    from types import SimpleNamespace
+    from dataclasses import asdict
+
+    from utils.planning.planner import Target
+
+    opts = [Option(f"heads {h}", "block", h, 8, 64) for h in (3, 2, 1)]  # cheapest first
+    smap = {"layers": 2, "options": [asdict(o) for o in opts], "timing": {"encoder_ms": 20.0},
+            "entries": [{"layer": i, "option": o.name, "latency_saved_ms": 2.0 * (4 - o.num_heads),
+                         "kl_teacher_student": 0.1 * (4 - o.num_heads)} for i in range(2) for o in opts]}
+    b = plans.Bench(SimpleNamespace(cost="kl", retime_rounds=5), SimpleNamespace(teacher=SimpleNamespace(TASK="mlm")),
+                    smap, None)
+    measured = {"heads 3": 1.1, "heads 2": 1.3, "heads 1": 2.0}  # the map says heads 3 saves enough for 1.2x
+    monkeypatch.setattr(b, "measured_speedup", lambda c, speed: measured[c[0].name])
+    [u] = b._uniform(Target(speedup=1.2))
+    assert {o.name for o in u["choices"].values()} == {"heads 2"} and "short as measured: heads 3" in u["why"][0]
+    assert b._uniform(Target(speedup=2.5)) == []
+    b.args.retime_rounds = 0  # no timing: the map's cheapest that meets it
+    assert {o.name for o in b._uniform(Target(speedup=1.2))[0]["choices"].values()} == {"heads 3"}
+
+
 def test_bench_planned_vs_uniform(tiny_teacher, tiny_corpus, combined_map, tmp_path):
     smap = json.loads((combined_map / "sensitivity.json").read_text())
     # deterministic latencies (the tiny model's real ones are noise): 10 ms per layer, savings by how much is cut
