@@ -17,10 +17,6 @@ from helpers import common_args
 from helpers import run_in_process as _run
 
 
-def common_args(teacher, corpus):
-    return ["--teacher", str(teacher), "--data-dir", str(corpus), "--device", "cpu", "--batch-size", "16"]
-
-
 def test_blocks_assemble_evaluate(tiny_teacher, tiny_corpus, tmp_path, capsys):
     c = common_args(tiny_teacher, tiny_corpus)
     assert _run(retrain_single_block, c + ["--block", "all", "--heads", "2", "--head-dim", "4", "--epochs", "2",

@@ -294,7 +294,7 @@ def test_layer_removal_baselines(tiny_llama, tiny_corpus):
     assert kv_fraction(teacher, drop_choices(order, 1)) == pytest.approx(0.75)
     assert fewest_drops(order, lambda c: kv_fraction(teacher, c) <= 0.5) == 2
     with torch.no_grad():  # dropped layers pass their input on: the view equals running the kept layers alone
-        ids, att = next(iter(loader))["input_ids"], None
+        ids = next(iter(loader))["input_ids"]
         view = dropped(teacher, [1, 2])
         ctx = teacher.context(None, ids.shape[1])
         h = teacher.embed(ids)
