@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--map", default=None,
                    help="sensitivity.json or its folder (sensitivity_map.py); default: build it into <run>/map")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
+    g.add_argument("--plan-only", action="store_true",
+                   help="stop after the plan and its re-timing (plan.log, plan.json), before any training")
     add_finetune_args(p)
     add_map_args(p)
     add_export_args(p.add_argument_group("export"))
@@ -100,10 +102,12 @@ def main(args: argparse.Namespace) -> Path:
                             target_params=args.target_params, target_kv_cache=args.target_kv_cache, speed=args.speed,
                             map=args.map, cost=args.cost, config=map_config(args), finetune=plan_finetune(args),
                             train=train_config(args), out=run, record=record(args), export=export_config(args),
-                            reuse_map_units=not args.retrain_units)
+                            reuse_map_units=not args.retrain_units, plan_only=args.plan_only)
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
     print("\n".join(done.plan.lines))
+    if args.plan_only:
+        return run
     print(plan_table(done.results))
     for line in done.results.get("exports", []):
         print(line)

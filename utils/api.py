@@ -127,7 +127,7 @@ class PlannedStudent:
     run: Path
     plan: Plan
     results: dict[str, Any]
-    model: BertForMaskedLM
+    model: BertForMaskedLM | None  # None: ``plan_only``
     map: dict[str, Any]
     map_built: Path | None  # where the map was built for this plan (None: it was given)
 
@@ -827,7 +827,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  map: dict | str | Path | None = None, cost: str = "kl", config: MapConfig = MapConfig(),
                  finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
-                 export: ExportConfig | None = None, reuse_map_units: bool = True) -> PlannedStudent:
+                 export: ExportConfig | None = None, reuse_map_units: bool = True,
+                 plan_only: bool = False) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
@@ -835,9 +836,12 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     falls short). Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
     evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
     units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
-    results.json to ``out``; ``train.force`` accepts a map made for another teacher."""
+    results.json to ``out``; ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the
+    plan (and its re-timing), before any training; ``results`` then hold the plan and its timings, ``model`` is None."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     run = Path(out)
+    if export is not None and (export.hf_dir or export.onnx_file) and plan_only:
+        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir` and `onnx_file`")
     if export is not None:
         check_export_targets(export)
     with claim_units([run], "planned student"):
@@ -850,6 +854,11 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:
             log.info("plan: %s", line)
+        if plan_only:
+            res = {"plan_only": True, "budget": plan.budget, "plan": plan.choices, "map_cost": plan.cost,
+                   "map_saved": plan.saved, "needed": plan.needed, "retiming": rounds}
+            (run / "plan.json").write_text(json.dumps(res, indent=2))
+            return PlannedStudent(run, plan, res, None, smap, built)
         options = {o["name"]: option_from_dict(o) for o in smap["options"]}
         ctx = context(s, config, train=train, record=rec)
         student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,

@@ -348,6 +348,24 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
         r["metrics"] for r in res["rows"] if r["target"] == "kv_cache0.5"]
 
 
+def test_plan_only_stops_before_training(tiny_llama, tiny_corpus, tmp_path, capsys):
+    import plan_student
+
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "p",
+            "--map", str(mp), "--target-kv-cache", "1/2", "--plan-only", "--seq-len", "16", "--batch-size", "8",
+            "--device", "cpu"]
+    assert run_main(plan_student.main, plan_student.build_parser(), argv) == 0
+    done = json.loads((tmp_path / "p" / "plan.json").read_text())
+    smap = json.loads((mp / "sensitivity.json").read_text())
+    assert done["plan_only"] and done["plan"] and done["map_saved"] >= smap["teacher_kv_bytes_per_token"] / 2
+    assert "budget: KV cache <=" in capsys.readouterr().out and sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "plan.json", "plan.log"]
+    assert run_main(plan_student.main, plan_student.build_parser(),
+                    argv + ["--export-hf", str(tmp_path / "hf")]) == 2  # nothing to export
+    assert "--plan-only makes no model to export: leave out --export-hf and --export-onnx" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--target-kv-cache", "1.5"], "--target-kv-cache is a fraction of the teacher's KV cache in [0, 1)"),
     (["--target-kv-cache", "0.5", "--target-speedup", "2"], "not allowed with argument"),
