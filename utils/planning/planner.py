@@ -262,7 +262,8 @@ def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Pla
     least overshoot (the map's summed savings are only a guess at the composed model's). While every plan measured
     falls short the ask rises by the shortfall; while every plan overshoots it falls by the overshoot; once both
     are known it bisects between the highest short ask and the lowest ask that met. Stops within ``tolerance``
-    above the target, or after ``rounds`` timings (a plan timed before is not timed again). ``measure`` returns at
+    above the target, when the bisection finds no plan between the two, or after ``rounds`` timings (a plan timed
+    before is not timed again). ``measure`` returns at
     least ``measured_speedup``. Returns (the plan of the lowest ask that met, else the last; every timing; lines for
     plan.log)."""
     ask, short, met = target, None, None  # met: (ask, plan, speed-up) of the lowest ask that met
@@ -279,6 +280,8 @@ def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Pla
             timed[key] = measure(plan)
             trace.append({"asked": ask, **timed[key]})
         got = timed[key]["measured_speedup"]
+        if again and short is not None and met is not None:  # bisection found no plan between the two: done
+            break
         extra = ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in timed[key].items() if k.endswith("_ms"))
         lines.append(f"re-timing {len(timed)}: planned for {ask:.3f}x, measured {got:.3f}x"
                      + (" (this plan, timed before)" if again else f" ({extra})" if extra else ""))

@@ -73,3 +73,17 @@ def test_a_third_of_the_kv_cache_is_met_exactly_by_one_kv_head_in_every_layer():
     with pytest.raises(PlanError, match="keep at least 0.333"):
         choose_plan(smap, target_kv_cache=0.33)
 
+
+
+def test_bisection_stops_when_no_plan_lies_between():
+    def two_plans(ask: float) -> Plan:
+        return Plan({0: "fast" if ask >= 1.6 else "slow"}, cost=ask, saved=ask, needed=ask, budget="speed", lines=[])
+
+    calls = []
+
+    def measure(plan: Plan) -> dict[str, float]:
+        calls.append(plan.choices[0])
+        return {"measured_speedup": 1.9 if plan.choices[0] == "fast" else 1.4}
+
+    plan, trace, lines = aim(1.5, two_plans, measure, rounds=5)
+    assert calls == ["slow", "fast"] and plan.choices == {0: "fast"} and len(lines) == 3
