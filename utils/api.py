@@ -853,7 +853,9 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:
-            log.info("plan: %s", line)
+            log.debug("plan: %s", line)
+        log.info("plan: %s (%s)", ", ".join(f"{i}: {c}" for i, c in sorted(plan.choices.items())) or "the teacher",
+                 run / "plan.log")
         if plan_only:
             res = {"plan_only": True, "budget": plan.budget, "plan": plan.choices, "map_cost": plan.cost,
                    "map_saved": plan.saved, "needed": plan.needed, "retiming": rounds}
