@@ -58,6 +58,7 @@ from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target  # noqa:
 from utils.planning.sensitivity import (Option, compose_units, option_from_dict, random_unit,  # noqa: E402
                                         speed_fn)
 from utils.planning.students import context, make_student, read_map, retimed_plan  # noqa: E402
+from utils.errors import SettingError  # noqa: E402
 from utils.storage.checkpoint import CheckpointError  # noqa: E402
 from utils.storage.lock import claim_units  # noqa: E402
 from utils.training.loop import run_record  # noqa: E402
@@ -69,6 +70,8 @@ METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student
 
 def numbers(name: str, lo: float, hi: float) -> Callable[[str], list[float]]:
     def parse(s: str) -> list[float]:
+        if s.strip().lower() == "none":
+            return []
         try:
             v = [number(x) for x in s.split(",") if x.strip()]
         except ValueError:
@@ -86,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("plans")
     g.add_argument("--map", required=True, help="sensitivity.json or its folder (sensitivity_map.py)")
     g.add_argument("--targets", type=numbers("--targets", 1, math.inf), default=None,
-                   help="speed-ups to plan for (default: 1.3,1.5,2,3 for a masked LM, 1.3,1.5,2 for a decoder)")
+                   help="speed-ups to plan for (default: 1.3,1.5,2,3 for a masked LM, 1.3,1.5,2 for a decoder; none: no "
+                        "speed target)")
     g.add_argument("--speed", choices=["prefill", "decode"], default="prefill", help="what --targets times")
     g.add_argument("--kv-targets", type=numbers("--kv-targets", 0, 1), default=None,
-                   help="decoders: KV-cache fractions to plan for (default 1/3)")
+                   help="decoders: KV-cache fractions to plan for (default 1/3; none: no KV-cache target)")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
     g.add_argument("--calibration-sentences", type=int, default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
@@ -276,10 +280,12 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
                   record=run_record(record(args), batch_size=s.data.batch_size, train=train,
                                     percentage_data=s.data.fraction))
     b = Bench(args, s, smap, ctx)
-    targets = [Target(speedup=t, speed=args.speed) for t in (args.targets or
-                                                             ([1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]))]
+    speeds = args.targets if args.targets is not None else [1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]
+    targets = [Target(speedup=t, speed=args.speed) for t in speeds]
     if b.causal:
-        targets += [Target(kv_cache=f) for f in (args.kv_targets or [1 / 3])]
+        targets += [Target(kv_cache=f) for f in ([1 / 3] if args.kv_targets is None else args.kv_targets)]
+    if not targets:
+        raise SettingError("--targets none and --kv-targets none leave nothing to plan for")
     per_target = {t.name: b.candidates(t) for t in targets}
     models = build_models(b, per_target, out)
     test = s.first_sentences("test", args.test_sentences)

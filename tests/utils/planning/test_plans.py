@@ -131,6 +131,15 @@ def test_the_uniform_student_is_the_cheapest_that_meets_the_target_as_measured(m
     assert {o.name for o in b._uniform(Target(speedup=1.2))[0]["choices"].values()} == {"heads 3"}
 
 
+def test_bench_targets_parse_ratios_and_none():
+    p = plans.build_parser()
+    a = p.parse_args(["--map", "m", "--targets", "none", "--kv-targets", "1/3,0.5"])
+    assert a.targets == [] and a.kv_targets == [1 / 3, 0.5]
+    assert p.parse_args(["--map", "m"]).kv_targets is None  # the default: 1/3 for a decoder
+    with pytest.raises(SystemExit):
+        p.parse_args(["--map", "m", "--kv-targets", "2/3,1"])
+
+
 def test_bench_planned_vs_uniform(tiny_teacher, tiny_corpus, combined_map, tmp_path):
     smap = json.loads((combined_map / "sensitivity.json").read_text())
     # deterministic latencies (the tiny model's real ones are noise): 10 ms per layer, savings by how much is cut
