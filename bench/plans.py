@@ -55,9 +55,8 @@ from utils.evaluation.speed import round_robin_ms  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.planning import baselines  # noqa: E402
 from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target  # noqa: E402
-from utils.planning.sensitivity import (Option, compose_units, option_from_dict, random_unit,  # noqa: E402
-                                        speed_fn)
-from utils.planning.students import context, make_student, read_map, retimed_plan  # noqa: E402
+from utils.planning.sensitivity import Option, option_from_dict, speed_fn  # noqa: E402
+from utils.planning.students import context, make_student, read_map, retimed_plan, time_plan  # noqa: E402
 from utils.errors import SettingError  # noqa: E402
 from utils.storage.checkpoint import CheckpointError  # noqa: E402
 from utils.storage.lock import claim_units  # noqa: E402
@@ -145,13 +144,8 @@ class Bench:
 
     def measured_speedup(self, choices: dict[int, Option], speed: str) -> float:
         """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin."""
-        t = self.teacher
-        student = compose_units(t, {i: random_unit(t, o, i) for i, o in choices.items()})
-        b, q = self.args.latency_batch, self.args.seq_len
-        ms = round_robin_ms({"teacher": speed_fn(t, speed, batch=b, seq=q),
-                             "student": speed_fn(student, speed, batch=b, seq=q)}, self.args.latency_reps,
-                            self.s.device)
-        return ms["teacher"] / ms["student"]
+        return time_plan(self.teacher, choices, speed=speed, reps=self.args.latency_reps,
+                         batch=self.args.latency_batch, seq=self.args.seq_len)["measured_speedup"]
 
     def meets(self, target: Target) -> Callable[[dict[int, Option]], bool]:
         if target.kv_cache is not None:

@@ -29,7 +29,7 @@ from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import round_robin_ms
 from ..storage.checkpoint import load_checkpoint, load_into
 from ..storage.features import TeacherCache
-from ..training.loop import SETUP_FIELDS, TrainConfig, Trainer, Unit
+from ..training.loop import TrainConfig, Trainer, Unit, run_setup
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from ..errors import SettingError
 from ..training.units import head_rankings, neuron_rankings, unit_meta
@@ -286,7 +286,7 @@ def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[i
     """Load into ``units`` the ones a map already trained in ``folder`` (its ``units/``: same option, layer, teacher
     and training setup, trained for all the epochs asked); returns the others, which still need training."""
     rest = {}
-    setup = json.loads(json.dumps({**{k: getattr(ctx.train_cfg, k) for k in SETUP_FIELDS}, **ctx.setup}))
+    setup = json.loads(json.dumps(run_setup(ctx.train_cfg, ctx.setup)))
     for i, b in units.items():
         kind = TASK_KIND.get(b.option.kind)
         if kind is None:  # a dropped layer: nothing to train

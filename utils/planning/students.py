@@ -14,7 +14,7 @@ from models.compress import clone_model
 from ..data.masking import lm_targets
 from ..session import Session
 from ..storage.checkpoint import read_meta
-from ..training.loop import SETUP_FIELDS, Trainer, TrainConfig, Unit
+from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
 from ..evaluation.speed import round_robin_ms
@@ -147,12 +147,12 @@ def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: b
                   ) -> dict[str, Any]:
     """What a student is built with besides its plan (stored in its meta; a different record means build anew): the
     units' training setup and whose trained units it loads (``units``: it has units to train), the heal's setup."""
-    setup = {**{k: getattr(ctx.train_cfg, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": ctx.train_cfg.epochs,
+    setup = {**run_setup(ctx.train_cfg, ctx.setup), "epochs": ctx.train_cfg.epochs,
              "block_loss": list(ctx.block_loss), "relation_weight": ctx.relation_weight}
     heal = _heal_config(ctx, finetune)
     return json.loads(json.dumps({
         "trained": train, "units": setup if units else None, "map_units": str(map_units) if map_units else None,
-        "heal": {**{k: getattr(heal, k) for k in SETUP_FIELDS}, **ctx.setup, "epochs": heal.epochs,
+        "heal": {**run_setup(heal, ctx.setup), "epochs": heal.epochs,
                  "temperature": finetune.temperature, "relation_weight": finetune.relation_weight} if train else None}))
 
 
@@ -181,6 +181,17 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
     return None
 
 
+def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, reps: int, batch: int, seq: int
+              ) -> dict[str, float]:
+    """The plan's units (untrained: the same shapes and speed) composed into the teacher and timed against it,
+    round-robin: ``measured_speedup`` and each model's ``*_ms``."""
+    student = compose_units(teacher, {i: random_unit(teacher, o, i) for i, o in choices.items()})
+    ms = round_robin_ms({"teacher": speed_fn(teacher, speed, batch=batch, seq=seq),
+                         "student": speed_fn(student, speed, batch=batch, seq=seq)}, reps,
+                        next(teacher.parameters()).device)
+    return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
+
+
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
                  seq: int, rounds: int = 5) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
@@ -192,13 +203,10 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
     if target.speedup is None or rounds == 0:
         return plan, []
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
-    device = next(teacher.parameters()).device
 
     def measure(p: Plan) -> dict[str, float]:
-        student = compose_units(teacher, {i: random_unit(teacher, options[name], i) for i, name in p.choices.items()})
-        ms = round_robin_ms({"teacher": speed_fn(teacher, target.speed, batch=batch, seq=seq),
-                             "student": speed_fn(student, target.speed, batch=batch, seq=seq)}, reps, device)
-        return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
+        return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed, reps=reps,
+                         batch=batch, seq=seq)
 
     best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds)
     best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs):"] + lines

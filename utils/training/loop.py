@@ -224,6 +224,12 @@ def _reduce_device() -> torch.device:
         torch.distributed.get_backend() == "nccl") else torch.device("cpu")
 
 
+def run_setup(cfg: TrainConfig, setup: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training setup a run records and a resumed run must share: ``cfg``'s SETUP_FIELDS and ``setup`` (batch size,
+    data hash, ...)."""
+    return {**{k: getattr(cfg, k) for k in SETUP_FIELDS}, **(setup or {})}
+
+
 class Trainer:
     """Trains ``units`` on ``task``. ``record`` (argv, arguments, ...) goes into each unit's ``run.json``;
     ``setup`` (batch size, data hash, ...) is the part of the training setup the loop cannot see, checked on resume."""
@@ -237,7 +243,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.evaluate, self.samples = evaluate, samples
         self.run_meta = run_meta or {}
-        self.setup = {**{k: getattr(cfg, k) for k in SETUP_FIELDS}, **(setup or {})}
+        self.setup = run_setup(cfg, setup)
         self.record = record or {}
         self.locks = locks or []
         self.after_step = after_step  # a hook called after every optimizer step (tests use it to stop at a step)
