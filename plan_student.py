@@ -28,7 +28,7 @@ from pathlib import Path
 
 from utils import api
 from utils.cli.configs import export_config, map_config, plan_finetune, record, session_config, train_config
-from utils.cli.groups import add_export_args, add_finetune_args, add_map_args
+from utils.cli.groups import add_export_args, add_finetune_args, add_map_args, add_retime_args
 from utils.cli.output import plan_table
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.run import run_main
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
     g.add_argument("--plan-only", action="store_true",
                    help="stop after the plan and its re-timing (plan.log, plan.json), before any training")
+    add_retime_args(g)
     add_finetune_args(p)
     add_map_args(p)
     add_export_args(p.add_argument_group("export"))
@@ -102,7 +103,8 @@ def main(args: argparse.Namespace) -> Path:
                             target_params=args.target_params, target_kv_cache=args.target_kv_cache, speed=args.speed,
                             map=args.map, cost=args.cost, config=map_config(args), finetune=plan_finetune(args),
                             train=train_config(args), out=run, record=record(args), export=export_config(args),
-                            reuse_map_units=not args.retrain_units, plan_only=args.plan_only)
+                            reuse_map_units=not args.retrain_units, plan_only=args.plan_only,
+                            retime_rounds=args.retime_rounds, speed_margin=args.speed_margin)
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
     print("\n".join(done.plan.lines))

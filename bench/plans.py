@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 
 from utils import session  # noqa: E402
 from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config  # noqa: E402
-from utils.cli.groups import add_finetune_args, add_map_args  # noqa: E402
+from utils.cli.groups import add_finetune_args, add_map_args, add_retime_args  # noqa: E402
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number  # noqa: E402
@@ -97,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-sentences", type=int, default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
-    g.add_argument("--retime-rounds", type=int, default=5,
-                   help="timings of a planned speed plan before training (0: the map's plans as they are, planned and "
-                        "uniform)")
+    add_retime_args(g)  # --retime-rounds 0: the map's plans as they are, planned and uniform
     add_finetune_args(p)
     add_map_args(p)
     return p
@@ -205,7 +203,7 @@ class Bench:
         try:
             plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost,
                                    reps=self.args.latency_reps, batch=self.args.latency_batch, seq=self.args.seq_len,
-                                   rounds=self.args.retime_rounds)
+                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin)
         except PlanError as e:
             log.warning("%s: no planned plan (%s)", target.name, e)
             return []

@@ -828,12 +828,12 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
-                 plan_only: bool = False) -> PlannedStudent:
+                 plan_only: bool = False, retime_rounds: int = 5, speed_margin: float = 0.03) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
-    re-timed before training (its untrained units composed and timed against the teacher; planned again while it
-    falls short). Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
+    re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
+    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot). Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
     evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
     units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
     results.json to ``out``; ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the
@@ -849,7 +849,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
         plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, reps=config.latency_reps,
-                                    batch=config.latency_batch, seq=s.data.seq_len)
+                                    batch=config.latency_batch, seq=s.data.seq_len, rounds=retime_rounds,
+                                    margin=speed_margin)
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:

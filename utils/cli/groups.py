@@ -6,7 +6,7 @@ import argparse
 
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
-from .types import int_list, non_negative_int, option_kinds, positive_float, positive_int
+from .types import int_list, non_negative_float, non_negative_int, option_kinds, positive_float, positive_int
 
 
 def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None:
@@ -67,6 +67,15 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None, help="teacher feature cache (default: <--out>/cache; shared, safe)")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
                    help="cap on training steps per epoch (budget)")
+
+
+def add_retime_args(g: argparse._ActionsContainer) -> None:
+    """Flags of a speed plan's re-timing before training (``planner.aim``)."""
+    g.add_argument("--retime-rounds", type=non_negative_int("--retime-rounds"), default=5,
+                   help="timings of a speed plan before training (0: the map's plan as it is)")
+    g.add_argument("--speed-margin", type=non_negative_float("--speed-margin"), default=0.03,
+                   help="a speed plan must measure this far above the target, twice (default 0.03: 3%%, about the "
+                        "spread of one timing on a loaded CPU)")
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:

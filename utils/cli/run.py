@@ -57,7 +57,8 @@ FLAGS = {
     "target_speedup": "--target-speedup", "target_params": "--target-params", "cost": "--cost",
     "options": "--options", "heads_set": "--heads-set", "attention": "--attention", "drop_layers": "--drop-layers",
     "drop_every_second": "--drop-every-second", "teacher_device_map": "--teacher-device-map",
-    "plan_only": "--plan-only", "target_kv_cache": "--target-kv-cache",
+    "plan_only": "--plan-only", "target_kv_cache": "--target-kv-cache", "retime_rounds": "--retime-rounds",
+    "speed_margin": "--speed-margin",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

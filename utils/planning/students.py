@@ -193,11 +193,11 @@ def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: st
 
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
-                 seq: int, rounds: int = 5) -> tuple[Plan, list[dict[str, float]]]:
+                 seq: int, rounds: int = 5, margin: float = 0.03) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
     (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
-    searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured with the
-    least overshoot. Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
+    searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by
+    ``margin`` and twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
     if target.speedup is None or rounds == 0:
@@ -208,7 +208,8 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
         return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed, reps=reps,
                          batch=batch, seq=seq)
 
-    best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds)
+    best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds,
+                                   margin=margin)
     best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs):"] + lines
     return best, rounds_done
 

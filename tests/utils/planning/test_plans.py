@@ -375,10 +375,30 @@ def test_plan_only_stops_before_training(tiny_llama, tiny_corpus, tmp_path, caps
     assert "--plan-only makes no model to export: leave out --export-hf and --export-onnx" in capsys.readouterr().err
 
 
+def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_llama, tiny_corpus, tmp_path):
+    import plan_student
+
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "p",
+            "--map", str(mp), "--target-speedup", "1.1", "--plan-only", "--seq-len", "16", "--batch-size", "8",
+            "--device", "cpu", "--latency-reps", "2", "--latency-batch", "1", "--speed-margin", "0.25",
+            "--retime-rounds", "3"]
+    assert run_main(plan_student.main, plan_student.build_parser(), argv) == 0
+    done = json.loads((tmp_path / "p" / "plan.json").read_text())
+    log = (tmp_path / "p" / "plan.log").read_text()
+    assert 1 <= len(done["retiming"]) <= 3 and "re-timing 1: planned for 1.100x" in log
+    assert "with a 25% margin" in log.splitlines()[-1]
+    # a plan kept as meeting it measured 1.1 * 1.25 or more in two timings
+    met = "meets 1.1x with a 25% margin" in log
+    assert not met or sum(t["measured_speedup"] >= 1.1 * 1.25 for t in done["retiming"]) >= 2
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--target-kv-cache", "1.5"], "--target-kv-cache is a fraction of the teacher's KV cache in [0, 1)"),
     (["--target-kv-cache", "0.5", "--target-speedup", "2"], "not allowed with argument"),
     (["--target-speedup", "2", "--speed", "fast"], "invalid choice: 'fast'"),
+    (["--target-speedup", "2", "--speed-margin", "-0.1"], "--speed-margin must be >= 0"),
+    (["--target-speedup", "2", "--retime-rounds", "-1"], "--retime-rounds"),
 ])
 def test_plan_student_budget_flags_are_checked(tiny_llama, tiny_corpus, tmp_path, capsys, flags, message):
     import plan_student
