@@ -6,8 +6,8 @@ the teacher's KV cache per token) these students are built from one sensitivity 
   planned     the planner's per-layer plan (utils.planning.planner.choose_plan, cost = --cost), re-timed before
               training: its units composed into the teacher and timed against it, planned again while it falls
               short (utils.planning.students.retimed_plan), so it meets the target as measured;
-  uniform     the same option in every layer (a merge in every pair), among those the map says meet the target the
-              one with the least summed map cost;
+  uniform     the same option in every layer (a merge in every pair): the one of least summed map cost that meets
+              the target as measured;
   ShortGPT    (decoders) the n layers of lowest Block Influence dropped, n the fewest that meet the target as
               measured (utils.planning.baselines);
   SLEB        (decoders) layers dropped one at a time, each time the one whose removal raises calibration perplexity
@@ -15,6 +15,8 @@ the teacher's KV cache per token) these students are built from one sensitivity 
   untrained   every method's student again without any training: units as initialised from the teacher, no KD
               fine-tune (for a masked LM as before: kept top heads and dropped layers).
 
+"Meets a speed-up as measured" is one rule for every method: two timings of its untrained units in the teacher
+(round-robin), both at least --speed-margin above the target (3%: about the spread of one timing on a loaded CPU).
 Calibration windows (ShortGPT, SLEB) are the first --calibration-sentences of the training split, never the test
 split. Trained students are built as plan_student.py builds its one (units retrained from the teacher cache,
 composed, fine-tuned end to end by KD with --ft-epochs / --ft-lr: the same healing for every method); a plan reached
@@ -27,7 +29,7 @@ Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
     python bench/plans.py --map runs/smolmap/sensitivity --teacher bench/results/smollm2-135m-instruct \\
-        --data-dir bench/results/wikitext2_split --seq-len 256 --batch-size 4 --targets 1.3,1.5,2 --kv-targets 0.333
+        --data-dir bench/results/wikitext2_split --seq-len 256 --batch-size 4 --targets 1.3,1.5,2 --kv-targets 1/3
 """
 from __future__ import annotations
 
@@ -148,7 +150,9 @@ class Bench:
     def meets(self, target: Target) -> Callable[[dict[int, Option]], bool]:
         if target.kv_cache is not None:
             return lambda c: baselines.kv_fraction(self.teacher, c) <= target.kv_cache + 1e-9
-        return lambda c: self.measured_speedup(c, target.speed) >= target.speedup
+        bar = target.speedup * (1 + self.args.speed_margin)
+        # the planned student's rule (planner.aim) for every method: two timings, both the margin above the target
+        return lambda c: all(self.measured_speedup(c, target.speed) >= bar for _ in range(2))
 
     def removal_orders(self) -> None:
         """ShortGPT's order of the layers, on the calibration windows; SLEB's is grown step by step as targets

@@ -828,7 +828,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
-                 plan_only: bool = False, retime_rounds: int = 5, speed_margin: float = 0.03) -> PlannedStudent:
+                 plan_only: bool = False, retime_rounds: int = 8, speed_margin: float = 0.03) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is

@@ -71,7 +71,7 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
 
 def add_retime_args(g: argparse._ActionsContainer) -> None:
     """Flags of a speed plan's re-timing before training (``planner.aim``)."""
-    g.add_argument("--retime-rounds", type=non_negative_int("--retime-rounds"), default=5,
+    g.add_argument("--retime-rounds", type=non_negative_int("--retime-rounds"), default=8,
                    help="timings of a speed plan before training (0: the map's plan as it is)")
     g.add_argument("--speed-margin", type=non_negative_float("--speed-margin"), default=0.03,
                    help="a speed plan must measure this far above the target, twice (default 0.03: 3%%, about the "

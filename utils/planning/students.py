@@ -193,7 +193,7 @@ def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: st
 
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
-                 seq: int, rounds: int = 5, margin: float = 0.03) -> tuple[Plan, list[dict[str, float]]]:
+                 seq: int, rounds: int = 8, margin: float = 0.03) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
     (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
     searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by
