@@ -256,18 +256,26 @@ def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> flo
     return best[0]
 
 
+def _timing_line(n: int, ask: float, timings: list[dict[str, float]], *, again: bool) -> str:
+    """plan.log's line for timing ``n`` of the plan asked for ``ask`` (its timings so far)."""
+    last = timings[-1]
+    extra = ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in last.items() if k.endswith("_ms"))
+    slower = min(t["measured_speedup"] for t in timings)
+    return (f"re-timing {n}: planned for {ask:.3f}x, measured {last['measured_speedup']:.3f}x"
+            + (" (this plan, timed before)" if again else f" ({extra})" if extra else "")
+            + (f", {slower:.3f}x at the slower of its two timings" if len(timings) == 2 and not again else ""))
+
+
 def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Plan], dict[str, float]], *,
         rounds: int, tolerance: float = 0.02, margin: float = 0.03) -> tuple[Plan, list[dict[str, float]], list[str]]:
     """Search the speed-up to ask the planner for, so that the plan's *measured* speed-up meets ``target`` with the
-    least overshoot (the map's summed savings are only a guess at the composed model's). A plan meets it when it
-    measures at least ``target * (1 + margin)`` twice: a plan that does once is timed again and counts at the slower
-    of its two timings (a loaded machine moves a timing by a few percent; the margin keeps the student above the
-    target when it is timed again later). While every plan falls short the ask rises by the shortfall; while every
-    plan overshoots it falls by the overshoot; once both are known it bisects between the highest short ask and the
-    lowest ask that met. Stops within ``tolerance`` above the bar, when the bisection finds no plan between the two,
-    or after ``rounds`` timings (a plan timed twice is not timed again). ``measure`` returns at least
-    ``measured_speedup``. Returns (the plan of the lowest ask that met, else the last; every timing; lines for
-    plan.log)."""
+    least overshoot (the map's summed savings only guess the composed model's). A plan meets it when two timings
+    both measure at least ``target * (1 + margin)`` (one timing on a loaded machine moves by a few percent); it
+    counts at the slower. The ask rises by the shortfall while plans fall short, falls by the overshoot while they
+    overshoot, then bisects between the highest short ask and the lowest that met. Stops within ``tolerance`` above
+    the bar, when bisection finds no new plan, or after ``rounds`` timings. ``measure`` returns at least
+    ``measured_speedup``. Returns (the plan of the lowest ask that met, else the last; every timing; plan.log lines).
+    """
     bar = target * (1 + margin)
     ask, short, met = target, None, None  # met: (ask, plan, speed-up) of the lowest ask that met
     plan = plan_for(ask)
@@ -283,14 +291,10 @@ def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Pla
                 break
             before.append(measure(plan))
             trace.append({"asked": ask, **before[-1]})
-        slowest = min(before, key=lambda t: t["measured_speedup"])
-        got = slowest["measured_speedup"]
+        got = min(t["measured_speedup"] for t in before)  # the slower of its timings
         if again and short is not None and met is not None:  # bisection found no plan between the two: done
             break
-        extra = ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in before[-1].items() if k.endswith("_ms"))
-        lines.append(f"re-timing {len(trace)}: planned for {ask:.3f}x, measured {before[-1]['measured_speedup']:.3f}x"
-                     + (" (this plan, timed before)" if again else f" ({extra})" if extra else "")
-                     + (f", {got:.3f}x at the slower of its two timings" if len(before) == 2 and not again else ""))
+        lines.append(_timing_line(len(trace), ask, before, again=again))
         if got >= bar and len(before) == 1:
             if len(trace) == rounds:
                 lines.append(f"re-timing: no timing left to confirm {got:.3f}x")
@@ -303,12 +307,10 @@ def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Pla
                 break
         elif short is None or ask > short:
             short = ask
-        if met is not None and short is not None:
-            if met[0] - short < 1e-3 * target:
-                break
-            nxt = (short + met[0]) / 2
-        else:
-            nxt = ask * bar / got * (1.005 if met is None else 1.0)
+        if met is not None and short is not None and met[0] - short < 1e-3 * target:
+            break
+        nxt = (short + met[0]) / 2 if met is not None and short is not None else \
+            ask * bar / got * (1.005 if met is None else 1.0)
         try:
             plan = plan_for(nxt)
         except PlanError as e:
