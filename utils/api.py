@@ -833,7 +833,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
-    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot). Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
+    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot).
+    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
     evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
     units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
     results.json to ``out``; ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the
