@@ -197,7 +197,8 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
     (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
     searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by
-    ``margin`` and twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan, the rounds' measurements)."""
+    ``margin`` and twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan,
+    the rounds' measurements)."""
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
     if target.speedup is None or rounds == 0:
