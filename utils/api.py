@@ -36,7 +36,7 @@ from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
 from .evaluation.speed import decoder_costs, round_robin_ms
-from .planning.planner import SPEED_KEYS, Plan, Target, budget_problem
+from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
 from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
 from .session import Session, SessionConfig, check_teacher
@@ -828,7 +828,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
-                 plan_only: bool = False, retime_rounds: int = 8, speed_margin: float = 0.03) -> PlannedStudent:
+                 plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
+                 speed_margin: float = SPEED_MARGIN) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..planning.planner import RETIME_ROUNDS, SPEED_MARGIN
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
 from .types import int_list, non_negative_float, non_negative_int, option_kinds, positive_float, positive_int
@@ -71,11 +72,11 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
 
 def add_retime_args(g: argparse._ActionsContainer) -> None:
     """Flags of a speed plan's re-timing before training (``planner.aim``)."""
-    g.add_argument("--retime-rounds", type=non_negative_int("--retime-rounds"), default=8,
+    g.add_argument("--retime-rounds", type=non_negative_int("--retime-rounds"), default=RETIME_ROUNDS,
                    help="timings of a speed plan before training (0: the map's plan as it is)")
-    g.add_argument("--speed-margin", type=non_negative_float("--speed-margin"), default=0.03,
-                   help="a speed plan must measure this far above the target, twice (default 0.03: 3%%, about the "
-                        "spread of one timing on a loaded CPU)")
+    g.add_argument("--speed-margin", type=non_negative_float("--speed-margin"), default=SPEED_MARGIN,
+                   help="a speed plan must measure this far above the target, twice (the default is about the spread "
+                        "of one timing on a loaded CPU)")
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:

@@ -256,6 +256,11 @@ def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> flo
     return best[0]
 
 
+# a speed plan's re-timing (``aim``): the timings allowed, and how far above the target two of them must measure
+RETIME_ROUNDS = 8
+SPEED_MARGIN = 0.03
+
+
 def _timing_line(n: int, ask: float, timings: list[dict[str, float]], *, again: bool) -> str:
     """plan.log's line for timing ``n`` of the plan asked for ``ask`` (its timings so far)."""
     last = timings[-1]
@@ -267,7 +272,7 @@ def _timing_line(n: int, ask: float, timings: list[dict[str, float]], *, again: 
 
 
 def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Plan], dict[str, float]], *,
-        rounds: int, tolerance: float = 0.02, margin: float = 0.03) -> tuple[Plan, list[dict[str, float]], list[str]]:
+        rounds: int, tolerance: float = 0.02, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]], list[str]]:
     """Search the speed-up to ask the planner for, so that the plan's *measured* speed-up meets ``target`` with the
     least overshoot (the map's summed savings only guess the composed model's). A plan meets it when two timings
     both measure at least ``target * (1 + margin)`` (one timing on a loaded machine moves by a few percent); it

@@ -18,7 +18,7 @@ from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses
 from ..evaluation.speed import round_robin_ms
-from .planner import Plan, PlanError, Target, aim, choose_plan
+from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
                           compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
                           train_units, validate_map, write_map)
@@ -193,7 +193,7 @@ def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: st
 
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
-                 seq: int, rounds: int = 8, margin: float = 0.03) -> tuple[Plan, list[dict[str, float]]]:
+                 seq: int, rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
     (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
     searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by

@@ -128,7 +128,7 @@ def test_the_uniform_student_is_the_cheapest_that_meets_the_target_as_measured(m
     def measure(c, speed):
         timed.append(c[0].name)
         runs = measured[c[0].name]
-        return runs[min(len([t for t in timed if t == c[0].name]), len(runs)) - 1]
+        return runs[min(timed.count(c[0].name), len(runs)) - 1]
     monkeypatch.setattr(b, "measured_speedup", measure)
     [u] = b._uniform(Target(speedup=1.2))
     assert {o.name for o in u["choices"].values()} == {"heads 2"} and "short as measured: heads 3" in u["why"][0]
