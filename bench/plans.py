@@ -145,7 +145,8 @@ class Bench:
     def measured_speedup(self, choices: dict[int, Option], speed: str) -> float:
         """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin."""
         return time_plan(self.teacher, choices, speed=speed, reps=self.args.latency_reps,
-                         batch=self.args.latency_batch, seq=self.args.seq_len)["measured_speedup"]
+                         batch=self.args.latency_batch, seq=self.args.seq_len,
+                         threads=self.args.timing_threads)["measured_speedup"]
 
     def meets(self, target: Target) -> Callable[[dict[int, Option]], bool]:
         if target.kv_cache is not None:
@@ -207,7 +208,8 @@ class Bench:
         try:
             plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost,
                                    reps=self.args.latency_reps, batch=self.args.latency_batch, seq=self.args.seq_len,
-                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin)
+                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin,
+                                   threads=self.args.timing_threads)
         except PlanError as e:
             log.warning("%s: no planned plan (%s)", target.name, e)
             return []
@@ -368,7 +370,7 @@ def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[s
         for key, v in models.items():
             if v["trained"] or key.removeprefix("untrained ") not in models:
                 fns[key] = speed_fn(v["model"].to(s.device), speed, batch=b.args.latency_batch, seq=b.args.seq_len)
-        out[speed] = round_robin_ms(fns, b.args.latency_reps, s.device)
+        out[speed] = round_robin_ms(fns, b.args.latency_reps, s.device, threads=b.args.timing_threads)
     for v in models.values():
         v["model"].cpu()
     return out

@@ -829,12 +829,13 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
-                 speed_margin: float = SPEED_MARGIN) -> PlannedStudent:
+                 speed_margin: float = SPEED_MARGIN, timing_threads: int | None = None) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
-    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot).
+    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; on
+    ``timing_threads`` CPU threads when given, as is the student's final timing).
     Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
     evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
     units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
@@ -852,7 +853,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
         plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, reps=config.latency_reps,
                                     batch=config.latency_batch, seq=s.data.seq_len, rounds=retime_rounds,
-                                    margin=speed_margin)
+                                    margin=speed_margin, threads=timing_threads)
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:
@@ -870,7 +871,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                                       origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
                                       finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units), config=config,
-                            target=target)
+                            target=target, timing_threads=timing_threads)
         res.update(retiming=rounds, **_target_met(res, target))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
@@ -919,7 +920,8 @@ def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, 
 
 
 def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
-                  finetune: PlanFinetune, trained: bool, config: MapConfig, target: Target) -> dict[str, Any]:
+                  finetune: PlanFinetune, trained: bool, config: MapConfig, target: Target,
+                  timing_threads: int | None = None) -> dict[str, Any]:
     """The planned student on the test split and timed against the teacher (prefill and, for a decoder, decode),
     beside what the map predicted."""
     teacher = s.teacher
@@ -936,7 +938,7 @@ def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any],
         total_key, gain_key, _ = SPEED_KEYS[speed]
         ms = round_robin_ms({who: speed_fn(model, speed, batch=config.latency_batch, seq=s.data.seq_len)
                              for who, model in (("teacher", teacher), ("student", student))}, config.latency_reps,
-                            s.device)
+                            s.device, threads=timing_threads)
         predicted = smap["timing"][total_key] - sum(e[gain_key] for e in smap["entries"]
                                                    if plan.choices.get(e["layer"]) == e["option"])
         prefix = "" if speed == "prefill" else "decode_"  # the prefill keys keep their names of the BERT days

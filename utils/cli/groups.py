@@ -77,6 +77,9 @@ def add_retime_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--speed-margin", type=non_negative_float("--speed-margin"), default=SPEED_MARGIN,
                    help="a speed plan must measure this far above the target, twice (the default is about the spread "
                         "of one timing on a loaded CPU)")
+    g.add_argument("--timing-threads", type=positive_int("--timing-threads"), default=None,
+                   help="CPU threads for the re-timing and the students' timing (default: the job's; e.g. 1 to state "
+                        "single-thread speed-ups while training on more)")
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:

@@ -4,27 +4,43 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
 from models.base import SwappableModel
 
 
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` inside the block (None: as they are), restored after it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
-def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike."""
+def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device, *, threads: int | None = None
+                   ) -> dict[str, float]:
+    """Median wall time (ms) of each callable, timed in turn so that load from other jobs hits them alike; on
+    ``threads`` CPU threads when given (a job may train on more threads than its speed-ups are stated for)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f(), f()  # warm-up
-    for _ in range(reps):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(1000 * (time.perf_counter() - t0))
+    with cpu_threads(threads):
+        for f in fns.values():
+            f(), f()  # warm-up
+        for _ in range(reps):
+            for k, f in fns.items():
+                sync()
+                t0 = time.perf_counter()
+                f()
+                sync()
+                times[k].append(1000 * (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -181,24 +181,25 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
     return None
 
 
-def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, reps: int, batch: int, seq: int
-              ) -> dict[str, float]:
+def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, reps: int, batch: int, seq: int,
+              threads: int | None = None) -> dict[str, float]:
     """The plan's units (untrained: the same shapes and speed) composed into the teacher and timed against it,
-    round-robin: ``measured_speedup`` and each model's ``*_ms``."""
+    round-robin (on ``threads`` CPU threads when given): ``measured_speedup`` and each model's ``*_ms``."""
     student = compose_units(teacher, {i: random_unit(teacher, o, i) for i, o in choices.items()})
     ms = round_robin_ms({"teacher": speed_fn(teacher, speed, batch=batch, seq=seq),
                          "student": speed_fn(student, speed, batch=batch, seq=seq)}, reps,
-                        next(teacher.parameters()).device)
+                        next(teacher.parameters()).device, threads=threads)
     return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
 
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
-                 seq: int, rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]]]:
+                 seq: int, rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN, threads: int | None = None
+                 ) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
     (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
     searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by
-    ``margin`` and twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan,
-    the rounds' measurements)."""
+    ``margin`` and twice, with the least overshoot; on ``threads`` CPU threads when given. Every round is explained in
+    the plan's lines. Returns (plan, the rounds' measurements)."""
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
     if target.speedup is None or rounds == 0:
@@ -207,11 +208,12 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
 
     def measure(p: Plan) -> dict[str, float]:
         return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed, reps=reps,
-                         batch=batch, seq=seq)
+                         batch=batch, seq=seq, threads=threads)
 
     best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds,
                                    margin=margin)
-    best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs):"] + lines
+    on = f", {threads} CPU thread{'s' * (threads != 1)}" if threads else ""
+    best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs{on}):"] + lines
     return best, rounds_done
 
 

@@ -394,11 +394,14 @@ def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_l
     argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "p",
             "--map", str(mp), "--target-speedup", "1.1", "--plan-only", "--seq-len", "16", "--batch-size", "8",
             "--device", "cpu", "--latency-reps", "2", "--latency-batch", "1", "--speed-margin", "0.25",
-            "--retime-rounds", "3"]
+            "--retime-rounds", "3", "--timing-threads", "1"]
+    threads = torch.get_num_threads()
     assert run_main(plan_student.main, plan_student.build_parser(), argv) == 0
+    assert torch.get_num_threads() == threads  # timed on one thread, then given back
     done = json.loads((tmp_path / "p" / "plan.json").read_text())
     log = (tmp_path / "p" / "plan.log").read_text()
     assert 1 <= len(done["retiming"]) <= 3 and "re-timing 1: planned for 1.100x" in log
+    assert "median of 2 round-robin runs, 1 CPU thread)" in log
     assert "with a 25% margin" in log.splitlines()[-1]
     # a plan kept as meeting it measured 1.1 * 1.25 or more in two timings
     met = "meets 1.1x with a 25% margin" in log
@@ -411,6 +414,7 @@ def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_l
     (["--target-speedup", "2", "--speed", "fast"], "invalid choice: 'fast'"),
     (["--target-speedup", "2", "--speed-margin", "-0.1"], "--speed-margin must be >= 0"),
     (["--target-speedup", "2", "--retime-rounds", "-1"], "--retime-rounds"),
+    (["--target-speedup", "2", "--timing-threads", "0"], "--timing-threads"),
 ])
 def test_plan_student_budget_flags_are_checked(tiny_llama, tiny_corpus, tmp_path, capsys, flags, message):
     import plan_student
