@@ -271,6 +271,22 @@ def _timing_line(n: int, ask: float, timings: list[dict[str, float]], *, again: 
             + (f", {slower:.3f}x at the slower of its two timings" if len(timings) == 2 and not again else ""))
 
 
+def verdict(speedups: list[float], bar: float) -> bool | None:
+    """The rule a speed plan is kept by: two timings, both at least ``bar``. False once one measured under it, True
+    when two did and none under, None while it needs another timing."""
+    if any(x < bar for x in speedups):
+        return False
+    return True if len(speedups) >= 2 else None
+
+
+def meets_as_measured(measure: Callable[[], float], bar: float) -> bool:
+    """``verdict`` on timings taken (``measure`` returns one speed-up) until it is decided."""
+    speedups: list[float] = []
+    while (v := verdict(speedups, bar)) is None:
+        speedups.append(measure())
+    return v
+
+
 def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Plan], dict[str, float]], *,
         rounds: int, tolerance: float = 0.02, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]], list[str]]:
     """Search the speed-up to ask the planner for, so that the plan's *measured* speed-up meets ``target`` with the
@@ -290,7 +306,7 @@ def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Pla
     for _ in range(4 * rounds):
         key = tuple(sorted(plan.choices.items()))
         before = timed.setdefault(key, [])
-        again = len(before) == 2 or (len(before) == 1 and before[0]["measured_speedup"] < bar)
+        again = verdict([t["measured_speedup"] for t in before], bar) is not None  # a plan timed enough already
         if not again:
             if len(trace) == rounds:
                 break
@@ -300,7 +316,7 @@ def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Pla
         if again and short is not None and met is not None:  # bisection found no plan between the two: done
             break
         lines.append(_timing_line(len(trace), ask, before, again=again))
-        if got >= bar and len(before) == 1:
+        if verdict([t["measured_speedup"] for t in before], bar) is None:
             if len(trace) == rounds:
                 lines.append(f"re-timing: no timing left to confirm {got:.3f}x")
                 break

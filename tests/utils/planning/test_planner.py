@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from utils.planning.planner import Plan, PlanError, aim, choose_plan
+from utils.planning.planner import Plan, PlanError, aim, choose_plan, meets_as_measured, verdict
 
 
 def plan_for(ask: float) -> Plan:
@@ -114,3 +114,18 @@ def test_bisection_stops_when_no_plan_lies_between():
 
     plan, trace, lines = aim(1.5, two_plans, measure, rounds=5)
     assert calls == ["slow", "fast", "fast"] and plan.choices == {0: "fast"} and len(lines) == 4
+
+
+@pytest.mark.parametrize("speedups, expected", [
+    ([], None), ([1.6], None), ([1.6, 1.55], True), ([1.4], False), ([1.6, 1.4], False), ([1.5, 1.5], True),
+])
+def test_the_two_timing_rule(speedups, expected):
+    assert verdict(speedups, bar=1.5) is expected
+
+
+def test_a_baseline_is_timed_until_the_rule_decides():
+    for timings, met, taken in (([1.6, 1.7, 9.0], True, 2), ([1.4, 9.0], False, 1), ([1.6, 1.4, 9.0], False, 2)):
+        it = iter(timings)
+        left = len(timings)
+        assert meets_as_measured(lambda: next(it), bar=1.5) is met
+        assert len(list(it)) == left - taken  # no timing beyond the ones that decided it
