@@ -16,7 +16,8 @@ the teacher's KV cache per token) these students are built from one sensitivity 
               fine-tune (for a masked LM as before: kept top heads and dropped layers).
 
 "Meets a speed-up as measured" is one rule for every method: two timings of its untrained units in the teacher
-(round-robin), both at least --speed-margin above the target (3%: about the spread of one timing on a loaded CPU).
+(round-robin), both at least --speed-margin above the target (3%: about the spread of one timing on a loaded CPU),
+on --timing-threads CPU threads when given (the students may heal on more threads than the speed-ups are stated for).
 Calibration windows (ShortGPT, SLEB) are the first --calibration-sentences of the training split, never the test
 split. Trained students are built as plan_student.py builds its one (units retrained from the teacher cache,
 composed, fine-tuned end to end by KD with --ft-epochs / --ft-lr: the same healing for every method); a plan reached
