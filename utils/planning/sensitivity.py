@@ -405,7 +405,7 @@ def time_units(teacher: BertForMaskedLM, units: list[Built], *, reps: int, batch
     out = {"encoder_ms": ms["encoder"], "embeddings_ms": ms["embeddings"],
            "layer_ms": [ms[f"layer {i}"] for i in range(n)],
            "unit_ms": {k: v for k, v in ms.items() if "/" in k and not k.startswith("decode")},
-           "batch": batch, "seq": seq, "reps": reps}
+           "batch": batch, "seq": seq, "reps": reps, "threads": torch.get_num_threads()}
     if causal:
         out.update(decode_ms=ms["decode"], decode_layer_ms=[ms[f"decode layer {i}"] for i in range(n)],
                    decode_unit_ms={k[len("decode "):]: v for k, v in ms.items() if k.startswith("decode ") and "/" in k},

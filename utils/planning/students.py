@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models import BertForMaskedLM
 from models.compress import clone_model
 from ..data.masking import lm_targets
@@ -212,8 +214,12 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
 
     best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds,
                                    margin=margin)
-    on = f", {threads} CPU thread{'s' * (threads != 1)}" if threads else ""
-    best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs{on}):"] + lines
+    on, mapped = threads or torch.get_num_threads(), smap["timing"].get("threads")
+    best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs, CPU threads: {on}):"]
+    if mapped is not None and mapped != on:  # a map from before threads were recorded: nothing to compare
+        best.lines.append(f"  note: the map was timed on {mapped} CPU thread(s); its per-unit savings may add up "
+                          "differently on these (--timing-threads)")
+    best.lines += lines
     return best, rounds_done
 
 

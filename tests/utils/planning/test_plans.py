@@ -222,6 +222,7 @@ def _decoder_map(tiny_llama, tiny_corpus, tmp_path) -> Path:
 def test_decoder_map_has_prefill_decode_and_kv_savings(tiny_llama, tiny_corpus, tmp_path):
     smap = json.loads((_decoder_map(tiny_llama, tiny_corpus, tmp_path) / "sensitivity.json").read_text())
     assert smap["task"] == "causal" and {"decode_ms", "decode_layer_ms", "decode_unit_ms"} <= set(smap["timing"])
+    assert smap["timing"]["threads"] == torch.get_num_threads()  # what its speed-ups hold for
     cells = {(e["layer"], e["option"]): e for e in smap["entries"]}
     assert len(cells) == 4 * 5  # kv 1, ffn x 3, drop on every layer
     from models import load_teacher
@@ -391,6 +392,9 @@ def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_l
     import plan_student
 
     mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    smap = json.loads((mp / "sensitivity.json").read_text())
+    smap["timing"]["threads"] = 3  # as if mapped on three threads: the plan says its timings were not
+    (mp / "sensitivity.json").write_text(json.dumps(smap))
     argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "p",
             "--map", str(mp), "--target-speedup", "1.1", "--plan-only", "--seq-len", "16", "--batch-size", "8",
             "--device", "cpu", "--latency-reps", "2", "--latency-batch", "1", "--speed-margin", "0.25",
@@ -401,7 +405,7 @@ def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_l
     done = json.loads((tmp_path / "p" / "plan.json").read_text())
     log = (tmp_path / "p" / "plan.log").read_text()
     assert 1 <= len(done["retiming"]) <= 3 and "re-timing 1: planned for 1.100x" in log
-    assert "median of 2 round-robin runs, 1 CPU thread)" in log
+    assert "median of 2 round-robin runs, CPU threads: 1)" in log and "the map was timed on 3 CPU thread(s)" in log
     assert "with a 25% margin" in log.splitlines()[-1]
     # a plan kept as meeting it measured 1.1 * 1.25 or more in two timings
     met = "meets 1.1x with a 25% margin" in log
