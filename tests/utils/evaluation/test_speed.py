@@ -1,3 +1,4 @@
+"""round_robin_ms and cpu_threads: timings on the CPU threads asked for, the process's threads given back after."""
 import pytest
 import torch
 
