@@ -91,7 +91,7 @@ def plan_finetune(args: argparse.Namespace) -> PlanFinetune:
     """The planned student's fine-tune flags (``add_finetune_args``)."""
     return PlanFinetune(epochs=args.ft_epochs, lr=args.ft_lr, temperature=args.temperature,
                         relation_weight=args.ft_relation_weight, test_sentences=args.test_sentences,
-                        max_steps=args.ft_max_steps)
+                        max_steps=args.ft_max_steps, train_sentences=args.ft_train_sentences)
 
 
 def record(args: argparse.Namespace) -> dict[str, Any]:

@@ -93,6 +93,10 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-max-steps", type=positive_int("--ft-max-steps"), default=None,
                    help="at most this many optimizer steps per fine-tune epoch (budget; default: the units' "
                         "--max-steps-per-epoch, else the whole training split)")
+    g.add_argument("--ft-train-sentences", type=positive_int("--ft-train-sentences"), default=None,
+                   help="fine-tune on the first N training sentences (default: the units' --max-train-sentences); more "
+                        "than the units' give the fine-tune fresh text where it would repeat the same few epoch after "
+                        "epoch")
     g.add_argument("--temperature", type=positive_float, default=2.0)
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,

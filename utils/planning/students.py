@@ -58,6 +58,9 @@ class PlanFinetune:
     relation_weight: float = 0.0  # relation distillation in the fine-tune
     test_sentences: int | None = None  # evaluate on the first N test sentences; None: all
     max_steps: int | None = None  # optimizer steps per epoch at most; None: the units' limit (TrainConfig)
+    # heal on the first N training sentences (fresh text beyond the units' cached ones: a short heal that repeats a
+    # few sentences for epochs overfits them); None: the units' sentences
+    train_sentences: int | None = None
 
 
 def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str, Any]) -> Context:
@@ -111,7 +114,9 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     teacher = s.teacher
     units = build_units(ctx, choices)
     trains = train and any(TASK_KIND.get(b.option.kind) for b in units.values())  # not only dropped layers
-    build = _build_record(ctx, finetune, train=train, units=trains, map_units=map_units if trains else None)
+    heal_data = _heal_data(s, ctx, finetune) if train and finetune.epochs > 0 else None
+    build = _build_record(ctx, finetune, train=train, units=trains, map_units=map_units if trains else None,
+                          heal_setup=heal_data.setup if heal_data else ctx.setup)
     why = unfinished_student(run, ctx, {str(i): b.option.name for i, b in units.items()}, build=build,
                              heal_epochs=finetune.epochs if train and units else 0)
     if why is None:
@@ -140,21 +145,43 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
                                                   **describe_losses(task)})
     Trainer(task, [unit], cfg, run_dir=run, device=s.device, evaluate=lambda: task.evaluate(ctx.valid_loader),
-            setup=ctx.setup, record=ctx.record, run_meta={"run_dir": str(run)}).fit(ctx.train_loader, ctx.sampler)
+            setup=heal_data.setup, record=ctx.record, run_meta={"run_dir": str(run)}
+            ).fit(heal_data.loader, heal_data.sampler)
     student, _ = load_model(run / "model" / "best")
     return student.to(s.device), units
 
 
-def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: bool, map_units: Path | None
-                  ) -> dict[str, Any]:
+@dataclass
+class HealData:
+    """The training text of a student's end-to-end fine-tune: its loader, sampler and setup record (data hash)."""
+
+    loader: Any
+    sampler: Any
+    setup: dict[str, Any]
+
+
+def _heal_data(s: Session, ctx: Context, finetune: PlanFinetune) -> HealData:
+    """The units' training loader, or the first ``finetune.train_sentences`` training sentences' own."""
+    if finetune.train_sentences is None:
+        return HealData(ctx.train_loader, ctx.sampler, ctx.setup)
+    ds = s.first_sentences("train", finetune.train_sentences)
+    loader, sampler = s.loader(ds, shuffle=True)
+    what = "windows" if s.teacher.TASK == "causal" else "sentences"
+    log.info("fine-tune on the first %d training sentences: %d %s", finetune.train_sentences, len(ds), what)
+    return HealData(loader, sampler, s.training_setup(ds))
+
+
+def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: bool, map_units: Path | None,
+                  heal_setup: dict[str, Any]) -> dict[str, Any]:
     """What a student is built with besides its plan (stored in its meta; a different record means build anew): the
-    units' training setup and whose trained units it loads (``units``: it has units to train), the heal's setup."""
+    units' training setup and whose trained units it loads (``units``: it has units to train), the heal's setup
+    (``heal_setup``: its data hash and batch size)."""
     setup = {**run_setup(ctx.train_cfg, ctx.setup), "epochs": ctx.train_cfg.epochs,
              "block_loss": list(ctx.block_loss), "relation_weight": ctx.relation_weight}
     heal = _heal_config(ctx, finetune)
     return json.loads(json.dumps({
         "trained": train, "units": setup if units else None, "map_units": str(map_units) if map_units else None,
-        "heal": {**run_setup(heal, ctx.setup), "epochs": heal.epochs,
+        "heal": {**run_setup(heal, heal_setup), "epochs": heal.epochs,
                  "temperature": finetune.temperature, "relation_weight": finetune.relation_weight} if train else None}))
 
 

@@ -3,6 +3,7 @@ planned vs uniform students at equal speed-up with paired tests, on the tiny tea
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 import math
 
@@ -293,6 +294,41 @@ def test_a_planned_student_built_alike_is_loaded_and_one_built_otherwise_is_rebu
     assert run_id() == built and again.results["metrics"] == first.results["metrics"]
     plan(1e-3)
     assert run_id() != built and read_meta(tmp_path / "plan" / "model" / "best")["build"]["heal"]["lr"] == 1e-3
+
+
+def test_the_heal_reads_its_own_training_sentences(tiny_llama, tiny_corpus, tmp_path, caplog):
+    """--ft-train-sentences: the fine-tune reads the first N training sentences (the units: the map's first 48);
+    asking for the units' own count is the default's student, loaded, not built again."""
+    from utils import api
+
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+
+    def plan(sentences: int | None):
+        return api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
+                                                  data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
+                                                                      batch_size=8)),
+                                target_kv_cache=0.5, map=mp,
+                                config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
+                                                     latency_reps=2, latency_batch=1),
+                                finetune=api.PlanFinetune(epochs=1, test_sentences=16, train_sentences=sentences),
+                                train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=tmp_path / "plan")
+
+    def heal() -> tuple[str, str]:
+        record = json.loads((tmp_path / "plan" / "model" / "run.json").read_text())
+        return record["run_id"], record["setup"]["data_hash"]
+
+    units = {json.loads(f.read_text())["setup"]["data_hash"] for f in (mp / "units").rglob("run.json")}
+    assert len(units) == 1  # every unit of the map trained on its first 48 sentences
+    plan(None)
+    first, data = heal()
+    assert {data} == units
+    plan(48)
+    assert heal() == (first, data)  # the same text: the student built by default is this one
+    with caplog.at_level(logging.INFO, logger="simplifying_transformers"):
+        plan(192)
+    run, data = heal()
+    assert run != first and data not in units
+    assert "fine-tune on the first 192 training sentences" in caplog.text
 
 
 def test_layer_removal_baselines(tiny_llama, tiny_corpus):
