@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     hidden = criterion_arg("--hidden-criterion", "hidden", exclude=("CrossEntropy",))
     g.add_argument("--hidden-criterion", type=hidden, default="cosine",
                    help=f"hidden-state loss: {', '.join(hidden.allowed)}")
-    g.add_argument("--temperature", type=positive_float, default=2.0)
+    g.add_argument("--temperature", type=positive_float, default=None,
+                   help="KD temperature (default: 2 for a masked LM, 1 for a decoder, whose perplexity is at 1)")
     g.add_argument("--relation-weight", type=term_weight("--relation-weight", zero=True), default=0.0,
                    help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts); "
                         "0: off (the default); a number: that fixed weight; 'balanced': scaled to --balance-ratio times the KL term "

@@ -64,6 +64,7 @@ from utils.errors import SettingError  # noqa: E402
 from utils.storage.checkpoint import CheckpointError  # noqa: E402
 from utils.storage.lock import claim_units  # noqa: E402
 from utils.training.loop import run_record  # noqa: E402
+from utils.training.tasks import kd_temperature  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
 METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
@@ -409,7 +410,8 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
             "targets": [t.name for t in targets], "rows": rows, "tests": tests,
             "budget": {"max_train_sentences": b.args.max_train_sentences, "epochs": b.args.epochs,
                        "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr, "ft_max_steps": b.args.ft_max_steps,
-                       "ft_train_sentences": b.args.ft_train_sentences, "temperature": b.args.temperature,
+                       "ft_train_sentences": b.args.ft_train_sentences,
+                       "temperature": kd_temperature(b.teacher, b.args.temperature),
                        "max_steps_per_epoch": b.args.max_steps_per_epoch, "eval_sentences": b.args.eval_sentences,
                        "test_sentences": b.args.test_sentences, "latency_reps": b.args.latency_reps,
                        "calibration_sentences": b.args.calibration_sentences, "seq_len": b.args.seq_len}}

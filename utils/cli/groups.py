@@ -97,7 +97,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="fine-tune on the first N training sentences (default: the units' --max-train-sentences); more "
                         "than the units' give the fine-tune fresh text where it would repeat the same few epoch after "
                         "epoch")
-    g.add_argument("--temperature", type=positive_float, default=2.0)
+    g.add_argument("--temperature", type=positive_float, default=None,
+                   help="KD temperature of the fine-tune (default: 2 for a masked LM, 1 for a decoder)")
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="evaluate on the first N test sentences (budget; default all)")

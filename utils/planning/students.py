@@ -18,7 +18,7 @@ from ..session import Session
 from ..storage.checkpoint import read_meta
 from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
-from ..training.tasks import ModelDistill, describe_losses
+from ..training.tasks import ModelDistill, describe_losses, kd_temperature
 from ..evaluation.speed import round_robin_ms
 from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
@@ -54,7 +54,7 @@ class PlanFinetune:
 
     epochs: int = 1  # 0: no fine-tune
     lr: float = 2e-4
-    temperature: float = 2.0
+    temperature: float | None = None  # None: the teacher's task's (training.tasks.KD_TEMPERATURE)
     relation_weight: float = 0.0  # relation distillation in the fine-tune
     test_sentences: int | None = None  # evaluate on the first N test sentences; None: all
     max_steps: int | None = None  # optimizer steps per epoch at most; None: the units' limit (TrainConfig)
@@ -182,7 +182,8 @@ def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: b
     return json.loads(json.dumps({
         "trained": train, "units": setup if units else None, "map_units": str(map_units) if map_units else None,
         "heal": {**run_setup(heal, heal_setup), "epochs": heal.epochs,
-                 "temperature": finetune.temperature, "relation_weight": finetune.relation_weight} if train else None}))
+                 "temperature": kd_temperature(ctx.teacher, finetune.temperature),
+                 "relation_weight": finetune.relation_weight} if train else None}))
 
 
 def _heal_config(ctx: Context, finetune: PlanFinetune) -> TrainConfig:

@@ -11,7 +11,7 @@ from utils.data.masking import MLMMasker
 from utils.data.text import DataConfig, load_sentences
 from utils.storage.features import TeacherCache, teacher_features
 from utils.training.losses import attention_loss, hidden_loss
-from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill, balance_terms
+from utils.training.tasks import BlockDistill, MergeDistill, ModelDistill, balance_terms, describe_losses
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,13 @@ def test_hidden_loss_ignores_padding():
     valid = torch.tensor([[True, True, False]])
     for crit in ("MSE", "L1", "CrossEntropy"):
         assert hidden_loss(a, b, valid, criterion=crit) == hidden_loss(a, a, valid, criterion=crit)
+
+
+def test_kd_temperature_defaults_by_task_and_a_given_one_wins(tiny_teacher, tiny_llama):
+    """A decoder's perplexity is measured at T=1, so its fine-tune distils at 1 unless told; a masked LM's at 2."""
+    for path, default in ((tiny_teacher, 2.0), (tiny_llama, 1.0)):
+        teacher, _ = load_teacher(path)
+        student = clone_model(teacher)
+        assert ModelDistill(teacher, student, None).temperature == default
+        assert ModelDistill(teacher, student, None, temperature=3.0).temperature == 3.0
+        assert describe_losses(ModelDistill(teacher, student, None))["temperature"] == default
