@@ -104,8 +104,7 @@ def main(args: argparse.Namespace) -> Path:
                             map=args.map, cost=args.cost, config=map_config(args), finetune=plan_finetune(args),
                             train=train_config(args), out=run, record=record(args), export=export_config(args),
                             reuse_map_units=not args.retrain_units, plan_only=args.plan_only,
-                            retime_rounds=args.retime_rounds, speed_margin=args.speed_margin,
-                            timing_threads=args.timing_threads)
+                            retime_rounds=args.retime_rounds, speed_margin=args.speed_margin)
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
     print("\n".join(done.plan.lines))

@@ -17,7 +17,7 @@ the teacher's KV cache per token) these students are built from one sensitivity 
 
 "Meets a speed-up as measured" is one rule for every method: two timings of its untrained units in the teacher
 (round-robin), both at least --speed-margin above the target (3%: about the spread of one timing on a loaded CPU),
-on --timing-threads CPU threads when given (the students may heal on more threads than the speed-ups are stated for).
+on --latency-threads CPU threads when given (the students may heal on more threads than the speed-ups are stated for).
 Calibration windows (ShortGPT, SLEB) are the first --calibration-sentences of the training split, never the test
 split. Trained students are built as plan_student.py builds its one (units retrained from the teacher cache,
 composed, fine-tuned end to end by KD with --ft-epochs / --ft-lr: the same healing for every method); a plan reached
@@ -54,8 +54,8 @@ from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number  # noqa: E402
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
-from utils.evaluation.speed import round_robin_ms  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
+from utils.evaluation.speed import Timing  # noqa: E402
 from utils.planning import baselines  # noqa: E402
 from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target, meets_as_measured  # noqa: E402
 from utils.planning.sensitivity import Option, option_from_dict, speed_fn  # noqa: E402
@@ -133,10 +133,11 @@ def _need(smap: dict[str, Any], target: Target) -> tuple[str, float]:
 
 
 class Bench:
-    """One bench run: the session, the map, the context that trains units, the measuring helpers."""
+    """One bench run: the session, the map, the context that trains units, how every model is timed, the measuring
+    helpers."""
 
-    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx):
-        self.args, self.s, self.smap, self.ctx = args, s, smap, ctx
+    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx, timing: Timing = Timing()):
+        self.args, self.s, self.smap, self.ctx, self.timing = args, s, smap, ctx, timing
         self.teacher = s.teacher
         self.causal = s.teacher.TASK == "causal"
         self.options = [option_from_dict(o) for o in smap["options"]]
@@ -146,9 +147,7 @@ class Bench:
 
     def measured_speedup(self, choices: dict[int, Option], speed: str) -> float:
         """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin."""
-        return time_plan(self.teacher, choices, speed=speed, reps=self.args.latency_reps,
-                         batch=self.args.latency_batch, seq=self.args.seq_len,
-                         threads=self.args.timing_threads)["measured_speedup"]
+        return time_plan(self.teacher, choices, speed=speed, timing=self.timing)["measured_speedup"]
 
     def meets(self, target: Target) -> Callable[[dict[int, Option]], bool]:
         if target.kv_cache is not None:
@@ -208,10 +207,8 @@ class Bench:
 
     def _planned(self, target: Target) -> list[dict[str, Any]]:
         try:
-            plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost,
-                                   reps=self.args.latency_reps, batch=self.args.latency_batch, seq=self.args.seq_len,
-                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin,
-                                   threads=self.args.timing_threads)
+            plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost, timing=self.timing,
+                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin)
         except PlanError as e:
             log.warning("%s: no planned plan (%s)", target.name, e)
             return []
@@ -275,11 +272,10 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     smap = read_map(args.map)
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
         raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
-    train = train_config(args)
-    ctx = context(s, map_config(args), train=train,
-                  record=run_record(record(args), batch_size=s.data.batch_size, train=train,
-                                    percentage_data=s.data.fraction))
-    b = Bench(args, s, smap, ctx)
+    train, mc = train_config(args), map_config(args)
+    ctx = context(s, mc, train=train, record=run_record(record(args), batch_size=s.data.batch_size, train=train,
+                                                         percentage_data=s.data.fraction))
+    b = Bench(args, s, smap, ctx, mc.timing(s.data.seq_len))
     speeds = args.targets if args.targets is not None else [1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]
     targets = [Target(speedup=t, speed=args.speed) for t in speeds]
     if b.causal:
@@ -368,11 +364,11 @@ def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[s
     s = b.s
     out: dict[str, dict[str, float]] = {}
     for speed in ("prefill", "decode") if b.causal else ("prefill",):
-        fns = {"teacher": speed_fn(b.teacher, speed, batch=b.args.latency_batch, seq=b.args.seq_len)}
+        fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
         for key, v in models.items():
             if v["trained"] or key.removeprefix("untrained ") not in models:
-                fns[key] = speed_fn(v["model"].to(s.device), speed, batch=b.args.latency_batch, seq=b.args.seq_len)
-        out[speed] = round_robin_ms(fns, b.args.latency_reps, s.device, threads=b.args.timing_threads)
+                fns[key] = speed_fn(v["model"].to(s.device), speed, batch=b.timing.batch, seq=b.timing.seq)
+        out[speed] = b.timing.ms(fns, s.device)
     for v in models.values():
         v["model"].cpu()
     return out
@@ -414,6 +410,7 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
                        "temperature": kd_temperature(b.teacher, b.args.temperature),
                        "max_steps_per_epoch": b.args.max_steps_per_epoch, "eval_sentences": b.args.eval_sentences,
                        "test_sentences": b.args.test_sentences, "latency_reps": b.args.latency_reps,
+                       "latency_threads": b.timing.threads_used(),
                        "calibration_sentences": b.args.calibration_sentences, "seq_len": b.args.seq_len}}
 
 

@@ -35,7 +35,7 @@ from .data.text import DataConfig
 from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
-from .evaluation.speed import decoder_costs, round_robin_ms
+from .evaluation.speed import Timing, decoder_costs
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
 from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
@@ -829,13 +829,13 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
-                 speed_margin: float = SPEED_MARGIN, timing_threads: int | None = None) -> PlannedStudent:
+                 speed_margin: float = SPEED_MARGIN) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
-    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; on
-    ``timing_threads`` CPU threads when given, as is the student's final timing).
+    timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; every
+    timing with ``config``'s latency settings, on ``config.latency_threads`` CPU threads when given).
     Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
     evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
     units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
@@ -851,9 +851,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         s = _prepare(session)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
-        plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, reps=config.latency_reps,
-                                    batch=config.latency_batch, seq=s.data.seq_len, rounds=retime_rounds,
-                                    margin=speed_margin, threads=timing_threads)
+        plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=config.timing(s.data.seq_len),
+                                    rounds=retime_rounds, margin=speed_margin)
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:
@@ -870,8 +869,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
                                       origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
                                       finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
-        res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units), config=config,
-                            target=target, timing_threads=timing_threads)
+        res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
+                            timing=config.timing(s.data.seq_len), target=target)
         res.update(retiming=rounds, **_target_met(res, target))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
@@ -911,8 +910,7 @@ def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, 
         n = len(s.teacher.layers)
         options = default_options(s.teacher.config, config.heads_set, config.options, task=s.teacher.TASK)
         smap = reach_map(s.teacher, options, [i for i in (config.layers or range(n)) if i < n],
-                         latency_reps=config.latency_reps if target.speedup else 0, latency_batch=config.latency_batch,
-                         latency_seq=s.data.seq_len)
+                         timing=config.timing(s.data.seq_len) if target.speedup else None)
     problem = budget_problem(smap, target.speedup, target.params, target_kv_cache=target.kv_cache,
                              speed=target.speed)
     if problem:
@@ -920,8 +918,7 @@ def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, 
 
 
 def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
-                  finetune: PlanFinetune, trained: bool, config: MapConfig, target: Target,
-                  timing_threads: int | None = None) -> dict[str, Any]:
+                  finetune: PlanFinetune, trained: bool, timing: Timing, target: Target) -> dict[str, Any]:
     """The planned student on the test split and timed against the teacher (prefill and, for a decoder, decode),
     beside what the map predicted."""
     teacher = s.teacher
@@ -936,9 +933,8 @@ def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any],
            "fine_tune_epochs": finetune.epochs if trained else 0}
     for speed in ("prefill", "decode") if teacher.TASK == "causal" else ("prefill",):
         total_key, gain_key, _ = SPEED_KEYS[speed]
-        ms = round_robin_ms({who: speed_fn(model, speed, batch=config.latency_batch, seq=s.data.seq_len)
-                             for who, model in (("teacher", teacher), ("student", student))}, config.latency_reps,
-                            s.device, threads=timing_threads)
+        ms = timing.ms({who: speed_fn(model, speed, batch=timing.batch, seq=timing.seq)
+                        for who, model in (("teacher", teacher), ("student", student))}, s.device)
         predicted = smap["timing"][total_key] - sum(e[gain_key] for e in smap["entries"]
                                                    if plan.choices.get(e["layer"]) == e["option"])
         prefix = "" if speed == "prefill" else "decode_"  # the prefill keys keep their names of the BERT days

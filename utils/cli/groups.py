@@ -64,6 +64,9 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-reps", type=positive_int("--latency-reps"), default=20,
                    help="timed round-robin repeats per module (median)")
     g.add_argument("--latency-batch", type=positive_int("--latency-batch"), default=32)
+    g.add_argument("--latency-threads", "--timing-threads", type=positive_int("--latency-threads"), default=None,
+                   help="CPU threads of every timing: the map's, a plan's re-timing, the students' (default: the "
+                        "job's; e.g. 1 to state single-thread speed-ups while training on more)")
     g.add_argument("--no-cache", action="store_true", help="recompute teacher features every batch")
     g.add_argument("--cache-dir", default=None, help="teacher feature cache (default: <--out>/cache; shared, safe)")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,
@@ -77,9 +80,6 @@ def add_retime_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--speed-margin", type=non_negative_float("--speed-margin"), default=SPEED_MARGIN,
                    help="a speed plan must measure this far above the target, twice (the default is about the spread "
                         "of one timing on a loaded CPU)")
-    g.add_argument("--timing-threads", type=positive_int("--timing-threads"), default=None,
-                   help="CPU threads for the re-timing and the students' timing (default: the job's; e.g. 1 to state "
-                        "single-thread speed-ups while training on more)")
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -42,6 +43,25 @@ def round_robin_ms(fns: dict[str, Callable[[], Any]], reps: int, device: torch.d
                 sync()
                 times[k].append(1000 * (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How models are timed against each other: round-robin, the median of ``reps`` runs on ``batch`` x ``seq``
+    tokens, on ``threads`` CPU threads (None: the job's)."""
+
+    reps: int = 20
+    batch: int = 32
+    seq: int = 40
+    threads: int | None = None
+
+    def ms(self, fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
+        """``round_robin_ms`` of ``fns`` with these settings."""
+        return round_robin_ms(fns, self.reps, device, threads=self.threads)
+
+    def threads_used(self) -> int:
+        """The CPU threads these timings run on."""
+        return self.threads or torch.get_num_threads()
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from models.bert import BertForMaskedLM
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from ..evaluation.metrics import UnitEvaluator
-from ..evaluation.speed import round_robin_ms
+from ..evaluation.speed import Timing
 from ..storage.checkpoint import load_checkpoint, load_into
 from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit, run_setup
@@ -379,13 +379,13 @@ def _unit_module(teacher: BertForMaskedLM, b: Built) -> nn.Module:
 
 
 @torch.no_grad()
-def time_units(teacher: BertForMaskedLM, units: list[Built], *, reps: int, batch: int = 32, seq: int = 40
-               ) -> dict[str, Any]:
+def time_units(teacher: BertForMaskedLM, units: list[Built], timing: Timing) -> dict[str, Any]:
     """Latency of the teacher (embeddings + layers, no vocabulary projection), of its embeddings and of each of its
-    layers, and of each unit as the layer(s) it replaces, on one batch x seq input, timed round-robin. For a causal
+    layers, and of each unit as the layer(s) it replaces, on one batch x seq input, timed round-robin (``timing``; its
+    settings are recorded beside the numbers). For a causal
     LM also one decode step: one new token after ``seq`` cached ones (``decode_ms`` for the whole model, its
     vocabulary projection included, ``decode_layer_ms``, ``decode_unit_ms``)."""
-    device = next(teacher.parameters()).device
+    device, batch, seq = next(teacher.parameters()).device, timing.batch, timing.seq
     ids, att = encoder_inputs(teacher, batch=batch, seq=seq, device=device)
     h, ctx = teacher.embed(ids), teacher.context(None, seq)
     fns: dict[str, Callable[[], Any]] = {"encoder": lambda: teacher(ids, att, with_logits=False),
@@ -400,12 +400,12 @@ def time_units(teacher: BertForMaskedLM, units: list[Built], *, reps: int, batch
         h1 = teacher.embed(one)
         fns["decode"] = lambda: teacher.lm_logits(teacher.run_layers(teacher.embed(one), step)[:, -1])
         fns.update({f"decode {k}": (lambda m=m: m(h1, step)) for k, m in mods.items()})
-    ms = round_robin_ms(fns, reps, device)
+    ms = timing.ms(fns, device)
     n = len(teacher.layers)
     out = {"encoder_ms": ms["encoder"], "embeddings_ms": ms["embeddings"],
            "layer_ms": [ms[f"layer {i}"] for i in range(n)],
            "unit_ms": {k: v for k, v in ms.items() if "/" in k and not k.startswith("decode")},
-           "batch": batch, "seq": seq, "reps": reps, "threads": torch.get_num_threads()}
+           "batch": batch, "seq": seq, "reps": timing.reps, "threads": timing.threads_used()}
     if causal:
         out.update(decode_ms=ms["decode"], decode_layer_ms=[ms[f"decode layer {i}"] for i in range(n)],
                    decode_unit_ms={k[len("decode "):]: v for k, v in ms.items() if k.startswith("decode ") and "/" in k},
@@ -451,8 +451,9 @@ REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosi
 
 
 def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_loader, run_dir: Path,
-              latency_reps: int, latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
-    """Train, measure and time every (layer, option) unit; one option's units (all layers) train together."""
+              timing: Timing) -> dict[str, Any]:
+    """Train, measure and time (``timing``) every (layer, option) unit; one option's units (all layers) train
+    together."""
     teacher = ctx.teacher
     n = len(teacher.layers)
     t0 = time.perf_counter()
@@ -479,17 +480,17 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_lo
                      _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")),
                      f"  perplexity x{e['perplexity_ratio']:.4f}" if "perplexity_ratio" in e else "")
         all_units.extend(units.values())
-    timing = time_units(teacher, all_units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
+    timed = time_units(teacher, all_units, timing)
     by_key = {(b.layer, b.option.name): b for b in all_units}
     for e in entries:
-        e.update(unit_savings(teacher, by_key[(e["layer"], e["option"])], timing))
+        e.update(unit_savings(teacher, by_key[(e["layer"], e["option"])], timed))
     return {"teacher": ctx.teacher_name, "teacher_hash": ctx.teacher_hash, "layers": n, "task": teacher.TASK,
             "options": [asdict(o) for o in options], "mapped_layers": layers,
             "teacher_params": teacher.num_parameters(),
             "teacher_kv_bytes_per_token": teacher.config.kv_cache_bytes_per_token(),
             "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "sentences", "teacher_perplexity",
                                                       "predicted_tokens") if k in base},
-            "eval_sentences": base.get("predicted_tokens", base["sentences"]), "timing": timing, "entries": entries,
+            "eval_sentences": base.get("predicted_tokens", base["sentences"]), "timing": timed, "entries": entries,
             "device": str(ctx.device), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -674,9 +675,9 @@ def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
     return smap
 
 
-def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], *, latency_reps: int = 0,
-              latency_batch: int = 32, latency_seq: int = 40) -> dict[str, Any]:
-    """The parameter and KV-cache savings of every (layer, option) of a map and, with ``latency_reps``, its latency
+def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], *, timing: Timing | None = None
+              ) -> dict[str, Any]:
+    """The parameter and KV-cache savings of every (layer, option) of a map and, with ``timing``, its latency
     savings, from untrained units (random weights: the same shapes, sizes and speed as trained ones), without
     training or evaluating anything: what ``budget_problem`` needs to refuse a budget before a map is built, and
     what the planner's re-timing composes. The teacher's layers share one shape, so each option's unit is made and
@@ -690,19 +691,18 @@ def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int]
             units.append(random_unit(teacher, opt, first))
     smap: dict[str, Any] = {"layers": n, "teacher_params": teacher.num_parameters(), "entries": [],
                             "teacher_kv_bytes_per_token": cfg.kv_cache_bytes_per_token(), "device": str(device)}
-    timing = (time_units(teacher, units, reps=latency_reps, batch=latency_batch, seq=latency_seq)
-              if latency_reps else None)
+    timed = time_units(teacher, units, timing) if timing is not None else None
     for b in units:
         for i in (i for i in layers if b.option.applies(i, n)):
             e = {"layer": i, "option": b.option.name, "covers": b.option.covers(i)}
             moved = Built(i, b.option, b.module, b.option.spec(i, cfg), b.note)
             saved = unit_savings(teacher, moved, None)
-            if timing:  # timed at the option's first layer: the same shapes at every layer
-                saved.update({k: v for k, v in unit_savings(teacher, b, timing).items() if k not in saved})
+            if timed:  # timed at the option's first layer: the same shapes at every layer
+                saved.update({k: v for k, v in unit_savings(teacher, b, timed).items() if k not in saved})
             e.update(saved)
             smap["entries"].append(e)
-    if timing:
-        smap["timing"] = timing
+    if timed:
+        smap["timing"] = timed
     return smap
 
 

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from models import BertForMaskedLM
 from models.compress import clone_model
 from ..data.masking import lm_targets
@@ -19,7 +17,7 @@ from ..storage.checkpoint import read_meta
 from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses, kd_temperature
-from ..evaluation.speed import round_robin_ms
+from ..evaluation.speed import Timing
 from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
                           compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
@@ -45,7 +43,14 @@ class MapConfig:
     valid_batches: int = 4  # batches of the per-epoch validation loss (best-checkpoint choice)
     latency_reps: int = 20  # timed round-robin repeats per module (median)
     latency_batch: int = 32
+    # CPU threads of every timing (the map's, a plan's re-timing, a student's); None: the job's. A job may train on
+    # more threads than its speed-ups are stated for
+    latency_threads: int | None = None
     cache_dir: str | None = None  # the teacher feature cache; None: the features are recomputed every batch
+
+    def timing(self, seq: int) -> Timing:
+        """These timing settings on ``seq``-token inputs."""
+        return Timing(self.latency_reps, self.latency_batch, seq, self.latency_threads)
 
 
 @dataclass
@@ -95,7 +100,7 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
     log.info("mapping layers %s x options %s", layers, [o.name for o in options])
     ctx = context(s, cfg, train=train, record=record)
     smap = build_map(ctx, options, layers, eval_loader=ctx.valid_loader, run_dir=out / "units",
-                     latency_reps=cfg.latency_reps, latency_batch=cfg.latency_batch, latency_seq=s.data.seq_len)
+                     timing=cfg.timing(s.data.seq_len))
     smap["args"] = dict(record.get("args") or {"map": dataclasses.asdict(cfg), "train": dataclasses.asdict(train)})
     paths = write_map(smap, out)
     log.info("map written: %s", ", ".join(str(p) for p in paths.values()))
@@ -211,25 +216,23 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
     return None
 
 
-def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, reps: int, batch: int, seq: int,
-              threads: int | None = None) -> dict[str, float]:
+def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, timing: Timing
+              ) -> dict[str, float]:
     """The plan's units (untrained: the same shapes and speed) composed into the teacher and timed against it,
-    round-robin (on ``threads`` CPU threads when given): ``measured_speedup`` and each model's ``*_ms``."""
+    round-robin (``timing``): ``measured_speedup`` and each model's ``*_ms``."""
     student = compose_units(teacher, {i: random_unit(teacher, o, i) for i, o in choices.items()})
-    ms = round_robin_ms({"teacher": speed_fn(teacher, speed, batch=batch, seq=seq),
-                         "student": speed_fn(student, speed, batch=batch, seq=seq)}, reps,
-                        next(teacher.parameters()).device, threads=threads)
+    ms = timing.ms({who: speed_fn(m, speed, batch=timing.batch, seq=timing.seq)
+                    for who, m in (("teacher", teacher), ("student", student))}, next(teacher.parameters()).device)
     return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
 
 
-def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, reps: int, batch: int,
-                 seq: int, rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN, threads: int | None = None
-                 ) -> tuple[Plan, list[dict[str, float]]]:
+def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, timing: Timing,
+                 rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
     (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
     searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by
-    ``margin`` and twice, with the least overshoot; on ``threads`` CPU threads when given. Every round is explained in
-    the plan's lines. Returns (plan, the rounds' measurements)."""
+    ``margin`` and twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan, the
+    rounds' measurements)."""
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
     if target.speedup is None or rounds == 0:
@@ -237,16 +240,16 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
 
     def measure(p: Plan) -> dict[str, float]:
-        return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed, reps=reps,
-                         batch=batch, seq=seq, threads=threads)
+        return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed,
+                         timing=timing)
 
     best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds,
                                    margin=margin)
-    on, mapped = threads or torch.get_num_threads(), smap["timing"].get("threads")
-    best.lines += [f"re-timing ({target.speed}, median of {reps} round-robin runs, CPU threads: {on}):"]
+    on, mapped = timing.threads_used(), smap["timing"].get("threads")
+    best.lines += [f"re-timing ({target.speed}, median of {timing.reps} round-robin runs, CPU threads: {on}):"]
     if mapped is not None and mapped != on:  # a map from before threads were recorded: nothing to compare
         best.lines.append(f"  note: the map was timed on {mapped} CPU thread(s); its per-unit savings may add up "
-                          "differently on these (--timing-threads)")
+                          "differently on these (--latency-threads)")
     best.lines += lines
     return best, rounds_done
 

@@ -1,8 +1,9 @@
-"""round_robin_ms and cpu_threads: timings on the CPU threads asked for, the process's threads given back after."""
+"""round_robin_ms, Timing and cpu_threads: timings on the CPU threads asked for, the process's threads given back
+after."""
 import pytest
 import torch
 
-from utils.evaluation.speed import cpu_threads, round_robin_ms
+from utils.evaluation.speed import Timing, cpu_threads, round_robin_ms
 
 
 def test_round_robin_times_every_callable_on_the_threads_asked_and_gives_them_back():
@@ -26,3 +27,13 @@ def test_cpu_threads_are_given_back_after_an_error_and_left_alone_with_none():
     assert torch.get_num_threads() == before
     with cpu_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_timing_times_with_its_reps_on_its_threads_and_says_which():
+    before = torch.get_num_threads()
+    asked = 2 if before == 1 else 1
+    seen = []
+    timing = Timing(reps=4, batch=1, seq=8, threads=asked)
+    assert set(timing.ms({"a": lambda: seen.append(torch.get_num_threads())}, torch.device("cpu"))) == {"a"}
+    assert seen == [asked] * 6 and timing.threads_used() == asked
+    assert torch.get_num_threads() == before and Timing().threads_used() == before

@@ -220,6 +220,23 @@ def _decoder_map(tiny_llama, tiny_corpus, tmp_path) -> Path:
     return out
 
 
+def test_a_map_times_on_the_threads_asked_and_records_them(tiny_llama):
+    """MapConfig.latency_threads (--latency-threads): the map's timings run on those threads, and say so."""
+    from models import load_teacher
+    from utils.planning.sensitivity import reach_map
+    from utils.planning.students import MapConfig
+
+    teacher, _ = load_teacher(tiny_llama)
+    before = torch.get_num_threads()
+    asked = 2 if before == 1 else 1
+    timing = MapConfig(latency_reps=2, latency_batch=1, latency_threads=asked).timing(8)
+    options = default_options(teacher.config, None, ("ffn",), task="causal")
+    smap = reach_map(teacher, options, [0, 1], timing=timing)
+    assert smap["timing"]["threads"] == asked and smap["timing"]["seq"] == 8 and smap["timing"]["reps"] == 2
+    assert torch.get_num_threads() == before
+    assert "timing" not in reach_map(teacher, options, [0, 1])  # sizes only, nothing timed
+
+
 def test_decoder_map_has_prefill_decode_and_kv_savings(tiny_llama, tiny_corpus, tmp_path):
     smap = json.loads((_decoder_map(tiny_llama, tiny_corpus, tmp_path) / "sensitivity.json").read_text())
     assert smap["task"] == "causal" and {"decode_ms", "decode_layer_ms", "decode_unit_ms"} <= set(smap["timing"])
@@ -454,7 +471,8 @@ def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_l
     (["--target-speedup", "2", "--speed", "fast"], "invalid choice: 'fast'"),
     (["--target-speedup", "2", "--speed-margin", "-0.1"], "--speed-margin must be >= 0"),
     (["--target-speedup", "2", "--retime-rounds", "-1"], "--retime-rounds"),
-    (["--target-speedup", "2", "--timing-threads", "0"], "--timing-threads"),
+    (["--target-speedup", "2", "--latency-threads", "0"], "--latency-threads"),
+    (["--target-speedup", "2", "--timing-threads", "0"], "--latency-threads"),  # the flag's other spelling
 ])
 def test_plan_student_budget_flags_are_checked(tiny_llama, tiny_corpus, tmp_path, capsys, flags, message):
     import plan_student
