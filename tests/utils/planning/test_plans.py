@@ -286,6 +286,19 @@ def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_
         1 for name in done.plan.choices.values() if name != "drop")
 
 
+def _kv_student(tiny_llama, tiny_corpus, mp: Path, out: Path, finetune):
+    """plan_student for half the KV cache from the map ``mp``, its units loaded from the map, ``finetune`` healing."""
+    from utils import api
+
+    return api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
+                                              data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
+                                                                  batch_size=8)),
+                            target_kv_cache=0.5, map=mp,
+                            config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
+                                                 latency_reps=2, latency_batch=1),
+                            finetune=finetune, train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=out)
+
+
 def test_a_planned_student_built_alike_is_loaded_and_one_built_otherwise_is_rebuilt(tiny_llama, tiny_corpus, tmp_path):
     """plan_student run again (a stopped job requeued) loads the student it finished; other settings build anew."""
     from utils import api
@@ -293,14 +306,8 @@ def test_a_planned_student_built_alike_is_loaded_and_one_built_otherwise_is_rebu
     mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
 
     def plan(lr: float):
-        return api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
-                                                  data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
-                                                                      batch_size=8)),
-                                target_kv_cache=0.5, map=mp,
-                                config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
-                                                     latency_reps=2, latency_batch=1),
-                                finetune=api.PlanFinetune(epochs=1, lr=lr, test_sentences=16),
-                                train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=tmp_path / "plan")
+        return _kv_student(tiny_llama, tiny_corpus, mp, tmp_path / "plan",
+                           api.PlanFinetune(epochs=1, lr=lr, test_sentences=16))
 
     def run_id() -> str:
         return read_meta(tmp_path / "plan" / "model" / "best")["run"]["run_id"]
@@ -321,14 +328,8 @@ def test_the_heal_reads_its_own_training_sentences(tiny_llama, tiny_corpus, tmp_
     mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
 
     def plan(sentences: int | None):
-        return api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
-                                                  data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
-                                                                      batch_size=8)),
-                                target_kv_cache=0.5, map=mp,
-                                config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
-                                                     latency_reps=2, latency_batch=1),
-                                finetune=api.PlanFinetune(epochs=1, test_sentences=16, train_sentences=sentences),
-                                train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=tmp_path / "plan")
+        return _kv_student(tiny_llama, tiny_corpus, mp, tmp_path / "plan",
+                           api.PlanFinetune(epochs=1, test_sentences=16, train_sentences=sentences))
 
     def heal() -> tuple[str, str]:
         record = json.loads((tmp_path / "plan" / "model" / "run.json").read_text())
