@@ -136,7 +136,7 @@ class Bench:
     """One bench run: the session, the map, the context that trains units, how every model is timed, the measuring
     helpers."""
 
-    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx, timing: Timing = Timing()):
+    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx, timing: Timing):
         self.args, self.s, self.smap, self.ctx, self.timing = args, s, smap, ctx, timing
         self.teacher = s.teacher
         self.causal = s.teacher.TASK == "causal"

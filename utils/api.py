@@ -851,8 +851,9 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         s = _prepare(session)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
-        plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=config.timing(s.data.seq_len),
-                                    rounds=retime_rounds, margin=speed_margin)
+        timing = config.timing(s.data.seq_len)
+        plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=timing, rounds=retime_rounds,
+                                    margin=speed_margin)
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
         for line in plan.lines:
@@ -870,7 +871,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                                       origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
                                       finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
-                            timing=config.timing(s.data.seq_len), target=target)
+                            timing=timing, target=target)
         res.update(retiming=rounds, **_target_met(res, target))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)

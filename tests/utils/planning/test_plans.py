@@ -115,6 +115,7 @@ def test_the_uniform_student_is_the_cheapest_that_meets_the_target_as_measured(m
     from types import SimpleNamespace
     from dataclasses import asdict
 
+    from utils.evaluation.speed import Timing
     from utils.planning.planner import Target
 
     opts = [Option(f"heads {h}", "block", h, 8, 64) for h in (3, 2, 1)]  # cheapest first
@@ -122,7 +123,7 @@ def test_the_uniform_student_is_the_cheapest_that_meets_the_target_as_measured(m
             "entries": [{"layer": i, "option": o.name, "latency_saved_ms": 2.0 * (4 - o.num_heads),
                          "kl_teacher_student": 0.1 * (4 - o.num_heads)} for i in range(2) for o in opts]}
     b = plans.Bench(SimpleNamespace(cost="kl", retime_rounds=5, speed_margin=0.03),
-                    SimpleNamespace(teacher=SimpleNamespace(TASK="mlm")), smap, None)
+                    SimpleNamespace(teacher=SimpleNamespace(TASK="mlm")), smap, None, Timing())
     measured = {"heads 3": [1.1], "heads 2": [1.3], "heads 1": [2.0]}  # the map says heads 3 saves enough for 1.2x
     timed = []
 
