@@ -3,7 +3,9 @@
 For variants of one recipe (a loss, a ratio, a seed): perplexity, agreement and KL per student, and for each one
 against --reference the paired t-test of per-token NLL (over tokens and over window means), the sign test and
 McNemar's exact test on top-1 agreement with the teacher (``TokenScores.paired``). The windows are those of the
-leading --test-fraction of the test split (window = stride = --seq-len, no BOS), the same for every model.
+leading --test-fraction of the test split (window = stride = --seq-len, no BOS), the same for every model; or of
+its first --test-sentences (a bench's windows); or, with --skip-test-sentences N, of the sentences after the first N,
+to confirm a bench's comparison on test text it has not looked at.
 
     OMP_NUM_THREADS=1 python bench/paired_decoders.py --teacher bench/results/smollm2-135m-instruct \\
         --data-dir bench/results/wikitext2_split --seq-len 256 --test-fraction 0.25 --reference output \\
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-fraction", type=fraction, default=0.25, help="leading fraction of the test split")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="the first N test sentences instead (bench/plans.py's --test-sentences: its windows)")
+    g.add_argument("--skip-test-sentences", type=positive_int("--skip-test-sentences"), default=None, metavar="N",
+                   help="leave out the first N test sentences (those a bench already scored) and compare on the "
+                        "rest, or on the --test-sentences after them: a confirmation on text not yet looked at "
+                        "(--test-fraction is then not used)")
     g.add_argument("--hf-check", action="store_true",
                    help="also export every model (HF format, remote code where needed) and compute its perplexity "
                         "with plain transformers on the same windows")
@@ -68,7 +74,10 @@ def _hf_perplexity(model, tokenizer, windows: list[list[int]], folder: Path, *, 
 
 def markdown(res: dict) -> str:
     ref = res["reference"]
-    lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}); reference: {ref}", "",
+    skipped = res.get("skipped_test_sentences")
+    after = f", after the first {skipped:,} test sentences" if skipped else ""
+    lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}{after}); reference: "
+             f"{ref}", "",
              "| model | perplexity | agreement | KL(t‖s) | NLL − ref | t tokens (p) | t windows (p) | sign: lower / "
              "higher | agreement only model / only ref (p) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["rows"].items():
@@ -97,8 +106,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     s = _session.start(session_config(args))
     students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
                 for name, d in named.items()}
-    if args.test_sentences:
-        test = s.first_sentences("test", args.test_sentences)
+    if args.test_sentences or args.skip_test_sentences:
+        test = s.first_sentences("test", args.test_sentences, skip=args.skip_test_sentences or 0)
     else:
         test = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction)).sentences("test")
     loader, _ = s.loader(test, shuffle=False)
@@ -107,7 +116,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
                      "kl": sc.mean(sc.kl[n])} for n in students})
     res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
-           "test_fraction": None if args.test_sentences else args.test_fraction, "test_sentences": args.test_sentences,
+           "test_fraction": None if args.test_sentences or args.skip_test_sentences else args.test_fraction,
+           "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,
            "tokens": len(sc.teacher_nll), "windows": len(set(sc.window)),
            "rows": rows, "tests": {n: sc.paired(n, args.reference) for n in students if n != args.reference}}
     out = Path(args.out)

@@ -56,10 +56,13 @@ class Session:
                      len(ds), ds.truncated, d.seq_len, ds.skipped)
         return ds
 
-    def first_sentences(self, split: str, limit: int | None) -> TokenizedSentences | TokenWindows:
-        """The first ``limit`` sentences of a split (all with None), as the teacher's task reads them (sentences with
-        their evaluation masks, or the token windows of those sentences)."""
+    def first_sentences(self, split: str, limit: int | None, skip: int = 0) -> TokenizedSentences | TokenWindows:
+        """The first ``limit`` sentences of a split (all with None) after its first ``skip``, as the teacher's task
+        reads them (sentences with their evaluation masks, or the token windows of those sentences)."""
         sents = load_sentences(self.data, split)
+        if skip and skip >= len(sents):
+            raise DataError(f"the {split} split has {len(sents)} sentences; cannot skip the first {skip}")
+        sents = sents[skip:]
         if limit:
             sents = sents[:limit]
         return tokenize_split(sents, self.tokenizer, self.data.seq_len, task=self.teacher.TASK, mask_seed=self.data.seed)

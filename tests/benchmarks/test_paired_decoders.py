@@ -50,3 +50,32 @@ def test_a_reference_that_is_not_a_model_is_refused(tiny_llama, tiny_corpus, tmp
         run_main(lambda a: paired_decoders.main(a, parser), parser, argv)
     assert e.value.code == 2
     assert "--reference 'b' is not one of the --models names ['a']" in capsys.readouterr().err
+
+
+def test_a_confirmation_skips_the_sentences_a_bench_scored(tiny_llama, tiny_corpus, tmp_path, capsys):
+    from bench import paired_decoders
+
+    teacher, _ = load_teacher(str(tiny_llama))
+    save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half",
+               {"teacher": str(tiny_llama), "teacher_hash": weights_hash(teacher)})
+    parser = paired_decoders.build_parser()
+
+    def run(out: str, *extra: str) -> int:
+        argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--seq-len", "16", "--models",
+                f"half={tmp_path / 'half'}", "--reference", "half", "--out", str(tmp_path / out), *extra]
+        return run_main(lambda a: paired_decoders.main(a, parser), parser, argv)
+
+    def scored(out: str) -> dict:
+        return json.loads((tmp_path / out / "paired.json").read_text())
+
+    assert run("first", "--test-sentences", "40") == 0 and run("rest", "--skip-test-sentences", "40") == 0
+    assert run("all", "--test-fraction", "1") == 0
+    first, rest, whole = scored("first"), scored("rest"), scored("all")
+    assert rest["skipped_test_sentences"] == 40 and rest["test_fraction"] is None
+    # the 24 sentences after the first 40 (of 64): fewer tokens than the first 40, and other tokens than all 64
+    assert 0 < rest["tokens"] < first["tokens"] < whole["tokens"]
+    assert rest["rows"]["half"]["perplexity"] != whole["rows"]["half"]["perplexity"]
+    assert "after the first 40 test sentences" in (tmp_path / "rest" / "paired.md").read_text()
+    capsys.readouterr()
+    assert run("none", "--skip-test-sentences", "64") == 1  # nothing left to score: a one-line error
+    assert "the test split has 64 sentences; cannot skip the first 64" in capsys.readouterr().err
