@@ -79,7 +79,7 @@ def markdown(res: dict) -> str:
     lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}{after}); reference: "
              f"{ref}", "",
              "| model | perplexity | agreement | KL(t‖s) | NLL − ref | t tokens (p) | t windows (p) | sign: lower / "
-             "higher | agreement only model / only ref (p) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "higher (p) | agreement only model / only ref (p) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["rows"].items():
         cells = [name, f"{row['perplexity']:.3f}", f"{row['agreement']:.4f}", f"{row['kl']:.4f}"]
         t = res["tests"].get(name)
@@ -88,7 +88,7 @@ def markdown(res: dict) -> str:
         else:
             tt, tw, sg, mc = t["nll_t_tokens"], t["nll_t_windows"], t["nll_sign"], t["agreement_mcnemar"]
             cells += [f"{tt['mean_diff']:+.4f}", f"{tt['t']:+.2f} ({_p(tt['p'])})", f"{tw['t']:+.2f} ({_p(tw['p'])})",
-                      f"{sg['a_lower']:,} / {sg['a_higher']:,}",
+                      f"{sg['a_lower']:,} / {sg['a_higher']:,} ({_p(sg['p'])})",
                       f"{mc['only_a']:,} / {mc['only_b']:,} ({_p(mc['p'])})"]
         lines.append("| " + " | ".join(cells) + " |")
     if "transformers" in res:

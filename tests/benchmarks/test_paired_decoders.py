@@ -33,7 +33,8 @@ def test_students_are_compared_token_by_token(tiny_llama, tiny_corpus, tmp_path,
     assert t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n
     assert t["agreement_mcnemar"]["only_b"] == n - round(res["rows"]["half"]["agreement"] * n)
     assert t["agreement_mcnemar"]["only_a"] == 0 and 0 <= t["nll_t_tokens"]["p"] <= 1
-    assert "| half |" in capsys.readouterr().out
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| half |"))
+    assert row.count("(") == 4  # a p-value for each test: t over tokens, t over windows, sign, McNemar
     # plain transformers on the exported models (both keep one layer shape: plain LlamaForCausalLM), same windows
     hf = res["transformers"]
     assert all(h["export"].startswith("LlamaForCausalLM") for h in hf.values())
