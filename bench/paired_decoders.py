@@ -106,7 +106,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     s = _session.start(session_config(args))
     students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
                 for name, d in named.items()}
-    if args.test_sentences or args.skip_test_sentences:
+    by_sentences = bool(args.test_sentences or args.skip_test_sentences)  # else the leading --test-fraction
+    if by_sentences:
         test = s.first_sentences("test", args.test_sentences, skip=args.skip_test_sentences or 0)
     else:
         test = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction)).sentences("test")
@@ -116,7 +117,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
                      "kl": sc.mean(sc.kl[n])} for n in students})
     res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
-           "test_fraction": None if args.test_sentences or args.skip_test_sentences else args.test_fraction,
+           "test_fraction": None if by_sentences else args.test_fraction,
            "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,
            "tokens": len(sc.teacher_nll), "windows": len(set(sc.window)),
            "rows": rows, "tests": {n: sc.paired(n, args.reference) for n in students if n != args.reference}}
