@@ -1,8 +1,9 @@
 """Saved decoder students side by side on the same test tokens, each against a reference student by paired tests.
 
-For variants of one recipe (a loss, a ratio, a seed): perplexity, agreement and KL per student, and for each one
-against --reference the paired t-test of per-token NLL (over tokens and over window means), the sign test and
-McNemar's exact test on top-1 agreement with the teacher (``TokenScores.paired``). The windows are those of the
+For variants of one recipe (a loss, a ratio, a seed): perplexity, agreement, KL and overconfidence (mean NLL minus
+mean predictive entropy: a student flatter than an overconfident teacher can beat its perplexity while agreeing with
+it less) per model, and for each student against --reference the paired t-test of per-token NLL (over tokens and
+over window means), the sign test and McNemar's exact test on top-1 agreement with the teacher (``TokenScores.paired``). The windows are those of the
 leading --test-fraction of the test split (window = stride = --seq-len, no BOS), the same for every model; or of
 its first --test-sentences (a bench's windows); or, with --skip-test-sentences N, of the sentences after the first N,
 to confirm a bench's comparison on test text it has not looked at.
@@ -78,10 +79,12 @@ def markdown(res: dict) -> str:
     after = f", after the first {skipped:,} test sentences" if skipped else ""
     lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}{after}); reference: "
              f"{ref}", "",
-             "| model | perplexity | agreement | KL(t‖s) | NLL − ref | t tokens (p) | t windows (p) | sign: lower / "
-             "higher (p) | agreement only model / only ref (p) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | perplexity | agreement | KL(t‖s) | NLL − entropy | NLL − ref | t tokens (p) | t windows (p) | "
+             "sign: lower / higher (p) | agreement only model / only ref (p) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["rows"].items():
-        cells = [name, f"{row['perplexity']:.3f}", f"{row['agreement']:.4f}", f"{row['kl']:.4f}"]
+        cells = [name, f"{row['perplexity']:.3f}", f"{row['agreement']:.4f}", f"{row['kl']:.4f}",
+                 f"{row['overconfidence']:+.4f}"]
         t = res["tests"].get(name)
         if t is None:
             cells += ["", "", "", "", ""]
@@ -113,9 +116,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         test = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction)).sentences("test")
     loader, _ = s.loader(test, shuffle=False)
     sc = token_scores(s.teacher, students, loader, device=s.device)
-    rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0}}
+    rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0,
+                        "entropy": sc.mean(sc.teacher_entropy),
+                        "overconfidence": sc.mean(sc.teacher_nll) - sc.mean(sc.teacher_entropy)}}
     rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
-                     "kl": sc.mean(sc.kl[n])} for n in students})
+                     "kl": sc.mean(sc.kl[n]), "entropy": sc.mean(sc.entropy[n]),
+                     "overconfidence": sc.mean(sc.nll[n]) - sc.mean(sc.entropy[n])} for n in students})
     res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
            "test_fraction": None if by_sentences else args.test_fraction,
            "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,

@@ -29,12 +29,15 @@ def test_students_are_compared_token_by_token(tiny_llama, tiny_corpus, tmp_path,
     # the teacher's own copy: its perplexity, full agreement; the half model is tested against it on every token
     assert res["rows"]["same"]["perplexity"] == res["rows"]["teacher"]["perplexity"]
     assert res["rows"]["same"]["agreement"] == 1.0 and set(res["tests"]) == {"half"}
+    assert res["rows"]["same"]["overconfidence"] == res["rows"]["teacher"]["overconfidence"]
+    assert res["rows"]["half"]["entropy"] > 0
     t = res["tests"]["half"]
     assert t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n
     assert t["agreement_mcnemar"]["only_b"] == n - round(res["rows"]["half"]["agreement"] * n)
     assert t["agreement_mcnemar"]["only_a"] == 0 and 0 <= t["nll_t_tokens"]["p"] <= 1
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| half |"))
     assert row.count("(") == 4  # a p-value for each test: t over tokens, t over windows, sign, McNemar
+    assert f"{res['rows']['half']['overconfidence']:+.4f}" in row.split("|")[5]  # NLL − entropy, after KL
     # plain transformers on the exported models (both keep one layer shape: plain LlamaForCausalLM), same windows
     hf = res["transformers"]
     assert all(h["export"].startswith("LlamaForCausalLM") for h in hf.values())

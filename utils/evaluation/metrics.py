@@ -427,13 +427,17 @@ class UnitEvaluator:
 class TokenScores:
     """Per predicted next token of a causal LM's windows (one entry per token, in loader order): the teacher's NLL,
     and for each student its NLL, whether its top-1 equals the teacher's, and KL(teacher || student); ``window``:
-    the dataset index of the window each token is in (for tests over windows instead of tokens)."""
+    the dataset index of the window each token is in (for tests over windows instead of tokens). ``entropy`` (and
+    ``teacher_entropy``): each prediction's entropy in nats; a model's mean NLL minus its mean entropy is how
+    overconfident it is on this text (a student flatter than an overconfident teacher can score a lower NLL)."""
 
     window: list[int]
     teacher_nll: list[float]
     nll: dict[str, list[float]]
     agree: dict[str, list[bool]]
     kl: dict[str, list[float]]
+    teacher_entropy: list[float] = field(default_factory=list)
+    entropy: dict[str, list[float]] = field(default_factory=dict)
 
     def mean(self, values: list[float]) -> float:
         return math.fsum(values) / max(len(values), 1)
@@ -469,7 +473,8 @@ def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], l
     sums are those of ``compare_models``). For paired tests over tokens; one process (no reduction over ranks)."""
     if teacher.TASK != "causal":
         raise TeacherError("token_scores compares next-token predictions: it needs a causal-LM teacher")
-    res = TokenScores([], [], {k: [] for k in students}, {k: [] for k in students}, {k: [] for k in students})
+    res = TokenScores([], [], {k: [] for k in students}, {k: [] for k in students}, {k: [] for k in students},
+                      [], {k: [] for k in students})
     for model in (teacher, *students.values()):
         model.eval()
     for batch in itertools.islice(loader, max_batches):
@@ -482,13 +487,20 @@ def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], l
 
         t_lp = log_probs(teacher)
         res.teacher_nll += (-t_lp.gather(1, target[:, None])[:, 0]).tolist()
+        res.teacher_entropy += _entropy(t_lp)
         t_top = t_lp.argmax(-1)
         for name, student in students.items():
             s_lp = log_probs(student)
             res.nll[name] += (-s_lp.gather(1, target[:, None])[:, 0]).tolist()
             res.agree[name] += (s_lp.argmax(-1) == t_top).tolist()
             res.kl[name] += F.kl_div(s_lp, t_lp, log_target=True, reduction="none").sum(-1).tolist()
+            res.entropy[name] += _entropy(s_lp)
     return res
+
+
+def _entropy(log_probs: torch.Tensor) -> list[float]:
+    """The entropy (nats) of each row's distribution, given its log-probabilities (a zero probability adds 0)."""
+    return torch.special.entr(log_probs.exp()).sum(-1).tolist()
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """The comparison's metrics: counts summed over batches and divided once, each metric checked by hand."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -119,3 +121,26 @@ def test_token_scores_sum_to_the_comparison(tiny_llama, tiny_corpus):
     assert sc.nll["same"] == sc.teacher_nll
     assert len(sc.per_window(sc.nll["s"])) == len(ds)  # one mean per window, windows in loader order
     assert sorted(set(sc.window)) == list(range(len(ds)))
+    # entropies: one per token, the teacher's copy has the teacher's, all between 0 and log(vocabulary)
+    assert sc.entropy["same"] == sc.teacher_entropy and len(sc.entropy["s"]) == len(sc.nll["s"])
+    log_v = math.log(teacher.config.vocab_size)
+    assert all(0 <= e <= log_v + 1e-5 for e in sc.teacher_entropy + sc.entropy["s"])
+
+
+def test_a_flat_student_has_the_entropy_of_the_uniform_distribution(tiny_llama, tiny_corpus):
+    """Zero logits: every prediction uniform over the vocabulary, so entropy and NLL are both log(vocabulary) and
+    the student is exactly as confident as it is right (NLL - entropy = 0)."""
+    from models.compress import clone_model
+    from utils.data.batches import TokenWindows
+    from utils.evaluation.metrics import token_scores
+
+    teacher, tok = load_teacher(tiny_llama)
+    flat = clone_model(teacher)
+    flat.model.norm.weight.data.zero_()  # the last hidden state is zero, so are the logits
+    ds = TokenWindows(load_sentences(DataConfig(data_dir=str(tiny_corpus)), "test"), tok, 16)
+    loader, _ = make_loader(ds, tok, 5, shuffle=False)
+    sc = token_scores(teacher, {"flat": flat}, loader, device=torch.device("cpu"))
+    log_v = math.log(teacher.config.vocab_size)
+    assert sc.mean(sc.entropy["flat"]) == pytest.approx(log_v, rel=1e-5)
+    assert sc.mean(sc.nll["flat"]) == pytest.approx(log_v, rel=1e-5)
+    assert max(sc.teacher_entropy) < log_v - 1e-4  # a random teacher is nearly flat, not exactly
