@@ -3,10 +3,11 @@
 For variants of one recipe (a loss, a ratio, a seed): perplexity, agreement, KL and overconfidence (mean NLL minus
 mean predictive entropy: a student flatter than an overconfident teacher can beat its perplexity while agreeing with
 it less) per model, and for each student against --reference the paired t-test of per-token NLL (over tokens and
-over window means), the sign test and McNemar's exact test on top-1 agreement with the teacher (``TokenScores.paired``). The windows are those of the
-leading --test-fraction of the test split (window = stride = --seq-len, no BOS), the same for every model; or of
-its first --test-sentences (a bench's windows); or, with --skip-test-sentences N, of the sentences after the first N,
-to confirm a bench's comparison on test text it has not looked at.
+over window means), the sign test and McNemar's exact test on top-1 agreement with the teacher
+(``TokenScores.paired``). The windows are those of the leading --test-fraction of the test split (window = stride =
+--seq-len, no BOS), the same for every model; or of its first --test-sentences (a bench's windows); or, with
+--skip-test-sentences N, of the sentences after the first N, to confirm a bench's comparison on test text it has not
+looked at.
 
     OMP_NUM_THREADS=1 python bench/paired_decoders.py --teacher bench/results/smollm2-135m-instruct \\
         --data-dir bench/results/wikitext2_split --seq-len 256 --test-fraction 0.25 --reference output \\
