@@ -118,11 +118,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     loader, _ = s.loader(test, shuffle=False)
     sc = token_scores(s.teacher, students, loader, device=s.device)
     rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0,
-                        "entropy": sc.mean(sc.teacher_entropy),
-                        "overconfidence": sc.mean(sc.teacher_nll) - sc.mean(sc.teacher_entropy)}}
+                        "entropy": sc.mean(sc.teacher_entropy), "overconfidence": sc.overconfidence()}}
     rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
                      "kl": sc.mean(sc.kl[n]), "entropy": sc.mean(sc.entropy[n]),
-                     "overconfidence": sc.mean(sc.nll[n]) - sc.mean(sc.entropy[n])} for n in students})
+                     "overconfidence": sc.overconfidence(n)} for n in students})
     res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
            "test_fraction": None if by_sentences else args.test_fraction,
            "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,

@@ -445,6 +445,11 @@ class TokenScores:
     def perplexity(self, who: str = "teacher") -> float:
         return math.exp(self.mean(self.teacher_nll if who == "teacher" else self.nll[who]))
 
+    def overconfidence(self, who: str = "teacher") -> float:
+        """Mean NLL minus mean predictive entropy (nats per token): above 0, surer than it is right."""
+        nll, ent = (self.teacher_nll, self.teacher_entropy) if who == "teacher" else (self.nll[who], self.entropy[who])
+        return self.mean(nll) - self.mean(ent)
+
     def per_window(self, values: list[float]) -> list[float]:
         """The mean of ``values`` over each window's tokens, window by window."""
         sums: dict[int, list[float]] = {}
