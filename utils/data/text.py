@@ -1,7 +1,8 @@
-"""Text in: WikiText-2 from the Hugging Face Hub or local files, cut into sentences and splits; what a run reads
-(``DataConfig``)."""
+"""Text in: WikiText-2 from the Hugging Face Hub or local files, cut into sentences and splits; text sources read as
+whole documents in order (``read_documents``); what a run reads (``DataConfig``)."""
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -53,6 +54,73 @@ def read_text_file(path: Path, min_words: int = 3) -> list[str]:
             "are dropped)"
         )
     return sentences
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a text source, kept whole and in order: an article, a source file, a page of prose."""
+
+    name: str  # where it came from: the file (relative to the source folder), with "#k" for the k-th of a file
+    text: str
+
+
+# what a folder's files are read as text; anything else in a folder (binaries, images) is skipped
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".text")
+_TITLE = re.compile(r"^ = [^=].* = $")  # a WikiText article title (sections are " = = ... = = ")
+
+
+def _file_text(path: Path) -> str:
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if text.count("\ufffd") > raw.decode("utf-8", errors="ignore").count("\ufffd"):
+        log.warning("%s: bytes that were not valid UTF-8 were replaced by U+FFFD", path)
+    return text
+
+
+def _file_documents(path: Path, name: str) -> list[Document]:
+    """A file's documents: a .jsonl file one per line (its "text" field); a WikiText file one per article (a new one at
+    each " = Title = " line); any other file one."""
+    text = _file_text(path)
+    if path.suffix == ".jsonl":
+        docs = []
+        for k, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"'{path}' line {k + 1} is not JSON: {e.msg}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise DataError(f"'{path}' line {k + 1}: expected an object with a string field \"text\"")
+            docs.append(Document(f"{name}#{len(docs)}", rec["text"]))
+        return docs
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if _TITLE.match(line.rstrip("\n"))]
+    if not starts:
+        return [Document(name, text)]
+    bounds = ([0] if starts[0] else []) + starts + [len(lines)]
+    return [Document(f"{name}#{k}", "".join(lines[a:b])) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def read_documents(path: str | Path, *, suffixes: Sequence[str] = TEXT_SUFFIXES) -> list[Document]:
+    """A text source as documents in order, nothing shuffled or dropped but empty documents.
+
+    A folder: its files with one of ``suffixes`` (recursively, sorted by path), each read as a file. A file: one
+    document, or one per line of a .jsonl file ({"text": ...}), or one per article of a WikiText file (" = Title = "
+    lines start articles). Non-UTF-8 bytes are replaced and reported; no text at all -> DataError naming the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
+        docs = [d for f in files for d in _file_documents(f, str(f.relative_to(path)))]
+    elif path.is_file():
+        docs = _file_documents(path, path.name)
+    else:
+        raise DataError(f"text source '{path}' is neither a file nor a folder")
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DataError(f"text source '{path}' holds no text (a folder is read for {', '.join(suffixes)} files)")
+    return docs
 
 
 def split_by_ratio(sentences: list[str], ratios: Sequence[float], seed: int) -> dict[str, list[str]]:

@@ -115,3 +115,38 @@ def test_collator_without_eval_mask(tmp_path):
     batch = Collator(tok.pad_token_id)([{"index": 0, "input_ids": [2, 7, 3]}, {"index": 1, "input_ids": [2, 3]}])
     assert batch["input_ids"].tolist() == [[2, 7, 3], [2, 3, tok.pad_token_id]]
     assert "masked_input_ids" not in batch
+
+
+def test_read_documents_keeps_files_articles_and_jsonl_lines_whole_and_in_order(tmp_path):
+    from utils.data.text import read_documents
+
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    (src / "a.py").write_text("def f():\n    return 1\n")
+    (src / "b" / "c.md").write_text("# Title\n\nSome prose.\n")
+    (src / "skip.bin").write_bytes(b"\x00\x01")
+    (src / "empty.txt").write_text("  \n")
+    docs = read_documents(src)
+    assert [d.name for d in docs] == ["a.py", "b/c.md"]
+    assert docs[0].text == "def f():\n    return 1\n"  # short lines and indentation are kept
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(" = One = \n first .\n = = Part = = \n more .\n = Two = \n second .\n")
+    assert [d.text for d in read_documents(wiki)] == [" = One = \n first .\n = = Part = = \n more .\n",
+                                                        " = Two = \n second .\n"]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"text": "hi"}\n\n{"text": "there"}\n')
+    assert [(d.name, d.text) for d in read_documents(chat)] == [("chat.jsonl#0", "hi"), ("chat.jsonl#1", "there")]
+
+
+def test_read_documents_refuses_what_holds_no_text(tmp_path):
+    from utils.data.text import DataError, read_documents
+
+    with pytest.raises(DataError, match="neither a file nor a folder"):
+        read_documents(tmp_path / "missing")
+    (tmp_path / "x.bin").write_bytes(b"\x00")
+    with pytest.raises(DataError, match="holds no text"):
+        read_documents(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 3}\n')
+    with pytest.raises(DataError, match="line 1"):
+        read_documents(bad)
