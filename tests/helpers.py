@@ -132,21 +132,22 @@ def write_lm_eval_tasks(folder: Path) -> Path:
     for name, rows in data.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
+
+    def metrics(*rows: tuple[str, str, str]) -> str:
+        return "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: {agg}\n    higher_is_better: {better}\n"
+                                          for m, agg, better in rows)
+
+    ppl = [(m, "weighted_perplexity", "false") for m in ("word_perplexity", "byte_perplexity")]
     tasks = {
         "tiny_text": ("text", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                              "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: {a}\n    higher_is_better: false\n"
-                                                for m, a in (("word_perplexity", "weighted_perplexity"),
-                                                             ("byte_perplexity", "weighted_perplexity"),
-                                                             ("bits_per_byte", "bits_per_byte")))),
+                      + metrics(*ppl, ("bits_per_byte", "bits_per_byte", "false"))),
         "tiny_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-                          "doc_to_target: label\nmetric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: mean\n"
-                                                                 "    higher_is_better: true\n"
-                                                                 for m in ("acc", "acc_norm"))),
+                    "doc_to_target: label\n" + metrics(("acc", "mean", "true"), ("acc_norm", "mean", "true"))),
         "tiny_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-                            "generation_kwargs:\n  until: [\".\"]\n  max_gen_toks: 6\n  do_sample: false\n"
-                            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"),
+                     'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 6\n  do_sample: false\n'
+                     + metrics(("exact_match", "mean", "true"))),
         "tiny_missing": ("missing", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
-                                    'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'),
+                         'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n' + metrics(("acc", "mean", "true"))),
     }
     for task, (data_name, body) in tasks.items():
         head = f"task: {task}\n" + common.format(file=folder / f"{data_name}.jsonl")
