@@ -3,6 +3,7 @@ tests write; nothing from the Hub), and the one-line refusals (a masked-LM teach
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -85,3 +86,12 @@ def test_an_unknown_task_is_refused_in_one_line_naming_it(tiny_llama, tiny_corpu
 def test_lm_eval_options_without_tasks_are_refused(tiny_llama, tiny_corpus, tmp_path, capsys):
     _refused(_argv(tiny_llama, tiny_corpus, tmp_path / "no_model", tmp_path / "ev") + ["--lm-eval-limit", "3"],
              capsys, 2, "--lm-eval-limit need --lm-eval TASKS")
+
+
+def test_without_lm_eval_one_line_says_how_to_install_it(tiny_llama, tiny_corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    code, err = in_process("eval_merged_12", _argv(tiny_llama, tiny_corpus, tmp_path / "no_model", tmp_path / "ev")
+                           + ["--lm-eval", "piqa"], capsys)
+    assert code == 1 and "Traceback" not in err and last_line(err).startswith("error: lm-evaluation-harness is not "
+                                                                               "installed"), err[-3000:]
+    assert last_line(err).endswith("pip install lm-eval")

@@ -115,7 +115,7 @@ def load_tasks(config: HarnessConfig) -> Tasks:
 def _random_state_kept() -> Iterator[None]:
     """lm-eval seeds Python's, NumPy's and torch's global generators: put them back as they were afterwards."""
     py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # the CPU's and every visible GPU's
         try:
             yield
         finally:
