@@ -116,6 +116,45 @@ def write_corpus(folder: Path, n_train: int = 192, n_valid: int = 48, n_test: in
     return folder
 
 
+def write_lm_eval_tasks(folder: Path) -> Path:
+    """lm-eval YAML tasks over local JSON files (nothing from the Hub): ``tiny_text`` (loglikelihood_rolling: word
+    and byte perplexity, bits per byte), ``tiny_mc`` (multiple choice: acc, acc_norm), ``tiny_gen`` (generate_until:
+    exact match), ``tiny_missing`` (its data file does not exist)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sentences = make_sentences(40, seed=11)
+    data = {
+        "text": [{"text": " ".join(sentences[i:i + 8])} for i in range(0, 40, 8)],
+        "mc": [{"question": " ".join(s.split()[:3]), "choices": [" ".join(s.split()[3:]), " ".join(o.split()[3:])],
+                "label": 0} for s, o in zip(sentences, reversed(sentences))][:12],
+        "gen": [{"prompt": " ".join(s.split()[:3 + i % 3]), "answer": " ".join(s.split()[3 + i % 3:])}
+                for i, s in enumerate(sentences[:6])],  # prompts of 3 to 5 words: a batch of them is padded
+    }
+    for name, rows in data.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
+
+    def metrics(*rows: tuple[str, str, str]) -> str:
+        return "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: {agg}\n    higher_is_better: {better}\n"
+                                          for m, agg, better in rows)
+
+    ppl = [(m, "weighted_perplexity", "false") for m in ("word_perplexity", "byte_perplexity")]
+    tasks = {
+        "tiny_text": ("text", 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                      + metrics(*ppl, ("bits_per_byte", "bits_per_byte", "false"))),
+        "tiny_mc": ("mc", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                    "doc_to_target: label\n" + metrics(("acc", "mean", "true"), ("acc_norm", "mean", "true"))),
+        "tiny_gen": ("gen", 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+                     'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 6\n  do_sample: false\n'
+                     + metrics(("exact_match", "mean", "true"))),
+        "tiny_missing": ("missing", 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+                         'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n' + metrics(("acc", "mean", "true"))),
+    }
+    for task, (data_name, body) in tasks.items():
+        head = f"task: {task}\n" + common.format(file=folder / f"{data_name}.jsonl")
+        (folder / f"{task}.yaml").write_text(head + body)
+    return folder
+
+
 def installed_model(package_dir: str) -> Path | None:
     p = Path(sysconfig.get_paths()["purelib"]) / package_dir
     return p if (p / "config.json").is_file() else None

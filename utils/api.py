@@ -33,6 +33,8 @@ from . import session as _session
 from .data.masking import OneMasker, lm_targets
 from .data.text import DataConfig
 from .errors import SettingError
+from .evaluation.harness import (HarnessComparison, HarnessConfig, Tasks, compare as compare_lm_eval, load_tasks,
+                                 need_causal_lm)
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
 from .evaluation.speed import Timing, decoder_costs
@@ -53,7 +55,7 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 
 __all__ = [
     "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
-    "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
+    "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "HarnessConfig", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model",
 ]
@@ -107,6 +109,7 @@ class Evaluation:
     notes: list[str]
     out: Path
     model: BertForMaskedLM
+    lm_eval: HarnessComparison | None = None  # lm-eval's tasks on teacher and student, when asked for
 
 
 @dataclass
@@ -757,20 +760,26 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
 
 def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
              evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
-             extra: dict[str, Any] | None = None) -> Evaluation:
+             extra: dict[str, Any] | None = None, lm_eval: HarnessConfig | None = None) -> Evaluation:
     """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` and write
     results.json and predictions.tsv to ``out`` (checked first).
 
     ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
-    pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json."""
+    pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json.
+    ``lm_eval``: also run these lm-evaluation-harness tasks on a decoder teacher and the model (checked before the
+    teacher loads), side by side in results.json (``lm_eval``) and ``Evaluation.lm_eval``."""
     check_output_dir(out)  # before any work: results that cannot be written are lost
     if evaluation.judge:
         _need_masked_lm(_teacher_plan(session), "`judge` ranks the predictions of masked tokens")
+    tasks = None
+    if lm_eval is not None:
+        need_causal_lm(_teacher_plan(session))
+        tasks = load_tasks(lm_eval)
     s = _prepare(session, judge=evaluation.judge)
     found: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         model, found = _student_from(s, Path(model), force=force)
-    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})})
+    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})}, lm_eval=tasks)
 
 
 def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
@@ -787,7 +796,7 @@ def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMasked
 
 
 def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
-              extra: dict[str, Any]) -> Evaluation:
+              extra: dict[str, Any], lm_eval: Tasks | None = None) -> Evaluation:
     """The one comparison of a student with the session's teacher, and its report (rank 0) in ``out``."""
     judge = judge_tok = None
     if evaluation.judge:
@@ -800,11 +809,15 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
     if s.teacher.TASK == "causal":  # a decoder's cost is also its KV cache and its prefill / decode speed
         res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
         extra = {"windows": ds.describe(), **extra}
+    compared = None
+    if lm_eval is not None and runtime.is_main_process():
+        compared = compare_lm_eval(s.teacher, student, s.tokenizer, tasks=lm_eval)
+        extra = {**extra, "lm_eval": compared.to_json()}
     if runtime.is_main_process():
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
                                 "mask_seed": s.data.seed, "device": str(s.device), **extra})
-    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student)
+    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, compared)
 
 
 # ---- the sensitivity map and the planner ----

@@ -8,6 +8,8 @@ from typing import Any
 
 from models import LayerSpec
 from ..data.text import DataConfig
+from ..errors import SettingError
+from ..evaluation.harness import HarnessConfig
 from ..evaluation.metrics import EvalConfig
 from ..planning.students import MapConfig, PlanFinetune
 from ..session import SessionConfig
@@ -76,6 +78,16 @@ def export_config(args: argparse.Namespace) -> ExportConfig:
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(split=args.split, judge=args.judge, max_batches=args.max_batches)
+
+
+def lm_eval_config(args: argparse.Namespace) -> HarnessConfig | None:
+    """--lm-eval and its options (``add_lm_eval_args``); None without --lm-eval."""
+    if args.lm_eval is None:
+        if args.lm_eval_include is not None or args.lm_eval_limit is not None:
+            raise SettingError("--lm-eval-include and --lm-eval-limit need --lm-eval TASKS (the tasks to run)")
+        return None
+    return HarnessConfig(tasks=args.lm_eval, task_dir=args.lm_eval_include, limit=args.lm_eval_limit,
+                         batch_size=args.lm_eval_batch_size)
 
 
 def map_config(args: argparse.Namespace) -> MapConfig:

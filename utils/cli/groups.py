@@ -7,7 +7,7 @@ import argparse
 from ..planning.planner import RETIME_ROUNDS, SPEED_MARGIN
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
-from .types import int_list, non_negative_float, non_negative_int, option_kinds, positive_float, positive_int
+from .types import int_list, name_list, non_negative_float, non_negative_int, option_kinds, positive_float, positive_int
 
 
 def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None:
@@ -102,3 +102,19 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="evaluate on the first N test sentences (budget; default all)")
+
+
+def add_lm_eval_args(p: argparse.ArgumentParser) -> None:
+    """--lm-eval TASKS and its options: a ``HarnessConfig`` (lm-evaluation-harness on teacher and student)."""
+    g = p.add_argument_group("lm-evaluation-harness (decoders; pip install lm-eval)")
+    g.add_argument("--lm-eval", type=name_list, default=None, metavar="TASKS",
+                   help="also run these lm-eval tasks on teacher and student, side by side (e.g. piqa,hellaswag,"
+                        "arc_easy,arc_challenge,winogrande: data from the Hugging Face Hub), or tasks of YAML files in "
+                        "--lm-eval-include")
+    g.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="a folder of lm-eval YAML task files (local data: dataset_path: json, dataset_kwargs: "
+                        "{data_files: ...})")
+    g.add_argument("--lm-eval-limit", type=positive_int("--lm-eval-limit"), default=None, metavar="N",
+                   help="at most N documents per task (None: all)")
+    g.add_argument("--lm-eval-batch-size", type=positive_int("--lm-eval-batch-size"), default=1, metavar="B",
+                   help="lm-eval's batch size")

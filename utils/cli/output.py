@@ -22,6 +22,8 @@ def print_evaluation(ev: Evaluation) -> None:
         return
     print(ev.model.config.describe())
     print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes)))
+    if ev.lm_eval is not None:
+        print(ev.lm_eval.table())
 
 
 def print_cached(done: CachedFeatures) -> None:

@@ -26,6 +26,7 @@ from models import NoMLMHeadError, TeacherError, kinds
 from models.export import ExportError
 from .. import runtime, stops
 from ..data.text import DataError
+from ..evaluation.harness import HarnessError
 from ..errors import SettingError
 from ..planning.planner import PlanError
 from ..stops import Stopped
@@ -37,7 +38,7 @@ from ..training.loop import TrainingDiverged
 # plus missing files and the operating system refusing a write. Anything else is a bug: traceback + a request to
 # report it. (SettingError is mapped to exit code 2 separately.)
 PROJECT_ERRORS = (DataError, CheckpointError, TeacherError, TrainingDiverged, NoMLMHeadError, OutputError, UnitBusy,
-                  PlanError, ExportError)
+                  PlanError, ExportError, HarnessError)
 OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ENAMETOOLONG)
 EXPECTED_ERRORS = PROJECT_ERRORS + OS_ERRORS
@@ -59,6 +60,7 @@ FLAGS = {
     "drop_every_second": "--drop-every-second", "teacher_device_map": "--teacher-device-map",
     "plan_only": "--plan-only", "target_kv_cache": "--target-kv-cache", "retime_rounds": "--retime-rounds",
     "speed_margin": "--speed-margin", "latency_threads": "--latency-threads",
+    "tasks": "--lm-eval", "task_dir": "--lm-eval-include",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

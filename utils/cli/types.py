@@ -174,6 +174,14 @@ def int_list(s: str) -> list[int]:
     return v
 
 
+def name_list(s: str) -> tuple[str, ...]:
+    """argparse type: comma-separated names (lm-eval tasks: piqa,hellaswag), none empty."""
+    names = tuple(x.strip() for x in s.split(","))
+    if not s.strip() or any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got '{s}'")
+    return names
+
+
 def layer_list(s: str) -> list[int]:
     """argparse type: comma-separated 0-based layer indices (3,17)."""
     try:
