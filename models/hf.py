@@ -101,7 +101,11 @@ def _config_json_problem(raw: object) -> str | None:
     pad = raw.get("pad_token_id")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
         return f"pad_token_id must be a token id (an integer >= 0), found {pad!r}"
-    return None
+    try:  # the family's own fields (a Llama's heads, head size, eps, rotary settings), where it checks them
+        family_check = getattr(family_for_model_type(raw.get("model_type")).module, "config_json_problem", None)
+    except ValueError:
+        return None  # a model type no family reads: named once transformers has read the file
+    return family_check(raw) if family_check is not None else None
 
 
 def read_hf_config(name_or_path: str | os.PathLike):
@@ -122,9 +126,10 @@ def read_hf_config(name_or_path: str | os.PathLike):
     try:
         cfg = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # the last: transformers 5 checks
-        raise TeacherError(f"'{where}' cannot be read: {' '.join(str(e).split())}") from None
+        # transformers quotes fields in backticks, which the scripts would read as settings to name by their flags
+        raise TeacherError(f"'{where}' cannot be read: {' '.join(str(e).split()).replace('`', chr(39))}") from None
     try:
-        family_for_model_type(getattr(cfg, "model_type", None))
+        family = family_for_model_type(getattr(cfg, "model_type", None))
     except ValueError as e:
         raise TeacherError(f"'{where}': {e}") from None
     for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
@@ -135,6 +140,10 @@ def read_hf_config(name_or_path: str | os.PathLike):
     if cfg.hidden_size % cfg.num_attention_heads and not getattr(cfg, "head_dim", None):
         raise TeacherError(f"'{where}': num_attention_heads {cfg.num_attention_heads} does not divide hidden_size "
                            f"{cfg.hidden_size}: every head must have hidden_size / num_attention_heads dimensions")
+    try:  # our config's own rules, as transformers filled the file's gaps: what loading will build, built now
+        family.config_from_hf(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise TeacherError(f"'{where}': {' '.join(str(e).split())}") from None
     return cfg
 
 
