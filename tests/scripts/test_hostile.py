@@ -546,6 +546,11 @@ TEACHER_VARIANTS = {
     "vocab-without-unknown-token": (_vocab_only(b"[PAD]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\n"), "cannot be loaded"),
     "tokenizer-json-garbage": (_write("tokenizer.json", b'{"version": "1.0", "model": '), "is not valid JSON"),
     "tokenizer-config-garbage": (_write("tokenizer_config.json", b"not json at all"), "cannot be loaded"),
+    # issue 34 (9): a vocab.txt beside the tokenizer.json that is read, damaged or of another vocabulary
+    "vocab-garbage-beside-tokenizer-json": (_write("vocab.txt", bytes(range(128, 256)) * 16),
+                                            "vocab.txt' is not UTF-8 text"),
+    "vocab-of-other-words-beside-tokenizer-json": (_write("vocab.txt", b"[PAD]\nfoo\nbar\n"),
+                                                   "vocab.txt' does not match"),
 }
 
 
