@@ -147,6 +147,33 @@ def test_9_cached_array_of_wrong_dtype_or_shape_is_rebuilt(tiny_teacher, tmp_pat
     assert np.array_equal(np.array(again.arrays["in_0"]), good)
 
 
+@pytest.mark.parametrize("where", [0, 17])
+def test_9_cached_array_of_nan_with_a_matching_checksum_is_named_and_rebuilt(tiny_teacher, tmp_path, caplog, where):
+    """Issue 34 (9): before, such a file was used and training ended in "loss became nan", naming no file."""
+    cache = tiny_cache(tiny_teacher, tmp_path / "cache").ensure(["in_0"], 8, torch.device("cpu"))
+    good = np.array(cache.arrays.pop("in_0"))
+    forged = good.copy()
+    forged[where:] = np.nan if where == 0 else np.inf
+    _forge(cache, "in_0", forged)
+    again = tiny_cache(tiny_teacher, tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        again.ensure(["in_0"], 8, torch.device("cpu"))
+    assert f"in_0.npy' is damaged (it holds NaN or infinite values (first in row {where})" in caplog.text
+    assert np.array_equal(np.array(again.arrays["in_0"]), good)
+
+
+def test_9_a_teacher_feature_beyond_float16_is_never_cached(tiny_teacher, tmp_path):
+    """Written as inf, it would be refused as damaged by every later run and rebuilt as inf again."""
+    from models import TeacherError
+
+    cache = tiny_cache(tiny_teacher, tmp_path / "cache")
+    with torch.no_grad():
+        cache.teacher.bert.embeddings.LayerNorm.weight.fill_(1e6)  # in_0: the embeddings' LayerNorm output
+    with pytest.raises(TeacherError, match="teacher feature in_0 holds NaN or infinite values in float16"):
+        cache.ensure(["in_0"], 8, torch.device("cpu"))
+    assert not list(cache.dir.glob("in_0.*"))  # neither a final file nor a temporary left
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 7. discovery while a job saves: folders that vanish between being listed and being read are skipped
 def _saved_block(d: Path, value: float) -> Path:
