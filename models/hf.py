@@ -81,7 +81,9 @@ CONFIG_SIZES = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_
 
 
 def _config_json_problem(raw: object) -> str | None:
-    """What is wrong with the fields of a BERT config.json that our model reads (types and ranges), or None."""
+    """What is wrong with the fields of a config.json that our models read (types and ranges), or None: the sizes
+    every family has, BERT's dropouts and eps, then the family's own fields where its module checks them
+    (``config_json_problem``: a Llama's heads, head size, eps and rotary settings)."""
     def number(v: object) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
