@@ -95,13 +95,15 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype] | str:
 
 
 def _first_non_finite(path: Path) -> int | None:
-    """The first row of a 2-D ``.npy`` array holding NaN or an infinity, or None (read in chunks, memory-mapped)."""
-    arr = np.load(path, mmap_mode="r")
-    step = max(1, (1 << 24) // max(1, arr.itemsize * arr.shape[1]))
-    for start in range(0, arr.shape[0], step):
-        bad = np.flatnonzero(~np.isfinite(arr[start:start + step]).all(axis=1))
-        if bad.size:
-            return start + int(bad[0])
+    """The first row of a 2-D float16 ``.npy`` array holding NaN or an infinity, or None. Read memory-mapped, in
+    chunks, as bits (a float16 is NaN or infinite exactly when its five exponent bits are all set): about four times
+    faster than ``np.isfinite``, so checking the values costs less than the sha256 before it."""
+    bits = np.load(path, mmap_mode="r").view(np.uint16)
+    step = max(1, (1 << 24) // (2 * max(1, bits.shape[1])))
+    for start in range(0, bits.shape[0], step):
+        hit = (bits[start:start + step] & 0x7C00) == 0x7C00
+        if hit.any():
+            return start + int(np.flatnonzero(hit.any(axis=1))[0])
     return None
 
 
