@@ -56,7 +56,7 @@ def device_problem(device: str | int) -> str | None:
     available = getattr(backend, "is_available", None)
     if available is None or not available():
         return f"torch sees no {dev.type.upper()} device here" + (
-            " (this torch is built without CUDA)" if dev.type == "cuda" and torch.version.cuda is None else "")
+            " (this torch is built without CUDA)" if dev.type == "cuda" and not torch.backends.cuda.is_built() else "")
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if dev.index is not None and dev.index >= count:
         return f"there is no such device: torch sees {count} {dev.type.upper()} device(s), {dev.type}:0..{count - 1}"
