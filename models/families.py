@@ -8,7 +8,8 @@ Adding a family: write ``models/<name>.py`` with a ``ModelConfig`` subclass (``f
 ``SwappableModel`` subclass (``make_block``, ``make_layer``, ``embed``, ``context``, ``lm_logits``), the
 attention kinds it implements (``kinds.implements``), ``from_hf_state_dict`` / ``to_hf_state_dict``,
 ``plain_export_problem`` / ``to_hf_config`` / ``hf_class_name``, and a remote-code wrapper
-``modeling_compact_<name>.py``; then
+``modeling_compact_<name>.py``, optionally ``config_json_problem`` (its own config.json fields, checked before
+transformers reads the file: ``models.hf.read_hf_config``); then
 add its ``Family`` here.
 """
 from __future__ import annotations

@@ -81,7 +81,9 @@ CONFIG_SIZES = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_
 
 
 def _config_json_problem(raw: object) -> str | None:
-    """What is wrong with the fields of a BERT config.json that our model reads (types and ranges), or None."""
+    """What is wrong with the fields of a config.json that our models read (types and ranges), or None: the sizes
+    every family has, BERT's dropouts and eps, then the family's own fields where its module checks them
+    (``config_json_problem``: a Llama's heads, head size, eps and rotary settings)."""
     def number(v: object) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -101,7 +103,11 @@ def _config_json_problem(raw: object) -> str | None:
     pad = raw.get("pad_token_id")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
         return f"pad_token_id must be a token id (an integer >= 0), found {pad!r}"
-    return None
+    try:  # the family's own fields (a Llama's heads, head size, eps, rotary settings), where it checks them
+        family_check = getattr(family_for_model_type(raw.get("model_type")).module, "config_json_problem", None)
+    except ValueError:
+        return None  # a model type no family reads: named once transformers has read the file
+    return family_check(raw) if family_check is not None else None
 
 
 def read_hf_config(name_or_path: str | os.PathLike):
@@ -122,9 +128,10 @@ def read_hf_config(name_or_path: str | os.PathLike):
     try:
         cfg = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # the last: transformers 5 checks
-        raise TeacherError(f"'{where}' cannot be read: {' '.join(str(e).split())}") from None
+        # transformers quotes fields in backticks, which the scripts would read as settings to name by their flags
+        raise TeacherError(f"'{where}' cannot be read: {' '.join(str(e).split()).replace('`', chr(39))}") from None
     try:
-        family_for_model_type(getattr(cfg, "model_type", None))
+        family = family_for_model_type(getattr(cfg, "model_type", None))
     except ValueError as e:
         raise TeacherError(f"'{where}': {e}") from None
     for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
@@ -135,6 +142,10 @@ def read_hf_config(name_or_path: str | os.PathLike):
     if cfg.hidden_size % cfg.num_attention_heads and not getattr(cfg, "head_dim", None):
         raise TeacherError(f"'{where}': num_attention_heads {cfg.num_attention_heads} does not divide hidden_size "
                            f"{cfg.hidden_size}: every head must have hidden_size / num_attention_heads dimensions")
+    try:  # our config's own rules, as transformers filled the file's gaps: what loading will build, built now
+        family.config_from_hf(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise TeacherError(f"'{where}': {' '.join(str(e).split())}") from None
     return cfg
 
 
@@ -175,19 +186,45 @@ def required_tokens(hf_config: Any) -> tuple[str, ...]:
 
 def _tokenizer_file_problem(folder: Path) -> str | None:
     """A tokenizer file that cannot be what it claims: tokenizer.json that is not JSON, vocab.txt that is not a
-    non-empty UTF-8 word list (checked only when it is what transformers builds the tokenizer from)."""
+    non-empty UTF-8 word list. Every one present is checked, also vocab.txt beside the tokenizer.json that
+    transformers builds the tokenizer from: a damaged folder is refused, whichever of its files is read."""
     fast, vocab = folder / "tokenizer.json", folder / "vocab.txt"
-    try:
-        if fast.is_file():
-            json.loads(fast.read_bytes().decode("utf-8"))
-        elif vocab.is_file():
-            if not vocab.read_bytes().decode("utf-8").strip():
-                return f"'{vocab}' is empty: a word-piece vocabulary has one token per line"
-    except UnicodeDecodeError:
-        return f"'{vocab if not fast.is_file() else fast}' is not UTF-8 text: not a tokenizer file"
-    except ValueError as e:
-        return f"'{fast}' is not valid JSON ({' '.join(str(e).split())[:80]})"
+    for f in (fast, vocab):
+        if not f.is_file():
+            continue
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return f"'{f}' is not UTF-8 text: not a tokenizer file"
+        if f == vocab and not text.strip():
+            return f"'{vocab}' is empty: a word-piece vocabulary has one token per line"
+        try:
+            if f == fast:
+                json.loads(text)
+        except ValueError as e:
+            return f"'{fast}' is not valid JSON ({' '.join(str(e).split())[:80]})"
     return None
+
+
+def _vocab_disagreement(folder: Path, tok: Any) -> str | None:
+    """Where vocab.txt, beside the tokenizer.json the tokenizer was built from, gives a token another id than the
+    tokenizer does (line n holds the token of id n; a token on several lines has its last one, as BERT's slow
+    tokenizer reads it), or None: two vocabularies in one folder, and nothing would say which one is used."""
+    fast, vocab = folder / "tokenizer.json", folder / "vocab.txt"
+    if not (fast.is_file() and vocab.is_file()):
+        return None
+    lines = vocab.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    ids, loaded = {t: i for i, t in enumerate(lines)}, tok.get_vocab()
+    wrong = [(t, i) for t, i in ids.items() if loaded.get(t) != i]
+    if not wrong:
+        return None
+    t, i = wrong[0]
+    found = f"id {loaded[t]}" if t in loaded else "no id"
+    return (f"'{vocab}' does not match '{fast}', from which the tokenizer is built: {len(wrong)} of its {len(ids)} "
+            f"tokens have another id there (line {i + 1}, {t[:40]!r}, has {found}); remove the file that is not this "
+            "model's vocabulary")
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -228,6 +265,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = Non
         tok("a probe sentence.")  # a vocabulary without the unknown token fails only when it encodes
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for broken files
         raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be loaded: {' '.join(str(e).split())}") from None
+    disagreement = _vocab_disagreement(folder, tok) if folder.is_dir() else None
+    if disagreement:
+        raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be used: {disagreement}")
     missing = [t for t in required if getattr(tok, t + "_id") is None]
     if missing:
         raise TeacherError(f"the tokenizer in '{name_or_path}' lacks {', '.join(missing)}")

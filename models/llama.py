@@ -32,7 +32,10 @@ from .base import (AttentionTrace, SwappableAttention, SwappableLayer, Swappable
 from .config import LayerSpec, ModelConfig
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
-ROPE_TYPES = ("default", "linear", "llama3")
+# the rotary scalings ``inverse_frequencies`` implements, each with the parameters it reads
+ROPE_FIELDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ROPE_TYPES = tuple(ROPE_FIELDS)
 
 
 @dataclass
@@ -41,7 +44,7 @@ class LlamaConfig(ModelConfig):
     the plain export class and Qwen2's q/k/v biases. ``rope_scaling``: None, or a dict with ``rope_type`` linear or
     llama3 and that type's parameters."""
 
-    num_key_value_heads: int = 0  # 0: as many as query heads
+    num_key_value_heads: int | None = None  # None: as many as query heads
     head_dim: int | None = None  # None: hidden_size / num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -63,18 +66,16 @@ class LlamaConfig(ModelConfig):
             raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got '{self.model_type}'")
         if self.num_attention_heads <= 0:
             raise ValueError(f"num_attention_heads must be positive, got {self.num_attention_heads}")
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads {self.num_key_value_heads} does not divide num_attention_heads "
-                             f"{self.num_attention_heads}")
+        problem = settings_problem(heads=self.num_attention_heads, hidden=self.hidden_size,
+                                   kv_heads=self.num_key_value_heads, head_dim=self.head_dim, eps=self.rms_norm_eps
+                                   ) or rope_problem(self.rope_theta, self.rope_scaling)
+        if problem:
+            raise ValueError(problem)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                                 f"{self.num_attention_heads} (and the config gives no head_dim)")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope type '{rope_type}' is not supported; supported: {', '.join(ROPE_TYPES)}")
+        self.rope_theta = float(self.rope_theta)
         super().__post_init__()
 
     def explicit_head_dim(self) -> bool:
@@ -102,9 +103,8 @@ class LlamaConfig(ModelConfig):
             intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
             max_position_embeddings=hf.max_position_embeddings, hidden_act=hf.hidden_act,
             pad_token_id=hf.pad_token_id if isinstance(getattr(hf, "pad_token_id", None), int) else 0,
-            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            rms_norm_eps=hf.rms_norm_eps, rope_theta=float(theta), rope_scaling=scaling,
+            num_key_value_heads=getattr(hf, "num_key_value_heads", None), head_dim=getattr(hf, "head_dim", None),
+            rms_norm_eps=hf.rms_norm_eps, rope_theta=theta, rope_scaling=scaling,
             attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), model_type=model_type,
             bos_token_id=getattr(hf, "bos_token_id", None), eos_token_id=getattr(hf, "eos_token_id", None),
@@ -112,16 +112,104 @@ class LlamaConfig(ModelConfig):
         )
 
 
-def _rope_settings(hf: Any) -> tuple[float, dict | None]:
+def _rope_settings(hf: Any) -> tuple[Any, dict | None]:
     """(rope_theta, rope_scaling or None) from a transformers 5 ``rope_parameters`` or a 4.x ``rope_theta`` +
-    ``rope_scaling`` config."""
-    params = dict(getattr(hf, "rope_parameters", None) or {})
-    if params:
-        theta = params.pop("rope_theta")
-    else:
-        theta, params = getattr(hf, "rope_theta", 10000.0), dict(getattr(hf, "rope_scaling", None) or {})
+    ``rope_scaling`` config (an object, or config.json read into a ``SimpleNamespace``); ValueError when the rope
+    settings are not an object."""
+    key = "rope_parameters" if getattr(hf, "rope_parameters", None) is not None else "rope_scaling"
+    params = getattr(hf, key, None) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{key} must be an object (rope_type and its parameters) or null, found {params!r}")
+    params = dict(params)
+    theta = params.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     return theta, ({"rope_type": rope_type, **params} if rope_type != "default" else None)
+
+
+def _positive(v: Any) -> bool:
+    """A finite number > 0 (a boolean is not a number)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _whole(v: Any) -> bool:
+    """An integer >= 1 (a boolean is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def rope_problem(theta: Any, scaling: Any, field: str = "rope_scaling") -> str | None:
+    """What is wrong with rotary settings (``rope_theta``, and ``scaling`` read from the config field ``field``):
+    a type ``inverse_frequencies`` does not implement, a parameter of the type missing or not a positive number."""
+    if not _positive(theta):
+        return f"rope_theta must be a finite number > 0, found {theta!r}"
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        return f"{field} must be an object (rope_type and its parameters) or null, found {scaling!r}"
+    kind = scaling.get("rope_type", "default")
+    if kind not in ROPE_FIELDS:
+        return f"{field}: rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+    missing = [k for k in ROPE_FIELDS[kind] if k not in scaling]
+    if missing:
+        return f"{field}: rope type '{kind}' needs {', '.join(missing)}"
+    bad = [k for k in ROPE_FIELDS[kind] if not _positive(scaling[k])]
+    if bad:
+        return f"{field}: {bad[0]} must be a finite number > 0, found {scaling[bad[0]]!r}"
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        return (f"{field}: high_freq_factor {scaling['high_freq_factor']!r} must be above low_freq_factor "
+                f"{scaling['low_freq_factor']!r} (llama3 scaling interpolates between the two)")
+    return None
+
+
+def _heads_problem(*, heads: Any, hidden: Any, kv_heads: Any, head_dim: Any) -> str | None:
+    """What is wrong with the head layout: key/value heads that are not a whole number or do not divide the query
+    heads, a head size that is not a whole even number (rotary embeddings turn pairs of dimensions). ``kv_heads`` and
+    ``head_dim`` None: the defaults (as many as query heads; hidden_size / num_attention_heads)."""
+    if kv_heads is not None and not _whole(kv_heads):
+        return f"num_key_value_heads must be a whole number >= 1, found {kv_heads!r}"
+    if kv_heads is not None and _whole(heads) and heads % kv_heads:
+        return (f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}: each key/value head "
+                "serves a whole group of query heads")
+    if head_dim is not None and not _whole(head_dim):
+        return f"head_dim must be a whole number >= 1, found {head_dim!r}"
+    if head_dim is None and _whole(heads) and _whole(hidden):
+        if hidden % heads:
+            return (f"num_attention_heads {heads} does not divide hidden_size {hidden} (and the config gives no "
+                    "head_dim)")
+        head_dim, field = hidden // heads, f"hidden_size / num_attention_heads ({hidden} / {heads})"
+    else:
+        field = "head_dim"
+    if head_dim is not None and head_dim % 2:
+        return f"{field} is {head_dim}: a head size must be even (rotary embeddings turn pairs of dimensions)"
+    return None
+
+
+def settings_problem(*, heads: Any, hidden: Any, kv_heads: Any, head_dim: Any, eps: Any) -> str | None:
+    """What is wrong with a Llama-family config's heads, head size or RMSNorm eps, named by their config.json
+    fields, or None (the rotary settings: ``rope_problem``)."""
+    if not _positive(eps):
+        return f"rms_norm_eps must be a finite number > 0, found {eps!r}"
+    return _heads_problem(heads=heads, hidden=hidden, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def config_json_problem(raw: dict) -> str | None:
+    """What is wrong with the Llama-family fields of a config.json (read as JSON), or None: checked before
+    transformers reads the file, so every transformers version gives the same message, naming the field. The rotary
+    settings are checked wherever the file gives them (``rope_theta`` and ``rope_scaling``, which transformers 4
+    reads, and ``rope_parameters``, which transformers 5 reads)."""
+    from types import SimpleNamespace
+
+    theta = raw.get("rope_theta", LlamaConfig.rope_theta)
+    problem = rope_problem(theta, None)
+    for key in ("rope_scaling", "rope_parameters"):
+        if problem or raw.get(key) is None:
+            continue
+        try:
+            problem = rope_problem(*_rope_settings(SimpleNamespace(**{key: raw[key], "rope_theta": theta})), key)
+        except ValueError as e:
+            problem = str(e)
+    return problem or settings_problem(
+        heads=raw.get("num_attention_heads"), hidden=raw.get("hidden_size"), kv_heads=raw.get("num_key_value_heads"),
+        head_dim=raw.get("head_dim"), eps=raw.get("rms_norm_eps", LlamaConfig.rms_norm_eps))
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

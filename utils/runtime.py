@@ -39,6 +39,30 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def device_problem(device: str | int) -> str | None:
+    """Why this process cannot put weights on ``device`` (a name such as cuda:1 or cpu, or a GPU number as
+    accelerate's device maps give it), or None: not a device name, a kind of device torch does not see, or an index
+    beyond the devices of its kind."""
+    if isinstance(device, int) and not isinstance(device, bool):  # a number: the GPU (accelerator) of that index
+        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        device = f"{accelerator.type if accelerator is not None else 'cuda'}:{device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return "not a device (cpu, cuda, cuda:N or a GPU number N)"
+    if dev.type == "cpu":
+        return None
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        return f"torch sees no {dev.type.upper()} device here" + (
+            " (this torch is built without CUDA)" if dev.type == "cuda" and not torch.backends.cuda.is_built() else "")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        return f"there is no such device: torch sees {count} {dev.type.upper()} device(s), {dev.type}:0..{count - 1}"
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

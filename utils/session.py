@@ -151,6 +151,13 @@ def read_device_map(value: str | dict[str, str | int]) -> str | dict[str, str | 
     bad = {k: v for k, v in value.items() if not isinstance(v, (str, int)) or isinstance(v, bool)}
     if bad:
         raise SettingError(f"`teacher_device_map`{where}: devices are names (cuda:1, cpu) or GPU numbers, got {bad}")
+    unusable = {m: (d, why) for m, d in value.items()
+                if d not in ("disk", "meta") and (why := runtime.device_problem(d)) is not None}  # those two: dispatch
+    if unusable:
+        module, (device, why) = next(iter(unusable.items()))
+        more = f" (and {len(unusable) - 1} more modules)" if len(unusable) > 1 else ""
+        raise SettingError(f"`teacher_device_map`{where}: module '{module or '(the whole model)'}' is placed on "
+                           f"{device!r}{more}: {why}")
     return value
 
 

@@ -60,6 +60,10 @@ def test_cache_only_builds_the_requested_features_and_per_unit_jobs_reuse_them(t
     ('{"model.layers.0": "cpu"}', "no device for model.embed_tokens, model.layers.1"),
     ('{"": "disk"}', "not supported here"),
     ("somewhere", "must be auto, balanced, sequential or a JSON file"),
+    # issue 34 (6): before, "Torch not compiled with CUDA enabled" and "this is a bug" once the teacher had loaded
+    ('{"model.embed_tokens": "cpu", "model.layers.1": "cuda:99", "lm_head": 0}', "module 'model.layers.1' is placed "
+     "on 'cuda:99' (and 1 more modules): "),
+    ('{"": "gpu7"}', "module '(the whole model)' is placed on 'gpu7': not a device"),
 ])
 def test_bad_device_maps_are_one_line(tiny_llama, tiny_corpus, tmp_path, capsys, given, expected):
     arg = given
@@ -76,6 +80,23 @@ def test_bad_device_maps_are_one_line(tiny_llama, tiny_corpus, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert expected in err[-1] and "--teacher-device-map" in err[-1] and "Traceback" not in "\n".join(err)
     assert not list(tmp_path.glob("out/blocks_*"))
+
+
+def test_device_map_devices_are_checked_before_the_teacher_loads(tiny_llama, monkeypatch):
+    """Issue 34 (6): a device torch does not see, or a GPU index beyond those it sees, is named with its module by
+    the library too (here a machine with one CUDA device is pretended: no test machine is assumed to have one)."""
+    import torch
+
+    from utils import api, session
+    from utils.runtime import device_problem
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(session, "load_teacher", None)  # never reached
+    assert device_problem("cuda:0") is None and device_problem(0) is None and device_problem("cpu") is None
+    assert "torch sees 1 CUDA device(s), cuda:0..0" in device_problem("cuda:5")
+    with pytest.raises(api.SettingError, match=r"module 'model.layers.2' is placed on 5: there is no such device"):
+        api.load_teacher(str(tiny_llama), device="cpu", teacher_device_map={"model.layers.2": 5, "": "cpu"})
 
 
 def test_cache_features_from_python_refuses_what_it_cannot_build(tiny_llama, tmp_path):
