@@ -362,6 +362,9 @@ MAP_FAULTS = {
     "encoder-ms-zero": (_edit(lambda m: m["timing"].update(encoder_ms=0)), "'timing.encoder_ms' must be a number"),
     "option-kind": (_edit(lambda m: m["options"][0].update(kind="magic")), "'options[0].kind' must be one of"),
     "layers-bool": (_edit(lambda m: m.update(layers=True)), "field 'layers' must be an integer"),
+    # issue 34.4: valid otherwise, but not the teacher's 2 layers (10^12 made the planner build range(10^12))
+    "layers-huge": (_edit(lambda m: m.update(layers=10 ** 12)), "field 'layers' must be 2 (the teacher's number"),
+    "layers-other-teacher": (_edit(lambda m: m.update(layers=3)), "field 'layers' must be 2 (the teacher's number"),
 }
 
 

@@ -603,8 +603,10 @@ def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
-def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
-    """(field, expected, found) of the first field of a map that the planner cannot use, or None."""
+def _map_problem(smap: Any, teacher_layers: int | None = None) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first field of a map that the planner cannot use, or None. With
+    ``teacher_layers``, the map's ``layers`` must be the teacher's layer count: the planner builds per-layer tables of
+    that size, so a huge number there would exhaust memory before any entry is looked at."""
     from ..storage.checkpoint import _int, _is, _num
 
     if not isinstance(smap, dict):
@@ -617,6 +619,8 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
             return (key, "present", "nothing")
         if (want := check(smap[key])) is not None:
             return (key, want, smap[key])
+    if teacher_layers is not None and smap["layers"] != teacher_layers:
+        return ("layers", f"{teacher_layers} (the teacher's number of layers)", smap["layers"])
     if (want := _num(0, lo_open=True)(smap["timing"].get("encoder_ms"))) is not None:
         return ("timing.encoder_ms", want, smap["timing"].get("encoder_ms"))
     n, options = smap["layers"], {}
@@ -662,12 +666,13 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
     return None
 
 
-def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
+def validate_map(smap: Any, where: str | Path, *, teacher_layers: int | None = None) -> dict[str, Any]:
     """Check a map read from a file against the fields the planner uses (types, ranges, options and layers that
-    exist, what each entry covers); PlanError naming the file, the first bad field, what was expected and found."""
+    exist, what each entry covers; with ``teacher_layers``, the map's layer count against the teacher's); PlanError
+    naming the file, the first bad field, what was expected and found."""
     from ..storage.checkpoint import _show
 
-    problem = _map_problem(smap)
+    problem = _map_problem(smap, teacher_layers)
     if problem:
         key, want, got = problem
         raise PlanError(f"'{where}' is not a sensitivity map the planner can use: field '{key}' must be {want}, "
