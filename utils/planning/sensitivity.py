@@ -642,27 +642,36 @@ def _map_problem(smap: Any, teacher_layers: int | None = None) -> tuple[str, str
         except (TypeError, ValueError) as e:
             return (name, f"an option of a valid layer shape ({e})", o)
     for k, e in enumerate(smap["entries"]):
-        name = f"entries[{k}]"
-        if not isinstance(e, dict):
-            return (name, "an object", e)
-        layer = e.get("layer")
-        if _int(0)(layer) is not None or layer >= n:
-            return (f"{name}.layer", f"a layer index in [0, {n})", layer)
-        opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
-        if opt is None:
-            return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
-        if e.get("kind") != opt.kind:
-            return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
-        if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
-            return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
-                    e.get("covers"))
-        if _int(-2 ** 62)(e.get("params_saved")) is not None:
-            return (f"{name}.params_saved", "an integer", e.get("params_saved"))
-        numbers = ("latency_saved_ms", *(k for k in ("decode_saved_ms", "kv_bytes_saved") if k in e),
-                   *(m for m in COSTS.values() if m in e))
-        for key in numbers:
-            if (want := _num(-math.inf)(e.get(key))) is not None:
-                return (f"{name}.{key}", "a finite number", e.get(key))
+        if (problem := _entry_problem(f"entries[{k}]", e, n, options=options)) is not None:
+            return problem
+    return None
+
+
+def _entry_problem(name: str, e: Any, n: int, *, options: dict[str, Option]) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first unusable field of the map entry ``e`` (a map of ``n`` layers), or
+    None."""
+    from ..storage.checkpoint import _int, _num
+
+    if not isinstance(e, dict):
+        return (name, "an object", e)
+    layer = e.get("layer")
+    if _int(0)(layer) is not None or layer >= n:
+        return (f"{name}.layer", f"a layer index in [0, {n})", layer)
+    opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
+    if opt is None:
+        return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
+    if e.get("kind") != opt.kind:
+        return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
+    if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
+        return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
+                e.get("covers"))
+    if _int(-2 ** 62)(e.get("params_saved")) is not None:
+        return (f"{name}.params_saved", "an integer", e.get("params_saved"))
+    numbers = ("latency_saved_ms", *(k for k in ("decode_saved_ms", "kv_bytes_saved") if k in e),
+               *(m for m in COSTS.values() if m in e))
+    for key in numbers:
+        if (want := _num(-math.inf)(e.get(key))) is not None:
+            return (f"{name}.{key}", "a finite number", e.get(key))
     return None
 
 
