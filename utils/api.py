@@ -34,7 +34,7 @@ from .data.masking import OneMasker, lm_targets
 from .data.text import DataConfig
 from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
-from .evaluation.report import write_report
+from .evaluation.report import counted, write_report
 from .evaluation.speed import Timing, decoder_costs
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
 from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn, validate_map
@@ -939,7 +939,7 @@ def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any],
     m = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
     res = {"target": plan.budget, "target_kind": target.name, "plan": {str(i): n for i, n in plan.choices.items()},
            "plan_cost": plan.cost, "metrics": {k: m[k] for k in PLAN_REPORTED if k in m},
-           "test_sentences": m["sentences"], "student_params": student.num_parameters(),
+           f"test_{counted(m)}": m["sentences"], "student_params": student.num_parameters(),
            "teacher_params": teacher.num_parameters(), "device": str(s.device),
            "teacher_kv_bytes_per_token": teacher.config.kv_cache_bytes_per_token(),
            "student_kv_bytes_per_token": student.config.kv_cache_bytes_per_token(),
