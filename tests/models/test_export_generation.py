@@ -57,3 +57,22 @@ def test_a_decoder_results_json_names_windows_as_windows(tiny_llama, tiny_corpus
     api.evaluate(s, s.teacher, out=tmp_path / "eval")
     metrics = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
     assert metrics["windows"] > 0 and "sentences" not in metrics  # before: "sentences" counted the windows
+
+
+def test_generate_on_the_exported_student_stops_at_the_teachers_end_of_turn_token(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = make_decoder_teacher(tmp_path / "teacher", bos_token_id=None, eos_token_id=None)
+    teacher, tok = load_teacher(folder)
+    dropped = LayerSpec(0, 0, 0, [3], "dropped", attention="none")
+    layer = init_merged_layer(teacher.config, dropped, teacher.layers[3], mode="first")[0]
+    student = clone_model(compose(teacher, layers={3: (layer, dropped)})).eval()
+    prompt = tok("the red cat sees the dog", return_tensors="pt").input_ids
+    third = int(student.generate(prompt, 3)[0, -1])  # the student's third greedy token: the "end of turn" below
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": third}))
+    out, _ = export_pretrained(student, tmp_path / "hf", tok)
+    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        generated = theirs.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] <= prompt.shape[1] + 3 and int(generated[0, -1]) == third  # before: 8 new tokens
