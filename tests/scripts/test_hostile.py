@@ -376,6 +376,7 @@ def test_3_malformed_map_is_one_line_naming_the_field(tiny_teacher, tiny_corpus,
     code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, "--map", f, "--force", "--target-params", "9900")
     assert code == 1, err[-3000:]  # before: a traceback asking for a bug report (or a KeyError deep in the planner)
     one_line(err, str(f), message)
+    assert "layers, hidden" not in err  # refused before the teacher loaded (its log line), let alone any planning
 
 
 def test_3_a_map_from_sensitivity_map_is_valid(tmp_path):
