@@ -50,7 +50,7 @@ def full_disk_named(final: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        named = isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS and e.filename and ".tmp." not in str(e.filename)
+        named = isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS and ".tmp." not in str(e.filename or ".tmp.")
         if disk_full(e) and not named:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from e
         raise

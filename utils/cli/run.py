@@ -122,7 +122,7 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, _out_of_memory()):
         return "error: out of memory on the device; lower --batch-size or --seq-len"
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
-        what = write_failure(e, Path(e.filename).parent) if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename \
+        what = write_failure(e, Path(e.filename).parent) if e.errno in FULL_DISK_ERRNOS and e.filename \
             else e.strerror
         return f"error: {what}" + (f": '{e.filename}'" if e.filename else "")
     if disk_full(e) and not isinstance(e, PROJECT_ERRORS):  # a project error says it in its own message
