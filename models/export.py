@@ -26,7 +26,7 @@ import torch
 
 from .base import SwappableModel
 from .families import family_of
-from .hf import export_hf, hf_export_problem
+from .hf import export_hf, generation_ids, hf_export_problem, teacher_generation, write_generation
 from .staging import staged_folder
 
 
@@ -95,7 +95,7 @@ def _remote_classes(model: SwappableModel) -> tuple[str, dict[str, str]]:
     return arch, auto_map
 
 
-def compact_config_dict(model: SwappableModel, tokenizer=None) -> dict:
+def compact_config_dict(model: SwappableModel, tokenizer=None, generation: dict | None = None) -> dict:
     """config.json of a remote-code export: the per-layer plan (``layer_plan``), our whole config (``student``) and
     the auto classes of the folder's code.
 
@@ -104,7 +104,8 @@ def compact_config_dict(model: SwappableModel, tokenizer=None) -> dict:
     (``AutoTokenizer``), without remote code, and only the model classes come from the folder's code. Where they
     could take the weights silently (a BERT whose heads are split differently; a decoder, whose missing weights
     transformers would only warn about), the config itself is remote code (``model_type`` ``compact_<family>``,
-    ``AutoConfig`` in ``auto_map``), so that nothing loads the model without its code."""
+    ``AutoConfig`` in ``auto_map``), so that nothing loads the model without its code. A decoder's bos / eos / pad
+    token ids are at the top, as the teacher had them (``generation``: ``models.hf.teacher_generation``)."""
     cfg, family = model.config, family_of(model)
     arch, auto_map = _remote_classes(model)
     plain = family.module.plain_config_fields(cfg)
@@ -117,12 +118,15 @@ def compact_config_dict(model: SwappableModel, tokenizer=None) -> dict:
     # transformers 4.x pipelines load a tokenizer for an unknown model_type only when the config names its class
     extra = {"tokenizer_class": type(tokenizer).__name__.removesuffix("Fast")} if tokenizer is not None else {}
     student = cfg.to_dict()
+    ids = generation_ids(cfg, generation) if generation is not None else {}
     return {**plain, "architectures": [arch], "auto_map": auto_map, "layer_plan": student.pop("layers"),
-            "student": student, "torch_dtype": "float32", **extra}
+            "student": student, "torch_dtype": "float32", **ids, **extra}
 
 
-def export_compact(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a remote-code folder for any model: weights under our names, config, the model files, the tokenizer."""
+def export_compact(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=None, *,
+                   generation: dict | None = None) -> Path:
+    """Write a remote-code folder for any model: weights under our names, config, the model files, the tokenizer
+    (with its chat template) and, for a decoder, the ``generation`` settings (``models.hf.teacher_generation``)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -132,7 +136,9 @@ def export_compact(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=
         sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     with staged_folder(out) as tmp:  # the folder appears under its name only when complete
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(compact_config_dict(model, tokenizer), indent=2) + "\n")
+        config = compact_config_dict(model, tokenizer, generation)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_generation(tmp, generation)
         for f in remote_files(wrapper.__name__.rsplit(".", 1)[-1]):
             shutil.copyfile(f, tmp / f.name)
         if tokenizer is not None:
@@ -141,10 +147,14 @@ def export_compact(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=
 
 
 def export_pretrained(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=None) -> tuple[Path, str]:
-    """Export any model; returns (folder, what was written: 'BertForMaskedLM', 'CompactLlamaForCausalLM ...', ...)."""
+    """Export any model; returns (folder, what was written: 'BertForMaskedLM', 'CompactLlamaForCausalLM ...', ...).
+    A decoder's folder carries the teacher's generation settings and chat template (``teacher_generation``)."""
     check_writable_target(out_dir, "export folder", is_dir=True)
     model = model.cpu().eval()
+    generation = teacher_generation(model, tokenizer)
     if not needs_remote_code(model):
-        return export_hf(model, out_dir, tokenizer), family_of(model).module.hf_class_name(model.config)
+        return (export_hf(model, out_dir, tokenizer, generation=generation),
+                family_of(model).module.hf_class_name(model.config))
     arch, _ = _remote_classes(model)
-    return export_compact(model, out_dir, tokenizer), f"{arch} (load with trust_remote_code=True)"
+    return (export_compact(model, out_dir, tokenizer, generation=generation),
+            f"{arch} (load with trust_remote_code=True)")

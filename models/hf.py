@@ -365,8 +365,49 @@ def hf_export_problem(cfg: ModelConfig) -> str | None:
     return family_of(cfg).module.plain_export_problem(cfg)
 
 
-def export_hf(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` as its family's plain transformers class (BertForMaskedLM, LlamaForCausalLM, ...).
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def teacher_generation(model: SwappableModel, tokenizer=None) -> dict[str, Any] | None:
+    """The generation settings a decoder's export carries, so that ``generate()`` stops where the teacher's does (its
+    end-of-turn token): the teacher folder's generation_config.json as it is (found beside the tokenizer, which is
+    loaded from the teacher's folder; ``load_tokenizer``), with the bos / eos token ids of the model's config where
+    it has none. None for a masked LM, which does not generate."""
+    if model.TASK != "causal":
+        return None
+    gen: dict[str, Any] = {}
+    folder = getattr(tokenizer, "name_or_path", None)
+    f = Path(folder) / "generation_config.json" if folder else None
+    if f is not None and f.is_file():
+        try:
+            gen = json.loads(f.read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            log.warning("'%s' is not JSON (%s): the export gets the model config's token ids only", f, e)
+        gen = gen if isinstance(gen, dict) else {}
+    for key in GENERATION_IDS[:2]:
+        if gen.get(key) is None and getattr(model.config, key, None) is not None:
+            gen[key] = getattr(model.config, key)
+    return gen
+
+
+def generation_ids(cfg: ModelConfig, generation: dict[str, Any] | None) -> dict[str, Any]:
+    """The bos / eos / pad token ids of an export's config.json: the model config's, else those of its generation
+    settings (``teacher_generation``), where either has one."""
+    ids = {k: getattr(cfg, k, None) for k in GENERATION_IDS}
+    ids = {k: v if v is not None else (generation or {}).get(k) for k, v in ids.items()}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def write_generation(folder: Path, generation: dict[str, Any] | None) -> None:
+    """generation_config.json in an export ``folder`` (nothing for None)."""
+    if generation is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def export_hf(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=None, *,
+              generation: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as its family's plain transformers class (BertForMaskedLM, LlamaForCausalLM, ...), with the
+    ``generation`` settings (``teacher_generation``) of a decoder.
 
     Only for models of the teacher's one shape (``hf_export_problem``); ``models.export.export_pretrained`` takes any.
     """
@@ -385,9 +426,12 @@ def export_hf(model: SwappableModel, out_dir: str | os.PathLike, tokenizer=None)
         raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
     from .staging import staged_folder
 
+    for key, value in generation_ids(cfg, generation).items():
+        setattr(hf.config, key, value)
     out = Path(out_dir)
     with staged_folder(out) as tmp:  # the folder appears under its name only when complete
         hf.save_pretrained(str(tmp))
+        write_generation(tmp, generation)  # the teacher's, in place of one transformers derives from the config
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))  # with the teacher's chat template
     return out

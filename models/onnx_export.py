@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .base import SwappableModel
-from .export import ExportError
-from .staging import staged_files
+from .export import ExportError, check_writable_target
+from .staging import full_disk_named, staged_files
 
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -99,18 +99,51 @@ def onnx_max_abs_diff(model: SwappableModel, path: str | os.PathLike, *, with_lo
     return worst
 
 
+def onnx_targets(path: str | os.PathLike) -> list[Path]:
+    """The files an ONNX export to ``path`` may write: ``path`` and ``<stem>_encoder<suffix>`` beside it."""
+    return [Path(path).expanduser(), encoder_path(Path(path).expanduser())]
+
+
+def check_onnx_targets(path: str | os.PathLike, what: str = "`onnx_file` file") -> list[Path]:
+    """Fail (ExportError) before any work when an ONNX export to ``path`` could not be written, or would replace
+    what it did not write: each of its files (``onnx_targets``) must be new, or an ONNX model (a previous export).
+    A file that is not one is the user's, and is never overwritten."""
+    targets = onnx_targets(path)
+    for file, role in zip(targets, (what, f"{what}'s encoder graph")):
+        check_writable_target(file, role, is_dir=False)
+        if file.exists() and not is_onnx_model(file):
+            raise ExportError(f"{role} '{file}' exists and is not an ONNX model: an ONNX export to '{targets[0]}' "
+                              f"writes '{targets[0].name}' and '{targets[1].name}', replacing them; give a new file "
+                              "name, or that of a previous export")
+    return targets
+
+
+def is_onnx_model(file: Path) -> bool:
+    """Whether ``file`` holds an ONNX model (a ModelProto with an IR version and a graph with outputs)."""
+    import onnx
+
+    try:
+        model = onnx.load_model(str(file), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf and onnx raise several classes for bytes that are not a model
+        return False
+    return model.ir_version > 0 and len(model.graph.output) > 0
+
+
 def export_onnx(model: SwappableModel, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 tolerance: float = PARITY_TOLERANCE) -> dict[str, tuple[Path, float]]:
-    """LM graph (masked-LM or causal-LM logits) to ``path`` and hidden-state graph to ``<stem>_encoder.onnx`` (the
-    hidden states only to ``path`` when the model has no LM head); each checked with ONNX Runtime. Returns
-    {graph: (file, max abs diff)}."""
+    """LM graph (masked-LM or causal-LM logits) to ``path`` and hidden-state graph to ``<stem>_encoder<suffix>``
+    (the hidden states only to ``path`` when the model has no LM head); each checked with ONNX Runtime. Returns
+    {graph: (file, max abs diff)}. A file of those names that is not an ONNX model is refused (``check_onnx_targets``)
+    before anything is traced."""
+    check_onnx_targets(path, "ONNX file")
     graphs = {"encoder": (encoder_path(path) if model.has_lm_head else Path(path), False)}
     if model.has_lm_head:
         graphs["masked-LM" if model.TASK == "mlm" else "causal-LM"] = (Path(path), True)
     done = {}
     with staged_files([file for file, _ in graphs.values()]) as tmp:  # renamed into place once both are checked
         for what, (file, with_logits) in graphs.items():
-            export_graph(model, tmp[file], with_logits=with_logits, opset=opset)
+            with full_disk_named(file):  # the graph that did not fit, by its name
+                export_graph(model, tmp[file], with_logits=with_logits, opset=opset)
             diff = onnx_max_abs_diff(model, tmp[file], with_logits=with_logits)
             if not diff <= tolerance:
                 raise ExportError(f"ONNX {what} graph '{file}' differs from the PyTorch model by {diff:.2e} "
@@ -122,6 +155,7 @@ def export_onnx(model: SwappableModel, path: str | os.PathLike, *, opset: int = 
 def check_onnx_available() -> None:
     """Fail early (before training) when the packages the export and its check need are missing."""
     try:
+        import onnx  # noqa: F401 - reads an existing target (``is_onnx_model``)
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ExportError("an ONNX export (`onnx_file`) needs onnxruntime (and onnx): pip install onnx onnxruntime"

@@ -4,10 +4,14 @@ Every exporter writes through here (Hugging Face folders, CompactBERT folders, O
 full disk or an error leaves behind is a ``<name>.tmp.<host>.<pid>.<random>`` entry that nothing mistakes for a
 result, never a half-written result under the requested name. The next writer of the same name removes what writers
 that are gone left (a dead pid on this host, or a day old from another host); a live writer's entries are kept.
+
+A full disk is recognised here once for every writer (``disk_full``): whatever a library raised while writing a
+staged result comes out as ``OSError(ENOSPC)`` naming the result, which the scripts print as one line.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -15,6 +19,41 @@ import socket
 import time
 from pathlib import Path
 from typing import Iterator
+
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# how the libraries that write for us say it in their own exception classes: safetensors and tokenizers (Rust's
+# "No space left on device (os error 28)", "StorageFull"), torch, onnx and protobuf (the C library's words)
+FULL_DISK_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122", "storagefull")
+
+
+def causes(e: BaseException | None) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling, newest first."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether ``e``, or an exception it was raised from or while handling, says that the disk (or the quota) is
+    full: errno ENOSPC / EDQUOT, or those words in a library's own exception."""
+    return any(getattr(c, "errno", None) in FULL_DISK_ERRNOS or any(w in str(c).lower() for w in FULL_DISK_WORDS)
+               for c in causes(e))
+
+
+@contextlib.contextmanager
+def full_disk_named(final: str | os.PathLike) -> Iterator[None]:
+    """A full disk while the block writes ``final`` leaves it as ``OSError(ENOSPC)`` naming ``final`` (chained to
+    what the library raised), unless it already names a result (not a temporary); any other error leaves unchanged."""
+    try:
+        yield
+    except Exception as e:
+        named = isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS and ".tmp." not in str(e.filename or ".tmp.")
+        if disk_full(e) and not named:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from e
+        raise
 
 
 def unique_tag() -> str:
@@ -77,10 +116,11 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     remove_dead_stages(final)
     tag = unique_tag()
     tmp = final.with_name(f"{final.name}.tmp.{tag}")
-    tmp.mkdir()
     try:
-        yield tmp
-        _install(tmp, final, tag)
+        with full_disk_named(final):
+            tmp.mkdir()
+            yield tmp
+            _install(tmp, final, tag)
     finally:
         _remove(tmp)
 
@@ -99,11 +139,12 @@ def staged_files(finals: list[Path]) -> Iterator[dict[Path, Path]]:
         remove_dead_stages(f)
     tag = unique_tag()
     tmp = finals[0].with_name(f"{finals[0].name}.tmp.{tag}")
-    tmp.mkdir()
     try:
-        yield {f: tmp / f.name for f in finals}
-        names = [f.name for f in finals]
-        for p in sorted(tmp.iterdir(), key=lambda p: names.index(p.name) if p.name in names else -1):
-            _install(p, parent / p.name, tag)
+        with full_disk_named(finals[0]):
+            tmp.mkdir()
+            yield {f: tmp / f.name for f in finals}
+            names = [f.name for f in finals]
+            for p in sorted(tmp.iterdir(), key=lambda p: names.index(p.name) if p.name in names else -1):
+                _install(p, parent / p.name, tag)
     finally:
         _remove(tmp)

@@ -36,10 +36,10 @@ from .errors import SettingError
 from .evaluation.harness import (HarnessComparison, HarnessConfig, Tasks, compare as compare_lm_eval, load_tasks,
                                  need_causal_lm)
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
-from .evaluation.report import write_report
+from .evaluation.report import counted, write_report
 from .evaluation.speed import Timing, decoder_costs
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
-from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn
+from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn, validate_map
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
@@ -860,10 +860,11 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         raise SettingError("`plan_only` makes no model to export: leave out `hf_dir` and `onnx_file`")
     if export is not None:
         check_export_targets(export)
+    given = _given_map(session, map)
     with claim_units([run], "planned student"):
         s = _prepare(session)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
-        smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
+        smap, built = _plan_map(s, given, config=config, train=train, out=run / "map", record=rec, target=target)
         timing = config.timing(s.data.seq_len)
         plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=timing, rounds=retime_rounds,
                                     margin=speed_margin)
@@ -903,14 +904,25 @@ def _map_units(given: dict | str | Path | None, built: Path | None) -> Path | No
     return None
 
 
-def _plan_map(s: Session, given: dict | str | Path | None, *, config: MapConfig, train: TrainConfig, out: Path,
-              record: dict[str, Any], target: Target) -> tuple[dict[str, Any], Path | None]:
-    """The map to plan from: the one given (made for this teacher, unless ``train.force``), or one built now; either
-    way, a ``target`` it cannot reach is refused first (before a map is built: its options as untrained units)."""
+def _given_map(session: Session | SessionConfig, given: dict | str | Path | None) -> dict[str, Any] | None:
+    """The map given (a dict, its file or folder) checked against its schema and the teacher's layer count (from
+    its config alone), before the teacher loads and before anything is planned; None when none is given."""
     if given is None:
+        return None
+    n = len(_teacher_plan(session).layers)
+    if isinstance(given, dict):
+        return validate_map(given, "map", teacher_layers=n)
+    return read_map(given, teacher_layers=n)
+
+
+def _plan_map(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, train: TrainConfig, out: Path,
+              record: dict[str, Any], target: Target) -> tuple[dict[str, Any], Path | None]:
+    """The map to plan from: the one given (checked by ``_given_map``; made for this teacher, unless
+    ``train.force``), or one built now; either way, a ``target`` it cannot reach is refused first (before a map is
+    built: its options as untrained units)."""
+    if smap is None:
         _check_reach(s, None, config=config, target=target)  # before minutes of training for an unreachable target
         return make_map(s, config, train=train, out=out, record=record), out
-    smap = given if isinstance(given, dict) else read_map(given)
     if smap.get("teacher_hash") != s.teacher_hash and not train.force:
         raise CheckpointError(f"`map` was made for another teacher ({smap.get('teacher')}); pass `force` to use it")
     _check_reach(s, smap, config=config, target=target)
@@ -940,7 +952,7 @@ def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any],
     m = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
     res = {"target": plan.budget, "target_kind": target.name, "plan": {str(i): n for i, n in plan.choices.items()},
            "plan_cost": plan.cost, "metrics": {k: m[k] for k in PLAN_REPORTED if k in m},
-           "test_sentences": m["sentences"], "student_params": student.num_parameters(),
+           f"test_{counted(m)}": m["sentences"], "student_params": student.num_parameters(),
            "teacher_params": teacher.num_parameters(), "device": str(s.device),
            "teacher_kv_bytes_per_token": teacher.config.kv_cache_bytes_per_token(),
            "student_kv_bytes_per_token": student.config.kv_cache_bytes_per_token(),

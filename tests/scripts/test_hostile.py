@@ -389,6 +389,9 @@ MAP_FAULTS = {
     "encoder-ms-zero": (_edit(lambda m: m["timing"].update(encoder_ms=0)), "'timing.encoder_ms' must be a number"),
     "option-kind": (_edit(lambda m: m["options"][0].update(kind="magic")), "'options[0].kind' must be one of"),
     "layers-bool": (_edit(lambda m: m.update(layers=True)), "field 'layers' must be an integer"),
+    # issue 34.4: valid otherwise, but not the teacher's 2 layers (10^12 made the planner build range(10^12))
+    "layers-huge": (_edit(lambda m: m.update(layers=10 ** 12)), "field 'layers' must be 2 (the teacher's number"),
+    "layers-other-teacher": (_edit(lambda m: m.update(layers=3)), "field 'layers' must be 2 (the teacher's number"),
 }
 
 
@@ -400,6 +403,7 @@ def test_3_malformed_map_is_one_line_naming_the_field(tiny_teacher, tiny_corpus,
     code, err = _plan(tiny_teacher, tiny_corpus, tmp_path, capsys, "--map", f, "--force", "--target-params", "9900")
     assert code == 1, err[-3000:]  # before: a traceback asking for a bug report (or a KeyError deep in the planner)
     one_line(err, str(f), message)
+    assert "layers, hidden" not in err  # refused before the teacher loaded (its log line), let alone any planning
 
 
 def test_3_a_map_from_sensitivity_map_is_valid(tmp_path):

@@ -35,8 +35,10 @@ def add_export_args(p: argparse._ActionsContainer) -> None:
                    help="also write the model as a Hugging Face folder: plain BertForMaskedLM when every layer keeps "
                         "the teacher's attention shape, else CompactBERT (load with trust_remote_code=True)")
     p.add_argument("--export-onnx", default=None, metavar="FILE",
-                   help="also write ONNX graphs: masked-LM to FILE, encoder to <FILE stem>_encoder.onnx, each "
-                        "checked against the PyTorch model with ONNX Runtime")
+                   help="also write ONNX graphs: the LM graph to FILE and the encoder (hidden states) to "
+                        "<FILE stem>_encoder<FILE suffix> beside it, each checked against the PyTorch model with ONNX "
+                        "Runtime and logged when written; an existing file at either name must be an ONNX model "
+                        "(it is replaced), anything else is refused at start-up")
 
 
 def add_map_args(p: argparse.ArgumentParser) -> None:

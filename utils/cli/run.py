@@ -24,6 +24,7 @@ import torch
 
 from models import NoMLMHeadError, TeacherError, kinds
 from models.export import ExportError
+from models.staging import FULL_DISK_ERRNOS, causes, disk_full
 from .. import runtime, stops
 from ..data.text import DataError
 from ..evaluation.harness import HarnessError
@@ -111,7 +112,7 @@ def is_expected(e: BaseException) -> bool:
         return True
     if isinstance(e, OSError) and e.errno in OS_ERRNOS:
         return True
-    return isinstance(e, _out_of_memory())
+    return isinstance(e, _out_of_memory()) or disk_full(e)  # the latter: in a library's words, or wrapped
 
 
 def _out_of_memory() -> type:
@@ -123,10 +124,22 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, _out_of_memory()):
         return "error: out of memory on the device; lower --batch-size or --seq-len"
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
-        what = write_failure(e, Path(e.filename).parent) if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename \
+        what = write_failure(e, Path(e.filename).parent) if e.errno in FULL_DISK_ERRNOS and e.filename \
             else e.strerror
         return f"error: {what}" + (f": '{e.filename}'" if e.filename else "")
+    if disk_full(e) and not isinstance(e, PROJECT_ERRORS):  # a project error says it in its own message
+        return _full_disk_line(e)
     return "error: " + " ".join(str(e).split())
+
+
+def _full_disk_line(e: BaseException) -> str:
+    """A full disk that a library reported in its own words, or wrapped in another exception: "No space left on
+    device" and the file, where an error of the chain names it, else what the library said."""
+    named = next((c for c in causes(e) if isinstance(c, OSError) and c.filename and c.errno in FULL_DISK_ERRNOS),
+                 None)
+    if named is not None:
+        return f"error: {write_failure(named, Path(named.filename).parent)}: '{named.filename}'"
+    return f"error: No space left on device ({type(e).__name__}: {' '.join(str(e).split())})"
 
 
 def close_progress_bars() -> None:

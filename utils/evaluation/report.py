@@ -47,11 +47,23 @@ def format_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def counted(m: dict[str, Any]) -> str:
+    """What a comparison's ``sentences`` counts: the token windows of a decoder's text (they cross sentences), or
+    the sentences of a masked LM."""
+    return "windows" if "teacher_perplexity" in m else "sentences"
+
+
+def named_counts(m: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as results.json names them: a decoder's ``sentences`` as ``windows``."""
+    return {(counted(m) if k == "sentences" else k): v for k, v in m.items()}
+
+
 def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """results.json + predictions file (sentence, true word, teacher, student, judge top-10) in ``out_dir``."""
+    """results.json (a decoder's windows named as such) + predictions file (sentence, true word, teacher, student,
+    judge top-10) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"metrics": result.metrics, "notes": result.notes, **(extra or {})}
+    payload = {"metrics": named_counts(result.metrics), "notes": result.notes, **(extra or {})}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     if result.rows:
         cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])

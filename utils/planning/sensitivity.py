@@ -603,8 +603,10 @@ def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
-def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
-    """(field, expected, found) of the first field of a map that the planner cannot use, or None."""
+def _map_problem(smap: Any, teacher_layers: int | None = None) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first field of a map that the planner cannot use, or None. With
+    ``teacher_layers``, the map's ``layers`` must be the teacher's layer count: the planner builds per-layer tables of
+    that size, so a huge number there would exhaust memory before any entry is looked at."""
     from ..storage.checkpoint import _int, _is, _num
 
     if not isinstance(smap, dict):
@@ -617,6 +619,8 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
             return (key, "present", "nothing")
         if (want := check(smap[key])) is not None:
             return (key, want, smap[key])
+    if teacher_layers is not None and smap["layers"] != teacher_layers:
+        return ("layers", f"{teacher_layers} (the teacher's number of layers)", smap["layers"])
     if (want := _num(0, lo_open=True)(smap["timing"].get("encoder_ms"))) is not None:
         return ("timing.encoder_ms", want, smap["timing"].get("encoder_ms"))
     n, options = smap["layers"], {}
@@ -638,36 +642,46 @@ def _map_problem(smap: Any) -> tuple[str, str, Any] | None:
         except (TypeError, ValueError) as e:
             return (name, f"an option of a valid layer shape ({e})", o)
     for k, e in enumerate(smap["entries"]):
-        name = f"entries[{k}]"
-        if not isinstance(e, dict):
-            return (name, "an object", e)
-        layer = e.get("layer")
-        if _int(0)(layer) is not None or layer >= n:
-            return (f"{name}.layer", f"a layer index in [0, {n})", layer)
-        opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
-        if opt is None:
-            return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
-        if e.get("kind") != opt.kind:
-            return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
-        if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
-            return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
-                    e.get("covers"))
-        if _int(-2 ** 62)(e.get("params_saved")) is not None:
-            return (f"{name}.params_saved", "an integer", e.get("params_saved"))
-        numbers = ("latency_saved_ms", *(k for k in ("decode_saved_ms", "kv_bytes_saved") if k in e),
-                   *(m for m in COSTS.values() if m in e))
-        for key in numbers:
-            if (want := _num(-math.inf)(e.get(key))) is not None:
-                return (f"{name}.{key}", "a finite number", e.get(key))
+        if (problem := _entry_problem(f"entries[{k}]", e, n, options=options)) is not None:
+            return problem
     return None
 
 
-def validate_map(smap: Any, where: str | Path) -> dict[str, Any]:
+def _entry_problem(name: str, e: Any, n: int, *, options: dict[str, Option]) -> tuple[str, str, Any] | None:
+    """(field, expected, found) of the first unusable field of the map entry ``e`` (a map of ``n`` layers), or
+    None."""
+    from ..storage.checkpoint import _int, _num
+
+    if not isinstance(e, dict):
+        return (name, "an object", e)
+    layer = e.get("layer")
+    if _int(0)(layer) is not None or layer >= n:
+        return (f"{name}.layer", f"a layer index in [0, {n})", layer)
+    opt = options.get(e.get("option")) if isinstance(e.get("option"), str) else None
+    if opt is None:
+        return (f"{name}.option", f"the name of one of the map's options {sorted(options)}", e.get("option"))
+    if e.get("kind") != opt.kind:
+        return (f"{name}.kind", f"'{opt.kind}' (the kind of option '{opt.name}')", e.get("kind"))
+    if not opt.applies(layer, n) or e.get("covers") != opt.covers(layer):
+        return (f"{name}.covers", f"{opt.covers(layer)} (layers of {n} that option '{opt.name}' replaces)",
+                e.get("covers"))
+    if _int(-2 ** 62)(e.get("params_saved")) is not None:
+        return (f"{name}.params_saved", "an integer", e.get("params_saved"))
+    numbers = ("latency_saved_ms", *(k for k in ("decode_saved_ms", "kv_bytes_saved") if k in e),
+               *(m for m in COSTS.values() if m in e))
+    for key in numbers:
+        if (want := _num(-math.inf)(e.get(key))) is not None:
+            return (f"{name}.{key}", "a finite number", e.get(key))
+    return None
+
+
+def validate_map(smap: Any, where: str | Path, *, teacher_layers: int | None = None) -> dict[str, Any]:
     """Check a map read from a file against the fields the planner uses (types, ranges, options and layers that
-    exist, what each entry covers); PlanError naming the file, the first bad field, what was expected and found."""
+    exist, what each entry covers; with ``teacher_layers``, the map's layer count against the teacher's); PlanError
+    naming the file, the first bad field, what was expected and found."""
     from ..storage.checkpoint import _show
 
-    problem = _map_problem(smap)
+    problem = _map_problem(smap, teacher_layers)
     if problem:
         key, want, got = problem
         raise PlanError(f"'{where}' is not a sensitivity map the planner can use: field '{key}' must be {want}, "

@@ -254,9 +254,9 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
     return best, rounds_done
 
 
-def read_map(path: str | Path) -> dict:
+def read_map(path: str | Path, *, teacher_layers: int | None = None) -> dict:
     """A map written by ``make_map`` (its sensitivity.json, or the folder holding it), checked against its schema
-    (PlanError naming the file and field)."""
+    and, with ``teacher_layers``, against the teacher's layer count (PlanError naming the file and field)."""
     p = Path(path)
     p = p / "sensitivity.json" if p.is_dir() else p
     if not p.is_file():
@@ -266,4 +266,4 @@ def read_map(path: str | Path) -> dict:
         smap = json.loads(p.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise PlanError(f"'{p}' is not a sensitivity map: not valid JSON ({' '.join(str(e).split())[:100]})") from None
-    return validate_map(smap, p)
+    return validate_map(smap, p, teacher_layers=teacher_layers)

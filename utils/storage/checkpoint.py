@@ -8,7 +8,6 @@ with ``torch.load(weights_only=True)``, which executes no pickled code.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from models.staging import disk_full  # the one recognition of a full disk, whatever library was writing
 from models.staging import writer_gone as _writer_gone  # the one rule for temporaries of dead writers
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def write_failure(e: BaseException, folder: str | os.PathLike, needed_bytes: int
     """Why a write into ``folder`` failed, in words; a full disk is named as such.
 
     safetensors and torch.save report a full disk in their own words ("unexpected pos ...", "file write failed"):
-    their errors are recognised by errno ENOSPC / EDQUOT, or by the free space left where they were writing.
+    their errors are recognised by ``models.staging.disk_full``, or by the free space left where they were writing.
     """
-    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e)
+    full = disk_full(e)
     free = _free_bytes(Path(folder))
     if full or free < max(needed_bytes, 1 << 20):
         return f"No space left on device ({free / 2**20:.1f} MiB free in '{folder}')"

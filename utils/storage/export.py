@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from models import BertForMaskedLM
 from models.export import check_writable_target, export_pretrained
-from models.onnx_export import check_onnx_available, export_onnx
+from models.onnx_export import check_onnx_available, check_onnx_targets, export_onnx
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -17,7 +17,7 @@ class ExportConfig:
     """Where a finished model is also written; None: not written."""
 
     hf_dir: str | None = None  # a Hugging Face folder: plain BertForMaskedLM, or CompactBERT (trust_remote_code=True)
-    onnx_file: str | None = None  # ONNX masked-LM graph; the encoder goes to <stem>_encoder.onnx
+    onnx_file: str | None = None  # ONNX LM graph; the encoder (hidden states) goes to <stem>_encoder<suffix>
 
 
 def check_export_targets(cfg: ExportConfig) -> None:
@@ -25,8 +25,8 @@ def check_export_targets(cfg: ExportConfig) -> None:
     if cfg.hf_dir:
         check_writable_target(cfg.hf_dir, "`hf_dir` folder", is_dir=True)
     if cfg.onnx_file:
-        check_writable_target(cfg.onnx_file, "`onnx_file` file", is_dir=False)
         check_onnx_available()
+        check_onnx_targets(cfg.onnx_file)  # both files it writes: new, or ONNX models a previous export wrote
 
 
 def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[str]:

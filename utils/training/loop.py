@@ -457,7 +457,19 @@ class Trainer:
                 if u.writer is not None:
                     u.writer.close()
         runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
+        if not metrics and self.start.epoch:  # a resume found every epoch done: the last one's, as first returned
+            metrics = self._stored_metrics()
         return metrics
+
+    def _stored_metrics(self) -> dict[str, float]:
+        """The validation metrics of the last epoch done, as each unit's ``last`` checkpoint stored them: what ``fit``
+        returned when that epoch ran, so a caller that continues a finished run (a resumed sensitivity map reusing
+        its units) records the same numbers as one that was never stopped."""
+        out: dict[str, float] = {}
+        for u in self.units:
+            stored = read_meta(u.out_dir / "last").get("metrics") or {}
+            out.update({f"{u.name}/{k}": v for k, v in stored.items()})
+        return out
 
     def _epoch(self, epoch: int, loader, sampler, *, steps_per_epoch: int) -> dict[str, float]:
         """One epoch: its steps (from the resume position if it is the first), then validation and saves."""

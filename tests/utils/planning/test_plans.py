@@ -281,6 +281,7 @@ def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_
     assert {"decode_measured_speedup", "measured_speedup", "student_kv_bytes_per_token"} <= set(res)
     assert res["target_met_measured"] == (res["decode_measured_speedup"] >= 1.2)
     assert "student_perplexity" in res["metrics"] and (tmp_path / "hf" / "config.json").is_file()
+    assert res["test_windows"] > 0 and "test_sentences" not in res  # token windows, named so (issue 32.6)
     # units the map trained with this setup are loaded from its units/ folder, not trained again
     trained = [x for x in read_meta(tmp_path / "plan" / "model" / "best")["sources"] if "trained by the map" in x]
     assert not (tmp_path / "plan" / "units").exists() and len(trained) == sum(

@@ -1,0 +1,47 @@
+"""A sensitivity map stopped after some units (a kill -9, here an error raised between two options) and continued
+with ``resume``: the units it finished are reused, and their entries equal an uninterrupted map's, validation loss
+included (issue 34.8: they said ``val_loss: null``)."""
+from __future__ import annotations
+
+import pytest
+
+import utils.planning.sensitivity as sensitivity
+from utils import api
+
+TIMED = ("latency_saved_ms", "unit_ms", "train_s_option")  # wall-clock numbers: they differ from run to run
+
+
+class Killed(Exception):
+    """Stands for the kill -9 between two options."""
+
+
+def _map(tiny_teacher, tiny_corpus, out, **train):
+    session = api.SessionConfig(teacher=str(tiny_teacher), device="cpu",
+                                data=api.DataConfig(data_dir=str(tiny_corpus), batch_size=16))
+    config = api.MapConfig(options=("heads", "ffn"), heads_set=[2], latency_reps=1, latency_batch=2,
+                           eval_sentences=16, valid_batches=1)
+    return api.sensitivity_map(session, config=config, out=out,
+                               train=api.TrainConfig(epochs=1, max_steps_per_epoch=2, **train))
+
+
+def _entries(smap: dict) -> list[dict]:
+    return [{k: v for k, v in e.items() if k not in TIMED} for e in smap["entries"]]
+
+
+def test_a_resumed_map_keeps_the_metrics_of_the_units_it_reused(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+    whole = _map(tiny_teacher, tiny_corpus, tmp_path / "whole")
+    real, calls = sensitivity.train_units, []
+
+    def killed_at_the_second_option(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise Killed(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "train_units", killed_at_the_second_option)
+    with pytest.raises(Killed):
+        _map(tiny_teacher, tiny_corpus, tmp_path / "cut", resume=True)
+    monkeypatch.undo()
+    resumed = _map(tiny_teacher, tiny_corpus, tmp_path / "cut", resume=True)
+    assert len(whole["entries"]) == 4 and all(e["val_loss"] is not None for e in resumed["entries"])
+    assert _entries(resumed) == _entries(whole)
