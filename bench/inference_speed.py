@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quick import add_quick  # noqa: E402
 from bench.retrain_throughput import TINY_BERT, random_bert  # noqa: E402
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher  # noqa: E402
 from models.compress import compose, compress_attention, init_merged_layer  # noqa: E402
@@ -137,9 +138,8 @@ QUICK = {"batch_size": 4, "seq_len": 8, "repeats": 2, "blocks": ["2x8", "4x4"]}
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help=f"a random tiny teacher ({TINY_BERT['num_hidden_layers']} layers x {TINY_BERT['hidden_size']}"
-                         "), batch 4 x seq 8, 2 repeats: seconds, the same code path (a smoke test, not a measurement)")
+    add_quick(ap, QUICK, f"a random tiny teacher ({TINY_BERT['num_hidden_layers']} layers x "
+                         f"{TINY_BERT['hidden_size']}), batch 4 x seq 8, 2 repeats (not a measurement)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -155,9 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--onnx", action="store_true", help="also time each model with ONNX Runtime (CPU, fp32)")
     ap.add_argument("--json", type=Path, default=None, help="default: bench/results/inference_speed_<device>.json")
     args = ap.parse_args(argv)
-    if args.quick:
-        ap.set_defaults(**QUICK)
-        args = ap.parse_args(argv)
     for flag in ("batch_size", "seq_len", "repeats"):
         if getattr(args, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be positive")

@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quick import add_quick  # noqa: E402
 from models import BertAttention, BertConfig, BertForMaskedLM, build_model, extended_mask, weights_hash  # noqa: E402
 from models.compress import compress_attention  # noqa: E402
 from utils.data.batches import BucketBatchSampler, Collator  # noqa: E402
@@ -239,9 +240,8 @@ QUICK = {"sentences": 8, "epochs": 2, "batch_size": 4, "heads": 2, "head_dim": 8
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help=f"a tiny teacher ({TINY_BERT['num_hidden_layers']} layers x {TINY_BERT['hidden_size']}), "
-                         "8 random sentences, 2 epochs: seconds, the same code path (a smoke test, not a measurement)")
+    add_quick(ap, QUICK, f"a tiny teacher ({TINY_BERT['num_hidden_layers']} layers x {TINY_BERT['hidden_size']}), "
+                         "8 random sentences, 2 epochs (not a measurement)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--sentences", type=int, default=64, help="N: sentences retrained on (the same every epoch)")
     ap.add_argument("--epochs", type=int, default=3, help="E: epochs per block")
@@ -262,9 +262,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="a temporary cache folder is made (and removed) here")
     ap.add_argument("--json", type=Path, default=None, help="default: bench/results/retrain_throughput_<device>.json")
     args = ap.parse_args(argv)
-    if args.quick:
-        ap.set_defaults(**QUICK)
-        args = ap.parse_args(argv)
     for flag in ("sentences", "epochs", "batch_size", "heads", "head_dim", "repeats"):
         if getattr(args, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
