@@ -18,6 +18,7 @@ same training, so these agree closely (not bit for bit: dropout draws interleave
 
     python bench/retrain_throughput.py                     # CPU defaults: 64 sentences, 3 epochs, 6 heads x 64
     python bench/retrain_throughput.py --device cuda --sentences 2048 --batch-size 32
+    python bench/retrain_throughput.py --quick             # a tiny teacher, seconds: the smoke test's run
 """
 from __future__ import annotations
 
