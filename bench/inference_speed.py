@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quick import add_quick  # noqa: E402
+from bench.retrain_throughput import TINY_BERT, random_bert  # noqa: E402
 from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher  # noqa: E402
 from models.compress import compose, compress_attention, init_merged_layer  # noqa: E402
 
@@ -50,12 +52,6 @@ def merged_name(teacher: BertForMaskedLM) -> str:
 
 
 TARGET_SPEEDUP = 1.8  # the merged model's encoder throughput vs the teacher's, on CPU
-
-
-def bert_base_teacher(device: torch.device) -> BertForMaskedLM:
-    cfg = ModelConfig(vocab_size=30522, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                      num_hidden_layers=12)
-    return BertForMaskedLM(cfg).to(device).eval()
 
 
 def build_variants(teacher: BertForMaskedLM, block_shapes: tuple[tuple[int, int], ...] = ((4, 64), (12, 32))
@@ -136,8 +132,14 @@ def onnx_sessions(models: dict[str, BertForMaskedLM], folder: Path, threads: int
     return sessions
 
 
-def main() -> None:
+# --quick: the tiny teacher of retrain_throughput.py (4 heads of 8) and its variants, a small batch, two repeats
+QUICK = {"batch_size": 4, "seq_len": 8, "repeats": 2, "blocks": ["2x8", "4x4"]}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_quick(ap, QUICK, f"a random tiny teacher ({TINY_BERT['num_hidden_layers']} layers x "
+                         f"{TINY_BERT['hidden_size']}), batch 4 x seq 8, 2 repeats (not a measurement)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -152,7 +154,7 @@ def main() -> None:
                     help="block-retrained variants: every attention block with H heads of D")
     ap.add_argument("--onnx", action="store_true", help="also time each model with ONNX Runtime (CPU, fp32)")
     ap.add_argument("--json", type=Path, default=None, help="default: bench/results/inference_speed_<device>.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for flag in ("batch_size", "seq_len", "repeats"):
         if getattr(args, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
@@ -172,7 +174,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    teacher = load_teacher(args.teacher, device)[0] if args.teacher else bert_base_teacher(device)
+    teacher = load_teacher(args.teacher, device)[0] if args.teacher else random_bert(device, tiny=args.quick)
     models = build_variants(teacher, shapes)
     merged = merged_name(teacher)
     for m in models.values():
@@ -246,7 +248,7 @@ def main() -> None:
         if sessions:
             print("(speedup: vs the teacher in the same runtime; ONNX Runtime rows run the exported graphs)")
     merged_speedup = rows[merged]["encoder"]["speedup"]
-    met = merged_speedup >= TARGET_SPEEDUP if device.type == "cpu" and not args.teacher else None
+    met = merged_speedup >= TARGET_SPEEDUP if device.type == "cpu" and not (args.teacher or args.quick) else None
     verdict = (f"{'met' if met else 'MISSED'}" if met is not None
                else "judged only for the bert-base-shaped teacher on CPU")
     print(f"\n{merged} encoder throughput vs teacher: {merged_speedup:.2f}x (target >= {TARGET_SPEEDUP}x on CPU: {verdict})")
@@ -254,7 +256,8 @@ def main() -> None:
     result = {"benchmark": "inference_speed", "device": str(device), "device_name": device_name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
               "batch_size": B, "seq_len": T, "repeats": args.repeats, "warmup": args.warmup, "models": rows,
-              "teacher": args.teacher or "random bert-base-shaped", "onnxruntime": _ort_version() if args.onnx else None,
+              "teacher": args.teacher or f"random {'tiny' if args.quick else 'bert-base-shaped'}",
+              "onnxruntime": _ort_version() if args.onnx else None,
               "merged_encoder_speedup": merged_speedup, "target": TARGET_SPEEDUP, "target_met": met}
     path = args.json or ROOT / "bench" / "results" / f"inference_speed_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.prepare_wikitext2 import add_source_args, lines_from_args, teacher_split  # noqa: E402
+from bench.prepare_wikitext2 import VALID, add_source_args, lines_from_args, teacher_split  # noqa: E402
+from bench.quick import add_quick  # noqa: E402
 from models import BertForMaskedLM, ModelConfig, load_teacher  # noqa: E402
 from models.hf import export_hf  # noqa: E402
 from utils.data.batches import Collator, TokenizedSentences  # noqa: E402
@@ -180,12 +181,18 @@ def build(encoder: str, lines: list[str], out: Path, sentences: int = 6000, held
     return info
 
 
-def main() -> int:
+# --quick: the whole recipe on a few sentences: a tiny --encoder and --src make it seconds
+QUICK = {"sentences": 50, "held_out": 20, "rounds": 1, "head_epochs": 2, "finetune_steps": 3, "batch": 8,
+         "seq_len": 16}
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_source_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--encoder", default=None, help=f"folder or hub id (default: the PyPI copy, else {HUB_ENCODER})")
     ap.add_argument("--sentences", type=int, default=6000)
+    ap.add_argument("--held-out", type=int, default=VALID, help="sentences after --sentences held out for the checks")
     ap.add_argument("--rounds", type=int, default=3, help="maskings per sentence for fitting the head")
     ap.add_argument("--head-epochs", type=int, default=4)
     ap.add_argument("--finetune-steps", type=int, default=1200)
@@ -193,14 +200,15 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a = ap.parse_args()
-    for flag in ("sentences", "rounds", "head_epochs", "batch", "seq_len"):
+    add_quick(ap, QUICK, "50 + 20 sentences, 1 masking, 3 fine-tune steps (not the recipe's teacher)")
+    a = ap.parse_args(argv)
+    for flag in ("sentences", "held_out", "rounds", "head_epochs", "batch", "seq_len"):
         if getattr(a, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if a.finetune_steps < 0:
         ap.error("--finetune-steps must be >= 0")
     try:
-        info = build(a.encoder or default_encoder(), lines_from_args(a), a.out, a.sentences, 500, a.rounds,
+        info = build(a.encoder or default_encoder(), lines_from_args(a), a.out, a.sentences, a.held_out, a.rounds,
                      a.head_epochs, a.finetune_steps, a.batch, a.seq_len, a.seed, select_device(a.device))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.quick import add_quick  # noqa: E402
 from utils import session as _session  # noqa: E402
 from utils.cli.configs import session_config  # noqa: E402
 from utils.cli.parser import common_parser  # noqa: E402
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-check", action="store_true",
                    help="also export every model (HF format, remote code where needed) and compute its perplexity "
                         "with plain transformers on the same windows")
+    add_quick(p, {"seq_len": 16, "batch_size": 8, "test_sentences": 24}, "windows of 16 over 24 test sentences")
     return p
 
 

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.quick import add_quick  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config  # noqa: E402
 from utils.cli.groups import add_finetune_args, add_map_args, add_retime_args  # noqa: E402
@@ -86,6 +87,12 @@ def numbers(name: str, lo: float, hi: float) -> Callable[[str], list[float]]:
     return parse
 
 
+# --quick: every method built, healed and scored as in a real run, on a budget of seconds for a tiny teacher
+QUICK = {"seq_len": 16, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3, "max_train_sentences": 48,
+         "eval_sentences": 16, "valid_batches": 1, "latency_reps": 3, "latency_batch": 1, "ft_epochs": 1,
+         "ft_max_steps": 1, "test_sentences": 24, "calibration_sentences": 16}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="bench/results")
     add_training_args(p, epochs=1, lr=1e-3)
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_retime_args(g)  # --retime-rounds 0: the map's plans as they are, planned and uniform
     add_finetune_args(p)
     add_map_args(p)
+    add_quick(p, QUICK, "one epoch of 3 steps, a 1-step heal, 24 test sentences (a tiny --teacher and its --map)")
     return p
 
 

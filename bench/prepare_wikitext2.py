@@ -72,13 +72,25 @@ def lines_from_args(a: argparse.Namespace) -> list[str]:
     return source_lines(None, a.dataset) if a.dataset else source_lines(a.src or DEFAULT_SRC)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    from bench.quick import add_quick
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_source_args(ap)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "wikitext2_split")
-    a = ap.parse_args()
+    ap.add_argument("--train", type=int, default=TRAIN, help="sentences of train.txt (the teacher's own)")
+    ap.add_argument("--valid", type=int, default=VALID, help="sentences of valid.txt (the teacher's held-out set)")
+    add_quick(ap, {"train": 40, "valid": 10}, "train 40, valid 10, the rest test (a small --src)")
+    a = ap.parse_args(argv)
+    if a.train <= 0 or a.valid <= 0:
+        ap.error("--train and --valid must be positive")
     try:
-        prepare(lines_from_args(a), a.out)
+        prepare(lines_from_args(a), a.out, a.train, a.valid)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

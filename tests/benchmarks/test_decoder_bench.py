@@ -1,6 +1,6 @@
-"""bench/decoder_blocks.py end to end on a tiny Llama of SmolLM2's head layout (9 query heads over 3 key/value heads):
-the training steps as subprocesses, every student against its rebuilt untrained start, the parity with
-transformers, and a re-run that reuses everything."""
+"""bench/decoder_blocks.py --quick end to end on a tiny Llama of SmolLM2's head layout (9 query heads over 3
+key/value heads): the training steps as subprocesses, every student against its rebuilt untrained start, the parity
+with transformers, and a re-run that reuses everything. (The other bench scripts' quick runs: test_bench_quick.py.)"""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,13 @@ pytestmark = pytest.mark.slow
 
 def test_decoder_bench_runs_and_reruns(tmp_path, tiny_corpus):
     teacher = make_decoder_teacher(tmp_path / "teacher", hidden=72, heads=9, kv_heads=3)
-    argv = ["--teacher", teacher, "--data-dir", tiny_corpus, "--runs", tmp_path / "runs", "--out", tmp_path / "out",
-            "--seq-len", "32", "--percentage-data", "1", "--epochs", "1", "--ft-epochs", "1", "--speed-reps", "1",
-            "--decode-tokens", "3"]
+    # --quick: the budget of a tiny teacher (windows of 32, one epoch, one timing repeat, 3 decoded tokens)
+    argv = ["--quick", "--teacher", teacher, "--data-dir", tiny_corpus, "--runs", tmp_path / "runs", "--out",
+            tmp_path / "out"]
     first = run_script("bench/decoder_blocks.py", *argv, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     r = json.loads((tmp_path / "out" / "decoder_blocks.json").read_text())
+    assert (r["budget"]["seq_len"], r["budget"]["epochs"], r["budget"]["ft_epochs"]) == (32, 1, 1)  # quick's
     assert r["parity"]["relative_difference"] < 1e-6  # our evaluator and plain transformers, same windows
     assert set(r["rows"]) == {"teacher", "kv1", "kv1 untrained", "h6", "h6 untrained", "merged", "merged untrained",
                               "dropped untrained", "merged+ft", "dropped+ft"}
