@@ -31,7 +31,7 @@ from models.kinds import get_kind
 from . import runtime
 from . import session as _session
 from .data.masking import OneMasker, lm_targets
-from .data.text import DataConfig
+from .data.text import DataConfig, TrainText
 from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
@@ -52,7 +52,7 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
 __all__ = [
-    "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
+    "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
     "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model",

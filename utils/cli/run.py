@@ -59,6 +59,7 @@ FLAGS = {
     "drop_every_second": "--drop-every-second", "teacher_device_map": "--teacher-device-map",
     "plan_only": "--plan-only", "target_kv_cache": "--target-kv-cache", "retime_rounds": "--retime-rounds",
     "speed_margin": "--speed-margin", "latency_threads": "--latency-threads",
+    "split_by": "--split-by", "train_texts": "--train-text", "data_weight": "--data-weight",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
