@@ -218,3 +218,25 @@ def test_mixture_shares_tokens_by_weight_deterministically(tmp_path):
     first = [tuple(x) in b_ids for x in mix.ids[:20]]  # interleaved: a leading run is the mixture too
     assert 3 <= sum(first) <= 7
     assert "passes" in mix.describe()
+
+
+def test_hub_wikitext2_read_by_documents_keeps_articles_and_titles(tmp_path, monkeypatch):
+    """The Hub path offline: the parquet files the cache would give, read as articles (titles and blank lines kept)
+    for decoders, as sentences for the masked LM."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.data import text
+
+    rows = ["", " = Alpha = \n", "", " Alpha is a thing . It has parts . \n", "", " = = History = = \n", "",
+            " It began early . \n", "", " = Beta = \n", "", " Beta was a place . \n"]
+    f = tmp_path / "valid-00000.parquet"
+    pq.write_table(pa.table({"text": rows}), f)
+    monkeypatch.setattr(text, "wikitext2_parquet_files", lambda split: [f])
+    docs = text.wikitext2_documents("valid")
+    assert [d.text.splitlines()[0] for d in docs] == [" = Alpha = ", " = Beta = "]
+    lines = load_sentences(DataConfig(split_by="documents"), "valid")
+    assert lines[:4] == [" = Alpha = ", "", " Alpha is a thing . It has parts . ", ""]
+    assert " = = History = = " in lines and lines[-1] == " Beta was a place . "
+    assert load_sentences(DataConfig(), "valid") == ["Alpha is a thing .", "It has parts .", "It began early .",
+                                                    "Beta was a place ."]
