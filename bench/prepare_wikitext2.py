@@ -129,13 +129,12 @@ def find_articles(lines: list[str], *, window: int = 30, max_similarity: float =
 
 
 def article_texts(src: Path | None, dataset: str | None) -> list[str]:
-    """The articles of the source in order, each its lines joined (title lines dropped: they are written anew)."""
-    from utils.data.text import _TITLE, wikitext2_documents
+    """The articles of the source in order: the Hub's raw ones as they are (their own title first), or those
+    ``find_articles`` finds in a file without titles, each its lines joined."""
+    from utils.data.text import wikitext2_documents
 
     if dataset is not None:
-        docs = wikitext2_documents("valid")
-        return ["\n".join(line for line in d.text.splitlines() if line.strip() and not _TITLE.match(line))
-                for d in docs]
+        return [d.text.rstrip("\n") for d in wikitext2_documents("valid")]
     if src is None or not src.is_file():
         raise FileNotFoundError(f"{src} not found; pass --src FILE (one sentence per line) or --dataset wikitext2")
     lines = [line.strip() for line in src.read_text(errors="replace").splitlines() if line.strip()]
@@ -150,8 +149,9 @@ def article_texts(src: Path | None, dataset: str | None) -> list[str]:
 def prepare_articles(articles: list[str], out: Path, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
                      ) -> dict[str, list[str]]:
     """Whole articles into train / valid / test in order (``utils.data.text.cut_documents``: by characters, no
-    article in two splits), each split's file with a `` = Article N = `` line before each of its articles."""
-    from utils.data.text import SPLITS, Document, cut_documents
+    article in two splits), each split's file with a `` = Article N = `` line before each of its articles that has no
+    title of its own."""
+    from utils.data.text import SPLITS, Document, cut_documents, is_title
 
     docs = [Document(str(k), text) for k, text in enumerate(articles)]
     parts = cut_documents(docs, ratios, what="the articles")
@@ -159,7 +159,8 @@ def prepare_articles(articles: list[str], out: Path, ratios: tuple[float, float,
     written = {}
     for name, part in zip(SPLITS, parts):
         written[name] = [d.text for d in part]
-        body = "".join(f" = Article {int(d.name) + 1} = \n{d.text}\n" for d in part)
+        body = "".join(("" if is_title(d.text.split("\n")[0]) else f" = Article {int(d.name) + 1} = \n")
+                       + f"{d.text}\n" for d in part)
         (out / f"{name}.txt").write_text(body)
         lines = sum(len(d.text.splitlines()) for d in part)
         print(f"{name}: {len(part)} articles ({int(part[0].name) + 1}-{int(part[-1].name) + 1}), {lines} lines, "

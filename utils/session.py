@@ -51,7 +51,8 @@ class Session:
         evaluation mask each (masked LM), or token windows (causal LM; the training mixture's for train and valid
         when ``data.train_texts`` names one)."""
         d = self.data
-        ds = self._read(split, load_sentences(d, split, d.fraction))
+        sents = load_sentences(d, split, d.fraction)
+        ds = self._read(split, sents, sents)
         if isinstance(ds, TokenWindows):
             log.info("%s: %s", split, ds.describe())
         else:
@@ -63,35 +64,35 @@ class Session:
         """The first ``limit`` sentences (lines, read by documents) of a split (all with None) after its first
         ``skip``, as the teacher's task reads them (sentences with their evaluation masks, or the token windows of
         those sentences; with a training mixture, as many tokens of the mixture)."""
-        sents = load_sentences(self.data, split)
+        whole = sents = load_sentences(self.data, split)
         if skip and skip >= len(sents):
             raise DataError(f"the {split} split has {len(sents)} sentences; cannot skip the first {skip}")
         sents = sents[skip:]
         if limit:
             sents = sents[:limit]
-        ds = self._read(split, sents)
+        ds = self._read(split, sents, whole)
         if isinstance(ds, MixedWindows):
             log.info("%s: %s", split, ds.describe())
         return ds
 
-    def _read(self, split: str, sents: list[str]) -> TokenizedSentences | TokenWindows:
+    def _read(self, split: str, sents: list[str], whole: list[str]) -> TokenizedSentences | TokenWindows:
         """``sents`` tokenised for the teacher's task; a decoder's train and valid text with ``data.train_texts``
-        replaced by as many tokens of the mixture (so budgets in sentences keep their size)."""
+        replaced by as many tokens of the mixture (so budgets in sentences keep their size), its data share drawn
+        from ``whole``."""
         d = self.data
         ds = tokenize_split(sents, self.tokenizer, d.seq_len, task=self.teacher.TASK, mask_seed=d.seed)
         if d.train_texts and split != "test" and isinstance(ds, TokenWindows):
-            ds = self.mixture(split, ds.tokens)
+            ds = self.mixture(split, ds.tokens, whole)
         return ds
 
-    def mixture(self, split: str, tokens: int) -> MixedWindows:
-        """``tokens`` of the training mixture's ``split`` (train or valid): the data split's own text (weight
-        ``data.data_weight``, named "data") and each of ``data.train_texts`` (its documents cut into train and valid
-        by the train : valid split ratio), shared by weight (``MixedWindows``)."""
+    def mixture(self, split: str, tokens: int, data_text: list[str]) -> MixedWindows:
+        """``tokens`` of the training mixture's ``split`` (train or valid): the data split's own text ``data_text``
+        (weight ``data.data_weight``, named "data") and each of ``data.train_texts`` (its documents cut into train and
+        valid by the train : valid split ratio), shared by weight (``MixedWindows``)."""
         d = self.data
         sources = {}
         if d.data_weight > 0:
-            sources["data"] = (TokenWindows(load_sentences(d, split, d.fraction), self.tokenizer, d.seq_len),
-                               d.data_weight)
+            sources["data"] = (TokenWindows(data_text, self.tokenizer, d.seq_len), d.data_weight)
         for t in d.train_texts:
             lines = train_text_lines(t, split, d.split_ratio)
             sources[t.name] = (TokenWindows(lines, self.tokenizer, d.seq_len), t.weight)

@@ -45,3 +45,9 @@ def test_articles_written_whole_in_order_with_title_lines(tmp_path, capsys):
     first = len(written["train"]) + 1
     assert [d.text for d in docs] == [f" = Article {first + k} = \n{t}\n" for k, t in enumerate(written["valid"])]
     assert "valid: " in capsys.readouterr().out
+
+
+def test_articles_with_their_own_titles_keep_them(tmp_path):
+    prepare_articles([" = Own = \nfirst text .", "second text .", "third text ."], tmp_path, (0.4, 0.3, 0.3))
+    assert (tmp_path / "train.txt").read_text() == " = Own = \nfirst text .\n"
+    assert (tmp_path / "test.txt").read_text() == " = Article 3 = \nthird text .\n"

@@ -77,11 +77,16 @@ def _file_text(path: Path) -> str:
     return text
 
 
+def is_title(line: str) -> bool:
+    """Whether ``line`` is a WikiText article title (" = Title = "; a section is " = = ... = = "): it starts one."""
+    return bool(_TITLE.match(line.rstrip("\n")))
+
+
 def text_documents(text: str, name: str) -> list[Document]:
     """A text's documents: one per WikiText article (a new one at each " = Title = " line, which it keeps), or the whole
     text as one."""
     lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if _TITLE.match(line.rstrip("\n"))]
+    starts = [i for i, line in enumerate(lines) if is_title(line)]
     if not starts:
         return [Document(name, text)]
     bounds = ([0] if starts[0] else []) + starts + [len(lines)]
