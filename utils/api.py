@@ -52,7 +52,8 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
 __all__ = [
-    "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
+    "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss",
+    "FinetuneLoss",
     "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model",
