@@ -31,7 +31,7 @@ from models.kinds import get_kind
 from . import runtime
 from . import session as _session
 from .data.masking import OneMasker, lm_targets
-from .data.text import DataConfig
+from .data.text import DataConfig, TrainText
 from .errors import SettingError
 from .evaluation.harness import (HarnessComparison, HarnessConfig, Tasks, compare as compare_lm_eval, load_tasks,
                                  need_causal_lm)
@@ -54,8 +54,8 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
 __all__ = [
-    "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
-    "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "HarnessConfig", "SettingError",
+    "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss",
+    "FinetuneLoss", "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "HarnessConfig", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model",
 ]

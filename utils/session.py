@@ -2,8 +2,10 @@
 (``start``); and what is checked about a teacher before anything is loaded."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,9 @@ import torch
 
 from models import BertForMaskedLM, ModelConfig, load_teacher, weights_hash
 from . import runtime
-from .data.batches import TokenizedSentences, TokenWindows, make_loader, token_ids_hash, tokenize_split
-from .data.text import DataConfig, DataError, load_sentences
+from .data.batches import (MixedWindows, TokenizedSentences, TokenWindows, make_loader, token_ids_hash,
+                           tokenize_split)
+from .data.text import SPLIT_BY, DataConfig, DataError, load_sentences, train_text_lines
 from .errors import SettingError
 from .storage.features import TeacherCache
 
@@ -45,10 +48,11 @@ class Session:
 
     def sentences(self, split: str) -> TokenizedSentences | TokenWindows:
         """The ``split`` (its leading ``data.fraction``) as the teacher's task reads it: sentences with a seeded
-        evaluation mask each (masked LM), or token windows (causal LM)."""
+        evaluation mask each (masked LM), or token windows (causal LM; the training mixture's for train and valid
+        when ``data.train_texts`` names one)."""
         d = self.data
-        ds = tokenize_split(load_sentences(d, split, d.fraction), self.tokenizer, d.seq_len, task=self.teacher.TASK,
-                            mask_seed=d.seed)
+        sents = load_sentences(d, split, d.fraction)
+        ds = self._read(split, sents, sents)
         if isinstance(ds, TokenWindows):
             log.info("%s: %s", split, ds.describe())
         else:
@@ -57,15 +61,42 @@ class Session:
         return ds
 
     def first_sentences(self, split: str, limit: int | None, skip: int = 0) -> TokenizedSentences | TokenWindows:
-        """The first ``limit`` sentences of a split (all with None) after its first ``skip``, as the teacher's task
-        reads them (sentences with their evaluation masks, or the token windows of those sentences)."""
-        sents = load_sentences(self.data, split)
+        """The first ``limit`` sentences (lines, read by documents) of a split (all with None) after its first
+        ``skip``, as the teacher's task reads them (sentences with their evaluation masks, or the token windows of
+        those sentences; with a training mixture, as many tokens of the mixture)."""
+        whole = sents = load_sentences(self.data, split)
         if skip and skip >= len(sents):
             raise DataError(f"the {split} split has {len(sents)} sentences; cannot skip the first {skip}")
         sents = sents[skip:]
         if limit:
             sents = sents[:limit]
-        return tokenize_split(sents, self.tokenizer, self.data.seq_len, task=self.teacher.TASK, mask_seed=self.data.seed)
+        ds = self._read(split, sents, whole)
+        if isinstance(ds, MixedWindows):
+            log.info("%s: %s", split, ds.describe())
+        return ds
+
+    def _read(self, split: str, sents: list[str], whole: list[str]) -> TokenizedSentences | TokenWindows:
+        """``sents`` tokenised for the teacher's task; a decoder's train and valid text with ``data.train_texts``
+        replaced by as many tokens of the mixture (so budgets in sentences keep their size), its data share drawn
+        from ``whole``."""
+        d = self.data
+        ds = tokenize_split(sents, self.tokenizer, d.seq_len, task=self.teacher.TASK, mask_seed=d.seed)
+        if d.train_texts and split != "test" and isinstance(ds, TokenWindows):
+            ds = self.mixture(split, ds.tokens, whole)
+        return ds
+
+    def mixture(self, split: str, tokens: int, data_text: list[str]) -> MixedWindows:
+        """``tokens`` of the training mixture's ``split`` (train or valid): the data split's own text ``data_text``
+        (weight ``data.data_weight``, named "data") and each of ``data.train_texts`` (its documents cut into train and
+        valid by the train : valid split ratio), shared by weight (``MixedWindows``)."""
+        d = self.data
+        sources = {}
+        if d.data_weight > 0:
+            sources["data"] = (TokenWindows(data_text, self.tokenizer, d.seq_len), d.data_weight)
+        for t in d.train_texts:
+            lines = train_text_lines(t, split, d.split_ratio)
+            sources[t.name] = (TokenWindows(lines, self.tokenizer, d.seq_len), t.weight)
+        return MixedWindows(sources, tokens, seed=d.seed)
 
     def loader(self, ds: TokenizedSentences, shuffle: bool, batch_size: int | None = None):
         d = self.data
@@ -80,7 +111,11 @@ class Session:
     def training_setup(self, ds: TokenizedSentences) -> dict[str, Any]:
         """What a resumed run must share with its resume point beyond the loop's own settings and the unit's metadata
         (which holds the teacher): the data (a hash of the tokenised training split) and the global batch size."""
-        return {"data_hash": token_ids_hash(ds.ids), "global_batch_size": self.data.batch_size * runtime.world_size()}
+        setup = {"data_hash": token_ids_hash(ds.ids), "global_batch_size": self.data.batch_size * runtime.world_size()}
+        if self.data.train_texts:  # the hash changes with the mixture already; this names what it was
+            setup["train_texts"] = [dataclasses.asdict(t) for t in self.data.train_texts]
+            setup["data_weight"] = self.data.data_weight
+        return setup
 
     def global_batch(self, ds: TokenizedSentences) -> dict:
         """The first batch of ``ds`` as one process with the global batch size (batch size x processes) sees it,
@@ -121,12 +156,41 @@ def start(cfg: SessionConfig) -> Session:
                            "combine with several processes (torchrun): run the cache job as one process")
     runtime.seed_everything(cfg.data.seed)
     teacher, tok = load_teacher(cfg.teacher, "cpu" if device_map is not None else device)
+    data = resolve_data(cfg.data, teacher.TASK)
     if device_map is not None:
         teacher = _dispatch(teacher, device_map)
     log.info("teacher %s: %s, %d layers, hidden %d, %d heads of %d, %s LM head, %.1fM parameters", cfg.teacher,
              teacher.config.family, len(teacher.layers), teacher.config.hidden_size, teacher.config.num_attention_heads,
              teacher.config.head_dim, "with" if teacher.has_mlm_head else "WITHOUT", teacher.num_parameters() / 1e6)
-    return Session(str(cfg.teacher), device, teacher, tok, weights_hash(teacher), cfg.data)
+    return Session(str(cfg.teacher), device, teacher, tok, weights_hash(teacher), data)
+
+
+def resolve_data(data: DataConfig, task: str) -> DataConfig:
+    """``data`` for a teacher of ``task``: ``split_by`` resolved (documents for a causal LM; sentences for a masked
+    LM, whose teacher was trained on its sentence split) and the training mixture checked (SettingError naming the
+    setting)."""
+    split_by = data.split_by or ("documents" if task == "causal" else "sentences")
+    if split_by not in SPLIT_BY:
+        raise SettingError(f"`split_by` must be one of {', '.join(SPLIT_BY)}, got '{split_by}'")
+    texts = tuple(data.train_texts)
+    names = [t.name for t in texts]
+    bad = [t.name for t in texts if not t.name or "=" in t.name or t.name == "data"]
+    if bad:
+        raise SettingError(f"`train_texts`: names must be non-empty, without '=', and not 'data' (the data split's "
+                           f"own text), got {bad}")
+    if len(set(names)) < len(names):
+        raise SettingError(f"`train_texts`: each name once, got {sorted({n for n in names if names.count(n) > 1})} "
+                           "more than once")
+    weights = [t.weight for t in texts]
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
+        raise SettingError(f"`train_texts`: weights must be finite numbers > 0, got {weights}")
+    if not (math.isfinite(data.data_weight) and data.data_weight >= 0) or (not texts and data.data_weight == 0):
+        raise SettingError(f"`data_weight` must be a finite number >= 0, and > 0 without `train_texts` (the "
+                           f"training text would be empty), got {data.data_weight}")
+    if texts and task != "causal":
+        raise SettingError("`train_texts` is a decoder's training mixture; a masked-LM teacher is distilled on its "
+                           "own sentence split (the one it was trained on): leave `train_texts` out")
+    return dataclasses.replace(data, split_by=split_by, train_texts=texts)
 
 
 def read_device_map(value: str | dict[str, str | int]) -> str | dict[str, str | int]:

@@ -21,10 +21,13 @@ from .recipes import given
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    """--dataset / --data-dir / --split-ratio, --seq-len, --batch-size, --num-workers, --seed, --percentage-data."""
+    """--dataset / --data-dir / --split-ratio / --split-by, --seq-len, --batch-size, --num-workers, --seed,
+    --percentage-data, and a training script's --train-text / --data-weight."""
     return DataConfig(dataset=args.dataset, data_dir=args.data_dir, split_ratio=tuple(args.split_ratio),
                       seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.num_workers,
-                      fraction=args.percentage_data)
+                      fraction=args.percentage_data, split_by=vars(args).get("split_by"),
+                      train_texts=tuple(vars(args).get("train_text") or ()),
+                      data_weight=vars(args).get("data_weight", 1.0))
 
 
 def session_config(args: argparse.Namespace) -> SessionConfig:

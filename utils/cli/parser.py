@@ -7,7 +7,7 @@ import sys
 
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
 from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
-                    positive_int, ratios, run_name, seed, warmup_fraction)
+                    positive_int, ratios, run_name, seed, train_text, warmup_fraction)
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,7 +44,13 @@ def common_parser(description: str, default_out: str) -> Parser:
     g.add_argument("--data-dir", default=None,
                    help="local text instead: train.txt/valid.txt/test.txt (one sentence per line) or one .txt split "
                         "by --split-ratio")
-    g.add_argument("--split-ratio", type=ratios, default=(0.8, 0.1, 0.1), help="train,valid,test for a single file")
+    g.add_argument("--split-ratio", type=ratios, default=(0.8, 0.1, 0.1),
+                   help="train,valid,test of a single file (or, read by documents, of a folder's documents)")
+    g.add_argument("--split-by", choices=["sentences", "documents"], default=None,
+                   help="how the text is read and cut into splits: sentences (short ones dropped; a single file's "
+                        "shuffled into splits) or documents (whole articles / files in order, every line kept; a "
+                        "single file's or folder's documents assigned whole to splits in order) (default: documents "
+                        "for a decoder, sentences for a masked LM, whose teacher was trained on its sentence split)")
     g.add_argument("--seq-len", type=int_at_least("--seq-len", 3), default=40, help="max tokens incl. [CLS]/[SEP]")
     g.add_argument("--batch-size", type=positive_int("--batch-size"), default=32)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -72,6 +78,13 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--clip", type=non_negative_float("--clip"), default=1.0,
                    help="gradient-norm clipping per trained module (0: off)")
     g.add_argument("--percentage-data", type=fraction, default=1.0, help="fraction of each split to use")
+    g.add_argument("--train-text", type=train_text, action="append", default=None, metavar="NAME=PATH[:WEIGHT]",
+                   help="a decoder's training mixture (repeatable): its training and validation windows drawn from "
+                        "these texts (a file or folder, read as documents and cut into train and valid by document) "
+                        "and the data split's own text (--data-weight), in proportion to WEIGHT (default 1) counted "
+                        "in tokens, as many tokens as the data split alone would give")
+    g.add_argument("--data-weight", type=non_negative_float("--data-weight"), default=1.0,
+                   help="with --train-text: the weight of the data split's own training text (0: the named texts only)")
     g.add_argument("--save-checkpoint-every", type=non_negative_int("--save-checkpoint-every"), default=0,
                    help="also keep an epoch_K snapshot every K epochs (last and best are always kept)")
     g.add_argument("--resume", action="store_true",

@@ -68,12 +68,14 @@ def parse_with_recipe(p: argparse.ArgumentParser, parse: Callable, args: list[st
     for a in p._actions:
         if a.dest != argparse.SUPPRESS and a.default is not argparse.SUPPRESS:
             actions.setdefault(a.dest, a)
-    ns, extras = parse(args, argparse.Namespace(**{d: _UNSET for d in actions}))
-    explicit = sorted(d for d in actions if getattr(ns, d) is not _UNSET)
+    # a repeatable flag (action append) adds to what is there: it starts from None, which it never appends
+    unset = {d: None if isinstance(a, argparse._AppendAction) else _UNSET for d, a in actions.items()}
+    ns, extras = parse(args, argparse.Namespace(**unset))
+    explicit = sorted(d for d in actions if getattr(ns, d) is not unset[d])
     name = ns.recipe if ns.recipe is not _UNSET else "default"
     table = p.recipes[name]
     for d, action in actions.items():
-        if getattr(ns, d) is not _UNSET:
+        if getattr(ns, d) is not unset[d]:
             continue
         value = table[d] if d in table else p._defaults.get(d, action.default)
         if isinstance(value, str) and action.type is not None and d not in table:

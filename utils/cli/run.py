@@ -62,6 +62,7 @@ FLAGS = {
     "plan_only": "--plan-only", "target_kv_cache": "--target-kv-cache", "retime_rounds": "--retime-rounds",
     "speed_margin": "--speed-margin", "latency_threads": "--latency-threads",
     "tasks": "--lm-eval", "task_dir": "--lm-eval-include",
+    "split_by": "--split-by", "train_texts": "--train-text", "data_weight": "--data-weight",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Callable
 
 
@@ -212,3 +212,28 @@ def device_map_arg(s: str) -> str | dict[str, str | int]:
         return read_device_map(s)
     except SettingError as e:
         raise argparse.ArgumentTypeError(str(e).replace("`teacher_device_map`", "--teacher-device-map")) from None
+
+
+def train_text(s: str):
+    """argparse type of --train-text NAME=PATH[:WEIGHT]: a named text source of the training mixture (a file or
+    folder that exists; WEIGHT a finite number > 0, 1 by default) as a ``TrainText``."""
+    from ..data.text import TrainText
+
+    name, eq, rest = s.partition("=")
+    name, path, w = name.strip(), rest, 1.0
+    head, colon, weight = rest.rpartition(":")
+    if colon:
+        try:
+            path, w = head, float(weight)
+        except ValueError:
+            pass  # a colon of the path itself
+    if not eq or not name or not path or "=" in name:
+        raise argparse.ArgumentTypeError(f"--train-text takes NAME=PATH[:WEIGHT] (a file or folder of text), got '{s}'")
+    if name == "data":
+        raise argparse.ArgumentTypeError("--train-text: the name 'data' is the data split's own text (its weight is "
+                                         "--data-weight); use another name")
+    if not math.isfinite(w) or w <= 0:
+        raise argparse.ArgumentTypeError(f"--train-text {name}: WEIGHT must be a finite number > 0, got '{weight}'")
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"--train-text {name}: '{path}' is neither a file nor a folder")
+    return TrainText(name, path, w)

@@ -109,6 +109,50 @@ class TokenWindows(Dataset):
                 f"{self.tokens} tokens")
 
 
+class MixedWindows(TokenWindows):
+    """Windows drawn from several sources in proportion to their weights, counted in tokens: a decoder's training
+    mixture (``DataConfig.train_texts``).
+
+    ``tokens`` are shared out by weight. Each source gives whole windows in a seeded order of its own (so a larger
+    budget extends a smaller one's windows), cycled when the source has fewer tokens than its share (the passes are
+    reported); a share is met to within half a window. The sources' windows are interleaved so that every leading run
+    of the mixture keeps the proportions: the first batches of an unshuffled validation are the mixture too.
+    """
+
+    def __init__(self, sources: dict[str, tuple[TokenWindows, float]], tokens: int, *, seed: int):
+        weight = sum(w for _, w in sources.values())
+        if tokens < 1 or not sources or not weight > 0:
+            raise DataError(f"a mixture needs sources of positive weight and tokens to share, got {tokens} tokens "
+                            f"and weights {[w for _, w in sources.values()]}")
+        picked: list[tuple[float, int, list[int]]] = []
+        self.shares: dict[str, dict[str, float]] = {}
+        for k, (name, (ds, w)) in enumerate(sources.items()):
+            target = tokens * w / weight
+            order = list(range(len(ds.ids)))
+            random.Random(f"{seed}|{name}").shuffle(order)
+            taken = i = 0
+            while taken + len(ds.ids[order[i % len(order)]]) / 2 <= target:
+                ids = ds.ids[order[i % len(order)]]
+                picked.append(((taken + len(ids) / 2) / target, k, ids))
+                taken, i = taken + len(ids), i + 1
+            self.shares[name] = {"weight": w, "tokens": taken, "of": ds.tokens, "passes": i / len(order)}
+        picked.sort(key=lambda p: (p[0], p[1]))
+        self.ids = [p[2] for p in picked]
+        if not self.ids:
+            raise DataError(f"a mixture of {tokens} tokens gives no window: each source's share is under half a window")
+        self.tokens = sum(len(x) for x in self.ids)
+        self.seq_len = max(ds.seq_len for ds, _ in sources.values())
+        self.truncated = self.skipped = 0
+        self.mask_positions = None
+
+    def describe(self) -> str:
+        parts = [f"{name} {v['tokens']} ({v['tokens'] / self.tokens:.1%}, weight {v['weight']:g}, "
+                 + (f"{v['passes']:.2f} passes over its {v['of']})" if v["passes"] > 1 else f"of its {v['of']})")
+                 for name, v in self.shares.items()]
+        return f"{len(self.ids)} windows of {self.seq_len} tokens from a mixture of {self.tokens} tokens: " + \
+            ", ".join(parts)
+
+
 def tokenize_split(sentences: list[str], tokenizer, seq_len: int, *, task: str, mask_seed: int | None = 0
                    ) -> TokenizedSentences | TokenWindows:
     """A split as the model's task reads it: sentences with a seeded [MASK] position (``mlm``) or token windows

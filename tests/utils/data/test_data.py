@@ -150,3 +150,93 @@ def test_read_documents_refuses_what_holds_no_text(tmp_path):
     bad.write_text('{"text": 3}\n')
     with pytest.raises(DataError, match="line 1"):
         read_documents(bad)
+
+
+def _documents_source(folder):
+    """A folder of documents: two prose files and a Python file (indentation, short lines, a blank line)."""
+    folder.mkdir()
+    (folder / "a.txt").write_text("first article starts here .\nit goes on .\n")
+    (folder / "b.txt").write_text("second article .\n" * 5)
+    (folder / "c.py").write_text("def f(x):\n    if x:\n        return 1\n\n    return 0\n")
+    (folder / "d.txt").write_text("the last document .\n" * 3)
+    return folder
+
+
+def test_split_by_documents_is_disjoint_in_order_and_keeps_every_line(tmp_path):
+    src = _documents_source(tmp_path / "docs")
+    spec = DataConfig(data_dir=str(src), split_by="documents", split_ratio=(0.5, 0.25, 0.25))
+    parts = {s: load_sentences(spec, s) for s in ("train", "valid", "test")}
+    assert all(parts.values())
+    whole = [line for f in sorted(src.iterdir()) for line in f.read_text().splitlines()]
+    assert parts["train"] + parts["valid"] + parts["test"] == whole  # in order, nothing dropped or shuffled
+    assert "    if x:" in whole and "" in whole  # code keeps its indentation and blank line
+    code = whole.index("def f(x):")
+    assert any(whole[code:code + 5] == p[i:i + 5] for p in parts.values() for i in range(len(p)))  # one split
+    assert load_sentences(spec, "test") == parts["test"]
+
+
+def test_split_by_documents_reads_split_files_and_titled_articles(tmp_path, tiny_corpus):
+    spec = DataConfig(data_dir=str(tiny_corpus), split_by="documents")
+    assert load_sentences(spec, "valid") == (tiny_corpus / "valid.txt").read_text().splitlines()
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("".join(f" = Article {k} = \nline {k} of text .\nmore of {k} .\n" for k in range(10)))
+    parts = [load_sentences(DataConfig(data_dir=str(wiki), split_by="documents"), s) for s in ("train", "valid",
+                                                                                                   "test")]
+    assert [len(p) // 3 for p in parts] == [8, 1, 1]  # whole articles, titles kept
+    assert parts[1] == [" = Article 8 = ", "line 8 of text .", "more of 8 ."]
+
+
+def test_cut_documents_gives_every_part_a_document_and_cuts_one_document_by_lines():
+    from utils.data.text import Document, cut_documents
+
+    docs = [Document("big", "x " * 1000), Document("s1", "a"), Document("s2", "b")]
+    assert [[d.name for d in p] for p in cut_documents(docs, (0.8, 0.1, 0.1), what="t")] == [["big"], ["s1"],
+                                                                                              ["s2"]]
+    one = [Document("one", "".join(f"line {i}\n" for i in range(10)))]
+    parts = cut_documents(one, (0.8, 0.2), what="t")
+    assert ["".join(d.text for d in p) for p in parts] == ["".join(f"line {i}\n" for i in range(8)),
+                                                          "line 8\nline 9\n"]
+    with pytest.raises(DataError, match="too few"):
+        cut_documents([Document("x", "one line")], (0.5, 0.5), what="t")
+
+
+def test_mixture_shares_tokens_by_weight_deterministically(tmp_path):
+    from helpers import make_decoder_tokenizer, make_sentences
+    from utils.data.batches import MixedWindows, TokenWindows
+
+    tok = make_decoder_tokenizer(tmp_path / "tok")
+    a = TokenWindows(make_sentences(300, 1), tok, 16)
+    b = TokenWindows(make_sentences(40, 2), tok, 16)
+    mix = MixedWindows({"a": (a, 3.0), "b": (b, 1.0)}, 2000, seed=0)
+    got = {name: v["tokens"] for name, v in mix.shares.items()}
+    assert abs(got["a"] - 1500) <= 8 and abs(got["b"] - 500) <= 8  # within half a window
+    assert mix.tokens == sum(got.values())
+    assert mix.shares["b"]["passes"] > 1  # b has fewer tokens than its share: its windows repeat
+    assert mix.ids == MixedWindows({"a": (a, 3.0), "b": (b, 1.0)}, 2000, seed=0).ids
+    assert mix.ids != MixedWindows({"a": (a, 3.0), "b": (b, 1.0)}, 2000, seed=1).ids
+    b_ids = {tuple(x) for x in b.ids}
+    first = [tuple(x) in b_ids for x in mix.ids[:20]]  # interleaved: a leading run is the mixture too
+    assert 3 <= sum(first) <= 7
+    assert "passes" in mix.describe()
+
+
+def test_hub_wikitext2_read_by_documents_keeps_articles_and_titles(tmp_path, monkeypatch):
+    """The Hub path offline: the parquet files the cache would give, read as articles (titles and blank lines kept)
+    for decoders, as sentences for the masked LM."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.data import text
+
+    rows = ["", " = Alpha = \n", "", " Alpha is a thing . It has parts . \n", "", " = = History = = \n", "",
+            " It began early . \n", "", " = Beta = \n", "", " Beta was a place . \n"]
+    f = tmp_path / "valid-00000.parquet"
+    pq.write_table(pa.table({"text": rows}), f)
+    monkeypatch.setattr(text, "wikitext2_parquet_files", lambda split: [f])
+    docs = text.wikitext2_documents("valid")
+    assert [d.text.splitlines()[0] for d in docs] == [" = Alpha = ", " = Beta = "]
+    lines = load_sentences(DataConfig(split_by="documents"), "valid")
+    assert lines[:4] == [" = Alpha = ", "", " Alpha is a thing . It has parts . ", ""]
+    assert " = = History = = " in lines and lines[-1] == " Beta was a place . "
+    assert load_sentences(DataConfig(), "valid") == ["Alpha is a thing .", "It has parts .", "It began early .",
+                                                    "Beta was a place ."]
