@@ -262,24 +262,26 @@ def test_decoder_map_has_prefill_decode_and_kv_savings(tiny_llama, tiny_corpus, 
 
 
 def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_path):
+    """A decode target is re-timed and exported. 1.05x, not more: the tiny map's reach is timed, and under a loaded
+    machine it measured as low as 1.09x (a 1.2x target then failed the reach check — a flaky test)."""
     from utils import api
 
     mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
     done = api.plan_student(api.SessionConfig(teacher=str(tiny_llama), device="cpu",
                                               data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16,
                                                                   batch_size=8)),
-                            target_speedup=1.2, speed="decode", map=mp,
+                            target_speedup=1.05, speed="decode", map=mp,
                             config=api.MapConfig(max_train_sentences=48, eval_sentences=16, valid_batches=1,
                                                  latency_reps=5, latency_batch=1),
                             finetune=api.PlanFinetune(epochs=1, test_sentences=16),
                             train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=tmp_path / "plan",
                             export=api.ExportConfig(hf_dir=str(tmp_path / "hf")))
     log = (tmp_path / "plan" / "plan.log").read_text()
-    assert "re-timing 1: planned for 1.200x" in log
+    assert "re-timing 1: planned for 1.050x" in log
     res = done.results
     assert res["retiming"] and res["retiming"][-1]["measured_speedup"] > 0
     assert {"decode_measured_speedup", "measured_speedup", "student_kv_bytes_per_token"} <= set(res)
-    assert res["target_met_measured"] == (res["decode_measured_speedup"] >= 1.2)
+    assert res["target_met_measured"] == (res["decode_measured_speedup"] >= 1.05)
     assert "student_perplexity" in res["metrics"] and (tmp_path / "hf" / "config.json").is_file()
     assert res["test_windows"] > 0 and "test_sentences" not in res  # token windows, named so (issue 32.6)
     # units the map trained with this setup are loaded from its units/ folder, not trained again
