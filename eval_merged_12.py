@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from utils import api
-from utils.cli.configs import eval_config, session_config
+from utils.cli.configs import chat_config, eval_config, session_config
+from utils.cli.groups import add_chat_args
 from utils.cli.output import print_evaluation
 from utils.cli.parser import add_eval_args, add_eval_recipe, common_parser
 from utils.cli.run import run_main
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="assembled model checkpoint (default: where the notebook / python -m utils.assemble saved it: "
                         "$ST_OUT, ./checkpoints/assembled or <repo>/checkpoints/assembled)")
     add_eval_args(p)
+    add_chat_args(p)
     add_eval_recipe(p, "eval_merged_12.py")
     return p
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Path:
     model = find_assembled(args.model)
     ev = api.evaluate(session_config(args), model, evaluation=eval_config(args), out=args.out, force=args.force,
-                      extra={"recipe": args.recipe})
+                      extra={"recipe": args.recipe}, chat=chat_config(args))
     print_evaluation(ev)
     return ev.out
 

@@ -33,7 +33,9 @@ from . import session as _session
 from .data.masking import OneMasker, lm_targets
 from .data.text import DataConfig
 from .errors import SettingError
+from .evaluation.chat import Chat, ChatConfig, check_chat, evaluate_chat
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
+from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import write_report
 from .evaluation.speed import Timing, decoder_costs
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
@@ -53,9 +55,9 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 
 __all__ = [
     "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
-    "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
+    "EvalConfig", "ChatConfig", "TeacherTextConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
-    "sensitivity_map", "plan_student", "export", "load_model",
+    "sensitivity_map", "plan_student", "export", "load_model", "write_teacher_text",
 ]
 
 log = logging.getLogger("simplifying_transformers")
@@ -107,6 +109,7 @@ class Evaluation:
     notes: list[str]
     out: Path
     model: BertForMaskedLM
+    chat: dict[str, Any] | None = None  # the chat comparison (``chat``): results.json's "chat"
 
 
 @dataclass
@@ -757,20 +760,23 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
 
 def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
              evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
-             extra: dict[str, Any] | None = None) -> Evaluation:
+             extra: dict[str, Any] | None = None, chat: ChatConfig | None = None) -> Evaluation:
     """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` and write
     results.json and predictions.tsv to ``out`` (checked first).
 
     ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
-    pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json."""
+    pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json. ``chat``
+    (a decoder teacher): also compare their replies through the teacher's chat template (``evaluation.chat``)."""
     check_output_dir(out)  # before any work: results that cannot be written are lost
+    if chat is not None:
+        check_chat(family_of(_teacher_plan(session)).task, chat.prompts, what="`chat`")
     if evaluation.judge:
         _need_masked_lm(_teacher_plan(session), "`judge` ranks the predictions of masked tokens")
     s = _prepare(session, judge=evaluation.judge)
     found: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         model, found = _student_from(s, Path(model), force=force)
-    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})})
+    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})}, chat=chat)
 
 
 def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
@@ -787,7 +793,7 @@ def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMasked
 
 
 def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
-              extra: dict[str, Any]) -> Evaluation:
+              extra: dict[str, Any], chat: ChatConfig | None = None) -> Evaluation:
     """The one comparison of a student with the session's teacher, and its report (rank 0) in ``out``."""
     judge = judge_tok = None
     if evaluation.judge:
@@ -800,11 +806,26 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
     if s.teacher.TASK == "causal":  # a decoder's cost is also its KV cache and its prefill / decode speed
         res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
         extra = {"windows": ds.describe(), **extra}
+    if chat is not None and runtime.is_main_process():
+        extra["chat"] = evaluate_chat(s.teacher, student, s.tokenizer, teacher_name=s.teacher_name, config=chat,
+                                      out=out)
     if runtime.is_main_process():
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
                                 "mask_seed": s.data.seed, "device": str(s.device), **extra})
-    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student)
+    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, extra.get("chat"))
+
+
+def write_teacher_text(session: Session | SessionConfig, *, config: TeacherTextConfig = TeacherTextConfig(),
+                       out: str | Path = "checkpoints/teacher_text", force: bool = False) -> TeacherText:
+    """The teacher's own replies to a prompt set, sampled through its chat template, as a text folder the training
+    text mixture can name (``evaluation.teacher_text``: chunked, resumable, the same bytes on a rerun)."""
+    check_output_dir(out, keep=True)
+    check_chat(family_of(_teacher_plan(session)).task, config.prompts, what="teacher-written text", default="train")
+    s = _prepare(session)
+    chat = Chat.of(s.tokenizer, s.teacher_name)
+    return _write_teacher_text(s.teacher, chat, config=config, out=out, force=force,
+                               teacher_record={"teacher": s.teacher_name, "teacher_hash": s.teacher_hash})
 
 
 # ---- the sensitivity map and the planner ----

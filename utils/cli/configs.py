@@ -8,6 +8,7 @@ from typing import Any
 
 from models import LayerSpec
 from ..data.text import DataConfig
+from ..evaluation.chat import ChatConfig
 from ..evaluation.metrics import EvalConfig
 from ..planning.students import MapConfig, PlanFinetune
 from ..session import SessionConfig
@@ -76,6 +77,14 @@ def export_config(args: argparse.Namespace) -> ExportConfig:
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(split=args.split, judge=args.judge, max_batches=args.max_batches)
+
+
+def chat_config(args: argparse.Namespace) -> ChatConfig | None:
+    """--chat-prompts (None without it), --chat-max-new-tokens, --chat-batch-size."""
+    if args.chat_prompts is None:
+        return None
+    return ChatConfig(prompts=args.chat_prompts, max_new_tokens=args.chat_max_new_tokens,
+                      batch_size=args.chat_batch_size)
 
 
 def map_config(args: argparse.Namespace) -> MapConfig:

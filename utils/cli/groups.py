@@ -102,3 +102,17 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="evaluate on the first N test sentences (budget; default all)")
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """Chat fidelity flags (a ``ChatConfig``; no --chat-prompts: no chat comparison)."""
+    g = p.add_argument_group("chat (a decoder teacher with a chat template)")
+    g.add_argument("--chat-prompts", default=None, metavar="FILE",
+                   help="also compare teacher and student replies to the user messages of FILE (JSONL, "
+                        '{"prompt": ...} per line; "default": the shipped set of about 100 instructions), greedy, '
+                        "through the teacher's chat template: exact match, common prefix, chrF, and the student's "
+                        "perplexity, agreement and KL on the teacher's replies (chat.md, chat_replies.jsonl)")
+    g.add_argument("--chat-max-new-tokens", type=positive_int("--chat-max-new-tokens"), default=64,
+                   help="longest reply (tokens)")
+    g.add_argument("--chat-batch-size", type=positive_int("--chat-batch-size"), default=8,
+                   help="prompts generated together (left-padded, KV cache)")

@@ -114,8 +114,8 @@ def end_of_turn(tokenizer: Any, teacher: str | Path) -> tuple[list[int], str]:
             return ([eos] if isinstance(eos, int) else list(eos)), "generation_config.json eos_token_id"
     if tokenizer.eos_token_id is not None:
         return [tokenizer.eos_token_id], f"the tokenizer's eos_token {tokenizer.eos_token}"
-    raise TeacherError(f"the teacher '{teacher}' names no end-of-turn token (no eos_token_id in generation_config.json, "
-                       "no eos token in its tokenizer): a reply would never end")
+    raise TeacherError(f"the teacher '{teacher}' names no end-of-turn token (no eos_token_id in "
+                       "generation_config.json, no eos token in its tokenizer): a reply would never end")
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +220,8 @@ def _reply_positions(prompts: Sequence[Sequence[int]], replies: Sequence[Sequenc
 
 
 @torch.no_grad()
-def teacher_forced(teacher: SwappableModel, student: SwappableModel, prompts: Sequence[Sequence[int]],
-                   replies: Sequence[Sequence[int]], *, pad_id: int, batch_size: int) -> ForcedCounts:
+def teacher_forced(teacher: SwappableModel, student: SwappableModel, prompts: Sequence[Sequence[int]], *,
+                   replies: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> ForcedCounts:
     """Both models read each prompt followed by the teacher's reply; every reply token is one prediction."""
     device = next(teacher.parameters()).device
     counts = ForcedCounts()
@@ -250,14 +250,15 @@ class ChatResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def chat_fidelity(teacher: SwappableModel, student: SwappableModel, chat: Chat, prompts: Sequence[str], *,
+def chat_fidelity(teacher: SwappableModel, student: SwappableModel, chat: Chat, *, prompts: Sequence[str],
                   config: ChatConfig) -> ChatResult:
     """Teacher and student answer ``prompts`` greedily; their replies compared (see the module's docstring)."""
     ids = [chat.prompt_ids(p) for p in prompts]
     kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     teacher_replies, student_replies = answer(teacher, chat, ids, **kw), answer(student, chat, ids, **kw)
     rows = [_row(p, t, s, chat=chat) for p, t, s in zip(prompts, teacher_replies, student_replies)]
-    forced = teacher_forced(teacher, student, ids, teacher_replies, pad_id=chat.pad_id, batch_size=config.batch_size)
+    forced = teacher_forced(teacher, student, ids, replies=teacher_replies, pad_id=chat.pad_id,
+                            batch_size=config.batch_size)
     n = len(rows)
     metrics = {
         "prompts": n, "exact_match": sum(r["exact_match"] for r in rows) / n,
@@ -324,3 +325,22 @@ def side_by_side(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| prompt | teacher | student |", "|---|---|---|"]
     lines += [f"| {cell(r['prompt'])} | {cell(r['teacher'])} | {cell(r['student'])} |" for r in rows]
     return "\n".join(lines)
+
+
+def evaluate_chat(teacher: SwappableModel, student: SwappableModel, tokenizer: Any, *, teacher_name: str,
+                  config: ChatConfig, out: str | Path) -> dict[str, Any]:
+    """The chat comparison of an evaluation: its report files in ``out``; returns results.json's "chat" object."""
+    path, prompts = read_prompts(config.prompts)
+    res = chat_fidelity(teacher, student, Chat.of(tokenizer, teacher_name), prompts=prompts, config=config)
+    write_chat_report(res, out, shown=config.shown)
+    return {"prompts_file": str(path), **res.metrics}
+
+
+def check_chat(task: str, prompts: str, *, what: str, default: str = "eval") -> None:
+    """Before anything is loaded: ``what`` (a chat job) needs a causal-LM teacher (SettingError) and readable
+    prompts."""
+    from ..errors import SettingError
+
+    if task != "causal":
+        raise SettingError(f"{what}: an encoder (masked-LM teacher) has no chat; this needs a decoder teacher")
+    read_prompts(prompts, default)

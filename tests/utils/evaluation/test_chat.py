@@ -44,7 +44,7 @@ def chat_teacher(tiny_chat_llama):
 
 def test_a_student_identical_to_its_teacher_matches_it_everywhere(chat_teacher):
     teacher, chat = chat_teacher
-    res = chat_fidelity(teacher, clone_model(teacher), chat, PROMPTS, config=ChatConfig(max_new_tokens=10,
+    res = chat_fidelity(teacher, clone_model(teacher), chat, prompts=PROMPTS, config=ChatConfig(max_new_tokens=10,
                                                                                         batch_size=2))
     m = res.metrics
     assert m["prompts"] == len(PROMPTS) and m["end_of_turn"]["tokens"] == ["<|im_end|>"]
@@ -64,7 +64,7 @@ def test_a_perturbed_student_differs(chat_teacher, tmp_path):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
-    res = chat_fidelity(teacher, student, chat, PROMPTS, config=ChatConfig(max_new_tokens=10, batch_size=3))
+    res = chat_fidelity(teacher, student, chat, prompts=PROMPTS, config=ChatConfig(max_new_tokens=10, batch_size=3))
     m, f = res.metrics, res.metrics["teacher_forced"]
     assert m["exact_match"] < 1.0 and m["chrf"] < 100.0
     assert f["agreement_top1"] < 1.0 and f["kl_teacher_student"] > 1e-4
