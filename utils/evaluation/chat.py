@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from models.base import SwappableModel
 from models.hf import TeacherError
-from ..data.text import DataError
+from ..data.text import DataError, jsonl_strings
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPTS = {"eval": PROMPTS / "chat_eval.jsonl", "train": PROMPTS / "chat_train.jsonl"}
@@ -48,18 +48,10 @@ def read_prompts(source: str | Path, default: str = "eval") -> tuple[Path, list[
     path = DEFAULT_PROMPTS[default] if str(source) == "default" else Path(source)
     if not path.is_file():
         raise DataError(f"chat prompt file '{path}' does not exist")
-    prompts = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"chat prompt file '{path}' line {k + 1} is not JSON: {e.msg}") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-            raise DataError(f"chat prompt file '{path}' line {k + 1}: expected an object with a non-empty string "
-                            'field "prompt"')
-        prompts.append(rec["prompt"])
+    prompts = jsonl_strings(path, "prompt")
+    blank = [k + 1 for k, p in enumerate(prompts) if not p.strip()]
+    if blank:
+        raise DataError(f"chat prompt file '{path}': prompt {blank[0]} is empty")
     if not prompts:
         raise DataError(f"chat prompt file '{path}' holds no prompt")
     return path, prompts
