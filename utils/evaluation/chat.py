@@ -97,9 +97,14 @@ class Chat:
 
 
 def end_of_turn(tokenizer: Any, teacher: str | Path) -> tuple[list[int], str]:
-    """The ids that end the teacher's turn and where they were read: ``eos_token_id`` of the teacher folder's
-    generation_config.json (what transformers' ``generate`` stops at), else the tokenizer's eos token."""
-    gen = Path(teacher) / "generation_config.json"
+    """The ids that end the teacher's turn and where they were read: ``eos_token_id`` of the teacher folder's (or hub
+    snapshot's) generation_config.json (what transformers' ``generate`` stops at), else the tokenizer's eos token."""
+    from models.hf import resolve_checkpoint
+
+    try:
+        gen = resolve_checkpoint(teacher) / "generation_config.json"  # a hub id: its folder in the cache
+    except FileNotFoundError:
+        gen = Path(teacher) / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         if eos is not None:

@@ -115,3 +115,14 @@ def test_shipped_prompt_sets_are_varied_and_disjoint():
 
     assert len({norm(p) for p in evaluation}) == len(evaluation) and len({norm(p) for p in train}) == len(train)
     assert not {norm(p) for p in evaluation} & {norm(p) for p in train}
+
+
+def test_end_of_turn_falls_back_to_the_tokenizer_eos(tiny_chat_llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "t"
+    shutil.copytree(tiny_chat_llama, folder)
+    (folder / "generation_config.json").unlink()
+    _, tok = load_teacher(folder)
+    chat = Chat.of(tok, folder)
+    assert chat.describe() == {"ids": [34], "tokens": ["<|im_end|>"], "from": "the tokenizer's eos_token <|im_end|>"}
