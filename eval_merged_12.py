@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from utils import api
-from utils.cli.configs import eval_config, lm_eval_config, session_config
-from utils.cli.groups import add_lm_eval_args
+from utils.cli.configs import chat_config, eval_config, lm_eval_config, session_config
+from utils.cli.groups import add_chat_args, add_lm_eval_args
 from utils.cli.output import print_evaluation
 from utils.cli.parser import add_eval_args, add_eval_recipe, common_parser
 from utils.cli.run import run_main
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "$ST_OUT, ./checkpoints/assembled or <repo>/checkpoints/assembled)")
     add_eval_args(p)
     add_lm_eval_args(p)
+    add_chat_args(p)
     add_eval_recipe(p, "eval_merged_12.py")
     return p
 
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> Path:
     model = find_assembled(args.model)
     ev = api.evaluate(session_config(args), model, evaluation=eval_config(args), out=args.out, force=args.force,
-                      extra={"recipe": args.recipe}, lm_eval=lm_eval_config(args))
+                      extra={"recipe": args.recipe}, lm_eval=lm_eval_config(args),
+                      chat=chat_config(args))
     print_evaluation(ev)
     return ev.out
 

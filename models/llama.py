@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +257,7 @@ class LlamaContext:
     generating, the KV cache. Rotary cos/sin are computed once per head size and shared by every layer."""
 
     mask: torch.Tensor | None
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T], or [B, T] when rows are padded on the left
     theta: float
     scaling: dict | None
     causal: bool = True  # with mask None: causal (prefill) or not (one new token attends to the whole cache)
@@ -275,8 +275,10 @@ class LlamaContext:
     def rotary(self, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if head_dim not in self._rotary:
             inv = inverse_frequencies(head_dim, self.theta, self.scaling).to(self.positions.device)
-            freqs = self.positions.float()[:, None] * inv[None]
+            freqs = self.positions.float()[..., None] * inv
             emb = torch.cat([freqs, freqs], dim=-1)
+            if emb.dim() == 3:  # positions per row [B, T]: broadcast over the heads of [B, H, T, d]
+                emb = emb[:, None]
             self._rotary[head_dim] = (emb.cos(), emb.sin())
         cos, sin = self._rotary[head_dim]
         return cos.to(dtype), sin.to(dtype)
@@ -506,9 +508,11 @@ class LlamaForCausalLM(SwappableModel):
 
     def context(self, attention_mask: torch.Tensor | None, seq_len: int | None = None, cache: KVCache | None = None,
                 *, always_mask: bool = False) -> LlamaContext:
-        """Causal attention over right-padded rows (a [B, T] 0/1 mask; None or all ones: no padding). With a cache,
-        the new tokens come after the ``cache.length`` cached ones."""
-        T = attention_mask.shape[1] if attention_mask is not None else seq_len
+        """Causal attention over padded rows (a [B, T] 0/1 mask; None or all ones: no padding). With a cache, the new
+        ``seq_len`` tokens come after the ``cache.length`` cached ones and a mask covers both ([B, past + T]): rows
+        may then be padded anywhere (generation pads prompts on the left), each row's positions count its own real
+        tokens, and no query attends to a padded key."""
+        T = seq_len if seq_len is not None else attention_mask.shape[1] if attention_mask is not None else None
         if T is None:
             raise ValueError("context needs the attention mask or the sequence length")
         past = cache.length if cache is not None else 0
@@ -519,13 +523,17 @@ class LlamaForCausalLM(SwappableModel):
         positions = torch.arange(past, past + T, device=device)
         keys = torch.arange(past + T, device=device)
         mask = None
-        if attention_mask is not None and (always_mask or not bool(attention_mask.all())):
-            if past:
-                raise ValueError("padding is not supported together with a KV cache")
+        padded = attention_mask is not None and (always_mask or not bool(attention_mask.all()))
+        if padded and attention_mask.shape[1] != past + T:
+            raise ValueError(f"the attention mask covers {attention_mask.shape[1]} tokens; {past} cached and {T} new "
+                             f"ones need {past + T}")
+        if padded:
             valid = attention_mask.bool()[:, None, :]
             # a padded query attends to itself at least, so no row is empty (its output is never used)
             mask = ((keys[None, :] <= positions[:, None])[None] & valid) | (keys[None, :] == positions[:, None])[None]
             mask = mask[:, None]
+            if cache is not None:  # each row's own positions: its real tokens counted from 0
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         elif past and T > 1:  # several new tokens after cached ones: each sees the cache and the new ones before it
             mask = keys[None, :] <= positions[:, None]
         return LlamaContext(mask=mask, positions=positions, theta=self.config.rope_theta,
@@ -537,20 +545,43 @@ class LlamaForCausalLM(SwappableModel):
         return F.linear(h, weight)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding of ``max_new_tokens`` tokens after ``input_ids`` [B, T] (no padding); returns all ids."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 stop_ids: Sequence[int] = (), temperature: float = 0.0, generator: torch.Generator | None = None,
+                 pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
+        """Up to ``max_new_tokens`` tokens after each row of ``input_ids`` [B, T]; returns all ids [B, T + n].
+
+        Rows of different lengths are padded on the left (``attention_mask`` 0 there). ``temperature`` 0: greedy;
+        above 0: sampled from softmax(logits / temperature) with ``generator``. A row ends at the first of
+        ``stop_ids`` it writes (kept), then holds ``pad_token_id``; generation ends when every row has ended (as
+        transformers' ``generate``). ``use_cache`` False recomputes the whole sequence at every step (a check)."""
         ids = input_ids
-        cache = KVCache() if use_cache else None
-        step = ids
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        stop = torch.tensor(list(stop_ids), dtype=ids.dtype, device=ids.device)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        cache, step = KVCache(), ids
         for _ in range(max_new_tokens):
-            ctx = self.context(None, step.shape[1], cache)
-            h = self.run_layers(self.embed(step), ctx)
-            if cache is not None:
-                cache.length += step.shape[1]
-            nxt = self.lm_logits(h[:, -1]).argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-            step = nxt if cache is not None else ids
+            if not use_cache:
+                cache, step = KVCache(), ids
+            logits = self._next_logits(step, mask, cache)
+            if temperature > 0:
+                nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            done |= torch.isin(nxt, stop)
+            ids, mask, step = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt[:, None])], 1), \
+                nxt[:, None]
+            if bool(done.all()):
+                break
         return ids
+
+    def _next_logits(self, step: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The next-token logits (float32) of each row after ``step``, the tokens the cache has not seen (``mask``
+        covers the cached ones and these); the cache takes them in."""
+        ctx = self.context(mask, step.shape[1], cache)
+        h = self.run_layers(self.embed(step), ctx)
+        cache.length += step.shape[1]
+        return self.lm_logits(h[:, -1]).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------

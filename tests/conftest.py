@@ -40,5 +40,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory) -> Path:
+    """tiny_llama as an instruct teacher: ChatML chat template, <|im_end|> ends its turn."""
+    return make_decoder_teacher(tmp_path_factory.mktemp("tiny_chat_llama"), chat=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -69,17 +69,29 @@ def make_hf_teacher(folder: Path, layers: int = 2, hidden: int = 32, heads: int 
     return folder
 
 
-def make_decoder_tokenizer(folder: Path):
-    """A word-level tokenizer over the corpus words (what a decoder teacher folder needs besides its weights)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "user", "assistant"]
+# SmolLM2-Instruct's template (ChatML) without its default system turn
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_decoder_tokenizer(folder: Path, chat: bool = False):
+    """A word-level tokenizer over the corpus words (what a decoder teacher folder needs besides its weights); with
+    ``chat``, also ChatML's turn tokens, a chat template and <|im_end|> as its eos token (an instruct teacher's)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted(set(NOUNS + ADJS + VERBS + ["the", "near", ".", ","]))
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words + (CHAT_TOKENS if chat else []))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if chat:
+        backend.add_special_tokens([AddedToken(t, special=True) for t in CHAT_TOKENS[:2]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="<|im_end|>" if chat else "</s>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(folder))
     return tok
 
@@ -89,12 +101,15 @@ DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config
 
 
 def make_decoder_teacher(folder: Path, model_type: str = "llama", layers: int = 4, hidden: int = 48, heads: int = 6,
-                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, **config_kwargs) -> Path:
+                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, chat: bool = False, **config_kwargs) -> Path:
     """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer;
-    ``config_kwargs`` go to the transformers config as they are (rope_scaling, tie_word_embeddings, ...)."""
+    ``config_kwargs`` go to the transformers config as they are (rope_scaling, tie_word_embeddings, ...). ``chat``:
+    an instruct teacher's tokenizer (``make_decoder_tokenizer``), <|im_end|> its eos in generation_config.json."""
     import transformers
 
-    tok = make_decoder_tokenizer(folder)
+    tok = make_decoder_tokenizer(folder, chat=chat)
+    if chat:
+        config_kwargs = {"eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"), **config_kwargs}
     torch.manual_seed(seed)
     cfg_name, model_name = DECODERS[model_type]
     cfg = getattr(transformers, cfg_name)(

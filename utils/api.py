@@ -35,7 +35,9 @@ from .data.text import DataConfig, TrainText
 from .errors import SettingError
 from .evaluation.harness import (HarnessComparison, HarnessConfig, Tasks, compare as compare_lm_eval, load_tasks,
                                  need_causal_lm)
+from .evaluation.chat import Chat, ChatConfig, check_chat, evaluate_chat
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
+from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import counted, write_report
 from .evaluation.speed import Timing, decoder_costs
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
@@ -55,9 +57,10 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 
 __all__ = [
     "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss",
-    "FinetuneLoss", "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "HarnessConfig", "SettingError",
+    "FinetuneLoss", "EvalConfig", "ChatConfig", "TeacherTextConfig", "ExportConfig", "MapConfig", "PlanFinetune",
+    "HarnessConfig", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
-    "sensitivity_map", "plan_student", "export", "load_model",
+    "sensitivity_map", "plan_student", "export", "load_model", "write_teacher_text",
 ]
 
 log = logging.getLogger("simplifying_transformers")
@@ -110,6 +113,7 @@ class Evaluation:
     out: Path
     model: BertForMaskedLM
     lm_eval: HarnessComparison | None = None  # lm-eval's tasks on teacher and student, when asked for
+    chat: dict[str, Any] | None = None  # the chat comparison (``chat``): results.json's "chat"
 
 
 @dataclass
@@ -760,15 +764,19 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
 
 def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
              evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
-             extra: dict[str, Any] | None = None, lm_eval: HarnessConfig | None = None) -> Evaluation:
+             extra: dict[str, Any] | None = None, lm_eval: HarnessConfig | None = None,
+             chat: ChatConfig | None = None) -> Evaluation:
     """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` and write
     results.json and predictions.tsv to ``out`` (checked first).
 
     ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
     pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json.
     ``lm_eval``: also run these lm-evaluation-harness tasks on a decoder teacher and the model (checked before the
-    teacher loads), side by side in results.json (``lm_eval``) and ``Evaluation.lm_eval``."""
+    teacher loads), side by side in results.json (``lm_eval``) and ``Evaluation.lm_eval``. ``chat`` (a decoder
+    teacher): also compare their replies through the teacher's chat template (``evaluation.chat``)."""
     check_output_dir(out)  # before any work: results that cannot be written are lost
+    if chat is not None:
+        check_chat(family_of(_teacher_plan(session)).task, chat.prompts, what="`chat`")
     if evaluation.judge:
         _need_masked_lm(_teacher_plan(session), "`judge` ranks the predictions of masked tokens")
     tasks = None
@@ -779,7 +787,8 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
     found: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         model, found = _student_from(s, Path(model), force=force)
-    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})}, lm_eval=tasks)
+    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})}, lm_eval=tasks,
+                     chat=chat)
 
 
 def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
@@ -796,7 +805,8 @@ def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMasked
 
 
 def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
-              extra: dict[str, Any], lm_eval: Tasks | None = None) -> Evaluation:
+              extra: dict[str, Any], lm_eval: Tasks | None = None,
+              chat: ChatConfig | None = None) -> Evaluation:
     """The one comparison of a student with the session's teacher, and its report (rank 0) in ``out``."""
     judge = judge_tok = None
     if evaluation.judge:
@@ -813,11 +823,26 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
     if lm_eval is not None and runtime.is_main_process():
         compared = compare_lm_eval(s.teacher, student, s.tokenizer, tasks=lm_eval)
         extra = {**extra, "lm_eval": compared.to_json()}
+    if chat is not None and runtime.is_main_process():
+        extra["chat"] = evaluate_chat(s.teacher, student, s.tokenizer, teacher_name=s.teacher_name, config=chat,
+                                      out=out)
     if runtime.is_main_process():
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
                                 "mask_seed": s.data.seed, "device": str(s.device), **extra})
-    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, compared)
+    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, compared, extra.get("chat"))
+
+
+def write_teacher_text(session: Session | SessionConfig, *, config: TeacherTextConfig = TeacherTextConfig(),
+                       out: str | Path = "checkpoints/teacher_text", force: bool = False) -> TeacherText:
+    """The teacher's own replies to a prompt set, sampled through its chat template, as a text folder the training
+    text mixture can name (``evaluation.teacher_text``: chunked, resumable, the same bytes on a rerun)."""
+    check_output_dir(out, keep=True)
+    check_chat(family_of(_teacher_plan(session)).task, config.prompts, what="teacher-written text", default="train")
+    s = _prepare(session)
+    chat = Chat.of(s.tokenizer, s.teacher_name)
+    return _write_teacher_text(s.teacher, chat, config=config, out=out, force=force,
+                               teacher_record={"teacher": s.teacher_name, "teacher_hash": s.teacher_hash})
 
 
 # ---- the sensitivity map and the planner ----

@@ -61,6 +61,56 @@ def test_generate_with_and_without_cache_equals_transformers(tmp_path):
     assert torch.equal(ours.generate(prompt, 12, use_cache=False), ref)
 
 
+def _left_padded(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of ``lengths`` padded on the left with 0 (as a tokenizer with padding_side left gives them)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, ids.shape[1] - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, ids.shape[1] - n:] = 1
+    return ids, mask
+
+
+def test_batched_left_padded_generation_equals_each_prompt_alone_and_transformers(tmp_path):
+    """Rows of different lengths, left-padded, stopping at their own end token: the same tokens as each prompt
+    generated alone, and exactly what transformers' generate writes (greedy, the same end tokens and padding)."""
+    import transformers
+
+    folder = make_decoder_teacher(tmp_path / "t", rope_scaling=LLAMA3_ROPE)
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    ours, _ = load_teacher(folder)
+    ids, mask = _left_padded(hf.config.vocab_size, [9, 4, 6], seed=5)
+    free = ours.generate(ids, 12, attention_mask=mask)
+    stop = [int(free[0, 9 + 2]), int(free[2, 9 + 5])]  # tokens the rows write anyway: rows end at different steps
+    out = ours.generate(ids, 12, attention_mask=mask, stop_ids=stop)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stop,
+                      pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert torch.equal(out, ours.generate(ids, 12, attention_mask=mask, stop_ids=stop, use_cache=False))
+    ended = [bool(torch.isin(row[9:], torch.tensor(stop)).any()) for row in out]
+    assert ended[0] and out.shape[1] <= 9 + 12
+    for row, n in zip(range(3), [9, 4, 6]):
+        alone = ours.generate(ids[row:row + 1, 9 - n:], 12, stop_ids=stop)[0, n:]
+        mine = out[row, 9:]
+        assert torch.equal(mine[:len(alone)], alone)
+        assert bool((mine[len(alone):] == 0).all())  # after its end token a row holds the pad id
+
+
+def test_sampled_generation_is_seeded(tiny_llama):
+    """Sampling at a temperature follows the generator: the same seed, the same tokens; another seed, others."""
+    ours, _ = load_teacher(tiny_llama)
+    ids, mask = _left_padded(ours.config.vocab_size, [5, 3], seed=1)
+
+    def sample(seed: int) -> torch.Tensor:
+        return ours.generate(ids, 16, attention_mask=mask, temperature=1.0,
+                             generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+    assert not torch.equal(sample(0), ours.generate(ids, 16, attention_mask=mask))
+
+
 def test_kv_cache_bytes_per_token(tiny_llama):
     ours, _ = load_teacher(tiny_llama)
     cfg = ours.config  # 4 layers x 2 KV heads x head_dim 8, keys and values, 2 bytes

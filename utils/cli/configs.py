@@ -10,6 +10,7 @@ from models import LayerSpec
 from ..data.text import DataConfig
 from ..errors import SettingError
 from ..evaluation.harness import HarnessConfig
+from ..evaluation.chat import ChatConfig
 from ..evaluation.metrics import EvalConfig
 from ..planning.students import MapConfig, PlanFinetune
 from ..session import SessionConfig
@@ -91,6 +92,14 @@ def lm_eval_config(args: argparse.Namespace) -> HarnessConfig | None:
         return None
     return HarnessConfig(tasks=args.lm_eval, task_dir=args.lm_eval_include, limit=args.lm_eval_limit,
                          batch_size=args.lm_eval_batch_size)
+
+
+def chat_config(args: argparse.Namespace) -> ChatConfig | None:
+    """--chat-prompts (None without it), --chat-max-new-tokens, --chat-batch-size."""
+    if args.chat_prompts is None:
+        return None
+    return ChatConfig(prompts=args.chat_prompts, max_new_tokens=args.chat_max_new_tokens,
+                      batch_size=args.chat_batch_size)
 
 
 def map_config(args: argparse.Namespace) -> MapConfig:

@@ -120,3 +120,17 @@ def add_lm_eval_args(p: argparse.ArgumentParser) -> None:
                    help="at most N documents per task (None: all)")
     g.add_argument("--lm-eval-batch-size", type=positive_int("--lm-eval-batch-size"), default=1, metavar="B",
                    help="lm-eval's batch size")
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """Chat fidelity flags (a ``ChatConfig``; no --chat-prompts: no chat comparison)."""
+    g = p.add_argument_group("chat (a decoder teacher with a chat template)")
+    g.add_argument("--chat-prompts", default=None, metavar="FILE",
+                   help="also compare teacher and student replies to the user messages of FILE (JSONL, "
+                        '{"prompt": ...} per line; "default": the shipped set of about 100 instructions), greedy, '
+                        "through the teacher's chat template: exact match, common prefix, chrF, and the student's "
+                        "perplexity, agreement and KL on the teacher's replies (chat.md, chat_replies.jsonl)")
+    g.add_argument("--chat-max-new-tokens", type=positive_int("--chat-max-new-tokens"), default=64,
+                   help="longest reply (tokens)")
+    g.add_argument("--chat-batch-size", type=positive_int("--chat-batch-size"), default=8,
+                   help="prompts generated together (left-padded, KV cache)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import runtime
 from ..api import CachedFeatures, Evaluation, TrainedUnits
+from ..evaluation.chat import chat_table
 from ..evaluation.metrics import EvalResult
 from ..evaluation.report import report_text
 
@@ -24,6 +25,8 @@ def print_evaluation(ev: Evaluation) -> None:
     print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes)))
     if ev.lm_eval is not None:
         print(ev.lm_eval.table())
+    if ev.chat is not None:
+        print(chat_table(ev.chat))
 
 
 def print_cached(done: CachedFeatures) -> None:

@@ -63,6 +63,7 @@ FLAGS = {
     "speed_margin": "--speed-margin", "latency_threads": "--latency-threads",
     "tasks": "--lm-eval", "task_dir": "--lm-eval-include",
     "split_by": "--split-by", "train_texts": "--train-text", "data_weight": "--data-weight",
+    "chat": "--chat-prompts",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

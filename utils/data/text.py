@@ -93,23 +93,29 @@ def text_documents(text: str, name: str) -> list[Document]:
     return [Document(f"{name}#{k}", "".join(lines[a:b])) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
+def jsonl_strings(path: Path, key: str, text: str | None = None) -> list[str]:
+    """The string field ``key`` of every line of a JSONL file (``text``: its contents, if already read); blank lines
+    are skipped; DataError naming the file and line of anything else."""
+    out = []
+    for k, line in enumerate((_file_text(path) if text is None else text).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"'{path}' line {k + 1} is not JSON: {e.msg}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+            raise DataError(f"'{path}' line {k + 1}: expected an object with a string field \"{key}\"")
+        out.append(rec[key])
+    return out
+
+
 def _file_documents(path: Path, name: str) -> list[Document]:
     """A file's documents: a .jsonl file one per line (its "text" field); a WikiText file one per article (a new one at
     each " = Title = " line); any other file one."""
     text = _file_text(path)
     if path.suffix == ".jsonl":
-        docs = []
-        for k, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"'{path}' line {k + 1} is not JSON: {e.msg}") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f"'{path}' line {k + 1}: expected an object with a string field \"text\"")
-            docs.append(Document(f"{name}#{len(docs)}", rec["text"]))
-        return docs
+        return [Document(f"{name}#{k}", t) for k, t in enumerate(jsonl_strings(path, "text", text))]
     return text_documents(text, name)
 
 

@@ -1,0 +1,128 @@
+"""Chat fidelity (utils/evaluation/chat.py): chrF on hand-computed cases, the metrics of a student identical to its
+teacher and of a perturbed one, the prompt files, and the shipped prompt sets (the training set disjoint from the
+evaluation set)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import load_teacher
+from models.compress import clone_model
+from models.hf import TeacherError
+from utils.data.text import DataError
+from utils.evaluation.chat import (Chat, ChatConfig, chat_fidelity, chrf, common_prefix, cut_reply, read_prompts,
+                                   write_chat_report)
+
+PROMPTS = ["the cat sees the dog", "the old king builds the ship near the river", "the red bird",
+           "the queen likes the song", "the army follows the famous king"]
+
+
+def test_chrf_of_a_hand_computed_case():
+    # "ab" vs "abc": unigrams P 2/2 R 2/3, bigrams P 1/1 R 1/2, no trigram in "ab": orders 1..2 averaged,
+    # P = 1, R = 7/12, F2 = 5 P R / (4 P + R) = (35/12) / (55/12) = 7/11
+    assert chrf("ab", "abc") == pytest.approx(100 * 7 / 11)
+    assert chrf("a b", "abc") == pytest.approx(100 * 7 / 11)  # whitespace is not a character n-gram
+    assert chrf("the cat", "the cat") == pytest.approx(100.0)
+    assert chrf("xyz", "abc") == 0.0
+    assert chrf("", "abc") == 0.0 and chrf("", "") == 100.0
+    assert chrf("abc", "ab") != chrf("ab", "abc")  # recall weighs more than precision (beta 2)
+
+
+def test_cut_reply_and_common_prefix():
+    assert cut_reply([5, 6, 9, 0, 0], [9]) == [5, 6, 9]
+    assert cut_reply([5, 6, 7], [9, 8]) == [5, 6, 7]
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+
+
+@pytest.fixture(scope="module")
+def chat_teacher(tiny_chat_llama):
+    teacher, tok = load_teacher(tiny_chat_llama)
+    return teacher, Chat.of(tok, tiny_chat_llama)
+
+
+def test_a_student_identical_to_its_teacher_matches_it_everywhere(chat_teacher):
+    teacher, chat = chat_teacher
+    res = chat_fidelity(teacher, clone_model(teacher), chat, prompts=PROMPTS, config=ChatConfig(max_new_tokens=10,
+                                                                                        batch_size=2))
+    m = res.metrics
+    assert m["prompts"] == len(PROMPTS) and m["end_of_turn"]["tokens"] == ["<|im_end|>"]
+    assert m["end_of_turn"]["from"] == "generation_config.json eos_token_id"
+    assert m["exact_match"] == 1.0 and m["first8_match"] == 1.0 and m["chrf"] == pytest.approx(100.0)
+    assert m["mean_common_prefix_tokens"] == m["teacher_reply_tokens"] > 0
+    f = m["teacher_forced"]
+    assert f["agreement_top1"] == 1.0 and f["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
+    assert f["student_perplexity"] == pytest.approx(f["teacher_perplexity"])
+    assert f["tokens"] == sum(len(r["teacher_tokens"]) for r in res.rows)
+
+
+def test_a_perturbed_student_differs(chat_teacher, tmp_path):
+    teacher, chat = chat_teacher
+    student = clone_model(teacher)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    res = chat_fidelity(teacher, student, chat, prompts=PROMPTS, config=ChatConfig(max_new_tokens=10, batch_size=3))
+    m, f = res.metrics, res.metrics["teacher_forced"]
+    assert m["exact_match"] < 1.0 and m["chrf"] < 100.0
+    assert f["agreement_top1"] < 1.0 and f["kl_teacher_student"] > 1e-4
+    assert f["student_perplexity"] != pytest.approx(f["teacher_perplexity"])
+    files = write_chat_report(res, tmp_path, shown=2)
+    rows = [json.loads(l) for l in files[0].read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    table = files[1].read_text()
+    assert PROMPTS[1] in table and PROMPTS[2] not in table and "chrF" in table
+
+
+def test_greedy_replies_do_not_depend_on_the_batch(chat_teacher):
+    """A prompt's reply is the same alone and left-padded among longer ones."""
+    from utils.evaluation.chat import answer
+
+    teacher, chat = chat_teacher
+    ids = [chat.prompt_ids(p) for p in PROMPTS]
+    together = answer(teacher, chat, ids, max_new_tokens=8, batch_size=len(ids))
+    assert together == [answer(teacher, chat, [i], max_new_tokens=8, batch_size=1)[0] for i in ids]
+
+
+def test_a_teacher_without_a_chat_template_is_refused(tiny_llama):
+    _, tok = load_teacher(tiny_llama)
+    with pytest.raises(TeacherError, match="no chat template"):
+        Chat.of(tok, tiny_llama)
+
+
+def test_prompt_files(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "hello"}\n\n{"prompt": "two\\nlines"}\n')
+    assert read_prompts(good)[1] == ["hello", "two\nlines"]
+    for text, needle in (('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"), ('{"text": "a"}\n', "line 1"),
+                         ("", "holds no prompt")):
+        good.write_text(text)
+        with pytest.raises(DataError, match=needle):
+            read_prompts(good)
+    with pytest.raises(DataError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_shipped_prompt_sets_are_varied_and_disjoint():
+    _, evaluation = read_prompts("default", "eval")
+    _, train = read_prompts("default", "train")
+    assert 90 <= len(evaluation) <= 120 and len(train) >= 250
+
+    def norm(s: str) -> str:
+        return " ".join(s.lower().split())
+
+    assert len({norm(p) for p in evaluation}) == len(evaluation) and len({norm(p) for p in train}) == len(train)
+    assert not {norm(p) for p in evaluation} & {norm(p) for p in train}
+
+
+def test_end_of_turn_falls_back_to_the_tokenizer_eos(tiny_chat_llama, tmp_path):
+    import shutil
+
+    folder = tmp_path / "t"
+    shutil.copytree(tiny_chat_llama, folder)
+    (folder / "generation_config.json").unlink()
+    _, tok = load_teacher(folder)
+    chat = Chat.of(tok, folder)
+    assert chat.describe() == {"ids": [34], "tokens": ["<|im_end|>"], "from": "the tokenizer's eos_token <|im_end|>"}

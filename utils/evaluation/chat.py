@@ -1,0 +1,343 @@
+"""Chat fidelity (issue 32): does the student still answer as its teacher does?
+
+Teacher and student answer the same user messages greedily through the teacher's chat template (one user turn,
+``add_generation_prompt``), each reply ending at the teacher's end-of-turn token or after ``max_new_tokens``. Compared:
+the student's whole reply with the teacher's (exact match), their common prefix in tokens, whether the first
+``PREFIX_TOKENS`` tokens agree, chrF of the texts; and, teacher-forced on the teacher's replies, the student's
+perplexity, its top-1 agreement with the teacher and KL(teacher || student) on the reply tokens.
+
+The prompt sets shipped with the repository (``prompts/``) are read by path relative to this file: ``chat_eval``
+(about 100 varied instructions, the evaluation's default) and ``chat_train`` (the teacher-written distillation text's
+default, disjoint from the evaluation's).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from models.base import SwappableModel
+from models.hf import TeacherError
+from ..data.text import DataError, jsonl_strings
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+DEFAULT_PROMPTS = {"eval": PROMPTS / "chat_eval.jsonl", "train": PROMPTS / "chat_train.jsonl"}
+PREFIX_TOKENS = 8  # the issue's target: the first 8 reply tokens equal to the teacher's
+CHRF_ORDER, CHRF_BETA = 6, 2.0
+
+
+@dataclass
+class ChatConfig:
+    """The chat comparison: which prompts, how long a reply may be, how many prompts per generation batch."""
+
+    prompts: str = "default"  # a JSONL file of {"prompt": ...} lines, or "default" (the shipped evaluation set)
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    shown: int = 6  # replies side by side in the report
+
+
+def read_prompts(source: str | Path, default: str = "eval") -> tuple[Path, list[str]]:
+    """The user messages of a JSONL file (one {"prompt": "..."} per line; blank lines skipped), or of the shipped set
+    ``default`` (eval or train) when ``source`` is "default". DataError naming the file and line otherwise."""
+    path = DEFAULT_PROMPTS[default] if str(source) == "default" else Path(source)
+    if not path.is_file():
+        raise DataError(f"chat prompt file '{path}' does not exist")
+    prompts = jsonl_strings(path, "prompt")
+    blank = [k + 1 for k, p in enumerate(prompts) if not p.strip()]
+    if blank:
+        raise DataError(f"chat prompt file '{path}': prompt {blank[0]} is empty")
+    if not prompts:
+        raise DataError(f"chat prompt file '{path}' holds no prompt")
+    return path, prompts
+
+
+@dataclass
+class Chat:
+    """A teacher's chat format: its tokenizer (with a chat template) and the token ids that end its turn."""
+
+    tokenizer: Any
+    end_ids: list[int]
+    end_source: str  # where the end-of-turn ids were read
+
+    @classmethod
+    def of(cls, tokenizer: Any, teacher: str | Path) -> "Chat":
+        """The chat format of the teacher named ``teacher``; TeacherError when it has no chat template or no end
+        token."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise TeacherError(f"the teacher '{teacher}' has no chat template (tokenizer_config.json / "
+                               "chat_template.jinja): its chat cannot be compared; use an instruction-tuned teacher")
+        ids, source = end_of_turn(tokenizer, teacher)
+        return cls(tokenizer, ids, source)
+
+    def prompt_text(self, prompt: str) -> str:
+        """One user turn and the start of the assistant's, as the template writes them."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
+
+    def text(self, ids: Sequence[int], special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=not special)
+
+    def describe(self) -> dict[str, Any]:
+        return {"ids": self.end_ids, "tokens": self.tokenizer.convert_ids_to_tokens(self.end_ids),
+                "from": self.end_source}
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.end_ids[0]
+
+
+def end_of_turn(tokenizer: Any, teacher: str | Path) -> tuple[list[int], str]:
+    """The ids that end the teacher's turn and where they were read: ``eos_token_id`` of the teacher folder's (or hub
+    snapshot's) generation_config.json (what transformers' ``generate`` stops at), else the tokenizer's eos token."""
+    from models.hf import resolve_checkpoint
+
+    try:
+        gen = resolve_checkpoint(teacher) / "generation_config.json"  # a hub id: its folder in the cache
+    except FileNotFoundError:
+        gen = Path(teacher) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            return ([eos] if isinstance(eos, int) else list(eos)), "generation_config.json eos_token_id"
+    if tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id], f"the tokenizer's eos_token {tokenizer.eos_token}"
+    raise TeacherError(f"the teacher '{teacher}' names no end-of-turn token (no eos_token_id in "
+                       "generation_config.json, no eos token in its tokenizer): a reply would never end")
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to the longest: ids and the 0/1 attention mask [B, T]."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(list(r)), 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_reply(tokens: Sequence[int], end_ids: Sequence[int]) -> list[int]:
+    """A generated row's reply: its tokens up to and including the first end-of-turn token (all of them without)."""
+    for i, t in enumerate(tokens):
+        if t in end_ids:
+            return list(tokens[:i + 1])
+    return list(tokens)
+
+
+@torch.no_grad()
+def answer(model: SwappableModel, chat: Chat, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+           batch_size: int, temperature: float = 0.0, generator: torch.Generator | None = None,
+           progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Each tokenised prompt's reply (``cut_reply``), in order: batches of ``batch_size`` prompts, left-padded,
+    generated with the KV cache (greedy at ``temperature`` 0, else sampled with ``generator``)."""
+    device = next(model.parameters()).device
+    model.eval()
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start:start + batch_size]
+        ids, mask = left_padded(rows, chat.pad_id, device)
+        out = model.generate(ids, max_new_tokens, attention_mask=mask, stop_ids=chat.end_ids,
+                             temperature=temperature, generator=generator, pad_token_id=chat.pad_id)
+        replies += [cut_reply(row, chat.end_ids) for row in out[:, ids.shape[1]:].tolist()]
+        if progress is not None:
+            progress(len(rows))
+    return replies
+
+
+def chrf(hypothesis: str, reference: str, *, order: int = CHRF_ORDER, beta: float = CHRF_BETA) -> float:
+    """chrF (Popović 2015), 0..100: character n-gram precision and recall (whitespace removed), each averaged over
+    the orders 1..``order`` that both texts have n-grams of, combined as an F-score weighting recall ``beta`` times
+    as much as precision. Two empty texts score 100; an empty one against a non-empty one 0."""
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    if not hyp or not ref:
+        return 100.0 if hyp == ref else 0.0
+    precisions, recalls = [], []
+    for n in range(1, order + 1):
+        h = Counter(hyp[i:i + n] for i in range(len(hyp) - n + 1))
+        r = Counter(ref[i:i + n] for i in range(len(ref) - n + 1))
+        if not h or not r:
+            continue
+        match = sum((h & r).values())
+        precisions.append(match / sum(h.values()))
+        recalls.append(match / sum(r.values()))
+    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    b2 = beta * beta
+    return 100.0 * (1 + b2) * p * r / (b2 * p + r) if p + r > 0 else 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class ForcedCounts:
+    """Sums over the teacher's reply tokens, teacher-forced: both models' NLL, top-1 agreement, KL(teacher||student)."""
+
+    tokens: int = 0
+    teacher_nll: float = 0.0
+    student_nll: float = 0.0
+    agree: int = 0
+    kl: float = 0.0
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.tokens, 1)
+        return {"tokens": self.tokens, "teacher_perplexity": math.exp(self.teacher_nll / n),
+                "student_perplexity": math.exp(self.student_nll / n), "agreement_top1": self.agree / n,
+                "kl_teacher_student": self.kl / n}
+
+
+def _reply_positions(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], *, pad_id: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + reply rows padded on the right: ids, mask, the positions whose next token is a reply token, and
+    those tokens (row-major)."""
+    rows = [list(p) + list(r) for p, r in zip(prompts, replies)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask, sel = torch.zeros_like(ids), torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (row, p) in enumerate(zip(rows, prompts)):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        sel[i, len(p) - 1:len(row) - 1] = True
+    target = ids[:, 1:][sel[:, :-1]]
+    return ids.to(device), mask.to(device), sel.to(device), target.to(device)
+
+
+@torch.no_grad()
+def teacher_forced(teacher: SwappableModel, student: SwappableModel, prompts: Sequence[Sequence[int]], *,
+                   replies: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> ForcedCounts:
+    """Both models read each prompt followed by the teacher's reply; every reply token is one prediction."""
+    device = next(teacher.parameters()).device
+    counts = ForcedCounts()
+    for start in range(0, len(prompts), batch_size):
+        ids, mask, sel, target = _reply_positions(prompts[start:start + batch_size], replies[start:start + batch_size],
+                                                  pad_id=pad_id, device=device)
+
+        def log_probs(model: SwappableModel) -> torch.Tensor:
+            h = model(ids, mask, with_logits=False).last_hidden_state
+            return model.lm_logits(h[sel]).float().log_softmax(-1)
+
+        t_lp, s_lp = log_probs(teacher.eval()), log_probs(student.eval())
+        counts.tokens += int(target.numel())
+        counts.teacher_nll -= t_lp.gather(1, target[:, None]).sum().item()
+        counts.student_nll -= s_lp.gather(1, target[:, None]).sum().item()
+        counts.agree += int((t_lp.argmax(-1) == s_lp.argmax(-1)).sum())
+        counts.kl += F.kl_div(s_lp, t_lp, log_target=True, reduction="sum").item()
+    return counts
+
+
+@dataclass
+class ChatResult:
+    """The chat comparison's metrics (results.json's "chat") and one row per prompt (both replies, their scores)."""
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def chat_fidelity(teacher: SwappableModel, student: SwappableModel, chat: Chat, *, prompts: Sequence[str],
+                  config: ChatConfig) -> ChatResult:
+    """Teacher and student answer ``prompts`` greedily; their replies compared (see the module's docstring)."""
+    ids = [chat.prompt_ids(p) for p in prompts]
+    kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    teacher_replies, student_replies = answer(teacher, chat, ids, **kw), answer(student, chat, ids, **kw)
+    rows = [_row(p, t, s, chat=chat) for p, t, s in zip(prompts, teacher_replies, student_replies)]
+    forced = teacher_forced(teacher, student, ids, replies=teacher_replies, pad_id=chat.pad_id,
+                            batch_size=config.batch_size)
+    n = len(rows)
+    metrics = {
+        "prompts": n, "exact_match": sum(r["exact_match"] for r in rows) / n,
+        "mean_common_prefix_tokens": sum(r["common_prefix_tokens"] for r in rows) / n,
+        f"first{PREFIX_TOKENS}_match": sum(r[f"first{PREFIX_TOKENS}_match"] for r in rows) / n,
+        "chrf": sum(r["chrf"] for r in rows) / n,
+        "teacher_reply_tokens": sum(len(t) for t in teacher_replies) / n,
+        "student_reply_tokens": sum(len(s) for s in student_replies) / n,
+        "teacher_unfinished": sum(not _ended(t, chat) for t in teacher_replies),
+        "student_unfinished": sum(not _ended(s, chat) for s in student_replies),
+        "teacher_forced": forced.result(), "max_new_tokens": config.max_new_tokens, "end_of_turn": chat.describe(),
+    }
+    return ChatResult(metrics, rows)
+
+
+def _ended(reply: Sequence[int], chat: Chat) -> bool:
+    return bool(reply) and reply[-1] in chat.end_ids
+
+
+def _row(prompt: str, teacher: list[int], student: list[int], *, chat: Chat) -> dict[str, Any]:
+    t_text, s_text = chat.text(teacher), chat.text(student)
+    return {"prompt": prompt, "teacher": t_text, "student": s_text, "exact_match": teacher == student,
+            "common_prefix_tokens": common_prefix(teacher, student),
+            f"first{PREFIX_TOKENS}_match": teacher[:PREFIX_TOKENS] == student[:PREFIX_TOKENS],
+            "chrf": chrf(s_text, t_text), "teacher_tokens": teacher, "student_tokens": student}
+
+
+def write_chat_report(result: ChatResult, out: str | Path, *, shown: int = 6) -> list[Path]:
+    """All replies in chat_replies.jsonl; the metrics and the first ``shown`` replies side by side in chat.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    replies, table = out / "chat_replies.jsonl", out / "chat.md"
+    replies.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows), encoding="utf-8")
+    table.write_text(chat_table(result.metrics) + "\n\n" + side_by_side(result.rows[:shown]) + "\n", encoding="utf-8")
+    return [replies, table]
+
+
+def chat_table(m: dict[str, Any]) -> str:
+    """The chat metrics, markdown."""
+    f = m["teacher_forced"]
+    end = m["end_of_turn"]
+    return "\n".join([
+        f"chat: {m['prompts']} prompts, greedy, at most {m['max_new_tokens']} new tokens, replies end at "
+        f"{', '.join(end['tokens'])} ({end['from']})", "",
+        "| chat metric | value |", "|---|---:|",
+        f"| whole reply equal to the teacher's | {m['exact_match']:.3f} |",
+        f"| mean common prefix (tokens) | {m['mean_common_prefix_tokens']:.2f} |",
+        f"| first {PREFIX_TOKENS} tokens equal | {m[f'first{PREFIX_TOKENS}_match']:.3f} |",
+        f"| chrF (student vs teacher reply) | {m['chrf']:.2f} |",
+        f"| reply tokens teacher / student | {m['teacher_reply_tokens']:.1f} / {m['student_reply_tokens']:.1f} |",
+        f"| replies cut at the limit teacher / student | {m['teacher_unfinished']} / {m['student_unfinished']} |",
+        f"| teacher-forced perplexity teacher / student | {f['teacher_perplexity']:.3f} / "
+        f"{f['student_perplexity']:.3f} |",
+        f"| teacher-forced top-1 agreement | {f['agreement_top1']:.4f} |",
+        f"| teacher-forced KL(teacher ‖ student) per token | {f['kl_teacher_student']:.4f} |",
+    ])
+
+
+def side_by_side(rows: Sequence[dict[str, Any]]) -> str:
+    """Prompts with both replies, markdown (newlines and '|' escaped so each stays one table cell)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| prompt | teacher | student |", "|---|---|---|"]
+    lines += [f"| {cell(r['prompt'])} | {cell(r['teacher'])} | {cell(r['student'])} |" for r in rows]
+    return "\n".join(lines)
+
+
+def evaluate_chat(teacher: SwappableModel, student: SwappableModel, tokenizer: Any, *, teacher_name: str,
+                  config: ChatConfig, out: str | Path) -> dict[str, Any]:
+    """The chat comparison of an evaluation: its report files in ``out``; returns results.json's "chat" object."""
+    path, prompts = read_prompts(config.prompts)
+    res = chat_fidelity(teacher, student, Chat.of(tokenizer, teacher_name), prompts=prompts, config=config)
+    write_chat_report(res, out, shown=config.shown)
+    return {"prompts_file": str(path), **res.metrics}
+
+
+def check_chat(task: str, prompts: str, *, what: str, default: str = "eval") -> None:
+    """Before anything is loaded: ``what`` (a chat job) needs a causal-LM teacher (SettingError) and readable
+    prompts."""
+    from ..errors import SettingError
+
+    if task != "causal":
+        raise SettingError(f"{what}: an encoder (masked-LM teacher) has no chat; this needs a decoder teacher")
+    read_prompts(prompts, default)
