@@ -4,17 +4,12 @@ The model is handed to HFLM inside the transformers class its remote-code export
 ``models/modeling_compact_<family>.py``), sharing every module with our model (nothing copied): HFLM then does what it
 does with any transformers model (tokenise, batch, roll windows, generate), and the numbers are those of
 ``HFLM(pretrained=<the exported folder>)``.
-
-One difference: our models take no padding together with a KV cache, and HFLM generates a batch of prompts of
-different lengths left-padded. Such a batch is generated one prompt at a time, unpadded, and padded back as HFLM
-expects (greedy tokens do not depend on the batch; an exported remote-code folder refuses such a batch).
 """
 from __future__ import annotations
 
 import logging
 
 import torch
-import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
 from models.base import SwappableModel
@@ -45,17 +40,3 @@ class InMemoryLM(HFLM):
                              batch_size=batch_size)
         finally:
             hflm_log.setLevel(level)
-
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
-        mask = generation_kwargs.pop("attention_mask", None)
-        if mask is None or bool(mask.all()):
-            return super()._model_generate(context, max_length, stop, attention_mask=mask, **generation_kwargs)
-        new_tokens = max_length - context.shape[1]
-        rows = []
-        for ids, keep in zip(context, mask.bool()):
-            prompt = ids[keep][None]
-            out = super()._model_generate(prompt, prompt.shape[1] + new_tokens, stop,
-                                          attention_mask=torch.ones_like(prompt), **dict(generation_kwargs))
-            rows.append(torch.cat([ids[~keep], out[0]]))  # HFLM cuts the generated tokens at the padded width
-        width = max(len(r) for r in rows)
-        return torch.stack([F.pad(r, (0, width - len(r)), value=self.tokenizer.pad_token_id) for r in rows])
