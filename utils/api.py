@@ -36,6 +36,7 @@ from .errors import SettingError
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.report import write_report
 from .evaluation.speed import Timing, decoder_costs
+from .evaluation.texts import EvalText, read_texts, score_texts, write_scalars
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
 from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
@@ -53,7 +54,7 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 
 __all__ = [
     "DataConfig", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss", "FinetuneLoss",
-    "EvalConfig", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
+    "EvalConfig", "EvalText", "ExportConfig", "MapConfig", "PlanFinetune", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model",
 ]
@@ -107,6 +108,7 @@ class Evaluation:
     notes: list[str]
     out: Path
     model: BertForMaskedLM
+    texts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per named text (``EvalConfig.texts``)
 
 
 @dataclass
@@ -758,19 +760,21 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
 def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
              evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
              extra: dict[str, Any] | None = None) -> Evaluation:
-    """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` and write
-    results.json and predictions.tsv to ``out`` (checked first).
+    """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` (a decoder: on
+    every next token of its windows) and on each of ``evaluation.texts`` alike, and write results.json and
+    predictions.tsv to ``out`` (checked first; with texts also tensorboard scalars per text in ``out/tb``).
 
     ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
     pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json."""
     check_output_dir(out)  # before any work: results that cannot be written are lost
+    docs = read_texts(evaluation.texts)  # texts that cannot be read are refused before the teacher loads
     if evaluation.judge:
         _need_masked_lm(_teacher_plan(session), "`judge` ranks the predictions of masked tokens")
     s = _prepare(session, judge=evaluation.judge)
     found: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         model, found = _student_from(s, Path(model), force=force)
-    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})})
+    return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})}, docs=docs)
 
 
 def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
@@ -787,8 +791,9 @@ def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMasked
 
 
 def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
-              extra: dict[str, Any]) -> Evaluation:
-    """The one comparison of a student with the session's teacher, and its report (rank 0) in ``out``."""
+              extra: dict[str, Any], docs: dict | None = None) -> Evaluation:
+    """The one comparison of a student with the session's teacher (on the split and each named text; ``docs``:
+    the texts already read), and its report (rank 0) in ``out``."""
     judge = judge_tok = None
     if evaluation.judge:
         judge, judge_tok = _load_model_and_tokenizer(evaluation.judge, s.device)
@@ -800,11 +805,15 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
     if s.teacher.TASK == "causal":  # a decoder's cost is also its KV cache and its prefill / decode speed
         res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
         extra = {"windows": ds.describe(), **extra}
+    if evaluation.texts:
+        res.texts = score_texts(s, student, evaluation.texts, docs=docs, max_batches=evaluation.max_batches)
     if runtime.is_main_process():
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
                                 "mask_seed": s.data.seed, "device": str(s.device), **extra})
-    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student)
+        if res.texts:
+            write_scalars(out, res.metrics, res.texts, split=evaluation.split)
+    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, res.texts)
 
 
 # ---- the sensitivity map and the planner ----

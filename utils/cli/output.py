@@ -21,7 +21,7 @@ def print_evaluation(ev: Evaluation) -> None:
     if not runtime.is_main_process():
         return
     print(ev.model.config.describe())
-    print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes)))
+    print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes, ev.texts)))
 
 
 def print_cached(done: CachedFeatures) -> None:

@@ -204,3 +204,27 @@ def device_map_arg(s: str) -> str | dict[str, str | int]:
         return read_device_map(s)
     except SettingError as e:
         raise argparse.ArgumentTypeError(str(e).replace("`teacher_device_map`", "--teacher-device-map")) from None
+
+
+def eval_text(s: str):
+    """argparse type of --eval-text: NAME=PATH, a simple identifier and a file or folder that holds text (an
+    ``EvalText``)."""
+    from ..data.text import DataError
+    from ..errors import SettingError
+    from ..evaluation.texts import parse_text
+
+    try:
+        return parse_text(s)
+    except (SettingError, DataError) as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("`texts`: ")) from None  # argparse names the flag
+
+
+class EvalTexts(argparse.Action):
+    """--eval-text, repeatable: the texts in the order given; a name given twice is refused."""
+
+    def __call__(self, parser, namespace, values, *rest):
+        given = getattr(namespace, self.dest, None)
+        given = list(given) if isinstance(given, list) else []  # the recipe parser's placeholder: none yet
+        if any(t.name == values.name for t in given):
+            raise argparse.ArgumentError(self, f"the name '{values.name}' is given twice")
+        setattr(namespace, self.dest, given + [values])
