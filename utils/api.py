@@ -62,7 +62,8 @@ __all__ = [
 log = logging.getLogger("simplifying_transformers")
 REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")  # per-epoch fine-tune metrics
 PLAN_REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
-                 "teacher_top1", "teacher_perplexity", "student_perplexity", "predicted_tokens")
+                 "teacher_top1", "teacher_perplexity", "student_perplexity", "predicted_tokens", "perplexity_ratio",
+                 "teacher_overconfidence", "student_overconfidence")
 
 
 # ---- results ----
@@ -838,19 +839,21 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
-                 speed_margin: float = SPEED_MARGIN) -> PlannedStudent:
+                 speed_margin: float = SPEED_MARGIN, texts: Sequence[EvalText] = ()) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
     timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; every
     timing with ``config``'s latency settings, on ``config.latency_threads`` CPU threads when given).
-    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
-    evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
-    units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
-    results.json to ``out``; ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the
-    plan (and its re-timing), before any training; ``results`` then hold the plan and its timings, ``model`` is None."""
+    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the test
+    split (and each of ``texts`` alike: "texts" in the results), timed against the teacher and exported
+    (``export``); with ``reuse_map_units``, units the map trained with this same setup are loaded from its ``units/``
+    folder instead. Writes plan.log and results.json to ``out``; ``train.force`` accepts a map made for another
+    teacher. ``plan_only``: stop after the plan (and its re-timing), before any training; ``results`` then hold the
+    plan and its timings, ``model`` is None."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
+    docs = read_texts(texts)  # before any work
     run = Path(out)
     if export is not None and (export.hf_dir or export.onnx_file) and plan_only:
         raise SettingError("`plan_only` makes no model to export: leave out `hf_dir` and `onnx_file`")
@@ -881,12 +884,24 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                                       finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
                             timing=timing, target=target)
-        res.update(retiming=rounds, **_target_met(res, target))
+        res.update(retiming=rounds, **_target_met(res, target),
+                   **_plan_texts(s, student, texts, docs=docs, run=run, test=res["metrics"]))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
             student.to(s.device)
         (run / "results.json").write_text(json.dumps(res, indent=2))
         return PlannedStudent(run, plan, res, student, smap, built)
+
+
+def _plan_texts(s: Session, student: BertForMaskedLM, texts: Sequence[EvalText], *, docs: dict, run: Path,
+                test: dict[str, Any]) -> dict[str, Any]:
+    """The planned student on each named text (its results' "texts"; with the ``test`` split's metrics, tensorboard
+    scalars in ``run/tb``)."""
+    if not texts:
+        return {}
+    scored = score_texts(s, student, texts, docs=docs)
+    write_scalars(run, test, scored)
+    return {"texts": scored}
 
 
 def _map_units(given: dict | str | Path | None, built: Path | None) -> Path | None:

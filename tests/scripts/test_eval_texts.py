@@ -80,3 +80,25 @@ def test_a_name_given_twice_is_refused(two_texts, tiny_teacher, tiny_corpus, tmp
                                               str(tmp_path / "ev"), "--eval-text", f"a={two_texts / 'prose'}",
                                               "--eval-text", f"a={two_texts / 'chat.jsonl'}"], capsys)
     assert code == 2 and "--eval-text: the name 'a' is given twice" in err.strip().splitlines()[-1]
+
+
+def test_plan_student_scores_the_planned_student_on_each_text(two_texts, tiny_llama, tiny_corpus, tmp_path, capsys):
+    import plan_student
+    from utils import api
+
+    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
+    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
+                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    argv = [*map(str, data_args(tiny_llama, tiny_corpus)), "--seq-len", "16", "--batch-size", "8", "--out",
+            str(tmp_path), "--run-name", "p", "--map", str(tmp_path / "map"), "--target-kv-cache", "1/2",
+            "--ft-epochs", "0", "--max-steps-per-epoch", "1", "--max-train-sentences", "32",
+            "--eval-text", f"prose={two_texts / 'prose'}", "--eval-text", f"chat={two_texts / 'chat.jsonl'}"]
+    assert run_in_process(plan_student, argv) == 0
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert list(res["texts"]) == ["prose", "chat"] and res["texts"]["prose"]["metrics"]["student_perplexity"] > 0
+    assert "perplexity_ratio" in res["metrics"] and (tmp_path / "p" / "tb").is_dir()
+    out = capsys.readouterr().out
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith(("| test |", "| prose |", "| chat |"))
+            ] == ["| test", "| prose", "| chat"]

@@ -51,4 +51,8 @@ def plan_table(res: dict) -> str:
         rows.append(f"| {who} | {params:,} | {ms['teacher' if who == 'teacher' else 'student']:.1f} | {speed} |"
                     f"{extra} {q} | {tail}")
     sep = "|---" + "|---:" * (head.count("|") - 2) + "|"
+    if res.get("texts"):  # the named texts, one row each, after the test split's
+        from ..evaluation.texts import texts_table
+
+        rows += ["", texts_table({"sentences": res.get("test_sentences"), **m}, res["texts"])]
     return "\n".join([head, sep, *rows])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .groups import add_eval_text_arg
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
-from .types import (EvalTexts, device_map_arg, eval_text, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
+from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
                     positive_int, ratios, run_name, seed, warmup_fraction)
 
 
@@ -111,14 +112,6 @@ def add_eval_args(p: Parser) -> None:
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
     g.add_argument("--max-batches", type=positive_int("--max-batches"), default=None, help="stop after N batches")
     add_eval_text_arg(g)
-
-
-def add_eval_text_arg(g: argparse._ActionsContainer) -> None:
-    """--eval-text NAME=PATH (repeatable): named texts scored like the test split, each on its own."""
-    g.add_argument("--eval-text", type=eval_text, action=EvalTexts, default=[], metavar="NAME=PATH",
-                   help="also score this text like the test split (repeatable; a file, a folder of .txt/.md/.rst/.py "
-                        "files or a JSONL of {\"text\": ...}; a decoder reads its documents in order as token "
-                        "windows, a masked LM its sentences); per NAME in the table, results.json and tensorboard")
 
 
 def add_eval_recipe(p: Parser, script: str) -> None:
