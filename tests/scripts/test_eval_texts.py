@@ -102,3 +102,19 @@ def test_plan_student_scores_the_planned_student_on_each_text(two_texts, tiny_ll
     out = capsys.readouterr().out
     assert [line.split(" |")[0] for line in out.splitlines() if line.startswith(("| test |", "| prose |", "| chat |"))
             ] == ["| test", "| prose", "| chat"]
+
+
+@pytest.mark.parametrize("module", ["eval_merge_layer", "plan_student", "bench.plans", "bench.paired_decoders"])
+def test_every_evaluating_script_takes_named_texts(module, two_texts):
+    import importlib
+
+    from utils.evaluation.texts import EvalText
+
+    parser = importlib.import_module(module).build_parser()
+    required = {"plan_student": ["--target-params", "1e6"], "bench.plans": ["--map", "m"],
+                "bench.paired_decoders": ["--models", "a=b", "--reference", "a"]}.get(module, [])
+    args = parser.parse_args(required + ["--eval-text", f"prose={two_texts / 'prose'}",
+                                         "--eval-text", f"chat={two_texts / 'chat.jsonl'}"])
+    assert args.eval_text == [EvalText("prose", str(two_texts / "prose")),
+                              EvalText("chat", str(two_texts / "chat.jsonl"))]
+    assert parser.parse_args(required).eval_text == []
