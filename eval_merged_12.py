@@ -3,6 +3,7 @@
     python eval_merged_12.py --percentage_data 0.5                # the model the notebook assembled
     python eval_merged_12.py --model checkpoints/assembled --teacher DIR --data-dir DIR --judge bert-large-uncased
     python eval_merged_12.py --model DIR --teacher DECODER --data-dir DIR --lm-eval piqa,hellaswag   # + lm-eval
+    python eval_merged_12.py --model DIR --teacher DIR --data-dir DIR --eval-text code=DIR --eval-text prose=DIR
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ disagreement or perplexity increase measured alone in the teacher). A speed plan
 trained: its units composed into the teacher and timed against it, planned again while the measured speed-up falls
 short. Everything is explained in <run>/plan.log. Then the plan's units are retrained from the teacher cache, put
 together, the whole student is fine-tuned end to end by KD (KL at masked positions or at every next token,
-optionally + relation distillation), evaluated on the test split, timed against the teacher on this device and,
-with --export-hf / --export-onnx, exported.
+optionally + relation distillation), evaluated on the test split (and on each --eval-text NAME=PATH alike), timed
+against the teacher on this device and, with --export-hf / --export-onnx, exported.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def main(args: argparse.Namespace) -> Path:
                             map=args.map, cost=args.cost, config=map_config(args), finetune=plan_finetune(args),
                             train=train_config(args), out=run, record=record(args), export=export_config(args),
                             reuse_map_units=not args.retrain_units, plan_only=args.plan_only,
-                            retime_rounds=args.retime_rounds, speed_margin=args.speed_margin)
+                            retime_rounds=args.retime_rounds, speed_margin=args.speed_margin,
+                            texts=args.eval_text)
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
     print("\n".join(done.plan.lines))

@@ -7,11 +7,13 @@ over window means), the sign test and McNemar's exact test on top-1 agreement wi
 (``TokenScores.paired``). The windows are those of the leading --test-fraction of the test split (window = stride =
 --seq-len, no BOS), the same for every model; or of its first --test-sentences (a bench's windows); or, with
 --skip-test-sentences N, of the sentences after the first N, to confirm a bench's comparison on test text it has not
-looked at.
+looked at. Each --eval-text NAME=PATH (repeatable) gets the same table and paired tests on its own windows (its
+documents in order, as eval_merged_12.py scores it): "texts" in paired.json, a section per text in paired.md.
 
     OMP_NUM_THREADS=1 python bench/paired_decoders.py --teacher bench/results/smollm2-135m-instruct \\
         --data-dir bench/results/wikitext2_split --seq-len 256 --test-fraction 0.25 --reference output \\
-        --models output=runs/models/output rel=runs/models/rel_bal0.1
+        --models output=runs/models/output rel=runs/models/rel_bal0.1 \\
+        --eval-text code=bench/results/texts/code/eval --eval-text prose=bench/results/texts/prose/eval
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ if str(ROOT) not in sys.path:
 from bench.quick import add_quick  # noqa: E402
 from utils import session as _session  # noqa: E402
 from utils.cli.configs import session_config  # noqa: E402
-from utils.cli.parser import common_parser  # noqa: E402
+from utils.cli.parser import add_eval_text_arg, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from models.export import export_pretrained  # noqa: E402
 from utils.evaluation.metrics import token_scores, transformers_nll  # noqa: E402
 from utils.evaluation.stats import format_p as _p  # noqa: E402
+from utils.evaluation.texts import read_texts, text_dataset  # noqa: E402
 from utils.training.students import load_model  # noqa: E402
 
 
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export every model (HF format, remote code where needed) and compute its perplexity "
                         "with plain transformers on the same windows")
     add_quick(p, {"seq_len": 16, "batch_size": 8, "test_sentences": 24}, "windows of 16 over 24 test sentences")
+    add_eval_text_arg(g)  # each named text: the same table and paired tests, on its own windows
     return p
 
 
@@ -81,8 +85,21 @@ def markdown(res: dict) -> str:
     skipped = res.get("skipped_test_sentences")
     after = f", after the first {skipped:,} test sentences" if skipped else ""
     lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}{after}); reference: "
-             f"{ref}", "",
-             "| model | perplexity | agreement | KL(t‖s) | NLL − entropy | NLL − ref | t tokens (p) | t windows (p) | "
+             f"{ref}", "", *_table(res)]
+    for name, part in res.get("texts", {}).items():
+        lines += ["", f"Text {name} ({part['path']}): {part['tokens']:,} predicted tokens ({part['windows']} windows "
+                  f"of {res['seq_len']}, its documents in order); reference: {ref}", "", *_table(part)]
+    if "transformers" in res:
+        lines += ["", "Perplexity of the exported models by plain transformers on the same windows:", "",
+                  "| model | export | ours | transformers | relative difference |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {n} | {h['export']} | {h['ours']:.4f} | {h['transformers']:.4f} | {h['relative_difference']:.1e} |"
+                  for n, h in res["transformers"].items()]
+    return "\n".join(lines)
+
+
+def _table(res: dict) -> list[str]:
+    """One row per model of one text (the test windows or a named text): its scores and its paired tests."""
+    lines = ["| model | perplexity | agreement | KL(t‖s) | NLL − entropy | NLL − ref | t tokens (p) | t windows (p) | "
              "sign: lower / higher (p) | agreement only model / only ref (p) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["rows"].items():
@@ -97,18 +114,27 @@ def markdown(res: dict) -> str:
                       f"{sg['a_lower']:,} / {sg['a_higher']:,} ({_p(sg['p'])})",
                       f"{mc['only_a']:,} / {mc['only_b']:,} ({_p(mc['p'])})"]
         lines.append("| " + " | ".join(cells) + " |")
-    if "transformers" in res:
-        lines += ["", "Perplexity of the exported models by plain transformers on the same windows:", "",
-                  "| model | export | ours | transformers | relative difference |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {n} | {h['export']} | {h['ours']:.4f} | {h['transformers']:.4f} | {h['relative_difference']:.1e} |"
-                  for n, h in res["transformers"].items()]
-    return "\n".join(lines)
+    return lines
+
+
+def compare(s, students: dict, loader, reference: str) -> tuple[dict, object]:
+    """Every student on one loader's tokens: per model its scores, and each against ``reference`` by paired tests;
+    with the token scores (``TokenScores``)."""
+    sc = token_scores(s.teacher, students, loader, device=s.device)
+    rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0,
+                        "entropy": sc.mean(sc.teacher_entropy), "overconfidence": sc.overconfidence()}}
+    rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
+                     "kl": sc.mean(sc.kl[n]), "entropy": sc.mean(sc.entropy[n]),
+                     "overconfidence": sc.overconfidence(n)} for n in students})
+    return {"tokens": len(sc.teacher_nll), "windows": len(set(sc.window)), "rows": rows,
+            "tests": {n: sc.paired(n, reference) for n in students if n != reference}}, sc
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     named = _named(args.models, parser)
     if args.reference not in named:
         parser.error(f"--reference {args.reference!r} is not one of the --models names {sorted(named)}")
+    docs = read_texts(args.eval_text)  # before the teacher loads
     s = _session.start(session_config(args))
     students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
                 for name, d in named.items()}
@@ -118,17 +144,15 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     else:
         test = dataclasses.replace(s, data=dataclasses.replace(s.data, fraction=args.test_fraction)).sentences("test")
     loader, _ = s.loader(test, shuffle=False)
-    sc = token_scores(s.teacher, students, loader, device=s.device)
-    rows = {"teacher": {"perplexity": sc.perplexity(), "agreement": 1.0, "kl": 0.0,
-                        "entropy": sc.mean(sc.teacher_entropy), "overconfidence": sc.overconfidence()}}
-    rows.update({n: {"perplexity": sc.perplexity(n), "agreement": sc.mean([float(x) for x in sc.agree[n]]),
-                     "kl": sc.mean(sc.kl[n]), "entropy": sc.mean(sc.entropy[n]),
-                     "overconfidence": sc.overconfidence(n)} for n in students})
+    test_scores, sc = compare(s, students, loader, args.reference)
     res = {"teacher": args.teacher, "models": named, "reference": args.reference, "seq_len": args.seq_len,
            "test_fraction": None if by_sentences else args.test_fraction,
            "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,
-           "tokens": len(sc.teacher_nll), "windows": len(set(sc.window)),
-           "rows": rows, "tests": {n: sc.paired(n, args.reference) for n in students if n != args.reference}}
+           **test_scores}
+    if args.eval_text:
+        res["texts"] = {t.name: {"path": t.path, "documents": len(docs[t.name]),
+                                 **compare(s, students, s.loader(text_dataset(docs[t.name], s), shuffle=False)[0],
+                                           args.reference)[0]} for t in args.eval_text}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.hf_check:

@@ -25,7 +25,9 @@ by several targets or methods is built once. Every model is evaluated on the sam
 round-robin with the teacher on this device (prefill; decoders also decode), and at each target the planned student
 is compared with every other method by paired tests: McNemar's exact test (masked LM: top-1 right and agreement per
 sentence; decoder: agreement per token) and, for a decoder, the paired t-test and sign test of per-token NLL.
-Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
+Each --eval-text NAME=PATH (repeatable) is scored the same way, every model on its own items (a decoder: its
+documents in order as token windows), with the same paired tests per target: "texts" in plans.json, a section per
+text in plans.md. Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
 
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
@@ -57,6 +59,7 @@ from utils.cli.types import number  # noqa: E402
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.evaluation.speed import Timing  # noqa: E402
+from utils.evaluation.texts import read_texts, text_dataset  # noqa: E402
 from utils.planning import baselines  # noqa: E402
 from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target, meets_as_measured  # noqa: E402
 from utils.planning.sensitivity import Option, option_from_dict, speed_fn  # noqa: E402
@@ -276,6 +279,7 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def bench(args: argparse.Namespace, out: Path) -> Path:
+    docs = read_texts(args.eval_text)  # before the teacher loads
     s = session.start(session_config(args))
     smap = read_map(args.map)
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
@@ -294,8 +298,11 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     models = build_models(b, per_target, out)
     test = s.first_sentences("test", args.test_sentences)
     scored = score(b, models, test)
+    texts = score_named_texts(b, models, per_target, targets, docs)
     timed = time_models(b, models)
     result = summarise(b, per_target, models, scored, timed, targets)
+    if texts:
+        result["texts"] = texts
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "plans.md").write_text(markdown(result) + "\n")
@@ -364,6 +371,27 @@ def score(b: Bench, models: dict[str, dict[str, Any]], test) -> dict[str, Any]:
         v["model"] = student.cpu()
         log.info("%s: %s", key, {k: round(x, 4) for k, x in v["metrics"].items()})
     return {"base": base, "per": per}
+
+
+def score_named_texts(b: Bench, models: dict[str, dict[str, Any]], per_target, targets: list[Target],
+                      docs: dict[str, list]) -> dict[str, Any]:
+    """Every model on each --eval-text, scored as on the test split (``score``), and the planned student against
+    every other method at each target by the same paired tests; the test split's metrics stay the models' own."""
+    kept = {key: v["metrics"] for key, v in models.items()}
+    out = {}
+    for t in b.args.eval_text:
+        scored = score(b, models, text_dataset(docs[t.name], b.s))
+        base = scored["base"]
+        out[t.name] = {"path": t.path, "documents": len(docs[t.name]),
+                       "items": base.get("predicted_tokens", base.get("sentences")),
+                       "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity")
+                                           if k in base},
+                       "metrics": {key: v["metrics"] for key, v in models.items()},
+                       "tests": [x for target in targets
+                                 for x in paired_tests(b, target, per_target[target.name], scored["per"])]}
+    for key, m in kept.items():
+        models[key]["metrics"] = m
+    return out
 
 
 def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -458,7 +486,13 @@ def paired_tests(b: Bench, target: Target, methods: list[dict[str, Any]], per: d
 
 
 def markdown(r: dict[str, Any]) -> str:
-    return (_markdown_causal if r["causal"] else _markdown_mlm)(r)
+    text = (_markdown_causal if r["causal"] else _markdown_mlm)(r)
+    for name, t in r.get("texts", {}).items():  # each named text: the same tables, on its own items
+        rows = [dict(row, metrics=t["metrics"][row["plan"]]) for row in r["rows"]]
+        part = dict(r, rows=rows, tests=t["tests"], teacher_metrics=t["teacher_metrics"], test_items=t["items"])
+        del part["texts"]
+        text += f"\n\n## Text {name} ({t['path']}, {t['documents']:,} documents)\n\n" + markdown(part)
+    return text
 
 
 def _markdown_mlm(r: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import counted, write_report
 from .evaluation.speed import Timing, decoder_costs
+from .evaluation.texts import EvalText, read_texts, score_texts, write_scalars
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
 from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn, validate_map
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
@@ -57,8 +58,8 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 
 __all__ = [
     "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss",
-    "FinetuneLoss", "EvalConfig", "ChatConfig", "TeacherTextConfig", "ExportConfig", "MapConfig", "PlanFinetune",
-    "HarnessConfig", "SettingError",
+    "FinetuneLoss", "EvalConfig", "EvalText", "ChatConfig", "TeacherTextConfig", "ExportConfig", "MapConfig",
+    "PlanFinetune", "HarnessConfig", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model", "write_teacher_text",
 ]
@@ -66,7 +67,8 @@ __all__ = [
 log = logging.getLogger("simplifying_transformers")
 REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")  # per-epoch fine-tune metrics
 PLAN_REPORTED = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
-                 "teacher_top1", "teacher_perplexity", "student_perplexity", "predicted_tokens")
+                 "teacher_top1", "teacher_perplexity", "student_perplexity", "predicted_tokens", "perplexity_ratio",
+                 "teacher_overconfidence", "student_overconfidence")
 
 
 # ---- results ----
@@ -114,6 +116,7 @@ class Evaluation:
     model: BertForMaskedLM
     lm_eval: HarnessComparison | None = None  # lm-eval's tasks on teacher and student, when asked for
     chat: dict[str, Any] | None = None  # the chat comparison (``chat``): results.json's "chat"
+    texts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per named text (``EvalConfig.texts``)
 
 
 @dataclass
@@ -766,8 +769,9 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
              evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
              extra: dict[str, Any] | None = None, lm_eval: HarnessConfig | None = None,
              chat: ChatConfig | None = None) -> Evaluation:
-    """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` and write
-    results.json and predictions.tsv to ``out`` (checked first).
+    """Compare ``model`` with the teacher on one seeded [MASK] per sentence of ``evaluation.split`` (a decoder: on
+    every next token of its windows) and on each of ``evaluation.texts`` alike, and write results.json and
+    predictions.tsv to ``out`` (checked first; with texts also tensorboard scalars per text in ``out/tb``).
 
     ``model``: a model, or a checkpoint folder: a whole model, or a merged layer (put into the teacher in place of its
     pair). ``force`` accepts a checkpoint made against another teacher; ``extra`` goes into results.json.
@@ -777,6 +781,7 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
     check_output_dir(out)  # before any work: results that cannot be written are lost
     if chat is not None:
         check_chat(family_of(_teacher_plan(session)).task, chat.prompts, what="`chat`")
+    docs = read_texts(evaluation.texts)  # texts that cannot be read are refused before the teacher loads
     if evaluation.judge:
         _need_masked_lm(_teacher_plan(session), "`judge` ranks the predictions of masked tokens")
     tasks = None
@@ -788,7 +793,7 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
     if isinstance(model, (str, os.PathLike)):
         model, found = _student_from(s, Path(model), force=force)
     return _evaluate(s, model, evaluation, out=Path(out), extra={**found, **(extra or {})}, lm_eval=tasks,
-                     chat=chat)
+                     chat=chat, docs=docs)
 
 
 def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
@@ -805,9 +810,10 @@ def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMasked
 
 
 def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
-              extra: dict[str, Any], lm_eval: Tasks | None = None,
-              chat: ChatConfig | None = None) -> Evaluation:
-    """The one comparison of a student with the session's teacher, and its report (rank 0) in ``out``."""
+              extra: dict[str, Any], lm_eval: Tasks | None = None, chat: ChatConfig | None = None,
+              docs: dict | None = None) -> Evaluation:
+    """The one comparison of a student with the session's teacher (on the split and each named text; ``docs``:
+    the texts already read), and its report (rank 0) in ``out``."""
     judge = judge_tok = None
     if evaluation.judge:
         judge, judge_tok = _load_model_and_tokenizer(evaluation.judge, s.device)
@@ -819,6 +825,8 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
     if s.teacher.TASK == "causal":  # a decoder's cost is also its KV cache and its prefill / decode speed
         res.metrics.update(decoder_costs(s.teacher, student, next(iter(loader))["input_ids"].to(s.device)))
         extra = {"windows": ds.describe(), **extra}
+    if evaluation.texts:
+        res.texts = score_texts(s, student, evaluation.texts, docs=docs, max_batches=evaluation.max_batches)
     compared = None
     if lm_eval is not None and runtime.is_main_process():
         compared = compare_lm_eval(s.teacher, student, s.tokenizer, tasks=lm_eval)
@@ -830,7 +838,9 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
                                 "mask_seed": s.data.seed, "device": str(s.device), **extra})
-    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, compared, extra.get("chat"))
+        if res.texts:
+            write_scalars(out, res.metrics, res.texts, split=evaluation.split)
+    return Evaluation(res.metrics, res.rows, res.notes, Path(out), student, compared, extra.get("chat"), res.texts)
 
 
 def write_teacher_text(session: Session | SessionConfig, *, config: TeacherTextConfig = TeacherTextConfig(),
@@ -867,19 +877,21 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
-                 speed_margin: float = SPEED_MARGIN) -> PlannedStudent:
+                 speed_margin: float = SPEED_MARGIN, texts: Sequence[EvalText] = ()) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
     timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; every
     timing with ``config``'s latency settings, on ``config.latency_threads`` CPU threads when given).
-    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``),
-    evaluated on the test split, timed against the teacher and exported (``export``); with ``reuse_map_units``,
-    units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
-    results.json to ``out``; ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the
-    plan (and its re-timing), before any training; ``results`` then hold the plan and its timings, ``model`` is None."""
+    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the test
+    split (and each of ``texts`` alike: "texts" in the results), timed against the teacher and exported
+    (``export``); with ``reuse_map_units``, units the map trained with this same setup are loaded from its ``units/``
+    folder instead. Writes plan.log and results.json to ``out``; ``train.force`` accepts a map made for another
+    teacher. ``plan_only``: stop after the plan (and its re-timing), before any training; ``results`` then hold the
+    plan and its timings, ``model`` is None."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
+    docs = read_texts(texts)  # before any work
     run = Path(out)
     if export is not None and (export.hf_dir or export.onnx_file) and plan_only:
         raise SettingError("`plan_only` makes no model to export: leave out `hf_dir` and `onnx_file`")
@@ -893,12 +905,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         timing = config.timing(s.data.seq_len)
         plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=timing, rounds=retime_rounds,
                                     margin=speed_margin)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
-        for line in plan.lines:
-            log.debug("plan: %s", line)
-        log.info("plan: %s (%s)", ", ".join(f"{i}: {c}" for i, c in sorted(plan.choices.items())) or "the teacher",
-                 run / "plan.log")
+        _write_plan(plan, run)
         if plan_only:
             res = {"plan_only": True, "budget": plan.budget, "plan": plan.choices, "map_cost": plan.cost,
                    "map_saved": plan.saved, "needed": plan.needed, "retiming": rounds}
@@ -911,12 +918,34 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                                       finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
                             timing=timing, target=target)
-        res.update(retiming=rounds, **_target_met(res, target))
+        res.update(retiming=rounds, **_target_met(res, target),
+                   **_plan_texts(s, student, texts, docs=docs, run=run, test=res["metrics"]))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
             student.to(s.device)
         (run / "results.json").write_text(json.dumps(res, indent=2))
         return PlannedStudent(run, plan, res, student, smap, built)
+
+
+def _write_plan(plan: Plan, run: Path) -> None:
+    """plan.log in ``run``, its lines in the debug log and the choices in one info line."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
+    for line in plan.lines:
+        log.debug("plan: %s", line)
+    log.info("plan: %s (%s)", ", ".join(f"{i}: {c}" for i, c in sorted(plan.choices.items())) or "the teacher",
+             run / "plan.log")
+
+
+def _plan_texts(s: Session, student: BertForMaskedLM, texts: Sequence[EvalText], *, docs: dict, run: Path,
+                test: dict[str, Any]) -> dict[str, Any]:
+    """The planned student on each named text (its results' "texts"; with the ``test`` split's metrics, tensorboard
+    scalars in ``run/tb``)."""
+    if not texts:
+        return {}
+    scored = score_texts(s, student, texts, docs=docs)
+    write_scalars(run, test, scored)
+    return {"texts": scored}
 
 
 def _map_units(given: dict | str | Path | None, built: Path | None) -> Path | None:

@@ -83,3 +83,34 @@ def test_a_confirmation_skips_the_sentences_a_bench_scored(tiny_llama, tiny_corp
     capsys.readouterr()
     assert run("none", "--skip-test-sentences", "64") == 1  # nothing left to score: a one-line error
     assert "the test split has 64 sentences; cannot skip the first 64" in capsys.readouterr().err
+
+
+def test_each_named_text_gets_its_own_paired_tests(tiny_llama, tiny_corpus, tmp_path, capsys):
+    """--eval-text: per text the table and the paired tests, on that text's own windows; a text that is the test
+    split itself gives the test split's numbers."""
+    from bench import paired_decoders
+
+    teacher, _ = load_teacher(str(tiny_llama))
+    meta = {"teacher": str(tiny_llama), "teacher_hash": weights_hash(teacher)}
+    save_model(clone_model(teacher), tmp_path / "same", meta)
+    save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half", meta)
+    lines = (tiny_corpus / "test.txt").read_text().splitlines()
+    (tmp_path / "test_again.txt").write_text("\n".join(lines))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.txt").write_text("\n".join(reversed(lines)))
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--seq-len", "16", "--test-fraction", "1",
+            "--models", f"same={tmp_path / 'same'}", f"half={tmp_path / 'half'}", "--reference", "same",
+            "--out", str(tmp_path / "out"), "--eval-text", f"again={tmp_path / 'test_again.txt'}",
+            "--eval-text", f"other={tmp_path / 'other'}"]
+    parser = paired_decoders.build_parser()
+    assert run_main(lambda a: paired_decoders.main(a, parser), parser, argv) == 0
+    res = json.loads((tmp_path / "out" / "paired.json").read_text())
+    assert list(res["texts"]) == ["again", "other"]
+    again, other = res["texts"]["again"], res["texts"]["other"]
+    assert again["tokens"] == res["tokens"]
+    for name, row in res["rows"].items():
+        assert again["rows"][name] == pytest.approx(row, rel=1e-6), name
+    assert again["tests"]["half"]["nll_sign"] == res["tests"]["half"]["nll_sign"]
+    assert set(other["tests"]) == {"half"} and other["rows"]["half"]["perplexity"] != res["rows"]["half"]["perplexity"]
+    out = capsys.readouterr().out
+    assert "Text other (" in out and sum(line.startswith("| half |") for line in out.splitlines()) == 3

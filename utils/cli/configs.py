@@ -81,7 +81,8 @@ def export_config(args: argparse.Namespace) -> ExportConfig:
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(split=args.split, judge=args.judge, max_batches=args.max_batches)
+    return EvalConfig(split=args.split, judge=args.judge, max_batches=args.max_batches,
+                      texts=tuple(vars(args).get("eval_text") or ()))
 
 
 def lm_eval_config(args: argparse.Namespace) -> HarnessConfig | None:

@@ -7,7 +7,8 @@ import argparse
 from ..planning.planner import RETIME_ROUNDS, SPEED_MARGIN
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
-from .types import int_list, name_list, non_negative_float, non_negative_int, option_kinds, positive_float, positive_int
+from .types import (EvalTexts, eval_text, int_list, name_list, non_negative_float, non_negative_int, option_kinds,
+                    positive_float, positive_int)
 
 
 def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None:
@@ -27,6 +28,14 @@ def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None
     if ffn:
         group.add_argument("--ffn-dim", type=non_negative_int("--ffn-dim"), default=None,
                            help="feed-forward width of the new unit (default: the teacher's; 0: none)")
+
+
+def add_eval_text_arg(g: argparse._ActionsContainer) -> None:
+    """--eval-text NAME=PATH (repeatable): named texts scored like the test split, each on its own."""
+    g.add_argument("--eval-text", type=eval_text, action=EvalTexts, default=[], metavar="NAME=PATH",
+                   help="also score this text like the test split (repeatable; a file, a folder of .txt/.md/.rst/.py "
+                        "files or a JSONL of {\"text\": ...}; a decoder reads its documents in order as token "
+                        "windows, a masked LM its sentences); per NAME in the table, results.json and tensorboard")
 
 
 def add_export_args(p: argparse._ActionsContainer) -> None:
@@ -104,6 +113,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="evaluate on the first N test sentences (budget; default all)")
+    add_eval_text_arg(g)
 
 
 def add_lm_eval_args(p: argparse.ArgumentParser) -> None:

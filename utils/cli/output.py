@@ -22,7 +22,7 @@ def print_evaluation(ev: Evaluation) -> None:
     if not runtime.is_main_process():
         return
     print(ev.model.config.describe())
-    print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes)))
+    print(report_text(EvalResult(ev.metrics, ev.rows, ev.notes, ev.texts)))
     if ev.lm_eval is not None:
         print(ev.lm_eval.table())
     if ev.chat is not None:
@@ -56,4 +56,8 @@ def plan_table(res: dict) -> str:
         rows.append(f"| {who} | {params:,} | {ms['teacher' if who == 'teacher' else 'student']:.1f} | {speed} |"
                     f"{extra} {q} | {tail}")
     sep = "|---" + "|---:" * (head.count("|") - 2) + "|"
+    if res.get("texts"):  # the named texts, one row each, after the test split's
+        from ..evaluation.texts import texts_table
+
+        rows += ["", texts_table({"sentences": res.get("test_sentences"), **m}, res["texts"])]
     return "\n".join([head, sep, *rows])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .groups import add_eval_text_arg
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
 from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
                     positive_int, ratios, run_name, seed, train_text, warmup_fraction)
@@ -123,6 +124,7 @@ def add_eval_args(p: Parser) -> None:
                    help="a larger masked-LM (hub id or folder) judging the predictions; 'none': no judge")
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")
     g.add_argument("--max-batches", type=positive_int("--max-batches"), default=None, help="stop after N batches")
+    add_eval_text_arg(g)
 
 
 def add_eval_recipe(p: Parser, script: str) -> None:

@@ -64,6 +64,7 @@ FLAGS = {
     "tasks": "--lm-eval", "task_dir": "--lm-eval-include",
     "split_by": "--split-by", "train_texts": "--train-text", "data_weight": "--data-weight",
     "chat": "--chat-prompts",
+    "texts": "--eval-text",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

@@ -237,3 +237,27 @@ def train_text(s: str):
     if not Path(path).exists():
         raise argparse.ArgumentTypeError(f"--train-text {name}: '{path}' is neither a file nor a folder")
     return TrainText(name, path, w)
+
+
+def eval_text(s: str):
+    """argparse type of --eval-text: NAME=PATH, a simple identifier and a file or folder that holds text (an
+    ``EvalText``)."""
+    from ..data.text import DataError
+    from ..errors import SettingError
+    from ..evaluation.texts import parse_text
+
+    try:
+        return parse_text(s)
+    except (SettingError, DataError) as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("`texts`: ")) from None  # argparse names the flag
+
+
+class EvalTexts(argparse.Action):
+    """--eval-text, repeatable: the texts in the order given; a name given twice is refused."""
+
+    def __call__(self, parser, namespace, values, *rest):
+        given = getattr(namespace, self.dest, None)
+        given = list(given) if isinstance(given, list) else []  # the recipe parser's placeholder: none yet
+        if any(t.name == values.name for t in given):
+            raise argparse.ArgumentError(self, f"the name '{values.name}' is given twice")
+        setattr(namespace, self.dest, given + [values])

@@ -35,7 +35,8 @@ class EvalConfig:
 
     split: str = "test"  # or valid
     judge: str | None = None  # a larger masked-LM (hub id or folder, same vocabulary) judging the predictions
-    max_batches: int | None = None  # stop after this many batches
+    max_batches: int | None = None  # stop after this many batches (of the split and of each text)
+    texts: tuple = ()  # ``texts.EvalText`` items: named texts scored like the split, each on its own
 
 
 @dataclass
@@ -43,6 +44,7 @@ class EvalResult:
     metrics: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per sentence (all ranks' rows under DDP)
     notes: list[str] = field(default_factory=list)
+    texts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per named text (``texts.score_texts``)
 
 
 def _judge_id_map(tokenizer, judge_tokenizer) -> None:
@@ -181,20 +183,33 @@ class KLDivergence(PerSentence):
 
 
 class Perplexity(PerSentence):
-    """A causal LM's perplexity: exp of the mean negative log-likelihood of every predicted next token."""
+    """A causal LM's perplexity: exp of the mean negative log-likelihood of every predicted next token, and the
+    student's over the teacher's. With ``entropy``, also each model's mean predictive entropy and its overconfidence
+    (mean NLL minus mean entropy, as ``TokenScores.overconfidence``)."""
 
-    def __init__(self):
-        super().__init__("teacher_nll", "student_nll")
+    def __init__(self, entropy: bool = False):
+        self.entropy = entropy
+        super().__init__("teacher_nll", "student_nll", *(("teacher_entropy", "student_entropy") if entropy else ()))
 
     def count(self, out: BatchOutputs) -> dict[str, float]:
-        return {f"{who}_nll": F.cross_entropy(logits, out.target, reduction="sum").item()
-                for who, logits in (("teacher", out.teacher_logits), ("student", out.student_logits))}
+        c = {}
+        for who, logits in (("teacher", out.teacher_logits), ("student", out.student_logits)):
+            c[f"{who}_nll"] = F.cross_entropy(logits, out.target, reduction="sum").item()
+            if self.entropy:
+                c[f"{who}_entropy"] = _entropies(logits.log_softmax(-1)).sum().item()
+        return c
 
     def result(self) -> dict[str, Any]:
         n = max(self.counts["n"], 1)
         nll = {who: self.counts[f"{who}_nll"] / n for who in ("teacher", "student")}
-        return {"predicted_tokens": int(self.counts["n"]), **{f"{w}_nll": v for w, v in nll.items()},
-                **{f"{w}_perplexity": math.exp(v) for w, v in nll.items()}}
+        res = {"predicted_tokens": int(self.counts["n"]), **{f"{w}_nll": v for w, v in nll.items()},
+               **{f"{w}_perplexity": math.exp(v) for w, v in nll.items()},
+               "perplexity_ratio": math.exp(nll["student"] - nll["teacher"])}
+        if self.entropy:
+            for who in ("teacher", "student"):
+                res[f"{who}_entropy"] = self.counts[f"{who}_entropy"] / n
+                res[f"{who}_overconfidence"] = nll[who] - res[f"{who}_entropy"]
+        return res
 
 
 class JudgeAgreement(PerSentence):
@@ -252,11 +267,13 @@ def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: Ber
     return notes
 
 
-def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, *, mlm: bool, with_judge: bool) -> list[Metric]:
-    """The metrics of one comparison, in the order of their keys in the results."""
+def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, *, mlm: bool, with_judge: bool,
+                 entropy: bool = False) -> list[Metric]:
+    """The metrics of one comparison, in the order of their keys in the results (``entropy``: a causal LM's
+    predictive entropies and overconfidence too)."""
     metrics: list[Metric] = [HiddenFidelity(), Cost(teacher, student)]
     if mlm and teacher.TASK == "causal":
-        return metrics + [Perplexity(), TopKAccuracy(), Agreement(), KLDivergence()]
+        return metrics + [Perplexity(entropy), TopKAccuracy(), Agreement(), KLDivergence()]
     if mlm:
         metrics += [TopKAccuracy(), Agreement(), KLDivergence()] + ([JudgeAgreement()] if with_judge else [])
     return metrics
@@ -340,13 +357,13 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *
                    judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,
                    max_batches: int | None = None) -> EvalResult:
     """Masked-token accuracy (top-1/5/10), agreement, KL(teacher||student), hidden-state cosine, latency, params; for a
-    causal LM the same per predicted next token, and both perplexities."""
+    causal LM the same per predicted next token, both perplexities and their ratio, entropies and overconfidence."""
     notes = _check_models(teacher, student, judge, tokenizer=tokenizer, judge_tokenizer=judge_tokenizer)
     mlm = teacher.has_mlm_head and student.has_mlm_head
     for model in (teacher, student, judge):
         if model is not None:
             model.eval()
-    metrics = make_metrics(teacher, student, mlm=mlm, with_judge=judge is not None)
+    metrics = make_metrics(teacher, student, mlm=mlm, with_judge=judge is not None, entropy=True)
     rows = PredictionRows(tokenizer) if keep_rows else None
     causal = teacher.TASK == "causal"
     for bi, batch in enumerate(itertools.islice(loader, max_batches)):
@@ -503,9 +520,13 @@ def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], l
     return res
 
 
-def _entropy(log_probs: torch.Tensor) -> list[float]:
+def _entropies(log_probs: torch.Tensor) -> torch.Tensor:
     """The entropy (nats) of each row's distribution, given its log-probabilities (a zero probability adds 0)."""
-    return torch.special.entr(log_probs.exp()).sum(-1).tolist()
+    return torch.special.entr(log_probs.exp()).sum(-1)
+
+
+def _entropy(log_probs: torch.Tensor) -> list[float]:
+    return _entropies(log_probs).tolist()
 
 
 @torch.no_grad()

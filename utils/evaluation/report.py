@@ -19,6 +19,9 @@ def format_table(m: dict[str, Any]) -> str:
     causal = "teacher_perplexity" in m
     if causal:
         lines.append(f"| perplexity | {m['teacher_perplexity']:.3f} | {m['student_perplexity']:.3f} |")
+        if "teacher_overconfidence" in m:
+            lines.append(f"| NLL − entropy (nats / token) | {m['teacher_overconfidence']:+.4f} | "
+                         f"{m['student_overconfidence']:+.4f} |")
     for k in TOPK:
         if f"teacher_top{k}" in m:
             what = "next-token top-" if causal else "top-"
@@ -34,7 +37,8 @@ def format_table(m: dict[str, Any]) -> str:
             lines.append(f"| {label} | {m[f'teacher_{key}']:,.0f} | {m[f'student_{key}']:,.0f} |")
     lines.append(f"| latency ms / batch | {m['teacher_latency_ms_per_batch']:.2f} | "
                  f"{m['student_latency_ms_per_batch']:.2f} |")
-    single = [("agreement (student top-1 = teacher top-1)", "agreement_top1"),
+    single = [("perplexity ratio (student / teacher)", "perplexity_ratio"),
+              ("agreement (student top-1 = teacher top-1)", "agreement_top1"),
               ("KL(teacher ‖ student) at the mask" if not causal else "KL(teacher ‖ student) per token",
                "kl_teacher_student"),  # '|' would split the table cell
               ("final hidden-state cosine", "hidden_cosine"), ("final hidden-state MSE", "hidden_mse"),
@@ -64,6 +68,8 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": named_counts(result.metrics), "notes": result.notes, **(extra or {})}
+    if result.texts:
+        payload["texts"] = result.texts
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     if result.rows:
         cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])
@@ -75,6 +81,10 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
     return out
 
 
-def report_text(result: EvalResult) -> str:
-    """What is printed of a comparison: its notes, then the table."""
-    return "\n".join([f"note: {note}" for note in result.notes] + [format_table(result.metrics)])
+def report_text(result: EvalResult, split: str = "test") -> str:
+    """What is printed of a comparison: its notes, then the table (and with named texts, one row per text)."""
+    from .texts import texts_table
+
+    tables = [format_table(result.metrics)] + (["", texts_table(result.metrics, result.texts, split)]
+                                               if result.texts else [])
+    return "\n".join([f"note: {note}" for note in result.notes] + tables)

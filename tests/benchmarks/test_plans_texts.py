@@ -1,0 +1,38 @@
+"""bench/plans.py --eval-text: every student scored on each named text, with the paired tests per target."""
+from __future__ import annotations
+
+import json
+
+from utils.cli.run import run_main
+from helpers import make_sentences
+
+
+def test_the_bench_scores_every_student_on_each_text(tiny_llama, tiny_corpus, tmp_path):
+    from bench import plans
+    from utils import api
+
+    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
+    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
+                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    (tmp_path / "prose.txt").write_text("\n".join(make_sentences(40, 11)))
+    (tmp_path / "test_again.txt").write_text((tiny_corpus / "test.txt").read_text())
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
+            "--map", str(tmp_path / "map"), "--targets", "none", "--kv-targets", "0.5", "--seq-len", "16",
+            "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
+            "2", "--latency-batch", "1", "--max-train-sentences", "32", "--ft-epochs", "0", "--no-untrained",
+            "--calibration-sentences", "8", "--eval-text", f"prose={tmp_path / 'prose.txt'}",
+            "--eval-text", f"again={tmp_path / 'test_again.txt'}"]
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "b" / "plans.json").read_text())
+    assert list(res["texts"]) == ["prose", "again"]
+    again, prose = res["texts"]["again"], res["texts"]["prose"]
+    for row in res["rows"]:  # the test split again: the test split's numbers; another text: its own
+        assert again["metrics"][row["plan"]] == row["metrics"]
+        assert prose["metrics"][row["plan"]]["student_perplexity"] != row["metrics"]["student_perplexity"]
+    assert again["tests"] == res["tests"] and len(prose["tests"]) == len(res["tests"]) > 0
+    assert prose["tests"][0]["nll_sign"]["a_lower"] + prose["tests"][0]["nll_sign"]["a_higher"] + \
+        prose["tests"][0]["nll_sign"]["ties"] == prose["items"]
+    md = (tmp_path / "b" / "plans.md").read_text()
+    assert "## Text prose (" in md and md.count("| KV 0.5 | planned |") == 3
