@@ -84,17 +84,44 @@ def make_decoder_tokenizer(folder: Path):
     return tok
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_bpe_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2, Llama 3 and Qwen2 have) trained on the corpus sentences,
+    with chat special tokens and a chat template: what a GGUF export carries over to llama.cpp."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(make_sentences(400, seed=7), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", additional_special_tokens=specials[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(folder))
+    return tok
+
+
 DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "mistral": ("MistralConfig", "MistralForCausalLM")}
 
 
 def make_decoder_teacher(folder: Path, model_type: str = "llama", layers: int = 4, hidden: int = 48, heads: int = 6,
-                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, **config_kwargs) -> Path:
-    """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer;
-    ``config_kwargs`` go to the transformers config as they are (rope_scaling, tie_word_embeddings, ...)."""
+                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, tokenizer: str = "word",
+                         **config_kwargs) -> Path:
+    """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer
+    (``tokenizer`` "bpe": a byte-level BPE one); ``config_kwargs`` go to the transformers config as they are
+    (rope_scaling, tie_word_embeddings, ...)."""
     import transformers
 
-    tok = make_decoder_tokenizer(folder)
+    tok = make_bpe_tokenizer(folder) if tokenizer == "bpe" else make_decoder_tokenizer(folder)
     torch.manual_seed(seed)
     cfg_name, model_name = DECODERS[model_type]
     cfg = getattr(transformers, cfg_name)(

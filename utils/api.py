@@ -646,7 +646,7 @@ def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path]
                                    drop=drop_layers)
     save_model(model, out, {"teacher": s.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources})
     s.tokenizer.save_pretrained(str(Path(out) / "tokenizer"))
-    exports = run_exports(model.cpu(), s.tokenizer, export) if export.hf_dir or export.onnx_file else []
+    exports = run_exports(model.cpu(), s.tokenizer, export) if export.wanted else []
     return Assembled(model, Path(out), sources, model.config.describe(), s.teacher.num_parameters(),
                      model.num_parameters(), exports)
 
@@ -843,8 +843,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     plan (and its re-timing), before any training; ``results`` then hold the plan and its timings, ``model`` is None."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     run = Path(out)
-    if export is not None and (export.hf_dir or export.onnx_file) and plan_only:
-        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir` and `onnx_file`")
+    if export is not None and export.wanted and plan_only:
+        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir`, `onnx_file` and `gguf_file`")
     if export is not None:
         check_export_targets(export)
     with claim_units([run], "planned student"):
@@ -959,10 +959,12 @@ def _target_met(res: dict[str, Any], target: Target) -> dict[str, Any]:
 
 # ---- export ----
 def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None,
-           onnx_file: str | Path | None = None) -> list[str]:
+           onnx_file: str | Path | None = None, gguf_file: str | Path | None = None,
+           gguf_type: str = "f16") -> list[str]:
     """Write ``model`` for use outside this repository: a Hugging Face folder (plain BertForMaskedLM, or CompactBERT
-    loaded with trust_remote_code=True) and / or ONNX graphs checked against PyTorch with ONNX Runtime. Returns one
-    line per file written."""
-    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, onnx_file=str(onnx_file) if onnx_file else None)
+    loaded with trust_remote_code=True), ONNX graphs checked against PyTorch with ONNX Runtime, and / or a decoder
+    as a GGUF file for llama.cpp (``gguf_type`` f32, f16 or q8_0). Returns one line per file written."""
+    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, onnx_file=str(onnx_file) if onnx_file else None,
+                       gguf_file=str(gguf_file) if gguf_file else None, gguf_type=gguf_type)
     check_export_targets(cfg)
     return run_exports(model, tokenizer, cfg)

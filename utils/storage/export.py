@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from models import BertForMaskedLM
 from models.export import check_writable_target, export_pretrained
+from models.gguf_export import check_gguf, check_gguf_available, export_gguf
 from models.onnx_export import check_onnx_available, export_onnx
 
 log = logging.getLogger("simplifying_transformers")
@@ -18,6 +19,13 @@ class ExportConfig:
 
     hf_dir: str | None = None  # a Hugging Face folder: plain BertForMaskedLM, or CompactBERT (trust_remote_code=True)
     onnx_file: str | None = None  # ONNX masked-LM graph; the encoder goes to <stem>_encoder.onnx
+    gguf_file: str | None = None  # a GGUF file for llama.cpp (decoders): plain llama / qwen2, or deci per layer
+    gguf_type: str = "f16"  # how the GGUF stores its matrices: f32, f16 or q8_0
+
+    @property
+    def wanted(self) -> bool:
+        """Whether any export is asked for."""
+        return bool(self.hf_dir or self.onnx_file or self.gguf_file)
 
 
 def check_export_targets(cfg: ExportConfig) -> None:
@@ -27,10 +35,16 @@ def check_export_targets(cfg: ExportConfig) -> None:
     if cfg.onnx_file:
         check_writable_target(cfg.onnx_file, "`onnx_file` file", is_dir=False)
         check_onnx_available()
+    if cfg.gguf_file:
+        check_writable_target(cfg.gguf_file, "`gguf_file` file", is_dir=False)
+        check_gguf_available(cfg.gguf_type)
 
 
 def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[str]:
-    """Write the requested exports; returns one line per file written."""
+    """Write the requested exports; returns one line per file written. What keeps the model from a target (a unit
+    llama.cpp cannot run, ...) is refused before any of them is written."""
+    if cfg.gguf_file:
+        check_gguf(model, tokenizer)
     lines = []
     if cfg.hf_dir:
         out, kind = export_pretrained(model, cfg.hf_dir, tokenizer)
@@ -38,6 +52,9 @@ def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[st
     if cfg.onnx_file:
         for what, (file, diff) in export_onnx(model, cfg.onnx_file).items():
             lines.append(f"ONNX {what} graph written to {file} (ONNX Runtime vs PyTorch: max abs diff {diff:.1e})")
+    if cfg.gguf_file:
+        out, what = export_gguf(model, cfg.gguf_file, tokenizer, gguf_type=cfg.gguf_type)
+        lines.append(f"GGUF ({what}) written to {out}")
     for line in lines:
         log.info("%s", line)
     return lines

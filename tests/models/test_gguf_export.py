@@ -1,0 +1,224 @@
+"""Decoder students exported to GGUF: the file's metadata and tensors read back with gguf-py, the refusals (one line,
+nothing written), and — where llama-cpp-python is installed — llama.cpp's logits, greedy tokens and perplexity
+against ours at f32, on tiny Llama and Qwen2 teachers with a heterogeneous student."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_decoder_teacher, make_sentences
+from models import LayerSpec, load_teacher
+from models.compress import clone_model, compose, init_attention, init_merged_layer
+from models.export import ExportError
+from models.gguf_export import ZERO_FFN, export_gguf
+
+gguf = pytest.importorskip("gguf")
+
+# teacher: 6 layers, hidden 48, 6 query heads over 2 KV heads of 8, SwiGLU 64
+UNITS = {
+    0: LayerSpec(6, 8, 64, [0], "block", attention="gqa", num_kv_heads=1),  # multi-query
+    1: LayerSpec(0, 0, 64, [1], "layer", attention="none"),  # attention-free
+    2: LayerSpec(0, 0, 64, [2], "block", attention="linear"),  # linear attention
+    3: LayerSpec(6, 8, 32, [3], "pruned", attention="gqa", num_kv_heads=2),  # narrower FFN
+    4: LayerSpec(0, 0, 0, [4], "dropped", attention="none"),  # dropped
+    5: LayerSpec(4, 8, 0, [5], "layer", attention="gqa", num_kv_heads=2),  # fewer heads, no FFN
+}
+
+
+def student_of(teacher, units: dict[int, LayerSpec], seed: int = 0):
+    """The teacher with ``units`` in place of its layers, every weight moved off its initial value."""
+    cfg, t = teacher.config, teacher.layers
+    blocks = {i: init_attention(t[i].block, cfg, s, init="random" if s.head_dim not in (0, cfg.head_dim) else "teacher")[0]
+              for i, s in units.items() if s.kind == "block"}
+    layers = {i: (init_merged_layer(cfg, s, t[i], mode="first")[0], s) for i, s in units.items() if s.kind != "block"}
+    student = clone_model(compose(teacher, blocks=blocks, layers=layers)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def decoder(request, tmp_path_factory):
+    """(model_type, teacher, tokenizer, heterogeneous student) on a tiny teacher with a byte-level BPE tokenizer."""
+    folder = make_decoder_teacher(tmp_path_factory.mktemp(request.param), model_type=request.param, layers=6,
+                                  tokenizer="bpe")
+    teacher, tok = load_teacher(folder)
+    return request.param, teacher, tok, student_of(teacher, UNITS)
+
+
+def fields(path: Path) -> tuple[dict, dict]:
+    """(metadata, {tensor name: (GGML type name, shape as PyTorch has it)}) of a GGUF file."""
+    r = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))) for t in r.tensors}
+    return meta, tensors
+
+
+def test_heterogeneous_student_is_written_as_deci_with_per_layer_sizes(decoder, tmp_path):
+    model_type, _, tok, student = decoder
+    out, what = export_gguf(student, tmp_path / "s.gguf", tok, gguf_type="f32")
+    meta, tensors = fields(out)
+    assert what == "deci, 5 layers, f32" and meta["general.architecture"] == "deci"
+    assert meta["deci.block_count"] == 5  # the dropped layer is not written
+    assert meta["deci.attention.head_count"] == [6, 0, 6, 6, 4]
+    assert meta["deci.attention.head_count_kv"] == [1, 0, 0, 2, 2]  # 0 with heads: the linear layer
+    assert meta["deci.feed_forward_length"] == [64, 64, 64, 32, ZERO_FFN]
+    assert meta["deci.attention.key_length"] == 8
+    assert "blk.1.attn_norm.weight" not in tensors and tensors["blk.2.attn_output.weight"][1] == (48, 48)
+    assert tensors["blk.0.attn_k.weight"][1] == (8, 48) and tensors["blk.4.attn_q.weight"][1] == (32, 48)
+    assert (tensors["blk.3.ffn_down.weight"][1], tensors["blk.4.ffn_down.weight"][1]) == ((48, 32), (48, ZERO_FFN))
+    assert ("blk.0.attn_q.bias" in tensors) == (model_type == "qwen2")
+    r = gguf.GGUFReader(str(out))
+    zero = next(t for t in r.tensors if t.name == "blk.4.ffn_down.weight")
+    assert not zero.data.any()  # the attention-only layer's feed-forward part adds nothing
+
+
+def test_tokenizer_special_tokens_and_chat_template_are_carried_over(decoder, tmp_path):
+    model_type, teacher, tok, student = decoder
+    meta, _ = fields(export_gguf(student, tmp_path / "s.gguf", tok)[0])
+    # transformers 5 gives a Qwen2 tokenizer Qwen2's own split whatever its tokenizer.json says; 4.x keeps GPT-2's
+    qwen2_split = '"Split"' in tok.backend_tokenizer.to_str()
+    assert qwen2_split == (model_type == "qwen2" and type(tok).__name__ == "Qwen2Tokenizer")
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "qwen2" if qwen2_split else "gpt-2")
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == teacher.config.vocab_size and tokens[:len(tok)] == tok.convert_ids_to_tokens(range(len(tok)))
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+    assert types[len(tok)] == gguf.TokenType.UNUSED and tokens[len(tok)] == f"[PAD{len(tok)}]"
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert meta["tokenizer.ggml.merges"][0].count(" ") == 1
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+
+
+def test_students_of_the_teacher_shape_are_the_plain_architecture(decoder, tmp_path):
+    model_type, teacher, tok, _ = decoder
+    shortgpt = student_of(teacher, {4: UNITS[4], 5: LayerSpec(0, 0, 0, [5], "dropped", attention="none")})
+    for name, model, layers in (("teacher", teacher, 6), ("shortgpt", shortgpt, 4)):
+        meta, tensors = fields(export_gguf(model, tmp_path / f"{name}.gguf", tok)[0])
+        assert meta["general.architecture"] == model_type  # llama.cpp's llama / qwen2
+        assert meta[f"{model_type}.block_count"] == layers and meta[f"{model_type}.attention.head_count_kv"] == 2
+        assert tensors["blk.0.attn_q.weight"][0] == "F16" and tensors["output_norm.weight"][0] == "F32"
+
+
+def test_q8_0_quantizes_the_rows_that_split_into_blocks(decoder, tmp_path):
+    _, _, tok, student = decoder
+    meta, tensors = fields(export_gguf(student, tmp_path / "q.gguf", tok, gguf_type="q8_0")[0])
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert tensors["blk.0.ffn_down.weight"][0] == "Q8_0"  # rows of 64
+    assert tensors["blk.0.ffn_gate.weight"][0] == "F16"  # rows of 48: not whole blocks of 32
+
+
+def test_a_first_layer_without_attention_is_written_as_a_zero_linear_attention(decoder, tmp_path):
+    _, teacher, tok, _ = decoder
+    student = student_of(teacher, {0: LayerSpec(0, 0, 64, [0], "layer", attention="none")})
+    out, _ = export_gguf(student, tmp_path / "s.gguf", tok)
+    meta, _ = fields(out)
+    assert meta["deci.attention.head_count"][:2] == [6, 6] and meta["deci.attention.head_count_kv"][:2] == [0, 2]
+    zero = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == "blk.0.attn_output.weight")
+    assert not zero.data.any()  # llama.cpp reads the head size from layer 0; the layer still adds nothing
+
+
+@pytest.mark.parametrize("case", ["head_dim", "linear_bias", "tokenizer", "bert", "gguf_type"])
+def test_what_llama_cpp_cannot_run_is_refused_in_one_line_and_nothing_is_written(case, decoder, tiny_llama,
+                                                                                 tiny_teacher, tmp_path):
+    _, teacher, tok, student = decoder
+    kwargs = {}
+    if case == "head_dim":
+        student = student_of(teacher, {3: LayerSpec(6, 4, 64, [3], "block", attention="gqa", num_kv_heads=2)})
+        expected = "layer 3: attention with head_dim 4"
+    elif case == "linear_bias":
+        student = clone_model(student)
+        student.config = dataclasses.replace(student.config, attention_bias=True)
+        expected = "layer 2: linear attention with a bias"
+    elif case == "tokenizer":
+        student, tok = load_teacher(tiny_llama)  # a word-level tokenizer
+        expected = "this one is WordLevel"
+    elif case == "bert":
+        student, tok = load_teacher(tiny_teacher)
+        expected = "writes decoders of the Llama family"
+    else:
+        kwargs, expected = {"gguf_type": "q4_k"}, "`gguf_type` must be one of f32, f16, q8_0"
+    with pytest.raises(ExportError) as e:
+        export_gguf(student, tmp_path / "s.gguf", tok, **kwargs)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_export_refuses_before_writing_any_target(decoder, tmp_path):
+    from utils.api import export
+
+    _, teacher, tok, _ = decoder
+    student = student_of(teacher, {3: LayerSpec(6, 4, 64, [3], "block", attention="gqa", num_kv_heads=2)})
+    with pytest.raises(ExportError, match="layer 3"):
+        export(student, tok, hf_dir=tmp_path / "hf", gguf_file=tmp_path / "s.gguf")
+    assert list(tmp_path.iterdir()) == []  # not even the Hugging Face folder
+
+
+def test_a_failed_write_leaves_nothing_under_the_final_name(decoder, tmp_path, monkeypatch):
+    import models.gguf_export as ge
+
+    _, _, tok, student = decoder
+    calls = []
+
+    def failing(w, gguf_type):
+        calls.append(w)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return stored(w, gguf_type)
+
+    stored = ge.stored
+    monkeypatch.setattr(ge, "stored", failing)
+    (tmp_path / "s.gguf").write_bytes(b"previous")
+    with pytest.raises(OSError):
+        export_gguf(student, tmp_path / "s.gguf", tok)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.gguf"] and (tmp_path / "s.gguf").read_bytes() == b"previous"
+
+
+# ---- llama.cpp itself ---------------------------------------------------------------------------------------------
+def llama_cpp_model(path: Path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                        "llama-cpp-python==0.3.36)")
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=1, n_ctx=128, n_batch=128,
+                           vocab_only=False, verbose=False)
+
+
+def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
+    llm.reset()
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)])
+
+
+def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
+    llm.reset()
+    out = list(ids)
+    llm.eval(out)
+    for _ in range(steps):
+        out.append(int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax()))
+        llm.eval(out[-1:])
+    return out
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    target = torch.tensor(ids[1:])
+    return math.exp(float(torch.nn.functional.cross_entropy(logits[:-1].double(), target)))
+
+
+def test_llama_cpp_runs_the_student_as_we_do(decoder, tmp_path):
+    _, _, tok, student = decoder
+    out, _ = export_gguf(student, tmp_path / "s.gguf", tok, gguf_type="f32")
+    llm = llama_cpp_model(out)
+    ids = tok(" ".join(make_sentences(8, seed=11)))["input_ids"][:96]
+    assert llm.tokenize(" ".join(make_sentences(8, seed=11)).encode(), add_bos=False, special=False)[:96] == ids
+    theirs = llama_cpp_logits(llm, ids)
+    with torch.no_grad():
+        ours = student(torch.tensor([ids])).logits[0]
+    assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-3
+    assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
+    prompt = ids[:6]
+    assert llama_cpp_greedy(llm, prompt, 32) == student.generate(torch.tensor([prompt]), 32)[0].tolist()
