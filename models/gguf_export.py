@@ -105,15 +105,20 @@ def layer_problem(i: int, spec: LayerSpec, cfg) -> str | None:
     return None
 
 
-def gguf_layers(cfg) -> tuple[GgufArch, list[GgufLayer]]:
-    """The architecture and the layers a model of ``cfg`` is written as; ExportError (one line) when llama.cpp
-    cannot run it as trained."""
+def _check_family(cfg) -> None:
+    """A GGUF is written for a Llama-family decoder with SiLU feed-forward parts; ExportError otherwise."""
     if getattr(cfg, "family", "") != "llama":
         raise ExportError(f"a GGUF export (`gguf_file`) writes decoders of the Llama family; this is a "
                           f"{cfg.family or 'bert'} model (use `hf_dir` or `onnx_file`)")
     if cfg.hidden_act != "silu":
         raise ExportError(f"a GGUF export needs SiLU feed-forward parts (llama.cpp's llama/qwen2/deci graphs); "
                           f"this model's activation is '{cfg.hidden_act}'")
+
+
+def gguf_layers(cfg) -> tuple[GgufArch, list[GgufLayer]]:
+    """The architecture and the layers a model of ``cfg`` is written as; ExportError (one line) when llama.cpp
+    cannot run it as trained."""
+    _check_family(cfg)
     problems = [p for i, s in enumerate(cfg.layers) if (p := layer_problem(i, s, cfg))]
     if problems:
         raise ExportError(f"cannot write a GGUF llama.cpp runs as trained: {problems[0]}"
@@ -336,14 +341,20 @@ def check_gguf_available(gguf_type: str) -> None:
         raise ExportError("a GGUF export (`gguf_file`) needs the gguf package: pip install gguf") from None
 
 
-def check_gguf(model: SwappableModel, tokenizer) -> tuple[GgufArch, list[GgufLayer]]:
-    """Everything that would keep ``model`` and ``tokenizer`` from a GGUF that runs as trained (ExportError, one
-    line), checked before anything is written; returns the architecture and layers it is written as."""
-    arch, layers = gguf_layers(model.config)
+def check_gguf_teacher(teacher: SwappableModel, tokenizer) -> None:
+    """What the teacher alone decides (its family, activation and tokenizer), checked once it is loaded, before any
+    training: ExportError (one line)."""
+    _check_family(teacher.config)
     if tokenizer is None:
         raise ExportError("a GGUF export carries the tokenizer: none was given")
     pre_tokenizer_name(tokenizer)
-    return arch, layers
+
+
+def check_gguf(model: SwappableModel, tokenizer) -> tuple[GgufArch, list[GgufLayer]]:
+    """Everything that would keep ``model`` and ``tokenizer`` from a GGUF that runs as trained (ExportError, one
+    line), checked before anything is written; returns the architecture and layers it is written as."""
+    check_gguf_teacher(model, tokenizer)
+    return gguf_layers(model.config)
 
 
 def export_gguf(model: SwappableModel, path: str | os.PathLike, tokenizer, *, gguf_type: str = "f16"

@@ -41,7 +41,7 @@ from .planning.sensitivity import default_options, option_from_dict, reach_map, 
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
-from .storage.export import ExportConfig, check_export_targets, run_exports
+from .storage.export import ExportConfig, check_export_targets, check_export_teacher, run_exports
 from .storage.lock import claim_units
 from .training.loop import TrainConfig, Trainer, Unit, run_record, stored_unit_meta
 from .training.students import (build_student, conditioned_teacher, dropped_layers, load_block, load_layer,
@@ -642,6 +642,7 @@ def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path]
     check_export_targets(export)
     _check_drop(session, drop_layers, checkpoints)
     s = _prepare(session)
+    check_export_teacher(export, s.teacher, s.tokenizer)
     model, sources = build_student(s.teacher, checkpoints, s.teacher_hash, force=force, which=which,
                                    drop=drop_layers)
     save_model(model, out, {"teacher": s.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources})
@@ -706,7 +707,9 @@ def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Pa
                        which=which, objective=objective, train=train, dropout=dropout, run_dir=run_dir,
                        eval_batches=eval_batches, export=export, print_samples=print_samples, record=rec)
     with claim_units([run_dir / "model"], "fine-tuned model") as locks:
-        return _finetune(_prepare(session), job, locks)
+        s = _prepare(session)
+        check_export_teacher(export, s.teacher, s.tokenizer)  # a GGUF the teacher rules out: before training
+        return _finetune(s, job, locks)
 
 
 def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
@@ -849,6 +852,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         check_export_targets(export)
     with claim_units([run], "planned student"):
         s = _prepare(session)
+        check_export_teacher(export or ExportConfig(), s.teacher, s.tokenizer)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, map, config=config, train=train, out=run / "map", record=rec, target=target)
         timing = config.timing(s.data.seq_len)

@@ -55,3 +55,16 @@ def test_bad_gguf_arguments_are_refused_before_any_work(argv, expected, bpe_llam
                               *argv], capsys)
     assert code in (1, 2) and expected in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()  # nothing assembled
+
+
+def test_finetune_refuses_a_teacher_llama_cpp_cannot_take_before_training(tiny_llama, tiny_corpus, tmp_path, capsys):
+    import finetune_merged
+    from utils.cli.run import run_main
+
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--drop-layers", "1", "--out",
+            str(tmp_path / "runs"), "--export-gguf", str(tmp_path / "s.gguf")]
+    with restored_logging():
+        code = run_main(finetune_merged.main, finetune_merged.build_parser(), argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "this one is WordLevel" in err.strip().splitlines()[-1]
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))  # nothing was trained

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from models import BertForMaskedLM
 from models.export import check_writable_target, export_pretrained
-from models.gguf_export import check_gguf, check_gguf_available, export_gguf
+from models.gguf_export import check_gguf, check_gguf_available, check_gguf_teacher, export_gguf
 from models.onnx_export import check_onnx_available, export_onnx
 
 log = logging.getLogger("simplifying_transformers")
@@ -38,6 +38,13 @@ def check_export_targets(cfg: ExportConfig) -> None:
     if cfg.gguf_file:
         check_writable_target(cfg.gguf_file, "`gguf_file` file", is_dir=False)
         check_gguf_available(cfg.gguf_type)
+
+
+def check_export_teacher(cfg: ExportConfig, teacher, tokenizer) -> None:
+    """What the loaded teacher alone decides about the exports (a GGUF needs a Llama-family decoder and a tokenizer
+    llama.cpp takes), checked before any training; the student's own units are checked by ``run_exports``."""
+    if cfg.gguf_file:
+        check_gguf_teacher(teacher, tokenizer)
 
 
 def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[str]:
