@@ -314,12 +314,15 @@ def vocab_entries(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _add_vocab(w, tokenizer, vocab_size: int) -> None:
+def _add_vocab(w, tokenizer, cfg) -> None:
     """Tokenizer metadata: model gpt2, pre-tokenizer, tokens, types; merges, special token ids and the chat template
-    through gguf-py's ``SpecialVocab`` (what the converter uses), read from the tokenizer saved to a scratch folder."""
+    through gguf-py's ``SpecialVocab`` (what the converter uses), read from the tokenizer saved to a scratch folder
+    with the model's own special ids beside it (the converter reads them from config.json where the tokenizer has
+    none)."""
     import gguf
 
     pre = pre_tokenizer_name(tokenizer)
+    vocab_size = cfg.vocab_size
     tokens, types = vocab_entries(tokenizer, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -327,6 +330,8 @@ def _add_vocab(w, tokenizer, vocab_size: int) -> None:
     w.add_token_types(types)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save_pretrained(scratch)
+        ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        Path(scratch, "config.json").write_text(json.dumps(ids))
         gguf.SpecialVocab(scratch, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
 
 
@@ -375,9 +380,8 @@ def export_gguf(model: SwappableModel, path: str | os.PathLike, tokenizer, *, gg
         w.add_name(out.stem)
         _add_hparams(w, cfg, arch=arch, layers=layers)
         w.add_file_type(file_type)
-        if gguf_type == "q8_0":
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_vocab(w, tokenizer, cfg.vocab_size)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_vocab(w, tokenizer, cfg)
         for name, t in tensors.items():
             data, qtype = stored(t, gguf_type)
             w.add_tensor(name, data, raw_dtype=qtype)

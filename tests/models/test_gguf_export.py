@@ -32,8 +32,8 @@ UNITS = {
 def student_of(teacher, units: dict[int, LayerSpec], seed: int = 0):
     """The teacher with ``units`` in place of its layers, every weight moved off its initial value."""
     cfg, t = teacher.config, teacher.layers
-    blocks = {i: init_attention(t[i].block, cfg, s, init="random" if s.head_dim not in (0, cfg.head_dim) else "teacher")[0]
-              for i, s in units.items() if s.kind == "block"}
+    init = {i: "random" if s.head_dim not in (0, cfg.head_dim) else "teacher" for i, s in units.items()}
+    blocks = {i: init_attention(t[i].block, cfg, s, init=init[i])[0] for i, s in units.items() if s.kind == "block"}
     layers = {i: (init_merged_layer(cfg, s, t[i], mode="first")[0], s) for i, s in units.items() if s.kind != "block"}
     student = clone_model(compose(teacher, blocks=blocks, layers=layers)).eval()
     g = torch.Generator().manual_seed(seed)
@@ -222,3 +222,47 @@ def test_llama_cpp_runs_the_student_as_we_do(decoder, tmp_path):
     assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
     prompt = ids[:6]
     assert llama_cpp_greedy(llm, prompt, 32) == student.generate(torch.tensor([prompt]), 32)[0].tolist()
+
+
+# ---- llama.cpp's own converter (its source tree: LLAMA_CPP_DIR, e.g. llama-cpp-python's vendor/llama.cpp) --------
+CONVERT = """
+import sys
+root, folder, out, outtype = sys.argv[1:]
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # a tiny tokenizer is in no table of hashes
+def no_sentencepiece(self):
+    raise FileNotFoundError("a byte-level BPE tokenizer")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype]
+import runpy
+runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_type, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import script_env
+    from models.export import export_pretrained
+
+    root = os.environ.get("LLAMA_CPP_DIR")
+    if not root or not Path(root, "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree to compare with its convert_hf_to_gguf.py")
+    teacher, tok = load_teacher(make_decoder_teacher(tmp_path / "t", tokenizer="bpe"))
+    export_pretrained(teacher, tmp_path / "hf", tok)
+    convert = [sys.executable, "-c", CONVERT, root, str(tmp_path / "hf"), str(tmp_path / "theirs.gguf"), gguf_type]
+    subprocess.run(convert, check=True, capture_output=True, env=script_env(), timeout=240)
+    ours = gguf.GGUFReader(str(export_gguf(teacher, tmp_path / "ours.gguf", tok, gguf_type=gguf_type)[0]))
+    theirs = gguf.GGUFReader(str(tmp_path / "theirs.gguf"))
+    mine = {t.name: t for t in ours.tensors}
+    assert sorted(mine) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:  # Q/K permuted as llama.cpp wants them, stored in the same types
+        assert mine[t.name].tensor_type == t.tensor_type and (mine[t.name].data == t.data).all(), t.name
+    named = ("general.name", "general.size_label", "GGUF.kv_count")  # the converter adds a size label
+    meta = {k: f.contents() for k, f in ours.fields.items() if k not in named}
+    assert meta == {k: f.contents() for k, f in theirs.fields.items() if k not in named}
