@@ -240,9 +240,17 @@ runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
-def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_type, tmp_path):
+@pytest.mark.parametrize("gguf_type, kw", [
+    ("f32", {}), ("q8_0", {}),
+    ("f32", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500.0, "tie_word_embeddings": True}),
+    ("f32", {"model_type": "qwen2"}),
+], ids=["f32", "q8_0", "llama3-rope-tied", "qwen2"])
+def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_type, kw, tmp_path):
     import os
     import subprocess
     import sys
@@ -253,7 +261,7 @@ def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_ty
     root = os.environ.get("LLAMA_CPP_DIR")
     if not root or not Path(root, "convert_hf_to_gguf.py").is_file():
         pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree to compare with its convert_hf_to_gguf.py")
-    teacher, tok = load_teacher(make_decoder_teacher(tmp_path / "t", tokenizer="bpe"))
+    teacher, tok = load_teacher(make_decoder_teacher(tmp_path / "t", tokenizer="bpe", **kw))
     export_pretrained(teacher, tmp_path / "hf", tok)
     convert = [sys.executable, "-c", CONVERT, root, str(tmp_path / "hf"), str(tmp_path / "theirs.gguf"), gguf_type]
     subprocess.run(convert, check=True, capture_output=True, env=script_env(), timeout=240)
@@ -263,6 +271,9 @@ def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_ty
     assert sorted(mine) == sorted(t.name for t in theirs.tensors)
     for t in theirs.tensors:  # Q/K permuted as llama.cpp wants them, stored in the same types
         assert mine[t.name].tensor_type == t.tensor_type and (mine[t.name].data == t.data).all(), t.name
-    named = ("general.name", "general.size_label", "GGUF.kv_count")  # the converter adds a size label
+    # the converter adds a size label; for qwen2 it leaves out head sizes and the vocabulary size (llama.cpp derives
+    # them); the converter's pre-tokenizer here is patched, ours follows the split transformers gives a Qwen2
+    named = ("general.name", "general.size_label", "GGUF.kv_count", "tokenizer.ggml.pre", "qwen2.attention.key_length",
+             "qwen2.attention.value_length", "qwen2.rope.dimension_count", "qwen2.vocab_size")
     meta = {k: f.contents() for k, f in ours.fields.items() if k not in named}
     assert meta == {k: f.contents() for k, f in theirs.fields.items() if k not in named}
