@@ -181,11 +181,26 @@ def test_a_failed_write_leaves_nothing_under_the_final_name(decoder, tmp_path, m
 
 
 # ---- llama.cpp itself ---------------------------------------------------------------------------------------------
-def llama_cpp_model(path: Path):
+STUDENTS = {  # beyond the heterogeneous one: plain architecture; deci with a zero linear attention in layer 0
+    "layer_removal": {4: UNITS[4], 5: LayerSpec(0, 0, 0, [5], "dropped", attention="none")},
+    "attention_free_first": {0: LayerSpec(0, 0, 64, [0], "layer", attention="none"), 3: UNITS[3]},
+}
+
+
+@pytest.fixture()
+def llama_cpp():
+    """llama_cpp.Llama on a GGUF file (f32 logits of every position, one thread), closed after the test."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
                                                         "llama-cpp-python==0.3.36)")
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=1, n_ctx=128, n_batch=128,
-                           vocab_only=False, verbose=False)
+    opened = []
+
+    def load(path: Path):
+        opened.append(llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=1, n_ctx=128, n_batch=128,
+                                      vocab_only=False, verbose=False))
+        return opened[-1]
+    yield load
+    for llm in opened:
+        llm.close()
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -209,12 +224,14 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
     return math.exp(float(torch.nn.functional.cross_entropy(logits[:-1].double(), target)))
 
 
-def test_llama_cpp_runs_the_student_as_we_do(decoder, tmp_path):
-    _, _, tok, student = decoder
-    out, _ = export_gguf(student, tmp_path / "s.gguf", tok, gguf_type="f32")
-    llm = llama_cpp_model(out)
-    ids = tok(" ".join(make_sentences(8, seed=11)))["input_ids"][:96]
-    assert llm.tokenize(" ".join(make_sentences(8, seed=11)).encode(), add_bos=False, special=False)[:96] == ids
+@pytest.mark.parametrize("name", ["heterogeneous", *STUDENTS])
+def test_llama_cpp_runs_the_student_as_we_do(name, decoder, llama_cpp, tmp_path):
+    _, teacher, tok, student = decoder
+    student = student if name == "heterogeneous" else student_of(teacher, STUDENTS[name])
+    llm = llama_cpp(export_gguf(student, tmp_path / "s.gguf", tok, gguf_type="f32")[0])
+    text = " ".join(make_sentences(8, seed=11))
+    ids = tok(text)["input_ids"][:96]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False)[:96] == ids  # the tokenizer carried over
     theirs = llama_cpp_logits(llm, ids)
     with torch.no_grad():
         ours = student(torch.tensor([ids])).logits[0]
@@ -222,6 +239,17 @@ def test_llama_cpp_runs_the_student_as_we_do(decoder, tmp_path):
     assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
     prompt = ids[:6]
     assert llama_cpp_greedy(llm, prompt, 32) == student.generate(torch.tensor([prompt]), 32)[0].tolist()
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_llama_cpp_runs_the_stored_types(gguf_type, decoder, llama_cpp, tmp_path):
+    _, _, tok, student = decoder
+    llm = llama_cpp(export_gguf(student, tmp_path / "s.gguf", tok, gguf_type=gguf_type)[0])
+    ids = tok(" ".join(make_sentences(8, seed=12)))["input_ids"][:96]
+    theirs = llama_cpp_logits(llm, ids)
+    with torch.no_grad():
+        ours = student(torch.tensor([ids])).logits[0]
+    assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.02
 
 
 # ---- llama.cpp's own converter (its source tree: LLAMA_CPP_DIR, e.g. llama-cpp-python's vendor/llama.cpp) --------
