@@ -413,3 +413,66 @@ def compact_student(teacher_dir: Path):
     teacher, tok = load_teacher(teacher_dir)
     blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, num_heads=2, head_dim=8)[0]}
     return clone_model(compose(teacher, blocks=blocks)).eval(), tok
+
+
+# ---- issue 33: decoder students for llama.cpp and the Nemotron-NAS layout ----
+def heterogeneous_units(ffn: int) -> dict:
+    """Units of a 6-layer teacher of 6 query heads over 2 KV heads of 8 and SwiGLU ``ffn``: one of every kind a
+    decoder student has (layer 5 is the teacher's)."""
+    from models import LayerSpec
+
+    return {
+        0: LayerSpec(6, 8, ffn, [0], "block", attention="gqa", num_kv_heads=1),  # multi-query
+        1: LayerSpec(0, 0, ffn, [1], "layer", attention="none"),  # attention-free
+        2: LayerSpec(0, 0, ffn, [2], "block", attention="linear"),  # linear attention
+        3: LayerSpec(6, 8, ffn // 2, [3], "pruned", attention="gqa", num_kv_heads=2),  # narrower FFN
+        4: LayerSpec(0, 0, 0, [4], "dropped", attention="none"),  # dropped
+    }
+
+
+def decoder_student(teacher, units: dict, seed: int = 0):
+    """The decoder ``teacher`` with ``units`` (layer index -> LayerSpec; kind "block": a new attention block, random
+    when its head size is not the teacher's; else a whole layer) in place of its layers, every weight moved off its
+    initial value."""
+    from models.compress import clone_model, compose, init_attention, init_merged_layer
+
+    cfg, t = teacher.config, teacher.layers
+    init = {i: "random" if s.head_dim not in (0, cfg.head_dim) else "teacher" for i, s in units.items()}
+    blocks = {i: init_attention(t[i].block, cfg, s, init=init[i])[0] for i, s in units.items() if s.kind == "block"}
+    layers = {i: (init_merged_layer(cfg, s, t[i], mode="first")[0], s) for i, s in units.items() if s.kind != "block"}
+    student = clone_model(compose(teacher, blocks=blocks, layers=layers)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student
+
+
+LLAMA_CPP_CONVERT = """
+import sys
+root, folder, out, outtype = sys.argv[1:]
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base as base
+import conversion.deci as deci
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # a tiny tokenizer is in no table of hashes
+def no_sentencepiece(self):
+    raise FileNotFoundError("a byte-level BPE tokenizer")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+deci.DeciModel.set_vocab = base.TextModel._set_vocab_gpt2  # its vocabulary step sent down the GPT-2 BPE path
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype]
+import runpy
+runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def llama_cpp_convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
+    """``folder`` turned into a GGUF by llama.cpp's own convert_hf_to_gguf.py (the source tree LLAMA_CPP_DIR names;
+    the test skips without it), in a subprocess."""
+    import pytest
+
+    root = os.environ.get("LLAMA_CPP_DIR")
+    if not root or not Path(root, "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree to convert with its convert_hf_to_gguf.py")
+    subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, root, str(folder), str(out), outtype], check=True,
+                   capture_output=True, env=script_env(), timeout=240)
+    return out

@@ -962,13 +962,15 @@ def _target_met(res: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 # ---- export ----
-def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None,
+def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None, hf_layout: str = "auto",
            onnx_file: str | Path | None = None, gguf_file: str | Path | None = None,
            gguf_type: str = "f16") -> list[str]:
     """Write ``model`` for use outside this repository: a Hugging Face folder (plain BertForMaskedLM, or CompactBERT
-    loaded with trust_remote_code=True), ONNX graphs checked against PyTorch with ONNX Runtime, and / or a decoder
-    as a GGUF file for llama.cpp (``gguf_type`` f32, f16 or q8_0). Returns one line per file written."""
-    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, onnx_file=str(onnx_file) if onnx_file else None,
+    loaded with trust_remote_code=True; a decoder with ``hf_layout`` nemotron-nas as DeciLM), ONNX graphs checked
+    against PyTorch with ONNX Runtime, and / or a decoder as a GGUF file for llama.cpp (``gguf_type`` f32, f16 or
+    q8_0). Returns one line per file written."""
+    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, hf_layout=hf_layout,
+                       onnx_file=str(onnx_file) if onnx_file else None,
                        gguf_file=str(gguf_file) if gguf_file else None, gguf_type=gguf_type)
     check_export_targets(cfg)
     return run_exports(model, tokenizer, cfg)

@@ -10,37 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_decoder_teacher, make_sentences
+from helpers import decoder_student, heterogeneous_units, llama_cpp_convert, make_decoder_teacher, make_sentences
 from models import LayerSpec, load_teacher
-from models.compress import clone_model, compose, init_attention, init_merged_layer
+from models.compress import clone_model
 from models.export import ExportError
 from models.gguf_export import ZERO_FFN, export_gguf
 
 gguf = pytest.importorskip("gguf")
 
-# teacher: 6 layers, hidden 48, 6 query heads over 2 KV heads of 8, SwiGLU 64
-UNITS = {
-    0: LayerSpec(6, 8, 64, [0], "block", attention="gqa", num_kv_heads=1),  # multi-query
-    1: LayerSpec(0, 0, 64, [1], "layer", attention="none"),  # attention-free
-    2: LayerSpec(0, 0, 64, [2], "block", attention="linear"),  # linear attention
-    3: LayerSpec(6, 8, 32, [3], "pruned", attention="gqa", num_kv_heads=2),  # narrower FFN
-    4: LayerSpec(0, 0, 0, [4], "dropped", attention="none"),  # dropped
-    5: LayerSpec(4, 8, 0, [5], "layer", attention="gqa", num_kv_heads=2),  # fewer heads, no FFN
-}
-
-
-def student_of(teacher, units: dict[int, LayerSpec], seed: int = 0):
-    """The teacher with ``units`` in place of its layers, every weight moved off its initial value."""
-    cfg, t = teacher.config, teacher.layers
-    init = {i: "random" if s.head_dim not in (0, cfg.head_dim) else "teacher" for i, s in units.items()}
-    blocks = {i: init_attention(t[i].block, cfg, s, init=init[i])[0] for i, s in units.items() if s.kind == "block"}
-    layers = {i: (init_merged_layer(cfg, s, t[i], mode="first")[0], s) for i, s in units.items() if s.kind != "block"}
-    student = clone_model(compose(teacher, blocks=blocks, layers=layers)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return student
+# teacher: 6 layers, hidden 48, 6 query heads over 2 KV heads of 8, SwiGLU 64; layer 5: fewer heads, no FFN
+UNITS = {**heterogeneous_units(64), 5: LayerSpec(4, 8, 0, [5], "layer", attention="gqa", num_kv_heads=2)}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -49,7 +28,7 @@ def decoder(request, tmp_path_factory):
     folder = make_decoder_teacher(tmp_path_factory.mktemp(request.param), model_type=request.param, layers=6,
                                   tokenizer="bpe")
     teacher, tok = load_teacher(folder)
-    return request.param, teacher, tok, student_of(teacher, UNITS)
+    return request.param, teacher, tok, decoder_student(teacher, UNITS)
 
 
 def fields(path: Path) -> tuple[dict, dict]:
@@ -98,7 +77,7 @@ def test_tokenizer_special_tokens_and_chat_template_are_carried_over(decoder, tm
 
 def test_students_of_the_teacher_shape_are_the_plain_architecture(decoder, tmp_path):
     model_type, teacher, tok, _ = decoder
-    shortgpt = student_of(teacher, {4: UNITS[4], 5: LayerSpec(0, 0, 0, [5], "dropped", attention="none")})
+    shortgpt = decoder_student(teacher, {4: UNITS[4], 5: LayerSpec(0, 0, 0, [5], "dropped", attention="none")})
     for name, model, layers in (("teacher", teacher, 6), ("shortgpt", shortgpt, 4)):
         meta, tensors = fields(export_gguf(model, tmp_path / f"{name}.gguf", tok)[0])
         assert meta["general.architecture"] == model_type  # llama.cpp's llama / qwen2
@@ -116,7 +95,7 @@ def test_q8_0_quantizes_the_rows_that_split_into_blocks(decoder, tmp_path):
 
 def test_a_first_layer_without_attention_is_written_as_a_zero_linear_attention(decoder, tmp_path):
     _, teacher, tok, _ = decoder
-    student = student_of(teacher, {0: LayerSpec(0, 0, 64, [0], "layer", attention="none")})
+    student = decoder_student(teacher, {0: LayerSpec(0, 0, 64, [0], "layer", attention="none")})
     out, _ = export_gguf(student, tmp_path / "s.gguf", tok)
     meta, _ = fields(out)
     assert meta["deci.attention.head_count"][:2] == [6, 6] and meta["deci.attention.head_count_kv"][:2] == [0, 2]
@@ -130,7 +109,7 @@ def test_what_llama_cpp_cannot_run_is_refused_in_one_line_and_nothing_is_written
     _, teacher, tok, student = decoder
     kwargs = {}
     if case == "head_dim":
-        student = student_of(teacher, {3: LayerSpec(6, 4, 64, [3], "block", attention="gqa", num_kv_heads=2)})
+        student = decoder_student(teacher, {3: LayerSpec(6, 4, 64, [3], "block", attention="gqa", num_kv_heads=2)})
         expected = "layer 3: attention with head_dim 4"
     elif case == "linear_bias":
         student = clone_model(student)
@@ -154,7 +133,7 @@ def test_api_export_refuses_before_writing_any_target(decoder, tmp_path):
     from utils.api import export
 
     _, teacher, tok, _ = decoder
-    student = student_of(teacher, {3: LayerSpec(6, 4, 64, [3], "block", attention="gqa", num_kv_heads=2)})
+    student = decoder_student(teacher, {3: LayerSpec(6, 4, 64, [3], "block", attention="gqa", num_kv_heads=2)})
     with pytest.raises(ExportError, match="layer 3"):
         export(student, tok, hf_dir=tmp_path / "hf", gguf_file=tmp_path / "s.gguf")
     assert list(tmp_path.iterdir()) == []  # not even the Hugging Face folder
@@ -227,7 +206,7 @@ def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
 @pytest.mark.parametrize("name", ["heterogeneous", *STUDENTS])
 def test_llama_cpp_runs_the_student_as_we_do(name, decoder, llama_cpp, tmp_path):
     _, teacher, tok, student = decoder
-    student = student if name == "heterogeneous" else student_of(teacher, STUDENTS[name])
+    student = student if name == "heterogeneous" else decoder_student(teacher, STUDENTS[name])
     llm = llama_cpp(export_gguf(student, tmp_path / "s.gguf", tok, gguf_type="f32")[0])
     text = " ".join(make_sentences(8, seed=11))
     ids = tok(text)["input_ids"][:96]
@@ -253,21 +232,6 @@ def test_llama_cpp_runs_the_stored_types(gguf_type, decoder, llama_cpp, tmp_path
 
 
 # ---- llama.cpp's own converter (its source tree: LLAMA_CPP_DIR, e.g. llama-cpp-python's vendor/llama.cpp) --------
-CONVERT = """
-import sys
-root, folder, out, outtype = sys.argv[1:]
-sys.path[:0] = [root, root + "/gguf-py"]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # a tiny tokenizer is in no table of hashes
-def no_sentencepiece(self):
-    raise FileNotFoundError("a byte-level BPE tokenizer")
-base.TextModel._set_vocab_sentencepiece = no_sentencepiece
-sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype]
-import runpy
-runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
-
-
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 
@@ -279,20 +243,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
     ("f32", {"model_type": "qwen2"}),
 ], ids=["f32", "q8_0", "llama3-rope-tied", "qwen2"])
 def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_type, kw, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from helpers import script_env
     from models.export import export_pretrained
 
-    root = os.environ.get("LLAMA_CPP_DIR")
-    if not root or not Path(root, "convert_hf_to_gguf.py").is_file():
-        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree to compare with its convert_hf_to_gguf.py")
     teacher, tok = load_teacher(make_decoder_teacher(tmp_path / "t", tokenizer="bpe", **kw))
     export_pretrained(teacher, tmp_path / "hf", tok)
-    convert = [sys.executable, "-c", CONVERT, root, str(tmp_path / "hf"), str(tmp_path / "theirs.gguf"), gguf_type]
-    subprocess.run(convert, check=True, capture_output=True, env=script_env(), timeout=240)
+    llama_cpp_convert(tmp_path / "hf", tmp_path / "theirs.gguf", gguf_type)
     ours = gguf.GGUFReader(str(export_gguf(teacher, tmp_path / "ours.gguf", tok, gguf_type=gguf_type)[0]))
     theirs = gguf.GGUFReader(str(tmp_path / "theirs.gguf"))
     mine = {t.name: t for t in ours.tensors}

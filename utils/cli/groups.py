@@ -8,6 +8,7 @@ from ..planning.planner import RETIME_ROUNDS, SPEED_MARGIN
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
 from models.gguf_export import GGUF_TYPES
+from models.nemotron_nas import HF_LAYOUTS
 from .types import int_list, non_negative_float, non_negative_int, option_kinds, positive_float, positive_int
 
 
@@ -35,6 +36,10 @@ def add_export_args(p: argparse._ActionsContainer) -> None:
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="also write the model as a Hugging Face folder: plain BertForMaskedLM when every layer keeps "
                         "the teacher's attention shape, else CompactBERT (load with trust_remote_code=True)")
+    p.add_argument("--hf-layout", choices=list(HF_LAYOUTS), default="auto",
+                   help="layout of --export-hf: auto (the plain class when every layer keeps the teacher's shape, "
+                        "else our remote code), or nemotron-nas (a decoder as DeciLMForCausalLM with per-layer "
+                        "block_configs: what vLLM, TensorRT-LLM and llama.cpp's converter read)")
     p.add_argument("--export-onnx", default=None, metavar="FILE",
                    help="also write ONNX graphs: masked-LM to FILE, encoder to <FILE stem>_encoder.onnx, each "
                         "checked against the PyTorch model with ONNX Runtime")

@@ -54,7 +54,7 @@ FLAGS = {
     "ffn_dim": "--ffn-dim", "start_from": "--model_checkpoint",
     "kl_weight": "--kl-weight", "mlm_weight": "--mlm-weight", "hidden_weight": "--hidden-weight",
     "hf_dir": "--export-hf", "onnx_file": "--export-onnx", "gguf_file": "--export-gguf", "gguf_type": "--gguf-type",
-    "map": "--map", "layers": "--layers",
+    "hf_layout": "--hf-layout", "map": "--map", "layers": "--layers",
     "target_speedup": "--target-speedup", "target_params": "--target-params", "cost": "--cost",
     "options": "--options", "heads_set": "--heads-set", "attention": "--attention", "drop_layers": "--drop-layers",
     "drop_every_second": "--drop-every-second", "teacher_device_map": "--teacher-device-map",

@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass
 
 from models import BertForMaskedLM
-from models.export import check_writable_target, export_pretrained
+from models.export import ExportError, check_writable_target, export_pretrained
 from models.gguf_export import check_gguf, check_gguf_available, check_gguf_teacher, export_gguf
+from models.nemotron_nas import HF_LAYOUTS, block_configs, check_nemotron_nas_model, export_nemotron_nas
 from models.onnx_export import check_onnx_available, export_onnx
 
 log = logging.getLogger("simplifying_transformers")
@@ -18,6 +19,7 @@ class ExportConfig:
     """Where a finished model is also written; None: not written."""
 
     hf_dir: str | None = None  # a Hugging Face folder: plain BertForMaskedLM, or CompactBERT (trust_remote_code=True)
+    hf_layout: str = "auto"  # the folder's layout: auto (plain class or ours), or nemotron-nas (DeciLM, decoders)
     onnx_file: str | None = None  # ONNX masked-LM graph; the encoder goes to <stem>_encoder.onnx
     gguf_file: str | None = None  # a GGUF file for llama.cpp (decoders): plain llama / qwen2, or deci per layer
     gguf_type: str = "f16"  # how the GGUF stores its matrices: f32, f16 or q8_0
@@ -32,6 +34,8 @@ def check_export_targets(cfg: ExportConfig) -> None:
     """Fail before any work when an export could not be written (ExportError, a ValueError)."""
     if cfg.hf_dir:
         check_writable_target(cfg.hf_dir, "`hf_dir` folder", is_dir=True)
+    if cfg.hf_layout not in HF_LAYOUTS:
+        raise ExportError(f"`hf_layout` must be one of {', '.join(HF_LAYOUTS)}, got '{cfg.hf_layout}'")
     if cfg.onnx_file:
         check_writable_target(cfg.onnx_file, "`onnx_file` file", is_dir=False)
         check_onnx_available()
@@ -45,6 +49,8 @@ def check_export_teacher(cfg: ExportConfig, teacher, tokenizer) -> None:
     llama.cpp takes), checked before any training; the student's own units are checked by ``run_exports``."""
     if cfg.gguf_file:
         check_gguf_teacher(teacher, tokenizer)
+    if cfg.hf_dir and cfg.hf_layout == "nemotron-nas":
+        check_nemotron_nas_model(teacher.config)
 
 
 def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[str]:
@@ -52,9 +58,13 @@ def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[st
     llama.cpp cannot run, ...) is refused before any of them is written."""
     if cfg.gguf_file:
         check_gguf(model, tokenizer)
+    nemotron_nas = cfg.hf_dir and cfg.hf_layout == "nemotron-nas"
+    if nemotron_nas:
+        block_configs(model.config)
     lines = []
     if cfg.hf_dir:
-        out, kind = export_pretrained(model, cfg.hf_dir, tokenizer)
+        write = export_nemotron_nas if nemotron_nas else export_pretrained
+        out, kind = write(model, cfg.hf_dir, tokenizer)
         lines.append(f"Hugging Face {kind} written to {out}")
     if cfg.onnx_file:
         for what, (file, diff) in export_onnx(model, cfg.onnx_file).items():

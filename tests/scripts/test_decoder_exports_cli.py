@@ -1,7 +1,9 @@
-"""``--export-gguf`` from the command line (``python -m utils.assemble``, in this process): a layer-removal student
-written as plain llama, and what cannot be written refused in one line (exit 1) or as a bad argument (exit 2),
-nothing written either way."""
+"""``--export-gguf`` and ``--hf-layout nemotron-nas`` from the command line (``python -m utils.assemble``, in this
+process): a layer-removal student written as plain llama and as DeciLM, and what cannot be written refused in one
+line (exit 1) or as a bad argument (exit 2), nothing written either way."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -68,3 +70,21 @@ def test_finetune_refuses_a_teacher_llama_cpp_cannot_take_before_training(tiny_l
     err = capsys.readouterr().err
     assert code == 1 and "this one is WordLevel" in err.strip().splitlines()[-1]
     assert not list((tmp_path / "runs").rglob("*.safetensors"))  # nothing was trained
+
+
+def test_assemble_writes_the_nemotron_nas_layout(tmp_path, capsys):
+    teacher = make_decoder_teacher(tmp_path / "t", ffn=512, tokenizer="bpe")  # an FFN on the layout's grid
+    code, out, err = _assemble(["--teacher", str(teacher), "--drop-layers", "1", "--out", str(tmp_path / "s"),
+                                "--export-hf", str(tmp_path / "nas"), "--hf-layout", "nemotron-nas"], capsys)
+    assert code == 0, err
+    assert "Hugging Face DeciLMForCausalLM (Nemotron-NAS" in out
+    blocks = json.loads((tmp_path / "nas" / "config.json").read_text())["block_configs"]
+    assert [b["attention"]["no_op"] for b in blocks] == [False, True, False, False]
+
+
+def test_a_layout_the_teacher_rules_out_is_refused_before_any_work(tmp_path, capsys):
+    qwen2 = make_decoder_teacher(tmp_path / "q", model_type="qwen2", tokenizer="bpe")
+    code, _, err = _assemble(["--teacher", str(qwen2), "--drop-layers", "1", "--out", str(tmp_path / "s"),
+                              "--export-hf", str(tmp_path / "nas"), "--hf-layout", "nemotron-nas"], capsys)
+    assert code == 1 and "cannot write the Nemotron-NAS layout: it has no biases" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "nas").exists()
