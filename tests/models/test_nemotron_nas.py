@@ -121,3 +121,13 @@ def test_the_config_reads_block_configs_as_vllm_does(exported):
     assert config.block_configs[0].attention.n_heads_in_group == 6 and config.block_configs[4].ffn.no_op
     assert json.loads(config.to_json_string())["block_configs"][3]["ffn"]["ffn_mult"] == 8.0
     assert "student" not in config.to_dict()
+
+
+def test_our_loader_reads_the_folder_back_as_a_teacher_with_identical_logits(exported):
+    folder = exported["cases"]["heterogeneous"]["dir"]
+    model, tok = load_teacher(folder)
+    student = exported["students"]["heterogeneous"]
+    assert [s.describe() for s in model.config.layers] == [s.describe() for s in student.config.layers]
+    ids = torch.tensor([tok(" ".join(make_sentences(4, seed=5)))["input_ids"][:40]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, student(ids).logits)
