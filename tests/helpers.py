@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -476,3 +477,50 @@ def llama_cpp_convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
     subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, root, str(folder), str(out), outtype], check=True,
                    capture_output=True, env=script_env(), timeout=240)
     return out
+
+
+def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's next-token logits [len(ids), vocab] of ``ids`` (a llama_cpp.Llama with logits_all=True)."""
+    llm.reset()
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)])
+
+
+def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
+    """``ids`` and ``steps`` greedy tokens after them, decoded by llama.cpp with its KV cache."""
+    llm.reset()
+    out = list(ids)
+    llm.eval(out)
+    for _ in range(steps):
+        out.append(int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax()))
+        llm.eval(out[-1:])
+    return out
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    """Perplexity of ``ids`` under next-token ``logits`` [len(ids), vocab]."""
+    target = torch.tensor(ids[1:])
+    return math.exp(float(torch.nn.functional.cross_entropy(logits[:-1].double(), target)))
+
+
+def llama_cpp_model(path: Path):
+    """llama_cpp.Llama on a GGUF file (every position's logits, one thread); the test skips without
+    llama-cpp-python."""
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                        "llama-cpp-python==0.3.36)")
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=1, n_ctx=128, n_batch=128,
+                           vocab_only=False, verbose=False)
+
+
+def check_runs_as_ours(llm, model, ids: list[int]) -> None:
+    """llama.cpp (``llm``) runs ``model`` as we do on ``ids``: next-token logits within 1e-3 of ours relative to
+    their scale, perplexity within 0.5%, and the 32 greedy tokens after the first 6 ids equal."""
+    theirs = llama_cpp_logits(llm, ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-3
+    assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
+    prompt = ids[:6]
+    assert llama_cpp_greedy(llm, prompt, 32) == model.generate(torch.tensor([prompt]), 32)[0].tolist()

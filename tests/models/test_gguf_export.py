@@ -4,13 +4,13 @@ against ours at f32, on tiny Llama and Qwen2 teachers with a heterogeneous stude
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import decoder_student, heterogeneous_units, llama_cpp_convert, make_decoder_teacher, make_sentences
+from helpers import (check_runs_as_ours, decoder_student, heterogeneous_units, llama_cpp_convert, llama_cpp_logits,
+                     llama_cpp_model, make_decoder_teacher, make_sentences, perplexity)
 from models import LayerSpec, load_teacher
 from models.compress import clone_model
 from models.export import ExportError
@@ -168,39 +168,15 @@ STUDENTS = {  # beyond the heterogeneous one: plain architecture; deci with a ze
 
 @pytest.fixture()
 def llama_cpp():
-    """llama_cpp.Llama on a GGUF file (f32 logits of every position, one thread), closed after the test."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                                                        "llama-cpp-python==0.3.36)")
+    """Opens GGUF files in llama.cpp (``llama_cpp_model``), closes them after the test."""
     opened = []
 
     def load(path: Path):
-        opened.append(llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=1, n_ctx=128, n_batch=128,
-                                      vocab_only=False, verbose=False))
+        opened.append(llama_cpp_model(path))
         return opened[-1]
     yield load
     for llm in opened:
         llm.close()
-
-
-def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
-    llm.reset()
-    llm.eval(ids)
-    return torch.tensor(llm.scores[:len(ids)])
-
-
-def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
-    llm.reset()
-    out = list(ids)
-    llm.eval(out)
-    for _ in range(steps):
-        out.append(int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax()))
-        llm.eval(out[-1:])
-    return out
-
-
-def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
-    target = torch.tensor(ids[1:])
-    return math.exp(float(torch.nn.functional.cross_entropy(logits[:-1].double(), target)))
 
 
 @pytest.mark.parametrize("name", ["heterogeneous", *STUDENTS])
@@ -211,13 +187,7 @@ def test_llama_cpp_runs_the_student_as_we_do(name, decoder, llama_cpp, tmp_path)
     text = " ".join(make_sentences(8, seed=11))
     ids = tok(text)["input_ids"][:96]
     assert llm.tokenize(text.encode(), add_bos=False, special=False)[:96] == ids  # the tokenizer carried over
-    theirs = llama_cpp_logits(llm, ids)
-    with torch.no_grad():
-        ours = student(torch.tensor([ids])).logits[0]
-    assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-3
-    assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
-    prompt = ids[:6]
-    assert llama_cpp_greedy(llm, prompt, 32) == student.generate(torch.tensor([prompt]), 32)[0].tolist()
+    check_runs_as_ours(llm, student, ids)
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])

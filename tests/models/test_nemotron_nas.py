@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (decoder_student, heterogeneous_units, llama_cpp_convert, load_decoders_elsewhere,
-                     make_decoder_teacher, make_sentences, model_inputs)
+from helpers import (check_runs_as_ours, decoder_student, heterogeneous_units, llama_cpp_convert, llama_cpp_model,
+                     load_decoders_elsewhere, make_decoder_teacher, make_sentences, model_inputs)
 from models import LayerSpec, load_teacher
 from models.export import ExportError
 from models.nemotron_nas import export_nemotron_nas
@@ -96,16 +96,9 @@ def test_a_qwen2_student_is_refused_for_its_biases(tmp_path):
 def test_llama_cpps_converter_turns_the_folder_into_a_gguf_that_runs_as_ours(exported, teacher):
     model, tok = exported["students"]["heterogeneous"], teacher[1]
     out = llama_cpp_convert(Path(exported["cases"]["heterogeneous"]["dir"]), exported["tmp"] / "converted.gguf")
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_threads=1, n_ctx=128, n_batch=128, verbose=False)
+    llm = llama_cpp_model(out)
     try:
-        ids = tok(" ".join(make_sentences(8, seed=11)))["input_ids"][:96]
-        llm.eval(ids)
-        theirs = torch.tensor(llm.scores[:len(ids)])
-        with torch.no_grad():
-            ours = model(torch.tensor([ids])).logits[0]
-        assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-3
-        assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+        check_runs_as_ours(llm, model, tok(" ".join(make_sentences(8, seed=11)))["input_ids"][:96])
     finally:
         llm.close()
 
