@@ -13,7 +13,7 @@ trained: its units composed into the teacher and timed against it, planned again
 short. Everything is explained in <run>/plan.log. Then the plan's units are retrained from the teacher cache, put
 together, the whole student is fine-tuned end to end by KD (KL at masked positions or at every next token,
 optionally + relation distillation), evaluated on the test split (and on each --eval-text NAME=PATH alike), timed
-against the teacher on this device and, with --export-hf / --export-onnx, exported.
+against the teacher on this device and, with --export-hf / --export-onnx / --export-gguf, exported.
 """
 from __future__ import annotations
 

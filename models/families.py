@@ -53,7 +53,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("bert", bert, ("bert",), bert.BertConfig, bert.BertForMaskedLM, "modeling_compact_bert"),
-    Family("llama", llama, llama.MODEL_TYPES, llama.LlamaConfig, llama.LlamaForCausalLM, "modeling_compact_llama"),
+    Family("llama", llama, llama.MODEL_TYPES + tuple(llama.REMOTE_CONFIGS), llama.LlamaConfig, llama.LlamaForCausalLM,
+           "modeling_compact_llama"),
 )}
 
 

@@ -110,6 +110,23 @@ def _config_json_problem(raw: object) -> str | None:
     return family_check(raw) if family_check is not None else None
 
 
+def _transformers_config(folder: Path, auto_config: Any) -> Any:
+    """The folder's transformers config. A model type whose config class is remote code this repository writes
+    itself (a family's ``REMOTE_CONFIGS``: Nemotron-NAS) is read with our own copy of that class, never with code
+    from the folder."""
+    import importlib
+
+    model_type = json.loads((folder / "config.json").read_bytes().decode("utf-8")).get("model_type")
+    try:
+        own = getattr(family_for_model_type(model_type).module, "REMOTE_CONFIGS", {}).get(model_type)
+    except ValueError:
+        own = None
+    if own is None:
+        return auto_config.from_pretrained(str(folder))
+    module, name = own.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name).from_pretrained(str(folder))
+
+
 def read_hf_config(name_or_path: str | os.PathLike):
     """The transformers config of a teacher (no weights are read); TeacherError when config.json is unusable: not
     JSON, a model type no family reads, a size that is not a positive integer, a number of heads that does not divide
@@ -126,7 +143,7 @@ def read_hf_config(name_or_path: str | os.PathLike):
     if problem:
         raise TeacherError(f"'{where}': {problem}")
     try:
-        cfg = AutoConfig.from_pretrained(str(folder))
+        cfg = _transformers_config(folder, AutoConfig)
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:  # the last: transformers 5 checks
         # transformers quotes fields in backticks, which the scripts would read as settings to name by their flags
         raise TeacherError(f"'{where}' cannot be read: {' '.join(str(e).split()).replace('`', chr(39))}") from None
@@ -261,7 +278,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, vocab_size: int | None = Non
     if problem:
         raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be used: {problem}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)  # never a folder's code
         tok("a probe sentence.")  # a vocabulary without the unknown token fails only when it encodes
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for broken files
         raise TeacherError(f"the tokenizer in '{name_or_path}' cannot be loaded: {' '.join(str(e).split())}") from None

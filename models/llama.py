@@ -32,6 +32,8 @@ from .base import (AttentionTrace, SwappableAttention, SwappableLayer, Swappable
 from .config import LayerSpec, ModelConfig
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
+# model types whose config class is remote code this repository writes (models/<module>.py), read with that class
+REMOTE_CONFIGS = {"nemotron-nas": "modeling_nemotron_nas.DeciLMConfig"}
 # the rotary scalings ``inverse_frequencies`` implements, each with the parameters it reads
 ROPE_FIELDS = {"default": (), "linear": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -92,7 +94,10 @@ class LlamaConfig(ModelConfig):
 
     @classmethod
     def from_hf(cls, hf: Any, has_lm_head: bool = True) -> "LlamaConfig":
-        """Read a transformers ``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig`` (4.x or 5.x)."""
+        """Read a transformers ``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig`` (4.x or 5.x), or a Nemotron-NAS
+        ``DeciLMConfig`` (its per-layer plan derived from its block configs)."""
+        if getattr(hf, "block_configs", None) is not None:
+            return ModelConfig.from_dict({**hf.student, "layers": hf.layer_plan})
         model_type = getattr(hf, "model_type", "llama")
         theta, scaling = _rope_settings(hf)
         window = getattr(hf, "sliding_window", None)
@@ -590,6 +595,7 @@ RENAMES: list[tuple[str, str | None]] = [
     (r"^model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.self_attn.input_layernorm."),
     (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.mlp.post_attention_layernorm."),
     (r"\.rotary_emb\.inv_freq$", None),  # a buffer of older checkpoints, recomputed from the config
+    (r"^model\.layers\.(\d+)\.self_attn\.linear_attn\.", r"model.layers.\1.self_attn.proj."),  # Nemotron-NAS
 ]
 
 

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -96,18 +97,45 @@ def make_decoder_tokenizer(folder: Path, chat: bool = False):
     return tok
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_bpe_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2, Llama 3 and Qwen2 have) trained on the corpus sentences,
+    with chat special tokens and a chat template: what a GGUF export carries over to llama.cpp."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(make_sentences(400, seed=7), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", additional_special_tokens=specials[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(folder))
+    return tok
+
+
 DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
             "mistral": ("MistralConfig", "MistralForCausalLM")}
 
 
 def make_decoder_teacher(folder: Path, model_type: str = "llama", layers: int = 4, hidden: int = 48, heads: int = 6,
-                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, chat: bool = False, **config_kwargs) -> Path:
-    """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer;
-    ``config_kwargs`` go to the transformers config as they are (rope_scaling, tie_word_embeddings, ...). ``chat``:
-    an instruct teacher's tokenizer (``make_decoder_tokenizer``), <|im_end|> its eos in generation_config.json."""
+                         kv_heads: int = 2, ffn: int = 64, seed: int = 0, chat: bool = False, tokenizer: str = "word",
+                         **config_kwargs) -> Path:
+    """A tiny random Llama-family teacher (``model_type`` llama, qwen2 or mistral) with a word-level tokenizer
+    (``tokenizer`` "bpe": a byte-level BPE one); ``config_kwargs`` go to the transformers config as they are
+    (rope_scaling, tie_word_embeddings, ...). ``chat``: an instruct teacher's tokenizer (``make_decoder_tokenizer``),
+    <|im_end|> its eos in generation_config.json."""
     import transformers
 
-    tok = make_decoder_tokenizer(folder, chat=chat)
+    tok = make_bpe_tokenizer(folder) if tokenizer == "bpe" else make_decoder_tokenizer(folder, chat=chat)
     if chat:
         config_kwargs = {"eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"), **config_kwargs}
     torch.manual_seed(seed)
@@ -440,3 +468,113 @@ def compact_student(teacher_dir: Path):
     teacher, tok = load_teacher(teacher_dir)
     blocks = {0: compress_attention(teacher.layers[0].attention, teacher.config, num_heads=2, head_dim=8)[0]}
     return clone_model(compose(teacher, blocks=blocks)).eval(), tok
+
+
+# ---- issue 33: decoder students for llama.cpp and the Nemotron-NAS layout ----
+def heterogeneous_units(ffn: int) -> dict:
+    """Units of a 6-layer teacher of 6 query heads over 2 KV heads of 8 and SwiGLU ``ffn``: one of every kind a
+    decoder student has (layer 5 is the teacher's)."""
+    from models import LayerSpec
+
+    return {
+        0: LayerSpec(6, 8, ffn, [0], "block", attention="gqa", num_kv_heads=1),  # multi-query
+        1: LayerSpec(0, 0, ffn, [1], "layer", attention="none"),  # attention-free
+        2: LayerSpec(0, 0, ffn, [2], "block", attention="linear"),  # linear attention
+        3: LayerSpec(6, 8, ffn // 2, [3], "pruned", attention="gqa", num_kv_heads=2),  # narrower FFN
+        4: LayerSpec(0, 0, 0, [4], "dropped", attention="none"),  # dropped
+    }
+
+
+def decoder_student(teacher, units: dict, seed: int = 0):
+    """The decoder ``teacher`` with ``units`` (layer index -> LayerSpec; kind "block": a new attention block, random
+    when its head size is not the teacher's; else a whole layer) in place of its layers, every weight moved off its
+    initial value."""
+    from models.compress import clone_model, compose, init_attention, init_merged_layer
+
+    cfg, t = teacher.config, teacher.layers
+    init = {i: "random" if s.head_dim not in (0, cfg.head_dim) else "teacher" for i, s in units.items()}
+    blocks = {i: init_attention(t[i].block, cfg, s, init=init[i])[0] for i, s in units.items() if s.kind == "block"}
+    layers = {i: (init_merged_layer(cfg, s, t[i], mode="first")[0], s) for i, s in units.items() if s.kind != "block"}
+    student = clone_model(compose(teacher, blocks=blocks, layers=layers)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student
+
+
+LLAMA_CPP_CONVERT = """
+import sys
+root, folder, out, outtype = sys.argv[1:]
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base as base
+import conversion.deci as deci
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # a tiny tokenizer is in no table of hashes
+def no_sentencepiece(self):
+    raise FileNotFoundError("a byte-level BPE tokenizer")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+deci.DeciModel.set_vocab = base.TextModel._set_vocab_gpt2  # its vocabulary step sent down the GPT-2 BPE path
+sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype]
+import runpy
+runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def llama_cpp_convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
+    """``folder`` turned into a GGUF by llama.cpp's own convert_hf_to_gguf.py (the source tree LLAMA_CPP_DIR names;
+    the test skips without it), in a subprocess."""
+    import pytest
+
+    root = os.environ.get("LLAMA_CPP_DIR")
+    if not root or not Path(root, "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree to convert with its convert_hf_to_gguf.py")
+    subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, root, str(folder), str(out), outtype], check=True,
+                   capture_output=True, env=script_env(), timeout=240)
+    return out
+
+
+def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's next-token logits [len(ids), vocab] of ``ids`` (a llama_cpp.Llama with logits_all=True)."""
+    llm.reset()
+    llm.eval(ids)
+    return torch.tensor(llm.scores[:len(ids)])
+
+
+def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
+    """``ids`` and ``steps`` greedy tokens after them, decoded by llama.cpp with its KV cache."""
+    llm.reset()
+    out = list(ids)
+    llm.eval(out)
+    for _ in range(steps):
+        out.append(int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax()))
+        llm.eval(out[-1:])
+    return out
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    """Perplexity of ``ids`` under next-token ``logits`` [len(ids), vocab]."""
+    target = torch.tensor(ids[1:])
+    return math.exp(float(torch.nn.functional.cross_entropy(logits[:-1].double(), target)))
+
+
+def llama_cpp_model(path: Path):
+    """llama_cpp.Llama on a GGUF file (every position's logits, one thread); the test skips without
+    llama-cpp-python."""
+    import pytest
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                        "llama-cpp-python==0.3.36)")
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=1, n_ctx=128, n_batch=128,
+                           vocab_only=False, verbose=False)
+
+
+def check_runs_as_ours(llm, model, ids: list[int]) -> None:
+    """llama.cpp (``llm``) runs ``model`` as we do on ``ids``: next-token logits within 1e-3 of ours relative to
+    their scale, perplexity within 0.5%, and the 32 greedy tokens after the first 6 ids equal."""
+    theirs = llama_cpp_logits(llm, ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    assert float((theirs - ours).abs().max() / ours.abs().max()) <= 1e-3
+    assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
+    prompt = ids[:6]
+    assert llama_cpp_greedy(llm, prompt, 32) == model.generate(torch.tensor([prompt]), 32)[0].tolist()

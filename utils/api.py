@@ -46,7 +46,7 @@ from .planning.sensitivity import default_options, option_from_dict, reach_map, 
 from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
-from .storage.export import ExportConfig, check_export_targets, run_exports
+from .storage.export import ExportConfig, check_export_targets, check_export_teacher, run_exports
 from .storage.lock import claim_units
 from .training.loop import TrainConfig, Trainer, Unit, run_record, stored_unit_meta
 from .training.students import (build_student, conditioned_teacher, dropped_layers, load_block, load_layer,
@@ -652,11 +652,12 @@ def assemble(session: Session | SessionConfig, checkpoints: Sequence[str | Path]
     check_export_targets(export)
     _check_drop(session, drop_layers, checkpoints)
     s = _prepare(session)
+    check_export_teacher(export, s.teacher, s.tokenizer)
     model, sources = build_student(s.teacher, checkpoints, s.teacher_hash, force=force, which=which,
                                    drop=drop_layers)
     save_model(model, out, {"teacher": s.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources})
     s.tokenizer.save_pretrained(str(Path(out) / "tokenizer"))
-    exports = run_exports(model.cpu(), s.tokenizer, export) if export.hf_dir or export.onnx_file else []
+    exports = run_exports(model.cpu(), s.tokenizer, export) if export.wanted else []
     return Assembled(model, Path(out), sources, model.config.describe(), s.teacher.num_parameters(),
                      model.num_parameters(), exports)
 
@@ -716,7 +717,9 @@ def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Pa
                        which=which, objective=objective, train=train, dropout=dropout, run_dir=run_dir,
                        eval_batches=eval_batches, export=export, print_samples=print_samples, record=rec)
     with claim_units([run_dir / "model"], "fine-tuned model") as locks:
-        return _finetune(_prepare(session), job, locks)
+        s = _prepare(session)
+        check_export_teacher(export, s.teacher, s.tokenizer)  # a GGUF the teacher rules out: before training
+        return _finetune(s, job, locks)
 
 
 def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
@@ -893,13 +896,14 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     docs = read_texts(texts)  # before any work
     run = Path(out)
-    if export is not None and (export.hf_dir or export.onnx_file) and plan_only:
-        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir` and `onnx_file`")
+    if export is not None and export.wanted and plan_only:
+        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir`, `onnx_file` and `gguf_file`")
     if export is not None:
         check_export_targets(export)
     given = _given_map(session, map)
     with claim_units([run], "planned student"):
         s = _prepare(session)
+        check_export_teacher(export or ExportConfig(), s.teacher, s.tokenizer)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, given, config=config, train=train, out=run / "map", record=rec, target=target)
         timing = config.timing(s.data.seq_len)
@@ -1037,11 +1041,15 @@ def _target_met(res: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 # ---- export ----
-def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None,
-           onnx_file: str | Path | None = None) -> list[str]:
+def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None, hf_layout: str = "auto",
+           onnx_file: str | Path | None = None, gguf_file: str | Path | None = None,
+           gguf_type: str = "f16") -> list[str]:
     """Write ``model`` for use outside this repository: a Hugging Face folder (plain BertForMaskedLM, or CompactBERT
-    loaded with trust_remote_code=True) and / or ONNX graphs checked against PyTorch with ONNX Runtime. Returns one
-    line per file written."""
-    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, onnx_file=str(onnx_file) if onnx_file else None)
+    loaded with trust_remote_code=True; a decoder with ``hf_layout`` nemotron-nas as DeciLM), ONNX graphs checked
+    against PyTorch with ONNX Runtime, and / or a decoder as a GGUF file for llama.cpp (``gguf_type`` f32, f16 or
+    q8_0). Returns one line per file written."""
+    cfg = ExportConfig(hf_dir=str(hf_dir) if hf_dir else None, hf_layout=hf_layout,
+                       onnx_file=str(onnx_file) if onnx_file else None,
+                       gguf_file=str(gguf_file) if gguf_file else None, gguf_type=gguf_type)
     check_export_targets(cfg)
     return run_exports(model, tokenizer, cfg)

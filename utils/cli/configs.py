@@ -77,7 +77,8 @@ def finetune_loss(args: argparse.Namespace) -> FinetuneLoss:
 
 
 def export_config(args: argparse.Namespace) -> ExportConfig:
-    return ExportConfig(hf_dir=args.export_hf, onnx_file=args.export_onnx)
+    return ExportConfig(hf_dir=args.export_hf, hf_layout=args.hf_layout, onnx_file=args.export_onnx,
+                        gguf_file=args.export_gguf, gguf_type=args.gguf_type)
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:

@@ -7,6 +7,8 @@ import argparse
 from ..planning.planner import RETIME_ROUNDS, SPEED_MARGIN
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
+from models.gguf_export import GGUF_TYPES
+from models.nemotron_nas import HF_LAYOUTS
 from .types import (EvalTexts, eval_text, int_list, name_list, non_negative_float, non_negative_int, option_kinds,
                     positive_float, positive_int)
 
@@ -39,15 +41,26 @@ def add_eval_text_arg(g: argparse._ActionsContainer) -> None:
 
 
 def add_export_args(p: argparse._ActionsContainer) -> None:
-    """--export-hf / --export-onnx: an ``ExportConfig``."""
+    """--export-hf / --export-onnx / --export-gguf: an ``ExportConfig``."""
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="also write the model as a Hugging Face folder: plain BertForMaskedLM when every layer keeps "
                         "the teacher's attention shape, else CompactBERT (load with trust_remote_code=True)")
+    p.add_argument("--hf-layout", choices=list(HF_LAYOUTS), default="auto",
+                   help="layout of --export-hf: auto (the plain class when every layer keeps the teacher's shape, "
+                        "else our remote code), or nemotron-nas (a decoder as DeciLMForCausalLM with per-layer "
+                        "block_configs: what vLLM, TensorRT-LLM and llama.cpp's converter read)")
     p.add_argument("--export-onnx", default=None, metavar="FILE",
                    help="also write ONNX graphs: the LM graph to FILE and the encoder (hidden states) to "
                         "<FILE stem>_encoder<FILE suffix> beside it, each checked against the PyTorch model with ONNX "
                         "Runtime and logged when written; an existing file at either name must be an ONNX model "
                         "(it is replaced), anything else is refused at start-up")
+    p.add_argument("--export-gguf", default=None, metavar="FILE",
+                   help="also write a decoder as a GGUF file for llama.cpp: the plain llama / qwen2 architecture when "
+                        "every layer keeps the teacher's shape, else deci (per-layer heads, KV heads, FFN widths); "
+                        "a unit llama.cpp cannot run as trained is refused before anything is written")
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="f16",
+                   help="how the GGUF stores its matrices (vectors stay f32; q8_0 rows that do not split into "
+                        "blocks of 32 stay f16)")
 
 
 def add_map_args(p: argparse.ArgumentParser) -> None:

@@ -443,7 +443,8 @@ def test_plan_only_stops_before_training(tiny_llama, tiny_corpus, tmp_path, caps
         "plan.json", "plan.log"]
     assert run_main(plan_student.main, plan_student.build_parser(),
                     argv + ["--export-hf", str(tmp_path / "hf")]) == 2  # nothing to export
-    assert "--plan-only makes no model to export: leave out --export-hf and --export-onnx" in capsys.readouterr().err
+    assert ("--plan-only makes no model to export: leave out --export-hf, --export-onnx and --export-gguf"
+            in capsys.readouterr().err)
 
 
 def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_llama, tiny_corpus, tmp_path):
