@@ -280,8 +280,8 @@ def main(args: argparse.Namespace) -> Path:
 
 def bench(args: argparse.Namespace, out: Path) -> Path:
     docs = read_texts(args.eval_text)  # before the teacher loads
+    smap = read_map(args.map, teacher_layers=len(session.model_config(args.teacher).layers))  # its layers: the teacher's
     s = session.start(session_config(args))
-    smap = read_map(args.map)
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
         raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
     train, mc = train_config(args), map_config(args)

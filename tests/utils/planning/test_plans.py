@@ -493,3 +493,17 @@ def test_a_masked_lm_map_has_no_decode_budget(tiny_teacher, tiny_corpus, combine
     smap = json.loads((combined_map / "sensitivity.json").read_text())
     with pytest.raises(ValueError, match="no decode step timings"):
         choose_plan(smap, target_speedup=1.2, speed="decode")
+
+
+def test_bench_refuses_a_map_of_another_layer_count_before_the_teacher_loads(tiny_teacher, combined_map, tmp_path,
+                                                                              monkeypatch, capsys):
+    """bench/plans.py checks the map's layers against the teacher's config (a map of 10^12 layers made the planner
+    build range(10^12)), in one line naming the field, before any teacher is loaded."""
+    smap = json.loads((combined_map / "sensitivity.json").read_text())
+    smap["layers"] = 10 ** 12
+    (tmp_path / "map.json").write_text(json.dumps(smap))
+    monkeypatch.setattr(plans.session, "start", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    argv = ["--teacher", str(tiny_teacher), "--out", str(tmp_path), "--map", str(tmp_path / "map.json")]
+    assert run_main(plans.main, plans.build_parser(), argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layers" in err[0] and "map.json" in err[0], err
