@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +19,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+# what a run logs once it has read a split ("train: 48 sentences (...)", "test: 3 windows of 16 tokens ..."): absent
+# from the output of a run refused at start-up
+DATA_READ = re.compile(r"\d sentences|windows of \d+ tokens")
 
 NOUNS = "cat dog bird lobster river city king queen ship song army garden".split()
 ADJS = "small large red blue old young quiet famous".split()
