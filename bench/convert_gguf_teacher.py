@@ -20,8 +20,8 @@ Changes made to what transformers writes, so that the folder also loads on trans
 tokenises as llama.cpp does for the file:
   config.json            ``rope_theta`` and ``torch_dtype`` at the top level as well (transformers 4.x reads those;
                          5.x reads ``rope_parameters`` and ``dtype``); no quantization_config.
-  generation_config.json every end-of-generation token of the vocabulary (the file names one eos; a chat model also
-                         ends its turn with e.g. ``<|im_end|>`` or ``<|endoftext|>``), a pad token.
+  generation_config.json the end tokens of the published model where the file names one eos (qwen2's vocabulary:
+                         ``<|im_end|>`` and ``<|endoftext|>``), a pad token where none is named.
   tokenizer.json         BPE merges as "a b" strings (tokenizers < 0.20 cannot read pairs); for llama.cpp's ``smollm``
                          pre-tokenizer, every digit split first (the vocab has no multi-digit token, so this changes no
                          token of ordinary text); other pre-tokenizers (qwen2's split regex) as transformers set them.
@@ -82,8 +82,10 @@ DEFAULT_DATA = ROOT / "bench" / "results" / "wikitext2_split"
 REQUIRED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "conversion.json", "README.md")
 PROMPT = "The capital of France is Paris. The capital of Germany is"
-# tokens that end a generation when the vocabulary has them (Qwen2 / ChatML chat models end a turn with <|im_end|>)
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+# the tokens that end a generation, by the file's llama.cpp pre-tokenizer (its vocabulary), where the file names only
+# one of them: Qwen2.5's chat models end a turn with <|im_end|> (the file's eos) and text with <|endoftext|>, both in
+# the published generation_config.json (SmolLM2's names <|im_end|> alone, as its file does)
+END_TOKENS = {"qwen2": ("<|im_end|>", "<|endoftext|>")}
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,7 @@ def write_conversion(gguf: Path, digest: str, folder: Path, *, packaged: Package
     compatible_config(folder / "config.json")
     pre = gguf_summary(gguf)["metadata"].get("tokenizer.ggml.pre")
     compatible_tokenizer(folder, pre)
-    generation = end_of_generation(folder, tokenizer)
+    generation = end_of_generation(folder, tokenizer, pre)
     record = conversion_record(gguf, digest, model, folder, seconds=time.perf_counter() - t0, packaged=packaged)
     record["tokenizer"] = (f"from the GGUF file (llama.cpp pre-tokenizer {pre!r}); merges in the 'a b' form"
                            + (", digits split one by one" if pre == "smollm" else "")
@@ -435,23 +437,20 @@ def compatible_tokenizer(folder: Path, pre_type: str | None = "smollm") -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n")
 
 
-def end_of_generation(folder: Path, tokenizer) -> dict[str, Any]:
-    """generation_config.json stops at every end token of the vocabulary, not only the file's one eos (Qwen2.5's
-    file names <|im_end|>, yet its model also ends text with <|endoftext|>, as the published generation config
-    says), and pads with the tokenizer's pad token (else its eos); returned as written."""
+def end_of_generation(folder: Path, tokenizer, pre_type: str | None) -> dict[str, Any]:
+    """generation_config.json stops at every end token of the vocabulary ``END_TOKENS[pre_type]`` (the file names
+    one eos), and pads with the tokenizer's pad token (else the eos) where it names no pad; returned as written."""
     path = folder / "generation_config.json"
     gc = json.loads(path.read_text())
     eos = gc.get("eos_token_id", tokenizer.eos_token_id)
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()}
     vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in END_TOKENS if t in special and t in vocab and vocab[t] not in ids]
+    ids += [vocab[t] for t in END_TOKENS.get(pre_type, ()) if t in vocab and vocab[t] not in ids]
     if not ids:
-        raise TeacherError(f"{folder}: the GGUF file names no end-of-sequence token and its vocabulary has none "
-                           f"of {', '.join(END_TOKENS)}")
+        raise TeacherError(f"{folder}: the GGUF file names no end-of-sequence token: a reply would never end")
     gc["eos_token_id"] = ids[0] if len(ids) == 1 else ids
-    pad = tokenizer.pad_token_id
-    gc["pad_token_id"] = pad if pad is not None else ids[0]
+    if gc.get("pad_token_id") is None:
+        gc["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
     path.write_text(json.dumps(gc, indent=2, sort_keys=True) + "\n")
     return {k: gc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gc}
 
