@@ -137,6 +137,7 @@ def test_quick_run_scores_teacher_students_and_the_transformers_check(chat_teach
     assert "| canonical | 1.0000 | 2 / 2 |" in c.stdout
 
 
+@pytest.mark.slow
 def test_a_models_folder_that_is_neither_kind_is_refused_before_loading(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_script("bench/humaneval.py", "--teacher", tmp_path / "nowhere", "--models", f"x={tmp_path / 'empty'}")
