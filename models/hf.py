@@ -385,6 +385,20 @@ def hf_export_problem(cfg: ModelConfig) -> str | None:
 GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def read_generation_config(folder: str | os.PathLike | None) -> dict[str, Any]:
+    """A checkpoint folder's generation_config.json ({} where there is none, or it is not a JSON object; a file that
+    is not JSON is named in a warning and not used): what ``generate()`` of the teacher stops at."""
+    f = Path(folder) / "generation_config.json" if folder else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        gen = json.loads(f.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        log.warning("'%s' is not JSON (%s): its generation settings are not used", f, e)
+        return {}
+    return gen if isinstance(gen, dict) else {}
+
+
 def teacher_generation(model: SwappableModel, tokenizer=None) -> dict[str, Any] | None:
     """The generation settings a decoder's export carries, so that ``generate()`` stops where the teacher's does (its
     end-of-turn token): the teacher folder's generation_config.json as it is (found beside the tokenizer, which is
@@ -392,15 +406,7 @@ def teacher_generation(model: SwappableModel, tokenizer=None) -> dict[str, Any] 
     it has none. None for a masked LM, which does not generate."""
     if model.TASK != "causal":
         return None
-    gen: dict[str, Any] = {}
-    folder = getattr(tokenizer, "name_or_path", None)
-    f = Path(folder) / "generation_config.json" if folder else None
-    if f is not None and f.is_file():
-        try:
-            gen = json.loads(f.read_bytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            log.warning("'%s' is not JSON (%s): the export gets the model config's token ids only", f, e)
-        gen = gen if isinstance(gen, dict) else {}
+    gen = read_generation_config(getattr(tokenizer, "name_or_path", None))
     for key in GENERATION_IDS[:2]:
         if gen.get(key) is None and getattr(model.config, key, None) is not None:
             gen[key] = getattr(model.config, key)

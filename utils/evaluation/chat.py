@@ -99,16 +99,15 @@ class Chat:
 def end_of_turn(tokenizer: Any, teacher: str | Path) -> tuple[list[int], str]:
     """The ids that end the teacher's turn and where they were read: ``eos_token_id`` of the teacher folder's (or hub
     snapshot's) generation_config.json (what transformers' ``generate`` stops at), else the tokenizer's eos token."""
-    from models.hf import resolve_checkpoint
+    from models.hf import read_generation_config, resolve_checkpoint
 
     try:
-        gen = resolve_checkpoint(teacher) / "generation_config.json"  # a hub id: its folder in the cache
+        folder = resolve_checkpoint(teacher)  # a hub id: its folder in the cache
     except FileNotFoundError:
-        gen = Path(teacher) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        if eos is not None:
-            return ([eos] if isinstance(eos, int) else list(eos)), "generation_config.json eos_token_id"
+        folder = Path(teacher)
+    eos = read_generation_config(folder).get("eos_token_id")
+    if eos is not None:
+        return ([eos] if isinstance(eos, int) else list(eos)), "generation_config.json eos_token_id"
     if tokenizer.eos_token_id is not None:
         return [tokenizer.eos_token_id], f"the tokenizer's eos_token {tokenizer.eos_token}"
     raise TeacherError(f"the teacher '{teacher}' names no end-of-turn token (no eos_token_id in "

@@ -126,3 +126,5 @@ def test_end_of_turn_falls_back_to_the_tokenizer_eos(tiny_chat_llama, tmp_path):
     _, tok = load_teacher(folder)
     chat = Chat.of(tok, folder)
     assert chat.describe() == {"ids": [34], "tokens": ["<|im_end|>"], "from": "the tokenizer's eos_token <|im_end|>"}
+    (folder / "generation_config.json").write_text("not json")  # named in a warning, not used (as an export does)
+    assert Chat.of(tok, folder).describe() == chat.describe()
