@@ -7,7 +7,6 @@ holds anything but an ONNX model (34.7).
 from __future__ import annotations
 
 import errno
-import json
 
 import pytest
 import torch

@@ -670,7 +670,7 @@ def _entry_problem(name: str, e: Any, n: int, *, options: dict[str, Option]) -> 
     numbers = ("latency_saved_ms", *(k for k in ("decode_saved_ms", "kv_bytes_saved") if k in e),
                *(m for m in COSTS.values() if m in e))
     for key in numbers:
-        if (want := _num(-math.inf)(e.get(key))) is not None:
+        if _num(-math.inf)(e.get(key)) is not None:
             return (f"{name}.{key}", "a finite number", e.get(key))
     return None
 
