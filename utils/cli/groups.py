@@ -9,8 +9,8 @@ from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
 from models.gguf_export import GGUF_TYPES
 from models.nemotron_nas import HF_LAYOUTS
-from .types import (EvalTexts, eval_text, int_list, name_list, non_negative_float, non_negative_int, option_kinds,
-                    positive_float, positive_int)
+from .types import (EvalTexts, eval_text, int_list, layer_list, name_list, non_negative_float, non_negative_int,
+                    option_kinds, positive_float, positive_int)
 
 
 def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None:
@@ -75,7 +75,7 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
                         "next layer) (default: all of the teacher's task)")
     g.add_argument("--heads-set", type=int_list, default=None,
                    help="head counts to map, e.g. 8,6,4,2 (default: 2/3, 1/2, 1/3, 1/6 of the teacher's)")
-    g.add_argument("--layers", type=int_list, default=None, help="layers to map (default: all); 0-based")
+    g.add_argument("--layers", type=layer_list, default=None, help="layers to map (default: all); 0-based")
     g.add_argument("--block-loss", choices=["output", "relations", "output+relations"], default="output",
                    help="loss of the attention-block units (see retrain_single_block.py --loss-on)")
     g.add_argument("--relation-weight", type=positive_float, default=1.0, help="with --block-loss ...relations")

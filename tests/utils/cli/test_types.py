@@ -53,3 +53,16 @@ def test_duplicate_and_masked_lm_train_texts_end_in_one_line(tiny_teacher, tiny_
     code, err = in_process("retrain_single_block", [*argv, "--train-text", text], capsys)
     assert code == 2 and "error: --train-text is a decoder's training mixture" in err.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_map_layers_are_zero_based():
+    """--layers says 0-based: layer 0 is a layer to map (it was refused as "not positive"), a negative one is not."""
+    import argparse
+
+    from utils.cli.groups import add_map_args
+
+    p = argparse.ArgumentParser()
+    add_map_args(p)
+    assert p.parse_args(["--layers", "0,3"]).layers == [0, 3]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--layers", "-1"])
