@@ -61,8 +61,8 @@ from utils.cli.groups import add_chat_args, add_finetune_args, add_map_args, add
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number  # noqa: E402
-from utils.evaluation.chat import (PREFIX_TOKENS, Chat, ChatConfig, compare_chat, read_prompts,  # noqa: E402
-                                   teacher_replies)
+from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
+                                   read_prompts, teacher_chat)
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.evaluation.speed import Timing  # noqa: E402
@@ -78,7 +78,6 @@ from utils.training.loop import run_record  # noqa: E402
 from utils.training.tasks import kd_temperature  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
-FIRST = f"first{PREFIX_TOKENS}_match"  # chat: the first reply tokens equal to the teacher's, per prompt
 METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
            "student_perplexity", "teacher_perplexity")
 
@@ -425,22 +424,21 @@ def chat_scores(b: Bench, models: dict[str, dict[str, Any]], per_target, targets
     every other method at each target: McNemar on the prompts' first reply tokens, the tests of the test split on the
     teacher's reply tokens (teacher-forced NLL and agreement)."""
     s = b.s
-    path, prompts = read_prompts(config.prompts)
-    chat = Chat.of(s.tokenizer, s.teacher_name)
-    replies = teacher_replies(b.teacher, chat, prompts, config=config)
-    metrics, per = {}, {}
+    if not models:
+        return {}
+    replies = teacher_chat(b.teacher, s.tokenizer, teacher_name=s.teacher_name, config=config)
+    metrics, per, shared = {}, {}, {}
     for key, v in models.items():
-        res = compare_chat(b.teacher, v["model"].to(s.device), chat, config=config, out=Path(v["run"]) / "chat",
-                           replies=replies)
+        res = compare_chat(b.teacher, v["model"].to(s.device), replies=replies, config=config,
+                           out=Path(v["run"]) / "chat")
         v["model"].cpu()
         shared = {k: res.metrics.pop(k) for k in ("prompts", "max_new_tokens", "end_of_turn", "teacher_reply_tokens",
                                                  "teacher_unfinished")}
-        metrics[key] = res.metrics
-        per[key] = {"nll": res.forced.token_nll, "agree": res.forced.token_agree, FIRST: [r[FIRST] for r in res.rows]}
+        metrics[key], per[key] = res.metrics, res.per_item()
         log.info("chat %s: first %d tokens equal %.3f, agreement %.4f", key, PREFIX_TOKENS, res.metrics[FIRST],
                  res.metrics["teacher_forced"]["agreement_top1"])
     forced = next(iter(metrics.values()))["teacher_forced"]
-    return {"prompts_file": str(path), **shared, "teacher_perplexity": forced["teacher_perplexity"],
+    return {"prompts_file": replies.source, **shared, "teacher_perplexity": forced["teacher_perplexity"],
             "reply_tokens": forced["tokens"], "metrics": metrics,
             "tests": [x for t in targets for x in paired_tests(b, t, per_target[t.name], per)]}
 
@@ -527,9 +525,9 @@ def paired_tests(b: Bench, target: Target, methods: list[dict[str, Any]], per: d
             o = per[m["key"]]
             x = {"target": target.name, "label": target.label, "planned": name, "against": m["method"], "plan": m["key"],
                  "agreement": mcnemar(a["agree"], o["agree"])}
-            if FIRST in a:  # chat: per prompt, the first reply tokens equal to the teacher's or not
-                x[FIRST] = mcnemar(a[FIRST], o[FIRST])
-            if b.causal:
+            if FIRST in a:  # chat: the first reply tokens per prompt, the teacher's reply tokens teacher-forced
+                x.update(paired_chat(a, o))
+            elif b.causal:
                 x["nll_t"] = paired_t(a["nll"], o["nll"])
                 x["nll_sign"] = sign_test(a["nll"], o["nll"])
             else:

@@ -29,6 +29,7 @@ from ..data.text import DataError, jsonl_strings
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPTS = {"eval": PROMPTS / "chat_eval.jsonl", "train": PROMPTS / "chat_train.jsonl"}
 PREFIX_TOKENS = 8  # the issue's target: the first 8 reply tokens equal to the teacher's
+FIRST = f"first{PREFIX_TOKENS}_match"  # its key: in the metrics (a rate) and per prompt (a row's, per_item's)
 CHRF_ORDER, CHRF_BETA = 6, 2.0
 
 
@@ -252,23 +253,46 @@ class ChatResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     forced: ForcedCounts = field(default_factory=ForcedCounts)
 
+    def per_item(self) -> dict[str, list]:
+        """What a paired test of two students on the same teacher replies reads (``paired_chat``): per prompt
+        whether the first ``PREFIX_TOKENS`` reply tokens equal the teacher's; per teacher reply token the student's
+        NLL and whether its top-1 is the teacher's."""
+        return {FIRST: [r[FIRST] for r in self.rows], "nll": self.forced.token_nll, "agree": self.forced.token_agree}
+
+
+def paired_chat(a: dict[str, list], b: dict[str, list]) -> dict[str, Any]:
+    """Student a against student b (their ``per_item``): McNemar's exact test on the prompts whose first reply tokens
+    equal the teacher's and on top-1 agreement per reply token; the paired t-test and sign test of per-token NLL."""
+    from .stats import mcnemar, paired_t, sign_test
+
+    return {FIRST: mcnemar(a[FIRST], b[FIRST]), "agreement": mcnemar(a["agree"], b["agree"]),
+            "nll_t": paired_t(a["nll"], b["nll"]), "nll_sign": sign_test(a["nll"], b["nll"])}
+
 
 @dataclass
 class TeacherReplies:
-    """The teacher's greedy replies to a prompt set, beside the tokenised prompts: generated once, then compared with
-    as many students as there are (a bench's)."""
+    """The teacher's greedy replies to a prompt set, beside its chat format and the tokenised prompts: generated
+    once, then compared with as many students as there are (a bench's)."""
 
+    chat: Chat
     prompts: list[str]
     ids: list[list[int]]
     replies: list[list[int]]
+    source: str = ""  # the prompt file
 
 
-def teacher_replies(teacher: SwappableModel, chat: Chat, prompts: Sequence[str], *,
-                    config: ChatConfig) -> TeacherReplies:
+def teacher_replies(teacher: SwappableModel, chat: Chat, prompts: Sequence[str], *, config: ChatConfig,
+                    source: str = "") -> TeacherReplies:
     """The teacher's answers to ``prompts``, greedy, as every student's are (``chat_fidelity`` compares them)."""
     ids = [chat.prompt_ids(p) for p in prompts]
-    return TeacherReplies(list(prompts), ids, answer(teacher, chat, ids, max_new_tokens=config.max_new_tokens,
-                                                     batch_size=config.batch_size))
+    return TeacherReplies(chat, list(prompts), ids, answer(teacher, chat, ids, max_new_tokens=config.max_new_tokens,
+                                                           batch_size=config.batch_size), source)
+
+
+def teacher_chat(teacher: SwappableModel, tokenizer: Any, *, teacher_name: str, config: ChatConfig) -> TeacherReplies:
+    """The teacher's replies to ``config.prompts`` through its chat template: what every student is compared with."""
+    path, prompts = read_prompts(config.prompts)
+    return teacher_replies(teacher, Chat.of(tokenizer, teacher_name), prompts, config=config, source=str(path))
 
 
 def chat_fidelity(teacher: SwappableModel, student: SwappableModel, chat: Chat, *, prompts: Sequence[str] = (),
@@ -352,15 +376,15 @@ def side_by_side(rows: Sequence[dict[str, Any]]) -> str:
 def evaluate_chat(teacher: SwappableModel, student: SwappableModel, tokenizer: Any, *, teacher_name: str,
                   config: ChatConfig, out: str | Path) -> dict[str, Any]:
     """The chat comparison of an evaluation: its report files in ``out``; returns results.json's "chat" object."""
-    path, prompts = read_prompts(config.prompts)
-    res = compare_chat(teacher, student, Chat.of(tokenizer, teacher_name), prompts=prompts, config=config, out=out)
-    return {"prompts_file": str(path), **res.metrics}
+    replies = teacher_chat(teacher, tokenizer, teacher_name=teacher_name, config=config)
+    res = compare_chat(teacher, student, replies=replies, config=config, out=out)
+    return {"prompts_file": replies.source, **res.metrics}
 
 
-def compare_chat(teacher: SwappableModel, student: SwappableModel, chat: Chat, *, prompts: Sequence[str] = (),
-                 config: ChatConfig, out: str | Path, replies: TeacherReplies | None = None) -> ChatResult:
-    """``chat_fidelity`` (with the teacher's ``replies`` when already generated) and its report files in ``out``."""
-    res = chat_fidelity(teacher, student, chat, prompts=prompts, config=config, replies=replies)
+def compare_chat(teacher: SwappableModel, student: SwappableModel, *, replies: TeacherReplies, config: ChatConfig,
+                 out: str | Path) -> ChatResult:
+    """``chat_fidelity`` on the teacher's ``replies`` (``teacher_chat``) and its report files in ``out``."""
+    res = chat_fidelity(teacher, student, replies.chat, config=config, replies=replies)
     write_chat_report(res, out, shown=config.shown)
     return res
 
