@@ -12,8 +12,9 @@ disagreement or perplexity increase measured alone in the teacher). A speed plan
 trained: its units composed into the teacher and timed against it, planned again while the measured speed-up falls
 short. Everything is explained in <run>/plan.log. Then the plan's units are retrained from the teacher cache, put
 together, the whole student is fine-tuned end to end by KD (KL at masked positions or at every next token,
-optionally + relation distillation), evaluated on the test split (and on each --eval-text NAME=PATH alike), timed
-against the teacher on this device and, with --export-hf / --export-onnx / --export-gguf, exported.
+optionally + relation distillation), evaluated on the test split (and on each --eval-text NAME=PATH alike; with
+--chat-prompts, a decoder's greedy chat replies against the teacher's: chat.md), timed against the teacher on this
+device and, with --export-hf / --export-onnx / --export-gguf, exported.
 """
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ import sys
 from pathlib import Path
 
 from utils import api
-from utils.cli.configs import export_config, map_config, plan_finetune, record, session_config, train_config
-from utils.cli.groups import add_export_args, add_finetune_args, add_map_args, add_retime_args
+from utils.cli.configs import (chat_config, export_config, map_config, plan_finetune, record, session_config,
+                               train_config)
+from utils.cli.groups import add_chat_args, add_export_args, add_finetune_args, add_map_args, add_retime_args
 from utils.cli.output import plan_table
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.run import run_main
+from utils.evaluation.chat import chat_table
 from utils.cli.types import number
 from utils.planning.planner import COSTS, Target
 
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_args(p)
     add_map_args(p)
     add_export_args(p.add_argument_group("export"))
+    add_chat_args(p)
     return p
 
 
@@ -105,13 +109,15 @@ def main(args: argparse.Namespace) -> Path:
                             train=train_config(args), out=run, record=record(args), export=export_config(args),
                             reuse_map_units=not args.retrain_units, plan_only=args.plan_only,
                             retime_rounds=args.retime_rounds, speed_margin=args.speed_margin,
-                            texts=args.eval_text)
+                            texts=args.eval_text, chat=chat_config(args))
     if done.map_built is not None:
         print((done.map_built / "sensitivity.md").read_text())
     print("\n".join(done.plan.lines))
     if args.plan_only:
         return run
     print(plan_table(done.results))
+    if "chat" in done.results:
+        print(chat_table(done.results["chat"]))
     for line in done.results.get("exports", []):
         print(line)
     return run

@@ -8,7 +8,10 @@ over window means), the sign test and McNemar's exact test on top-1 agreement wi
 --seq-len, no BOS), the same for every model; or of its first --test-sentences (a bench's windows); or, with
 --skip-test-sentences N, of the sentences after the first N, to confirm a bench's comparison on test text it has not
 looked at. Each --eval-text NAME=PATH (repeatable) gets the same table and paired tests on its own windows (its
-documents in order, as eval_merged_12.py scores it): "texts" in paired.json, a section per text in paired.md.
+documents in order, as eval_merged_12.py scores it): "texts" in paired.json, a section per text in paired.md. With
+--chat-prompts (a teacher with a chat template), every model's greedy chat replies against the teacher's, generated
+once (utils.evaluation.chat; replies in <out>/chat/NAME), each student against --reference by McNemar on the prompts
+whose first 8 reply tokens equal the teacher's and the tests above on the teacher's reply tokens: "chat".
 
     OMP_NUM_THREADS=1 python bench/paired_decoders.py --teacher bench/results/smollm2-135m-instruct \\
         --data-dir bench/results/wikitext2_split --seq-len 256 --test-fraction 0.25 --reference output \\
@@ -30,11 +33,14 @@ if str(ROOT) not in sys.path:
 
 from bench.quick import add_quick  # noqa: E402
 from utils import session as _session  # noqa: E402
-from utils.cli.configs import session_config  # noqa: E402
+from utils.cli.configs import chat_config, session_config  # noqa: E402
+from utils.cli.groups import add_chat_args  # noqa: E402
 from utils.cli.parser import add_eval_text_arg, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from models.export import export_pretrained  # noqa: E402
+from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
+                                   read_prompts, teacher_chat)
 from utils.evaluation.metrics import token_scores, transformers_nll  # noqa: E402
 from utils.evaluation.stats import format_p as _p  # noqa: E402
 from utils.evaluation.texts import read_texts, text_dataset  # noqa: E402
@@ -60,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with plain transformers on the same windows")
     add_quick(p, {"seq_len": 16, "batch_size": 8, "test_sentences": 24}, "windows of 16 over 24 test sentences")
     add_eval_text_arg(g)  # each named text: the same table and paired tests, on its own windows
+    add_chat_args(p)
     return p
 
 
@@ -89,6 +96,8 @@ def markdown(res: dict) -> str:
     for name, part in res.get("texts", {}).items():
         lines += ["", f"Text {name} ({part['path']}): {part['tokens']:,} predicted tokens ({part['windows']} windows "
                   f"of {res['seq_len']}, its documents in order); reference: {ref}", "", *_table(part)]
+    if "chat" in res:
+        lines += ["", *_chat_table(res["chat"], ref)]
     if "transformers" in res:
         lines += ["", "Perplexity of the exported models by plain transformers on the same windows:", "",
                   "| model | export | ours | transformers | relative difference |", "|---|---|---:|---:|---:|"]
@@ -117,6 +126,43 @@ def _table(res: dict) -> list[str]:
     return lines
 
 
+def _chat_table(c: dict, ref: str) -> list[str]:
+    """Every model's chat replies against the teacher's, and each against the reference by paired tests."""
+    lines = [f"Chat: {c['prompts']} prompts of {c['prompts_file']}, greedy, at most {c['max_new_tokens']} new tokens; "
+             f"reference: {ref}", "",
+             f"| model | whole reply equal | common prefix | first {PREFIX_TOKENS} equal | chrF | perplexity on the "
+             f"teacher's replies | agreement | KL(t‖s) | first {PREFIX_TOKENS}: only model / only ref (p) | agreement: "
+             "only model / only ref (p) | NLL − ref, t (p) | sign: lower / higher (p) |",
+             "|---|" + "---:|" * 11]
+    for name, m in c["rows"].items():
+        f = m["teacher_forced"]
+        cells = [name, f"{m['exact_match']:.3f}", f"{m['mean_common_prefix_tokens']:.2f}", f"{m[FIRST]:.3f}",
+                 f"{m['chrf']:.2f}", f"{f['student_perplexity']:.3f}", f"{f['agreement_top1']:.4f}",
+                 f"{f['kl_teacher_student']:.4f}"]
+        t = c["tests"].get(name)
+        if t is None:
+            cells += ["", "", "", ""]
+        else:
+            fm, ag, tt, sg = t[FIRST], t["agreement"], t["nll_t"], t["nll_sign"]
+            cells += [f"{fm['only_a']} / {fm['only_b']} ({_p(fm['p'])})",
+                      f"{ag['only_a']:,} / {ag['only_b']:,} ({_p(ag['p'])})",
+                      f"{tt['mean_diff']:+.4f}, {tt['t']:+.2f} ({_p(tt['p'])})",
+                      f"{sg['a_lower']:,} / {sg['a_higher']:,} ({_p(sg['p'])})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def compare_chat_replies(s, students: dict, reference: str, *, config: ChatConfig, out: Path) -> dict:
+    """Every student's greedy chat replies against the teacher's (generated once; each model's in ``out/NAME``) and
+    each against ``reference`` by paired tests (``paired_chat``)."""
+    replies = teacher_chat(s.teacher, s.tokenizer, teacher_name=s.teacher_name, config=config)
+    done = {n: compare_chat(s.teacher, m, replies=replies, config=config, out=out / n) for n, m in students.items()}
+    return {"prompts_file": replies.source, "prompts": len(replies.prompts), "max_new_tokens": config.max_new_tokens,
+            "rows": {n: r.metrics for n, r in done.items()},
+            "tests": {n: paired_chat(r.per_item(), done[reference].per_item()) for n, r in done.items()
+                      if n != reference}}
+
+
 def compare(s, students: dict, loader, reference: str) -> tuple[dict, object]:
     """Every student on one loader's tokens: per model its scores, and each against ``reference`` by paired tests;
     with the token scores (``TokenScores``)."""
@@ -135,6 +181,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     if args.reference not in named:
         parser.error(f"--reference {args.reference!r} is not one of the --models names {sorted(named)}")
     docs = read_texts(args.eval_text)  # before the teacher loads
+    chat = chat_config(args)
+    if chat is not None:
+        read_prompts(chat.prompts)  # likewise
     s = _session.start(session_config(args))
     students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
                 for name, d in named.items()}
@@ -155,6 +204,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
                                            args.reference)[0]} for t in args.eval_text}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if chat is not None:
+        res["chat"] = compare_chat_replies(s, students, args.reference, config=chat, out=out / "chat")
     if args.hf_check:
         res["transformers"] = {n: _hf_perplexity(m, s.tokenizer, test.ids, out / "hf" / n, ours=sc.perplexity(n))
                                for n, m in students.items()}

@@ -27,7 +27,12 @@ is compared with every other method by paired tests: McNemar's exact test (maske
 sentence; decoder: agreement per token) and, for a decoder, the paired t-test and sign test of per-token NLL.
 Each --eval-text NAME=PATH (repeatable) is scored the same way, every model on its own items (a decoder: its
 documents in order as token windows), with the same paired tests per target: "texts" in plans.json, a section per
-text in plans.md. Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
+text in plans.md. With --chat-prompts (a decoder teacher), every model answers the chat prompts greedily through the
+teacher's chat template and is compared with the teacher's replies, generated once (utils.evaluation.chat; each
+model's replies in <its folder>/chat), and at each target the planned student with every other method: McNemar's
+exact test on the prompts whose first 8 reply tokens equal the teacher's, and the tests above on the teacher's reply
+tokens, teacher-forced (agreement, NLL): "chat" in plans.json, a chat table per target in plans.md.
+Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
 
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
@@ -51,11 +56,13 @@ if str(ROOT) not in sys.path:
 
 from bench.quick import add_quick  # noqa: E402
 from utils import session  # noqa: E402
-from utils.cli.configs import map_config, plan_finetune, record, session_config, train_config  # noqa: E402
-from utils.cli.groups import add_finetune_args, add_map_args, add_retime_args  # noqa: E402
+from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
+from utils.cli.groups import add_chat_args, add_finetune_args, add_map_args, add_retime_args  # noqa: E402
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number  # noqa: E402
+from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
+                                   read_prompts, teacher_chat)
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.evaluation.speed import Timing  # noqa: E402
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_retime_args(g)  # --retime-rounds 0: the map's plans as they are, planned and uniform
     add_finetune_args(p)
     add_map_args(p)
+    add_chat_args(p)
     add_quick(p, QUICK, "one epoch of 3 steps, a 1-step heal, 24 test sentences (a tiny --teacher and its --map)")
     return p
 
@@ -280,6 +288,8 @@ def main(args: argparse.Namespace) -> Path:
 
 def bench(args: argparse.Namespace, out: Path) -> Path:
     docs = read_texts(args.eval_text)  # before the teacher loads
+    if args.chat_prompts is not None:
+        read_prompts(args.chat_prompts)  # likewise
     smap = read_map(args.map, teacher_layers=len(session.model_config(args.teacher).layers))  # its layers: the teacher's
     s = session.start(session_config(args))
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
@@ -288,6 +298,7 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     ctx = context(s, mc, train=train, record=run_record(record(args), batch_size=s.data.batch_size, train=train,
                                                          percentage_data=s.data.fraction))
     b = Bench(args, s, smap, ctx, mc.timing(s.data.seq_len))
+    chat = bench_chat_config(b)
     speeds = args.targets if args.targets is not None else [1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]
     targets = [Target(speedup=t, speed=args.speed) for t in speeds]
     if b.causal:
@@ -299,10 +310,13 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     test = s.first_sentences("test", args.test_sentences)
     scored = score(b, models, test)
     texts = score_named_texts(b, models, per_target, targets, docs)
+    chatted = chat_scores(b, models, per_target, targets, chat) if chat is not None else None
     timed = time_models(b, models)
     result = summarise(b, per_target, models, scored, timed, targets)
     if texts:
         result["texts"] = texts
+    if chatted:
+        result["chat"] = chatted
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "plans.md").write_text(markdown(result) + "\n")
@@ -394,6 +408,41 @@ def score_named_texts(b: Bench, models: dict[str, dict[str, Any]], per_target, t
     return out
 
 
+def bench_chat_config(b: Bench) -> ChatConfig | None:
+    """--chat-prompts' settings; an encoder teacher has none: said in one line, and the bench goes on without."""
+    config = chat_config(b.args)
+    if config is not None and not b.causal:
+        print("chat: an encoder (masked-LM teacher) has no chat; --chat-prompts is left out")
+        return None
+    return config
+
+
+def chat_scores(b: Bench, models: dict[str, dict[str, Any]], per_target, targets: list[Target],
+                config: ChatConfig) -> dict[str, Any]:
+    """Every model's greedy chat replies against the teacher's, which it generates once for all of them
+    (``evaluation.chat``; each model's replies and chat.md in <its folder>/chat), and the planned student against
+    every other method at each target: McNemar on the prompts' first reply tokens, the tests of the test split on the
+    teacher's reply tokens (teacher-forced NLL and agreement)."""
+    s = b.s
+    if not models:
+        return {}
+    replies = teacher_chat(b.teacher, s.tokenizer, teacher_name=s.teacher_name, config=config)
+    metrics, per, shared = {}, {}, {}
+    for key, v in models.items():
+        res = compare_chat(b.teacher, v["model"].to(s.device), replies=replies, config=config,
+                           out=Path(v["run"]) / "chat")
+        v["model"].cpu()
+        shared = {k: res.metrics.pop(k) for k in ("prompts", "max_new_tokens", "end_of_turn", "teacher_reply_tokens",
+                                                 "teacher_unfinished")}
+        metrics[key], per[key] = res.metrics, res.per_item()
+        log.info("chat %s: first %d tokens equal %.3f, agreement %.4f", key, PREFIX_TOKENS, res.metrics[FIRST],
+                 res.metrics["teacher_forced"]["agreement_top1"])
+    forced = next(iter(metrics.values()))["teacher_forced"]
+    return {"prompts_file": replies.source, **shared, "teacher_perplexity": forced["teacher_perplexity"],
+            "reply_tokens": forced["tokens"], "metrics": metrics,
+            "tests": [x for t in targets for x in paired_tests(b, t, per_target[t.name], per)]}
+
+
 def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Prefill (and for a decoder decode) ms of the teacher and every model, round-robin in one run (an untrained
     model whose trained twin is timed has its shapes, so its speed: it is not timed again)."""
@@ -476,7 +525,9 @@ def paired_tests(b: Bench, target: Target, methods: list[dict[str, Any]], per: d
             o = per[m["key"]]
             x = {"target": target.name, "label": target.label, "planned": name, "against": m["method"], "plan": m["key"],
                  "agreement": mcnemar(a["agree"], o["agree"])}
-            if b.causal:
+            if FIRST in a:  # chat: the first reply tokens per prompt, the teacher's reply tokens teacher-forced
+                x.update(paired_chat(a, o))
+            elif b.causal:
                 x["nll_t"] = paired_t(a["nll"], o["nll"])
                 x["nll_sign"] = sign_test(a["nll"], o["nll"])
             else:
@@ -491,7 +542,10 @@ def markdown(r: dict[str, Any]) -> str:
         rows = [dict(row, metrics=t["metrics"][row["plan"]]) for row in r["rows"]]
         part = dict(r, rows=rows, tests=t["tests"], teacher_metrics=t["teacher_metrics"], test_items=t["items"])
         del part["texts"]
+        part.pop("chat", None)
         text += f"\n\n## Text {name} ({t['path']}, {t['documents']:,} documents)\n\n" + markdown(part)
+    if "chat" in r:
+        text += "\n\n" + _markdown_chat(r)
     return text
 
 
@@ -538,14 +592,52 @@ def _markdown_causal(r: dict[str, Any]) -> str:
                                    if "untrained" not in row["method"]]
     lines += ["", "Paired tests over the test tokens, planned vs each other method at the same target (agreement with "
               "the teacher's top-1: McNemar, exact two-sided; NLL per token: paired t-test and sign test, two-sided; "
-              "a negative mean difference: planned is better):", "",
-              "| target | planned vs | agreement: only planned / only other, p | NLL: mean diff, t, p | NLL sign: "
-              "planned lower / higher, p |", "|---|---|---:|---:|---:|"]
-    for x in r["tests"]:
+              "a negative mean difference: planned is better):", ""] + _tests_table(r["tests"])
+    return "\n".join(lines)
+
+
+def _tests_table(tests: list[dict[str, Any]]) -> list[str]:
+    """A decoder's paired tests, planned vs each other method, markdown (chat's: also its first reply tokens)."""
+    first = f"first {PREFIX_TOKENS} tokens equal: only planned / only other, p | " if any(FIRST in x for x in tests) \
+        else ""
+    lines = [f"| target | planned vs | {first}agreement: only planned / only other, p | NLL: mean diff, t, p | "
+             "NLL sign: planned lower / higher, p |", "|---|---|" + "---:|" * (4 if first else 3)]
+    for x in tests:
         a, t, sg = x["agreement"], x["nll_t"], x["nll_sign"]
-        lines.append(f"| {x['label']} | {x['planned']} vs {x['against']} | {a['only_a']} / {a['only_b']}, "
+        f = f"{x[FIRST]['only_a']} / {x[FIRST]['only_b']}, p = {x[FIRST]['p']:.3g} | " if first else ""
+        lines.append(f"| {x['label']} | {x['planned']} vs {x['against']} | {f}{a['only_a']} / {a['only_b']}, "
                      f"p = {a['p']:.3g} | {t['mean_diff']:+.4f}, {t['t']:+.1f}, p = {t['p']:.3g} | "
                      f"{sg['a_lower']} / {sg['a_higher']}, p = {sg['p']:.3g} |")
+    return lines
+
+
+def _markdown_chat(r: dict[str, Any]) -> str:
+    """Every model's chat replies against the teacher's, a table and the paired tests per target."""
+    c = r["chat"]
+    lines = [f"## Chat ({c['prompts']} prompts of {c['prompts_file']}, greedy, at most {c['max_new_tokens']} new "
+             f"tokens, replies end at {', '.join(c['end_of_turn']['tokens'])}; the teacher's replies: "
+             f"{c['teacher_reply_tokens']:.1f} tokens on average, {c['teacher_unfinished']} cut at the limit, its "
+             f"perplexity on them {c['teacher_perplexity']:.3f})"]
+    for name in r["targets"]:
+        rows = [row for row in r["rows"] if row["target"] == name]
+        if not rows:
+            continue
+        lines += ["", f"### Chat at {rows[0]['label']}", "",
+                  f"| method | whole reply equal | common prefix (tokens) | first {PREFIX_TOKENS} tokens equal | "
+                  "chrF | perplexity on the teacher's replies (x teacher) | agreement | KL |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            m = c["metrics"][row["plan"]]
+            f = m["teacher_forced"]
+            lines.append(f"| {row['method']} | {m['exact_match']:.3f} | {m['mean_common_prefix_tokens']:.2f} | "
+                         f"{m[FIRST]:.3f} | {m['chrf']:.2f} | {f['student_perplexity']:.3f} "
+                         f"({f['student_perplexity'] / f['teacher_perplexity']:.3f}) | {f['agreement_top1']:.4f} | "
+                         f"{f['kl_teacher_student']:.4f} |")
+        tests = [x for x in c["tests"] if x["target"] == name]
+        if tests:
+            lines += ["", f"Paired tests (first {PREFIX_TOKENS} reply tokens per prompt: McNemar, exact two-sided; "
+                      f"the {c['reply_tokens']} teacher reply tokens, teacher-forced: as above):", ""]
+            lines += _tests_table(tests)
     return "\n".join(lines)
 
 

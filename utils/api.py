@@ -835,8 +835,7 @@ def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, o
         compared = compare_lm_eval(s.teacher, student, s.tokenizer, tasks=lm_eval)
         extra = {**extra, "lm_eval": compared.to_json()}
     if chat is not None and runtime.is_main_process():
-        extra["chat"] = evaluate_chat(s.teacher, student, s.tokenizer, teacher_name=s.teacher_name, config=chat,
-                                      out=out)
+        extra["chat"] = _chat(s, student, chat, out=out)
     if runtime.is_main_process():
         write_report(res, out, {"teacher": s.teacher_name, "judge": evaluation.judge, "split": evaluation.split,
                                 "percentage_data": s.data.fraction, "seq_len": s.data.seq_len,
@@ -880,7 +879,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
-                 speed_margin: float = SPEED_MARGIN, texts: Sequence[EvalText] = ()) -> PlannedStudent:
+                 speed_margin: float = SPEED_MARGIN, texts: Sequence[EvalText] = (),
+                 chat: ChatConfig | None = None) -> PlannedStudent:
     """A student that meets one target (a ``speed`` = prefill or decode speed-up, at most ``target_params``
     parameters, or at most ``target_kv_cache`` times the teacher's KV cache per token) at the least summed ``cost``
     of the map (``map``: the map, its file or folder; None: built into ``<out>/map`` with ``config``). A speed plan is
@@ -888,13 +888,15 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; every
     timing with ``config``'s latency settings, on ``config.latency_threads`` CPU threads when given).
     Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the test
-    split (and each of ``texts`` alike: "texts" in the results), timed against the teacher and exported
-    (``export``); with ``reuse_map_units``, units the map trained with this same setup are loaded from its ``units/``
-    folder instead. Writes plan.log and results.json to ``out``; ``train.force`` accepts a map made for another
-    teacher. ``plan_only``: stop after the plan (and its re-timing), before any training; ``results`` then hold the
-    plan and its timings, ``model`` is None."""
+    split (and each of ``texts`` alike: "texts" in the results; its ``chat`` replies vs the teacher's: "chat",
+    chat.md), timed against the teacher and exported (``export``); with ``reuse_map_units``, units the map trained
+    with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and results.json to ``out``;
+    ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the plan (and its re-timing),
+    before any training; ``results`` then hold the plan and its timings, ``model`` is None."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     docs = read_texts(texts)  # before any work
+    if chat is not None:
+        check_chat(family_of(_teacher_plan(session)).task, chat.prompts, what="`chat`")
     run = Path(out)
     if export is not None and export.wanted and plan_only:
         raise SettingError("`plan_only` makes no model to export: leave out `hf_dir`, `onnx_file` and `gguf_file`")
@@ -923,7 +925,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
                             timing=timing, target=target)
         res.update(retiming=rounds, **_target_met(res, target),
-                   **_plan_texts(s, student, texts, docs=docs, run=run, test=res["metrics"]))
+                   **_plan_texts(s, student, texts, docs=docs, run=run, test=res["metrics"], chat=chat))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
             student.to(s.device)
@@ -942,14 +944,23 @@ def _write_plan(plan: Plan, run: Path) -> None:
 
 
 def _plan_texts(s: Session, student: BertForMaskedLM, texts: Sequence[EvalText], *, docs: dict, run: Path,
-                test: dict[str, Any]) -> dict[str, Any]:
+                test: dict[str, Any], chat: ChatConfig | None = None) -> dict[str, Any]:
     """The planned student on each named text (its results' "texts"; with the ``test`` split's metrics, tensorboard
-    scalars in ``run/tb``)."""
+    scalars in ``run/tb``) and, with ``chat``, on the chat prompts as an evaluation compares it ("chat")."""
+    out: dict[str, Any] = {}
+    if chat is not None:
+        out["chat"] = _chat(s, student, chat, out=run)
     if not texts:
-        return {}
+        return out
     scored = score_texts(s, student, texts, docs=docs)
     write_scalars(run, test, scored)
-    return {"texts": scored}
+    return {"texts": scored, **out}
+
+
+def _chat(s: Session, student: BertForMaskedLM, chat: ChatConfig, *, out: Path) -> dict[str, Any]:
+    """The student's chat replies compared with the teacher's (``evaluation.chat``; results.json's "chat")."""
+    return evaluate_chat(s.teacher, student.to(s.device), s.tokenizer, teacher_name=s.teacher_name, config=chat,
+                         out=out)
 
 
 def _map_units(given: dict | str | Path | None, built: Path | None) -> Path | None:

@@ -114,3 +114,37 @@ def test_each_named_text_gets_its_own_paired_tests(tiny_llama, tiny_corpus, tmp_
     assert set(other["tests"]) == {"half"} and other["rows"]["half"]["perplexity"] != res["rows"]["half"]["perplexity"]
     out = capsys.readouterr().out
     assert "Text other (" in out and sum(line.startswith("| half |") for line in out.splitlines()) == 3
+
+
+def test_students_chat_replies_are_compared_with_the_teachers(tiny_chat_llama, tiny_corpus, tmp_path, capsys,
+                                                               monkeypatch):
+    """--chat-prompts: the teacher answers once; its own copy matches it on every reply, the half model is tested
+    against that copy on the prompts and on the teacher's reply tokens."""
+    from bench import paired_decoders
+    import utils.evaluation.chat as chat
+
+    teacher, _ = load_teacher(str(tiny_chat_llama))
+    meta = {"teacher": str(tiny_chat_llama), "teacher_hash": weights_hash(teacher)}
+    save_model(clone_model(teacher), tmp_path / "same", meta)
+    save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half", meta)
+    prompts = ["the cat sees the dog", "the red bird", "the queen likes the song"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    real, answered = chat.answer, []
+    monkeypatch.setattr(chat, "answer", lambda model, *a, **kw: answered.append(model) or real(model, *a, **kw))
+    argv = ["--quick", "--teacher", str(tiny_chat_llama), "--data-dir", str(tiny_corpus), "--models",
+            f"same={tmp_path / 'same'}", f"half={tmp_path / 'half'}", "--reference", "same", "--out",
+            str(tmp_path / "out"), "--chat-prompts", str(tmp_path / "p.jsonl"), "--chat-max-new-tokens", "6"]
+    parser = paired_decoders.build_parser()
+    assert run_main(lambda a: paired_decoders.main(a, parser), parser, argv) == 0
+    c = json.loads((tmp_path / "out" / "paired.json").read_text())["chat"]
+    assert len(answered) == 3  # the teacher, then each model once
+    same, half = c["rows"]["same"], c["rows"]["half"]
+    assert same["exact_match"] == 1.0 and same["teacher_forced"]["agreement_top1"] == 1.0
+    assert half["teacher_forced"]["kl_teacher_student"] > 0 and set(c["tests"]) == {"half"}
+    t, n = c["tests"]["half"], half["teacher_forced"]["tokens"]
+    assert t["first8_match"]["only_a"] == 0 and t["first8_match"]["only_b"] == round((1 - half["first8_match"]) * 3)
+    assert t["agreement"]["only_b"] == n - round(half["teacher_forced"]["agreement_top1"] * n)
+    assert t["nll_sign"]["a_lower"] + t["nll_sign"]["a_higher"] + t["nll_sign"]["ties"] == n
+    assert len((tmp_path / "out" / "chat" / "half" / "chat_replies.jsonl").read_text().splitlines()) == 3
+    assert any(line.startswith("| half | ") and line.count("(") == 4 for line in
+               capsys.readouterr().out.split("Chat:")[1].splitlines())

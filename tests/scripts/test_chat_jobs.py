@@ -1,6 +1,6 @@
-"""Chat end to end (issue 32): eval_merged_12.py --chat-prompts on a tiny instruct decoder, a masked-LM teacher refused
-in one line, and write_teacher_text.py (records, the same bytes on a rerun, resumed after an interrupted chunk and
-after SIGTERM)."""
+"""Chat end to end (issue 32): eval_merged_12.py and plan_student.py --chat-prompts on a tiny instruct decoder, a
+masked-LM teacher refused in one line, and write_teacher_text.py (records, the same bytes on a rerun, resumed after an
+interrupted chunk and after SIGTERM)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, in_process, last_line, script_cmd, script_env
+from helpers import ROOT, in_process, last_line, restored_logging, run_in_process, script_cmd, script_env
 from utils.data.text import read_documents
 
 PROMPTS = ["the cat sees the dog", "the old king builds the ship", "the red bird", "the queen likes the song",
@@ -60,11 +60,36 @@ def test_eval_merged_12_compares_chat_replies(tiny_chat_llama, tiny_corpus, chat
     assert "| prompt | teacher | student |" in (out / "chat.md").read_text()
 
 
-@pytest.mark.parametrize("module", ["eval_merged_12", "write_teacher_text"])
+def test_plan_student_compares_the_healed_student_chat(tiny_chat_llama, tiny_corpus, tmp_path, capsys):
+    import plan_student
+    from utils import api
+
+    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
+    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_chat_llama), device="cpu", data=data),
+                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    prompts = _prompt_file(tmp_path)
+    argv = [*_common(tiny_chat_llama, tiny_corpus), "--batch-size", "8", "--out", str(tmp_path), "--run-name", "p",
+            "--map", str(tmp_path / "map"), "--target-kv-cache", "1/2", "--ft-epochs", "1", "--ft-max-steps", "1",
+            "--max-steps-per-epoch", "1", "--max-train-sentences", "32", "--chat-prompts", str(prompts),
+            "--chat-max-new-tokens", "6"]
+    with restored_logging():
+        assert run_in_process(plan_student, argv) == 0
+    chat = json.loads((tmp_path / "p" / "results.json").read_text())["chat"]
+    assert chat["prompts_file"] == str(prompts) and chat["prompts"] == len(PROMPTS) and chat["max_new_tokens"] == 6
+    assert chat["teacher_forced"]["tokens"] > 0 and chat["teacher_forced"]["kl_teacher_student"] > 0
+    assert len((tmp_path / "p" / "chat_replies.jsonl").read_text().splitlines()) == len(PROMPTS)
+    assert "| prompt | teacher | student |" in (tmp_path / "p" / "chat.md").read_text()
+    assert "| first 8 tokens equal |" in capsys.readouterr().out  # the printed report has the chat table
+
+
+@pytest.mark.parametrize("module", ["eval_merged_12", "write_teacher_text", "plan_student"])
 def test_a_masked_lm_teacher_has_no_chat(tiny_teacher, tiny_corpus, tmp_path, capsys, module):
     argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--device", "cpu", "--out",
             str(tmp_path / "o")]
-    argv += ["--model", str(tmp_path / "none"), "--chat-prompts", "default"] if module == "eval_merged_12" else []
+    argv += {"eval_merged_12": ["--model", str(tmp_path / "none"), "--chat-prompts", "default"],
+             "plan_student": ["--target-params", "1e6", "--chat-prompts", "default"]}.get(module, [])
     code, err = in_process(module, argv, capsys)
     assert code == 2, err[-3000:]
     assert "Traceback" not in err and "an encoder (masked-LM teacher) has no chat" in last_line(err)

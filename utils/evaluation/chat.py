@@ -29,6 +29,7 @@ from ..data.text import DataError, jsonl_strings
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPTS = {"eval": PROMPTS / "chat_eval.jsonl", "train": PROMPTS / "chat_train.jsonl"}
 PREFIX_TOKENS = 8  # the issue's target: the first 8 reply tokens equal to the teacher's
+FIRST = f"first{PREFIX_TOKENS}_match"  # its key: in the metrics (a rate) and per prompt (a row's, per_item's)
 CHRF_ORDER, CHRF_BETA = 6, 2.0
 
 
@@ -192,6 +193,8 @@ class ForcedCounts:
     student_nll: float = 0.0
     agree: int = 0
     kl: float = 0.0
+    token_nll: list[float] = field(default_factory=list)  # the student's NLL per reply token (for paired tests)
+    token_agree: list[bool] = field(default_factory=list)  # its top-1 equal to the teacher's, per reply token
 
     def result(self) -> dict[str, Any]:
         n = max(self.tokens, 1)
@@ -230,44 +233,91 @@ def teacher_forced(teacher: SwappableModel, student: SwappableModel, prompts: Se
             return model.lm_logits(h[sel]).float().log_softmax(-1)
 
         t_lp, s_lp = log_probs(teacher.eval()), log_probs(student.eval())
+        s_nll, agree = -s_lp.gather(1, target[:, None])[:, 0], t_lp.argmax(-1) == s_lp.argmax(-1)
         counts.tokens += int(target.numel())
         counts.teacher_nll -= t_lp.gather(1, target[:, None]).sum().item()
-        counts.student_nll -= s_lp.gather(1, target[:, None]).sum().item()
-        counts.agree += int((t_lp.argmax(-1) == s_lp.argmax(-1)).sum())
+        counts.student_nll += s_nll.sum().item()
+        counts.agree += int(agree.sum())
+        counts.token_nll += s_nll.tolist()
+        counts.token_agree += agree.tolist()
         counts.kl += F.kl_div(s_lp, t_lp, log_target=True, reduction="sum").item()
     return counts
 
 
 @dataclass
 class ChatResult:
-    """The chat comparison's metrics (results.json's "chat") and one row per prompt (both replies, their scores)."""
+    """The chat comparison's metrics (results.json's "chat"), one row per prompt (both replies, their scores) and the
+    teacher-forced sums with their per-token values (what a paired test of two students reads)."""
 
     metrics: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    forced: ForcedCounts = field(default_factory=ForcedCounts)
+
+    def per_item(self) -> dict[str, list]:
+        """What a paired test of two students on the same teacher replies reads (``paired_chat``): per prompt
+        whether the first ``PREFIX_TOKENS`` reply tokens equal the teacher's; per teacher reply token the student's
+        NLL and whether its top-1 is the teacher's."""
+        return {FIRST: [r[FIRST] for r in self.rows], "nll": self.forced.token_nll, "agree": self.forced.token_agree}
 
 
-def chat_fidelity(teacher: SwappableModel, student: SwappableModel, chat: Chat, *, prompts: Sequence[str],
-                  config: ChatConfig) -> ChatResult:
-    """Teacher and student answer ``prompts`` greedily; their replies compared (see the module's docstring)."""
+def paired_chat(a: dict[str, list], b: dict[str, list]) -> dict[str, Any]:
+    """Student a against student b (their ``per_item``): McNemar's exact test on the prompts whose first reply tokens
+    equal the teacher's and on top-1 agreement per reply token; the paired t-test and sign test of per-token NLL."""
+    from .stats import mcnemar, paired_t, sign_test
+
+    return {FIRST: mcnemar(a[FIRST], b[FIRST]), "agreement": mcnemar(a["agree"], b["agree"]),
+            "nll_t": paired_t(a["nll"], b["nll"]), "nll_sign": sign_test(a["nll"], b["nll"])}
+
+
+@dataclass
+class TeacherReplies:
+    """The teacher's greedy replies to a prompt set, beside its chat format and the tokenised prompts: generated
+    once, then compared with as many students as there are (a bench's)."""
+
+    chat: Chat
+    prompts: list[str]
+    ids: list[list[int]]
+    replies: list[list[int]]
+    source: str = ""  # the prompt file
+
+
+def teacher_replies(teacher: SwappableModel, chat: Chat, prompts: Sequence[str], *, config: ChatConfig,
+                    source: str = "") -> TeacherReplies:
+    """The teacher's answers to ``prompts``, greedy, as every student's are (``chat_fidelity`` compares them)."""
     ids = [chat.prompt_ids(p) for p in prompts]
-    kw = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-    teacher_replies, student_replies = answer(teacher, chat, ids, **kw), answer(student, chat, ids, **kw)
-    rows = [_row(p, t, s, chat=chat) for p, t, s in zip(prompts, teacher_replies, student_replies)]
-    forced = teacher_forced(teacher, student, ids, replies=teacher_replies, pad_id=chat.pad_id,
-                            batch_size=config.batch_size)
+    return TeacherReplies(chat, list(prompts), ids, answer(teacher, chat, ids, max_new_tokens=config.max_new_tokens,
+                                                           batch_size=config.batch_size), source)
+
+
+def teacher_chat(teacher: SwappableModel, tokenizer: Any, *, teacher_name: str, config: ChatConfig) -> TeacherReplies:
+    """The teacher's replies to ``config.prompts`` through its chat template: what every student is compared with."""
+    path, prompts = read_prompts(config.prompts)
+    return teacher_replies(teacher, Chat.of(tokenizer, teacher_name), prompts, config=config, source=str(path))
+
+
+def chat_fidelity(teacher: SwappableModel, student: SwappableModel, chat: Chat, *, prompts: Sequence[str] = (),
+                  config: ChatConfig, replies: TeacherReplies | None = None) -> ChatResult:
+    """Teacher and student answer ``prompts`` greedily; their replies compared (see the module's docstring).
+    ``replies``: the teacher's, already generated (``teacher_replies``), instead of generating them for ``prompts``."""
+    if replies is None:
+        replies = teacher_replies(teacher, chat, prompts, config=config)
+    ids, t_replies = replies.ids, replies.replies
+    s_replies = answer(student, chat, ids, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    rows = [_row(p, t, s, chat=chat) for p, t, s in zip(replies.prompts, t_replies, s_replies)]
+    forced = teacher_forced(teacher, student, ids, replies=t_replies, pad_id=chat.pad_id, batch_size=config.batch_size)
     n = len(rows)
     metrics = {
         "prompts": n, "exact_match": sum(r["exact_match"] for r in rows) / n,
         "mean_common_prefix_tokens": sum(r["common_prefix_tokens"] for r in rows) / n,
         f"first{PREFIX_TOKENS}_match": sum(r[f"first{PREFIX_TOKENS}_match"] for r in rows) / n,
         "chrf": sum(r["chrf"] for r in rows) / n,
-        "teacher_reply_tokens": sum(len(t) for t in teacher_replies) / n,
-        "student_reply_tokens": sum(len(s) for s in student_replies) / n,
-        "teacher_unfinished": sum(not _ended(t, chat) for t in teacher_replies),
-        "student_unfinished": sum(not _ended(s, chat) for s in student_replies),
+        "teacher_reply_tokens": sum(len(t) for t in t_replies) / n,
+        "student_reply_tokens": sum(len(s) for s in s_replies) / n,
+        "teacher_unfinished": sum(not _ended(t, chat) for t in t_replies),
+        "student_unfinished": sum(not _ended(s, chat) for s in s_replies),
         "teacher_forced": forced.result(), "max_new_tokens": config.max_new_tokens, "end_of_turn": chat.describe(),
     }
-    return ChatResult(metrics, rows)
+    return ChatResult(metrics, rows, forced)
 
 
 def _ended(reply: Sequence[int], chat: Chat) -> bool:
@@ -326,10 +376,17 @@ def side_by_side(rows: Sequence[dict[str, Any]]) -> str:
 def evaluate_chat(teacher: SwappableModel, student: SwappableModel, tokenizer: Any, *, teacher_name: str,
                   config: ChatConfig, out: str | Path) -> dict[str, Any]:
     """The chat comparison of an evaluation: its report files in ``out``; returns results.json's "chat" object."""
-    path, prompts = read_prompts(config.prompts)
-    res = chat_fidelity(teacher, student, Chat.of(tokenizer, teacher_name), prompts=prompts, config=config)
+    replies = teacher_chat(teacher, tokenizer, teacher_name=teacher_name, config=config)
+    res = compare_chat(teacher, student, replies=replies, config=config, out=out)
+    return {"prompts_file": replies.source, **res.metrics}
+
+
+def compare_chat(teacher: SwappableModel, student: SwappableModel, *, replies: TeacherReplies, config: ChatConfig,
+                 out: str | Path) -> ChatResult:
+    """``chat_fidelity`` on the teacher's ``replies`` (``teacher_chat``) and its report files in ``out``."""
+    res = chat_fidelity(teacher, student, replies.chat, config=config, replies=replies)
     write_chat_report(res, out, shown=config.shown)
-    return {"prompts_file": str(path), **res.metrics}
+    return res
 
 
 def check_chat(task: str, prompts: str, *, what: str, default: str = "eval") -> None:

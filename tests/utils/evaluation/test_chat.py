@@ -13,7 +13,7 @@ from models.compress import clone_model
 from models.hf import TeacherError
 from utils.data.text import DataError
 from utils.evaluation.chat import (Chat, ChatConfig, chat_fidelity, chrf, common_prefix, cut_reply, read_prompts,
-                                   write_chat_report)
+                                   teacher_replies, write_chat_report)
 
 PROMPTS = ["the cat sees the dog", "the old king builds the ship near the river", "the red bird",
            "the queen likes the song", "the army follows the famous king"]
@@ -64,11 +64,20 @@ def test_a_perturbed_student_differs(chat_teacher, tmp_path):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
-    res = chat_fidelity(teacher, student, chat, prompts=PROMPTS, config=ChatConfig(max_new_tokens=10, batch_size=3))
+    config = ChatConfig(max_new_tokens=10, batch_size=3)
+    res = chat_fidelity(teacher, student, chat, prompts=PROMPTS, config=config)
     m, f = res.metrics, res.metrics["teacher_forced"]
     assert m["exact_match"] < 1.0 and m["chrf"] < 100.0
     assert f["agreement_top1"] < 1.0 and f["kl_teacher_student"] > 1e-4
     assert f["student_perplexity"] != pytest.approx(f["teacher_perplexity"])
+    # the per-token values the paired tests read add up to the metrics
+    assert len(res.forced.token_nll) == len(res.forced.token_agree) == f["tokens"]
+    assert sum(res.forced.token_agree) / f["tokens"] == f["agreement_top1"]
+    assert sum(res.forced.token_nll) == pytest.approx(res.forced.student_nll)
+    # the teacher's replies generated once beforehand (as a bench does for all its students): the same comparison
+    again = chat_fidelity(teacher, student, chat, config=config, replies=teacher_replies(teacher, chat, PROMPTS,
+                                                                                          config=config))
+    assert again.metrics == m and again.rows == res.rows
     files = write_chat_report(res, tmp_path, shown=2)
     rows = [json.loads(l) for l in files[0].read_text().splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
