@@ -60,7 +60,7 @@ from utils.cli.configs import chat_config, map_config, plan_finetune, record, se
 from utils.cli.groups import add_chat_args, add_finetune_args, add_map_args, add_retime_args  # noqa: E402
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
-from utils.cli.types import number  # noqa: E402
+from utils.cli.types import number, positive_int  # noqa: E402
 from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
                                    read_prompts, teacher_chat)
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-sentences", type=int, default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
+    g.add_argument("--eval-text-items", type=positive_int("--eval-text-items"), default=None, metavar="N",
+                   help="score each --eval-text on its first N items in text order: a decoder's token windows, a "
+                        "masked LM's sentences (budget; default all)")
     add_retime_args(g)  # --retime-rounds 0: the map's plans as they are, planned and uniform
     add_finetune_args(p)
     add_map_args(p)
@@ -394,9 +397,9 @@ def score_named_texts(b: Bench, models: dict[str, dict[str, Any]], per_target, t
     kept = {key: v["metrics"] for key, v in models.items()}
     out = {}
     for t in b.args.eval_text:
-        scored = score(b, models, text_dataset(docs[t.name], b.s))
+        scored = score(b, models, text_dataset(docs[t.name], b.s).first(b.args.eval_text_items))
         base = scored["base"]
-        out[t.name] = {"path": t.path, "documents": len(docs[t.name]),
+        out[t.name] = {"path": t.path, "documents": len(docs[t.name]), "items_limit": b.args.eval_text_items,
                        "items": base.get("predicted_tokens", base.get("sentences")),
                        "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity")
                                            if k in base},

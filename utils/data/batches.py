@@ -7,6 +7,7 @@ data pipeline so that every model evaluated sees the same masks.
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -73,6 +74,16 @@ class TokenizedSentences(Dataset):
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
 
+    def first(self, n: int | None) -> "TokenizedSentences":
+        """The first ``n`` sentences (all with None), their masks kept: a budget on an evaluation text."""
+        if n is None or n >= len(self.ids):
+            return self
+        part = copy.copy(self)
+        part.ids = self.ids[:n]
+        if self.mask_positions is not None:
+            part.mask_positions = self.mask_positions[:n]
+        return part
+
 
 class TokenWindows(Dataset):
     """The text of a split as one token stream cut into windows: what a causal LM trains and is evaluated on.
@@ -103,6 +114,15 @@ class TokenWindows(Dataset):
 
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
+
+    def first(self, n: int | None) -> "TokenWindows":
+        """The first ``n`` windows in text order (all with None): a budget on an evaluation text."""
+        if n is None or n >= len(self.ids):
+            return self
+        part = copy.copy(self)
+        part.ids = self.ids[:n]
+        part.tokens = sum(len(x) for x in part.ids)
+        return part
 
     def describe(self) -> str:
         return (f"{len(self.ids)} windows of {self.seq_len} tokens (stride {self.seq_len}, no BOS) from "

@@ -240,3 +240,17 @@ def test_hub_wikitext2_read_by_documents_keeps_articles_and_titles(tmp_path, mon
     assert " = = History = = " in lines and lines[-1] == " Beta was a place . "
     assert load_sentences(DataConfig(), "valid") == ["Alpha is a thing .", "It has parts .", "It began early .",
                                                     "Beta was a place ."]
+
+
+def test_first_items_of_an_evaluation_text(tmp_path):
+    """``first(n)``: the first n windows (sentences with their masks) in text order, the text itself untouched."""
+    from helpers import make_decoder_tokenizer, make_sentences
+    from utils.data.batches import TokenWindows
+
+    win = TokenWindows(make_sentences(100, 3), make_decoder_tokenizer(tmp_path / "tok"), 16)
+    part = win.first(3)
+    assert part.ids == win.ids[:3] and part.tokens == sum(len(x) for x in win.ids[:3]) and len(win) > 3
+    assert win.first(None) is win and win.first(len(win) + 5) is win
+    sents = TokenizedSentences(make_sentences(20, 4), make_tokenizer(tmp_path / "mlm"), 16)
+    few = sents.first(5)
+    assert few.ids == sents.ids[:5] and few.mask_positions == sents.mask_positions[:5] and len(sents) == 20
