@@ -9,7 +9,8 @@ from the teacher, retrained alone on the teacher's cached features (all layers o
 pass for everything), put alone into the teacher and compared with it on the validation split (top-1 drop,
 agreement, KL at one mask per sentence); its encoder latency saving is timed round-robin on this device. Writes
 sensitivity.json, sensitivity.md (layers x options table) and sensitivity.png (heatmaps) to --out/--run-name;
-plan_student.py plans from the JSON.
+plan_student.py plans from the JSON. --runtime llama.cpp|vllm maps only the options that engine runs (vllm: FFN
+widths snapped to its 256 grid); the timings are PyTorch's.
 """
 from __future__ import annotations
 

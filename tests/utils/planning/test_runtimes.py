@@ -17,6 +17,7 @@ from models.export import ExportError
 from models.gguf_export import export_gguf
 from models.llama import LlamaConfig
 from models.nemotron_nas import export_nemotron_nas
+from utils.cli.output import plan_table
 from utils.cli.run import run_main
 from utils.errors import SettingError
 from utils.planning.planner import PlanError, choose_plan
@@ -233,6 +234,7 @@ def test_a_plan_for_llama_cpp_is_retimed_and_its_student_timed_in_llama_cpp(llam
     timed = done.results["llama_cpp"]
     assert (timed["gguf_type"], timed["threads"], timed["reps"], timed["seq"]) == ("f32", 1, 3, 16)
     assert timed["prefill_speedup"] > 0 and timed["student_decode_tokens_per_s"] > 0 and done.results["target_met"]
+    assert "in llama.cpp (f32 GGUF, 1 thread(s), median of 3): prefill " in plan_table(done.results)
 
 
 def test_a_map_for_vllm_maps_only_its_units_on_its_grid(llama, tiny_corpus, tmp_path):
