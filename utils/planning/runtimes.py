@@ -9,7 +9,7 @@
 The rules are the exporters' own (each module's ``layer_problem``, the one its export refuses by), so a plan for a
 runtime exports without refusal. An old map is re-planned for a runtime by dropping the entries it cannot run
 (``runtime_map``): nothing is mapped again, and an option off the grid is dropped, not snapped (its costs were
-measured at its own width).
+measured at its own width). A map built for llama.cpp has its savings timed there (``time_map_in_llama_cpp``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from models import gguf_export, nemotron_nas
 from models.config import LayerSpec
 from models.export import ExportError
 from ..errors import SettingError
-from .sensitivity import Option, option_from_dict
+from ..evaluation.llama_cpp import SPEEDS, LlamaCppTimer
+from .sensitivity import Built, Option, compose_units, option_from_dict, random_unit
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +122,70 @@ def runtime_map(smap: dict[str, Any], cfg, runtime: str) -> dict[str, Any]:
 def _first(dropped: dict[str, str]) -> str:
     name, why = next(iter(dropped.items()))
     return f"{name}: {why}" + (f"; and {len(dropped) - 1} more" if len(dropped) > 1 else "")
+
+
+# ---- a map's options timed in llama.cpp ----
+def uniform_units(teacher, opt: Option, layers: list[int]) -> dict[int, Built]:
+    """Untrained units of ``opt`` at every layer of ``layers`` it applies to (merges on pairs that do not overlap);
+    where they would replace every layer by one without a KV cache, the last stays the teacher's (llama.cpp runs no
+    model without one)."""
+    n, taken, out = len(teacher.layers), set(), {}
+    for i in layers:
+        if opt.applies(i, n) and not taken & set(opt.covers(i)):
+            out[i] = random_unit(teacher, opt, i)
+            taken |= set(opt.covers(i))
+    if len(taken) == n and out and out[max(out)].spec.kv_heads == 0:
+        del out[max(out)]
+    return out
+
+
+def _per_layer_ms(teacher, timer: LlamaCppTimer) -> tuple[dict[str, float], dict[str, float]]:
+    """(the teacher's ms, ms of one of its layers) per speed in llama.cpp: the teacher against itself with every
+    layer but the first dropped, the difference spread over the dropped layers."""
+    n = len(teacher.layers)
+    drop = Option("drop", "drop", 0, 0, 0, "none")
+    ms = timer.ms(compose_units(teacher, {i: random_unit(teacher, drop, i) for i in range(1, n)}))
+    return ({s: ms[f"teacher_{s}_ms"] for s in SPEEDS},
+            {s: (ms[f"teacher_{s}_ms"] - ms[f"student_{s}_ms"]) / (n - 1) for s in SPEEDS})
+
+
+def time_map_in_llama_cpp(smap: dict[str, Any], teacher, options: list[Option], *, layers: list[int],
+                          timer: LlamaCppTimer) -> dict[str, Any]:
+    """``smap`` with its timings and its entries' savings measured in llama.cpp (its PyTorch timings kept as
+    ``pytorch_timing``). Each option is timed once, in every mapped layer at once against the teacher (``timer``:
+    GGUF files, round-robin): its saving per unit is the difference over the units, the same at every layer (the
+    teacher's layers share one shape; one layer's saving alone drowns in the noise of a whole model's timing). A
+    layer's own time is the teacher's less a one-layer model's, spread over the others; the rest (embeddings,
+    output) is ``embeddings_ms``."""
+    if len(teacher.layers) < 2:
+        raise SettingError("`runtime` llama.cpp times a map's options in llama.cpp only for a teacher of two layers "
+                           "or more")
+    total, layer = _per_layer_ms(teacher, timer)
+    saved = {}
+    for opt in options:
+        units = uniform_units(teacher, opt, layers)
+        if units:
+            ms = timer.ms(compose_units(teacher, units))
+            saved[opt.name] = {s: (ms[f"teacher_{s}_ms"] - ms[f"student_{s}_ms"]) / len(units) for s in SPEEDS}
+            log.info("llama.cpp: option %s saves %.3f ms prefill, %.4f ms decode per unit", opt.name,
+                     saved[opt.name]["prefill"], saved[opt.name]["decode"])
+    timing = _llama_cpp_timing(total, layer, n=len(teacher.layers), timer=timer)
+    entries = []
+    for e in smap["entries"]:
+        gain, key = saved[e["option"]], f"{e['layer']}/{e['option']}"
+        timing["unit_ms"][key] = layer["prefill"] * len(e["covers"]) - gain["prefill"]
+        timing["decode_unit_ms"][key] = layer["decode"] * len(e["covers"]) - gain["decode"]
+        entries.append({**e, "unit_ms": timing["unit_ms"][key], "latency_saved_ms": gain["prefill"],
+                        "decode_unit_ms": timing["decode_unit_ms"][key], "decode_saved_ms": gain["decode"]})
+    return {**smap, "timing": timing, "entries": entries, "pytorch_timing": smap["timing"]}
+
+
+def _llama_cpp_timing(total: dict[str, float], layer: dict[str, float], *, n: int, timer: LlamaCppTimer
+                      ) -> dict[str, Any]:
+    """A map's ``timing`` (``sensitivity.time_units``' keys) from llama.cpp's: the teacher's ms, a layer's, the
+    settings; its units' ms are filled in by the caller."""
+    t = timer.timing
+    return {"encoder_ms": total["prefill"], "embeddings_ms": total["prefill"] - n * layer["prefill"],
+            "layer_ms": [layer["prefill"]] * n, "decode_ms": total["decode"], "decode_layer_ms": [layer["decode"]] * n,
+            "unit_ms": {}, "decode_unit_ms": {}, "batch": 1, "seq": t.seq, "reps": t.reps, "threads": t.threads,
+            "decode_past": t.seq, "in": "llama.cpp", "gguf_type": t.gguf_type}

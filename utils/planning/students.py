@@ -17,10 +17,10 @@ from ..storage.checkpoint import read_meta
 from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses, kd_temperature
-from ..evaluation.llama_cpp import GgufTiming, LlamaCppTimer
+from ..evaluation.llama_cpp import GgufTiming, LlamaCppTimer, check_llama_cpp
 from ..evaluation.speed import Timing
 from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
-from .runtimes import check_runtime, check_runtime_teacher, runtime_map, runtime_options
+from .runtimes import check_runtime, check_runtime_teacher, runtime_map, runtime_options, time_map_in_llama_cpp
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
                           compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
                           train_units, validate_map, write_map)
@@ -118,11 +118,16 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
     if bad:
         raise IndexError(f"`layers` {bad}: the teacher has layers 0..{n - 1}")
     check_runtime_teacher(cfg.runtime, s.teacher, s.tokenizer)
+    if cfg.runtime == "llama.cpp":
+        check_llama_cpp()
     options = map_options(s.teacher, cfg)
     log.info("mapping layers %s x options %s", layers, [o.name for o in options])
     ctx = context(s, cfg, train=train, record=record)
     smap = build_map(ctx, options, layers, eval_loader=ctx.valid_loader, run_dir=out / "units",
                      timing=cfg.timing(s.data.seq_len))
+    if cfg.runtime == "llama.cpp":  # the savings the planner weighs, as llama.cpp measures them
+        with LlamaCppTimer(s.teacher, s.tokenizer, cfg.gguf_timing(s.data.seq_len)) as timer:
+            smap = time_map_in_llama_cpp(smap, s.teacher, options, layers=layers, timer=timer)
     smap["args"] = dict(record.get("args") or {"map": dataclasses.asdict(cfg), "train": dataclasses.asdict(train)})
     smap["runtime"] = cfg.runtime
     paths = write_map(smap, out)
@@ -279,7 +284,7 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
     on, mapped = (llama.timing.threads if llama else timing.threads_used()), smap["timing"].get("threads")
     where = f"in llama.cpp, {llama.timing.gguf_type} GGUF files, " if llama else ""
     best.lines += [f"re-timing ({target.speed}, {where}median of {timing.reps} round-robin runs, CPU threads: {on}):"]
-    if llama is not None:
+    if llama is not None and smap["timing"].get("in") != "llama.cpp":
         best.lines.append("  note: the map's savings are PyTorch timings; the re-timing measures llama.cpp")
     elif mapped is not None and mapped != on:  # a map from before threads were recorded: nothing to compare
         best.lines.append(f"  note: the map was timed on {mapped} CPU thread(s); its per-unit savings may add up "

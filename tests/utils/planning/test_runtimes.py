@@ -251,3 +251,29 @@ def test_a_map_for_vllm_maps_only_its_units_on_its_grid(llama, tiny_corpus, tmp_
     assert smap["runtime"] == "vllm" and [o["name"] for o in smap["options"]] == ["kv 1", "ffn 256", "drop"]
     assert {e["option"] for e in smap["entries"]} == {"kv 1", "ffn 256", "drop"} and len(smap["entries"]) == 12
     assert next(o for o in smap["options"] if o["name"] == "ffn 256")["ffn"] == 256
+
+
+def test_a_map_for_llama_cpp_is_timed_in_llama_cpp(llama, tiny_corpus, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
+    from utils import api
+
+    folder = llama[3]
+    session = api.SessionConfig(teacher=str(folder), device="cpu",
+                                data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8))
+    config = api.MapConfig(options=("kv", "linear", "merge", "drop"), runtime="llama.cpp", gguf_type="q8_0",
+                           max_train_sentences=24, eval_sentences=8, valid_batches=1, latency_reps=2,
+                           latency_batch=1, latency_threads=1)
+    smap = api.sensitivity_map(session, config=config, train=api.TrainConfig(epochs=1, max_steps_per_epoch=1),
+                               out=tmp_path / "map")
+    t = smap["timing"]
+    assert (t["in"], t["gguf_type"], t["threads"], t["batch"], t["seq"]) == ("llama.cpp", "q8_0", 1, 1, 16)
+    assert smap["pytorch_timing"]["batch"] == 1 and "in" not in smap["pytorch_timing"]
+    by = {}
+    for e in smap["entries"]:  # one saving per option, the same at every layer; the schema's sums hold
+        by.setdefault(e["option"], set()).add((e["latency_saved_ms"], e["decode_saved_ms"]))
+        assert e["latency_saved_ms"] == pytest.approx(sum(t["layer_ms"][j] for j in e["covers"]) - e["unit_ms"])
+        assert e["unit_ms"] == t["unit_ms"][f"{e['layer']}/{e['option']}"]
+    assert set(by) == {"kv 1", "linear", "merge next", "drop"} and all(len(v) == 1 for v in by.values())
+    assert t["encoder_ms"] == pytest.approx(t["embeddings_ms"] + sum(t["layer_ms"]))
+    written = json.loads((tmp_path / "map" / "sensitivity.json").read_text())
+    assert written["timing"]["in"] == "llama.cpp" and choose_plan(written, target_kv_cache=0.5).choices
