@@ -50,7 +50,8 @@ class MapConfig:
     latency_threads: int | None = None
     cache_dir: str | None = None  # the teacher feature cache; None: the features are recomputed every batch
     # where the student will run (planning.runtimes): pytorch, llama.cpp or vllm; only the options it runs are mapped
-    # and planned; llama.cpp: a plan's re-timing and the student's timing run in llama.cpp, on GGUFs of ``gguf_type``
+    # and planned; llama.cpp: the map's savings, a plan's re-timing and the student's timing are measured in
+    # llama.cpp, on GGUFs of ``gguf_type``
     runtime: str = "pytorch"
     gguf_type: str = "f16"
 

@@ -277,3 +277,10 @@ def test_a_map_for_llama_cpp_is_timed_in_llama_cpp(llama, tiny_corpus, tmp_path)
     assert t["encoder_ms"] == pytest.approx(t["embeddings_ms"] + sum(t["layer_ms"]))
     written = json.loads((tmp_path / "map" / "sensitivity.json").read_text())
     assert written["timing"]["in"] == "llama.cpp" and choose_plan(written, target_kv_cache=0.5).choices
+
+
+def test_an_unknown_runtime_is_refused():
+    from utils.planning.students import MapConfig
+
+    with pytest.raises(SettingError, match="`runtime` must be one of pytorch, llama.cpp, vllm, got 'onnx'"):
+        MapConfig(runtime="onnx")
