@@ -4,6 +4,7 @@
     python plan_student.py --target-params 18e6 --teacher DIR --data-dir DIR   # builds the map first (map flags)
     python plan_student.py --target-speedup 2 --speed decode --map DIR ...       # a decoder: one token after a cache
     python plan_student.py --target-kv-cache 0.33 --map DIR ... --export-hf DIR  # a third of the teacher's KV cache
+    python plan_student.py --target-speedup 1.5 --runtime llama.cpp --gguf-type q8_0 --map DIR ... --export-gguf F
 
 The plan takes one option per layer (a merge takes two) from the map so that the latency (prefill: a whole sequence,
 the encoder of a masked LM; decode: one new token after a KV cache; the map's timings on its device), the parameter
@@ -14,7 +15,9 @@ short. Everything is explained in <run>/plan.log. Then the plan's units are retr
 together, the whole student is fine-tuned end to end by KD (KL at masked positions or at every next token,
 optionally + relation distillation), evaluated on the test split (and on each --eval-text NAME=PATH alike; with
 --chat-prompts, a decoder's greedy chat replies against the teacher's: chat.md), timed against the teacher on this
-device and, with --export-hf / --export-onnx / --export-gguf, exported.
+device and, with --export-hf / --export-onnx / --export-gguf, exported. --runtime llama.cpp|vllm plans only the units
+that engine runs (an existing --map is re-planned from those); with llama.cpp the re-timing and the student's timing
+run in llama.cpp itself, on --gguf-type GGUF files.
 """
 from __future__ import annotations
 

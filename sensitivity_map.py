@@ -9,7 +9,8 @@ from the teacher, retrained alone on the teacher's cached features (all layers o
 pass for everything), put alone into the teacher and compared with it on the validation split (top-1 drop,
 agreement, KL at one mask per sentence); its encoder latency saving is timed round-robin on this device. Writes
 sensitivity.json, sensitivity.md (layers x options table) and sensitivity.png (heatmaps) to --out/--run-name;
-plan_student.py plans from the JSON.
+plan_student.py plans from the JSON. --runtime llama.cpp|vllm maps only the options that engine runs (vllm: FFN
+widths snapped to its 256 grid); with llama.cpp the options' savings are timed in llama.cpp (--gguf-type GGUFs).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from models.gguf_export import GGUF_TYPES
 from utils import api
 from utils.cli.configs import map_config, record, session_config, train_config
 from utils.cli.groups import add_map_args
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = BUDGET
     add_training_args(p, epochs=1, lr=1e-3)
     add_map_args(p)
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="f16",
+                   help="with --runtime llama.cpp: how the GGUF files the options are timed in store their matrices")
     return p
 
 

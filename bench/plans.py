@@ -32,7 +32,8 @@ teacher's chat template and is compared with the teacher's replies, generated on
 model's replies in <its folder>/chat), and at each target the planned student with every other method: McNemar's
 exact test on the prompts whose first 8 reply tokens equal the teacher's, and the tests above on the teacher's reply
 tokens, teacher-forced (agreement, NLL): "chat" in plans.json, a chat table per target in plans.md.
-Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
+--runtime llama.cpp|vllm keeps only the map's units that runtime runs (utils.planning.runtimes), for every method;
+the timings stay PyTorch's. Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
 
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
@@ -69,6 +70,7 @@ from utils.evaluation.speed import Timing  # noqa: E402
 from utils.evaluation.texts import read_texts, text_dataset  # noqa: E402
 from utils.planning import baselines  # noqa: E402
 from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target, meets_as_measured  # noqa: E402
+from utils.planning.runtimes import check_runtime_teacher, runtime_map  # noqa: E402
 from utils.planning.sensitivity import Option, option_from_dict, speed_fn  # noqa: E402
 from utils.planning.students import context, make_student, read_map, retimed_plan, time_plan  # noqa: E402
 from utils.errors import SettingError  # noqa: E402
@@ -230,7 +232,8 @@ class Bench:
     def _planned(self, target: Target) -> list[dict[str, Any]]:
         try:
             plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost, timing=self.timing,
-                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin)
+                                   rounds=self.args.retime_rounds, margin=self.args.speed_margin,
+                                   runtime=self.args.runtime)
         except PlanError as e:
             log.warning("%s: no planned plan (%s)", target.name, e)
             return []
@@ -298,6 +301,8 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
         raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
     train, mc = train_config(args), map_config(args)
+    check_runtime_teacher(mc.runtime, s.teacher, s.tokenizer)
+    smap = runtime_map(smap, s.teacher.config, mc.runtime)  # --runtime: only the units it runs, for every method
     ctx = context(s, mc, train=train, record=run_record(record(args), batch_size=s.data.batch_size, train=train,
                                                          percentage_data=s.data.fraction))
     b = Bench(args, s, smap, ctx, mc.timing(s.data.seq_len))

@@ -15,6 +15,7 @@ are per-layer arrays. How llama.cpp's ``src/models/deci.cpp`` (0.3.36) runs a la
   (exactly nothing added); a dropped layer (no attention, no FFN: the identity) is not written at all.
 - llama.cpp reads the head size only when layer 0 has heads: a first layer without attention is written as a linear
   attention of zeros (exactly nothing added).
+- llama.cpp cannot allocate an empty KV cache: a model without any key/value-caching layer is refused.
 
 So every unit kind of ours runs exactly; what cannot (another head size, a biased linear unit, an activation other
 than SiLU, a kind without a GGUF form) is refused in one line naming the layer before anything is written. Q/K rows
@@ -127,6 +128,9 @@ def gguf_layers(cfg) -> tuple[GgufArch, list[GgufLayer]]:
     kept = [(i, s) for i, s in enumerate(cfg.layers) if s.attention != "none" or s.intermediate_size > 0]
     if not kept:
         raise ExportError("a GGUF export needs at least one layer: every layer of this model is dropped")
+    if not any(s.kv_heads for _, s in kept):  # llama.cpp: "failed to allocate buffer for kv cache"
+        raise ExportError("a GGUF export needs one layer whose attention caches keys and values: llama.cpp cannot "
+                          "create a context with an empty KV cache, and no layer of this model has one")
     plain = all(s.attention_shape() == teacher.attention_shape() and s.intermediate_size == teacher.intermediate_size
                 for _, s in kept)
     arch = ARCHS[PLAIN_ARCH[cfg.model_type] if plain else "deci"]

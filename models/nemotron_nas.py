@@ -27,28 +27,47 @@ from .staging import staged_folder
 WRAPPER = "modeling_nemotron_nas"
 
 
-def _ffn(i: int, width: int, hidden: int) -> dict:
+def layout_width(width: int) -> int:
+    """The FFN width on the layout's grid nearest ``width`` (0 stays 0: no FFN): a multiple of ``FFN_GRID``, at
+    least one step; what the planner snaps a narrower-FFN option to for vLLM."""
+    if width == 0:
+        return 0
+    return max(FFN_GRID, round(width / FFN_GRID) * FFN_GRID)
+
+
+def _ffn_mult(width: int, hidden: int) -> float:
+    return round(1.5 * width / hidden, 6)
+
+
+def layer_problem(i: int, spec, cfg, *, engine: str | None = None) -> str | None:
+    """Why layer ``i`` (``spec``, of a model of ``cfg``) cannot be written in the layout, or, with ``engine``
+    (``vllm``), cannot run there as written (vLLM runs no-op sublayers and per-layer KV heads, not the linear
+    replacements); None when it can. The one rule the exporter refuses by and the planner filters by."""
+    if spec.attention not in ("mha", "gqa", "none", "linear"):
+        return f"layer {i}: attention kind '{spec.attention}' has no block config"
+    if spec.attention in ("mha", "gqa") and (spec.num_heads, spec.head_dim) != (cfg.num_attention_heads, cfg.head_dim):
+        return (f"layer {i}: {spec.num_heads} query heads of {spec.head_dim}; the layout has one query-head count and "
+                f"head size for every layer (the teacher's {cfg.num_attention_heads} of {cfg.head_dim})")
+    width, hidden = spec.intermediate_size, cfg.hidden_size
+    if width and ffn_width(_ffn_mult(width, hidden), hidden) != width:
+        return (f"layer {i}: FFN width {width} is off the layout's grid (int(2 * ffn_mult * {hidden} / 3) rounded up "
+                f"to a multiple of {FFN_GRID})")
+    if engine == "vllm" and spec.attention == "linear":
+        return f"layer {i}: a linear attention (replace_with_linear), which vLLM's DeciLM does not run"
+    return None
+
+
+def _ffn(width: int, hidden: int) -> dict:
     if width == 0:
         return {"no_op": True, "replace_with_linear": False, "ffn_mult": None}
-    mult = round(1.5 * width / hidden, 6)
-    if ffn_width(mult, hidden) != width:
-        raise ExportError(f"cannot write the Nemotron-NAS layout: layer {i}: FFN width {width} is off the layout's "
-                          f"grid (int(2 * ffn_mult * {hidden} / 3) rounded up to a multiple of {FFN_GRID})")
-    return {"no_op": False, "replace_with_linear": False, "ffn_mult": mult}
+    return {"no_op": False, "replace_with_linear": False, "ffn_mult": _ffn_mult(width, hidden)}
 
 
-def _attention(i: int, spec, cfg) -> dict:
+def _attention(spec) -> dict:
     if spec.attention == "none":
         return {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
     if spec.attention == "linear":
         return {"no_op": False, "replace_with_linear": True, "n_heads_in_group": None}
-    if spec.attention not in ("mha", "gqa"):
-        raise ExportError(f"cannot write the Nemotron-NAS layout: layer {i}: attention kind '{spec.attention}' has "
-                          "no block config")
-    if (spec.num_heads, spec.head_dim) != (cfg.num_attention_heads, cfg.head_dim):
-        raise ExportError(f"cannot write the Nemotron-NAS layout: layer {i}: {spec.num_heads} query heads of "
-                          f"{spec.head_dim}; the layout has one query-head count and head size for every layer (the "
-                          f"teacher's {cfg.num_attention_heads} of {cfg.head_dim})")
     return {"no_op": False, "replace_with_linear": False, "n_heads_in_group": spec.num_heads // spec.kv_heads}
 
 
@@ -72,8 +91,10 @@ def check_nemotron_nas_model(cfg) -> None:
 def block_configs(cfg) -> list[dict]:
     """The ``block_configs`` of a model of ``cfg``; ExportError (one line) for what the layout cannot express."""
     check_nemotron_nas_model(cfg)
-    return [{"attention": _attention(i, s, cfg), "ffn": _ffn(i, s.intermediate_size, cfg.hidden_size)}
-            for i, s in enumerate(cfg.layers)]
+    for i, s in enumerate(cfg.layers):
+        if (problem := layer_problem(i, s, cfg)) is not None:
+            raise ExportError(f"cannot write the Nemotron-NAS layout: {problem}")
+    return [{"attention": _attention(s), "ffn": _ffn(s.intermediate_size, cfg.hidden_size)} for s in cfg.layers]
 
 
 def nemotron_nas_config(cfg) -> dict:

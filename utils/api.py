@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from models import BertForMaskedLM, LayerSpec, ModelConfig, family_of, load_teacher as _load_model_and_tokenizer
 from models.compress import (clone_model, compose, drop_every_second as _drop_every_second, fit_problem,
@@ -39,11 +40,14 @@ from .evaluation.chat import Chat, ChatConfig, check_chat, evaluate_chat
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import counted, write_report
+from .evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp
 from .evaluation.speed import Timing, decoder_costs
 from .evaluation.texts import EvalText, read_texts, score_texts, write_scalars
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
-from .planning.sensitivity import default_options, option_from_dict, reach_map, speed_fn, validate_map
-from .planning.students import MapConfig, PlanFinetune, context, make_map, make_student, read_map, retimed_plan
+from .planning.runtimes import check_runtime_teacher, runtime_map
+from .planning.sensitivity import option_from_dict, reach_map, speed_fn, validate_map
+from .planning.students import (MapConfig, PlanFinetune, context, make_map, make_student, map_options, read_map,
+                                retimed_plan)
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, check_export_teacher, run_exports
@@ -892,45 +896,87 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     chat.md), timed against the teacher and exported (``export``); with ``reuse_map_units``, units the map trained
     with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and results.json to ``out``;
     ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the plan (and its re-timing),
-    before any training; ``results`` then hold the plan and its timings, ``model`` is None."""
+    before any training; ``results`` then hold the plan and its timings, ``model`` is None. ``config.runtime``: where
+    the student will run (pytorch, llama.cpp, vllm; ``planning.runtimes``): only the units it runs are mapped and
+    planned; for llama.cpp the re-timing and the student's timing (results' ``llama_cpp``, what
+    ``target_met_measured`` reads) run in llama.cpp itself, on GGUF files of ``config.gguf_type``."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     docs = read_texts(texts)  # before any work
-    if chat is not None:
-        check_chat(family_of(_teacher_plan(session)).task, chat.prompts, what="`chat`")
     run = Path(out)
-    if export is not None and export.wanted and plan_only:
-        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir`, `onnx_file` and `gguf_file`")
-    if export is not None:
-        check_export_targets(export)
+    in_llama = _check_plan_request(session, target, config=config, export=export, chat=chat, plan_only=plan_only,
+                                   timed=bool(target.speedup and retime_rounds))
     given = _given_map(session, map)
     with claim_units([run], "planned student"):
         s = _prepare(session)
         check_export_teacher(export or ExportConfig(), s.teacher, s.tokenizer)
+        check_runtime_teacher(config.runtime, s.teacher, s.tokenizer)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, given, config=config, train=train, out=run / "map", record=rec, target=target)
         timing = config.timing(s.data.seq_len)
-        plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=timing, rounds=retime_rounds,
-                                    margin=speed_margin)
-        _write_plan(plan, run)
-        if plan_only:
-            res = {"plan_only": True, "budget": plan.budget, "plan": plan.choices, "map_cost": plan.cost,
-                   "map_saved": plan.saved, "needed": plan.needed, "retiming": rounds}
-            (run / "plan.json").write_text(json.dumps(res, indent=2))
-            return PlannedStudent(run, plan, res, None, smap, built)
-        options = {o["name"]: option_from_dict(o) for o in smap["options"]}
-        ctx = context(s, config, train=train, record=rec)
-        student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
-                                      origin=f"plan from {smap.get('teacher')} map: {plan.budget}",
-                                      finetune=finetune, map_units=_map_units(map, built) if reuse_map_units else None)
-        res = _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
-                            timing=timing, target=target)
-        res.update(retiming=rounds, **_target_met(res, target),
+        with _llama_timer(s, config, wanted=in_llama) as llama:
+            plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=timing, rounds=retime_rounds,
+                                        margin=speed_margin, runtime=config.runtime, llama=llama)
+            _write_plan(plan, run)
+            if plan_only:
+                return PlannedStudent(run, plan, _plan_only(run, plan, rounds, runtime=config.runtime), None, smap,
+                                      built)
+            ctx = context(s, config, train=train, record=rec)
+            student, res = _build_planned(s, ctx, plan, smap=smap, run=run, finetune=finetune, timing=timing,
+                                          target=target, llama=llama,
+                                          map_units=_map_units(map, built) if reuse_map_units else None)
+        res.update(retiming=rounds, runtime=config.runtime, **_target_met(res, target),
                    **_plan_texts(s, student, texts, docs=docs, run=run, test=res["metrics"], chat=chat))
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
             student.to(s.device)
         (run / "results.json").write_text(json.dumps(res, indent=2))
         return PlannedStudent(run, plan, res, student, smap, built)
+
+
+def _check_plan_request(session: Session | SessionConfig, target: Target, *, config: MapConfig,
+                        export: ExportConfig | None, chat: ChatConfig | None, plan_only: bool, timed: bool) -> bool:
+    """``plan_student``'s checks before any work: the chat prompts, the export targets, llama.cpp where it times
+    (a student, or a plan's re-timing). Returns whether llama.cpp times anything."""
+    if chat is not None:
+        check_chat(family_of(_teacher_plan(session)).task, chat.prompts, what="`chat`")
+    if export is not None and export.wanted and plan_only:
+        raise SettingError("`plan_only` makes no model to export: leave out `hf_dir`, `onnx_file` and `gguf_file`")
+    if export is not None:
+        check_export_targets(export)
+    in_llama = config.runtime == "llama.cpp" and (not plan_only or timed)
+    if in_llama:
+        check_llama_cpp()
+    return in_llama
+
+
+def _plan_only(run: Path, plan: Plan, rounds: list[dict[str, float]], *, runtime: str) -> dict[str, Any]:
+    """The results of a plan made without a student (``plan_only``), also written to plan.json."""
+    res = {"plan_only": True, "budget": plan.budget, "plan": plan.choices, "map_cost": plan.cost,
+           "map_saved": plan.saved, "needed": plan.needed, "runtime": runtime, "retiming": rounds}
+    (run / "plan.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _build_planned(s: Session, ctx: Any, plan: Plan, *, smap: dict[str, Any], run: Path, finetune: PlanFinetune,
+                   timing: Timing, target: Target, llama: LlamaCppTimer | None, map_units: Path | None
+                   ) -> tuple[BertForMaskedLM, dict[str, Any]]:
+    """The student of ``plan`` made (``make_student``) and measured (``_measure_plan``): (student, results)."""
+    options = {o["name"]: option_from_dict(o) for o in smap["options"]}
+    student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
+                                  origin=f"plan from {smap.get('teacher')} map: {plan.budget}", finetune=finetune,
+                                  map_units=map_units)
+    return student, _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
+                                  timing=timing, target=target, llama=llama)
+
+
+@contextmanager
+def _llama_timer(s: Session, config: MapConfig, *, wanted: bool) -> Iterator[LlamaCppTimer | None]:
+    """The timer of a plan for ``runtime`` llama.cpp (the teacher's GGUF written and loaded once), else None."""
+    if not wanted:
+        yield None
+        return
+    with LlamaCppTimer(s.teacher, s.tokenizer, config.gguf_timing(s.data.seq_len)) as timer:
+        yield timer
 
 
 def _write_plan(plan: Plan, run: Path) -> None:
@@ -987,13 +1033,14 @@ def _given_map(session: Session | SessionConfig, given: dict | str | Path | None
 def _plan_map(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, train: TrainConfig, out: Path,
               record: dict[str, Any], target: Target) -> tuple[dict[str, Any], Path | None]:
     """The map to plan from: the one given (checked by ``_given_map``; made for this teacher, unless
-    ``train.force``), or one built now; either way, a ``target`` it cannot reach is refused first (before a map is
-    built: its options as untrained units)."""
+    ``train.force``; only its entries ``config.runtime`` runs), or one built now; either way, a ``target`` it cannot
+    reach is refused first (before a map is built: its options as untrained units)."""
     if smap is None:
         _check_reach(s, None, config=config, target=target)  # before minutes of training for an unreachable target
         return make_map(s, config, train=train, out=out, record=record), out
     if smap.get("teacher_hash") != s.teacher_hash and not train.force:
         raise CheckpointError(f"`map` was made for another teacher ({smap.get('teacher')}); pass `force` to use it")
+    smap = runtime_map(smap, s.teacher.config, config.runtime)
     _check_reach(s, smap, config=config, target=target)
     return smap, None
 
@@ -1003,7 +1050,7 @@ def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, 
     cannot reach, saying what they reach (SettingError)."""
     if smap is None:
         n = len(s.teacher.layers)
-        options = default_options(s.teacher.config, config.heads_set, config.options, task=s.teacher.TASK)
+        options = map_options(s.teacher, config)
         smap = reach_map(s.teacher, options, [i for i in (config.layers or range(n)) if i < n],
                          timing=config.timing(s.data.seq_len) if target.speedup else None)
     problem = budget_problem(smap, target.speedup, target.params, target_kv_cache=target.kv_cache,
@@ -1013,9 +1060,10 @@ def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, 
 
 
 def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
-                  finetune: PlanFinetune, trained: bool, timing: Timing, target: Target) -> dict[str, Any]:
-    """The planned student on the test split and timed against the teacher (prefill and, for a decoder, decode),
-    beside what the map predicted."""
+                  finetune: PlanFinetune, trained: bool, timing: Timing, target: Target,
+                  llama: LlamaCppTimer | None = None) -> dict[str, Any]:
+    """The planned student on the test split and timed against the teacher (prefill and, for a decoder, decode;
+    with ``llama``, in llama.cpp too: ``llama_cpp``), beside what the map predicted."""
     teacher = s.teacher
     test_loader, _ = s.loader(s.first_sentences("test", finetune.test_sentences), shuffle=False)
     m = compare_models(teacher, student, test_loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
@@ -1037,6 +1085,8 @@ def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any],
                     f"{prefix}predicted_speedup": smap["timing"][total_key] / predicted,
                     f"{prefix}measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
                     f"{prefix}measured_speedup": ms["teacher"] / ms["student"]})
+    if llama is not None:
+        res["llama_cpp"] = llama.speeds(student)
     return res
 
 
@@ -1047,8 +1097,9 @@ def _target_met(res: dict[str, Any], target: Target) -> dict[str, Any]:
         return {"target_met": res["student_kv_bytes_per_token"]
                 <= target.kv_cache * res["teacher_kv_bytes_per_token"] + 1e-9}
     prefix = "" if target.speed == "prefill" else "decode_"
+    measured = res["llama_cpp"][f"{target.speed}_speedup"] if "llama_cpp" in res else res[f"{prefix}measured_speedup"]
     return {"target_met_by_map": res[f"{prefix}predicted_speedup"] >= target.speedup - 1e-9,
-            "target_met_measured": res[f"{prefix}measured_speedup"] >= target.speedup}
+            "target_met_measured": measured >= target.speedup}
 
 
 # ---- export ----

@@ -230,3 +230,14 @@ def test_a_teacher_shape_student_is_the_file_llama_cpps_converter_writes(gguf_ty
              "qwen2.attention.value_length", "qwen2.rope.dimension_count", "qwen2.vocab_size")
     meta = {k: f.contents() for k, f in ours.fields.items() if k not in named}
     assert meta == {k: f.contents() for k, f in theirs.fields.items() if k not in named}
+
+
+def test_a_model_without_any_kv_cache_is_refused(decoder, tmp_path):
+    """llama.cpp cannot create a context for a model whose layers cache no keys and values (it fails to allocate an
+    empty KV cache): refused in one line, nothing written."""
+    _, teacher, tok, _ = decoder
+    no_kv = {i: LayerSpec(0, 0, 64, [i], "block", attention="linear") for i in range(5)}
+    no_kv[5] = LayerSpec(0, 0, 64, [5], "layer", attention="none")
+    with pytest.raises(ExportError, match="needs one layer whose attention caches keys and values"):
+        export_gguf(decoder_student(teacher, no_kv), tmp_path / "s.gguf", tok)
+    assert not (tmp_path / "s.gguf").exists()

@@ -110,7 +110,8 @@ def map_config(args: argparse.Namespace) -> MapConfig:
                      relation_weight=args.relation_weight, max_train_sentences=args.max_train_sentences,
                      eval_sentences=args.eval_sentences, valid_batches=args.valid_batches,
                      latency_reps=args.latency_reps, latency_batch=args.latency_batch,
-                     latency_threads=args.latency_threads,
+                     latency_threads=args.latency_threads, runtime=args.runtime,
+                     gguf_type=getattr(args, "gguf_type", "f16"),  # plan_student.py's export flag, when it has one
                      cache_dir=cache_dir(args, used=not args.no_cache))
 
 

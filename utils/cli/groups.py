@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..planning.planner import RETIME_ROUNDS, SPEED_MARGIN
+from ..planning.runtimes import RUNTIMES
 from ..planning.sensitivity import DECODER_OPTION_KINDS, OPTION_KINDS
 from models import kinds
 from models.gguf_export import GGUF_TYPES
@@ -91,6 +92,12 @@ def add_map_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-threads", "--timing-threads", type=positive_int("--latency-threads"), default=None,
                    help="CPU threads of every timing: the map's, a plan's re-timing, the students' (default: the "
                         "job's; e.g. 1 to state single-thread speed-ups while training on more)")
+    g.add_argument("--runtime", choices=list(RUNTIMES), default="pytorch",
+                   help="where the student will run: pytorch (every unit), llama.cpp (what --export-gguf writes; a "
+                        "plan's re-timing and the student's timing run in llama.cpp itself, on --gguf-type GGUFs, "
+                        "--latency-threads threads, default 1) or vllm (what --hf-layout nemotron-nas writes, no "
+                        "linear attention; FFN widths on its 256 grid); only the options it runs are mapped and "
+                        "planned, and an existing --map is re-planned from the entries it runs")
     g.add_argument("--no-cache", action="store_true", help="recompute teacher features every batch")
     g.add_argument("--cache-dir", default=None, help="teacher feature cache (default: <--out>/cache; shared, safe)")
     g.add_argument("--max-steps-per-epoch", type=positive_int("--max-steps-per-epoch"), default=None,

@@ -56,6 +56,12 @@ def plan_table(res: dict) -> str:
         rows.append(f"| {who} | {params:,} | {ms['teacher' if who == 'teacher' else 'student']:.1f} | {speed} |"
                     f"{extra} {q} | {tail}")
     sep = "|---" + "|---:" * (head.count("|") - 2) + "|"
+    if res.get("llama_cpp"):  # --runtime llama.cpp: the speeds where the student will be served
+        t = res["llama_cpp"]
+        rows += ["", f"in llama.cpp ({t['gguf_type']} GGUF, {t['threads']} thread(s), median of {t['reps']}): prefill "
+                 f"{t['teacher_prefill_tokens_per_s']:,.0f} -> {t['student_prefill_tokens_per_s']:,.0f} tokens/s "
+                 f"({t['prefill_speedup']:.2f}x), decode {t['teacher_decode_tokens_per_s']:,.1f} -> "
+                 f"{t['student_decode_tokens_per_s']:,.1f} tokens/s ({t['decode_speedup']:.2f}x)"]
     if res.get("texts"):  # the named texts, one row each, after the test split's
         from ..evaluation.texts import texts_table
 

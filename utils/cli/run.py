@@ -61,7 +61,7 @@ FLAGS = {
     "options": "--options", "heads_set": "--heads-set", "attention": "--attention", "drop_layers": "--drop-layers",
     "drop_every_second": "--drop-every-second", "teacher_device_map": "--teacher-device-map",
     "plan_only": "--plan-only", "target_kv_cache": "--target-kv-cache", "retime_rounds": "--retime-rounds",
-    "speed_margin": "--speed-margin", "latency_threads": "--latency-threads",
+    "speed_margin": "--speed-margin", "latency_threads": "--latency-threads", "runtime": "--runtime",
     "tasks": "--lm-eval", "task_dir": "--lm-eval-include",
     "split_by": "--split-by", "train_texts": "--train-text", "data_weight": "--data-weight",
     "chat": "--chat-prompts",

@@ -82,8 +82,9 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     if problem:
         raise PlanError(problem)
     b = _budget(smap, target)
-    lines = [f"budget: {b.text}; need to save {b.needed:,.2f} {b.unit}; cost: {metric} of each unit alone in the "
-             "teacher (summed over units: an approximation, units interact)"]
+    lines = list(smap.get("runtime_notes", []))  # a map filtered for a runtime (planning.runtimes)
+    lines.append(f"budget: {b.text}; need to save {b.needed:,.2f} {b.unit}; cost: {metric} of each unit alone in "
+                 "the teacher (summed over units: an approximation, units interact)")
     cands = _candidates(smap, metric, budget=b, lines=lines)
     if b.needed <= 0:
         lines.append("the teacher already meets the budget: nothing to simplify")
@@ -94,8 +95,8 @@ def choose_plan(smap: dict[str, Any], target_speedup: float | None = None, targe
     if best[0][grid_steps] == math.inf:
         most = _max_saving(cands, n, b.gain_key)
         raise PlanError(f"the budget cannot be met from this map: {b.text} needs {b.needed:,.2f} {b.unit} saved, "
-                        f"the map's options save at most {most:,.2f}; map more options (more heads settings, "
-                        "merges) or relax the target")
+                        f"the map's options{runtime_note(smap)} save at most {most:,.2f}; map more options (more "
+                        "heads settings, merges) or relax the target")
     return _read_plan(pick, cands, budget=b, step=step, grid_steps=grid_steps, n=n, lines=lines)
 
 
@@ -236,17 +237,22 @@ def budget_problem(smap: dict[str, Any], target_speedup: float | None = None, ta
     if target_speedup is not None:
         total = b.needed / (1 - 1 / target_speedup)
         reach = total / (total - most) if most < total else math.inf
-        return (f"`target_speedup` {target_speedup:g} cannot be met: the map's options reach at most {reach:.2f}x "
-                f"({SPEED_KEYS[speed][2]} {total:.2f} ms, at most {most:.2f} ms saved, timings on "
-                f"{smap.get('device', 'this device')}); ask for less, or map more options (`options`, `heads_set`)")
+        return (f"`target_speedup` {target_speedup:g} cannot be met: the map's options{runtime_note(smap)} reach "
+                f"at most {reach:.2f}x ({SPEED_KEYS[speed][2]} {total:.2f} ms, at most {most:.2f} ms saved, timings "
+                f"on {smap.get('device', 'this device')}); ask for less, or map more options (`options`, `heads_set`)")
     if target_kv_cache is not None:
         total = smap["teacher_kv_bytes_per_token"]
-        return (f"`target_kv_cache` {target_kv_cache:g} cannot be met: the map's options keep at least "
-                f"{(total - most) / total:.3f} of the teacher's KV cache; ask for more, or map more options")
+        return (f"`target_kv_cache` {target_kv_cache:g} cannot be met: the map's options{runtime_note(smap)} keep "
+                f"at least {(total - most) / total:.3f} of the teacher's KV cache; ask for more, or map more options")
     total = smap["teacher_params"]
-    return (f"`target_params` {target_params:,} cannot be met: the map's options remove at most {most:,.0f} of the "
-            f"teacher's {total:,} parameters (the smallest student has {total - most:,.0f}); ask for more, or map "
-            "more options (`options`, `heads_set`)")
+    return (f"`target_params` {target_params:,} cannot be met: the map's options{runtime_note(smap)} remove at most "
+            f"{most:,.0f} of the teacher's {total:,} parameters (the smallest student has {total - most:,.0f}); ask "
+            "for more, or map more options (`options`, `heads_set`)")
+
+
+def runtime_note(smap: dict[str, Any]) -> str:
+    """' that <runtime> runs' for a map filtered for a runtime (``planning.runtimes.runtime_map``), else ''."""
+    return f" that {smap['runtime']} runs" if smap.get("runtime") not in (None, "pytorch") else ""
 
 
 def _max_saving(cands: dict[int, list[dict[str, Any]]], n: int, key: str) -> float:

@@ -17,8 +17,10 @@ from ..storage.checkpoint import read_meta
 from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses, kd_temperature
+from ..evaluation.llama_cpp import GgufTiming, LlamaCppTimer, check_llama_cpp
 from ..evaluation.speed import Timing
 from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
+from .runtimes import check_runtime, check_runtime_teacher, runtime_map, runtime_options, time_map_in_llama_cpp
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
                           compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
                           train_units, validate_map, write_map)
@@ -47,10 +49,30 @@ class MapConfig:
     # more threads than its speed-ups are stated for
     latency_threads: int | None = None
     cache_dir: str | None = None  # the teacher feature cache; None: the features are recomputed every batch
+    # where the student will run (planning.runtimes): pytorch, llama.cpp or vllm; only the options it runs are mapped
+    # and planned; llama.cpp: the map's savings, a plan's re-timing and the student's timing are measured in
+    # llama.cpp, on GGUFs of ``gguf_type``
+    runtime: str = "pytorch"
+    gguf_type: str = "f16"
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
 
     def timing(self, seq: int) -> Timing:
         """These timing settings on ``seq``-token inputs."""
         return Timing(self.latency_reps, self.latency_batch, seq, self.latency_threads)
+
+    def gguf_timing(self, seq: int) -> GgufTiming:
+        """These timing settings for llama.cpp (``runtime`` llama.cpp): one ``seq``-token sequence, the threads given
+        (else one)."""
+        return GgufTiming(self.gguf_type, self.latency_threads or 1, self.latency_reps, seq)
+
+
+def map_options(teacher: BertForMaskedLM, cfg: MapConfig) -> list[Option]:
+    """The options a map of ``cfg`` maps for ``teacher``: its task's (``cfg.options``, ``cfg.heads_set``), only
+    those ``cfg.runtime`` runs, on its FFN grid (``runtimes.runtime_options``)."""
+    options = default_options(teacher.config, cfg.heads_set, cfg.options, task=teacher.TASK)
+    return runtime_options(teacher.config, options, cfg.runtime)
 
 
 @dataclass
@@ -96,12 +118,19 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
     bad = [i for i in layers if i >= n]
     if bad:
         raise IndexError(f"`layers` {bad}: the teacher has layers 0..{n - 1}")
-    options = default_options(s.teacher.config, cfg.heads_set, cfg.options, task=s.teacher.TASK)
+    check_runtime_teacher(cfg.runtime, s.teacher, s.tokenizer)
+    if cfg.runtime == "llama.cpp":
+        check_llama_cpp()
+    options = map_options(s.teacher, cfg)
     log.info("mapping layers %s x options %s", layers, [o.name for o in options])
     ctx = context(s, cfg, train=train, record=record)
     smap = build_map(ctx, options, layers, eval_loader=ctx.valid_loader, run_dir=out / "units",
                      timing=cfg.timing(s.data.seq_len))
+    if cfg.runtime == "llama.cpp":  # the savings the planner weighs, as llama.cpp measures them
+        with LlamaCppTimer(s.teacher, s.tokenizer, cfg.gguf_timing(s.data.seq_len)) as timer:
+            smap = time_map_in_llama_cpp(smap, s.teacher, options, layers=layers, timer=timer)
     smap["args"] = dict(record.get("args") or {"map": dataclasses.asdict(cfg), "train": dataclasses.asdict(train)})
+    smap["runtime"] = cfg.runtime
     paths = write_map(smap, out)
     log.info("map written: %s", ", ".join(str(p) for p in paths.values()))
     return smap
@@ -216,23 +245,31 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
     return None
 
 
-def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, timing: Timing
-              ) -> dict[str, float]:
+def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, timing: Timing,
+              llama: LlamaCppTimer | None = None) -> dict[str, float]:
     """The plan's units (untrained: the same shapes and speed) composed into the teacher and timed against it,
-    round-robin (``timing``): ``measured_speedup`` and each model's ``*_ms``."""
+    round-robin (``timing``; with ``llama``, in llama.cpp: both as GGUF files): ``measured_speedup`` and each model's
+    ``*_ms``."""
     student = compose_units(teacher, {i: random_unit(teacher, o, i) for i, o in choices.items()})
+    if llama is not None:
+        ms = llama.ms(student, (speed,))
+        return {"measured_speedup": ms[f"teacher_{speed}_ms"] / ms[f"student_{speed}_ms"], "in": "llama.cpp",
+                **{k.replace(f"_{speed}_ms", "_ms"): v for k, v in ms.items()}}
     ms = timing.ms({who: speed_fn(m, speed, batch=timing.batch, seq=timing.seq)
                     for who, m in (("teacher", teacher), ("student", student))}, next(teacher.parameters()).device)
     return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
 
 
 def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, timing: Timing,
-                 rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]]]:
-    """The plan for ``target``; for a speed-up, re-timed before anything is trained: each candidate plan's units
-    (untrained: the same shapes and speed) composed into the teacher and timed against it round-robin, the ask
-    searched (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by
-    ``margin`` and twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan, the
-    rounds' measurements)."""
+                 rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN, runtime: str = "pytorch",
+                 llama: LlamaCppTimer | None = None) -> tuple[Plan, list[dict[str, float]]]:
+    """The plan for ``target`` from the units of ``smap`` that ``runtime`` runs (``runtimes.runtime_map``); for a
+    speed-up, re-timed before anything is trained: each candidate plan's units (untrained: the same shapes and speed)
+    composed into the teacher and timed against it round-robin (with ``llama``, in llama.cpp), the ask searched
+    (``planner.aim``, at most ``rounds`` timings) for the plan that meets the target as measured, by ``margin`` and
+    twice, with the least overshoot. Every round is explained in the plan's lines. Returns (plan, the rounds'
+    measurements)."""
+    smap = runtime_map(smap, teacher.config, runtime)
     kw = dict(target_params=target.params, target_kv_cache=target.kv_cache, speed=target.speed, cost=cost)
     plan = choose_plan(smap, target.speedup, **kw)
     if target.speedup is None or rounds == 0:
@@ -241,13 +278,16 @@ def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target,
 
     def measure(p: Plan) -> dict[str, float]:
         return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed,
-                         timing=timing)
+                         timing=timing, llama=llama)
 
     best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds,
                                    margin=margin)
-    on, mapped = timing.threads_used(), smap["timing"].get("threads")
-    best.lines += [f"re-timing ({target.speed}, median of {timing.reps} round-robin runs, CPU threads: {on}):"]
-    if mapped is not None and mapped != on:  # a map from before threads were recorded: nothing to compare
+    on, mapped = (llama.timing.threads if llama else timing.threads_used()), smap["timing"].get("threads")
+    where = f"in llama.cpp, {llama.timing.gguf_type} GGUF files, " if llama else ""
+    best.lines += [f"re-timing ({target.speed}, {where}median of {timing.reps} round-robin runs, CPU threads: {on}):"]
+    if llama is not None and smap["timing"].get("in") != "llama.cpp":
+        best.lines.append("  note: the map's savings are PyTorch timings; the re-timing measures llama.cpp")
+    elif mapped is not None and mapped != on:  # a map from before threads were recorded: nothing to compare
         best.lines.append(f"  note: the map was timed on {mapped} CPU thread(s); its per-unit savings may add up "
                           "differently on these (--latency-threads)")
     best.lines += lines
