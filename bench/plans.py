@@ -62,6 +62,7 @@ from utils.cli.groups import add_chat_args, add_finetune_args, add_map_args, add
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number, positive_int  # noqa: E402
+from utils.data.text import DataError  # noqa: E402
 from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
                                    read_prompts, teacher_chat)
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-targets", type=numbers("--kv-targets", 0, 1), default=None,
                    help="decoders: KV-cache fractions to plan for (default 1/3; none: no KV-cache target)")
     g.add_argument("--cost", choices=list(COSTS), default="kl", help="what a unit costs, from the map")
-    g.add_argument("--calibration-sentences", type=int, default=32,
+    g.add_argument("--calibration-sentences", type=positive_int("--calibration-sentences"), default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
     g.add_argument("--eval-text-items", type=positive_int("--eval-text-items"), default=None, metavar="N",
@@ -185,7 +186,10 @@ class Bench:
         need it (``_extend_sleb``)."""
         if self.orders or not self.causal:
             return
-        calib = self.s.first_sentences("train", self.args.calibration_sentences)
+        try:
+            calib = self.s.first_sentences("train", self.args.calibration_sentences)
+        except DataError as e:  # a training mixture shares these sentences' tokens among its sources
+            raise DataError(f"--calibration-sentences {self.args.calibration_sentences}: {e}; use more") from None
         self.calibration, _ = self.s.loader(calib, shuffle=False)
         order, bi = baselines.shortgpt_order(self.teacher, self.calibration, device=self.s.device)
         self.orders["ShortGPT"] = order

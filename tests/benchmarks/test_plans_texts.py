@@ -36,3 +36,26 @@ def test_the_bench_scores_every_student_on_each_text(tiny_llama, tiny_corpus, tm
         prose["tests"][0]["nll_sign"]["ties"] == prose["items"]
     md = (tmp_path / "b" / "plans.md").read_text()
     assert "## Text prose (" in md and md.count("| KV 0.5 | planned |") == 3
+
+
+def test_calibration_too_small_for_a_mixture_names_its_flag(tiny_llama, tiny_corpus, tmp_path, capsys):
+    """With a training mixture the calibration sentences' tokens are shared among the sources: too few of them end in
+    one line naming --calibration-sentences, not a bare data error."""
+    from bench import plans
+    from utils import api
+
+    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
+    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
+                        config=api.MapConfig(options=("drop",), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    (tmp_path / "prose").mkdir()
+    (tmp_path / "prose" / "a.txt").write_text("\n".join(make_sentences(60, 5)))
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
+            "--map", str(tmp_path / "map"), "--targets", "1.2", "--kv-targets", "none", "--seq-len", "16",
+            "--batch-size", "8", "--device", "cpu", "--latency-reps", "2", "--latency-batch", "1",
+            "--max-train-sentences", "32", "--ft-epochs", "0", "--no-untrained", "--calibration-sentences", "1",
+            "--train-text", f"prose={tmp_path / 'prose'}"]
+    assert run_main(plans.main, plans.build_parser(), argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --calibration-sentences 1: ") and "use more" in err[-1]
