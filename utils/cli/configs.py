@@ -38,14 +38,17 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The training loop's flags (``add_training_args`` and the seed's optimiser flags)."""
+    """The training loop's flags (``add_training_args``, the seed's optimiser flags and, where the script has them,
+    ``add_sharding_args``)."""
     return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                        schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
                        save_every_steps=args.save_every_steps, resume=args.resume, compile=args.compile,
                        max_steps_per_epoch=args.max_steps_per_epoch, force=args.force,
                        force_config=args.force_config, optimizer=args.optimizer,
                        betas=(args.adam_beta1, args.adam_beta2), warmup_steps=args.warmup_steps,
-                       log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0)
+                       log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0,
+                       fsdp=vars(args).get("fsdp", False), dtype=vars(args).get("dtype") or "fp32",
+                       activation_checkpointing=vars(args).get("activation_checkpointing", False))
 
 
 def unit_shape(args: argparse.Namespace) -> UnitShape:
