@@ -276,7 +276,7 @@ class Trainer:
             self.model = DDP(task, device_ids=ids)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.run_id = uuid.uuid4().hex[:16]
+        self.run_id = runtime.all_gather_objects(uuid.uuid4().hex[:16])[0]  # rank 0's: every rank names files alike
         self.start = self.position = Position(0, 0, 0)
         self.resumed_rng: dict[str, Any] | None = None
         self.stops = StopRequests()
