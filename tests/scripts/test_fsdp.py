@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import last_line, restored_logging, write_corpus
+from helpers import last_line, make_hf_teacher, restored_logging, write_corpus
 
 # measured on 2 CPU cores: max |one process - two sharded processes| ~1e-7 after 14 steps
 WEIGHT_TOL = 1e-5
@@ -30,10 +30,11 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available in this build")
 
 
-def _args(teacher: Path, corpus: Path, out: Path, *extra) -> list[str]:
-    return ["--teacher", str(teacher), "--data-dir", str(corpus), "--seq-len", "16", "--device", "cpu",
-            "--drop-layers", "1", "--epochs", "2", "--lr", "1e-3", "--schedule", "constant", "--warmup", "0",
-            "--run-name", "r", "--out", str(out), *map(str, extra)]
+def _args(teacher: Path, corpus: Path, out: Path, *extra, student: tuple[str, ...] = ("--drop-layers", "1")
+          ) -> list[str]:
+    return ["--teacher", str(teacher), "--data-dir", str(corpus), "--seq-len", "16", "--device", "cpu", *student,
+            "--epochs", "2", "--lr", "1e-3", "--schedule", "constant", "--warmup", "0", "--run-name", "r",
+            "--out", str(out), *map(str, extra)]
 
 
 def _run(argv: list[str], *, stop_at: int | None = None, stopper: bool = True, measure: Path | None = None) -> int:
@@ -141,6 +142,22 @@ def test_two_sharded_processes_train_like_one_holding_half_each(data):
         for h in held:
             print(f"{kind}: {h[kind]} of {whole[kind]} bytes in this process ({h[kind] / whole[kind]:.3f})")
             assert 0.45 < h[kind] / whole[kind] < 0.55
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_train_an_encoder_like_one(data):
+    """BERT's layers shard the same way. A teacher without an MLM head and without dropout: the heal's loss is the
+    hidden-state one, with no random masking (each rank would draw its own masks)."""
+    _, corpus, root = data
+    teacher = make_hf_teacher(root / "encoder", layers=4, with_head=False, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
+    student = ("--drop-every-second",)
+    assert _run(_args(teacher, corpus, root / "bert_one", "--batch-size", 8, student=student)) == 0
+    assert _two(_args(teacher, corpus, root / "bert_two", "--batch-size", 4, "--fsdp", student=student)) == [0, 0]
+    assert _worst(_weights(root / "bert_one"), _weights(root / "bert_two")) < WEIGHT_TOL  # measured ~3e-7
+    one, two = _metrics(root / "bert_one"), _metrics(root / "bert_two")
+    assert one.keys() == two.keys() == {"loss", "hidden_cosine"}
+    assert all(two[k] == pytest.approx(one[k], rel=1e-5) for k in one)
 
 
 @pytest.mark.slow
