@@ -186,11 +186,14 @@ def read_shards(module: nn.Module, optimizer: torch.optim.Optimizer, folder: Pat
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _shards_hash(folder, "")  # no layout: not a sharded resume point (before DCP, whose own errors are tracebacks)
     msd, osd = get_state_dict(module, optimizer)
     state = {"model": msd, "optimizer": osd, "stamp": ""}
     try:
         _dcp_quietly(dcp.load, state, folder)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError, AssertionError, CheckpointException) as e:  # damaged shards
         raise CheckpointError(f"'{folder}' cannot be read as the sharded resume point of this model: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if _shards_hash(folder, state["stamp"]) != expected:
