@@ -4,6 +4,7 @@
     python finetune_merged.py --merged checkpoints/merge_h12_d64_f3072_mse --export-hf checkpoints/finetuned_hf
     python finetune_merged.py --drop-every-second               # baseline: keep layers 0, 2, 4, ... only
     python finetune_merged.py --teacher DIR --drop-layers 3,17  # a decoder without layers 3 and 17
+    torchrun --nproc-per-node 8 finetune_merged.py --fsdp --dtype bf16 --activation-checkpointing ...  # 8B on 8 GPUs
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from utils import api
 from utils.cli.configs import export_config, finetune_loss, record, session_config, train_config
-from utils.cli.groups import add_export_args
+from utils.cli.groups import add_export_args, add_sharding_args
 from utils.cli.output import print_evaluation
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.recipes import FINETUNE, alias, given, reject, use_recipes
@@ -31,6 +32,7 @@ from utils.training.tasks import BALANCE_RATIO
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=3, lr=1e-4)
+    add_sharding_args(p)
     g = p.add_argument_group("student")
     g.add_argument("--merged", nargs="+", default=["checkpoints"],
                    help="folders of merged-layer / block / model checkpoints, found by metadata (searched recursively)")

@@ -33,7 +33,8 @@ from pathlib import Path
 from utils import api
 from utils.cli.configs import (chat_config, export_config, map_config, plan_finetune, record, session_config,
                                train_config)
-from utils.cli.groups import add_chat_args, add_export_args, add_finetune_args, add_map_args, add_retime_args
+from utils.cli.groups import (add_chat_args, add_export_args, add_finetune_args, add_map_args, add_retime_args,
+                              add_sharding_args)
 from utils.cli.output import plan_table
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.run import run_main
@@ -78,6 +79,7 @@ def kv_fraction_arg(s: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     add_training_args(p, epochs=1, lr=1e-3)
+    add_sharding_args(p)  # the heal's; the map's units train unsharded
     g = p.add_argument_group("plan")
     t = g.add_mutually_exclusive_group(required=True)
     t.add_argument("--target-speedup", type=speedup_arg, default=None,

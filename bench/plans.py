@@ -58,7 +58,8 @@ if str(ROOT) not in sys.path:
 from bench.quick import add_quick  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
-from utils.cli.groups import add_chat_args, add_finetune_args, add_map_args, add_retime_args  # noqa: E402
+from utils.cli.groups import (add_chat_args, add_finetune_args, add_map_args, add_retime_args,  # noqa: E402
+                              add_sharding_args)
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number, positive_int  # noqa: E402
@@ -109,6 +110,7 @@ QUICK = {"seq_len": 16, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3, 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="bench/results")
     add_training_args(p, epochs=1, lr=1e-3)
+    add_sharding_args(p)  # the heal's; the map's units train unsharded
     g = p.add_argument_group("plans")
     g.add_argument("--map", required=True, help="sensitivity.json or its folder (sensitivity_map.py)")
     g.add_argument("--targets", type=numbers("--targets", 1, math.inf), default=None,

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models import LayerSpec
 from ..data.text import DataConfig
 from ..errors import SettingError
@@ -16,6 +18,7 @@ from ..planning.students import MapConfig, PlanFinetune
 from ..session import SessionConfig
 from ..storage.export import ExportConfig
 from ..training.loop import TrainConfig
+from ..training.sharding import check_settings
 from ..training.tasks import FinetuneLoss, MergeLoss
 from ..training.units import UnitShape
 from .recipes import given
@@ -38,14 +41,20 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The training loop's flags (``add_training_args`` and the seed's optimiser flags)."""
-    return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+    """The training loop's flags (``add_training_args``, the seed's optimiser flags and, where the script has them,
+    ``add_sharding_args``)."""
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                        schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
                        save_every_steps=args.save_every_steps, resume=args.resume, compile=args.compile,
                        max_steps_per_epoch=args.max_steps_per_epoch, force=args.force,
                        force_config=args.force_config, optimizer=args.optimizer,
                        betas=(args.adam_beta1, args.adam_beta2), warmup_steps=args.warmup_steps,
-                       log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0)
+                       log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0,
+                       fsdp=vars(args).get("fsdp", False), dtype=vars(args).get("dtype") or "fp32",
+                       activation_checkpointing=vars(args).get("activation_checkpointing", False))
+    gpu = args.device != "cpu" and torch.cuda.is_available()  # where select_device will put the run
+    check_settings(cfg, torch.device("cuda" if gpu else "cpu"))  # at start-up, before the teacher loads
+    return cfg
 
 
 def unit_shape(args: argparse.Namespace) -> UnitShape:

@@ -33,6 +33,23 @@ def add_shape_args(group: argparse._ActionsContainer, ffn: bool = False) -> None
                            help="feed-forward width of the new unit (default: the teacher's; 0: none)")
 
 
+def add_sharding_args(p: argparse.ArgumentParser) -> None:
+    """--fsdp, --dtype, --activation-checkpointing: the whole-model training of a heal at 8B / 70B (the scripts that
+    train a whole model; block and pair jobs train one small unit each and have none of these)."""
+    g = p.add_argument_group("sharded training (whole models; under torchrun)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the student, its gradients and AdamW state, and the frozen teacher over the processes "
+                        "of torchrun with FSDP2 (fully_shard per layer and on the root; gloo on CPU, NCCL on GPUs) "
+                        "instead of DistributedDataParallel; resume points are sharded (torch.distributed.checkpoint) "
+                        "and resume on any number of processes; last / best stay one consolidated model")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="with --fsdp on GPUs: bf16 forward and backward, gradients reduced and master weights and "
+                        "AdamW state kept in fp32 (refused on CPU, where --fsdp trains in fp32)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only each student layer's input in the forward pass and recompute the rest in the "
+                        "backward (less activation memory, about a third more compute; with or without --fsdp)")
+
+
 def add_eval_text_arg(g: argparse._ActionsContainer) -> None:
     """--eval-text NAME=PATH (repeatable): named texts scored like the test split, each on its own."""
     g.add_argument("--eval-text", type=eval_text, action=EvalTexts, default=[], metavar="NAME=PATH",

@@ -259,6 +259,10 @@ class BucketBatchSampler(Sampler[list[int]]):
             # training: every rank needs a share of every batch, or the gradient all-reduce would hang;
             # evaluation (no shuffle) keeps every sentence: nothing is reduced per batch
             k = self.num_replicas
+            if not self.shuffle and len(batches) > 1 and len(batches[-1]) < k:
+                # evaluation: a last batch too small for every rank joins the one before, so that each rank runs as
+                # many batches as the others (a forward of a model sharded with FSDP is a collective)
+                batches[-2:] = [batches[-2] + batches[-1]]
             batches = [b[self.rank::k] for b in batches if len(b) >= k or not self.shuffle]
             batches = [b for b in batches if b]
         return batches

@@ -272,7 +272,7 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
             meta = unit_meta(ukind, b.spec, cfg, teacher=ctx.teacher_name, teacher_hash=ctx.teacher_hash,
                              **describe_losses(task), option=b.option.name, init=b.note)
             tl.append(Unit(f"{prefix}_{i}", b.module, run_dir / f"{prefix}_{i}", meta))
-        trainer = Trainer(task, tl, ctx.train_cfg, run_dir=run_dir, device=ctx.device,
+        trainer = Trainer(task, tl, ctx.train_cfg.unsharded(), run_dir=run_dir, device=ctx.device,
                           evaluate=lambda task=task: task.evaluate(ctx.valid_loader, ctx.valid_batches),
                           run_meta={"run_dir": str(run_dir)}, setup=ctx.setup, record=ctx.record)
         finals.update(trainer.fit(ctx.train_loader, ctx.sampler))

@@ -84,14 +84,16 @@ def write_failure(e: BaseException, folder: str | os.PathLike, needed_bytes: int
 
 
 def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], *,
-                    train_state: dict[str, Any] | None = None, keep_previous: bool = False) -> Path:
+                    train_state: dict[str, Any] | None = None, keep_previous: bool = False,
+                    folders: dict[str, Path] | None = None) -> Path:
     """Atomically write weights (+ metadata, + optional training state) to ``directory``.
 
     Everything is written to a temporary folder of a unique name, then swapped in by two renames (the old folder
     moves aside under a unique ``.prev.*`` name, the new one takes its place). A reader sees the old checkpoint or the
     new one, never a mix; a crash between the renames leaves the ``.prev.*`` folder, which loading falls back to.
     ``keep_previous`` keeps the replaced checkpoint as ``<dir>.old`` (resume points of several units use it to find a
-    position they all reached).
+    position they all reached). ``folders`` (name -> a folder written beforehand: the shards of a sharded resume
+    point) move into the checkpoint under their names before it is swapped in.
     """
     from safetensors import SafetensorError
 
@@ -105,7 +107,7 @@ def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Te
     prev = final.with_name(f"{final.name}.prev.{tag}")
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_folder(tmp, state_dict, meta, train_state=train_state)
+        _write_folder(tmp, state_dict, meta, train_state=train_state, folders=folders)
         _swap_in(tmp, final, prev, keep_previous=keep_previous)
     except (OSError, SafetensorError, RuntimeError) as e:
         # safetensors reports its I/O errors (disk full...) as SafetensorError, torch.save as RuntimeError
@@ -121,11 +123,14 @@ def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Te
 
 
 def _write_folder(tmp: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], *,
-                  train_state: dict[str, Any] | None) -> None:
-    """A complete checkpoint in the new folder ``tmp``: weights, training state, then the metadata with their hashes."""
+                  train_state: dict[str, Any] | None, folders: dict[str, Path] | None = None) -> None:
+    """A complete checkpoint in the new folder ``tmp``: weights, training state, the ``folders`` moved in, then the
+    metadata with their hashes."""
     from safetensors.torch import save
 
     tmp.mkdir()
+    for name, src in (folders or {}).items():
+        os.replace(src, tmp / name)
     weights = save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
     _write_file(tmp / WEIGHTS, weights)
     extra = {}

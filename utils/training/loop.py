@@ -7,8 +7,8 @@ optimizer and schedule. So ``--block 0`` ... ``--block 11`` run as separate jobs
 each other's state, and ``--block all`` trains all units on one shared teacher pass.
 
 The loop owns everything else: AdamW, warm-up + decay, per-unit gradient clipping, bf16 autocast and fused AdamW on
-CUDA, DistributedDataParallel under torchrun, tqdm, tensorboard, NaN checks, atomic checkpoints, preemption and exact
-resume.
+CUDA, DistributedDataParallel under torchrun (or, with ``fsdp``, FSDP2 sharding of whole models and sharded resume
+points: ``sharding``), tqdm, tensorboard, NaN checks, atomic checkpoints, preemption and exact resume.
 
 Exact resume: each epoch re-seeds the global RNG from (seed, epoch) and the samplers are seeded by epoch; a resume
 point also stores the RNG states and the position inside the epoch. Restarting from any resume point (end of an epoch,
@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from .. import runtime
+from . import sharding
 from ..stops import STOP_SIGNALS, Stopped, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal
 from ..storage.checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable,
-                                  read_meta, save_checkpoint)
+                                  read_meta, resolve_dir, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,15 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "adam": the seed's torch.optim.Adam, weight decay as L2 on every parameter
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int | None = None  # absolute warm-up steps; None: ``warmup`` (a fraction of all steps)
+    fsdp: bool = False  # shard whole models with FSDP2 under torchrun; sharded (DCP) resume points (``sharding``)
+    dtype: str = "fp32"  # with fsdp on a GPU: bf16 compute, fp32 master weights
+    activation_checkpointing: bool = False  # recompute each layer of a trained model in the backward pass
+
+    def unsharded(self) -> "TrainConfig":
+        """These settings for units that are not whole models (a planner's blocks): no FSDP, no checkpointing."""
+        from dataclasses import replace
+
+        return replace(self, fsdp=False, dtype="fp32", activation_checkpointing=False)
 
     def warmup_steps_for(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup * total_steps)
@@ -126,7 +136,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """``adamw``: AdamW, decoupled weight decay on matrices only (not biases / LayerNorm). ``adam``: the seed's
     torch.optim.Adam, whose weight decay is an L2 term added to the gradient of every trained parameter."""
-    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" and not cfg.fsdp else {}  # sharded: foreach
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
     if cfg.optimizer != "adamw":
@@ -252,20 +262,21 @@ class Trainer:
             probe_writable(self.run_dir)
             for u in units:
                 probe_writable(u.out_dir)
+        sharding.prepare(task, units, cfg, device=device)  # before the optimizers: sharding replaces the parameters
         for u in units:
             params = [p for p in u.module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"nothing to train in unit {u.name}: it has no parameter that requires a gradient")
             u.optimizer = make_optimizer(params, cfg, device)
         self.model: nn.Module = task
-        if runtime.is_distributed():
+        if runtime.is_distributed() and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index] if device.type == "cuda" else None
             self.model = DDP(task, device_ids=ids)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.run_id = uuid.uuid4().hex[:16]
+        self.run_id = runtime.all_gather_objects(uuid.uuid4().hex[:16])[0]  # rank 0's: every rank names files alike
         self.start = self.position = Position(0, 0, 0)
         self.resumed_rng: dict[str, Any] | None = None
         self.stops = StopRequests()
@@ -279,22 +290,33 @@ class Trainer:
         return self.position.global_step
 
     # ---- resume points ----
-    def _train_state(self, u: Unit, pos: Position) -> dict[str, Any]:
+    def _train_state(self, u: Unit, pos: Position, shards_hash: str | None) -> dict[str, Any]:
+        """What a resume needs beside the weights; sharded (``shards_hash``): the optimizer is in the shards."""
         from models.hf import weights_hash
 
-        return {"position": asdict(pos), "optimizer": u.optimizer.state_dict(), "scheduler": u.scheduler.state_dict(),
-                "best": u.best, "rng": rng_state(), "run_id": self.run_id, "unit": u.name,
-                "weights_hash": weights_hash(u.module)}
+        own = ({"optimizer": u.optimizer.state_dict(), "weights_hash": weights_hash(u.module)} if shards_hash is None
+               else {"optimizer": {}, "weights_hash": shards_hash, "sharded": True})
+        return {"position": asdict(pos), "scheduler": u.scheduler.state_dict(), "best": u.best, "rng": rng_state(),
+                "run_id": self.run_id, "unit": u.name, **own}
 
     def _save_resume(self, pos: Position) -> None:
-        if not runtime.is_main_process():
-            return
+        """Each unit's resume point at ``pos``; with ``fsdp`` every rank first writes its shards (DCP), which rank 0
+        moves into the resume point as it swaps it in."""
         for u in self.units:
+            shards, shards_hash = None, None
+            if self.cfg.fsdp:
+                shards = u.out_dir / f"{u.resume_dir.name}.shards.{self.run_id}.{pos.global_step}"
+                shards_hash = sharding.write_shards(u.module, u.optimizer, shards, stamp=f"{self.run_id}:{pos}")
+            if not runtime.is_main_process():
+                continue
             meta = {"kind": "resume", "unit": u.name, "unit_meta": u.meta, "setup": self.setup, "run_id": self.run_id,
                     "position": asdict(pos), "epoch": pos.epoch, "run": self.run_meta}
             # keep the previous point too: with several units, a stop between their saves leaves a common point
-            save_checkpoint(u.resume_dir, u.module.state_dict(), meta, train_state=self._train_state(u, pos),
-                            keep_previous=len(self.units) > 1)
+            save_checkpoint(u.resume_dir, u.module.state_dict() if shards is None else {}, meta,
+                            train_state=self._train_state(u, pos, shards_hash), keep_previous=len(self.units) > 1,
+                            folders={sharding.SHARDS: shards} if shards is not None else None)
+            sharding.remove_stale_shards(u.out_dir, u.resume_dir.name)  # left by a job that died mid-save
+        runtime.barrier()  # no rank stops (and ends the job) while rank 0 still writes
 
     def _resume_candidates(self, u: Unit) -> list[Path]:
         return [d for d in (u.resume_dir, u.out_dir / "resume.old")
@@ -333,10 +355,18 @@ class Trainer:
         if state["run_id"] != meta.get("run_id") or state["unit"] != u.name:
             raise CheckpointError(f"'{where}/train_state.pt' belongs to another run (run {state['run_id']}, unit "
                                   f"{state['unit']}), not to this resume point (run {meta.get('run_id')}, unit {u.name})")
+        if state.get("sharded"):  # the weights and the optimizer state are in its shards (any number of processes)
+            sharding.read_shards(u.module, u.optimizer, resolve_dir(where) / sharding.SHARDS,
+                                 expected=state["weights_hash"])
+            return sd, meta, state
+        if self.cfg.fsdp:
+            raise CheckpointError(f"'{where}' was written without `fsdp` (one whole state, not shards): resume it "
+                                  "without `fsdp`, or train into another `run_name`")
         probe = u.module  # load, then verify that the weights are the ones the training state was saved with
         load_into(probe, sd, where)
         if weights_hash(probe) != state["weights_hash"]:
             raise CheckpointError(f"'{where}': the weights are not the ones its train_state.pt was saved with")
+        u.optimizer.load_state_dict(state["optimizer"])
         return sd, meta, state
 
     def _try_resume(self) -> None:
@@ -368,7 +398,6 @@ class Trainer:
         run_ids = set()
         for u in self.units:
             _, meta, state = self._load_resume(u, points[u.name][pos])
-            u.optimizer.load_state_dict(state["optimizer"])
             u.scheduler.load_state_dict(state["scheduler"])
             self._apply_settings(u)
             u.best = float(state["best"])
@@ -394,12 +423,12 @@ class Trainer:
 
     # ---- checkpoints ----
     def _save_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if not runtime.is_main_process():
-            return
         for u in self.units:
+            sd = sharding.full_state_dict(u.module)  # sharded: gathered to rank 0 (every rank takes part)
+            if not runtime.is_main_process():
+                continue
             m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")}
             meta = {**u.meta, "epoch": epoch + 1, "metrics": m, "run": {**self.run_meta, "run_id": self.run_id}}
-            sd = u.module.state_dict()
             save_checkpoint(u.out_dir / "last", sd, meta)
             value = m.get(u.metric, math.inf)
             if value < u.best:
@@ -530,6 +559,11 @@ class Trainer:
             lock.heartbeat()
         if self.after_step is not None:
             self.after_step(position)
+        if self.cfg.fsdp and position.global_step == self.start.global_step + 1:  # the optimizer state exists now
+            held = [sharding.local_bytes(u.module, u.optimizer) for u in self.units]
+            log.info("fsdp: this process holds %.1f MiB of parameters and %.1f MiB of optimizer state (%d processes)",
+                     sum(h["parameters"] for h in held) / 2**20, sum(h["optimizer"] for h in held) / 2**20,
+                     runtime.world_size())
         stop = self.stops.requested()
         due = (self.cfg.save_every_steps and position.global_step % self.cfg.save_every_steps == 0
                and position.step < steps_per_epoch)  # the epoch's end saves anyway
@@ -610,7 +644,7 @@ class Trainer:
         # a last step with finite loss can still leave NaN weights: never save them over a good checkpoint
         broken = [u.name for u in self.units
                   if not math.isfinite(metrics.get(f"{u.name}/{u.metric}", 0.0))
-                  or not all(bool(torch.isfinite(p).all()) for p in u.module.parameters())]
+                  or not sharding.all_finite(u.module)]
         if broken:
             raise TrainingDiverged(
                 f"the weights or validation {', '.join(sorted({u.metric for u in self.units}))} of "

@@ -69,6 +69,16 @@ def test_sampler_ranks_partition_global_batches():
         assert sorted(a + b) == sorted(full)
 
 
+def test_evaluation_sampler_gives_every_rank_as_many_batches():
+    """A sharded model's forward is a collective: in evaluation order, a last global batch smaller than the number of
+    ranks (here 1 sentence for 3 ranks) joins the one before, so no rank runs a batch the others do not."""
+    lengths = [5] * 13  # global batches of 6: 6, 6 and 1
+    ranks = [list(BucketBatchSampler(lengths, 2, shuffle=False, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(r) for r in ranks] == [2, 2, 2]
+    assert sorted(i for r in ranks for b in r for i in b) == list(range(13))  # every sentence, once
+    assert [len(b) for b in ranks[0]] == [2, 3]
+
+
 def test_bert_masking_statistics_and_specials(tmp_path):
     tok = make_tokenizer(tmp_path / "tok")
     ids = torch.randint(5, len(tok), (400, 30))
