@@ -53,7 +53,7 @@ from .training.loop import TrainConfig, Trainer, Unit, run_record, stored_unit_m
 from .training.students import (build_student, conditioned_teacher, dropped_layers, load_block, load_layer,
                                 load_merged_layer, load_model, newest_units, save_model)
 from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, LayerDistill, MergeDistill, MergeLoss,
-                             ModelDistill, balance_terms, describe_losses, kd_temperature)
+                             ModelDistill, balance_terms, check_topk_terms, describe_losses, kd_temperature)
 from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, init_merges, set_dropout,
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
@@ -704,7 +704,8 @@ def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Pa
     window under ``cache_dir`` (default ``<out>/cache``; ``storage.logits``)."""
     o = objective
     if o.teacher_topk is not None:
-        _check_teacher_topk(session, o.teacher_topk)
+        _check_teacher_topk(session, o.teacher_topk, {"kl": o.kl_weight, "mlm": o.mlm_weight,
+                                                       "hidden": o.hidden_weight, "relations": o.relation_weight})
     if o.kl_weight == o.mlm_weight == o.hidden_weight == 0:
         raise SettingError("`kl_weight`, `mlm_weight` and `hidden_weight` are all 0: nothing to train on")
     if drop_every_second and drop_layers:
@@ -774,10 +775,12 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
     return FineTuned(job.run_dir, best, ev, sources, exports)
 
 
-def _check_teacher_topk(session: Session | SessionConfig, k: int) -> None:
-    """A top-k cache needs a decoder teacher and 1 <= k <= its vocabulary: refused before the teacher loads."""
+def _check_teacher_topk(session: Session | SessionConfig, k: int, terms: dict[str, float | str]) -> None:
+    """A top-k cache needs a decoder teacher, 1 <= k <= its vocabulary and a KL-only loss (``terms``: term -> weight):
+    refused before the teacher loads."""
     plan = _teacher_plan(session)
     check_topk(k, plan.vocab_size, family_of(plan).task)
+    check_topk_terms(terms)
 
 
 def _topk(s: Session, train_ds, objective: FinetuneLoss, *, cache_dir: str | Path | None):
@@ -921,7 +924,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     if export is not None:
         check_export_targets(export)
     if finetune.teacher_topk is not None:
-        _check_teacher_topk(session, finetune.teacher_topk)
+        _check_teacher_topk(session, finetune.teacher_topk, {"kl": 1.0, "relations": finetune.relation_weight})
     given = _given_map(session, map)
     with claim_units([run], "planned student"):
         s = _prepare(session)

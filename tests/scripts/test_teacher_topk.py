@@ -73,4 +73,8 @@ def test_a_bad_k_is_refused_in_one_line(tiny_llama, tiny_teacher, tiny_corpus, t
                            ["--drop-every-second", "--out", str(tmp_path), "--teacher-topk", "8"], capsys)
     line = err.strip().splitlines()[-1]
     assert code == 2 and line.split(": error: ")[1].startswith("--teacher-topk caches next-token")
+    code, err = in_process("finetune_merged", common_args(tiny_llama, tiny_corpus) + args +
+                           ["--teacher-topk", "8", "--hidden-weight", "1"], capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.endswith("no hidden-state or relation term (on: hidden)")
     assert not any(tmp_path.iterdir())  # refused before any work

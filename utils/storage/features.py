@@ -168,6 +168,9 @@ class TeacherCache:
     (so each is built once; a second run waits, then reuses them), written under unique temporary names and renamed
     into place. Each feature's size and sha256 are recorded beside it at build time and checked before use: a damaged,
     truncated or unrecorded file is named in a warning and rebuilt, never used.
+
+    What a feature holds is ``layout`` (values per token, dtype) and ``compute`` (one batch's values): hidden states
+    here; a subclass stores other per-token teacher outputs the same way (``storage.logits.TopKCache``).
     """
 
     def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, *, teacher_hash: str,

@@ -10,7 +10,7 @@ Per token of each window, two features of ``TeacherCache``'s folder (the same ke
   column, the log of the probability mass of all other tokens (the tail); a probability below e^-10000 is stored as
   that floor (float32's exp is 0 below about e^-104, so nothing changes).
 
-So a token costs k x 2 (or 4) + (k + 1) x 4 bytes: 196 at k = 16, 388 at k = 64, 1,540 at k = 256 on SmolLM2 (its
+So a token costs k x 2 (or 4) + (k + 1) x 4 bytes: 100 at k = 16, 388 at k = 64, 1,540 at k = 256 on SmolLM2 (its
 hidden state in ``TeacherCache`` costs 1,152). Both files of a (k, T) are always built together in one teacher pass,
 so the ids and the values come from the same pass. The last token of a window has no next token in it; its row is
 stored all the same (every token is a row, as in ``TeacherCache``) and never read.

@@ -66,6 +66,16 @@ def _on(w: float | str) -> bool:
     return w == BALANCED or float(w) > 0
 
 
+def check_topk_terms(weights: dict[str, float | str]) -> None:
+    """The end-to-end loss terms (term -> weight) a heal from the teacher's top-k cache can have: the KL, on, and the
+    hard-label one; the hidden-state and relation terms need the teacher's hidden states."""
+    on = {t for t, w in weights.items() if _on(check_weight(w, t))}
+    if "kl" not in on or on - {"kl", "mlm"}:
+        raise SettingError("`teacher_topk` caches the teacher's next-token distributions only: it needs the KL term "
+                           "(`kl_weight` > 0) and no hidden-state or relation term (on: "
+                           f"{', '.join(sorted(on - {'kl', 'mlm'})) or 'none'})")
+
+
 # ---- what each kind of unit is trained on (the settings of the tasks below) ----
 @dataclass
 class BlockLoss:
@@ -499,10 +509,7 @@ class ModelDistill(DistillTask):
 
     def _check_topk(self, topk: TopKCache) -> None:
         """A top-k cache serves the KL alone (with the hard-label term beside it), at the task's temperature."""
-        other = sorted(set(self.term_weights) - {"kl", "mlm"})
-        if other or "kl" not in self.term_weights:
-            raise SettingError("`teacher_topk` caches the teacher's next-token distributions only: it needs the KL "
-                               f"term (`kl_weight` > 0) and no hidden-state or relation term (on: {', '.join(other)})")
+        check_topk_terms(self.term_weights)
         if topk.temperature != self.temperature:
             raise ValueError(f"the top-k cache is at temperature {topk.temperature:g}, the KD at {self.temperature:g}")
         self.teacher_topk = topk.k
