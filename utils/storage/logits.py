@@ -50,15 +50,22 @@ def topk_names(k: int, temperature: float) -> tuple[str, str]:
 
 @torch.no_grad()
 def teacher_topk(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's k most probable next tokens at every position: ids [B, T, k] and float32 log-probabilities at
     ``temperature`` [B, T, k + 1], the last column the log of the rest's mass (a log-sum-exp over the other tokens,
-    exact however small it is). Values are floored at ``LOGP_FLOOR``."""
+    exact however small it is). Values are floored at ``LOGP_FLOOR``. The logits over the vocabulary are made
+    ``rows`` positions at a time (4096 x a 128k vocabulary is 2 GB in float32), never for the whole batch at once."""
     h = teacher(input_ids, attention_mask, with_logits=False).last_hidden_state
-    logp = (teacher.mlm_logits(h).float() / temperature).log_softmax(-1)
-    top, ids = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
-    return ids, torch.cat([top, rest], -1).clamp_min(LOGP_FLOOR)
+    flat = h.reshape(-1, h.shape[-1])
+    ids, logp = [], []
+    for start in range(0, flat.shape[0], rows):
+        part = (teacher.mlm_logits(flat[start:start + rows]).float() / temperature).log_softmax(-1)
+        top, idx = part.topk(k, dim=-1)
+        rest = part.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+        ids.append(idx)
+        logp.append(torch.cat([top, rest], -1).clamp_min(LOGP_FLOOR))
+    shape = (*h.shape[:-1], -1)
+    return torch.cat(ids).view(shape), torch.cat(logp).view(shape)
 
 
 class TopKCache(TeacherCache):

@@ -90,9 +90,9 @@ def test_the_cache_is_built_once_and_read_without_the_teacher(session, tmp_path,
     loader, _ = session.loader(ds, shuffle=True)
     batch = next(iter(loader))
     task = ModelDistill(session.teacher, student, lm_targets(session.tokenizer, session.teacher), topk=again).train()
-    cached = task.unit_terms(batch, None)["model"][0]["kl"]
+    cached = task.unit_terms(batch, None)["model"][0]["kl"].detach()
     assert counter.calls == 0  # a training step read the cache
-    live = task.eval().unit_terms(batch, None)["model"][0]["kl"]
+    live = task.eval().unit_terms(batch, None)["model"][0]["kl"].detach()
     assert counter.calls == 1 and abs(float(cached) - float(live)) < 1e-5
 
 
@@ -104,6 +104,8 @@ def test_the_cached_values_are_the_teachers_top_k(session, tmp_path):
     want_ids, want_logp = teacher_topk(session.teacher, ids, torch.ones_like(ids), k=4, temperature=2.0)
     got_ids, got_logp = cache.read(torch.tensor([3]), length=ids.shape[1], device=torch.device("cpu"))
     assert torch.equal(got_ids, want_ids) and torch.allclose(got_logp, want_logp, atol=1e-6)
+    few_ids, few_logp = teacher_topk(session.teacher, ids, torch.ones_like(ids), k=4, temperature=2.0, rows=5)
+    assert torch.equal(few_ids, want_ids) and torch.allclose(few_logp, want_logp, atol=1e-6)  # 5 positions at a time
     mass = torch.logsumexp(got_logp, -1)  # the k tokens and the tail make the whole distribution
     assert torch.allclose(mass, torch.zeros_like(mass), atol=1e-5)
 
