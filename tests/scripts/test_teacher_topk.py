@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from helpers import common_args, in_process
+from helpers import common_args, in_process, run_parallel
 from utils import api
 
 
@@ -78,3 +78,19 @@ def test_a_bad_k_is_refused_in_one_line(tiny_llama, tiny_teacher, tiny_corpus, t
     line = err.strip().splitlines()[-1]
     assert code == 2 and line.endswith("no hidden-state or relation term (on: hidden)")
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.slow
+def test_heals_started_together_build_the_cache_once(tiny_llama, tiny_corpus, tmp_path):
+    """Two finetune_merged.py --teacher-topk jobs at once on one --cache-dir: one builds, the other waits and reads."""
+    def job(name: str) -> tuple[str, list]:
+        return "finetune_merged.py", common_args(tiny_llama, tiny_corpus) + [
+            "--drop-layers", "3", "--epochs", "1", "--max-steps-per-epoch", "2", "--seq-len", "32", "--out",
+            tmp_path / name, "--cache-dir", tmp_path / "cache", "--teacher-topk", "8"]
+
+    runs = run_parallel([job("a"), job("b")])
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
+    logs = [r.stderr for r in runs]
+    assert sum("; built top8_t1_ids, top8_t1_logp" in x for x in logs) == 1
+    assert sum("all reused" in x for x in logs) == 1
+    assert len(list((tmp_path / "cache").glob("*/top8_t1_*.npy"))) == 2
