@@ -178,3 +178,6 @@ def test_topk_heal_compares_each_k_with_the_full_kd(tiny_llama, tiny_corpus, tmp
     assert all(x["perplexity"] > 1 and 0 <= x["agreement"] <= 1 and x["kl"] >= 0 for x in r["rows"])
     assert "| 8 | 52 |" in out and sorted(p.name for p in tmp_path.glob("cache/*/top*.npy")) == [
         "top4_t1_ids.npy", "top4_t1_logp.npy", "top8_t1_ids.npy", "top8_t1_logp.npy"]
+    again = run_script("bench/topk_heal.py", "--quick", "--teacher", tiny_llama, "--data-dir", tiny_corpus,
+                       "--out", tmp_path)
+    assert "| 8 | 52 |" in ok(again) and "epoch 1/1" not in again.stderr  # the rows done are read back, not healed
