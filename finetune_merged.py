@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from utils import api
-from utils.cli.configs import export_config, finetune_loss, record, session_config, train_config
-from utils.cli.groups import add_export_args, add_sharding_args
+from utils.cli.configs import cache_dir, export_config, finetune_loss, record, session_config, train_config
+from utils.cli.groups import add_export_args, add_sharding_args, add_topk_arg
 from utils.cli.output import print_evaluation
 from utils.cli.parser import add_training_args, common_parser
 from utils.cli.recipes import FINETUNE, alias, given, reject, use_recipes
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "masked-LM head)")
     g.add_argument("--relation-heads", type=positive_int("--relation-heads"), default=None,
                    help="relation heads (must divide teacher and student heads x head_dim; default: automatic)")
+    add_topk_arg(g)
+    g.add_argument("--cache-dir", default=None, help="the --teacher-topk cache (default: <--out>/cache; shared, safe)")
     g = p.add_argument_group("output")
     add_export_args(g)
     g.add_argument("--eval-batches", type=positive_int("--eval-batches"), default=None,
@@ -85,7 +87,8 @@ def main(args: argparse.Namespace) -> Path:
                         drop_layers=args.drop_layers,
                         which=args.which, objective=finetune_loss(args), train=train_config(args),
                         dropout=args.dropout, out=args.out, run_name=args.run_name, eval_batches=args.eval_batches,
-                        export=export_config(args), print_samples=args.print_samples, record=record(args))
+                        export=export_config(args), print_samples=args.print_samples, record=record(args),
+                        cache_dir=cache_dir(args, used=args.teacher_topk is not None))
     print_evaluation(done.evaluation)
     return done.run_dir
 

@@ -52,11 +52,12 @@ from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, check_export_teacher, run_exports
 from .storage.lock import claim_units
+from .storage.logits import check_topk
 from .training.loop import TrainConfig, Trainer, Unit, run_record, stored_unit_meta
 from .training.students import (build_student, conditioned_teacher, dropped_layers, load_block, load_layer,
                                 load_merged_layer, load_model, newest_units, save_model)
 from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, LayerDistill, MergeDistill, MergeLoss,
-                             ModelDistill, balance_terms, describe_losses)
+                             ModelDistill, balance_terms, check_topk_terms, describe_losses, kd_temperature)
 from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, init_merges, set_dropout,
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
@@ -689,6 +690,7 @@ class _FinetuneRun:
     export: ExportConfig
     print_samples: bool
     record: dict[str, Any]
+    cache_dir: str | Path | None = None
 
 
 def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Path] = ("checkpoints",),
@@ -696,14 +698,18 @@ def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Pa
              objective: FinetuneLoss = FinetuneLoss(), train: TrainConfig = TrainConfig(),
              dropout: float | None = None, out: str | Path = "checkpoints", run_name: str | None = None,
              eval_batches: int | None = None, export: ExportConfig = ExportConfig(), print_samples: bool = False,
-             record: dict[str, Any] | None = None) -> FineTuned:
+             record: dict[str, Any] | None = None, cache_dir: str | Path | None = None) -> FineTuned:
     """Fine-tune a compressed model end to end by distillation: the teacher with the merged layers / blocks / whole
     layers / model under ``checkpoints`` and the layers ``drop_layers`` dropped (or, with ``drop_every_second``, the
     teacher without layers 1, 3, 5, ...), trained on ``objective``, evaluated on the test split (``<run>/eval``) and
     exported where ``export`` says. The run folder is ``<out>/<run_name>`` (default finetune_merged, finetune_dropped,
     or finetune_dropped_layers for dropped layers alone); ``eval_batches`` limits the per-epoch comparison with the
-    teacher."""
+    teacher. With ``objective.teacher_topk`` the KL reads the teacher's top-k next tokens, cached once per training
+    window under ``cache_dir`` (default ``<out>/cache``; ``storage.logits``)."""
     o = objective
+    if o.teacher_topk is not None:
+        _check_teacher_topk(session, o.teacher_topk, {"kl": o.kl_weight, "mlm": o.mlm_weight,
+                                                       "hidden": o.hidden_weight, "relations": o.relation_weight})
     if o.kl_weight == o.mlm_weight == o.hidden_weight == 0:
         raise SettingError("`kl_weight`, `mlm_weight` and `hidden_weight` are all 0: nothing to train on")
     if drop_every_second and drop_layers:
@@ -719,9 +725,10 @@ def finetune(session: Session | SessionConfig, *, checkpoints: Sequence[str | Pa
                      **({"drop_layers": sorted(set(drop_layers))} if drop_layers else {}))
     job = _FinetuneRun(checkpoints=checkpoints, drop_every_second=drop_every_second, drop_layers=drop_layers,
                        which=which, objective=objective, train=train, dropout=dropout, run_dir=run_dir,
-                       eval_batches=eval_batches, export=export, print_samples=print_samples, record=rec)
+                       eval_batches=eval_batches, export=export, print_samples=print_samples, record=rec,
+                       cache_dir=cache_dir if cache_dir is not None else Path(out) / "cache")
     with claim_units([run_dir / "model"], "fine-tuned model") as locks:
-        s = _prepare(session)
+        s = _prepare(session, cache_dir=str(job.cache_dir) if objective.teacher_topk is not None else None)
         check_export_teacher(export, s.teacher, s.tokenizer)  # a GGUF the teacher rules out: before training
         return _finetune(s, job, locks)
 
@@ -747,7 +754,7 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
                         kl_weight=o.kl_weight, mlm_weight=o.mlm_weight, hidden_weight=o.hidden_weight,
                         hidden_criterion=o.hidden_criterion, temperature=o.temperature, seed=job.train.seed,
                         relation_weight=o.relation_weight, relation_heads=o.relation_heads,
-                        balance_ratio=o.balance_ratio).to(s.device)
+                        balance_ratio=o.balance_ratio, topk=_topk(s, train_ds, o, cache_dir=job.cache_dir)).to(s.device)
     _balance(task, lambda: s.global_batch(train_ds), {"model": job.run_dir / "model"}, resume=job.train.resume)
     meta = {"kind": "model", "config": student.config.to_dict(), "teacher": s.teacher_name,
             "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task, "model")}
@@ -770,6 +777,22 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
                    extra={"model": str(job.run_dir / "model" / "best"), "sources": sources})
     exports = run_exports(best.cpu(), s.tokenizer, job.export) if runtime.is_main_process() else []
     return FineTuned(job.run_dir, best, ev, sources, exports)
+
+
+def _check_teacher_topk(session: Session | SessionConfig, k: int, terms: dict[str, float | str]) -> None:
+    """A top-k cache needs a decoder teacher, 1 <= k <= its vocabulary and a KL-only loss (``terms``: term -> weight):
+    refused before the teacher loads."""
+    plan = _teacher_plan(session)
+    check_topk(k, plan.vocab_size, family_of(plan).task)
+    check_topk_terms(terms)
+
+
+def _topk(s: Session, train_ds, objective: FinetuneLoss, *, cache_dir: str | Path | None):
+    """The teacher's top-k cache of the training windows when ``objective.teacher_topk`` asks for one, else None."""
+    if objective.teacher_topk is None:
+        return None
+    return s.topk_cache(train_ds, str(cache_dir), k=objective.teacher_topk,
+                        temperature=kd_temperature(s.teacher, objective.temperature))
 
 
 def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
@@ -905,6 +928,8 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     run = Path(out)
     in_llama = _check_plan_request(session, target, config=config, export=export, chat=chat, plan_only=plan_only,
                                    timed=bool(target.speedup and retime_rounds))
+    if finetune.teacher_topk is not None:
+        _check_teacher_topk(session, finetune.teacher_topk, {"kl": 1.0, "relations": finetune.relation_weight})
     given = _given_map(session, map)
     with claim_units([run], "planned student"):
         s = _prepare(session)

@@ -19,6 +19,7 @@ from .data.batches import (MixedWindows, TokenizedSentences, TokenWindows, make_
 from .data.text import SPLIT_BY, DataConfig, DataError, load_sentences, train_text_lines
 from .errors import SettingError
 from .storage.features import TeacherCache
+from .storage.logits import TopKCache
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -133,7 +134,18 @@ class Session:
         """
         cache = TeacherCache(cache_dir, self.teacher, teacher_hash=self.teacher_hash, token_ids=ds.ids,
                              tokenizer_name=self.teacher_name, seq_len=self.data.seq_len)
-        batch = self.data.batch_size * 4
+        return self._ensure_ranked(cache, names, self.data.batch_size * 4)
+
+    def topk_cache(self, ds: TokenizedSentences, cache_dir: str, *, k: int, temperature: float) -> TopKCache:
+        """The teacher's top-``k`` next tokens at ``temperature`` for every window of ``ds`` (``storage.logits``),
+        in the cache under ``cache_dir``, built once by rank 0 as ``teacher_cache`` builds (a batch at a time: the
+        teacher's logits over the vocabulary are the large part)."""
+        cache = TopKCache(cache_dir, self.teacher, k=k, temperature=temperature, teacher_hash=self.teacher_hash,
+                          token_ids=ds.ids, tokenizer_name=self.teacher_name, seq_len=self.data.seq_len)
+        return self._ensure_ranked(cache, cache.names, self.data.batch_size)
+
+    def _ensure_ranked(self, cache: TeacherCache, names: list[str], batch: int):
+        """``cache.ensure(names)`` on every rank: rank 0 first, then each machine's local rank 0, then the rest."""
         if runtime.is_main_process():
             cache.ensure(names, batch, self.device)
         runtime.barrier()

@@ -166,3 +166,18 @@ def test_gpu_sh_calls_scripts_that_take_its_flags(capsys):
         assert e.value.code == 0
         taken = set(FLAG.findall(capsys.readouterr().out))
         assert flags and flags <= taken, (script, sorted(flags - taken))
+
+
+def test_topk_heal_compares_each_k_with_the_full_kd(tiny_llama, tiny_corpus, tmp_path):
+    """bench/topk_heal.py: the live-teacher heal and a heal from the top-k cache for each K, on the same budget."""
+    out = ok(run_script("bench/topk_heal.py", "--quick", "--teacher", tiny_llama, "--data-dir", tiny_corpus,
+                        "--out", tmp_path))
+    r = json.loads((tmp_path / "topk_heal.json").read_text())
+    assert [x["k"] for x in r["rows"]] == ["full", 4, 8] and r["quick"]
+    assert [x.get("bytes_per_token") for x in r["rows"]] == [None, 4 * 2 + 5 * 4, 8 * 2 + 9 * 4]
+    assert all(x["perplexity"] > 1 and 0 <= x["agreement"] <= 1 and x["kl"] >= 0 for x in r["rows"])
+    assert "| 8 | 52 |" in out and sorted(p.name for p in tmp_path.glob("cache/*/top*.npy")) == [
+        "top4_t1_ids.npy", "top4_t1_logp.npy", "top8_t1_ids.npy", "top8_t1_logp.npy"]
+    again = run_script("bench/topk_heal.py", "--quick", "--teacher", tiny_llama, "--data-dir", tiny_corpus,
+                       "--out", tmp_path)
+    assert "| 8 | 52 |" in ok(again) and "epoch 1/1" not in again.stderr  # the rows done are read back, not healed

@@ -82,7 +82,7 @@ def finetune_loss(args: argparse.Namespace) -> FinetuneLoss:
     return FinetuneLoss(kl_weight=args.kl_weight, mlm_weight=args.mlm_weight, hidden_weight=args.hidden_weight,
                         hidden_criterion=args.hidden_criterion, temperature=args.temperature,
                         relation_weight=args.relation_weight, relation_heads=args.relation_heads,
-                        balance_ratio=args.balance_ratio)
+                        balance_ratio=args.balance_ratio, teacher_topk=args.teacher_topk)
 
 
 def export_config(args: argparse.Namespace) -> ExportConfig:
@@ -128,7 +128,9 @@ def plan_finetune(args: argparse.Namespace) -> PlanFinetune:
     """The planned student's fine-tune flags (``add_finetune_args``)."""
     return PlanFinetune(epochs=args.ft_epochs, lr=args.ft_lr, temperature=args.temperature,
                         relation_weight=args.ft_relation_weight, test_sentences=args.test_sentences,
-                        max_steps=args.ft_max_steps, train_sentences=args.ft_train_sentences)
+                        max_steps=args.ft_max_steps, train_sentences=args.ft_train_sentences,
+                        teacher_topk=args.teacher_topk,
+                        topk_dir=cache_dir(args, used=True) if args.teacher_topk is not None else None)
 
 
 def record(args: argparse.Namespace) -> dict[str, Any]:

@@ -148,9 +148,18 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=positive_float, default=None,
                    help="KD temperature of the fine-tune (default: 2 for a masked LM, 1 for a decoder)")
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")
+    add_topk_arg(g)
     g.add_argument("--test-sentences", type=positive_int("--test-sentences"), default=None,
                    help="evaluate on the first N test sentences (budget; default all)")
     add_eval_text_arg(g)
+
+
+def add_topk_arg(g: argparse._ActionsContainer) -> None:
+    """--teacher-topk K: the heal's KL from the teacher's top-k next tokens, cached once per training window."""
+    g.add_argument("--teacher-topk", type=positive_int("--teacher-topk"), default=None, metavar="K",
+                   help="a decoder's heal reads the teacher's K most probable next tokens (and the rest's mass) from a "
+                        "cache in --cache-dir, written once per training window, instead of running the teacher at "
+                        "every step; the KL is then on those K tokens and one bucket for the rest (default: off)")
 
 
 def add_lm_eval_args(p: argparse.ArgumentParser) -> None:

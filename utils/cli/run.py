@@ -65,7 +65,7 @@ FLAGS = {
     "tasks": "--lm-eval", "task_dir": "--lm-eval-include",
     "split_by": "--split-by", "train_texts": "--train-text", "data_weight": "--data-weight",
     "chat": "--chat-prompts",
-    "texts": "--eval-text",
+    "texts": "--eval-text", "teacher_topk": "--teacher-topk",
 }
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 

@@ -88,6 +88,10 @@ class PlanFinetune:
     # heal on the first N training sentences (fresh text beyond the units' cached ones: a short heal that repeats a
     # few sentences for epochs overfits them); None: the units' sentences
     train_sentences: int | None = None
+    # the heal's KL from the teacher's top-k next tokens cached once per training window under topk_dir
+    # (storage.logits); None: the teacher runs beside the student
+    teacher_topk: int | None = None
+    topk_dir: str | None = None  # None: <the map's cache_dir>, else checkpoints/cache
 
 
 def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str, Any]) -> Context:
@@ -171,10 +175,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
         save_model(student, run / "model" / "best", meta)
         return student, units
     student.requires_grad_(True)  # end to end: the teacher's layers it kept (frozen in the teacher) train too
-    masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
-    task = ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
-                        hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
-                        relation_weight=finetune.relation_weight).to(s.device)
+    task = _heal_task(s, ctx, student, finetune=finetune, heal_data=heal_data)
     cfg = _heal_config(ctx, finetune)
     unit = Unit("model", student, run / "model", {"kind": "model", "config": student.config.to_dict(), **meta,
                                                   **describe_losses(task)})
@@ -183,6 +184,21 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
             ).fit(heal_data.loader, heal_data.sampler)
     student, _ = load_model(run / "model" / "best")
     return student.to(s.device), units
+
+
+def _heal_task(s: Session, ctx: Context, student: BertForMaskedLM, *, finetune: PlanFinetune,
+               heal_data: "HealData") -> ModelDistill:
+    """The KD task of a student's end-to-end fine-tune (the KL alone; with ``finetune.teacher_topk`` read from the
+    teacher's top-k cache of the heal's training windows)."""
+    teacher = s.teacher
+    masker = lm_targets(s.tokenizer, teacher) if teacher.has_mlm_head else None
+    topk = None
+    if finetune.teacher_topk is not None:
+        topk = s.topk_cache(heal_data.loader.dataset, finetune.topk_dir or "checkpoints/cache",
+                            k=finetune.teacher_topk, temperature=kd_temperature(teacher, finetune.temperature))
+    return ModelDistill(teacher, student, masker, kl_weight=1.0, mlm_weight=0.0, hidden_weight=0.0,
+                        hidden_criterion="cosine", temperature=finetune.temperature, seed=ctx.train_cfg.seed,
+                        relation_weight=finetune.relation_weight, topk=topk).to(s.device)
 
 
 @dataclass
@@ -217,7 +233,8 @@ def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: b
         "trained": train, "units": setup if units else None, "map_units": str(map_units) if map_units else None,
         "heal": {**run_setup(heal, heal_setup), "epochs": heal.epochs,
                  "temperature": kd_temperature(ctx.teacher, finetune.temperature),
-                 "relation_weight": finetune.relation_weight} if train else None}))
+                 "relation_weight": finetune.relation_weight,
+                 **({"teacher_topk": finetune.teacher_topk} if finetune.teacher_topk else {})} if train else None}))
 
 
 def _heal_config(ctx: Context, finetune: PlanFinetune) -> TrainConfig:

@@ -95,13 +95,18 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype] | str:
 
 
 def _first_non_finite(path: Path) -> int | None:
-    """The first row of a 2-D float16 ``.npy`` array holding NaN or an infinity, or None. Read memory-mapped, in
-    chunks, as bits (a float16 is NaN or infinite exactly when its five exponent bits are all set): about four times
-    faster than ``np.isfinite``, so checking the values costs less than the sha256 before it."""
-    bits = np.load(path, mmap_mode="r").view(np.uint16)
-    step = max(1, (1 << 24) // (2 * max(1, bits.shape[1])))
-    for start in range(0, bits.shape[0], step):
-        hit = (bits[start:start + step] & 0x7C00) == 0x7C00
+    """The first row of a 2-D float ``.npy`` array holding NaN or an infinity, or None (an integer array: None).
+    Read memory-mapped, in chunks; float16 as bits (a float16 is NaN or infinite exactly when its five exponent bits
+    are all set): about four times faster than ``np.isfinite``, so checking the values costs less than the sha256
+    before it."""
+    arr = np.load(path, mmap_mode="r")
+    if not np.issubdtype(arr.dtype, np.floating):
+        return None
+    half = arr.dtype == np.float16
+    step = max(1, (1 << 24) // (arr.dtype.itemsize * max(1, arr.shape[1])))
+    for start in range(0, arr.shape[0], step):
+        part = arr[start:start + step]
+        hit = (part.view(np.uint16) & 0x7C00) == 0x7C00 if half else ~np.isfinite(part)
         if hit.any():
             return start + int(np.flatnonzero(hit.any(axis=1))[0])
     return None
@@ -163,6 +168,9 @@ class TeacherCache:
     (so each is built once; a second run waits, then reuses them), written under unique temporary names and renamed
     into place. Each feature's size and sha256 are recorded beside it at build time and checked before use: a damaged,
     truncated or unrecorded file is named in a warning and rebuilt, never used.
+
+    What a feature holds is ``layout`` (values per token, dtype) and ``compute`` (one batch's values): hidden states
+    here; a subclass stores other per-token teacher outputs the same way (``storage.logits.TopKCache``).
     """
 
     def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, *, teacher_hash: str,
@@ -175,6 +183,16 @@ class TeacherCache:
         self.arrays: dict[str, np.ndarray] = {}
         self.rebuilt: dict[str, str] = {}  # feature -> why it had to be rebuilt
         self.built: list[str] = []  # the features the last ``ensure`` built (the others were on disk)
+
+    def layout(self, name: str) -> tuple[int, np.dtype]:
+        """The width (values per token) and dtype of feature ``name`` on disk: a hidden state, in float16."""
+        _parse(name)
+        return self.teacher.config.hidden_size, np.dtype(np.float16)
+
+    def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, names: list[str]
+                ) -> dict[str, torch.Tensor]:
+        """The features ``names`` of one padded batch, [B, T, width] each (one teacher pass)."""
+        return teacher_features(self.teacher, input_ids, attention_mask, names=names)
 
     def ensure(self, names: list[str], batch_size: int, device: torch.device) -> "TeacherCache":
         """Load ``names`` from disk, building the missing or damaged ones with one teacher pass over the data.
@@ -247,10 +265,11 @@ class TeacherCache:
         if _file_sha256(f) != digest:
             return "its sha256 differs from the one recorded at build time"
         held = _npy_layout(f)  # a file whose record was rewritten to match it (by hand, by another tool)
-        want = ((int(self.offsets[-1]), self.teacher.config.hidden_size), np.dtype(np.float16))
+        width, dtype = self.layout(name)
+        want = ((int(self.offsets[-1]), width), dtype)
         if held != want:
             shown = held if isinstance(held, str) else f"a {held[1]} array of shape {held[0]}"
-            return f"it holds {shown}; this cache needs a float16 array of shape {want[0]}"
+            return f"it holds {shown}; this cache needs a {dtype} array of shape {want[0]}"
         row = _first_non_finite(f)  # a build never writes one (``_build`` refuses them): written by something else
         if row is not None:
             return f"it holds NaN or infinite values (first in row {row}), which no teacher feature has"
@@ -260,52 +279,23 @@ class TeacherCache:
     def _build(self, names: list[str], batch_size: int, device: torch.device) -> None:
         from tqdm.auto import tqdm
 
-        D = self.teacher.config.hidden_size
         total = int(self.offsets[-1])
         tag = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp = {n: self.dir / f"{n}.npy.tmp.{tag}" for n in names}
         files: dict[str, tuple[int, int]] = {}  # feature -> (file descriptor, offset of row 0)
         try:
             for n, p in tmp.items():
+                width, dtype = self.layout(n)
                 files[n] = (os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), 0)
-                files[n] = (files[n][0], _reserve_npy(files[n][0], p, shape=(total, D), dtype=np.float16))
+                files[n] = (files[n][0], _reserve_npy(files[n][0], p, shape=(total, width), dtype=dtype))
             # sentences in length order: each teacher batch is nearly free of padding
             order = np.argsort(np.diff(self.offsets), kind="stable")
-            row_bytes = D * np.dtype(np.float16).itemsize
             for start in tqdm(range(0, len(order), batch_size), desc="caching teacher features", unit="batch"):
-                index = order[start:start + batch_size]
-                chunk = [self.ids[i] for i in index]
-                T = max(len(x) for x in chunk)
-                ids = torch.zeros(len(chunk), T, dtype=torch.long)
-                att = torch.zeros(len(chunk), T, dtype=torch.long)
-                for b, x in enumerate(chunk):
-                    ids[b, :len(x)] = torch.tensor(x)
-                    att[b, :len(x)] = 1
-                feats = teacher_features(self.teacher, ids.to(device), att.to(device), names=names)
-                valid = att.bool()
-                lengths = self.offsets[index + 1] - self.offsets[index]
-                for n, t in feats.items():  # each on its layer's device when the teacher is spread over several
-                    packed = t[valid.to(t.device)].to(torch.float16).cpu().numpy()
-                    if not np.isfinite(packed).all():  # never cached: every later run would train on them
-                        raise TeacherError(
-                            f"teacher feature {n} holds NaN or infinite values in float16 (the teacher's own output, "
-                            f"or beyond float16's range of +-65504): it cannot be cached in {self.dir}")
-                    fd, base = files[n]
-                    at = 0
-                    for i, k in zip(index, lengths):  # each sentence's rows are contiguous in the file
-                        _pwrite_all(fd, packed[at:at + k].tobytes(), offset=base + int(self.offsets[i]) * row_bytes,
-                                    path=tmp[n])
-                        at += k
+                self._write_batch(order[start:start + batch_size], files, tmp=tmp, device=device)
             for n, (fd, _) in files.items():
                 _fsync(fd, tmp[n])
             for n in names:
-                final = self.dir / f"{n}.npy"
-                record = {"bytes": tmp[n].stat().st_size, "sha256": _file_sha256(tmp[n]), "shape": [total, D],
-                          "dtype": "float16"}
-                os.replace(tmp[n], final)
-                rec_tmp = self.dir / f"{n}.json.tmp.{tag}"
-                rec_tmp.write_text(json.dumps(record))
-                os.replace(rec_tmp, self.dir / f"{n}.json")
+                self._publish(n, tmp[n], tag)
         finally:
             for fd, _ in files.values():
                 os.close(fd)
@@ -313,9 +303,50 @@ class TeacherCache:
                 p.unlink(missing_ok=True)
         info_tmp = self.dir / f"info.json.tmp.{tag}"
         info_tmp.write_text(json.dumps(
-            {"sentences": len(self.ids), "tokens": total, "hidden": D,
+            {"sentences": len(self.ids), "tokens": total, "hidden": self.teacher.config.hidden_size,
              "features": sorted(p.stem for p in self.dir.glob("*.npy"))}, indent=2))
         os.replace(info_tmp, self.dir / "info.json")
+
+    def _write_batch(self, index: np.ndarray, files: dict[str, tuple[int, int]], *, tmp: dict[str, Path],
+                     device: torch.device) -> None:
+        """Compute the features of sentences ``index`` as one padded batch and write each sentence's rows (its real
+        tokens, contiguous in the file) to the open temporary files."""
+        chunk = [self.ids[i] for i in index]
+        T = max(len(x) for x in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        att = torch.zeros(len(chunk), T, dtype=torch.long)
+        for b, x in enumerate(chunk):
+            ids[b, :len(x)] = torch.tensor(x)
+            att[b, :len(x)] = 1
+        feats = self.compute(ids.to(device), att.to(device), list(files))
+        valid = att.bool()
+        lengths = self.offsets[index + 1] - self.offsets[index]
+        for n, t in feats.items():  # each on its layer's device when the teacher is spread over several
+            width, dtype = self.layout(n)
+            rows = t[valid.to(t.device)]
+            if rows.is_floating_point():  # cast by torch: a value beyond the range becomes inf (refused below)
+                rows = rows.to(getattr(torch, str(dtype)))
+            packed = rows.cpu().numpy().astype(dtype, copy=False)
+            if not np.isfinite(packed).all():  # never cached: every later run would train on them
+                raise TeacherError(
+                    f"teacher feature {n} holds NaN or infinite values in {dtype} (the teacher's own output, "
+                    f"or beyond {dtype}'s range): it cannot be cached in {self.dir}")
+            fd, base = files[n]
+            row_bytes, at = width * dtype.itemsize, 0
+            for i, k in zip(index, lengths):
+                _pwrite_all(fd, packed[at:at + k].tobytes(), offset=base + int(self.offsets[i]) * row_bytes,
+                            path=tmp[n])
+                at += k
+
+    def _publish(self, name: str, tmp: Path, tag: str) -> None:
+        """Rename a complete temporary file into place, then its size / sha256 record beside it."""
+        width, dtype = self.layout(name)
+        record = {"bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp), "shape": [int(self.offsets[-1]), width],
+                  "dtype": str(dtype)}
+        os.replace(tmp, self.dir / f"{name}.npy")
+        rec_tmp = self.dir / f"{name}.json.tmp.{tag}"
+        rec_tmp.write_text(json.dumps(record))
+        os.replace(rec_tmp, self.dir / f"{name}.json")
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         """Packed row numbers of the tokens of sentences ``index``, sentence after sentence."""
@@ -325,7 +356,8 @@ class TeacherCache:
 
     def batch(self, names: list[str], index: torch.Tensor, *, length: int, device: torch.device
               ) -> dict[str, torch.Tensor]:
-        """Padded [B, length, D] float tensors for the sentences ``index`` (padding positions are zero).
+        """Padded [B, length, D] float tensors (int64 for an integer feature) for the sentences ``index`` (padding
+        positions are zero).
 
         One gather per feature: the packed fp16 rows go to ``device`` as they are and are scattered into place there.
         """
@@ -338,9 +370,12 @@ class TeacherCache:
         out = {}
         for name in names:
             arr = self.arrays[name]
-            src = torch.from_numpy(arr[rows]).to(device, non_blocking=True)
-            x = torch.zeros(len(idx) * length, arr.shape[1], dtype=torch.float32, device=device)
-            x.index_copy_(0, pos_t, src.float())
+            whole = not np.issubdtype(arr.dtype, np.floating)  # token ids (uint16 / int32): as int64
+            got = arr[rows].astype(np.int64) if whole else arr[rows]
+            src = torch.from_numpy(got).to(device, non_blocking=True)
+            x = torch.zeros(len(idx) * length, arr.shape[1], dtype=torch.int64 if whole else torch.float32,
+                            device=device)
+            x.index_copy_(0, pos_t, src if whole else src.float())
             out[name] = x.view(len(idx), length, arr.shape[1])
         return out
 

@@ -169,6 +169,33 @@ def kl_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * (t * t)
 
 
+def topk_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor, *,
+            temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on the teacher's top k tokens and one bucket for all the others, scaled by T^2: the KD
+    loss of a heal that reads the teacher's top-k cache (``storage.logits``) instead of running the teacher.
+
+    Rows are positions: ``student_logits`` [N, V], ``teacher_ids`` [N, k] (the teacher's top-k tokens K),
+    ``teacher_logp`` [N, k + 1] (their log-probabilities log q_i at temperature T, then log q_R, the log of the
+    teacher's mass outside K). With p = softmax(student_logits / T) and p_R = sum of p_i over i not in K:
+
+        loss = T^2 / N * sum_rows [ sum_{i in K} q_i (log q_i - log p_i) + q_R (log q_R - log p_R) ]
+
+    the KL between the two distributions coarsened to k + 1 outcomes (at most the full KL, never negative); at
+    k = V there is no tail and it is the full KD loss (``kl_logits``). log p_R is a log-sum-exp over the student's
+    log-probabilities outside K (exact however small the tail is).
+    """
+    t = temperature
+    s_logp = (student_logits.float() / t).log_softmax(-1)
+    k, ids = teacher_ids.shape[-1], teacher_ids.long()
+    t_top = teacher_logp[..., :k].float()
+    per = (t_top.exp() * (t_top - s_logp.gather(-1, ids))).sum(-1)
+    if k < s_logp.shape[-1]:
+        t_tail = teacher_logp[..., k].float()
+        s_tail = s_logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        per = per + t_tail.exp() * (t_tail - s_tail)
+    return per.sum() / max(per.shape[0], 1) * (t * t)
+
+
 RELATIONS = ("query", "key", "value")
 
 

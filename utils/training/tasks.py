@@ -23,8 +23,9 @@ from .. import runtime
 from ..errors import SettingError
 from ..data.masking import MLMMasker, OneMasker
 from ..storage.features import TeacherCache, teacher_features
+from ..storage.logits import TopKCache
 from .losses import (attention_loss, attention_vectors, hidden_loss, kl_logits, raw_score_loss, relation_heads_for,
-                     relation_loss)
+                     relation_loss, topk_kl)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,16 @@ def check_weight(w: float | str, term: str) -> float | str:
 
 def _on(w: float | str) -> bool:
     return w == BALANCED or float(w) > 0
+
+
+def check_topk_terms(weights: dict[str, float | str]) -> None:
+    """The end-to-end loss terms (term -> weight) a heal from the teacher's top-k cache can have: the KL, on, and the
+    hard-label one; the hidden-state and relation terms need the teacher's hidden states."""
+    on = {t for t, w in weights.items() if _on(check_weight(w, t))}
+    if "kl" not in on or on - {"kl", "mlm"}:
+        raise SettingError("`teacher_topk` caches the teacher's next-token distributions only: it needs the KL term "
+                           "(`kl_weight` > 0) and no hidden-state or relation term (on: "
+                           f"{', '.join(sorted(on - {'kl', 'mlm'})) or 'none'})")
 
 
 # ---- what each kind of unit is trained on (the settings of the tasks below) ----
@@ -110,6 +121,9 @@ class FinetuneLoss:
     relation_weight: float | str = 0.0  # MiniLMv2 relations at matched layers; balanced: see balance_terms
     relation_heads: int | None = None
     balance_ratio: float = BALANCE_RATIO  # a balanced term starts at this many times the first term (KL)
+    # a decoder's KL read from the teacher's top-k next tokens cached once per training window (storage.logits),
+    # not from the teacher run beside the student; None: the teacher runs at every step
+    teacher_topk: int | None = None
 
 
 class DistillTask(nn.Module):
@@ -450,6 +464,8 @@ class ModelDistill(DistillTask):
            matched with the teacher's output of layer j; the last layer always is)
            + relation_weight * MiniLMv2 query/key/value self-attention relation KL, averaged over the same matched
            layers (student layer standing for [.., j] vs teacher layer j, each fed its own model's hidden state).
+    With ``topk`` (a decoder's ``TopKCache``), training steps read the teacher's top-k next tokens from it and the KL is
+    ``topk_kl`` (the teacher does not run; validation still runs it); only the KL and MLM terms can then be on.
     Without an MLM head only the hidden-state (and relation) terms remain. A weight of 0 leaves its term out; a term
     after the first may be BALANCED instead of a number (scaled by ``balance_terms`` to start at ``balance_ratio``
     times the first).
@@ -461,8 +477,9 @@ class ModelDistill(DistillTask):
                  kl_weight: float = 1.0, mlm_weight: float | str = 0.0, hidden_weight: float | str = 0.0,
                  hidden_criterion: str = "cosine", temperature: float | None = None, seed: int = 0,
                  relation_weight: float | str = 0.0, relation_heads: int | None = None,
-                 balance_ratio: float = BALANCE_RATIO):
+                 balance_ratio: float = BALANCE_RATIO, topk: TopKCache | None = None):
         super().__init__(teacher, {"model": student}, masker=masker, seed=seed)
+        self.topk = topk
         self.rel_pairs: list[tuple[int, int, int]] = []  # (student layer, teacher layer, relation heads)
         if _on(check_weight(relation_weight, "relations")):  # set only when used: other runs' metadata stays as it was
             self.relation_heads = relation_heads if relation_heads else "auto"
@@ -487,6 +504,15 @@ class ModelDistill(DistillTask):
             self.relation_weight = w["relations"]
         self.hidden_criterion, self.temperature = hidden_criterion, kd_temperature(teacher, temperature)
         self.matches = [(j, spec.origin[-1] + 1) for j, spec in enumerate(student.config.layers)]
+        if topk is not None:
+            self._check_topk(topk)
+
+    def _check_topk(self, topk: TopKCache) -> None:
+        """A top-k cache serves the KL alone (with the hard-label term beside it), at the task's temperature."""
+        check_topk_terms(self.term_weights)
+        if topk.temperature != self.temperature:
+            raise ValueError(f"the top-k cache is at temperature {topk.temperature:g}, the KD at {self.temperature:g}")
+        self.teacher_topk = topk.k
 
     def unit_terms(self, batch, generator):
         ids, att = batch["input_ids"], batch["attention_mask"]
@@ -497,8 +523,11 @@ class ModelDistill(DistillTask):
             sel = labels != -100
         terms = self.term_weights
         need_hidden = "hidden" in terms or bool(self.rel_pairs)
-        with torch.no_grad():
-            t = self.teacher(ids, att, output_hidden_states=need_hidden, with_logits=False)
+        cached = self.topk is not None and self.training  # the cache holds the training windows only
+        t = None
+        if not cached:
+            with torch.no_grad():
+                t = self.teacher(ids, att, output_hidden_states=need_hidden, with_logits=False)
         s = student(ids, att, output_hidden_states=need_hidden, with_logits=False)
         out: dict[str, torch.Tensor] = {}
         weight = float(valid.sum())
@@ -506,8 +535,8 @@ class ModelDistill(DistillTask):
             s_logits = student.mlm_logits(s.last_hidden_state[sel])
             weight = float(sel.sum())
             if "kl" in terms:
-                t_logits = self.teacher.mlm_logits(t.last_hidden_state[sel])
-                out["kl"] = kl_logits(s_logits, t_logits, self.temperature)
+                out["kl"] = self._topk_kl(batch, s_logits, sel) if cached else \
+                    kl_logits(s_logits, self.teacher.mlm_logits(t.last_hidden_state[sel]), self.temperature)
             if "mlm" in terms:
                 out["mlm"] = nn.functional.cross_entropy(s_logits.float(), labels[sel])
         if "hidden" in terms:
@@ -515,21 +544,32 @@ class ModelDistill(DistillTask):
                                             criterion=self.hidden_criterion)
                                 for j, tj in self.matches) / len(self.matches)
         if self.rel_pairs:
-            rl = 0.0
-            for j, tj, r in self.rel_pairs:
-                with torch.no_grad():
-                    t_vec = attention_vectors(self.teacher.layers[tj].block, t.hidden_states[tj])
-                rl = rl + relation_loss(attention_vectors(student.layers[j].block, s.hidden_states[j]), t_vec,
-                                        valid, heads=r)
-            out["relations"] = rl / len(self.rel_pairs)
+            out["relations"] = self._relations(s, t, valid)
         return {"model": (out, weight)}
+
+    def _topk_kl(self, batch, s_logits: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """The KL of the positions ``sel`` against the teacher's cached top-k of this batch's windows."""
+        t_ids, t_logp = self.topk.read(batch["index"], length=sel.shape[1], device=s_logits.device)
+        return topk_kl(s_logits, t_ids[sel], t_logp[sel], temperature=self.temperature)
+
+    def _relations(self, s, t, valid: torch.Tensor) -> torch.Tensor:
+        """The mean relation loss over the matched layers (student layer j vs teacher layer tj)."""
+        student = self.students["model"]
+        rl = 0.0
+        for j, tj, r in self.rel_pairs:
+            with torch.no_grad():
+                t_vec = attention_vectors(self.teacher.layers[tj].block, t.hidden_states[tj])
+            rl = rl + relation_loss(attention_vectors(student.layers[j].block, s.hidden_states[j]), t_vec,
+                                    valid, heads=r)
+        return rl / len(self.rel_pairs)
 
 
 def describe_losses(task: DistillTask, unit: str | None = None) -> dict[str, Any]:
     """What the task optimises, for checkpoint metadata; with ``unit``, also how that unit's balanced terms were
     scaled (``loss_balance``: what was used and from what)."""
     keys = ("loss_on", "criterion", "score_criterion", "score_target", "temperature", "kl_weight", "mlm_weight",
-            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight", "score_weight", "balance_ratio")
+            "hidden_weight", "hidden_criterion", "relation_heads", "relation_weight", "score_weight", "balance_ratio",
+            "teacher_topk")
     out = {k: getattr(task, k) for k in keys if hasattr(task, k)}
     if task.input_masker is not None:
         out["mask_inputs"] = True

@@ -324,6 +324,24 @@ def test_a_planned_student_built_alike_is_loaded_and_one_built_otherwise_is_rebu
     assert run_id() != built and read_meta(tmp_path / "plan" / "model" / "best")["build"]["heal"]["lr"] == 1e-3
 
 
+def test_a_planned_students_heal_reads_the_teachers_top_k_cache(tiny_llama, tiny_corpus, tmp_path):
+    """PlanFinetune(teacher_topk=K) (--teacher-topk): the heal's KL from the top-k cache of its training windows under
+    topk_dir, recorded in the student's build (another K builds anew); a K beyond the vocabulary is refused first."""
+    from utils import api
+
+    mp = _decoder_map(tiny_llama, tiny_corpus, tmp_path)
+    cache = tmp_path / "topk"
+    _kv_student(tiny_llama, tiny_corpus, mp, tmp_path / "plan",
+                api.PlanFinetune(epochs=1, test_sentences=16, teacher_topk=8, topk_dir=str(cache)))
+    meta = read_meta(tmp_path / "plan" / "model" / "best")
+    assert meta["build"]["heal"]["teacher_topk"] == 8 and meta["teacher_topk"] == 8
+    assert sorted(p.name for p in cache.glob("*/top*.npy")) == ["top8_t1_ids.npy", "top8_t1_logp.npy"]
+    with pytest.raises(api.SettingError, match="`teacher_topk` must be a whole number from 1 to"):
+        _kv_student(tiny_llama, tiny_corpus, mp, tmp_path / "other",
+                    api.PlanFinetune(epochs=1, test_sentences=16, teacher_topk=10 ** 6, topk_dir=str(cache)))
+    assert not (tmp_path / "other").exists()
+
+
 def test_the_heal_reads_its_own_training_sentences(tiny_llama, tiny_corpus, tmp_path, caplog):
     """--ft-train-sentences: the fine-tune reads the first N training sentences (the units: the map's first 48);
     asking for the units' own count is the default's student, loaded, not built again."""
