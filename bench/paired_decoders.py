@@ -70,12 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _named(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+def named_models(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """--models NAME=DIR ... as {name: folder} (an argument error for a spec without both)."""
     pairs = [s.partition("=") for s in specs]
     bad = [s for s, (_, eq, d) in zip(specs, pairs) if not eq or not d]
     if bad:
         parser.error(f"--models takes NAME=DIR, got {bad[0]!r}")
     return {name: d for name, _, d in pairs}
+
+
+def load_students(s, named: dict[str, str]) -> dict:
+    """Each saved model of ``named`` (name -> folder) loaded onto the session's device, checked against its teacher."""
+    return {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
+            for name, d in named.items()}
 
 
 def _hf_perplexity(model, tokenizer, windows: list[list[int]], folder: Path, *, ours: float) -> dict:
@@ -177,7 +184,7 @@ def compare(s, students: dict, loader, reference: str) -> tuple[dict, object]:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
-    named = _named(args.models, parser)
+    named = named_models(args.models, parser)
     if args.reference not in named:
         parser.error(f"--reference {args.reference!r} is not one of the --models names {sorted(named)}")
     docs = read_texts(args.eval_text)  # before the teacher loads
@@ -185,8 +192,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     if chat is not None:
         read_prompts(chat.prompts)  # likewise
     s = _session.start(session_config(args))
-    students = {name: load_model(d, s.teacher_hash, teacher_config=s.teacher.config)[0].to(s.device)
-                for name, d in named.items()}
+    students = load_students(s, named)
     by_sentences = bool(args.test_sentences or args.skip_test_sentences)  # else the leading --test-fraction
     if by_sentences:
         test = s.first_sentences("test", args.test_sentences, skip=args.skip_test_sentences or 0)

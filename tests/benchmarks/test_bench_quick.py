@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, make_sentences, run_script
+from helpers import ROOT, make_decoder_teacher, make_sentences, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +90,25 @@ def test_paired_decoders_tests_each_student(tiny_llama, tiny_corpus, tmp_path):
     r = json.loads((tmp_path / "p" / "paired.json").read_text())
     assert r["seq_len"] == 16 and set(r["tests"]) == {"half"} and r["rows"]["same"]["agreement"] == 1.0
     assert any(line.startswith("| half |") for line in out.splitlines())
+
+
+def test_llama_cpp_speed_times_the_teacher_and_a_student(tiny_corpus, tmp_path):
+    """A tiny Llama with a byte-level BPE tokenizer (what a GGUF carries) and its every-second-layer student."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
+    from models import load_teacher
+    from models.compress import clone_model, drop_every_second
+    from models.hf import weights_hash
+    from utils.training.students import save_model
+
+    folder = make_decoder_teacher(tmp_path / "t", tokenizer="bpe")
+    teacher, _ = load_teacher(str(folder))
+    save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half",
+               {"teacher": str(folder), "teacher_hash": weights_hash(teacher)})
+    out = ok(run_script("bench/llama_cpp_speed.py", "--quick", "--teacher", folder, "--data-dir", tiny_corpus,
+                        "--models", f"half={tmp_path / 'half'}", "--out", tmp_path, "--run-name", "l"))
+    r = json.loads((tmp_path / "l" / "llama_cpp.json").read_text())
+    assert (r["seq_len"], r["windows"], r["threads"]) == (16, 2, [1]) and len(r["speed"]) == 4
+    assert any(line.startswith("| half | q8_0 |") for line in out.splitlines())
 
 
 def test_convert_smollm2_converts_and_checks_a_tiny_gguf(tiny_corpus, tmp_path):

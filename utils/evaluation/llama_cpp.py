@@ -2,7 +2,9 @@
 is written to a GGUF file by the one exporter (``models.gguf_export``, at the storage type it will be served in) and
 timed against the teacher's GGUF round-robin (``speed.round_robin_ms``), the median of ``reps`` runs on ``threads``
 CPU threads. Prefill: one sequence of ``seq`` tokens evaluated at once (its last logits included); decode: one new
-token after ``seq`` cached ones (the cache is filled once; each run evaluates the same position again)."""
+token after ``seq`` cached ones (the cache is filled once; each run evaluates the same position again). Several
+models can be timed in one round-robin (``round_robin_llms``: bench/llama_cpp_speed.py), and a GGUF's per-token NLL
+on token windows taken in llama.cpp (``gguf_nll``), to compare its perplexity with ours."""
 from __future__ import annotations
 
 import tempfile
@@ -20,13 +22,15 @@ from .speed import round_robin_ms
 SPEEDS = ("prefill", "decode")
 
 
-def check_llama_cpp() -> None:
-    """SettingError (one line) when llama-cpp-python is missing: nothing can be timed in llama.cpp then."""
+def check_llama_cpp(why: str = "`runtime` llama.cpp times students in llama.cpp itself",
+                    otherwise: str = ", or plan for another `runtime`") -> None:
+    """SettingError (one line: ``why`` llama.cpp is needed, what to do ``otherwise``) when llama-cpp-python is
+    missing: nothing can be timed in llama.cpp then."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        raise SettingError("`runtime` llama.cpp times students in llama.cpp itself: llama-cpp-python is not "
-                           "installed (pip install llama-cpp-python==0.3.36), or plan for another `runtime`") from None
+        raise SettingError(f"{why}: llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
+                           f"{otherwise}") from None
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,48 @@ def _run(llm, ids: list[int], speed: str) -> Callable[[], Any]:
     return prefill if speed == "prefill" else decode
 
 
+def timing_ids(vocab: int, seq: int) -> list[int]:
+    """The ``seq`` token ids every model is timed on: seeded, drawn above the first 1000 ids (special and byte
+    tokens) where the vocabulary has them."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(min(1000, vocab - 1), vocab, (seq,), generator=g).tolist()
+
+
+def round_robin_llms(llms: dict[str, Any], ids: list[int], timing: GgufTiming, *,
+                     speeds: tuple[str, ...] = SPEEDS) -> dict[str, float]:
+    """``<name>_<speed>_ms`` of every loaded model in ``llms`` (name -> llama_cpp.Llama from ``load_gguf``), timed
+    round-robin on ``ids``: the median of ``timing.reps`` runs."""
+    fns = {f"{who}_{speed}_ms": _run(m, ids, speed) for speed in speeds for who, m in llms.items()}
+    return round_robin_ms(fns, timing.reps, torch.device("cpu"))
+
+
+def tokens_per_s(ms: dict[str, float], who: str, seq: int) -> dict[str, float]:
+    """``prefill_tokens_per_s`` and ``decode_tokens_per_s`` of ``who`` from its times in ``ms`` (a prefill is ``seq``
+    tokens, a decode step one)."""
+    return {"prefill_tokens_per_s": 1000 * seq / ms[f"{who}_prefill_ms"],
+            "decode_tokens_per_s": 1000 / ms[f"{who}_decode_ms"]}
+
+
+def gguf_nll(path: Path, windows: list[list[int]], *, threads: int = 1) -> list[float]:
+    """Per predicted token NLL of the GGUF at ``path`` in llama.cpp, window by window (each evaluated from an empty
+    cache, every position's logits kept, no BOS added): what our evaluator scores on the same windows, to compare."""
+    import llama_cpp
+
+    n = max(len(w) for w in windows)
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n, n_batch=n, n_ubatch=n, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    out: list[float] = []
+    try:
+        for w in windows:
+            llm.reset()
+            llm.eval(w)
+            logits = torch.from_numpy(llm.scores[:len(w) - 1]).double()
+            out += torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="none").tolist()
+    finally:
+        llm.close()
+    return out
+
+
 class LlamaCppTimer:
     """Times students against the teacher in llama.cpp: the teacher is written to a GGUF (in a scratch folder) and
     loaded once; each student is written, loaded, timed and freed."""
@@ -77,9 +123,7 @@ class LlamaCppTimer:
         self.timing, self.tokenizer = timing, tokenizer
         self._scratch = tempfile.TemporaryDirectory(prefix="llama_cpp_timing_")
         self.folder = Path(self._scratch.name)
-        g = torch.Generator().manual_seed(0)
-        vocab = teacher.config.vocab_size
-        self.ids = torch.randint(min(1000, vocab - 1), vocab, (timing.seq,), generator=g).tolist()
+        self.ids = timing_ids(teacher.config.vocab_size, timing.seq)
         self._teacher = load_gguf(self._write(teacher, "teacher"), timing)
 
     def _write(self, model: SwappableModel, name: str) -> Path:
@@ -92,9 +136,7 @@ class LlamaCppTimer:
         """``<who>_<speed>_ms`` of the teacher and ``student``, timed round-robin in llama.cpp."""
         llm = load_gguf(self._write(student, "student"), self.timing)
         try:
-            fns = {f"{who}_{speed}_ms": _run(m, self.ids, speed)
-                   for speed in speeds for who, m in (("teacher", self._teacher), ("student", llm))}
-            return round_robin_ms(fns, self.timing.reps, torch.device("cpu"))
+            return round_robin_llms({"teacher": self._teacher, "student": llm}, self.ids, self.timing, speeds=speeds)
         finally:
             llm.close()
 
@@ -104,8 +146,7 @@ class LlamaCppTimer:
         ms, t = self.ms(student), self.timing
         out: dict[str, Any] = {"gguf_type": t.gguf_type, "threads": t.threads, "reps": t.reps, "seq": t.seq}
         for who in ("teacher", "student"):
-            out[f"{who}_prefill_tokens_per_s"] = 1000 * t.seq / ms[f"{who}_prefill_ms"]
-            out[f"{who}_decode_tokens_per_s"] = 1000 / ms[f"{who}_decode_ms"]
+            out.update({f"{who}_{k}": v for k, v in tokens_per_s(ms, who, t.seq).items()})
         for speed in SPEEDS:
             out[f"{speed}_speedup"] = ms[f"teacher_{speed}_ms"] / ms[f"student_{speed}_ms"]
         return {**out, **ms}
