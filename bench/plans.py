@@ -32,17 +32,25 @@ teacher's chat template and is compared with the teacher's replies, generated on
 model's replies in <its folder>/chat), and at each target the planned student with every other method: McNemar's
 exact test on the prompts whose first 8 reply tokens equal the teacher's, and the tests above on the teacher's reply
 tokens, teacher-forced (agreement, NLL): "chat" in plans.json, a chat table per target in plans.md.
---runtime llama.cpp|vllm keeps only the map's units that runtime runs (utils.planning.runtimes), for every method;
-the timings stay PyTorch's. Outputs in --out/--run-name: plans.json, plans.md, pareto.png.
+--runtime llama.cpp|vllm keeps only the map's units that runtime runs (utils.planning.runtimes), for every method.
+With --runtime llama.cpp every speed is llama.cpp's as well (utils.evaluation.llama_cpp.LlamaCppTimer: --gguf-type
+GGUF files, --latency-threads threads, default one): the planned student's re-timing, every method's "meets as
+measured" (so a rival has at least the planned student's llama.cpp speed target), and each student's final prefill and
+decode speed-ups against the teacher's file, round-robin ("llama_cpp" per row, its columns in plans.md, the plot's x);
+the PyTorch timings are kept beside them. --methods leaves methods out (budget). Outputs in --out/--run-name:
+plans.json, plans.md, pareto.png.
 
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
     python bench/plans.py --map runs/smolmap/sensitivity --teacher bench/results/smollm2-135m-instruct \\
         --data-dir bench/results/wikitext2_split --seq-len 256 --batch-size 4 --targets 1.3,1.5,2 --kv-targets 1/3
+    python bench/plans.py --map runs/smolmap/sensitivity ... --targets 1.5,2 --kv-targets none \\
+        --runtime llama.cpp --gguf-type q8_0 --latency-threads 1 --methods planned,ShortGPT,SLEB
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,14 +66,15 @@ if str(ROOT) not in sys.path:
 from bench.quick import add_quick  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
-from utils.cli.groups import (add_chat_args, add_finetune_args, add_map_args, add_retime_args,  # noqa: E402
-                              add_sharding_args)
+from utils.cli.groups import (add_chat_args, add_finetune_args, add_gguf_type_arg, add_map_args,  # noqa: E402
+                              add_retime_args, add_sharding_args)
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number, positive_int  # noqa: E402
 from utils.data.text import DataError  # noqa: E402
 from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
                                    read_prompts, teacher_chat)
+from utils.evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp  # noqa: E402
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.evaluation.speed import Timing  # noqa: E402
@@ -82,6 +91,7 @@ from utils.training.loop import run_record  # noqa: E402
 from utils.training.tasks import kd_temperature  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
+METHODS = ("planned", "uniform", "ShortGPT", "SLEB")
 METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
            "student_perplexity", "teacher_perplexity")
 
@@ -123,15 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-sentences", type=positive_int("--calibration-sentences"), default=32,
                    help="ShortGPT / SLEB calibration: the first N sentences of the training split")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained version of every student")
+    g.add_argument("--methods", type=method_list, default=list(METHODS),
+                   help="the methods to build, comma-separated (ShortGPT and SLEB: decoders only) "
+                        "(default: all)")
     g.add_argument("--eval-text-items", type=positive_int("--eval-text-items"), default=None, metavar="N",
                    help="score each --eval-text on its first N items in text order: a decoder's token windows, a "
                         "masked LM's sentences (budget; default all)")
     add_retime_args(g)  # --retime-rounds 0: the map's plans as they are, planned and uniform
     add_finetune_args(p)
     add_map_args(p)
+    add_gguf_type_arg(p, default="q8_0", what="with --runtime llama.cpp: the GGUF files every llama.cpp timing uses")
     add_chat_args(p)
     add_quick(p, QUICK, "one epoch of 3 steps, a 1-step heal, 24 test sentences (a tiny --teacher and its --map)")
     return p
+
+
+def method_list(s: str) -> list[str]:
+    got = [m.strip() for m in s.split(",") if m.strip()]
+    bad = [m for m in got if m not in METHODS]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"--methods takes {', '.join(METHODS)}, comma-separated; got '{s}'")
+    if "planned" not in got:
+        raise argparse.ArgumentTypeError("--methods must include planned: every other method is tested against it")
+    return got
 
 
 # ---- plans ----
@@ -163,8 +187,9 @@ class Bench:
     """One bench run: the session, the map, the context that trains units, how every model is timed, the measuring
     helpers."""
 
-    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx, timing: Timing):
-        self.args, self.s, self.smap, self.ctx, self.timing = args, s, smap, ctx, timing
+    def __init__(self, args: argparse.Namespace, s, smap: dict[str, Any], ctx, timing: Timing,
+                 llama: LlamaCppTimer | None = None):
+        self.args, self.s, self.smap, self.ctx, self.timing, self.llama = args, s, smap, ctx, timing, llama
         self.teacher = s.teacher
         self.causal = s.teacher.TASK == "causal"
         self.options = [option_from_dict(o) for o in smap["options"]]
@@ -173,8 +198,9 @@ class Bench:
         self.why: dict[str, list[str]] = {}
 
     def measured_speedup(self, choices: dict[int, Option], speed: str) -> float:
-        """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin."""
-        return time_plan(self.teacher, choices, speed=speed, timing=self.timing)["measured_speedup"]
+        """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin (with
+        --runtime llama.cpp, in llama.cpp)."""
+        return time_plan(self.teacher, choices, speed=speed, timing=self.timing, llama=self.llama)["measured_speedup"]
 
     def meets(self, target: Target) -> Callable[[dict[int, Option]], bool]:
         if target.kv_cache is not None:
@@ -215,10 +241,13 @@ class Bench:
     def candidates(self, target: Target) -> list[dict[str, Any]]:
         """The methods at one target: planned, best uniform by the map, the layer-removal baselines (decoders), and
         (a masked LM) the untrained kept-heads and dropped-layers baselines."""
-        out = self._planned(target) + self._uniform(target)
-        if self.causal:
+        wanted = self.args.methods
+        out = self._planned(target) + (self._uniform(target) if "uniform" in wanted else [])
+        if self.causal and {"ShortGPT", "SLEB"} & set(wanted):
             self.removal_orders()
             for method, order in self.orders.items():
+                if method not in wanted:
+                    continue
                 n = baselines.fewest_drops(order, self.meets(target), start=self._first_guess(target),
                                            limit=self.n - 1, extend=self._extend_sleb if method == "SLEB" else None)
                 if n is None:
@@ -239,7 +268,7 @@ class Bench:
         try:
             plan, _ = retimed_plan(self.teacher, self.smap, target, cost=self.args.cost, timing=self.timing,
                                    rounds=self.args.retime_rounds, margin=self.args.speed_margin,
-                                   runtime=self.args.runtime)
+                                   runtime=self.args.runtime, llama=self.llama)
         except PlanError as e:
             log.warning("%s: no planned plan (%s)", target.name, e)
             return []
@@ -302,6 +331,8 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     docs = read_texts(args.eval_text)  # before the teacher loads
     if args.chat_prompts is not None:
         read_prompts(args.chat_prompts)  # likewise
+    if args.runtime == "llama.cpp":
+        check_llama_cpp()  # likewise
     smap = read_map(args.map, teacher_layers=len(session.model_config(args.teacher).layers))  # its layers: the teacher's
     s = session.start(session_config(args))
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
@@ -311,7 +342,14 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     smap = runtime_map(smap, s.teacher.config, mc.runtime)  # --runtime: only the units it runs, for every method
     ctx = context(s, mc, train=train, record=run_record(record(args), batch_size=s.data.batch_size, train=train,
                                                          percentage_data=s.data.fraction))
-    b = Bench(args, s, smap, ctx, mc.timing(s.data.seq_len))
+    with contextlib.ExitStack() as stack:
+        llama = (stack.enter_context(LlamaCppTimer(s.teacher, s.tokenizer, mc.gguf_timing(s.data.seq_len)))
+                 if mc.runtime == "llama.cpp" else None)
+        return run_bench(Bench(args, s, smap, ctx, mc.timing(s.data.seq_len), llama), docs, out)
+
+
+def run_bench(b: Bench, docs: dict[str, list], out: Path) -> Path:
+    args, s = b.args, b.s
     chat = bench_chat_config(b)
     speeds = args.targets if args.targets is not None else [1.3, 1.5, 2.0] if b.causal else [1.3, 1.5, 2.0, 3.0]
     targets = [Target(speedup=t, speed=args.speed) for t in speeds]
@@ -459,7 +497,8 @@ def chat_scores(b: Bench, models: dict[str, dict[str, Any]], per_target, targets
 
 def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Prefill (and for a decoder decode) ms of the teacher and every model, round-robin in one run (an untrained
-    model whose trained twin is timed has its shapes, so its speed: it is not timed again)."""
+    model whose trained twin is timed has its shapes, so its speed: it is not timed again); with --runtime llama.cpp
+    also each model's llama.cpp speeds against the teacher's (``LlamaCppTimer.speeds``) under "llama_cpp"."""
     s = b.s
     out: dict[str, dict[str, float]] = {}
     for speed in ("prefill", "decode") if b.causal else ("prefill",):
@@ -470,6 +509,9 @@ def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[s
         out[speed] = b.timing.ms(fns, s.device)
     for v in models.values():
         v["model"].cpu()
+    if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
+        out["llama_cpp"] = {key: b.llama.speeds(v["model"]) for key, v in models.items()
+                            if v["trained"] or key.removeprefix("untrained ") not in models}
     return out
 
 
@@ -492,6 +534,8 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
             if b.causal:
                 row["decode_ms"] = _ms(timed, m["key"], "decode")
                 row["decode_speedup"] = timed["decode"]["teacher"] / row["decode_ms"]
+            if "llama_cpp" in timed:
+                row["llama_cpp"] = timed["llama_cpp"][m["key"].removeprefix("untrained ")]
             rows.append(row)
         tests += paired_tests(b, t, methods, scored["per"])
     base = scored["base"]
@@ -510,7 +554,8 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
                        "max_steps_per_epoch": b.args.max_steps_per_epoch, "eval_sentences": b.args.eval_sentences,
                        "test_sentences": b.args.test_sentences, "latency_reps": b.args.latency_reps,
                        "latency_threads": b.timing.threads_used(),
-                       "calibration_sentences": b.args.calibration_sentences, "seq_len": b.args.seq_len}}
+                       "calibration_sentences": b.args.calibration_sentences, "seq_len": b.args.seq_len},
+            "runtime": b.args.runtime}
 
 
 def _predicted(smap: dict[str, Any], choices: dict[int, Option], target: Target) -> float:
@@ -595,12 +640,22 @@ def _markdown_causal(r: dict[str, Any]) -> str:
              f"{r['teacher_decode_ms']:.2f} ms per token ({r['device']}); {r['test_items']} predicted test tokens.", "",
              "| target | method | params (M) | KV (x teacher) | prefill speed-up | decode speed-up | perplexity "
              "(x teacher) | agreement | KL |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    llama = next((row["llama_cpp"] for row in r["rows"] if "llama_cpp" in row), None)
+    if llama is not None:  # --runtime llama.cpp: its speed-ups first, PyTorch's after
+        lines[0] += (f" llama.cpp: {llama['gguf_type']} GGUF files, {llama['threads']} thread(s), median of "
+                     f"{llama['reps']} round-robin runs against the teacher's file, {llama['seq']}-token prefill.")
+        lines[2] = lines[2].replace("| prefill speed-up | decode speed-up |", "| llama.cpp prefill / decode speed-up "
+                                    "| PyTorch prefill / decode speed-up |")
     for row in r["rows"]:
         m = row["metrics"]
         sp = m.get("student_perplexity", math.nan)
+        speeds = f"{row['speedup']:.2f}x | {row['decode_speedup']:.2f}x"
+        if llama is not None:
+            lc = row.get("llama_cpp", {})
+            speeds = (f"{lc.get('prefill_speedup', math.nan):.2f}x / {lc.get('decode_speedup', math.nan):.2f}x | "
+                      f"{row['speedup']:.2f}x / {row['decode_speedup']:.2f}x")
         lines.append(f"| {row['label']} | {row['method']} | {row['params'] / 1e6:.2f} | "
-                     f"{row['kv_bytes'] / r['teacher_kv_bytes']:.3f} | {row['speedup']:.2f}x | "
-                     f"{row['decode_speedup']:.2f}x | {sp:.3f} ({sp / ppl:.3f}) | "
+                     f"{row['kv_bytes'] / r['teacher_kv_bytes']:.3f} | {speeds} | {sp:.3f} ({sp / ppl:.3f}) | "
                      f"{m.get('agreement_top1', math.nan):.4f} | {m.get('kl_teacher_student', math.nan):.4f} |")
     lines += ["", "Plans:", ""] + [f"- {row['label']} {row['method']}: {row['plan']}" for row in r["rows"]
                                    if "untrained" not in row["method"]]
@@ -660,8 +715,12 @@ STYLE = {"planned": ("o", "tab:red"), "uniform": ("s", "tab:blue"), "ShortGPT": 
          "untrained: dropped layers": ("x", "black")}
 
 
+LLAMA_KEYS = {"speedup": "prefill_speedup", "decode_speedup": "decode_speedup"}  # a row's speed-ups in llama.cpp
+
+
 def plot(r: dict[str, Any], path: Path) -> Path:
-    """Quality against measured speed-up (prefill; a decoder also decode), one marker per method, hollow untrained."""
+    """Quality against measured speed-up (prefill; a decoder also decode; llama.cpp's where the rows have it), one
+    marker per method, hollow untrained."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -682,15 +741,17 @@ def plot(r: dict[str, Any], path: Path) -> Path:
             if yk in row["metrics"]:
                 look = ({"c": color} if marker == "x" else
                         {"facecolors": "none" if hollow else color, "edgecolors": color})
-                ax.scatter([row[xk]], [row["metrics"][yk]], marker=marker, s=45, label=row["method"], **look)
+                x = row["llama_cpp"][LLAMA_KEYS[xk]] if "llama_cpp" in row else row[xk]
+                ax.scatter([x], [row["metrics"][yk]], marker=marker, s=45, label=row["method"], **look)
         ref = r["teacher_metrics"].get("teacher_perplexity" if yk == "student_perplexity" else "teacher_top1") \
             if yk != "agreement_top1" else 1.0
         if ref is not None:
             ax.scatter([1.0], [ref], marker="*", s=120, color="gold", edgecolor="k", label="teacher")
         if yk == "student_perplexity":
             ax.set_yscale("log")
+        where = "llama.cpp" if any("llama_cpp" in row for row in r["rows"]) else r["device"]
         ax.set_xlabel(("decode" if xk == "decode_speedup" else "prefill" if causal else "encoder")
-                      + f" speed-up, measured ({r['device']})")
+                      + f" speed-up, measured ({where})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

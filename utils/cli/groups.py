@@ -76,9 +76,14 @@ def add_export_args(p: argparse._ActionsContainer) -> None:
                    help="also write a decoder as a GGUF file for llama.cpp: the plain llama / qwen2 architecture when "
                         "every layer keeps the teacher's shape, else deci (per-layer heads, KV heads, FFN widths); "
                         "a unit llama.cpp cannot run as trained is refused before anything is written")
-    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="f16",
-                   help="how the GGUF stores its matrices (vectors stay f32; q8_0 rows that do not split into "
-                        "blocks of 32 stay f16)")
+    add_gguf_type_arg(p, default="f16", what="the type of --export-gguf")
+
+
+def add_gguf_type_arg(p: argparse._ActionsContainer, *, default: str, what: str) -> None:
+    """--gguf-type: how a GGUF file stores its matrices (``what`` says which files)."""
+    p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default=default,
+                   help=f"{what}: how the GGUF stores its matrices (vectors stay f32; q8_0 rows that do not split "
+                        "into blocks of 32 stay f16)")
 
 
 def add_map_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,51 @@
+"""bench/plans.py --runtime llama.cpp: every method's speed is measured in llama.cpp (the planned student's re-timing,
+the rivals' "meets as measured", the final speed-ups), beside PyTorch's; --methods leaves methods out."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import make_decoder_teacher
+from utils.cli.run import run_main
+
+
+def test_every_method_is_timed_in_llama_cpp(tiny_corpus, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
+    from bench import plans
+    from utils import api
+
+    folder = make_decoder_teacher(tmp_path / "teacher", ffn=512, tokenizer="bpe")  # what a GGUF carries
+    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
+    api.sensitivity_map(api.SessionConfig(teacher=str(folder), device="cpu", data=data),
+                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    argv = ["--teacher", str(folder), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
+            "--map", str(tmp_path / "map"), "--targets", "1.05", "--kv-targets", "none", "--seq-len", "16",
+            "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
+            "3", "--latency-batch", "1", "--latency-threads", "1", "--max-train-sentences", "32", "--ft-epochs", "0",
+            "--no-untrained", "--calibration-sentences", "8", "--speed-margin", "0", "--runtime", "llama.cpp",
+            "--gguf-type", "f32", "--methods", "planned,ShortGPT"]
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "b" / "plans.json").read_text())
+    assert res["runtime"] == "llama.cpp" and [r["method"] for r in res["rows"]] == ["planned", "ShortGPT"]
+    for row in res["rows"]:  # each student against the teacher's file, in llama.cpp, PyTorch's speed-ups beside
+        lc = row["llama_cpp"]
+        assert (lc["gguf_type"], lc["threads"], lc["reps"], lc["seq"]) == ("f32", 1, 3, 16)
+        assert lc["prefill_speedup"] > 0 and lc["decode_speedup"] > 0 and row["speedup"] > 0
+    planned = res["rows"][0]["why"]
+    assert any("in llama.cpp, f32 GGUF files" in line for line in planned), planned
+    md = (tmp_path / "b" / "plans.md").read_text()
+    assert "| llama.cpp prefill / decode speed-up | PyTorch prefill / decode speed-up |" in md
+    assert "llama.cpp: f32 GGUF files, 1 thread(s)" in md and (tmp_path / "b" / "pareto.png").is_file()
+
+
+@pytest.mark.parametrize("methods, says", [("planned,LLM-Pruner", "--methods takes planned, uniform, ShortGPT, SLEB"),
+                                           ("ShortGPT,SLEB", "--methods must include planned")])
+def test_methods_name_known_ones_and_planned(methods, says, capsys):
+    from bench import plans
+
+    with pytest.raises(SystemExit):
+        plans.build_parser().parse_args(["--map", "m", "--methods", methods])
+    assert says in capsys.readouterr().err
