@@ -34,8 +34,10 @@ def test_every_method_is_timed_in_llama_cpp(tiny_corpus, tmp_path):
         lc = row["llama_cpp"]
         assert (lc["gguf_type"], lc["threads"], lc["reps"], lc["seq"]) == ("f32", 1, 3, 16)
         assert lc["prefill_speedup"] > 0 and lc["decode_speedup"] > 0 and row["speedup"] > 0
-    planned = res["rows"][0]["why"]
+    planned, short = res["rows"][0]["why"], res["rows"][1]["why"]
     assert any("in llama.cpp, f32 GGUF files" in line for line in planned), planned
+    at = short.index("the fewest drops that meet 1.05x as measured (in llama.cpp):")  # each count timed, said
+    assert short[-1].endswith(": meets") and all(" dropped: measured " in line for line in short[at + 1:]), short
     md = (tmp_path / "b" / "plans.md").read_text()
     assert "| llama.cpp prefill / decode speed-up | PyTorch prefill / decode speed-up |" in md
     assert "llama.cpp: f32 GGUF files, 1 thread(s)" in md and (tmp_path / "b" / "pareto.png").is_file()
