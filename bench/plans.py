@@ -256,8 +256,9 @@ class Bench:
         (a masked LM) the untrained kept-heads and dropped-layers baselines."""
         wanted = self.args.methods
         out = self._planned(target) + (self._uniform(target) if "uniform" in wanted else [])
-        if self.causal and {"ShortGPT", "SLEB"} & set(wanted):
-            self.removal_orders()
+        if self.causal:
+            if {"ShortGPT", "SLEB"} & set(wanted):
+                self.removal_orders()
             for method, order in self.orders.items():
                 if method not in wanted:
                     continue

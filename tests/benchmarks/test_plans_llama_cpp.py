@@ -51,3 +51,25 @@ def test_methods_name_known_ones_and_planned(methods, says, capsys):
     with pytest.raises(SystemExit):
         plans.build_parser().parse_args(["--map", "m", "--methods", methods])
     assert says in capsys.readouterr().err
+
+
+def test_methods_left_out_are_not_built(tiny_llama, tiny_corpus, tmp_path):
+    """A decoder with --methods planned,uniform: those two only (no layer-removal students, nor an encoder's
+    untrained baselines in their place)."""
+    from bench import plans
+    from utils import api
+
+    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
+    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
+                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
+            "--map", str(tmp_path / "map"), "--targets", "1.05", "--kv-targets", "none", "--seq-len", "16",
+            "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
+            "2", "--latency-batch", "1", "--max-train-sentences", "32", "--ft-epochs", "0", "--no-untrained",
+            "--speed-margin", "0", "--methods", "planned,uniform"]
+    assert run_main(plans.main, plans.build_parser(), argv) == 0
+    res = json.loads((tmp_path / "b" / "plans.json").read_text())
+    methods = [r["method"] for r in res["rows"]]  # uniform: where one meets 1.05x as measured
+    assert methods[0] == "planned" and set(methods) <= {"planned", "uniform"} and "llama_cpp" not in res["rows"][0]
