@@ -10,17 +10,23 @@ from helpers import make_decoder_teacher
 from utils.cli.run import run_main
 
 
+def small_map(teacher, corpus, out) -> None:
+    """A map of kv and drop units for ``teacher`` on the tiny corpus, in seconds."""
+    from utils import api
+
+    api.sensitivity_map(api.SessionConfig(teacher=str(teacher), device="cpu",
+                                          data=api.DataConfig(data_dir=str(corpus), seq_len=16, batch_size=8)),
+                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=out)
+
+
 def test_every_method_is_timed_in_llama_cpp(tiny_corpus, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)")
     from bench import plans
-    from utils import api
 
     folder = make_decoder_teacher(tmp_path / "teacher", ffn=512, tokenizer="bpe")  # what a GGUF carries
-    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
-    api.sensitivity_map(api.SessionConfig(teacher=str(folder), device="cpu", data=data),
-                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    small_map(folder, tiny_corpus, tmp_path / "map")
     argv = ["--teacher", str(folder), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
             "--map", str(tmp_path / "map"), "--targets", "1.05", "--kv-targets", "none", "--seq-len", "16",
             "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
@@ -57,13 +63,8 @@ def test_methods_left_out_are_not_built(tiny_llama, tiny_corpus, tmp_path):
     """A decoder with --methods planned,uniform: those two only (no layer-removal students, nor an encoder's
     untrained baselines in their place)."""
     from bench import plans
-    from utils import api
 
-    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
-    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
-                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    small_map(tiny_llama, tiny_corpus, tmp_path / "map")
     argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
             "--map", str(tmp_path / "map"), "--targets", "1.05", "--kv-targets", "none", "--seq-len", "16",
             "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
