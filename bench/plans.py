@@ -50,7 +50,6 @@ plans.json, plans.md, pareto.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -74,7 +73,7 @@ from utils.cli.types import number, positive_int  # noqa: E402
 from utils.data.text import DataError  # noqa: E402
 from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
                                    read_prompts, teacher_chat)
-from utils.evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp  # noqa: E402
+from utils.evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp, llama_timer  # noqa: E402
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
 from utils.evaluation.speed import Timing  # noqa: E402
@@ -360,9 +359,8 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
     smap = runtime_map(smap, s.teacher.config, mc.runtime)  # --runtime: only the units it runs, for every method
     ctx = context(s, mc, train=train, record=run_record(record(args), batch_size=s.data.batch_size, train=train,
                                                          percentage_data=s.data.fraction))
-    with contextlib.ExitStack() as stack:
-        llama = (stack.enter_context(LlamaCppTimer(s.teacher, s.tokenizer, mc.gguf_timing(s.data.seq_len)))
-                 if mc.runtime == "llama.cpp" else None)
+    in_llama = mc.runtime == "llama.cpp"
+    with llama_timer(s.teacher, s.tokenizer, mc.gguf_timing(s.data.seq_len) if in_llama else None) as llama:
         return run_bench(Bench(args, s, smap, ctx, mc.timing(s.data.seq_len), llama), docs, out)
 
 
@@ -519,17 +517,16 @@ def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[s
     also each model's llama.cpp speeds against the teacher's (``LlamaCppTimer.speeds``) under "llama_cpp"."""
     s = b.s
     out: dict[str, dict[str, float]] = {}
+    timed = [key for key, v in models.items() if v["trained"] or key.removeprefix("untrained ") not in models]
     for speed in ("prefill", "decode") if b.causal else ("prefill",):
         fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
-        for key, v in models.items():
-            if v["trained"] or key.removeprefix("untrained ") not in models:
-                fns[key] = speed_fn(v["model"].to(s.device), speed, batch=b.timing.batch, seq=b.timing.seq)
+        for key in timed:
+            fns[key] = speed_fn(models[key]["model"].to(s.device), speed, batch=b.timing.batch, seq=b.timing.seq)
         out[speed] = b.timing.ms(fns, s.device)
     for v in models.values():
         v["model"].cpu()
     if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
-        out["llama_cpp"] = {key: b.llama.speeds(v["model"]) for key, v in models.items()
-                            if v["trained"] or key.removeprefix("untrained ") not in models}
+        out["llama_cpp"] = {key: b.llama.speeds(models[key]["model"]) for key in timed}
     return out
 
 

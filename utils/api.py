@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from models import BertForMaskedLM, LayerSpec, ModelConfig, family_of, load_teacher as _load_model_and_tokenizer
 from models.compress import (clone_model, compose, drop_every_second as _drop_every_second, fit_problem,
@@ -40,7 +39,7 @@ from .evaluation.chat import Chat, ChatConfig, check_chat, evaluate_chat
 from .evaluation.metrics import EvalConfig, EvalResult, compare_models
 from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import counted, write_report
-from .evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp
+from .evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp, llama_timer
 from .evaluation.speed import Timing, decoder_costs
 from .evaluation.texts import EvalText, read_texts, score_texts, write_scalars
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
@@ -938,7 +937,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)
         smap, built = _plan_map(s, given, config=config, train=train, out=run / "map", record=rec, target=target)
         timing = config.timing(s.data.seq_len)
-        with _llama_timer(s, config, wanted=in_llama) as llama:
+        with llama_timer(s.teacher, s.tokenizer, config.gguf_timing(s.data.seq_len) if in_llama else None) as llama:
             plan, rounds = retimed_plan(s.teacher, smap, target, cost=cost, timing=timing, rounds=retime_rounds,
                                         margin=speed_margin, runtime=config.runtime, llama=llama)
             _write_plan(plan, run)
@@ -992,16 +991,6 @@ def _build_planned(s: Session, ctx: Any, plan: Plan, *, smap: dict[str, Any], ru
                                   map_units=map_units)
     return student, _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
                                   timing=timing, target=target, llama=llama)
-
-
-@contextmanager
-def _llama_timer(s: Session, config: MapConfig, *, wanted: bool) -> Iterator[LlamaCppTimer | None]:
-    """The timer of a plan for ``runtime`` llama.cpp (the teacher's GGUF written and loaded once), else None."""
-    if not wanted:
-        yield None
-        return
-    with LlamaCppTimer(s.teacher, s.tokenizer, config.gguf_timing(s.data.seq_len)) as timer:
-        yield timer
 
 
 def _write_plan(plan: Plan, run: Path) -> None:

@@ -8,9 +8,10 @@ on token windows taken in llama.cpp (``gguf_nll``), to compare its perplexity wi
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -160,3 +161,14 @@ class LlamaCppTimer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextmanager
+def llama_timer(teacher: SwappableModel, tokenizer, timing: GgufTiming | None) -> Iterator[LlamaCppTimer | None]:
+    """A ``LlamaCppTimer`` of ``teacher`` (its GGUF written and loaded once) for the block, closed after; None when
+    ``timing`` is None (nothing is timed in llama.cpp)."""
+    if timing is None:
+        yield None
+        return
+    with LlamaCppTimer(teacher, tokenizer, timing) as timer:
+        yield timer
