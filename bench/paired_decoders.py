@@ -8,7 +8,8 @@ over window means), the sign test and McNemar's exact test on top-1 agreement wi
 --seq-len, no BOS), the same for every model; or of its first --test-sentences (a bench's windows); or, with
 --skip-test-sentences N, of the sentences after the first N, to confirm a bench's comparison on test text it has not
 looked at. Each --eval-text NAME=PATH (repeatable) gets the same table and paired tests on its own windows (its
-documents in order, as eval_merged_12.py scores it): "texts" in paired.json, a section per text in paired.md. With
+documents in order, as eval_merged_12.py scores it; --eval-text-items N: its first N windows, as bench/plans.py
+limits them): "texts" in paired.json, a section per text in paired.md. With
 --chat-prompts (a teacher with a chat template), every model's greedy chat replies against the teacher's, generated
 once (utils.evaluation.chat; replies in <out>/chat/NAME), each student against --reference by McNemar on the prompts
 whose first 8 reply tokens equal the teacher's and the tests above on the teacher's reply tokens: "chat".
@@ -34,7 +35,7 @@ if str(ROOT) not in sys.path:
 from bench.quick import add_quick  # noqa: E402
 from utils import session as _session  # noqa: E402
 from utils.cli.configs import chat_config, session_config  # noqa: E402
-from utils.cli.groups import add_chat_args  # noqa: E402
+from utils.cli.groups import add_chat_args, add_eval_text_items_arg  # noqa: E402
 from utils.cli.parser import add_eval_text_arg, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with plain transformers on the same windows")
     add_quick(p, {"seq_len": 16, "batch_size": 8, "test_sentences": 24}, "windows of 16 over 24 test sentences")
     add_eval_text_arg(g)  # each named text: the same table and paired tests, on its own windows
+    add_eval_text_items_arg(g)
     add_chat_args(p)
     return p
 
@@ -205,9 +207,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
            "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,
            **test_scores}
     if args.eval_text:
-        res["texts"] = {t.name: {"path": t.path, "documents": len(docs[t.name]),
-                                 **compare(s, students, s.loader(text_dataset(docs[t.name], s), shuffle=False)[0],
-                                           args.reference)[0]} for t in args.eval_text}
+        res["texts"] = {t.name: {"path": t.path, "documents": len(docs[t.name]), "items_limit": args.eval_text_items,
+                                 **compare(s, students, s.loader(text_dataset(docs[t.name], s).first(
+                                     args.eval_text_items), shuffle=False)[0], args.reference)[0]}
+                        for t in args.eval_text}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if chat is not None:

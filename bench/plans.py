@@ -65,8 +65,8 @@ if str(ROOT) not in sys.path:
 from bench.quick import add_quick  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
-from utils.cli.groups import (add_chat_args, add_finetune_args, add_gguf_type_arg, add_map_args,  # noqa: E402
-                              add_retime_args, add_sharding_args)
+from utils.cli.groups import (add_chat_args, add_eval_text_items_arg, add_finetune_args, add_gguf_type_arg,  # noqa: E402
+                              add_map_args, add_retime_args, add_sharding_args)
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number, positive_int  # noqa: E402
@@ -135,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", type=method_list, default=list(METHODS),
                    help="the methods to build, comma-separated (ShortGPT and SLEB: decoders only) "
                         "(default: all)")
-    g.add_argument("--eval-text-items", type=positive_int("--eval-text-items"), default=None, metavar="N",
-                   help="score each --eval-text on its first N items in text order: a decoder's token windows, a "
-                        "masked LM's sentences (budget; default all)")
+    add_eval_text_items_arg(g)
     add_retime_args(g)  # --retime-rounds 0: the map's plans as they are, planned and uniform
     add_finetune_args(p)
     add_map_args(p)

@@ -114,6 +114,13 @@ def test_each_named_text_gets_its_own_paired_tests(tiny_llama, tiny_corpus, tmp_
     assert set(other["tests"]) == {"half"} and other["rows"]["half"]["perplexity"] != res["rows"]["half"]["perplexity"]
     out = capsys.readouterr().out
     assert "Text other (" in out and sum(line.startswith("| half |") for line in out.splitlines()) == 3
+    # --eval-text-items: each named text on its first N windows only, the test split untouched
+    argv[argv.index(str(tmp_path / "out"))] = str(tmp_path / "first2")
+    assert run_main(lambda a: paired_decoders.main(a, parser), parser, [*argv, "--eval-text-items", "2"]) == 0
+    first2 = json.loads((tmp_path / "first2" / "paired.json").read_text())
+    assert first2["rows"] == res["rows"] and other["windows"] > 2
+    assert {t["windows"] for t in first2["texts"].values()} == {2} and first2["texts"]["other"]["items_limit"] == 2
+    assert first2["texts"]["other"]["tokens"] < other["tokens"]
 
 
 def test_students_chat_replies_are_compared_with_the_teachers(tiny_chat_llama, tiny_corpus, tmp_path, capsys,

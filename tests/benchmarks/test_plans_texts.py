@@ -36,6 +36,12 @@ def test_the_bench_scores_every_student_on_each_text(tiny_llama, tiny_corpus, tm
         prose["tests"][0]["nll_sign"]["ties"] == prose["items"]
     md = (tmp_path / "b" / "plans.md").read_text()
     assert "## Text prose (" in md and md.count("| KV 0.5 | planned |") == 3
+    # --eval-text-items 2: each named text on its first two windows only, the test split as before
+    argv[argv.index("b")] = "c"
+    assert run_main(plans.main, plans.build_parser(), [*argv, "--eval-text-items", "2"]) == 0
+    two = json.loads((tmp_path / "c" / "plans.json").read_text())
+    assert [r["metrics"] for r in two["rows"]] == [r["metrics"] for r in res["rows"]]
+    assert two["texts"]["prose"]["items_limit"] == 2 and 0 < two["texts"]["prose"]["items"] < prose["items"]
 
 
 def test_calibration_too_small_for_a_mixture_names_its_flag(tiny_llama, tiny_corpus, tmp_path, capsys):
