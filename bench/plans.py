@@ -65,8 +65,8 @@ if str(ROOT) not in sys.path:
 from bench.quick import add_quick  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
-from utils.cli.groups import (add_chat_args, add_eval_text_items_arg, add_finetune_args, add_gguf_type_arg,  # noqa: E402
-                              add_map_args, add_retime_args, add_sharding_args)
+from utils.cli.groups import (add_chat_args, add_eval_text_items_arg, add_finetune_args,  # noqa: E402
+                              add_gguf_type_arg, add_map_args, add_retime_args, add_sharding_args)
 from utils.cli.parser import add_training_args, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import number, positive_int  # noqa: E402
@@ -256,11 +256,11 @@ class Bench:
         if self.causal:
             if {"ShortGPT", "SLEB"} & set(wanted):
                 self.removal_orders()
+            where = "in llama.cpp" if self.llama is not None else "in PyTorch"
             for method, order in self.orders.items():
                 if method not in wanted:
                     continue
                 timed: list[str] = []
-                where = "in llama.cpp" if self.llama is not None else "in PyTorch"
                 n = baselines.fewest_drops(order, self.meets(target, timed), start=self._first_guess(target),
                                            limit=self.n - 1, extend=self._extend_sleb if method == "SLEB" else None)
                 if n is None:

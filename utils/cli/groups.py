@@ -59,7 +59,8 @@ def add_eval_text_arg(g: argparse._ActionsContainer) -> None:
 
 
 def add_eval_text_items_arg(g: argparse._ActionsContainer) -> None:
-    """--eval-text-items N: a bench's budget on each --eval-text (``TokenWindows.first`` / ``TokenizedSentences.first``)."""
+    """--eval-text-items N: a bench's budget on each --eval-text (``TokenWindows.first``,
+    ``TokenizedSentences.first``)."""
     g.add_argument("--eval-text-items", type=positive_int("--eval-text-items"), default=None, metavar="N",
                    help="score each --eval-text on its first N items in text order: a decoder's token windows, a "
                         "masked LM's sentences (budget; default all)")

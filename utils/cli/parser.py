@@ -40,8 +40,8 @@ def common_parser(description: str, default_out: str) -> Parser:
     p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("common")
     g.add_argument("--teacher", default="bert-base-uncased",
-                   help="Hugging Face hub id or local folder (config.json + weights) of the teacher: a BERT masked LM or a "
-                        "Llama / Qwen2 decoder (SmolLM2 is a Llama)")
+                   help="Hugging Face hub id or local folder (config.json + weights) of the teacher: a BERT masked "
+                        "LM or a Llama / Qwen2 decoder (SmolLM2 is a Llama)")
     g.add_argument("--dataset", default="wikitext2", choices=["wikitext2"], help="corpus from the Hugging Face Hub")
     g.add_argument("--data-dir", default=None,
                    help="local text instead: train.txt/valid.txt/test.txt (one sentence per line) or one .txt split "
@@ -53,7 +53,8 @@ def common_parser(description: str, default_out: str) -> Parser:
                         "shuffled into splits) or documents (whole articles / files in order, every line kept; a "
                         "single file's or folder's documents assigned whole to splits in order) (default: documents "
                         "for a decoder, sentences for a masked LM, whose teacher was trained on its sentence split)")
-    g.add_argument("--seq-len", type=int_at_least("--seq-len", 3), default=40, help="max tokens per sentence or window ([CLS]/[SEP] included for BERT)")
+    g.add_argument("--seq-len", type=int_at_least("--seq-len", 3), default=40,
+                   help="max tokens per sentence or window ([CLS]/[SEP] included for BERT)")
     g.add_argument("--batch-size", type=positive_int("--batch-size"), default=32)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--teacher-device-map", type=device_map_arg, default=None, metavar="MAP",
