@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_quick(p, {"seq_len": 16, "batch_size": 8, "test_sentences": 24}, "windows of 16 over 24 test sentences")
     add_eval_text_arg(g)  # each named text: the same table and paired tests, on its own windows
     add_eval_text_items_arg(g)
+    g.add_argument("--skip-eval-text-items", type=positive_int("--skip-eval-text-items"), default=None, metavar="N",
+                   help="leave out each --eval-text's first N windows (those a bench scored with --eval-text-items N) "
+                        "and compare on the rest, or on the --eval-text-items after them")
     add_chat_args(p)
     return p
 
@@ -103,8 +106,9 @@ def markdown(res: dict) -> str:
     lines = [f"{res['tokens']:,} predicted tokens ({res['windows']} windows of {res['seq_len']}{after}); reference: "
              f"{ref}", "", *_table(res)]
     for name, part in res.get("texts", {}).items():
+        later = f" after its first {part['skipped_items']:,}" if part.get("skipped_items") else ""
         lines += ["", f"Text {name} ({part['path']}): {part['tokens']:,} predicted tokens ({part['windows']} windows "
-                  f"of {res['seq_len']}, its documents in order); reference: {ref}", "", *_table(part)]
+                  f"of {res['seq_len']}{later}, its documents in order); reference: {ref}", "", *_table(part)]
     if "chat" in res:
         lines += ["", *_chat_table(res["chat"], ref)]
     if "transformers" in res:
@@ -207,9 +211,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
            "test_sentences": args.test_sentences, "skipped_test_sentences": args.skip_test_sentences or 0,
            **test_scores}
     if args.eval_text:
+        skip = args.skip_eval_text_items or 0
         res["texts"] = {t.name: {"path": t.path, "documents": len(docs[t.name]), "items_limit": args.eval_text_items,
+                                 "skipped_items": skip,
                                  **compare(s, students, s.loader(text_dataset(docs[t.name], s).first(
-                                     args.eval_text_items), shuffle=False)[0], args.reference)[0]}
+                                     args.eval_text_items, skip=skip), shuffle=False)[0], args.reference)[0]}
                         for t in args.eval_text}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

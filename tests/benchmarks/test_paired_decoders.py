@@ -121,6 +121,15 @@ def test_each_named_text_gets_its_own_paired_tests(tiny_llama, tiny_corpus, tmp_
     assert first2["rows"] == res["rows"] and other["windows"] > 2
     assert {t["windows"] for t in first2["texts"].values()} == {2} and first2["texts"]["other"]["items_limit"] == 2
     assert first2["texts"]["other"]["tokens"] < other["tokens"]
+    # --skip-eval-text-items: the windows after those, a confirmation on text the first run did not score
+    argv[argv.index(str(tmp_path / "first2"))] = str(tmp_path / "next2")
+    assert run_main(lambda a: paired_decoders.main(a, parser), parser,
+                    [*argv, "--eval-text-items", "2", "--skip-eval-text-items", "2"]) == 0
+    next2 = json.loads((tmp_path / "next2" / "paired.json").read_text())
+    assert next2["rows"] == res["rows"] and next2["texts"]["other"]["skipped_items"] == 2
+    assert {t["windows"] for t in next2["texts"].values()} == {2}
+    assert next2["texts"]["other"]["rows"]["half"] != first2["texts"]["other"]["rows"]["half"]
+    assert "2 windows of 16 after its first 2" in (tmp_path / "next2" / "paired.md").read_text()
 
 
 def test_students_chat_replies_are_compared_with_the_teachers(tiny_chat_llama, tiny_corpus, tmp_path, capsys,

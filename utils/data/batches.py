@@ -31,6 +31,18 @@ def token_ids_hash(token_ids: Sequence[Sequence[int]], *context: object) -> str:
     return h.hexdigest()[:20]
 
 
+def _leading(ds: TokenizedSentences | TokenWindows, n: int | None, skip: int, what: str) -> tuple:
+    """A shallow copy of ``ds`` holding its items ``skip .. skip + n`` (to the end with None), and that slice; ``ds``
+    itself when the slice is everything."""
+    if skip < 0 or (skip and skip >= len(ds.ids)):
+        raise DataError(f"the text has {len(ds.ids)} {what}; cannot skip the first {skip}")
+    rows = slice(skip, None if n is None else skip + n)
+    if not skip and (n is None or n >= len(ds.ids)):
+        return ds, rows
+    part = copy.copy(ds)
+    part.ids = ds.ids[rows]
+    return part, rows
+
 
 class TokenizedSentences(Dataset):
     """Token ids per sentence ([CLS] ... [SEP], truncated to seq_len keeping both), plus an eval mask position."""
@@ -74,14 +86,12 @@ class TokenizedSentences(Dataset):
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
 
-    def first(self, n: int | None) -> "TokenizedSentences":
-        """The first ``n`` sentences (all with None), their masks kept: a budget on an evaluation text."""
-        if n is None or n >= len(self.ids):
-            return self
-        part = copy.copy(self)
-        part.ids = self.ids[:n]
-        if self.mask_positions is not None:
-            part.mask_positions = self.mask_positions[:n]
+    def first(self, n: int | None, skip: int = 0) -> "TokenizedSentences":
+        """The first ``n`` sentences (all with None) after the first ``skip``, their masks kept: a budget on an
+        evaluation text."""
+        part, rows = _leading(self, n, skip, "sentences")
+        if part is not self and self.mask_positions is not None:
+            part.mask_positions = self.mask_positions[rows]
         return part
 
 
@@ -115,13 +125,12 @@ class TokenWindows(Dataset):
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
 
-    def first(self, n: int | None) -> "TokenWindows":
-        """The first ``n`` windows in text order (all with None): a budget on an evaluation text."""
-        if n is None or n >= len(self.ids):
-            return self
-        part = copy.copy(self)
-        part.ids = self.ids[:n]
-        part.tokens = sum(len(x) for x in part.ids)
+    def first(self, n: int | None, skip: int = 0) -> "TokenWindows":
+        """The first ``n`` windows in text order (all with None) after the first ``skip``: a budget on an evaluation
+        text, or a confirmation on windows a bench has not scored."""
+        part, _ = _leading(self, n, skip, "windows")
+        if part is not self:
+            part.tokens = sum(len(x) for x in part.ids)
         return part
 
     def describe(self) -> str:

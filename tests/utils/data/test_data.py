@@ -264,3 +264,11 @@ def test_first_items_of_an_evaluation_text(tmp_path):
     sents = TokenizedSentences(make_sentences(20, 4), make_tokenizer(tmp_path / "mlm"), 16)
     few = sents.first(5)
     assert few.ids == sents.ids[:5] and few.mask_positions == sents.mask_positions[:5] and len(sents) == 20
+    # after the first `skip`: the next n, or the rest; skipping everything is an error naming the count
+    later = win.first(2, skip=3)
+    assert later.ids == win.ids[3:5] and later.tokens == sum(len(x) for x in win.ids[3:5])
+    assert win.first(None, skip=1).ids == win.ids[1:]
+    rest = sents.first(None, skip=15)
+    assert rest.ids == sents.ids[15:] and rest.mask_positions == sents.mask_positions[15:]
+    with pytest.raises(DataError, match="the text has 20 sentences; cannot skip the first 20"):
+        sents.first(3, skip=20)
