@@ -36,7 +36,7 @@ from .errors import SettingError
 from .evaluation.harness import (HarnessComparison, HarnessConfig, Tasks, compare as compare_lm_eval, load_tasks,
                                  need_causal_lm)
 from .evaluation.chat import Chat, ChatConfig, check_chat, evaluate_chat
-from .evaluation.metrics import EvalConfig, EvalResult, compare_models
+from .evaluation.metrics import CausalComparison, EvalConfig, EvalResult, compare_models
 from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import counted, write_report
 from .evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp, llama_timer
@@ -759,9 +759,17 @@ def _finetune(s: Session, job: _FinetuneRun, locks: list) -> FineTuned:
             "teacher_hash": s.teacher_hash, "sources": sources, **describe_losses(task, "model")}
 
     def evaluate() -> dict[str, float]:
-        m = task.evaluate(valid_loader)
-        cmp = compare_models(s.teacher, student, valid_loader, tokenizer=s.tokenizer, device=s.device,
-                             keep_rows=False, max_batches=job.eval_batches).metrics
+        if s.teacher.TASK == "causal":  # the task's own pass scores every next token: the metrics read its outputs
+            task.watch = CausalComparison(s.teacher, student, max_batches=job.eval_batches)
+            try:
+                m = task.evaluate(valid_loader)
+                cmp = task.watch.result(s.device)
+            finally:
+                task.watch = None
+        else:  # a masked LM's validation draws its own masks: the comparison reads the loader's, in a pass of its own
+            m = task.evaluate(valid_loader)
+            cmp = compare_models(s.teacher, student, valid_loader, tokenizer=s.tokenizer, device=s.device,
+                                 keep_rows=False, max_batches=job.eval_batches).metrics
         m.update({f"model/{k}": float(cmp[k]) for k in REPORTED if k in cmp})
         return m
 

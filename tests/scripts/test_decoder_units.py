@@ -127,6 +127,15 @@ def test_dropped_layer_student_finetunes(session, tmp_path):
     assert [s.kind for s in done.model.config.layers] == ["teacher"] * 3 + ["dropped"]
     first_loss, last_loss = _losses(done.run_dir / "model")
     assert last_loss < first_loss
+    # the per-epoch comparison with the teacher (read off the validation pass's own forwards) is compare_models's
+    from utils.evaluation.metrics import compare_models
+
+    logged = json.loads((done.run_dir / "model" / "last" / "meta.json").read_text())["metrics"]
+    last, _ = load_model(done.run_dir / "model" / "last")
+    loader, _ = session.loader(session.sentences("valid"), shuffle=False)
+    want = compare_models(session.teacher, last, loader, tokenizer=session.tokenizer, device=session.device).metrics
+    for k in ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine"):
+        assert logged[k] == pytest.approx(want[k], rel=1e-5), k
 
 
 @pytest.mark.slow

@@ -352,6 +352,36 @@ def _all_reduce_counts(metrics: list[Metric], device: torch.device) -> None:
         m.counts[k] = v
 
 
+class CausalComparison:
+    """``compare_models``'s per-token metrics of a causal teacher and student (without timings), fed with the outputs
+    of forwards another loop already ran: a fine-tune's validation pass, so neither model runs twice. Each call is
+    one batch (``next_tokens``'s positions); batches after the first ``max_batches`` are ignored."""
+
+    def __init__(self, teacher: SwappableModel, student: SwappableModel, *, max_batches: int | None = None):
+        if teacher.TASK != "causal":
+            raise ValueError(f"a causal comparison needs a causal LM teacher, got a {teacher.TASK} one")
+        self.metrics = [m for m in make_metrics(teacher, student, mlm=True, with_judge=False, entropy=True)
+                        if not isinstance(m, Cost)]
+        self.max_batches, self.batches = max_batches, 0
+
+    def __call__(self, batch: dict, valid: torch.Tensor, target: torch.Tensor, teacher_hidden: torch.Tensor,
+                 student_hidden: torch.Tensor, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            return
+        self.batches += 1
+        out = BatchOutputs(batch, valid, target, teacher_hidden.float(), student_hidden.float(), 0.0, 0.0,
+                           teacher_logits.float(), student_logits.float())
+        out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
+        out.student_top = out.student_logits.topk(max(TOPK), -1).indices
+        for metric in self.metrics:
+            metric.update(out)
+
+    def result(self, device: torch.device) -> dict[str, Any]:
+        """The metrics over every rank's batches (call once, on every rank)."""
+        _all_reduce_counts(self.metrics, device)
+        return {k: v for metric in self.metrics for k, v in metric.result().items()}
+
+
 @torch.no_grad()
 def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *, tokenizer, device: torch.device,
                    judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,

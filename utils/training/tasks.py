@@ -10,7 +10,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -506,6 +506,8 @@ class ModelDistill(DistillTask):
         self.matches = [(j, spec.origin[-1] + 1) for j, spec in enumerate(student.config.layers)]
         if topk is not None:
             self._check_topk(topk)
+        # called with each validation batch's outputs when set (a ``CausalComparison``): metrics off the same forwards
+        self.watch: Callable[..., None] | None = None
 
     def _check_topk(self, topk: TopKCache) -> None:
         """A top-k cache serves the KL alone (with the hard-label term beside it), at the task's temperature."""
@@ -533,12 +535,17 @@ class ModelDistill(DistillTask):
         weight = float(valid.sum())
         if self.mlm_ok:
             s_logits = student.mlm_logits(s.last_hidden_state[sel])
+            watching = self.watch is not None and not self.training
+            t_logits = self.teacher.mlm_logits(t.last_hidden_state[sel]) if t is not None and (
+                "kl" in terms or watching) else None
             weight = float(sel.sum())
             if "kl" in terms:
                 out["kl"] = self._topk_kl(batch, s_logits, sel) if cached else \
-                    kl_logits(s_logits, self.teacher.mlm_logits(t.last_hidden_state[sel]), self.temperature)
+                    kl_logits(s_logits, t_logits, self.temperature)
             if "mlm" in terms:
                 out["mlm"] = nn.functional.cross_entropy(s_logits.float(), labels[sel])
+            if watching:
+                self.watch(batch, valid, labels[sel], t.last_hidden_state, s.last_hidden_state, t_logits, s_logits)
         if "hidden" in terms:
             out["hidden"] = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid,
                                             criterion=self.hidden_criterion)

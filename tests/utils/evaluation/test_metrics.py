@@ -144,3 +144,43 @@ def test_a_flat_student_has_the_entropy_of_the_uniform_distribution(tiny_llama, 
     assert sc.mean(sc.entropy["flat"]) == pytest.approx(log_v, rel=1e-5)
     assert sc.mean(sc.nll["flat"]) == pytest.approx(log_v, rel=1e-5)
     assert max(sc.teacher_entropy) < log_v - 1e-4  # a random teacher is nearly flat, not exactly
+
+
+def test_a_heals_validation_pass_gives_the_comparison_running_each_model_once(tiny_llama, tiny_corpus,
+                                                                           models_and_data):
+    """``CausalComparison`` fed by ``ModelDistill.evaluate``'s own forwards: compare_models's per-token metrics, with
+    the teacher and the student each run once per validation batch (not again for the metrics); ``max_batches``
+    limits the metrics only, the task's loss still reads every batch."""
+    from utils.data.batches import TokenWindows
+    from utils.data.masking import lm_targets
+    from utils.evaluation.metrics import CausalComparison
+    from utils.training.tasks import ModelDistill
+
+    teacher, tok = load_teacher(tiny_llama)
+    student, _ = drop_every_second(teacher)  # its own modules (a shallow copy would share the teacher's hooks)
+    loader, _ = make_loader(TokenWindows(load_sentences(DataConfig(data_dir=str(tiny_corpus)), "test"), tok, 16),
+                            tok, 5, shuffle=False)
+    cpu, batches = torch.device("cpu"), len(loader)
+    task = ModelDistill(teacher, student, lm_targets(tok, teacher), temperature=2.0)
+    runs = {"teacher": 0, "student": 0}
+    hooks = [m.register_forward_hook(lambda *_, n=n: runs.__setitem__(n, runs[n] + 1))
+             for n, m in (("teacher", teacher), ("student", student))]
+    try:
+        for limit in (None, 1):
+            task.watch = CausalComparison(teacher, student, max_batches=limit)
+            loss = task.evaluate(loader)["model/loss"]
+            got = task.watch.result(cpu)
+            assert runs == {"teacher": batches, "student": batches} and batches > 1
+            runs.update(teacher=0, student=0)
+            want = compare_models(teacher, student, loader, tokenizer=tok, device=cpu, max_batches=limit).metrics
+            assert loss > 0 and got["predicted_tokens"] == want["predicted_tokens"]
+            for k in ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine", "student_perplexity",
+                      "teacher_perplexity"):
+                assert got[k] == pytest.approx(want[k], rel=1e-5), k
+            runs.update(teacher=0, student=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    bert, bert_student = models_and_data[:2]
+    with pytest.raises(ValueError, match="needs a causal LM teacher, got a mlm one"):
+        CausalComparison(bert, bert_student)
