@@ -382,6 +382,18 @@ class CausalComparison:
         return {k: v for metric in self.metrics for k, v in metric.result().items()}
 
 
+def _batches(loader, max_batches: int | None, desc: str):
+    """The first ``max_batches`` batches of ``loader`` (all with None) under a progress bar (rank 0's, on stderr;
+    gone when done)."""
+    from tqdm.auto import tqdm
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    return tqdm(itertools.islice(loader, max_batches), total=total, desc=desc, unit="batch", leave=False,
+                disable=not runtime.is_main_process(), dynamic_ncols=True)
+
+
 @torch.no_grad()
 def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *, tokenizer, device: torch.device,
                    judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,
@@ -396,7 +408,7 @@ def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *
     metrics = make_metrics(teacher, student, mlm=mlm, with_judge=judge is not None, entropy=True)
     rows = PredictionRows(tokenizer) if keep_rows else None
     causal = teacher.TASK == "causal"
-    for bi, batch in enumerate(itertools.islice(loader, max_batches)):
+    for bi, batch in enumerate(_batches(loader, max_batches, "comparing with the teacher")):
         out = (_run_causal_batch(teacher, student, batch=batch, device=device, warm_up=bi == 0) if causal else
                _run_batch(teacher, student, judge, batch=batch, device=device, mlm=mlm, warm_up=bi == 0))
         for metric in metrics:
@@ -529,7 +541,7 @@ def token_scores(teacher: SwappableModel, students: dict[str, SwappableModel], l
                       [], {k: [] for k in students})
     for model in (teacher, *students.values()):
         model.eval()
-    for batch in itertools.islice(loader, max_batches):
+    for batch in _batches(loader, max_batches, f"scoring {len(students)} model(s) and the teacher"):
         ids, att, sel, target = next_tokens(batch, device)
         res.window += batch["index"][:, None].expand_as(sel)[sel.cpu()].tolist()
 
