@@ -31,7 +31,8 @@ def token_ids_hash(token_ids: Sequence[Sequence[int]], *context: object) -> str:
     return h.hexdigest()[:20]
 
 
-def _leading(ds: TokenizedSentences | TokenWindows, n: int | None, skip: int, what: str) -> tuple:
+def _leading(ds: TokenizedSentences | TokenWindows, n: int | None, skip: int,
+             what: str) -> tuple[TokenizedSentences | TokenWindows, slice]:
     """A shallow copy of ``ds`` holding its items ``skip .. skip + n`` (to the end with None), and that slice; ``ds``
     itself when the slice is everything."""
     if skip < 0 or (skip and skip >= len(ds.ids)):
