@@ -27,12 +27,17 @@ a student's export), the issue's check being that both pass@1 agree within one p
     python bench/humaneval.py --canonical                         # the harness on the reference solutions: 1.0
 
 Writes ``<--out>/humaneval.json`` (every number), ``humaneval.md`` (the table) and ``<model>.jsonl`` (per problem:
-the reply, the code taken out of it, the harness's result).
+the reply, the code taken out of it, the harness's result). Resumable: each batch's replies go to
+``<--out>/replies/<model>/`` as soon as the batch is done (``utils.storage.chunks.ChunkFolder``), so a run stopped
+after an hour (164 problems take about that per model on CPU) loses one batch; the rerun generates the rest, batched
+as one uninterrupted run would, and replies made with other settings (model files, prompts, reply limit, batch size)
+are refused unless ``--force``.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import re
 import sys
@@ -52,6 +57,7 @@ from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import positive_float, positive_int  # noqa: E402
 from utils.evaluation.chat import Chat, answer  # noqa: E402
 from utils.evaluation.stats import format_p, mcnemar  # noqa: E402
+from utils.storage.chunks import ChunkFolder  # noqa: E402
 
 PROMPT = ("Complete the following Python function. Reply with the whole function, and the imports it needs, in one "
           "```python code block.\n\n```python\n{prompt}\n```")
@@ -198,33 +204,59 @@ def load_students(specs: dict[str, str], teacher: torch.nn.Module, device: torch
 
 
 # ---- one model on the problems ----
+def files_digest(folder: str | Path) -> str:
+    """sha256 over a model folder's weight and config files (names and bytes): what identifies its replies."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def solve(model: torch.nn.Module, chat: Chat, problems: Sequence[dict[str, Any]], *, args: argparse.Namespace,
-          label: str) -> dict[str, Any]:
-    """``model``'s replies to every problem (greedy, batched, sorted by prompt length), their code and the harness's
-    verdicts; with the generation's wall time."""
+          label: str, cache: Path, model_digest: str) -> dict[str, Any]:
+    """``model``'s replies to every problem (greedy, in batches of prompts sorted by length), their code and the
+    harness's verdicts; with the wall time of the replies generated now. Each batch's replies are kept in ``cache``
+    (a ``ChunkFolder``, settings: the model's files, the prompt ids, the reply limit and batch size) as soon as it is
+    done: a rerun after a stop generates only the batches not there, batched as one uninterrupted run would."""
     ids = [chat.prompt_ids(PROMPT.format(prompt=p["prompt"].strip())) for p in problems]
     order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
-    done = [0]
-    start = time.perf_counter()
-
-    def progress(n: int) -> None:
-        done[0] += n
-        print(f"  {label}: {done[0]}/{len(ids)} problems, {time.perf_counter() - start:.0f} s", file=sys.stderr,
-              flush=True)
-
-    replies_sorted = answer(model, chat, [ids[k] for k in order], max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, progress=progress)
-    seconds = time.perf_counter() - start
+    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    prompts_digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    store = ChunkFolder(cache, {"format": 1, "model_files_sha256": model_digest, "prompt_ids_sha256": prompts_digest,
+                                "problems": len(ids), "max_new_tokens": args.max_new_tokens,
+                                "batch_size": args.batch_size, "device_type": args.device},
+                        manifest="replies.json", pattern="batch-{:04d}.json", what=f"{label}'s HumanEval replies",
+                        force=args.force, hint="use another --out, or --force to generate them anew")
     replies: list[list[int]] = [[] for _ in ids]
-    for k, r in zip(order, replies_sorted):
-        replies[k] = r
+    resumed, seconds, new_tokens = 0, 0.0, 0
+    for k, batch in enumerate(batches):
+        if store.done(k):
+            got = json.loads(store.read(k))
+            resumed += len(batch)
+        else:
+            start = time.perf_counter()
+            got = answer(model, chat, [ids[j] for j in batch], max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size)
+            seconds += time.perf_counter() - start
+            new_tokens += sum(len(r) for r in got)
+            store.write(k, json.dumps(got))
+        for j, r in zip(batch, got):
+            replies[j] = r
+        done = sum(len(b) for b in batches[:k + 1])
+        print(f"  {label}: {done}/{len(ids)} problems ({resumed} from {cache}), {seconds:.0f} s", file=sys.stderr,
+              flush=True)
     texts = [chat.text(r) for r in replies]
     codes = [sanitize(t, p["entry_point"]) for t, p in zip(texts, problems)]
     verdicts = execute(problems, ["\n" + c for c in codes], timeout=args.timeout)
     rows = [{"task_id": p["task_id"], **v, "reply": t, "code": c, "reply_tokens": len(r),
              "ended": bool(r) and r[-1] in chat.end_ids}
             for p, v, t, c, r in zip(problems, verdicts, texts, codes, replies)]
-    return {"rows": rows, "generation_s": seconds, "tokens": sum(len(r) for r in replies)}
+    return {"rows": rows, "generation_s": seconds, "tokens": sum(len(r) for r in replies),
+            "generated_tokens": new_tokens, "resumed_problems": resumed}
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -256,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=5.0, help="seconds per problem's tests")
     p.add_argument("--threads", type=positive_int("--threads"), default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="bench/results/humaneval", help="output folder")
+    p.add_argument("--out", default="bench/results/humaneval", help="output folder; each model's replies are kept "
+                   "in <out>/replies/<model> batch by batch, and a rerun (after a stop) generates only the missing ones")
+    p.add_argument("--force", action="store_true",
+                   help="generate replies anew where <out>/replies holds some made with other settings (else refused)")
     add_quick(p, {"limit": 2, "max_new_tokens": 12, "batch_size": 2},
               "the first 2 problems, replies of at most 12 tokens (give a tiny --teacher with a chat template)")
     return p
@@ -286,10 +321,14 @@ def run_models(args: argparse.Namespace, named: dict[str, str], problems: list[d
     teacher, tokenizer = load_teacher(args.teacher, device)
     chat = Chat.of(tokenizer, args.teacher)
     models = {"teacher": (teacher, "ours"), **load_students(named, teacher, device)}
+    sources = {"teacher": args.teacher, **named}
+    digests = {name: files_digest(folder) for name, folder in sources.items()}
+    replies = Path(args.out) / "replies"
     results: dict[str, Any] = {}
     for name, (model, kind) in models.items():
-        results[name] = {"source": args.teacher if name == "teacher" else named[name], "kind": kind,
-                         **solve(model, chat, problems, args=args, label=name)}
+        results[name] = {"source": sources[name], "kind": kind,
+                         **solve(model, chat, problems, args=args, label=name, cache=replies / name,
+                                 model_digest=digests[name])}
     checks: dict[str, Any] = {}
     if args.hf_check:
         for name, (model, kind) in models.items():
@@ -297,7 +336,8 @@ def run_models(args: argparse.Namespace, named: dict[str, str], problems: list[d
                 continue
             folder = Path(args.teacher) if name == "teacher" else \
                 export_pretrained(model, Path(args.out) / "hf" / name, tokenizer)[0]
-            hf = solve(load_transformers(folder, device), chat, problems, args=args, label=f"{name} (transformers)")
+            hf = solve(load_transformers(folder, device), chat, problems, args=args, label=f"{name} (transformers)",
+                       cache=replies / f"{name}.transformers", model_digest=digests[name])  # exported from that
             checks[name] = hf_agreement(results[name]["rows"], hf["rows"], folder=folder,
                                         seconds=hf["generation_s"])
     return {"end_of_turn": chat.describe(), "models": results, "hf_check": checks}
@@ -340,7 +380,7 @@ def markdown(res: dict[str, Any]) -> str:
         t = res["tests"].get(n)
         vs = f"{t['only_a']} / {t['only_b']} | {format_p(t['p'])}" if t else "— | —"
         lines.append(f"| {n} | {m['kind']} | {s['pass@1']:.4f} | {s['passed']} / {s['problems']} | "
-                     f"{s['unfinished']} | {vs} | {m['generation_s']:.1f} | {m['tokens'] / m['generation_s']:.1f} |")
+                     f"{s['unfinished']} | {vs} | {m['generation_s']:.1f} | {_rate(m)} |")
     if res["hf_check"]:
         lines += ["", "| model | ours passed | transformers passed | within one problem | same verdicts | "
                   "same replies |", "|---|---:|---:|---|---:|---:|"]
@@ -348,6 +388,12 @@ def markdown(res: dict[str, Any]) -> str:
                   f" | {c['same_verdict']} / {c['problems']} | {c['same_reply']} / {c['problems']} |"
                   for n, c in res["hf_check"].items()]
     return "\n".join(lines)
+
+
+def _rate(m: dict[str, Any]) -> str:
+    """Tokens per second of the replies generated in this run ("—" when every reply came from the cache)."""
+    generated = m.get("generated_tokens", m["tokens"])
+    return f"{generated / m['generation_s']:.1f}" if generated and m["generation_s"] > 0 else "—"
 
 
 def write(res: dict[str, Any], out: Path) -> None:

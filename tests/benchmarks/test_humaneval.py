@@ -143,3 +143,44 @@ def test_a_models_folder_that_is_neither_kind_is_refused_before_loading(tmp_path
     r = run_script("bench/humaneval.py", "--teacher", tmp_path / "nowhere", "--models", f"x={tmp_path / 'empty'}")
     assert r.returncode == 2 and "found neither" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
+
+
+def test_replies_are_kept_batch_by_batch_and_a_rerun_generates_only_the_missing_ones(chat_teacher, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A run stopped after its first batch leaves that batch's replies; the rerun generates the second batch only and
+    writes what one uninterrupted run writes; other settings into the same --out are refused in one line, --force
+    generates anew."""
+    import bench.humaneval as he
+    from utils.cli.run import run_main
+
+    parser = he.build_parser()
+    real, calls = he.answer, []
+
+    def run(out: str, *extra: str) -> int:
+        argv = ["--quick", "--teacher", str(chat_teacher), "--batch-size", "1", "--threads", "1",
+                "--out", str(tmp_path / out), *extra]
+        return run_main(lambda a: he.main(a, parser), parser, argv)
+
+    def counting(*a, **kw):
+        calls.append(len(a[2]))
+        if len(calls) == 2 and stop:
+            raise KeyboardInterrupt  # stopped while answering the second batch
+        return real(*a, **kw)
+
+    monkeypatch.setattr(he, "answer", counting)
+    stop = False
+    assert run("whole") == 0 and calls == [1, 1]
+    stop, calls[:] = True, []
+    assert run("stopped") != 0
+    assert sorted(p.name for p in (tmp_path / "stopped" / "replies" / "teacher").iterdir()) == [
+        "batch-0000.json", "replies.json"]
+    stop, calls[:] = False, []
+    assert run("stopped") == 0 and calls == [1]  # the first batch came from the cache
+    assert (tmp_path / "stopped" / "teacher.jsonl").read_text() == (tmp_path / "whole" / "teacher.jsonl").read_text()
+    res = json.loads((tmp_path / "stopped" / "humaneval.json").read_text())
+    assert res["models"]["teacher"]["resumed_problems"] == 1
+    capsys.readouterr()
+    assert run("stopped", "--max-new-tokens", "5") == 2
+    assert "max_new_tokens: 12 there, 5 now" in capsys.readouterr().err.strip().splitlines()[-1]
+    calls[:] = []
+    assert run("stopped", "--max-new-tokens", "5", "--force") == 0 and calls == [1, 1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,8 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from models.base import SwappableModel
-from models.staging import remove_dead_stages, unique_tag
-from ..errors import SettingError
+from ..storage.chunks import ChunkFolder
 from .chat import Chat, answer, read_prompts
 
 log = logging.getLogger("simplifying_transformers")
@@ -67,40 +65,6 @@ def _settings(config: TeacherTextConfig, *, prompts_file: Path, prompts: Sequenc
             "prompts": len(prompts), "device_type": device.type, **asdict(config)}
 
 
-def _claim_folder(out: Path, settings: dict[str, Any], *, force: bool) -> None:
-    """``out`` holds text written with ``settings`` (or nothing yet): write the manifest, or refuse other settings;
-    ``force`` removes what other settings wrote."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        differ = sorted(k for k in set(found) | set(settings)
-                        if k != "prompts_file" and found.get(k) != settings.get(k))
-        if not differ:
-            return
-        if not force:
-            raise SettingError(f"`out` '{out}' holds teacher text written with other settings ("
-                               + ", ".join(f"{k}: {found.get(k)} there, {settings.get(k)} now" for k in differ[:4])
-                               + "); use another `out`, or `force` to write it anew")
-        for old in out.glob("chunk-*.jsonl"):
-            old.unlink()
-    _write_atomic(manifest, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomic(final: Path, text: str) -> None:
-    """``text`` into ``final`` under a temporary name, renamed when complete (what dead writers left is removed)."""
-    remove_dead_stages(final)
-    tmp = final.with_name(f"{final.name}.tmp.{unique_tag()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _chunk_lines(chat: Chat, prompts: Sequence[str], replies: Sequence[Sequence[int]]) -> str:
     """One JSONL line per reply: the templated prompt and the reply as the teacher wrote it (its end token kept)."""
     return "".join(json.dumps({"text": chat.prompt_text(p) + chat.text(r, special=True),
@@ -116,23 +80,23 @@ def write_teacher_text(teacher: SwappableModel, chat: Chat, *, config: TeacherTe
     out = Path(out)
     prompts_file, prompts = read_prompts(config.prompts, default="train")
     device = next(teacher.parameters()).device
-    _claim_folder(out, _settings(config, prompts_file=prompts_file, prompts=prompts, teacher=teacher_record,
-                                 device=device), force=force)
+    store = ChunkFolder(out, _settings(config, prompts_file=prompts_file, prompts=prompts, teacher=teacher_record,
+                                       device=device), manifest=MANIFEST, pattern="chunk-{:05d}.jsonl",
+                        what="teacher text", force=force, ignore=("prompts_file",))
     items = [p for _ in range(config.samples_per_prompt) for p in prompts]
     chunks = [items[i:i + config.chunk_size] for i in range(0, len(items), config.chunk_size)]
-    finals = [out / f"chunk-{k:05d}.jsonl" for k in range(len(chunks))]
-    done = [f.is_file() for f in finals]
+    done = [store.done(k) for k in range(len(chunks))]
     bar = tqdm(total=len(items), initial=sum(len(c) for c, d in zip(chunks, done) if d), desc="teacher replies",
                unit="reply", dynamic_ncols=True)
     with bar:
-        for k, (chunk, final) in enumerate(zip(chunks, finals)):
+        for k, chunk in enumerate(chunks):
             if done[k]:
                 continue
             generator = torch.Generator(device=device).manual_seed(chunk_seed(config.seed, k))
             replies = answer(teacher, chat, [chat.prompt_ids(p) for p in chunk], max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_size, temperature=config.temperature, generator=generator,
                              progress=bar.update)
-            _write_atomic(final, _chunk_lines(chat, chunk, replies))
+            store.write(k, _chunk_lines(chat, chunk, replies))
     log.info("teacher text in %s: %d replies in %d files (%d written now)", out, len(items), len(chunks),
              done.count(False))
     return TeacherText(out, len(items), done.count(False), done.count(True))
