@@ -31,7 +31,7 @@ def token_ids_hash(token_ids: Sequence[Sequence[int]], *context: object) -> str:
     return h.hexdigest()[:20]
 
 
-def _leading(ds: TokenizedSentences | TokenWindows, n: int | None, skip: int,
+def _leading(ds: TokenizedSentences | TokenWindows, n: int | None, skip: int, *,
              what: str) -> tuple[TokenizedSentences | TokenWindows, slice]:
     """A shallow copy of ``ds`` holding its items ``skip .. skip + n`` (to the end with None), and that slice; ``ds``
     itself when the slice is everything."""
@@ -90,7 +90,7 @@ class TokenizedSentences(Dataset):
     def first(self, n: int | None, skip: int = 0) -> "TokenizedSentences":
         """The first ``n`` sentences (all with None) after the first ``skip``, their masks kept: a budget on an
         evaluation text."""
-        part, rows = _leading(self, n, skip, "sentences")
+        part, rows = _leading(self, n, skip, what="sentences")
         if part is not self and self.mask_positions is not None:
             part.mask_positions = self.mask_positions[rows]
         return part
@@ -129,7 +129,7 @@ class TokenWindows(Dataset):
     def first(self, n: int | None, skip: int = 0) -> "TokenWindows":
         """The first ``n`` windows in text order (all with None) after the first ``skip``: a budget on an evaluation
         text, or a confirmation on windows a bench has not scored."""
-        part, _ = _leading(self, n, skip, "windows")
+        part, _ = _leading(self, n, skip, what="windows")
         if part is not self:
             part.tokens = sum(len(x) for x in part.ids)
         return part

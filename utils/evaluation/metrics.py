@@ -364,7 +364,7 @@ class CausalComparison:
                         if not isinstance(m, Cost)]
         self.max_batches, self.batches = max_batches, 0
 
-    def __call__(self, batch: dict, valid: torch.Tensor, target: torch.Tensor, teacher_hidden: torch.Tensor,
+    def __call__(self, batch: dict, *, valid: torch.Tensor, target: torch.Tensor, teacher_hidden: torch.Tensor,
                  student_hidden: torch.Tensor, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
         if self.max_batches is not None and self.batches >= self.max_batches:
             return

@@ -545,7 +545,8 @@ class ModelDistill(DistillTask):
             if "mlm" in terms:
                 out["mlm"] = nn.functional.cross_entropy(s_logits.float(), labels[sel])
             if watching:
-                self.watch(batch, valid, labels[sel], t.last_hidden_state, s.last_hidden_state, t_logits, s_logits)
+                self.watch(batch, valid=valid, target=labels[sel], teacher_hidden=t.last_hidden_state,
+                           student_hidden=s.last_hidden_state, teacher_logits=t_logits, student_logits=s_logits)
         if "hidden" in terms:
             out["hidden"] = sum(hidden_loss(s.hidden_states[j + 1], t.hidden_states[tj], valid,
                                             criterion=self.hidden_criterion)
