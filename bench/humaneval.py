@@ -205,8 +205,12 @@ def load_students(specs: dict[str, str], teacher: torch.nn.Module, device: torch
 
 # ---- one model on the problems ----
 def files_digest(folder: str | Path) -> str:
-    """sha256 over a model folder's weight and config files (names and bytes): what identifies its replies."""
+    """sha256 over a model folder's weight and config files (names and bytes): what identifies its replies (for a Hub
+    id rather than a folder, the id)."""
     h = hashlib.sha256()
+    if not Path(folder).is_dir():
+        h.update(str(folder).encode())
+        return h.hexdigest()
     for f in sorted(Path(folder).iterdir()):
         if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"):
             h.update(f.name.encode() + b"\0")

@@ -184,3 +184,5 @@ def test_replies_are_kept_batch_by_batch_and_a_rerun_generates_only_the_missing_
     assert "max_new_tokens: 12 there, 5 now" in capsys.readouterr().err.strip().splitlines()[-1]
     calls[:] = []
     assert run("stopped", "--max-new-tokens", "5", "--force") == 0 and calls == [1, 1]
+    # a model named by a Hub id rather than a folder is identified by the id
+    assert he.files_digest("org/model") != he.files_digest("org/other") != he.files_digest(chat_teacher)
