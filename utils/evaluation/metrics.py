@@ -338,7 +338,14 @@ def _run_causal_batch(teacher: SwappableModel, student: SwappableModel, *, batch
     sync(); t1 = time.perf_counter()
     sh, sl = run(student)
     sync(); t2 = time.perf_counter()
-    out = BatchOutputs(batch, att.bool(), target, th.float(), sh.float(), t1 - t0, t2 - t1, tl.float(), sl.float())
+    return _causal_outputs(batch, valid=att.bool(), target=target, th=th, sh=sh, tl=tl, sl=sl,
+                           seconds=(t1 - t0, t2 - t1))
+
+
+def _causal_outputs(batch: dict, *, valid: torch.Tensor, target: torch.Tensor, th: torch.Tensor, sh: torch.Tensor,
+                    tl: torch.Tensor, sl: torch.Tensor, seconds: tuple[float, float]) -> BatchOutputs:
+    """A causal batch as the metrics read it (float32, with both models' top-``max(TOPK)`` next tokens)."""
+    out = BatchOutputs(batch, valid, target, th.float(), sh.float(), *seconds, tl.float(), sl.float())
     out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
     out.student_top = out.student_logits.topk(max(TOPK), -1).indices
     return out
@@ -369,10 +376,8 @@ class CausalComparison:
         if self.max_batches is not None and self.batches >= self.max_batches:
             return
         self.batches += 1
-        out = BatchOutputs(batch, valid, target, teacher_hidden.float(), student_hidden.float(), 0.0, 0.0,
-                           teacher_logits.float(), student_logits.float())
-        out.teacher_top = out.teacher_logits.topk(max(TOPK), -1).indices
-        out.student_top = out.student_logits.topk(max(TOPK), -1).indices
+        out = _causal_outputs(batch, valid=valid, target=target, th=teacher_hidden, sh=student_hidden,
+                              tl=teacher_logits, sl=student_logits, seconds=(0.0, 0.0))
         for metric in self.metrics:
             metric.update(out)
 
