@@ -196,7 +196,8 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("chat (a decoder teacher with a chat template)")
     g.add_argument("--chat-prompts", default=None, metavar="FILE",
                    help="also compare teacher and student replies to the user messages of FILE (JSONL, "
-                        '{"prompt": ...} per line; "default": the shipped set of about 100 instructions), greedy, '
+                        '{"prompt": ...} per line; "default": the shipped set of about 100 instructions, chat_eval; '
+                        "code_eval: 60 coding requests, for a code teacher), greedy, "
                         "through the teacher's chat template: exact match, common prefix, chrF, and the student's "
                         "perplexity, agreement and KL on the teacher's replies (chat.md, chat_replies.jsonl)")
     g.add_argument("--chat-max-new-tokens", type=positive_int("--chat-max-new-tokens"), default=64,

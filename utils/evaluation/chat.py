@@ -6,9 +6,11 @@ the student's whole reply with the teacher's (exact match), their common prefix 
 ``PREFIX_TOKENS`` tokens agree, chrF of the texts; and, teacher-forced on the teacher's replies, the student's
 perplexity, its top-1 agreement with the teacher and KL(teacher || student) on the reply tokens.
 
-The prompt sets shipped with the repository (``prompts/``) are read by path relative to this file: ``chat_eval``
-(about 100 varied instructions, the evaluation's default) and ``chat_train`` (the teacher-written distillation text's
-default, disjoint from the evaluation's).
+The prompt sets shipped with the repository (``prompts/``) are read by path relative to this file and named by their
+file's stem: ``chat_eval`` (about 100 varied instructions, the evaluation's default), ``chat_train`` (the
+teacher-written distillation text's default, disjoint from the evaluation's), and for a code teacher ``code_eval`` /
+``code_train`` (coding requests: functions, fixes, explanations, shell and SQL; disjoint from each other and from
+HumanEval's problems, which judge a code student).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from models.hf import TeacherError
 from ..data.text import DataError, jsonl_strings
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
-DEFAULT_PROMPTS = {"eval": PROMPTS / "chat_eval.jsonl", "train": PROMPTS / "chat_train.jsonl"}
+DEFAULT_PROMPTS = {"eval": "chat_eval", "train": "chat_train"}  # which shipped set "default" means, by role
 PREFIX_TOKENS = 8  # the issue's target: the first 8 reply tokens equal to the teacher's
 FIRST = f"first{PREFIX_TOKENS}_match"  # its key: in the metrics (a rate) and per prompt (a row's, per_item's)
 CHRF_ORDER, CHRF_BETA = 6, 2.0
@@ -43,12 +45,24 @@ class ChatConfig:
     shown: int = 6  # replies side by side in the report
 
 
+def shipped_prompt_sets() -> dict[str, Path]:
+    """The prompt sets in ``prompts/``, by name (the file's stem)."""
+    return {f.stem: f for f in sorted(PROMPTS.glob("*.jsonl"))}
+
+
 def read_prompts(source: str | Path, default: str = "eval") -> tuple[Path, list[str]]:
-    """The user messages of a JSONL file (one {"prompt": "..."} per line; blank lines skipped), or of the shipped set
+    """The user messages of a JSONL file (one {"prompt": "..."} per line; blank lines skipped), of a shipped set named
+    by ``source`` (``shipped_prompt_sets``; an existing file of that name wins), or of the shipped set for the role
     ``default`` (eval or train) when ``source`` is "default". DataError naming the file and line otherwise."""
-    path = DEFAULT_PROMPTS[default] if str(source) == "default" else Path(source)
+    shipped = shipped_prompt_sets()
+    path = Path(source)
+    if str(source) == "default":
+        path = shipped[DEFAULT_PROMPTS[default]]
+    elif str(source) in shipped and not path.exists():
+        path = shipped[str(source)]
     if not path.is_file():
-        raise DataError(f"chat prompt file '{path}' does not exist")
+        raise DataError(f"chat prompt file '{path}' does not exist (nor is it a shipped set: "
+                        f"{', '.join(shipped)})")
     prompts = jsonl_strings(path, "prompt")
     blank = [k + 1 for k, p in enumerate(prompts) if not p.strip()]
     if blank:

