@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.quick import add_quick  # noqa: E402
+from models.staging import write_staged  # noqa: E402
 from utils.cli.parser import Parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import positive_float, positive_int  # noqa: E402
@@ -403,14 +404,15 @@ def _rate(m: dict[str, Any]) -> str:
 def write(res: dict[str, Any], out: Path) -> None:
     """humaneval.json (without the per-problem rows), humaneval.md, and one JSONL of rows per model."""
     out.mkdir(parents=True, exist_ok=True)
+    files = {}
     for name, r in res["models"].items():
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r.pop("rows")),
-                                           encoding="utf-8")
+        files[out / f"{name}.jsonl"] = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r.pop("rows"))
     for name, c in res.get("hf_check", {}).items():
-        (out / f"{name}.transformers.jsonl").write_text(
-            "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in c.pop("rows")), encoding="utf-8")
-    (out / "humaneval.json").write_text(json.dumps(res, indent=2))
-    (out / "humaneval.md").write_text(markdown(res) + "\n")
+        files[out / f"{name}.transformers.jsonl"] = "".join(json.dumps(x, ensure_ascii=False) + "\n"
+                                                            for x in c.pop("rows"))
+    files[out / "humaneval.md"] = markdown(res) + "\n"
+    files[out / "humaneval.json"] = json.dumps(res, indent=2)
+    write_staged(files)
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:

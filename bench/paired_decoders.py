@@ -40,6 +40,7 @@ from utils.cli.parser import add_eval_text_arg, common_parser  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from models.export import export_pretrained  # noqa: E402
+from models.staging import write_staged  # noqa: E402
 from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_chat, paired_chat,  # noqa: E402
                                    read_prompts, teacher_chat)
 from utils.evaluation.metrics import token_scores, transformers_nll  # noqa: E402
@@ -224,8 +225,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     if args.hf_check:
         res["transformers"] = {n: _hf_perplexity(m, s.tokenizer, test.ids, out / "hf" / n, ours=sc.perplexity(n))
                                for n, m in students.items()}
-    (out / "paired.json").write_text(json.dumps(res, indent=2))
-    (out / "paired.md").write_text(markdown(res) + "\n")
+    write_staged({out / "paired.md": markdown(res) + "\n", out / "paired.json": json.dumps(res, indent=2)})
     print(markdown(res))
     return out
 

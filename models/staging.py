@@ -148,3 +148,16 @@ def staged_files(finals: list[Path]) -> Iterator[dict[Path, Path]]:
                 _install(p, parent / p.name, tag)
     finally:
         _remove(tmp)
+
+
+def write_staged(texts: dict[Path, str]) -> None:
+    """Text files of one folder (``{path: text}``), written staged (``staged_files``, synced to disk) and renamed into
+    place together when all are written, in their order: a reader of a results file (a map, results.json, a chunk)
+    finds the old one or the new one whole, never half of one, whatever stops the writer."""
+    finals = [Path(f) for f in texts]
+    with staged_files(finals) as paths:
+        for final, text in zip(finals, texts.values()):
+            with open(paths[final], "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())

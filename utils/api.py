@@ -28,6 +28,7 @@ from models import BertForMaskedLM, LayerSpec, ModelConfig, family_of, load_teac
 from models.compress import (clone_model, compose, drop_every_second as _drop_every_second, fit_problem,
                              teacher_start_problem)
 from models.kinds import get_kind
+from models.staging import write_staged
 from . import runtime
 from . import session as _session
 from .data.masking import OneMasker, lm_targets
@@ -961,7 +962,7 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
         if export is not None:
             res["exports"] = run_exports(student.cpu(), s.tokenizer, export)
             student.to(s.device)
-        (run / "results.json").write_text(json.dumps(res, indent=2))
+        write_staged({run / "results.json": json.dumps(res, indent=2)})
         return PlannedStudent(run, plan, res, student, smap, built)
 
 
@@ -985,7 +986,7 @@ def _plan_only(run: Path, plan: Plan, rounds: list[dict[str, float]], *, runtime
     """The results of a plan made without a student (``plan_only``), also written to plan.json."""
     res = {"plan_only": True, "budget": plan.budget, "plan": plan.choices, "map_cost": plan.cost,
            "map_saved": plan.saved, "needed": plan.needed, "runtime": runtime, "retiming": rounds}
-    (run / "plan.json").write_text(json.dumps(res, indent=2))
+    write_staged({run / "plan.json": json.dumps(res, indent=2)})
     return res
 
 
@@ -1004,7 +1005,7 @@ def _build_planned(s: Session, ctx: Any, plan: Plan, *, smap: dict[str, Any], ru
 def _write_plan(plan: Plan, run: Path) -> None:
     """plan.log in ``run``, its lines in the debug log and the choices in one info line."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / "plan.log").write_text("\n".join(plan.lines) + "\n")
+    write_staged({run / "plan.log": "\n".join(plan.lines) + "\n"})
     for line in plan.lines:
         log.debug("plan: %s", line)
     log.info("plan: %s (%s)", ", ".join(f"{i}: {c}" for i, c in sorted(plan.choices.items())) or "the teacher",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from models.base import SwappableModel
 from models.hf import TeacherError
+from models.staging import write_staged
 from ..data.text import DataError, jsonl_strings
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -351,8 +352,8 @@ def write_chat_report(result: ChatResult, out: str | Path, *, shown: int = 6) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     replies, table = out / "chat_replies.jsonl", out / "chat.md"
-    replies.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows), encoding="utf-8")
-    table.write_text(chat_table(result.metrics) + "\n\n" + side_by_side(result.rows[:shown]) + "\n", encoding="utf-8")
+    write_staged({replies: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows),
+                  table: chat_table(result.metrics) + "\n\n" + side_by_side(result.rows[:shown]) + "\n"})
     return [replies, table]
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.staging import write_staged
 from .metrics import TOPK, EvalResult
 
 
@@ -70,14 +71,16 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
     payload = {"metrics": named_counts(result.metrics), "notes": result.notes, **(extra or {})}
     if result.texts:
         payload["texts"] = result.texts
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+    files = {}
     if result.rows:
         cols = ["index", "true", "teacher", "student"] + (["judge_top10"] if "judge_top10" in result.rows[0] else [])
-        with open(out / "predictions.tsv", "w", encoding="utf-8") as f:
-            f.write("\t".join(cols + ["masked sentence"]) + "\n")
-            for r in result.rows:
-                vals = [" ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols]
-                f.write("\t".join(vals + [r["masked"]]) + "\n")
+        lines = ["\t".join(cols + ["masked sentence"])]
+        for r in result.rows:
+            vals = [" ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols]
+            lines.append("\t".join(vals + [r["masked"]]))
+        files[out / "predictions.tsv"] = "\n".join(lines) + "\n"
+    files[out / "results.json"] = json.dumps(payload, indent=2, default=str)
+    write_staged(files)
     return out
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from models.bert import BertForMaskedLM
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
+from models.staging import write_staged
 from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import Timing
 from ..storage.checkpoint import load_checkpoint, load_into
@@ -597,8 +598,7 @@ def plot_map(smap: dict[str, Any], path: Path) -> Path:
 def write_map(smap: dict[str, Any], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "sensitivity.json", "md": out / "sensitivity.md", "png": out / "sensitivity.png"}
-    paths["json"].write_text(json.dumps(smap, indent=2, default=str))
-    paths["md"].write_text(map_markdown(smap) + "\n")
+    write_staged({paths["md"]: map_markdown(smap) + "\n", paths["json"]: json.dumps(smap, indent=2, default=str)})
     plot_map(smap, paths["png"])
     return paths
 

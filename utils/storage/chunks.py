@@ -9,26 +9,11 @@ differences (``force`` removes the old chunks and starts over).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from models.staging import remove_dead_stages, unique_tag
+from models.staging import write_staged
 from ..errors import SettingError
-
-
-def write_atomic(final: Path, text: str) -> None:
-    """``text`` into ``final`` under a temporary name, renamed when complete (what dead writers left is removed)."""
-    remove_dead_stages(final)
-    tmp = final.with_name(f"{final.name}.tmp.{unique_tag()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ChunkFolder:
@@ -55,7 +40,7 @@ class ChunkFolder:
             head, _, rest = pattern.partition("{")
             for old in self.folder.glob(head + "*" + rest.partition("}")[2]):
                 old.unlink()
-        write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        write_staged({path: json.dumps(settings, indent=2, sort_keys=True) + "\n"})
 
     def path(self, k: int) -> Path:
         return self.folder / self.pattern.format(k)
@@ -64,7 +49,7 @@ class ChunkFolder:
         return self.path(k).is_file()
 
     def write(self, k: int, text: str) -> None:
-        write_atomic(self.path(k), text)
+        write_staged({self.path(k): text})
 
     def read(self, k: int) -> str:
         return self.path(k).read_text(encoding="utf-8")
