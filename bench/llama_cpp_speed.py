@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 from bench.paired_decoders import load_students, named_models  # noqa: E402
 from bench.quick import add_quick  # noqa: E402
 from models.gguf_export import GGUF_TYPES, export_gguf  # noqa: E402
+from models.staging import write_staged  # noqa: E402
 from utils import session as _session  # noqa: E402
 from utils.cli.configs import session_config  # noqa: E402
 from utils.cli.parser import common_parser  # noqa: E402
@@ -172,8 +173,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         res["files"] = {k: {**f, "path": None} for k, f in res["files"].items()}  # the scratch folder is gone
     table = markdown(res)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("llama_cpp.json", json.dumps(res, indent=2)), ("llama_cpp.md", table + "\n")):
-        (out / name).write_text(text)
+    write_staged({out / "llama_cpp.md": table + "\n", out / "llama_cpp.json": json.dumps(res, indent=2)})
     print(table)
     return out
 

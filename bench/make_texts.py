@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from utils.data.text import TEXT_SUFFIXES  # noqa: E402
+from models.staging import write_staged  # noqa: E402
 
 PARTS = ("train", "eval")
 # left out of the code set: tests, installed packages, and generated tables (codecs' charmaps)
@@ -202,10 +203,9 @@ def main(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, parts in sets.items():
         write_set(args.out, name, parts)
-    (args.out / "texts.json").write_text(json.dumps(
+    write_staged({args.out / "texts.md": table(sets) + "\n", args.out / "texts.json": json.dumps(
         {name: {part: [d.name for d in docs] for part, docs in parts.items()} for name, parts in sets.items()},
-        indent=1))
-    (args.out / "texts.md").write_text(table(sets) + "\n")
+        indent=1)})
     print(table(sets))
     return args.out
 

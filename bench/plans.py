@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.quick import add_quick  # noqa: E402
+from models.staging import write_staged  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
 from utils.cli.groups import (add_chat_args, add_eval_text_items_arg, add_finetune_args,  # noqa: E402
@@ -384,8 +385,8 @@ def run_bench(b: Bench, docs: dict[str, list], out: Path) -> Path:
     if chatted:
         result["chat"] = chatted
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plans.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "plans.md").write_text(markdown(result) + "\n")
+    write_staged({out / "plans.md": markdown(result) + "\n",
+                  out / "plans.json": json.dumps(result, indent=2, default=str)})
     plot(result, out / "pareto.png")
     print((out / "plans.md").read_text())
     return out

@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.quick import add_quick  # noqa: E402
+from models.staging import write_staged  # noqa: E402
 from utils import api, session as _session  # noqa: E402
 from utils.cli.configs import session_config  # noqa: E402
 from utils.cli.parser import common_parser  # noqa: E402
@@ -113,13 +114,12 @@ def main(args: argparse.Namespace) -> Path:
     for k in [None] + ks:
         row = done.get(str(k or "full")) or heal(s, args, k)
         rows.append(row)
-        done_file.write_text(json.dumps(rows + [r for key, r in done.items() if key not in
-                                                {str(x["k"]) for x in rows}], indent=2))
+        write_staged({done_file: json.dumps(rows + [r for key, r in done.items() if key not in
+                                                    {str(x["k"]) for x in rows}], indent=2)})
     result = {"quick": args.quick, "teacher": args.teacher, "drop_layers": args.drop_layers, "steps": args.steps,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "percentage_data": args.percentage_data,
               "train_windows": len(s.sentences("train")), "rows": rows, "argv": sys.argv}
-    (out / "topk_heal.json").write_text(json.dumps(result, indent=2))
-    (out / "topk_heal.md").write_text(table(rows) + "\n")
+    write_staged({out / "topk_heal.md": table(rows) + "\n", out / "topk_heal.json": json.dumps(result, indent=2)})
     print(table(rows))
     return out / "topk_heal.json"
 
