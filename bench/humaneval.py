@@ -403,7 +403,6 @@ def _rate(m: dict[str, Any]) -> str:
 
 def write(res: dict[str, Any], out: Path) -> None:
     """humaneval.json (without the per-problem rows), humaneval.md, and one JSONL of rows per model."""
-    out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, r in res["models"].items():
         files[out / f"{name}.jsonl"] = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in r.pop("rows"))

@@ -172,7 +172,6 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
     if not args.gguf_dir:
         res["files"] = {k: {**f, "path": None} for k, f in res["files"].items()}  # the scratch folder is gone
     table = markdown(res)
-    out.mkdir(parents=True, exist_ok=True)
     write_staged({out / "llama_cpp.md": table + "\n", out / "llama_cpp.json": json.dumps(res, indent=2)})
     print(table)
     return out

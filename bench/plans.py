@@ -384,11 +384,10 @@ def run_bench(b: Bench, docs: dict[str, list], out: Path) -> Path:
         result["texts"] = texts
     if chatted:
         result["chat"] = chatted
-    out.mkdir(parents=True, exist_ok=True)
-    write_staged({out / "plans.md": markdown(result) + "\n",
-                  out / "plans.json": json.dumps(result, indent=2, default=str)})
+    table = markdown(result) + "\n"
+    write_staged({out / "plans.md": table, out / "plans.json": json.dumps(result, indent=2, default=str)})
     plot(result, out / "pareto.png")
-    print((out / "plans.md").read_text())
+    print(table)
     return out
 
 

@@ -1004,7 +1004,6 @@ def _build_planned(s: Session, ctx: Any, plan: Plan, *, smap: dict[str, Any], ru
 
 def _write_plan(plan: Plan, run: Path) -> None:
     """plan.log in ``run``, its lines in the debug log and the choices in one info line."""
-    run.mkdir(parents=True, exist_ok=True)
     write_staged({run / "plan.log": "\n".join(plan.lines) + "\n"})
     for line in plan.lines:
         log.debug("plan: %s", line)

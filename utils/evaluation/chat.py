@@ -350,7 +350,6 @@ def _row(prompt: str, teacher: list[int], student: list[int], *, chat: Chat) -> 
 def write_chat_report(result: ChatResult, out: str | Path, *, shown: int = 6) -> list[Path]:
     """All replies in chat_replies.jsonl; the metrics and the first ``shown`` replies side by side in chat.md."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     replies, table = out / "chat_replies.jsonl", out / "chat.md"
     write_staged({replies: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows),
                   table: chat_table(result.metrics) + "\n\n" + side_by_side(result.rows[:shown]) + "\n"})

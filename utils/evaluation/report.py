@@ -67,7 +67,6 @@ def write_report(result: EvalResult, out_dir: str | Path, extra: dict[str, Any] 
     """results.json (a decoder's windows named as such) + predictions file (sentence, true word, teacher, student,
     judge top-10) in ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": named_counts(result.metrics), "notes": result.notes, **(extra or {})}
     if result.texts:
         payload["texts"] = result.texts
