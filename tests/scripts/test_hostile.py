@@ -117,6 +117,21 @@ def test_5_a_live_builders_temporary_files_are_kept(tiny_teacher, tmp_path):
     assert mine.is_file()
 
 
+def test_5_a_dead_builders_staged_record_folder_is_removed(tiny_teacher, tmp_path):
+    """The records (info.json, <feature>.json) are written staged, in a folder: one left by a dead writer goes too."""
+    import socket
+
+    cache = tiny_cache(tiny_teacher, tmp_path / "cache")
+    cache.dir.mkdir(parents=True)
+    dead = cache.dir / f"info.json.tmp.{socket.gethostname()}.{2**22 + 12345}.0badf00d"  # no such pid
+    dead.mkdir()
+    (dead / "info.json").write_text('{"sentences": ')  # half a record
+    cache.ensure(["in_0"], 8, torch.device("cpu"))
+    assert not dead.exists() and not list(cache.dir.glob("*.tmp.*"))
+    assert json.loads((cache.dir / "info.json").read_text())["features"] == ["in_0"]
+    assert json.loads((cache.dir / "in_0.json").read_text())["shape"] == [int(cache.offsets[-1]), 32]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 9. a cached array of the wrong dtype or row count, with a matching size/sha record: named and rebuilt, never used
 def _forge(cache, name: str, content: np.ndarray | bytes) -> None:

@@ -14,9 +14,7 @@ import json
 import logging
 import math
 import os
-import secrets
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from models.staging import disk_full  # the one recognition of a full disk, whatever library was writing
+from models.staging import unique_tag, write_staged  # one naming of temporaries, one staged write of a text file
 from models.staging import writer_gone as _writer_gone  # the one rule for temporaries of dead writers
 
 log = logging.getLogger(__name__)
@@ -54,11 +53,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _unique_suffix() -> str:
-    """A name no other writer (process, thread or machine) picks: host, pid and a random part."""
-    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
 def _free_bytes(folder: Path) -> float:
@@ -102,7 +96,7 @@ def save_checkpoint(directory: str | os.PathLike, state_dict: dict[str, torch.Te
     final = Path(directory)
     # the schema is checked on every load: refuse now what could not be read back
     validate_meta({"format_version": FORMAT_VERSION, **meta, "weights_sha256": "0" * 64}, final)
-    tag = _unique_suffix()
+    tag = unique_tag()
     tmp = final.with_name(f"{final.name}.tmp.{tag}")
     prev = final.with_name(f"{final.name}.prev.{tag}")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -621,7 +615,7 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
 
 def write_probe(folder: Path) -> None:
     """Write, sync and remove a small file in ``folder``: OSError if the folder (or its disk) cannot take it."""
-    probe = folder / f".write_probe.{_unique_suffix()}"
+    probe = folder / f".write_probe.{unique_tag()}"
     with open(probe, "wb") as f:
         f.write(b"\0" * 4096)
         f.flush()
@@ -700,8 +694,6 @@ def rehash(directory: str | os.PathLike) -> list[str]:
             lines.append(f"{d}: hash already correct")
             continue
         validate_meta({**meta, "weights_sha256": digest} if isinstance(meta, dict) else meta, d)
-        tmp = m.with_name(f".{META}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**meta, "weights_sha256": digest}, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, m)
+        write_staged({m: json.dumps({**meta, "weights_sha256": digest}, indent=2, sort_keys=True, default=str)})
         lines.append(f"{d}: weights_sha256 set to {digest}")
     return lines

@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 
 from models.bert import BertForMaskedLM
 from models.hf import TeacherError, layer_device
+from models.staging import remove_dead_stages, unique_tag, write_staged
 from ..data.batches import token_ids_hash
 
 log = logging.getLogger(__name__)
@@ -222,13 +221,11 @@ class TeacherCache:
 
     def _remove_dead_temporaries(self) -> None:
         """Delete what builders that died mid-build (kill -9, a lost node) left behind: ``*.tmp.<host>.<pid>.<random>``
-        files whose writer is gone, by the one rule for temporaries of dead writers (a dead pid on this host, or a
-        day old from another host). A live builder's files are never touched."""
-        from models.staging import writer_gone
-
-        for left in self.dir.glob("*.tmp.*"):
-            if writer_gone(left.name.split(".tmp.", 1)[1], left):
-                left.unlink(missing_ok=True)
+        files (and staged records' folders) whose writer is gone, by the one rule for temporaries of dead writers (a
+        dead pid on this host, or a day old from another host). A live builder's files are never touched."""
+        for left in sorted(self.dir.glob("*.tmp.*")):  # files of a feature, or a staged record's folder
+            remove_dead_stages(self.dir / left.name.split(".tmp.", 1)[0])
+            if not left.exists():
                 log.info("teacher cache: removed '%s', left by a build that died", left)
 
     def _check(self, names: list[str], report: bool) -> list[str]:
@@ -280,7 +277,7 @@ class TeacherCache:
         from tqdm.auto import tqdm
 
         total = int(self.offsets[-1])
-        tag = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        tag = unique_tag()
         tmp = {n: self.dir / f"{n}.npy.tmp.{tag}" for n in names}
         files: dict[str, tuple[int, int]] = {}  # feature -> (file descriptor, offset of row 0)
         try:
@@ -295,17 +292,15 @@ class TeacherCache:
             for n, (fd, _) in files.items():
                 _fsync(fd, tmp[n])
             for n in names:
-                self._publish(n, tmp[n], tag)
+                self._publish(n, tmp[n])
         finally:
             for fd, _ in files.values():
                 os.close(fd)
             for p in tmp.values():
                 p.unlink(missing_ok=True)
-        info_tmp = self.dir / f"info.json.tmp.{tag}"
-        info_tmp.write_text(json.dumps(
+        write_staged({self.dir / "info.json": json.dumps(
             {"sentences": len(self.ids), "tokens": total, "hidden": self.teacher.config.hidden_size,
-             "features": sorted(p.stem for p in self.dir.glob("*.npy"))}, indent=2))
-        os.replace(info_tmp, self.dir / "info.json")
+             "features": sorted(p.stem for p in self.dir.glob("*.npy"))}, indent=2)})
 
     def _write_batch(self, index: np.ndarray, files: dict[str, tuple[int, int]], *, tmp: dict[str, Path],
                      device: torch.device) -> None:
@@ -338,15 +333,13 @@ class TeacherCache:
                             path=tmp[n])
                 at += k
 
-    def _publish(self, name: str, tmp: Path, tag: str) -> None:
+    def _publish(self, name: str, tmp: Path) -> None:
         """Rename a complete temporary file into place, then its size / sha256 record beside it."""
         width, dtype = self.layout(name)
         record = {"bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp), "shape": [int(self.offsets[-1]), width],
                   "dtype": str(dtype)}
         os.replace(tmp, self.dir / f"{name}.npy")
-        rec_tmp = self.dir / f"{name}.json.tmp.{tag}"
-        rec_tmp.write_text(json.dumps(record))
-        os.replace(rec_tmp, self.dir / f"{name}.json")
+        write_staged({self.dir / f"{name}.json": json.dumps(record)})
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         """Packed row numbers of the tokens of sentences ``index``, sentence after sentence."""

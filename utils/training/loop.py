@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from models.staging import write_staged
+
 from .. import runtime
 from . import sharding
 from ..stops import STOP_SIGNALS, Stopped, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal
@@ -454,9 +456,7 @@ class Trainer:
             previous = _previous_invocations(f)  # also of a run that died before its first resume point
             body = {"unit": u.name, "run_id": self.run_id, "setup": self.setup, "unit_meta": u.meta,
                     "invocations": previous + [invocation]}
-            tmp = f.with_name(f"run.json.tmp.{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps(body, indent=2, default=str))
-            tmp.replace(f)
+            write_staged({f: json.dumps(body, indent=2, default=str)})
 
     # ---- the loop ----
     def fit(self, loader, sampler=None) -> dict[str, float]:
