@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ import torch
 
 from bench.quick import add_quick
 from models import TeacherError
+from models.staging import staged_files, staged_folder, write_staged
 from utils.cli.run import run_main
 from utils.cli.types import int_at_least
 from utils.data.text import DataConfig, DataError, load_sentences
@@ -275,23 +275,8 @@ def convert(gguf: Path, out: Path, force: bool = False, *, packaged: Packaged | 
                                   f"({previous.get('source', {}).get('file')}); pass --force to replace it")
             print(f"{out} already holds the conversion of {gguf.name} (sha256 {digest[:12]}...); --force redoes it")
             return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-    aside = out.with_name(f".{out.name}.old.{socket.gethostname()}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with staged_folder(out) as tmp:  # what a dead conversion left beside it is removed first
         write_conversion(gguf, digest, tmp, packaged=packaged)
-        if out.exists():
-            os.replace(out, aside)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside.exists() and not out.exists():
-            os.replace(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
     print(f"converted {gguf} -> {out}")
     return out
 
@@ -326,15 +311,10 @@ def packaged_gguf(model: str = "smollm2", workdir: Path | None = None) -> Path:
 
 def join_parts(parts: list[Path], path: Path) -> Path:
     """``parts`` concatenated in order into ``path``, streamed in 16 MiB chunks to a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 16 << 20)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged_files([path]) as staged, open(staged[path], "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
     print(f"joined {len(parts)} parts -> {path} ({path.stat().st_size:,} bytes)")
     return path
 
@@ -349,18 +329,6 @@ def read_conversion(folder: Path) -> dict[str, Any] | None:
 
 def is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED)
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Temporary folders beside ``out`` left by a conversion on this host that was killed (its pid is gone)."""
-    host = socket.gethostname()
-    for left in out.parent.glob(f".{out.name}.*.{host}.*"):
-        try:
-            os.kill(int(left.name.rsplit(".", 1)[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(left, ignore_errors=True)
-        except (ValueError, OSError):
-            pass
 
 
 def write_conversion(gguf: Path, digest: str, folder: Path, *, packaged: Packaged | None = None) -> None:
@@ -560,9 +528,7 @@ License: {r['license']}. Everything here is recorded in `conversion.json`.
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_staged({path: json.dumps(payload, indent=2) + "\n"})
     return path
 
 

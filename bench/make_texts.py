@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import json
 import re
-import shutil
 import site
 import sys
 import sysconfig
@@ -44,7 +43,7 @@ if str(ROOT) not in sys.path:
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import fraction, positive_int  # noqa: E402
 from utils.data.text import TEXT_SUFFIXES  # noqa: E402
-from models.staging import write_staged  # noqa: E402
+from models.staging import staged_folder, write_staged  # noqa: E402
 
 PARTS = ("train", "eval")
 # left out of the code set: tests, installed packages, and generated tables (codecs' charmaps)
@@ -158,18 +157,15 @@ def take(found: Iterator[Found], *, max_chars: int, eval_share: float) -> dict[s
 
 def write_set(out: Path, name: str, parts: dict[str, list[Doc]]) -> Path:
     """<out>/<name>/{train,eval}/<document name>: written to a temporary folder, then renamed over the old one."""
-    final, tmp = out / name, out / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for part, docs in parts.items():
-        if not docs:
-            raise ValueError(f"the {name} set has no {part} document: raise --max-chars or lower the filters")
-        for d in docs:  # a name the text reader would skip (README, README.Debian) gets .txt
-            path = tmp / part / (d.name if Path(d.name).suffix in TEXT_SUFFIXES else d.name + ".txt")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(d.text, encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+    with staged_folder(out / name) as tmp:
+        for part, docs in parts.items():
+            if not docs:
+                raise ValueError(f"the {name} set has no {part} document: raise --max-chars or lower the filters")
+            for d in docs:  # a name the text reader would skip (README, README.Debian) gets .txt
+                path = tmp / part / (d.name if Path(d.name).suffix in TEXT_SUFFIXES else d.name + ".txt")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(d.text, encoding="utf-8")
+    return out / name
 
 
 def table(sets: dict[str, dict[str, list[Doc]]]) -> str:

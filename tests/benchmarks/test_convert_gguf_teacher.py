@@ -66,6 +66,7 @@ def test_quick_qwen2_converts_and_matches_our_model(tiny_corpus, tmp_path):
     r = run_script("bench/convert_gguf_teacher.py", "--quick", "--model", "qwen2.5-coder-0.5b", "--check",
                    "--data-dir", tiny_corpus, "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("hf")) == ["hf"]  # written staged, renamed
     rec = json.loads((tmp_path / "hf" / "conversion.json").read_text())
     s = rec["shape"]
     assert (s["model_type"], s["layers"], s["heads"], s["kv_heads"], s["tied_embeddings"]) == ("qwen2", 2, 9, 3, False)
