@@ -11,6 +11,7 @@ the teacher layers' it replaces are timed round-robin on the device. The planner
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -199,6 +200,7 @@ class Context:
     record: dict[str, Any] = field(default_factory=dict)
     block_loss: tuple[str, ...] = ("output",)
     relation_weight: float = 1.0
+    eval_hash: str = ""  # of the windows / sentences units are measured on; set: a stopped map reuses measurements
 
 
 @dataclass
@@ -451,14 +453,15 @@ def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
 REPORTED = ("student_top1", "agreement_top1", "kl_teacher_student", "hidden_cosine")
 
 
-def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_loader, run_dir: Path,
-              timing: Timing) -> dict[str, Any]:
-    """Train, measure and time (``timing``) every (layer, option) unit; one option's units (all layers) train
-    together."""
+def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir: Path, timing: Timing
+              ) -> dict[str, Any]:
+    """Train, measure (on ``ctx.valid_loader``) and time (``timing``) every (layer, option) unit; one option's units
+    (all layers) train together. An option whose units a stopped run trained and measured is neither trained nor
+    measured again (``measured.json`` beside them); its units are timed with the others."""
     teacher = ctx.teacher
     n = len(teacher.layers)
     t0 = time.perf_counter()
-    judge = UnitEvaluator(teacher, eval_loader, device=ctx.device)
+    judge = UnitEvaluator(teacher, ctx.valid_loader, device=ctx.device)
     base = judge.teacher_metrics()
     entries, all_units = [], []
     for opt in options:
@@ -467,8 +470,18 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_lo
             continue
         t1 = time.perf_counter()
         units = build_units(ctx, choices)
-        finals = train_units(ctx, units, run_dir / opt.name.replace(" ", "_"))
+        folder = run_dir / opt.name.replace(" ", "_")
+        finals = train_units(ctx, units, folder)  # units a stopped run trained are loaded, not trained again
         train_s = time.perf_counter() - t1
+        all_units.extend(units.values())
+        key = measurement_key(ctx, opt, units)
+        done = measured_before(folder / MEASURED, key)
+        if done is not None:
+            log.info("map: %s on layers %s measured by an earlier run of these units (%s)", opt.name,
+                     [e["layer"] for e in done], folder / MEASURED)
+            entries.extend(done)
+            continue
+        mine = []
         for i, b in units.items():
             m = judge.measure(compose_units(teacher, {i: b}), start=i)
             e = {"layer": i, "option": opt.name, "kind": opt.kind, "covers": opt.covers(i),
@@ -476,11 +489,13 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_lo
                  "num_kv_heads": opt.num_kv_heads, "init": b.note, "train_s_option": round(train_s, 1),
                  "val_loss": next((v for k, v in finals.items() if k.endswith(f"_{i}/loss")), None)}
             e.update(_quality(m, base))
-            entries.append(e)
+            mine.append(e)
             log.info("map: layer %d %-12s top-1 drop %s  agreement %s  KL %s%s", i, opt.name,
                      _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")),
                      f"  perplexity x{e['perplexity_ratio']:.4f}" if "perplexity_ratio" in e else "")
-        all_units.extend(units.values())
+        entries.extend(mine)
+        if key is not None:
+            write_staged({folder / MEASURED: json.dumps({"key": key, "entries": mine}, indent=1)})
     timed = time_units(teacher, all_units, timing)
     by_key = {(b.layer, b.option.name): b for b in all_units}
     for e in entries:
@@ -493,6 +508,43 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, eval_lo
                                                       "predicted_tokens") if k in base},
             "eval_sentences": base.get("predicted_tokens", base["sentences"]), "timing": timed, "entries": entries,
             "device": str(ctx.device), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+MEASURED = "measured.json"  # beside an option's units: their map entries, for a run that was stopped after them
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def measurement_key(ctx: Context, opt: Option, units: dict[int, Built]) -> dict[str, Any] | None:
+    """What one option's measurements depend on: the teacher, the evaluation text, the device, the option and each
+    unit's weights as trained. None where the evaluation text is not identified (nothing is then reused)."""
+    if not ctx.eval_hash:
+        return None
+    return {"teacher_hash": ctx.teacher_hash, "eval_hash": ctx.eval_hash, "device": str(ctx.device),
+            "option": asdict(opt), "units": {str(i): _weights_digest(b.module) for i, b in sorted(units.items())}}
+
+
+def measured_before(path: Path, key: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The entries an earlier run measured for exactly ``key`` (same teacher, text, device and unit weights), from
+    ``path``; None when there are none, or they are for anything else, or the file cannot be read."""
+    if key is None or not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("'%s' cannot be read: its units are measured again", path)
+        return None
+    if not isinstance(done, dict) or done.get("key") != json.loads(json.dumps(key)):
+        return None
+    return done.get("entries")
 
 
 def _quality(m: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from models import BertForMaskedLM
 from models.compress import clone_model
+from ..data.batches import token_ids_hash
 from ..data.masking import lm_targets
 from ..session import Session
 from ..storage.checkpoint import read_meta
@@ -111,7 +112,8 @@ def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str,
                    tokenizer=s.tokenizer, device=s.device, train_loader=train_loader, sampler=sampler,
                    valid_loader=valid_loader, probe=s.global_batch(train_ds), train_cfg=train, cache=cache,
                    valid_batches=cfg.valid_batches, setup=s.training_setup(train_ds), record=record,
-                   block_loss=tuple(cfg.block_loss.split("+")), relation_weight=cfg.relation_weight)
+                   block_loss=tuple(cfg.block_loss.split("+")), relation_weight=cfg.relation_weight,
+                   eval_hash=token_ids_hash(valid_ds.ids))
 
 
 def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, record: dict[str, Any]) -> dict:
@@ -128,8 +130,7 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
     options = map_options(s.teacher, cfg)
     log.info("mapping layers %s x options %s", layers, [o.name for o in options])
     ctx = context(s, cfg, train=train, record=record)
-    smap = build_map(ctx, options, layers, eval_loader=ctx.valid_loader, run_dir=out / "units",
-                     timing=cfg.timing(s.data.seq_len))
+    smap = build_map(ctx, options, layers, run_dir=out / "units", timing=cfg.timing(s.data.seq_len))
     if cfg.runtime == "llama.cpp":  # the savings the planner weighs, as llama.cpp measures them
         with LlamaCppTimer(s.teacher, s.tokenizer, cfg.gguf_timing(s.data.seq_len)) as timer:
             smap = time_map_in_llama_cpp(smap, s.teacher, options, layers=layers, timer=timer)

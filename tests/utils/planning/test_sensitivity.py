@@ -126,3 +126,42 @@ def test_planner_end_to_end(tiny_teacher, tiny_corpus, tiny_map, tmp_path):
     bad = argv[:argv.index("--target-params")] + ["--target-params", "1000"] + argv[argv.index("--target-params") + 2:]
     bad[bad.index("p")] = "p2"
     assert run_main(plan_student.main, plan_student.build_parser(), bad) == 2  # a usage error: what the map reaches
+
+
+def test_a_stopped_map_trains_and_measures_only_what_it_had_not(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+    """Run again with --resume (as after a preemption), the map loads the units it trained and reuses what it measured
+    on them (units/<option>/measured.json): the same entries, no unit evaluated again; a unit whose weights are not
+    the ones measured (here: the record says other weights) is measured again."""
+    from utils.evaluation.metrics import UnitEvaluator
+
+    argv = ["--teacher", str(tiny_teacher), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "m",
+            "--options", "ffn", "--resume"] + FAST
+    assert run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv) == 0
+    first = json.loads((tmp_path / "m" / "sensitivity.json").read_text())["entries"]
+    measured = []
+    real = UnitEvaluator.measure
+
+    def counted(self, model, start):  # students only: the teacher's own numbers are measured on each run
+        if model is not self.teacher:
+            measured.append(start)
+        return real(self, model, start)
+
+    monkeypatch.setattr(UnitEvaluator, "measure", counted)
+
+    def again() -> list[dict]:
+        measured.clear()
+        assert run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv) == 0
+        return json.loads((tmp_path / "m" / "sensitivity.json").read_text())["entries"]
+
+    quality = ("top1_drop", "agreement_top1", "kl_teacher_student", "hidden_cosine", "val_loss", "train_s_option")
+    second = again()
+    assert measured == []
+    assert [{k: e[k] for k in quality} for e in second] == [{k: e[k] for k in quality} for e in first]
+    record = tmp_path / "m" / "units" / "ffn_32" / "measured.json"
+    done = json.loads(record.read_text())
+    assert sorted(done["key"]["units"]) == ["0", "1"] and len(done["entries"]) == 2
+    done["key"]["units"]["1"] = "0" * 64  # as if layer 1's unit had been trained again since
+    record.write_text(json.dumps(done))
+    third = again()
+    assert measured == [0, 1]  # the option's units, measured again
+    assert [e["kl_teacher_student"] for e in third] == pytest.approx([e["kl_teacher_student"] for e in first])
