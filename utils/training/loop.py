@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -381,8 +382,20 @@ class Trainer:
             return
         missing = [n for n, c in found.items() if not c]
         if missing:
-            raise CheckpointError(f"`resume`: units {missing} have no resume point while "
-                                  f"{[n for n, c in found.items() if c]} do: these were not trained together")
+            having = [n for n, c in found.items() if c]
+            run = self._first_save_cut_short(found)
+            if run is None:
+                raise CheckpointError(f"`resume`: units {missing} have no resume point while {having} do: these were "
+                                      "not trained together")
+            log.warning("`resume`: units %s have no resume point while %s have their first, all of run %s: that save "
+                        "stopped part-way (a full disk, a kill), so the one position every unit has is the start; "
+                        "training them all from scratch", missing, having, run)
+            if runtime.is_main_process():  # the stopped save's points: this run writes its own at the same places
+                for d in (d for c in found.values() for d in c):
+                    for left in [d, *d.parent.glob(d.name + ".prev*")]:
+                        shutil.rmtree(left, ignore_errors=True)
+            runtime.barrier()
+            return
         # the newest position every unit has (several units save one after the other; each keeps its previous point)
         points: dict[str, dict[Position, Path]] = {}
         for u in self.units:
@@ -411,6 +424,25 @@ class Trainer:
         self.start = pos
         log.info("resumed from %s: epoch %d done, continuing at epoch %d%s", self.units[0].resume_dir, pos.epoch,
                  pos.epoch + 1, f" after step {pos.step}" if pos.step else "")
+
+    def _first_save_cut_short(self, found: dict[str, list[Path]]) -> str | None:
+        """The run whose first resume point reached only some units (a save stopped part-way), else None: every unit
+        with a point has just that one, all of one run, and every unit without one records that run in its
+        ``run.json`` (written when the run started)."""
+        import json
+
+        runs = set()
+        for u in self.units:
+            if found[u.name]:
+                if len(found[u.name]) != 1:
+                    return None
+                runs.add(read_meta(found[u.name][0]).get("run_id"))
+            else:
+                try:
+                    runs.add(json.loads((u.out_dir / "run.json").read_text()).get("run_id"))
+                except (OSError, ValueError, AttributeError):
+                    return None
+        return runs.pop() if len(runs) == 1 and None not in runs else None
 
     def _apply_settings(self, u: Unit) -> None:
         """After loading optimizer and schedule states, use this run's lr and weight decay (they are the stored ones

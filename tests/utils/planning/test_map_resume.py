@@ -3,10 +3,13 @@ with ``resume``: the units it finished are reused, and their entries equal an un
 included (issue 34.8: they said ``val_loss: null``)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import utils.planning.sensitivity as sensitivity
 from utils import api
+from utils.storage.checkpoint import read_meta
 
 TIMED = ("latency_saved_ms", "unit_ms", "train_s_option")  # wall-clock numbers: they differ from run to run
 
@@ -45,3 +48,32 @@ def test_a_resumed_map_keeps_the_metrics_of_the_units_it_reused(tiny_teacher, ti
     resumed = _map(tiny_teacher, tiny_corpus, tmp_path / "cut", resume=True)
     assert len(whole["entries"]) == 4 and all(e["val_loss"] is not None for e in resumed["entries"])
     assert _entries(resumed) == _entries(whole)
+
+
+def test_a_map_whose_first_resume_save_was_cut_short_starts_that_option_again(tiny_teacher, tiny_corpus, tmp_path,
+                                                                              monkeypatch):
+    """A full disk while an option's units save their first resume point, one after the other: the first unit has
+    one, the second none. Before, every --resume refused ("not trained together") until the folder was removed by
+    hand; now the option's units start again from scratch and the map equals an uninterrupted one."""
+    import errno
+
+    import utils.training.loop as loop
+
+    whole = _map(tiny_teacher, tiny_corpus, tmp_path / "whole")
+    real = loop.save_checkpoint
+
+    def full_disk_at_the_second_units_resume_point(directory, *args, **kwargs):
+        if str(directory).endswith("block_1/resume"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", full_disk_at_the_second_units_resume_point)
+    with pytest.raises(OSError):
+        _map(tiny_teacher, tiny_corpus, tmp_path / "cut", resume=True)
+    monkeypatch.undo()
+    units = tmp_path / "cut" / "units" / "heads_2"
+    assert (units / "block_0" / "resume" / "meta.json").is_file() and not (units / "block_1" / "resume").exists()
+    resumed = _map(tiny_teacher, tiny_corpus, tmp_path / "cut", resume=True)
+    assert _entries(resumed) == _entries(whole)
+    assert {read_meta(units / f"block_{i}" / "resume")["run_id"] for i in (0, 1)} == {
+        json.loads((units / "block_0" / "run.json").read_text())["run_id"]}  # one run's points, the new run's
