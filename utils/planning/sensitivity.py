@@ -11,7 +11,6 @@ the teacher layers' it replaces are timed round-robin on the device. The planner
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from torch import nn
 from models.bert import BertForMaskedLM
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
+from models.hf import weights_hash
 from models.staging import write_staged
 from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import Timing
@@ -192,6 +192,7 @@ class Context:
     train_loader: Any
     sampler: Any
     valid_loader: Any
+    eval_hash: str  # of the windows / sentences of valid_loader, on which units are measured (their reuse's key)
     probe: dict[str, torch.Tensor]
     train_cfg: TrainConfig
     cache: AliasedCache | None = None
@@ -200,7 +201,6 @@ class Context:
     record: dict[str, Any] = field(default_factory=dict)
     block_loss: tuple[str, ...] = ("output",)
     relation_weight: float = 1.0
-    eval_hash: str = ""  # of the windows / sentences units are measured on; set: a stopped map reuses measurements
 
 
 @dataclass
@@ -494,8 +494,7 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
                      _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")),
                      f"  perplexity x{e['perplexity_ratio']:.4f}" if "perplexity_ratio" in e else "")
         entries.extend(mine)
-        if key is not None:
-            write_staged({folder / MEASURED: json.dumps({"key": key, "entries": mine}, indent=1)})
+        write_staged({folder / MEASURED: json.dumps({"key": key, "entries": mine}, indent=1)})
     timed = time_units(teacher, all_units, timing)
     by_key = {(b.layer, b.option.name): b for b in all_units}
     for e in entries:
@@ -513,29 +512,17 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
 MEASURED = "measured.json"  # beside an option's units: their map entries, for a run that was stopped after them
 
 
-def _weights_digest(module: nn.Module) -> str:
-    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def measurement_key(ctx: Context, opt: Option, units: dict[int, Built]) -> dict[str, Any] | None:
+def measurement_key(ctx: Context, opt: Option, units: dict[int, Built]) -> dict[str, Any]:
     """What one option's measurements depend on: the teacher, the evaluation text, the device, the option and each
-    unit's weights as trained. None where the evaluation text is not identified (nothing is then reused)."""
-    if not ctx.eval_hash:
-        return None
+    unit's weights as trained (hashed as a resume point checks them)."""
     return {"teacher_hash": ctx.teacher_hash, "eval_hash": ctx.eval_hash, "device": str(ctx.device),
-            "option": asdict(opt), "units": {str(i): _weights_digest(b.module) for i, b in sorted(units.items())}}
+            "option": asdict(opt), "units": {str(i): weights_hash(b.module) for i, b in sorted(units.items())}}
 
 
-def measured_before(path: Path, key: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+def measured_before(path: Path, key: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The entries an earlier run measured for exactly ``key`` (same teacher, text, device and unit weights), from
     ``path``; None when there are none, or they are for anything else, or the file cannot be read."""
-    if key is None or not path.is_file():
+    if not path.is_file():
         return None
     try:
         done = json.loads(path.read_text())
