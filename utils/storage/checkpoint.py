@@ -23,7 +23,7 @@ import torch
 
 from models.staging import disk_full  # the one recognition of a full disk, whatever library was writing
 from models.staging import unique_tag, write_staged  # one naming of temporaries, one staged write of a text file
-from models.staging import writer_gone as _writer_gone  # the one rule for temporaries of dead writers
+from models.staging import remove_dead_stages  # the one rule for temporaries of dead writers
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,7 @@ def _swap_in(tmp: Path, final: Path, prev: Path, *, keep_previous: bool) -> None
             shutil.rmtree(prev, ignore_errors=True)
     for stale in final.parent.glob(f"{final.name}.prev.*"):  # left by an earlier crash mid-swap
         shutil.rmtree(stale, ignore_errors=True)
-    for left in final.parent.glob(f"{final.name}.tmp.*"):  # left by a writer that died mid-write
-        if _writer_gone(left.name.split(".tmp.", 1)[1], left):
-            shutil.rmtree(left, ignore_errors=True)
+    remove_dead_stages(final)  # temporaries of writers that died mid-write
 
 
 def _write_file(path: Path, data: bytes) -> None:
