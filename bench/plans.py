@@ -38,7 +38,8 @@ GGUF files, --latency-threads threads, default one): the planned student's re-ti
 measured" (so a rival has at least the planned student's llama.cpp speed target), and each student's final prefill and
 decode speed-ups against the teacher's file, round-robin ("llama_cpp" per row, its columns in plans.md, the plot's x);
 the PyTorch timings are kept beside them. --methods leaves methods out (budget). Outputs in --out/--run-name:
-plans.json, plans.md, pareto.png.
+plans.json, plans.md, pareto.png, and methods.json (every target's methods and plans: a stopped bench run again with
+the same settings reads them back, so it heals the students it had begun).
 
     python bench/plans.py --map bench/results/sensitivity_minilm --teacher ../shared/models/minilm-mlm-wikitext2 \\
         --data-dir bench/results/wikitext2_split --device cpu --max-train-sentences 2000 --eval-sentences 300
@@ -55,6 +56,8 @@ import json
 import logging
 import math
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -330,6 +333,42 @@ class Bench:
         return out
 
 
+def selection_key(b: Bench, targets: list[Target]) -> str:
+    """What every method's choice at every target depends on: the teacher, the map (as --runtime keeps it), the
+    training split (the calibration windows come from it), the targets and the settings that time and choose."""
+    a = b.args
+    fields = {"teacher": b.s.teacher_hash, "data": b.ctx.setup.get("data_hash"), "device": str(b.s.device),
+              "map": hashlib.sha256(json.dumps(b.smap, sort_keys=True, default=str).encode()).hexdigest(),
+              "targets": [t.name for t in targets],
+              **{k: getattr(a, k, None) for k in ("methods", "cost", "calibration_sentences", "retime_rounds",
+                                                  "speed_margin", "runtime", "gguf_type", "latency_reps",
+                                                  "latency_batch", "latency_threads", "no_untrained", "seq_len")}}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def chosen_methods(b: Bench, targets: list[Target], out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every target's methods and their plans (``Bench.candidates``), kept in <out>/methods.json. A stopped bench
+    run again with the same settings (``selection_key``) reads them back instead of timing and calibrating anew: it
+    goes on healing the students it had begun (timing noise could otherwise choose another plan, whose folder starts
+    from scratch) and skips the re-timing and SLEB's search (minutes a layer on a 0.5B teacher). Other settings
+    choose anew; so does removing the file."""
+    path, key = out / "methods.json", selection_key(b, targets)
+    if path.is_file():
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept.get("key") == key:
+            log.info("methods and plans of every target read from %s (chosen %s; remove it to choose anew)", path,
+                     kept.get("chosen"))
+            return {name: [{**m, "choices": {int(i): option_from_dict(o) for i, o in m["choices"].items()}}
+                           for m in methods] for name, methods in kept["targets"].items()}
+        log.info("%s was chosen with other settings: choosing anew", path)
+    per_target = {t.name: b.candidates(t) for t in targets}
+    saved = {name: [{**m, "choices": {str(i): asdict(o) for i, o in m["choices"].items()}} for m in methods]
+             for name, methods in per_target.items()}
+    write_staged({path: json.dumps({"key": key, "chosen": time.strftime("%Y-%m-%dT%H:%M:%S"), "targets": saved},
+                                   indent=2)})
+    return per_target
+
+
 def plan_key(choices: dict[int, Option], trained: bool) -> str:
     body = ", ".join(f"{i}{'+' + str(i + 1) if o.kind == 'merge' else ''}: {o.name}"
                      for i, o in sorted(choices.items()))
@@ -372,7 +411,7 @@ def run_bench(b: Bench, docs: dict[str, list], out: Path) -> Path:
         targets += [Target(kv_cache=f) for f in ([1 / 3] if args.kv_targets is None else args.kv_targets)]
     if not targets:
         raise SettingError("--targets none and --kv-targets none leave nothing to plan for")
-    per_target = {t.name: b.candidates(t) for t in targets}
+    per_target = chosen_methods(b, targets, out)
     models = build_models(b, per_target, out)
     test = s.first_sentences("test", args.test_sentences)
     scored = score(b, models, test)
