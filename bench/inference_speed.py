@@ -39,14 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quick import add_quick  # noqa: E402
 from bench.retrain_throughput import TINY_BERT, random_bert  # noqa: E402
-from models import BertForMaskedLM, LayerSpec, ModelConfig, load_teacher  # noqa: E402
+from models import BertForMaskedLM, LayerSpec, ModelConfig, SwappableModel, load_teacher  # noqa: E402
 from models.compress import compose, compress_attention, init_merged_layer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ORT = " [ONNX Runtime]"
 
 
-def merged_name(teacher: BertForMaskedLM) -> str:
+def merged_name(teacher: SwappableModel) -> str:
     n = len(teacher.layers)
     return f"merged {n}->{n - n // 2}"
 
@@ -87,7 +87,7 @@ def head_flops_per_token(cfg: ModelConfig) -> int:
     return 2 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def encoder_parameters(model: BertForMaskedLM) -> int:
+def encoder_parameters(model: SwappableModel) -> int:
     return sum(p.numel() for p in model.layers.parameters())
 
 

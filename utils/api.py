@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from models import BertForMaskedLM, LayerSpec, ModelConfig, family_of, load_teacher as _load_model_and_tokenizer
+from models import LayerSpec, ModelConfig, SwappableModel, family_of, load_teacher as _load_model_and_tokenizer
 from models.compress import (clone_model, compose, drop_every_second as _drop_every_second, fit_problem,
                              teacher_start_problem)
 from models.kinds import get_kind
@@ -101,7 +101,7 @@ class TrainedUnits:
 class Assembled:
     """A model built from the teacher and trained units, saved in ``out`` (reload with ``load_model``)."""
 
-    model: BertForMaskedLM
+    model: SwappableModel
     out: Path
     sources: list[str]
     plan: str  # the per-layer plan, one line per layer
@@ -118,7 +118,7 @@ class Evaluation:
     rows: list[dict[str, Any]]
     notes: list[str]
     out: Path
-    model: BertForMaskedLM
+    model: SwappableModel
     lm_eval: HarnessComparison | None = None  # lm-eval's tasks on teacher and student, when asked for
     chat: dict[str, Any] | None = None  # the chat comparison (``chat``): results.json's "chat"
     texts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per named text (``EvalConfig.texts``)
@@ -129,7 +129,7 @@ class FineTuned:
     """A fine-tuned student: its run folder, the best model, its evaluation on the test split, the exports."""
 
     run_dir: Path
-    model: BertForMaskedLM
+    model: SwappableModel
     evaluation: Evaluation
     sources: list[str]
     exports: list[str]
@@ -142,7 +142,7 @@ class PlannedStudent:
     run: Path
     plan: Plan
     results: dict[str, Any]
-    model: BertForMaskedLM | None  # None: ``plan_only``
+    model: SwappableModel | None  # None: ``plan_only``
     map: dict[str, Any]
     map_built: Path | None  # where the map was built for this plan (None: it was given)
 
@@ -175,7 +175,7 @@ def _teacher_plan(session: Session | SessionConfig) -> ModelConfig:
     return session.teacher.config if isinstance(session, Session) else _session.model_config(session.teacher)
 
 
-def _samples(s: Session, make_student: Callable[[], BertForMaskedLM], loader) -> Callable[[], str]:
+def _samples(s: Session, make_student: Callable[[], SwappableModel], loader) -> Callable[[], str]:
     """``print_samples``: true word, teacher's and partially retrained model's prediction for a few sentences."""
     def samples() -> str:
         if not s.teacher.has_mlm_head:
@@ -580,7 +580,7 @@ def _train_merges(s: Session, job: _MergeRun, locks: list) -> TrainedUnits:
 
 
 def _train_pairs(s: Session, job: _MergeRun, group: list[int], *, layers: dict, notes: dict[str, str], cache,
-                 data: _Data, locks: list, inputs_from: BertForMaskedLM | None = None,
+                 data: _Data, locks: list, inputs_from: SwappableModel | None = None,
                  group_dir: Path | None = None) -> TrainedUnits:
     """One Trainer over the merged layers of ``group`` (all pairs, or one pair of a conditioned run)."""
     cfg, loss = s.teacher.config, job.loss
@@ -803,7 +803,7 @@ def _topk(s: Session, train_ds, objective: FinetuneLoss, *, cache_dir: str | Pat
                         temperature=kd_temperature(s.teacher, objective.temperature))
 
 
-def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Path, *,
+def evaluate(session: Session | SessionConfig, model: SwappableModel | str | Path, *,
              evaluation: EvalConfig = EvalConfig(), out: str | Path = "checkpoints/eval", force: bool = False,
              extra: dict[str, Any] | None = None, lm_eval: HarnessConfig | None = None,
              chat: ChatConfig | None = None) -> Evaluation:
@@ -834,7 +834,7 @@ def evaluate(session: Session | SessionConfig, model: BertForMaskedLM | str | Pa
                      chat=chat, docs=docs)
 
 
-def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMaskedLM, dict[str, Any]]:
+def _student_from(s: Session, path: Path, *, force: bool) -> tuple[SwappableModel, dict[str, Any]]:
     """The model a checkpoint folder stands for, and what results.json says about where it came from."""
     if read_meta(path)["kind"] == "merged_layer":
         first, layer, spec = load_merged_layer(path, s.teacher.config, s.teacher_hash, force=force)
@@ -847,7 +847,7 @@ def _student_from(s: Session, path: Path, *, force: bool) -> tuple[BertForMasked
     return model, {"model": str(path), "sources": meta.get("sources")}
 
 
-def _evaluate(s: Session, student: BertForMaskedLM, evaluation: EvalConfig, *, out: Path,
+def _evaluate(s: Session, student: SwappableModel, evaluation: EvalConfig, *, out: Path,
               extra: dict[str, Any], lm_eval: Tasks | None = None, chat: ChatConfig | None = None,
               docs: dict | None = None) -> Evaluation:
     """The one comparison of a student with the session's teacher (on the split and each named text; ``docs``:
@@ -992,7 +992,7 @@ def _plan_only(run: Path, plan: Plan, rounds: list[dict[str, float]], *, runtime
 
 def _build_planned(s: Session, ctx: Any, plan: Plan, *, smap: dict[str, Any], run: Path, finetune: PlanFinetune,
                    timing: Timing, target: Target, llama: LlamaCppTimer | None, map_units: Path | None
-                   ) -> tuple[BertForMaskedLM, dict[str, Any]]:
+                   ) -> tuple[SwappableModel, dict[str, Any]]:
     """The student of ``plan`` made (``make_student``) and measured (``_measure_plan``): (student, results)."""
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
     student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
@@ -1011,7 +1011,7 @@ def _write_plan(plan: Plan, run: Path) -> None:
              run / "plan.log")
 
 
-def _plan_texts(s: Session, student: BertForMaskedLM, texts: Sequence[EvalText], *, docs: dict, run: Path,
+def _plan_texts(s: Session, student: SwappableModel, texts: Sequence[EvalText], *, docs: dict, run: Path,
                 test: dict[str, Any], chat: ChatConfig | None = None) -> dict[str, Any]:
     """The planned student on each named text (its results' "texts"; with the ``test`` split's metrics, tensorboard
     scalars in ``run/tb``) and, with ``chat``, on the chat prompts as an evaluation compares it ("chat")."""
@@ -1025,7 +1025,7 @@ def _plan_texts(s: Session, student: BertForMaskedLM, texts: Sequence[EvalText],
     return {"texts": scored, **out}
 
 
-def _chat(s: Session, student: BertForMaskedLM, chat: ChatConfig, *, out: Path) -> dict[str, Any]:
+def _chat(s: Session, student: SwappableModel, chat: ChatConfig, *, out: Path) -> dict[str, Any]:
     """The student's chat replies compared with the teacher's (``evaluation.chat``; results.json's "chat")."""
     return evaluate_chat(s.teacher, student.to(s.device), s.tokenizer, teacher_name=s.teacher_name, config=chat,
                          out=out)
@@ -1081,7 +1081,7 @@ def _check_reach(s: Session, smap: dict[str, Any] | None, *, config: MapConfig, 
         raise SettingError(problem)
 
 
-def _measure_plan(s: Session, student: BertForMaskedLM, *, smap: dict[str, Any], plan: Plan,
+def _measure_plan(s: Session, student: SwappableModel, *, smap: dict[str, Any], plan: Plan,
                   finetune: PlanFinetune, trained: bool, timing: Timing, target: Target,
                   llama: LlamaCppTimer | None = None) -> dict[str, Any]:
     """The planned student on the test split and timed against the teacher (prefill and, for a decoder, decode;
@@ -1125,7 +1125,7 @@ def _target_met(res: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 # ---- export ----
-def export(model: BertForMaskedLM, tokenizer, *, hf_dir: str | Path | None = None, hf_layout: str = "auto",
+def export(model: SwappableModel, tokenizer, *, hf_dir: str | Path | None = None, hf_layout: str = "auto",
            onnx_file: str | Path | None = None, gguf_file: str | Path | None = None,
            gguf_type: str = "f16") -> list[str]:
     """Write ``model`` for use outside this repository: a Hugging Face folder (plain BertForMaskedLM, or CompactBERT

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from models import BertForMaskedLM, ModelConfig, load_teacher, weights_hash
+from models import ModelConfig, SwappableModel, load_teacher, weights_hash
 from . import runtime
 from .data.batches import (MixedWindows, TokenizedSentences, TokenWindows, make_loader, token_ids_hash,
                            tokenize_split)
@@ -42,7 +42,7 @@ class Session:
 
     teacher_name: str
     device: torch.device
-    teacher: BertForMaskedLM
+    teacher: SwappableModel
     tokenizer: Any
     teacher_hash: str
     data: DataConfig
@@ -237,7 +237,7 @@ def read_device_map(value: str | dict[str, str | int]) -> str | dict[str, str | 
     return value
 
 
-def _dispatch(teacher: BertForMaskedLM, device_map: str | dict[str, str | int]) -> BertForMaskedLM:
+def _dispatch(teacher: SwappableModel, device_map: str | dict[str, str | int]) -> SwappableModel:
     """The teacher spread over the devices of ``device_map`` (accelerate), each layer's device logged."""
     from models.hf import dispatch
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from models.base import SwappableModel
-from models.bert import BertForMaskedLM
 from models.hf import TeacherError
 from .. import runtime
 
@@ -108,7 +107,7 @@ class HiddenFidelity(Metric):
 class Cost(Metric):
     """Parameters and forward latency per batch of both models, their ratio and the speed-up."""
 
-    def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM):
+    def __init__(self, teacher: SwappableModel, student: SwappableModel):
         super().__init__("t_time", "s_time", "batches")
         self.params = teacher.num_parameters(), student.num_parameters()
 
@@ -252,7 +251,7 @@ class PredictionRows:
         return sorted((r for part in runtime.all_gather_objects(self.rows) for r in part), key=lambda r: r["index"])
 
 
-def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, *,
+def _check_models(teacher: SwappableModel, student: SwappableModel, judge: SwappableModel | None, *,
                   tokenizer, judge_tokenizer) -> list[str]:
     """Refuse a judge that cannot judge; the notes on what will not be measured."""
     if judge is not None and teacher.TASK != "mlm":
@@ -267,7 +266,7 @@ def _check_models(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: Ber
     return notes
 
 
-def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, *, mlm: bool, with_judge: bool,
+def make_metrics(teacher: SwappableModel, student: SwappableModel, *, mlm: bool, with_judge: bool,
                  entropy: bool = False) -> list[Metric]:
     """The metrics of one comparison, in the order of their keys in the results (``entropy``: a causal LM's
     predictive entropies and overconfidence too)."""
@@ -279,13 +278,13 @@ def make_metrics(teacher: BertForMaskedLM, student: BertForMaskedLM, *, mlm: boo
     return metrics
 
 
-def _forward(model: BertForMaskedLM, ids, att, *, pos, mlm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(model: SwappableModel, ids, att, *, pos, mlm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The encoder, then the vocabulary projection at the masked position only."""
     h = model(ids, att, with_logits=False).last_hidden_state
     return h, (model.mlm_logits(h[torch.arange(len(ids), device=ids.device), pos]) if mlm else None)
 
 
-def _run_batch(teacher: BertForMaskedLM, student: BertForMaskedLM, judge: BertForMaskedLM | None, *, batch,
+def _run_batch(teacher: SwappableModel, student: SwappableModel, judge: SwappableModel | None, *, batch,
                device: torch.device, mlm: bool, warm_up: bool) -> BatchOutputs:
     """Both models (timed, each alone) and the judge (untimed) on one batch."""
     ids, att = batch["masked_input_ids"].to(device), batch["attention_mask"].to(device)
@@ -400,8 +399,8 @@ def _batches(loader, max_batches: int | None, desc: str):
 
 
 @torch.no_grad()
-def compare_models(teacher: BertForMaskedLM, student: BertForMaskedLM, loader, *, tokenizer, device: torch.device,
-                   judge: BertForMaskedLM | None = None, judge_tokenizer=None, keep_rows: bool = True,
+def compare_models(teacher: SwappableModel, student: SwappableModel, loader, *, tokenizer, device: torch.device,
+                   judge: SwappableModel | None = None, judge_tokenizer=None, keep_rows: bool = True,
                    max_batches: int | None = None) -> EvalResult:
     """Masked-token accuracy (top-1/5/10), agreement, KL(teacher||student), hidden-state cosine, latency, params; for a
     causal LM the same per predicted next token, both perplexities and their ratio, entropies and overconfidence."""

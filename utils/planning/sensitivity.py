@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models.bert import BertForMaskedLM
+from models.base import SwappableModel
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from models.hf import weights_hash
@@ -184,7 +184,7 @@ def cache_names(n_layers: int) -> list[str]:
 class Context:
     """What training and measuring units needs; built from a Session by ``utils.planning.students.context``."""
 
-    teacher: BertForMaskedLM
+    teacher: SwappableModel
     teacher_hash: str
     teacher_name: str
     tokenizer: Any
@@ -324,7 +324,7 @@ def _trained_elsewhere(d: Path, b: Built, ctx: Context, *, setup: dict[str, Any]
     return None
 
 
-def compose_units(teacher: BertForMaskedLM, units: dict[int, Built]) -> BertForMaskedLM:
+def compose_units(teacher: SwappableModel, units: dict[int, Built]) -> SwappableModel:
     """The teacher with every unit in place (sharing the teacher's other modules; nothing is copied)."""
     return compose(teacher, blocks={i: b.module for i, b in units.items() if b.option.kind == "block"},
                    merges={i: (b.module, b.spec) for i, b in units.items() if b.option.kind == "merge"},
@@ -340,14 +340,14 @@ def _layer_with(layer: nn.Module, attention: nn.Module) -> nn.Module:
     return new
 
 
-def encoder_inputs(teacher: BertForMaskedLM, *, batch: int, seq: int, device: torch.device
+def encoder_inputs(teacher: SwappableModel, *, batch: int, seq: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, teacher.config.vocab_size - 1), teacher.config.vocab_size, (batch, seq), generator=g)
     return ids.to(device), torch.ones(batch, seq, dtype=torch.long, device=device)
 
 
-def speed_fn(model: BertForMaskedLM, speed: str, *, batch: int, seq: int) -> Callable[[], Any]:
+def speed_fn(model: SwappableModel, speed: str, *, batch: int, seq: int) -> Callable[[], Any]:
     """What ``speed`` times for a whole model: ``prefill``, a batch x seq pass without the vocabulary projection (the
     encoder pass of a masked LM); ``decode``, one new token after ``seq`` cached ones, its logits included."""
     device = next(model.parameters()).device
@@ -375,14 +375,14 @@ class PastCache:
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
 
 
-def _unit_module(teacher: BertForMaskedLM, b: Built) -> nn.Module:
+def _unit_module(teacher: SwappableModel, b: Built) -> nn.Module:
     """What a unit replaces, as a whole layer (a block inside a copy of its teacher layer)."""
     mod = _layer_with(teacher.layers[b.layer], b.module) if b.option.kind == "block" else b.module
     return mod.eval()
 
 
 @torch.no_grad()
-def time_units(teacher: BertForMaskedLM, units: list[Built], timing: Timing) -> dict[str, Any]:
+def time_units(teacher: SwappableModel, units: list[Built], timing: Timing) -> dict[str, Any]:
     """Latency of the teacher (embeddings + layers, no vocabulary projection), of its embeddings and of each of its
     layers, and of each unit as the layer(s) it replaces, on one batch x seq input, timed round-robin (``timing``; its
     settings are recorded beside the numbers). For a causal
@@ -422,7 +422,7 @@ def kv_bytes_saved(cfg, covers: list[int], spec: LayerSpec) -> int:
     return 2 * 2 * (kv - spec.kv_heads * spec.head_dim)
 
 
-def unit_savings(teacher: BertForMaskedLM, b: Built, timing: dict[str, Any] | None) -> dict[str, float]:
+def unit_savings(teacher: SwappableModel, b: Built, timing: dict[str, Any] | None) -> dict[str, float]:
     """What a unit saves against the teacher layer(s) it replaces: parameters, KV-cache bytes per token (fp16) and,
     with ``timing``, prefill (encoder) ms and decode ms."""
     covers = b.option.covers(b.layer)
@@ -438,7 +438,7 @@ def unit_savings(teacher: BertForMaskedLM, b: Built, timing: dict[str, Any] | No
     return out
 
 
-def replaced_params(teacher: BertForMaskedLM, b: Built) -> int:
+def replaced_params(teacher: SwappableModel, b: Built) -> int:
     """Parameters the unit removes from the model (teacher modules it replaces minus its own)."""
     own = sum(p.numel() for p in b.module.parameters())
     if b.option.kind == "block":
@@ -728,7 +728,7 @@ def validate_map(smap: Any, where: str | Path, *, teacher_layers: int | None = N
     return smap
 
 
-def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int], *, timing: Timing | None = None
+def reach_map(teacher: SwappableModel, options: list[Option], layers: list[int], *, timing: Timing | None = None
               ) -> dict[str, Any]:
     """The parameter and KV-cache savings of every (layer, option) of a map and, with ``timing``, its latency
     savings, from untrained units (random weights: the same shapes, sizes and speed as trained ones), without
@@ -759,7 +759,7 @@ def reach_map(teacher: BertForMaskedLM, options: list[Option], layers: list[int]
     return smap
 
 
-def random_unit(teacher: BertForMaskedLM, opt: Option, layer: int) -> Built:
+def random_unit(teacher: SwappableModel, opt: Option, layer: int) -> Built:
     """An untrained unit of ``opt`` at ``layer`` (random weights): for sizes and timings."""
     cfg = teacher.config
     spec = opt.spec(layer, cfg)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models import BertForMaskedLM
+from models import SwappableModel
 from models.compress import clone_model
 from ..data.batches import token_ids_hash
 from ..data.masking import lm_targets
@@ -69,7 +69,7 @@ class MapConfig:
         return GgufTiming(self.gguf_type, self.latency_threads or 1, self.latency_reps, seq)
 
 
-def map_options(teacher: BertForMaskedLM, cfg: MapConfig) -> list[Option]:
+def map_options(teacher: SwappableModel, cfg: MapConfig) -> list[Option]:
     """The options a map of ``cfg`` maps for ``teacher``: its task's (``cfg.options``, ``cfg.heads_set``), only
     those ``cfg.runtime`` runs, on its FFN grid (``runtimes.runtime_options``)."""
     options = default_options(teacher.config, cfg.heads_set, cfg.options, task=teacher.TASK)
@@ -143,7 +143,7 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
 
 def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: Path, origin: str,
                  finetune: PlanFinetune, train: bool = True, map_units: Path | None = None
-                 ) -> tuple[BertForMaskedLM, dict]:
+                 ) -> tuple[SwappableModel, dict]:
     """The student of ``choices`` (first teacher layer -> Option): its units initialised from the teacher and, with
     ``train``, retrained on the teacher's features (``<run>/units``), composed into a copy of the teacher and
     fine-tuned end to end by KD (``finetune.epochs``); saved as ``<run>/model/best``. ``train=False`` gives the
@@ -187,7 +187,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     return student.to(s.device), units
 
 
-def _heal_task(s: Session, ctx: Context, student: BertForMaskedLM, *, finetune: PlanFinetune,
+def _heal_task(s: Session, ctx: Context, student: SwappableModel, *, finetune: PlanFinetune,
                heal_data: "HealData") -> ModelDistill:
     """The KD task of a student's end-to-end fine-tune (the KL alone; with ``finetune.teacher_topk`` read from the
     teacher's top-k cache of the heal's training windows)."""
@@ -263,7 +263,7 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
     return None
 
 
-def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: str, timing: Timing,
+def time_plan(teacher: SwappableModel, choices: dict[int, Option], *, speed: str, timing: Timing,
               llama: LlamaCppTimer | None = None) -> dict[str, float]:
     """The plan's units (untrained: the same shapes and speed) composed into the teacher and timed against it,
     round-robin (``timing``; with ``llama``, in llama.cpp: both as GGUF files): ``measured_speedup`` and each model's
@@ -278,7 +278,7 @@ def time_plan(teacher: BertForMaskedLM, choices: dict[int, Option], *, speed: st
     return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
 
 
-def retimed_plan(teacher: BertForMaskedLM, smap: dict[str, Any], target: Target, *, cost: str, timing: Timing,
+def retimed_plan(teacher: SwappableModel, smap: dict[str, Any], target: Target, *, cost: str, timing: Timing,
                  rounds: int = RETIME_ROUNDS, margin: float = SPEED_MARGIN, runtime: str = "pytorch",
                  llama: LlamaCppTimer | None = None) -> tuple[Plan, list[dict[str, float]]]:
     """The plan for ``target`` from the units of ``smap`` that ``runtime`` runs (``runtimes.runtime_map``); for a

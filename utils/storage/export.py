@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from models import BertForMaskedLM
+from models import SwappableModel
 from models.export import ExportError, check_writable_target, export_pretrained
 from models.gguf_export import check_gguf, check_gguf_available, check_gguf_teacher, export_gguf
 from models.nemotron_nas import HF_LAYOUTS, block_configs, check_nemotron_nas_model, export_nemotron_nas
@@ -53,7 +53,7 @@ def check_export_teacher(cfg: ExportConfig, teacher, tokenizer) -> None:
         check_nemotron_nas_model(teacher.config)
 
 
-def run_exports(model: BertForMaskedLM, tokenizer, cfg: ExportConfig) -> list[str]:
+def run_exports(model: SwappableModel, tokenizer, cfg: ExportConfig) -> list[str]:
     """Write the requested exports; returns one line per file written. What keeps the model from a target (a unit
     llama.cpp cannot run, ...) is refused before any of them is written."""
     if cfg.gguf_file:

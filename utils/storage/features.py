@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bert import BertForMaskedLM
+from models.base import SwappableModel
 from models.hf import TeacherError, layer_device
 from models.staging import remove_dead_stages, unique_tag, write_staged
 from ..data.batches import token_ids_hash
@@ -119,7 +119,7 @@ def _parse(name: str) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def teacher_features(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+def teacher_features(teacher: SwappableModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      names: list[str]) -> dict[str, torch.Tensor]:
     """One forward pass of the teacher, stopping after the last layer any requested feature needs."""
     wanted = {}
@@ -172,7 +172,7 @@ class TeacherCache:
     here; a subclass stores other per-token teacher outputs the same way (``storage.logits.TopKCache``).
     """
 
-    def __init__(self, root: str | os.PathLike, teacher: BertForMaskedLM, *, teacher_hash: str,
+    def __init__(self, root: str | os.PathLike, teacher: SwappableModel, *, teacher_hash: str,
                  token_ids: list[list[int]], tokenizer_name: str, seq_len: int):
         self.key = token_ids_hash(token_ids, teacher_hash, tokenizer_name, seq_len)
         self.dir = Path(root) / self.key

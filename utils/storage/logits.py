@@ -22,7 +22,7 @@ import re
 import numpy as np
 import torch
 
-from models.bert import BertForMaskedLM
+from models.base import SwappableModel
 from ..errors import SettingError
 from .features import TeacherCache
 
@@ -49,7 +49,7 @@ def topk_names(k: int, temperature: float) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def teacher_topk(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int,
+def teacher_topk(teacher: SwappableModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, k: int,
                  temperature: float, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's k most probable next tokens at every position: ids [B, T, k] and float32 log-probabilities at
     ``temperature`` [B, T, k + 1], the last column the log of the rest's mass (a log-sum-exp over the other tokens,
@@ -72,7 +72,7 @@ class TopKCache(TeacherCache):
     """The top-k features (``topk_names``) of a causal teacher over the windows of a split, keyed, locked, checked
     and rebuilt exactly as ``TeacherCache``'s hidden states (in the same folder)."""
 
-    def __init__(self, root, teacher: BertForMaskedLM, *, k: int, temperature: float, **key):
+    def __init__(self, root, teacher: SwappableModel, *, k: int, temperature: float, **key):
         self.vocab = teacher.config.vocab_size
         self.k, self.temperature = check_topk(k, self.vocab, teacher.TASK), float(temperature)
         self.names = list(topk_names(self.k, self.temperature))

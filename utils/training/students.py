@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig, build_model
+from models import LayerSpec, ModelConfig, SwappableAttention, SwappableLayer, SwappableModel, build_model
 from models.compress import clone_model, compose, fit_problem, make_block, make_layer
 from ..errors import SettingError
 from ..storage.checkpoint import (CheckpointError, check_meta, find_checkpoints, load_checkpoint, load_into,
@@ -29,7 +29,8 @@ def _check(meta: dict[str, Any], path: Path, cfg: ModelConfig, *, teacher_hash: 
     check_meta(meta, path, force_teacher=force, teacher_hash=teacher_hash, hidden_size=cfg.hidden_size)
 
 
-def load_block(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool = False) -> tuple[int, BertAttention]:
+def load_block(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool = False
+               ) -> tuple[int, SwappableAttention]:
     """A retrained block and the teacher layer it replaces, checked against the teacher (``force``: another
     teacher's weights are accepted, never another shape)."""
     sd, meta, _ = load_checkpoint(path)
@@ -43,7 +44,7 @@ def load_block(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool =
 
 
 def load_merged_layer(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool = False
-                      ) -> tuple[int, BertLayer, LayerSpec]:
+                      ) -> tuple[int, SwappableLayer, LayerSpec]:
     """A merged layer, the first layer of the pair it replaces and its spec, checked against the teacher."""
     sd, meta, _ = load_checkpoint(path)
     check_meta(meta, path, kind="merged_layer")
@@ -61,7 +62,7 @@ def load_merged_layer(path: Path, cfg: ModelConfig, teacher_hash: str, *, force:
 
 
 def load_layer(path: Path, cfg: ModelConfig, teacher_hash: str, *, force: bool = False
-               ) -> tuple[int, BertLayer, LayerSpec]:
+               ) -> tuple[int, SwappableLayer, LayerSpec]:
     """A whole-layer unit, the teacher layer it stands for and its spec, checked against the teacher."""
     sd, meta, _ = load_checkpoint(path)
     check_meta(meta, path, kind="layer")
@@ -91,7 +92,7 @@ def dropped_layers(cfg: ModelConfig, drop: Iterable[int]) -> dict[int, tuple[nn.
     return out
 
 
-def save_model(model: BertForMaskedLM, directory: str | Path, meta: dict[str, Any]) -> Path:
+def save_model(model: SwappableModel, directory: str | Path, meta: dict[str, Any]) -> Path:
     """A whole model as a ``model`` checkpoint carrying its per-layer plan (``load_model`` rebuilds it alone)."""
     return save_checkpoint(directory, model.state_dict(),
                            {"kind": "model", "config": model.config.to_dict(), **meta})
@@ -108,7 +109,7 @@ def check_fits(cfg: ModelConfig, teacher_cfg: ModelConfig, where: str | Path) ->
 
 
 def load_model(directory: str | Path, teacher_hash: str | None = None, *, force: bool = False,
-               teacher_config: ModelConfig | None = None) -> tuple[BertForMaskedLM, dict[str, Any]]:
+               teacher_config: ModelConfig | None = None) -> tuple[SwappableModel, dict[str, Any]]:
     """A saved compressed model, rebuilt from its checkpoint alone (the per-layer plan is in the metadata).
 
     With ``teacher_config``, the model must also fit that teacher (vocabulary and hidden size, see check_fits).
@@ -124,9 +125,9 @@ def load_model(directory: str | Path, teacher_hash: str | None = None, *, force:
     return model.eval(), meta
 
 
-def build_student(teacher: BertForMaskedLM, roots: Iterable[str | Path], teacher_hash: str, *, force: bool = False,
+def build_student(teacher: SwappableModel, roots: Iterable[str | Path], teacher_hash: str, *, force: bool = False,
                   which: str = "best", keep: Callable[[dict[str, Any]], bool] | None = None,
-                  drop: Iterable[int] = ()) -> tuple[BertForMaskedLM, list[str]]:
+                  drop: Iterable[int] = ()) -> tuple[SwappableModel, list[str]]:
     """Teacher + every block / merged layer / whole layer / model checkpoint under ``roots`` (those ``keep``
     accepts), with the teacher layers ``drop`` dropped (``dropped_layers``).
 
@@ -225,8 +226,8 @@ def earlier_pairs(first: int) -> list[int]:
     return list(range(first % 2, first, 2))
 
 
-def conditioned_teacher(teacher: BertForMaskedLM, source: str | Path, first: int, *, teacher_hash: str,
-                        force: bool = False) -> tuple[BertForMaskedLM | None, list[str]]:
+def conditioned_teacher(teacher: SwappableModel, source: str | Path, first: int, *, teacher_hash: str,
+                        force: bool = False) -> tuple[SwappableModel | None, list[str]]:
     """The teacher with the earlier pairs of ``first`` merged (their merged-layer checkpoints under ``source``):
     the model whose hidden states a conditioned pair learns from. (None, []) when there is no earlier pair."""
     earlier = earlier_pairs(first)

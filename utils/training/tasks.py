@@ -15,8 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models.base import SwappableAttention
-from models.bert import BertAttention, BertForMaskedLM, BertLayer
+from models.base import SwappableAttention, SwappableLayer, SwappableModel
 from models.compress import compose
 from models.config import LayerSpec
 from .. import runtime
@@ -41,7 +40,7 @@ BALANCE_RATIO = 0.01
 KD_TEMPERATURE = {"mlm": 2.0, "causal": 1.0}
 
 
-def kd_temperature(teacher: BertForMaskedLM, given: float | None) -> float:
+def kd_temperature(teacher: SwappableModel, given: float | None) -> float:
     """``given``, else the default KD temperature of the teacher's task (``KD_TEMPERATURE``)."""
     return KD_TEMPERATURE[teacher.TASK] if given is None else given
 
@@ -129,7 +128,7 @@ class FinetuneLoss:
 class DistillTask(nn.Module):
     """Shared machinery: students in a ModuleDict, the frozen teacher beside it, loss bookkeeping."""
 
-    def __init__(self, teacher: BertForMaskedLM, students: dict[str, nn.Module], *, masker: MLMMasker | None = None,
+    def __init__(self, teacher: SwappableModel, students: dict[str, nn.Module], *, masker: MLMMasker | None = None,
                  cache: TeacherCache | None = None, seed: int = 0):
         super().__init__()
         teacher.requires_grad_(False).eval()
@@ -149,7 +148,7 @@ class DistillTask(nn.Module):
         self.balance: dict[str, dict[str, Any]] = {}
 
     @property
-    def teacher(self) -> BertForMaskedLM:
+    def teacher(self) -> SwappableModel:
         return self._frozen["teacher"]
 
     def unit_terms(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
@@ -299,7 +298,7 @@ class BlockDistill(DistillTask):
 
     TERMS = ("output", "scores", "relations")
 
-    def __init__(self, teacher: BertForMaskedLM, blocks: dict[int, BertAttention], loss_on: list[str], *,
+    def __init__(self, teacher: SwappableModel, blocks: dict[int, SwappableAttention], loss_on: list[str], *,
                  criterion: str = "MSE", score_criterion: str = "CrossEntropy", masker: MLMMasker | None = None,
                  cache: TeacherCache | None = None, temperature: float = 1.0, seed: int = 0,
                  score_target: str = "probs", input_masker: OneMasker | None = None,
@@ -386,7 +385,7 @@ class BlockDistill(DistillTask):
         return out
 
 
-def block_relation_heads(teacher_attn: BertAttention, student_attn: BertAttention, heads: int | None) -> int:
+def block_relation_heads(teacher_attn: SwappableAttention, student_attn: SwappableAttention, heads: int | None) -> int:
     """Relation heads for a teacher / student block pair: ``heads`` if it divides both inner sizes, else an error;
     None: the default of ``relation_heads_for``."""
     t_inner = teacher_attn.num_heads * teacher_attn.head_dim
@@ -406,9 +405,9 @@ class MergeDistill(DistillTask):
     a model whose earlier pairs are already merged. Target: the teacher's hidden state leaving layer i+1.
     """
 
-    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], loss_on: str, *,
+    def __init__(self, teacher: SwappableModel, layers: dict[int, tuple[SwappableLayer, LayerSpec]], loss_on: str, *,
                  criterion: str = "MSE", masker: MLMMasker | None = None, cache: TeacherCache | None = None,
-                 inputs_from: BertForMaskedLM | None = None, temperature: float = 1.0, seed: int = 0,
+                 inputs_from: SwappableModel | None = None, temperature: float = 1.0, seed: int = 0,
                  input_masker: OneMasker | None = None):
         super().__init__(teacher, {f"merge_{i}": l for i, (l, _) in layers.items()}, masker=masker, cache=cache,
                          seed=seed)
@@ -473,7 +472,7 @@ class ModelDistill(DistillTask):
 
     TERMS = ("kl", "mlm", "hidden", "relations")
 
-    def __init__(self, teacher: BertForMaskedLM, student: BertForMaskedLM, masker: MLMMasker | None, *,
+    def __init__(self, teacher: SwappableModel, student: SwappableModel, masker: MLMMasker | None, *,
                  kl_weight: float = 1.0, mlm_weight: float | str = 0.0, hidden_weight: float | str = 0.0,
                  hidden_criterion: str = "cosine", temperature: float | None = None, seed: int = 0,
                  relation_weight: float | str = 0.0, relation_heads: int | None = None,
@@ -653,7 +652,7 @@ class LayerDistill(DistillTask):
     standing for teacher layer i alone: input the hidden state entering layer i, target the hidden state leaving
     it (read as ``in_<i+1>`` where there is a next layer, so that a cache holds each hidden state once)."""
 
-    def __init__(self, teacher: BertForMaskedLM, layers: dict[int, tuple[BertLayer, LayerSpec]], *,
+    def __init__(self, teacher: SwappableModel, layers: dict[int, tuple[SwappableLayer, LayerSpec]], *,
                  criterion: str = "MSE", cache: TeacherCache | None = None, seed: int = 0):
         super().__init__(teacher, {f"layer_{i}": l for i, (l, _) in layers.items()}, cache=cache, seed=seed)
         self.indices = sorted(layers)

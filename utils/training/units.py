@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import BertAttention, BertForMaskedLM, BertLayer, LayerSpec, ModelConfig
+from models import LayerSpec, ModelConfig, SwappableAttention, SwappableLayer, SwappableModel
 from models.compress import head_importance, init_attention, init_merged_layer, neuron_scores
 from models.kinds import flagged_kind, get_kind
 from ..errors import SettingError
@@ -153,7 +153,7 @@ def starting_shape(shape: UnitShape, specs: list[LayerSpec], what: str) -> dict[
 
 # ---- initialisation ----
 @torch.no_grad()
-def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], layers: list[int]
+def head_rankings(teacher: SwappableModel, probe: dict[str, torch.Tensor], layers: list[int]
                   ) -> dict[int, torch.Tensor]:
     """Importance of the heads of each teacher layer in ``layers`` on the probe batch (one teacher pass)."""
     if not layers:
@@ -166,7 +166,7 @@ def head_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], laye
 
 
 @torch.no_grad()
-def neuron_rankings(teacher: BertForMaskedLM, probe: dict[str, torch.Tensor], layers: list[int]
+def neuron_rankings(teacher: SwappableModel, probe: dict[str, torch.Tensor], layers: list[int]
                     ) -> dict[int, torch.Tensor]:
     """Importance of the feed-forward neurons of each teacher layer in ``layers`` on the probe batch: the mean size of
     each neuron's activation on the real tokens, times its output weights' norm (``models.compress.neuron_scores``)."""
@@ -189,8 +189,8 @@ def _fewer_heads(spec: LayerSpec, teacher_spec: LayerSpec) -> bool:
     return 0 < spec.num_heads < teacher_spec.num_heads
 
 
-def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
-                probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, BertAttention], dict[int, str]]:
+def init_blocks(teacher: SwappableModel, specs: dict[int, LayerSpec], *, init: str,
+                probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, SwappableAttention], dict[int, str]]:
     """Blocks for teacher layers ``specs`` (layer -> spec): from the teacher (heads ranked on ``probe`` where a block
     keeps fewer of them; smaller head_dim by SVD; see ``models.compress``) or random. Returns (blocks, notes)."""
     cfg = teacher.config
@@ -204,8 +204,9 @@ def init_blocks(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     return blocks, notes
 
 
-def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
-                probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, tuple[BertLayer, LayerSpec]], dict[int, str]]:
+def init_merges(teacher: SwappableModel, specs: dict[int, LayerSpec], *, init: str,
+                probe: dict[str, torch.Tensor] | None
+                ) -> tuple[dict[int, tuple[SwappableLayer, LayerSpec]], dict[int, str]]:
     """One layer per pair (i, i+1) in ``specs`` (first index -> spec), from the pair's first or second layer (heads
     ranked on ``probe`` on that layer's input), their average, or random. Returns ({i: (layer, spec)}, notes)."""
     cfg = teacher.config
@@ -222,8 +223,9 @@ def init_merges(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: 
     return layers, notes
 
 
-def init_layers(teacher: BertForMaskedLM, specs: dict[int, LayerSpec], *, init: str,
-                probe: dict[str, torch.Tensor] | None) -> tuple[dict[int, tuple[BertLayer, LayerSpec]], dict[int, str]]:
+def init_layers(teacher: SwappableModel, specs: dict[int, LayerSpec], *, init: str,
+                probe: dict[str, torch.Tensor] | None
+                ) -> tuple[dict[int, tuple[SwappableLayer, LayerSpec]], dict[int, str]]:
     """Whole layers standing for teacher layers ``specs`` (layer -> spec): from the teacher layer (heads ranked on
     ``probe`` where fewer are kept; feed-forward neurons kept by their activation on ``probe`` where fewer are kept)
     or random. Returns ({i: (layer, spec)}, notes)."""
