@@ -1,7 +1,8 @@
 """Evaluate the teacher with one pair of layers (N, N+1) replaced by its trained merged layer.
 
     python eval_merge_layer.py --block 6 --block_heads 12 --block_d_k 64
-    python eval_merge_layer.py --checkpoint checkpoints/merge_h12_d64_f3072_mse/merge_6/best --teacher DIR --data-dir DIR
+    python eval_merge_layer.py --checkpoint checkpoints/merge_h12_d64_f3072_mse/merge_6/best --teacher DIR \\
+        --data-dir DIR
 """
 from __future__ import annotations
 

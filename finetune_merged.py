@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KD temperature (default: 2 for a masked LM, 1 for a decoder, whose perplexity is at 1)")
     g.add_argument("--relation-weight", type=term_weight("--relation-weight", zero=True), default=0.0,
                    help="MiniLMv2 query/key/value self-attention relation KL at matched layers (any head counts); "
-                        "0: off (the default); a number: that fixed weight; 'balanced': scaled to --balance-ratio times the KL term "
-                        "(without a masked-LM head: the hidden-state term) at the start, both measured once on the "
-                        "first training batch with the student as it starts; the scale is stored in the checkpoint "
-                        "and run.json, and a --resume reuses it")
+                        "0: off (the default); a number: that fixed weight; 'balanced': scaled to --balance-ratio "
+                        "times the KL term (without a masked-LM head: the hidden-state term) at the start, both "
+                        "measured once on the first training batch with the student as it starts; the scale is "
+                        "stored in the checkpoint and run.json, and a --resume reuses it")
     g.add_argument("--balance-ratio", type=positive_float, default=BALANCE_RATIO,
                    help="a 'balanced' term starts at this many times the KL term (the hidden-state term without a "
                         "masked-LM head)")

@@ -72,7 +72,8 @@ def kv_fraction_arg(s: str) -> float:
         raise argparse.ArgumentTypeError(f"--target-kv-cache must be a fraction such as 0.33 or 1/3, got '{s}'"
                                          ) from None
     if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"--target-kv-cache is a fraction of the teacher's KV cache in [0, 1), got {s}")
+        raise argparse.ArgumentTypeError(f"--target-kv-cache is a fraction of the teacher's KV cache in [0, 1), "
+                                         f"got {s}")
     return v
 
 

@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("teacher text")
     g.add_argument("--prompts", default="default", metavar="FILE",
                    help='JSONL of user messages, {"prompt": ...} per line, or a shipped set by name; "default": the '
-                        "shipped training set chat_train (about 300 instructions, disjoint from the chat evaluation's); "
-                        "code_train: about 200 coding requests for a code teacher (disjoint from code_eval and from "
-                        "HumanEval)")
+                        "shipped training set chat_train (about 300 instructions, disjoint from the chat "
+                        "evaluation's); code_train: about 200 coding requests for a code teacher (disjoint from "
+                        "code_eval and from HumanEval)")
     g.add_argument("--samples-per-prompt", type=positive_int("--samples-per-prompt"), default=1,
                    help="replies written per prompt (each sampled anew)")
     g.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=256, help="longest reply")

@@ -611,8 +611,8 @@ def table(r: dict[str, Any]) -> str:
             f"eval tokens/s | prefill tokens/s |\n|---|---:|---:|---:|---:|---:|---:|\n"
             f"| {r['split']} | {r['text_tokens']} | {r['windows']} | {r['predicted_tokens']} | {r['perplexity']:.3f} | "
             f"{r['eval_tokens_per_s']:.0f} | {r['prefill_tokens_per_s']:.0f} |\n"
-            f"({r['threads']} thread, batch 1, fp32; eval = logits at every position, no cache; prefill = KV cache built, "
-            f"last position's logits only, first {r['prefill_windows']} windows; "
+            f"({r['threads']} thread, batch 1, fp32; eval = logits at every position, no cache; prefill = KV cache "
+            f"built, last position's logits only, first {r['prefill_windows']} windows; "
             f"{r['tokens_left_out']} of the split's tokens in no evaluated window)")
 
 

@@ -248,7 +248,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hf_s = time.perf_counter() - t0
     ours_ppl, hf_ppl = sc.perplexity(), math.exp(math.fsum(theirs) / len(theirs))
     parity = {"ours": ours_ppl, "transformers": hf_ppl, "relative_difference": abs(ours_ppl - hf_ppl) / hf_ppl,
-              "tokens": len(theirs), "max_token_nll_difference": max(abs(a - b) for a, b in zip(sc.teacher_nll, theirs)),
+              "tokens": len(theirs),
+              "max_token_nll_difference": max(abs(a - b) for a, b in zip(sc.teacher_nll, theirs)),
               "seconds": {"ours_all_models": score_s, "transformers_teacher": hf_s}}
     timed = {"teacher": s.teacher, **{k: students[k] for k in ("kv1", "h6", "merged+ft", "dropped+ft")}}
     prompt = torch.tensor([w for w in test.ids[:args.speed_windows] if len(w) == args.seq_len], device=s.device)
@@ -262,7 +263,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"teacher": args.teacher, "device": str(s.device), "threads": args.threads,
             "windows": test.describe(), "test_fraction": args.test_fraction,
             "test_sentences": [len(load_sentences(test_s.data, "test", args.test_fraction)),
-                               len(load_sentences(test_s.data, "test"))], "predicted_tokens": len(sc.teacher_nll), "parity": parity,
+                               len(load_sentences(test_s.data, "test"))],
+            "predicted_tokens": len(sc.teacher_nll), "parity": parity,
             "rows": rows, "tests": tests, "speed_prompt": list(prompt.shape),
             "decode_tokens": args.decode_tokens, "speed_reps": args.speed_reps,
             "versions": {"python": platform.python_version(), "torch": torch.__version__}}

@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int("--threads"), default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="bench/results/humaneval", help="output folder; each model's replies are kept "
-                   "in <out>/replies/<model> batch by batch, and a rerun (after a stop) generates only the missing ones")
+                   "in <out>/replies/<model> batch by batch, and a rerun (after a stop) generates only the missing "
+                   "ones")
     p.add_argument("--force", action="store_true",
                    help="generate replies anew where <out>/replies holds some made with other settings (else refused)")
     add_quick(p, {"limit": 2, "max_new_tokens": 12, "batch_size": 2},
@@ -389,7 +390,8 @@ def markdown(res: dict[str, Any]) -> str:
     if res["hf_check"]:
         lines += ["", "| model | ours passed | transformers passed | within one problem | same verdicts | "
                   "same replies |", "|---|---:|---:|---|---:|---:|"]
-        lines += [f"| {n} | {c['ours_passed']} | {c['transformers_passed']} | {'yes' if c['within_one_problem'] else 'NO'}"
+        lines += [f"| {n} | {c['ours_passed']} | {c['transformers_passed']} | "
+                  f"{'yes' if c['within_one_problem'] else 'NO'}"
                   f" | {c['same_verdict']} / {c['problems']} | {c['same_reply']} / {c['problems']} |"
                   for n, c in res["hf_check"].items()]
     return "\n".join(lines)

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     met = merged_speedup >= TARGET_SPEEDUP if device.type == "cpu" and not (args.teacher or args.quick) else None
     verdict = (f"{'met' if met else 'MISSED'}" if met is not None
                else "judged only for the bert-base-shaped teacher on CPU")
-    print(f"\n{merged} encoder throughput vs teacher: {merged_speedup:.2f}x (target >= {TARGET_SPEEDUP}x on CPU: {verdict})")
+    print(f"\n{merged} encoder throughput vs teacher: {merged_speedup:.2f}x "
+          f"(target >= {TARGET_SPEEDUP}x on CPU: {verdict})")
 
     result = {"benchmark": "inference_speed", "device": str(device), "device_name": device_name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,

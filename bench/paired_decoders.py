@@ -115,15 +115,16 @@ def markdown(res: dict) -> str:
     if "transformers" in res:
         lines += ["", "Perplexity of the exported models by plain transformers on the same windows:", "",
                   "| model | export | ours | transformers | relative difference |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {n} | {h['export']} | {h['ours']:.4f} | {h['transformers']:.4f} | {h['relative_difference']:.1e} |"
+        lines += [f"| {n} | {h['export']} | {h['ours']:.4f} | {h['transformers']:.4f} | "
+                  f"{h['relative_difference']:.1e} |"
                   for n, h in res["transformers"].items()]
     return "\n".join(lines)
 
 
 def _table(res: dict) -> list[str]:
     """One row per model of one text (the test windows or a named text): its scores and its paired tests."""
-    lines = ["| model | perplexity | agreement | KL(t‖s) | NLL − entropy | NLL − ref | t tokens (p) | t windows (p) | "
-             "sign: lower / higher (p) | agreement only model / only ref (p) |",
+    lines = ["| model | perplexity | agreement | KL(t‖s) | NLL − entropy | NLL − ref | t tokens (p) | "
+             "t windows (p) | sign: lower / higher (p) | agreement only model / only ref (p) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["rows"].items():
         cells = [name, f"{row['perplexity']:.3f}", f"{row['agreement']:.4f}", f"{row['kl']:.4f}",
@@ -145,8 +146,8 @@ def _chat_table(c: dict, ref: str) -> list[str]:
     lines = [f"Chat: {c['prompts']} prompts of {c['prompts_file']}, greedy, at most {c['max_new_tokens']} new tokens; "
              f"reference: {ref}", "",
              f"| model | whole reply equal | common prefix | first {PREFIX_TOKENS} equal | chrF | perplexity on the "
-             f"teacher's replies | agreement | KL(t‖s) | first {PREFIX_TOKENS}: only model / only ref (p) | agreement: "
-             "only model / only ref (p) | NLL − ref, t (p) | sign: lower / higher (p) |",
+             f"teacher's replies | agreement | KL(t‖s) | first {PREFIX_TOKENS}: only model / only ref (p) | "
+             "agreement: only model / only ref (p) | NLL − ref, t (p) | sign: lower / higher (p) |",
              "|---|" + "---:|" * 11]
     for name, m in c["rows"].items():
         f = m["teacher_forced"]

@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("plans")
     g.add_argument("--map", required=True, help="sensitivity.json or its folder (sensitivity_map.py)")
     g.add_argument("--targets", type=numbers("--targets", 1, math.inf), default=None,
-                   help="speed-ups to plan for (default: 1.3,1.5,2,3 for a masked LM, 1.3,1.5,2 for a decoder; none: no "
-                        "speed target)")
+                   help="speed-ups to plan for (default: 1.3,1.5,2,3 for a masked LM, 1.3,1.5,2 for a decoder; none: "
+                        "no speed target)")
     g.add_argument("--speed", choices=["prefill", "decode"], default="prefill", help="what --targets times")
     g.add_argument("--kv-targets", type=numbers("--kv-targets", 0, 1), default=None,
                    help="decoders: KV-cache fractions to plan for (default 1/3; none: no KV-cache target)")
@@ -388,7 +388,8 @@ def bench(args: argparse.Namespace, out: Path) -> Path:
         read_prompts(args.chat_prompts)  # likewise
     if args.runtime == "llama.cpp":
         check_llama_cpp()  # likewise
-    smap = read_map(args.map, teacher_layers=len(session.model_config(args.teacher).layers))  # its layers: the teacher's
+    smap = read_map(args.map,
+                    teacher_layers=len(session.model_config(args.teacher).layers))  # its layers: the teacher's
     s = session.start(session_config(args))
     if smap.get("teacher_hash") != s.teacher_hash and not args.force:
         raise CheckpointError(f"--map was made for another teacher ({smap.get('teacher')}); pass --force to use it")
@@ -592,7 +593,8 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
         tests += paired_tests(b, t, methods, scored["per"])
     base = scored["base"]
     return {"teacher": str(b.args.teacher), "map": str(b.args.map), "device": str(b.s.device), "causal": b.causal,
-            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity") if k in base},
+            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity")
+                                if k in base},
             "teacher_params": b.teacher.num_parameters(),
             "teacher_kv_bytes": b.teacher.config.kv_cache_bytes_per_token(),
             "teacher_prefill_ms": timed["prefill"]["teacher"],
@@ -634,8 +636,8 @@ def paired_tests(b: Bench, target: Target, methods: list[dict[str, Any]], per: d
             if m["method"].endswith(", untrained") != bool(suffix) or m is planned or m["key"] == planned["key"]:
                 continue
             o = per[m["key"]]
-            x = {"target": target.name, "label": target.label, "planned": name, "against": m["method"], "plan": m["key"],
-                 "agreement": mcnemar(a["agree"], o["agree"])}
+            x = {"target": target.name, "label": target.label, "planned": name, "against": m["method"],
+                 "plan": m["key"], "agreement": mcnemar(a["agree"], o["agree"])}
             if FIRST in a:  # chat: the first reply tokens per prompt, the teacher's reply tokens teacher-forced
                 x.update(paired_chat(a, o))
             elif b.causal:

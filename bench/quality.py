@@ -314,7 +314,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     metrics = [("student_top1", "masked-token top-1 accuracy"), ("agreement_top1", "agreement with teacher top-1"),
                ("hidden_cosine", "final hidden-state cosine")]
     metrics = [m for m in metrics if any(m[0] in r for r in rows)]
-    xs = [("encoder_params_m", "encoder parameters, millions (embeddings and MLM head excluded)"), ("latency_ms", "encoder latency, ms per 32x40 batch (lower is faster)")]
+    xs = [("encoder_params_m", "encoder parameters, millions (embeddings and MLM head excluded)"),
+          ("latency_ms", "encoder latency, ms per 32x40 batch (lower is faster)")]
     fig, axes = plt.subplots(len(metrics), 2, figsize=(14, 4.2 * len(metrics)), squeeze=False)
     settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "teacher"]
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(settings)}
@@ -429,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only build the untrained pruned model for --heads x --head-dim, save it (utils.assemble "
                         "format, evaluable by eval_merged_12.py --model DIR) and exit")
     p.add_argument("--baseline", choices=["pruned", "dropped"], default="pruned",
-                   help="with --save-baseline: importance head pruning (--heads, --head-dim) or drop every second layer")
+                   help="with --save-baseline: importance head pruning (--heads, --head-dim) or drop every second "
+                        "layer")
     p.add_argument("--heads", type=int, default=4, help="with --save-baseline")
     p.add_argument("--head-dim", type=int, default=None, help="with --save-baseline (default: the teacher's)")
     return p

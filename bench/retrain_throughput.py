@@ -7,13 +7,14 @@ falls on all of them alike; a method's time is the sum of its steps.
 
   (a) seed-style: for each block, for each epoch, for each batch: recompute the teacher prefix (embeddings, layers
       0..i-1 and the teacher's block i as the target), then one student step. Teacher work per batch ~ 12*13/2 layers.
-  (b) shared:     ``utils.training.tasks.BlockDistill`` without a cache: one teacher pass per batch feeds all 12 students.
+  (b) shared:     ``utils.training.tasks.BlockDistill`` without a cache: one teacher pass per batch feeds all 12
+      students.
   (c) cached:     the same task on a ``utils.storage.features.TeacherCache`` (fp16, memory-mapped); the one-off build
       (weights hash + one teacher pass over the data + writing the files) is counted in (c) and also shown apart.
 
-A student step is the one ``utils.training.loop.Trainer`` takes: autocast (bf16 on CUDA; ``--amp on`` forces it on CPU too),
-backward, per-unit gradient clipping, AdamW (fused on CUDA), the loss read back. The learning-rate schedule is left
-out (a scalar per step, the same for all three). The mean final-epoch loss is printed per method: the three do the
+A student step is the one ``utils.training.loop.Trainer`` takes: autocast (bf16 on CUDA; ``--amp on`` forces it on CPU
+too), backward, per-unit gradient clipping, AdamW (fused on CUDA), the loss read back. The learning-rate schedule is
+left out (a scalar per step, the same for all three). The mean final-epoch loss is printed per method: the three do the
 same training, so these agree closely (not bit for bit: dropout draws interleave, and (c) reads fp16 features).
 
     python bench/retrain_throughput.py                     # CPU defaults: 64 sentences, 3 epochs, 6 heads x 64

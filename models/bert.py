@@ -419,7 +419,8 @@ def plain_export_problem(cfg: BertConfig) -> str | None:
         return f"layers differ in shape (heads, head_dim, ffn): {sorted(shapes)}; HF BertConfig has one shape for all"
     heads, hd, _ = shapes.pop()
     if heads * hd != cfg.hidden_size:
-        return f"heads x head_dim = {heads}x{hd} = {heads * hd} != hidden size {cfg.hidden_size}; HF BERT needs equality"
+        return (f"heads x head_dim = {heads}x{hd} = {heads * hd} != hidden size {cfg.hidden_size}; "
+                "HF BERT needs equality")
     return None
 
 

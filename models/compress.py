@@ -387,7 +387,8 @@ def compose(teacher: SwappableModel, blocks: dict[int, SwappableAttention] | Non
     for i, (layer, spec) in sorted((merges or {}).items(), reverse=True):
         idx = view.layer_index_of([i])
         if idx + 1 >= len(view.layers) or view.config.layers[idx + 1].origin != [i + 1]:
-            raise ValueError(f"cannot merge teacher layers {i} and {i + 1}: they are not adjacent, unmerged layers here")
+            raise ValueError(f"cannot merge teacher layers {i} and {i + 1}: they are not adjacent, "
+                             "unmerged layers here")
         view.merge_layers(idx, layer, spec)
     return view
 

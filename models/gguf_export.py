@@ -234,8 +234,10 @@ def _add_hparams(w, cfg, *, arch: GgufArch, layers: list[GgufLayer]) -> None:
 # the names of the tokenizers of the decoders this toolkit reads (its table has many more).
 CHK_TXT = (
     '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenate'
-    'd) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314'
-    '151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told '
+    'd) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 '
+    'កាន់តែពិសេសអាច😁 ?我想在apple工作1314'
+    '151天～ ------======= нещо на Български '
+    '\'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told '
     "he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 PRE_TOKENIZERS = {

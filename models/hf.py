@@ -26,14 +26,16 @@ class TeacherError(RuntimeError):
     """A teacher (or judge) folder that cannot be used: the message names the folder or file and the problem."""
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A local folder as is, or a hub id downloaded (config, tokenizer, weights) into the HF cache."""
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise FileNotFoundError(f"teacher '{name_or_path}' is a file; expected a folder with config.json and weights")
+            raise FileNotFoundError(f"teacher '{name_or_path}' is a file; "
+                                    "expected a folder with config.json and weights")
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"teacher folder '{p}' has no config.json")
         if not any((p / f).is_file() for f in WEIGHT_FILES):

@@ -1,7 +1,8 @@
 """``python -m utils.assemble``: a runnable BERT from the teacher plus retrained blocks and/or merged layers, found by
 their metadata (the command of ``utils.cli.commands``; from Python: ``utils.api.assemble``).
 
-    python -m utils.assemble --teacher bert-base-uncased --blocks checkpoints/blocks_h4_d64_mse --out checkpoints/assembled
+    python -m utils.assemble --teacher bert-base-uncased --blocks checkpoints/blocks_h4_d64_mse \\
+        --out checkpoints/assembled
 """
 from __future__ import annotations
 

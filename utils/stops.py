@@ -28,7 +28,8 @@ import signal
 import sys
 import threading
 
-# exit codes of a stop on each signal: 128 + SIGTERM for the scheduler's signals (what requeue logic expects), 130 Ctrl-C
+# exit codes of a stop on each signal: 128 + SIGTERM for the scheduler's signals (what requeue logic expects),
+# 130 Ctrl-C
 STOP_SIGNALS = {"SIGTERM": 143, "SIGUSR1": 143, "SIGINT": 130}
 
 

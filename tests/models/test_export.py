@@ -116,7 +116,8 @@ def test_export_targets_checked_before_work(tmp_path):
         check_writable_target(tmp_path / "a_file" / "sub" / "m.onnx", "--export-onnx file", is_dir=False)
     with pytest.raises(ExportError, match="is a folder"):
         check_writable_target(tmp_path, "--export-onnx file", is_dir=False)
-    assert check_writable_target(tmp_path / "new" / "dir", "--export-hf folder", is_dir=True) == tmp_path / "new" / "dir"
+    assert check_writable_target(tmp_path / "new" / "dir", "--export-hf folder",
+                                 is_dir=True) == tmp_path / "new" / "dir"
 
 
 def test_finetune_refuses_unwritable_export_before_training(tiny_teacher, tiny_corpus, tmp_path, capsys):

@@ -886,7 +886,8 @@ def test_8_slurm_script_requeues_after_a_stop_whatever_the_job_did(tmp_path, mod
     (tmp_path / "fake_job.py").write_text(FAKE_JOB)
     (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "fake_job.py"}" "$@"\n')
     (fake_bin / "python").chmod(0o755)
-    rc, calls = _run_batch_script(tmp_path, slurm_script(), {"FAKE_MODE": mode, "PATH": f"{fake_bin}:{os.environ['PATH']}"},
+    rc, calls = _run_batch_script(tmp_path, slurm_script(),
+                                  {"FAKE_MODE": mode, "PATH": f"{fake_bin}:{os.environ['PATH']}"},
                                   signal_when_ready=mode != "fails-at-once")
     assert rc == code  # before: killed-by-the-signal was not requeued; fails-at-once could exit 0
     assert calls == (["requeue 7_0"] if requeued else [])

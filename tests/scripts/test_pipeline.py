@@ -95,7 +95,8 @@ def test_merge_eval_conditioned_finetune_export(tmp_path, tiny_corpus, capsys):
     best = tmp_path / "finetune_merged" / "model" / "best"
     meta = json.loads((best / "meta.json").read_text())
     assert [l["origin"] for l in meta["config"]["layers"]] == [[0, 1], [2, 3]]
-    assert json.loads((tmp_path / "finetune_merged" / "eval" / "results.json").read_text())["metrics"]["sentences"] == 64
+    assert json.loads((tmp_path / "finetune_merged" / "eval"
+                       / "results.json").read_text())["metrics"]["sentences"] == 64
     # the Hugging Face export loads with from_pretrained and gives the same outputs
     model, _ = load_model(best)
     hf = BertForMaskedLM.from_pretrained(str(hf_dir)).eval()

@@ -7,8 +7,8 @@ import sys
 
 from .groups import add_eval_text_arg
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
-from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int, positive_float,
-                    positive_int, ratios, run_name, seed, train_text, warmup_fraction)
+from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int,
+                    positive_float, positive_int, ratios, run_name, seed, train_text, warmup_fraction)
 
 
 class Parser(argparse.ArgumentParser):

@@ -294,7 +294,8 @@ def meets_as_measured(measure: Callable[[], float], bar: float) -> bool:
 
 
 def aim(target: float, plan_for: Callable[[float], Plan], measure: Callable[[Plan], dict[str, float]], *,
-        rounds: int, tolerance: float = 0.02, margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]], list[str]]:
+        rounds: int, tolerance: float = 0.02,
+        margin: float = SPEED_MARGIN) -> tuple[Plan, list[dict[str, float]], list[str]]:
     """Search the speed-up to ask the planner for, so that the plan's *measured* speed-up meets ``target`` with the
     least overshoot (the map's summed savings only guess the composed model's). A plan meets it when two timings
     both measure at least ``target * (1 + margin)`` (one timing on a loaded machine moves by a few percent); it

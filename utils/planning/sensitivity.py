@@ -222,7 +222,8 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
         if not opt.applies(i, len(t.layers)):
-            raise ValueError(f"option '{opt.name}' does not apply to layer {i} (the teacher has {len(t.layers)} layers)")
+            raise ValueError(f"option '{opt.name}' does not apply to layer {i} "
+                             f"(the teacher has {len(t.layers)} layers)")
         if opt.kind not in SPEC_KIND:
             raise ValueError(f"unknown option kind '{opt.kind}'; expected one of {KINDS}")
         try:
@@ -328,7 +329,8 @@ def compose_units(teacher: SwappableModel, units: dict[int, Built]) -> Swappable
     """The teacher with every unit in place (sharing the teacher's other modules; nothing is copied)."""
     return compose(teacher, blocks={i: b.module for i, b in units.items() if b.option.kind == "block"},
                    merges={i: (b.module, b.spec) for i, b in units.items() if b.option.kind == "merge"},
-                   layers={i: (b.module, b.spec) for i, b in units.items() if b.option.kind in ("ffn", "layer", "drop")})
+                   layers={i: (b.module, b.spec) for i, b in units.items()
+                           if b.option.kind in ("ffn", "layer", "drop")})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,7 +413,8 @@ def time_units(teacher: SwappableModel, units: list[Built], timing: Timing) -> d
            "batch": batch, "seq": seq, "reps": timing.reps, "threads": timing.threads_used()}
     if causal:
         out.update(decode_ms=ms["decode"], decode_layer_ms=[ms[f"decode layer {i}"] for i in range(n)],
-                   decode_unit_ms={k[len("decode "):]: v for k, v in ms.items() if k.startswith("decode ") and "/" in k},
+                   decode_unit_ms={k[len("decode "):]: v for k, v in ms.items()
+                                   if k.startswith("decode ") and "/" in k},
                    decode_past=seq)
     return out
 
@@ -572,7 +575,8 @@ def map_markdown(smap: dict[str, Any]) -> str:
     else:
         head = (f"Teacher {smap['teacher']}: top-1 {_f(tm.get('teacher_top1'))} on {smap['eval_sentences']} "
                 f"validation sentences; encoder {t['encoder_ms']:.1f} ms per {t['batch']}x{t['seq']} batch on "
-                f"{smap['device']} (median of {t['reps']}). Cell: top-1 drop / agreement / KL(t‖s) / encoder ms saved.")
+                f"{smap['device']} (median of {t['reps']}). Cell: top-1 drop / agreement / KL(t‖s) / "
+                "encoder ms saved.")
     lines = [head, "", "| layer (ms) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in layers:
         row = [f"{i} ({t['layer_ms'][i]:.1f})"]

@@ -1,9 +1,10 @@
 """One checkpoint format: a folder with ``model.safetensors`` + ``meta.json`` (+ ``train_state.pt`` for resuming).
 
 Writes are atomic: everything goes into a fresh temporary folder of a unique name that replaces ``<dir>`` by rename,
-so a crash mid-save leaves the previous checkpoint loadable and concurrent readers never see a mix. ``meta.json`` carries the sha256 of the weights file: a truncated or
-corrupted file is refused, never silently replaced by random weights. Training state (optimizer, scheduler) is read
-with ``torch.load(weights_only=True)``, which executes no pickled code.
+so a crash mid-save leaves the previous checkpoint loadable and concurrent readers never see a mix. ``meta.json``
+carries the sha256 of the weights file: a truncated or corrupted file is refused, never silently replaced by random
+weights. Training state (optimizer, scheduler) is read with ``torch.load(weights_only=True)``, which executes no pickled
+code.
 """
 from __future__ import annotations
 
@@ -263,8 +264,8 @@ _POS, _NONNEG = _int(1), _int(0)
 COMMON_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "format_version": lambda v: _int(1)(v) or (None if v <= FORMAT_VERSION else
                                                f"a format version up to {FORMAT_VERSION} (a newer toolkit wrote it)"),
-    "kind": _one_of(KINDS), "weights_sha256": _sha256_hex, "train_state_sha256": _sha256_hex, "saved_at": _STR, "teacher": _STR, "teacher_hash": _TEXT,
-    "epoch": _NONNEG, "metrics": _DICT, "run": _DICT, "init": _STR,
+    "kind": _one_of(KINDS), "weights_sha256": _sha256_hex, "train_state_sha256": _sha256_hex, "saved_at": _STR,
+    "teacher": _STR, "teacher_hash": _TEXT, "epoch": _NONNEG, "metrics": _DICT, "run": _DICT, "init": _STR,
 }
 KIND_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "block": {"layer": _NONNEG, "num_heads": _POS, "head_dim": _POS, "hidden_size": _POS,
@@ -553,7 +554,8 @@ def check_meta(meta: dict[str, Any], where: str | os.PathLike, force_teacher: bo
                 continue
             problems.append(f"{key}: checkpoint has {got!r}, expected {want!r}")
     if problems:
-        hint = " (pass `force` to accept a different teacher)" if any(p.startswith("teacher_hash") for p in problems) else ""
+        hint = (" (pass `force` to accept a different teacher)" if any(p.startswith("teacher_hash") for p in problems)
+                else "")
         raise CheckpointError(f"checkpoint '{where}' does not fit: " + "; ".join(problems) + hint)
 
 

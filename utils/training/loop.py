@@ -357,7 +357,8 @@ class Trainer:
                 raise CheckpointError(f"'{where}/train_state.pt' has no '{key}': not a resume point of this toolkit")
         if state["run_id"] != meta.get("run_id") or state["unit"] != u.name:
             raise CheckpointError(f"'{where}/train_state.pt' belongs to another run (run {state['run_id']}, unit "
-                                  f"{state['unit']}), not to this resume point (run {meta.get('run_id')}, unit {u.name})")
+                                  f"{state['unit']}), not to this resume point (run {meta.get('run_id')}, "
+                                  f"unit {u.name})")
         if state.get("sharded"):  # the weights and the optimizer state are in its shards (any number of processes)
             sharding.read_shards(u.module, u.optimizer, resolve_dir(where) / sharding.SHARDS,
                                  expected=state["weights_hash"])

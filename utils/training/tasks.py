@@ -591,8 +591,8 @@ def balance_terms(task: DistillTask, probe: dict[str, torch.Tensor], *,
     """Scale every BALANCED term of every unit so that at the start it is ``task.balance_ratio`` times the task's
     first (anchor) term: scale = ratio x anchor weight x anchor(0) / term(0), both measured once on ``probe`` (the
     batch every rank shares) with the units as they are now (their starting weights), the teacher's features
-    computed afresh, the model in eval mode and the masks, where the task draws any, from a generator seeded by the task's seed, so the scales are the
-    same on every rank and in every rerun.
+    computed afresh, the model in eval mode and the masks, where the task draws any, from a generator seeded by the
+    task's seed, so the scales are the same on every rank and in every rerun.
 
     ``stored``: unit -> a balance recorded before (``loss_balance`` of a resume point's unit metadata); a unit that
     has one for the same terms and ratio uses it as it is, never a recomputed one (for other settings the units get

@@ -73,7 +73,8 @@ def test_a_text_scores_as_the_test_split_and_each_is_kept(teacher, texts, tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(tmp_path / "ev" / "tb")).Reload().Tags()["scalars"]
-    assert "texts/other/agreement_top1" in tags and "texts/same/agreement_top1" in tags and "test/agreement_top1" in tags
+    assert ("texts/other/agreement_top1" in tags and "texts/same/agreement_top1" in tags
+            and "test/agreement_top1" in tags)
 
 
 def test_overconfidence_is_the_per_token_one(tiny_llama, texts):

@@ -13,7 +13,8 @@ from models.llama import LlamaAttention
 from utils.data.batches import TokenizedSentences, make_loader
 from utils.data.text import DataConfig, load_sentences
 from utils.training.losses import attention_vectors, relation_loss
-from utils.training.tasks import BALANCE_RATIO, BALANCED, BlockDistill, ModelDistill, balance_terms, block_relation_heads
+from utils.training.tasks import (BALANCE_RATIO, BALANCED, BlockDistill, ModelDistill, balance_terms,
+                                  block_relation_heads)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_combined_loss_is_the_weighted_sum_of_its_terms(tiny):
             assert losses[unit][0].item() == pytest.approx(want.item(), rel=1e-6) and losses[unit][1] == n
             if weight == BALANCED:  # at the start every term weighs what the output term does
                 for term in ("scores", "relations"):
-                    assert (scales[term] * t[term]).item() == pytest.approx(BALANCE_RATIO * t["output"].item(), rel=1e-5)
+                    assert (scales[term] * t[term]).item() == pytest.approx(BALANCE_RATIO * t["output"].item(),
+                                                                            rel=1e-5)
         # validation reports each term beside the combined loss
         metrics = task.evaluate([probe])
         assert set(metrics) == {f"block_{i}/{k}" for i in range(2) for k in ("loss", "output", "scores", "relations")}
@@ -105,7 +107,8 @@ def test_balanced_fine_tune_term_is_the_ratio_of_the_kl_at_the_start(tiny, tiny_
     task = ModelDistill(teacher, student, lm_targets(tok, teacher), relation_weight=BALANCED, kl_weight=2.0)
     rec = balance_terms(task, probe)["model"]
     assert rec["anchor"] == "kl"
-    assert rec["scales"]["relations"] == pytest.approx(BALANCE_RATIO * 2.0 * rec["start"]["kl"] / rec["start"]["relations"])
+    assert rec["scales"]["relations"] == pytest.approx(BALANCE_RATIO * 2.0 * rec["start"]["kl"]
+                                                       / rec["start"]["relations"])
     assert task.unit_weights("model") == {"kl": 2.0, "relations": rec["scales"]["relations"]}
 
 
