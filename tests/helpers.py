@@ -582,3 +582,24 @@ def check_runs_as_ours(llm, model, ids: list[int]) -> None:
     assert abs(perplexity(theirs, ids) / perplexity(ours, ids) - 1) <= 0.005
     prompt = ids[:6]
     assert llama_cpp_greedy(llm, prompt, 32) == model.generate(torch.tensor([prompt]), 32)[0].tolist()
+
+
+def small_map(teacher: Path, corpus: Path, out: Path, options: tuple[str, ...] = ("kv", "drop")) -> None:
+    """A sensitivity map of ``options`` units (default kv and drop) for a tiny ``teacher`` on the tiny corpus, made
+    in seconds (one training step a unit, two timings)."""
+    from utils import api
+
+    api.sensitivity_map(api.SessionConfig(teacher=str(teacher), device="cpu",
+                                          data=api.DataConfig(data_dir=str(corpus), seq_len=16, batch_size=8)),
+                        config=api.MapConfig(options=options, max_train_sentences=32, eval_sentences=16,
+                                             valid_batches=1, latency_reps=2, latency_batch=1),
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=out)
+
+
+def small_bench_args(teacher: Path, corpus: Path, out: Path) -> list[str]:
+    """``bench/plans.py`` arguments for a tiny decoder ``teacher`` and the ``small_map`` in ``out``/map: run "b" in
+    ``out``, one training step a unit, no heal, no untrained students, two timings; add the targets."""
+    return ["--teacher", str(teacher), "--data-dir", str(corpus), "--out", str(out), "--run-name", "b",
+            "--map", str(out / "map"), "--seq-len", "16", "--batch-size", "8", "--device", "cpu", "--epochs", "1",
+            "--max-steps-per-epoch", "1", "--latency-reps", "2", "--latency-batch", "1", "--max-train-sentences",
+            "32", "--ft-epochs", "0", "--no-untrained"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 from types import SimpleNamespace
 
+from helpers import small_map
 from utils.cli.run import run_main
 
 PROMPTS = ["the cat sees the dog", "the old king builds the ship", "the red bird", "the queen likes the song"]
@@ -14,14 +15,9 @@ PROMPTS = ["the cat sees the dog", "the old king builds the ship", "the red bird
 def test_the_bench_compares_every_student_chat_with_the_teacher_generated_once(tiny_chat_llama, tiny_corpus,
                                                                                tmp_path, monkeypatch):
     from bench import plans
-    from utils import api
     import utils.evaluation.chat as chat
 
-    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
-    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_chat_llama), device="cpu", data=data),
-                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    small_map(tiny_chat_llama, tiny_corpus, tmp_path / "map")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     real, answered = chat.answer, []
 

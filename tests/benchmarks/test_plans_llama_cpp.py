@@ -6,19 +6,8 @@ import json
 
 import pytest
 
-from helpers import make_decoder_teacher
+from helpers import make_decoder_teacher, small_map, small_bench_args
 from utils.cli.run import run_main
-
-
-def small_map(teacher, corpus, out) -> None:
-    """A map of kv and drop units for ``teacher`` on the tiny corpus, in seconds."""
-    from utils import api
-
-    api.sensitivity_map(api.SessionConfig(teacher=str(teacher), device="cpu",
-                                          data=api.DataConfig(data_dir=str(corpus), seq_len=16, batch_size=8)),
-                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=out)
 
 
 def test_every_method_is_timed_in_llama_cpp(tiny_corpus, tmp_path):
@@ -65,10 +54,7 @@ def test_methods_left_out_are_not_built(tiny_llama, tiny_corpus, tmp_path):
     from bench import plans
 
     small_map(tiny_llama, tiny_corpus, tmp_path / "map")
-    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
-            "--map", str(tmp_path / "map"), "--targets", "1.05", "--kv-targets", "none", "--seq-len", "16",
-            "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
-            "2", "--latency-batch", "1", "--max-train-sentences", "32", "--ft-epochs", "0", "--no-untrained",
+    argv = [*small_bench_args(tiny_llama, tiny_corpus, tmp_path), "--targets", "1.05", "--kv-targets", "none",
             "--speed-margin", "0", "--methods", "planned,uniform"]
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     res = json.loads((tmp_path / "b" / "plans.json").read_text())

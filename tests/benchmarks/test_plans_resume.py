@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 
+from helpers import small_map, small_bench_args
 from utils.cli.run import run_main
 
 
 def test_a_rerun_reads_the_methods_it_chose_and_other_settings_choose_anew(tiny_llama, tiny_corpus, tmp_path,
                                                                          monkeypatch):
     from bench import plans
-    from utils import api
 
-    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
-    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
-                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
-    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
-            "--map", str(tmp_path / "map"), "--targets", "none", "--kv-targets", "0.5", "--seq-len", "16",
-            "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
-            "2", "--latency-batch", "1", "--max-train-sentences", "32", "--ft-epochs", "0", "--no-untrained",
+    small_map(tiny_llama, tiny_corpus, tmp_path / "map")
+    argv = [*small_bench_args(tiny_llama, tiny_corpus, tmp_path), "--targets", "none", "--kv-targets", "0.5",
             "--calibration-sentences", "8", "--test-sentences", "16"]
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     first = json.loads((tmp_path / "b" / "plans.json").read_text())

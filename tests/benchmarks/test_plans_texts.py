@@ -4,24 +4,16 @@ from __future__ import annotations
 import json
 
 from utils.cli.run import run_main
-from helpers import make_sentences
+from helpers import make_sentences, small_map, small_bench_args
 
 
 def test_the_bench_scores_every_student_on_each_text(tiny_llama, tiny_corpus, tmp_path):
     from bench import plans
-    from utils import api
 
-    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
-    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
-                        config=api.MapConfig(options=("kv", "drop"), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    small_map(tiny_llama, tiny_corpus, tmp_path / "map")
     (tmp_path / "prose.txt").write_text("\n".join(make_sentences(40, 11)))
     (tmp_path / "test_again.txt").write_text((tiny_corpus / "test.txt").read_text())
-    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
-            "--map", str(tmp_path / "map"), "--targets", "none", "--kv-targets", "0.5", "--seq-len", "16",
-            "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "1", "--latency-reps",
-            "2", "--latency-batch", "1", "--max-train-sentences", "32", "--ft-epochs", "0", "--no-untrained",
+    argv = [*small_bench_args(tiny_llama, tiny_corpus, tmp_path), "--targets", "none", "--kv-targets", "0.5",
             "--calibration-sentences", "8", "--eval-text", f"prose={tmp_path / 'prose.txt'}",
             "--eval-text", f"again={tmp_path / 'test_again.txt'}"]
     assert run_main(plans.main, plans.build_parser(), argv) == 0
@@ -48,13 +40,8 @@ def test_calibration_too_small_for_a_mixture_names_its_flag(tiny_llama, tiny_cor
     """With a training mixture the calibration sentences' tokens are shared among the sources: too few of them end in
     one line naming --calibration-sentences, not a bare data error."""
     from bench import plans
-    from utils import api
 
-    data = api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)
-    api.sensitivity_map(api.SessionConfig(teacher=str(tiny_llama), device="cpu", data=data),
-                        config=api.MapConfig(options=("drop",), max_train_sentences=32, eval_sentences=16,
-                                             valid_batches=1, latency_reps=2, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=1), out=tmp_path / "map")
+    small_map(tiny_llama, tiny_corpus, tmp_path / "map", options=("drop",))
     (tmp_path / "prose").mkdir()
     (tmp_path / "prose" / "a.txt").write_text("\n".join(make_sentences(60, 5)))
     argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "b",
