@@ -339,7 +339,7 @@ def selection_key(b: Bench, targets: list[Target]) -> str:
     a = b.args
     fields = {"teacher": b.s.teacher_hash, "data": b.ctx.setup.get("data_hash"), "device": str(b.s.device),
               "map": hashlib.sha256(json.dumps(b.smap, sort_keys=True, default=str).encode()).hexdigest(),
-              "targets": [t.name for t in targets],
+              "targets": [(t.name, t.speed, t.speedup, t.kv_cache) for t in targets],
               **{k: getattr(a, k, None) for k in ("methods", "cost", "calibration_sentences", "retime_rounds",
                                                   "speed_margin", "runtime", "gguf_type", "latency_reps",
                                                   "latency_batch", "latency_threads", "no_untrained", "seq_len")}}
