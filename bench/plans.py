@@ -66,7 +66,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.quick import add_quick  # noqa: E402
-from models.staging import write_staged  # noqa: E402
+from models.staging import read_kept, write_kept, write_staged  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
 from utils.cli.groups import (add_chat_args, add_eval_text_items_arg, add_finetune_args,  # noqa: E402
@@ -353,19 +353,18 @@ def chosen_methods(b: Bench, targets: list[Target], out: Path) -> dict[str, list
     from scratch) and skips the re-timing and SLEB's search (minutes a layer on a 0.5B teacher). Other settings
     choose anew; so does removing the file."""
     path, key = out / "methods.json", selection_key(b, targets)
+    kept = read_kept(path, key)
+    if kept is not None:
+        log.info("methods and plans of every target read from %s (chosen %s; remove it to choose anew)", path,
+                 kept.get("chosen"))
+        return {name: [{**m, "choices": {int(i): option_from_dict(o) for i, o in m["choices"].items()}}
+                       for m in methods] for name, methods in kept["targets"].items()}
     if path.is_file():
-        kept = json.loads(path.read_text(encoding="utf-8"))
-        if kept.get("key") == key:
-            log.info("methods and plans of every target read from %s (chosen %s; remove it to choose anew)", path,
-                     kept.get("chosen"))
-            return {name: [{**m, "choices": {int(i): option_from_dict(o) for i, o in m["choices"].items()}}
-                           for m in methods] for name, methods in kept["targets"].items()}
         log.info("%s was chosen with other settings: choosing anew", path)
     per_target = {t.name: b.candidates(t) for t in targets}
     saved = {name: [{**m, "choices": {str(i): asdict(o) for i, o in m["choices"].items()}} for m in methods]
              for name, methods in per_target.items()}
-    write_staged({path: json.dumps({"key": key, "chosen": time.strftime("%Y-%m-%dT%H:%M:%S"), "targets": saved},
-                                   indent=2)})
+    write_kept(path, key, {"chosen": time.strftime("%Y-%m-%dT%H:%M:%S"), "targets": saved}, indent=2)
     return per_target
 
 

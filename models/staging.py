@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import os
 import secrets
 import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
+log = logging.getLogger(__name__)
 FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # how the libraries that write for us say it in their own exception classes: safetensors and tokenizers (Rust's
 # "No space left on device (os error 28)", "StorageFull"), torch, onnx and protobuf (the C library's words)
@@ -161,3 +164,24 @@ def write_staged(texts: dict[Path, str]) -> None:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def write_kept(path: Path, key: Any, body: dict[str, Any], *, indent: int = 1) -> None:
+    """Work kept for reuse: ``body`` under ``key`` (what the work depended on) in the JSON file ``path``, staged."""
+    write_staged({Path(path): json.dumps({"key": key, **body}, indent=indent)})
+
+
+def read_kept(path: Path, key: Any) -> dict[str, Any] | None:
+    """What ``write_kept`` kept in ``path`` for exactly ``key`` (compared as JSON); None when there is no file, it
+    was kept for another key, or it cannot be read (said in a warning: the work is done again)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("'%s' cannot be read: what it kept is made again", path)
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != json.loads(json.dumps(key)):
+        return None
+    return kept

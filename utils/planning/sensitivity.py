@@ -26,7 +26,7 @@ from models.base import SwappableModel
 from models.compress import compose, init_attention, init_merged_layer
 from models.config import LayerSpec
 from models.hf import weights_hash
-from models.staging import write_staged
+from models.staging import read_kept, write_kept, write_staged
 from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import Timing
 from ..storage.checkpoint import load_checkpoint, load_into
@@ -497,7 +497,7 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
                      _f(e.get("top1_drop")), _f(e.get("agreement_top1")), _f(e.get("kl_teacher_student")),
                      f"  perplexity x{e['perplexity_ratio']:.4f}" if "perplexity_ratio" in e else "")
         entries.extend(mine)
-        write_staged({folder / MEASURED: json.dumps({"key": key, "entries": mine}, indent=1)})
+        write_kept(folder / MEASURED, key, {"entries": mine})
     timed = time_units(teacher, all_units, timing)
     by_key = {(b.layer, b.option.name): b for b in all_units}
     for e in entries:
@@ -525,16 +525,8 @@ def measurement_key(ctx: Context, opt: Option, units: dict[int, Built]) -> dict[
 def measured_before(path: Path, key: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The entries an earlier run measured for exactly ``key`` (same teacher, text, device and unit weights), from
     ``path``; None when there are none, or they are for anything else, or the file cannot be read."""
-    if not path.is_file():
-        return None
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        log.warning("'%s' cannot be read: its units are measured again", path)
-        return None
-    if not isinstance(done, dict) or done.get("key") != json.loads(json.dumps(key)):
-        return None
-    return done.get("entries")
+    kept = read_kept(path, key)
+    return None if kept is None else kept.get("entries")
 
 
 def _quality(m: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
