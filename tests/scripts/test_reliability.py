@@ -22,7 +22,8 @@ from helpers import (ROOT, STEPS, Toy, all_finite, assert_clean_failure, data_ar
                      make_hf_teacher, restored_logging, run_parallel, run_script, script_cmd, script_env, tensors_equal,
                      toy_batches, toy_trainer)
 from utils.cli.run import flags_in_errors
-from utils.storage.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from utils.storage.checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, read_meta, remove_checkpoint,
+                                      save_checkpoint)
 from utils.training.loop import TrainingDiverged
 
 
@@ -134,6 +135,7 @@ def test_2_crash_between_the_renames_falls_back_to_prev(tmp_path, monkeypatch, c
             save_checkpoint(path, {"w": torch.zeros(64, 64), "b": torch.zeros(5)}, BLOCK_META)
     if crash is Killed:
         assert not path.exists() and len(list(tmp_path.glob("ck.prev.*/meta.json"))) == 1  # mid-swap state on disk
+    assert has_checkpoint(path)  # what resume and discovery ask before they read
     sd, _, _ = load_checkpoint(path)  # the previous checkpoint, via .prev where the swap was cut short
     assert tensors_equal(sd, old)
     if crash is Killed:  # the half-done temporary folder names its writer; as a killed process's, it is dead
@@ -144,6 +146,9 @@ def test_2_crash_between_the_renames_falls_back_to_prev(tmp_path, monkeypatch, c
     _, new = _ckpt(tmp_path, 3.0)
     sd, _, _ = load_checkpoint(path)
     assert tensors_equal(sd, new) and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    (tmp_path / "ck.prev.left").mkdir()  # as a later save cut short would leave it
+    remove_checkpoint(path)
+    assert not has_checkpoint(path) and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

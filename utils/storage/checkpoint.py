@@ -581,10 +581,18 @@ def _checkpoint_names(root: Path, which: str) -> set[Path]:
     return names
 
 
-def _has_checkpoint(directory: Path) -> bool:
+def has_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` (or the ``.prev`` copy of a save under way) holds a checkpoint now."""
+    directory = Path(directory)
     return (directory / META).is_file() or any(
         (p / META).is_file() for p in directory.parent.glob(f"{directory.name}.prev*"))
+
+
+def remove_checkpoint(directory: str | os.PathLike) -> None:
+    """Removes the checkpoint ``directory`` and the ``.prev*`` copies a save cut short left beside it."""
+    directory = Path(directory)
+    for left in [directory, *directory.parent.glob(f"{directory.name}.prev*")]:
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], which: str = "best"
@@ -605,7 +613,7 @@ def find_checkpoints(roots: Iterable[str | os.PathLike], kinds: Iterable[str], w
         else:
             logical = sorted(_checkpoint_names(root, which))
         for d in logical:
-            if not _has_checkpoint(d):
+            if not has_checkpoint(d):
                 continue  # a first save still under a temporary name, or a folder of that name that is no checkpoint
             meta = read_meta(d)
             if meta["kind"] in kinds:

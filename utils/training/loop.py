@@ -21,7 +21,6 @@ import itertools
 import logging
 import math
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -39,8 +38,8 @@ from models.staging import write_staged
 from .. import runtime
 from . import sharding
 from ..stops import STOP_SIGNALS, Stopped, note_stop  # STOP_SIGNALS: the exit code of a stop on each signal
-from ..storage.checkpoint import (CheckpointError, check_meta, load_checkpoint, load_into, probe_writable,
-                                  read_meta, resolve_dir, save_checkpoint)
+from ..storage.checkpoint import (CheckpointError, check_meta, has_checkpoint, load_checkpoint, load_into,
+                                  probe_writable, read_meta, remove_checkpoint, resolve_dir, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +321,7 @@ class Trainer:
         runtime.barrier()  # no rank stops (and ends the job) while rank 0 still writes
 
     def _resume_candidates(self, u: Unit) -> list[Path]:
-        return [d for d in (u.resume_dir, u.out_dir / "resume.old")
-                if (d / "meta.json").is_file() or list(d.parent.glob(d.name + ".prev*"))]
+        return [d for d in (u.resume_dir, u.out_dir / "resume.old") if has_checkpoint(d)]
 
     def _check_resume_meta(self, u: Unit, meta: dict[str, Any], where: Path) -> None:
         if meta.get("unit") != u.name:
@@ -393,8 +391,7 @@ class Trainer:
                         "training them all from scratch", missing, having, run)
             if runtime.is_main_process():  # the stopped save's points: this run writes its own at the same places
                 for d in (d for c in found.values() for d in c):
-                    for left in [d, *d.parent.glob(d.name + ".prev*")]:
-                        shutil.rmtree(left, ignore_errors=True)
+                    remove_checkpoint(d)
             runtime.barrier()
             return
         # the newest position every unit has (several units save one after the other; each keeps its previous point)
@@ -720,7 +717,7 @@ def stored_unit_meta(unit_dir: str | Path) -> dict[str, Any] | None:
     ``resume.old``), or None where there is none: what a resumed run reuses instead of recomputing (the scales of
     balanced loss terms)."""
     for d in (Path(unit_dir) / "resume", Path(unit_dir) / "resume.old"):
-        if (d / "meta.json").is_file() or list(d.parent.glob(d.name + ".prev*")):
+        if has_checkpoint(d):
             meta = read_meta(d).get("unit_meta")
             if isinstance(meta, dict):
                 return meta
