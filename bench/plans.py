@@ -55,6 +55,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -66,6 +67,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.quick import add_quick  # noqa: E402
+from models import SwappableModel  # noqa: E402
 from models.staging import read_kept, write_kept, write_staged  # noqa: E402
 from utils import session  # noqa: E402
 from utils.cli.configs import chat_config, map_config, plan_finetune, record, session_config, train_config  # noqa: E402
@@ -87,6 +89,7 @@ from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target, meets_a
 from utils.planning.runtimes import check_runtime_teacher, runtime_map  # noqa: E402
 from utils.planning.sensitivity import Option, option_from_dict, speed_fn  # noqa: E402
 from utils.planning.students import context, make_student, read_map, retimed_plan, time_plan  # noqa: E402
+from utils.training.students import load_model  # noqa: E402
 from utils.errors import SettingError  # noqa: E402
 from utils.storage.checkpoint import CheckpointError  # noqa: E402
 from utils.storage.lock import claim_units  # noqa: E402
@@ -95,6 +98,7 @@ from utils.training.tasks import kd_temperature  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
 METHODS = ("planned", "uniform", "ShortGPT", "SLEB")
+GROUP = 4  # students in memory at once: scored on one teacher pass, timed in one round-robin
 METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
            "student_perplexity", "teacher_perplexity")
 
@@ -432,8 +436,9 @@ def run_bench(b: Bench, docs: dict[str, list], out: Path) -> Path:
 
 def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Path) -> dict[str, dict[str, Any]]:
     """Every distinct student of every target, built once (trained ones retrained and healed alike); each saved as
-    <out>/model_<hash of its plan>/model/best and kept on the CPU between uses. A student that folder already holds,
-    built with the same settings, is loaded (a stopped bench resumes; students of another run can be linked in)."""
+    <out>/model_<hash of its plan>/model/best and read from there where it is used (``loaded``): a 0.5B teacher's
+    students held all at once beside a heal took 18.6 GB. A student that folder already holds, built with the same
+    settings, is loaded (a stopped bench resumes; students of another run can be linked in)."""
     models: dict[str, dict[str, Any]] = {}
     for name, methods in per_target.items():
         for m in methods:
@@ -443,11 +448,20 @@ def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Pat
             run = out / f"model_{hashlib.sha1(key.encode()).hexdigest()[:10]}"  # the same plan: the same folder
             student, _ = make_student(b.s, b.ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
                                       finetune=plan_finetune(b.args), train=m["trained"], map_units=map_units(b.args))
-            models[key] = {"key": key, "run": str(run), "trained": m["trained"], "model": student.cpu(),
-                           "params": student.num_parameters(),
+            models[key] = {"key": key, "run": str(run), "trained": m["trained"], "params": student.num_parameters(),
                            "kv_bytes": student.config.kv_cache_bytes_per_token()}
+            del student
             log.info("built %s", key)
     return models
+
+
+def loaded(b: Bench, models: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, SwappableModel]:
+    """The students ``keys`` name, read from their folders onto the bench's device (only those in memory)."""
+    return {key: load_model(Path(models[key]["run"]) / "model" / "best")[0].to(b.s.device).eval() for key in keys}
+
+
+def groups(keys: list[str], size: int = GROUP) -> list[list[str]]:
+    return [keys[k:k + size] for k in range(0, len(keys), size)]
 
 
 def map_units(args: argparse.Namespace) -> Path | None:
@@ -467,8 +481,8 @@ def score(b: Bench, models: dict[str, dict[str, Any]], test) -> dict[str, Any]:
     if b.causal:
         keys = list(models)
         base: dict[str, Any] = {}
-        for k in range(0, len(keys), 4):
-            group = {key: models[key]["model"].to(s.device) for key in keys[k:k + 4]}
+        for some in groups(keys):
+            group = loaded(b, models, some)
             tok = token_scores(t, group, loader, device=s.device)
             base = {"teacher_perplexity": tok.perplexity(), "predicted_tokens": len(tok.teacher_nll)}
             for key in group:
@@ -477,17 +491,15 @@ def score(b: Bench, models: dict[str, dict[str, Any]], test) -> dict[str, Any]:
                                           "agreement_top1": tok.mean(tok.agree[key]),
                                           "kl_teacher_student": tok.mean(tok.kl[key])}
                 per[key] = {"nll": tok.nll[key], "agree": tok.agree[key]}
-                models[key]["model"].cpu()
                 log.info("%s: %s", key, {k: round(x, 4) for k, x in models[key]["metrics"].items()})
         return {"base": base, "per": per}
     base = compare_models(t, t, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
     for key, v in models.items():
-        student = v["model"].to(s.device)
+        (student,) = loaded(b, models, [key]).values()
         res = compare_models(t, student, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=True)
         v["metrics"] = {k: res.metrics[k] for k in METRICS if k in res.metrics}
         per[key] = {"right": [r["student"] == r["true"] for r in res.rows],
                     "agree": [r["student"] == r["teacher"] for r in res.rows]}
-        v["model"] = student.cpu()
         log.info("%s: %s", key, {k: round(x, 4) for k, x in v["metrics"].items()})
     return {"base": base, "per": per}
 
@@ -534,9 +546,8 @@ def chat_scores(b: Bench, models: dict[str, dict[str, Any]], per_target, targets
     replies = teacher_chat(b.teacher, s.tokenizer, teacher_name=s.teacher_name, config=config)
     metrics, per, shared = {}, {}, {}
     for key, v in models.items():
-        res = compare_chat(b.teacher, v["model"].to(s.device), replies=replies, config=config,
-                           out=Path(v["run"]) / "chat")
-        v["model"].cpu()
+        (student,) = loaded(b, models, [key]).values()
+        res = compare_chat(b.teacher, student, replies=replies, config=config, out=Path(v["run"]) / "chat")
         shared = {k: res.metrics.pop(k) for k in ("prompts", "max_new_tokens", "end_of_turn", "teacher_reply_tokens",
                                                  "teacher_unfinished")}
         metrics[key], per[key] = res.metrics, res.per_item()
@@ -549,27 +560,46 @@ def chat_scores(b: Bench, models: dict[str, dict[str, Any]], per_target, targets
 
 
 def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Prefill (and for a decoder decode) ms of the teacher and every model, round-robin in one run (an untrained
-    model whose trained twin is timed has its shapes, so its speed: it is not timed again); with --runtime llama.cpp
-    also each model's llama.cpp speeds against the teacher's (``LlamaCppTimer.speeds``) under "llama_cpp"."""
-    s = b.s
-    out: dict[str, dict[str, float]] = {}
+    """Prefill (and for a decoder decode) ms of every model, round-robin with the teacher in groups of ``GROUP`` (only
+    those in memory; each model's speed-up is against the teacher of its own round-robin, kept as "<speed>_teacher"),
+    and the teacher's median over the groups. An untrained model whose trained twin is timed has its shapes, so its
+    speed: it is not timed again. With --runtime llama.cpp also each model's llama.cpp speeds against the teacher's
+    (``LlamaCppTimer.speeds``) under "llama_cpp"."""
+    speeds = ("prefill", "decode") if b.causal else ("prefill",)
+    out: dict[str, dict[str, float]] = {k: {} for s in speeds for k in (s, f"{s}_teacher")}
     timed = [key for key, v in models.items() if v["trained"] or key.removeprefix("untrained ") not in models]
-    for speed in ("prefill", "decode") if b.causal else ("prefill",):
-        fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
-        for key in timed:
-            fns[key] = speed_fn(models[key]["model"].to(s.device), speed, batch=b.timing.batch, seq=b.timing.seq)
-        out[speed] = b.timing.ms(fns, s.device)
-    for v in models.values():
-        v["model"].cpu()
-    if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
-        out["llama_cpp"] = {key: b.llama.speeds(models[key]["model"]) for key in timed}
+    if b.llama is not None:
+        out["llama_cpp"] = {}
+    for some in groups(timed):
+        group = loaded(b, models, some)
+        for speed in speeds:
+            fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
+            fns.update({key: speed_fn(m, speed, batch=b.timing.batch, seq=b.timing.seq) for key, m in group.items()})
+            ms = b.timing.ms(fns, b.s.device)
+            out[speed].update({key: ms[key] for key in group})
+            out[f"{speed}_teacher"].update({key: ms["teacher"] for key in group})
+        if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
+            out["llama_cpp"].update({key: b.llama.speeds(m) for key, m in group.items()})
+    for speed in speeds:
+        if not timed:  # nothing to time beside it: the teacher alone
+            out[speed]["teacher"] = b.timing.ms({"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch,
+                                                                     seq=b.timing.seq)}, b.s.device)["teacher"]
+        else:
+            out[speed]["teacher"] = statistics.median(out[f"{speed}_teacher"].values())
     return out
 
 
-def _ms(timed: dict[str, dict[str, float]], key: str, speed: str) -> float:
-    trained = key.removeprefix("untrained ")
-    return timed[speed].get(key, timed[speed].get(trained, math.nan))
+def _ms(timed: dict[str, dict[str, float]], key: str, speed: str) -> tuple[float, float]:
+    """A model's ms at ``speed`` and the teacher's in the same round-robin (an untrained model: its trained twin's)."""
+    for k in (key, key.removeprefix("untrained ")):
+        if k in timed[speed]:
+            return timed[speed][k], timed[f"{speed}_teacher"][k]
+    return math.nan, math.nan
+
+
+def _speed_fields(timed: dict[str, dict[str, float]], key: str, speed: str) -> dict[str, float]:
+    ms, teacher_ms = _ms(timed, key, speed)
+    return {f"{speed}_ms": ms, "speedup" if speed == "prefill" else f"{speed}_speedup": teacher_ms / ms}
 
 
 def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]) -> dict[str, Any]:
@@ -581,11 +611,9 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
             row = {"target": t.name, "label": t.label, "method": m["method"], "plan": m["key"], "why": m["why"],
                    "params": v["params"], "kv_bytes": v["kv_bytes"], "metrics": v["metrics"],
                    "predicted": _predicted(b.smap, m["choices"], t),
-                   "prefill_ms": _ms(timed, m["key"], "prefill"),
-                   "speedup": timed["prefill"]["teacher"] / _ms(timed, m["key"], "prefill")}
+                   **_speed_fields(timed, m["key"], "prefill")}
             if b.causal:
-                row["decode_ms"] = _ms(timed, m["key"], "decode")
-                row["decode_speedup"] = timed["decode"]["teacher"] / row["decode_ms"]
+                row.update(_speed_fields(timed, m["key"], "decode"))
             if "llama_cpp" in timed:
                 row["llama_cpp"] = timed["llama_cpp"][m["key"].removeprefix("untrained ")]
             rows.append(row)
