@@ -88,7 +88,8 @@ from utils.planning import baselines  # noqa: E402
 from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target, meets_as_measured  # noqa: E402
 from utils.planning.runtimes import check_runtime_teacher, runtime_map  # noqa: E402
 from utils.planning.sensitivity import Option, option_from_dict, speed_fn  # noqa: E402
-from utils.planning.students import context, make_student, read_map, retimed_plan, time_plan  # noqa: E402
+from utils.planning.students import (context, make_student, read_map, retimed_plan, student_dir,  # noqa: E402
+                                     time_plan)
 from utils.training.students import load_model  # noqa: E402
 from utils.errors import SettingError  # noqa: E402
 from utils.storage.checkpoint import CheckpointError  # noqa: E402
@@ -457,7 +458,7 @@ def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Pat
 
 def loaded(b: Bench, models: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, SwappableModel]:
     """The students ``keys`` name, read from their folders onto the bench's device (only those in memory)."""
-    return {key: load_model(Path(models[key]["run"]) / "model" / "best")[0].to(b.s.device).eval() for key in keys}
+    return {key: load_model(student_dir(models[key]["run"]))[0].to(b.s.device).eval() for key in keys}
 
 
 def groups(keys: list[str], size: int = GROUP) -> list[list[str]]:

@@ -141,6 +141,11 @@ def make_map(s: Session, cfg: MapConfig, *, train: TrainConfig, out: Path, recor
     return smap
 
 
+def student_dir(run: str | Path) -> Path:
+    """Where ``make_student`` keeps the student it builds in ``run``."""
+    return Path(run) / "model" / "best"
+
+
 def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: Path, origin: str,
                  finetune: PlanFinetune, train: bool = True, map_units: Path | None = None
                  ) -> tuple[SwappableModel, dict]:
@@ -160,7 +165,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
                              heal_epochs=finetune.epochs if train and units else 0)
     if why is None:
         log.info("student %s: built before with the same plan and settings; loaded", run)
-        student, _ = load_model(run / "model" / "best")
+        student, _ = load_model(student_dir(run))
         return student.to(s.device), units
     log.info("student %s: building it (%s)", run, why)
     rest = reuse_trained(ctx, units, map_units) if train and map_units is not None else units
@@ -173,7 +178,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     meta = {"teacher": ctx.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources,
             "plan": {str(i): b.option.name for i, b in units.items()}, "build": build}
     if not (train and finetune.epochs > 0 and units):
-        save_model(student, run / "model" / "best", meta)
+        save_model(student, student_dir(run), meta)
         return student, units
     student.requires_grad_(True)  # end to end: the teacher's layers it kept (frozen in the teacher) train too
     task = _heal_task(s, ctx, student, finetune=finetune, heal_data=heal_data)
@@ -183,7 +188,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     Trainer(task, [unit], cfg, run_dir=run, device=s.device, evaluate=lambda: task.evaluate(ctx.valid_loader),
             setup=heal_data.setup, record=ctx.record, run_meta={"run_dir": str(run)}
             ).fit(heal_data.loader, heal_data.sampler)
-    student, _ = load_model(run / "model" / "best")
+    student, _ = load_model(student_dir(run))
     return student.to(s.device), units
 
 
@@ -248,7 +253,7 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
     """Why ``<run>/model/best`` cannot stand for the student of ``plan`` built as ``build`` says (None: it can): none
     there, another teacher, plan or build record, or a heal of ``heal_epochs`` epochs not finished. Lets a stopped
     bench or plan resume, and a bench reuse students another run built alike."""
-    best = run / "model" / "best"
+    best = student_dir(run)
     if not (best / "meta.json").is_file():
         return f"no student in '{best}'"
     meta = read_meta(best)
