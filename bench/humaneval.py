@@ -18,7 +18,8 @@ code after a newline: the harness runs prompt + completion + the tests in a subp
 (``--timeout``), so the problem's own helper functions (in its prompt) stay defined and the reply's function replaces
 the stub. ``--canonical`` scores the reference solutions instead (prompt + canonical_solution; must give 1.0).
 
-Compared: pass@1 per model; each model against the first (the teacher) by McNemar's exact test over problems;
+Compared: pass@1 per model; each model against the first (the teacher; with ``--no-teacher``, which scores the
+students alone, the first student) by McNemar's exact test over problems;
 with ``--hf-check``, the same problems through plain transformers for each of our models (the teacher's own folder,
 a student's export), the issue's check being that both pass@1 agree within one problem.
 
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="the decoder teacher's folder (a chat template; the first model)")
     p.add_argument("--models", nargs="*", default=[], metavar="NAME=DIR",
                    help="students: saved models (meta.json) or exported transformers folders (trust_remote_code)")
+    p.add_argument("--no-teacher", action="store_true",
+                   help="score the students only (the teacher still gives the tokenizer, the chat template and the "
+                        "weights the students are checked against); each student is then tested against the first")
     p.add_argument("--limit", type=positive_int("--limit"), default=None, help="the first N problems only")
     p.add_argument("--canonical", action="store_true",
                    help="score the reference solutions instead of models (the harness's check: must be 1.0)")
@@ -326,8 +330,9 @@ def run_models(args: argparse.Namespace, named: dict[str, str], problems: list[d
     device = torch.device(args.device)
     teacher, tokenizer = load_teacher(args.teacher, device)
     chat = Chat.of(tokenizer, args.teacher)
-    models = {"teacher": (teacher, "ours"), **load_students(named, teacher, device)}
-    sources = {"teacher": args.teacher, **named}
+    scored = {} if args.no_teacher else {"teacher": (teacher, "ours")}
+    models = {**scored, **load_students(named, teacher, device)}
+    sources = {"teacher": args.teacher, **named} if scored else dict(named)
     digests = {name: files_digest(folder) for name, folder in sources.items()}
     replies = Path(args.out) / "replies"
     results: dict[str, Any] = {}
@@ -424,6 +429,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--canonical scores the reference solutions alone: leave out --teacher, --models, --hf-check")
     if not args.canonical and not args.teacher:
         parser.error("--teacher is required (or --canonical)")
+    if args.no_teacher and not named:
+        parser.error("--no-teacher scores the students alone: name at least one with --models")
     problems = read_problems(args.limit)
     res: dict[str, Any] = {"problems": len(problems), "canonical": args.canonical, "prompt": PROMPT,
                            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,

@@ -131,6 +131,16 @@ def test_quick_run_scores_teacher_students_and_the_transformers_check(chat_teach
     assert [x["reply"] for x in exported] == [x["reply"] for x in rows]
     assert "| half | ours |" in r.stdout and "| exported | transformers |" in r.stdout
 
+    # the students alone (the teacher's replies reused from another run, or known): tested against the first student
+    n = run_script("bench/humaneval.py", "--quick", "--teacher", chat_teacher, "--no-teacher", "--models",
+                   f"half={tmp_path / 'half'}", f"exported={tmp_path / 'half_hf'}", "--threads", "1",
+                   "--out", tmp_path / "he_students")
+    assert n.returncode == 0, n.stderr[-3000:]
+    alone = json.loads((tmp_path / "he_students" / "humaneval.json").read_text())
+    assert list(alone["summary"]) == ["half", "exported"] and set(alone["tests"]) == {"exported"}
+    assert alone["summary"]["half"] == res["summary"]["half"] and "| teacher |" not in n.stdout
+    assert not (tmp_path / "he_students" / "replies" / "teacher").exists()
+
     c = run_script("bench/humaneval.py", "--quick", "--canonical", "--out", tmp_path / "can")
     assert c.returncode == 0, c.stderr[-3000:]
     assert json.loads((tmp_path / "can" / "humaneval.json").read_text())["summary"]["canonical"]["pass@1"] == 1.0
@@ -143,6 +153,8 @@ def test_a_models_folder_that_is_neither_kind_is_refused_before_loading(tmp_path
     r = run_script("bench/humaneval.py", "--teacher", tmp_path / "nowhere", "--models", f"x={tmp_path / 'empty'}")
     assert r.returncode == 2 and "found neither" in r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr
+    n = run_script("bench/humaneval.py", "--teacher", tmp_path / "nowhere", "--no-teacher")
+    assert n.returncode == 2 and "name at least one with --models" in n.stderr.strip().splitlines()[-1]
 
 
 def test_replies_are_kept_batch_by_batch_and_a_rerun_generates_only_the_missing_ones(chat_teacher, tmp_path,
