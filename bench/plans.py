@@ -58,7 +58,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +99,7 @@ from utils.training.tasks import kd_temperature  # noqa: E402
 
 log = logging.getLogger("simplifying_transformers")
 METHODS = ("planned", "uniform", "ShortGPT", "SLEB")
-GROUP = 4  # students in memory at once: scored on one teacher pass, timed in one round-robin
+GROUP = 4  # students in memory at once, each read once: scored on one teacher pass per text, chatted, timed together
 METRICS = ("student_top1", "student_top5", "agreement_top1", "kl_teacher_student", "hidden_cosine",
            "student_perplexity", "teacher_perplexity")
 
@@ -418,16 +418,14 @@ def run_bench(b: Bench, docs: dict[str, list], out: Path) -> Path:
         raise SettingError("--targets none and --kv-targets none leave nothing to plan for")
     per_target = chosen_methods(b, targets, out)
     models = build_models(b, per_target, out)
-    test = s.first_sentences("test", args.test_sentences)
-    scored = score(b, models, test)
-    texts = score_named_texts(b, models, per_target, targets, docs)
-    chatted = chat_scores(b, models, per_target, targets, chat) if chat is not None else None
-    timed = time_models(b, models)
-    result = summarise(b, per_target, models, scored, timed, targets)
-    if texts:
-        result["texts"] = texts
-    if chatted:
-        result["chat"] = chatted
+    ev = evaluate(b, models, s.first_sentences("test", args.test_sentences), docs, chat)
+    for key, m in ev.test.metrics.items():
+        models[key]["metrics"] = m
+    result = summarise(b, per_target, models, ev.test, ev.timed, targets)
+    if ev.texts:
+        result["texts"] = named_texts(b, ev, docs, per_target, targets)
+    if ev.chat is not None and ev.chat.metrics:
+        result["chat"] = chat_result(b, ev, per_target, targets)
     table = markdown(result) + "\n"
     write_staged({out / "plans.md": table, out / "plans.json": json.dumps(result, indent=2, default=str)})
     plot(result, out / "pareto.png")
@@ -473,59 +471,6 @@ def map_units(args: argparse.Namespace) -> Path | None:
     return (p if p.is_dir() else p.parent) / "units"
 
 
-def score(b: Bench, models: dict[str, dict[str, Any]], test) -> dict[str, Any]:
-    """Every model on the same test items: metrics, and per item what the paired tests read. A decoder's students
-    are scored token by token, four to a teacher pass."""
-    s, t = b.s, b.teacher
-    loader, _ = s.loader(test, shuffle=False)
-    per: dict[str, Any] = {}
-    if b.causal:
-        keys = list(models)
-        base: dict[str, Any] = {}
-        for some in groups(keys):
-            group = loaded(b, models, some)
-            tok = token_scores(t, group, loader, device=s.device)
-            base = {"teacher_perplexity": tok.perplexity(), "predicted_tokens": len(tok.teacher_nll)}
-            for key in group:
-                models[key]["metrics"] = {"student_perplexity": tok.perplexity(key),
-                                          "teacher_perplexity": base["teacher_perplexity"],
-                                          "agreement_top1": tok.mean(tok.agree[key]),
-                                          "kl_teacher_student": tok.mean(tok.kl[key])}
-                per[key] = {"nll": tok.nll[key], "agree": tok.agree[key]}
-                log.info("%s: %s", key, {k: round(x, 4) for k, x in models[key]["metrics"].items()})
-        return {"base": base, "per": per}
-    base = compare_models(t, t, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
-    for key, v in models.items():
-        (student,) = loaded(b, models, [key]).values()
-        res = compare_models(t, student, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=True)
-        v["metrics"] = {k: res.metrics[k] for k in METRICS if k in res.metrics}
-        per[key] = {"right": [r["student"] == r["true"] for r in res.rows],
-                    "agree": [r["student"] == r["teacher"] for r in res.rows]}
-        log.info("%s: %s", key, {k: round(x, 4) for k, x in v["metrics"].items()})
-    return {"base": base, "per": per}
-
-
-def score_named_texts(b: Bench, models: dict[str, dict[str, Any]], per_target, targets: list[Target],
-                      docs: dict[str, list]) -> dict[str, Any]:
-    """Every model on each --eval-text, scored as on the test split (``score``), and the planned student against
-    every other method at each target by the same paired tests; the test split's metrics stay the models' own."""
-    kept = {key: v["metrics"] for key, v in models.items()}
-    out = {}
-    for t in b.args.eval_text:
-        scored = score(b, models, text_dataset(docs[t.name], b.s).first(b.args.eval_text_items))
-        base = scored["base"]
-        out[t.name] = {"path": t.path, "documents": len(docs[t.name]), "items_limit": b.args.eval_text_items,
-                       "items": base.get("predicted_tokens", base.get("sentences")),
-                       "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity")
-                                           if k in base},
-                       "metrics": {key: v["metrics"] for key, v in models.items()},
-                       "tests": [x for target in targets
-                                 for x in paired_tests(b, target, per_target[target.name], scored["per"])]}
-    for key, m in kept.items():
-        models[key]["metrics"] = m
-    return out
-
-
 def bench_chat_config(b: Bench) -> ChatConfig | None:
     """--chat-prompts' settings; an encoder teacher has none: said in one line, and the bench goes on without."""
     config = chat_config(b.args)
@@ -535,59 +480,143 @@ def bench_chat_config(b: Bench) -> ChatConfig | None:
     return config
 
 
-def chat_scores(b: Bench, models: dict[str, dict[str, Any]], per_target, targets: list[Target],
-                config: ChatConfig) -> dict[str, Any]:
-    """Every model's greedy chat replies against the teacher's, which it generates once for all of them
-    (``evaluation.chat``; each model's replies and chat.md in <its folder>/chat), and the planned student against
-    every other method at each target: McNemar on the prompts' first reply tokens, the tests of the test split on the
-    teacher's reply tokens (teacher-forced NLL and agreement)."""
+@dataclass
+class Scores:
+    """One text's scores: the teacher's (``base``), and each student's metrics and per-item values (what the paired
+    tests read)."""
+    base: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """Every student on the test split, each --eval-text (by name) and the chat prompts, and its speeds."""
+    test: Scores
+    texts: dict[str, Scores]
+    chat: Scores | None
+    chat_shared: dict[str, Any]
+    timed: dict[str, dict[str, float]]
+
+
+def evaluate(b: Bench, models: dict[str, dict[str, Any]], test, docs: dict[str, list],
+             chat: ChatConfig | None) -> Evaluation:
+    """Each student read from its folder once, ``GROUP`` at a time: while in memory together they are scored on the
+    test split and on each --eval-text (a decoder's on one teacher pass per text), answer the chat prompts against
+    the teacher's replies (generated once), and are timed round-robin with the teacher."""
     s = b.s
-    if not models:
-        return {}
-    replies = teacher_chat(b.teacher, s.tokenizer, teacher_name=s.teacher_name, config=config)
-    metrics, per, shared = {}, {}, {}
-    for key, v in models.items():
-        (student,) = loaded(b, models, [key]).values()
-        res = compare_chat(b.teacher, student, replies=replies, config=config, out=Path(v["run"]) / "chat")
+    sets = {"": test}  # the test split, then each --eval-text by name
+    sets.update({t.name: text_dataset(docs[t.name], s).first(b.args.eval_text_items) for t in b.args.eval_text})
+    loaders = {name: s.loader(items, shuffle=False)[0] for name, items in sets.items()}
+    scores = {name: Scores() for name in loaders}
+    replies = teacher_chat(b.teacher, s.tokenizer, teacher_name=s.teacher_name, config=chat) \
+        if chat is not None and models else None
+    chatted, shared = (Scores(), {}) if replies is not None else (None, {})
+    speeds = ("prefill", "decode") if b.causal else ("prefill",)
+    timed: dict[str, dict[str, float]] = {k: {} for sp in speeds for k in (sp, f"{sp}_teacher")}
+    if b.llama is not None:
+        timed["llama_cpp"] = {}
+    # an untrained model whose trained twin is timed has its shapes, so its speed: it is not timed again
+    timing = {key for key, v in models.items() if v["trained"] or key.removeprefix("untrained ") not in models}
+    for some in groups(list(models)):
+        group = loaded(b, models, some)
+        for name, loader in loaders.items():
+            score_group(b, group, loader, scores[name], label=name or "test")
+        if replies is not None:
+            shared = chat_group(b, group, models, replies, chat, chatted)
+        time_group(b, {k: m for k, m in group.items() if k in timing}, speeds, timed)
+        del group  # before the next group is read: never two groups in memory
+    for speed in speeds:
+        teacher_ms = list(timed[f"{speed}_teacher"].values())
+        timed[speed]["teacher"] = statistics.median(teacher_ms) if teacher_ms else b.timing.ms(
+            {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}, s.device)["teacher"]
+    return Evaluation(test=scores.pop(""), texts=scores, chat=chatted, chat_shared=shared, timed=timed)
+
+
+def score_group(b: Bench, group: dict[str, SwappableModel], loader, into: Scores, *, label: str) -> None:
+    """The students of ``group`` on one text's items, against the teacher: a decoder's token by token on one teacher
+    pass, a masked LM's one student at a time (the teacher's own metrics once)."""
+    s, t = b.s, b.teacher
+    if b.causal:
+        tok = token_scores(t, group, loader, device=s.device)
+        into.base = {"teacher_perplexity": tok.perplexity(), "predicted_tokens": len(tok.teacher_nll)}
+        for key in group:
+            into.metrics[key] = {"student_perplexity": tok.perplexity(key),
+                                 "teacher_perplexity": into.base["teacher_perplexity"],
+                                 "agreement_top1": tok.mean(tok.agree[key]),
+                                 "kl_teacher_student": tok.mean(tok.kl[key])}
+            into.per[key] = {"nll": tok.nll[key], "agree": tok.agree[key]}
+            log.info("%s on %s: %s", key, label, {k: round(x, 4) for k, x in into.metrics[key].items()})
+        return
+    if not into.base:
+        into.base = compare_models(t, t, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=False).metrics
+    for key, student in group.items():
+        res = compare_models(t, student, loader, tokenizer=s.tokenizer, device=s.device, keep_rows=True)
+        into.metrics[key] = {k: res.metrics[k] for k in METRICS if k in res.metrics}
+        into.per[key] = {"right": [r["student"] == r["true"] for r in res.rows],
+                         "agree": [r["student"] == r["teacher"] for r in res.rows]}
+        log.info("%s on %s: %s", key, label, {k: round(x, 4) for k, x in into.metrics[key].items()})
+
+
+def chat_group(b: Bench, group: dict[str, SwappableModel], models: dict[str, dict[str, Any]], replies,
+               config: ChatConfig, into: Scores) -> dict[str, Any]:
+    """Each student of ``group`` answering the chat prompts, compared with the teacher's ``replies``
+    (``evaluation.chat``; its replies and chat.md in <its folder>/chat); returns what every comparison shares."""
+    shared: dict[str, Any] = {}
+    for key, student in group.items():
+        res = compare_chat(b.teacher, student, replies=replies, config=config, out=Path(models[key]["run"]) / "chat")
         shared = {k: res.metrics.pop(k) for k in ("prompts", "max_new_tokens", "end_of_turn", "teacher_reply_tokens",
                                                  "teacher_unfinished")}
-        metrics[key], per[key] = res.metrics, res.per_item()
+        into.metrics[key], into.per[key] = res.metrics, res.per_item()
         log.info("chat %s: first %d tokens equal %.3f, agreement %.4f", key, PREFIX_TOKENS, res.metrics[FIRST],
                  res.metrics["teacher_forced"]["agreement_top1"])
-    forced = next(iter(metrics.values()))["teacher_forced"]
-    return {"prompts_file": replies.source, **shared, "teacher_perplexity": forced["teacher_perplexity"],
-            "reply_tokens": forced["tokens"], "metrics": metrics,
-            "tests": [x for t in targets for x in paired_tests(b, t, per_target[t.name], per)]}
+    return {**shared, "prompts_file": replies.source}
 
 
-def time_models(b: Bench, models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Prefill (and for a decoder decode) ms of every model, round-robin with the teacher in groups of ``GROUP`` (only
-    those in memory; each model's speed-up is against the teacher of its own round-robin, kept as "<speed>_teacher"),
-    and the teacher's median over the groups. An untrained model whose trained twin is timed has its shapes, so its
-    speed: it is not timed again. With --runtime llama.cpp also each model's llama.cpp speeds against the teacher's
-    (``LlamaCppTimer.speeds``) under "llama_cpp"."""
-    speeds = ("prefill", "decode") if b.causal else ("prefill",)
-    out: dict[str, dict[str, float]] = {k: {} for s in speeds for k in (s, f"{s}_teacher")}
-    timed = [key for key, v in models.items() if v["trained"] or key.removeprefix("untrained ") not in models]
-    if b.llama is not None:
-        out["llama_cpp"] = {}
-    for some in groups(timed):
-        group = loaded(b, models, some)
-        for speed in speeds:
-            fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
-            fns.update({key: speed_fn(m, speed, batch=b.timing.batch, seq=b.timing.seq) for key, m in group.items()})
-            ms = b.timing.ms(fns, b.s.device)
-            out[speed].update({key: ms[key] for key in group})
-            out[f"{speed}_teacher"].update({key: ms["teacher"] for key in group})
-        if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
-            out["llama_cpp"].update({key: b.llama.speeds(m) for key, m in group.items()})
+def time_group(b: Bench, group: dict[str, SwappableModel], speeds: tuple[str, ...],
+               into: dict[str, dict[str, float]]) -> None:
+    """Prefill (and a decoder's decode) ms of each model of ``group``, round-robin with the teacher; each model's
+    speed-up is against the teacher of its own round-robin ("<speed>_teacher"). With --runtime llama.cpp also each
+    model's llama.cpp speeds against the teacher's file (``LlamaCppTimer.speeds``) under "llama_cpp"."""
+    if not group:
+        return
     for speed in speeds:
-        if not timed:  # nothing to time beside it: the teacher alone
-            out[speed]["teacher"] = b.timing.ms({"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch,
-                                                                     seq=b.timing.seq)}, b.s.device)["teacher"]
-        else:
-            out[speed]["teacher"] = statistics.median(out[f"{speed}_teacher"].values())
+        fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
+        fns.update({key: speed_fn(m, speed, batch=b.timing.batch, seq=b.timing.seq) for key, m in group.items()})
+        ms = b.timing.ms(fns, b.s.device)
+        into[speed].update({key: ms[key] for key in group})
+        into[f"{speed}_teacher"].update({key: ms["teacher"] for key in group})
+    if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
+        into["llama_cpp"].update({key: b.llama.speeds(m) for key, m in group.items()})
+
+
+def named_texts(b: Bench, ev: Evaluation, docs: dict[str, list], per_target, targets: list[Target]) -> dict[str, Any]:
+    """Each --eval-text's scores, and the planned student against every other method at each target by the test
+    split's paired tests."""
+    out = {}
+    for t in b.args.eval_text:
+        sc = ev.texts[t.name]
+        out[t.name] = {"path": t.path, "documents": len(docs[t.name]), "items_limit": b.args.eval_text_items,
+                       "items": sc.base.get("predicted_tokens", sc.base.get("sentences")),
+                       "teacher_metrics": {k: sc.base[k] for k in ("teacher_top1", "teacher_top5",
+                                                                   "teacher_perplexity") if k in sc.base},
+                       "metrics": sc.metrics,
+                       "tests": [x for target in targets
+                                 for x in paired_tests(b, target, per_target[target.name], sc.per)]}
     return out
+
+
+def chat_result(b: Bench, ev: Evaluation, per_target, targets: list[Target]) -> dict[str, Any]:
+    """The chat comparison of every model with the teacher, and the planned student against every other method at
+    each target: McNemar on the prompts' first reply tokens, the tests of the test split on the teacher's reply
+    tokens (teacher-forced NLL and agreement)."""
+    if ev.chat is None or not ev.chat.metrics:
+        return {}
+    forced = next(iter(ev.chat.metrics.values()))["teacher_forced"]
+    shared = dict(ev.chat_shared)
+    return {"prompts_file": shared.pop("prompts_file"), **shared, "teacher_perplexity": forced["teacher_perplexity"],
+            "reply_tokens": forced["tokens"], "metrics": ev.chat.metrics,
+            "tests": [x for t in targets for x in paired_tests(b, t, per_target[t.name], ev.chat.per)]}
 
 
 def _ms(timed: dict[str, dict[str, float]], key: str, speed: str) -> tuple[float, float]:
@@ -603,7 +632,7 @@ def _speed_fields(timed: dict[str, dict[str, float]], key: str, speed: str) -> d
     return {f"{speed}_ms": ms, "speedup" if speed == "prefill" else f"{speed}_speedup": teacher_ms / ms}
 
 
-def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]) -> dict[str, Any]:
+def summarise(b: Bench, per_target, models, scored: Scores, timed, targets: list[Target]) -> dict[str, Any]:
     rows, tests = [], []
     for t in targets:
         methods = per_target[t.name]
@@ -618,8 +647,8 @@ def summarise(b: Bench, per_target, models, scored, timed, targets: list[Target]
             if "llama_cpp" in timed:
                 row["llama_cpp"] = timed["llama_cpp"][m["key"].removeprefix("untrained ")]
             rows.append(row)
-        tests += paired_tests(b, t, methods, scored["per"])
-    base = scored["base"]
+        tests += paired_tests(b, t, methods, scored.per)
+    base = scored.base
     return {"teacher": str(b.args.teacher), "map": str(b.args.map), "device": str(b.s.device), "causal": b.causal,
             "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity")
                                 if k in base},

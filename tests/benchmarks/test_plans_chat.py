@@ -26,6 +26,14 @@ def test_the_bench_compares_every_student_chat_with_the_teacher_generated_once(t
         return real(model, *a, **kw)
 
     monkeypatch.setattr(chat, "answer", counted)
+    read = []  # each student is read from its folder once: scored, chatted and timed while in memory
+
+    def reading(folder, *a, **kw):
+        read.append(str(folder))
+        return real_load(folder, *a, **kw)
+
+    real_load = plans.load_model
+    monkeypatch.setattr(plans, "load_model", reading)
     argv = ["--quick", "--teacher", str(tiny_chat_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path),
             "--run-name", "b", "--map", str(tmp_path / "map"), "--targets", "none", "--kv-targets", "0.5",
             "--device", "cpu", "--chat-prompts", str(tmp_path / "prompts.jsonl"), "--chat-max-new-tokens", "6"]
@@ -36,6 +44,7 @@ def test_the_bench_compares_every_student_chat_with_the_teacher_generated_once(t
     assert set(c["metrics"]) == plans_scored and c["prompts"] == len(PROMPTS) and c["reply_tokens"] > 0
     # the teacher answered once, every distinct student once: no model generated twice
     assert len(answered) == len(plans_scored) + 1 == len({id(m) for m in answered})
+    assert len(read) == len(set(read)) == len(plans_scored)
     for m in c["metrics"].values():
         assert 0 <= m["first8_match"] <= 1 and 0 <= m["teacher_forced"]["agreement_top1"] <= 1
         assert m["teacher_forced"]["tokens"] == c["reply_tokens"]
