@@ -15,6 +15,7 @@ import torch
 
 from helpers import ROOT, in_process, last_line, restored_logging, run_in_process, script_cmd, script_env
 from utils.data.text import read_documents
+from utils.storage.checkpoint import read_meta
 
 PROMPTS = ["the cat sees the dog", "the old king builds the ship", "the red bird", "the queen likes the song",
            "the army follows the king"]
@@ -82,6 +83,15 @@ def test_plan_student_compares_the_healed_student_chat(tiny_chat_llama, tiny_cor
     assert len((tmp_path / "p" / "chat_replies.jsonl").read_text().splitlines()) == len(PROMPTS)
     assert "| prompt | teacher | student |" in (tmp_path / "p" / "chat.md").read_text()
     assert "| first 8 tokens equal |" in capsys.readouterr().out  # the printed report has the chat table
+    # --ft-keep-start with a heal that only does harm (lr 1: every weight moved by ~1): the composed student is kept
+    keep = [*argv[:argv.index("--chat-prompts")], "--ft-lr", "1", "--ft-keep-start"]
+    keep[keep.index("p")] = "k"
+    with restored_logging():
+        assert run_in_process(plan_student, keep) == 0
+    (best,) = (tmp_path / "k").glob("**/model/best")
+    meta, last = read_meta(best), read_meta(best.parent / "last")
+    assert meta["build"]["heal"]["keep_start"] is True and meta["epoch"] == 0 and last["epoch"] == 1
+    assert last["metrics"]["loss"] > meta["metrics"]["loss"]
 
 
 @pytest.mark.parametrize("module", ["eval_merged_12", "write_teacher_text", "plan_student"])

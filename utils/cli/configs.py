@@ -51,7 +51,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        betas=(args.adam_beta1, args.adam_beta2), warmup_steps=args.warmup_steps,
                        log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0,
                        fsdp=vars(args).get("fsdp", False), dtype=vars(args).get("dtype") or "fp32",
-                       activation_checkpointing=vars(args).get("activation_checkpointing", False))
+                       activation_checkpointing=vars(args).get("activation_checkpointing", False),
+                       keep_start=vars(args).get("keep_start", False))
     gpu = args.device != "cpu" and torch.cuda.is_available()  # where select_device will put the run
     check_settings(cfg, torch.device("cuda" if gpu else "cpu"))  # at start-up, before the teacher loads
     return cfg
@@ -129,7 +130,7 @@ def plan_finetune(args: argparse.Namespace) -> PlanFinetune:
     return PlanFinetune(epochs=args.ft_epochs, lr=args.ft_lr, temperature=args.temperature,
                         relation_weight=args.ft_relation_weight, test_sentences=args.test_sentences,
                         max_steps=args.ft_max_steps, train_sentences=args.ft_train_sentences,
-                        teacher_topk=args.teacher_topk,
+                        teacher_topk=args.teacher_topk, keep_start=args.ft_keep_start,
                         topk_dir=cache_dir(args, used=True) if args.teacher_topk is not None else None)
 
 

@@ -158,6 +158,9 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="fine-tune on the first N training sentences (default: the units' --max-train-sentences); more "
                         "than the units' give the fine-tune fresh text where it would repeat the same few epoch after "
                         "epoch")
+    g.add_argument("--ft-keep-start", action="store_true",
+                   help="validate the composed student before the fine-tune and keep it unless the fine-tune beats it "
+                        "on validation (--keep-start for the heal)")
     g.add_argument("--temperature", type=positive_float, default=None,
                    help="KD temperature of the fine-tune (default: 2 for a masked LM, 1 for a decoder)")
     g.add_argument("--ft-relation-weight", type=float, default=0.0, help="relation distillation in the fine-tune")

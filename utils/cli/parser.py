@@ -96,6 +96,10 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--save-every-steps", type=non_negative_int("--save-every-steps"), default=0,
                    help="also write a mid-epoch resume point every K optimizer steps (0: at epoch ends only); "
                         "SIGTERM / SIGUSR1 / SIGINT always save one before stopping")
+    g.add_argument("--keep-start", action="store_true",
+                   help="validate before the first step and keep the starting weights as best unless an epoch beats "
+                        "them (a run that only makes validation worse, e.g. at too high an lr, returns its start and "
+                        "warns)")
     g.add_argument("--force-config", action="store_true",
                    help="--resume although the training setup (criterion, lr, seed, data...) differs; logged")
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")

@@ -93,6 +93,7 @@ class PlanFinetune:
     # (storage.logits); None: the teacher runs beside the student
     teacher_topk: int | None = None
     topk_dir: str | None = None  # None: <the map's cache_dir>, else checkpoints/cache
+    keep_start: bool = False  # the composed student is the heal's best unless an epoch beats it on validation
 
 
 def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str, Any]) -> Context:
@@ -240,11 +241,12 @@ def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: b
         "heal": {**run_setup(heal, heal_setup), "epochs": heal.epochs,
                  "temperature": kd_temperature(ctx.teacher, finetune.temperature),
                  "relation_weight": finetune.relation_weight,
-                 **({"teacher_topk": finetune.teacher_topk} if finetune.teacher_topk else {})} if train else None}))
+                 **({"teacher_topk": finetune.teacher_topk} if finetune.teacher_topk else {}),
+                 **({"keep_start": True} if finetune.keep_start else {})} if train else None}))
 
 
 def _heal_config(ctx: Context, finetune: PlanFinetune) -> TrainConfig:
-    return dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr,
+    return dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr, keep_start=finetune.keep_start,
                                max_steps_per_epoch=finetune.max_steps or ctx.train_cfg.max_steps_per_epoch)
 
 

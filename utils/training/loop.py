@@ -83,6 +83,9 @@ class TrainConfig:
     fsdp: bool = False  # shard whole models with FSDP2 under torchrun; sharded (DCP) resume points (``sharding``)
     dtype: str = "fp32"  # with fsdp on a GPU: bf16 compute, fp32 master weights
     activation_checkpointing: bool = False  # recompute each layer of a trained model in the backward pass
+    # validate before the first step and let the starting weights be ``best``: a run that only makes validation worse
+    # (a too-high lr) returns what it started from, and says so
+    keep_start: bool = False
 
     def unsharded(self) -> "TrainConfig":
         """These settings for units that are not whole models (a planner's blocks): no FSDP, no checkpointing."""
@@ -469,6 +472,31 @@ class Trainer:
             if self.cfg.save_every and (epoch + 1) % self.cfg.save_every == 0:
                 save_checkpoint(u.out_dir / f"epoch_{epoch + 1}", sd, meta)
 
+    def _save_start(self) -> None:
+        """``keep_start``: the starting weights validated and saved as each unit's ``best`` (epoch 0), so that an epoch
+        must beat them to replace them."""
+        metrics = self._validate(-1)
+        log.info("start (before the first step): %s", "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        for u in self.units:
+            sd = sharding.full_state_dict(u.module)
+            if not runtime.is_main_process():
+                continue
+            m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")}
+            u.best = m.get(u.metric, math.inf)
+            save_checkpoint(u.out_dir / "best", sd, {**u.meta, "epoch": 0, "metrics": m,
+                                                     "run": {**self.run_meta, "run_id": self.run_id}})
+
+    def _say_if_start_kept(self) -> None:
+        """A warning for each unit whose ``best`` is still its starting weights: training never improved them."""
+        if not runtime.is_main_process():
+            return
+        for u in self.units:
+            best = read_meta(u.out_dir / "best")
+            if best.get("epoch") == 0:
+                log.warning("%s: no epoch beat the starting weights on validation %s (%.4g at the start): best is "
+                            "the start, training did not help (a lower lr?)", u.name, u.metric,
+                            best.get("metrics", {}).get(u.metric, math.nan))
+
     def _write_records(self) -> None:
         """``run.json`` of each unit: the run id, the setup, and one entry per invocation (first run, resumes)."""
         import json
@@ -509,6 +537,8 @@ class Trainer:
         self.position = self.start
         try:
             with self.stops.installed():
+                if cfg.keep_start and self.start == Position(0, 0, 0):
+                    self._save_start()
                 for epoch in range(self.start.epoch, cfg.epochs):
                     metrics = self._epoch(epoch, loader, sampler, steps_per_epoch=steps_per_epoch) or metrics
         finally:
@@ -516,6 +546,8 @@ class Trainer:
                 if u.writer is not None:
                     u.writer.close()
         runtime.barrier()  # every rank returns once rank 0's checkpoints are on disk
+        if cfg.keep_start:
+            self._say_if_start_kept()
         if not metrics and self.start.epoch:  # a resume found every epoch done: the last one's, as first returned
             metrics = self._stored_metrics()
         return metrics
