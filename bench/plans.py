@@ -521,10 +521,10 @@ def evaluate(b: Bench, models: dict[str, dict[str, Any]], test, docs: dict[str, 
     for some in groups(list(models)):
         group = loaded(b, models, some)
         for name, loader in loaders.items():
-            score_group(b, group, loader, scores[name], label=name or "test")
+            score_group(b, group, loader, into=scores[name], label=name or "test")
         if replies is not None:
-            shared = chat_group(b, group, models, replies, chat, chatted)
-        time_group(b, {k: m for k, m in group.items() if k in timing}, speeds, timed)
+            shared = chat_group(b, group, models, replies=replies, config=chat, into=chatted)
+        time_group(b, {k: m for k, m in group.items() if k in timing}, speeds=speeds, into=timed)
         del group  # before the next group is read: never two groups in memory
     for speed in speeds:
         teacher_ms = list(timed[f"{speed}_teacher"].values())
@@ -533,7 +533,7 @@ def evaluate(b: Bench, models: dict[str, dict[str, Any]], test, docs: dict[str, 
     return Evaluation(test=scores.pop(""), texts=scores, chat=chatted, chat_shared=shared, timed=timed)
 
 
-def score_group(b: Bench, group: dict[str, SwappableModel], loader, into: Scores, *, label: str) -> None:
+def score_group(b: Bench, group: dict[str, SwappableModel], loader, *, into: Scores, label: str) -> None:
     """The students of ``group`` on one text's items, against the teacher: a decoder's token by token on one teacher
     pass, a masked LM's one student at a time (the teacher's own metrics once)."""
     s, t = b.s, b.teacher
@@ -558,7 +558,7 @@ def score_group(b: Bench, group: dict[str, SwappableModel], loader, into: Scores
         log.info("%s on %s: %s", key, label, {k: round(x, 4) for k, x in into.metrics[key].items()})
 
 
-def chat_group(b: Bench, group: dict[str, SwappableModel], models: dict[str, dict[str, Any]], replies,
+def chat_group(b: Bench, group: dict[str, SwappableModel], models: dict[str, dict[str, Any]], *, replies,
                config: ChatConfig, into: Scores) -> dict[str, Any]:
     """Each student of ``group`` answering the chat prompts, compared with the teacher's ``replies``
     (``evaluation.chat``; its replies and chat.md in <its folder>/chat); returns what every comparison shares."""
@@ -573,7 +573,7 @@ def chat_group(b: Bench, group: dict[str, SwappableModel], models: dict[str, dic
     return {**shared, "prompts_file": replies.source}
 
 
-def time_group(b: Bench, group: dict[str, SwappableModel], speeds: tuple[str, ...],
+def time_group(b: Bench, group: dict[str, SwappableModel], *, speeds: tuple[str, ...],
                into: dict[str, dict[str, float]]) -> None:
     """Prefill (and a decoder's decode) ms of each model of ``group``, round-robin with the teacher; each model's
     speed-up is against the teacher of its own round-robin ("<speed>_teacher"). With --runtime llama.cpp also each
