@@ -131,8 +131,10 @@ def test_two_sharded_processes_train_like_one_holding_half_each(data):
     assert worst < WEIGHT_TOL
     one, two = _metrics(root / "one"), _metrics(out)
     assert one.keys() == two.keys()
-    for k in one:  # validation on both ranks' windows, all-reduced: the same numbers up to the order of addition
-        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-9), k
+    # validation on both ranks' windows, all-reduced: the same numbers up to the order of addition and the weights'
+    # difference above (on an Intel Xeon with AVX-512, a KL of 9.8e-4 differed by 1.1e-5 of itself at 1.4e-7 in weights)
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-9), k
     assert _worst(_weights(root / "one", "best"), _weights(out, "best")) < WEIGHT_TOL  # consolidated, same keys
 
     whole = json.loads((root / "one_bytes.json").read_text())
