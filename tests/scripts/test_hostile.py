@@ -836,7 +836,7 @@ def slurm_script(job: str | None = None) -> str:
 
 
 FAKE_JOB = r'''
-import os, signal, sys
+import os, signal, sys, time
 mode = os.environ["FAKE_MODE"]
 if mode == "fails-at-once":
     sys.exit(1)
@@ -846,8 +846,8 @@ if mode == "finished-anyway":
     signal.signal(signal.SIGUSR1, lambda *a: sys.exit(0))
 # "killed-by-the-signal": no handler, as Python before its handlers are installed
 open(os.environ["FAKE_READY"], "w").write(str(os.getpid()))
-while True:
-    signal.pause()
+while True:  # not signal.pause(): a signal that lands before pause() is entered would leave it waiting for another
+    time.sleep(0.05)
 '''
 
 
