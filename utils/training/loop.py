@@ -462,15 +462,19 @@ class Trainer:
             sd = sharding.full_state_dict(u.module)  # sharded: gathered to rank 0 (every rank takes part)
             if not runtime.is_main_process():
                 continue
-            m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")}
-            meta = {**u.meta, "epoch": epoch + 1, "metrics": m, "run": {**self.run_meta, "run_id": self.run_id}}
+            meta = self._checkpoint_meta(u, metrics, epoch=epoch + 1)
             save_checkpoint(u.out_dir / "last", sd, meta)
-            value = m.get(u.metric, math.inf)
+            value = meta["metrics"].get(u.metric, math.inf)
             if value < u.best:
                 u.best = value
                 save_checkpoint(u.out_dir / "best", sd, meta)
             if self.cfg.save_every and (epoch + 1) % self.cfg.save_every == 0:
                 save_checkpoint(u.out_dir / f"epoch_{epoch + 1}", sd, meta)
+
+    def _checkpoint_meta(self, u: Unit, metrics: dict[str, float], *, epoch: int) -> dict[str, Any]:
+        """A checkpoint's metadata: the unit's own, the epochs done, its validation metrics, this run."""
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")}
+        return {**u.meta, "epoch": epoch, "metrics": m, "run": {**self.run_meta, "run_id": self.run_id}}
 
     def _save_start(self) -> None:
         """``keep_start``: the starting weights validated and saved as each unit's ``best`` (epoch 0), so that an epoch
@@ -481,10 +485,9 @@ class Trainer:
             sd = sharding.full_state_dict(u.module)
             if not runtime.is_main_process():
                 continue
-            m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(u.name + "/")}
-            u.best = m.get(u.metric, math.inf)
-            save_checkpoint(u.out_dir / "best", sd, {**u.meta, "epoch": 0, "metrics": m,
-                                                     "run": {**self.run_meta, "run_id": self.run_id}})
+            meta = self._checkpoint_meta(u, metrics, epoch=0)
+            u.best = meta["metrics"].get(u.metric, math.inf)
+            save_checkpoint(u.out_dir / "best", sd, meta)
 
     def _say_if_start_kept(self) -> None:
         """A warning for each unit whose ``best`` is still its starting weights: training never improved them."""
