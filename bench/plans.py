@@ -596,11 +596,9 @@ def named_texts(b: Bench, ev: Evaluation, docs: dict[str, list], per_target, tar
     out = {}
     for t in b.args.eval_text:
         sc = ev.texts[t.name]
+        items, teacher = _teacher_part(sc.base)
         out[t.name] = {"path": t.path, "documents": len(docs[t.name]), "items_limit": b.args.eval_text_items,
-                       "items": sc.base.get("predicted_tokens", sc.base.get("sentences")),
-                       "teacher_metrics": {k: sc.base[k] for k in ("teacher_top1", "teacher_top5",
-                                                                   "teacher_perplexity") if k in sc.base},
-                       "metrics": sc.metrics,
+                       "items": items, "teacher_metrics": teacher, "metrics": sc.metrics,
                        "tests": [x for target in targets
                                  for x in paired_tests(b, target, per_target[target.name], sc.per)]}
     return out
@@ -617,6 +615,13 @@ def chat_result(b: Bench, ev: Evaluation, per_target, targets: list[Target]) -> 
     return {"prompts_file": shared.pop("prompts_file"), **shared, "teacher_perplexity": forced["teacher_perplexity"],
             "reply_tokens": forced["tokens"], "metrics": ev.chat.metrics,
             "tests": [x for t in targets for x in paired_tests(b, t, per_target[t.name], ev.chat.per)]}
+
+
+def _teacher_part(base: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
+    """How many items a text's scores cover (predicted tokens of a decoder, sentences of a masked LM) and the
+    teacher's metrics on them."""
+    return (base.get("predicted_tokens", base.get("sentences")),
+            {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity") if k in base})
 
 
 def _ms(timed: dict[str, dict[str, float]], key: str, speed: str) -> tuple[float, float]:
@@ -648,18 +653,18 @@ def summarise(b: Bench, per_target, models, scored: Scores, timed, targets: list
                 row["llama_cpp"] = timed["llama_cpp"][m["key"].removeprefix("untrained ")]
             rows.append(row)
         tests += paired_tests(b, t, methods, scored.per)
-    base = scored.base
+    items, teacher = _teacher_part(scored.base)
     return {"teacher": str(b.args.teacher), "map": str(b.args.map), "device": str(b.s.device), "causal": b.causal,
-            "teacher_metrics": {k: base[k] for k in ("teacher_top1", "teacher_top5", "teacher_perplexity")
-                                if k in base},
+            "teacher_metrics": teacher,
             "teacher_params": b.teacher.num_parameters(),
             "teacher_kv_bytes": b.teacher.config.kv_cache_bytes_per_token(),
             "teacher_prefill_ms": timed["prefill"]["teacher"],
             "teacher_decode_ms": timed.get("decode", {}).get("teacher"),
-            "test_items": base.get("predicted_tokens", base.get("sentences")),
+            "test_items": items,
             "targets": [t.name for t in targets], "rows": rows, "tests": tests,
             "budget": {"max_train_sentences": b.args.max_train_sentences, "epochs": b.args.epochs,
-                       "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr, "ft_max_steps": b.args.ft_max_steps,
+                       "lr": b.ctx.train_cfg.lr, "keep_start": b.ctx.train_cfg.keep_start, "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr,
+                       "ft_keep_start": b.args.ft_keep_start, "ft_max_steps": b.args.ft_max_steps,
                        "ft_train_sentences": b.args.ft_train_sentences,
                        "temperature": kd_temperature(b.teacher, b.args.temperature),
                        "max_steps_per_epoch": b.args.max_steps_per_epoch, "eval_sentences": b.args.eval_sentences,
