@@ -47,7 +47,7 @@ from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Tar
 from .planning.runtimes import check_runtime_teacher, runtime_map
 from .planning.sensitivity import option_from_dict, reach_map, speed_fn, validate_map
 from .planning.students import (MapConfig, PlanFinetune, context, make_map, make_student, map_options, read_map,
-                                retimed_plan, unit_train, UNIT_LR)
+                                retimed_plan)
 from .session import Session, SessionConfig, check_teacher
 from .storage.checkpoint import CheckpointError, check_output_dir, read_meta
 from .storage.export import ExportConfig, check_export_targets, check_export_teacher, run_exports
@@ -63,7 +63,7 @@ from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, i
 
 __all__ = [
     "DataConfig", "TrainText", "SessionConfig", "Session", "TrainConfig", "UnitShape", "BlockLoss", "MergeLoss",
-    "FinetuneLoss", "EvalConfig", "EvalText", "ChatConfig", "TeacherTextConfig", "ExportConfig", "MapConfig", "UNIT_LR",
+    "FinetuneLoss", "EvalConfig", "EvalText", "ChatConfig", "TeacherTextConfig", "ExportConfig", "MapConfig",
     "PlanFinetune", "HarnessConfig", "SettingError",
     "load_teacher", "retrain_blocks", "retrain_merges", "cache_features", "assemble", "finetune", "evaluate",
     "sensitivity_map", "plan_student", "export", "load_model", "write_teacher_text",
@@ -894,15 +894,14 @@ def write_teacher_text(session: Session | SessionConfig, *, config: TeacherTextC
 
 # ---- the sensitivity map and the planner ----
 def sensitivity_map(session: Session | SessionConfig, *, config: MapConfig = MapConfig(),
-                    train: TrainConfig | None = None, out: str | Path = "checkpoints/sensitivity",
+                    train: TrainConfig = TrainConfig(), out: str | Path = "checkpoints/sensitivity",
                     record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every layer x option of ``config``: one unit retrained alone (``train``; None: the loop's defaults at the
-    units' learning rate for the teacher's task, ``UNIT_LR``), put alone into the teacher, measured and timed;
-    written to ``out`` (sensitivity.json, .md, .png) and returned (what ``plan_student`` takes)."""
+    """Every layer x option of ``config``: one unit retrained alone (``train``), put alone into the teacher,
+    measured and timed; written to ``out`` (sensitivity.json, .md, .png) and returned (what ``plan_student``
+    takes)."""
     out = Path(out)
     with claim_units([out], "sensitivity map"):
         s = _prepare(session)
-        train = unit_train(train, s.teacher)
         return make_map(s, config, train=train, out=out,
                         record=run_record(record, batch_size=s.data.batch_size, train=train,
                                           percentage_data=s.data.fraction))
@@ -911,7 +910,7 @@ def sensitivity_map(session: Session | SessionConfig, *, config: MapConfig = Map
 def plan_student(session: Session | SessionConfig, *, target_speedup: float | None = None,
                  target_params: int | None = None, target_kv_cache: float | None = None, speed: str = "prefill",
                  map: dict | str | Path | None = None, cost: str = "kl", config: MapConfig = MapConfig(),
-                 finetune: PlanFinetune = PlanFinetune(), train: TrainConfig | None = None,
+                 finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
@@ -923,9 +922,9 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
     timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; every
     timing with ``config``'s latency settings, on ``config.latency_threads`` CPU threads when given).
-    Then its units are retrained (``train``; None: as ``sensitivity_map``'s), composed, fine-tuned end to end
-    (``finetune``), evaluated on the test split (and each of ``texts`` alike: "texts" in the results; its ``chat``
-    replies vs the teacher's: "chat", chat.md), timed against the teacher and exported (``export``); with ``reuse_map_units``, units the map trained
+    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the test
+    split (and each of ``texts`` alike: "texts" in the results; its ``chat`` replies vs the teacher's: "chat",
+    chat.md), timed against the teacher and exported (``export``); with ``reuse_map_units``, units the map trained
     with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and results.json to ``out``;
     ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the plan (and its re-timing),
     before any training; ``results`` then hold the plan and its timings, ``model`` is None. ``config.runtime``: where
@@ -942,7 +941,6 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     given = _given_map(session, map)
     with claim_units([run], "planned student"):
         s = _prepare(session)
-        train = unit_train(train, s.teacher)
         check_export_teacher(export or ExportConfig(), s.teacher, s.tokenizer)
         check_runtime_teacher(config.runtime, s.teacher, s.tokenizer)
         rec = run_record(record, batch_size=s.data.batch_size, train=train, percentage_data=s.data.fraction)

@@ -9,14 +9,13 @@ from typing import Any
 import torch
 
 from models import LayerSpec
-from models.families import family_of
 from ..data.text import DataConfig
 from ..errors import SettingError
 from ..evaluation.harness import HarnessConfig
 from ..evaluation.chat import ChatConfig
 from ..evaluation.metrics import EvalConfig
-from ..planning.students import UNIT_LR, MapConfig, PlanFinetune
-from ..session import SessionConfig, model_config
+from ..planning.students import MapConfig, PlanFinetune
+from ..session import SessionConfig
 from ..storage.export import ExportConfig
 from ..training.loop import TrainConfig
 from ..training.sharding import check_settings
@@ -44,7 +43,7 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The training loop's flags (``add_training_args``, the seed's optimiser flags and, where the script has them,
     ``add_sharding_args``)."""
-    cfg = TrainConfig(epochs=args.epochs, lr=training_lr(args), weight_decay=args.weight_decay, warmup=args.warmup,
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                        schedule=args.schedule, clip=args.clip, seed=args.seed, save_every=args.save_checkpoint_every,
                        save_every_steps=args.save_every_steps, resume=args.resume, compile=args.compile,
                        max_steps_per_epoch=args.max_steps_per_epoch, force=args.force,
@@ -57,14 +56,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     gpu = args.device != "cpu" and torch.cuda.is_available()  # where select_device will put the run
     check_settings(cfg, torch.device("cuda" if gpu else "cpu"))  # at start-up, before the teacher loads
     return cfg
-
-
-def training_lr(args: argparse.Namespace) -> float:
-    """--lr, or where the script's default depends on the teacher (``UNIT_LR``) the one for its task, read from the
-    teacher's config alone; resolved in ``args`` too, so the run record shows the rate used."""
-    if args.lr is None:
-        args.lr = UNIT_LR[family_of(model_config(args.teacher)).task]
-    return args.lr
 
 
 def unit_shape(args: argparse.Namespace) -> UnitShape:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..planning.students import UNIT_LR
 from .groups import add_eval_text_arg
 from .recipes import EVAL, add_common_seed_flags, add_eval_seed_flags, add_training_seed_flags, use_recipes
 from .types import (device_map_arg, fraction, int_at_least, judge_arg, non_negative_float, non_negative_int,
@@ -71,16 +70,11 @@ def common_parser(description: str, default_out: str) -> Parser:
     return p
 
 
-TASK_NAMES = {"mlm": "masked-LM", "causal": "decoder"}
-
-
-def add_training_args(p: Parser, epochs: int, lr: float | None) -> None:
-    """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged, the map's units).
-    ``lr`` None: the units' rate for the teacher's task (``UNIT_LR``), resolved by ``configs.train_config``."""
+def add_training_args(p: Parser, epochs: int, lr: float) -> None:
+    """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged)."""
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int("--epochs"), default=epochs)
-    g.add_argument("--lr", type=positive_float, default=lr, help=None if lr is not None else "default: " + ", ".join(
-        f"{v:g} for a {TASK_NAMES[k]} teacher" for k, v in UNIT_LR.items()))
+    g.add_argument("--lr", type=positive_float, default=lr)
     g.add_argument("--weight-decay", type=non_negative_float("--weight-decay"), default=0.01)
     g.add_argument("--warmup", type=warmup_fraction, default=0.06, help="fraction of steps of linear warm-up")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")

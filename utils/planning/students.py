@@ -28,17 +28,6 @@ from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, b
 
 log = logging.getLogger("simplifying_transformers")
 
-# The learning rate of the units the map and a planned student train from the teacher's own weights, by the teacher's
-# task (a TrainConfig given says otherwise). 1e-3 is the masked-LM map's setting; on Qwen2.5-Coder-0.5B it left
-# layer 0's FFN units far worse than untrained (KL 0.93 against 0.35 after 30 steps), where 1e-4 improved every unit
-# probed (docs/results.md).
-UNIT_LR = {"mlm": 1e-3, "causal": 1e-4}
-
-
-def unit_train(train: TrainConfig | None, teacher: SwappableModel) -> TrainConfig:
-    """``train``, or the loop's defaults at the units' learning rate for ``teacher``'s task (``UNIT_LR``)."""
-    return train if train is not None else TrainConfig(lr=UNIT_LR[teacher.TASK])
-
 
 @dataclass
 class MapConfig:

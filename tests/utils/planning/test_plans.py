@@ -217,22 +217,8 @@ def _decoder_map(tiny_llama, tiny_corpus, tmp_path) -> Path:
                                           data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8)),
                         config=api.MapConfig(options=("kv", "ffn", "drop"), max_train_sentences=48, eval_sentences=16,
                                              valid_batches=1, latency_reps=3, latency_batch=1),
-                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=2, lr=api.UNIT_LR["causal"]), out=out)
+                        train=api.TrainConfig(epochs=1, max_steps_per_epoch=2), out=out)
     return out
-
-
-def test_units_train_at_their_teachers_rate(tiny_teacher, tiny_llama):
-    """The map's and a planned student's units, with no TrainConfig given: the loop's defaults at UNIT_LR for the
-    teacher's task (a decoder's 1e-4: 1e-3 wrecked Qwen's layer-0 units); one given is used as it is."""
-    from models import load_teacher
-    from utils import api
-    from utils.planning.students import UNIT_LR, unit_train
-
-    for folder, task in ((tiny_teacher, "mlm"), (tiny_llama, "causal")):
-        teacher, _ = load_teacher(folder)
-        assert unit_train(None, teacher) == api.TrainConfig(lr=UNIT_LR[task])
-        assert unit_train(api.TrainConfig(lr=0.5), teacher).lr == 0.5
-    assert UNIT_LR == {"mlm": 1e-3, "causal": 1e-4}
 
 
 def test_a_map_times_on_the_threads_asked_and_records_them(tiny_llama):
