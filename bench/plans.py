@@ -127,7 +127,7 @@ QUICK = {"seq_len": 16, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="bench/results")
-    add_training_args(p, epochs=1, lr=1e-3)
+    add_training_args(p, epochs=1, lr=1e-3, keep_start=True)
     add_sharding_args(p)  # the heal's; the map's units train unsharded
     g = p.add_argument_group("plans")
     g.add_argument("--map", required=True, help="sensitivity.json or its folder (sensitivity_map.py)")
@@ -663,9 +663,9 @@ def summarise(b: Bench, per_target, models, scored: Scores, timed, targets: list
             "test_items": items,
             "targets": [t.name for t in targets], "rows": rows, "tests": tests,
             "budget": {"max_train_sentences": b.args.max_train_sentences, "epochs": b.args.epochs,
-                       "lr": b.ctx.train_cfg.lr, "keep_start": b.ctx.train_cfg.keep_start, "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr,
-                       "ft_keep_start": b.args.ft_keep_start, "ft_max_steps": b.args.ft_max_steps,
-                       "ft_train_sentences": b.args.ft_train_sentences,
+                       "lr": b.ctx.train_cfg.lr, "keep_start": b.ctx.train_cfg.keep_start,
+                       "ft_epochs": b.args.ft_epochs, "ft_lr": b.args.ft_lr, "ft_keep_start": b.args.ft_keep_start,
+                       "ft_max_steps": b.args.ft_max_steps, "ft_train_sentences": b.args.ft_train_sentences,
                        "temperature": kd_temperature(b.teacher, b.args.temperature),
                        "max_steps_per_epoch": b.args.max_steps_per_epoch, "eval_sentences": b.args.eval_sentences,
                        "test_sentences": b.args.test_sentences, "latency_reps": b.args.latency_reps,

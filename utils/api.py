@@ -894,9 +894,10 @@ def write_teacher_text(session: Session | SessionConfig, *, config: TeacherTextC
 
 # ---- the sensitivity map and the planner ----
 def sensitivity_map(session: Session | SessionConfig, *, config: MapConfig = MapConfig(),
-                    train: TrainConfig = TrainConfig(), out: str | Path = "checkpoints/sensitivity",
+                    train: TrainConfig = TrainConfig(keep_start=True), out: str | Path = "checkpoints/sensitivity",
                     record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every layer x option of ``config``: one unit retrained alone (``train``), put alone into the teacher,
+    """Every layer x option of ``config``: one unit retrained alone (``train``; by default each unit keeps its
+    starting weights, taken from the teacher, unless training beats them on validation), put alone into the teacher,
     measured and timed; written to ``out`` (sensitivity.json, .md, .png) and returned (what ``plan_student``
     takes)."""
     out = Path(out)
@@ -910,7 +911,7 @@ def sensitivity_map(session: Session | SessionConfig, *, config: MapConfig = Map
 def plan_student(session: Session | SessionConfig, *, target_speedup: float | None = None,
                  target_params: int | None = None, target_kv_cache: float | None = None, speed: str = "prefill",
                  map: dict | str | Path | None = None, cost: str = "kl", config: MapConfig = MapConfig(),
-                 finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(),
+                 finetune: PlanFinetune = PlanFinetune(), train: TrainConfig = TrainConfig(keep_start=True),
                  out: str | Path = "checkpoints/plan", record: dict[str, Any] | None = None,
                  export: ExportConfig | None = None, reuse_map_units: bool = True,
                  plan_only: bool = False, retime_rounds: int = RETIME_ROUNDS,
@@ -922,15 +923,16 @@ def plan_student(session: Session | SessionConfig, *, target_speedup: float | No
     re-timed before training (its untrained units composed and timed against the teacher, at most ``retime_rounds``
     timings; planned again until it measures ``speed_margin`` above the target twice, with the least overshoot; every
     timing with ``config``'s latency settings, on ``config.latency_threads`` CPU threads when given).
-    Then its units are retrained (``train``), composed, fine-tuned end to end (``finetune``), evaluated on the test
-    split (and each of ``texts`` alike: "texts" in the results; its ``chat`` replies vs the teacher's: "chat",
-    chat.md), timed against the teacher and exported (``export``); with ``reuse_map_units``, units the map trained
-    with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and results.json to ``out``;
-    ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the plan (and its re-timing),
-    before any training; ``results`` then hold the plan and its timings, ``model`` is None. ``config.runtime``: where
-    the student will run (pytorch, llama.cpp, vllm; ``planning.runtimes``): only the units it runs are mapped and
-    planned; for llama.cpp the re-timing and the student's timing (results' ``llama_cpp``, what
-    ``target_met_measured`` reads) run in llama.cpp itself, on GGUF files of ``config.gguf_type``."""
+    Then its units are retrained (``train``, as the map's), composed, fine-tuned end to end (``finetune``),
+    evaluated on the test split (and each of ``texts`` alike: "texts" in the results; its ``chat`` replies vs the
+    teacher's: "chat", chat.md), timed against the teacher and exported (``export``); with ``reuse_map_units``,
+    units the map trained with this same setup are loaded from its ``units/`` folder instead. Writes plan.log and
+    results.json to ``out``; ``train.force`` accepts a map made for another teacher. ``plan_only``: stop after the
+    plan (and its re-timing), before any training; ``results`` then hold the plan and its timings, ``model`` is
+    None. ``config.runtime``: where the student will run (pytorch, llama.cpp, vllm; ``planning.runtimes``): only the
+    units it runs are mapped and planned; for llama.cpp the re-timing and the student's timing (results'
+    ``llama_cpp``, what ``target_met_measured`` reads) run in llama.cpp itself, on GGUF files of
+    ``config.gguf_type``."""
     target = Target(target_speedup, target_params, target_kv_cache, speed)
     docs = read_texts(texts)  # before any work
     run = Path(out)

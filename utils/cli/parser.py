@@ -70,8 +70,9 @@ def common_parser(description: str, default_out: str) -> Parser:
     return p
 
 
-def add_training_args(p: Parser, epochs: int, lr: float) -> None:
-    """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged)."""
+def add_training_args(p: Parser, epochs: int, lr: float, keep_start: bool = False) -> None:
+    """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged, the map's units).
+    ``keep_start``: --keep-start on by default (--no-keep-start turns it off)."""
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int("--epochs"), default=epochs)
     g.add_argument("--lr", type=positive_float, default=lr)
@@ -96,10 +97,12 @@ def add_training_args(p: Parser, epochs: int, lr: float) -> None:
     g.add_argument("--save-every-steps", type=non_negative_int("--save-every-steps"), default=0,
                    help="also write a mid-epoch resume point every K optimizer steps (0: at epoch ends only); "
                         "SIGTERM / SIGUSR1 / SIGINT always save one before stopping")
-    g.add_argument("--keep-start", action="store_true",
+    g.add_argument("--keep-start", action=argparse.BooleanOptionalAction if keep_start else "store_true",
+                   default=keep_start,
                    help="validate before the first step and keep the starting weights as best unless an epoch beats "
                         "them (a run that only makes validation worse, e.g. at too high an lr, returns its start and "
-                        "warns)")
+                        "warns)" + (", per unit; on by default: units start from the teacher's weights, and the lr "
+                                    "that trains one teacher's units wrecks another's" if keep_start else ""))
     g.add_argument("--force-config", action="store_true",
                    help="--resume although the training setup (criterion, lr, seed, data...) differs; logged")
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")

@@ -414,7 +414,7 @@ def test_decoder_bench_against_layer_removal_baselines(tiny_llama, tiny_corpus, 
     assert run_main(plans.main, plans.build_parser(), argv) == 0
     res = json.loads((tmp_path / "b" / "plans.json").read_text())
     assert res["causal"] and res["targets"] == ["prefill_speedup1.2", "kv_cache0.5"]
-    assert (res["budget"]["lr"], res["budget"]["keep_start"], res["budget"]["ft_keep_start"]) == (1e-4, False, False)
+    assert (res["budget"]["lr"], res["budget"]["keep_start"], res["budget"]["ft_keep_start"]) == (1e-3, True, False)
     kv = {r["method"]: r for r in res["rows"] if r["target"] == "kv_cache0.5"}
     assert {"planned", "ShortGPT", "SLEB", "planned, untrained", "ShortGPT, untrained"} <= set(kv)
     for r in kv.values():  # every student keeps at most half the teacher's KV cache

@@ -165,3 +165,33 @@ def test_a_stopped_map_trains_and_measures_only_what_it_had_not(tiny_teacher, ti
     third = again()
     assert measured == [0, 1]  # the option's units, measured again
     assert [e["kl_teacher_student"] for e in third] == pytest.approx([e["kl_teacher_student"] for e in first])
+
+
+def test_a_map_keeps_the_start_of_units_training_made_worse(tiny_llama, tiny_corpus, tmp_path):
+    """Units start from the teacher's weights, and the lr that trains one teacher's units wrecks another's (1e-3:
+    better than 1e-4 on SmolLM2, far worse on Qwen2.5-Coder's layer 0): by default each unit is validated before its
+    first step and kept as it started unless training beats it. At a harmful lr the map's unit is its start (best is
+    epoch 0); with --no-keep-start it is the trained one."""
+    from utils.storage.checkpoint import read_meta
+
+    def unit_epoch(flags: list[str], name: str) -> int:
+        argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name",
+                name, "--seq-len", "16", "--options", "ffn", "--layers", "1", "--lr", "3", *flags] + FAST
+        assert run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv) == 0
+        metas = [read_meta(d) for d in (tmp_path / name / "units").glob("*/*/best")]
+        assert metas and len({m["epoch"] for m in metas}) == 1, metas
+        return metas[0]["epoch"]
+
+    assert unit_epoch([], "kept") == 0
+    assert unit_epoch(["--no-keep-start"], "trained") == 1
+
+
+@pytest.mark.parametrize("module, extra, default", [(sensitivity_map, [], True),
+                                                    (plan_student, ["--target-speedup", "1.3"], True)])
+def test_keep_start_flags(module, extra, default):
+    """--keep-start is on by default for the map's and a planned student's units, --no-keep-start turns it off."""
+    from utils.cli.configs import train_config
+
+    args = module.build_parser().parse_args(["--teacher", "t", *extra])
+    assert args.keep_start is default and train_config(args).keep_start is default
+    assert module.build_parser().parse_args(["--teacher", "t", "--no-keep-start", *extra]).keep_start is False
