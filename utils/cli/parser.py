@@ -70,7 +70,7 @@ def common_parser(description: str, default_out: str) -> Parser:
     return p
 
 
-def add_training_args(p: Parser, epochs: int, lr: float, keep_start: bool = False) -> None:
+def add_training_args(p: Parser, epochs: int, lr: float, *, keep_start: bool = False) -> None:
     """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged, the map's units).
     ``keep_start``: --keep-start on by default (--no-keep-start turns it off)."""
     g = p.add_argument_group("training")
