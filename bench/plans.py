@@ -674,9 +674,13 @@ def summarise(b: Bench, per_target, models, scored: Scores, timed, targets: list
             "runtime": b.args.runtime}
 
 
-def _predicted(smap: dict[str, Any], choices: dict[int, Option], target: Target) -> float:
-    """What the map predicts for a plan in the target's terms: its speed-up, or the KV-cache fraction it keeps."""
+def _predicted(smap: dict[str, Any], choices: dict[int, Option], target: Target) -> float | None:
+    """What the map predicts for a plan in the target's terms: its speed-up, or the KV-cache fraction it keeps; None
+    for a plan of units the map did not measure (a rival's dropped layers, the map's --options without drop)."""
     key, _ = _need(smap, target)
+    cells = {(e["layer"], e["option"]) for e in smap["entries"]}
+    if any((i, o.name) not in cells for i, o in choices.items()):
+        return None
     saved = predicted(smap, choices, key)
     if target.kv_cache is not None:
         return 1 - saved / smap["teacher_kv_bytes_per_token"]

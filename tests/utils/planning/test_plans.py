@@ -81,6 +81,19 @@ def _map(n: int = 4) -> dict:
             "options": []}
 
 
+def test_the_maps_prediction_of_a_plan_of_units_it_never_measured_is_none():
+    """A rival made of dropped layers, benched on a map without the drop option (an FFN-only map): the row's map
+    prediction is None, not a crash after every student was built and scored (it was, on the Qwen FFN map)."""
+    from utils.planning.baselines import drop_choices
+    from utils.planning.planner import Target
+    from utils.planning.sensitivity import Option
+
+    smap = _map()
+    ffn = Option(name="ffn", kind="ffn", num_heads=4, head_dim=8, ffn=16)
+    assert plans._predicted(smap, {0: ffn, 1: ffn}, Target(speedup=1.2)) == pytest.approx(40 / 34)
+    assert plans._predicted(smap, drop_choices([2, 0, 1], 2), Target(speedup=1.2)) is None
+
+
 @pytest.mark.parametrize("speedup", [2.0, 3.0])
 def test_planner_reaches_deep_budgets_only_with_combined_units(speedup):
     smap = _map()
