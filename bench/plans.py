@@ -171,10 +171,16 @@ def uniform(opt: Option, n: int) -> dict[int, Option]:
     return {i: opt for i in range(0, n, step) if opt.applies(i, n)}
 
 
+def unmapped(smap: dict[str, Any], choices: dict[int, Option]) -> list[tuple[int, str]]:
+    """The plan's units the map has no entry for (layer, option name)."""
+    cells = {(e["layer"], e["option"]) for e in smap["entries"]}
+    return [(i, o.name) for i, o in choices.items() if (i, o.name) not in cells]
+
+
 def predicted(smap: dict[str, Any], choices: dict[int, Option], key: str) -> float:
     """The map's summed ``key`` (a saving, a cost) over the plan's units."""
     cells = {(e["layer"], e["option"]): e for e in smap["entries"]}
-    missing = [(i, o.name) for i, o in choices.items() if (i, o.name) not in cells]
+    missing = unmapped(smap, choices)
     if missing:
         raise CheckpointError(f"the map has no entries for {missing}; map every layer (no --layers) for this bench")
     return sum(float(cells[i, o.name][key]) for i, o in choices.items())
@@ -678,8 +684,7 @@ def _predicted(smap: dict[str, Any], choices: dict[int, Option], target: Target)
     """What the map predicts for a plan in the target's terms: its speed-up, or the KV-cache fraction it keeps; None
     for a plan of units the map did not measure (a rival's dropped layers, the map's --options without drop)."""
     key, _ = _need(smap, target)
-    cells = {(e["layer"], e["option"]) for e in smap["entries"]}
-    if any((i, o.name) not in cells for i, o in choices.items()):
+    if unmapped(smap, choices):
         return None
     saved = predicted(smap, choices, key)
     if target.kv_cache is not None:
