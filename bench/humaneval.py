@@ -7,7 +7,9 @@ teacher's end-of-turn ids), the user message being exactly ``PROMPT`` with the p
 docstring) in place of ``{prompt}``. Every model answers greedily, at most ``--max-new-tokens`` tokens, in left-padded
 batches of ``--batch-size`` prompts with the KV cache (``chat.answer``: our models through ``models.llama``'s
 ``generate``; an exported transformers folder through transformers' own ``generate``), prompts sorted by length so
-that a batch pads little.
+that a batch pads little. A reply ends at the end of turn, or (``--stop-at-block``, the default) once its first
+```python block is closed: the code ``sanitize`` takes out cannot change after that, so pass@1 is the same as with
+whole replies, and a student that goes on writing tests and second versions after its code is done costs a fraction.
 
 The code is taken out of a reply as evalplus's ``sanitize`` does (``sanitize`` below, written on ``ast`` instead of
 tree-sitter): the first fenced ```python block (the rest of the reply if it is not closed), else the whole reply; if
@@ -44,7 +46,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -71,6 +73,13 @@ def code_block(reply: str) -> str:
     """The first ```python block of ``reply`` (to the end if it is not closed), else the whole reply."""
     m = FENCE.search(reply)
     return m.group(1) if m else reply
+
+
+def block_closed(reply: str) -> bool:
+    """Whether ``reply``'s first ```python block is closed: nothing the model writes after it can change the code
+    ``sanitize`` takes out (and it stays closed however the reply goes on)."""
+    m = FENCE.search(reply)
+    return m is not None and m.group(0).endswith("```")
 
 
 def parses(code: str) -> bool:
@@ -171,13 +180,22 @@ class TransformersGenerator(torch.nn.Module):
         self.hf = hf
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor,
-                 stop_ids: Sequence[int], temperature: float = 0.0, generator: Any = None, pad_token_id: int = 0
-                 ) -> torch.Tensor:
+                 stop_ids: Sequence[int], temperature: float = 0.0, generator: Any = None, pad_token_id: int = 0,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> torch.Tensor:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         if temperature > 0:
             raise ValueError("TransformersGenerator is greedy only")
+        start = input_ids.shape[1]
+
+        class Rows(StoppingCriteria):  # per row, on the new tokens, as our generate's stop_when
+            def __call__(self, ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                return torch.tensor([stop_when(row[start:].tolist()) for row in ids], device=ids.device)
+
+        criteria = StoppingCriteriaList([Rows()] if stop_when is not None else [])
         return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, temperature=None, top_p=None, top_k=None,
-                                eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
+                                eos_token_id=list(stop_ids), pad_token_id=pad_token_id, stopping_criteria=criteria)
 
 
 def load_transformers(folder: str | Path, device: torch.device) -> TransformersGenerator:
@@ -234,7 +252,8 @@ def solve(model: torch.nn.Module, chat: Chat, problems: Sequence[dict[str, Any]]
     prompts_digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
     store = ChunkFolder(cache, {"format": 1, "model_files_sha256": model_digest, "prompt_ids_sha256": prompts_digest,
                                 "problems": len(ids), "max_new_tokens": args.max_new_tokens,
-                                "batch_size": args.batch_size, "device_type": args.device},
+                                "batch_size": args.batch_size, "device_type": args.device,
+                                "stop_at_block": args.stop_at_block},
                         manifest="replies.json", pattern="batch-{:04d}.json", what=f"{label}'s HumanEval replies",
                         force=args.force, hint="use another --out, or --force to generate them anew")
     replies: list[list[int]] = [[] for _ in ids]
@@ -246,7 +265,8 @@ def solve(model: torch.nn.Module, chat: Chat, problems: Sequence[dict[str, Any]]
         else:
             start = time.perf_counter()
             got = answer(model, chat, [ids[j] for j in batch], max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size,
+                         stop_when=(lambda r: block_closed(chat.text(r))) if args.stop_at_block else None)
             seconds += time.perf_counter() - start
             new_tokens += sum(len(r) for r in got)
             store.write(k, json.dumps(got))
@@ -259,16 +279,25 @@ def solve(model: torch.nn.Module, chat: Chat, problems: Sequence[dict[str, Any]]
     codes = [sanitize(t, p["entry_point"]) for t, p in zip(texts, problems)]
     verdicts = execute(problems, ["\n" + c for c in codes], timeout=args.timeout)
     rows = [{"task_id": p["task_id"], **v, "reply": t, "code": c, "reply_tokens": len(r),
-             "ended": bool(r) and r[-1] in chat.end_ids}
+             "ended": _ending(r, t, chat=chat, stop_at_block=args.stop_at_block)}
             for p, v, t, c, r in zip(problems, verdicts, texts, codes, replies)]
     return {"rows": rows, "generation_s": seconds, "tokens": sum(len(r) for r in replies),
             "generated_tokens": new_tokens, "resumed_problems": resumed}
 
 
+def _ending(reply: Sequence[int], text: str, *, chat: Chat, stop_at_block: bool) -> str:
+    """How a reply ended: "end of turn", "code block" (its ```python block closed, with --stop-at-block) or
+    "limit" (cut at --max-new-tokens)."""
+    if reply and reply[-1] in chat.end_ids:
+        return "end of turn"
+    return "code block" if stop_at_block and block_closed(text) else "limit"
+
+
 def summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     passed = sum(r["passed"] for r in rows)
     return {"problems": len(rows), "passed": passed, "pass@1": passed / len(rows),
-            "unfinished": sum(not r.get("ended", True) for r in rows)}
+            "at_block": sum(r.get("ended") == "code block" for r in rows),
+            "unfinished": sum(r.get("ended") == "limit" for r in rows)}
 
 
 def canonical(problems: Sequence[dict[str, Any]], *, timeout: float) -> dict[str, Any]:
@@ -294,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "export): pass@1 must agree within one problem")
     p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=512)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=8)
+    p.add_argument("--stop-at-block", action=argparse.BooleanOptionalAction, default=True,
+                   help="end a reply once its ```python block is closed (the code taken out of it cannot change "
+                        "after that; pass@1 is the same, long-winded students answer several times faster)")
     p.add_argument("--timeout", type=positive_float, default=5.0, help="seconds per problem's tests")
     p.add_argument("--threads", type=positive_int("--threads"), default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -384,14 +416,15 @@ def markdown(res: dict[str, Any]) -> str:
     first = names[0]
     lines = [f"HumanEval greedy pass@1, {res['problems']} problems, at most {res['max_new_tokens']} new tokens, "
              f"batches of {res['batch_size']}", "",
-             f"| model | kind | pass@1 | passed | cut at the limit | only {first} / only model | McNemar p "
-             "| generation s | tokens/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| model | kind | pass@1 | passed | ended at the code block | cut at the limit "
+             f"| only {first} / only model | McNemar p | generation s | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in names:
         s, m = res["summary"][n], res["models"][n]
         t = res["tests"].get(n)
         vs = f"{t['only_a']} / {t['only_b']} | {format_p(t['p'])}" if t else "— | —"
         lines.append(f"| {n} | {m['kind']} | {s['pass@1']:.4f} | {s['passed']} / {s['problems']} | "
-                     f"{s['unfinished']} | {vs} | {m['generation_s']:.1f} | {_rate(m)} |")
+                     f"{s['at_block']} | {s['unfinished']} | {vs} | {m['generation_s']:.1f} | {_rate(m)} |")
     if res["hf_check"]:
         lines += ["", "| model | ours passed | transformers passed | within one problem | same verdicts | "
                   "same replies |", "|---|---:|---:|---|---:|---:|"]
@@ -433,7 +466,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error("--no-teacher scores the students alone: name at least one with --models")
     problems = read_problems(args.limit)
     res: dict[str, Any] = {"problems": len(problems), "canonical": args.canonical, "prompt": PROMPT,
-                           "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                           "max_new_tokens": args.max_new_tokens, "stop_at_block": args.stop_at_block,
+                           "batch_size": args.batch_size,
                            "timeout_s": args.timeout, "threads": torch.get_num_threads(), "quick": args.quick}
     if args.canonical:
         res["models"] = {"canonical": {"kind": "reference", **canonical(problems, timeout=args.timeout)}}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -552,14 +552,17 @@ class LlamaForCausalLM(SwappableModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                  stop_ids: Sequence[int] = (), temperature: float = 0.0, generator: torch.Generator | None = None,
-                 pad_token_id: int = 0, use_cache: bool = True) -> torch.Tensor:
+                 pad_token_id: int = 0, use_cache: bool = True,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> torch.Tensor:
         """Up to ``max_new_tokens`` tokens after each row of ``input_ids`` [B, T]; returns all ids [B, T + n].
 
         Rows of different lengths are padded on the left (``attention_mask`` 0 there). ``temperature`` 0: greedy;
         above 0: sampled from softmax(logits / temperature) with ``generator``. A row ends at the first of
-        ``stop_ids`` it writes (kept), then holds ``pad_token_id``; generation ends when every row has ended (as
-        transformers' ``generate``). ``use_cache`` False recomputes the whole sequence at every step (a check)."""
-        ids = input_ids
+        ``stop_ids`` it writes (kept), or after the token with which ``stop_when`` (given the row's new tokens) first
+        holds, then holds ``pad_token_id``; generation ends when every row has ended (as transformers' ``generate``
+        with those end tokens and a per-row stopping criterion). ``use_cache`` False recomputes the whole sequence at
+        every step (a check)."""
+        ids, start = input_ids, input_ids.shape[1]
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
         stop = torch.tensor(list(stop_ids), dtype=ids.dtype, device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -576,6 +579,9 @@ class LlamaForCausalLM(SwappableModel):
             done |= torch.isin(nxt, stop)
             ids, mask, step = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt[:, None])], 1), \
                 nxt[:, None]
+            if stop_when is not None:
+                for i in (~done).nonzero()[:, 0].tolist():
+                    done[i] = stop_when(ids[i, start:].tolist())
             if bool(done.all()):
                 break
         return ids

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import make_decoder_teacher, run_script
 
@@ -64,6 +65,44 @@ def test_a_reply_without_the_entry_point_or_without_code_gives_no_function():
     assert sanitize("I cannot help with that.", "f") == ""
     # a function that returns nothing is not kept (evalplus keeps only functions with a return)
     assert sanitize("```python\ndef f(x):\n    print(x)\n```", "f") == ""
+
+
+def test_a_reply_stopped_when_its_python_block_closes_gives_the_same_code():
+    """--stop-at-block ends a reply once its first ```python block is closed: every start of the reply from there on
+    gives the code the whole reply gives, and no earlier start is taken for closed."""
+    from bench.humaneval import block_closed, sanitize
+
+    close = FENCED.index("```", FENCED.index("```python") + 3) + 3
+    assert not any(block_closed(FENCED[:k]) for k in range(close))
+    assert all(block_closed(FENCED[:k]) for k in range(close, len(FENCED) + 1, 7))
+    whole = sanitize(FENCED, "has_close_elements")
+    assert sanitize(FENCED[:close], "has_close_elements") == whole
+    assert not block_closed("```\nx = 1\n```") and not block_closed("def f():\n    return 1")  # not python blocks
+    assert block_closed("Text\n```py\nx = 1\n``` more")
+
+
+def test_transformers_generation_stops_rows_by_the_same_rule_as_ours(tiny_llama):
+    """The --hf-check path: transformers' generate with the rule as a per-row stopping criterion writes exactly what
+    our generate writes with it."""
+    import transformers
+
+    from bench.humaneval import TransformersGenerator
+    from models import load_teacher
+
+    ours, _ = load_teacher(tiny_llama)
+    hf = TransformersGenerator(transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval())
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, ours.config.vocab_size, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    free = ours.generate(ids, 9, attention_mask=mask)[:, 6:]
+    bar = int(free[:, :3].sum(1).median())
+
+    def reached(row: list[int]) -> bool:
+        return sum(row) >= bar
+
+    mine = ours.generate(ids, 9, attention_mask=mask, stop_when=reached)
+    assert mine.shape[1] < 6 + 9 or not torch.equal(mine[:, 6:], free)  # the rule stopped some row
+    assert torch.equal(hf.generate(ids, 9, attention_mask=mask, stop_ids=[], stop_when=reached), mine)
 
 
 def test_mcnemar_between_each_model_and_the_first():

@@ -100,6 +100,28 @@ def test_batched_left_padded_generation_equals_each_prompt_alone_and_transformer
         assert bool((mine[len(alone):] == 0).all())  # after its end token a row holds the pad id
 
 
+def test_a_row_ends_after_the_token_with_which_its_stopping_rule_first_holds(tiny_llama):
+    """``stop_when`` (given a row's new tokens) ends that row alone, after the token that made it hold; the others go
+    on as without it, and generation ends when every row has ended."""
+    ours, _ = load_teacher(tiny_llama)
+    ids, mask = _left_padded(ours.config.vocab_size, [7, 3, 5], seed=2)
+    free = ours.generate(ids, 10, attention_mask=mask)[:, 7:]
+    bar = int(free[:, :4].sum(1).max())  # some row's first four tokens reach it: a rule that stays true once true
+
+    def reached(row: list[int]) -> bool:
+        return sum(row) >= bar
+
+    out = ours.generate(ids, 10, attention_mask=mask, stop_when=reached)[:, 7:]
+    ends = [next((k for k in range(1, 11) if reached(row[:k])), None) for row in free.tolist()]
+    assert min(e for e in ends if e is not None) <= 4
+    for row, fr, end in zip(out.tolist(), free.tolist(), ends):
+        if end is None:
+            assert row == fr
+        else:
+            assert row[:end] == fr[:end] and set(row[end:]) <= {0}  # then the pad id
+    assert len(out[0]) == (10 if None in ends else max(ends))
+
+
 def test_sampled_generation_is_seeded(tiny_llama):
     """Sampling at a temperature follows the generator: the same seed, the same tokens; another seed, others."""
     ours, _ = load_teacher(tiny_llama)

@@ -141,20 +141,33 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids.to(device), mask.to(device)
 
 
-def cut_reply(tokens: Sequence[int], end_ids: Sequence[int]) -> list[int]:
-    """A generated row's reply: its tokens up to and including the first end-of-turn token (all of them without)."""
-    for i, t in enumerate(tokens):
+def cut_reply(tokens: Sequence[int], end_ids: Sequence[int],
+              stop_when: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """A generated row's reply: its tokens up to and including the first end-of-turn token (all of them without), or
+    its shortest start on which ``stop_when`` holds where that is shorter (``stop_when`` must keep holding on every
+    longer reply once it holds, as a closed code block stays closed: the start is found by bisection)."""
+    reply = list(tokens)
+    for i, t in enumerate(reply):
         if t in end_ids:
-            return list(tokens[:i + 1])
-    return list(tokens)
+            reply = reply[:i + 1]
+            break
+    if stop_when is None or not stop_when(reply):
+        return reply
+    lo, hi = 1, len(reply)  # stop_when holds on reply[:hi]; find the least such hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stop_when(reply[:mid]) else (mid + 1, hi)
+    return reply[:hi]
 
 
 @torch.no_grad()
 def answer(model: SwappableModel, chat: Chat, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            batch_size: int, temperature: float = 0.0, generator: torch.Generator | None = None,
-           progress: Callable[[int], None] | None = None) -> list[list[int]]:
+           progress: Callable[[int], None] | None = None,
+           stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Each tokenised prompt's reply (``cut_reply``), in order: batches of ``batch_size`` prompts, left-padded,
-    generated with the KV cache (greedy at ``temperature`` 0, else sampled with ``generator``)."""
+    generated with the KV cache (greedy at ``temperature`` 0, else sampled with ``generator``); a reply also ends
+    once ``stop_when`` holds on it (given its tokens; see ``cut_reply``)."""
     device = next(model.parameters()).device
     model.eval()
     replies: list[list[int]] = []
@@ -162,8 +175,9 @@ def answer(model: SwappableModel, chat: Chat, prompts: Sequence[Sequence[int]], 
         rows = prompts[start:start + batch_size]
         ids, mask = left_padded(rows, chat.pad_id, device)
         out = model.generate(ids, max_new_tokens, attention_mask=mask, stop_ids=chat.end_ids,
-                             temperature=temperature, generator=generator, pad_token_id=chat.pad_id)
-        replies += [cut_reply(row, chat.end_ids) for row in out[:, ids.shape[1]:].tolist()]
+                             temperature=temperature, generator=generator, pad_token_id=chat.pad_id,
+                             stop_when=stop_when)
+        replies += [cut_reply(row, chat.end_ids, stop_when) for row in out[:, ids.shape[1]:].tolist()]
         if progress is not None:
             progress(len(rows))
     return replies

@@ -34,6 +34,11 @@ def test_chrf_of_a_hand_computed_case():
 def test_cut_reply_and_common_prefix():
     assert cut_reply([5, 6, 9, 0, 0], [9]) == [5, 6, 9]
     assert cut_reply([5, 6, 7], [9, 8]) == [5, 6, 7]
+    # a stopping rule on the reply so far (it stays true once true): the shortest start it holds on, unless the end
+    # of turn comes first
+    big = lambda r: sum(r) >= 11  # noqa: E731
+    assert cut_reply([5, 6, 7, 1, 0], [9], big) == [5, 6] and cut_reply([5, 9, 7, 1], [9], big) == [5, 9]
+    assert cut_reply([1, 2, 3], [9], big) == [1, 2, 3] and cut_reply([20, 1], [9], big) == [20]
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
 
 
