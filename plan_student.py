@@ -79,7 +79,7 @@ def kv_fraction_arg(s: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
-    add_training_args(p, epochs=1, lr=1e-3, keep_start=True)
+    add_training_args(p, epochs=1, lr=1e-3, keep_start=True, ffn_refit=True)
     add_sharding_args(p)  # the heal's; the map's units train unsharded
     g = p.add_argument_group("plan")
     t = g.add_mutually_exclusive_group(required=True)

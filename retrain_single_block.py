@@ -72,7 +72,7 @@ def _add_term_weights(g: argparse._ArgumentGroup) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
-    add_training_args(p, epochs=5, lr=5e-4)
+    add_training_args(p, epochs=5, lr=5e-4, ffn_refit=True)
     g = p.add_argument_group("block")
     g.add_argument("--block", type=block_arg, required=True,
                    help="teacher layer index (0-based), a comma-separated list of them (trained together on one "

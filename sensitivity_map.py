@@ -41,7 +41,7 @@ BUDGET = ("Budget: each epoch retrains every unit over the training sentences, a
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="checkpoints")
     p.epilog = BUDGET
-    add_training_args(p, epochs=1, lr=1e-3, keep_start=True)
+    add_training_args(p, epochs=1, lr=1e-3, keep_start=True, ffn_refit=True)
     add_map_args(p)
     p.add_argument("--gguf-type", choices=list(GGUF_TYPES), default="f16",
                    help="with --runtime llama.cpp: how the GGUF files the options are timed in store their matrices")

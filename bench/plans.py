@@ -127,7 +127,7 @@ QUICK = {"seq_len": 16, "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser(__doc__.split("\n")[0], default_out="bench/results")
-    add_training_args(p, epochs=1, lr=1e-3, keep_start=True)
+    add_training_args(p, epochs=1, lr=1e-3, keep_start=True, ffn_refit=True)
     add_sharding_args(p)  # the heal's; the map's units train unsharded
     g = p.add_argument_group("plans")
     g.add_argument("--map", required=True, help="sensitivity.json or its folder (sensitivity_map.py)")

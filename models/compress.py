@@ -14,7 +14,9 @@ initialiser per attention kind (``INITIALISERS``) serves BERT and Llama alike.
   of each kept head's bilinear maps: W_q^T W_k for the attention scores (rescaled for the new 1/sqrt(d)) and W_o W_v
   for the values, biases folded in as an extra input column.
 - Attention replaced by a linear map starts as attention to the token itself: W_o W_v.
-- A narrower feed-forward part keeps the most important neurons (by activation on a probe batch, else by weights).
+- A narrower feed-forward part keeps the most important neurons (by activation on a probe batch, else by weights);
+  given the probe's inputs, its output projection is then re-solved by least squares (ridge towards the copied
+  weights) so that the kept neurons best reproduce the whole part's output on them (``refit_down_proj``).
 - Shapes larger than the teacher's cannot be taken from it: those start random, and the returned note says so.
 """
 from __future__ import annotations
@@ -314,8 +316,30 @@ def neuron_scores(layer: SwappableLayer, inputs: torch.Tensor | None = None) -> 
 
 
 @torch.no_grad()
-def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, *, size: int, scores: torch.Tensor | None) -> str:
-    """The top ``size`` neurons of ``src``'s feed-forward part into ``layer``'s (and its norm)."""
+def refit_down_proj(src: SwappableLayer, layer: SwappableLayer, inputs: torch.Tensor, *, ridge: float = 0.3) -> None:
+    """Re-solve ``layer``'s feed-forward output projection (its neurons a subset of ``src``'s) so that its output on
+    ``inputs`` (the attention block's outputs [N, D]) best matches ``src``'s feed-forward output on them: least
+    squares in float64, shrunk towards its current (copied) weights by ``ridge`` times the mean diagonal of the kept
+    activations' Gram matrix, which keeps the fit from chasing a probe with fewer tokens than neurons."""
+    if ridge <= 0:
+        raise ValueError(f"ridge must be positive, got {ridge}")
+    w = layer.down_proj.weight
+    a = inputs.to(w.device, w.dtype)
+    sub = layer.neurons(a).double()  # [N, k]
+    target = src.neurons(a).double() @ src.down_proj.weight.double().T  # [N, D], without the (shared) bias
+    gram = sub.T @ sub
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    w0 = w.double()
+    fit = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
+                             sub.T @ target + lam * w0.T)
+    w.copy_(fit.T.to(w.dtype))
+
+
+@torch.no_grad()
+def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, *, size: int, scores: torch.Tensor | None,
+              refit_on: torch.Tensor | None = None) -> str:
+    """The top ``size`` neurons of ``src``'s feed-forward part into ``layer``'s (and its norm); ``refit_on``: the
+    attention block's outputs on a probe, on which the output projection is then refit (``refit_down_proj``)."""
     if size == 0:
         return "no feed-forward part"
     if src.up_proj is None:
@@ -335,16 +359,24 @@ def _copy_ffn(src: SwappableLayer, layer: SwappableLayer, *, size: int, scores: 
     layer.down_proj.weight.copy_(src.down_proj.weight[:, keep])
     if layer.down_proj.bias is not None:
         layer.down_proj.bias.copy_(src.down_proj.bias)
-    return "ffn copied" if size == width else f"ffn: top {size} of {width} neurons"
+    if size == width:
+        return "ffn copied"
+    if refit_on is None:
+        return f"ffn: top {size} of {width} neurons"
+    refit_down_proj(src, layer, refit_on)
+    return f"ffn: top {size} of {width} neurons, output projection refit on {refit_on.shape[0]} tokens"
 
 
 @torch.no_grad()
 def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, *,
                       second: SwappableLayer | None = None, mode: str, importance: torch.Tensor | None = None,
-                      neuron_score: torch.Tensor | None = None) -> tuple[SwappableLayer, str]:
+                      neuron_score: torch.Tensor | None = None, ffn_inputs: torch.Tensor | None = None
+                      ) -> tuple[SwappableLayer, str]:
     """One layer of ``spec`` standing for ``first`` + ``second`` (None: ``first`` alone, a single-layer unit):
     from first, second, their average, or random. ``importance``: head importance of the source layer's block;
-    ``neuron_score``: importance of its feed-forward neurons (``neuron_scores``)."""
+    ``neuron_score``: importance of its feed-forward neurons (``neuron_scores``); ``ffn_inputs``: its attention
+    block's outputs on a probe, to refit a narrower feed-forward part on (a single-layer unit only: a merged pair's
+    target is not its first layer's output)."""
     if mode not in ("first", "second", "average", "random"):
         raise ValueError(f"a merged layer starts from first, second, average or random, got '{mode}'")
     second = first if second is None else second
@@ -360,7 +392,10 @@ def init_merged_layer(cfg: ModelConfig, spec: LayerSpec, first: SwappableLayer, 
         src = first if mode == "first" else second
     block, note = init_attention(src.block, cfg, spec, importance=importance if mode != "average" else None)
     layer.set_block(block)
-    ffn_note = _copy_ffn(src, layer, size=spec.intermediate_size, scores=neuron_score if mode != "average" else None)
+    if ffn_inputs is not None and (second is not first or mode == "average"):
+        raise ValueError("`ffn_inputs`: a feed-forward part is refit for a single-layer unit from its own layer only")
+    ffn_note = _copy_ffn(src, layer, size=spec.intermediate_size, scores=neuron_score if mode != "average" else None,
+                         refit_on=ffn_inputs)
     source = "teacher layer" if second is first and mode != "average" else f"{mode} layer"
     return layer, f"{source}; attention {note}; {ffn_note}"
 

@@ -58,7 +58,7 @@ from .training.students import (build_student, conditioned_teacher, dropped_laye
                                 load_merged_layer, load_model, newest_units, save_model)
 from .training.tasks import (BlockDistill, BlockLoss, FinetuneLoss, LayerDistill, MergeDistill, MergeLoss,
                              ModelDistill, balance_terms, check_topk_terms, describe_losses, kd_temperature)
-from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, init_merges, set_dropout,
+from .training.units import (UNIT_PREFIX, UnitShape, init_blocks, init_layers, init_merges, refit_setup, set_dropout,
                              spec_from_meta, starting_shape, unit_meta, unit_spec)
 
 __all__ = [
@@ -433,8 +433,10 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
                 notes={f"block_{i}": n for i, n in notes.items()})
 
 
-def _start_layers(s: Session, job: _BlockRun, probe: dict) -> tuple[dict[int, tuple[Any, LayerSpec]], dict[int, str]]:
-    """The new whole layers, from their starting checkpoints or initialised (heads and neurons ranked on ``probe``)."""
+def _start_layers(s: Session, job: _BlockRun, probe: dict, ffn_probe: dict | None
+                  ) -> tuple[dict[int, tuple[Any, LayerSpec]], dict[int, str]]:
+    """The new whole layers, from their starting checkpoints or initialised (heads and neurons ranked on ``probe``;
+    a narrower feed-forward part's neurons ranked and its output refit on the first ``ffn_refit_tokens`` tokens)."""
     if job.started:
         layers = {}
         for i, (p, _) in job.started.items():
@@ -442,7 +444,7 @@ def _start_layers(s: Session, job: _BlockRun, probe: dict) -> tuple[dict[int, tu
             layers[i] = (layer.to(s.device), spec)
         notes = {i: f"from {job.start_from}" for i in job.specs}
     else:
-        layers, notes = init_layers(s.teacher, job.specs, init=job.init, probe=probe)
+        layers, notes = init_layers(s.teacher, job.specs, init=job.init, probe=probe, ffn_probe=ffn_probe)
         layers = {i: (layer.to(s.device), spec) for i, (layer, spec) in layers.items()}
     for i, (layer, spec) in layers.items():
         if job.dropout is not None:
@@ -456,7 +458,10 @@ def _train_layers(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
     cfg = s.teacher.config
     data = _data(s)
     probe = s.global_batch(data.train_ds)  # drawn in every case: its loader draws from the global RNG
-    layers, notes = _start_layers(s, job, probe)
+    refit = refit_setup(cfg, job.specs, job.train.ffn_refit_tokens) if job.init == "teacher" and not job.started else {}
+    data.setup.update(refit)
+    ffn_probe = s.refit_probe(data.train_ds, job.train.ffn_refit_tokens) if refit else None
+    layers, notes = _start_layers(s, job, probe, ffn_probe)
     names = LayerDistill.features_of(list(job.specs), len(cfg.layers))
     cache = s.teacher_cache(data.train_ds, names, job.cache_dir) if job.cache_dir is not None else None
     task = LayerDistill(s.teacher, layers, criterion=job.loss.criterion, cache=cache, seed=job.train.seed).to(s.device)

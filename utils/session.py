@@ -118,12 +118,23 @@ class Session:
             setup["data_weight"] = self.data.data_weight
         return setup
 
-    def global_batch(self, ds: TokenizedSentences) -> dict:
+    def global_batch(self, ds: TokenizedSentences, sequences: int | None = None) -> dict:
         """The first batch of ``ds`` as one process with the global batch size (batch size x processes) sees it,
-        the same on every rank: for choices every rank must make alike (which heads to keep)."""
-        loader, _ = make_loader(ds, self.tokenizer, self.data.batch_size * runtime.world_size(), shuffle=False,
-                                seed=self.data.seed)
+        or its first ``sequences`` windows / sentences as one batch, the same on every rank: for choices every rank
+        must make alike (which heads to keep)."""
+        loader, _ = make_loader(ds, self.tokenizer, sequences or self.data.batch_size * runtime.world_size(),
+                                shuffle=False, seed=self.data.seed)
         return next(iter(loader))
+
+    def refit_probe(self, ds: TokenizedSentences, tokens: int) -> dict | None:
+        """The first windows / sentences of ``ds`` holding ``tokens`` tokens if full (seq_len each), as one batch:
+        what a narrower feed-forward part's output projection is refit on; None for ``tokens`` 0."""
+        if tokens < 0:
+            raise ValueError(f"ffn_refit_tokens must be >= 0, got {tokens}")
+        if not tokens:
+            return None
+        with torch.random.fork_rng(devices=[]):  # the global RNG the runs draw next stays as it was
+            return self.global_batch(ds, -(-tokens // self.data.seq_len))
 
     def teacher_cache(self, ds: TokenizedSentences, names: list[str], cache_dir: str) -> TeacherCache:
         """The teacher features ``names`` of ``ds`` in the cache under ``cache_dir``, built once by rank 0 (others

@@ -52,7 +52,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        log_every=args.log_freq, print_every=args.log_freq if given(args, "log_freq") else 0,
                        fsdp=vars(args).get("fsdp", False), dtype=vars(args).get("dtype") or "fp32",
                        activation_checkpointing=vars(args).get("activation_checkpointing", False),
-                       keep_start=vars(args).get("keep_start", False))
+                       keep_start=vars(args).get("keep_start", False),
+                       ffn_refit_tokens=vars(args).get("ffn_refit_tokens", 0))
     gpu = args.device != "cpu" and torch.cuda.is_available()  # where select_device will put the run
     check_settings(cfg, torch.device("cuda" if gpu else "cpu"))  # at start-up, before the teacher loads
     return cfg

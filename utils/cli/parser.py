@@ -70,9 +70,11 @@ def common_parser(description: str, default_out: str) -> Parser:
     return p
 
 
-def add_training_args(p: Parser, epochs: int, lr: float, *, keep_start: bool = False) -> None:
+def add_training_args(p: Parser, epochs: int, lr: float, *, keep_start: bool = False, ffn_refit: bool = False
+                      ) -> None:
     """Flags of the shared training loop (retrain_single_block, retrain_merge, finetune_merged, the map's units).
-    ``keep_start``: --keep-start on by default (--no-keep-start turns it off)."""
+    ``keep_start``: --keep-start on by default (--no-keep-start turns it off); ``ffn_refit``: the script builds
+    single-layer units that may keep fewer feed-forward neurons (--ffn-refit-tokens)."""
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int("--epochs"), default=epochs)
     g.add_argument("--lr", type=positive_float, default=lr)
@@ -103,6 +105,12 @@ def add_training_args(p: Parser, epochs: int, lr: float, *, keep_start: bool = F
                         "them (a run that only makes validation worse, e.g. at too high an lr, returns its start and "
                         "warns)" + (", per unit; on by default: units start from the teacher's weights, and the lr "
                                     "that trains one teacher's units wrecks another's" if keep_start else ""))
+    if ffn_refit:
+        g.add_argument("--ffn-refit-tokens", type=non_negative_int("--ffn-refit-tokens"), default=16384,
+                       help="a unit that keeps fewer of its layer's feed-forward neurons starts with its output "
+                            "projection refit by least squares (ridge towards the copied weights) on this many of the "
+                            "first training tokens (rounded up to whole windows); 0: the kept neurons' weights as "
+                            "copied")
     g.add_argument("--force-config", action="store_true",
                    help="--resume although the training setup (criterion, lr, seed, data...) differs; logged")
     g.add_argument("--force", action="store_true", help="accept checkpoints made against a different teacher")

@@ -34,7 +34,7 @@ from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit, run_setup
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from ..errors import SettingError
-from ..training.units import head_rankings, neuron_rankings, unit_meta
+from ..training.units import head_rankings, neuron_rankings, refit_setup, unit_meta
 from .planner import COSTS, PlanError
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,8 @@ class Context:
     eval_hash: str  # of the windows / sentences of valid_loader, on which units are measured (their reuse's key)
     probe: dict[str, torch.Tensor]
     train_cfg: TrainConfig
+    # the first training tokens a narrower feed-forward part is ranked and refit on (None: no refit; ``probe``)
+    ffn_probe: dict[str, torch.Tensor] | None = None
     cache: AliasedCache | None = None
     valid_batches: int | None = None  # per-epoch validation loss on this many batches
     setup: dict[str, Any] = field(default_factory=dict)
@@ -216,8 +218,9 @@ class Built:
 
 def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
     """Teacher-initialised units (query heads ranked on the probe batch, SVD head_dim, feed-forward neurons ranked by
-    activation on it, a merged pair from its first layer), built by ``models.compress`` as the scripts build theirs;
-    a dropped layer is an empty layer."""
+    activation on it, a single layer's instead on the refit probe, where its output projection is then refit; a
+    merged pair from its first layer), built by ``models.compress`` as the scripts build theirs; a dropped layer is
+    an empty layer."""
     t, cfg = ctx.teacher, ctx.teacher.config
     specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
@@ -232,8 +235,10 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
             raise SettingError(f"option '{opt.name}' at layer {i}: {e}") from None
     importance = head_rankings(t, ctx.probe, [i for i, s in specs.items() if s.attention in ("mha", "gqa")
                                               and s.num_heads < cfg.layers[i].num_heads])
-    neurons = neuron_rankings(t, ctx.probe, [i for i, s in specs.items() if 0 < s.intermediate_size
-                                             < cfg.layers[i].intermediate_size])
+    narrow = [i for i, s in specs.items() if 0 < s.intermediate_size < cfg.layers[i].intermediate_size]
+    refit = [i for i in narrow if choices[i].kind != "merge" and ctx.ffn_probe is not None]
+    neurons = {**neuron_rankings(t, ctx.probe, [i for i in narrow if i not in refit]),
+               **neuron_rankings(t, ctx.ffn_probe, refit, keep_inputs=True)}
     out = {}
     for i, opt in sorted(choices.items()):
         spec = specs[i]
@@ -241,8 +246,10 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
             mod, note = init_attention(t.layers[i].block, cfg, spec, importance=importance.get(i))
         else:  # a merged pair starts from its first layer; a narrower layer from the layer itself
             second = t.layers[i + 1] if opt.kind == "merge" else t.layers[i]
+            n = neurons.get(i)
             mod, note = init_merged_layer(cfg, spec, t.layers[i], second=second, mode="first",
-                                          importance=importance.get(i), neuron_score=neurons.get(i))
+                                          importance=importance.get(i), neuron_score=n.scores if n else None,
+                                          ffn_inputs=n.inputs if n else None)
         out[i] = Built(i, opt, mod.to(ctx.device), spec, note)
     return out
 
@@ -278,7 +285,7 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
             tl.append(Unit(f"{prefix}_{i}", b.module, run_dir / f"{prefix}_{i}", meta))
         trainer = Trainer(task, tl, ctx.train_cfg.unsharded(), run_dir=run_dir, device=ctx.device,
                           evaluate=lambda task=task: task.evaluate(ctx.valid_loader, ctx.valid_batches),
-                          run_meta={"run_dir": str(run_dir)}, setup=ctx.setup, record=ctx.record)
+                          run_meta={"run_dir": str(run_dir)}, setup=unit_setup(ctx, group), record=ctx.record)
         finals.update(trainer.fit(ctx.train_loader, ctx.sampler))
         for u in tl:
             sd, _, _ = load_checkpoint(u.out_dir / "best")
@@ -286,16 +293,24 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
     return finals
 
 
+def unit_setup(ctx: Context, units: dict[int, Built]) -> dict[str, Any]:
+    """The training setup of ``units`` trained together: the context's, and the refit where a single layer's
+    feed-forward part was refit (``training.units.refit_setup``)."""
+    single = {i: b.spec for i, b in units.items() if b.option.kind in ("ffn", "layer")}
+    return {**ctx.setup, **(refit_setup(ctx.teacher.config, single, ctx.train_cfg.ffn_refit_tokens)
+                            if ctx.ffn_probe is not None else {})}
+
+
 def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[int, Built]:
     """Load into ``units`` the ones a map already trained in ``folder`` (its ``units/``: same option, layer, teacher
     and training setup, trained for all the epochs asked); returns the others, which still need training."""
     rest = {}
-    setup = json.loads(json.dumps(run_setup(ctx.train_cfg, ctx.setup)))
     for i, b in units.items():
         kind = TASK_KIND.get(b.option.kind)
         if kind is None:  # a dropped layer: nothing to train
             continue
         d = folder / b.option.name.replace(" ", "_") / f"{kind}_{i}"
+        setup = json.loads(json.dumps(run_setup(ctx.train_cfg, unit_setup(ctx, {i: b}))))
         why = _trained_elsewhere(d, b, ctx, setup=setup)
         if why:
             rest[i] = b

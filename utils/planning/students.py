@@ -112,6 +112,7 @@ def context(s: Session, cfg: MapConfig, *, train: TrainConfig, record: dict[str,
     return Context(teacher=s.teacher, teacher_hash=s.teacher_hash, teacher_name=s.teacher_name,
                    tokenizer=s.tokenizer, device=s.device, train_loader=train_loader, sampler=sampler,
                    valid_loader=valid_loader, probe=s.global_batch(train_ds), train_cfg=train, cache=cache,
+                   ffn_probe=s.refit_probe(train_ds, train.ffn_refit_tokens),
                    valid_batches=cfg.valid_batches, setup=s.training_setup(train_ds), record=record,
                    block_loss=tuple(cfg.block_loss.split("+")), relation_weight=cfg.relation_weight,
                    eval_hash=token_ids_hash(valid_ds.ids))

@@ -86,6 +86,10 @@ class TrainConfig:
     # validate before the first step and let the starting weights be ``best``: a run that only makes validation worse
     # (a too-high lr) returns what it started from, and says so
     keep_start: bool = False
+    # a narrower feed-forward part (a unit keeping some of its teacher layer's neurons) starts with its output
+    # projection refit by least squares on this many of the first training tokens (``models.compress``); 0: the kept
+    # neurons' weights as copied
+    ffn_refit_tokens: int = 16384
 
     def unsharded(self) -> "TrainConfig":
         """These settings for units that are not whole models (a planner's blocks): no FSDP, no checkpointing."""

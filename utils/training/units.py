@@ -165,23 +165,49 @@ def head_rankings(teacher: SwappableModel, probe: dict[str, torch.Tensor], layer
             for i in layers}
 
 
+@dataclass
+class NeuronProbe:
+    """What the probe says about one teacher layer's feed-forward neurons: their importance (``neuron_scores``) and,
+    for a refit of a narrower part (``models.compress.refit_down_proj``), the attention block's outputs on the probe's
+    real tokens [N, D] (kept on the CPU; None when not asked for)."""
+
+    scores: torch.Tensor
+    inputs: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def neuron_rankings(teacher: SwappableModel, probe: dict[str, torch.Tensor], layers: list[int]
-                    ) -> dict[int, torch.Tensor]:
+def neuron_rankings(teacher: SwappableModel, probe: dict[str, torch.Tensor], layers: list[int], *,
+                    keep_inputs: bool = False, chunk: int = 8) -> dict[int, NeuronProbe]:
     """Importance of the feed-forward neurons of each teacher layer in ``layers`` on the probe batch: the mean size of
-    each neuron's activation on the real tokens, times its output weights' norm (``models.compress.neuron_scores``)."""
+    each neuron's activation on the real tokens, times its output weights' norm (``models.compress.neuron_scores``);
+    ``keep_inputs``: also keep what the refit reads. The teacher runs on ``chunk`` sequences at a time."""
     if not layers:
         return {}
     device = next(teacher.parameters()).device
-    ids, att = probe["input_ids"].to(device), probe["attention_mask"].to(device)
-    feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in layers])
-    ctx, valid = teacher.context(att), att.bool()
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers if teacher.layers[i].up_proj is not None}
+    for start in range(0, probe["input_ids"].shape[0], chunk):
+        ids = probe["input_ids"][start:start + chunk].to(device)
+        att = probe["attention_mask"][start:start + chunk].to(device)
+        feats = teacher_features(teacher, ids, att, names=[f"in_{i}" for i in seen])
+        ctx, valid = teacher.context(att), att.bool()
+        for i, parts in seen.items():
+            parts.append(teacher.layers[i].block(feats[f"in_{i}"], ctx)[valid].cpu())
     out = {}
-    for i in layers:
-        layer = teacher.layers[i]
-        if layer.up_proj is not None:
-            out[i] = neuron_scores(layer, layer.block(feats[f"in_{i}"], ctx)[valid])
+    for i, parts in seen.items():
+        a = torch.cat(parts)
+        out[i] = NeuronProbe(neuron_scores(teacher.layers[i], a.to(device)), a if keep_inputs else None)
     return out
+
+
+def narrows_ffn(cfg: ModelConfig, layer: int, spec: LayerSpec) -> bool:
+    """Whether a single-layer unit of ``spec`` keeps some, not all, of teacher layer ``layer``'s neurons."""
+    return 0 < spec.intermediate_size < cfg.layers[layer].intermediate_size
+
+
+def refit_setup(cfg: ModelConfig, specs: dict[int, LayerSpec], tokens: int) -> dict[str, int]:
+    """The training-setup entry that says single-layer units of ``specs`` start from a refit on ``tokens`` probe
+    tokens (a resume point or a map's unit that started otherwise is not the same run); empty where none is refit."""
+    return {"ffn_refit_tokens": tokens} if tokens and any(narrows_ffn(cfg, i, s) for i, s in specs.items()) else {}
 
 
 def _fewer_heads(spec: LayerSpec, teacher_spec: LayerSpec) -> bool:
@@ -224,22 +250,25 @@ def init_merges(teacher: SwappableModel, specs: dict[int, LayerSpec], *, init: s
 
 
 def init_layers(teacher: SwappableModel, specs: dict[int, LayerSpec], *, init: str,
-                probe: dict[str, torch.Tensor] | None
+                probe: dict[str, torch.Tensor] | None, ffn_probe: dict[str, torch.Tensor] | None = None
                 ) -> tuple[dict[int, tuple[SwappableLayer, LayerSpec]], dict[int, str]]:
     """Whole layers standing for teacher layers ``specs`` (layer -> spec): from the teacher layer (heads ranked on
-    ``probe`` where fewer are kept; feed-forward neurons kept by their activation on ``probe`` where fewer are kept)
-    or random. Returns ({i: (layer, spec)}, notes)."""
+    ``probe`` where fewer are kept; feed-forward neurons kept by their activation on ``ffn_probe``, else ``probe``,
+    where fewer are kept, and on ``ffn_probe`` their output projection refit) or random. Returns
+    ({i: (layer, spec)}, notes)."""
     cfg = teacher.config
     probe = probe if init == "teacher" else None
     rank = [i for i, s in specs.items() if probe is not None and _fewer_heads(s, cfg.layers[i])]
-    narrow = [i for i, s in specs.items() if probe is not None
-              and 0 < s.intermediate_size < cfg.layers[i].intermediate_size]
+    narrow = [i for i, s in specs.items() if probe is not None and narrows_ffn(cfg, i, s)]
     importance = head_rankings(teacher, probe, rank) if rank else {}
-    scores = neuron_rankings(teacher, probe, narrow) if narrow else {}
+    refit = ffn_probe is not None and init == "teacher"
+    neurons = neuron_rankings(teacher, ffn_probe if refit else probe, narrow, keep_inputs=refit) if narrow else {}
     layers, notes = {}, {}
     for i, spec in specs.items():
+        n = neurons.get(i)
         layer, notes[i] = init_merged_layer(cfg, spec, teacher.layers[i], mode="first" if init == "teacher" else init,
-                                            importance=importance.get(i), neuron_score=scores.get(i))
+                                            importance=importance.get(i), neuron_score=n.scores if n else None,
+                                            ffn_inputs=n.inputs if n else None)
         layers[i] = (layer, spec)
     return layers, notes
 
