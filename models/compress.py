@@ -319,19 +319,19 @@ def neuron_scores(layer: SwappableLayer, inputs: torch.Tensor | None = None) -> 
 def refit_down_proj(src: SwappableLayer, layer: SwappableLayer, inputs: torch.Tensor, *, ridge: float = 0.3) -> None:
     """Re-solve ``layer``'s feed-forward output projection (its neurons a subset of ``src``'s) so that its output on
     ``inputs`` (the attention block's outputs [N, D]) best matches ``src``'s feed-forward output on them: least
-    squares in float64, shrunk towards its current (copied) weights by ``ridge`` times the mean diagonal of the kept
-    activations' Gram matrix, which keeps the fit from chasing a probe with fewer tokens than neurons."""
+    squares (products in the weights' precision, the solve in float64), shrunk towards its current (copied) weights
+    by ``ridge`` times the mean diagonal of the kept activations' Gram matrix, which keeps the fit from chasing a
+    probe with fewer tokens than neurons."""
     if ridge <= 0:
         raise ValueError(f"ridge must be positive, got {ridge}")
     w = layer.down_proj.weight
     a = inputs.to(w.device, w.dtype)
-    sub = layer.neurons(a).double()  # [N, k]
-    target = src.neurons(a).double() @ src.down_proj.weight.double().T  # [N, D], without the (shared) bias
-    gram = sub.T @ sub
+    sub = layer.neurons(a)  # [N, k]
+    target = src.neurons(a) @ src.down_proj.weight.T  # [N, D], without the (shared) bias
+    gram = (sub.T @ sub).double()
     lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    w0 = w.double()
     fit = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
-                             sub.T @ target + lam * w0.T)
+                             (sub.T @ target).double() + lam * w.double().T)
     w.copy_(fit.T.to(w.dtype))
 
 

@@ -69,6 +69,11 @@ def test_unit_trains_and_round_trips_through_its_checkpoint(trained, session, na
     meta = json.loads((trained[name] / "best" / "meta.json").read_text())
     for key, want in UNITS[name][3].items():
         assert meta["spec"][key] == want, (name, key, meta["spec"])
+    setup = json.loads((trained[name] / "run.json").read_text())["setup"]
+    if name == "narrow_swiglu":  # started from the refit (TrainConfig's default), and its setup says so
+        assert "output projection refit on" in meta["init"] and setup["ffn_refit_tokens"] == 16384
+    else:
+        assert "refit" not in meta["init"] and "ffn_refit_tokens" not in setup
     i, module, *spec = LOADERS[meta["kind"]](trained[name] / "best", session.teacher.config, session.teacher_hash)
     assert i == UNITS[name][1]
     sd, _, _ = load_checkpoint(trained[name] / "best")

@@ -66,3 +66,20 @@ def test_mixture_is_as_large_as_the_split_and_changes_setup_and_cache_key(tiny_l
 def test_bad_mixtures_are_refused_naming_the_setting(data, task, match):
     with pytest.raises(api.SettingError, match=match):
         resolve_data(api.DataConfig(**data), task)
+
+
+def test_refit_probe_is_the_first_windows_and_leaves_the_global_rng_alone(tiny_llama, tiny_corpus):
+    import torch
+
+    s = _llama(tiny_llama, tiny_corpus)
+    train = s.sentences("train")
+    torch.manual_seed(3)
+    probe = s.refit_probe(train, 40)  # 40 tokens: three windows of 16
+    drawn_after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(1), drawn_after)  # the runs that draw next draw the same
+    assert probe["input_ids"].shape == (3, 16)
+    assert torch.equal(probe["input_ids"], s.global_batch(train, 3)["input_ids"])
+    assert s.refit_probe(train, 0) is None
+    with pytest.raises(ValueError, match="ffn_refit_tokens must be >= 0, got -1"):
+        s.refit_probe(train, -1)

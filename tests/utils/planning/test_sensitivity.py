@@ -195,3 +195,60 @@ def test_keep_start_flags(module, extra, default):
     args = module.build_parser().parse_args(["--teacher", "t", *extra])
     assert args.keep_start is default and train_config(args).keep_start is default
     assert module.build_parser().parse_args(["--teacher", "t", "--no-keep-start", *extra]).keep_start is False
+
+
+
+def test_ffn_units_start_refit_and_a_copy_started_unit_is_not_reused_as_one(tiny_llama, tiny_corpus, tmp_path,
+                                                                             capsys):
+    """A map's narrower feed-forward units start with their output projection refit on the first training tokens
+    (--ffn-refit-tokens, on by default; 0: the plain copy). The refit is part of the units' training setup: a map
+    made without it is not continued with it (one-line error), and a plan reading that map's units
+    (``reuse_trained``) trains its own refit units instead, while a plan without the refit reuses them."""
+    from utils import api
+    from utils.planning.sensitivity import build_units, option_from_dict, reuse_trained
+    from utils.planning.students import MapConfig, context
+    from utils.storage.checkpoint import read_meta
+
+    def run_map(flags: list[str]) -> int:
+        argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name",
+                "m", "--seq-len", "16", "--options", "ffn", "--layers", "1,2", "--resume", *flags] + FAST
+        return run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv)
+
+    assert run_map(["--ffn-refit-tokens", "0"]) == 0
+    metas = [read_meta(d) for d in (tmp_path / "m" / "units").glob("*/*/best")]
+    assert metas and all("ffn: top" in m["init"] and "refit" not in m["init"] for m in metas)
+    capsys.readouterr()
+    assert run_map([]) == 1
+    assert "ffn_refit_tokens: resume point has None, this run has 16384" in capsys.readouterr().err
+
+    smap = json.loads((tmp_path / "m" / "sensitivity.json").read_text())
+    option = option_from_dict(smap["options"][0])
+    session = api.load_teacher(str(tiny_llama), device="cpu",
+                               data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=16))
+
+    def units_to_train(tokens: int) -> tuple[dict, str]:
+        train = api.TrainConfig(epochs=1, max_steps_per_epoch=3, ffn_refit_tokens=tokens)
+        ctx = context(session, MapConfig(eval_sentences=32), train=train, record={})
+        units = build_units(ctx, {1: option})
+        return reuse_trained(ctx, units, tmp_path / "m" / "units"), units[1].note
+
+    rest, note = units_to_train(64)
+    assert list(rest) == [1] and "output projection refit on 64 tokens" in note
+    rest, note = units_to_train(0)
+    assert rest == {} and "trained by the map" in note
+
+
+def test_ffn_refit_flag_where_units_narrow_a_feed_forward_part():
+    """--ffn-refit-tokens (default 16384) on the scripts that build single-layer units; not on the end-to-end heal."""
+    import finetune_merged
+    import retrain_single_block
+    from bench import plans
+    from utils.cli.configs import train_config
+
+    for module, extra in [(sensitivity_map, []), (plan_student, ["--target-speedup", "1.3"]),
+                          (retrain_single_block, ["--block", "1"]), (plans, ["--map", "m"])]:
+        args = module.build_parser().parse_args(["--teacher", "t", *extra])
+        assert train_config(args).ffn_refit_tokens == 16384, module
+        args = module.build_parser().parse_args(["--teacher", "t", "--ffn-refit-tokens", "0", *extra])
+        assert train_config(args).ffn_refit_tokens == 0, module
+    assert "ffn_refit_tokens" not in vars(finetune_merged.build_parser().parse_args(["--teacher", "t"]))
