@@ -293,12 +293,18 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
     return finals
 
 
-def unit_setup(ctx: Context, units: dict[int, Built]) -> dict[str, Any]:
-    """The training setup of ``units`` trained together: the context's, and the refit where a single layer's
-    feed-forward part was refit (``training.units.refit_setup``)."""
+def units_refit(ctx: Context, units: dict[int, Built]) -> dict[str, int]:
+    """``{"ffn_refit_tokens": N}`` where a single layer's feed-forward part among ``units`` started from the refit
+    (``training.units.refit_setup``), else empty."""
+    if ctx.ffn_probe is None:
+        return {}
     single = {i: b.spec for i, b in units.items() if b.option.kind in ("ffn", "layer")}
-    return {**ctx.setup, **(refit_setup(ctx.teacher.config, single, ctx.train_cfg.ffn_refit_tokens)
-                            if ctx.ffn_probe is not None else {})}
+    return refit_setup(ctx.teacher.config, single, ctx.train_cfg.ffn_refit_tokens)
+
+
+def unit_setup(ctx: Context, units: dict[int, Built]) -> dict[str, Any]:
+    """The training setup of ``units`` trained together: the context's, and the refit where there was one."""
+    return {**ctx.setup, **units_refit(ctx, units)}
 
 
 def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[int, Built]:

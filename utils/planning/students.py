@@ -24,7 +24,7 @@ from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, 
 from .runtimes import check_runtime, check_runtime_teacher, runtime_map, runtime_options, time_map_in_llama_cpp
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
                           compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
-                          train_units, validate_map, write_map)
+                          train_units, units_refit, validate_map, write_map)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -162,7 +162,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     trains = train and any(TASK_KIND.get(b.option.kind) for b in units.values())  # not only dropped layers
     heal_data = _heal_data(s, ctx, finetune) if train and finetune.epochs > 0 else None
     build = _build_record(ctx, finetune, train=train, units=trains, map_units=map_units if trains else None,
-                          heal_setup=heal_data.setup if heal_data else ctx.setup)
+                          heal_setup=heal_data.setup if heal_data else ctx.setup, refit=units_refit(ctx, units))
     why = unfinished_student(run, ctx, {str(i): b.option.name for i, b in units.items()}, build=build,
                              heal_epochs=finetune.epochs if train and units else 0)
     if why is None:
@@ -230,15 +230,17 @@ def _heal_data(s: Session, ctx: Context, finetune: PlanFinetune) -> HealData:
 
 
 def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: bool, map_units: Path | None,
-                  heal_setup: dict[str, Any]) -> dict[str, Any]:
+                  heal_setup: dict[str, Any], refit: dict[str, int]) -> dict[str, Any]:
     """What a student is built with besides its plan (stored in its meta; a different record means build anew): the
     units' training setup and whose trained units it loads (``units``: it has units to train), the heal's setup
-    (``heal_setup``: its data hash and batch size)."""
+    (``heal_setup``: its data hash and batch size), how its narrower feed-forward parts started (``refit``, trained
+    or not: ``units_refit``)."""
     setup = {**run_setup(ctx.train_cfg, ctx.setup), "epochs": ctx.train_cfg.epochs,
              "block_loss": list(ctx.block_loss), "relation_weight": ctx.relation_weight}
     heal = _heal_config(ctx, finetune)
     return json.loads(json.dumps({
         "trained": train, "units": setup if units else None, "map_units": str(map_units) if map_units else None,
+        **refit,
         "heal": {**run_setup(heal, heal_setup), "epochs": heal.epochs,
                  "temperature": kd_temperature(ctx.teacher, finetune.temperature),
                  "relation_weight": finetune.relation_weight,

@@ -252,3 +252,31 @@ def test_ffn_refit_flag_where_units_narrow_a_feed_forward_part():
         args = module.build_parser().parse_args(["--teacher", "t", "--ffn-refit-tokens", "0", *extra])
         assert train_config(args).ffn_refit_tokens == 0, module
     assert "ffn_refit_tokens" not in vars(finetune_merged.build_parser().parse_args(["--teacher", "t"]))
+
+
+def test_a_student_built_from_copied_units_is_not_loaded_for_a_refit_one(tiny_llama, tiny_corpus, tmp_path):
+    """A planned student's record says how its narrower feed-forward parts started: asked again with the same
+    plan and settings it is loaded; asked with the refit switched, it is built anew."""
+    from utils import api
+    from utils.planning.sensitivity import default_options
+    from utils.planning.students import MapConfig, PlanFinetune, context, make_student
+    from utils.storage.checkpoint import read_meta
+
+    session = api.load_teacher(str(tiny_llama), device="cpu",
+                               data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=8))
+    ffn = next(o for o in default_options(session.teacher.config, kinds=("ffn",), task="causal"))
+
+    def build(tokens: int) -> dict:
+        train = api.TrainConfig(epochs=1, max_steps_per_epoch=1, ffn_refit_tokens=tokens)
+        ctx = context(session, MapConfig(eval_sentences=16), train=train, record={})
+        make_student(session, ctx, {1: ffn}, run=tmp_path / "s", origin="test", finetune=PlanFinetune(epochs=0),
+                     train=False)
+        best = tmp_path / "s" / "model" / "best"
+        return {**read_meta(best), "written": max(f.stat().st_mtime_ns for f in best.iterdir())}
+
+    first = build(0)
+    assert "ffn_refit_tokens" not in first["build"] and "refit" not in " ".join(first["sources"])
+    assert build(0)["written"] == first["written"]  # loaded, not written again
+    refit = build(32)
+    assert refit["written"] > first["written"] and refit["build"]["ffn_refit_tokens"] == 32
+    assert "output projection refit on 32 tokens" in " ".join(refit["sources"])
