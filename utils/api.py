@@ -433,7 +433,7 @@ def _train_blocks(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
                 notes={f"block_{i}": n for i, n in notes.items()})
 
 
-def _start_layers(s: Session, job: _BlockRun, probe: dict, ffn_probe: dict | None
+def _start_layers(s: Session, job: _BlockRun, probe: dict, *, ffn_probe: dict | None
                   ) -> tuple[dict[int, tuple[Any, LayerSpec]], dict[int, str]]:
     """The new whole layers, from their starting checkpoints or initialised (heads and neurons ranked on ``probe``;
     a narrower feed-forward part's neurons ranked and its output refit on the first ``ffn_refit_tokens`` tokens)."""
@@ -461,7 +461,7 @@ def _train_layers(s: Session, job: _BlockRun, locks: list) -> TrainedUnits:
     refit = refit_setup(cfg, job.specs, job.train.ffn_refit_tokens) if job.init == "teacher" and not job.started else {}
     data.setup.update(refit)
     ffn_probe = s.refit_probe(data.train_ds, job.train.ffn_refit_tokens) if refit else None
-    layers, notes = _start_layers(s, job, probe, ffn_probe)
+    layers, notes = _start_layers(s, job, probe, ffn_probe=ffn_probe)
     names = LayerDistill.features_of(list(job.specs), len(cfg.layers))
     cache = s.teacher_cache(data.train_ds, names, job.cache_dir) if job.cache_dir is not None else None
     task = LayerDistill(s.teacher, layers, criterion=job.loss.criterion, cache=cache, seed=job.train.seed).to(s.device)
