@@ -34,7 +34,7 @@ from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit, run_setup
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from ..errors import SettingError
-from ..training.units import head_rankings, neuron_rankings, refit_setup, unit_meta
+from ..training.units import head_rankings, narrows_ffn, neuron_rankings, refit_setup, unit_meta
 from .planner import COSTS, PlanError
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
             raise SettingError(f"option '{opt.name}' at layer {i}: {e}") from None
     importance = head_rankings(t, ctx.probe, [i for i, s in specs.items() if s.attention in ("mha", "gqa")
                                               and s.num_heads < cfg.layers[i].num_heads])
-    narrow = [i for i, s in specs.items() if 0 < s.intermediate_size < cfg.layers[i].intermediate_size]
+    narrow = [i for i, s in specs.items() if narrows_ffn(cfg, i, s)]
     refit = [i for i in narrow if choices[i].kind != "merge" and ctx.ffn_probe is not None]
     neurons = {**neuron_rankings(t, ctx.probe, [i for i in narrow if i not in refit]),
                **neuron_rankings(t, ctx.ffn_probe, refit, keep_inputs=True)}
