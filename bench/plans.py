@@ -451,8 +451,8 @@ def build_models(b: Bench, per_target: dict[str, list[dict[str, Any]]], out: Pat
             if key in models:
                 continue
             run = out / f"model_{hashlib.sha1(key.encode()).hexdigest()[:10]}"  # the same plan: the same folder
-            student, _ = make_student(b.s, b.ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
-                                      finetune=plan_finetune(b.args), train=m["trained"], map_units=map_units(b.args))
+            student = make_student(b.s, b.ctx, m["choices"], run=run, origin=f"bench/plans.py: {key}",
+                                   finetune=plan_finetune(b.args), train=m["trained"], map_units=map_units(b.args))
             models[key] = {"key": key, "run": str(run), "trained": m["trained"], "params": student.num_parameters(),
                            "kv_bytes": student.config.kv_cache_bytes_per_token()}
             del student

@@ -1002,10 +1002,10 @@ def _build_planned(s: Session, ctx: Any, plan: Plan, *, smap: dict[str, Any], ru
                    ) -> tuple[SwappableModel, dict[str, Any]]:
     """The student of ``plan`` made (``make_student``) and measured (``_measure_plan``): (student, results)."""
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
-    student, units = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
-                                  origin=f"plan from {smap.get('teacher')} map: {plan.budget}", finetune=finetune,
-                                  map_units=map_units)
-    return student, _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(units),
+    student = make_student(s, ctx, {i: options[name] for i, name in plan.choices.items()}, run=run,
+                           origin=f"plan from {smap.get('teacher')} map: {plan.budget}", finetune=finetune,
+                           map_units=map_units)
+    return student, _measure_plan(s, student, smap=smap, plan=plan, finetune=finetune, trained=bool(plan.choices),
                                   timing=timing, target=target, llama=llama)
 
 

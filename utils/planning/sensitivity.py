@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from models.hf import weights_hash
 from models.staging import read_kept, write_kept, write_staged
 from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import Timing
-from ..storage.checkpoint import load_checkpoint, load_into
+from ..storage.checkpoint import load_checkpoint, load_into, read_meta
 from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit, run_setup
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
@@ -216,11 +216,9 @@ class Built:
     note: str
 
 
-def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
-    """Teacher-initialised units (query heads ranked on the probe batch, SVD head_dim, feed-forward neurons ranked by
-    activation on it, a single layer's instead on the refit probe, where its output projection is then refit; a
-    merged pair from its first layer), built by ``models.compress`` as the scripts build theirs; a dropped layer is
-    an empty layer."""
+def unit_specs(ctx: Context, choices: dict[int, Option]) -> dict[int, LayerSpec]:
+    """The layer spec each of ``choices`` (first teacher layer -> Option) gives the model; raises where an option
+    does not apply to its layer or its kind is unknown."""
     t, cfg = ctx.teacher, ctx.teacher.config
     specs: dict[int, LayerSpec] = {}
     for i, opt in sorted(choices.items()):
@@ -233,10 +231,20 @@ def build_units(ctx: Context, choices: dict[int, Option]) -> dict[int, Built]:
             specs[i] = opt.spec(i, cfg)
         except ValueError as e:
             raise SettingError(f"option '{opt.name}' at layer {i}: {e}") from None
+    return specs
+
+
+def build_units(ctx: Context, choices: dict[int, Option], *, no_refit: Collection[int] = ()) -> dict[int, Built]:
+    """Teacher-initialised units (query heads ranked on the probe batch, SVD head_dim, feed-forward neurons ranked by
+    activation on it, a single layer's instead on the refit probe, where its output projection is then refit; a
+    merged pair from its first layer), built by ``models.compress`` as the scripts build theirs; a dropped layer is
+    an empty layer. Layers in ``no_refit`` (whose trained weights are loaded over the start) skip the refit."""
+    t, cfg = ctx.teacher, ctx.teacher.config
+    specs = unit_specs(ctx, choices)
     importance = head_rankings(t, ctx.probe, [i for i, s in specs.items() if s.attention in ("mha", "gqa")
                                               and s.num_heads < cfg.layers[i].num_heads])
     narrow = [i for i, s in specs.items() if narrows_ffn(cfg, i, s)]
-    refit = [i for i in narrow if choices[i].kind != "merge" and ctx.ffn_probe is not None]
+    refit = [i for i in narrow if choices[i].kind != "merge" and ctx.ffn_probe is not None and i not in no_refit]
     neurons = {**neuron_rankings(t, ctx.probe, [i for i in narrow if i not in refit]),
                **neuron_rankings(t, ctx.ffn_probe, refit, keep_inputs=True)}
     out = {}
@@ -293,49 +301,59 @@ def train_units(ctx: Context, units: dict[int, Built], run_dir: Path) -> dict[st
     return finals
 
 
-def units_refit(ctx: Context, units: dict[int, Built]) -> dict[str, int]:
-    """``{"ffn_refit_tokens": N}`` where a single layer's feed-forward part among ``units`` started from the refit
-    (``training.units.refit_setup``), else empty."""
+def plan_refit(ctx: Context, choices: dict[int, Option], specs: dict[int, LayerSpec]) -> dict[str, int]:
+    """``{"ffn_refit_tokens": N}`` where a single layer's feed-forward part among ``choices`` (of ``specs``,
+    ``unit_specs``) starts from the refit (``training.units.refit_setup``), else empty."""
     if ctx.ffn_probe is None:
         return {}
-    single = {i: b.spec for i, b in units.items() if b.option.kind in ("ffn", "layer")}
+    single = {i: specs[i] for i, o in choices.items() if o.kind in ("ffn", "layer")}
     return refit_setup(ctx.teacher.config, single, ctx.train_cfg.ffn_refit_tokens)
 
 
 def unit_setup(ctx: Context, units: dict[int, Built]) -> dict[str, Any]:
     """The training setup of ``units`` trained together: the context's, and the refit where there was one."""
-    return {**ctx.setup, **units_refit(ctx, units)}
+    return {**ctx.setup, **plan_refit(ctx, {i: b.option for i, b in units.items()},
+                                      {i: b.spec for i, b in units.items()})}
 
 
-def reuse_trained(ctx: Context, units: dict[int, Built], folder: Path) -> dict[int, Built]:
-    """Load into ``units`` the ones a map already trained in ``folder`` (its ``units/``: same option, layer, teacher
-    and training setup, trained for all the epochs asked); returns the others, which still need training."""
-    rest = {}
-    for i, b in units.items():
-        kind = TASK_KIND.get(b.option.kind)
+def map_trained(ctx: Context, choices: dict[int, Option], folder: Path) -> dict[int, Path]:
+    """The units of ``choices`` a map already trained in ``folder`` (its ``units/``: same option, layer, teacher and
+    training setup, trained for all the epochs asked): layer -> the unit's folder. Known before any unit is built,
+    so those units need neither the refit nor training (``load_map_trained``)."""
+    specs = unit_specs(ctx, choices)
+    found = {}
+    for i, opt in sorted(choices.items()):
+        kind = TASK_KIND.get(opt.kind)
         if kind is None:  # a dropped layer: nothing to train
             continue
-        d = folder / b.option.name.replace(" ", "_") / f"{kind}_{i}"
-        setup = json.loads(json.dumps(run_setup(ctx.train_cfg, unit_setup(ctx, {i: b}))))
-        why = _trained_elsewhere(d, b, ctx, setup=setup)
+        d = folder / opt.name.replace(" ", "_") / f"{kind}_{i}"
+        setup = {**ctx.setup, **plan_refit(ctx, {i: opt}, {i: specs[i]})}
+        why = _trained_elsewhere(d, opt, ctx, setup=json.loads(json.dumps(run_setup(ctx.train_cfg, setup))))
         if why:
-            rest[i] = b
-            log.info("layer %d %s: training it (%s)", i, b.option.name, why)
-            continue
+            log.info("layer %d %s: training it (%s)", i, opt.name, why)
+        else:
+            found[i] = d
+    return found
+
+
+def load_map_trained(units: dict[int, Built], found: dict[int, Path]) -> None:
+    """Load into ``units`` the map's trained units ``found`` (``map_trained``); their notes say how the map's unit
+    started and where it was trained."""
+    for i, d in found.items():
         sd, _, _ = load_checkpoint(d / "best")
-        load_into(b.module, sd, d / "best")
-        b.note += f"; trained by the map ({d})"
-    return rest
+        load_into(units[i].module, sd, d / "best")
+        started = read_meta(d / "best").get("init") or units[i].note
+        units[i].note = f"{started}; trained by the map ({d})"
 
 
-def _trained_elsewhere(d: Path, b: Built, ctx: Context, *, setup: dict[str, Any]) -> str | None:
-    """Why the unit in ``d`` cannot stand for ``b`` (None: it can)."""
+def _trained_elsewhere(d: Path, option: Option, ctx: Context, *, setup: dict[str, Any]) -> str | None:
+    """Why the unit in ``d`` cannot stand for a unit of ``option`` trained with ``setup`` (None: it can)."""
     if not (d / "best" / "meta.json").is_file() or not (d / "run.json").is_file():
         return f"no trained unit in '{d}'"
     last = json.loads((d / "last" / "meta.json").read_text()) if (d / "last" / "meta.json").is_file() else {}
-    if last.get("teacher_hash") != ctx.teacher_hash or last.get("option") != b.option.name:
+    if last.get("teacher_hash") != ctx.teacher_hash or last.get("option") != option.name:
         return f"'{d}' holds another teacher's or option's unit"
-    if b.option.kind == "block" and last.get("loss_on") != list(ctx.block_loss):
+    if option.kind == "block" and last.get("loss_on") != list(ctx.block_loss):
         return f"'{d}' was trained on {last.get('loss_on')}, not {list(ctx.block_loss)}"
     if last.get("epoch", 0) < ctx.train_cfg.epochs:
         return f"'{d}' trained {last.get('epoch', 0)} of {ctx.train_cfg.epochs} epochs"

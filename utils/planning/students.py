@@ -23,8 +23,8 @@ from ..evaluation.speed import Timing
 from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
 from .runtimes import check_runtime, check_runtime_teacher, runtime_map, runtime_options, time_map_in_llama_cpp
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
-                          compose_units, default_options, option_from_dict, random_unit, reuse_trained, speed_fn,
-                          train_units, units_refit, validate_map, write_map)
+                          compose_units, default_options, load_map_trained, map_trained, option_from_dict, plan_refit,
+                          random_unit, speed_fn, train_units, unit_specs, validate_map, write_map)
 
 log = logging.getLogger("simplifying_transformers")
 
@@ -149,28 +149,31 @@ def student_dir(run: str | Path) -> Path:
 
 
 def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: Path, origin: str,
-                 finetune: PlanFinetune, train: bool = True, map_units: Path | None = None
-                 ) -> tuple[SwappableModel, dict]:
+                 finetune: PlanFinetune, train: bool = True, map_units: Path | None = None) -> SwappableModel:
     """The student of ``choices`` (first teacher layer -> Option): its units initialised from the teacher and, with
     ``train``, retrained on the teacher's features (``<run>/units``), composed into a copy of the teacher and
     fine-tuned end to end by KD (``finetune.epochs``); saved as ``<run>/model/best``. ``train=False`` gives the
     untrained baseline of the same plan (kept top heads, top FFN neurons, the first layer of a merged pair).
-    ``map_units``: a map's ``units/`` folder; units it trained with this setup are loaded, not trained again. Returns
-    (student, units)."""
+    ``map_units``: a map's ``units/`` folder; units it trained with this setup are loaded, not trained again (nor
+    refit). A student ``<run>`` already holds, built with the same plan and settings, is loaded without building any
+    unit."""
     teacher = s.teacher
-    units = build_units(ctx, choices)
-    trains = train and any(TASK_KIND.get(b.option.kind) for b in units.values())  # not only dropped layers
+    plan = {str(i): o.name for i, o in sorted(choices.items())}
+    trains = train and any(TASK_KIND.get(o.kind) for o in choices.values())  # not only dropped layers
     heal_data = _heal_data(s, ctx, finetune) if train and finetune.epochs > 0 else None
     build = _build_record(ctx, finetune, train=train, units=trains, map_units=map_units if trains else None,
-                          heal_setup=heal_data.setup if heal_data else ctx.setup, refit=units_refit(ctx, units))
-    why = unfinished_student(run, ctx, {str(i): b.option.name for i, b in units.items()}, build=build,
-                             heal_epochs=finetune.epochs if train and units else 0)
-    if why is None:
+                          heal_setup=heal_data.setup if heal_data else ctx.setup,
+                          refit=plan_refit(ctx, choices, unit_specs(ctx, choices)))
+    why = unfinished_student(run, ctx, plan, build=build, heal_epochs=finetune.epochs if train and choices else 0)
+    if why is None:  # asked before any unit is built (a refit runs the teacher over its probe)
         log.info("student %s: built before with the same plan and settings; loaded", run)
         student, _ = load_model(student_dir(run))
-        return student.to(s.device), units
+        return student.to(s.device)
     log.info("student %s: building it (%s)", run, why)
-    rest = reuse_trained(ctx, units, map_units) if train and map_units is not None else units
+    from_map = map_trained(ctx, choices, map_units) if trains and map_units is not None else {}
+    units = build_units(ctx, choices, no_refit=from_map)  # the map's units are loaded over their start
+    load_map_trained(units, from_map)
+    rest = {i: b for i, b in units.items() if i not in from_map}
     if rest and train:
         train_units(ctx, rest, run / "units")
     student = clone_model(compose_units(teacher, units)).to(s.device)
@@ -178,10 +181,10 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
     sources = [origin] + [f"layer {i}: {b.option.name} ({b.note}{'' if train else '; untrained'})"
                           for i, b in sorted(units.items())]
     meta = {"teacher": ctx.teacher_name, "teacher_hash": s.teacher_hash, "sources": sources,
-            "plan": {str(i): b.option.name for i, b in units.items()}, "build": build}
+            "plan": plan, "build": build}
     if not (train and finetune.epochs > 0 and units):
         save_model(student, student_dir(run), meta)
-        return student, units
+        return student
     student.requires_grad_(True)  # end to end: the teacher's layers it kept (frozen in the teacher) train too
     task = _heal_task(s, ctx, student, finetune=finetune, heal_data=heal_data)
     cfg = _heal_config(ctx, finetune)
@@ -191,7 +194,7 @@ def make_student(s: Session, ctx: Context, choices: dict[int, Option], *, run: P
             setup=heal_data.setup, record=ctx.record, run_meta={"run_dir": str(run)}
             ).fit(heal_data.loader, heal_data.sampler)
     student, _ = load_model(student_dir(run))
-    return student.to(s.device), units
+    return student.to(s.device)
 
 
 def _heal_task(s: Session, ctx: Context, student: SwappableModel, *, finetune: PlanFinetune,

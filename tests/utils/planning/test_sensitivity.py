@@ -202,10 +202,10 @@ def test_ffn_units_start_refit_and_a_copy_started_unit_is_not_reused_as_one(tiny
                                                                              capsys):
     """A map's narrower feed-forward units start with their output projection refit on the first training tokens
     (--ffn-refit-tokens, on by default; 0: the plain copy). The refit is part of the units' training setup: a map
-    made without it is not continued with it (one-line error), and a plan reading that map's units
-    (``reuse_trained``) trains its own refit units instead, while a plan without the refit reuses them."""
+    made without it is not continued with it (one-line error), and a plan reading that map's units (``map_trained``)
+    trains its own refit units instead, while a plan without the refit reuses them."""
     from utils import api
-    from utils.planning.sensitivity import build_units, option_from_dict, reuse_trained
+    from utils.planning.sensitivity import build_units, load_map_trained, map_trained, option_from_dict
     from utils.planning.students import MapConfig, context
     from utils.storage.checkpoint import read_meta
 
@@ -229,13 +229,57 @@ def test_ffn_units_start_refit_and_a_copy_started_unit_is_not_reused_as_one(tiny
     def units_to_train(tokens: int) -> tuple[dict, str]:
         train = api.TrainConfig(epochs=1, max_steps_per_epoch=3, ffn_refit_tokens=tokens)
         ctx = context(session, MapConfig(eval_sentences=32), train=train, record={})
-        units = build_units(ctx, {1: option})
-        return reuse_trained(ctx, units, tmp_path / "m" / "units"), units[1].note
+        found = map_trained(ctx, {1: option}, tmp_path / "m" / "units")
+        units = build_units(ctx, {1: option}, no_refit=found)
+        load_map_trained(units, found)
+        return found, units[1].note
 
-    rest, note = units_to_train(64)
-    assert list(rest) == [1] and "output projection refit on 64 tokens" in note
-    rest, note = units_to_train(0)
-    assert rest == {} and "trained by the map" in note
+    found, note = units_to_train(64)
+    assert found == {} and "output projection refit on 64 tokens" in note
+    found, note = units_to_train(0)
+    assert list(found) == [1] and "trained by the map" in note and "ffn: top" in note
+
+
+def test_a_planned_student_asks_before_it_builds_and_skips_the_refit_of_map_units(tiny_llama, tiny_corpus, tmp_path,
+                                                                                   monkeypatch):
+    """``make_student`` checks whether its folder already holds the student before it builds any unit (a refit runs
+    the teacher over its probe: a requeued bench that only loads its students should not pay for that), and units a
+    map trained are loaded without being refit first; their notes say how the map's unit started."""
+    from utils import api
+    from utils.planning import sensitivity, students
+    from utils.planning.sensitivity import option_from_dict
+    from utils.planning.students import MapConfig, PlanFinetune, context, make_student
+    from utils.storage.checkpoint import read_meta
+
+    argv = ["--teacher", str(tiny_llama), "--data-dir", str(tiny_corpus), "--out", str(tmp_path), "--run-name", "m",
+            "--seq-len", "16", "--options", "ffn", "--layers", "1,2", "--ffn-refit-tokens", "64"] + FAST
+    assert run_main(sensitivity_map.main, sensitivity_map.build_parser(), argv) == 0
+    option = option_from_dict(json.loads((tmp_path / "m" / "sensitivity.json").read_text())["options"][0])
+    session = api.load_teacher(str(tiny_llama), device="cpu",
+                               data=api.DataConfig(data_dir=str(tiny_corpus), seq_len=16, batch_size=16))
+    train = api.TrainConfig(epochs=1, max_steps_per_epoch=3, ffn_refit_tokens=64)
+    ctx = context(session, MapConfig(eval_sentences=32), train=train, record={})
+    refit_layers: list[int] = []
+    rank = sensitivity.neuron_rankings
+    monkeypatch.setattr(sensitivity, "neuron_rankings", lambda t, probe, layers, **kw: (
+        refit_layers.extend(layers if kw.get("keep_inputs") else []), rank(t, probe, layers, **kw))[1])
+
+    def build() -> dict:
+        make_student(session, ctx, {1: option, 2: option}, run=tmp_path / "s", origin="test",
+                     finetune=PlanFinetune(epochs=0), map_units=tmp_path / "m" / "units")
+        return read_meta(tmp_path / "s" / "model" / "best")
+
+    meta = build()
+    assert refit_layers == []  # both units came from the map: neither was refit again
+    sources = " ".join(meta["sources"])
+    assert sources.count("trained by the map") == 2 and sources.count("output projection refit on 64 tokens") == 2
+    assert meta["build"]["ffn_refit_tokens"] == 64 and not (tmp_path / "s" / "units").exists()
+
+    def no_units(*args, **kwargs):
+        raise AssertionError("a unit was built for a student the folder already holds")
+
+    monkeypatch.setattr(students, "build_units", no_units)
+    assert build()["sources"] == meta["sources"]  # loaded as it was
 
 
 def test_ffn_refit_flag_where_units_narrow_a_feed_forward_part():
