@@ -511,8 +511,11 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
         if not choices:
             continue
         t1 = time.perf_counter()
-        units = build_units(ctx, choices)
         folder = run_dir / opt.name.replace(" ", "_")
+        resumed = _resumed_starts(ctx, opt, list(choices), folder)
+        units = build_units(ctx, choices, no_refit=resumed)  # resumed units continue from their own weights
+        for i, note in resumed.items():
+            units[i].note = note or units[i].note
         finals = train_units(ctx, units, folder)  # units a stopped run trained are loaded, not trained again
         train_s = time.perf_counter() - t1
         all_units.extend(units.values())
@@ -549,6 +552,23 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
                                                       "predicted_tokens") if k in base},
             "eval_sentences": base.get("predicted_tokens", base["sentences"]), "timing": timed, "entries": entries,
             "device": str(ctx.device), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _resumed_starts(ctx: Context, opt: Option, layers: list[int], folder: Path) -> dict[int, str]:
+    """How each unit of ``opt`` on ``layers`` started (layer -> note), read from its resume point in ``folder``, where
+    the run resumes and every one of them has a point: the Trainer then continues from those weights, so their start
+    (a refit's teacher pass among it) is not needed. Empty otherwise."""
+    kind = TASK_KIND.get(opt.kind)
+    if kind is None or not ctx.train_cfg.resume:
+        return {}
+    notes = {}
+    for i in layers:
+        point = next((d for d in (folder / f"{kind}_{i}" / "resume", folder / f"{kind}_{i}" / "resume.old")
+                      if (d / "meta.json").is_file()), None)
+        if point is None:
+            return {}
+        notes[i] = (read_meta(point).get("unit_meta") or {}).get("init", "")
+    return notes
 
 
 MEASURED = "measured.json"  # beside an option's units: their map entries, for a run that was stopped after them

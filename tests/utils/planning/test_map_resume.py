@@ -77,3 +77,19 @@ def test_a_map_whose_first_resume_save_was_cut_short_starts_that_option_again(ti
     assert _entries(resumed) == _entries(whole)
     assert {read_meta(units / f"block_{i}" / "resume")["run_id"] for i in (0, 1)} == {
         json.loads((units / "block_0" / "run.json").read_text())["run_id"]}  # one run's points, the new run's
+
+
+def test_a_resumed_maps_units_are_not_refit_again(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+    """Units that continue from their resume points do not need their start: a resumed map skips the refit of its
+    narrower feed-forward units (a teacher pass over the probe each time) and still says how they started."""
+    first = _map(tiny_teacher, tiny_corpus, tmp_path, resume=True, ffn_refit_tokens=64)
+    ffn = [e for e in first["entries"] if e["option"].startswith("ffn")]
+    assert ffn and all("output projection refit on" in e["init"] for e in ffn)
+    for f in (tmp_path / "units").glob("ffn*/measured.json"):
+        f.unlink()  # measured again: the entries' notes come from the resumed units
+    refit: list[int] = []
+    rank = sensitivity.neuron_rankings
+    monkeypatch.setattr(sensitivity, "neuron_rankings", lambda t, probe, layers, **kw: (
+        refit.extend(layers if kw.get("keep_inputs") else []), rank(t, probe, layers, **kw))[1])
+    again = _map(tiny_teacher, tiny_corpus, tmp_path, resume=True, ffn_refit_tokens=64)
+    assert refit == [] and _entries(again) == _entries(first)
