@@ -512,7 +512,7 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
             continue
         t1 = time.perf_counter()
         folder = run_dir / opt.name.replace(" ", "_")
-        resumed = _resumed_starts(ctx, opt, list(choices), folder)
+        resumed = _resumed_starts(ctx, opt, layers=list(choices), folder=folder)
         units = build_units(ctx, choices, no_refit=resumed)  # resumed units continue from their own weights
         for i, note in resumed.items():
             units[i].note = note or units[i].note
@@ -554,7 +554,7 @@ def build_map(ctx: Context, options: list[Option], layers: list[int], *, run_dir
             "device": str(ctx.device), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def _resumed_starts(ctx: Context, opt: Option, layers: list[int], folder: Path) -> dict[int, str]:
+def _resumed_starts(ctx: Context, opt: Option, *, layers: list[int], folder: Path) -> dict[int, str]:
     """How each unit of ``opt`` on ``layers`` started (layer -> note), read from its resume point in ``folder``, where
     the run resumes and every one of them has a point: the Trainer then continues from those weights, so their start
     (a refit's teacher pass among it) is not needed. Empty otherwise."""
