@@ -31,7 +31,7 @@ from ..evaluation.metrics import UnitEvaluator
 from ..evaluation.speed import Timing
 from ..storage.checkpoint import load_checkpoint, load_into, read_meta
 from ..storage.features import TeacherCache
-from ..training.loop import TrainConfig, Trainer, Unit, run_setup
+from ..training.loop import TrainConfig, Trainer, Unit, run_setup, stored_unit_meta
 from ..training.tasks import BlockDistill, LayerDistill, MergeDistill, describe_losses
 from ..errors import SettingError
 from ..training.units import head_rankings, narrows_ffn, neuron_rankings, refit_setup, unit_meta
@@ -563,11 +563,10 @@ def _resumed_starts(ctx: Context, opt: Option, *, layers: list[int], folder: Pat
         return {}
     notes = {}
     for i in layers:
-        point = next((d for d in (folder / f"{kind}_{i}" / "resume", folder / f"{kind}_{i}" / "resume.old")
-                      if (d / "meta.json").is_file()), None)
-        if point is None:
+        meta = stored_unit_meta(folder / f"{kind}_{i}")
+        if meta is None:
             return {}
-        notes[i] = (read_meta(point).get("unit_meta") or {}).get("init", "")
+        notes[i] = meta.get("init", "")
     return notes
 
 
