@@ -252,8 +252,12 @@ def _build_record(ctx: Context, finetune: PlanFinetune, *, train: bool, units: b
 
 
 def _heal_config(ctx: Context, finetune: PlanFinetune) -> TrainConfig:
+    """The heal's training settings. A finished heal is loaded from ``model/best`` (``unfinished_student``), never
+    continued, so its final resume point (optimizer state twice the student's size) is not kept; a heal stopped
+    part-way keeps its points and resumes."""
     return dataclasses.replace(ctx.train_cfg, epochs=finetune.epochs, lr=finetune.lr, keep_start=finetune.keep_start,
-                               max_steps_per_epoch=finetune.max_steps or ctx.train_cfg.max_steps_per_epoch)
+                               max_steps_per_epoch=finetune.max_steps or ctx.train_cfg.max_steps_per_epoch,
+                               keep_final_resume=False)
 
 
 def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: dict[str, Any], heal_epochs: int

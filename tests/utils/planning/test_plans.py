@@ -297,6 +297,9 @@ def test_planner_retimes_a_decode_plan_and_exports(tiny_llama, tiny_corpus, tmp_
     assert res["target_met_measured"] == (res["decode_measured_speedup"] >= 1.05)
     assert "student_perplexity" in res["metrics"] and (tmp_path / "hf" / "config.json").is_file()
     assert res["test_windows"] > 0 and "test_sentences" not in res  # token windows, named so (issue 32.6)
+    # a finished heal is loaded, never continued: its resume point (optimizer state) is not kept
+    healed = tmp_path / "plan" / "model"
+    assert (healed / "best").is_dir() and (healed / "last").is_dir() and not (healed / "resume").exists()
     # units the map trained with this setup are loaded from its units/ folder, not trained again
     trained = [x for x in read_meta(tmp_path / "plan" / "model" / "best")["sources"] if "trained by the map" in x]
     assert not (tmp_path / "plan" / "units").exists() and len(trained) == sum(
