@@ -121,7 +121,7 @@ class Unit:
 
     @property
     def resume_dir(self) -> Path:
-        return self.out_dir / "resume"
+        return resume_points(self.out_dir)[0]
 
 
 @dataclass(frozen=True, order=True)
@@ -332,7 +332,7 @@ class Trainer:
         runtime.barrier()  # no rank stops (and ends the job) while rank 0 still writes
 
     def _resume_candidates(self, u: Unit) -> list[Path]:
-        return [d for d in (u.resume_dir, u.out_dir / "resume.old") if has_checkpoint(d)]
+        return [d for d in resume_points(u.out_dir) if has_checkpoint(d)]
 
     def _check_resume_meta(self, u: Unit, meta: dict[str, Any], where: Path) -> None:
         if meta.get("unit") != u.name:
@@ -653,7 +653,7 @@ class Trainer:
         log.info("epoch %d/%d  train loss %s  %.1fs  %s", epoch + 1, self.cfg.epochs, loss_text, elapsed, shown)
         self._save_epoch(epoch, metrics)
         self.position = Position(epoch + 1, 0, self.position.global_step)
-        if self.finished and not self.cfg.keep_final_resume:
+        if self._drops_final_resume:
             self._drop_resume()
         else:
             self._save_resume(self.position)
@@ -667,16 +667,17 @@ class Trainer:
         return metrics
 
     @property
-    def finished(self) -> bool:
-        """Whether every epoch is done (the position is past the last one)."""
-        return self.position.epoch >= self.cfg.epochs
+    def _drops_final_resume(self) -> bool:
+        """Whether every epoch is done (the position is past the last one) and ``keep_final_resume`` is off: the run
+        keeps no resume point."""
+        return self.position.epoch >= self.cfg.epochs and not self.cfg.keep_final_resume
 
     def _drop_resume(self) -> None:
         """The run is finished and ``keep_final_resume`` is off: its units' resume points (and the previous points
         several units keep) are removed; ``best`` and ``last`` stay."""
         if runtime.is_main_process():
             for u in self.units:
-                for d in (u.resume_dir, u.out_dir / f"{u.resume_dir.name}.old"):
+                for d in resume_points(u.out_dir):
                     remove_checkpoint(d)
                 sharding.remove_stale_shards(u.out_dir, u.resume_dir.name)
             log.info("training finished: resume point removed (keep_final_resume off); best and last kept in %s",
@@ -687,7 +688,7 @@ class Trainer:
         note_stop(name)  # a signal while this stop unwinds must not start another
         where = ", ".join(str(u.resume_dir) for u in self.units)
         p = self.position
-        if self.finished and not self.cfg.keep_final_resume:
+        if self._drops_final_resume:
             raise Stopped(f"stopped by {name} after the last epoch: training is finished (nothing to resume); its "
                           f"checkpoints are in {', '.join(str(u.out_dir) for u in self.units)}",
                           STOP_SIGNALS.get(name, 143))
@@ -779,11 +780,17 @@ def _skip(loader, sampler, n: int):
     return itertools.islice(loader, n, None) if n else loader
 
 
+def resume_points(unit_dir: str | Path) -> tuple[Path, Path]:
+    """Where a unit's resume point lives in ``unit_dir``, and the previous point a save keeps beside it
+    (``save_checkpoint(keep_previous=True)``: several units find a position they all reached)."""
+    return Path(unit_dir) / "resume", Path(unit_dir) / "resume.old"
+
+
 def stored_unit_meta(unit_dir: str | Path) -> dict[str, Any] | None:
     """The unit metadata stored with the resume point in ``unit_dir`` (``resume``, else the previous one kept as
     ``resume.old``), or None where there is none: what a resumed run reuses instead of recomputing (the scales of
     balanced loss terms)."""
-    for d in (Path(unit_dir) / "resume", Path(unit_dir) / "resume.old"):
+    for d in resume_points(unit_dir):
         if has_checkpoint(d):
             meta = read_meta(d).get("unit_meta")
             if isinstance(meta, dict):
