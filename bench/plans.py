@@ -82,7 +82,7 @@ from utils.evaluation.chat import (FIRST, PREFIX_TOKENS, ChatConfig, compare_cha
 from utils.evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp, llama_timer  # noqa: E402
 from utils.evaluation.metrics import compare_models, token_scores  # noqa: E402
 from utils.evaluation.stats import mcnemar, paired_t, sign_test  # noqa: E402
-from utils.evaluation.speed import Timing  # noqa: E402
+from utils.evaluation.speed import LoadLog, Timing, load_text  # noqa: E402
 from utils.evaluation.texts import read_texts, text_dataset  # noqa: E402
 from utils.planning import baselines  # noqa: E402
 from utils.planning.planner import COSTS, SPEED_KEYS, PlanError, Target, meets_as_measured  # noqa: E402
@@ -208,11 +208,13 @@ class Bench:
         self.n = smap["layers"]
         self.orders: dict[str, list[int]] = {}
         self.why: dict[str, list[str]] = {}
+        self.load = LoadLog()  # the machine's load during every timing of this run
 
     def measured_speedup(self, choices: dict[int, Option], speed: str) -> float:
         """The speed-up of the plan's units (untrained: the same speed) in the teacher, timed round-robin (with
         --runtime llama.cpp, in llama.cpp)."""
-        return time_plan(self.teacher, choices, speed=speed, timing=self.timing, llama=self.llama)["measured_speedup"]
+        return time_plan(self.teacher, choices, speed=speed, timing=self.timing, llama=self.llama,
+                         load=self.load)["measured_speedup"]
 
     def meets(self, target: Target, trace: list[str] | None = None) -> Callable[[dict[int, Option]], bool]:
         """Whether a plan meets ``target``: its KV-cache fraction, or (a speed-up) the planned student's rule
@@ -535,7 +537,8 @@ def evaluate(b: Bench, models: dict[str, dict[str, Any]], test, docs: dict[str, 
     for speed in speeds:
         teacher_ms = list(timed[f"{speed}_teacher"].values())
         timed[speed]["teacher"] = statistics.median(teacher_ms) if teacher_ms else b.timing.ms(
-            {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}, s.device)["teacher"]
+            {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}, s.device,
+            load=b.load)["teacher"]
     return Evaluation(test=scores.pop(""), texts=scores, chat=chatted, chat_shared=shared, timed=timed)
 
 
@@ -589,7 +592,7 @@ def time_group(b: Bench, group: dict[str, SwappableModel], *, speeds: tuple[str,
     for speed in speeds:
         fns = {"teacher": speed_fn(b.teacher, speed, batch=b.timing.batch, seq=b.timing.seq)}
         fns.update({key: speed_fn(m, speed, batch=b.timing.batch, seq=b.timing.seq) for key, m in group.items()})
-        ms = b.timing.ms(fns, b.s.device)
+        ms = b.timing.ms(fns, b.s.device, load=b.load)
         into[speed].update({key: ms[key] for key in group})
         into[f"{speed}_teacher"].update({key: ms["teacher"] for key in group})
     if b.llama is not None:  # each against the teacher's file, round-robin, in llama.cpp
@@ -666,6 +669,7 @@ def summarise(b: Bench, per_target, models, scored: Scores, timed, targets: list
             "teacher_kv_bytes": b.teacher.config.kv_cache_bytes_per_token(),
             "teacher_prefill_ms": timed["prefill"]["teacher"],
             "teacher_decode_ms": timed.get("decode", {}).get("teacher"),
+            "timing_load": b.load.summary(),
             "test_items": items,
             "targets": [t.name for t in targets], "rows": rows, "tests": tests,
             "budget": {"max_train_sentences": b.args.max_train_sentences, "epochs": b.args.epochs,
@@ -733,10 +737,16 @@ def markdown(r: dict[str, Any]) -> str:
     return text
 
 
+def _timed_on(r: dict[str, Any]) -> str:
+    """The device the run timed on, and the machine's load during its timings (results of older runs: the device)."""
+    load = load_text(r.get("timing_load") or {})
+    return f"{r['device']}, {load}" if load else r["device"]
+
+
 def _markdown_mlm(r: dict[str, Any]) -> str:
     t1 = r["teacher_metrics"].get("teacher_top1", float("nan"))
     lines = [f"Teacher {Path(r['teacher']).name}: top-1 {t1:.4f}, {r['teacher_params'] / 1e6:.2f} M parameters, "
-             f"encoder {r['teacher_prefill_ms']:.1f} ms ({r['device']}); {r['test_items']} test sentences.", "",
+             f"encoder {r['teacher_prefill_ms']:.1f} ms ({_timed_on(r)}); {r['test_items']} test sentences.", "",
              "| target | method | plan | params (M) | encoder ms | speed-up measured | top-1 (x teacher) | top-5 "
              "| agreement | KL | hidden cos |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
@@ -762,7 +772,8 @@ def _markdown_causal(r: dict[str, Any]) -> str:
     ppl = r["teacher_metrics"].get("teacher_perplexity", float("nan"))
     lines = [f"Teacher {Path(r['teacher']).name}: perplexity {ppl:.3f}, {r['teacher_params'] / 1e6:.2f} M parameters, "
              f"KV cache {r['teacher_kv_bytes']:,} bytes per token, prefill {r['teacher_prefill_ms']:.1f} ms, decode "
-             f"{r['teacher_decode_ms']:.2f} ms per token ({r['device']}); {r['test_items']} predicted test tokens.", "",
+             f"{r['teacher_decode_ms']:.2f} ms per token ({_timed_on(r)}); {r['test_items']} predicted test tokens.",
+             "",
              "| target | method | params (M) | KV (x teacher) | prefill speed-up | decode speed-up | perplexity "
              "(x teacher) | agreement | KL |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     llama = next((row["llama_cpp"] for row in r["rows"] if "llama_cpp" in row), None)

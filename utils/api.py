@@ -41,7 +41,7 @@ from .evaluation.metrics import CausalComparison, EvalConfig, EvalResult, compar
 from .evaluation.teacher_text import TeacherText, TeacherTextConfig, write_teacher_text as _write_teacher_text
 from .evaluation.report import counted, write_report
 from .evaluation.llama_cpp import LlamaCppTimer, check_llama_cpp, llama_timer
-from .evaluation.speed import Timing, decoder_costs
+from .evaluation.speed import LoadLog, Timing, decoder_costs
 from .evaluation.texts import EvalText, read_texts, score_texts, write_scalars
 from .planning.planner import RETIME_ROUNDS, SPEED_MARGIN, SPEED_KEYS, Plan, Target, budget_problem
 from .planning.runtimes import check_runtime_teacher, runtime_map
@@ -1103,10 +1103,11 @@ def _measure_plan(s: Session, student: SwappableModel, *, smap: dict[str, Any], 
            "teacher_kv_bytes_per_token": teacher.config.kv_cache_bytes_per_token(),
            "student_kv_bytes_per_token": student.config.kv_cache_bytes_per_token(),
            "fine_tune_epochs": finetune.epochs if trained else 0}
+    load = LoadLog()
     for speed in ("prefill", "decode") if teacher.TASK == "causal" else ("prefill",):
         total_key, gain_key, _ = SPEED_KEYS[speed]
         ms = timing.ms({who: speed_fn(model, speed, batch=timing.batch, seq=timing.seq)
-                        for who, model in (("teacher", teacher), ("student", student))}, s.device)
+                        for who, model in (("teacher", teacher), ("student", student))}, s.device, load=load)
         predicted = smap["timing"][total_key] - sum(e[gain_key] for e in smap["entries"]
                                                    if plan.choices.get(e["layer"]) == e["option"])
         prefix = "" if speed == "prefill" else "decode_"  # the prefill keys keep their names of the BERT days
@@ -1114,6 +1115,7 @@ def _measure_plan(s: Session, student: SwappableModel, *, smap: dict[str, Any], 
                     f"{prefix}predicted_speedup": smap["timing"][total_key] / predicted,
                     f"{prefix}measured_encoder_ms": {"teacher": ms["teacher"], "student": ms["student"]},
                     f"{prefix}measured_speedup": ms["teacher"] / ms["student"]})
+    res["timing_load"] = load.summary()
     if llama is not None:
         res["llama_cpp"] = llama.speeds(student)
     return res

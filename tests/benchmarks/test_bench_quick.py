@@ -5,6 +5,7 @@ scripts that exist with flags they take."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def test_plans_builds_every_method(tiny_llama, tiny_corpus, tmp_path):
     assert {"planned", "uniform", "ShortGPT", "SLEB"} <= {x["method"] for x in r["rows"]}
     assert r["test_items"] > 0 and all(x["kv_bytes"] <= 0.5 * r["teacher_kv_bytes"] for x in r["rows"])
     assert "| KV 0.5 | planned |" in (tmp_path / "b" / "plans.md").read_text()
+    if hasattr(os, "getloadavg"):  # the load during the run's timings, beside them
+        assert r["timing_load"]["cpus"] >= 1 and r["timing_load"]["load_1min_max"] >= r["timing_load"]["load_1min_min"]
+        assert "load average" in (tmp_path / "b" / "plans.md").read_text().splitlines()[0]
 
 
 def test_paired_decoders_tests_each_student(tiny_llama, tiny_corpus, tmp_path):

@@ -3,6 +3,7 @@ decoder and for a masked LM; a bad spec is one error line naming the flag (exit 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -47,8 +48,12 @@ def test_two_texts_in_the_table_and_results(teacher, two_texts, tiny_corpus, tmp
     assert res["texts"]["chat"]["documents"] == 12
     key = "predicted_tokens" if teacher == "tiny_llama" else "sentences"
     assert all(res["texts"][n]["metrics"][key] > 0 for n in ("prose", "chat"))
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| prose |", "| chat |"))]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| prose |", "| chat |"))]
     assert len(rows) == 2
+    if teacher == "tiny_llama" and hasattr(os, "getloadavg"):  # a decoder's speeds, with the load they were timed at
+        assert res["metrics"]["timing_cpus"] >= 1 and res["metrics"]["timing_load_1min_max"] >= 0
+        assert "| speeds timed at | load average " in out
 
 
 def test_without_the_flag_nothing_changes(tiny_teacher, tiny_corpus, tmp_path, capsys):

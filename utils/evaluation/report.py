@@ -8,6 +8,7 @@ from typing import Any
 
 from models.staging import write_staged
 from .metrics import TOPK, EvalResult
+from .speed import load_text
 
 
 def format_table(m: dict[str, Any]) -> str:
@@ -49,6 +50,9 @@ def format_table(m: dict[str, Any]) -> str:
     for label, key in single:
         if key in m:
             lines.append(f"| {label} | {f(m[key])} | |")
+    timing_load = {k.removeprefix("timing_"): v for k, v in m.items() if k.startswith("timing_")}
+    if timing_load:
+        lines.append(f"| speeds timed at | {load_text(timing_load)} | |")
     return "\n".join(lines)
 
 

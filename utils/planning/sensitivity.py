@@ -28,7 +28,7 @@ from models.config import LayerSpec
 from models.hf import weights_hash
 from models.staging import read_kept, write_kept, write_staged
 from ..evaluation.metrics import UnitEvaluator
-from ..evaluation.speed import Timing
+from ..evaluation.speed import LoadLog, Timing, load_text
 from ..storage.checkpoint import load_checkpoint, load_into, read_meta
 from ..storage.features import TeacherCache
 from ..training.loop import TrainConfig, Trainer, Unit, run_setup, stored_unit_meta
@@ -428,7 +428,8 @@ def time_units(teacher: SwappableModel, units: list[Built], timing: Timing) -> d
     layers, and of each unit as the layer(s) it replaces, on one batch x seq input, timed round-robin (``timing``; its
     settings are recorded beside the numbers). For a causal
     LM also one decode step: one new token after ``seq`` cached ones (``decode_ms`` for the whole model, its
-    vocabulary projection included, ``decode_layer_ms``, ``decode_unit_ms``)."""
+    vocabulary projection included, ``decode_layer_ms``, ``decode_unit_ms``). ``load``: the machine's load average
+    while they ran (``LoadLog.summary``), which tells a timing shared with other work."""
     device, batch, seq = next(teacher.parameters()).device, timing.batch, timing.seq
     ids, att = encoder_inputs(teacher, batch=batch, seq=seq, device=device)
     h, ctx = teacher.embed(ids), teacher.context(None, seq)
@@ -444,12 +445,13 @@ def time_units(teacher: SwappableModel, units: list[Built], timing: Timing) -> d
         h1 = teacher.embed(one)
         fns["decode"] = lambda: teacher.lm_logits(teacher.run_layers(teacher.embed(one), step)[:, -1])
         fns.update({f"decode {k}": (lambda m=m: m(h1, step)) for k, m in mods.items()})
-    ms = timing.ms(fns, device)
+    load = LoadLog()
+    ms = timing.ms(fns, device, load=load)
     n = len(teacher.layers)
     out = {"encoder_ms": ms["encoder"], "embeddings_ms": ms["embeddings"],
            "layer_ms": [ms[f"layer {i}"] for i in range(n)],
            "unit_ms": {k: v for k, v in ms.items() if "/" in k and not k.startswith("decode")},
-           "batch": batch, "seq": seq, "reps": timing.reps, "threads": timing.threads_used()}
+           "batch": batch, "seq": seq, "reps": timing.reps, "threads": timing.threads_used(), "load": load.summary()}
     if causal:
         out.update(decode_ms=ms["decode"], decode_layer_ms=[ms[f"decode layer {i}"] for i in range(n)],
                    decode_unit_ms={k[len("decode "):]: v for k, v in ms.items()
@@ -610,6 +612,12 @@ def grid(smap: dict[str, Any]) -> tuple[list[str], list[int], dict[tuple[int, st
     return names, list(range(smap["layers"])), cells
 
 
+def _load_note(timing: dict[str, Any]) -> str:
+    """The machine's load while a map was timed, for its table's heading ("" for a map that did not record it)."""
+    text = load_text(timing.get("load") or {})
+    return f"; {text}" if text else ""
+
+
 def map_markdown(smap: dict[str, Any]) -> str:
     """Layers x options; each cell: top-1 drop (a decoder: perplexity ratio) / agreement / KL / ms saved (a decoder:
     prefill and decode ms saved)."""
@@ -620,12 +628,12 @@ def map_markdown(smap: dict[str, Any]) -> str:
         head = (f"Teacher {smap['teacher']}: perplexity {_f(tm.get('teacher_perplexity'), '{:.3f}')} on "
                 f"{smap['eval_sentences']} predicted validation tokens; prefill {t['encoder_ms']:.1f} ms per "
                 f"{t['batch']}x{t['seq']} batch, decode {t['decode_ms']:.2f} ms per token after {t['seq']} on "
-                f"{smap['device']} (median of {t['reps']}). Cell: perplexity ratio / agreement / KL(t‖s) per token / "
-                "prefill ms saved / decode ms saved.")
+                f"{smap['device']} (median of {t['reps']}{_load_note(t)}). Cell: perplexity ratio / agreement / "
+                "KL(t‖s) per token / prefill ms saved / decode ms saved.")
     else:
         head = (f"Teacher {smap['teacher']}: top-1 {_f(tm.get('teacher_top1'))} on {smap['eval_sentences']} "
                 f"validation sentences; encoder {t['encoder_ms']:.1f} ms per {t['batch']}x{t['seq']} batch on "
-                f"{smap['device']} (median of {t['reps']}). Cell: top-1 drop / agreement / KL(t‖s) / "
+                f"{smap['device']} (median of {t['reps']}{_load_note(t)}). Cell: top-1 drop / agreement / KL(t‖s) / "
                 "encoder ms saved.")
     lines = [head, "", "| layer (ms) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in layers:

@@ -19,7 +19,7 @@ from ..training.loop import Trainer, TrainConfig, Unit, run_setup
 from ..training.students import load_model, save_model
 from ..training.tasks import ModelDistill, describe_losses, kd_temperature
 from ..evaluation.llama_cpp import GgufTiming, LlamaCppTimer, check_llama_cpp
-from ..evaluation.speed import Timing
+from ..evaluation.speed import LoadLog, Timing, load_text
 from .planner import RETIME_ROUNDS, SPEED_MARGIN, Plan, PlanError, Target, aim, choose_plan
 from .runtimes import check_runtime, check_runtime_teacher, runtime_map, runtime_options, time_map_in_llama_cpp
 from .sensitivity import (TASK_KIND, AliasedCache, Context, Option, build_map, build_units, cache_names,
@@ -281,17 +281,18 @@ def unfinished_student(run: Path, ctx: Context, plan: dict[str, str], *, build: 
 
 
 def time_plan(teacher: SwappableModel, choices: dict[int, Option], *, speed: str, timing: Timing,
-              llama: LlamaCppTimer | None = None) -> dict[str, float]:
+              llama: LlamaCppTimer | None = None, load: LoadLog | None = None) -> dict[str, float]:
     """The plan's units (untrained: the same shapes and speed) composed into the teacher and timed against it,
     round-robin (``timing``; with ``llama``, in llama.cpp: both as GGUF files): ``measured_speedup`` and each model's
-    ``*_ms``."""
+    ``*_ms``; a PyTorch timing logs the machine's load in ``load`` when given."""
     student = compose_units(teacher, {i: random_unit(teacher, o, i) for i, o in choices.items()})
     if llama is not None:
         ms = llama.ms(student, (speed,))
         return {"measured_speedup": ms[f"teacher_{speed}_ms"] / ms[f"student_{speed}_ms"], "in": "llama.cpp",
                 **{k.replace(f"_{speed}_ms", "_ms"): v for k, v in ms.items()}}
     ms = timing.ms({who: speed_fn(m, speed, batch=timing.batch, seq=timing.seq)
-                    for who, m in (("teacher", teacher), ("student", student))}, next(teacher.parameters()).device)
+                    for who, m in (("teacher", teacher), ("student", student))}, next(teacher.parameters()).device,
+                   load=load)
     return {"measured_speedup": ms["teacher"] / ms["student"], **{f"{k}_ms": v for k, v in ms.items()}}
 
 
@@ -310,16 +311,19 @@ def retimed_plan(teacher: SwappableModel, smap: dict[str, Any], target: Target, 
     if target.speedup is None or rounds == 0:
         return plan, []
     options = {o["name"]: option_from_dict(o) for o in smap["options"]}
+    load = LoadLog()
 
     def measure(p: Plan) -> dict[str, float]:
         return time_plan(teacher, {i: options[name] for i, name in p.choices.items()}, speed=target.speed,
-                         timing=timing, llama=llama)
+                         timing=timing, llama=llama, load=load)
 
     best, rounds_done, lines = aim(target.speedup, lambda ask: choose_plan(smap, ask, **kw), measure, rounds=rounds,
                                    margin=margin)
     on, mapped = (llama.timing.threads if llama else timing.threads_used()), smap["timing"].get("threads")
     where = f"in llama.cpp, {llama.timing.gguf_type} GGUF files, " if llama else ""
-    best.lines += [f"re-timing ({target.speed}, {where}median of {timing.reps} round-robin runs, CPU threads: {on}):"]
+    busy = load_text(load.summary())
+    best.lines += [f"re-timing ({target.speed}, {where}median of {timing.reps} round-robin runs, CPU threads: {on}"
+                   f"{'; ' + busy if busy else ''}):"]
     if llama is not None and smap["timing"].get("in") != "llama.cpp":
         best.lines.append("  note: the map's savings are PyTorch timings; the re-timing measures llama.cpp")
     elif mapped is not None and mapped != on:  # a map from before threads were recorded: nothing to compare

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 import math
+import os
 
 import pytest
 import torch
@@ -499,7 +500,8 @@ def test_plan_only_speed_plan_is_retimed_with_the_margin_and_rounds_asked(tiny_l
     done = json.loads((tmp_path / "p" / "plan.json").read_text())
     log = (tmp_path / "p" / "plan.log").read_text()
     assert 1 <= len(done["retiming"]) <= 3 and "re-timing 1: planned for 1.100x" in log
-    assert "median of 2 round-robin runs, CPU threads: 1)" in log and "the map was timed on 3 CPU thread(s)" in log
+    busy = "; load average " if hasattr(os, "getloadavg") else ")"  # the machine's load while the plans were timed
+    assert f"median of 2 round-robin runs, CPU threads: 1{busy}" in log and "the map was timed on 3 CPU thread(s)" in log
     assert "with a 25% margin" in log.splitlines()[-1]
     # a plan kept as meeting it measured 1.1 * 1.25 or more in two timings
     met = "meets 1.1x with a 25% margin" in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 
 import pytest
 
@@ -36,6 +37,9 @@ def test_map_shape_keys_and_numbers(tiny_map):
     assert cells == want and len(smap["entries"]) == len(want)
     t = smap["timing"]
     assert len(t["layer_ms"]) == 2 and t["encoder_ms"] > 0
+    if hasattr(os, "getloadavg"):  # the machine's load while the units were timed, in the map and its table
+        assert t["load"]["load_1min_min"] <= t["load"]["load_1min_max"] and t["load"]["cpus"] >= 1
+        assert "load average" in (tiny_map / "sensitivity.md").read_text().splitlines()[0]
     for e in smap["entries"]:
         for k in ("top1_drop", "agreement_top1", "kl_teacher_student", "hidden_cosine", "latency_saved_ms", "unit_ms"):
             assert isinstance(e[k], float) and math.isfinite(e[k]), (e["option"], k)
