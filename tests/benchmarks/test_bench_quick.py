@@ -204,3 +204,45 @@ def test_topk_heal_compares_each_k_with_the_full_kd(tiny_llama, tiny_corpus, tmp
     again = run_script("bench/topk_heal.py", "--quick", "--teacher", tiny_llama, "--data-dir", tiny_corpus,
                        "--out", tmp_path)
     assert "| 8 | 52 |" in ok(again) and "epoch 1/1" not in again.stderr  # the rows done are read back, not healed
+
+
+def test_layer_times_says_what_each_teacher_layer_costs_and_what_each_student_saves_there(tiny_llama, tmp_path):
+    """Two students of a tiny Llama: layer pairs merged (every second layer dropped), and layer 0 without attention."""
+    from models import load_teacher
+    from models.compress import clone_model, drop_every_second
+    from utils.planning.sensitivity import compose_units, decoder_options, random_unit
+    from utils.training.students import save_model
+
+    teacher, _ = load_teacher(str(tiny_llama))
+    n = len(teacher.layers)
+    save_model(clone_model(drop_every_second(teacher)[0]), tmp_path / "half", {"teacher": str(tiny_llama)})
+    bare = next(o for o in decoder_options(teacher.config, kinds=("no_attention",)) if o.name == "no attention")
+    save_model(clone_model(compose_units(teacher, {0: random_unit(teacher, bare, 0)})), tmp_path / "bare",
+               {"teacher": str(tiny_llama)})
+    out = ok(run_script("bench/layer_times.py", "--quick", "--teacher", tiny_llama, "--models",
+                        f"half={tmp_path / 'half'}", f"bare={tmp_path / 'bare'}", "--out", tmp_path / "lt"))
+    r = json.loads((tmp_path / "lt" / "layer_times.json").read_text())
+    t, half, bare_t = r["timed"]["teacher"], r["timed"]["half"], r["timed"]["bare"]
+    assert len(t["layer_ms"]) == n and len(half["layer_ms"]) == n // 2 and r["seq"] == 16
+    assert t["whole_ms"] >= sum(t["layer_ms"]) and all(ms > 0 for ms in t["layer_ms"])
+    merged = r["students"]["half"]["saved_ms"]  # pair (0, 1) is half's layer 0: saved at 0, nothing more at 1
+    assert merged[0] == pytest.approx(t["layer_ms"][0] + t["layer_ms"][1] - half["layer_ms"][0]) and merged[1] is None
+    saved = r["students"]["bare"]["saved_ms"]
+    assert saved == pytest.approx([a - b for a, b in zip(t["layer_ms"], bare_t["layer_ms"])])
+    assert bare_t["layers"][0].startswith("attention none") and bare_t["layers"][1].startswith("gqa ")
+    c = r["students"]["bare"]
+    assert c["saved_total_ms"] == pytest.approx(sum(saved))
+    assert c["speedup_from_layers"] == pytest.approx(t["whole_ms"] / (t["whole_ms"] - sum(saved)))
+    assert c["speedup"] == pytest.approx(t["whole_ms"] / bare_t["whole_ms"])
+    md = (tmp_path / "lt" / "layer_times.md").read_text()
+    assert "| half |" in md and "(merged above)" in md and "(attention none, ffn" in md and "| bare |" in md
+    if hasattr(os, "getloadavg"):
+        assert r["load"]["cpus"] >= 1 and "load average" in md.splitlines()[0]
+    assert "results written to" in out
+
+
+@pytest.mark.parametrize("spec, message", [("half", "--models takes NAME=DIR"), ("teacher=x", "names the teacher")])
+def test_layer_times_refuses_a_bad_model_spec_in_one_line(tiny_llama, tmp_path, spec, message):
+    res = run_script("bench/layer_times.py", "--quick", "--teacher", tiny_llama, "--models", spec,
+                     "--out", tmp_path / "lt")
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
