@@ -56,6 +56,15 @@ def test_map_shape_keys_and_numbers(tiny_map):
     assert (tiny_map / "sensitivity.png").stat().st_size > 1000
 
 
+
+def test_a_map_from_before_loads_were_recorded_renders_without_one(tiny_map):
+    from utils.planning.sensitivity import map_markdown
+
+    smap = json.loads((tiny_map / "sensitivity.json").read_text())
+    smap["timing"].pop("load", None)
+    head = map_markdown(smap).splitlines()[0]
+    assert "load average" not in head and f"(median of {smap['timing']['reps']})" in head
+
 def _synthetic_map(n: int = 4) -> dict:
     entries = []
     for i in range(n):
