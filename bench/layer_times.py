@@ -39,7 +39,7 @@ from models.config import LayerSpec  # noqa: E402
 from models.staging import write_staged  # noqa: E402
 from utils.cli.run import run_main  # noqa: E402
 from utils.cli.types import positive_int  # noqa: E402
-from utils.evaluation.speed import LoadLog, cpu_threads, load_text  # noqa: E402
+from utils.evaluation.speed import LoadLog, load_text, round_robin_ms  # noqa: E402
 from utils.planning.sensitivity import encoder_inputs  # noqa: E402
 from utils.training.students import load_model  # noqa: E402
 
@@ -91,20 +91,14 @@ def stamped_pass(model: SwappableModel, ids: torch.Tensor, att: torch.Tensor) ->
 def layer_times(models: dict[str, SwappableModel], *, batch: int, seq: int, reps: int, threads: int | None,
                 load: LoadLog | None = None) -> dict[str, dict[str, Any]]:
     """Median whole, embeddings and per-layer ms of each model (``stamped_pass``), round-robin over ``reps`` rounds
-    after two untimed ones, on ``threads`` CPU threads (the machine's load logged in ``load``)."""
+    after two untimed ones (``round_robin_ms``: its warm-up, threads and load log), on ``threads`` CPU threads."""
     first = next(iter(models.values()))
     ids, att = encoder_inputs(first, batch=batch, seq=seq, device=next(first.parameters()).device)
-    runs: dict[str, list[tuple[float, float, list[float]]]] = {k: [] for k in models}
-    with cpu_threads(threads):
-        if load is not None:
-            load.read()
-        for r in range(reps + 2):
-            for name, m in models.items():
-                got = stamped_pass(m.eval(), ids, att)
-                if r >= 2:
-                    runs[name].append(got)
-            if load is not None and r >= 2:
-                load.read()
+    stamped: dict[str, list[tuple[float, float, list[float]]]] = {k: [] for k in models}
+    fns = {name: (lambda m=m.eval(), into=stamped[name]: into.append(stamped_pass(m, ids, att)))
+           for name, m in models.items()}
+    round_robin_ms(fns, reps, ids.device, threads=threads, load=load)
+    runs = {name: got[2:] for name, got in stamped.items()}  # the two warm-up passes of each model left out
     out = {}
     for name, got in runs.items():
         n = len(got[0][2])
